@@ -1,0 +1,1 @@
+"""Device profiles, host runtimes (eager, ExecuTorch, llama.cpp) and the evaluator."""

@@ -1,0 +1,1 @@
+"""Exporters: ExecuTorch .pte, GGUF, TorchAO; each validates its artifact on the host runtime."""
