@@ -1,1 +1,16 @@
-"""Quantization-aware training: schemes as data, prepare (fake-quant), convert (real quantized tensors), PTQ."""
+"""Quantization-aware training: schemes as data, prepare (fake-quant), convert (real quantized tensors), PTQ.
+
+    plan = edgeft.qat.resolve("phone-deployment")
+    edgeft.qat.prepare(model, plan)        # fake-quant: trains on the deployed grid
+    model, record = edgeft.qat.convert(model)   # LoRA merged, real torchao tensors
+"""
+
+from .convert import check_convertible, convert, load_converted, merge_lora, quantize, save_converted
+from .prepare import MergedFakeQuantLoraLinear, is_prepared, prepare, unprepare
+from .schemes import PRESETS, SCHEMES, Preset, QATPlan, Scheme, describe, resolve
+
+__all__ = [
+    "PRESETS", "SCHEMES", "Preset", "QATPlan", "Scheme", "describe", "resolve",
+    "prepare", "unprepare", "is_prepared", "MergedFakeQuantLoraLinear",
+    "convert", "quantize", "merge_lora", "check_convertible", "save_converted", "load_converted",
+]

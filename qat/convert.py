@@ -1,0 +1,169 @@
+"""QAT convert and the PTQ baseline: real torchao quantized tensors, saved as an HF-loadable directory.
+
+``convert`` removes fake quantization (merging LoRA adapters into the base weights first), then applies the
+scheme's torchao config, which computes the same scales and integers the last fake-quant forward used. The
+PTQ baseline is the same ``quantize`` applied to a model trained without QAT.
+
+The converted directory is what every exporter reads: ``config.json`` (with a torchao
+``quantization_config``), ``model.safetensors`` (torchao's flattened tensor-subclass format, no pickle),
+the tokenizer, and ``scheme.json`` (the QAT plan).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeft.errors import EdgeftError
+from edgeft.fsutil import atomic_dir
+
+from .prepare import _group_ok, is_prepared, unprepare
+from .schemes import QATPlan, resolve
+
+
+def check_convertible(plan: QATPlan) -> None:
+    """Fail early (before training) when this machine cannot convert the scheme."""
+    if plan.scheme.cuda_convert_only and not torch.cuda.is_available():
+        raise EdgeftError(
+            f"QAT scheme {plan.scheme.name} converts only on a CUDA GPU (torchao's fp8/int4 kernels); "
+            "this machine has none: choose int8-int4, int4 or int8, or train on a GPU"
+        )
+
+
+def _untie_if_needed(model: nn.Module, quantize_head: bool, quantize_embedding: bool) -> None:
+    """Quantized embeddings and lm_head get different grids, so a tied weight is split in two."""
+    cfg = getattr(model, "config", None)
+    if not (cfg is not None and getattr(cfg, "tie_word_embeddings", False)):
+        return
+    if not (quantize_head or quantize_embedding):
+        return
+    head = model.get_output_embeddings()
+    if head is None:
+        return
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    cfg.tie_word_embeddings = False
+    if hasattr(cfg, "get_text_config"):
+        cfg.get_text_config().tie_word_embeddings = False
+
+
+def quantize(model: nn.Module, plan: QATPlan | str) -> dict[str, Any]:
+    """Apply the plan's torchao configs in place (the PTQ step). Returns a record of what was quantized."""
+    from torchao.quantization import quantize_
+
+    plan = resolve(plan) if isinstance(plan, str) else plan
+    check_convertible(plan)
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear and _group_ok(m.in_features, plan)]
+    skipped = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _group_ok(m.in_features, plan)]
+    head_name = _output_name(model)
+    _untie_if_needed(model, head_name in linears, plan.embedding is not None)
+    model.requires_grad_(False)
+    lin_set = set(linears)
+    quantize_(model, plan.linear_config(), filter_fn=lambda m, fqn: type(m) is nn.Linear and fqn in lin_set)
+    embeddings: list[str] = []
+    emb_cfg = plan.embedding_config()
+    if emb_cfg is not None:
+        embeddings = [n for n, m in model.named_modules() if type(m) is nn.Embedding]
+        quantize_(model, emb_cfg, filter_fn=lambda m, fqn: type(m) is nn.Embedding)
+    return {"plan": plan.to_dict(), "linears": linears, "skipped": skipped, "embeddings": embeddings}
+
+
+def _output_name(model: nn.Module) -> str | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for n, m in model.named_modules():
+        if m is head:
+            return n
+    return None
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Return the plain transformers model: PEFT adapters merged into the base weights (W + s·B·A)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return model
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def convert(model: nn.Module, plan: QATPlan | str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Turn a QAT-prepared (or plain trained) model into real quantized tensors.
+
+    Returns the converted transformers model (PEFT unwrapped) and the quantization record.
+    """
+    if plan is None:
+        if not is_prepared(model):
+            raise EdgeftError("convert needs a QAT-prepared model or an explicit scheme")
+        plan = QATPlan.from_dict(model._edgeft_qat_plan)
+    plan = resolve(plan) if isinstance(plan, str) else plan
+    if is_prepared(model):
+        unprepare(model)
+    model = merge_lora(model)
+    model.eval()
+    record = quantize(model, plan)
+    return model, record
+
+
+def _torchao_hf_config(record: dict[str, Any]) -> dict[str, Any]:
+    """An HF ``quantization_config`` naming exactly the modules that were quantized."""
+    from collections import OrderedDict
+
+    from torchao.quantization import FqnToConfig
+    from transformers import TorchAoConfig
+
+    plan = QATPlan.from_dict(record["plan"])
+    mapping: OrderedDict[str, Any] = OrderedDict()
+    lin = plan.linear_config()
+    for n in record["linears"]:
+        mapping[n] = lin
+    emb = plan.embedding_config()
+    for n in record["embeddings"]:
+        mapping[n] = emb
+    return TorchAoConfig(FqnToConfig(mapping), include_input_output_embeddings=bool(record["embeddings"])).to_dict()
+
+
+def save_converted(model: nn.Module, tokenizer: Any, record: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Write the converted model atomically as an HF directory transformers can reload."""
+    from safetensors.torch import save_file
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        sd = {k: v for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            head = _output_name(model)
+            if head:
+                sd.pop(f"{head}.weight", None)
+        flat, metadata = flatten_tensor_state_dict(sd)
+        flat = {k: v.contiguous() for k, v in flat.items()}
+        save_file(flat, str(tmp / "model.safetensors"), metadata=metadata)
+        cfg = model.config
+        cfg.quantization_config = _torchao_hf_config(record)
+        cfg.save_pretrained(tmp)
+        del cfg.quantization_config
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "scheme.json").write_text(json.dumps(record, indent=2) + "\n")
+    return out_dir
+
+
+def load_converted(path: str | os.PathLike) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Load a converted directory: (model with torchao tensors, tokenizer, quantization record)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "scheme.json").exists():
+        raise EdgeftError(f"{path} is not a converted model directory (no scheme.json)")
+    import torchao  # noqa: F401  (registers the tensor subclasses)
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    record = json.loads((path / "scheme.json").read_text())
+    return model, tokenizer, record
