@@ -127,29 +127,48 @@ def _torchao_hf_config(record: dict[str, Any]) -> dict[str, Any]:
     return TorchAoConfig(FqnToConfig(mapping), include_input_output_embeddings=bool(record["embeddings"])).to_dict()
 
 
-def save_converted(model: nn.Module, tokenizer: Any, record: dict[str, Any], out_dir: str | os.PathLike) -> Path:
-    """Write the converted model atomically as an HF directory transformers can reload."""
+def write_converted(model: nn.Module, tokenizer: Any, record: dict[str, Any], out_dir: Path) -> None:
+    """Write the converted model into an existing directory (not atomic: see :func:`save_converted`).
+
+    torchao tensors go through torchao's safetensors flattening (transformers 5.24's own ``save_pretrained``
+    cannot save a torchao-loaded model), with a ``quantization_config`` in config.json so that
+    ``from_pretrained`` rebuilds the same tensors.
+    """
     from safetensors.torch import save_file
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        sd = {k: v for k, v in model.state_dict().items()}
+    if record.get("plan") is None:  # an unquantized model (a run without QAT): plain safetensors
+        model.save_pretrained(out_dir)
+    else:
+        sd = dict(model.state_dict())
         if getattr(model.config, "tie_word_embeddings", False):
             head = _output_name(model)
             if head:
                 sd.pop(f"{head}.weight", None)
         flat, metadata = flatten_tensor_state_dict(sd)
         flat = {k: v.contiguous() for k, v in flat.items()}
-        save_file(flat, str(tmp / "model.safetensors"), metadata=metadata)
+        save_file(flat, str(out_dir / "model.safetensors"), metadata=metadata)
         cfg = model.config
+        had = getattr(cfg, "quantization_config", None)
         cfg.quantization_config = _torchao_hf_config(record)
-        cfg.save_pretrained(tmp)
-        del cfg.quantization_config
+        try:
+            cfg.save_pretrained(out_dir)
+        finally:
+            if had is None:
+                del cfg.quantization_config
+            else:
+                cfg.quantization_config = had
         if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "scheme.json").write_text(json.dumps(record, indent=2) + "\n")
+            model.generation_config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "scheme.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def save_converted(model: nn.Module, tokenizer: Any, record: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Write the converted model atomically as an HF directory transformers can reload."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_converted(model, tokenizer, record, tmp)
     return out_dir
 
 
