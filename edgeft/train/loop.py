@@ -60,6 +60,24 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     return loss, (labels != IGNORE_INDEX).sum()
 
 
+def backward_window(model: nn.Module, window: list[dict[str, torch.Tensor]], device: str = "cpu") -> tuple[float, int]:
+    """Accumulate gradients of one optimizer step's micro-batches; returns (mean loss per target token, targets).
+
+    Each micro-batch's summed loss is divided by the target count of the *whole* window before backward, so
+    the accumulated gradient is that of the mean over every target token in the window.
+    """
+    n_target = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+    if n_target == 0:
+        raise EdgeftError("a batch has no target tokens")
+    total = 0.0
+    for b in window:
+        b = {k: v.to(device) for k, v in b.items()}
+        loss_sum, _ = lm_loss_sum(model, b)
+        (loss_sum / n_target).backward()
+        total += float(loss_sum.detach())
+    return total / n_target, n_target
+
+
 def _batches(n_examples: int, batch_size: int, seed: int):
     """Endless seeded epochs of shuffled index batches (the last short batch of an epoch is kept)."""
     rng = random.Random(seed)
@@ -113,17 +131,8 @@ def train_loop(
         for step in range(max_steps):
             t0 = time.perf_counter()
             window = [collate([examples[i] for i in next(batches)], pad_id) for _ in range(grad_accum)]
-            n_target = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
             n_input = sum(int(b["attention_mask"].sum()) for b in window)
-            if n_target == 0:
-                raise EdgeftError(f"step {step + 1}: the batch has no target tokens")
-            total = 0.0
-            for b in window:
-                b = {k: v.to(device) for k, v in b.items()}
-                loss_sum, _ = lm_loss_sum(model, b)
-                (loss_sum / n_target).backward()
-                total += float(loss_sum.detach())
-            loss = total / n_target
+            loss, n_target = backward_window(model, window, device)
             if not math.isfinite(loss):
                 raise EdgeftError(
                     f"loss became {loss} at step {step + 1}; lower the learning rate "

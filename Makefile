@@ -1,0 +1,35 @@
+# The two set-up commands of the README: `make demo` (install + the whole pipeline on smollm2-135m)
+# and `make test` (install + the test suite). Both create or reuse .venv.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+RUN    ?= runs/demo
+# llama.cpp's native build uses AMX kernels that crash some x86 CPUs ("Illegal instruction")
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: install demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip wheel setuptools
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[deploy,kernels,test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/edgeft train --model smollm2-135m --data builtin:tasks --qat phone-deployment --max-steps 60 --out $(RUN)
+	$(BIN)/edgeft export pte --run $(RUN)
+	$(BIN)/edgeft export gguf --run $(RUN) --quant q8_0
+	$(BIN)/edgeft export torchao --run $(RUN)
+	$(BIN)/edgeft eval --run $(RUN)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,145 @@
+"""QAT: registry entries, fake-quant math against hand-written references, convert == fake-quant, LoRA merge."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+from edgeft import qat
+from edgeft.errors import EdgeftError
+from edgeft.models import load_model, resolve_model
+
+
+def ref_int4_group_sym(w: torch.Tensor, gs: int) -> torch.Tensor:
+    """Symmetric int4 per-group grid written out by hand: scale = max|w| / 7.5, q in [-8, 7]."""
+    g = w.reshape(w.shape[0], -1, gs)
+    scale = (g.abs().amax(-1, keepdim=True) / 7.5).clamp(min=torch.finfo(torch.float32).smallest_normal)
+    return (torch.clamp(torch.round(g * (1.0 / scale)), -8, 7) * scale).reshape(w.shape)
+
+
+def ref_int8_token_asym(x: torch.Tensor) -> torch.Tensor:
+    """Asymmetric int8 per-token dynamic activations: range includes 0, 255 steps, zero point in [-128, 127]."""
+    mn = x.amin(-1, keepdim=True).clamp(max=0)
+    mx = x.amax(-1, keepdim=True).clamp(min=0)
+    scale = ((mx - mn) / 255).clamp(min=torch.finfo(torch.float32).eps)
+    zp = torch.clamp(-128 - torch.round(mn / scale), -128, 127)
+    q = torch.clamp(torch.round(x / scale) + zp, -128, 127)
+    return (q - zp) * scale
+
+
+def test_registry_entries_resolve_and_build_configs():
+    rows = qat.describe()
+    assert {r["name"] for r in rows} >= {"int8-int4", "int4", "int8", "fp8-int4", "fp8-fp8", "phone-deployment"}
+    for name in qat.SCHEMES:
+        plan = qat.resolve(name)
+        assert plan.scheme.name == name
+        if not plan.scheme.cuda_convert_only:
+            assert plan.linear_config() is not None
+    phone = qat.resolve("phone-deployment")
+    assert phone.scheme.name == "int8-int4" and phone.embedding == "int8-per-channel" and phone.full_finetuning
+    assert qat.resolve("int4", group_size=128).group_size == 128
+
+
+def test_unknown_scheme_and_group_size():
+    with pytest.raises(EdgeftError, match="unknown QAT scheme 'int3'"):
+        qat.resolve("int3")
+    with pytest.raises(EdgeftError, match="group size 48"):
+        qat.resolve("int8-int4", group_size=48)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fp8_is_refused_on_cpu_before_training():
+    with pytest.raises(EdgeftError, match="only on a CUDA GPU"):
+        qat.check_convertible(qat.resolve("fp8-int4"))
+
+
+def _lora(model):
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    g = torch.Generator().manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # peft starts B at zero; make the adapter matter
+            p.data = torch.randn(p.shape, generator=g) * 0.02
+    return model
+
+
+def test_lora_forward_fake_quantizes_the_merged_weight():
+    torch.manual_seed(0)
+    model, _ = load_model(resolve_model("tiny-llama"))
+    model = _lora(model)
+    qat.prepare(model, "int8-int4")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, qat.MergedFakeQuantLoraLinear)
+    x = torch.randn(3, 5, 256)
+    w = layer.base_layer.weight + (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling
+    expected = F.linear(ref_int8_token_asym(x), ref_int4_group_sym(w, 32))
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+
+
+def test_lora_qat_gradients_reach_adapters_only():
+    model, _ = load_model(resolve_model("tiny-llama"))
+    model = _lora(model)
+    qat.prepare(model, "int8-int4")
+    ids = torch.randint(0, 8192, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" in n)
+
+
+def test_unprepare_restores_peft_modules_and_state_dict_keys():
+    model, _ = load_model(resolve_model("tiny-llama"))
+    model = _lora(model)
+    keys = set(model.state_dict())
+    qat.prepare(model, "int4")
+    assert set(model.state_dict()) == keys  # checkpoints keep PEFT's names while prepared
+    qat.unprepare(model)
+    from peft.tuners.lora import Linear as LoraLinear
+
+    assert isinstance(model.base_model.model.model.layers[0].mlp.down_proj, LoraLinear)
+    assert set(model.state_dict()) == keys
+
+
+def test_lora_dropout_is_refused_under_qat():
+    model, _ = load_model(resolve_model("tiny-llama"))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1))
+    with pytest.raises(EdgeftError, match="lora_dropout must be 0"):
+        qat.prepare(model, "int8-int4")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
+@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("scheme", ["int8-int4", "int4", "int8", "phone-deployment"])
+def test_converted_forward_equals_fake_quant_forward(tmp_path, name, mode, scheme):
+    torch.manual_seed(0)
+    model, tok = load_model(resolve_model(name))
+    if mode == "lora":
+        model = _lora(model)
+    qat.prepare(model, scheme)
+    ids = torch.randint(0, 8192, (2, 20))
+    with torch.no_grad():
+        fq = model(input_ids=ids).logits
+    converted, record = qat.convert(model)
+    assert record["linears"] and not record["skipped"]
+    with torch.no_grad():
+        real = converted(input_ids=ids).logits
+    rel = ((real - fq).norm() / fq.norm()).item()
+    assert rel <= 1e-6, rel
+    qat.save_converted(converted, tok, record, tmp_path / "converted")
+    again, _, rec2 = qat.load_converted(tmp_path / "converted")
+    assert rec2["plan"]["name"] == scheme
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, real, rtol=0, atol=0)
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    assert isinstance(again.model.layers[0].mlp.gate_proj.weight, IntxUnpackedToInt8Tensor)
+    assert isinstance(again.model.embed_tokens.weight, IntxUnpackedToInt8Tensor) == (scheme == "phone-deployment")
+
+
+def test_ptq_quantizes_a_plain_model_with_the_same_grid():
+    torch.manual_seed(0)
+    model, _ = load_model(resolve_model("tiny-llama"))
+    w = model.model.layers[1].self_attn.o_proj.weight.detach().clone()
+    record = qat.quantize(model, "int4")
+    q = model.model.layers[1].self_attn.o_proj.weight
+    torch.testing.assert_close(q.dequantize(), ref_int4_group_sym(w, 32), rtol=0, atol=1e-6)
+    assert "lm_head" in record["linears"]
