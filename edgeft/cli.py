@@ -21,7 +21,7 @@ from .errors import EdgeftError
 def _quiet_backends() -> None:
     """Silence import-time chatter of optional backends (missing CUDA extensions, deprecations)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("torchao", "torch.utils._pytree", "torch._dynamo", "torch.export", "executorch", "httpx"):
+    for name in ("torchao", "torch.utils._pytree", "torch._dynamo", "torch.export", "executorch", "httpx", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

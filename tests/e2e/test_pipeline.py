@@ -1,0 +1,63 @@
+"""The whole pipeline on tiny-llama: LoRA + QAT int8-int4 -> convert -> .pte, GGUF, TorchAO -> eval."""
+
+import json
+import math
+
+import pytest
+
+from edgeft.cli import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "t"
+    rc = main(["train", "--model", "tiny-llama", "--data", "builtin:tasks", "--lora", "--qat", "int8-int4",
+               "--max-steps", "6", "--batch-size", "4", "--lr", "1e-3", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    return out
+
+
+def test_train_writes_the_run_directory(run):
+    for rel in ["config.yaml", "metrics.jsonl", "loss.png", "model/adapter_model.safetensors", "model/edgeft.json",
+                "converted/scheme.json", "converted/model.safetensors", "baseline/model/edgeft.json",
+                "baseline/converted/scheme.json"]:
+        assert (run / rel).exists(), rel
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all({"step", "loss", "lr"} <= set(r) and math.isfinite(r["loss"]) for r in rows)
+    assert json.loads((run / "converted" / "scheme.json").read_text())["plan"]["scheme"] == "int8-int4"
+    assert json.loads((run / "baseline" / "model" / "edgeft.json").read_text())["qat"] is None
+
+
+def test_exports_are_written_and_validated(run, capsys):
+    assert main(["export", "pte", "--run", str(run)]) == 0
+    assert main(["export", "gguf", "--run", str(run), "--quant", "q8_0"]) == 0
+    assert main(["export", "torchao", "--run", str(run)]) == 0
+    ex = run / "exports"
+    assert (ex / "model.pte").stat().st_size > 0 and (ex / "tokenizer.json").exists()
+    assert (ex / "model-q8_0.gguf").stat().st_size > 0
+    assert (ex / "torchao" / "config.json").exists()
+    manifest = json.loads((ex / "manifest.json").read_text())
+    assert {"pte", "gguf", "torchao"} <= {v.get("format", k) for k, v in manifest.items()} | set(manifest)
+
+
+def test_eval_compares_bf16_ptq_qat_on_every_runtime(run, capsys):
+    assert main(["eval", "--run", str(run), "--limit", "4", "--ppl-tokens", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "QAT recovered" in out or "n/a" in out
+    report = json.loads((run / "eval" / "report.json").read_text())
+    got = {(r["variant"], r["runtime"]) for r in report["results"]}
+    assert got == {(v, rt) for v in ("bf16", "ptq", "qat") for rt in ("eager", "pte", "gguf")}
+    by = {(r["variant"], r["runtime"]): r for r in report["results"]}
+    for v in ("bf16", "ptq", "qat"):
+        eager = by[(v, "eager")]["perplexity"]
+        assert math.isfinite(eager)
+        # the .pte runs the same quantized model: its perplexity must agree with eager's closely
+        assert by[(v, "pte")]["perplexity"] == pytest.approx(eager, rel=0.02), v
+    assert (run / "eval" / "report.md").read_text().count("|") > 20
+    assert (run / "eval" / "metrics.png").stat().st_size > 0
+
+
+def test_no_partial_files_left(run):
+    leftovers = [p for p in run.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert not leftovers
