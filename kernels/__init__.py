@@ -1,1 +1,44 @@
-"""Fused Triton kernels for training: one file per op (Triton kernel + PyTorch reference + autograd.Function)."""
+"""Fused Triton kernels for training: one file per op (Triton kernel + PyTorch reference + autograd.Function).
+
+Public API:
+- ``patch(model, **flags) -> list[str]`` / ``unpatch(model)``: apply the kernels to a transformers model
+  (Llama, Qwen2, Qwen3, Mistral, Gemma3 text, Phi-3), also inside PEFT; see patch.py for the flags.
+- ``lm_head_loss(hidden, weight, labels, softcap=None) -> (loss_sum, n_targets)``: chunked fused LM head +
+  cross-entropy; ``causal_lm_loss(model, input_ids, labels, ...)`` wraps it for a whole causal LM.
+- the ops themselves: ``rms_norm``, ``rope_``, ``swiglu``, ``geglu``, ``lora_linear``, ``lora_mlp``,
+  ``varlen_attention``, ``checkpoint_layer``.
+
+Importing this package has no side effects; Triton is imported only if installed (CPU runs use the references).
+"""
+
+from .attention import PackedBatch, packed_batch_from_position_ids, varlen_attention
+from .checkpoint import checkpoint_layer
+from .cross_entropy import lm_head_loss
+from .geglu import geglu
+from .lora import Projection, lora_linear, lora_mlp, projection_of
+from .patch import FAMILIES, causal_lm_loss, decoder_stack, patch, transformers_model, unpatch
+from .rms_norm import rms_norm
+from .rope import rope_
+from .swiglu import swiglu
+
+__all__ = [
+    "FAMILIES",
+    "PackedBatch",
+    "Projection",
+    "causal_lm_loss",
+    "checkpoint_layer",
+    "decoder_stack",
+    "geglu",
+    "lm_head_loss",
+    "lora_linear",
+    "lora_mlp",
+    "packed_batch_from_position_ids",
+    "patch",
+    "projection_of",
+    "rms_norm",
+    "rope_",
+    "swiglu",
+    "transformers_model",
+    "unpatch",
+    "varlen_attention",
+]

@@ -1,0 +1,96 @@
+"""Helpers shared by the kernel files: when to run Triton, launch sizing, dtype mapping.
+
+Every op runs its Triton kernel on CUDA tensors, and also on CPU tensors when Triton's interpreter is on
+(``TRITON_INTERPRET=1``, which is how CI tests the kernels). Anywhere else (a CPU run without the interpreter)
+the op falls back to its PyTorch reference, so a patched model still trains, just without the speed-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # Triton is optional at import time: CPU-only installs still get the references.
+    import triton
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    HAS_TRITON = False
+
+# Offsets past this need int64 arithmetic; below it int32 is enough and cheaper.
+INT32_LIMIT = 2**31
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 at import of triton)."""
+    if not HAS_TRITON:
+        return False
+    try:
+        from triton import knobs  # triton >= 3.4
+
+        return bool(knobs.runtime.interpret)
+    except Exception:  # pragma: no cover - older triton
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Run the Triton kernel for these tensors (else the PyTorch reference)."""
+    if not HAS_TRITON:
+        return False
+    t = tensors[0]
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and interpreting()
+
+
+def needs_long_indexing(*tensors: torch.Tensor) -> bool:
+    """int64 offsets only when some tensor spans 2**31 elements or more (its storage extent, strides included)."""
+    for t in tensors:
+        if t is None:
+            continue
+        extent = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+        if max(extent, t.numel()) >= INT32_LIMIT:
+            return True
+    return False
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def grid_programs(t: torch.Tensor, work_items: int, per_sm: int = 4) -> int:
+    """Number of persistent programs for a loop-over-rows kernel: a few per SM on GPU, few in the interpreter."""
+    if t.is_cuda:
+        return max(1, min(work_items, num_sms(t.device.index or 0) * per_sm))
+    return max(1, min(work_items, 4))
+
+
+def warps_for(block: int) -> int:
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    if block >= 512:
+        return 4
+    return 2
+
+
+def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result (fp32 accumulation kept, no bf16 rounding) where the backend offers it (CUDA)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
+    return (a @ b).float()

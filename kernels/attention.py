@@ -1,0 +1,217 @@
+"""Padding-free attention for packed rows: several examples in one row never attend to each other.
+
+Why by hand: packing short examples into full rows removes padding (2-5x fewer tokens on chat data), but a plain
+causal mask would let a token see the previous examples of its row. transformers can build a 4-D block-diagonal
+mask from ``position_ids`` for its SDPA path, which costs (tokens x tokens) memory and sends SDPA to its slower
+masked kernels. Here the sequence boundaries become ``cu_seqlens`` once per step (from position_ids restarting at
+0), and each layer calls a variable-length kernel:
+
+1. flash-attention's ``flash_attn_varlen_func`` when the package is installed (CUDA, fp16/bf16);
+2. else PyTorch FlexAttention with a document mask (block-sparse: whole blocks across documents are skipped),
+   compiled once; CUDA only;
+3. else SDPA with a block-diagonal boolean mask (exact, O(tokens^2) memory; CPU and tests).
+
+Sliding windows (Mistral, Gemma3 local layers) and logit softcapping are honoured by every backend.
+Layout: q (T, Hq, D), k/v (T, Hk, D) with T the packed token count; Hq a multiple of Hk (GQA).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PackedBatch:
+    """Sequence boundaries of a packed batch, computed once per step and shared by all layers."""
+
+    cu_seqlens: torch.Tensor  # (n_seqs + 1,) int32, offsets into the flattened (B*S) tokens
+    max_seqlen: int
+    doc_ids: torch.Tensor  # (T,) int32: which sequence each token belongs to
+    total: int
+    cache: dict = field(default_factory=dict, repr=False)  # per-step backend objects (FlexAttention block masks)
+
+
+def packed_batch_from_position_ids(position_ids: torch.Tensor, force: bool = False) -> PackedBatch | None:
+    """Sequences start where the position does not continue (``pos[i] != pos[i-1] + 1``) and at every row start.
+
+    Returns None when no row holds more than one sequence (then plain causal attention is exact and faster),
+    unless ``force``. One host sync (the number of sequences and the longest one).
+    """
+    pos = position_ids.reshape(position_ids.shape[0] if position_ids.dim() > 1 else 1, -1)
+    B, S = pos.shape
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    flat = starts.reshape(-1)
+    idx = flat.nonzero().squeeze(1)
+    n_seqs = idx.numel()
+    if n_seqs == B and not force:
+        return None
+    T = B * S
+    cu = torch.empty(n_seqs + 1, dtype=torch.int32, device=pos.device)
+    cu[:-1] = idx.to(torch.int32)
+    cu[-1] = T
+    lengths = cu[1:] - cu[:-1]
+    doc_ids = (flat.cumsum(0) - 1).to(torch.int32)
+    return PackedBatch(cu, int(lengths.max().item()), doc_ids, T)
+
+
+def packed_batch_from_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> PackedBatch:
+    cu = cu_seqlens.to(torch.int32)
+    T = int(cu[-1].item())
+    lengths = (cu[1:] - cu[:-1]).long()
+    doc_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device, dtype=torch.int32), lengths)
+    ms = int(max_seqlen) if max_seqlen is not None else int(lengths.max().item())
+    return PackedBatch(cu, ms, doc_ids, T)
+
+
+# --- backends --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func  # type: ignore
+
+        return flash_attn_varlen_func
+    except Exception:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, packed: PackedBatch, causal: bool, scale: float, window: int | None, softcap: float | None,
+          compiled: bool = True):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    key = ("flex_mask", causal, window, q.device)
+    block_mask = packed.cache.get(key)
+    if block_mask is None:
+        doc = packed.doc_ids
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            m = doc[q_idx] == doc[kv_idx]
+            if causal:
+                m = m & (q_idx >= kv_idx)
+            if window is not None:
+                m = m & (q_idx - kv_idx < window)
+            return m
+
+        block_mask = create_block_mask(mask_mod, 1, None, packed.total, packed.total, device=q.device)
+        packed.cache[key] = block_mask
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return softcap * torch.tanh(score / softcap)
+    fn = _compiled_flex() if compiled else flex_attention
+    out = fn(
+        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+        score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.squeeze(0).transpose(0, 1)
+
+
+def _dense_mask(packed: PackedBatch, causal: bool, window: int | None) -> torch.Tensor:
+    doc = packed.doc_ids
+    mask = doc[:, None] == doc[None, :]
+    i = torch.arange(packed.total, device=doc.device)
+    if causal:
+        mask &= i[:, None] >= i[None, :]
+    if window is not None:
+        mask &= (i[:, None] - i[None, :]) < window
+    return mask
+
+
+def _sdpa_masked(q, k, v, packed: PackedBatch, causal: bool, scale: float, window: int | None,
+                 softcap: float | None):
+    mask = _dense_mask(packed, causal, window)
+    groups = q.shape[1] // k.shape[1]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
+    if groups > 1:
+        kh, vh = kh.repeat_interleave(groups, 0), vh.repeat_interleave(groups, 0)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(qh.unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0), attn_mask=mask,
+                                             scale=scale).squeeze(0)
+    else:  # SDPA has no softcap: explicit math
+        s = (qh.float() @ kh.float().transpose(1, 2)) * scale
+        s = softcap * torch.tanh(s / softcap)
+        s = s.masked_fill(~mask, float("-inf"))
+        out = (s.softmax(-1) @ vh.float()).to(q.dtype)
+    return out.transpose(0, 1)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    packed: PackedBatch,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention within each packed sequence. q (T, Hq, D), k/v (T, Hk, D) -> (T, Hq, D).
+
+    ``window``: a token sees keys at most ``window - 1`` positions back (transformers' sliding_window).
+    ``backend``: "auto", "flash_attn", "flex", "flex_eager" (uncompiled, for tests) or "sdpa".
+    """
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if backend == "auto":
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn_varlen() is not None:
+            backend = "flash_attn"
+        elif q.is_cuda:
+            backend = "flex"
+        else:
+            backend = "sdpa"
+    if backend == "flash_attn":
+        fn = _flash_attn_varlen()
+        if fn is None:
+            raise RuntimeError("flash_attn is not installed")
+        kwargs = {}
+        if window is not None:
+            kwargs["window_size"] = (window - 1, 0 if causal else window - 1)
+        if softcap is not None:
+            kwargs["softcap"] = softcap
+        return fn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
+                  dropout_p=0.0, softmax_scale=scale, causal=causal, **kwargs)
+    if backend in ("flex", "flex_eager"):
+        return _flex(q, k, v, packed, causal, scale, window, softcap, compiled=backend == "flex")
+    if backend == "sdpa":
+        return _sdpa_masked(q, k, v, packed, causal, scale, window, softcap)
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+def varlen_attention_reference(q, k, v, packed: PackedBatch, *, causal=True, scale=None, window=None, softcap=None):
+    """Each sequence on its own through explicit fp32 math (slow, obviously right)."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    groups = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    cu = packed.cu_seqlens.tolist()
+    for s0, s1 in zip(cu[:-1], cu[1:]):
+        qs = q[s0:s1].transpose(0, 1).float()
+        ks = k[s0:s1].transpose(0, 1).float().repeat_interleave(groups, 0)
+        vs = v[s0:s1].transpose(0, 1).float().repeat_interleave(groups, 0)
+        s = qs @ ks.transpose(1, 2) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        n = s1 - s0
+        i = torch.arange(n, device=q.device)
+        allowed = torch.ones(n, n, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed &= i[:, None] >= i[None, :]
+        if window is not None:
+            allowed &= (i[:, None] - i[None, :]) < window
+        s = s.masked_fill(~allowed, float("-inf"))
+        out[s0:s1] = (s.softmax(-1) @ vs).transpose(0, 1).to(q.dtype)
+    return out

@@ -1,0 +1,359 @@
+"""Fast LoRA: autograd Functions for the attention projections (QKV together, O) and the whole MLP.
+
+Why by hand: PEFT's ``lora.Linear`` computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` as separate ops,
+with the adapter in fp32 by default, so every projection upcasts its input to an fp32 copy, writes a full-size
+fp32 LoRA output, scales it in another pass and adds it in a third; autograd then saves all of it. Here:
+
+- the base matmul takes the LoRA term as its ``addmm`` input (the add happens in the GEMM epilogue, no extra pass);
+- Q, K and V (and gate and up) share one ``x @ [A_q; A_k; A_v]^T`` matmul, since they share x;
+- the LoRA matmuls run in the activation dtype with fp32 accumulation; the scale is folded into B (tiny);
+- the backward is derived by hand: dX = sum dY W + (dY s B) A in accumulate-in-place GEMMs, dA/dB from the saved
+  x @ A^T (rank-r, tiny), nothing tokens-sized saved except the inputs;
+- the MLP fuses the activation (swiglu.py / geglu.py) and saves only gate/up pre-activations; its backward runs the
+  activation backward in place (h into dh's buffer, dgate/dup into gate/up), so it allocates no new
+  tokens x intermediate buffers.
+
+Dropout: ``lora_dropout = 0`` takes the fast path (the adapter reads x itself). With dropout > 0 the dropped input
+is made outside (autograd handles the mask) and passed as a second input; the math is otherwise the same.
+
+Eligibility (else the module is called as is, e.g. QAT-merged adapters, DoRA, several active adapters):
+``projection_of`` reads a plain ``nn.Linear``, a torchao ``FakeQuantizedLinear`` without activation fake-quant
+(its fake-quantized weight is used, so QAT sits inside), or a PEFT ``lora.Linear`` with one active vanilla adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._common import mm_fp32_out, use_triton
+from .geglu import geglu_backward, geglu_forward, geglu_reference
+from .swiglu import swiglu_backward, swiglu_forward, swiglu_reference
+
+
+@dataclass
+class Projection:
+    """What a linear layer computes: ``x W^T + b + scale * dropout(x) A^T B^T`` (A, B optional)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    lora_A: torch.Tensor | None = None  # (r, in)
+    lora_B: torch.Tensor | None = None  # (out, r)
+    scale: float = 1.0
+    dropout: nn.Module | None = None  # active dropout with p > 0 (training), else None
+
+
+def _base_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    if type(layer) is nn.Linear:
+        return layer.weight, layer.bias
+    # torchao QAT (FakeQuantizedLinear): weight fake-quant only; the fake-quantized weight enters the kernel.
+    if isinstance(layer, nn.Linear) and hasattr(layer, "weight_fake_quantizer"):
+        if getattr(layer, "activation_fake_quantizer", None) is not None:
+            return None
+        fq = layer.weight_fake_quantizer
+        return (fq(layer.weight) if fq is not None else layer.weight), layer.bias
+    return None
+
+
+def _is_peft_lora_linear(m: nn.Module) -> bool:
+    return hasattr(m, "base_layer") and hasattr(m, "lora_A") and hasattr(m, "lora_B") and hasattr(m, "scaling")
+
+
+def projection_of(module: nn.Module) -> Projection | None:
+    """The Projection a module computes, or None when the fast path cannot represent it exactly."""
+    base = _base_weight(module)
+    if base is not None:
+        return Projection(*base)
+    if not _is_peft_lora_linear(module) or type(module).__name__ != "Linear":
+        return None
+    base = _base_weight(module.base_layer)
+    if base is None:
+        return None
+    if module.disable_adapters or module.merged:
+        return Projection(*base)  # adapter off, or already merged into the base weight
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if not active:
+        return Projection(*base)
+    if len(active) > 1:
+        return None
+    name = active[0]
+    if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False):
+        return None
+    lora_A, lora_B = module.lora_A[name], module.lora_B[name]
+    if lora_A.bias is not None or lora_B.bias is not None or type(lora_A) is not nn.Linear:
+        return None
+    drop = module.lora_dropout[name]
+    if isinstance(drop, nn.Identity) or (isinstance(drop, nn.Dropout) and (drop.p == 0 or not drop.training)):
+        drop = None
+    elif not isinstance(drop, nn.Dropout):
+        return None
+    return Projection(base[0], base[1], lora_A.weight, lora_B.weight, float(module.scaling[name]), drop)
+
+
+# --- multi-projection LoRA linear (Q/K/V together, O, fused qkv / gate_up) ------------------------------------
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y_i = x W_i^T + b_i + s_i * x_l A_i^T B_i^T for i in 1..n, sharing x (x_l = x, or dropout(x) if given)."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, scales, *flat):
+        dt = x.dtype
+        n = len(scales)
+        Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
+        xl = x if x_lora is None else x_lora
+        lora = [i for i in range(n) if As[i] is not None]
+        xa = None
+        if lora:
+            a_cat = torch.cat([_cast(As[i], dt) for i in lora], 0) if len(lora) > 1 else _cast(As[lora[0]], dt)
+            xa = xl @ a_cat.t()  # (M, sum r): one skinny GEMM for every adapter that shares x
+        outs, off = [], 0
+        for i in range(n):
+            W = _cast(Ws[i], dt)
+            if As[i] is not None:
+                r = As[i].shape[0]
+                low = xa[:, off : off + r] @ (_cast(Bs[i], dt) * scales[i]).t()
+                off += r
+                y = torch.addmm(low, x, W.t())  # LoRA term added in the GEMM epilogue
+                if bs[i] is not None:
+                    y += _cast(bs[i], dt)
+            elif bs[i] is not None:
+                y = torch.addmm(_cast(bs[i], dt), x, W.t())
+            else:
+                y = x @ W.t()
+            outs.append(y)
+        ctx.scales = scales
+        ctx.has_x_lora = x_lora is not None
+        ctx.save_for_backward(x, x_lora, xa, *flat)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x, x_lora, xa, *flat = ctx.saved_tensors
+        scales = ctx.scales
+        n = len(scales)
+        dt = x.dtype
+        Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
+        needs = ctx.needs_input_grad
+        need_dx = needs[0]
+        xl = x if x_lora is None else x_lora
+        grads: list[torch.Tensor | None] = [None] * len(flat)
+        dx = None
+        d_parts, a_parts, a_idx = [], [], []
+        off = 0
+        for i in range(n):
+            dy = dys[i]
+            r = As[i].shape[0] if As[i] is not None else 0
+            if dy is None:
+                off += r
+                continue
+            dy = dy.reshape(-1, dy.shape[-1])
+            W = _cast(Ws[i], dt)
+            if need_dx:
+                dx = dy @ W if dx is None else dx.addmm_(dy, W)
+            if needs[3 + 4 * i]:
+                grads[4 * i] = mm_fp32_out(dy.t(), x).to(Ws[i].dtype)
+            if bs[i] is not None and needs[3 + 4 * i + 1]:
+                grads[4 * i + 1] = dy.sum(0, dtype=torch.float32).to(bs[i].dtype)
+            if As[i] is not None:
+                s = scales[i]
+                d_i = dy @ (_cast(Bs[i], dt) * s)  # (M, r) = s * dY B
+                d_parts.append(d_i)
+                a_parts.append(_cast(As[i], dt))
+                a_idx.append(i)
+                if needs[3 + 4 * i + 3]:
+                    grads[4 * i + 3] = (mm_fp32_out(dy.t(), xa[:, off : off + r]) * s).to(Bs[i].dtype)
+            off += r
+        dx_lora = None
+        if d_parts:
+            d_cat = torch.cat(d_parts, 1) if len(d_parts) > 1 else d_parts[0]
+            a_cat = torch.cat(a_parts, 0) if len(a_parts) > 1 else a_parts[0]
+            if x_lora is None:
+                if need_dx:
+                    dx = d_cat @ a_cat if dx is None else dx.addmm_(d_cat, a_cat)
+            elif needs[1]:
+                dx_lora = d_cat @ a_cat
+            da = mm_fp32_out(d_cat.t(), xl)  # (sum r, in)
+            o = 0
+            for i in a_idx:
+                r = As[i].shape[0]
+                if needs[3 + 4 * i + 2]:
+                    grads[4 * i + 2] = da[o : o + r].to(As[i].dtype)
+                o += r
+        if need_dx and dx is None:
+            dx = torch.zeros_like(x)
+        return (dx, dx_lora, None, *grads)
+
+
+def lora_linear(x: torch.Tensor, projections: list[Projection]) -> tuple[torch.Tensor, ...]:
+    """Apply several projections that share the input x (..., in); returns one output (..., out_i) per projection."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    dropout = next((p.dropout for p in projections if p.dropout is not None), None)
+    if dropout is not None and any(p.dropout is not dropout for p in projections if p.lora_A is not None):
+        # different dropout modules: apply them one projection at a time
+        return tuple(lora_linear(x, [p])[0] for p in projections)
+    x_lora = dropout(x2) if dropout is not None else None
+    flat: list[torch.Tensor | None] = []
+    for p in projections:
+        flat += [p.weight, p.bias, p.lora_A, p.lora_B]
+    scales = tuple(p.scale for p in projections)
+    if all(p.lora_A is None for p in projections):
+        outs = tuple(F.linear(x2, _cast(p.weight, x.dtype), _cast(p.bias, x.dtype)) for p in projections)
+    else:
+        outs = LoRALinearFunction.apply(x2, x_lora, scales, *flat)
+    return tuple(o.view(*lead, o.shape[-1]) for o in outs)
+
+
+def lora_linear_reference(x: torch.Tensor, p: Projection) -> torch.Tensor:
+    """PEFT's arithmetic: base(x) + lora_B(lora_A(x)) * scale, adapter math in the adapter's dtype."""
+    y = F.linear(x, p.weight, p.bias)
+    if p.lora_A is not None:
+        xl = x.to(p.lora_A.dtype)
+        y = (y + F.linear(F.linear(xl, p.lora_A), p.lora_B) * p.scale).to(y.dtype)
+    return y
+
+
+# --- the whole MLP: gate/up (+ LoRA) -> activation -> down (+ LoRA) --------------------------------------------
+
+ACTIVATIONS: dict[str, tuple[Callable, Callable, Callable]] = {
+    # name -> (forward(g, u), backward(dh, g, u, in_place) -> (h, dg, du), reference(g, u))
+    "silu": (swiglu_forward, swiglu_backward, swiglu_reference),
+    "gelu": (
+        lambda g, u: geglu_forward(g, u, approximate="none"),
+        lambda dh, g, u, in_place: geglu_backward(dh, g, u, in_place, approximate="none"),
+        lambda g, u: geglu_reference(g, u, "none"),
+    ),
+    "gelu_tanh": (
+        lambda g, u: geglu_forward(g, u, approximate="tanh"),
+        lambda dh, g, u, in_place: geglu_backward(dh, g, u, in_place, approximate="tanh"),
+        lambda g, u: geglu_reference(g, u, "tanh"),
+    ),
+}
+
+# transformers' activation names -> ours
+HF_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+}
+
+
+def _proj_fwd(x, W, xa, B, s):
+    if xa is None:
+        return x @ W.t()
+    return torch.addmm(xa @ (B * s).t(), x, W.t())
+
+
+class LoRAMLPFunction(torch.autograd.Function):
+    """down(act(gate(x)) * up(x)) with frozen base weights, optional LoRA on each of gate/up/down."""
+
+    @staticmethod
+    def forward(ctx, x, act, sg, su, sd, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd):
+        dt = x.dtype
+        Wg, Wu, Wd = _cast(Wg, dt), _cast(Wu, dt), _cast(Wd, dt)
+        a_gu = [a for a in (Ag, Au) if a is not None]
+        xa = x @ torch.cat([_cast(a, dt) for a in a_gu], 0).t() if a_gu else None
+        rg = Ag.shape[0] if Ag is not None else 0
+        xa_g = xa[:, :rg] if Ag is not None else None
+        xa_u = xa[:, rg:] if Au is not None else None
+        G = _proj_fwd(x, Wg, xa_g, _cast(Bg, dt), sg)
+        U = _proj_fwd(x, Wu, xa_u, _cast(Bu, dt), su)
+        H = ACTIVATIONS[act][0](G, U)
+        ha = H @ _cast(Ad, dt).t() if Ad is not None else None
+        out = _proj_fwd(H, Wd, ha, _cast(Bd, dt), sd)
+        ctx.act, ctx.scales, ctx.rg = act, (sg, su, sd), rg
+        ctx.save_for_backward(x, xa, G, U, ha, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, xa, G, U, ha, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd = ctx.saved_tensors
+        sg, su, sd = ctx.scales
+        dt = x.dtype
+        needs = ctx.needs_input_grad
+        dout = dout.reshape(-1, dout.shape[-1])
+        g_Ag = g_Bg = g_Au = g_Bu = g_Ad = g_Bd = None
+        # down: dH = dout Wd + (dout sd Bd) Ad
+        dH = dout @ Wd
+        dd = None
+        if Ad is not None:
+            dd = dout @ (_cast(Bd, dt) * sd)
+            dH.addmm_(dd, _cast(Ad, dt))
+            if needs[13]:
+                g_Bd = (mm_fp32_out(dout.t(), ha) * sd).to(Bd.dtype)
+        # activation backward in place: H -> dH's buffer, dG -> G's, dU -> U's (saved tensors are ours alone)
+        H, dG, dU = ACTIVATIONS[ctx.act][1](dH, G, U, True)
+        if Ad is not None and needs[12]:
+            g_Ad = mm_fp32_out(dd.t(), H).to(Ad.dtype)
+        del H, dH
+        dx = dG @ Wg
+        dx.addmm_(dU, Wu)
+        parts, a_parts = [], []
+        if Ag is not None:
+            parts.append(dG @ (_cast(Bg, dt) * sg))
+            a_parts.append(_cast(Ag, dt))
+            if needs[7]:
+                g_Bg = (mm_fp32_out(dG.t(), xa[:, : ctx.rg]) * sg).to(Bg.dtype)
+        if Au is not None:
+            parts.append(dU @ (_cast(Bu, dt) * su))
+            a_parts.append(_cast(Au, dt))
+            if needs[10]:
+                g_Bu = (mm_fp32_out(dU.t(), xa[:, ctx.rg :]) * su).to(Bu.dtype)
+        if parts:
+            d_cat = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+            a_cat = torch.cat(a_parts, 0) if len(a_parts) > 1 else a_parts[0]
+            dx.addmm_(d_cat, a_cat)
+            da = mm_fp32_out(d_cat.t(), x)
+            if Ag is not None:
+                g_Ag = da[: ctx.rg].to(Ag.dtype)
+            if Au is not None:
+                g_Au = da[ctx.rg :].to(Au.dtype)
+        return dx, None, None, None, None, None, g_Ag, g_Bg, None, g_Au, g_Bu, None, g_Ad, g_Bd
+
+
+def _mlp_eligible(ps: list[Projection]) -> bool:
+    return all(p.bias is None and p.dropout is None and not p.weight.requires_grad for p in ps)
+
+
+def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, act: str) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)); frozen base weights take the fused LoRA MLP, anything else the composed path."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if use_triton(x2) and _mlp_eligible([gate, up, down]):
+        out = LoRAMLPFunction.apply(
+            x2, act, gate.scale, up.scale, down.scale,
+            gate.weight, gate.lora_A, gate.lora_B, up.weight, up.lora_A, up.lora_B,
+            down.weight, down.lora_A, down.lora_B,
+        )
+        return out.view(*lead, out.shape[-1])
+    # Composed path (full fine-tuning, biases, dropout, or no Triton): fused activation, autograd around it.
+    g, u = lora_linear(x2, [gate, up])
+    h = glu(g, u, act)
+    (out,) = lora_linear(h, [down])
+    return out.view(*lead, out.shape[-1])
+
+
+def glu(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up with the fused kernel for ``act`` in ACTIVATIONS."""
+    from .geglu import geglu
+    from .swiglu import swiglu
+
+    if act == "silu":
+        return swiglu(gate, up)
+    if act == "gelu":
+        return geglu(gate, up, "none")
+    if act == "gelu_tanh":
+        return geglu(gate, up, "tanh")
+    raise ValueError(f"unsupported activation {act!r}")

@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from edgeft.kernels.attention import (
+    packed_batch_from_cu_seqlens,
+    packed_batch_from_position_ids,
+    varlen_attention,
+    varlen_attention_reference,
+)
+
+from .conftest import assert_close
+
+POS = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4, 5, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1, 2, 3, 4, 5]])
+
+
+def test_boundaries_from_position_ids():
+    pb = packed_batch_from_position_ids(POS)
+    assert pb.cu_seqlens.tolist() == [0, 4, 7, 13, 16, 26, 32]
+    assert pb.max_seqlen == 10 and pb.total == 32
+    assert pb.doc_ids[:8].tolist() == [0, 0, 0, 0, 1, 1, 1, 2]
+    # one sequence per row: nothing to do, plain causal attention is exact
+    assert packed_batch_from_position_ids(torch.arange(16).expand(2, 16)) is None
+    # a row that does not start at 0 still starts a new sequence
+    assert packed_batch_from_position_ids(torch.tensor([[5, 6, 0, 1]])).cu_seqlens.tolist() == [0, 2, 4]
+    same = packed_batch_from_cu_seqlens(pb.cu_seqlens)
+    assert torch.equal(same.doc_ids, pb.doc_ids) and same.max_seqlen == pb.max_seqlen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window,softcap", [(None, None), (3, None), (None, 5.0)])
+def test_sdpa_backend_never_crosses_sequences(dtype, window, softcap):
+    pb = packed_batch_from_position_ids(POS)
+    q = torch.randn(32, 4, 16, dtype=dtype, requires_grad=True)
+    k = torch.randn(32, 2, 16, dtype=dtype, requires_grad=True)
+    v = torch.randn(32, 2, 16, dtype=dtype, requires_grad=True)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = varlen_attention_reference(q64, k64, v64, pb, window=window, softcap=softcap)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    out = varlen_attention(q, k, v, pb, window=window, softcap=softcap, backend="sdpa")
+    out.backward(g.to(dtype))
+    tol = 1.0 if dtype == torch.float32 else 0.5
+    assert_close(out, ref, dtype, scale=tol)
+    for a, b in ((q, q64), (k, k64), (v, v64)):
+        assert_close(a.grad, b.grad, dtype)
+
+
+def test_flex_backend_forward_on_cpu():
+    # FlexAttention has no CPU backward; the GPU run checks its gradients.
+    pb = packed_batch_from_position_ids(POS)
+    q, k, v = torch.randn(32, 4, 16), torch.randn(32, 2, 16), torch.randn(32, 2, 16)
+    for window in (None, 3):
+        ref = varlen_attention_reference(q, k, v, pb, window=window)
+        assert_close(varlen_attention(q, k, v, pb, window=window, backend="flex_eager"), ref, torch.float32, 5)
+
+
+def test_changing_another_sequence_does_not_change_outputs():
+    pb = packed_batch_from_position_ids(POS)
+    q, k, v = torch.randn(32, 2, 8), torch.randn(32, 2, 8), torch.randn(32, 2, 8)
+    out = varlen_attention(q, k, v, pb, backend="sdpa")
+    k2, v2 = k.clone(), v.clone()
+    k2[4:7] += 5
+    v2[4:7] -= 3  # sequence 1 only
+    out2 = varlen_attention(q, k2, v2, pb, backend="sdpa")
+    assert torch.allclose(out[:4], out2[:4]) and torch.allclose(out[7:], out2[7:])
+    assert not torch.allclose(out[4:7], out2[4:7])
