@@ -210,6 +210,8 @@ def lora_linear(x: torch.Tensor, projections: list[Projection]) -> tuple[torch.T
         outs = tuple(F.linear(x2, _cast(p.weight, x.dtype), _cast(p.bias, x.dtype)) for p in projections)
     else:
         outs = LoRALinearFunction.apply(x2, x_lora, scales, *flat)
+    if x.dim() == 2:
+        return tuple(outs)  # not views: callers (RoPE) may rotate them in place
     return tuple(o.view(*lead, o.shape[-1]) for o in outs)
 
 

@@ -1,7 +1,14 @@
 """Shared helpers for the kernel tests: fp64 references, relative errors, per-dtype tolerances."""
 
+import os
+
 import pytest
 import torch
+
+# EDGEFT_KERNEL_TEST_DEVICE=cuda runs the same tests on the GPU (compiled kernels instead of the interpreter).
+ON_CUDA = os.environ.get("EDGEFT_KERNEL_TEST_DEVICE") == "cuda" and torch.cuda.is_available()
+if ON_CUDA:
+    torch.set_default_device("cuda")
 
 # Relative error bounds against an fp64 reference. bf16 is loose because Triton's CPU interpreter rounds
 # fp32 -> bf16 by truncation (about one bf16 ulp); on the GPU the conversion rounds to nearest.

@@ -53,6 +53,7 @@ def test_qkv_style_projections_share_x(dtype, train_base, M):
     for a, b in zip(_grads(ps), _grads(rs)):
         assert a.grad.dtype == a.dtype
         assert_close(a.grad, b.grad, dtype)
+    assert all(o._base is None for o in outs)  # 2-D outputs own their storage (RoPE rotates them in place)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
