@@ -1,0 +1,581 @@
+"""GGUF export: a Hugging Face (or converted) model written with gguf-py, proven equal on llama.cpp.
+
+Why this module exists: gguf-py gives the file format (``GGUFWriter``), the tensor names
+(``TensorNameMap``), special tokens and merges (``vocab.SpecialVocab``) and the block quantizers
+(``gguf.quants``), but no HF converter: that lives in llama.cpp's repository script, which is not an
+installable package. So the conversion (architecture metadata, the Llama q/k permutation, the byte-level BPE
+vocabulary) is written here, for the architectures in ``ARCHS``; anything else is refused in one line.
+
+What is written
+- Llama (incl. SmolLM2), Qwen2, Qwen3. Llama's q/k projections are permuted from HF's rotate-half layout to
+  llama.cpp's interleaved RoPE layout; Qwen2/3 use NEOX RoPE in llama.cpp and need none.
+- Types (``QUANTS``): f32, f16, bf16, q8_0, q4_0. Norms and biases stay F32 (llama.cpp's converter does the
+  same); a 2-D tensor whose rows are not a multiple of the block size (32) falls back to F16. In q4_0 the
+  output projection (or the tied embedding that serves as it) is written Q8_0, as llama.cpp's quantizer keeps
+  the output at higher precision.
+- A converted directory (``qat.save_converted``) is dequantized to float first and then written in ``quant``.
+  The int4 symmetric group-32 grid of ``int8-int4``/``int4`` is Q4_0's grid, but torchao's fp32 scales and its
+  choice of scale differ from Q4_0's, so q4_0 re-quantizes; writing the trained integers bit-exactly is a later
+  step (issue 6).
+- Tokenizer: ``tokenizer.ggml.model = gpt2`` with llama.cpp's pre-tokenizer name recognised from
+  tokenizer.json (GPT-2 byte-level, SmolLM's digit split, Llama 3 and Qwen2 regexes), tokens with types (added
+  special -> CONTROL, other added -> USER_DEFINED, id holes -> UNUSED), merges, special ids, ``add_bos`` and
+  ``add_eos`` as the HF tokenizer actually behaves, and the chat template.
+
+Validation, before the file is renamed into place (a failure raises ``EdgeftError`` in one line and leaves any
+previous file untouched). llama.cpp (F32 KV cache, so nothing but the file is rounded) runs the new file on the
+validation texts and the chat template rendering, and its logits are compared with two eager PyTorch models:
+
+- *fidelity*: a float model holding exactly the weights stored in the file (each tensor quantized once in HF
+  layout and dequantized; the permutation moves whole quantized rows afterwards, so a wrong permutation cannot
+  fool this reference). It isolates conversion bugs from the type's rounding. What remains for a correct file is
+  llama.cpp's own activation rounding (F16/BF16 operands; Q8_0-quantized activations for Q8_0/Q4_0 weights).
+- *source*: the source model (for a converted directory, the torchao model itself): the type's total error.
+
+``rel_err`` is the max over sequences of ||logits_gguf - logits_ref|| / ||logits_ref||, ``top1`` the fraction of
+positions whose argmax agrees; for f32/f16 llama.cpp's greedy continuation (12 tokens) must equal eager's.
+Thresholds (``QUANTS``):
+
+    type   fidelity rel/top1   source rel/top1   measured (correct export)        measured (broken export)
+    f32    0.001 / 0.99        0.002 / 0.99      0.0000 everywhere                 tiny >= 0.028, SmolLM2 >= 0.85
+    f16    0.005 / 0.98        0.01  / 0.97      fid <= 0.0011, src <= 0.0016      same as f32
+    bf16   0.02  / 0.95        0.04  / 0.93      fid <= 0.0068, src <= 0.0083      tiny >= 0.028
+    q8_0   0.10  / 0.85        0.20  / 0.80      fid <= 0.036,  src <= 0.047       SmolLM2 >= 0.83, scrambled >= 0.3
+    q4_0   0.15  / 0.75        0.80  / 0.30      fid <= 0.052,  src <= 0.46        SmolLM2 >= 0.76, scrambled >= 0.3
+
+("broken": no q/k permutation, or one tensor's rows scrambled; "tiny": the random-init test models, whose
+near-uniform attention makes a missing permutation cost only 4% there, so the tests prove refusal at f16 and with
+a scrambled tensor at q8_0/q4_0.) The q4_0 source bound is loose because re-quantizing SmolLM2 (itself from a
+Q4_1 file) to Q4_0 costs 0.46: the fidelity bound is what catches conversion errors at that type.
+
+A converted directory whose scheme quantizes activations (``int8-int4``: int8 per token in torchao, not in
+llama.cpp) gets ``ACT_QUANT_ALLOWANCE`` on the source bounds and no greedy requirement. The tokenizer check
+requires llama.cpp's tokenization of the validation strings (digits, whitespace runs, unicode, the chat template
+rendering with its control tokens) to equal the HF tokenizer's exactly, and the stored chat template to be intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from edgeft.errors import EdgeftError
+from edgeft.fsutil import atomic_path
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one HF architecture maps onto a llama.cpp architecture."""
+
+    hf_name: str
+    gguf_arch: str  # gguf.MODEL_ARCH member name
+    permute_qk: bool  # HF rotate-half -> llama.cpp interleaved RoPE (Llama only)
+
+
+ARCHS: dict[str, ArchSpec] = {
+    a.hf_name: a
+    for a in [
+        ArchSpec("LlamaForCausalLM", "LLAMA", permute_qk=True),
+        ArchSpec("Qwen2ForCausalLM", "QWEN2", permute_qk=False),
+        ArchSpec("Qwen3ForCausalLM", "QWEN3", permute_qk=False),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A GGUF output type and the validation tolerances a correct export of it meets."""
+
+    name: str
+    file_type: str  # gguf.LlamaFileType member name
+    weight: str  # gguf.GGMLQuantizationType for 2-D weights
+    output: str  # type of the output projection (or the tied embedding)
+    fidelity_rel_err: float  # llama.cpp vs the file's own weights in eager PyTorch
+    fidelity_top1: float
+    rel_err: float  # llama.cpp vs the source model (adds the type's rounding error)
+    top1: float
+    greedy_exact: bool
+
+
+QUANTS: dict[str, QuantSpec] = {
+    q.name: q
+    for q in [
+        QuantSpec("f32", "ALL_F32", "F32", "F32", 0.001, 0.99, 0.002, 0.99, greedy_exact=True),
+        QuantSpec("f16", "MOSTLY_F16", "F16", "F16", 0.005, 0.98, 0.01, 0.97, greedy_exact=True),
+        QuantSpec("bf16", "MOSTLY_BF16", "BF16", "BF16", 0.02, 0.95, 0.04, 0.93, greedy_exact=False),
+        QuantSpec("q8_0", "MOSTLY_Q8_0", "Q8_0", "Q8_0", 0.10, 0.85, 0.20, 0.80, greedy_exact=False),
+        QuantSpec("q4_0", "MOSTLY_Q4_0", "Q4_0", "Q8_0", 0.15, 0.75, 0.80, 0.30, greedy_exact=False),
+    ]
+}
+
+# torchao's int8 per-token activations vs llama.cpp's (float / Q8_0 blocks): extra room on the source bounds
+ACT_QUANT_ALLOWANCE = {"rel_err": 0.05, "top1": 0.10}
+
+# HF pre-tokenizer regexes whose llama.cpp equivalents are known by name.
+_LLAMA3_RE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_RE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+VALIDATION_TEXTS = (
+    "The quick brown fox jumps over the lazy dog. It's 12:45, and they'd walked 3,017 miles!",
+    "def f(x):\n    return x  *  2   \n\n\tTabs, trailing spaces   and 0.5e-3; naïve café, Tōkyō.",
+)
+VALIDATION_CHAT = (
+    {"role": "user", "content": "What is 17 + 25? Answer with the number."},
+    {"role": "assistant", "content": "42"},
+    {"role": "user", "content": "And 3 * 14?"},
+)
+GREEDY_TOKENS = 12
+
+
+def export(
+    src: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    quant: str = "q8_0",
+    _skip_qk_permute: bool = False,
+    _corrupt: str | None = None,
+) -> dict[str, Any]:
+    """Write ``src`` (an HF or converted directory) as a GGUF file at ``out_path`` and validate it on llama.cpp.
+
+    Returns a report: path, bytes, quant, architecture, tensor type counts, validation numbers, seconds.
+    Raises ``EdgeftError`` (and leaves an existing ``out_path`` untouched) when the file does not validate.
+    ``_skip_qk_permute`` / ``_corrupt`` (a GGUF tensor name to scramble) exist only to prove the check works.
+    """
+    import gguf
+
+    t0 = time.perf_counter()
+    src, out_path = Path(src), Path(out_path)
+    qspec = QUANTS.get(quant.lower())
+    if qspec is None:
+        raise EdgeftError(f"unknown GGUF type {quant!r}: choose one of {', '.join(QUANTS)}")
+    if not (src / "config.json").is_file():
+        raise EdgeftError(f"{src} is not a model directory (no config.json)")
+    cfg = json.loads((src / "config.json").read_text())
+    arch = _arch_spec(cfg)
+    _check_tokenizer_files(src)
+    model, tokenizer, record = _load_source(src)
+    scheme = _trained_scheme(record)
+    act_quant = scheme is not None and scheme.activation is not None
+
+    with atomic_path(out_path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])
+        _add_metadata(writer, cfg, arch, qspec, src)
+        vocab_info = _add_vocab(writer, src, cfg, tokenizer)
+        types, file_weights = _add_tensors(
+            writer, model, cfg, arch, qspec, skip_permute=_skip_qk_permute, corrupt=_corrupt
+        )
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        t_write = time.perf_counter() - t0
+        reference = _reference_model(model, file_weights)
+        del file_weights
+        validation = _validate(
+            tmp, model, reference, tokenizer, qspec, act_quant, vocab_info, label=f"{out_path.name} ({quant})"
+        )
+        del reference
+        nbytes = tmp.stat().st_size
+    total = time.perf_counter() - t0
+    report = {
+        "path": str(out_path),
+        "bytes": nbytes,
+        "quant": qspec.name,
+        "architecture": arch.hf_name,
+        "source": str(src),
+        "source_scheme": ((record or {}).get("plan") or {}).get("name"),
+        "tensor_types": types,
+        "tokenizer_pre": vocab_info["pre"],
+        "validation": validation,
+        "seconds": {"write": round(t_write, 2), "validate": round(total - t_write, 2), "total": round(total, 2)},
+    }
+    if scheme is not None and scheme.weight_dtype == "int4" and record["plan"].get("group_size") == 32:
+        report["note"] = (
+            "the trained int4 symmetric group-32 grid is Q4_0's grid, but the weights were dequantized and "
+            "re-quantized (writing the trained integers bit-exactly is not done yet)"
+        )
+    return report
+
+
+# --- source -----------------------------------------------------------------------------------------
+
+
+def _arch_spec(cfg: dict[str, Any]) -> ArchSpec:
+    names = cfg.get("architectures") or [cfg.get("model_type", "?")]
+    spec = ARCHS.get(names[0])
+    if spec is None:
+        raise EdgeftError(
+            f"GGUF export does not support architecture {names[0]} (supported: {', '.join(sorted(ARCHS))})"
+        )
+    return spec
+
+
+def _check_tokenizer_files(src: Path) -> None:
+    if not (src / "tokenizer.json").is_file():
+        raise EdgeftError(f"{src} has no tokenizer.json: GGUF export needs a fast (tokenizers) tokenizer")
+
+
+def _trained_scheme(record: dict[str, Any] | None) -> Any:
+    """The QAT scheme a converted directory was quantized with (None for float models)."""
+    plan = (record or {}).get("plan")
+    if not plan:
+        return None
+    from edgeft.qat.schemes import SCHEMES
+
+    return SCHEMES.get(plan.get("scheme"))
+
+
+def _load_source(src: Path) -> tuple[Any, Any, dict[str, Any] | None]:
+    """The model the file must reproduce: float HF model, or the torchao-quantized converted model."""
+    if (src / "scheme.json").exists():
+        from edgeft.qat import load_converted
+
+        model, tokenizer, record = load_converted(src)
+        return model.eval(), tokenizer, record
+    from edgeft.models import load_model
+
+    model, tokenizer = load_model(src)
+    return model.eval(), tokenizer, None
+
+
+def _float_weight(t: torch.Tensor) -> torch.Tensor:
+    """A plain float32 tensor: torchao quantized tensors (tensor subclasses) are dequantized."""
+    if type(t) is not torch.Tensor and hasattr(t, "dequantize"):
+        t = t.dequantize()
+    return t.detach().to(torch.float32).contiguous()
+
+
+# --- metadata ---------------------------------------------------------------------------------------
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    params = cfg.get("rope_parameters") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    return float(theta), scaling
+
+
+def _add_metadata(writer: Any, cfg: dict[str, Any], arch: ArchSpec, qspec: QuantSpec, src: Path) -> None:
+    import gguf
+
+    n_head = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    theta, scaling = _rope(cfg)
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(scaling["factor"]))
+        elif kind not in (None, "default"):
+            raise EdgeftError(f"GGUF export does not support RoPE scaling {kind!r} yet ({src.name})")
+    # a run's converted/ directory is named after the run
+    writer.add_name(src.parent.name if src.name in ("converted", "model") else src.name)
+    writer.add_context_length(cfg.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(cfg.get("num_key_value_heads", n_head))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(theta)
+    writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(cfg["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType[qspec.file_type])
+    if qspec.weight not in ("F32", "F16", "BF16"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+# --- tokenizer --------------------------------------------------------------------------------------
+
+
+def _pre_tokenizer(tj: dict[str, Any]) -> str:
+    """llama.cpp's name for the tokenizer.json pre-tokenizer (byte-level BPE only)."""
+    norm = tj.get("normalizer")
+    if norm is not None and norm.get("type") != "NFC":
+        raise EdgeftError(f"GGUF export: tokenizer normalizer {norm.get('type')} is not supported")
+    pre = tj.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        if regex == _LLAMA3_RE:
+            return "llama-bpe"
+        if regex == _QWEN2_RE:
+            return "qwen2"
+    raise EdgeftError(f"GGUF export: unrecognised tokenizer pre-tokenizer {kinds} (byte-level BPE of GPT-2, "
+                      "SmolLM, Llama 3 or Qwen2 style are supported)")
+
+
+def _add_vocab(writer: Any, src: Path, cfg: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    import gguf
+
+    tj = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise EdgeftError(
+            f"GGUF export supports byte-level BPE tokenizers only, not {model.get('type')} (SentencePiece: not yet)"
+        )
+    pre = _pre_tokenizer(tj)  # refuses BPE without byte-level pre-tokenization
+    n_vocab = int(cfg["vocab_size"])
+    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    for i, a in added.items():
+        by_id[i] = a["content"]
+    if max(by_id) >= n_vocab:
+        raise EdgeftError(f"tokenizer has ids up to {max(by_id)} but the model's vocab_size is {n_vocab}")
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+
+    special = gguf.SpecialVocab(src, load_merges=True, n_vocab=n_vocab)
+    if not special.merges:
+        raise EdgeftError("GGUF export: tokenizer.json has no BPE merges")
+    # What the HF tokenizer really adds around a text decides add_bos/add_eos (the post-processor may differ
+    # from what tokenizer_config.json says).
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    add_bos = len(full) > len(plain) and full[0] == tokenizer.bos_token_id and full[1:1 + len(plain)] == plain
+    add_eos = len(full) > len(plain) and full[-1] == tokenizer.eos_token_id and full[-1 - len(plain):-1] == plain
+    if len(full) - len(plain) != int(add_bos) + int(add_eos):
+        raise EdgeftError("GGUF export: the tokenizer adds special tokens other than BOS/EOS; not supported")
+    special.add_special_token = {"bos": add_bos, "eos": add_eos}
+    chat_template = getattr(tokenizer, "chat_template", None)
+    if isinstance(chat_template, str):
+        special.chat_template = chat_template
+    special.add_to_gguf(writer, quiet=True)
+    return {"pre": pre, "add_bos": add_bos, "add_eos": add_eos, "chat_template": special.chat_template}
+
+
+# --- tensors ----------------------------------------------------------------------------------------
+
+
+def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half rows -> interleaved pairs per head, which llama.cpp's (non-NEOX) RoPE expects."""
+    shape = w.shape
+    return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _tensor_qtype(gguf_name: str, arr: np.ndarray, qspec: QuantSpec, tied: bool) -> Any:
+    """The GGML type of one tensor: norms/biases F32; output at ``qspec.output``; misfit rows fall back to F16."""
+    import gguf
+
+    if arr.ndim == 1:
+        return gguf.GGMLQuantizationType.F32
+    is_output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
+    qtype = gguf.GGMLQuantizationType[qspec.output if is_output else qspec.weight]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if arr.shape[-1] % block:
+        qtype = gguf.GGMLQuantizationType.F16  # as llama.cpp's converter does for rows that do not fit
+    return qtype
+
+
+def _add_tensors(
+    writer: Any,
+    model: Any,
+    cfg: dict[str, Any],
+    arch: ArchSpec,
+    qspec: QuantSpec,
+    *,
+    skip_permute: bool,
+    corrupt: str | None,
+) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """Write every tensor; return the type counts and the file's weights back in HF layout (the reference).
+
+    Each tensor is quantized once in HF layout; the reference is its dequantization. The q/k permutation then
+    moves whole rows of the quantized data (blocks run along rows, so this commutes with quantizing), which keeps
+    the reference independent of the writing path: a wrong permutation cannot also fool the check.
+    """
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], cfg["num_hidden_layers"])
+    n_head = cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads", n_head)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    counts: dict[str, int] = {}
+    reference: dict[str, torch.Tensor] = {}
+    written: set[str] = set()
+    for hf_name, t in model.state_dict().items():
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp uses token_embd as the output when output.weight is absent
+        name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise EdgeftError(f"GGUF export: no llama.cpp name for tensor {hf_name} ({arch.hf_name})")
+        arr = _float_weight(t).numpy()
+        qtype = _tensor_qtype(name, arr, qspec, tied)
+        data = quantize(arr, qtype)
+        reference[hf_name] = torch.from_numpy(np.ascontiguousarray(dequantize(data, qtype)).reshape(arr.shape))
+        if arch.permute_qk and not skip_permute:
+            if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+                data = _permute_rope(data, n_head)
+            elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+                data = _permute_rope(data, n_kv)
+        if name == corrupt:  # tests only: a layout bug, rows in the wrong order
+            data = data[np.random.default_rng(0).permutation(data.shape[0])]
+        writer.add_tensor(name, np.ascontiguousarray(data), raw_dtype=qtype)
+        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        written.add(name)
+    if "token_embd.weight" not in written or not ("output.weight" in written or tied):
+        raise EdgeftError("GGUF export: the model lacks its token embedding or output projection")
+    return counts, reference
+
+
+def _reference_model(model: Any, weights: dict[str, torch.Tensor]) -> Any:
+    """A float model of the source's config holding exactly the weights the file stores."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    ref = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = ref.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and getattr(cfg, "tie_word_embeddings", False))]
+    if missing or unexpected:
+        raise EdgeftError(f"GGUF export: reference model weights unmatched: {missing[:3]} {unexpected[:3]}")
+    return ref.eval()
+
+
+# --- validation -------------------------------------------------------------------------------------
+
+
+def _sequences(tokenizer: Any) -> tuple[list[list[int]], list[int], dict[str, tuple[list[int], bool]]]:
+    """Token sequences to compare logits on, the greedy prompt, and the strings to check tokenization on."""
+    seqs = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in VALIDATION_TEXTS]
+    tok_checks: dict[str, tuple[list[int], bool]] = {
+        t: (tokenizer(t, add_special_tokens=True)["input_ids"], True) for t in VALIDATION_TEXTS
+    }
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(list(VALIDATION_CHAT), tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        tok_checks[rendered] = (ids, False)
+        seqs.append(ids)
+        prompt = ids
+    else:
+        prompt = seqs[0]
+    return seqs, prompt, tok_checks
+
+
+@torch.no_grad()
+def _eager_greedy(model: Any, ids: list[int], n: int) -> list[int]:
+    out = list(ids)
+    for _ in range(n):
+        logits = model(input_ids=torch.tensor([out])).logits[0, -1]
+        out.append(int(torch.argmax(logits)))
+    return out[len(ids):]
+
+
+def _compare(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, int]:
+    """(relative L2 error, number of positions whose argmax agrees)."""
+    rel = float((got - ref).norm() / ref.norm().clamp_min(1e-12))
+    return rel, int((got.argmax(-1) == ref.argmax(-1)).sum())
+
+
+def _validate(
+    path: Path,
+    source: Any,
+    reference: Any,
+    tokenizer: Any,
+    qspec: QuantSpec,
+    act_quant: bool,
+    vocab_info: dict[str, Any],
+    label: str,
+) -> dict[str, Any]:
+    """Run the file on llama.cpp; compare with the file's own weights (fidelity) and with the source model."""
+    from edgeft.devices.llamacpp_runtime import GgufRuntime
+
+    seqs, prompt, tok_checks = _sequences(tokenizer)
+    n_ctx = max(max(len(s) for s in seqs), len(prompt) + GREEDY_TOKENS) + 8
+    fid_rel = src_rel = 0.0
+    fid_agree = src_agree = total = 0
+    # F32 KV cache: the F16 cache's rounding, re-quantized by the next Q8_0 matmul, would blur an otherwise
+    # exact comparison (the cache type is a runtime setting, not part of the file).
+    with GgufRuntime(path, n_ctx=n_ctx, kv_cache="f32") as rt:
+        # tokenizer: llama.cpp must split text exactly as the HF tokenizer does
+        for text, (want, add_special) in tok_checks.items():
+            got = rt.tokenize(text, add_bos=add_special, special=True)
+            if got != want:
+                i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                raise EdgeftError(
+                    f"GGUF validation failed for {label}: llama.cpp tokenizes {text[:30]!r} differently from the "
+                    f"HF tokenizer (first difference at token {i}); file not written"
+                )
+        if vocab_info["chat_template"] and rt.metadata.get("tokenizer.chat_template") != vocab_info["chat_template"]:
+            raise EdgeftError(f"GGUF validation failed for {label}: chat template not stored intact; file not written")
+        with torch.no_grad():
+            for ids in seqs:
+                x = torch.tensor([ids])
+                got = rt.logits(ids)
+                if not torch.isfinite(got).all():
+                    raise EdgeftError(f"GGUF validation failed for {label}: llama.cpp produced non-finite logits")
+                rel, agree = _compare(got, reference(input_ids=x).logits[0].float())
+                fid_rel, fid_agree = max(fid_rel, rel), fid_agree + agree
+                rel, agree = _compare(got, source(input_ids=x).logits[0].float())
+                src_rel, src_agree = max(src_rel, rel), src_agree + agree
+                total += len(ids)
+        want_greedy = _eager_greedy(source, prompt, GREEDY_TOKENS)
+        got_greedy = rt.generate(prompt, GREEDY_TOKENS, set())
+    greedy_match = next((i for i, (a, b) in enumerate(zip(got_greedy, want_greedy)) if a != b), GREEDY_TOKENS)
+    tol = {
+        "fidelity_rel_err": qspec.fidelity_rel_err,
+        "fidelity_top1": qspec.fidelity_top1,
+        "rel_err": qspec.rel_err + (ACT_QUANT_ALLOWANCE["rel_err"] if act_quant else 0.0),
+        "top1": round(qspec.top1 - (ACT_QUANT_ALLOWANCE["top1"] if act_quant else 0.0), 4),
+        "greedy_exact": qspec.greedy_exact and not act_quant,
+    }
+    result = {
+        "fidelity_rel_err": round(fid_rel, 5),
+        "fidelity_top1": round(fid_agree / total, 4),
+        "rel_err": round(src_rel, 5),
+        "top1": round(src_agree / total, 4),
+        "greedy_match": greedy_match,
+        "greedy_tokens": GREEDY_TOKENS,
+        "positions": total,
+        "tokenizer_strings": len(tok_checks),
+        "tolerance": tol,
+    }
+    problems = []
+    for key, what in (("fidelity_rel_err", "vs the file's own weights"), ("rel_err", "vs the source model")):
+        if not math.isfinite(result[key]) or result[key] > tol[key]:
+            problems.append(f"logits rel. error {what} {result[key]:.4g} > {tol[key]:g}")
+    for key, what in (("fidelity_top1", "vs the file's own weights"), ("top1", "vs the source model")):
+        if result[key] < tol[key]:
+            problems.append(f"top-1 agreement {what} {result[key]:.3f} < {tol[key]:g}")
+    if tol["greedy_exact"] and greedy_match < GREEDY_TOKENS:
+        problems.append(f"greedy tokens differ from the source at step {greedy_match}")
+    if problems:
+        raise EdgeftError(f"GGUF validation failed for {label}: {'; '.join(problems)}; file not written")
+    return result
