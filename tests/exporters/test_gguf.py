@@ -151,7 +151,9 @@ def test_broken_conversion_refused_and_previous_file_kept(tmp_path):
 
 def test_qwen3_corrupt_tensor_refused(tmp_path):
     with pytest.raises(EdgeftError, match="validation failed"):
-        gguf_export.export(resolve_model("tiny-qwen3"), tmp_path / "m.gguf", quant="q4_0", _corrupt="blk.1.attn_k.weight")
+        gguf_export.export(
+            resolve_model("tiny-qwen3"), tmp_path / "m.gguf", quant="q4_0", _corrupt="blk.1.attn_k.weight"
+        )
     assert not list(tmp_path.iterdir())
 
 
@@ -204,3 +206,28 @@ def test_linear_rope_scaling_carried(tmp_path):
     unsupported = _variant(tmp_path, "yarn", rope_parameters={**rope, "rope_type": "yarn"})
     with pytest.raises(EdgeftError, match="RoPE scaling 'yarn'"):
         gguf_export.export(unsupported, tmp_path / "y.gguf", quant="f32")
+
+
+_SPLIT = {"type": "Split", "behavior": "Isolated", "invert": False}
+_BYTES = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+PRE_TOKENIZERS = {
+    "smollm": [{"type": "Digits", "individual_digits": True}, {**_BYTES, "use_regex": True}],
+    "llama-bpe": [{**_SPLIT, "pattern": {"Regex": gguf_export._LLAMA3_RE}}, _BYTES],
+    "qwen2": [{**_SPLIT, "pattern": {"Regex": gguf_export._QWEN2_RE}}, _BYTES],
+}
+
+
+@pytest.mark.parametrize("pre", sorted(PRE_TOKENIZERS))
+def test_pre_tokenizer_variants_tokenize_like_hf(tmp_path, pre):
+    # the tiny tokenizer re-wired with another pre-tokenizer: llama.cpp must split digits/words as HF does
+    src = _variant(tmp_path, pre)
+    tj = json.loads((src / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": PRE_TOKENIZERS[pre]}
+    tj["model"]["ignore_merges"] = pre == "llama-bpe"  # llama.cpp's llama-bpe looks whole words up first
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    r = gguf_export.export(src, tmp_path / "m.gguf", quant="f16")
+    assert r["tokenizer_pre"] == pre
+    _, tok = load_model(src)
+    with GgufRuntime(tmp_path / "m.gguf", n_ctx=64) as rt:
+        for text in TEXTS:
+            assert rt.tokenize(text) == tok(text)["input_ids"], text
