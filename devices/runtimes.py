@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeft.qat.fake_quant import int8_per_token_asym
 
 
 class Runtime(Protocol):
@@ -64,6 +68,69 @@ class EagerRuntime:
         pass
 
 
+class _DequantizedLinear(nn.Linear):
+    """A torchao-quantized linear with its weight dequantized once; activations quantized per call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_int8: bool) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias is not None, dtype=weight.dtype)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        self.act_int8 = act_int8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_int8:
+            x = int8_per_token_asym(x)
+        return F.linear(x, self.weight, self.bias)
+
+
+def dequantized_view(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Replace torchao weights by their dequantized floats (once), keeping dynamic activation quantization.
+
+    On a CPU torchao computes exactly this on every call (dequantize, then a float matmul), so the result is
+    the same model minus the per-call dequantization; :func:`load_runtime` checks that on a probe.
+    """
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    replaced = []
+    for name, mod in list(model.named_modules()):
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, IntxUnpackedToInt8Tensor):
+            continue
+        deq = w.dequantize().detach()
+        if isinstance(mod, nn.Linear):
+            act = w.activation_quantization is not None
+            if act and "INT8_ASYM_PER_TOKEN" not in str(w.activation_quantization).upper():
+                continue  # an activation scheme this path does not know: keep torchao's
+            new = _DequantizedLinear(deq, mod.bias, act)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+        elif isinstance(mod, nn.Embedding):
+            mod.weight = nn.Parameter(deq, requires_grad=False)  # a row lookup of dequantized rows is exact
+        else:
+            continue
+        replaced.append(name)
+    return model, replaced
+
+
+def _converted_runtime(path: Path) -> EagerRuntime:
+    import copy
+
+    from edgeft.qat import load_converted
+
+    model, _, record = load_converted(path)
+    if not record.get("plan"):
+        return EagerRuntime(model)
+    probe = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=probe).logits
+        fast, _ = dequantized_view(copy.deepcopy(model))
+        got = fast(input_ids=probe).logits
+    if float((got - ref).norm() / ref.norm()) > 1e-5:  # not the same function: use torchao's own path
+        return EagerRuntime(model)
+    return EagerRuntime(fast)
+
+
 def load_runtime(kind: str, path: str | os.PathLike, **kwargs: Any) -> Runtime:
     """Open an artifact on its runtime: ``eager`` (HF or converted dir), ``pte`` (.pte file), ``gguf`` (.gguf file)."""
     path = Path(path)
@@ -71,11 +138,8 @@ def load_runtime(kind: str, path: str | os.PathLike, **kwargs: Any) -> Runtime:
         from edgeft.models import load_model
 
         if (path / "scheme.json").exists():
-            from edgeft.qat import load_converted
-
-            model, _, _ = load_converted(path)
-        else:
-            model, _ = load_model(path)
+            return _converted_runtime(path)
+        model, _ = load_model(path)
         return EagerRuntime(model)
     if kind == "pte":
         from .executorch_runtime import PteRuntime

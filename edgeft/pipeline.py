@@ -253,8 +253,8 @@ def export(fmt: str, run: str | Path | None = None, quant: str | None = None, **
 
 def default_gguf_quant(src: Path) -> str:
     """The GGUF type at the scheme's bit width: q4_0 for int4 schemes, q8_0 for int8, f16 for float."""
-    record = json.loads((src / "scheme.json").read_text())
-    plan = record.get("plan")
+    scheme = src / "scheme.json"
+    plan = json.loads(scheme.read_text()).get("plan") if scheme.exists() else None
     if not plan:
         return "f16"
     from . import qat as qatlib
