@@ -102,10 +102,9 @@ def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int |
     Linears whose input size the group size does not divide stay in float (listed with a ``skip:`` prefix),
     and so does every module convert would not quantize, keeping prepare and convert in step.
     """
-    quantize_, QATConfig, infer, _ = _torchao()
+    quantize_, QATConfig, _, _ = _torchao()
     plan = scheme_or_preset if isinstance(scheme_or_preset, QATPlan) else resolve(scheme_or_preset, group_size)
-    base = plan.linear_config()
-    act_cfg, w_cfg = infer(base)
+    act_cfg, w_cfg = plan.fake_quant_configs()
     replaced: list[str] = []
 
     # LoRA layers first: their base_layer must not also get torchao's own fake quantizer.
@@ -129,7 +128,7 @@ def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int |
         replaced.append(fqn)
         return True
 
-    quantize_(model, QATConfig(base, step="prepare"), filter_fn=linear_filter)
+    quantize_(model, plan.qat_prepare_config(), filter_fn=linear_filter)
     emb = plan.embedding_config()
     if emb is not None:
 

@@ -5,6 +5,27 @@ config realises it at convert time; a *preset* names a scheme plus the treatment
 training should be full fine-tuning. Adding a scheme or preset is a new entry in these tables.
 
 torchao is imported lazily (only when a config is built), so listing schemes costs nothing.
+
+GGUF grids. llama.cpp's Q4_0 block is 32 weights ``d * (n - 8)`` with ``n`` a 4-bit nibble and ``d`` one fp16
+scale; Q8_0 is 32 weights ``d * q`` with ``q`` int8 and ``d`` fp16. torchao's symmetric int4 grid (q in [-8, 7],
+scale = max|w| / 7.5) and int8 grid (q in [-128, 127]) therefore fit those blocks exactly whenever the group
+(or the row, per channel) is a multiple of 32: the GGUF exporter writes nibble = q + 8 and d = scale. The one
+difference for ``int4``/``int8-int4``/``int8`` is the scale's precision: torchao keeps fp32 scales, a GGUF block
+holds fp16, so their GGUF files differ from the converted model by the fp16 rounding of each scale (relative
+2^-11 at most per weight). The ``gguf-q4_0`` / ``gguf-q8_0`` presets remove that too: their schemes ask torchao
+for fp16 scales in both fake quant (``IntxFakeQuantizeConfig(scale_precision=float16)``) and convert
+(``IntxWeightOnlyConfig(scale_dtype=float16)``, which re-rounds the integers against the fp16 scale), so the
+trained, converted and GGUF weights are the same numbers bit for bit.
+
+torchao 0.18's ``QATConfig(base)`` refuses a base config with ``scale_dtype`` (its inference asserts None), so
+these schemes build their fake-quant configs explicitly (:meth:`Scheme.fake_quant_configs`), mirroring what the
+inference builds but with the fp16 scale. torchao computes ``1 / scale`` in the scale's dtype, which overflows
+to inf for an fp16 scale <= 2^-16: fake quant then gives 0 * inf = NaN on an all-zero group, and convert turns a
+group of tiny weights into +-qmax. The fake quantizer therefore floors the scale (``eps``) at
+:data:`FP16_SCALE_FLOOR` = 257 * 2^-24, the smallest fp16 scale with a finite fp16 reciprocal. Fake quant and
+convert agree on every group whose scale is at least that (max|w| >= 1.15e-4 for int4, >= 1.95e-3 for int8)
+and on all-zero groups (both give zeros); below it torchao's convert is degenerate and they differ. The GGUF
+exporter counts such groups in its report.
 """
 
 from __future__ import annotations
@@ -13,6 +34,9 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from edgeft.errors import EdgeftError
+
+# smallest fp16 scale whose reciprocal is finite in fp16 (1 / (257 * 2^-24) = 65281 < 65504)
+FP16_SCALE_FLOOR = 257 * 2.0**-24
 
 
 @dataclass(frozen=True)
@@ -27,6 +51,7 @@ class Scheme:
     exporters: tuple[str, ...]
     cuda_convert_only: bool = False  # torchao's convert for this scheme needs CUDA kernels
     group_sizes: tuple[int, ...] = ()  # selectable group sizes (--qat-group-size)
+    scale_dtype: str | None = None  # None: torchao's default (fp32 scales); "float16": GGUF-exact scales
 
     def torchao_config(self, group_size: int | None = None) -> Any:
         """The torchao PTQ config whose convert step writes exactly this scheme's grid."""
@@ -36,6 +61,11 @@ class Scheme:
 
         gs = group_size or self.group_size
         gran = PerGroup(gs) if gs else PerAxis(0)
+        if self.scale_dtype is not None:
+            if not (self.weight_dtype in ("int4", "int8") and self.activation is None):
+                raise EdgeftError(f"scheme {self.name}: scale_dtype is supported for weight-only int schemes only")
+            wdt = torch.int4 if self.weight_dtype == "int4" else torch.int8
+            return IntxWeightOnlyConfig(weight_dtype=wdt, granularity=gran, scale_dtype=getattr(torch, self.scale_dtype))
         if self.weight_dtype in ("int4", "int8") and self.activation == "int8-asym-per-token":
             wdt = torch.int4 if self.weight_dtype == "int4" else torch.int8
             return Int8DynamicActivationIntxWeightConfig(weight_dtype=wdt, weight_granularity=gran)
@@ -51,6 +81,31 @@ class Scheme:
 
             return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
         raise EdgeftError(f"scheme {self.name}: no torchao config for this combination")
+
+    def fake_quant_configs(self, group_size: int | None = None) -> tuple[Any, Any]:
+        """(activation, weight) torchao fake-quant configs that simulate :meth:`torchao_config`'s grid.
+
+        torchao infers them from the base config, except with ``scale_dtype`` (its inference refuses that):
+        then the same ``IntxFakeQuantizeConfig`` is built with the scale precision and an fp16-safe floor.
+        """
+        base = self.torchao_config(group_size)
+        if self.scale_dtype is None:
+            from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
+
+            return _infer_fake_quantize_configs(base)
+        import torch
+        from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+        if self.scale_dtype != "float16":
+            raise EdgeftError(f"scheme {self.name}: scale_dtype {self.scale_dtype} is not supported (float16 only)")
+        weight = IntxFakeQuantizeConfig(
+            base.weight_dtype,
+            base.granularity,
+            base.mapping_type,
+            scale_precision=torch.float16,
+            eps=FP16_SCALE_FLOOR,
+        )
+        return None, weight
 
 
 @dataclass(frozen=True)
@@ -112,6 +167,24 @@ SCHEMES: dict[str, Scheme] = {
             exporters=("torchao",),
             cuda_convert_only=True,
         ),
+        Scheme(
+            "int4-fp16-scale",
+            "int4 symmetric blocks of 32 with one fp16 scale each, weight-only: exactly GGUF Q4_0's weight grid",
+            weight_dtype="int4",
+            group_size=32,
+            activation=None,
+            exporters=("gguf", "torchao"),
+            scale_dtype="float16",
+        ),
+        Scheme(
+            "int8-fp16-scale",
+            "int8 symmetric blocks of 32 with one fp16 scale each, weight-only: exactly GGUF Q8_0's weight grid",
+            weight_dtype="int8",
+            group_size=32,
+            activation=None,
+            exporters=("gguf", "torchao"),
+            scale_dtype="float16",
+        ),
     ]
 }
 
@@ -124,6 +197,18 @@ PRESETS: dict[str, Preset] = {
             scheme="int8-int4",
             embedding="int8-per-channel",
             full_finetuning=True,
+        ),
+        Preset(
+            "gguf-q4_0",
+            "llama.cpp Q4_0 bit for bit (int4, blocks of 32, fp16 scales; weight-only: llama.cpp quantizes "
+            "activations to Q8_0 itself at run time, which QAT does not simulate)",
+            scheme="int4-fp16-scale",
+        ),
+        Preset(
+            "gguf-q8_0",
+            "llama.cpp Q8_0 bit for bit (int8, blocks of 32, fp16 scales; weight-only: llama.cpp quantizes "
+            "activations to Q8_0 itself at run time, which QAT does not simulate)",
+            scheme="int8-fp16-scale",
         ),
     ]
 }
@@ -150,6 +235,19 @@ class QATPlan:
 
     def linear_config(self) -> Any:
         return self.scheme.torchao_config(self.group_size)
+
+    def fake_quant_configs(self) -> tuple[Any, Any]:
+        """(activation, weight) fake-quant configs for linears (LoRA's merged weight and torchao's modules)."""
+        return self.scheme.fake_quant_configs(self.group_size)
+
+    def qat_prepare_config(self) -> Any:
+        """torchao's ``QATConfig`` for the prepare step of plain linears."""
+        from torchao.quantization.qat import QATConfig
+
+        if self.scheme.scale_dtype is None:
+            return QATConfig(self.linear_config(), step="prepare")
+        act, weight = self.fake_quant_configs()
+        return QATConfig(activation_config=act, weight_config=weight, step="prepare")
 
     def embedding_config(self) -> Any:
         if self.embedding is None:
