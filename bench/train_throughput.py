@@ -56,8 +56,8 @@ MODELS = {
 MODELS["smoke"] = dict(MODELS["qwen3-0.6b"], hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULT_RUNS = [  # (model, mode, impl, batch)
-    *[(m, "lora", i, 4) for m in ("qwen3-0.6b", "llama-3.2-1b") for i in ("hf", "liger", "edgeft")],
+DEFAULT_RUNS = [  # (model, mode, impl, batch); edgeft_plain = edgeft with on-GPU checkpoints (offload overhead)
+    *[(m, "lora", i, 4) for m in ("qwen3-0.6b", "llama-3.2-1b") for i in ("hf", "liger", "edgeft", "edgeft_plain")],
     *[("qwen3-0.6b", "full", i, 4) for i in ("hf", "liger", "edgeft")],
     *[("llama-3.1-8b", "lora", i, 2) for i in ("hf", "edgeft")],
 ]
@@ -125,10 +125,10 @@ def run_worker(spec: dict) -> dict:
                                                  task_type="CAUSAL_LM"))
     model.train()
     patched: list[str] = []
-    if impl == "edgeft":
+    if impl.startswith("edgeft"):
         from edgeft.kernels import causal_lm_loss, patch
 
-        patched = patch(model, checkpoint=spec.get("checkpoint", "offload"))
+        patched = patch(model, checkpoint="plain" if impl == "edgeft_plain" else spec.get("checkpoint", "offload"))
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
@@ -144,7 +144,7 @@ def run_worker(spec: dict) -> dict:
         ids = batches[step]
         sync()
         t0 = time.perf_counter()
-        if impl == "edgeft":
+        if impl.startswith("edgeft"):
             loss_sum, count = causal_lm_loss(model, ids, ids)
             loss = loss_sum / count
         else:
@@ -168,7 +168,7 @@ def run_worker(spec: dict) -> dict:
 
 
 def _one_step(model, impl, opt, ids):
-    if impl == "edgeft":
+    if impl.startswith("edgeft"):
         from edgeft.kernels import causal_lm_loss
 
         s, n = causal_lm_loss(model, ids, ids)
@@ -184,10 +184,10 @@ def _profile(fn) -> str:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
 
 
 # --- GPU correctness of each kernel at bench shapes -----------------------------------------------------------

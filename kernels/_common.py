@@ -84,13 +84,41 @@ def warps_for(block: int) -> int:
     return 2
 
 
+@functools.lru_cache(maxsize=None)
+def _mm_out_dtype_works(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch.mm(..., out_dtype=float32) exists for this device/dtype (probed once: a failing call
+    raises, and raising on every call would cost far more than the matmul)."""
+    try:
+        a = torch.ones(16, 16, dtype=dtype, device=device_type)
+        torch.mm(a, a, out_dtype=torch.float32)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
 def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with an fp32 result (fp32 accumulation kept, no bf16 rounding) where the backend offers it (CUDA)."""
     if a.dtype == torch.float32:
         return a @ b
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            pass
+    if a.is_cuda and _mm_out_dtype_works("cuda", a.dtype):
+        return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).float()
+
+
+def cached_cast(p: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """``(p * scale).to(dtype)``, kept on the tensor until it changes in place (its version counter moves).
+
+    LoRA adapters are fp32 parameters read in the activation dtype by every forward, recompute and backward of a
+    step; casting them once per optimizer step instead of per use removes two small kernels per projection call.
+    """
+    if p.dtype == dtype and scale == 1.0:
+        return p
+    key = (dtype, scale)
+    cache = p.__dict__.setdefault("_edgeft_casts", {})
+    hit = cache.get(key)
+    if hit is not None and hit[0] == p._version and hit[1] == p.data_ptr():
+        return hit[2]
+    with torch.no_grad():
+        out = (p * scale).to(dtype) if scale != 1.0 else p.to(dtype)
+    cache[key] = (p._version, p.data_ptr(), out)
+    return out

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import mm_fp32_out, use_triton
+from ._common import cached_cast, mm_fp32_out, use_triton
 from .geglu import geglu_backward, geglu_forward, geglu_reference
 from .swiglu import swiglu_backward, swiglu_forward, swiglu_reference
 
@@ -101,6 +101,22 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _cat_A(As: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The adapters' A matrices stacked (sum r, in) in the activation dtype, cached until one of them changes."""
+    if len(As) == 1:
+        return cached_cast(As[0], dtype)
+    key = (tuple(id(a) for a in As), dtype)
+    state = tuple((a._version, a.data_ptr()) for a in As)
+    cache = As[0].__dict__.setdefault("_edgeft_cats", {})
+    hit = cache.get(key)
+    if hit is not None and hit[0] == state:
+        return hit[1]
+    with torch.no_grad():
+        out = torch.cat([a.to(dtype) for a in As], 0)
+    cache[key] = (state, out)
+    return out
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """y_i = x W_i^T + b_i + s_i * x_l A_i^T B_i^T for i in 1..n, sharing x (x_l = x, or dropout(x) if given)."""
 
@@ -113,14 +129,13 @@ class LoRALinearFunction(torch.autograd.Function):
         lora = [i for i in range(n) if As[i] is not None]
         xa = None
         if lora:
-            a_cat = torch.cat([_cast(As[i], dt) for i in lora], 0) if len(lora) > 1 else _cast(As[lora[0]], dt)
-            xa = xl @ a_cat.t()  # (M, sum r): one skinny GEMM for every adapter that shares x
+            xa = xl @ _cat_A([As[i] for i in lora], dt).t()  # (M, sum r): one skinny GEMM for every adapter that shares x
         outs, off = [], 0
         for i in range(n):
             W = _cast(Ws[i], dt)
             if As[i] is not None:
                 r = As[i].shape[0]
-                low = xa[:, off : off + r] @ (_cast(Bs[i], dt) * scales[i]).t()
+                low = xa[:, off : off + r] @ cached_cast(Bs[i], dt, scales[i]).t()
                 off += r
                 y = torch.addmm(low, x, W.t())  # LoRA term added in the GEMM epilogue
                 if bs[i] is not None:
@@ -165,9 +180,9 @@ class LoRALinearFunction(torch.autograd.Function):
                 grads[4 * i + 1] = dy.sum(0, dtype=torch.float32).to(bs[i].dtype)
             if As[i] is not None:
                 s = scales[i]
-                d_i = dy @ (_cast(Bs[i], dt) * s)  # (M, r) = s * dY B
+                d_i = dy @ cached_cast(Bs[i], dt, s)  # (M, r) = s * dY B
                 d_parts.append(d_i)
-                a_parts.append(_cast(As[i], dt))
+                a_parts.append(As[i])
                 a_idx.append(i)
                 if needs[3 + 4 * i + 3]:
                     grads[4 * i + 3] = (mm_fp32_out(dy.t(), xa[:, off : off + r]) * s).to(Bs[i].dtype)
@@ -175,7 +190,7 @@ class LoRALinearFunction(torch.autograd.Function):
         dx_lora = None
         if d_parts:
             d_cat = torch.cat(d_parts, 1) if len(d_parts) > 1 else d_parts[0]
-            a_cat = torch.cat(a_parts, 0) if len(a_parts) > 1 else a_parts[0]
+            a_cat = _cat_A(a_parts, dt)
             if x_lora is None:
                 if need_dx:
                     dx = d_cat @ a_cat if dx is None else dx.addmm_(d_cat, a_cat)
@@ -255,7 +270,7 @@ HF_ACTIVATIONS = {
 def _proj_fwd(x, W, xa, B, s):
     if xa is None:
         return x @ W.t()
-    return torch.addmm(xa @ (B * s).t(), x, W.t())
+    return torch.addmm(xa @ cached_cast(B, x.dtype, s).t(), x, W.t())
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -266,15 +281,15 @@ class LoRAMLPFunction(torch.autograd.Function):
         dt = x.dtype
         Wg, Wu, Wd = _cast(Wg, dt), _cast(Wu, dt), _cast(Wd, dt)
         a_gu = [a for a in (Ag, Au) if a is not None]
-        xa = x @ torch.cat([_cast(a, dt) for a in a_gu], 0).t() if a_gu else None
+        xa = x @ _cat_A(a_gu, dt).t() if a_gu else None
         rg = Ag.shape[0] if Ag is not None else 0
         xa_g = xa[:, :rg] if Ag is not None else None
         xa_u = xa[:, rg:] if Au is not None else None
-        G = _proj_fwd(x, Wg, xa_g, _cast(Bg, dt), sg)
-        U = _proj_fwd(x, Wu, xa_u, _cast(Bu, dt), su)
+        G = _proj_fwd(x, Wg, xa_g, Bg, sg)
+        U = _proj_fwd(x, Wu, xa_u, Bu, su)
         H = ACTIVATIONS[act][0](G, U)
-        ha = H @ _cast(Ad, dt).t() if Ad is not None else None
-        out = _proj_fwd(H, Wd, ha, _cast(Bd, dt), sd)
+        ha = H @ cached_cast(Ad, dt).t() if Ad is not None else None
+        out = _proj_fwd(H, Wd, ha, Bd, sd)
         ctx.act, ctx.scales, ctx.rg = act, (sg, su, sd), rg
         ctx.save_for_backward(x, xa, G, U, ha, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd)
         return out
@@ -291,8 +306,8 @@ class LoRAMLPFunction(torch.autograd.Function):
         dH = dout @ Wd
         dd = None
         if Ad is not None:
-            dd = dout @ (_cast(Bd, dt) * sd)
-            dH.addmm_(dd, _cast(Ad, dt))
+            dd = dout @ cached_cast(Bd, dt, sd)
+            dH.addmm_(dd, cached_cast(Ad, dt))
             if needs[13]:
                 g_Bd = (mm_fp32_out(dout.t(), ha) * sd).to(Bd.dtype)
         # activation backward in place: H -> dH's buffer, dG -> G's, dU -> U's (saved tensors are ours alone)
@@ -304,19 +319,18 @@ class LoRAMLPFunction(torch.autograd.Function):
         dx.addmm_(dU, Wu)
         parts, a_parts = [], []
         if Ag is not None:
-            parts.append(dG @ (_cast(Bg, dt) * sg))
-            a_parts.append(_cast(Ag, dt))
+            parts.append(dG @ cached_cast(Bg, dt, sg))
+            a_parts.append(Ag)
             if needs[7]:
                 g_Bg = (mm_fp32_out(dG.t(), xa[:, : ctx.rg]) * sg).to(Bg.dtype)
         if Au is not None:
-            parts.append(dU @ (_cast(Bu, dt) * su))
-            a_parts.append(_cast(Au, dt))
+            parts.append(dU @ cached_cast(Bu, dt, su))
+            a_parts.append(Au)
             if needs[10]:
                 g_Bu = (mm_fp32_out(dU.t(), xa[:, ctx.rg :]) * su).to(Bu.dtype)
         if parts:
             d_cat = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-            a_cat = torch.cat(a_parts, 0) if len(a_parts) > 1 else a_parts[0]
-            dx.addmm_(d_cat, a_cat)
+            dx.addmm_(d_cat, _cat_A(a_parts, dt))
             da = mm_fp32_out(d_cat.t(), x)
             if Ag is not None:
                 g_Ag = da[: ctx.rg].to(Ag.dtype)

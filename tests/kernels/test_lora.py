@@ -140,3 +140,17 @@ def test_lora_dropout_path_matches_peft():
     assert_close(gA, lin.lora_A["default"].weight.grad, torch.float32)
     m.eval()
     assert projection_of(lin).dropout is None  # eval: dropout is the identity, fast path again
+
+
+def test_cached_adapter_casts_follow_optimizer_updates():
+    # adapters are cast/scaled once per version; an in-place update (optimizer step) must be seen next call
+    p = _proj(12, 16, torch.bfloat16)
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    y1 = lora_linear(x, [p])[0]
+    opt = torch.optim.SGD([p.lora_A, p.lora_B], lr=0.5)
+    y1.float().square().sum().backward()
+    opt.step()
+    y2 = lora_linear(x, [p])[0]
+    ref = lora_linear_reference(x.double(), _f64(p))
+    assert_close(y2, ref, torch.bfloat16)
+    assert not torch.allclose(y1.float(), y2.float())
