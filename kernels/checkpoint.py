@@ -54,7 +54,7 @@ class _Offloaded:
         self.prev: weakref.ref | None = None
         self.gpu: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
-        self.cpu = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self.cpu = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)  # explicit: default device may be cuda
         stream.wait_stream(torch.cuda.current_stream(t.device))  # the copy reads t only after it is computed
         with torch.cuda.stream(stream):
             self.cpu.copy_(t, non_blocking=True)
@@ -139,5 +139,5 @@ def checkpoint_layer(
     """
     if mode not in MODES:
         raise ValueError(f"checkpoint mode must be one of {MODES}, got {mode!r}")
-    dummy = torch.empty(0, requires_grad=True)
+    dummy = torch.empty(0, device="cpu", requires_grad=True)
     return _LayerCheckpoint.apply(run, mode, chain, preserve_rng, hidden, dummy)
