@@ -180,3 +180,18 @@ def test_builtin_tiny_model_bf16(monkeypatch, tmp_path):
     name = "base_model.model.model.layers.0.mlp.down_proj.lora_B.default.weight"
     g, g_ref = dict(model.named_parameters())[name].grad, dict(ref.named_parameters())[name].grad
     assert g_ref.abs().sum() > 0 and rel_err(g, g_ref) < 5e-2
+
+
+def test_patched_model_under_transformers_gradient_checkpointing():
+    # checkpoint=None leaves checkpointing to transformers; the fused Functions must survive its recompute
+    m = build("llama", lora=True)
+    ref = copy.deepcopy(m)
+    K.patch(m)
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 300, (2, 12))
+    s, n = K.causal_lm_loss(m, ids, ids)
+    (s / n).backward()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    got, want = grads(m), grads(ref)
+    assert set(got) == set(want)
+    assert max(rel_err(got[k], want[k]) for k in want) < 1e-4
