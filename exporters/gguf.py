@@ -56,11 +56,13 @@ rendering with its control tokens) to equal the HF tokenizer's exactly, and the 
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,7 @@ class QuantSpec:
     rel_err: float  # llama.cpp vs the source model (adds the type's rounding error)
     top1: float
     greedy_exact: bool
+    llama_ftype: str | None = None  # llama_cpp LLAMA_FTYPE_* constant: written by llama_model_quantize
 
 
 QUANTS: dict[str, QuantSpec] = {
@@ -113,8 +116,28 @@ QUANTS: dict[str, QuantSpec] = {
         QuantSpec("bf16", "MOSTLY_BF16", "BF16", "BF16", 0.02, 0.95, 0.04, 0.93, greedy_exact=False),
         QuantSpec("q8_0", "MOSTLY_Q8_0", "Q8_0", "Q8_0", 0.10, 0.85, 0.20, 0.80, greedy_exact=False),
         QuantSpec("q4_0", "MOSTLY_Q4_0", "Q4_0", "Q8_0", 0.15, 0.75, 0.80, 0.30, greedy_exact=False),
+        # K-quants: llama.cpp picks each tensor's type (Q4_K_M mixes Q4_K/Q6_K; rows not a multiple of 256
+        # fall back to Q5_0/Q5_1/Q8_0), so ``weight``/``output`` only describe the main type
+        QuantSpec("q4_k_m", "MOSTLY_Q4_K_M", "Q4_K", "Q6_K", 0.15, 0.75, 0.60, 0.40, greedy_exact=False,
+                  llama_ftype="LLAMA_FTYPE_MOSTLY_Q4_K_M"),
+        QuantSpec("q5_k_m", "MOSTLY_Q5_K_M", "Q5_K", "Q6_K", 0.12, 0.80, 0.40, 0.55, greedy_exact=False,
+                  llama_ftype="LLAMA_FTYPE_MOSTLY_Q5_K_M"),
+        QuantSpec("q6_k", "MOSTLY_Q6_K", "Q6_K", "Q6_K", 0.10, 0.85, 0.30, 0.65, greedy_exact=False,
+                  llama_ftype="LLAMA_FTYPE_MOSTLY_Q6_K"),
     ]
 }
+
+# GGUF block types that can hold a trained symmetric grid exactly: nibble/int8 = q (+ 8), d = scale as fp16.
+# A requested type maps each trained weight dtype to the block written (the smallest exact one it allows).
+EXACT_TYPES: dict[str, dict[str, str]] = {
+    "q4_0": {"int4": "Q4_0", "int8": "Q8_0"},  # an int8 grid (embeddings) stays Q8_0 rather than re-rounded
+    "q8_0": {"int4": "Q8_0", "int8": "Q8_0"},
+}
+EXACT_BLOCK = 32
+# In an exact export, the 2-D tensors the scheme left in float (e.g. the token embedding of int4/int8-int4) are
+# written Q8_0 whatever the requested type: Q4_0 there would be a second quantization QAT never saw (tiny models:
+# logits rel. error vs the converted model 0.11-0.14 with a Q4_0 embedding, 0.013-0.015 with Q8_0, 0.013 with F16).
+EXACT_FLOAT_TYPE = "Q8_0"
 
 # torchao's int8 per-token activations vs llama.cpp's (float / Q8_0 blocks): extra room on the source bounds
 ACT_QUANT_ALLOWANCE = {"rel_err": 0.05, "top1": 0.10}
@@ -146,17 +169,18 @@ def export(
     out_path: str | os.PathLike,
     *,
     quant: str = "q8_0",
+    exact: bool = True,
     _skip_qk_permute: bool = False,
     _corrupt: str | None = None,
 ) -> dict[str, Any]:
     """Write ``src`` (an HF or converted directory) as a GGUF file at ``out_path`` and validate it on llama.cpp.
 
-    Returns a report: path, bytes, quant, architecture, tensor type counts, validation numbers, seconds.
-    Raises ``EdgeftError`` (and leaves an existing ``out_path`` untouched) when the file does not validate.
+    Returns a report: path, bytes, quant, architecture, tensor type counts, which trained tensors were written
+    exactly and which re-quantized, validation numbers, seconds. ``exact=False`` re-quantizes every trained
+    tensor from its dequantized weights (the comparison baseline). Raises ``EdgeftError`` (and leaves an existing
+    ``out_path`` untouched) when the file does not validate.
     ``_skip_qk_permute`` / ``_corrupt`` (a GGUF tensor name to scramble) exist only to prove the check works.
     """
-    import gguf
-
     t0 = time.perf_counter()
     src, out_path = Path(src), Path(out_path)
     qspec = QUANTS.get(quant.lower())
@@ -172,21 +196,32 @@ def export(
     act_quant = scheme is not None and scheme.activation is not None
 
     with atomic_path(out_path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])
-        _add_metadata(writer, cfg, arch, qspec, src)
-        vocab_info = _add_vocab(writer, src, cfg, tokenizer)
-        types, file_weights = _add_tensors(
-            writer, model, cfg, arch, qspec, skip_permute=_skip_qk_permute, corrupt=_corrupt
-        )
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        if qspec.llama_ftype is None:
+            vocab_info, tensors = _write_file(
+                tmp, model, tokenizer, cfg, arch, qspec, src, skip_permute=_skip_qk_permute, corrupt=_corrupt,
+                exact=exact,
+            )
+        else:
+            vocab_info, tensors = _write_k_quant(
+                tmp, model, tokenizer, cfg, arch, qspec, src, _skip_qk_permute, act_quant
+            )
         t_write = time.perf_counter() - t0
-        reference = _reference_model(model, file_weights)
-        del file_weights
+        if tensors.exact:
+            # the file's dequantized weights, read back through gguf-py, against the converted model's own
+            _check_exact_weights(tmp, model, cfg, arch, tensors.exact, skip_permute=_skip_qk_permute)
+        all_exact = scheme is not None and not tensors.requantized
+        reference = _reference_model(model, tensors.reference)
+        tensors.reference.clear()
         validation = _validate(
-            tmp, model, reference, tokenizer, qspec, act_quant, vocab_info, label=f"{out_path.name} ({quant})"
+            tmp,
+            model,
+            reference,
+            tokenizer,
+            qspec,
+            act_quant,
+            vocab_info,
+            label=f"{out_path.name} ({quant})",
+            exact=all_exact,
         )
         del reference
         nbytes = tmp.stat().st_size
@@ -198,17 +233,70 @@ def export(
         "architecture": arch.hf_name,
         "source": str(src),
         "source_scheme": ((record or {}).get("plan") or {}).get("name"),
-        "tensor_types": types,
+        "tensor_types": tensors.counts,
+        # tensors the scheme quantized: written from the trained integers, or quantized a second time
+        "exact_tensors": sorted(tensors.exact),
+        "requantized_tensors": sorted(tensors.requantized),
+        "float_tensors": tensors.float_tensors,  # exact export: untrained 2-D tensors and their type
         "tokenizer_pre": vocab_info["pre"],
         "validation": validation,
         "seconds": {"write": round(t_write, 2), "validate": round(total - t_write, 2), "total": round(total, 2)},
     }
-    if scheme is not None and scheme.weight_dtype == "int4" and record["plan"].get("group_size") == 32:
-        report["note"] = (
-            "the trained int4 symmetric group-32 grid is Q4_0's grid, but the weights were dequantized and "
-            "re-quantized (writing the trained integers bit-exactly is not done yet)"
-        )
+    if tensors.exact:
+        report["exact"] = {
+            "scale_rounding_max_rel": tensors.scale_rounding,  # fp32 -> fp16 scales; 0.0 for fp16-scale schemes
+            "degenerate_groups": tensors.degenerate_groups,  # 0 < fp16 scale < FP16_SCALE_FLOOR (see qat.schemes)
+        }
+    if scheme is not None:
+        if tensors.requantized:
+            report["note"] = (
+                f"{len(tensors.requantized)} trained tensors were dequantized and quantized again to {qspec.name} "
+                f"(exact export needs {'/'.join(EXACT_TYPES)} and symmetric groups that are multiples of "
+                f"{EXACT_BLOCK})"
+            )
+        else:
+            report["note"] = "every trained tensor was written from its trained integers and scales (exact)"
     return report
+
+
+@dataclass
+class _Tensors:
+    """What was written: type counts, the file's weights in HF layout (the fidelity reference), exactness."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    reference: dict[str, torch.Tensor] = field(default_factory=dict)
+    exact: dict[str, tuple[str, str]] = field(default_factory=dict)  # gguf name -> (hf name, GGML type)
+    requantized: list[str] = field(default_factory=list)
+    float_tensors: dict[str, str] = field(default_factory=dict)  # exact export: untrained 2-D tensors -> type
+    scale_rounding: float = 0.0
+    degenerate_groups: int = 0
+
+
+def _write_file(
+    path: Path,
+    model: Any,
+    tokenizer: Any,
+    cfg: dict[str, Any],
+    arch: ArchSpec,
+    qspec: QuantSpec,
+    src: Path,
+    *,
+    skip_permute: bool = False,
+    corrupt: str | None = None,
+    exact: bool = True,
+) -> tuple[dict[str, Any], _Tensors]:
+    """Write the whole GGUF file (metadata, vocabulary, tensors) with gguf-py."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])
+    _add_metadata(writer, cfg, arch, qspec, src)
+    vocab_info = _add_vocab(writer, src, cfg, tokenizer)
+    tensors = _add_tensors(writer, model, cfg, arch, qspec, skip_permute=skip_permute, corrupt=corrupt, exact=exact)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return vocab_info, tensors
 
 
 # --- source -----------------------------------------------------------------------------------------
@@ -387,14 +475,19 @@ def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _tensor_qtype(gguf_name: str, arr: np.ndarray, qspec: QuantSpec, tied: bool) -> Any:
-    """The GGML type of one tensor: norms/biases F32; output at ``qspec.output``; misfit rows fall back to F16."""
+def _tensor_qtype(
+    gguf_name: str, arr: np.ndarray, qspec: QuantSpec, tied: bool, float_type: str | None = None
+) -> Any:
+    """The GGML type of one tensor: norms/biases F32; output at ``qspec.output``; misfit rows fall back to F16.
+
+    ``float_type`` overrides the type of every 2-D tensor (an exact export's untrained tensors).
+    """
     import gguf
 
     if arr.ndim == 1:
         return gguf.GGMLQuantizationType.F32
     is_output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
-    qtype = gguf.GGMLQuantizationType[qspec.output if is_output else qspec.weight]
+    qtype = gguf.GGMLQuantizationType[float_type or (qspec.output if is_output else qspec.weight)]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if arr.shape[-1] % block:
         qtype = gguf.GGMLQuantizationType.F16  # as llama.cpp's converter does for rows that do not fit
@@ -410,12 +503,16 @@ def _add_tensors(
     *,
     skip_permute: bool,
     corrupt: str | None,
-) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
-    """Write every tensor; return the type counts and the file's weights back in HF layout (the reference).
+    exact: bool = True,
+) -> _Tensors:
+    """Write every tensor; return the type counts, the file's weights back in HF layout (the reference), and
+    which trained tensors were written exactly.
 
-    Each tensor is quantized once in HF layout; the reference is its dequantization. The q/k permutation then
-    moves whole rows of the quantized data (blocks run along rows, so this commutes with quantizing), which keeps
-    the reference independent of the writing path: a wrong permutation cannot also fool the check.
+    A trained (torchao) tensor whose grid a requested block type holds exactly is packed from its integers and
+    scales (:func:`_exact_blocks`); every other tensor is quantized once in HF layout by gguf-py. The reference
+    is the dequantization of the packed data. The q/k permutation then moves whole rows of the quantized data
+    (blocks run along rows, so this commutes with quantizing), which keeps the reference independent of the
+    writing path: a wrong permutation cannot also fool the check.
     """
     import gguf
     from gguf.quants import dequantize, quantize
@@ -424,9 +521,10 @@ def _add_tensors(
     n_head = cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads", n_head)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    counts: dict[str, int] = {}
-    reference: dict[str, torch.Tensor] = {}
+    out = _Tensors()
     written: set[str] = set()
+    # an exact export of a trained model: float tensors the scheme left alone go at Q8_0, not the requested type
+    exact_mode = exact and qspec.name in EXACT_TYPES and any(_is_trained(x) for x in model.state_dict().values())
     for hf_name, t in model.state_dict().items():
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue
@@ -435,10 +533,24 @@ def _add_tensors(
         name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise EdgeftError(f"GGUF export: no llama.cpp name for tensor {hf_name} ({arch.hf_name})")
-        arr = _float_weight(t).numpy()
-        qtype = _tensor_qtype(name, arr, qspec, tied)
-        data = quantize(arr, qtype)
-        reference[hf_name] = torch.from_numpy(np.ascontiguousarray(dequantize(data, qtype)).reshape(arr.shape))
+        block_type = _exact_block_type(t, qspec) if exact else None
+        if block_type is not None:
+            qtype = gguf.GGMLQuantizationType[block_type]
+            data, rounding, degenerate = _exact_blocks(t, qtype, hf_name)
+            out.exact[name] = (hf_name, qtype.name)
+            out.scale_rounding = max(out.scale_rounding, rounding)
+            out.degenerate_groups += degenerate
+            shape = tuple(t.shape)
+        else:
+            if _is_trained(t):
+                out.requantized.append(name)
+            arr = _float_weight(t).numpy()
+            qtype = _tensor_qtype(name, arr, qspec, tied, float_type=EXACT_FLOAT_TYPE if exact_mode else None)
+            if exact_mode and not _is_trained(t) and arr.ndim == 2:
+                out.float_tensors[name] = qtype.name
+            data = quantize(arr, qtype)
+            shape = arr.shape
+        out.reference[hf_name] = torch.from_numpy(np.ascontiguousarray(dequantize(data, qtype)).reshape(shape))
         if arch.permute_qk and not skip_permute:
             if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
                 data = _permute_rope(data, n_head)
@@ -447,11 +559,214 @@ def _add_tensors(
         if name == corrupt:  # tests only: a layout bug, rows in the wrong order
             data = data[np.random.default_rng(0).permutation(data.shape[0])]
         writer.add_tensor(name, np.ascontiguousarray(data), raw_dtype=qtype)
-        counts[qtype.name] = counts.get(qtype.name, 0) + 1
+        out.counts[qtype.name] = out.counts.get(qtype.name, 0) + 1
         written.add(name)
     if "token_embd.weight" not in written or not ("output.weight" in written or tied):
         raise EdgeftError("GGUF export: the model lacks its token embedding or output projection")
-    return counts, reference
+    return out
+
+
+# --- exact (QAT-matched) blocks -----------------------------------------------------------------------
+
+
+def _is_trained(t: torch.Tensor) -> bool:
+    """A torchao quantized tensor (the scheme's grid) rather than a float one."""
+    return type(t) is not torch.Tensor and hasattr(t, "qdata") and hasattr(t, "scale")
+
+
+def _exact_block_type(t: torch.Tensor, qspec: QuantSpec) -> str | None:
+    """The GGML block type that holds ``t``'s trained grid exactly under ``qspec``, or None.
+
+    Exact needs a symmetric grid (zero points all 0) of int4 or int8 values, one scale per group of a
+    2-D weight, and groups that are whole multiples of the 32-weight block (a group of 64 is two blocks with
+    the same scale; per channel is one group per row).
+    """
+    allowed = EXACT_TYPES.get(qspec.name)
+    if allowed is None or not _is_trained(t) or t.dim() != 2:
+        return None
+    bits = {torch.int4: "int4", torch.int8: "int8"}.get(getattr(t, "target_dtype", None))
+    block = tuple(getattr(t, "block_size", ()))
+    if bits is None or len(block) != 2 or block[0] != 1 or block[1] % EXACT_BLOCK:
+        return None
+    if t.zero_point is not None and t.zero_point.numel() and bool(t.zero_point.ne(0).any()):
+        return None
+    return allowed[bits]
+
+
+def _exact_blocks(t: torch.Tensor, qtype: Any, hf_name: str) -> tuple[np.ndarray, float, int]:
+    """Pack a trained tensor's integers and scales as Q4_0 or Q8_0 blocks: (bytes, max scale rounding, degenerate).
+
+    Q4_0 block (ggml's ``block_q4_0``): fp16 ``d`` then 16 bytes whose low nibbles are weights 0..15 and high
+    nibbles weights 16..31, each ``q + 8``. Q8_0 (``block_q8_0``): fp16 ``d`` then 32 int8 ``q``.
+    """
+    from edgeft.qat.schemes import FP16_SCALE_FLOOR
+
+    q = t.qdata.detach().to(torch.int16)
+    rows, cols = q.shape
+    group = t.block_size[1]
+    scale = t.scale.detach().reshape(rows, cols // group).to(torch.float32)
+    s16 = scale.to(torch.float16)
+    normal = scale.abs() >= torch.finfo(torch.float16).smallest_normal  # below: counted as degenerate instead
+    rounding = float(((s16.float() - scale).abs()[normal] / scale[normal].abs()).max()) if bool(normal.any()) else 0.0
+    degenerate = int(((s16.float() > 0) & (s16.float() < FP16_SCALE_FLOOR)).sum())
+    if not bool(torch.isfinite(s16).all()):
+        raise EdgeftError(f"GGUF export: {hf_name} has scales that do not fit fp16; cannot write it exactly")
+    lo, hi = (-8, 7) if qtype.name == "Q4_0" else (-128, 127)
+    if int(q.min()) < lo or int(q.max()) > hi:
+        raise EdgeftError(f"GGUF export: {hf_name} has integers outside [{lo}, {hi}] for {qtype.name}")
+    nblk = cols // EXACT_BLOCK
+    d = s16.repeat_interleave(group // EXACT_BLOCK, dim=1).numpy().view(np.uint8).reshape(rows, nblk, 2)
+    qb = q.numpy().reshape(rows, nblk, EXACT_BLOCK)
+    if qtype.name == "Q4_0":
+        n = (qb + 8).astype(np.uint8)
+        payload = n[..., :16] | (n[..., 16:] << np.uint8(4))
+    else:
+        payload = qb.astype(np.int8).view(np.uint8)
+    data = np.concatenate([d, payload], axis=-1).reshape(rows, -1)
+    return data, rounding, degenerate
+
+
+def _check_exact_weights(
+    path: Path,
+    model: Any,
+    cfg: dict[str, Any],
+    arch: ArchSpec,
+    exact: dict[str, tuple[str, str]],
+    *,
+    skip_permute: bool,
+) -> None:
+    """Read the exactly written tensors back from the file and compare them with the converted model's weights.
+
+    Each must equal ``q * scale`` up to the fp16 rounding of the scale: |file - converted| <= |q| * |fp16(s) - s|
+    (plus half an fp32 ulp of the converted product), i.e. identical for fp16-scale schemes.
+    """
+    file_weights = _read_file_weights(path, cfg, arch, names=set(exact), skip_permute=skip_permute)
+    sd = model.state_dict()
+    for name, (hf_name, _) in exact.items():
+        t = sd[hf_name]
+        conv = t.dequantize().detach().to(torch.float32)
+        group = t.block_size[1]
+        scale = t.scale.detach().reshape(conv.shape[0], -1).to(torch.float64).repeat_interleave(group, dim=1)
+        s16 = scale.to(torch.float16).to(torch.float64)
+        bound = t.qdata.to(torch.float64).abs() * (s16 - scale).abs() + conv.double().abs() * 2.0**-24
+        diff = (file_weights[name].double() - conv.double()).abs()
+        if not bool((diff <= bound).all()):
+            worst = float((diff - bound).max())
+            raise EdgeftError(
+                f"GGUF export: {name} read back from the file differs from the converted weights by more than "
+                f"the fp16 rounding of its scales (excess {worst:.3g}); file not written"
+            )
+
+
+def _read_file_weights(
+    path: Path, cfg: dict[str, Any], arch: ArchSpec, *, names: set[str] | None = None, skip_permute: bool = False
+) -> dict[str, torch.Tensor]:
+    """A GGUF file's tensors dequantized by gguf-py, q/k rows put back in HF order; keyed by GGUF name."""
+    import gguf
+    from gguf.quants import dequantize
+
+    n_head = cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads", n_head)
+    out: dict[str, torch.Tensor] = {}
+    reader = gguf.GGUFReader(str(path))
+    for rt in reader.tensors:
+        if names is not None and rt.name not in names:
+            continue
+        arr = np.asarray(dequantize(np.asarray(rt.data), rt.tensor_type), dtype=np.float32)
+        arr = arr.reshape(tuple(int(x) for x in reversed(rt.shape)))  # GGUF lists dims innermost first
+        if arch.permute_qk and not skip_permute:
+            if rt.name.endswith("attn_q.weight") or rt.name.endswith("attn_q.bias"):
+                arr = _unpermute_rope(arr, n_head)
+            elif rt.name.endswith("attn_k.weight") or rt.name.endswith("attn_k.bias"):
+                arr = _unpermute_rope(arr, n_kv)
+        out[rt.name] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))  # not a view of the mmap
+    del reader
+    return out
+
+
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of :func:`_permute_rope`: llama.cpp's interleaved rows back to HF's rotate-half order."""
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+# --- K-quants through llama.cpp --------------------------------------------------------------------------
+
+
+def _write_k_quant(
+    path: Path,
+    model: Any,
+    tokenizer: Any,
+    cfg: dict[str, Any],
+    arch: ArchSpec,
+    qspec: QuantSpec,
+    src: Path,
+    skip_permute: bool,
+    act_quant: bool,
+) -> tuple[dict[str, Any], _Tensors]:
+    """Write an F32 GGUF beside ``path``, quantize it with llama.cpp's ``llama_model_quantize`` into ``path``.
+
+    gguf-py has no K-quant quantizer (only dequantizers), and llama.cpp's choice of per-tensor types (Q4_K_M's
+    Q6_K for attn_v/ffn_down halves and the output, fallbacks for rows not a multiple of 256) is part of what
+    the type means, so llama.cpp itself quantizes. F32 (not F16) input: a converted model's dequantized grid is
+    carried without another rounding. The reference weights are then read back from the file (gguf-py's
+    dequantizers, q/k rows un-permuted), so fidelity still compares llama.cpp with the file's own weights.
+    """
+    import tempfile
+
+    import llama_cpp
+
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.f32-", dir=path.parent)
+    os.close(fd)
+    base = Path(name)
+    try:
+        vocab_info, written = _write_file(
+            base, model, tokenizer, cfg, arch, QUANTS["f32"], src, skip_permute=skip_permute, exact=False
+        )
+        # the conversion itself is proven at F32 first: llama.cpp's quantizer is trusted, our writer is not
+        reference = _reference_model(model, written.reference)
+        written.reference.clear()
+        _validate(base, model, reference, tokenizer, QUANTS["f32"], act_quant, vocab_info,
+                  label=f"{path.name} (f32 before {qspec.name})", check_tokenizer=False)
+        del reference
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, qspec.llama_ftype)
+        params.nthread = max(1, os.cpu_count() or 1)
+        log = logging.getLogger("llama-cpp-python")  # llama-cpp-python's log callback prints per tensor
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            rc = llama_cpp.llama_model_quantize(str(base).encode(), str(path).encode(), ctypes.byref(params))
+        finally:
+            log.setLevel(level)
+        if rc != 0:
+            raise EdgeftError(f"GGUF export: llama.cpp could not quantize to {qspec.name} (llama_model_quantize={rc})")
+    finally:
+        base.unlink(missing_ok=True)
+    tensors = _Tensors(requantized=written.requantized)
+    hf_names = {g: h for h, g in _gguf_names(model, cfg, arch).items()}
+    for gname, w in _read_file_weights(path, cfg, arch, skip_permute=skip_permute).items():
+        tensors.reference[hf_names[gname]] = w
+    import gguf
+
+    for rt in gguf.GGUFReader(str(path)).tensors:
+        tname = rt.tensor_type.name
+        tensors.counts[tname] = tensors.counts.get(tname, 0) + 1
+    return vocab_info, tensors
+
+
+def _gguf_names(model: Any, cfg: dict[str, Any], arch: ArchSpec) -> dict[str, str]:
+    """HF state-dict name -> GGUF tensor name, for the tensors :func:`_add_tensors` writes."""
+    import gguf
+
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.gguf_arch], cfg["num_hidden_layers"])
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    out = {}
+    for hf_name in model.state_dict():
+        if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
+            continue
+        out[hf_name] = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    return out
 
 
 def _reference_model(model: Any, weights: dict[str, torch.Tensor]) -> Any:
@@ -515,8 +830,14 @@ def _validate(
     act_quant: bool,
     vocab_info: dict[str, Any],
     label: str,
+    exact: bool = False,
+    check_tokenizer: bool = True,
 ) -> dict[str, Any]:
-    """Run the file on llama.cpp; compare with the file's own weights (fidelity) and with the source model."""
+    """Run the file on llama.cpp; compare with the file's own weights (fidelity) and with the source model.
+
+    ``exact``: every trained tensor was written from its integers, so the file's weights are the source's (up to
+    fp16 scale rounding) and the source bounds tighten to the fidelity bounds.
+    """
     from edgeft.devices.llamacpp_runtime import GgufRuntime
 
     seqs, prompt, tok_checks = _sequences(tokenizer)
@@ -527,7 +848,7 @@ def _validate(
     # exact comparison (the cache type is a runtime setting, not part of the file).
     with GgufRuntime(path, n_ctx=n_ctx, kv_cache="f32") as rt:
         # tokenizer: llama.cpp must split text exactly as the HF tokenizer does
-        for text, (want, add_special) in tok_checks.items():
+        for text, (want, add_special) in tok_checks.items() if check_tokenizer else ():
             got = rt.tokenize(text, add_bos=add_special, special=True)
             if got != want:
                 i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
@@ -535,7 +856,8 @@ def _validate(
                     f"GGUF validation failed for {label}: llama.cpp tokenizes {text[:30]!r} differently from the "
                     f"HF tokenizer (first difference at token {i}); file not written"
                 )
-        if vocab_info["chat_template"] and rt.metadata.get("tokenizer.chat_template") != vocab_info["chat_template"]:
+        chat_template = rt.metadata.get("tokenizer.chat_template")
+        if check_tokenizer and vocab_info["chat_template"] and chat_template != vocab_info["chat_template"]:
             raise EdgeftError(f"GGUF validation failed for {label}: chat template not stored intact; file not written")
         with torch.no_grad():
             for ids in seqs:
@@ -551,11 +873,12 @@ def _validate(
         want_greedy = _eager_greedy(source, prompt, GREEDY_TOKENS)
         got_greedy = rt.generate(prompt, GREEDY_TOKENS, set())
     greedy_match = next((i for i, (a, b) in enumerate(zip(got_greedy, want_greedy)) if a != b), GREEDY_TOKENS)
+    bound_rel, bound_top1 = (qspec.fidelity_rel_err, qspec.fidelity_top1) if exact else (qspec.rel_err, qspec.top1)
     tol = {
         "fidelity_rel_err": qspec.fidelity_rel_err,
         "fidelity_top1": qspec.fidelity_top1,
-        "rel_err": qspec.rel_err + (ACT_QUANT_ALLOWANCE["rel_err"] if act_quant else 0.0),
-        "top1": round(qspec.top1 - (ACT_QUANT_ALLOWANCE["top1"] if act_quant else 0.0), 4),
+        "rel_err": bound_rel + (ACT_QUANT_ALLOWANCE["rel_err"] if act_quant else 0.0),
+        "top1": round(bound_top1 - (ACT_QUANT_ALLOWANCE["top1"] if act_quant else 0.0), 4),
         "greedy_exact": qspec.greedy_exact and not act_quant,
     }
     result = {
