@@ -1,0 +1,215 @@
+"""Ollama Modelfile beside a GGUF file: the run's chat template, stop tokens and sampling defaults.
+
+Why by hand: Ollama templates are Go ``text/template`` over ``.Messages`` while Hugging Face chat templates are
+Jinja, and no library translates one into the other. Rather than parse Jinja, edgeft recognises the template
+by what it renders: the HF template is rendered for probe conversations and matched against the known
+families (``FAMILIES``: ChatML, Llama-3 headers), including a leading text (a BOS the template writes) and a
+default system prompt inserted when the conversation has none (SmolLM2, Qwen2.5 do this; it becomes the
+Modelfile's ``SYSTEM``, which Ollama inserts as the first message under the same condition). A template that
+renders anything else for any probe (tools, date preambles, content rewriting) is refused in one line: a wrong
+template silently degrades every answer.
+
+The Go template is the family's fixed text, the form Ollama's own library models use: it ranges over
+``.Messages`` and adds the assistant header after the last message unless that message is the assistant's
+(Ollama's prefill). A leading BOS is left out when the GGUF adds BOS itself (llama.cpp tokenizes the prompt
+with the file's ``add_bos_token``), so the token sequence matches HF's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeft.errors import EdgeftError
+from edgeft.fsutil import write_text
+
+
+@dataclass(frozen=True)
+class Family:
+    """A chat-template family: how one message is framed, and its Ollama (Go text/template) form."""
+
+    name: str
+    header: str  # "{role}" is replaced by the role
+    footer: str  # after the content
+    stops: tuple[str, ...]
+    template: str  # Go text/template; "{prefix}" is replaced by the leading text
+
+    def block(self, role: str, content: str) -> str:
+        return self.header.replace("{role}", role) + content + self.footer
+
+    def render(self, messages: list[dict[str, str]], prefix: str, system: str | None) -> str:
+        """What the Go template renders (Python mirror, used to check the HF template matches the family)."""
+        msgs = list(messages)
+        if system is not None and (not msgs or msgs[0]["role"] != "system"):
+            msgs.insert(0, {"role": "system", "content": system})  # what Ollama does with SYSTEM
+        out = prefix + "".join(self.block(m["role"], m["content"]) for m in msgs)
+        if msgs and msgs[-1]["role"] != "assistant":
+            out += self.header.replace("{role}", "assistant")
+        return out
+
+
+_LAST = '{{- $last := eq (len (slice $.Messages $i)) 1 -}}\n'
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family(
+            "chatml",
+            header="<|im_start|>{role}\n",
+            footer="<|im_end|>\n",
+            stops=("<|im_end|>", "<|im_start|>"),
+            template=(
+                "{prefix}{{ range $i, $_ := .Messages }}\n" + _LAST
+                + "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+                + '{{ if and $last (ne .Role "assistant") }}<|im_start|>assistant\n{{ end }}\n'
+                + "{{- end }}"
+            ),
+        ),
+        Family(
+            "llama3",
+            header="<|start_header_id|>{role}<|end_header_id|>\n\n",
+            footer="<|eot_id|>",
+            stops=("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
+            template=(
+                "{prefix}{{ range $i, $_ := .Messages }}\n" + _LAST
+                + "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n"
+                + '{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>\n\n'
+                + "{{ end }}\n{{- end }}"
+            ),
+        ),
+    ]
+}
+
+# Probe conversations: the HF template must render each exactly as the family does.
+_U1, _A1, _U2, _SYS = "What is 2 + 3?", "5", "And 4 * 6?", "Answer tersely."
+PROBES: tuple[tuple[dict[str, str], ...], ...] = (
+    ({"role": "user", "content": _U1},),
+    ({"role": "system", "content": _SYS}, {"role": "user", "content": _U1}),
+    (
+        {"role": "system", "content": _SYS},
+        {"role": "user", "content": _U1},
+        {"role": "assistant", "content": _A1},
+        {"role": "user", "content": _U2},
+    ),
+    ({"role": "user", "content": _U1}, {"role": "assistant", "content": _A1}),  # no generation prompt
+)
+
+# Used when generation_config.json names no sampling settings (Ollama's own defaults are similar).
+DEFAULT_SAMPLING = {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1}
+_HF_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repeat_penalty"}
+
+
+@dataclass(frozen=True)
+class Translation:
+    """An HF chat template expressed for Ollama."""
+
+    family: Family
+    prefix: str  # literal text before the first message in the Go template
+    system: str | None  # default system prompt (Modelfile SYSTEM)
+
+    @property
+    def template(self) -> str:
+        return self.family.template.replace("{prefix}", self.prefix)
+
+
+def _hf_render(tokenizer: Any, messages: tuple[dict[str, str], ...]) -> str:
+    gen = messages[-1]["role"] != "assistant"
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=gen)
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether tokenizing a prompt with special tokens adds BOS (llama.cpp reads the same from the GGUF)."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos is not None and len(ids) > 1 and ids[0] == bos
+
+
+def translate(tokenizer: Any) -> Translation:
+    """Recognise the tokenizer's chat template as a family; raise ``EdgeftError`` if it is not one."""
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+        raise EdgeftError("Ollama Modelfile: the model has no chat template")
+    first = _hf_render(tokenizer, PROBES[0])
+    for fam in FAMILIES.values():
+        user_at = first.find(fam.block("user", _U1))
+        if user_at < 0:
+            continue
+        head, system = first[:user_at], None
+        sys_header = fam.header.replace("{role}", "system")
+        if sys_header in head:  # a default system prompt before the user's message
+            start = head.index(sys_header)
+            body = head[start + len(sys_header):]
+            if not body.endswith(fam.footer):
+                break
+            head, system = head[:start], body[: len(body) - len(fam.footer)]
+        bos = tokenizer.bos_token
+        prefix = head[len(bos):] if bos and head.startswith(bos) and _adds_bos(tokenizer) else head
+        tr = Translation(fam, prefix, system)
+        lead = head[: len(head) - len(prefix)]  # the BOS llama.cpp adds as a token
+        for probe in PROBES:
+            want = _hf_render(tokenizer, probe)
+            got = lead + fam.render(list(probe), prefix, system)
+            if got != want:
+                raise EdgeftError(
+                    f"Ollama Modelfile: the chat template looks {fam.name} but renders a probe conversation "
+                    f"differently ({want[:60]!r}...); only plain ChatML and Llama-3 style templates are translated"
+                )
+        return tr
+    raise EdgeftError(
+        "Ollama Modelfile: the chat template is neither ChatML (<|im_start|>) nor Llama-3 style "
+        "(<|start_header_id|>); no Ollama template can be derived"
+    )
+
+
+def _sampling(src: Path) -> dict[str, float]:
+    path = src / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    found = {ours: gen[hf] for hf, ours in _HF_SAMPLING.items() if gen.get(hf) is not None}
+    return found or dict(DEFAULT_SAMPLING)
+
+
+def _quote(text: str, what: str) -> str:
+    if '"""' in text:
+        raise EdgeftError(f'Ollama Modelfile: the {what} contains """, which a Modelfile cannot quote')
+    return f'"""{text}"""'
+
+
+def modelfile_text(gguf_path: str | os.PathLike, tokenizer: Any, src: str | os.PathLike) -> str:
+    """The Modelfile for ``gguf_path`` (referenced relative to the Modelfile's folder)."""
+    return _modelfile(gguf_path, tokenizer, src)[0]
+
+
+def _modelfile(gguf_path: str | os.PathLike, tokenizer: Any, src: str | os.PathLike) -> tuple[str, Translation]:
+    tr = translate(tokenizer)
+    stops = list(tr.family.stops)
+    eos = tokenizer.eos_token
+    if eos and eos not in stops:
+        stops.append(eos)
+    lines = [
+        f"# written by edgeft from {Path(src).name}: {tr.family.name} chat template",
+        f"FROM ./{Path(gguf_path).name}",
+    ]
+    lines.append(f"TEMPLATE {_quote(tr.template, 'chat template')}")
+    if tr.system is not None:
+        lines.append(f"SYSTEM {_quote(tr.system, 'default system prompt')}")
+    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
+    lines += [f"PARAMETER {k} {v:g}" for k, v in _sampling(Path(src)).items()]
+    return "\n".join(lines) + "\n", tr
+
+
+def write_modelfile(
+    gguf_path: str | os.PathLike, src: str | os.PathLike, out: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """Write ``Modelfile`` beside ``gguf_path`` for the model directory ``src`` (its tokenizer and generation
+    config); returns a report. Raises ``EdgeftError`` for a chat template that cannot be translated."""
+    from transformers import AutoTokenizer
+
+    gguf_path, src = Path(gguf_path), Path(src)
+    if not gguf_path.is_file():
+        raise EdgeftError(f"Ollama Modelfile: {gguf_path} does not exist; export the GGUF first")
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    text, tr = _modelfile(gguf_path, tokenizer, src)
+    out = Path(out) if out is not None else gguf_path.parent / "Modelfile"
+    write_text(out, text)
+    return {"path": str(out), "gguf": str(gguf_path), "family": tr.family.name, "system": tr.system}
