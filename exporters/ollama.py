@@ -98,7 +98,9 @@ PROBES: tuple[tuple[dict[str, str], ...], ...] = (
 
 # Used when generation_config.json names no sampling settings (Ollama's own defaults are similar).
 DEFAULT_SAMPLING = {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1}
-_HF_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repeat_penalty"}
+_HF_SAMPLING = {
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repeat_penalty"
+}
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,8 @@ class Scheme:
             if not (self.weight_dtype in ("int4", "int8") and self.activation is None):
                 raise EdgeftError(f"scheme {self.name}: scale_dtype is supported for weight-only int schemes only")
             wdt = torch.int4 if self.weight_dtype == "int4" else torch.int8
-            return IntxWeightOnlyConfig(weight_dtype=wdt, granularity=gran, scale_dtype=getattr(torch, self.scale_dtype))
+            sdt = getattr(torch, self.scale_dtype)
+            return IntxWeightOnlyConfig(weight_dtype=wdt, granularity=gran, scale_dtype=sdt)
         if self.weight_dtype in ("int4", "int8") and self.activation == "int8-asym-per-token":
             wdt = torch.int4 if self.weight_dtype == "int4" else torch.int8
             return Int8DynamicActivationIntxWeightConfig(weight_dtype=wdt, weight_granularity=gran)

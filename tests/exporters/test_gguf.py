@@ -12,11 +12,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("gguf")
-pytest.importorskip("llama_cpp")
+llama_cpp = pytest.importorskip("llama_cpp")
 
 from edgeft.devices.llamacpp_runtime import GgufRuntime  # noqa: E402
 from edgeft.devices.runtimes import EagerRuntime, load_runtime  # noqa: E402
@@ -235,3 +236,66 @@ def test_pre_tokenizer_variants_tokenize_like_hf(tmp_path, pre):
     with GgufRuntime(tmp_path / "m.gguf", n_ctx=64) as rt:
         for text in TEXTS:
             assert rt.tokenize(text) == tok(text)["input_ids"], text
+
+
+# --- K-quants (llama.cpp's llama_model_quantize) ---------------------------------------------------------
+
+K_QUANTS = {"q4_k_m": ("Q4_K", 0.15), "q5_k_m": ("Q5_K", 0.08), "q6_k": ("Q6_K", 0.04)}
+
+
+@pytest.fixture(scope="module")
+def k_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    out = tmp_path_factory.mktemp("kquant")
+    src = resolve_model("tiny-qwen3")
+    return {q: gguf_export.export(src, out / f"m-{q}.gguf", quant=q) for q in K_QUANTS}
+
+
+@pytest.mark.parametrize("quant", sorted(K_QUANTS))
+def test_k_quant_export_validates_and_carries_the_type(k_exports, quant):
+    r = k_exports[quant]
+    path = Path(r["path"])
+    v, spec = r["validation"], gguf_export.QUANTS[quant]
+    assert v["fidelity_rel_err"] <= spec.fidelity_rel_err and v["rel_err"] <= spec.rel_err and v["top1"] >= spec.top1
+    main = K_QUANTS[quant][0]
+    assert r["tensor_types"][main] >= 20 and r["tensor_types"]["F32"] > 0  # norms stay F32
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "temporary file left behind"
+    with GgufRuntime(path, n_ctx=64) as rt:
+        assert int(rt.metadata["general.file_type"]) == int(getattr(llama_cpp, spec.llama_ftype))
+
+
+def test_k_quant_sizes_and_logits(k_exports, eager):
+    sizes = [k_exports[q]["bytes"] for q in ("q4_k_m", "q5_k_m", "q6_k")]
+    assert sizes[0] < sizes[1] < sizes[2]
+    model, tok = eager["tiny-qwen3"]
+    ids = tok(TEXTS[0])["input_ids"]
+    want = EagerRuntime(model).logits(ids)
+    errs = []
+    for q in ("q4_k_m", "q5_k_m", "q6_k"):
+        with GgufRuntime(k_exports[q]["path"], n_ctx=64) as rt:
+            got = rt.logits(ids)
+        errs.append(float((got - want).norm() / want.norm()))
+        assert errs[-1] <= gguf_export.QUANTS[q].rel_err, (q, errs[-1])
+    assert errs[2] < errs[0]  # more bits, closer to the float model
+
+
+@pytest.mark.parametrize("quant", sorted(K_QUANTS))
+def test_k_quant_file_weights_are_the_model_weights(k_exports, eager, quant):
+    # every tensor read back (gguf-py's K-quant dequantizers) is its source tensor within the type's rounding
+    import gguf
+
+    model, _ = eager["tiny-qwen3"]
+    sd = model.state_dict()
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, model.config.num_hidden_layers)
+    by_gguf = {tmap.get_name(k, try_suffixes=(".weight", ".bias")): v for k, v in sd.items() if k != "lm_head.weight"}
+    bound = K_QUANTS[quant][1]
+    for t in gguf.GGUFReader(k_exports[quant]["path"]).tensors:
+        w = gguf.quants.dequantize(np.array(t.data), t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
+        ref = by_gguf[t.name].float().numpy()
+        rel = float(np.linalg.norm(w - ref) / np.linalg.norm(ref))
+        assert rel <= (1e-6 if t.tensor_type.name == "F32" else bound), (t.name, t.tensor_type.name, rel)
+
+
+def test_k_quant_broken_conversion_refused_at_f32(tmp_path):
+    with pytest.raises(EdgeftError, match=r"f32 before q4_k_m.*rel. error"):
+        gguf_export.export(resolve_model("tiny-llama"), tmp_path / "m.gguf", quant="q4_k_m", _skip_qk_permute=True)
+    assert not list(tmp_path.iterdir())
