@@ -22,10 +22,12 @@ these schemes build their fake-quant configs explicitly (:meth:`Scheme.fake_quan
 inference builds but with the fp16 scale. torchao computes ``1 / scale`` in the scale's dtype, which overflows
 to inf for an fp16 scale <= 2^-16: fake quant then gives 0 * inf = NaN on an all-zero group, and convert turns a
 group of tiny weights into +-qmax. The fake quantizer therefore floors the scale (``eps``) at
-:data:`FP16_SCALE_FLOOR` = 257 * 2^-24, the smallest fp16 scale with a finite fp16 reciprocal. Fake quant and
-convert agree on every group whose scale is at least that (max|w| >= 1.15e-4 for int4, >= 1.95e-3 for int8)
-and on all-zero groups (both give zeros); below it torchao's convert is degenerate and they differ. The GGUF
-exporter counts such groups in its report.
+:data:`FP16_SCALE_FLOOR` = 2^-16 + 2^-23: its fp16 reciprocal is finite, and bf16 weights (whose scales torchao
+computes in bf16 before the fp16 cast) represent it exactly, where 257 * 2^-24 would round to 2^-16 and NaN
+again. Fake quant and convert agree on every group whose scale is at least that (max|w| >= 1.2e-4 for int4,
+>= 2e-3 for int8) and on all-zero groups (both give zeros); below it torchao's convert is degenerate and they
+differ. The GGUF exporter counts such groups in its report. Note "Q4_0's grid" means the format's values: llama.cpp's
+own quantizer picks d = max/-8 where torchao picks max|w|/7.5; both are Q4_0 blocks, and edgeft writes torchao's.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from typing import Any
 
 from edgeft.errors import EdgeftError
 
-# smallest fp16 scale whose reciprocal is finite in fp16 (1 / (257 * 2^-24) = 65281 < 65504)
-FP16_SCALE_FLOOR = 257 * 2.0**-24
+# fake-quant scale floor: 2^-16 + 2^-23, exact in fp16 and bf16, with a finite fp16 reciprocal (65027 < 65504)
+FP16_SCALE_FLOOR = 258 * 2.0**-24
 
 
 @dataclass(frozen=True)

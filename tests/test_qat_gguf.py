@@ -124,6 +124,26 @@ def test_fake_quant_grid_is_fp16_scale_int4_and_safe_on_zero_groups():
     torch.testing.assert_close(out[1:], ref[1:], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("preset", ["gguf-q4_0", "gguf-q8_0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quant_equals_convert_with_zero_groups(preset, dtype):
+    # bf16 weights: torchao computes the scale in bf16 before the fp16 cast, so the floor must survive bf16 too
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
+
+    torch.manual_seed(0)
+    w = (torch.randn(16, 256) * 0.05).to(dtype)
+    w[0, :32] = 0.0
+    w[3] = 0.0
+    plan = qat.resolve(preset)
+    out = FakeQuantizerBase.from_config(plan.fake_quant_configs()[1])(w)
+    lin = torch.nn.Linear(256, 16, bias=False).to(dtype)
+    lin.weight.data = w.clone()
+    quantize_(lin, plan.linear_config())
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, lin.weight.dequantize())
+
+
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_gguf_q4_0_converted_forward_equals_fake_quant(mode):
     torch.manual_seed(0)
