@@ -46,33 +46,73 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune (LoRA or full), with QAT, then convert")
     t.add_argument("--config", help="YAML config file; flags override it")
     t.add_argument("--model", help="built-in name (see `edgeft models`), HF directory, .gguf file or hub id")
-    t.add_argument("--data", help="builtin:tasks or a .jsonl/.json/.csv file (alpaca or messages format)")
     t.add_argument("--out", help="run directory (default runs/<model>-<time>)")
-    mode = t.add_mutually_exclusive_group()
+    t.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run in --out from its newest checkpoint (its config.yaml is the default)")
+    t.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run in --out")
+    d = t.add_argument_group("data")
+    d.add_argument("--data", help="builtin:tasks, a .jsonl/.json/.csv/.tsv/.parquet/.txt file, or a hub dataset name")
+    d.add_argument("--data-split", help="split of a hub dataset (default train)")
+    d.add_argument("--chat-template", help="chat template from the registry (see `edgeft templates`); "
+                                           "default: the model's own")
+    d.add_argument("--system-prompt", help="system prompt for conversations that have none")
+    d.add_argument("--prompt-template", help="merge columns: 'Age {Age}.[[ Fare {Fare}.]]' ([[ ]]: optional)")
+    d.add_argument("--output-column", help="with --prompt-template: the column to learn to answer")
+    d.add_argument("--conversation-extension", type=int, help="merge N rows into one multi-turn conversation")
+    d.add_argument("--max-seq-length", type=int)
+    d.add_argument("--packing", action="store_true", default=None, help="pack examples into max-seq-length rows")
+    d.add_argument("--no-padding-free", dest="padding_free", action="store_false", default=None,
+                   help="right-pad micro-batches instead of flattening them")
+    d.add_argument("--eval-split", type=float, help="held-out share (<1) or count of examples for eval loss")
+    d.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: 10 times per run)")
+    d.add_argument("--early-stopping-patience", type=int, help="stop after N evaluations without improvement")
+    d.add_argument("--early-stopping-threshold", type=float, help="minimum eval-loss improvement (default 0)")
+    d.add_argument("--no-load-best", dest="load_best", action="store_false", default=None,
+                   help="save the last weights, not the best-eval ones")
+    m = t.add_argument_group("model")
+    mode = m.add_mutually_exclusive_group()
     mode.add_argument("--lora", dest="mode", action="store_const", const="lora", help="LoRA adapters (peft)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="full fine-tuning")
-    t.add_argument("--lora-r", type=int)
-    t.add_argument("--lora-alpha", type=int)
-    t.add_argument("--lora-dropout", type=float)
-    t.add_argument("--qat", help="QAT scheme or preset (see `edgeft qat list`)")
-    t.add_argument("--qat-group-size", type=int)
-    t.add_argument("--ptq", dest="ptq", action="store_true", default=None,
+    m.add_argument("--lora-r", type=int)
+    m.add_argument("--lora-alpha", type=int)
+    m.add_argument("--lora-dropout", type=float)
+    m.add_argument("--lora-bias", choices=["none", "all", "lora_only"])
+    m.add_argument("--lora-target-modules", type=_csv,
+                   help="all-linear (default), a list, or e.g. all-linear,lm_head,embed_tokens")
+    m.add_argument("--lora-modules-to-save", type=_csv, help="modules trained in full next to the adapters")
+    m.add_argument("--rslora", dest="use_rslora", action="store_true", default=None, help="rank-stabilised LoRA")
+    m.add_argument("--adapter", help="continue training a saved LoRA adapter (PEFT directory or edgeft run)")
+    m.add_argument("--load-in-4bit", action="store_true", default=None, help="QLoRA: NF4 base (bitsandbytes)")
+    m.add_argument("--load-in-8bit", action="store_true", default=None, help="8-bit base (bitsandbytes)")
+    m.add_argument("--qat", help="QAT scheme or preset (see `edgeft qat list`)")
+    m.add_argument("--qat-group-size", type=int)
+    m.add_argument("--ptq", dest="ptq", action="store_true", default=None,
                    help="with --qat, also train without QAT for the BF16/PTQ comparison (default)")
-    t.add_argument("--no-ptq", dest="ptq", action="store_false", help="skip the no-QAT baseline")
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--grad-accum", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--schedule", choices=["cosine", "linear", "constant"])
-    t.add_argument("--warmup-ratio", type=float)
-    t.add_argument("--max-seq-length", type=int)
-    t.add_argument("--dtype", choices=["fp32", "bf16"])
-    t.add_argument("--device")
-    t.add_argument("--kernels", choices=["auto", "on", "off"])
-    t.add_argument("--seed", type=int)
-    t.add_argument("--threads", type=int, help="torch CPU threads")
-    t.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    m.add_argument("--no-ptq", dest="ptq", action="store_false", help="skip the no-QAT baseline")
+    m.add_argument("--dtype", choices=["fp32", "bf16"])
+    m.add_argument("--device")
+    m.add_argument("--kernels", choices=["auto", "on", "off"])
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--max-steps", type=int)
+    o.add_argument("--epochs", type=float, help="train this many epochs (sets max-steps)")
+    o.add_argument("--batch-size", type=int, help="examples (packed rows) per micro-batch and process")
+    o.add_argument("--grad-accum", type=int)
+    o.add_argument("--optim", choices=["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd"])
+    o.add_argument("--lr", type=float)
+    o.add_argument("--embedding-lr", type=float, help="learning rate of embed_tokens/lm_head parameters")
+    o.add_argument("--weight-decay", type=float)
+    o.add_argument("--schedule", choices=["cosine", "linear", "constant"])
+    o.add_argument("--warmup-ratio", type=float)
+    o.add_argument("--warmup-steps", type=int, help="overrides --warmup-ratio")
+    o.add_argument("--max-grad-norm", type=float)
+    o.add_argument("--seed", type=int)
+    o.add_argument("--threads", type=int, help="torch CPU threads")
+    c = t.add_argument_group("checkpoints and logging")
+    c.add_argument("--save-steps", type=int, help="checkpoint every N steps and at the end (0: none)")
+    c.add_argument("--save-total-limit", type=int, help="keep the newest K checkpoints (and the best)")
+    c.add_argument("--report-to", type=_csv, help="tensorboard,wandb")
+    c.add_argument("--logging-steps", type=int, help="log-line interval without a progress bar")
+    c.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
     e = sub.add_parser("export", help="export a run's converted model")
     e.add_argument("format", choices=["pte", "gguf", "torchao"])
@@ -94,23 +134,39 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("action", choices=["list"])
 
     sub.add_parser("models", help="list built-in models")
+    sub.add_parser("templates", help="list the chat-template registry")
     return p
 
 
 _TRAIN_KEYS = [
-    "model", "data", "out", "mode", "qat", "qat_group_size", "ptq", "max_steps", "batch_size", "grad_accum", "lr",
-    "weight_decay", "schedule", "warmup_ratio", "max_seq_length", "dtype", "device", "kernels", "seed", "threads",
-    "progress",
+    "model", "data", "data_split", "out", "resume", "overwrite", "mode", "adapter", "load_in_4bit", "load_in_8bit",
+    "qat", "qat_group_size", "ptq", "chat_template", "system_prompt", "prompt_template", "output_column",
+    "conversation_extension", "max_seq_length", "padding_free", "packing", "eval_split", "eval_steps",
+    "early_stopping_patience", "early_stopping_threshold", "load_best", "max_steps", "epochs", "batch_size",
+    "grad_accum", "optim", "lr", "embedding_lr", "weight_decay", "schedule", "warmup_ratio", "warmup_steps",
+    "max_grad_norm", "dtype", "device", "kernels", "seed", "save_steps", "save_total_limit", "report_to",
+    "logging_steps", "threads", "progress",
 ]
+_LORA_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_bias": "bias",
+              "lora_target_modules": "target_modules", "lora_modules_to_save": "modules_to_save",
+              "use_rslora": "use_rslora"}
 
 
 def _train_config(args: argparse.Namespace):
+    """Flags over the --config file; with --resume and no --config, over the run's own config.yaml."""
+    from pathlib import Path
+
     from .config import TrainConfig, load_yaml
 
-    cfg = load_yaml(args.config) if args.config else TrainConfig()
+    if args.config:
+        cfg = load_yaml(args.config)
+    elif args.resume and args.out and (Path(args.out) / "config.yaml").exists():
+        cfg = load_yaml(Path(args.out) / "config.yaml")
+    else:
+        cfg = TrainConfig()
     over: dict[str, Any] = {k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k, None) is not None}
     cfg = dataclasses.replace(cfg, **over)
-    lora = {k: getattr(args, f"lora_{k}") for k in ("r", "alpha", "dropout") if getattr(args, f"lora_{k}") is not None}
+    lora = {v: getattr(args, k) for k, v in _LORA_KEYS.items() if getattr(args, k, None) is not None}
     if lora:
         cfg.lora = dataclasses.replace(cfg.lora, **lora)
     return cfg
@@ -126,7 +182,8 @@ def _print_table(rows: list[dict[str, str]], cols: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_backends()
-    logging.basicConfig(level=logging.INFO, format="edgeft: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 talks
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="edgeft: %(message)s")
     try:
         return _dispatch(args)
     except EdgeftError as e:
@@ -142,7 +199,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "train":
         run = pipeline.train(_train_config(args))
-        print(f"run: {run}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"run: {run}")
     elif args.command == "export":
         kw: dict[str, Any] = {}
         if args.max_seq_len and args.format == "pte":
@@ -165,6 +223,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from edgeft.qat import describe
 
         _print_table(describe(), ["name", "kind", "exporters", "description"])
+    elif args.command == "templates":
+        from .data import describe_templates
+
+        _print_table(describe_templates(), ["name", "stop", "description"])
     elif args.command == "models":
         from .models import list_models
 

@@ -23,7 +23,10 @@ class LoraSettings:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"
+    target_modules: str | list[str] = "all-linear"  # also e.g. "all-linear,lm_head,embed_tokens"
+    bias: str = "none"  # "none" | "all" | "lora_only"
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+    modules_to_save: list[str] = field(default_factory=list)  # trained in full next to the adapters
 
 
 @dataclass
@@ -31,26 +34,55 @@ class TrainConfig:
     """Everything ``edgeft train`` needs. ``None`` fields are resolved by :func:`resolve`."""
 
     model: str = "smollm2-135m"
-    data: str = "builtin:tasks"
+    data: str = "builtin:tasks"  # builtin:tasks, a .jsonl/.json/.csv/.tsv/.parquet/.txt file, or a hub dataset
+    data_split: str = "train"  # split of a hub dataset
     out: str | None = None  # run directory; default runs/<model>-<time>
     mode: str | None = None  # "lora" | "full"; None: the QAT preset's choice, else lora
     lora: LoraSettings = field(default_factory=LoraSettings)
+    adapter: str | None = None  # continue training a saved LoRA adapter (PEFT directory or edgeft run)
+    load_in_4bit: bool = False  # QLoRA: bitsandbytes NF4 base with double quantization
+    load_in_8bit: bool = False
     qat: str | None = None  # scheme or preset name
     qat_group_size: int | None = None
     ptq: bool = True  # with --qat: also train the no-QAT twin (BF16 and PTQ baselines for eval)
+    # data
+    chat_template: str | None = None  # registry name (edgeft.data.TEMPLATES); None: the tokenizer's own
+    system_prompt: str | None = None  # added to conversations without one
+    prompt_template: str | None = None  # merge table columns: "Age {Age}.[[ Fare {Fare}.]]"
+    output_column: str | None = None  # with prompt_template: the column to learn
+    conversation_extension: int = 1  # merge this many rows into one multi-turn conversation
+    max_seq_length: int = 512
+    padding_free: bool = True  # flatten micro-batches (no pad tokens); False: right-pad
+    packing: bool = False  # pack examples into max_seq_length rows
+    eval_split: float = 0.0  # held-out share (<1) or count (>=1) of the data
+    eval_steps: int | None = None  # evaluate every N steps (and at the end); None: 10 evaluations with eval_split
+    early_stopping_patience: int | None = None  # stop after N evaluations without improvement
+    early_stopping_threshold: float = 0.0  # an improvement must beat the best eval loss by more than this
+    load_best: bool = True  # with evaluation: the saved model is the best-eval-loss one
+    # optimisation
     max_steps: int = 60
-    batch_size: int = 8
+    epochs: float | None = None  # if set: max_steps = ceil(epochs * optimizer steps per epoch)
+    batch_size: int = 8  # examples (packed rows with --packing) per micro-batch and process
     grad_accum: int = 1
+    optim: str = "adamw"  # adamw | adamw_8bit | paged_adamw | paged_adamw_8bit | sgd
     lr: float | None = None  # None: 2e-4 for LoRA, 2e-5 for full fine-tuning
+    embedding_lr: float | None = None  # separate LR for embed_tokens/lm_head parameters
     weight_decay: float = 0.0
     schedule: str = "cosine"  # "cosine" | "linear" | "constant"
     warmup_ratio: float = 0.1
+    warmup_steps: int | None = None  # overrides warmup_ratio
     max_grad_norm: float = 1.0
-    max_seq_length: int = 512
     dtype: str | None = None  # "fp32" | "bf16"; None: bf16 on CUDA, fp32 on CPU
     device: str | None = None  # None: cuda if available else cpu
     kernels: str = "auto"  # "auto" | "on" | "off": fused Triton kernels (on GPU by default)
     seed: int = 42
+    # checkpoints and logging
+    save_steps: int = 0  # checkpoint every N steps and at the end; 0: no checkpoints
+    save_total_limit: int | None = None  # keep the newest K checkpoints (and the best)
+    resume: bool = False  # continue the run in `out` from its newest checkpoint
+    overwrite: bool = False  # replace an existing run in `out`
+    report_to: list[str] = field(default_factory=list)  # "tensorboard", "wandb"
+    logging_steps: int = 10  # log-line interval when the progress bar is off
     threads: int | None = None  # torch CPU threads; None: torch's default
     progress: bool = True
 
@@ -58,7 +90,35 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Keys that may change when resuming: they do not affect what training computes.
+RESUME_FREE_KEYS = frozenset({
+    "out", "resume", "overwrite", "progress", "threads", "report_to", "logging_steps", "save_steps",
+    "save_total_limit",
+})
+
+
+def identity(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved config minus the keys a resume may change: two runs with equal identities compute the same."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS}
+
+
+def config_diff(saved: TrainConfig, current: TrainConfig) -> list[str]:
+    a, b = _flat(identity(saved)), _flat(identity(current))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 _SCHEDULES = ("cosine", "linear", "constant")
+_OPTIMS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd")
 
 
 def from_dict(d: dict[str, Any]) -> TrainConfig:
@@ -129,4 +189,41 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise EdgeftError("warmup_ratio must be in [0, 1)")
     if cfg.qat and cfg.mode == "lora" and cfg.lora.dropout > 0:
         raise EdgeftError("lora dropout must be 0 with --qat: the phone runs the merged weight, which dropout cannot express")
+    if cfg.optim not in _OPTIMS:
+        raise EdgeftError(f"optim must be one of {', '.join(_OPTIMS)}, not {cfg.optim!r}")
+    if cfg.chat_template is not None:
+        from edgeft.data.templates import get_template
+
+        get_template(cfg.chat_template)
+    if cfg.lora.bias not in ("none", "all", "lora_only"):
+        raise EdgeftError(f"lora bias must be none, all or lora_only, not {cfg.lora.bias!r}")
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        raise EdgeftError("choose one of --load-in-4bit and --load-in-8bit")
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and cfg.mode != "lora":
+        raise EdgeftError("4-/8-bit loading trains LoRA adapters on a frozen quantized base; it cannot do full "
+                          "fine-tuning (drop --full or the QAT preset that asks for it)")
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and cfg.qat:
+        raise EdgeftError("--qat needs a float base: QAT fake-quantizes the merged float weight, which a "
+                          "bitsandbytes-quantized base does not have")
+    if cfg.adapter and cfg.mode != "lora":
+        raise EdgeftError("--adapter continues a LoRA adapter; it needs LoRA mode")
+    if cfg.conversation_extension < 1:
+        raise EdgeftError("conversation_extension must be at least 1")
+    if cfg.eval_split < 0:
+        raise EdgeftError("eval_split must be >= 0 (a share below 1 or a count)")
+    for name in ("eval_steps", "early_stopping_patience", "save_total_limit", "warmup_steps", "epochs"):
+        v = getattr(cfg, name)
+        if v is not None and v < (0 if name == "warmup_steps" else 1 if name != "epochs" else 1e-9):
+            raise EdgeftError(f"{name} must be positive")
+    if cfg.save_steps < 0:
+        raise EdgeftError("save_steps must be >= 0 (0: no checkpoints)")
+    if cfg.early_stopping_patience and cfg.eval_split <= 0:
+        raise EdgeftError("early stopping needs an evaluation set: pass --eval-split")
+    if cfg.embedding_lr is not None and cfg.embedding_lr <= 0:
+        raise EdgeftError("embedding_lr must be positive")
+    if isinstance(cfg.report_to, str):
+        cfg.report_to = [x.strip() for x in cfg.report_to.split(",") if x.strip()]
+    from edgeft.train.report import check_report_to
+
+    check_report_to(cfg.report_to)
     return cfg

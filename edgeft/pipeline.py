@@ -6,6 +6,7 @@ runs/<name>/
   metrics.jsonl      one line per step        converted/   what the phone runs (torchao tensors, or float)
   loss.png                                    exports/     model.pte, model-<quant>.gguf, torchao/
   baseline/          the no-QAT twin (same seed and data): model/, converted/ (= PTQ), metrics.jsonl
+  checkpoints/       step-N/: resumable training state (also baseline/checkpoints/)
   eval/              report.md, report.json, metrics.png
 ```
 
@@ -22,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, dump_yaml, load_yaml, resolve
+from .config import TrainConfig, config_diff, dump_yaml, identity, load_yaml, resolve
 from .errors import EdgeftError
 from .fsutil import atomic_dir, write_json, write_text
 
@@ -55,81 +56,180 @@ def run_config(run: Path) -> TrainConfig:
 # --- train (load -> adapt -> qat.prepare -> train -> qat.convert) ------------------------------------
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, dataset: Any = None) -> Path:
     """Train per ``cfg`` and write the run directory; returns its path.
 
+    ``dataset``: an in-memory ``datasets.Dataset`` (or list of row dicts) used instead of ``cfg.data``.
     With a QAT scheme and ``cfg.ptq`` (the default), the same config is also trained without fake
     quantization into ``baseline/``: its float weights are the BF16 reference and its quantized form the
-    PTQ baseline that QAT is measured against.
+    PTQ baseline that QAT is measured against. ``cfg.resume`` continues an interrupted run from its newest
+    checkpoints (each variant separately); under ``torchrun`` every process trains a data-parallel replica.
     """
     import torch
+
+    from .train.distributed import init_from_env, shutdown
 
     cfg = resolve(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from .data import encode_dataset, load_conversations
+    dist, device = init_from_env(cfg.device)
+    try:
+        return _train(cfg, dataset, dist, device)
+    finally:
+        shutdown(dist)
+
+
+def _check_run_dir(run: Path, cfg: TrainConfig) -> None:
+    """Refuse to clobber a run by accident, or to resume something that is not there (nothing written yet)."""
+    exists = (run / "config.yaml").exists()
+    if cfg.resume and not exists:
+        raise EdgeftError(f"--resume: {run} holds no run to resume (no config.yaml)")
+    if exists and not cfg.resume and not cfg.overwrite:
+        raise EdgeftError(f"{run} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if run.exists() and not run.is_dir():
+        raise EdgeftError(f"--out {run} is a file, not a directory")
+
+
+def _load_records(cfg: TrainConfig, dataset: Any) -> list:
+    from .data import load_records
+
+    return load_records(
+        dataset if dataset is not None else cfg.data, cfg.data_split, prompt_template=cfg.prompt_template,
+        output_column=cfg.output_column, conversation_extension=cfg.conversation_extension,
+        system_prompt=cfg.system_prompt, seed=cfg.seed,
+    )
+
+
+def _prepare_data(cfg: TrainConfig, records: list, model_dir: Path):
+    """Tokenizer with the chosen chat template, and the encoded train/eval examples (all errors before writing)."""
+    from transformers import AutoTokenizer
+
+    from .data import apply_template, encode_dataset, split_train_eval
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    template = apply_template(tokenizer, cfg.chat_template, cfg.model)
+    name = f"{cfg.chat_template!r}" if cfg.chat_template else f"{cfg.model}'s own"
+    train_records, eval_records = split_train_eval(records, cfg.eval_split, cfg.seed)
+    train_ex = encode_dataset(tokenizer, train_records, cfg.max_seq_length, template_name=name)
+    eval_ex = encode_dataset(tokenizer, eval_records, cfg.max_seq_length, template_name=name) if eval_records else []
+    return tokenizer, template, train_ex, eval_ex
+
+
+def _batching(cfg: TrainConfig) -> str:
+    return "packed" if cfg.packing else ("padding_free" if cfg.padding_free else "padded")
+
+
+def _finalize_steps(cfg: TrainConfig, train_ex: list, world: int) -> TrainConfig:
+    """max_steps from epochs, and the default evaluation interval, once the data size is known."""
+    import math
+
+    from .data import Batcher
+
+    cfg = replace(cfg)
+    if cfg.epochs is not None:
+        units = len(Batcher(train_ex, _batching(cfg), 0, cfg.max_seq_length, cfg.seed))
+        per_epoch = units // (cfg.batch_size * world) if world > 1 else math.ceil(units / cfg.batch_size)
+        cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    if cfg.eval_split > 0 and cfg.eval_steps is None:
+        cfg.eval_steps = max(1, math.ceil(cfg.max_steps / 10))
+    return cfg
+
+
+def _describe_dataset(dataset: Any) -> str:
+    n = len(dataset) if hasattr(dataset, "__len__") else "?"
+    fp = getattr(dataset, "_fingerprint", None)
+    return f"<{type(dataset).__name__}: {n} rows{', fingerprint ' + fp if fp else ''}>"
+
+
+def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
+    import shutil
+
+    from .data import padding_efficiency
     from .models import resolve_model
+    from .train.distributed import barrier, broadcast_object
 
-    conversations = load_conversations(cfg.data, "train")  # bad data fails before any model work
-    model_dir = resolve_model(cfg.model)
+    is_main = dist is None or dist.is_main
+    world = dist.world if dist else 1
+    if dataset is not None:
+        cfg = replace(cfg, data=_describe_dataset(dataset))
     run = Path(cfg.out) if cfg.out else RUNS_DIR / f"{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "metrics.jsonl").unlink(missing_ok=True)
-    write_text(run / "config.yaml", dump_yaml(cfg))
-    log.info("run directory: %s", run)
+    run = Path(broadcast_object(str(run), dist))
+    _check_run_dir(run, cfg)
+    records = _load_records(cfg, dataset)  # bad data fails before any model work
+    model_dir = resolve_model(cfg.model)
+    tokenizer, template, train_ex, eval_ex = _prepare_data(cfg, records, model_dir)
+    cfg = _finalize_steps(cfg, train_ex, world)
+    if cfg.resume:
+        saved = resolve(run_config(run))
+        diff = config_diff(saved, cfg)
+        if diff:
+            raise EdgeftError(f"--resume: {run} was trained with a different config ({'; '.join(diff[:4])}"
+                              f"{'; ...' if len(diff) > 4 else ''}); resume with the same settings")
+    if is_main:
+        if cfg.overwrite and not cfg.resume and run.exists():
+            shutil.rmtree(run)
+        run.mkdir(parents=True, exist_ok=True)
+        write_text(run / "config.yaml", dump_yaml(replace(cfg, resume=False, overwrite=False)))
+        log.info("run directory: %s", run)
+        lengths = [len(ex["input_ids"]) for ex in train_ex]
+        log.info("data: %d training examples (%d tokens), %d eval; chat template: %s", len(train_ex), sum(lengths),
+                 len(eval_ex), template["name"])
+        if _batching(cfg) == "padding_free":
+            log.info("padding-free batching: no pad tokens (a padded batch of %d would be %.1f%% padding)",
+                     cfg.batch_size, 100 * (1 - padding_efficiency(lengths, cfg.batch_size)))
+    barrier(dist)
 
-    _train_variant(cfg, run, model_dir, conversations, qat_during_training=cfg.qat is not None)
+    data = (tokenizer, template, train_ex, eval_ex)
+    _train_variant(cfg, run, model_dir, data, qat_during_training=cfg.qat is not None, dist=dist, device=device)
     if cfg.qat and cfg.ptq:
-        (run / "baseline").mkdir(exist_ok=True)
-        (run / "baseline" / "metrics.jsonl").unlink(missing_ok=True)
-        _train_variant(cfg, run / "baseline", model_dir, conversations, qat_during_training=False)
+        _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device)
 
-    from .train import plot_loss, read_metrics
+    if is_main:
+        from .train import plot_loss, read_metrics
 
-    curves = {("QAT " + cfg.qat if cfg.qat else "train"): read_metrics(run / "metrics.jsonl")}
-    if (run / "baseline" / "metrics.jsonl").exists():
-        curves["no QAT (baseline)"] = read_metrics(run / "baseline" / "metrics.jsonl")
-    plot_loss(curves, run / "loss.png", title=f"{cfg.model} on {cfg.data}")
+        curves = {("QAT " + cfg.qat if cfg.qat else "train"): read_metrics(run / "metrics.jsonl")}
+        if (run / "baseline" / "metrics.jsonl").exists():
+            curves["no QAT (baseline)"] = read_metrics(run / "baseline" / "metrics.jsonl")
+        plot_loss(curves, run / "loss.png", title=f"{cfg.model} on {cfg.data}")
+    barrier(dist)
     return run
 
 
-def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, conversations, qat_during_training: bool) -> None:
+def _variant_done(root: Path) -> bool:
+    return (root / "model" / "edgeft.json").exists() and (root / "converted" / "scheme.json").exists()
+
+
+def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_during_training: bool, dist=None,
+                   device: str | None = None) -> None:
     import torch
 
     from . import qat as qatlib
-    from .data import encode_dataset
-    from .models import load_model
-    from .train import train_loop
+    from .train import CheckpointManager, prepare_model, train_loop
+    from .train.distributed import barrier
 
-    torch.manual_seed(cfg.seed)
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    model, tokenizer = load_model(model_dir, dtype=dtype, device=cfg.device)
-    examples = encode_dataset(tokenizer, conversations, cfg.max_seq_length)
-    if cfg.mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=cfg.lora.r,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                target_modules=cfg.lora.target_modules,
-                task_type="CAUSAL_LM",
-            ),
-        )
-    else:
-        model.requires_grad_(True)
-    patched: list[str] = []
-    if cfg.kernels == "on" or (cfg.kernels == "auto" and cfg.device.startswith("cuda")):
-        patched = _apply_kernels(model, required=cfg.kernels == "on")
-    plan = qatlib.resolve(cfg.qat, cfg.qat_group_size) if cfg.qat else None
-    if plan is not None and qat_during_training:
-        qatlib.prepare(model, plan)
+    tokenizer, template, train_ex, eval_ex = data
+    device = device or cfg.device
+    is_main = dist is None or dist.is_main
     label = f"{'QAT ' + cfg.qat if qat_during_training else 'train'} ({cfg.mode})"
+    if cfg.resume and _variant_done(root):
+        log.info("%s: already complete in %s", label, root)
+        return
+    torch.manual_seed(cfg.seed)
+    model, prep = prepare_model(cfg, model_dir, qat=qat_during_training, device=device)
+    _set_generation_eos(model, tokenizer)
+    plan = qatlib.resolve(cfg.qat, cfg.qat_group_size) if cfg.qat else None
+    ckpt = None
+    if cfg.save_steps > 0:
+        fingerprint = {**identity(cfg), "variant": "qat" if qat_during_training else "float", "processes":
+                       dist.world if dist else 1}
+        fingerprint = json.loads(json.dumps(fingerprint))  # the form it takes in state.json
+        save_adapter = (lambda d: model.save_pretrained(d)) if cfg.mode == "lora" else None
+        ckpt = CheckpointManager(root / "checkpoints", cfg.save_total_limit, fingerprint, save_adapter)
     summary = train_loop(
         model,
-        examples,
+        train_ex,
         pad_id=tokenizer.pad_token_id,
         max_steps=cfg.max_steps,
         batch_size=cfg.batch_size,
@@ -138,44 +238,78 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, conversations,
         weight_decay=cfg.weight_decay,
         schedule=cfg.schedule,
         warmup_ratio=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_steps,
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
-        device=cfg.device,
+        device=device,
         metrics_path=root / "metrics.jsonl",
         progress=cfg.progress,
         desc=label,
+        optim=cfg.optim,
+        embedding_lr=cfg.embedding_lr,
+        batching=_batching(cfg),
+        max_seq_length=cfg.max_seq_length,
+        eval_examples=eval_ex or None,
+        eval_steps=cfg.eval_steps,
+        early_stopping_patience=cfg.early_stopping_patience,
+        early_stopping_threshold=cfg.early_stopping_threshold,
+        load_best=cfg.load_best,
+        checkpoints=ckpt,
+        save_steps=cfg.save_steps,
+        resume=cfg.resume,
+        report_to=cfg.report_to,
+        logging_steps=cfg.logging_steps,
+        log_dir=root,
+        run_config=cfg.to_dict(),
+        dist=dist,
     )
+    if not is_main:
+        barrier(dist)
+        return
     if qatlib.is_prepared(model):
         qatlib.unprepare(model)
-    if patched:
+    if prep["kernels"]:
         from edgeft.kernels import unpatch
 
         unpatch(model)
-    model = model.to("cpu").float()
+    quantized_base = prep["quantized_base"] is not None
+    if not quantized_base:
+        model = model.to("cpu").float()
     info = {
         "base_model": str(model_dir),
         "mode": cfg.mode,
         "qat": plan.to_dict() if (plan and qat_during_training) else None,
-        "kernels": patched,
+        "kernels": prep["kernels"],
+        "chat_template": template,
+        "quantized_base": prep["quantized_base"],
+        "adapter_from": prep["adapter_from"],
+        "trainable_parameters": prep["trainable_parameters"],
         "train": summary,
-        "examples": len(examples),
+        "examples": len(train_ex),
+        "eval_examples": len(eval_ex),
     }
     with atomic_dir(root / "model") as tmp:
         model.save_pretrained(tmp)  # PEFT: adapter only; full: the whole model
         tokenizer.save_pretrained(tmp)
         (tmp / "edgeft.json").write_text(json.dumps(info, indent=2) + "\n")
-    log.info("%s: loss %.4f -> %.4f in %.0fs", label, summary["first_loss"], summary["final_loss"], summary["seconds"])
+    log.info("%s: loss %.4f -> %.4f in %.0fs", label, summary["first_loss"] or float("nan"),
+             summary["final_loss"] or float("nan"), summary["seconds"])
+    if quantized_base:  # a bitsandbytes base cannot be merged exactly: convert from the float base + adapter
+        del model
+        model, _ = load_trained(root)
     convert_model(model, tokenizer, plan, root / "converted")
+    barrier(dist)
 
 
-def _apply_kernels(model, required: bool) -> list[str]:
-    try:
-        from edgeft.kernels import patch
-    except ImportError as e:
-        if required:
-            raise EdgeftError(f"--kernels on: the fused kernels are unavailable ({e})") from None
-        return []
-    return patch(model)
+def _set_generation_eos(model, tokenizer) -> None:
+    """Generation stops at the template's end-of-turn token as well as the model's own EOS."""
+    gc = getattr(model, "generation_config", None)
+    if gc is None or tokenizer.eos_token_id is None:
+        return
+    ids = gc.eos_token_id if isinstance(gc.eos_token_id, list) else [gc.eos_token_id]
+    ids = [i for i in ids if i is not None]
+    if tokenizer.eos_token_id not in ids:
+        gc.eos_token_id = [tokenizer.eos_token_id, *ids]
 
 
 def convert_model(model, tokenizer, plan, out_dir: Path) -> Path:
@@ -197,9 +331,14 @@ def load_trained(root: Path):
     info = json.loads((root / "model" / "edgeft.json").read_text())
     if info["mode"] == "lora":
         from peft import PeftModel
+        from transformers import AutoTokenizer
 
-        base, tokenizer = load_model(info["base_model"])
+        base, _ = load_model(info["base_model"])
         model = PeftModel.from_pretrained(base, str(root / "model")).merge_and_unload()
+        # the run's tokenizer (its chat template and end-of-turn EOS), not the base model's
+        tokenizer = AutoTokenizer.from_pretrained(str(root / "model"))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
         return model, tokenizer
     return load_model(root / "model")
 

@@ -1,5 +1,6 @@
 """Data: built-in tasks against independently computed answers, file formats, loss masking, collation."""
 
+import copy
 import datetime as dt
 import json
 import re
@@ -69,9 +70,9 @@ def test_alpaca_and_messages_files(tmp_path):
         ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{oops\n', r"bad\.jsonl:2: not valid JSON"),
         ("missing.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "x"}\n', r"missing\.jsonl:2: .*'output'"),
         ("empty.jsonl", "\n", r"empty"),
-        ("cols.jsonl", '{"prompt": "a", "completion": "b"}\n', r"columns \['completion', 'prompt'\]"),
+        ("cols.jsonl", '{"question": "a", "answer": "b"}\n', r"columns \['answer', 'question'\]"),
         ("role.jsonl", '{"messages": [{"role": "bot", "content": "x"}]}\n', r"role 'bot'"),
-        ("x.txt", "hello", r"unsupported data file type"),
+        ("x.xml", "hello", r"unsupported data file type"),
     ],
 )
 def test_bad_files_give_one_clear_error(tmp_path, name, content, expected):
@@ -100,7 +101,7 @@ def test_labels_cover_assistant_turns_only(tokenizer):
         {"role": "user", "content": "And 3 + 3?"},
         {"role": "assistant", "content": "6 exactly"},
     ]
-    ex = encode_conversation(tokenizer, conv, max_length=512)
+    ex = encode_conversation(tokenizer, conv)
     assert len(ex["input_ids"]) == len(ex["labels"])
     kept = [t for t in ex["labels"] if t != IGNORE_INDEX]
     assert tokenizer.decode(kept) == "4<|im_end|>6 exactly<|im_end|>"
@@ -108,10 +109,19 @@ def test_labels_cover_assistant_turns_only(tokenizer):
     assert all(l in (IGNORE_INDEX, i) for i, l in zip(ex["input_ids"], ex["labels"]))
 
 
-def test_all_masked_dataset_is_an_error(tokenizer):
+def test_all_too_long_is_an_error(tokenizer):
     conv = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "x"}]
-    with pytest.raises(EdgeftError, match="all labels masked"):
+    with pytest.raises(EdgeftError, match=r"every example is longer than max_seq_length=16 tokens \(the shortest"):
         encode_dataset(tokenizer, [conv], max_length=16)
+
+
+def test_all_masked_dataset_names_the_template_and_a_row(tokenizer):
+    """A template that never renders assistant turns leaves nothing to learn: one error with the template's name."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    with pytest.raises(EdgeftError, match=r"all labels masked with the 'odd' chat template .*first row: .*hello there"):
+        encode_dataset(tokenizer, [conv], max_length=64, template_name="'odd'")
 
 
 def test_collate_pads_right_without_labels():

@@ -1,4 +1,4 @@
-"""Training: the loop, optimizer and schedules, plots.
+"""Training: model preparation, the loop, optimizers and schedules, checkpoints, reporting, several GPUs, plots.
 
 ``edgeft.train`` is both this package and the API verb ``edgeft.train(cfg)``: importing a subpackage binds
 it on its parent, which would shadow the verb, so the package itself is callable and forwards to
@@ -9,13 +9,16 @@ import sys
 import types
 from typing import Any
 
-from .loop import backward_window, lm_loss_sum, train_loop
-from .optim import build_optimizer, build_scheduler, lr_factor
+from .checkpoint import CheckpointManager, list_checkpoints
+from .loop import LossModule, Sampler, backward_window, evaluate_loss, lm_loss_sum, train_loop
+from .model import prepare_model
+from .optim import OPTIMIZERS, build_optimizer, build_scheduler, lr_factor, param_groups
 from .plots import plot_loss, read_metrics
 
 __all__ = [
-    "backward_window", "build_optimizer", "build_scheduler", "lm_loss_sum", "lr_factor", "plot_loss",
-    "read_metrics", "train_loop",
+    "CheckpointManager", "LossModule", "OPTIMIZERS", "Sampler", "backward_window", "build_optimizer",
+    "build_scheduler", "evaluate_loss", "list_checkpoints", "lm_loss_sum", "lr_factor", "param_groups",
+    "plot_loss", "prepare_model", "read_metrics", "train_loop",
 ]
 
 

@@ -1,28 +1,36 @@
-"""The training loop: gradient accumulation normalised over the whole window, schedules, logging.
+"""The training loop: exact gradient accumulation, evaluation and early stopping, resumable checkpoints.
 
-The loss of an optimizer step is the sum of per-token cross-entropies over every micro-batch of the
-accumulation window divided by the window's total number of target tokens, so accumulating k micro-batches
-equals one batch k times larger (the common mistake is averaging per micro-batch, which over-weights short
-examples).
+The loss of an optimizer step is the sum of per-token cross-entropies over every micro-batch of the accumulation
+window (on every process) divided by the window's total number of target tokens, so accumulating k micro-batches
+equals one batch k times larger (the common mistake is averaging per micro-batch, which over-weights short examples).
+
+Resuming is exact: the data order of epoch e is a pure function of (seed, e), so the sampler's position is two
+integers; together with the model's trainable tensors, optimizer and scheduler states and RNG states (see
+checkpoint.py) a run killed at any point continues with the same losses it would have had.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeft.data import IGNORE_INDEX, collate
+from edgeft.data import IGNORE_INDEX, Batcher
 from edgeft.errors import EdgeftError
+from edgeft.fsutil import write_text
 
-from .optim import build_optimizer, build_scheduler
+from .checkpoint import CheckpointManager, load_trainable, rng_state, trainable_state
+from .distributed import DistInfo, all_reduce_sum, gather_objects
+from .optim import build_optimizer, build_scheduler, warmup_steps_for
+from .report import Reporter
 
 
 def _inner_model(model: nn.Module) -> nn.Module:
@@ -31,11 +39,21 @@ def _inner_model(model: nn.Module) -> nn.Module:
     return getattr(base, "model", model) if base is not None and base is not model else model
 
 
+def _forward_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    # use_cache=False: with a cache transformers skips detecting packed rows from position_ids (contamination)
+    kw: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    for k in ("attention_mask", "position_ids"):
+        if k in batch:
+            kw[k] = batch[k]
+    return kw
+
+
 def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy (fp32) and the number of target tokens of one micro-batch.
 
-    With the fused-kernel patch active (``_edgeft_fused_ce`` on the transformers model), the logits are
-    never materialised: the backbone's hidden states go straight into the chunked linear + cross-entropy.
+    Batches are padded (``attention_mask``) or flattened (``position_ids`` restarting per example, no mask). With
+    the fused-kernel patch active (``_edgeft_fused_ce`` on the transformers model), the logits are never
+    materialised: the backbone's hidden states go straight into the chunked linear + cross-entropy.
     """
     labels = batch["labels"][:, 1:].reshape(-1)
     inner = _inner_model(model)
@@ -43,7 +61,7 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
         from edgeft.kernels import lm_head_loss
 
         # PEFT injects its layers into the backbone in place, so calling it directly keeps the adapters
-        hidden = inner.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = inner.model(**_forward_kwargs(batch)).last_hidden_state
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         head = inner.get_output_embeddings()
         w = head.weight
@@ -54,38 +72,121 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
             w = head.weight_fake_quantizer(w)
         softcap = getattr(inner.config, "final_logit_softcapping", None)
         return lm_head_loss(h, w, labels, softcap=softcap)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**_forward_kwargs(batch)).logits
     logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, (labels != IGNORE_INDEX).sum()
 
 
-def backward_window(model: nn.Module, window: list[dict[str, torch.Tensor]], device: str = "cpu") -> tuple[float, int]:
+class LossModule(nn.Module):
+    """``forward(**batch)`` -> summed token loss: what DDP wraps, so its gradient hooks see every forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return lm_loss_sum(self.model, batch)[0]
+
+
+def _targets(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def backward_window(model: nn.Module, window: list[dict[str, torch.Tensor]], device: str = "cpu",
+                    dist: DistInfo | None = None, ddp: nn.Module | None = None) -> tuple[float, int]:
     """Accumulate gradients of one optimizer step's micro-batches; returns (mean loss per target token, targets).
 
-    Each micro-batch's summed loss is divided by the target count of the *whole* window before backward, so
-    the accumulated gradient is that of the mean over every target token in the window.
+    Each micro-batch's summed loss is divided by the target count of the *whole* window (all processes) before
+    backward, so the accumulated gradient is that of the mean over every target token in the window.
     """
-    n_target = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)
+    (n_target,) = all_reduce_sum([float(sum(_targets(b) for b in window))], dist, device)
+    n_target = int(n_target)
     if n_target == 0:
         raise EdgeftError("a batch has no target tokens")
+    scale = (dist.world if dist else 1) / n_target  # DDP averages over processes: undo it
     total = 0.0
-    for b in window:
+    for i, b in enumerate(window):
         b = {k: v.to(device) for k, v in b.items()}
-        loss_sum, _ = lm_loss_sum(model, b)
-        (loss_sum / n_target).backward()
+        sync = ddp is None or i == len(window) - 1
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            loss_sum = ddp(**b) if ddp is not None else lm_loss_sum(model, b)[0]
+            (loss_sum * scale).backward()
         total += float(loss_sum.detach())
+    (total,) = all_reduce_sum([total], dist, device)
     return total / n_target, n_target
 
 
-def _batches(n_examples: int, batch_size: int, seed: int):
-    """Endless seeded epochs of shuffled index batches (the last short batch of an epoch is kept)."""
-    rng = random.Random(seed)
-    while True:
-        order = list(range(n_examples))
-        rng.shuffle(order)
-        for i in range(0, n_examples, batch_size):
-            yield order[i : i + batch_size]
+class Sampler:
+    """Seeded epochs of shuffled unit indices, ``global_batch`` at a time; its state is (epoch, offset).
+
+    The order of epoch e is a pure function of (seed, e), so restoring the position restores the data stream.
+    ``drop_last`` (several processes) drops an epoch's short tail so every process gets a full micro-batch.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, drop_last: bool = False) -> None:
+        if n < (global_batch if drop_last else 1):
+            raise EdgeftError(f"{n} training examples are fewer than one global batch of {global_batch}")
+        self.n, self.batch, self.seed, self.drop_last = n, global_batch, seed, drop_last
+        self.epoch, self.offset = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(self.n))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.batch if self.drop_last else -(-self.n // self.batch)
+
+    def next(self) -> list[int]:
+        end = self.offset + self.batch
+        if self.offset >= self.n or (self.drop_last and end > self.n):
+            self.epoch, self.offset = self.epoch + 1, 0
+            self._order = self._epoch_order(self.epoch)
+            end = self.batch
+        out = self._order[self.offset : end]
+        self.offset = end
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, st: dict[str, int]) -> None:
+        self.epoch, self.offset = int(st["epoch"]), int(st["offset"])
+        self._order = self._epoch_order(self.epoch)
+
+
+def _metrics_rows(path: Path) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+    return rows
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, batcher: Batcher, batch_size: int, device: str = "cpu",
+                  dist: DistInfo | None = None) -> float:
+    """Mean loss per target token over every eval unit (sharded over processes)."""
+    was_training = model.training
+    model.eval()
+    rank, world = (dist.rank, dist.world) if dist else (0, 1)
+    units = list(range(len(batcher)))[rank::world]
+    loss = count = 0.0
+    for i in range(0, len(units), batch_size):
+        b = {k: v.to(device) for k, v in batcher.collate(units[i : i + batch_size]).items()}
+        s, n = lm_loss_sum(model, b)
+        loss += float(s)
+        count += float(n)
+    loss, count = all_reduce_sum([loss, count], dist, device)
+    if was_training:
+        model.train()
+    return loss / max(count, 1.0)
 
 
 def train_loop(
@@ -100,43 +201,116 @@ def train_loop(
     weight_decay: float = 0.0,
     schedule: str = "cosine",
     warmup_ratio: float = 0.1,
+    warmup_steps: int | None = None,
     max_grad_norm: float = 1.0,
     seed: int = 42,
     device: str = "cpu",
     metrics_path: str | Path | None = None,
     progress: bool = True,
     desc: str = "train",
+    optim: str = "adamw",
+    embedding_lr: float | None = None,
+    batching: str = "padding_free",
+    max_seq_length: int | None = None,
+    eval_examples: list[dict[str, list[int]]] | None = None,
+    eval_steps: int | None = None,
+    early_stopping_patience: int | None = None,
+    early_stopping_threshold: float = 0.0,
+    load_best: bool = True,
+    checkpoints: CheckpointManager | None = None,
+    save_steps: int = 0,
+    resume: bool = False,
+    report_to: list[str] | tuple = (),
+    logging_steps: int = 10,
+    log_dir: Path | None = None,
+    run_config: dict | None = None,
+    dist: DistInfo | None = None,
+    on_log: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` in place for ``max_steps`` optimizer steps; returns a summary.
+    """Train ``model`` in place for up to ``max_steps`` optimizer steps; returns a summary.
 
-    One line per optimizer step goes to ``metrics_path`` (JSONL: step, loss, lr, target tokens, tokens/s).
+    One line per optimizer step goes to ``metrics_path`` (JSONL: step, loss, lr, grad norm, target tokens,
+    tokens/s, and eval_loss on evaluation steps). With ``checkpoints`` a checkpoint is written every ``save_steps``
+    steps, at every new best eval loss and at the end; ``resume`` continues from the newest one.
     """
     if not any(p.requires_grad for p in model.parameters()):
         raise EdgeftError("the model has no trainable parameters")
-    opt = build_optimizer(model, lr, weight_decay)
-    warmup = int(round(warmup_ratio * max_steps))
-    sched = build_scheduler(opt, max_steps, warmup, schedule)
+    is_main = dist is None or dist.is_main
+    rank, world = (dist.rank, dist.world) if dist else (0, 1)
+    opt = build_optimizer(model, lr, weight_decay, optim, embedding_lr)
+    sched = build_scheduler(opt, max_steps, warmup_steps_for(max_steps, warmup_ratio, warmup_steps), schedule)
     params = [p for p in model.parameters() if p.requires_grad]
-    batches = _batches(len(examples), batch_size, seed)
-    metrics_f = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115 - closed below
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    batcher = Batcher(examples, batching, pad_id, max_seq_length, seed)
+    sampler = Sampler(len(batcher), batch_size * world, seed, drop_last=world > 1)
+    eval_batcher = Batcher(eval_examples, batching, pad_id, max_seq_length, seed) if eval_examples else None
+    evaluating = eval_batcher is not None and bool(eval_steps)
+    state: dict[str, Any] = {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "stopped": False,
+                             "first_loss": None, "last_loss": None, "tokens": 0}
+    best_weights: dict[str, torch.Tensor] | None = None
 
-        bar = tqdm(total=max_steps, desc=desc, unit="step", dynamic_ncols=True)
+    if checkpoints is not None and is_main:
+        checkpoints.clean_partial()
+    latest = checkpoints.latest() if (checkpoints is not None and resume) else None
+    if latest is not None:
+        state.update(checkpoints.load(latest, model, opt, sched, rank))
+        sampler.load_state_dict(state["sampler"])
+        if state["best_step"] is not None and evaluating:
+            best_weights = (trainable_state(model) if state["best_step"] == state["step"]
+                            else checkpoints.load_tensors(state["best_step"]))
+            if best_weights is None:
+                raise EdgeftError(f"the best checkpoint step-{state['best_step']} is missing from {checkpoints.dir}")
+    start = state["step"]
+    metrics_f = None
+    if metrics_path and is_main:
+        metrics_path = Path(metrics_path)
+        kept = [r for r in _metrics_rows(metrics_path) if r.get("step", 0) <= start] if start else []
+        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))  # drop steps past the resume point
+        metrics_f = open(metrics_path, "a")  # noqa: SIM115 - closed below
+    ddp = None
+    if dist is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(LossModule(model), device_ids=[torch.device(device).index]
+                                      if device.startswith("cuda") else None)
+    reporter = Reporter(total=max_steps, start=start, desc=desc, progress=progress, logging_steps=logging_steps,
+                        report_to=report_to, log_dir=log_dir, config=run_config, enabled=is_main)
+    if start:
+        reporter.message(f"resumed from {latest} at step {start}")
+    if batching == "packed":
+        reporter.message(f"packing: {len(examples)} examples in {len(batcher)} rows of {max_seq_length} tokens, "
+                         f"{batcher.efficiency:.1%} of tokens valid")
+
+    def save(step: int) -> None:
+        if checkpoints is None:
+            return
+        st = dict(state, sampler=sampler.state_dict())
+        rngs = gather_objects(rng_state(), dist)
+        if is_main:
+            checkpoints.save(step, model, opt, sched, st, rngs)
+        if dist is not None:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+
     model.train()
     t_start = time.perf_counter()
-    history: list[float] = []
     try:
-        for step in range(max_steps):
+        for step in range(start, max_steps):
+            if state["stopped"]:
+                break
             t0 = time.perf_counter()
-            window = [collate([examples[i] for i in next(batches)], pad_id) for _ in range(grad_accum)]
-            n_input = sum(int(b["attention_mask"].sum()) for b in window)
-            loss, n_target = backward_window(model, window, device)
+            window = []
+            for _ in range(grad_accum):
+                ids = sampler.next()
+                window.append(batcher.collate(ids[rank * batch_size : (rank + 1) * batch_size]))
+            (n_input,) = all_reduce_sum([float(sum(
+                int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in window
+            ))], dist, device)
+            loss, n_target = backward_window(model, window, device, dist, ddp)
             if not math.isfinite(loss):
                 raise EdgeftError(
-                    f"loss became {loss} at step {step + 1}; lower the learning rate "
-                    "(or use bf16/fp32 instead of fp16, which overflows)"
+                    f"loss became {loss} at step {step + 1}; lower the learning rate or raise warmup "
+                    "(with fp16 weights, use bf16 or fp32: fp16 overflows)"
                 )
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
             opt.step()
@@ -144,31 +318,55 @@ def train_loop(
             cur_lr = sched.get_last_lr()[0]
             sched.step()
             dt = time.perf_counter() - t0
-            row = {
-                "step": step + 1,
-                "loss": loss,
-                "lr": cur_lr,
-                "grad_norm": grad_norm,
-                "target_tokens": n_target,
-                "tokens_per_s": n_input / dt,
-                "elapsed_s": time.perf_counter() - t_start,
+            state["step"] = step + 1
+            state["tokens"] += int(n_input)
+            state["first_loss"] = loss if state["first_loss"] is None else state["first_loss"]
+            state["last_loss"] = loss
+            row: dict[str, Any] = {
+                "step": step + 1, "loss": loss, "lr": cur_lr, "grad_norm": grad_norm, "target_tokens": n_target,
+                "tokens_per_s": n_input / dt, "elapsed_s": time.perf_counter() - t_start,
             }
-            history.append(loss)
+            improved = False
+            if evaluating and ((step + 1) % eval_steps == 0 or step + 1 == max_steps):
+                ev = evaluate_loss(model, eval_batcher, batch_size, device, dist)
+                row["eval_loss"] = ev
+                if state["best_eval"] is None or ev < state["best_eval"] - early_stopping_threshold:
+                    state.update(best_eval=ev, best_step=step + 1, bad_evals=0)
+                    best_weights = trainable_state(model) if load_best else None
+                    improved = True
+                else:
+                    state["bad_evals"] += 1
+                    if early_stopping_patience and state["bad_evals"] >= early_stopping_patience:
+                        state["stopped"] = True
+                        reporter.message(f"early stopping at step {step + 1}: eval loss did not improve on "
+                                         f"{state['best_eval']:.4f} (step {state['best_step']}) for "
+                                         f"{state['bad_evals']} evaluations")
             if metrics_f:
                 metrics_f.write(json.dumps(row) + "\n")
                 metrics_f.flush()
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{cur_lr:.2e}", tok_s=f"{n_input / dt:.0f}")
-                bar.update(1)
+            reporter.step(row)
+            if on_log is not None:
+                on_log(row)
+            last = step + 1 == max_steps or state["stopped"]
+            if checkpoints is not None and (last or improved or (save_steps and (step + 1) % save_steps == 0)):
+                save(step + 1)
     finally:
-        if bar is not None:
-            bar.close()
+        reporter.close()
         if metrics_f:
             metrics_f.close()
+    if evaluating and load_best and best_weights is not None and state["best_step"] != state["step"]:
+        load_trainable(model, best_weights, f"best weights (step {state['best_step']})")
+        reporter.message(f"restored the best weights: step {state['best_step']}, eval loss {state['best_eval']:.4f}")
     model.eval()
     return {
-        "steps": max_steps,
-        "first_loss": history[0],
-        "final_loss": history[-1],
+        "steps": state["step"],
+        "first_loss": state["first_loss"],
+        "final_loss": state["last_loss"],
+        "best_step": state["best_step"],
+        "best_eval_loss": state["best_eval"],
+        "stopped_early": state["stopped"],
+        "resumed_from": start or None,
+        "batching": batching,
+        "packing_efficiency": batcher.efficiency if batching == "packed" else None,
         "seconds": time.perf_counter() - t_start,
     }

@@ -1,4 +1,10 @@
-"""Optimizer and learning-rate schedules."""
+"""Optimizers and learning-rate schedules.
+
+Parameter groups: weight decay only on matrices (never on norms and biases, 1-D tensors), and a separate, usually
+2-10x smaller learning rate for embedding and LM-head weights when ``embedding_lr`` is given (training them at the
+adapters' rate destroys the pretrained vocabulary geometry). Optimizers: AdamW (fused on CUDA), bitsandbytes' 8-bit
+and paged AdamW variants (they keep the same groups), and SGD.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +13,67 @@ import math
 import torch
 from torch import nn
 
+from edgeft.errors import EdgeftError
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on norms and biases (1-D tensors). Fused on CUDA."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    on_cuda = bool(decay or no_decay) and (decay + no_decay)[0].is_cuda
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=on_cuda or None)
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd")
+EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "embed_out", "output_embeddings")
+
+
+def is_embedding_param(name: str) -> bool:
+    return any(part in name for part in EMBEDDING_NAMES)
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, embedding_lr: float | None = None) -> list[dict]:
+    """Trainable parameters in up to four groups: (decay | no decay) x (body | embeddings); empty groups dropped."""
+    groups: dict[tuple[bool, bool], list] = {}
+    names: dict[tuple[bool, bool], list[str]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = (p.ndim >= 2, embedding_lr is not None and is_embedding_param(name))
+        groups.setdefault(key, []).append(p)
+        names.setdefault(key, []).append(name)
+    out = []
+    for (decay, emb) in [(True, False), (False, False), (True, True), (False, True)]:
+        if (decay, emb) in groups:
+            out.append({
+                "params": groups[(decay, emb)],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr": embedding_lr if emb else lr,
+                "names": names[(decay, emb)],
+            })
+    return out
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, optim: str = "adamw",
+                    embedding_lr: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer over the model's trainable parameters (see the module docstring for the groups)."""
+    groups = param_groups(model, lr, weight_decay, embedding_lr)
+    if not groups:
+        raise EdgeftError("the model has no trainable parameters")
+    for g in groups:
+        g.pop("names")
+    on_cuda = groups[0]["params"][0].is_cuda
+    if optim == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=on_cuda or None)
+    if optim == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.0)
+    if optim in ("adamw_8bit", "paged_adamw", "paged_adamw_8bit"):
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise EdgeftError(f"--optim {optim} needs bitsandbytes: pip install 'edgeft[bnb]'") from None
+        cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+               "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[optim]
+        return cls(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    raise EdgeftError(f"unknown optimizer {optim!r}; choose from {', '.join(OPTIMIZERS)}")
+
+
+def warmup_steps_for(total: int, warmup_ratio: float, warmup_steps: int | None) -> int:
+    """Warmup length: explicit steps win over the ratio of the total."""
+    if warmup_steps is not None:
+        return min(int(warmup_steps), total)
+    return int(round(warmup_ratio * total))
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:

@@ -1,0 +1,187 @@
+"""Resumable checkpoints: ``checkpoints/step-N/`` holds everything that decides what training does next.
+
+A checkpoint is written into a temporary sibling directory and renamed into place when complete, so a run killed at
+any moment (SIGKILL included) leaves either the previous checkpoint or the new one, never half of one; leftovers of
+an interrupted write are hidden dot-directories that the next start removes. Contents:
+
+- ``trainable.safetensors``: every parameter that requires grad (the LoRA adapters, modules_to_save, or all weights
+  for full fine-tuning) plus QAT fake-quantizer buffers, by name. The frozen base is not copied: resuming rebuilds
+  the model exactly as the run did (same seed, same LoRA/QAT preparation) and overwrites these tensors.
+- ``adapter/``: for LoRA, the adapter in PEFT's format, usable with ``--adapter`` or ``PeftModel.from_pretrained``.
+- ``optimizer.pt``, ``scheduler.pt``: their state dicts; ``rng.pt``: Python, NumPy, torch (and CUDA) generator
+  states of every rank. These are edgeft's own files, loaded with ``weights_only=True``.
+- ``state.json`` (written last): step, data-sampler position, best eval loss and patience, the config fingerprint and
+  the trainable tensors' shapes, checked before anything is loaded.
+
+``save_total_limit`` keeps the newest K checkpoints and never deletes the best one (lowest eval loss).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from edgeft.errors import EdgeftError
+from edgeft.fsutil import atomic_dir
+
+_NAME = re.compile(r"^step-(\d+)$")
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters that train, and QAT fake-quantizer buffers, as CPU tensors by name."""
+    out = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    for n, b in model.named_buffers():
+        if "fake_quantizer" in n and b is not None:
+            out[n] = b.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy saved tensors into the model in place; a missing or reshaped tensor is one clear error."""
+    live = dict(model.named_parameters())
+    live.update({n: b for n, b in model.named_buffers() if "fake_quantizer" in n})
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(expected - set(tensors))
+    unknown = sorted(set(tensors) - set(live))
+    if missing or unknown:
+        raise EdgeftError(f"{where} does not match this model: missing {missing[:3]}, unexpected {unknown[:3]} "
+                          "(resume with the configuration the run was started with)")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            if live[n].shape != t.shape:
+                raise EdgeftError(f"{where}: {n} has shape {tuple(t.shape)}, the model {tuple(live[n].shape)}")
+            live[n].copy_(t.to(live[n].device, live[n].dtype))
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    st = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [st[0], torch.from_numpy(st[1].copy()), int(st[2]), int(st[3]), float(st[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy(), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with a state.json) under ``directory``, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        m = _NAME.match(p.name)
+        if m and (p / "state.json").is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+class CheckpointManager:
+    """Writes, rotates and reads ``step-N`` checkpoints of one training variant."""
+
+    def __init__(self, directory: str | os.PathLike, keep: int | None = None, fingerprint: dict | None = None,
+                 save_adapter: Callable[[Path], None] | None = None) -> None:
+        self.dir = Path(directory)
+        self.keep = keep
+        self.fingerprint = fingerprint or {}
+        self.save_adapter = save_adapter
+
+    def clean_partial(self) -> None:
+        """Remove what an interrupted write or rotation left behind (hidden temporary directories)."""
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                if p.name.startswith(".step-") and (".tmp-" in p.name or ".old-" in p.name):
+                    shutil.rmtree(p, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        found = list_checkpoints(self.dir)
+        return found[-1][1] if found else None
+
+    def path(self, step: int) -> Path:
+        return self.dir / f"step-{step}"
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             state: dict[str, Any], rng_states: list[dict[str, Any]]) -> Path:
+        from safetensors.torch import save_file
+
+        dest = self.path(step)
+        tensors = trainable_state(model)
+        with atomic_dir(dest) as tmp:
+            save_file(tensors, str(tmp / "trainable.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rng_states, tmp / "rng.pt")
+            if self.save_adapter is not None:
+                self.save_adapter(tmp / "adapter")
+            meta = dict(state, step=step, fingerprint=self.fingerprint,
+                        shapes={n: list(t.shape) for n, t in tensors.items()})
+            (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+        self.rotate(state.get("best_step"))
+        return dest
+
+    def rotate(self, best_step: int | None) -> None:
+        if not self.keep:
+            return
+        found = list_checkpoints(self.dir)
+        doomed = [(s, p) for s, p in found[: max(0, len(found) - self.keep)] if s != best_step]
+        for _, p in doomed:
+            old = p.with_name(f".{p.name}.old-{os.getpid()}")
+            os.replace(p, old)  # disappears as a whole first, so it never looks like a valid checkpoint
+            shutil.rmtree(old, ignore_errors=True)
+
+    def read_state(self, path: Path) -> dict[str, Any]:
+        state = json.loads((path / "state.json").read_text())
+        diff = fingerprint_diff(state.get("fingerprint", {}), self.fingerprint)
+        if diff:
+            raise EdgeftError(f"{path} was written by a different configuration ({'; '.join(diff[:4])})")
+        return state
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             rank: int = 0) -> dict[str, Any]:
+        """Restore model tensors, optimizer, scheduler and this rank's RNG from ``path``; returns its state."""
+        from safetensors.torch import load_file
+
+        state = self.read_state(path)
+        load_trainable(model, load_file(str(path / "trainable.safetensors")), str(path))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rngs = torch.load(path / "rng.pt", weights_only=True)
+        if rank >= len(rngs):
+            raise EdgeftError(f"{path} was written by {len(rngs)} process(es); resume with the same number")
+        set_rng_state(rngs[rank])
+        return state
+
+    def load_tensors(self, step: int) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        p = self.path(step) / "trainable.safetensors"
+        return load_file(str(p)) if p.exists() else None

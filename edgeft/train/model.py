@@ -1,0 +1,152 @@
+"""Build the model a run trains: load (optionally 4-/8-bit), adapt (LoRA via peft, or full), kernels, QAT.
+
+``prepare_model(cfg, model_dir, tokenizer)`` is the single place that turns a config into a trainable module, so
+that training, resuming (which must rebuild the model exactly before loading a checkpoint's tensors) and other
+trainers (TRL's SFTTrainer, see tests) all get the same thing.
+
+LoRA options are peft's: r, alpha, dropout, bias, rsLoRA (scaling alpha/sqrt(r)), target modules ("all-linear" by
+default; ``lm_head`` and ``embed_tokens`` may be added, e.g. ``all-linear,lm_head,embed_tokens``), modules_to_save,
+and continuing from a saved adapter (``adapter``: a PEFT directory or an edgeft run). QLoRA is bitsandbytes' NF4
+4-bit base with double quantization (peft's ``prepare_model_for_kbit_training``); 8-bit loading likewise.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeft.errors import EdgeftError
+
+log = logging.getLogger("edgeft")
+
+
+def _quantization_config(cfg: Any, dtype: torch.dtype):
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise EdgeftError("--load-in-4bit/--load-in-8bit need bitsandbytes: pip install 'edgeft[bnb]'") from None
+    if cfg.load_in_4bit:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_base(cfg: Any, model_dir: str | Path, device: str) -> nn.Module:
+    """The transformers model in the run's dtype on ``device`` (bitsandbytes-quantized when asked); no remote code."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    qcfg = _quantization_config(cfg, dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False}
+    if qcfg is not None:
+        kwargs.update(quantization_config=qcfg, device_map={"": device})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except (RuntimeError, ValueError, ImportError) as e:
+        if qcfg is None:
+            raise
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise EdgeftError(f"bitsandbytes {'4' if cfg.load_in_4bit else '8'}-bit loading failed on {device}: {msg}") \
+            from None
+    if qcfg is None:
+        model.to(device)
+    return model
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of every linear layer except the output head: what peft's "all-linear" selects."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
+    return sorted(names)
+
+
+def target_modules(model: nn.Module, spec: str | list[str]) -> str | list[str]:
+    """peft target modules from "all-linear", a list, or "all-linear" plus extras such as lm_head, embed_tokens."""
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if items == ["all-linear"]:
+        return "all-linear"
+    if "all-linear" in items:
+        items = linear_module_names(model) + [s for s in items if s != "all-linear"]
+    return sorted(set(items))
+
+
+def _adapter_dir(path: str) -> Path:
+    p = Path(path).expanduser()
+    if (p / "model" / "adapter_config.json").exists():  # an edgeft run
+        p = p / "model"
+    if not (p / "adapter_config.json").exists():
+        raise EdgeftError(f"--adapter {path}: no adapter_config.json (expected a PEFT adapter directory or an "
+                          "edgeft LoRA run)")
+    return p
+
+
+def apply_lora(cfg: Any, model: nn.Module) -> nn.Module:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if cfg.adapter:
+        path = _adapter_dir(cfg.adapter)
+        try:
+            return PeftModel.from_pretrained(model, str(path), is_trainable=True)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise EdgeftError(f"--adapter {path} does not fit {cfg.model}: {str(e).splitlines()[0][:200]}") from None
+    lora = cfg.lora
+    targets = target_modules(model, lora.target_modules)
+    try:
+        return get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias=lora.bias,
+            use_rslora=lora.use_rslora, modules_to_save=lora.modules_to_save or None, task_type="CAUSAL_LM",
+        ))
+    except ValueError as e:
+        raise EdgeftError(f"LoRA: {str(e).splitlines()[0][:240]}") from None
+
+
+def apply_kernels(model: nn.Module, required: bool) -> list[str]:
+    try:
+        from edgeft.kernels import patch
+    except ImportError as e:
+        if required:
+            raise EdgeftError(f"--kernels on: the fused kernels are unavailable ({e})") from None
+        return []
+    return patch(model)
+
+
+def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str | None = None) \
+        -> tuple[nn.Module, dict[str, Any]]:
+    """The trainable model for a resolved config: returns (model, what was done, for edgeft.json)."""
+    from edgeft import qat as qatlib
+
+    device = device or cfg.device
+    quantized = cfg.load_in_4bit or cfg.load_in_8bit
+    plan = qatlib.resolve(cfg.qat, cfg.qat_group_size) if (cfg.qat and qat) else None
+    model = load_base(cfg, model_dir, device)
+    if cfg.mode == "lora":
+        if quantized:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = apply_lora(cfg, model)
+        if plan is not None and plan.embedding is not None and any(
+                "embed_tokens" in n and "lora_" in n for n, _ in model.named_parameters()):
+            raise EdgeftError("LoRA on embed_tokens cannot be combined with a QAT plan that quantizes embeddings "
+                              "(the merged embedding is not fake-quantized); use modules_to_save or drop it")
+    else:
+        model.requires_grad_(True)
+    patched: list[str] = []
+    if cfg.kernels == "on" or (cfg.kernels == "auto" and device.startswith("cuda")):
+        patched = apply_kernels(model, required=cfg.kernels == "on")
+    if plan is not None:
+        qatlib.prepare(model, plan)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    info = {"kernels": patched, "qat": plan.to_dict() if plan else None, "trainable_parameters": n_train,
+            "parameters": n_all, "quantized_base": "nf4" if cfg.load_in_4bit else ("int8" if cfg.load_in_8bit else None),
+            "adapter_from": str(_adapter_dir(cfg.adapter)) if (cfg.adapter and cfg.mode == "lora") else None}
+    log.info("trainable parameters: %s of %s (%.2f%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / max(1, n_all))
+    return model, info
