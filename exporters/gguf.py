@@ -896,7 +896,7 @@ def _validate(
     tol = {
         "fidelity_rel_err": qspec.fidelity_rel_err,
         "fidelity_top1": qspec.fidelity_top1,
-        "rel_err": bound_rel + (ACT_QUANT_ALLOWANCE["rel_err"] if act_quant else 0.0),
+        "rel_err": round(bound_rel + (ACT_QUANT_ALLOWANCE["rel_err"] if act_quant else 0.0), 4),
         "top1": round(bound_top1 - (ACT_QUANT_ALLOWANCE["top1"] if act_quant else 0.0), 4),
         "greedy_exact": qspec.greedy_exact and not act_quant,
     }
