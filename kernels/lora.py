@@ -16,15 +16,26 @@ fp32 LoRA output, scales it in another pass and adds it in a third; autograd the
 Dropout: ``lora_dropout = 0`` takes the fast path (the adapter reads x itself). With dropout > 0 the dropped input
 is made outside (autograd handles the mask) and passed as a second input; the math is otherwise the same.
 
-Eligibility (else the module is called as is, e.g. QAT-merged adapters, DoRA, several active adapters):
-``projection_of`` reads a plain ``nn.Linear``, a torchao ``FakeQuantizedLinear`` without activation fake-quant
-(its fake-quantized weight is used, so QAT sits inside), or a PEFT ``lora.Linear`` with one active vanilla adapter.
+Eligibility (else the module is called as is, e.g. DoRA, several active adapters): ``projection_of`` reads a
+module's own ``edgeft_projection()`` hook when it has one (edgeft's QAT modules, see below), a plain ``nn.Linear``,
+a torchao ``FakeQuantizedLinear`` without activation fake-quant (its fake-quantized weight is used), or a PEFT
+``lora.Linear`` with one active vanilla adapter.
+
+QAT sits inside these Functions through two Projection fields:
+
+- ``act_quant``: the input is fake-quantized once per shared input (Q/K/V, gate/up share one fq(x)), with the
+  straight-through estimator; the MLP also fake-quantizes the activation h before down_proj inside its Function
+  (in place; its backward re-quantizes the recomputed h).
+- ``merged``: the weight already is fq(W + s·B·A) (the deployed weight); the adapter adds no output term, and A, B
+  get the straight-through gradients of the merged weight from rank-r products: dB = s·dY^T (X A^T) and
+  dA = s·(dY B)^T X, while dX = dY fq(W_m) alone. No (out, in) weight gradient is formed. With dropout the output
+  gets s·(drop(X) - X) A^T B^T, zero in expectation and gone at eval (see ``edgeft.qat.prepare``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +56,8 @@ class Projection:
     lora_B: torch.Tensor | None = None  # (out, r)
     scale: float = 1.0
     dropout: nn.Module | None = None  # active dropout with p > 0 (training), else None
+    merged: bool = False  # weight already holds fq(W + s·B·A): the adapter only receives gradients
+    act_quant: Any = None  # an ActQuant spec (kernels/fake_quant.py): fake-quantize the input first
 
 
 def _base_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -65,6 +78,9 @@ def _is_peft_lora_linear(m: nn.Module) -> bool:
 
 def projection_of(module: nn.Module) -> Projection | None:
     """The Projection a module computes, or None when the fast path cannot represent it exactly."""
+    hook = getattr(module, "edgeft_projection", None)
+    if hook is not None:
+        return hook()
     base = _base_weight(module)
     if base is not None:
         return Projection(*base)
@@ -118,25 +134,37 @@ def _cat_A(As: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """y_i = x W_i^T + b_i + s_i * x_l A_i^T B_i^T for i in 1..n, sharing x (x_l = x, or dropout(x) if given)."""
+    """y_i = x W_i^T + b_i + s_i * x_l A_i^T B_i^T for i in 1..n, sharing x (x_l = x, or dropout(x) if given).
+
+    A ``merged`` projection's W_i already holds fq(W + s_i B_i A_i): its adapter term is s_i (x_l - x) A_i^T B_i^T
+    (zero without dropout) and its dX gets no adapter term, while A_i and B_i get the same rank-r gradients.
+    """
 
     @staticmethod
-    def forward(ctx, x, x_lora, scales, *flat):
+    def forward(ctx, x, x_lora, scales, merged, *flat):
         dt = x.dtype
         n = len(scales)
         Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
         xl = x if x_lora is None else x_lora
         lora = [i for i in range(n) if As[i] is not None]
-        xa = None
+        xa = xa0 = None
         if lora:
-            xa = xl @ _cat_A([As[i] for i in lora], dt).t()  # (M, sum r): one skinny GEMM for every adapter that shares x
+            a_cat = _cat_A([As[i] for i in lora], dt)
+            xa = xl @ a_cat.t()  # (M, sum r): one skinny GEMM for every adapter that shares x
+            if x_lora is not None and any(merged[i] for i in lora):
+                xa0 = x @ a_cat.t()  # merged adapters under dropout: s (drop(x) - x) A^T B^T
         outs, off = [], 0
         for i in range(n):
             W = _cast(Ws[i], dt)
+            low = None
             if As[i] is not None:
                 r = As[i].shape[0]
-                low = xa[:, off : off + r] @ cached_cast(Bs[i], dt, scales[i]).t()
+                if not merged[i]:
+                    low = xa[:, off : off + r] @ cached_cast(Bs[i], dt, scales[i]).t()
+                elif xa0 is not None:
+                    low = (xa[:, off : off + r] - xa0[:, off : off + r]) @ cached_cast(Bs[i], dt, scales[i]).t()
                 off += r
+            if low is not None:
                 y = torch.addmm(low, x, W.t())  # LoRA term added in the GEMM epilogue
                 if bs[i] is not None:
                     y += _cast(bs[i], dt)
@@ -146,14 +174,14 @@ class LoRALinearFunction(torch.autograd.Function):
                 y = x @ W.t()
             outs.append(y)
         ctx.scales = scales
-        ctx.has_x_lora = x_lora is not None
+        ctx.merged = merged
         ctx.save_for_backward(x, x_lora, xa, *flat)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys):
         x, x_lora, xa, *flat = ctx.saved_tensors
-        scales = ctx.scales
+        scales, merged = ctx.scales, ctx.merged
         n = len(scales)
         dt = x.dtype
         Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
@@ -174,9 +202,9 @@ class LoRALinearFunction(torch.autograd.Function):
             W = _cast(Ws[i], dt)
             if need_dx:
                 dx = dy @ W if dx is None else dx.addmm_(dy, W)
-            if needs[3 + 4 * i]:
+            if needs[4 + 4 * i]:
                 grads[4 * i] = mm_fp32_out(dy.t(), x).to(Ws[i].dtype)
-            if bs[i] is not None and needs[3 + 4 * i + 1]:
+            if bs[i] is not None and needs[4 + 4 * i + 1]:
                 grads[4 * i + 1] = dy.sum(0, dtype=torch.float32).to(bs[i].dtype)
             if As[i] is not None:
                 s = scales[i]
@@ -184,34 +212,58 @@ class LoRALinearFunction(torch.autograd.Function):
                 d_parts.append(d_i)
                 a_parts.append(As[i])
                 a_idx.append(i)
-                if needs[3 + 4 * i + 3]:
+                if needs[4 + 4 * i + 3]:
                     grads[4 * i + 3] = (mm_fp32_out(dy.t(), xa[:, off : off + r]) * s).to(Bs[i].dtype)
             off += r
         dx_lora = None
         if d_parts:
             d_cat = torch.cat(d_parts, 1) if len(d_parts) > 1 else d_parts[0]
             a_cat = _cat_A(a_parts, dt)
+            plain = [k for k, i in enumerate(a_idx) if not merged[i]]
+            folded = [k for k, i in enumerate(a_idx) if merged[i]]
             if x_lora is None:
-                if need_dx:
-                    dx = d_cat @ a_cat if dx is None else dx.addmm_(d_cat, a_cat)
-            elif needs[1]:
-                dx_lora = d_cat @ a_cat
+                # merged adapters add nothing here: their dX term is inside dY fq(W_m) (straight-through)
+                if need_dx and plain:
+                    dp, ap = _subset(d_parts, a_parts, plain, d_cat, a_cat, dt)
+                    dx = dp @ ap if dx is None else dx.addmm_(dp, ap)
+            else:
+                if needs[1]:
+                    dx_lora = d_cat @ a_cat
+                if need_dx and folded:  # the -s x A^T B^T term of merged adapters under dropout
+                    dm, am = _subset(d_parts, a_parts, folded, d_cat, a_cat, dt)
+                    dx = -(dm @ am) if dx is None else dx.addmm_(dm, am, alpha=-1)
             da = mm_fp32_out(d_cat.t(), xl)  # (sum r, in)
             o = 0
             for i in a_idx:
                 r = As[i].shape[0]
-                if needs[3 + 4 * i + 2]:
+                if needs[4 + 4 * i + 2]:
                     grads[4 * i + 2] = da[o : o + r].to(As[i].dtype)
                 o += r
         if need_dx and dx is None:
             dx = torch.zeros_like(x)
-        return (dx, dx_lora, None, *grads)
+        return (dx, dx_lora, None, None, *grads)
+
+
+def _subset(d_parts, a_parts, idx, d_cat, a_cat, dt):
+    """(dY s B, A) of the adapters at positions ``idx``: the concatenations themselves when that is all of them."""
+    if len(idx) == len(d_parts):
+        return d_cat, a_cat
+    d = torch.cat([d_parts[k] for k in idx], 1) if len(idx) > 1 else d_parts[idx[0]]
+    return d, _cat_A([a_parts[k] for k in idx], dt)
 
 
 def lora_linear(x: torch.Tensor, projections: list[Projection]) -> tuple[torch.Tensor, ...]:
     """Apply several projections that share the input x (..., in); returns one output (..., out_i) per projection."""
+    quants = {p.act_quant for p in projections}
+    if len(quants) > 1:  # different input fake quantizers: one call each
+        return tuple(lora_linear(x, [p])[0] for p in projections)
+    act_quant = next(iter(quants))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    if act_quant is not None:
+        from .fake_quant import act_fake_quant
+
+        x2 = act_fake_quant(x2, act_quant)  # once for every projection of x; straight-through backward
     dropout = next((p.dropout for p in projections if p.dropout is not None), None)
     if dropout is not None and any(p.dropout is not dropout for p in projections if p.lora_A is not None):
         # different dropout modules: apply them one projection at a time
@@ -221,10 +273,11 @@ def lora_linear(x: torch.Tensor, projections: list[Projection]) -> tuple[torch.T
     for p in projections:
         flat += [p.weight, p.bias, p.lora_A, p.lora_B]
     scales = tuple(p.scale for p in projections)
+    merged = tuple(p.merged for p in projections)
     if all(p.lora_A is None for p in projections):
         outs = tuple(F.linear(x2, _cast(p.weight, x.dtype), _cast(p.bias, x.dtype)) for p in projections)
     else:
-        outs = LoRALinearFunction.apply(x2, x_lora, scales, *flat)
+        outs = LoRALinearFunction.apply(x2, x_lora, scales, merged, *flat)
     if x.dim() == 2:
         return tuple(outs)  # not views: callers (RoPE) may rotate them in place
     return tuple(o.view(*lead, o.shape[-1]) for o in outs)
@@ -274,23 +327,32 @@ def _proj_fwd(x, W, xa, B, s):
 
 
 class LoRAMLPFunction(torch.autograd.Function):
-    """down(act(gate(x)) * up(x)) with frozen base weights, optional LoRA on each of gate/up/down."""
+    """down(act(gate(x)) * up(x)) with frozen base weights, optional LoRA on each of gate/up/down.
+
+    ``merged`` (gate, up, down): that weight already holds fq(W + s·B·A), so its adapter adds no output and no dX
+    term; ``act_quant``: h is fake-quantized (in place, straight-through) before down_proj.
+    """
 
     @staticmethod
-    def forward(ctx, x, act, sg, su, sd, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd):
+    def forward(ctx, x, act, sg, su, sd, merged, act_quant, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd):
         dt = x.dtype
+        mg, mu, md = merged
         Wg, Wu, Wd = _cast(Wg, dt), _cast(Wu, dt), _cast(Wd, dt)
         a_gu = [a for a in (Ag, Au) if a is not None]
         xa = x @ _cat_A(a_gu, dt).t() if a_gu else None
         rg = Ag.shape[0] if Ag is not None else 0
-        xa_g = xa[:, :rg] if Ag is not None else None
-        xa_u = xa[:, rg:] if Au is not None else None
+        xa_g = xa[:, :rg] if Ag is not None and not mg else None
+        xa_u = xa[:, rg:] if Au is not None and not mu else None
         G = _proj_fwd(x, Wg, xa_g, Bg, sg)
         U = _proj_fwd(x, Wu, xa_u, Bu, su)
         H = ACTIVATIONS[act][0](G, U)
+        if act_quant is not None:
+            from .fake_quant import fake_quant_act
+
+            fake_quant_act(H, act_quant, out=H)
         ha = H @ cached_cast(Ad, dt).t() if Ad is not None else None
-        out = _proj_fwd(H, Wd, ha, Bd, sd)
-        ctx.act, ctx.scales, ctx.rg = act, (sg, su, sd), rg
+        out = _proj_fwd(H, Wd, None if md else ha, Bd, sd)
+        ctx.act, ctx.scales, ctx.rg, ctx.merged, ctx.act_quant = act, (sg, su, sd), rg, merged, act_quant
         ctx.save_for_backward(x, xa, G, U, ha, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd)
         return out
 
@@ -298,49 +360,64 @@ class LoRAMLPFunction(torch.autograd.Function):
     def backward(ctx, dout):
         x, xa, G, U, ha, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd = ctx.saved_tensors
         sg, su, sd = ctx.scales
+        mg, mu, md = ctx.merged
         dt = x.dtype
         needs = ctx.needs_input_grad
         dout = dout.reshape(-1, dout.shape[-1])
         g_Ag = g_Bg = g_Au = g_Bu = g_Ad = g_Bd = None
-        # down: dH = dout Wd + (dout sd Bd) Ad
+        # down: dH = dout Wd + (dout sd Bd) Ad (the second term only for an unmerged adapter)
         dH = dout @ Wd
         dd = None
         if Ad is not None:
             dd = dout @ cached_cast(Bd, dt, sd)
-            dH.addmm_(dd, cached_cast(Ad, dt))
-            if needs[13]:
+            if not md:
+                dH.addmm_(dd, cached_cast(Ad, dt))
+            if needs[15]:
                 g_Bd = (mm_fp32_out(dout.t(), ha) * sd).to(Bd.dtype)
-        # activation backward in place: H -> dH's buffer, dG -> G's, dU -> U's (saved tensors are ours alone)
+        # activation backward in place: H -> dH's buffer, dG -> G's, dU -> U's (saved tensors are ours alone);
+        # with act_quant the gradient w.r.t. fq(H) is the gradient w.r.t. H (straight-through)
         H, dG, dU = ACTIVATIONS[ctx.act][1](dH, G, U, True)
-        if Ad is not None and needs[12]:
+        if Ad is not None and needs[14]:
+            if ctx.act_quant is not None:
+                from .fake_quant import fake_quant_act
+
+                fake_quant_act(H, ctx.act_quant, out=H)
             g_Ad = mm_fp32_out(dd.t(), H).to(Ad.dtype)
         del H, dH
         dx = dG @ Wg
         dx.addmm_(dU, Wu)
-        parts, a_parts = [], []
+        parts, a_parts, plain = [], [], []
         if Ag is not None:
             parts.append(dG @ cached_cast(Bg, dt, sg))
             a_parts.append(Ag)
-            if needs[7]:
+            if not mg:
+                plain.append(len(parts) - 1)
+            if needs[9]:
                 g_Bg = (mm_fp32_out(dG.t(), xa[:, : ctx.rg]) * sg).to(Bg.dtype)
         if Au is not None:
             parts.append(dU @ cached_cast(Bu, dt, su))
             a_parts.append(Au)
-            if needs[10]:
+            if not mu:
+                plain.append(len(parts) - 1)
+            if needs[12]:
                 g_Bu = (mm_fp32_out(dU.t(), xa[:, ctx.rg :]) * su).to(Bu.dtype)
         if parts:
             d_cat = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-            dx.addmm_(d_cat, _cat_A(a_parts, dt))
+            a_cat = _cat_A(a_parts, dt)
+            if plain:
+                dp, ap = _subset(parts, a_parts, plain, d_cat, a_cat, dt)
+                dx.addmm_(dp, ap)
             da = mm_fp32_out(d_cat.t(), x)
             if Ag is not None:
                 g_Ag = da[: ctx.rg].to(Ag.dtype)
             if Au is not None:
                 g_Au = da[ctx.rg :].to(Au.dtype)
-        return dx, None, None, None, None, None, g_Ag, g_Bg, None, g_Au, g_Bu, None, g_Ad, g_Bd
+        return dx, None, None, None, None, None, None, None, g_Ag, g_Bg, None, g_Au, g_Bu, None, g_Ad, g_Bd
 
 
 def _mlp_eligible(ps: list[Projection]) -> bool:
-    return all(p.bias is None and p.dropout is None and not p.weight.requires_grad for p in ps)
+    return (all(p.bias is None and p.dropout is None and not p.weight.requires_grad for p in ps)
+            and ps[0].act_quant == ps[1].act_quant)
 
 
 def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, act: str) -> torch.Tensor:
@@ -348,8 +425,12 @@ def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if use_triton(x2) and _mlp_eligible([gate, up, down]):
+        if gate.act_quant is not None:
+            from .fake_quant import act_fake_quant
+
+            x2 = act_fake_quant(x2, gate.act_quant)
         out = LoRAMLPFunction.apply(
-            x2, act, gate.scale, up.scale, down.scale,
+            x2, act, gate.scale, up.scale, down.scale, (gate.merged, up.merged, down.merged), down.act_quant,
             gate.weight, gate.lora_A, gate.lora_B, up.weight, up.lora_A, up.lora_B,
             down.weight, down.lora_A, down.lora_B,
         )

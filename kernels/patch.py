@@ -20,8 +20,9 @@ What each flag replaces:
 - ``fused_ce``: marks the model (``_edgeft_fused_ce = True``) so that the training loop calls the decoder stack and
   ``lm_head_loss``/``causal_lm_loss`` instead of computing logits.
 
-Anything a fast path cannot represent exactly (QAT-merged adapters, DoRA, several active adapters, a KV cache during
-generation) falls back to the stock module call at run time, so patched models stay correct in every mode.
+Anything a fast path cannot represent exactly (DoRA, several active adapters, a KV cache during generation) falls
+back to the stock module call at run time, so patched models stay correct in every mode. QAT modules (edgeft.qat)
+describe themselves to the fast paths (``edgeft_projection``), so patch and ``qat.prepare`` compose in either order.
 """
 
 from __future__ import annotations
@@ -325,7 +326,9 @@ def _common(rec: _Record, hf: nn.Module, flags: dict, *, norm_cls: str, norm: _N
         _patch_checkpoint(rec, stack, flags["checkpoint"])
     if flags["fused_ce"]:
         head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
-        if isinstance(head, nn.Linear) and type(head) is nn.Linear and head.bias is None:
+        # a QAT head (FakeQuantLinear, torchao's FakeQuantizedLinear) is fine: lm_head_operands applies its quantizers
+        plain = type(head) is nn.Linear or hasattr(head, "weight_fake_quantizer")
+        if isinstance(head, nn.Linear) and plain and head.bias is None:
             rec.set(hf, "_edgeft_fused_ce", True)
             rec.replaced.append("fused_ce:lm_head")
         else:
@@ -443,4 +446,18 @@ def causal_lm_loss(
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     head = hf.get_output_embeddings()
     softcap = getattr(hf.config, "final_logit_softcapping", None)
-    return lm_head_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight, shifted.reshape(-1), softcap)
+    h, w = lm_head_operands(head, hidden.reshape(-1, hidden.shape[-1]))
+    return lm_head_loss(h, w, shifted.reshape(-1), softcap)
+
+
+def lm_head_operands(head: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden, weight) as the head's forward would use them: a QAT-prepared head's fake quantizers applied, so the
+    fused loss trains on the deployed grid too (straight-through gradients)."""
+    w = head.weight
+    afq = getattr(head, "activation_fake_quantizer", None)
+    wfq = getattr(head, "weight_fake_quantizer", None)
+    if afq is not None:
+        hidden = afq(hidden)
+    if wfq is not None:
+        w = wfq(w)
+    return hidden, w

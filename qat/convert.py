@@ -1,8 +1,12 @@
 """QAT convert and the PTQ baseline: real torchao quantized tensors, saved as an HF-loadable directory.
 
 ``convert`` removes fake quantization (merging LoRA adapters into the base weights first), then applies the
-scheme's torchao config, which computes the same scales and integers the last fake-quant forward used. The
-PTQ baseline is the same ``quantize`` applied to a model trained without QAT.
+scheme's torchao config, which computes the same scales and integers the last fake-quant forward used. The merge
+is edgeft's own (``fake_quant.merge_lora_weight``: fp32, summed over the rank in a fixed order, rounded once to the
+base dtype), the very weight a QAT LoRA layer fake-quantizes in its forward, rather than PEFT's matmul-based merge,
+whose last bit depends on the matmul library: so the integers convert writes are the ones training saw. Convert
+the model in the dtype it trained in (before any ``.float()``): torchao computes bf16 scales for a bf16 weight, as
+the fake quantizer did. The PTQ baseline is the same ``quantize`` applied to a model trained without QAT.
 
 The converted directory is what every exporter reads: ``config.json`` (with a torchao
 ``quantization_config``), ``model.safetensors`` (torchao's flattened tensor-subclass format, no pickle),
@@ -81,14 +85,37 @@ def _output_name(model: nn.Module) -> str | None:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Return the plain transformers model: PEFT adapters merged into the base weights (W + s·B·A)."""
+    """Return the plain transformers model: PEFT adapters merged into the base weights (W + s·B·A).
+
+    Plain single-adapter LoRA linears take edgeft's deterministic merge (the weight QAT fake-quantized); anything
+    else (DoRA, several adapters, Conv1D) PEFT's own merge.
+    """
     try:
         from peft import PeftModel
     except ImportError:
         return model
-    if isinstance(model, PeftModel):
-        return model.merge_and_unload()
-    return model
+    if not isinstance(model, PeftModel):
+        return model
+    from edgeft.kernels.fake_quant import merged_lora_weight
+
+    from .prepare import _is_lora_linear
+
+    for _, mod in model.named_modules():
+        if not _is_lora_linear(mod) or mod.merged:
+            continue
+        active = [a for a in mod.active_adapters if a in mod.lora_A]
+        plain = (len(active) == 1 and not getattr(mod, "fan_in_fan_out", False)
+                 and not getattr(mod, "use_dora", {}).get(active[0], False)
+                 and active[0] not in getattr(mod, "lora_variant", {}))
+        if not plain or mod.disable_adapters:
+            if active and not mod.disable_adapters:
+                mod.merge(adapter_names=active)
+            continue
+        name = active[0]
+        w = mod.base_layer.weight
+        with torch.no_grad():
+            w.copy_(merged_lora_weight(w, mod.lora_A[name].weight, mod.lora_B[name].weight, mod.scaling[name]))
+    return model.unload()
 
 
 def convert(model: nn.Module, plan: QATPlan | str | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -102,7 +129,7 @@ def convert(model: nn.Module, plan: QATPlan | str | None = None) -> tuple[nn.Mod
         plan = QATPlan.from_dict(model._edgeft_qat_plan)
     plan = resolve(plan) if isinstance(plan, str) else plan
     if is_prepared(model):
-        unprepare(model)
+        unprepare(model)  # LoRA layers back to PEFT's; merge_lora applies the merge their forward quantized
     model = merge_lora(model)
     model.eval()
     record = quantize(model, plan)

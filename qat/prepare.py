@@ -1,14 +1,25 @@
 """QAT prepare: insert fake quantization that simulates the exact grid convert will write.
 
-Full fine-tuning uses torchao's ``QATConfig(base, step="prepare")``: linears become FakeQuantizedLinear and,
-for presets that quantize embeddings, embeddings become FakeQuantizedEmbedding.
+The grids are torchao's (the plan's torchao fake-quant configs, translated to specs by ``fake_quant.py``), but the
+modules are edgeft's, for three reasons:
 
-LoRA is different, and torchao alone gets it wrong: it fake-quantizes the frozen base weight and then adds
-the adapter path in float, but the phone runs the *merged* weight W + s·B·A quantized once. edgeft therefore
-replaces each PEFT ``lora.Linear`` with :class:`MergedFakeQuantLoraLinear`, whose forward is
-``F.linear(fq_act(x), fq_w(W + s·B·A), b)`` with torchao's own fake quantizers (straight-through estimator),
-so the trained grid is the deployed grid. lora_dropout must be 0 under QAT: dropout on the adapter input
-cannot be expressed as one merged weight.
+- LoRA: torchao fake-quantizes the frozen base weight and adds the adapter path in float, but the phone runs the
+  *merged* weight W + s·B·A quantized once. :class:`MergedFakeQuantLoraLinear` computes fq_a(x) fq_w(W + s·B·A)^T
+  with one matmul on the merged fake-quantized weight (one Triton pass builds it from W, A and B), and the
+  straight-through backward gives dA and dB from rank-r products (dB = s·dY^T (X̂ A^T), dA = s·(dY B)^T X̂): no
+  (out, in) weight gradient is ever formed and W stays frozen. The module exposes this as a ``Projection`` to the
+  fused kernels (``edgeft.kernels.lora``), so Q/K/V share one fake-quantized input and the MLP stays one Function.
+- Full fine-tuning: :class:`FakeQuantLinear` fake-quantizes each weight once per optimizer step (a cache keyed by
+  the parameter's version counter keeps its integer codes) and reuses it across the micro-batches of gradient
+  accumulation and checkpoint recomputation. :class:`FakeQuantEmbedding` quantizes only the rows it looks up
+  (per-row scales make that exact), never the whole table.
+- Speed and memory: one fused pass per fake quantization instead of a dozen PyTorch ops and their saved masks.
+
+lora_dropout > 0: the merge cannot contain dropout, so in training a merged layer computes
+``fq_a(x) fq_w(W_m)^T + s·(drop(X̂) - X̂) A^T B^T``: the deployed forward plus the adapter's dropout noise, which is
+zero in expectation and absent at eval time (so eval and convert see exactly the deployed weight); A and B get
+PEFT's dropout gradients on the deployed grid (dB = s·dY^T (drop(X̂) A^T), dA = s·(dY B)^T drop(X̂)). lora_dropout
+0 (edgeft's default) makes training forward and deployed forward identical.
 """
 
 from __future__ import annotations
@@ -21,16 +32,8 @@ from torch import nn
 
 from edgeft.errors import EdgeftError
 
+from .fake_quant import ActQuant, WeightQuant, specs_from_configs, weight_spec
 from .schemes import QATPlan, resolve
-
-
-def _torchao():
-    from torchao.quantization import quantize_
-    from torchao.quantization.qat import QATConfig
-    from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
-    from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
-
-    return quantize_, QATConfig, _infer_fake_quantize_configs, FakeQuantizerBase
 
 
 def _is_lora_linear(m: nn.Module) -> bool:
@@ -45,49 +48,171 @@ def _group_ok(in_features: int, plan: QATPlan) -> bool:
     return plan.group_size is None or in_features % plan.group_size == 0
 
 
-class MergedFakeQuantLoraLinear(nn.Module):
-    """A PEFT LoRA linear whose forward fake-quantizes the merged weight W + s·B·A.
+def plan_specs(plan: QATPlan) -> tuple[ActQuant | None, WeightQuant]:
+    """(activation, weight) specs of the plan's linears, from the torchao configs convert will mirror."""
+    try:
+        return specs_from_configs(*plan.fake_quant_configs())
+    except ValueError as e:
+        raise EdgeftError(f"QAT scheme {plan.scheme.name}: {e}") from None
 
-    It registers the PEFT module's own ``base_layer``, ``lora_A`` and ``lora_B`` as children under the same
-    names, so state-dict keys (checkpoints, adapter saving) are unchanged; the original module is kept for
-    :func:`unprepare`.
+
+def embedding_spec(plan: QATPlan) -> WeightQuant | None:
+    cfg = plan.embedding_config()
+    if cfg is None:
+        return None
+    from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
+
+    spec = weight_spec(_infer_fake_quantize_configs(cfg)[1])
+    if spec.kind == "fp8_int4":
+        raise EdgeftError("embedding treatments with fp8 rows are not supported")
+    return spec
+
+
+class ActFakeQuantizer(nn.Module):
+    """Callable activation fake quantizer (straight-through); ``spec`` is what the fused kernels read."""
+
+    def __init__(self, spec: ActQuant) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from edgeft.kernels.fake_quant import act_fake_quant
+
+        return act_fake_quant(x, self.spec)
+
+    def extra_repr(self) -> str:
+        return repr(self.spec)
+
+
+class WeightFakeQuantizer(nn.Module):
+    """Callable weight fake quantizer (straight-through), caching the quantized weight per parameter version."""
+
+    def __init__(self, spec: WeightQuant, cache: bool = True) -> None:
+        super().__init__()
+        from edgeft.kernels.fake_quant import WeightCache
+
+        self.spec = spec
+        self.cache = WeightCache() if cache else None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        from edgeft.kernels.fake_quant import weight_fake_quant
+
+        return weight_fake_quant(w, self.spec, self.cache)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec!r}, cache={self.cache is not None}"
+
+
+class FakeQuantLinear(nn.Linear):
+    """A linear layer trained on its deployed grid: F.linear(fq_a(x), fq_w(W), b), sharing the original parameters.
+
+    ``weight_fake_quantizer`` / ``activation_fake_quantizer`` are callables with torchao's attribute names, so code
+    that applies a head's fake quantizers itself (the fused cross-entropy path) works unchanged.
     """
 
-    def __init__(self, lora: nn.Module, act_config: Any, weight_config: Any) -> None:
+    def __init__(self, linear: nn.Linear, act: ActQuant | None, weight: WeightQuant, cache: bool = True) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.activation_fake_quantizer = ActFakeQuantizer(act) if act is not None else None
+        self.weight_fake_quantizer = WeightFakeQuantizer(weight, cache)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_fake_quantizer is not None:
+            x = self.activation_fake_quantizer(x)
+        w = self.weight_fake_quantizer(self.weight)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def edgeft_projection(self) -> Any:
+        """What the fused kernels compute for this layer (``edgeft.kernels.lora.projection_of``)."""
+        from edgeft.kernels.lora import Projection
+
+        act = self.activation_fake_quantizer.spec if self.activation_fake_quantizer is not None else None
+        return Projection(self.weight_fake_quantizer(self.weight), self.bias, act_quant=act)
+
+    def to_linear(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight = self.weight
+        lin.bias = self.bias
+        return lin
+
+
+class FakeQuantEmbedding(nn.Embedding):
+    """An embedding whose looked-up rows are fake-quantized (per-row grid: fq(W)[ids] == fq(W[ids]) exactly)."""
+
+    def __init__(self, emb: nn.Embedding, spec: WeightQuant) -> None:
+        if spec.group_size is not None and emb.embedding_dim % spec.group_size:
+            raise EdgeftError(f"embedding dim {emb.embedding_dim} is not a multiple of group {spec.group_size}")
+        super().__init__(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, emb.max_norm, emb.norm_type,
+                         emb.scale_grad_by_freq, emb.sparse, device="meta")
+        self.weight = emb.weight
+        self.spec = spec
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from edgeft.kernels.fake_quant import rows_fake_quant
+
+        rows = F.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+        return rows_fake_quant(rows, self.spec)
+
+    def to_embedding(self) -> nn.Embedding:
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse, device="meta")
+        emb.weight = self.weight
+        return emb
+
+
+class MergedFakeQuantLoraLinear(nn.Module):
+    """A PEFT LoRA linear whose forward fake-quantizes the merged weight W + s·B·A (see the module docstring).
+
+    It registers the PEFT module's own ``base_layer``, ``lora_A``, ``lora_B`` and ``lora_dropout`` as children
+    under the same names, so state-dict keys (checkpoints, adapter saving) are unchanged; the original module is
+    kept for :func:`unprepare`.
+    """
+
+    def __init__(self, lora: nn.Module, act: ActQuant | None, weight: WeightQuant) -> None:
         super().__init__()
-        _, _, _, FakeQuantizerBase = _torchao()
         if len(lora.active_adapters) != 1:
             raise EdgeftError("QAT with LoRA needs exactly one active adapter")
         self.adapter = lora.active_adapters[0]
-        drop = lora.lora_dropout[self.adapter]
-        if not isinstance(drop, nn.Identity) and getattr(drop, "p", 0.0) > 0:
-            raise EdgeftError(
-                "lora_dropout must be 0 with QAT: the phone runs the merged weight, which dropout cannot express"
-            )
+        if getattr(lora, "use_dora", {}).get(self.adapter, False) or self.adapter in getattr(lora, "lora_variant", {}):
+            raise EdgeftError("QAT with LoRA supports plain LoRA adapters (not DoRA or other variants)")
+        if getattr(lora, "fan_in_fan_out", False):
+            raise EdgeftError("QAT with LoRA does not support fan_in_fan_out (Conv1D) layers")
         self.base_layer = lora.base_layer
         self.lora_A = lora.lora_A
         self.lora_B = lora.lora_B
+        self.lora_dropout = lora.lora_dropout
         self.scaling = float(lora.scaling[self.adapter])
-        self.fan_in_fan_out = bool(getattr(lora, "fan_in_fan_out", False))
-        self.activation_fake_quantizer = FakeQuantizerBase.from_config(act_config) if act_config else None
-        self.weight_fake_quantizer = FakeQuantizerBase.from_config(weight_config)
+        self.act_spec = act
+        self.weight_spec = weight
         object.__setattr__(self, "_peft_module", lora)
 
+    def _adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[self.adapter].weight, self.lora_B[self.adapter].weight
+
     def merged_weight(self) -> torch.Tensor:
-        """W + s·B·A in the base weight's dtype, computed as PEFT's merge computes it."""
-        a = self.lora_A[self.adapter].weight
-        b = self.lora_B[self.adapter].weight
-        delta = (b @ a) * self.scaling
-        if self.fan_in_fan_out:
-            delta = delta.T
-        w = self.base_layer.weight
-        return w + delta.to(w.dtype)
+        """W + s·B·A in the base weight's dtype: the weight this layer's forward fake-quantizes and convert writes."""
+        from edgeft.kernels.fake_quant import merged_lora_weight
+
+        return merged_lora_weight(self.base_layer.weight, *self._adapters(), self.scaling)
+
+    def edgeft_projection(self) -> Any:
+        """The merged, fake-quantized Projection the fused LoRA Functions run (``kernels.lora.projection_of``)."""
+        from edgeft.kernels.fake_quant import fake_quant_weight
+        from edgeft.kernels.lora import Projection
+
+        a, b = self._adapters()
+        w = fake_quant_weight(self.base_layer.weight, self.weight_spec, lora=(a, b, self.scaling))
+        drop = self.lora_dropout[self.adapter]
+        active = isinstance(drop, nn.Dropout) and drop.p > 0 and drop.training
+        return Projection(w, self.base_layer.bias, a, b, self.scaling, drop if active else None,
+                          merged=True, act_quant=self.act_spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_fake_quantizer(self.merged_weight())
-        if self.activation_fake_quantizer is not None:
-            x = self.activation_fake_quantizer(x)
-        return F.linear(x.to(w.dtype), w, self.base_layer.bias)
+        from edgeft.kernels.lora import lora_linear
+
+        return lora_linear(x, [self.edgeft_projection()])[0]
 
 
 def _set_child(root: nn.Module, fqn: str, new: nn.Module) -> None:
@@ -96,63 +221,54 @@ def _set_child(root: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int | None = None) -> list[str]:
+def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int | None = None, *,
+            cache: bool = True) -> list[str]:
     """Insert fake quantization in place; returns the names of the modules it replaced.
 
     Linears whose input size the group size does not divide stay in float (listed with a ``skip:`` prefix),
-    and so does every module convert would not quantize, keeping prepare and convert in step.
+    and so does every module convert would not quantize, keeping prepare and convert in step. ``cache=False``
+    re-quantizes full fine-tuning weights on every use instead of once per optimizer step.
     """
-    quantize_, QATConfig, _, _ = _torchao()
     plan = scheme_or_preset if isinstance(scheme_or_preset, QATPlan) else resolve(scheme_or_preset, group_size)
-    act_cfg, w_cfg = plan.fake_quant_configs()
+    act, weight = plan_specs(plan)
+    emb = embedding_spec(plan)
     replaced: list[str] = []
 
-    # LoRA layers first: their base_layer must not also get torchao's own fake quantizer.
+    # LoRA layers first: their base_layer must not also get a fake quantizer of its own.
     lora_names = [n for n, m in model.named_modules() if _is_lora_linear(m)]
     for name in lora_names:
         mod = model.get_submodule(name)
         if not _group_ok(mod.base_layer.in_features, plan):
             replaced.append(f"skip:{name}")
             continue
-        _set_child(model, name, MergedFakeQuantLoraLinear(mod, act_cfg, w_cfg))
+        _set_child(model, name, MergedFakeQuantLoraLinear(mod, act, weight))
         replaced.append(name)
 
-    def linear_filter(m: nn.Module, fqn: str) -> bool:
-        if type(m) is not nn.Linear:
-            return False
-        if any(fqn == n or fqn.startswith(n + ".") for n in lora_names):
-            return False
-        if not _group_ok(m.in_features, plan):
-            replaced.append(f"skip:{fqn}")
-            return False
-        replaced.append(fqn)
-        return True
+    def inside_lora(fqn: str) -> bool:
+        return any(fqn == n or fqn.startswith(n + ".") for n in lora_names)
 
-    quantize_(model, plan.qat_prepare_config(), filter_fn=linear_filter)
-    emb = plan.embedding_config()
-    if emb is not None:
-
-        def emb_filter(m: nn.Module, fqn: str) -> bool:
-            if type(m) is nn.Embedding:
-                replaced.append(fqn)
-                return True
-            return False
-
-        quantize_(model, QATConfig(emb, step="prepare"), filter_fn=emb_filter)
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.Linear and not inside_lora(name):
+            if not _group_ok(m.in_features, plan):
+                replaced.append(f"skip:{name}")
+                continue
+            _set_child(model, name, FakeQuantLinear(m, act, weight, cache))
+            replaced.append(name)
+        elif type(m) is nn.Embedding and emb is not None and not inside_lora(name):
+            _set_child(model, name, FakeQuantEmbedding(m, emb))
+            replaced.append(name)
     model._edgeft_qat_plan = plan.to_dict()  # noqa: SLF001 - read by convert and the trainer
     return replaced
 
 
 def unprepare(model: nn.Module) -> None:
     """Remove fake quantization, restoring PEFT LoRA modules and plain Linear/Embedding (weights shared)."""
-    from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear
-
     for name, mod in list(model.named_modules()):
         if isinstance(mod, MergedFakeQuantLoraLinear):
             _set_child(model, name, mod._peft_module)
-        elif isinstance(mod, FakeQuantizedLinear):
+        elif isinstance(mod, FakeQuantLinear):
             _set_child(model, name, mod.to_linear())
-        elif isinstance(mod, FakeQuantizedEmbedding):
+        elif isinstance(mod, FakeQuantEmbedding):
             _set_child(model, name, mod.to_embedding())
     if hasattr(model, "_edgeft_qat_plan"):
         del model._edgeft_qat_plan
@@ -160,3 +276,13 @@ def unprepare(model: nn.Module) -> None:
 
 def is_prepared(model: nn.Module) -> bool:
     return hasattr(model, "_edgeft_qat_plan")
+
+
+def fake_quant_cache_stats(model: nn.Module) -> dict[str, int]:
+    """Hits and misses of the full fine-tuning weight caches (for tests and the benchmark)."""
+    hits = misses = 0
+    for m in model.modules():
+        if isinstance(m, WeightFakeQuantizer) and m.cache is not None:
+            hits += m.cache.hits
+            misses += m.cache.misses
+    return {"hits": hits, "misses": misses}

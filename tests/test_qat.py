@@ -70,9 +70,15 @@ def test_lora_forward_fake_quantizes_the_merged_weight():
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, qat.MergedFakeQuantLoraLinear)
     x = torch.randn(3, 5, 256)
-    w = layer.base_layer.weight + (layer.lora_B["default"].weight @ layer.lora_A["default"].weight) * layer.scaling
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    delta = torch.zeros_like(layer.base_layer.weight)
+    for k in range(a.shape[0]):  # the merge's definition: fp32, summed over the rank in order, scaled once
+        delta = delta + b[:, k : k + 1] * a[k : k + 1, :]
+    w = layer.base_layer.weight + delta * layer.scaling
     expected = F.linear(ref_int8_token_asym(x), ref_int4_group_sym(w, 32))
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+    # the same weight convert writes
+    torch.testing.assert_close(layer.merged_weight(), w, rtol=0, atol=0)
 
 
 def test_lora_qat_gradients_reach_adapters_only():
@@ -99,11 +105,29 @@ def test_unprepare_restores_peft_modules_and_state_dict_keys():
     assert set(model.state_dict()) == keys
 
 
-def test_lora_dropout_is_refused_under_qat():
+def test_lora_dropout_trains_the_merged_weight_plus_adapter_noise():
     model, _ = load_model(resolve_model("tiny-llama"))
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1))
-    with pytest.raises(EdgeftError, match="lora_dropout must be 0"):
-        qat.prepare(model, "int8-int4")
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape) * 0.02
+    qat.prepare(model, "int8-int4")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, qat.MergedFakeQuantLoraLinear)
+    x = torch.randn(4, 256)
+    model.eval()  # no dropout: exactly the deployed forward
+    w = layer.merged_weight()
+    torch.testing.assert_close(layer(x), F.linear(ref_int8_token_asym(x), ref_int4_group_sym(w, 32)), rtol=0, atol=1e-5)
+    model.train()
+    torch.manual_seed(3)
+    y = layer(x)
+    xq = ref_int8_token_asym(x)
+    torch.manual_seed(3)
+    dropped = layer.lora_dropout["default"](xq)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    noise = F.linear(F.linear(dropped - xq, a), b) * layer.scaling
+    torch.testing.assert_close(y, F.linear(xq, ref_int4_group_sym(w, 32)) + noise, rtol=0, atol=1e-5)
+    assert noise.abs().max() > 0
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])

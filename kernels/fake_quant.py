@@ -1,0 +1,540 @@
+"""Fused fake quantization: group-wise int weights (optionally merging a LoRA adapter first), per-token int8 and
+per-row fp8 activations, each one pass over the tensor, with straight-through gradients.
+
+Why by hand: torchao's fake quantizers are a chain of PyTorch ops (abs, amax, divide, clamp, reciprocal, multiply,
+round, add, clamp, subtract, multiply, cast), each a full pass that materialises a temporary, and their backward
+saves masks of the same size. For a LoRA model edgeft also needs the merged weight W + s·B·A before quantizing it,
+which in PyTorch costs an (out, in) fp32 matmul output, a scale and an add before the quantizer even starts.
+Here one kernel reads W (and the rank-r adapters, from cache) and writes the fake-quantized merged weight, and
+optionally the integer codes and scales (what convert writes, and what the full fine-tuning cache keeps).
+
+Exactness: the kernels compute in fp32 and round to the dtype torch's type promotion gives each intermediate in
+``edgeft.qat.fake_quant``'s references (which equal torchao's fake quantizers bit for bit): bf16 by integer
+round-to-nearest-even on the fp32 bits, fp16 by an explicit ``rtne`` cast, quotients with ``div_rn`` (IEEE),
+round-half-to-even by adding and subtracting 1.5·2^23, fp8 e4m3 by rounding to the value's own power-of-two
+quantum. Kernels are launched with ``enable_fp_fusion=False`` so that no multiply-add contracts into an FMA (one
+rounding instead of two). The LoRA merge sums B·A over the rank in order, one IEEE operation at a time, exactly
+as ``merge_lora_weight`` does, so the merged weight has the same bits on any device.
+
+Gradients are straight-through (identity): see ``edgeft.qat.fake_quant`` for why, and ``kernels/lora.py`` for
+the LoRA backward that uses it (dX = dY fq(W_m), dA and dB from rank-r products, no full-size weight gradient).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from edgeft.qat.fake_quant import (
+    FP8_MAX,
+    ActQuant,
+    WeightQuant,
+    act_ref,
+    fp8_rows_ref,
+    int_weight_ref,
+    merge_lora_weight,
+)
+
+from ._common import HAS_TRITON, needs_long_indexing, next_pow2, use_triton, warps_for
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_MAGIC = 12582912.0  # 1.5 * 2**23: (v + M) - M rounds v half-to-even (|v| < 2**22)
+_TILE = 4096  # elements per program tile on the GPU
+_TILE_INTERPRETED = 1 << 16  # Triton's CPU interpreter pays per program, not per element: fewer, larger tiles
+
+
+def _tile(t: torch.Tensor) -> int:
+    return _TILE if t.is_cuda else _TILE_INTERPRETED
+
+
+def _kinds(dtype: torch.dtype, scale_dtype: torch.dtype | None) -> tuple[int, int, int]:
+    """(input, scale, product) dtype codes: the product of an input and a scale has torch's promoted dtype."""
+    if dtype not in _KIND:
+        raise TypeError(f"fake quantization supports fp32/bf16/fp16 tensors, got {dtype}")
+    s = scale_dtype or dtype
+    if s not in _KIND:
+        raise TypeError(f"unsupported scale dtype {s}")
+    return _KIND[dtype], _KIND[s], (_KIND[dtype] if s == dtype else 0)
+
+
+def _eps(eps: float | None, dtype: torch.dtype) -> float:
+    return eps if eps is not None else torch.finfo(dtype).smallest_normal
+
+
+def _launch_opts(t: torch.Tensor) -> dict[str, Any]:
+    return {"enable_fp_fusion": False} if t.is_cuda else {}
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rnd(x, KIND: tl.constexpr):
+        """Round fp32 ``x`` to the nearest (ties to even) value of dtype KIND (0 fp32, 1 bf16, 2 fp16), as fp32."""
+        if KIND == 1:
+            b = x.to(tl.uint32, bitcast=True)
+            b = b + 0x7FFF + ((b >> 16) & 1)
+            b = (b >> 16) << 16
+            return b.to(tl.float32, bitcast=True)
+        elif KIND == 2:
+            return x.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
+        else:
+            return x
+
+    @triton.jit
+    def _rint(x):
+        return (x + 12582912.0) - 12582912.0
+
+    @triton.jit
+    def _fp8_e4m3(y):
+        """Round fp32 ``y`` (|y| <= 448) to the nearest e4m3 value (ties to even), as fp32."""
+        e = ((y.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32) - 127
+        e = tl.maximum(e, -6)  # subnormals share the smallest normal's quantum 2^-9
+        quantum = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)
+        inv_quantum = ((3 - e + 127) << 23).to(tl.float32, bitcast=True)
+        return _rint(y * inv_quantum) * quantum
+
+    @triton.jit
+    def _weight_kernel(
+        W, A, B, OUT, MERGED, CODES, SCALES,
+        n_rows, n_cols, n_groups, stride_w, lora_scale, eps, divisor,
+        R: tl.constexpr, GS: tl.constexpr, GSP: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr,
+        QUANT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+        D: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+        WRITE_MERGED: tl.constexpr, WRITE_CODES: tl.constexpr, PACK: tl.constexpr, LONG: tl.constexpr,
+    ):
+        """One tile = BLOCK_R rows x NG groups (each GS columns, padded to GSP): merge, quantize, dequantize."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        if LONG:
+            rows = rows.to(tl.int64)
+        j = tl.arange(0, NG * GSP)
+        grp = tl.program_id(1) * NG + j // GSP
+        within = j % GSP
+        cols = grp * GS + within
+        rmask = rows < n_rows
+        cmask = (within < GS) & (grp < n_groups)
+        mask = rmask[:, None] & cmask[None, :]
+        w = tl.load(W + rows[:, None] * stride_w + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if R > 0:
+            acc = tl.zeros((BLOCK_R, NG * GSP), dtype=tl.float32)
+            for k in range(R):  # B·A summed over the rank in order, fp32, no FMA (launch option)
+                bk = tl.load(B + rows * R + k, mask=rmask, other=0.0).to(tl.float32)
+                ak = tl.load(A + k * n_cols + cols, mask=cmask, other=0.0).to(tl.float32)
+                acc = acc + bk[:, None] * ak[None, :]
+            w = _rnd(w + acc * lora_scale, D)
+            if WRITE_MERGED:
+                tl.store(MERGED + rows[:, None] * n_cols + cols[None, :], w.to(MERGED.dtype.element_ty), mask=mask)
+        if QUANT:
+            g = tl.reshape(w, (BLOCK_R, NG, GSP))
+            amax = tl.max(tl.abs(g), axis=2)
+            scale = _rnd(tl.math.div_rn(amax, divisor), D)
+            scale = _rnd(tl.maximum(scale, eps), D)
+            scale = _rnd(scale, S)
+            inv = _rnd(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), S)
+            v = _rnd(g * inv[:, :, None], P)
+            q = tl.clamp(_rint(v), QMIN, QMAX, propagate_nan=tl.PropagateNan.ALL)
+            dq = _rnd(_rnd(q * scale[:, :, None], P), D)
+            tl.store(OUT + rows[:, None] * n_cols + cols[None, :],
+                     tl.reshape(dq, (BLOCK_R, NG * GSP)).to(OUT.dtype.element_ty), mask=mask)
+            if WRITE_CODES:
+                gidx = tl.program_id(1) * NG + tl.arange(0, NG)
+                smask = rmask[:, None] & (gidx < n_groups)[None, :]
+                tl.store(SCALES + rows[:, None] * n_groups + gidx[None, :], scale.to(SCALES.dtype.element_ty),
+                         mask=smask)
+                qi = tl.reshape(q, (BLOCK_R, NG * GSP)).to(tl.int32)
+                if PACK:  # two 4-bit codes a byte, even column in the low nibble (GS == GSP here)
+                    lo, hi = tl.split(tl.reshape(qi, (BLOCK_R, NG * GSP // 2, 2)))
+                    byte = ((lo & 15) | ((hi & 15) << 4)).to(tl.uint8)
+                    pc = tl.program_id(1) * (NG * GSP // 2) + tl.arange(0, NG * GSP // 2)
+                    pmask = rmask[:, None] & (pc * 2 < n_cols)[None, :]
+                    tl.store(CODES + rows[:, None] * (n_cols // 2) + pc[None, :], byte, mask=pmask)
+                else:
+                    tl.store(CODES + rows[:, None] * n_cols + cols[None, :], qi.to(tl.int8), mask=mask)
+
+    @triton.jit
+    def _dequant_kernel(
+        CODES, SCALES, OUT, n_rows, n_cols, n_groups,
+        GS: tl.constexpr, GSP: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr,
+        D: tl.constexpr, P: tl.constexpr, PACK: tl.constexpr, LONG: tl.constexpr,
+    ):
+        """codes x scales -> the weight the fake quantizer produced (same rounding as _weight_kernel)."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        if LONG:
+            rows = rows.to(tl.int64)
+        j = tl.arange(0, NG * GSP)
+        grp = tl.program_id(1) * NG + j // GSP
+        within = j % GSP
+        cols = grp * GS + within
+        rmask = rows < n_rows
+        cmask = (within < GS) & (grp < n_groups)
+        mask = rmask[:, None] & cmask[None, :]
+        if PACK:
+            pc = tl.program_id(1) * (NG * GSP // 2) + tl.arange(0, NG * GSP // 2)
+            pmask = rmask[:, None] & (pc * 2 < n_cols)[None, :]
+            byte = tl.load(CODES + rows[:, None] * (n_cols // 2) + pc[None, :], mask=pmask, other=0).to(tl.int32)
+            lo = ((byte & 15) ^ 8) - 8  # sign-extend the nibbles
+            hi = (((byte >> 4) & 15) ^ 8) - 8
+            q = tl.reshape(tl.join(lo, hi), (BLOCK_R, NG * GSP)).to(tl.float32)
+        else:
+            q = tl.load(CODES + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0).to(tl.float32)
+        gidx = tl.program_id(1) * NG + tl.arange(0, NG)
+        smask = rmask[:, None] & (gidx < n_groups)[None, :]
+        scale = tl.load(SCALES + rows[:, None] * n_groups + gidx[None, :], mask=smask, other=1.0).to(tl.float32)
+        q3 = tl.reshape(q, (BLOCK_R, NG, GSP))
+        dq = _rnd(_rnd(q3 * scale[:, :, None], P), D)
+        tl.store(OUT + rows[:, None] * n_cols + cols[None, :],
+                 tl.reshape(dq, (BLOCK_R, NG * GSP)).to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _row_params(mn, mx, eps, lb, ub, MODE: tl.constexpr, HAS_LB: tl.constexpr, HAS_UB: tl.constexpr,
+                    D: tl.constexpr, S: tl.constexpr):
+        """Per-row (scale, reciprocal or unused, zero point) from the row's min and max (max|x| for fp8)."""
+        if MODE == 0:  # int8 asymmetric per token
+            mn = tl.minimum(mn, 0.0)
+            mx = tl.maximum(mx, 0.0)
+            scale = _rnd(mx - mn, D)
+            scale = _rnd(tl.math.div_rn(scale, tl.full(scale.shape, 255.0, tl.float32)), D)
+            scale = _rnd(tl.maximum(scale, eps), D)
+            zp = -128.0 - _rint(_rnd(tl.math.div_rn(mn, scale), D))
+            zp = tl.minimum(tl.maximum(zp, -128.0), 127.0)
+            scale = _rnd(scale, S)
+            inv = _rnd(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), S)
+            return scale, inv, zp
+        else:  # fp8 e4m3 per row: mx is max|x|
+            amax = mx
+            if HAS_LB:
+                amax = _rnd(tl.maximum(amax, lb), D)
+            if HAS_UB:
+                amax = _rnd(tl.minimum(amax, ub), D)
+            scale = _rnd(tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), D)
+            return scale, scale, scale
+
+    @triton.jit
+    def _row_apply(x, scale, inv, zp, MODE: tl.constexpr, D: tl.constexpr, P: tl.constexpr):
+        if MODE == 0:
+            v = _rnd(x * inv[:, None], P)
+            q = tl.minimum(tl.maximum(_rint(v) + zp[:, None], -128.0), 127.0)
+            return _rnd(_rnd((q - zp[:, None]) * scale[:, None], P), D)
+        else:
+            s = scale[:, None]
+            y = tl.math.div_rn(x, tl.broadcast_to(s, x.shape))
+            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+            y = tl.where(s == 0.0, 0.0, y)  # an all-zero row stays zero (torchao: 0/0)
+            return _rnd(_fp8_e4m3(y) * s, D)
+
+    @triton.jit
+    def _row_kernel(
+        X, OUT, n_rows, n_cols, stride_x, stride_o, eps, lb, ub,
+        MODE: tl.constexpr, HAS_LB: tl.constexpr, HAS_UB: tl.constexpr,
+        D: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr, LONG: tl.constexpr,
+    ):
+        """Per-row fake quantization of BLOCK_R rows; SINGLE: the row fits one tile (read once)."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        if LONG:
+            rows = rows.to(tl.int64)
+        rmask = rows < n_rows
+        c = tl.arange(0, BLOCK_C)
+        if SINGLE:
+            mask = rmask[:, None] & (c < n_cols)[None, :]
+            x = tl.load(X + rows[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
+            # padding zeros change neither min(., 0), max(., 0) nor max|x|
+            if MODE == 0:
+                mn = tl.min(x, axis=1)
+                mx = tl.max(x, axis=1)
+            else:
+                mn = tl.zeros((BLOCK_R,), tl.float32)
+                mx = tl.max(tl.abs(x), axis=1)
+            scale, inv, zp = _row_params(mn, mx, eps, lb, ub, MODE, HAS_LB, HAS_UB, D, S)
+            out = _row_apply(x, scale, inv, zp, MODE, D, P)
+            tl.store(OUT + rows[:, None] * stride_o + c[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            mn = tl.zeros((BLOCK_R,), tl.float32)
+            mx = tl.zeros((BLOCK_R,), tl.float32)
+            for c0 in range(0, n_cols, BLOCK_C):
+                mask = rmask[:, None] & (c0 + c < n_cols)[None, :]
+                x = tl.load(X + rows[:, None] * stride_x + (c0 + c)[None, :], mask=mask, other=0.0).to(tl.float32)
+                if MODE == 0:
+                    mn = tl.minimum(mn, tl.min(x, axis=1))
+                    mx = tl.maximum(mx, tl.max(x, axis=1))
+                else:
+                    mx = tl.maximum(mx, tl.max(tl.abs(x), axis=1))
+            scale, inv, zp = _row_params(mn, mx, eps, lb, ub, MODE, HAS_LB, HAS_UB, D, S)
+            for c0 in range(0, n_cols, BLOCK_C):
+                mask = rmask[:, None] & (c0 + c < n_cols)[None, :]
+                x = tl.load(X + rows[:, None] * stride_x + (c0 + c)[None, :], mask=mask, other=0.0).to(tl.float32)
+                out = _row_apply(x, scale, inv, zp, MODE, D, P)
+                tl.store(OUT + rows[:, None] * stride_o + (c0 + c)[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+# --- launchers ---------------------------------------------------------------------------------------------------
+
+
+def _weight_geometry(n_cols: int, group_size: int | None, tile: int) -> tuple[int, int, int, int]:
+    gs = group_size or n_cols
+    if n_cols % gs:
+        raise ValueError(f"group size {gs} does not divide the row length {n_cols}")
+    gsp = next_pow2(gs)
+    ng = max(1, min(256 // gsp, next_pow2(n_cols // gs))) if gsp == gs else 1
+    block_r = max(1, tile // (ng * gsp))
+    return gs, gsp, ng, block_r
+
+
+def _weight_launch(w: torch.Tensor, spec: WeightQuant | None, lora: tuple | None, quant: bool,
+                   write_merged: bool, write_codes: bool, pack: bool) -> tuple[torch.Tensor | None, ...]:
+    n_rows, n_cols = w.shape
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    gs = spec.group_size if spec is not None else None
+    gs, gsp, ng, block_r = _weight_geometry(n_cols, gs, _tile(w))
+    block_r = min(block_r, next_pow2(n_rows))
+    n_groups = n_cols // gs
+    d, s, p = _kinds(w.dtype, spec.scale_dtype if spec is not None else None)
+    out = torch.empty_like(w) if quant else None
+    merged = torch.empty_like(w) if write_merged else None
+    codes = scales = None
+    if write_codes:
+        codes = torch.empty((n_rows, n_cols // 2 if pack else n_cols),
+                            dtype=torch.uint8 if pack else torch.int8, device=w.device)
+        scales = torch.empty((n_rows, n_groups), dtype=spec.scale_dtype or w.dtype, device=w.device)
+    if lora is not None:
+        a, b, lora_scale = lora
+        a, b = a.detach().contiguous(), b.detach().contiguous()
+        rank = a.shape[0]
+    else:
+        a = b = w
+        rank, lora_scale = 0, 1.0
+    dummy = w
+    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_groups, ng))
+    _weight_kernel[grid](
+        w, a, b, out if out is not None else dummy, merged if merged is not None else dummy,
+        codes if codes is not None else dummy, scales if scales is not None else dummy,
+        n_rows, n_cols, n_groups, w.stride(0), float(lora_scale),
+        _eps(spec.eps, w.dtype) if spec is not None else 1.0,
+        spec.scale_divisor() if spec is not None else 1.0,
+        R=rank, GS=gs, GSP=gsp, NG=ng, BLOCK_R=block_r, QUANT=quant,
+        QMIN=spec.qmin if spec is not None else 0, QMAX=spec.qmax if spec is not None else 0,
+        D=d, S=s, P=p, WRITE_MERGED=write_merged, WRITE_CODES=write_codes, PACK=pack,
+        LONG=needs_long_indexing(w), num_warps=warps_for(block_r * ng * gsp), **_launch_opts(w),
+    )
+    return out, merged, codes, scales
+
+
+def _row_launch(x: torch.Tensor, mode: int, eps: float, lb: float | None, ub: float | None,
+                scale_dtype: torch.dtype | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    n_cols = x.shape[-1]
+    x2 = x.reshape(-1, n_cols)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n_rows = x2.shape[0]
+    o2 = torch.empty_like(x2) if out is None else out.view(-1, n_cols)
+    d, s, p = _kinds(x.dtype, scale_dtype)
+    single = n_cols <= 8192
+    block_c = next_pow2(n_cols) if single else 4096
+    block_r = max(1, min(_tile(x2) // block_c, next_pow2(n_rows)))
+    grid = (triton.cdiv(n_rows, block_r),)
+    _row_kernel[grid](
+        x2, o2, n_rows, n_cols, x2.stride(0), o2.stride(0), eps,
+        lb if lb is not None else 0.0, ub if ub is not None else 0.0,
+        MODE=mode, HAS_LB=lb is not None, HAS_UB=ub is not None, D=d, S=s, P=p,
+        BLOCK_R=block_r, BLOCK_C=block_c, SINGLE=single, LONG=needs_long_indexing(x2, o2),
+        num_warps=warps_for(block_r * block_c), **_launch_opts(x2),
+    )
+    return o2.view(x.shape) if out is None else out
+
+
+# --- public functions (no autograd) ------------------------------------------------------------------------------
+
+
+def can_pack(spec: WeightQuant, n_cols: int) -> bool:
+    gs = spec.group_size or n_cols
+    return spec.kind in ("int", "fp8_int4") and spec.bits <= 4 and gs == next_pow2(gs) and gs % 2 == 0
+
+
+def merged_lora_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + s·B·A in W's dtype, the same bits as ``edgeft.qat.fake_quant.merge_lora_weight`` on every device."""
+    if use_triton(w):
+        return _weight_launch(w.detach(), None, (a, b, scale), False, True, False, False)[1]
+    return merge_lora_weight(w, a, b, scale)
+
+
+def fake_quant_weight(
+    w: torch.Tensor, spec: WeightQuant, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    codes: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """fq(W) or fq(W + s·B·A) for ``lora=(A, B, s)``, without autograd.
+
+    With ``codes=True`` also returns (codes, scales, packed) of the integer grid (int and fp8_int4 kinds): codes
+    as int8, or two 4-bit codes a byte (even column low) when ``packed``; scales (rows, groups).
+    """
+    w = w.detach()
+    if use_triton(w):
+        if spec.kind == "int":
+            pack = codes and can_pack(spec, w.shape[1])
+            out, _, c, s = _weight_launch(w, spec, lora, True, False, codes, pack)
+            return (out, c, s, pack) if codes else out
+        base = merged_lora_weight(w, *lora) if lora is not None else w
+        rows = _row_launch(base, 1, 1.0, spec.lb, None, None)
+        if spec.kind == "fp8":
+            if codes:
+                raise ValueError("fp8 weights have no integer codes")
+            return rows
+        ip = spec.int_part()
+        pack = codes and can_pack(ip, w.shape[1])
+        out, _, c, s = _weight_launch(rows, ip, None, True, False, codes, pack)
+        return (out, c, s, pack) if codes else out
+    base = merge_lora_weight(w, *lora) if lora is not None else w
+    if spec.kind == "int":
+        if codes:
+            out, c, s = int_weight_ref(base, spec, return_codes=True)
+            return out, c, s, False
+        return int_weight_ref(base, spec)
+    rows = fp8_rows_ref(base, spec.lb)
+    if spec.kind == "fp8":
+        if codes:
+            raise ValueError("fp8 weights have no integer codes")
+        return rows
+    if codes:
+        out, c, s = int_weight_ref(rows, spec.int_part(), return_codes=True)
+        return out, c, s, False
+    return int_weight_ref(rows, spec.int_part())
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, packed: bool, dtype: torch.dtype,
+                     group_size: int | None, n_cols: int) -> torch.Tensor:
+    """The fake-quantized weight back from :func:`fake_quant_weight`'s codes and scales (same bits)."""
+    n_rows = codes.shape[0]
+    if use_triton(codes):
+        gs, gsp, ng, block_r = _weight_geometry(n_cols, group_size, _tile(codes))
+        block_r = min(block_r, next_pow2(n_rows))
+        d, _, p = _kinds(dtype, scales.dtype)
+        out = torch.empty((n_rows, n_cols), dtype=dtype, device=codes.device)
+        grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols // gs, ng))
+        _dequant_kernel[grid](codes, scales, out, n_rows, n_cols, n_cols // gs, GS=gs, GSP=gsp, NG=ng,
+                              BLOCK_R=block_r, D=d, P=p, PACK=packed, LONG=needs_long_indexing(out),
+                              num_warps=warps_for(block_r * ng * gsp), **_launch_opts(out))
+        return out
+    if packed:
+        lo = ((codes.to(torch.int16) & 15) ^ 8) - 8
+        hi = (((codes.to(torch.int16) >> 4) & 15) ^ 8) - 8
+        codes = torch.stack([lo, hi], -1).reshape(n_rows, n_cols)
+    gs = group_size or n_cols
+    q = codes.reshape(n_rows, -1, gs).to(dtype)
+    return (q * scales.reshape(n_rows, -1, 1)).to(dtype).reshape(n_rows, n_cols)
+
+
+def fake_quant_act(x: torch.Tensor, spec: ActQuant, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row fake quantization of an activation (..., K), without autograd; ``out`` may be ``x`` (in place)."""
+    x = x.detach()
+    if use_triton(x):
+        if spec.kind == "int8_asym":
+            return _row_launch(x, 0, _eps(spec.eps, x.dtype), None, None, spec.scale_dtype, out)
+        if spec.kind == "fp8":
+            return _row_launch(x, 1, 1.0, spec.lb, spec.ub, None, out)
+        raise ValueError(f"unknown activation quant kind {spec.kind!r}")
+    res = act_ref(x, spec)
+    if out is not None:
+        out.copy_(res)
+        return out
+    return res
+
+
+def fake_quant_rows(x: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """A weight grid applied to rows gathered from a weight (embedding lookups): per-row scales, so
+    ``fq(W)[ids] == fq_rows(W[ids])`` exactly."""
+    shape = x.shape
+    x2 = x.detach().reshape(-1, shape[-1])
+    return fake_quant_weight(x2, spec).reshape(shape)
+
+
+# --- autograd: straight-through estimators -----------------------------------------------------------------------
+
+
+class ActFakeQuantFunction(torch.autograd.Function):
+    """fq_a(x) forward; identity backward (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x, spec):
+        return fake_quant_act(x, spec)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class RowsFakeQuantFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec):
+        return fake_quant_rows(x, spec)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def act_fake_quant(x: torch.Tensor, spec: ActQuant) -> torch.Tensor:
+    """Differentiable (straight-through) activation fake quantization."""
+    return ActFakeQuantFunction.apply(x, spec)
+
+
+def rows_fake_quant(x: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """Differentiable (straight-through) fake quantization of gathered weight rows."""
+    return RowsFakeQuantFunction.apply(x, spec)
+
+
+class WeightCache:
+    """The fake-quantized form of one weight, kept while the weight is unchanged (its version counter and
+    storage), so the micro-batches of one optimizer step (and checkpoint recomputation) quantize it once.
+
+    It keeps the integer codes (4-bit codes packed two a byte) and scales rather than the float weight: a quarter
+    of a bf16 copy for int4, so that caching every linear of a model costs a few percent of its training memory.
+    Each use dequantizes them (same bits as the fake-quant output). fp8 weights have no integer form and are
+    re-quantized on each use.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.entry: tuple | None = None
+        self.hits = 0
+        self.misses = 0
+
+    def clear(self) -> None:
+        self.key = self.entry = None
+
+    def get(self, w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+        if spec.kind == "fp8":
+            self.misses += 1
+            return fake_quant_weight(w, spec)
+        key = (w._version, w.data_ptr(), w.dtype, tuple(w.shape), w.device)
+        if self.key == key and self.entry is not None:
+            self.hits += 1
+            codes, scales, packed, gs = self.entry
+            return dequantize_codes(codes, scales, packed, w.dtype, gs, w.shape[1])
+        self.misses += 1
+        out, codes, scales, packed = fake_quant_weight(w, spec, codes=True)
+        gs = spec.group_size
+        self.key, self.entry = key, (codes, scales, packed, gs)
+        return out
+
+
+class CachedWeightFakeQuantFunction(torch.autograd.Function):
+    """fq(W) through a :class:`WeightCache`; straight-through backward (the gradient goes to W unchanged)."""
+
+    @staticmethod
+    def forward(ctx, w, spec, cache):
+        if cache is None:
+            return fake_quant_weight(w, spec)
+        return cache.get(w, spec)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
+def weight_fake_quant(w: torch.Tensor, spec: WeightQuant, cache: WeightCache | None = None) -> torch.Tensor:
+    """Differentiable (straight-through) weight fake quantization, cached per weight version when ``cache``."""
+    return CachedWeightFakeQuantFunction.apply(w, spec, cache)
