@@ -61,3 +61,53 @@ def test_qat_list_and_models(capsys):
     assert "phone-deployment" in out and "int8-int4" in out and "pte" in out
     assert main(["models"]) == 0
     assert "smollm2-135m" in capsys.readouterr().out
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps({"instruction": f"Say {i}", "output": f"{i}"}) + "\n" for i in range(8)))
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (["--model", "tiny-qwen3", "--chat-template", "llama-3"],
+         "chat template 'llama-3' does not fit the tokenizer of tiny-qwen3: '<|start_header_id|>' is not one of"),
+        (["--chat-template", "llama-2"], "unknown chat template 'llama-2'"),
+        (["--max-seq-length", "8"], "every example is longer than max_seq_length=8 tokens"),
+        (["--prompt-template", "Do {instructon}", "--output-column", "output"],
+         "column(s) ['instructon'] not found (columns found: ['instruction', 'output'])"),
+        (["--report-to", "mlflow"], "unknown --report-to 'mlflow'"),
+        (["--qat", "int8-int4", "--load-in-4bit"], "--qat needs a float base"),
+        (["--full", "--load-in-4bit"], "cannot do full fine-tuning"),
+        (["--early-stopping-patience", "2"], "early stopping needs an evaluation set"),
+        (["--resume"], "holds no run to resume"),
+    ],
+)
+def test_bad_train_input_is_one_line_and_writes_nothing(extra, expected, tiny_data, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    argv = ["train", "--model", "tiny-llama", "--data", tiny_data, "--out", str(out), "--no-progress", *extra]
+    if "--model" in extra:
+        argv = ["train", "--data", tiny_data, "--out", str(out), "--no-progress", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("edgeft: error: ") and expected in err[0], err
+    assert not out.exists()
+
+
+def test_existing_run_is_never_clobbered(tiny_data, capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("model: tiny-llama\n")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    argv = ["train", "--model", "tiny-llama", "--data", tiny_data, "--out", str(out), "--no-progress",
+            "--max-steps", "1", "--batch-size", "2"]
+    assert main(argv) == 2
+    assert "already holds a run; pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    assert (out / "model" / "edgeft.json").exists()

@@ -367,6 +367,7 @@ def train_loop(
         "stopped_early": state["stopped"],
         "resumed_from": start or None,
         "batching": batching,
+        "units": len(batcher),  # examples, or packed rows
         "packing_efficiency": batcher.efficiency if batching == "packed" else None,
         "seconds": time.perf_counter() - t_start,
     }
