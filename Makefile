@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/edgeft train --model smollm2-135m --data builtin:tasks --qat phone-deployment --max-steps 60 --out $(RUN)
+	$(BIN)/edgeft train --model smollm2-135m --data builtin:tasks --qat phone-deployment --max-steps 60 --out $(RUN) --overwrite
 	$(BIN)/edgeft export pte --run $(RUN)
 	$(BIN)/edgeft export gguf --run $(RUN) --quant q8_0
 	$(BIN)/edgeft export torchao --run $(RUN)
