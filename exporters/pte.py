@@ -1,0 +1,764 @@
+"""ExecuTorch ``.pte`` export: XNNPACK-lowered, KV-cached, the trained quantization, proven on ExecuTorch.
+
+Why this module exists: ExecuTorch's own LLM export (``export_llm``) rebuilds the model from its own Llama
+definition and quantizes float weights itself, so it cannot carry the integers and scales a QAT run trained;
+transformers' ``TorchExportableModuleForDecoderOnlyLM`` exports the HF model with a static HF cache whose
+masking and index-put updates fragment the graph into hundreds of XNNPACK partitions (13 minutes for
+SmolLM2-135M on 2 cores) and trip on the quantized embedding. This module exports the transformers model
+itself, with the converted model's torchao tensors, after a few explicit, reversible rewrites
+(``_edge_rewrites``) that make it one XNNPACK partition per half-layer:
+
+- attention: each attention module's forward is replaced (per family, Llama / Qwen2 / Qwen3) by one that
+  writes K/V with ExecuTorch's ``llama::update_cache`` into cache buffers owned by the module and attends with
+  ``llama::custom_sdpa`` (causal from ``start_pos``; GQA native). RoPE's rotate-half is written as a
+  constant ±1 permutation matrix (``F.linear``), because XNNPACK refuses slices of dynamic-length tensors.
+  The HF attention mask is never built (a registered mask function returns None).
+- RMSNorm: ``mean(x²)`` is written as ``F.linear(x², 1/d)``; XNNPACK's ``mean`` only takes 4-D inputs.
+- embeddings: ``padding_idx`` is dropped (it only affects gradients) so ExecuTorch's quant-fusion pass turns
+  torchao's int8 per-channel embedding into ``quantized_decomposed::embedding_byte`` (kernels in
+  ``executorch.kernels.quantized``): phone-deployment's int8 embeddings are carried as int8.
+- int8-int4 linears (torchao ``IntxUnpackedToInt8Tensor`` with int8 per-token activations) are exported as
+  they are; XNNPACK's partitioner recognises the torchao dynamic-quant pattern and runs its qd8×qb4w kernel
+  with the trained integers. XNNPACK stores the group scales as bf16 (its blockwise kernel's format), a
+  <= 2^-9 relative rounding of the fp32 scales that no exporter setting avoids.
+- weight-only ``int4``/``int8`` linears: XNNPACK 1.5.1 mis-lowers torchao's weight-only pattern (measured:
+  logits off by 100x), so they are exported dequantized to float32, numerically identical to the converted
+  model but not smaller; the report says so in ``warnings``.
+
+The program (method ``forward``) takes ``tokens [1, n]`` and ``input_pos [n]`` (n dynamic, 1..max_seq_len)
+and returns float32 logits ``[1, n, vocab]`` for every position (the evaluator needs all of them); the KV
+cache holds ``max_context_len`` positions. Constant methods for ExecuTorch's LLM runner: ``get_max_seq_len``,
+``get_max_context_len``, ``get_vocab_size``, ``get_bos_id``, ``get_eos_ids``, ``use_kv_cache``,
+``use_sdpa_with_kv_cache``, ``enable_dynamic_shape``. ``tokenizer.json`` (and ``tokenizer_config.json``,
+which tells ExecuTorch's tokenizer the BOS/EOS tokens when it is given the directory) is copied beside it.
+
+Validation, before the file is renamed into place (a failure raises ``EdgeftError`` in one line and leaves
+any previous ``model.pte`` untouched). The new file is loaded by ExecuTorch's runtime (``PteRuntime``) and
+compared with the source model in eager PyTorch (for a converted directory, the torchao model itself):
+
+- structure: the program must contain no torchao op (every quantized linear delegated to XNNPACK) and, when
+  the embedding was int8, the ``embedding_byte`` kernel;
+- logits on held-out text sequences (one prefill each) and through the KV cache (a prefill of 5 tokens,
+  then one token at a time): ``rel_err`` = max over sequences of ||pte - eager|| / ||eager||, ``top1`` = the
+  fraction of positions whose argmax agrees;
+- greedy generation (16 tokens) from the program, teacher-forced through eager: every token must be eager's
+  argmax, or within ``gap_tol`` (in units of the logits' standard deviation) of it;
+- ExecuTorch's ``TextLLMRunner`` (``GenerationConfig(num_bos=1)`` when the tokenizer adds a BOS, temperature
+  0) must produce exactly the program's greedy tokens from the same prompt: metadata, tokenizer and runner
+  agree with what was validated.
+
+Thresholds. A float program differs from eager by kernel rounding only: ``rel_err <= 1e-3`` (measured
+3e-6 on SmolLM2-135M, 8e-7 on the tiny models), ``top1 >= 0.99``, ``gap_tol = 1e-3``. With int8 dynamic
+activations the model is numerically chaotic: a 1e-7 change of an activation flips its int8 rounding, and
+on SmolLM2-135M-int8-int4 eager's own sdpa and eager attention implementations disagree by 6% (13% of
+argmaxes). Those thresholds are therefore scaled by that measured self-disagreement ``noise`` of the source
+model on the same sequences: ``rel_err <= clamp(5 * noise, 0.02, 0.5)``, ``top1 >= 1 - clamp(5 * (1 -
+noise_top1), 0.02, 0.6)``, ``gap_tol = clamp(20 * noise, 0.05, 1.5)``. Measured for correct programs:
+tiny int8-int4 rel 0.017 (noise 0.009), SmolLM2 PTQ int8-int4 rel 0.12-0.13 (noise 0.063); broken programs
+(another model's weights, a scrambled tensor, mis-lowered weight-only) are off by rel >= 0.9.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+import types
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeft.errors import EdgeftError
+from edgeft.fsutil import atomic_path
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A decoder family this exporter rewrites: the HF ``model_type`` and what its attention has."""
+
+    model_type: str
+    description: str
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head, before RoPE
+
+
+ARCHS: dict[str, ArchSpec] = {
+    a.model_type: a
+    for a in [
+        ArchSpec("llama", "Llama, SmolLM2, TinyLlama, Llama 3.x"),
+        ArchSpec("qwen2", "Qwen2, Qwen2.5"),
+        ArchSpec("qwen3", "Qwen3 dense", qk_norm=True),
+    ]
+}
+
+MASK_NAME = "edgeft_executorch"  # attention implementation name whose mask function builds no mask
+VALIDATION_SEQ_LENS = (48, 17, 5)  # held-out token sequences compared by logits
+INCREMENTAL_PREFILL = 5
+GREEDY_TOKENS = 16
+FLOAT_REL = 1e-3
+
+
+# --- source -------------------------------------------------------------------------------------------
+
+
+def _arch(src: Path) -> tuple[ArchSpec, dict[str, Any]]:
+    cfg_path = src / "config.json"
+    if not cfg_path.exists():
+        raise EdgeftError(f"{src} is not a model directory (no config.json)")
+    cfg = json.loads(cfg_path.read_text())
+    mt = cfg.get("model_type")
+    if mt not in ARCHS:
+        raise EdgeftError(
+            f"pte export: architecture {mt!r} is not supported (supported: {', '.join(ARCHS)})"
+        )
+    if cfg.get("use_sliding_window"):
+        raise EdgeftError(f"pte export: {mt} with sliding-window attention is not supported")
+    return ARCHS[mt], cfg
+
+
+def _load_source(src: Path) -> tuple[nn.Module, Any, dict[str, Any] | None]:
+    if (src / "scheme.json").exists():
+        from edgeft.qat import load_converted
+
+        model, tok, record = load_converted(src)
+    else:
+        from edgeft.models import load_model
+
+        model, tok = load_model(src, dtype=torch.float32)
+        record = None
+    model.eval().requires_grad_(False)
+    return model, tok, record
+
+
+def _weight_kind(w: torch.Tensor) -> str:
+    """'float', 'dyn-act' (int8 per-token activations + intx weights) or 'weight-only'."""
+    try:
+        from torchao.quantization import IntxUnpackedToInt8Tensor
+    except ImportError:  # pragma: no cover - torchao is a dependency
+        return "float"
+    if isinstance(w, IntxUnpackedToInt8Tensor):
+        return "dyn-act" if w.activation_quantization is not None else "weight-only"
+    if type(w) not in (torch.Tensor, nn.Parameter):
+        return "other"
+    return "float"
+
+
+def _is_int8_per_row(w: torch.Tensor) -> bool:
+    return (
+        w.target_dtype == torch.int8
+        and list(w.block_size) == [1, w.shape[1]]
+        and bool((w.zero_point == 0).all())
+    )
+
+
+# --- reversible rewrites --------------------------------------------------------------------------------
+
+
+class EdgeRMSNorm(nn.Module):
+    """RMSNorm with the mean over the last dim written as a linear (XNNPACK's mean needs 4-D inputs)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.eps = eps
+        d = weight.shape[0]
+        self.register_buffer("avg", torch.full((1, d), 1.0 / d, dtype=weight.dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(F.linear(x * x, self.avg) + self.eps) * self.weight
+
+
+class DynActIntxLinear(nn.Module):
+    """A trained int8-activation/intx-weight linear as ``quantized_decomposed`` ops (same integers and scales).
+
+    XNNPACK lowers this pattern and torchao's to the same qd8 x qb4w kernel (the programs are identical);
+    these ops have meta kernels, so tracing them costs a node each instead of torchao's traced Python bodies
+    (lowering SmolLM2-135M int8-int4 3x faster).
+    """
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        w = lin.weight
+        self.register_buffer("qdata", w.qdata.detach().clone(), persistent=False)
+        self.register_buffer("scale", w.scale.detach().float().clone(), persistent=False)
+        self.register_buffer("zero", torch.zeros_like(self.scale, dtype=torch.int8), persistent=False)
+        self.qmin, self.qmax = _int_range(w.target_dtype)
+        self.group = int(w.block_size[1])
+        self.bias = lin.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd = torch.ops.quantized_decomposed
+        s, zp = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
+        xq = qd.quantize_per_token(x, s, zp, -128, 127, torch.int8)
+        xdq = qd.dequantize_per_token(xq, s, zp, -128, 127, torch.int8, x.dtype)
+        wdq = qd.dequantize_per_channel_group(
+            self.qdata, self.scale, self.zero, self.qmin, self.qmax, torch.int8, self.group, x.dtype
+        )
+        return F.linear(xdq, wdq, self.bias)
+
+
+def _int_range(dtype: torch.dtype) -> tuple[int, int]:
+    bits = {torch.int4: 4, torch.int8: 8}.get(dtype) or int(str(dtype).rsplit("int", 1)[-1])
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def _is_symmetric_int4_groups(w: torch.Tensor) -> bool:
+    return (
+        w.target_dtype == torch.int4
+        and len(w.block_size) == 2
+        and w.block_size[0] == 1
+        and w.shape[1] % w.block_size[1] == 0
+        and bool((w.zero_point == 0).all())
+    )
+
+
+def _rotate_half_matrix(d: int) -> torch.Tensor:
+    """W with F.linear(x, W) == cat(-x[d/2:], x[:d/2]) (HF's rotate_half), exactly: one ±1 per row."""
+    w = torch.zeros(d, d)
+    h = d // 2
+    idx = torch.arange(h)
+    w[idx, idx + h] = -1.0
+    w[idx + h, idx] = 1.0
+    return w
+
+
+def _et_attention_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    cache: Any = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Llama/Qwen2/Qwen3 attention on ExecuTorch's KV-cache ops (replaces the HF forward during export)."""
+    pos = kwargs["et_start_pos"]
+    b, s, _ = hidden_states.shape
+    q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim)
+    k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim)
+    v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim)
+    if self.et_qk_norm:
+        q, k = self.q_norm(q), self.k_norm(k)
+    cos, sin = position_embeddings
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [b, s, 1, d] against [b, s, heads, d]
+    q = q * cos + F.linear(q, self.et_rot) * sin
+    k = k * cos + F.linear(k, self.et_rot) * sin
+    torch.ops.llama.update_cache(k, self.et_k_cache, pos)
+    torch.ops.llama.update_cache(v, self.et_v_cache, pos)
+    out = torch.ops.llama.custom_sdpa(q, self.et_k_cache, self.et_v_cache, pos, None, 0.0, True, self.scaling)
+    return self.o_proj(out.reshape(b, s, -1)), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class _Program(nn.Module):
+    """What the .pte runs: (tokens [1, n], input_pos [n]) -> logits [1, n, vocab]."""
+
+    def __init__(self, model: nn.Module, max_context_len: int) -> None:
+        super().__init__()
+        self.model = model
+        self.max_context_len = max_context_len
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        pos = input_pos[0].item()
+        torch._check(pos >= 0)
+        torch._check(pos < self.max_context_len)
+        out = self.model(
+            input_ids=tokens, position_ids=input_pos.unsqueeze(0), use_cache=False, et_start_pos=pos
+        )
+        return out.logits.float()
+
+
+@contextlib.contextmanager
+def _edge_rewrites(model: nn.Module, arch: ArchSpec, max_context_len: int, warn: list[str]) -> Iterator[_Program]:
+    """Apply the export rewrites (module docstring) to ``model`` and undo every one of them on exit."""
+    from edgeft.devices.executorch_runtime import load_executorch_ops
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    load_executorch_ops()  # registers llama::update_cache / custom_sdpa for tracing
+    undo: list[Any] = []
+    cfg = model.config
+    try:
+        # weight-only linears: float weights with the same values (XNNPACK mis-lowers the torchao pattern)
+        n_wo = 0
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear) and _weight_kind(mod.weight) == "weight-only":
+                old = mod.weight
+                mod.weight = nn.Parameter(old.dequantize(), requires_grad=False)
+                undo.append(lambda m=mod, w=old: setattr(m, "weight", w))
+                n_wo += 1
+        if n_wo:
+            warn.append(
+                f"{n_wo} weight-only quantized linears exported as float32 (same values; XNNPACK on "
+                "executorch 1.5.1 does not lower torchao's weight-only pattern correctly)"
+            )
+        # int8-activation / int4-weight linears: the same integers as quantized_decomposed ops (fast to lower)
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if (
+                    isinstance(child, nn.Linear)
+                    and _weight_kind(child.weight) == "dyn-act"
+                    and _is_symmetric_int4_groups(child.weight)
+                ):
+                    setattr(parent, name, DynActIntxLinear(child))
+                    undo.append(lambda p=parent, n=name, c=child: setattr(p, n, c))
+        # embeddings: drop padding_idx (gradient-only) so quant fusion matches; non-int8 grids -> float
+        for mod in model.modules():
+            if isinstance(mod, nn.Embedding):
+                if mod.padding_idx is not None:
+                    undo.append(lambda m=mod, p=mod.padding_idx: setattr(m, "padding_idx", p))
+                    mod.padding_idx = None
+                kind = _weight_kind(mod.weight)
+                if kind != "float" and not (kind == "weight-only" and _is_int8_per_row(mod.weight)):
+                    old = mod.weight
+                    mod.weight = nn.Parameter(old.dequantize(), requires_grad=False)
+                    undo.append(lambda m=mod, w=old: setattr(m, "weight", w))
+                    warn.append("embedding quantization other than int8 per row exported as float32")
+        # RMSNorm -> EdgeRMSNorm (same weight tensor)
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child).__name__.endswith("RMSNorm"):
+                    eps = getattr(child, "variance_epsilon", getattr(child, "eps", 1e-6))
+                    setattr(parent, name, EdgeRMSNorm(child.weight, eps))
+                    undo.append(lambda p=parent, n=name, c=child: setattr(p, n, c))
+        # attention -> ExecuTorch KV-cache ops
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        rot = _rotate_half_matrix(head_dim)
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            shape = (1, max_context_len, cfg.num_key_value_heads, head_dim)
+            attn.register_buffer("et_k_cache", torch.zeros(shape), persistent=False)
+            attn.register_buffer("et_v_cache", torch.zeros(shape), persistent=False)
+            attn.register_buffer("et_rot", rot, persistent=False)
+            attn.et_qk_norm = arch.qk_norm
+            attn.forward = types.MethodType(_et_attention_forward, attn)
+
+            def _restore(a: nn.Module = attn) -> None:
+                for n in ("et_k_cache", "et_v_cache", "et_rot"):
+                    delattr(a, n)
+                del a.et_qk_norm
+                del a.forward
+
+            undo.append(_restore)
+        AttentionInterface.register(MASK_NAME, AttentionInterface._global_mapping["sdpa"])
+        AttentionMaskInterface.register(MASK_NAME, _no_mask)
+        old_impl = cfg._attn_implementation
+        model.set_attn_implementation(MASK_NAME)
+        undo.append(lambda: model.set_attn_implementation(old_impl))
+        yield _Program(model, max_context_len).eval()
+    finally:
+        for fn in reversed(undo):
+            fn()
+
+
+# --- lowering -------------------------------------------------------------------------------------------
+
+
+def _metadata(model: nn.Module, tokenizer: Any, max_seq_len: int, max_context_len: int) -> dict[str, Any]:
+    eos: list[int] = []
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        e = getattr(src, "eos_token_id", None) if src is not tokenizer else tokenizer.eos_token_id
+        for t in e if isinstance(e, (list, tuple)) else [e]:
+            if t is not None and int(t) not in eos:
+                eos.append(int(t))
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else model.config.bos_token_id
+    return {
+        "get_max_seq_len": max_seq_len,
+        "get_max_context_len": max_context_len,
+        "get_vocab_size": int(model.config.vocab_size),
+        "get_bos_id": int(bos) if bos is not None else -1,
+        "get_eos_ids": eos,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": True,
+        "enable_dynamic_shape": True,
+    }
+
+
+def _partitioner(lean: bool) -> Any:
+    """XNNPACK's partitioner; ``lean``: its backend runs only ConvertToLinearPass on each partition.
+
+    ``XnnpackBackend.preprocess`` reduces its pass list to ConvertToLinearPass for partitions carrying the
+    ``dqlinear_partitioner`` compile spec. The 16 passes this skips rewrite convolutions, batch norms,
+    pooling, upsampling, SDPA patterns and static-quant padding, none of which these programs contain, and
+    cost 40% of the lowering (the lowered programs are identical on the tiny models and SmolLM2-135M).
+    A lean lowering that fails is retried with every pass.
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+    from executorch.exir.backend.compile_spec_schema import CompileSpec
+    from executorch.exir.backend.partitioner import DelegationSpec
+
+    part = XnnpackPartitioner()
+    if lean:
+        part.delegation_spec = DelegationSpec(XnnpackBackend.__name__, [CompileSpec("dqlinear_partitioner", b"")])
+    return part
+
+
+def _lower(program: nn.Module, max_seq_len: int, metadata: dict[str, Any]) -> tuple[bytes, dict[str, int]]:
+    """torch.export -> edge -> XNNPACK -> ExecuTorch bytes, plus the counts of the top-level ops."""
+    try:
+        return _lower_once(program, max_seq_len, metadata, lean=True)
+    except EdgeftError:
+        raise
+    except Exception:  # noqa: BLE001 - any failure of the lean route: take ExecuTorch's full route
+        return _lower_once(program, max_seq_len, metadata, lean=False)
+
+
+def _lower_once(
+    program: nn.Module, max_seq_len: int, metadata: dict[str, Any], lean: bool
+) -> tuple[bytes, dict[str, int]]:
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    n = min(8, max_seq_len)
+    example = (torch.zeros(1, n, dtype=torch.long), torch.arange(n, dtype=torch.long))
+    seq = torch.export.Dim("seq_len", min=1, max=max_seq_len)
+    with torch.no_grad():
+        # non-strict: 6x faster than dynamo here, and correct once no parameter requires grad
+        ep = torch.export.export(program, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
+    edge = to_edge_transform_and_lower(
+        ep,
+        partitioner=[_partitioner(lean)],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+        constant_methods=metadata,
+    )
+    try:
+        et = edge.to_executorch(
+            ExecutorchBackendConfig(
+                extract_delegate_segments=True,
+                do_quant_fusion_and_const_prop=True,  # torchao int8 embedding -> embedding_byte
+                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+            )
+        )
+    except RuntimeError as e:
+        raise EdgeftError(f"pte export: ExecuTorch could not lower the model: {str(e).splitlines()[0]}") from None
+    ops: dict[str, int] = {}
+    for node in et.exported_program().graph.nodes:
+        if node.op == "call_function":
+            name = str(getattr(node.target, "__name__", node.target))
+            ops[name] = ops.get(name, 0) + 1
+    return et.buffer, ops
+
+
+def _structure(ops: dict[str, int], int8_embedding: bool) -> dict[str, Any]:
+    leftover = sorted(o for o in ops if o.startswith("torchao") or "dequantize_affine" in o)
+    if leftover:
+        raise EdgeftError(f"pte export: quantized ops left outside XNNPACK: {', '.join(leftover)}")
+    has_byte = any("embedding_byte" in o for o in ops)
+    if int8_embedding and not has_byte:
+        raise EdgeftError("pte export: the int8 embedding was not lowered to ExecuTorch's embedding_byte kernel")
+    return {
+        "xnnpack_partitions": sum(c for o, c in ops.items() if "call_delegate" in o),
+        "embedding": "int8 (embedding_byte)" if has_byte else "float32",
+    }
+
+
+# --- validation -----------------------------------------------------------------------------------------
+
+
+def _validation_sequences(tokenizer: Any, max_seq_len: int) -> list[list[int]]:
+    from importlib import resources
+
+    text = resources.files("edgeft").joinpath("assets/heldout.txt").read_text(encoding="utf-8")
+    body = " ".join(ln for ln in text.splitlines() if ln and not ln.startswith("#"))
+    ids = tokenizer(body[:20000]).input_ids
+    seqs, start = [], 0
+    for n in VALIDATION_SEQ_LENS:
+        n = min(n, max_seq_len)
+        chunk = ids[start : start + n]
+        if tokenizer.bos_token_id is not None and ids and ids[0] == tokenizer.bos_token_id and start > 0:
+            chunk = [ids[0]] + chunk[: n - 1]  # every sequence starts like a prompt does
+        seqs.append(chunk)
+        start += n
+    return seqs
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def _top1(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+
+
+@torch.no_grad()
+def _eager_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+@torch.no_grad()
+def _noise(model: nn.Module, seqs: list[list[int]], refs: list[torch.Tensor]) -> tuple[float, float]:
+    """Eager's self-disagreement between its sdpa and eager attention implementations (float reordering)."""
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("eager" if impl != "eager" else "sdpa")
+    try:
+        alts = [_eager_logits(model, s) for s in seqs]
+    finally:
+        model.set_attn_implementation(impl)
+    return max(_rel(a, r) for a, r in zip(alts, refs)), min(_top1(a, r) for a, r in zip(alts, refs))
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return max(lo, min(hi, x))
+
+
+def _tolerances(quant_activations: bool, noise_rel: float) -> dict[str, float]:
+    """rel: max logits rel_err; gap: max eager logit gap (in row std) of the program's argmax; top1: floor."""
+    rel = _clamp(8 * noise_rel, 0.03, 0.5) if quant_activations else FLOAT_REL
+    return {"rel": rel, "gap": 10 * rel, "top1": 0.5 if quant_activations else 0.99}
+
+
+def _gaps(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per position: how far (in units of eager's logit std) eager's choice is above the program's choice."""
+    pick = got.argmax(-1, keepdim=True)
+    return (ref.max(-1).values - ref.gather(-1, pick)[:, 0]) / ref.std(-1).clamp_min(1e-12)
+
+
+@contextlib.contextmanager
+def _quiet_fds() -> Iterator[None]:
+    """Silence ExecuTorch's runner, which prints tokens and stats from C++ to stdout/stderr."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    with_sp = tokenizer("a").input_ids
+    without = tokenizer("a", add_special_tokens=False).input_ids
+    return len(with_sp) > len(without) and with_sp[0] == bos
+
+
+def _runner_check(
+    pte: Path, tok_dir: Path, tokenizer: Any, rt: Any, prompt: str, stop: set[int], warn: list[str]
+) -> dict[str, Any]:
+    """TextLLMRunner's greedy pieces must equal the program's greedy tokens decoded by the same tokenizer."""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+    from pytorch_tokenizers import CppHFTokenizer
+
+    add_bos = _adds_bos(tokenizer)
+    cpp = CppHFTokenizer()
+    cpp.load(str(tok_dir / "tokenizer.json"))
+    tok_path = tok_dir / "tokenizer.json"
+    if add_bos and cpp.bos_tok() != tokenizer.bos_token_id:
+        # from tokenizer.json alone ExecuTorch guesses BOS by name; tokenizer_config.json names it
+        warn.append(
+            f"ExecuTorch's tokenizer guesses BOS {cpp.bos_tok()} from tokenizer.json alone (HF: "
+            f"{tokenizer.bos_token_id}): give the runner the directory, which has tokenizer_config.json"
+        )
+        cpp = CppHFTokenizer()
+        cpp.load(str(tok_dir))
+        tok_path = tok_dir
+    ids = list(cpp.encode(prompt, 1 if add_bos else 0, 0))
+    hf_ids = tokenizer(prompt).input_ids
+    if ids != hf_ids:
+        warn.append("ExecuTorch's tokenizer encodes the validation prompt differently from the HF tokenizer")
+    expected = rt.generate(ids, GREEDY_TOKENS, stop)
+    # the runner hands pieces to Python as str: stop before a token that is not valid UTF-8 on its own
+    pieces_exp: list[str] = []
+    for t in expected:
+        try:
+            pieces_exp.append(cpp.decode(t))  # the binding is decode(token, skip_special_tokens=False)
+        except UnicodeDecodeError:
+            break
+    n = len(pieces_exp)
+    if n == 0:
+        return {"runner_tokens": 0, "runner_match": True, "num_bos": int(add_bos)}
+    got: list[str] = []
+    runner = TextLLMRunner(str(pte), str(tok_path))
+    cfg = GenerationConfig(echo=False, max_new_tokens=n, temperature=0.0, num_bos=int(add_bos), num_eos=0)
+    try:
+        with _quiet_fds():
+            runner.generate(prompt, cfg, token_callback=got.append)
+    except (RuntimeError, UnicodeDecodeError) as e:
+        raise EdgeftError(f"pte validation: ExecuTorch's TextLLMRunner failed: {e}") from None
+    got = got[:n]
+    if got != pieces_exp:
+        k = next((i for i, (a, b) in enumerate(zip(got, pieces_exp)) if a != b), min(len(got), n))
+        raise EdgeftError(
+            f"pte validation: ExecuTorch's TextLLMRunner diverges from the program's greedy tokens at step {k} "
+            f"({got[k:k + 1]!r} vs {pieces_exp[k:k + 1]!r})"
+        )
+    return {"runner_tokens": n, "runner_match": True, "num_bos": int(add_bos)}
+
+
+def _validate(
+    pte: Path,
+    tok_dir: Path,
+    model: nn.Module,
+    tokenizer: Any,
+    quant_activations: bool,
+    max_seq_len: int,
+    warn: list[str],
+) -> dict[str, Any]:
+    from edgeft.devices.executorch_runtime import PteRuntime
+
+    seqs = _validation_sequences(tokenizer, max_seq_len)
+    refs = [_eager_logits(model, s) for s in seqs]
+    noise_rel, noise_top1 = _noise(model, seqs, refs)
+    tol = _tolerances(quant_activations, noise_rel)
+    rt = PteRuntime(pte)
+    try:
+        rels, top1s, gaps = [], [], []
+        got_all = []
+        for s, ref in zip(seqs, refs):
+            got = rt.logits(s)
+            if got.shape != ref.shape:
+                raise EdgeftError(f"pte validation: logits shape {tuple(got.shape)}, eager {tuple(ref.shape)}")
+            got_all.append(got)
+        # through the KV cache: a short prefill, then one token at a time
+        s = seqs[0]
+        k = min(INCREMENTAL_PREFILL, len(s) - 1)
+        got_all.append(torch.cat([rt._step(s[:k], 0)] + [rt._step([t], k + i) for i, t in enumerate(s[k:])], 0))
+        for got, ref in zip(got_all, refs + refs[:1]):
+            rels.append(_rel(got, ref))
+            top1s.append(_top1(got, ref))
+            gaps.append(float(_gaps(got, ref).max()))
+        rel, top1, gap = max(rels), min(top1s), max(gaps)
+        report: dict[str, Any] = {
+            "rel_err": round(rel, 6),
+            "top1": round(top1, 4),
+            "max_gap": round(gap, 4),
+            "noise_rel_err": round(noise_rel, 6),
+            "noise_top1": round(noise_top1, 4),
+            "tolerance": {k: round(v, 6) for k, v in tol.items()},
+        }
+        if rel > tol["rel"] or top1 < tol["top1"] or gap > tol["gap"]:
+            raise EdgeftError(
+                f"pte validation failed against the eager model: logits rel_err {rel:.4g} (max {tol['rel']:.3g}), "
+                f"top-1 agreement {top1:.3f} (min {tol['top1']:.2f}), argmax gap {gap:.3g} std (max {tol['gap']:.3g})"
+            )
+        # greedy generation, teacher-forced through eager
+        stop = set(rt.eos_ids)
+        prompt_ids = seqs[1]
+        gen = rt.generate(prompt_ids, GREEDY_TOKENS, stop)
+        if gen:
+            full = _eager_logits(model, prompt_ids + gen)[len(prompt_ids) - 1 : -1]
+            onehot = torch.full_like(full, -1.0).scatter_(-1, torch.tensor(gen)[:, None], 1.0)
+            g = _gaps(onehot, full)
+            report.update(
+                greedy_tokens=len(gen),
+                greedy_agreement=round(float((g == 0).float().mean()), 4),
+                greedy_max_gap=round(float(g.max()), 4),
+            )
+            if float(g.max()) > tol["gap"]:
+                raise EdgeftError(
+                    f"pte validation failed: greedy token {int(g.argmax())} is not eager's choice (logit gap "
+                    f"{float(g.max()):.3g} std, max {tol['gap']:.3g})"
+                )
+        prompt = tokenizer.decode(seqs[1], skip_special_tokens=True)
+        report.update(_runner_check(pte, tok_dir, tokenizer, rt, prompt, stop, warn))
+    finally:
+        rt.close()
+    return report
+
+
+# --- public API -----------------------------------------------------------------------------------------
+
+
+def export(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    max_seq_len: int = 512,
+    max_context_len: int | None = None,
+) -> dict[str, Any]:
+    """Export ``src`` (HF directory or converted directory) to ``out_dir/model.pte`` + tokenizer, validated.
+
+    ``max_seq_len``: the longest prompt chunk one call takes; ``max_context_len`` (default ``max_seq_len``):
+    the KV cache length. Returns a report (path, bytes, scheme, validation numbers, seconds, warnings).
+    """
+    t0 = time.perf_counter()
+    src, out_dir = Path(src), Path(out_dir)
+    max_context_len = max_context_len or max_seq_len
+    if not 2 <= max_seq_len <= max_context_len:
+        raise EdgeftError(f"pte export: need 2 <= max_seq_len ({max_seq_len}) <= max_context_len ({max_context_len})")
+    arch, cfg = _arch(src)
+    if max_context_len > int(cfg.get("max_position_embeddings") or max_context_len):
+        raise EdgeftError(
+            f"pte export: max_context_len {max_context_len} exceeds the model's {cfg['max_position_embeddings']} positions"
+        )
+    if not (src / "tokenizer.json").exists():
+        raise EdgeftError(f"pte export: {src} has no tokenizer.json (ExecuTorch's runner needs it)")
+    model, tokenizer, record = _load_source(src)
+    warn: list[str] = []
+    kinds = {n: _weight_kind(m.weight) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    quant_act = any(k == "dyn-act" for k in kinds.values())
+    emb = model.get_input_embeddings().weight
+    int8_emb = _weight_kind(emb) == "weight-only" and _is_int8_per_row(emb)
+    metadata = _metadata(model, tokenizer, max_seq_len, max_context_len)
+
+    t_lower = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.export / ExecuTorch deprecation chatter
+        with _edge_rewrites(model, arch, max_context_len, warn) as program:
+            buf, ops = _lower(program, max_seq_len, metadata)
+    lower_s = time.perf_counter() - t_lower
+    structure = _structure(ops, int8_emb)
+    if record and record.get("embeddings") and not int8_emb:
+        warn.append("the scheme's embedding quantization is not int8 per row: embedding exported as float32")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / "model.pte"
+    t_val = time.perf_counter()
+    with atomic_path(dest) as tmp_pte:
+        tmp_pte.write_bytes(buf)
+        with _staged_tokenizer(src) as tok_dir:
+            validation = _validate(tmp_pte, tok_dir, model, tokenizer, quant_act, max_seq_len, warn)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (src / name).exists():
+                with atomic_path(out_dir / name) as tmp:
+                    shutil.copyfile(src / name, tmp)
+    val_s = time.perf_counter() - t_val
+
+    plan = (record or {}).get("plan") or {}
+    return {
+        "path": str(dest),
+        "bytes": dest.stat().st_size,
+        "architecture": arch.model_type,
+        "scheme": plan.get("name", "float"),
+        "linears": {k: sum(v == k for v in kinds.values()) for k in sorted(set(kinds.values()))},
+        "embedding": structure["embedding"],
+        "xnnpack_partitions": structure["xnnpack_partitions"],
+        "max_seq_len": max_seq_len,
+        "max_context_len": max_context_len,
+        "validation": validation,
+        "seconds": {"lower": round(lower_s, 1), "validate": round(val_s, 1), "total": round(time.perf_counter() - t0, 1)},
+        "warnings": warn,
+    }
+
+
+@contextlib.contextmanager
+def _staged_tokenizer(src: Path) -> Iterator[Path]:
+    """The tokenizer files as they will sit beside model.pte, in a scratch directory for the runner check."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="edgeft-pte-tok-") as d:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (src / name).exists():
+                shutil.copyfile(src / name, Path(d) / name)
+        yield Path(d)
