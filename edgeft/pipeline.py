@@ -208,6 +208,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     from . import qat as qatlib
     from .train import CheckpointManager, prepare_model, train_loop
     from .train.distributed import barrier
+    from .train.model import save_adapter as _save_adapter
 
     tokenizer, template, train_ex, eval_ex = data
     device = device or cfg.device
@@ -225,7 +226,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         fingerprint = {**identity(cfg), "variant": "qat" if qat_during_training else "float", "processes":
                        dist.world if dist else 1}
         fingerprint = json.loads(json.dumps(fingerprint))  # the form it takes in state.json
-        save_adapter = (lambda d: model.save_pretrained(d)) if cfg.mode == "lora" else None
+        save_adapter = (lambda d: _save_adapter(model, d)) if cfg.mode == "lora" else None
         ckpt = CheckpointManager(root / "checkpoints", cfg.save_total_limit, fingerprint, save_adapter)
     summary = train_loop(
         model,

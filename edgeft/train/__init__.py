@@ -11,14 +11,14 @@ from typing import Any
 
 from .checkpoint import CheckpointManager, list_checkpoints
 from .loop import LossModule, Sampler, backward_window, evaluate_loss, lm_loss_sum, train_loop
-from .model import prepare_model
+from .model import prepare_model, save_adapter
 from .optim import OPTIMIZERS, build_optimizer, build_scheduler, lr_factor, param_groups
 from .plots import plot_loss, read_metrics
 
 __all__ = [
     "CheckpointManager", "LossModule", "OPTIMIZERS", "Sampler", "backward_window", "build_optimizer",
     "build_scheduler", "evaluate_loss", "list_checkpoints", "lm_loss_sum", "lr_factor", "param_groups",
-    "plot_loss", "prepare_model", "read_metrics", "train_loop",
+    "plot_loss", "prepare_model", "read_metrics", "save_adapter", "train_loop",
 ]
 
 

@@ -107,6 +107,27 @@ def apply_lora(cfg: Any, model: nn.Module) -> nn.Module:
         raise EdgeftError(f"LoRA: {str(e).splitlines()[0][:240]}") from None
 
 
+def save_adapter(model: nn.Module, dest: str | Path) -> None:
+    """PEFT ``save_pretrained`` of a LoRA model, also while QAT-prepared.
+
+    QAT replaces each PEFT LoRA layer by a merged fake-quant module that keeps the original as ``_peft_module``
+    (sharing its tensors); peft only recognises its own layer types, so they are swapped back for the save.
+    """
+    swapped = []
+    for name, mod in list(model.named_modules()):
+        orig = getattr(mod, "_peft_module", None)
+        if orig is not None and name:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, orig)
+            swapped.append((parent, child, mod))
+    try:
+        model.save_pretrained(str(dest))
+    finally:
+        for parent, child, mod in reversed(swapped):
+            setattr(parent, child, mod)
+
+
 def apply_kernels(model: nn.Module, required: bool) -> list[str]:
     try:
         from edgeft.kernels import patch

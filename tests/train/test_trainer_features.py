@@ -271,3 +271,19 @@ def test_tensorboard_logs_the_curve(data, tmp_path):
     assert len(acc.Scalars("eval/loss")) == 1
     with pytest.raises(EdgeftError, match="unknown --report-to 'mlflow'"):
         _cfg(report_to=["mlflow"])
+
+
+def test_checkpoint_adapter_of_a_qat_prepared_lora_model(data, tmp_path):
+    """The checkpoint's adapter/ is a complete PEFT adapter even while QAT has replaced the LoRA layers."""
+    from safetensors.torch import load_file
+
+    from edgeft.train import save_adapter
+
+    model_dir, _, _, _ = data
+    model, _ = prepare_model(_cfg(qat="int8-int4"), model_dir)
+    layer = type(model.base_model.model.model.layers[0].self_attn.q_proj)
+    save_adapter(model, tmp_path / "adapter")
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    live = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(saved) == len(live) > 0
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj) is layer  # QAT layers are back
