@@ -238,20 +238,25 @@ def test_lora_options(data, tmp_path):
         prepare_model(dataclasses.replace(cfg, adapter=str(tmp_path)), model_dir)
 
 
-def test_qlora_nf4_double_quant_trains(data):
-    """QLoRA: NF4 base with double quantization (bitsandbytes), LoRA adapters in float; bnb runs it on CPU too."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_base_lora_trains(data, bits):
+    """QLoRA: NF4 base with double quantization (bitsandbytes), LoRA adapters in float; and 8-bit loading.
+    bitsandbytes 0.50 runs both on CPU too; a build without this device's kernels gives one clear error."""
     bnb = pytest.importorskip("bitsandbytes")
     model_dir, tok, examples, _ = data
-    cfg = _cfg(load_in_4bit=True)
+    cfg = _cfg(**{f"load_in_{bits}bit": True})
     try:
         model, info = prepare_model(cfg, model_dir)
-    except EdgeftError as e:  # a bitsandbytes build without this device's 4-bit kernels: one clear error
-        assert "4-bit loading failed" in str(e)
+    except EdgeftError as e:
+        assert f"{bits}-bit loading failed" in str(e)
         pytest.skip(str(e))
     q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
-    assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4"
-    assert q.weight.quant_state.nested  # double quantization
-    assert info["quantized_base"] == "nf4"
+    if bits == 4:
+        assert isinstance(q, bnb.nn.Linear4bit) and q.weight.quant_type == "nf4"
+        assert q.weight.quant_state.nested  # double quantization
+        assert info["quantized_base"] == "nf4"
+    else:
+        assert isinstance(q, bnb.nn.Linear8bitLt) and info["quantized_base"] == "int8"
     s = _loop(model, tok, examples, max_steps=2, batch_size=2, grad_accum=1)
     assert math.isfinite(s["final_loss"])
 
