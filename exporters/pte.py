@@ -404,8 +404,8 @@ def _partitioner(lean: bool) -> Any:
     return part
 
 
-def _lower(program: nn.Module, max_seq_len: int, metadata: dict[str, Any]) -> tuple[bytes, dict[str, int]]:
-    """torch.export -> edge -> XNNPACK -> ExecuTorch bytes, plus the counts of the top-level ops."""
+def _lower(program: nn.Module, max_seq_len: int, metadata: dict[str, Any]) -> bytes:
+    """torch.export -> edge -> XNNPACK -> ExecuTorch program bytes."""
     try:
         return _lower_once(program, max_seq_len, metadata, lean=True)
     except EdgeftError:
@@ -416,7 +416,7 @@ def _lower(program: nn.Module, max_seq_len: int, metadata: dict[str, Any]) -> tu
 
 def _lower_once(
     program: nn.Module, max_seq_len: int, metadata: dict[str, Any], lean: bool
-) -> tuple[bytes, dict[str, int]]:
+) -> bytes:
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -444,25 +444,31 @@ def _lower_once(
         )
     except RuntimeError as e:
         raise EdgeftError(f"pte export: ExecuTorch could not lower the model: {str(e).splitlines()[0]}") from None
-    ops: dict[str, int] = {}
-    for node in et.exported_program().graph.nodes:
-        if node.op == "call_function":
-            name = str(getattr(node.target, "__name__", node.target))
-            ops[name] = ops.get(name, 0) + 1
-    return et.buffer, ops
+    return et.buffer
 
 
-def _structure(ops: dict[str, int], int8_embedding: bool) -> dict[str, Any]:
-    leftover = sorted(o for o in ops if o.startswith("torchao") or "dequantize_affine" in o)
+def _structure(buf: bytes, int8_embedding: bool) -> dict[str, Any]:
+    """Check the serialized program itself: KV-cache ops, XNNPACK delegates, no stray quantized ops."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    try:
+        prog = deserialize_pte_binary(buf)
+        prog = getattr(prog, "program", prog)
+        plan = next(p for p in prog.execution_plan if p.name == "forward")
+    except Exception as e:  # noqa: BLE001 - not a program at all
+        raise EdgeftError(f"pte export: the written program cannot be read back ({type(e).__name__})") from None
+    ops = {o.name for o in plan.operators}
+    delegates = [d.id for d in plan.delegates]
+    missing = {"llama::update_cache", "llama::custom_sdpa"} - ops
+    if missing or "XnnpackBackend" not in delegates:
+        raise EdgeftError(f"pte export: program lacks {', '.join(sorted(missing)) or 'XNNPACK delegates'}")
+    leftover = sorted(o for o in ops if o.startswith("torchao") or "dequantize" in o)
     if leftover:
         raise EdgeftError(f"pte export: quantized ops left outside XNNPACK: {', '.join(leftover)}")
-    has_byte = any("embedding_byte" in o for o in ops)
+    has_byte = "quantized_decomposed::embedding_byte" in ops
     if int8_embedding and not has_byte:
         raise EdgeftError("pte export: the int8 embedding was not lowered to ExecuTorch's embedding_byte kernel")
-    return {
-        "xnnpack_partitions": sum(c for o, c in ops.items() if "call_delegate" in o),
-        "embedding": "int8 (embedding_byte)" if has_byte else "float32",
-    }
+    return {"xnnpack_partitions": len(delegates), "embedding": "int8 (embedding_byte)" if has_byte else "float32"}
 
 
 # --- validation -----------------------------------------------------------------------------------------
@@ -716,9 +722,9 @@ def export(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export / ExecuTorch deprecation chatter
         with _edge_rewrites(model, arch, max_context_len, warn) as program:
-            buf, ops = _lower(program, max_seq_len, metadata)
+            buf = _lower(program, max_seq_len, metadata)
     lower_s = time.perf_counter() - t_lower
-    structure = _structure(ops, int8_emb)
+    structure = _structure(buf, int8_emb)
     if record and record.get("embeddings") and not int8_emb:
         warn.append("the scheme's embedding quantization is not int8 per row: embedding exported as float32")
 
