@@ -276,6 +276,8 @@ def train_loop(
                         report_to=report_to, log_dir=log_dir, config=run_config, enabled=is_main)
     if start:
         reporter.message(f"resumed from {latest} at step {start}")
+    elif resume:
+        reporter.message("no checkpoint to resume from: training from step 0")
     if batching == "packed":
         reporter.message(f"packing: {len(examples)} examples in {len(batcher)} rows of {max_seq_length} tokens, "
                          f"{batcher.efficiency:.1%} of tokens valid")

@@ -22,7 +22,7 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, capsys):
+def test_sigkill_then_resume_matches_a_run_never_killed(tmp_path, capsys):
     ref, run, data = tmp_path / "ref", tmp_path / "run", tmp_path / "tasks.jsonl"
     data.write_text("".join(json.dumps({"messages": tasks.to_messages(r)}) + "\n" for r in tasks.generate("train")[:300]))
     args = [*ARGS, "--data", str(data)]

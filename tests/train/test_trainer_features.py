@@ -278,7 +278,7 @@ def test_tensorboard_logs_the_curve(data, tmp_path):
         _cfg(report_to=["mlflow"])
 
 
-def test_checkpoint_adapter_of_a_qat_prepared_lora_model(data, tmp_path):
+def test_checkpoint_lora_weights_of_a_qat_prepared_model(data, tmp_path):
     """The checkpoint's adapter/ is a complete PEFT adapter even while QAT has replaced the LoRA layers."""
     from safetensors.torch import load_file
 
