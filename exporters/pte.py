@@ -364,7 +364,9 @@ def _edge_rewrites(model: nn.Module, arch: ArchSpec, max_context_len: int, warn:
 # --- lowering -------------------------------------------------------------------------------------------
 
 
-def _metadata(model: nn.Module, tokenizer: Any, max_seq_len: int, max_context_len: int) -> dict[str, Any]:
+def _metadata(
+    model: nn.Module, tokenizer: Any, max_seq_len: int, max_context_len: int, dynamic: bool
+) -> dict[str, Any]:
     eos: list[int] = []
     for src in (getattr(model, "generation_config", None), model.config, tokenizer):
         e = getattr(src, "eos_token_id", None) if src is not tokenizer else tokenizer.eos_token_id
@@ -380,7 +382,7 @@ def _metadata(model: nn.Module, tokenizer: Any, max_seq_len: int, max_context_le
         "get_eos_ids": eos,
         "use_kv_cache": True,
         "use_sdpa_with_kv_cache": True,
-        "enable_dynamic_shape": True,
+        "enable_dynamic_shape": dynamic,
     }
 
 
@@ -404,29 +406,30 @@ def _partitioner(lean: bool) -> Any:
     return part
 
 
-def _lower(program: nn.Module, max_seq_len: int, metadata: dict[str, Any]) -> bytes:
+def _lower(program: nn.Module, max_seq_len: int, metadata: dict[str, Any], dynamic: bool) -> bytes:
     """torch.export -> edge -> XNNPACK -> ExecuTorch program bytes."""
     try:
-        return _lower_once(program, max_seq_len, metadata, lean=True)
+        return _lower_once(program, max_seq_len, metadata, dynamic, lean=True)
     except EdgeftError:
         raise
     except Exception:  # noqa: BLE001 - any failure of the lean route: take ExecuTorch's full route
-        return _lower_once(program, max_seq_len, metadata, lean=False)
+        return _lower_once(program, max_seq_len, metadata, dynamic, lean=False)
 
 
 def _lower_once(
-    program: nn.Module, max_seq_len: int, metadata: dict[str, Any], lean: bool
+    program: nn.Module, max_seq_len: int, metadata: dict[str, Any], dynamic: bool, lean: bool
 ) -> bytes:
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-    n = min(8, max_seq_len)
+    n = min(8, max_seq_len) if dynamic else 1
     example = (torch.zeros(1, n, dtype=torch.long), torch.arange(n, dtype=torch.long))
     seq = torch.export.Dim("seq_len", min=1, max=max_seq_len)
+    shapes = ({1: seq}, {0: seq}) if dynamic else None
     with torch.no_grad():
         # non-strict: 6x faster than dynamo here, and correct once no parameter requires grad
-        ep = torch.export.export(program, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
+        ep = torch.export.export(program, example, dynamic_shapes=shapes, strict=False)
     edge = to_edge_transform_and_lower(
         ep,
         partitioner=[_partitioner(lean)],
@@ -495,10 +498,6 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got - ref).norm() / ref.norm().clamp_min(1e-12))
 
 
-def _top1(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((got.argmax(-1) == ref.argmax(-1)).float().mean())
-
-
 @torch.no_grad()
 def _eager_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
     return model(input_ids=torch.tensor([ids])).logits[0].float()
@@ -513,7 +512,8 @@ def _noise(model: nn.Module, seqs: list[list[int]], refs: list[torch.Tensor]) ->
         alts = [_eager_logits(model, s) for s in seqs]
     finally:
         model.set_attn_implementation(impl)
-    return max(_rel(a, r) for a, r in zip(alts, refs)), min(_top1(a, r) for a, r in zip(alts, refs))
+    agree = sum(float((a.argmax(-1) == r.argmax(-1)).sum()) for a, r in zip(alts, refs))
+    return max(_rel(a, r) for a, r in zip(alts, refs)), agree / sum(len(s) for s in seqs)
 
 
 def _clamp(x: float, lo: float, hi: float) -> float:
@@ -522,8 +522,9 @@ def _clamp(x: float, lo: float, hi: float) -> float:
 
 def _tolerances(quant_activations: bool, noise_rel: float) -> dict[str, float]:
     """rel: max logits rel_err; gap: max eager logit gap (in row std) of the program's argmax; top1: floor."""
-    rel = _clamp(8 * noise_rel, 0.03, 0.5) if quant_activations else FLOAT_REL
-    return {"rel": rel, "gap": 10 * rel, "top1": 0.5 if quant_activations else 0.99}
+    if not quant_activations:
+        return {"rel": FLOAT_REL, "gap": 10 * FLOAT_REL, "top1": 0.99}
+    return {"rel": _clamp(8 * noise_rel, 0.03, 0.5), "gap": _clamp(20 * noise_rel, 0.05, 2.0), "top1": 0.3}
 
 
 def _gaps(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -636,15 +637,18 @@ def _validate(
             if got.shape != ref.shape:
                 raise EdgeftError(f"pte validation: logits shape {tuple(got.shape)}, eager {tuple(ref.shape)}")
             got_all.append(got)
-        # through the KV cache: a short prefill, then one token at a time
+        # through the KV cache: a short prefill, then one token at a time (a static program only does that)
         s = seqs[0]
         k = min(INCREMENTAL_PREFILL, len(s) - 1)
-        got_all.append(torch.cat([rt._step(s[:k], 0)] + [rt._step([t], k + i) for i, t in enumerate(s[k:])], 0))
+        if rt.dynamic:
+            steps = [rt._step(s[:k], 0)] + [rt._step([t], k + i) for i, t in enumerate(s[k:])]
+            got_all.append(torch.cat(steps, 0))
         for got, ref in zip(got_all, refs + refs[:1]):
             rels.append(_rel(got, ref))
-            top1s.append(_top1(got, ref))
+            top1s.append(float((got.argmax(-1) == ref.argmax(-1)).sum()))
             gaps.append(float(_gaps(got, ref).max()))
-        rel, top1, gap = max(rels), min(top1s), max(gaps)
+        n_pos = sum(len(g) for g in got_all)
+        rel, top1, gap = max(rels), sum(top1s) / n_pos, max(gaps)
         report: dict[str, Any] = {
             "rel_err": round(rel, 6),
             "top1": round(top1, 4),
@@ -692,11 +696,14 @@ def export(
     *,
     max_seq_len: int = 512,
     max_context_len: int | None = None,
+    dynamic_shape: bool = True,
 ) -> dict[str, Any]:
     """Export ``src`` (HF directory or converted directory) to ``out_dir/model.pte`` + tokenizer, validated.
 
     ``max_seq_len``: the longest prompt chunk one call takes; ``max_context_len`` (default ``max_seq_len``):
-    the KV cache length. Returns a report (path, bytes, scheme, validation numbers, seconds, warnings).
+    the KV cache length. ``dynamic_shape=False`` exports a one-token program (prompts are fed token by
+    token, by the runner too): half the lowering time, slower prefill. Returns a report (path, bytes,
+    scheme, validation numbers, seconds, warnings).
     """
     t0 = time.perf_counter()
     src, out_dir = Path(src), Path(out_dir)
@@ -716,13 +723,14 @@ def export(
     quant_act = any(k == "dyn-act" for k in kinds.values())
     emb = model.get_input_embeddings().weight
     int8_emb = _weight_kind(emb) == "weight-only" and _is_int8_per_row(emb)
-    metadata = _metadata(model, tokenizer, max_seq_len, max_context_len)
+    seq_meta = max_seq_len if dynamic_shape else max_context_len  # a static program never chunks
+    metadata = _metadata(model, tokenizer, seq_meta, max_context_len, dynamic_shape)
 
     t_lower = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export / ExecuTorch deprecation chatter
         with _edge_rewrites(model, arch, max_context_len, warn) as program:
-            buf = _lower(program, max_seq_len, metadata)
+            buf = _lower(program, max_seq_len, metadata, dynamic_shape)
     lower_s = time.perf_counter() - t_lower
     structure = _structure(buf, int8_emb)
     if record and record.get("embeddings") and not int8_emb:
@@ -750,8 +758,9 @@ def export(
         "linears": {k: sum(v == k for v in kinds.values()) for k in sorted(set(kinds.values()))},
         "embedding": structure["embedding"],
         "xnnpack_partitions": structure["xnnpack_partitions"],
-        "max_seq_len": max_seq_len,
+        "max_seq_len": seq_meta,
         "max_context_len": max_context_len,
+        "dynamic_shape": dynamic_shape,
         "validation": validation,
         "seconds": {"lower": round(lower_s, 1), "validate": round(val_s, 1), "total": round(time.perf_counter() - t0, 1)},
         "warnings": warn,

@@ -26,12 +26,13 @@ from edgeft.models import load_model, resolve_model  # noqa: E402
 
 MAX_SEQ = 128
 TEXT = "The committee met on Tuesday to discuss the budget, 42 items in all, and adjourned at noon."
-# (model, scheme, max_seq_len, max_context_len): the qwen3 float program takes prompts in chunks of 32
+# (model, scheme, max_seq_len, max_context_len, dynamic_shape): the qwen3 float program takes prompts in
+# chunks of 32; the qwen3 int8-int4 program is the one-token (static) variant
 CASES = {
-    "llama-float": ("tiny-llama", None, MAX_SEQ, None),
-    "qwen3-float": ("tiny-qwen3", None, 32, MAX_SEQ),
-    "llama-phone": ("tiny-llama", "phone-deployment", MAX_SEQ, None),
-    "qwen3-int8-int4": ("tiny-qwen3", "int8-int4", MAX_SEQ, None),
+    "llama-float": ("tiny-llama", None, MAX_SEQ, None, True),
+    "qwen3-float": ("tiny-qwen3", None, 32, MAX_SEQ, True),
+    "llama-phone": ("tiny-llama", "phone-deployment", MAX_SEQ, None, True),
+    "qwen3-int8-int4": ("tiny-qwen3", "int8-int4", MAX_SEQ, None, False),
 }
 
 
@@ -40,7 +41,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Source directories: the float HF dirs, and PTQ-converted dirs (same format as after QAT)."""
     out = tmp_path_factory.mktemp("pte-src")
     srcs = {}
-    for case, (name, scheme, _, _) in CASES.items():
+    for case, (name, scheme, *_) in CASES.items():
         if scheme is None:
             srcs[case] = resolve_model(name)
             continue
@@ -54,8 +55,8 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def exports(sources, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("pte")
     reports = {}
-    for case, (_, _, seq, ctx) in CASES.items():
-        reports[case] = pte.export(sources[case], out / case, max_seq_len=seq, max_context_len=ctx)
+    for case, (_, _, seq, ctx, dyn) in CASES.items():
+        reports[case] = pte.export(sources[case], out / case, max_seq_len=seq, max_context_len=ctx, dynamic_shape=dyn)
     return reports
 
 
@@ -85,7 +86,8 @@ def test_report_and_files(exports, case):
     v = r["validation"]
     assert v["rel_err"] <= v["tolerance"]["rel"] and v["top1"] >= v["tolerance"]["top1"]
     assert v["runner_match"] and v["runner_tokens"] > 0 and v["greedy_tokens"] > 0
-    assert r["max_seq_len"] == CASES[case][2]
+    assert r["dynamic_shape"] == CASES[case][4]
+    assert r["max_seq_len"] == (CASES[case][2] if CASES[case][4] else MAX_SEQ)
     assert isinstance(r["warnings"], list) and r["seconds"]["total"] > 0
     if CASES[case][1] is None:
         assert r["scheme"] == "float" and v["rel_err"] <= 1e-3 and v["greedy_agreement"] == 1.0
@@ -111,6 +113,9 @@ def test_metadata_methods(exports, sources):
     assert (rt.max_seq_len, rt.max_context_len, rt.vocab_size) == (32, MAX_SEQ, cfg["vocab_size"])
     assert cfg["eos_token_id"] in rt.eos_ids and rt.dynamic
     rt.close()
+    static = PteRuntime(exports["qwen3-int8-int4"]["path"])
+    assert not static.dynamic and static.max_seq_len == static.max_context_len == MAX_SEQ
+    static.close()
 
 
 @pytest.mark.parametrize("case", CASES)
