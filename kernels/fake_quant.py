@@ -22,6 +22,7 @@ the LoRA backward that uses it (dX = dY fq(W_m), dA and dB from rank-r products,
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -66,10 +67,6 @@ def _eps(eps: float | None, dtype: torch.dtype) -> float:
     return eps if eps is not None else torch.finfo(dtype).smallest_normal
 
 
-def _launch_opts(t: torch.Tensor) -> dict[str, Any]:
-    return {"enable_fp_fusion": False} if t.is_cuda else {}
-
-
 if HAS_TRITON:
 
     @triton.jit
@@ -86,6 +83,15 @@ if HAS_TRITON:
             return x
 
     @triton.jit
+    def _div_scalar(x, d, inv_d, RECIP: tl.constexpr):
+        """x / d as torch computes a tensor divided by a Python number: exactly on the CPU, as x * fp32(1/d) on
+        CUDA (PyTorch's CUDA kernels multiply by the divisor's reciprocal)."""
+        if RECIP:
+            return x * inv_d
+        else:
+            return tl.math.div_rn(x, tl.full(x.shape, d, tl.float32))
+
+    @triton.jit
     def _rint(x):
         return (x + 12582912.0) - 12582912.0
 
@@ -99,24 +105,33 @@ if HAS_TRITON:
         return _rint(y * inv_quantum) * quantum
 
     @triton.jit
+    def _tile_cols(n_cols, n_groups, GS: tl.constexpr, GSP: tl.constexpr, NG: tl.constexpr):
+        """Column indices of this program's NG groups (each padded to GSP) and their mask."""
+        j = tl.arange(0, NG * GSP)
+        if GS == GSP:  # contiguous: vectorized loads
+            cols = tl.program_id(1) * (NG * GSP) + j
+            return cols, cols < n_cols
+        else:
+            grp = tl.program_id(1) * NG + j // GSP
+            within = j % GSP
+            return grp * GS + within, (within < GS) & (grp < n_groups)
+
+    @triton.jit
     def _weight_kernel(
         W, A, B, OUT, MERGED, CODES, SCALES,
-        n_rows, n_cols, n_groups, stride_w, lora_scale, eps, divisor,
+        n_rows, n_cols, n_groups, stride_w, lora_scale, eps, divisor, inv_divisor,
         R: tl.constexpr, GS: tl.constexpr, GSP: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr,
         QUANT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
         D: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
         WRITE_MERGED: tl.constexpr, WRITE_CODES: tl.constexpr, PACK: tl.constexpr, LONG: tl.constexpr,
+        RECIP: tl.constexpr,
     ):
         """One tile = BLOCK_R rows x NG groups (each GS columns, padded to GSP): merge, quantize, dequantize."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         if LONG:
             rows = rows.to(tl.int64)
-        j = tl.arange(0, NG * GSP)
-        grp = tl.program_id(1) * NG + j // GSP
-        within = j % GSP
-        cols = grp * GS + within
+        cols, cmask = _tile_cols(n_cols, n_groups, GS, GSP, NG)
         rmask = rows < n_rows
-        cmask = (within < GS) & (grp < n_groups)
         mask = rmask[:, None] & cmask[None, :]
         w = tl.load(W + rows[:, None] * stride_w + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if R > 0:
@@ -131,7 +146,7 @@ if HAS_TRITON:
         if QUANT:
             g = tl.reshape(w, (BLOCK_R, NG, GSP))
             amax = tl.max(tl.abs(g), axis=2)
-            scale = _rnd(tl.math.div_rn(amax, divisor), D)
+            scale = _rnd(_div_scalar(amax, divisor, inv_divisor, RECIP), D)
             scale = _rnd(tl.maximum(scale, eps), D)
             scale = _rnd(scale, S)
             inv = _rnd(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), S)
@@ -165,12 +180,8 @@ if HAS_TRITON:
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         if LONG:
             rows = rows.to(tl.int64)
-        j = tl.arange(0, NG * GSP)
-        grp = tl.program_id(1) * NG + j // GSP
-        within = j % GSP
-        cols = grp * GS + within
+        cols, cmask = _tile_cols(n_cols, n_groups, GS, GSP, NG)
         rmask = rows < n_rows
-        cmask = (within < GS) & (grp < n_groups)
         mask = rmask[:, None] & cmask[None, :]
         if PACK:
             pc = tl.program_id(1) * (NG * GSP // 2) + tl.arange(0, NG * GSP // 2)
@@ -190,14 +201,14 @@ if HAS_TRITON:
                  tl.reshape(dq, (BLOCK_R, NG * GSP)).to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _row_params(mn, mx, eps, lb, ub, MODE: tl.constexpr, HAS_LB: tl.constexpr, HAS_UB: tl.constexpr,
-                    D: tl.constexpr, S: tl.constexpr):
+    def _row_params(mn, mx, eps, lb, ub, inv_d, MODE: tl.constexpr, HAS_LB: tl.constexpr, HAS_UB: tl.constexpr,
+                    D: tl.constexpr, S: tl.constexpr, RECIP: tl.constexpr):
         """Per-row (scale, reciprocal or unused, zero point) from the row's min and max (max|x| for fp8)."""
         if MODE == 0:  # int8 asymmetric per token
             mn = tl.minimum(mn, 0.0)
             mx = tl.maximum(mx, 0.0)
             scale = _rnd(mx - mn, D)
-            scale = _rnd(tl.math.div_rn(scale, tl.full(scale.shape, 255.0, tl.float32)), D)
+            scale = _rnd(_div_scalar(scale, 255.0, inv_d, RECIP), D)
             scale = _rnd(tl.maximum(scale, eps), D)
             zp = -128.0 - _rint(_rnd(tl.math.div_rn(mn, scale), D))
             zp = tl.minimum(tl.maximum(zp, -128.0), 127.0)
@@ -210,7 +221,7 @@ if HAS_TRITON:
                 amax = _rnd(tl.maximum(amax, lb), D)
             if HAS_UB:
                 amax = _rnd(tl.minimum(amax, ub), D)
-            scale = _rnd(tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), D)
+            scale = _rnd(_div_scalar(amax, 448.0, inv_d, RECIP), D)
             return scale, scale, scale
 
     @triton.jit
@@ -228,10 +239,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _row_kernel(
-        X, OUT, n_rows, n_cols, stride_x, stride_o, eps, lb, ub,
+        X, OUT, n_rows, n_cols, stride_x, stride_o, eps, lb, ub, inv_d,
         MODE: tl.constexpr, HAS_LB: tl.constexpr, HAS_UB: tl.constexpr,
         D: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr, LONG: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr, LONG: tl.constexpr, RECIP: tl.constexpr,
     ):
         """Per-row fake quantization of BLOCK_R rows; SINGLE: the row fits one tile (read once)."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -249,7 +260,7 @@ if HAS_TRITON:
             else:
                 mn = tl.zeros((BLOCK_R,), tl.float32)
                 mx = tl.max(tl.abs(x), axis=1)
-            scale, inv, zp = _row_params(mn, mx, eps, lb, ub, MODE, HAS_LB, HAS_UB, D, S)
+            scale, inv, zp = _row_params(mn, mx, eps, lb, ub, inv_d, MODE, HAS_LB, HAS_UB, D, S, RECIP)
             out = _row_apply(x, scale, inv, zp, MODE, D, P)
             tl.store(OUT + rows[:, None] * stride_o + c[None, :], out.to(OUT.dtype.element_ty), mask=mask)
         else:
@@ -263,7 +274,7 @@ if HAS_TRITON:
                     mx = tl.maximum(mx, tl.max(x, axis=1))
                 else:
                     mx = tl.maximum(mx, tl.max(tl.abs(x), axis=1))
-            scale, inv, zp = _row_params(mn, mx, eps, lb, ub, MODE, HAS_LB, HAS_UB, D, S)
+            scale, inv, zp = _row_params(mn, mx, eps, lb, ub, inv_d, MODE, HAS_LB, HAS_UB, D, S, RECIP)
             for c0 in range(0, n_cols, BLOCK_C):
                 mask = rmask[:, None] & (c0 + c < n_cols)[None, :]
                 x = tl.load(X + rows[:, None] * stride_x + (c0 + c)[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -272,6 +283,8 @@ if HAS_TRITON:
 
 
 # --- launchers ---------------------------------------------------------------------------------------------------
+# Launch plans (grid, block sizes, dtype codes, scalars) are computed once per shape/dtype/spec and cached: the
+# training steps these kernels serve are host-bound on small models, so per-call Python counts.
 
 
 def _weight_geometry(n_cols: int, group_size: int | None, tile: int) -> tuple[int, int, int, int]:
@@ -284,16 +297,49 @@ def _weight_geometry(n_cols: int, group_size: int | None, tile: int) -> tuple[in
     return gs, gsp, ng, block_r
 
 
+def _recip32(d: float) -> float:
+    """fp32(1 / d) as fp32 division gives it (what PyTorch's CUDA kernels multiply by)."""
+    return float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(d, dtype=torch.float32))
+
+
+@functools.lru_cache(maxsize=4096)
+def _weight_plan(n_rows: int, n_cols: int, dtype: torch.dtype, spec: WeightQuant | None, rank: int, quant: bool,
+                 write_merged: bool, write_codes: bool, pack: bool, cuda: bool, long: bool, tile: int):
+    gs, gsp, ng, block_r = _weight_geometry(n_cols, spec.group_size if spec is not None else None, tile)
+    block_r = min(block_r, next_pow2(n_rows))
+    n_groups = n_cols // gs
+    d, s, p = _kinds(dtype, spec.scale_dtype if spec is not None else None)
+    divisor = spec.scale_divisor() if spec is not None else 1.0
+    scalars = (_eps(spec.eps, dtype) if spec is not None else 1.0, divisor, _recip32(divisor))
+    kw = dict(R=rank, GS=gs, GSP=gsp, NG=ng, BLOCK_R=block_r, QUANT=quant,
+              QMIN=spec.qmin if spec is not None else 0, QMAX=spec.qmax if spec is not None else 0,
+              D=d, S=s, P=p, WRITE_MERGED=write_merged, WRITE_CODES=write_codes, PACK=pack, LONG=long, RECIP=cuda,
+              num_warps=warps_for(block_r * ng * gsp))
+    if cuda:
+        kw["enable_fp_fusion"] = False
+    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_groups, ng))
+    return grid, n_groups, scalars, kw
+
+
 def _weight_launch(w: torch.Tensor, spec: WeightQuant | None, lora: tuple | None, quant: bool,
                    write_merged: bool, write_codes: bool, pack: bool) -> tuple[torch.Tensor | None, ...]:
     n_rows, n_cols = w.shape
     if w.stride(1) != 1:
         w = w.contiguous()
-    gs = spec.group_size if spec is not None else None
-    gs, gsp, ng, block_r = _weight_geometry(n_cols, gs, _tile(w))
-    block_r = min(block_r, next_pow2(n_rows))
-    n_groups = n_cols // gs
-    d, s, p = _kinds(w.dtype, spec.scale_dtype if spec is not None else None)
+    if lora is not None:
+        a, b, lora_scale = lora
+        a, b = a.detach(), b.detach()
+        if not a.is_contiguous():
+            a = a.contiguous()
+        if not b.is_contiguous():
+            b = b.contiguous()
+        rank = a.shape[0]
+    else:
+        a = b = w
+        rank, lora_scale = 0, 1.0
+    grid, n_groups, (eps, divisor, inv_divisor), kw = _weight_plan(
+        n_rows, n_cols, w.dtype, spec, rank, quant, write_merged, write_codes, pack, w.is_cuda,
+        needs_long_indexing(w), _tile(w))
     out = torch.empty_like(w) if quant else None
     merged = torch.empty_like(w) if write_merged else None
     codes = scales = None
@@ -301,49 +347,41 @@ def _weight_launch(w: torch.Tensor, spec: WeightQuant | None, lora: tuple | None
         codes = torch.empty((n_rows, n_cols // 2 if pack else n_cols),
                             dtype=torch.uint8 if pack else torch.int8, device=w.device)
         scales = torch.empty((n_rows, n_groups), dtype=spec.scale_dtype or w.dtype, device=w.device)
-    if lora is not None:
-        a, b, lora_scale = lora
-        a, b = a.detach().contiguous(), b.detach().contiguous()
-        rank = a.shape[0]
-    else:
-        a = b = w
-        rank, lora_scale = 0, 1.0
-    dummy = w
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_groups, ng))
     _weight_kernel[grid](
-        w, a, b, out if out is not None else dummy, merged if merged is not None else dummy,
-        codes if codes is not None else dummy, scales if scales is not None else dummy,
-        n_rows, n_cols, n_groups, w.stride(0), float(lora_scale),
-        _eps(spec.eps, w.dtype) if spec is not None else 1.0,
-        spec.scale_divisor() if spec is not None else 1.0,
-        R=rank, GS=gs, GSP=gsp, NG=ng, BLOCK_R=block_r, QUANT=quant,
-        QMIN=spec.qmin if spec is not None else 0, QMAX=spec.qmax if spec is not None else 0,
-        D=d, S=s, P=p, WRITE_MERGED=write_merged, WRITE_CODES=write_codes, PACK=pack,
-        LONG=needs_long_indexing(w), num_warps=warps_for(block_r * ng * gsp), **_launch_opts(w),
+        w, a, b, w if out is None else out, w if merged is None else merged, w if codes is None else codes,
+        w if scales is None else scales, n_rows, n_cols, n_groups, w.stride(0), float(lora_scale),
+        eps, divisor, inv_divisor, **kw,
     )
     return out, merged, codes, scales
 
 
-def _row_launch(x: torch.Tensor, mode: int, eps: float, lb: float | None, ub: float | None,
+@functools.lru_cache(maxsize=4096)
+def _row_plan(n_rows: int, n_cols: int, dtype: torch.dtype, mode: int, eps: float | None,
+              lb: float | None, ub: float | None, scale_dtype: torch.dtype | None, cuda: bool, long: bool, tile: int):
+    d, s, p = _kinds(dtype, scale_dtype)
+    single = n_cols <= 8192
+    block_c = next_pow2(n_cols) if single else 4096
+    block_r = max(1, min(tile // block_c, next_pow2(n_rows)))
+    scalars = (_eps(eps, dtype), lb if lb is not None else 0.0, ub if ub is not None else 0.0,
+               _recip32(255.0 if mode == 0 else FP8_MAX))
+    kw = dict(MODE=mode, HAS_LB=lb is not None, HAS_UB=ub is not None, D=d, S=s, P=p, BLOCK_R=block_r,
+              BLOCK_C=block_c, SINGLE=single, LONG=long, RECIP=cuda, num_warps=warps_for(block_r * block_c))
+    if cuda:
+        kw["enable_fp_fusion"] = False
+    return (triton.cdiv(n_rows, block_r),), scalars, kw
+
+
+def _row_launch(x: torch.Tensor, mode: int, eps: float | None, lb: float | None, ub: float | None,
                 scale_dtype: torch.dtype | None, out: torch.Tensor | None = None) -> torch.Tensor:
     n_cols = x.shape[-1]
     x2 = x.reshape(-1, n_cols)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    n_rows = x2.shape[0]
     o2 = torch.empty_like(x2) if out is None else out.view(-1, n_cols)
-    d, s, p = _kinds(x.dtype, scale_dtype)
-    single = n_cols <= 8192
-    block_c = next_pow2(n_cols) if single else 4096
-    block_r = max(1, min(_tile(x2) // block_c, next_pow2(n_rows)))
-    grid = (triton.cdiv(n_rows, block_r),)
-    _row_kernel[grid](
-        x2, o2, n_rows, n_cols, x2.stride(0), o2.stride(0), eps,
-        lb if lb is not None else 0.0, ub if ub is not None else 0.0,
-        MODE=mode, HAS_LB=lb is not None, HAS_UB=ub is not None, D=d, S=s, P=p,
-        BLOCK_R=block_r, BLOCK_C=block_c, SINGLE=single, LONG=needs_long_indexing(x2, o2),
-        num_warps=warps_for(block_r * block_c), **_launch_opts(x2),
-    )
+    n_rows = x2.shape[0]
+    grid, (eps_, lb_, ub_, inv_d), kw = _row_plan(n_rows, n_cols, x.dtype, mode, eps, lb, ub, scale_dtype,
+                                                  x.is_cuda, needs_long_indexing(x2, o2), _tile(x2))
+    _row_kernel[grid](x2, o2, n_rows, n_cols, x2.stride(0), o2.stride(0), eps_, lb_, ub_, inv_d, **kw)
     return o2.view(x.shape) if out is None else out
 
 
@@ -378,7 +416,7 @@ def fake_quant_weight(
             out, _, c, s = _weight_launch(w, spec, lora, True, False, codes, pack)
             return (out, c, s, pack) if codes else out
         base = merged_lora_weight(w, *lora) if lora is not None else w
-        rows = _row_launch(base, 1, 1.0, spec.lb, None, None)
+        rows = _row_launch(base, 1, None, spec.lb, None, None)
         if spec.kind == "fp8":
             if codes:
                 raise ValueError("fp8 weights have no integer codes")
@@ -404,19 +442,28 @@ def fake_quant_weight(
     return int_weight_ref(rows, spec.int_part())
 
 
+@functools.lru_cache(maxsize=4096)
+def _dequant_plan(n_rows: int, n_cols: int, group_size: int | None, dtype: torch.dtype, scale_dtype: torch.dtype,
+                  packed: bool, cuda: bool, long: bool, tile: int):
+    gs, gsp, ng, block_r = _weight_geometry(n_cols, group_size, tile)
+    block_r = min(block_r, next_pow2(n_rows))
+    d, _, p = _kinds(dtype, scale_dtype)
+    kw = dict(GS=gs, GSP=gsp, NG=ng, BLOCK_R=block_r, D=d, P=p, PACK=packed, LONG=long,
+              num_warps=warps_for(block_r * ng * gsp))
+    if cuda:
+        kw["enable_fp_fusion"] = False
+    return (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols // gs, ng)), kw
+
+
 def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, packed: bool, dtype: torch.dtype,
                      group_size: int | None, n_cols: int) -> torch.Tensor:
     """The fake-quantized weight back from :func:`fake_quant_weight`'s codes and scales (same bits)."""
     n_rows = codes.shape[0]
     if use_triton(codes):
-        gs, gsp, ng, block_r = _weight_geometry(n_cols, group_size, _tile(codes))
-        block_r = min(block_r, next_pow2(n_rows))
-        d, _, p = _kinds(dtype, scales.dtype)
         out = torch.empty((n_rows, n_cols), dtype=dtype, device=codes.device)
-        grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols // gs, ng))
-        _dequant_kernel[grid](codes, scales, out, n_rows, n_cols, n_cols // gs, GS=gs, GSP=gsp, NG=ng,
-                              BLOCK_R=block_r, D=d, P=p, PACK=packed, LONG=needs_long_indexing(out),
-                              num_warps=warps_for(block_r * ng * gsp), **_launch_opts(out))
+        grid, kw = _dequant_plan(n_rows, n_cols, group_size, dtype, scales.dtype, packed, codes.is_cuda,
+                                 needs_long_indexing(out), _tile(codes))
+        _dequant_kernel[grid](codes, scales, out, n_rows, n_cols, n_cols // (group_size or n_cols), **kw)
         return out
     if packed:
         lo = ((codes.to(torch.int16) & 15) ^ 8) - 8
@@ -432,9 +479,9 @@ def fake_quant_act(x: torch.Tensor, spec: ActQuant, out: torch.Tensor | None = N
     x = x.detach()
     if use_triton(x):
         if spec.kind == "int8_asym":
-            return _row_launch(x, 0, _eps(spec.eps, x.dtype), None, None, spec.scale_dtype, out)
+            return _row_launch(x, 0, spec.eps, None, None, spec.scale_dtype, out)
         if spec.kind == "fp8":
-            return _row_launch(x, 1, 1.0, spec.lb, spec.ub, None, out)
+            return _row_launch(x, 1, None, spec.lb, spec.ub, None, out)
         raise ValueError(f"unknown activation quant kind {spec.kind!r}")
     res = act_ref(x, spec)
     if out is not None:
@@ -476,13 +523,21 @@ class RowsFakeQuantFunction(torch.autograd.Function):
         return g, None
 
 
+def _needs_grad(t: torch.Tensor) -> bool:
+    return t.requires_grad and torch.is_grad_enabled()
+
+
 def act_fake_quant(x: torch.Tensor, spec: ActQuant) -> torch.Tensor:
     """Differentiable (straight-through) activation fake quantization."""
+    if not _needs_grad(x):  # e.g. the no-grad first pass of checkpointed layers: no autograd node to build
+        return fake_quant_act(x, spec)
     return ActFakeQuantFunction.apply(x, spec)
 
 
 def rows_fake_quant(x: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     """Differentiable (straight-through) fake quantization of gathered weight rows."""
+    if not _needs_grad(x):
+        return fake_quant_rows(x, spec)
     return RowsFakeQuantFunction.apply(x, spec)
 
 
@@ -506,18 +561,20 @@ class WeightCache:
         self.key = self.entry = None
 
     def get(self, w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
-        if spec.kind == "fp8":
+        if spec.kind == "fp8" or not w.requires_grad:
+            # fp8: no integer form; a frozen weight (LoRA's head): re-quantizing once per micro-batch is one
+            # launch, while keeping its codes would hold a quarter of its size for the whole run
             self.misses += 1
             return fake_quant_weight(w, spec)
-        key = (w._version, w.data_ptr(), w.dtype, tuple(w.shape), w.device)
-        if self.key == key and self.entry is not None:
+        key = (w._version, w.data_ptr(), w.shape)
+        if self.key == key:
             self.hits += 1
             codes, scales, packed, gs = self.entry
             return dequantize_codes(codes, scales, packed, w.dtype, gs, w.shape[1])
         self.misses += 1
+        self.key = self.entry = None  # drop the stale codes before making new ones
         out, codes, scales, packed = fake_quant_weight(w, spec, codes=True)
-        gs = spec.group_size
-        self.key, self.entry = key, (codes, scales, packed, gs)
+        self.key, self.entry = key, (codes, scales, packed, spec.group_size)
         return out
 
 
@@ -537,4 +594,7 @@ class CachedWeightFakeQuantFunction(torch.autograd.Function):
 
 def weight_fake_quant(w: torch.Tensor, spec: WeightQuant, cache: WeightCache | None = None) -> torch.Tensor:
     """Differentiable (straight-through) weight fake quantization, cached per weight version when ``cache``."""
+    if not _needs_grad(w):
+        with torch.no_grad():
+            return cache.get(w, spec) if cache is not None else fake_quant_weight(w, spec)
     return CachedWeightFakeQuantFunction.apply(w, spec, cache)

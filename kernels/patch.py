@@ -447,7 +447,20 @@ def causal_lm_loss(
     head = hf.get_output_embeddings()
     softcap = getattr(hf.config, "final_logit_softcapping", None)
     h, w = lm_head_operands(head, hidden.reshape(-1, hidden.shape[-1]))
-    return lm_head_loss(h, w, shifted.reshape(-1), softcap)
+    return lm_head_loss(h, w, shifted.reshape(-1), softcap, chunk_rows=head_copy_chunk_rows(head, h, w))
+
+
+def head_copy_chunk_rows(head: nn.Module, hidden: torch.Tensor, weight: torch.Tensor) -> int | None:
+    """Logit rows per loss chunk when the head's weight is a (fake-quantized) copy: the copy is taken out of the
+    chunk's memory budget, so the loss's peak stays where it is without QAT (None: the loss chooses)."""
+    if weight is head.weight:
+        return None
+    from .cross_entropy import MIN_CHUNK_ROWS, choose_chunk_rows
+
+    vocab, elem = weight.shape[0], hidden.element_size()
+    rows = choose_chunk_rows(1 << 30, vocab, elem, hidden.device)
+    copy_rows = weight.numel() * weight.element_size() // (vocab * elem)
+    return max(MIN_CHUNK_ROWS, (rows - copy_rows) // MIN_CHUNK_ROWS * MIN_CHUNK_ROWS)
 
 
 def lm_head_operands(head: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -192,3 +192,32 @@ def test_gathered_rows_equal_the_quantized_table():
     table = torch.randn(50, 96, dtype=torch.bfloat16)
     ids = torch.tensor([[3, 3, 49], [0, 7, 21]])
     assert same(K.fake_quant_rows(table[ids], spec), R.weight_ref(table, spec)[ids])
+
+
+def test_cuda_scalar_division_semantics(monkeypatch):
+    """On CUDA, torch computes ``tensor / number`` as ``tensor * fp32(1 / number)`` (the CPU divides exactly), so
+    torchao's scales differ in the last bit between devices; the kernels follow the device they run on. Here the
+    kernels' CUDA branch runs in the interpreter against references computed with CUDA's division."""
+    weight_plan, row_plan = K._weight_plan, K._row_plan
+    monkeypatch.setattr(K, "_weight_plan", lambda *a: weight_plan(*a[:9], True, *a[10:]))
+    monkeypatch.setattr(K, "_row_plan", lambda *a: row_plan(*a[:8], True, *a[9:]))
+    true_div = torch.Tensor.__truediv__
+
+    def cuda_div(self, other):
+        if isinstance(other, (int, float)):
+            return (self.float() * K._recip32(float(other))).to(self.dtype)
+        return true_div(self, other)
+
+    for dtype in DTYPES:
+        w = nasty_weight(24, 256, dtype, 32)
+        x = nasty_rows((9, 300), dtype)
+        specs = [WEIGHT_SPECS[n] for n in ("int4-g32", "int8-row", "fp8-row", "fp8-int4")]
+        acts = [R.ActQuant("int8_asym"), R.ActQuant("fp8")]
+        monkeypatch.setattr(torch.Tensor, "__truediv__", cuda_div)
+        refs = [R.weight_ref(w, s) for s in specs] + [R.act_ref(x, a) for a in acts]
+        monkeypatch.setattr(torch.Tensor, "__truediv__", true_div)
+        got = [K.fake_quant_weight(w, s) for s in specs] + [K.fake_quant_act(x, a) for a in acts]
+        for g, r in zip(got, refs):
+            assert same(g, r)
+        if dtype == torch.float32:  # the two semantics do differ (in the scales' last bit): the test can tell
+            assert not same(got[-2], R.act_ref(x, acts[0]))

@@ -1,0 +1,88 @@
+"""The fake-quant references (edgeft.qat.fake_quant) against torchao's own fake quantizers, bit for bit.
+
+Every scheme and the embedding treatment, in fp32, bf16 and fp16, on inputs with all-zero groups and rows, tiny
+groups (scale at the eps clamp), constant rows and exact rounding ties. The one intended difference: torchao turns
+an all-zero fp8 row into NaN (0/0), edgeft keeps it zero.
+"""
+
+import pytest
+import torch
+from torchao.quantization.qat.fake_quantize_config import IntxFakeQuantizeConfig, _infer_fake_quantize_configs
+from torchao.quantization.qat.fake_quantizer import FakeQuantizerBase
+
+from edgeft import qat
+from edgeft.qat import fake_quant as R
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def weight_like(rows, cols, dtype):
+    torch.manual_seed(0)
+    w = torch.randn(rows, cols) * torch.logspace(-4, 0, rows)[:, None]
+    c = 2.0**-6
+    w[1] = (torch.randint(-7, 7, (cols,)) + 0.5) * c  # x / scale = k + 0.5 exactly
+    w[1, ::32] = 7.5 * c
+    w[2, :128] = 0.0
+    return w.to(dtype)
+
+
+def act_like(rows, cols, dtype):
+    torch.manual_seed(1)
+    x = torch.randn(rows, cols) * 3 + 0.5
+    x[0] = 0.0
+    x[1] = 2.0
+    x[2] = x[2].abs()
+    return x.to(dtype)
+
+
+def agree(ours: torch.Tensor, theirs: torch.Tensor, zero_rows_nan: bool = False) -> None:
+    both_nan = ours.isnan() & theirs.isnan()
+    if zero_rows_nan:  # torchao's fp8 0/0: ours stays zero there
+        nan_rows = theirs.isnan().all(-1)
+        assert (ours[nan_rows] == 0).all()
+        both_nan = both_nan | nan_rows[:, None]
+    assert bool(((ours == theirs) | both_nan).all()), int((~((ours == theirs) | both_nan)).sum())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scheme", list(qat.SCHEMES))
+def test_scheme_references_equal_torchao(scheme, dtype):
+    act_cfg, w_cfg = qat.resolve(scheme).fake_quant_configs()
+    act, weight = R.specs_from_configs(act_cfg, w_cfg)
+    w = weight_like(40, 256, dtype)
+    agree(R.weight_ref(w, weight), FakeQuantizerBase.from_config(w_cfg)(w))
+    if act is not None:
+        x = act_like(33, 256, dtype)
+        agree(R.act_ref(x, act), FakeQuantizerBase.from_config(act_cfg)(x), zero_rows_nan=act.kind == "fp8")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_embedding_reference_equals_torchao(dtype):
+    cfg = _infer_fake_quantize_configs(qat.resolve("phone-deployment").embedding_config())[1]
+    spec = R.weight_spec(cfg)
+    assert spec == R.WeightQuant("int", 8, None)
+    w = weight_like(50, 96, dtype)
+    agree(R.weight_ref(w, spec), FakeQuantizerBase.from_config(cfg)(w))
+
+
+def test_codes_and_scales_are_the_grid():
+    w = weight_like(8, 64, torch.float32)
+    out, q, s = R.int_weight_ref(w, R.WeightQuant("int", 4, 32), return_codes=True)
+    assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7
+    assert torch.equal(out, (q.float().reshape(8, 2, 32) * s[..., None]).reshape(8, 64))
+
+
+def test_unsupported_configs_are_refused():
+    with pytest.raises(ValueError, match="symmetric"):
+        R.weight_spec(IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=False))
+    with pytest.raises(ValueError, match="int8 asymmetric per token"):
+        R.act_spec(IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=True))
+
+
+def test_ste_is_the_identity_gradient():
+    x = torch.randn(4, 64, requires_grad=True)
+    g = torch.randn(4, 64)
+    y = R.ste(lambda t: R.act_ref(t, R.ActQuant()), x)
+    assert torch.equal(y, R.act_ref(x.detach(), R.ActQuant()))
+    y.backward(g)
+    assert torch.equal(x.grad, g)
