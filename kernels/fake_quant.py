@@ -13,7 +13,9 @@ Exactness: the kernels compute in fp32 and round to the dtype torch's type promo
 round-to-nearest-even on the fp32 bits, fp16 by an explicit ``rtne`` cast, quotients with ``div_rn`` (IEEE),
 round-half-to-even by adding and subtracting 1.5·2^23, fp8 e4m3 by rounding to the value's own power-of-two
 quantum. Kernels are launched with ``enable_fp_fusion=False`` so that no multiply-add contracts into an FMA (one
-rounding instead of two). The LoRA merge sums B·A over the rank in order, one IEEE operation at a time, exactly
+rounding instead of two). A tensor divided by a Python number is exact division on the CPU but a multiply by the
+number's fp32 reciprocal in PyTorch's CUDA kernels (so torchao's scales differ in the last bit between devices):
+the kernels do what torch does on the device they run on (``RECIP``), so they match torchao and its convert there. The LoRA merge sums B·A over the rank in order, one IEEE operation at a time, exactly
 as ``merge_lora_weight`` does, so the merged weight has the same bits on any device.
 
 Gradients are straight-through (identity): see ``edgeft.qat.fake_quant`` for why, and ``kernels/lora.py`` for
@@ -547,7 +549,8 @@ class WeightCache:
 
     It keeps the integer codes (4-bit codes packed two a byte) and scales rather than the float weight: a quarter
     of a bf16 copy for int4, so that caching every linear of a model costs a few percent of its training memory.
-    Each use dequantizes them (same bits as the fake-quant output). fp8 weights have no integer form and are
+    Each use dequantizes them (same bits as the fake-quant output). fp8 weights have no integer form, and frozen
+    weights (LoRA's head) would hold their codes for the whole run to save one launch a step: both are
     re-quantized on each use.
     """
 

@@ -11,7 +11,10 @@ fp16 (tests/qat/test_fake_quant_reference.py checks that against torchao itself)
   infers for ``int8-int4``/``int4``/``int8`` pass ``None``, so a bf16 weight gets a bf16 scale), clamps them at
   ``eps`` (default: the smallest normal of the input dtype), and quantizes as ``round(x * (1 / scale))`` with
   round-half-to-even, in the dtype torch's type promotion gives ``x`` times the scale;
-- fp8 (e4m3) rows divide by the fp32 scale, clamp to +-448 and round to nearest even.
+- fp8 (e4m3) rows divide by the fp32 scale, clamp to +-448 and round to nearest even;
+- a tensor divided by a Python number (``max / 7.5``, ``range / 255``) divides exactly on the CPU and multiplies by
+  the fp32 reciprocal on CUDA, so these references (plain torch ops) follow whichever device they run on, and the
+  kernels do the same.
 
 Two deliberate departures, both where torchao's result is not a number or not low rank:
 

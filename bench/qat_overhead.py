@@ -1,0 +1,510 @@
+"""QAT overhead on the GPU: edgeft LoRA / full fine-tuning with and without QAT, next to torchao's own QAT on
+HF (+PEFT), in one command.
+
+Runs, each in its own process (clean peak-memory counters, no cross-talk), on a Qwen3-0.6B-shaped random-init model
+(identical weights and batches everywhere, bf16, batch 4 x 2048, fused AdamW, gradient checkpointing):
+
+- lora (r=16 on q/k/v/o/gate/up/down): HF+PEFT, HF+PEFT + torchao QAT int8-int4 (torchao's QATConfig on every
+  linear but the adapters: base weights and adapters fake-quantized separately), edgeft, edgeft + QAT int8-int4
+  (merged-weight fake quant; target >= 0.85x edgeft);
+- full: HF, HF + torchao QAT phone-deployment (int8-int4 linears, int8 per-channel embeddings), edgeft, edgeft +
+  QAT phone-deployment (target >= 0.8x edgeft);
+- QAT may add at most 10% peak memory over the same implementation without it.
+
+edgeft is driven directly (``edgeft.kernels.patch`` + ``edgeft.qat.prepare`` + ``causal_lm_loss``) as in
+train_throughput.py. ``--check`` first compares every fake-quant kernel with its PyTorch reference on the GPU (bit
+for bit, bf16/fp16/fp32, bench shapes), the merged LoRA Function's gradients with an fp64 autograd reference, and
+the fp8 schemes' convert with their fake quantization. Prints a table and writes JSON with date, device and versions.
+
+    python bench/qat_overhead.py --check          # everything (about 4 minutes on an H200)
+    python bench/qat_overhead.py --modes lora --impls edgeft,edgeft_qat --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_throughput import MODELS, TARGETS, _config, _device, _reinit  # noqa: E402
+
+SCHEME = {"lora": "int8-int4", "full": "phone-deployment"}
+# edgeft first: if the command runs out of time, the rows the targets are about come back
+RUNS = [(m, i) for i in ("edgeft", "edgeft_qat") for m in ("lora", "full")] + [
+    (m, i) for m in ("lora", "full") for i in ("hf", "hf_qat")]
+TARGET_RATIO = {"lora": 0.85, "full": 0.80}
+MEMORY_BUDGET = 1.10
+
+
+# --- worker ------------------------------------------------------------------------------------------------------
+
+
+def _torchao_qat(model, mode: str) -> int:
+    """torchao's own QAT prepare on an HF (PEFT) model: QATConfig on every linear except LoRA's adapters."""
+    from torch import nn
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    from edgeft.qat import resolve
+
+    plan = resolve(SCHEME[mode])
+    n = [0]
+
+    def lin(m, fqn):
+        ok = type(m) is nn.Linear and "lora_" not in fqn
+        n[0] += ok
+        return ok
+
+    quantize_(model, plan.qat_prepare_config(), filter_fn=lin)
+    if plan.embedding_config() is not None:
+        quantize_(model, QATConfig(plan.embedding_config(), step="prepare"),
+                  filter_fn=lambda m, fqn: type(m) is nn.Embedding)
+    return n[0]
+
+
+def run_worker(spec: dict) -> dict:
+    import torch
+    import transformers
+
+    mode, impl, batch, seq = spec["mode"], spec["impl"], spec["batch"], spec["seq"]
+    device = spec.get("device", "cuda")
+    cuda = device == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    cfg = _config(spec["model"])
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    _reinit(model, seed=0, device=device)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
+                                                 task_type="CAUSAL_LM"))
+        gen = torch.Generator(device=device).manual_seed(7)
+        with torch.no_grad():  # non-zero B so that the merge (and QAT on it) matters from step one
+            for n, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+                if "lora_B" in n:
+                    p.normal_(0.0, 0.01, generator=gen)
+    model.train()
+    replaced: list[str] = []
+    if impl.startswith("edgeft"):
+        from edgeft.kernels import causal_lm_loss, patch
+
+        patch(model, checkpoint=spec.get("checkpoint", "offload"))
+        if impl == "edgeft_qat":
+            from edgeft import qat
+
+            replaced = qat.prepare(model, SCHEME[mode], cache=spec.get("cache", True))
+    else:
+        if impl == "hf_qat":
+            replaced = ["x"] * _torchao_qat(model, mode)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4 if mode == "lora" else 1e-5, fused=cuda)
+    gen = torch.Generator(device=device).manual_seed(1234)
+    n_steps = spec["warmup"] + spec["steps"]
+    batches = [torch.randint(0, cfg.vocab_size, (batch, seq), device=device, generator=gen) for _ in range(n_steps)]
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    for step in range(n_steps):
+        ids = batches[step]
+        sync()
+        t0 = time.perf_counter()
+        if impl.startswith("edgeft"):
+            loss_sum, count = causal_lm_loss(model, ids, ids)
+            loss = loss_sum / count
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        sync()
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times[spec["warmup"] :])
+    res = dict(spec, step_ms=step_s * 1e3, step_ms_all=[t * 1e3 for t in times], tokens_per_s=batch * seq / step_s,
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, losses=losses,
+               final_loss=losses[-1], qat_modules=len(replaced))
+    if impl == "edgeft_qat":
+        from edgeft.qat.prepare import fake_quant_cache_stats
+
+        res["weight_cache"] = fake_quant_cache_stats(model)
+    if spec.get("profile") and cuda:
+        try:
+            res["profile"] = _profile(model, impl, opt, batches[0])
+        except Exception as e:  # noqa: BLE001 - the timings matter more than the profile
+            res["profile_error"] = f"{type(e).__name__}: {e}"[:300]
+    return res
+
+
+def _profile(model, impl, opt, ids) -> dict:
+    """One step under torch.profiler: host time by op (the 0.6B steps are host-bound) and total device time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        if impl.startswith("edgeft"):
+            from edgeft.kernels import causal_lm_loss
+
+            s, n = causal_lm_loss(model, ids, ids)
+            loss = s / n
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    ka = prof.key_averages()
+    cuda_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in ka)
+    cpu_us = sum(e.self_cpu_time_total for e in ka)
+    return {"self_cpu_ms": cpu_us / 1e3, "self_device_ms": cuda_us / 1e3,
+            "by_cpu": ka.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=48),
+            "by_device": ka.table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=48)}
+
+
+# --- GPU correctness ---------------------------------------------------------------------------------------------
+
+
+def run_check() -> list[dict]:
+    """Kernels vs references on the GPU: bitwise for fake quant and the merge, fp64 autograd for the LoRA Function."""
+    import torch
+
+    from edgeft.kernels import fake_quant as K
+    from edgeft.kernels.lora import Projection, lora_linear
+    from edgeft.qat import fake_quant as R
+
+    torch.manual_seed(0)
+    dev = "cuda"
+    out: list[dict] = []
+
+    def record(name, mismatches, total, extra=None):
+        out.append(dict(check=name, mismatches=int(mismatches), total=int(total), ok=mismatches == 0, **(extra or {})))
+
+    def diff(a, b):
+        return int((~((a == b) | (a.isnan() & b.isnan()))).sum())
+
+    specs = {
+        "int4-g32": R.WeightQuant("int", 4, 32),
+        "int8-row": R.WeightQuant("int", 8, None),
+        "int4-g32-fp16scale": R.WeightQuant("int", 4, 32, eps=258 * 2.0**-24, scale_dtype=torch.float16),
+        "fp8-row": R.WeightQuant("fp8", 8, None),
+        "fp8-int4-g128": R.WeightQuant("fp8_int4", 4, 128, divisor=8.0, eps=1e-6, lb=1e-12),
+    }
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for shape in ((3072, 1024), (1024, 3072)):
+            w = torch.randn(shape, device=dev) * torch.logspace(-3, 0, shape[0], device=dev)[:, None] * 0.05
+            w[1] = (torch.randint(-7, 7, (shape[1],), device=dev) + 0.5) * 2.0**-6  # x / scale exactly k + 0.5
+            w[1, ::32] = 7.5 * 2.0**-6
+            w[2, :128] = 0.0
+            w = w.to(dtype)
+            a = torch.randn(16, shape[1], device=dev) * 0.01
+            b = torch.randn(shape[0], 16, device=dev) * 0.01
+            merged = R.merge_lora_weight(w, a, b, 2.0)
+            record(f"merge {dtype} {shape}", diff(K.merged_lora_weight(w, a, b, 2.0), merged), w.numel())
+            for name, spec in specs.items():
+                ref = R.weight_ref(w, spec)
+                record(f"weight {name} {dtype} {shape}", diff(K.fake_quant_weight(w, spec), ref), w.numel())
+                if name == "int4-g32":
+                    record(f"weight+lora {name} {dtype} {shape}",
+                           diff(K.fake_quant_weight(w, spec, lora=(a, b, 2.0)), R.weight_ref(merged, spec)), w.numel())
+                    o, c, s, p = K.fake_quant_weight(w, spec, codes=True)
+                    record(f"dequant(codes) {name} {dtype} {shape}",
+                           diff(K.dequantize_codes(c, s, p, dtype, 32, shape[1]), o), w.numel())
+        for k in (1024, 3072):
+            x = (torch.randn(8192, k, device=dev) * 2 + 0.3).to(dtype)
+            for kind in ("int8_asym", "fp8"):
+                aspec = R.ActQuant(kind)
+                record(f"act {kind} {dtype} (8192, {k})", diff(K.fake_quant_act(x, aspec), R.act_ref(x, aspec)),
+                       x.numel())
+    # merged LoRA + QAT Function (Q/K/V-like: three projections share x) against fp64 autograd with STE
+    for dtype, bound in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        M, H = 4096, 1024
+        x = torch.randn(M, H, device=dev, dtype=dtype, requires_grad=True)
+        aq, wq = R.ActQuant(), R.WeightQuant("int", 4, 32)
+        ws = [(torch.randn(o, H, device=dev) * 0.03).to(dtype) for o in (2048, 1024, 1024)]
+        As = [(torch.randn(16, H, device=dev) * 0.02).requires_grad_() for _ in ws]
+        Bs = [(torch.randn(w.shape[0], 16, device=dev) * 0.02).requires_grad_() for w in ws]
+        projs = [Projection(K.fake_quant_weight(w, wq, lora=(a, b, 2.0)), None, a, b, 2.0, merged=True, act_quant=aq)
+                 for w, a, b in zip(ws, As, Bs)]
+        ys = lora_linear(x, projs)
+        gs = [torch.randn_like(y) for y in ys]
+        torch.autograd.backward(ys, gs)
+        x64 = x.detach().double().requires_grad_()
+        xq = _replace(x64, R.act_ref(x.detach(), aq).double())
+        refs, ref_params = [], []
+        for w, a, b in zip(ws, As, Bs):
+            a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+            wm = w.double() + 2.0 * (b64 @ a64)
+            wfq = _replace(wm, R.weight_ref(R.merge_lora_weight(w, a, b, 2.0), wq).double())
+            refs.append(xq @ wfq.t())
+            ref_params += [a64, b64]
+        torch.autograd.backward(refs, [g.double() for g in gs])
+        errs = [_rel(y, r) for y, r in zip(ys, refs)] + [_rel(x.grad, x64.grad)]
+        errs += [_rel(p.grad, r.grad) for p, r in zip([t for ab in zip(As, Bs) for t in ab], ref_params)]
+        out.append(dict(check=f"merged LoRA QAT Function fwd+bwd {dtype}", max_rel_err=max(errs),
+                        ok=max(errs) < bound, errs=dict(zip(["y_q", "y_k", "y_v", "dx", "dA_q", "dB_q", "dA_k", "dB_k",
+                                                             "dA_v", "dB_v"], errs)),
+                        tf32=bool(torch.backends.cuda.matmul.allow_tf32)))
+    # full fine-tuning: the per-step code cache gives the uncached fake quantization's bits, hit after hit
+    w = torch.nn.Parameter((torch.randn(3072, 1024, device=dev) * 0.02).to(torch.bfloat16))
+    cache, spec = K.WeightCache(), R.WeightQuant("int", 4, 32)
+    fresh = K.fake_quant_weight(w, spec)
+    n = sum(diff(K.weight_fake_quant(w, spec, cache), fresh) for _ in range(3))
+    record("weight cache (3 uses) == uncached", n, 3 * w.numel(), {"hits": cache.hits, "misses": cache.misses})
+    out += _fp8_convert_check()
+    out += _launch_costs()
+    return out
+
+
+def _launch_costs() -> list[dict]:
+    """Host time per call (the Qwen3-0.6B steps are host-bound) and bandwidth at bench shapes."""
+    import torch
+    from triton.testing import do_bench
+
+    from edgeft.kernels import fake_quant as K
+    from edgeft.qat import fake_quant as R
+
+    res = []
+    small_x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
+    small_w = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+    a, b = torch.randn(16, 1024, device="cuda"), torch.randn(64, 16, device="cuda")
+    spec, aspec = R.WeightQuant("int", 4, 32), R.ActQuant()
+    for name, fn in (("act int8 (8, 1024)", lambda: K.fake_quant_act(small_x, aspec)),
+                     ("weight int4+lora (64, 1024)", lambda: K.fake_quant_weight(small_w, spec, lora=(a, b, 2.0)))):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(500):
+            fn()
+        torch.cuda.synchronize()
+        res.append(dict(check=f"host us/call {name}", us=(time.perf_counter() - t0) / 500 * 1e6, ok=True))
+    x = torch.randn(8192, 3072, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(3072, 1024, device="cuda", dtype=torch.bfloat16) * 0.02
+    a, b = torch.randn(16, 1024, device="cuda") * 0.01, torch.randn(3072, 16, device="cuda") * 0.01
+    for name, fn, nbytes in (
+        ("act int8 (8192, 3072) bf16", lambda: K.fake_quant_act(x, aspec), 2 * x.numel() * 2),
+        ("weight int4 (3072, 1024) bf16", lambda: K.fake_quant_weight(w, spec), 2 * w.numel() * 2),
+        ("weight int4+lora r16 (3072, 1024) bf16", lambda: K.fake_quant_weight(w, spec, lora=(a, b, 2.0)),
+         2 * w.numel() * 2),
+        ("torch reference act int8 (8192, 3072)", lambda: R.act_ref(x, aspec), 2 * x.numel() * 2),
+        ("torch reference weight int4 (3072, 1024)", lambda: R.weight_ref(w, spec), 2 * w.numel() * 2),
+    ):
+        ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
+        res.append(dict(check=f"time {name}", ms=ms, gb_per_s=nbytes / ms / 1e6, ok=True))
+    return res
+
+
+def _replace(x, value):
+    """``value`` forward, gradient straight to ``x``."""
+    import torch
+
+    class Replace(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t, v):
+            return v
+
+        @staticmethod
+        def backward(ctx, g):
+            return g, None
+
+    return Replace.apply(x, value)
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _fp8_convert_check() -> list[dict]:
+    """fp8 schemes convert only on CUDA: converted forward vs fake-quant forward (fp32 and bf16)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from edgeft import qat
+
+    res = []
+    for scheme in ("fp8-fp8", "fp8-int4"):
+        for dtype in (torch.float32, torch.bfloat16):
+            torch.manual_seed(1)
+            model = nn.Sequential(nn.Linear(512, 384, bias=False), nn.Linear(384, 256, bias=False)).cuda().to(dtype)
+            x = torch.randn(64, 512, device="cuda", dtype=dtype)
+            prepared = copy.deepcopy(model)
+            try:
+                qat.prepare(prepared, scheme)
+                with torch.no_grad():
+                    fq = prepared(x)
+                plan = qat.resolve(scheme)
+                qat.unprepare(prepared)
+                qat.quantize(prepared, plan)
+                with torch.no_grad():
+                    real = prepared(x)
+                rel = _rel(real, fq)
+                res.append(dict(check=f"convert == fake quant {scheme} {dtype}", max_rel_err=rel,
+                                ok=rel <= (1e-6 if dtype == torch.float32 else 1e-2)))
+            except Exception as e:  # torchao's fp8 kernels missing on this machine, say
+                res.append(dict(check=f"convert == fake quant {scheme} {dtype}", ok=False,
+                                error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+    return res
+
+
+# --- orchestration -----------------------------------------------------------------------------------------------
+
+
+def _versions() -> dict:
+    import torch
+
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("triton", "transformers", "peft", "torchao"):
+        try:
+            v[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            v[mod] = f"unavailable ({type(e).__name__})"
+    return v
+
+
+def _launch(spec: dict, timeout: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return dict(spec, error=f"timeout after {timeout}s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+        return dict(spec, error=" | ".join(tail)[-800:], wall_s=time.time() - t0)
+    res = json.loads(lines[-1][len("RESULT ") :])
+    res["wall_s"] = time.time() - t0
+    return res
+
+
+def _table(results: list[dict]) -> str:
+    rows = ["| mode | impl | QAT | tokens/s | step ms | peak GiB | first / final loss | vs same impl w/o QAT | "
+            "peak vs w/o QAT | target |", "|---|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["mode"], r["impl"]): r for r in results if "error" not in r}
+    for r in results:
+        qat_name = SCHEME[r["mode"]] if r["impl"].endswith("_qat") else "-"
+        if "error" in r:
+            rows.append(f"| {r['mode']} | {r['impl']} | {qat_name} | error: {r['error'][:150]} ||||||")
+            continue
+        ratio = mem = target = "-"
+        if r["impl"].endswith("_qat"):
+            base = by.get((r["mode"], r["impl"][: -len("_qat")]))
+            if base:
+                rr = r["tokens_per_s"] / base["tokens_per_s"]
+                mm = r["peak_gib"] / base["peak_gib"] if base["peak_gib"] else float("nan")
+                r["ratio_vs_no_qat"], r["peak_ratio_vs_no_qat"] = rr, mm
+                ratio, mem = f"{rr:.2f}x", f"{(mm - 1) * 100:+.1f}%"
+                if r["impl"] == "edgeft_qat":
+                    ok = rr >= TARGET_RATIO[r["mode"]] and mm <= MEMORY_BUDGET
+                    target = f"{'met' if ok else 'MISSED'} (>= {TARGET_RATIO[r['mode']]:.2f}x, <= +10%)"
+                    hq = by.get((r["mode"], "hf_qat"))
+                    if hq:
+                        r["speedup_vs_torchao_qat"] = r["tokens_per_s"] / hq["tokens_per_s"]
+                        r["first_loss_rel_diff_vs_torchao_qat"] = abs(r["losses"][0] / hq["losses"][0] - 1)
+                        target += (f"; {r['speedup_vs_torchao_qat']:.2f}x torchao QAT, step-1 loss within "
+                                   f"{r['first_loss_rel_diff_vs_torchao_qat']:.1e}")
+        rows.append(f"| {r['mode']} | {r['impl']} | {qat_name} | {r['tokens_per_s'] / 1e3:.1f}k | {r['step_ms']:.0f} | "
+                    f"{r['peak_gib']:.2f} | {r['losses'][0]:.4f} / {r['final_loss']:.4f} | {ratio} | {mem} | "
+                    f"{target} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="qwen3-0.6b", help=",".join(MODELS))
+    ap.add_argument("--modes", default="lora,full")
+    ap.add_argument("--impls", default="hf,hf_qat,edgeft,edgeft_qat")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--checkpoint", default="offload", help="edgeft checkpoint mode: offload|plain")
+    ap.add_argument("--check", action="store_true", help="GPU correctness of the QAT kernels first")
+    ap.add_argument("--profile", default="", help="comma list mode:impl to profile one step of (after timing)")
+    ap.add_argument("--no-cache", action="store_true", help="edgeft_qat: re-quantize full fine-tuning weights per use")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only for smoke-testing the script")
+    ap.add_argument("--timeout", type=int, default=150, help="seconds per configuration")
+    ap.add_argument("--out", default=None, help="JSON path (default bench/results/qat_overhead-<date>.json)")
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(run_worker(json.loads(args.worker))), flush=True)
+        return
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
+        "qat_overhead-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
+    report: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": _device(),
+                    "versions": _versions(), "settings": {
+                        "model": args.model, "batch": args.batch, "seq": args.seq, "steps": args.steps,
+                        "warmup": args.warmup, "dtype": "bfloat16", "schemes": SCHEME,
+                        "lora": "r=16 alpha=32 dropout=0 on " + ",".join(TARGETS), "optimizer": "AdamW(fused=True)",
+                        "edgeft_checkpointing": args.checkpoint, "hf_checkpointing": "transformers, non-reentrant",
+                        "targets": {"lora_ratio": TARGET_RATIO["lora"], "full_ratio": TARGET_RATIO["full"],
+                                    "peak_memory": MEMORY_BUDGET}}}
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(out)
+
+    if args.check:
+        try:
+            report["check"] = run_check()
+        except Exception as e:  # keep the timings even if a check crashes
+            report["check"] = [dict(check="crashed", ok=False, error=f"{type(e).__name__}: {e}"[:500])]
+        bad = [c for c in report["check"] if not c.get("ok")]
+        print(f"check: {len(report['check']) - len(bad)}/{len(report['check'])} ok", flush=True)
+        for c in report["check"]:
+            if not c.get("ok") or "max_rel_err" in c:
+                print("check", json.dumps(c), flush=True)
+        save()
+    results = []
+    modes, impls = args.modes.split(","), args.impls.split(",")
+    for mode, impl in RUNS:
+        if mode not in modes or impl not in impls:
+            continue
+        spec = dict(model=args.model, mode=mode, impl=impl, batch=args.batch, seq=args.seq, steps=args.steps,
+                    warmup=args.warmup, checkpoint=args.checkpoint, device=args.device,
+                    profile=f"{mode}:{impl}" in args.profile.split(","), cache=not args.no_cache)
+        res = _launch(spec, args.timeout)
+        results.append(res)
+        brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
+                 if k in ("mode", "impl", "tokens_per_s", "step_ms", "peak_gib", "final_loss", "error", "wall_s")}
+        print("run", json.dumps(brief), flush=True)
+        report["results"] = results
+        save()
+    report["table"] = _table(results)
+    save()
+    for r in results:
+        if r.get("profile"):
+            p = r["profile"]
+            print(f"\n--- profile {r['mode']} {r['impl']}: host {p['self_cpu_ms']:.0f} ms, device {p['self_device_ms']:.0f} ms"
+                  f" ---\n{p['by_cpu']}")
+    print(f"\nwrote {out}\n")
+    print(report["table"])
+
+
+if __name__ == "__main__":
+    main()
