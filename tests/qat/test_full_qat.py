@@ -167,3 +167,19 @@ def test_unprepare_restores_modules_and_ties():
     assert type(m.lm_head) is nn.Linear and type(m.model.embed_tokens) is nn.Embedding
     assert m.lm_head.weight is m.model.embed_tokens.weight and set(m.state_dict()) == keys
     assert not qat.is_prepared(m)
+
+
+def test_fake_quantized_head_copy_comes_out_of_the_loss_chunk_budget():
+    from edgeft.kernels.cross_entropy import choose_chunk_rows
+    from edgeft.kernels.patch import head_copy_chunk_rows, lm_head_operands
+
+    m = tiny_model("qwen3", lora=False, vocab_size=4096)
+    h = torch.randn(5000, 64)
+    assert head_copy_chunk_rows(m.lm_head, h, m.lm_head.weight) is None  # no QAT: the loss chooses
+    qat.prepare(m, "int8-int4")
+    hq, w = lm_head_operands(m.lm_head, h)
+    assert w is not m.lm_head.weight and not torch.equal(hq, h)
+    rows = head_copy_chunk_rows(m.lm_head, hq, w)
+    budget_rows = choose_chunk_rows(1 << 30, 4096, 4, h.device)
+    # (chunk + copy) fits the budget the loss has without QAT
+    assert rows * 4096 * 4 + w.numel() * w.element_size() <= budget_rows * 4096 * 4 and rows % 64 == 0
