@@ -18,7 +18,8 @@ from .errors import EdgeftError
 
 @dataclass
 class LoraSettings:
-    """LoRA adapter settings (peft). lora_dropout is 0 by default: QAT needs it (merged-weight fake-quant)."""
+    """LoRA adapter settings (peft). dropout is 0 by default: with QAT the forward is then exactly the deployed
+    merged weight (with dropout, qat/prepare.py adds a zero-mean correction during training only)."""
 
     r: int = 16
     alpha: int = 32
@@ -187,8 +188,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise EdgeftError(f"{name} must be at least 1")
     if not 0 <= cfg.warmup_ratio < 1:
         raise EdgeftError("warmup_ratio must be in [0, 1)")
-    if cfg.qat and cfg.mode == "lora" and cfg.lora.dropout > 0:
-        raise EdgeftError("lora dropout must be 0 with --qat: the phone runs the merged weight, which dropout cannot express")
     if cfg.optim not in _OPTIMS:
         raise EdgeftError(f"optim must be one of {', '.join(_OPTIMS)}, not {cfg.optim!r}")
     if cfg.chat_template is not None:

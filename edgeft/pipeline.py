@@ -274,8 +274,8 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
 
         unpatch(model)
     quantized_base = prep["quantized_base"] is not None
-    if not quantized_base:
-        model = model.to("cpu").float()
+    # model/ and converted/ are written from the weights as trained (device and dtype): convert then computes
+    # the same scales and integers the fake-quant forward used; the converted model moves to the CPU to be saved
     info = {
         "base_model": str(model_dir),
         "mode": cfg.mode,
@@ -320,9 +320,9 @@ def convert_model(model, tokenizer, plan, out_dir: Path) -> Path:
     if plan is None:
         merged = qatlib.merge_lora(model)
         record: dict[str, Any] = {"plan": None, "linears": [], "skipped": [], "embeddings": []}
-        return qatlib.save_converted(merged, tokenizer, record, out_dir)
+        return qatlib.save_converted(merged.to("cpu"), tokenizer, record, out_dir)
     converted, record = qatlib.convert(model, plan)
-    return qatlib.save_converted(converted, tokenizer, record, out_dir)
+    return qatlib.save_converted(converted.to("cpu"), tokenizer, record, out_dir)
 
 
 def load_trained(root: Path):

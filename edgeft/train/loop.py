@@ -59,19 +59,17 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     inner = _inner_model(model)
     if getattr(inner, "_edgeft_fused_ce", False):
         from edgeft.kernels import lm_head_loss
+        from edgeft.kernels.patch import head_copy_chunk_rows, lm_head_operands
 
         # PEFT injects its layers into the backbone in place, so calling it directly keeps the adapters
         hidden = inner.model(**_forward_kwargs(batch)).last_hidden_state
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         head = inner.get_output_embeddings()
-        w = head.weight
-        # a QAT-prepared lm_head keeps its fake quantizers: the fused loss must see the deployed grid too
-        if getattr(head, "activation_fake_quantizer", None) is not None:
-            h = head.activation_fake_quantizer(h)
-        if getattr(head, "weight_fake_quantizer", None) is not None:
-            w = head.weight_fake_quantizer(w)
+        # a QAT-prepared lm_head keeps its fake quantizers: the fused loss must see the deployed grid too; the
+        # fake-quantized copy of the head weight comes out of the loss's chunk budget
+        h, w = lm_head_operands(head, h)
         softcap = getattr(inner.config, "final_logit_softcapping", None)
-        return lm_head_loss(h, w, labels, softcap=softcap)
+        return lm_head_loss(h, w, labels, softcap=softcap, chunk_rows=head_copy_chunk_rows(head, h, w))
     logits = model(**_forward_kwargs(batch)).logits
     logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
