@@ -178,20 +178,28 @@ def test_text_llm_runner_matches_eager(exports, sources):
 
 
 def test_mismatching_artifact_is_refused_and_old_file_kept(exports, sources, tmp_path, monkeypatch):
+    """Another model's program of the same size (tiny-qwen3 for tiny-llama): refused by the numbers."""
     out = tmp_path / "exp"
     shutil.copytree(Path(exports["llama-float"]["path"]).parent, out)
-    before = _sha(out / "model.pte")
-    foreign = Path(exports["llama-phone"]["path"]).read_bytes()  # another model's program, same vocab
+    before = {p.name: _sha(p) for p in out.iterdir()}
+    foreign = Path(exports["qwen3-float"]["path"]).read_bytes()
+    assert abs(len(foreign) - exports["llama-float"]["bytes"]) < 2**20
     monkeypatch.setattr(pte, "_lower", lambda *a, **k: foreign)
-    with pytest.raises(EdgeftError, match="validation failed"):
+    with pytest.raises(EdgeftError, match="validation failed against the eager model: logits rel_err"):
         pte.export(sources["llama-float"], out, max_seq_len=MAX_SEQ)
-    assert _sha(out / "model.pte") == before
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        p.name for p in Path(exports["llama-float"]["path"]).parent.iterdir()
-    )
+    assert {p.name: _sha(p) for p in out.iterdir()} == before  # nothing replaced, no temporary left
 
 
-def test_foreign_program_refused_even_when_close(exports, sources, tmp_path, monkeypatch):
+def test_quantized_program_for_float_source_is_refused(exports, sources, tmp_path, monkeypatch):
+    """The phone-deployment program (same model, int4/int8) for the float source: refused by its size."""
+    q = Path(exports["llama-phone"]["path"]).read_bytes()
+    monkeypatch.setattr(pte, "_lower", lambda *a, **k: q)
+    with pytest.raises(EdgeftError, match="MiB, the scheme's weights need"):
+        pte.export(sources["llama-float"], tmp_path / "x", max_seq_len=MAX_SEQ)
+    assert not (tmp_path / "x" / "model.pte").exists()
+
+
+def test_float_program_for_phone_source_is_refused(exports, sources, tmp_path, monkeypatch):
     """The float program for the phone-deployment source (its weights up to the quantization grid): refused
     by the structure check of the written program, which lacks the int8 embedding kernel."""
     flt = Path(exports["llama-float"]["path"]).read_bytes()
