@@ -209,7 +209,24 @@ def load_converted(path: str | os.PathLike) -> tuple[nn.Module, Any, dict[str, A
     import torchao  # noqa: F401  (registers the tensor subclasses)
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    _quantized_outputs_to_float32(model)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     record = json.loads((path / "scheme.json").read_text())
     return model, tokenizer, record
+
+
+def _quantized_outputs_to_float32(model: nn.Module) -> None:
+    """A model trained (and so converted) in bf16 keeps bf16 in its torchao weights, which then meet fp32
+    activations. The integers stay; the scales widen to fp32 (exact) and the weights dequantize to fp32."""
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, IntxUnpackedToInt8Tensor) and w.dtype != torch.float32:
+            zp = w.zero_point if w.zero_point.dtype == torch.int8 else w.zero_point.float()
+            mod.weight = nn.Parameter(
+                IntxUnpackedToInt8Tensor(w.qdata, w.scale.float(), zp, w.target_dtype, w.block_size, torch.float32,
+                                         w.activation_quantization),
+                requires_grad=False,
+            )

@@ -167,3 +167,19 @@ def test_ptq_quantizes_a_plain_model_with_the_same_grid():
     q = model.model.layers[1].self_attn.o_proj.weight
     torch.testing.assert_close(q.dequantize(), ref_int4_group_sym(w, 32), rtol=0, atol=1e-6)
     assert "lm_head" in record["linears"]
+
+
+def test_bf16_converted_model_loads_in_float32_with_the_same_integers(tmp_path):
+    """A model trained in bf16 converts in bf16 (the trained grid); loading widens only the scales."""
+    model, tok = load_model(resolve_model("tiny-llama"))
+    model = model.to(torch.bfloat16)
+    converted, record = qat.convert(model, "int8-int4")
+    w = converted.model.layers[0].mlp.up_proj.weight
+    qat.save_converted(converted, tok, record, tmp_path / "c")
+    again, _, _ = qat.load_converted(tmp_path / "c")
+    w2 = again.model.layers[0].mlp.up_proj.weight
+    assert w2.dtype == torch.float32 and torch.equal(w2.qdata, w.qdata)
+    assert torch.equal(w2.scale, w.scale.float())
+    ids = torch.randint(0, 8192, (1, 12))
+    with torch.no_grad():
+        assert torch.isfinite(again(input_ids=ids).logits).all()
