@@ -209,6 +209,19 @@ def test_float_program_for_phone_source_is_refused(exports, sources, tmp_path, m
     assert not (tmp_path / "x" / "model.pte").exists()
 
 
+def test_weight_only_scheme_exported_as_float_with_warning(tmp_path):
+    """int4 weight-only: XNNPACK mis-lowers torchao's pattern, so the values go as float32, with a warning."""
+    model, tok = load_model(resolve_model("tiny-llama"))
+    cm, rec = qat.convert(model, "int4")
+    src = qat.save_converted(cm, tok, rec, tmp_path / "int4")
+    r = pte.export(src, tmp_path / "out", max_seq_len=32)
+    assert r["linears"] == {"weight-only": 29} and r["validation"]["rel_err"] <= 1e-3
+    assert any("weight-only" in w for w in r["warnings"])
+    ids = tok(TEXT).input_ids
+    ref, _, _ = qat.load_converted(src)
+    assert _rel(PteRuntime(r["path"]).logits(ids), EagerRuntime(ref).logits(ids)) <= 1e-3
+
+
 def test_corrupted_file_gives_one_clear_error(exports, tmp_path):
     bad = tmp_path / "model.pte"
     data = Path(exports["llama-float"]["path"]).read_bytes()
