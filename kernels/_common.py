@@ -105,8 +105,31 @@ def mm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b).float()
 
 
+_OPTIMIZER_STEPS = [0]
+_HOOK: list = []
+
+
+def _count_step(optimizer, args, kwargs) -> None:  # noqa: ANN001 - torch's hook signature
+    _OPTIMIZER_STEPS[0] += 1
+
+
+def param_state(p: torch.Tensor) -> tuple[int, int, int]:
+    """What a cache derived from parameter ``p`` must be keyed on to notice every change of ``p``.
+
+    The version counter alone misses optimizer updates: fused AdamW (``fused=True``, the default on CUDA here)
+    writes parameters without bumping ``_version``, which once left every cached adapter and weight code stale
+    after step 1. A global optimizer step-post hook (registered on first use) counts every ``step()`` of every
+    torch optimizer, fused or not, bitsandbytes' included.
+    """
+    if not _HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _HOOK.append(register_optimizer_step_post_hook(_count_step))
+    return (_OPTIMIZER_STEPS[0], p._version, p.data_ptr())
+
+
 def cached_cast(p: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    """``(p * scale).to(dtype)``, kept on the tensor until it changes in place (its version counter moves).
+    """``(p * scale).to(dtype)``, kept on the tensor until it changes (see :func:`param_state`).
 
     LoRA adapters are fp32 parameters read in the activation dtype by every forward, recompute and backward of a
     step; casting them once per optimizer step instead of per use removes two small kernels per projection call.
@@ -116,9 +139,10 @@ def cached_cast(p: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torc
     key = (dtype, scale)
     cache = p.__dict__.setdefault("_edgeft_casts", {})
     hit = cache.get(key)
-    if hit is not None and hit[0] == p._version and hit[1] == p.data_ptr():
-        return hit[2]
+    state = param_state(p)
+    if hit is not None and hit[0] == state:
+        return hit[1]
     with torch.no_grad():
         out = (p * scale).to(dtype) if scale != 1.0 else p.to(dtype)
-    cache[key] = (p._version, p.data_ptr(), out)
+    cache[key] = (state, out)
     return out

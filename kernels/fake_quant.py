@@ -39,7 +39,7 @@ from edgeft.qat.fake_quant import (
     merge_lora_weight,
 )
 
-from ._common import HAS_TRITON, needs_long_indexing, next_pow2, use_triton, warps_for
+from ._common import HAS_TRITON, needs_long_indexing, next_pow2, param_state, use_triton, warps_for
 
 if HAS_TRITON:
     import triton
@@ -569,7 +569,7 @@ class WeightCache:
             # launch, while keeping its codes would hold a quarter of its size for the whole run
             self.misses += 1
             return fake_quant_weight(w, spec)
-        key = (w._version, w.data_ptr(), w.shape)
+        key = (param_state(w), w.shape)
         if self.key == key:
             self.hits += 1
             codes, scales, packed, gs = self.entry

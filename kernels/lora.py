@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import cached_cast, mm_fp32_out, use_triton
+from ._common import cached_cast, mm_fp32_out, param_state, use_triton
 from .geglu import geglu_backward, geglu_forward, geglu_reference
 from .swiglu import swiglu_backward, swiglu_forward, swiglu_reference
 
@@ -122,7 +122,7 @@ def _cat_A(As: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     if len(As) == 1:
         return cached_cast(As[0], dtype)
     key = (tuple(id(a) for a in As), dtype)
-    state = tuple((a._version, a.data_ptr()) for a in As)
+    state = tuple(param_state(a) for a in As)
     cache = As[0].__dict__.setdefault("_edgeft_cats", {})
     hit = cache.get(key)
     if hit is not None and hit[0] == state:

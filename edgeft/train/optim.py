@@ -2,7 +2,7 @@
 
 Parameter groups: weight decay only on matrices (never on norms and biases, 1-D tensors), and a separate, usually
 2-10x smaller learning rate for embedding and LM-head weights when ``embedding_lr`` is given (training them at the
-adapters' rate destroys the pretrained vocabulary geometry). Optimizers: AdamW (fused on CUDA), bitsandbytes' 8-bit
+adapters' rate destroys the pretrained vocabulary geometry). Optimizers: AdamW (fused), bitsandbytes' 8-bit
 and paged AdamW variants (they keep the same groups), and SGD.
 """
 
@@ -53,9 +53,10 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, optim: str
         raise EdgeftError("the model has no trainable parameters")
     for g in groups:
         g.pop("names")
-    on_cuda = groups[0]["params"][0].is_cuda
     if optim == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=on_cuda or None)
+        # fused on every device: one kernel per step, and CPU runs take the same path as GPU runs (a fused step
+        # does not bump parameter versions; caches keyed on them once went stale on the GPU only)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
     if optim == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.0)
     if optim in ("adamw_8bit", "paged_adamw", "paged_adamw_8bit"):
