@@ -21,7 +21,8 @@ from .errors import EdgeftError
 def _quiet_backends() -> None:
     """Silence import-time chatter of optional backends (missing CUDA extensions, deprecations)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("torchao", "torch.utils._pytree", "torch._dynamo", "torch.export", "executorch", "httpx", "bitsandbytes"):
+    for name in ("torchao", "torch.utils._pytree", "torch._dynamo", "torch.export", "executorch", "httpx", "bitsandbytes",
+                 "gguf"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -387,6 +387,14 @@ def export(fmt: str, run: str | Path | None = None, quant: str | None = None, **
     if not (src / "scheme.json").exists():
         raise EdgeftError(f"{run} has no converted model; run `edgeft train` to completion first")
     report = export_dir(fmt, src, run / "exports", quant=quant, **kwargs)
+    if fmt == "gguf":
+        # the Ollama Modelfile carries the run's chat template and stop tokens next to the GGUF it names
+        from edgeft.exporters import ollama
+
+        try:
+            report["modelfile"] = ollama.write_modelfile(report["path"], src)
+        except EdgeftError as e:
+            report.setdefault("warnings", []).append(f"no Ollama Modelfile: {e}")
     _record_export(run / "exports", fmt, report)
     return report
 

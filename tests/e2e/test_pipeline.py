@@ -36,6 +36,9 @@ def test_exports_are_written_and_validated(run, capsys):
     ex = run / "exports"
     assert (ex / "model.pte").stat().st_size > 0 and (ex / "tokenizer.json").exists()
     assert (ex / "model-q8_0.gguf").stat().st_size > 0
+    modelfile = (ex / "Modelfile").read_text()
+    assert "FROM ./model-q8_0.gguf" in modelfile or "model-q8_0.gguf" in modelfile.splitlines()[0]
+    assert "<|im_start|>" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     assert (ex / "torchao" / "config.json").exists()
     manifest = json.loads((ex / "manifest.json").read_text())
     assert {"pte", "gguf", "torchao"} <= {v.get("format", k) for k, v in manifest.items()} | set(manifest)
