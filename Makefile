@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/edgeft train --model smollm2-135m --data builtin:tasks --qat phone-deployment --max-steps 60 --out $(RUN) --overwrite
 	$(BIN)/edgeft export pte --run $(RUN)
-	$(BIN)/edgeft export gguf --run $(RUN) --quant q8_0
+	$(BIN)/edgeft export gguf --run $(RUN)
 	$(BIN)/edgeft export torchao --run $(RUN)
 	$(BIN)/edgeft eval --run $(RUN)
 

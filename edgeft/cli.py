@@ -127,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--runtimes", type=_csv, default=["eager", "pte", "gguf"], help="eager,pte,gguf")
     v.add_argument("--limit", type=int, default=60, help="task test questions to answer (default 60)")
     v.add_argument("--ppl-tokens", type=int, default=2048, help="held-out tokens for perplexity")
+    v.add_argument("--check", metavar="GOLDEN.json", help="fail (exit 1, one line per metric) on drift from golden numbers")
+    v.add_argument("--write-golden", metavar="PATH", help="write this evaluation as a golden file")
+
+    d = sub.add_parser("devices", help="device profiles; will an artifact fit and how fast will it decode")
+    d.add_argument("action", choices=["list", "check"])
+    d.add_argument("--device", help="profile name (see `edgeft devices list`)")
+    d.add_argument("--run", help="run directory: checks its exports/model.pte (else its newest GGUF)")
+    d.add_argument("--artifact", help="a .pte or .gguf file instead of --run")
+    d.add_argument("--context", type=int, default=2048, help="KV-cache length to budget for (default 2048)")
 
     c = sub.add_parser("convert", help="re-run QAT convert / PTQ for a run from its saved model")
     c.add_argument("--run")
@@ -195,6 +204,39 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _devices(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from edgeft.devices import profiles
+
+    if args.action == "list":
+        rows = [{"name": p.name, "app memory": f"{p.app_memory_gib:g} GiB", "bandwidth": f"{p.bandwidth_gbs:g} GB/s",
+                 "backends": ",".join(p.backends), "description": p.description} for p in profiles.PROFILES.values()]
+        _print_table(rows, ["name", "app memory", "bandwidth", "backends", "description"])
+        return 0
+    if not args.device:
+        raise EdgeftError("devices check needs --device (see `edgeft devices list`)")
+    profile = profiles.get_profile(args.device)
+    if args.artifact:
+        artifact = Path(args.artifact)
+    else:
+        from . import pipeline
+
+        exports = pipeline.find_run(args.run) / "exports"
+        ggufs = sorted(exports.glob("*.gguf"), key=lambda p: p.stat().st_mtime)
+        artifact = exports / "model.pte" if (exports / "model.pte").exists() else (ggufs[-1] if ggufs else None)
+        if artifact is None:
+            raise EdgeftError(f"{exports} holds no .pte or .gguf; run `edgeft export pte` first")
+    r = profiles.check(profile, artifact, context=args.context)
+    print(r["verdict"])
+    lo, hi = r["decode_tokens_per_s"]
+    print(f"artifact {r['artifact_mb']:.1f} MB, KV cache {r['kv_cache_mb']:.1f} MB at {args.context} tokens, "
+          f"runtime memory ~{r['runtime_memory_mb']:.0f} MB; expected decode {lo:.0f}-{hi:.0f} tokens/s")
+    for k in r["known"]:
+        print(f"published on {profile.name}: {k['model']} {k['quant']} {k['tokens_per_s']:g} tokens/s ({k['source']})")
+    return 0 if r["fits"] else 1
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from . import pipeline
 
@@ -213,11 +255,28 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "eval":
         from edgeft.devices.evaluate import render_markdown
 
+        from edgeft.devices import regression
+
+        golden = regression.load_golden(args.check) if args.check else None  # a bad file fails before evaluating
         report = pipeline.evaluate(
             args.run, runtimes=args.runtimes, variants=args.compare, limit=args.limit, ppl_tokens=args.ppl_tokens
         )
         print(render_markdown(report))
         print(f"report: {report['run']}/eval/report.md")
+        if args.write_golden:
+            from edgeft.fsutil import write_json
+
+            write_json(args.write_golden, regression.golden_from_report(report))
+            print(f"golden: {args.write_golden}")
+        if golden is not None:
+            problems = regression.check(report, golden)
+            for line in problems:
+                print(f"edgeft: drift: {line}", file=sys.stderr)
+            if problems:
+                return 1
+            print(f"check: all {len(golden['metrics'])} golden metrics within tolerance")
+    elif args.command == "devices":
+        return _devices(args)
     elif args.command == "convert":
         print(f"converted: {pipeline.convert(args.run)}")
     elif args.command == "qat":

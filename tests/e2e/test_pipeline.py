@@ -2,10 +2,14 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from edgeft.cli import main
+
+
+GOLDEN = Path(__file__).parent / "golden" / "tiny-llama-lora-int8-int4.json"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,9 @@ def test_exports_are_written_and_validated(run, capsys):
 
 
 def test_eval_compares_bf16_ptq_qat_on_every_runtime(run, capsys):
-    assert main(["eval", "--run", str(run), "--limit", "4", "--ppl-tokens", "512"]) == 0
+    # the golden file is the device regression check users run in CI, applied to our own tiny artifacts
+    assert main(["eval", "--run", str(run), "--limit", "4", "--ppl-tokens", "512", "--check", str(GOLDEN),
+                 "--write-golden", str(run / "golden.json")]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "QAT recovered" in out or "n/a" in out
     report = json.loads((run / "eval" / "report.json").read_text())
@@ -59,6 +65,30 @@ def test_eval_compares_bf16_ptq_qat_on_every_runtime(run, capsys):
         assert by[(v, "pte")]["perplexity"] == pytest.approx(eager, rel=0.02), v
     assert (run / "eval" / "report.md").read_text().count("|") > 20
     assert (run / "eval" / "metrics.png").stat().st_size > 0
+
+
+def test_drift_from_golden_fails_one_line_per_metric(run, capsys):
+    golden = json.loads(GOLDEN.read_text())
+    moved = [m for m in golden["metrics"] if m["metric"] == "perplexity" and m["runtime"] == "pte"]
+    for m in moved:
+        m["value"] *= 1.5
+    drifted = run / "drifted.json"
+    drifted.write_text(json.dumps(golden))
+    assert main(["eval", "--run", str(run), "--limit", "4", "--ppl-tokens", "512", "--runtimes", "eager,pte",
+                 "--check", str(drifted)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    drift = [l for l in err if l.startswith("edgeft: drift: ")]
+    # the moved pte metrics drift; gguf rows are missing because that runtime was not evaluated
+    assert sum("/pte/perplexity" in l and "drifted" in l for l in drift) == len(moved) == 3
+    assert all("/gguf/" in l for l in drift if "missing" in l) and len(drift) == 3 + 9
+
+
+def test_devices_check_on_the_run(run, capsys):
+    assert main(["devices", "check", "--device", "pixel-8", "--run", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("fits on pixel-8") and "tokens/s" in out
+    assert main(["devices", "check", "--device", "no-phone", "--run", str(run)]) == 2
+    assert "unknown device 'no-phone'" in capsys.readouterr().err
 
 
 def test_no_partial_files_left(run):
