@@ -19,6 +19,7 @@ _EXPORTS = {
     "export": ("edgeft.pipeline", "export"),
     "evaluate": ("edgeft.pipeline", "evaluate"),
     "convert": ("edgeft.pipeline", "convert"),
+    "run_artifact": ("edgeft.devices.host_run", "run_artifact"),
     "resolve_model": ("edgeft.models", "resolve_model"),
     "load_model": ("edgeft.models", "load_model"),
     "qat": ("edgeft.qat", None),

@@ -137,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--artifact", help="a .pte or .gguf file instead of --run")
     d.add_argument("--context", type=int, default=2048, help="KV-cache length to budget for (default 2048)")
 
+    r = sub.add_parser("run", help="generate from a .pte (ExecuTorch's LLM runner) or .gguf (llama.cpp) on this host")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pte", help="ExecuTorch program (tokenizer.json is looked up beside it)")
+    src.add_argument("--gguf", help="GGUF file, run with llama.cpp (llama-cpp-python)")
+    r.add_argument("--prompt", required=True, help="the user message (or raw text with --raw)")
+    r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    tmpl = r.add_mutually_exclusive_group()
+    tmpl.add_argument("--chat", dest="chat", action="store_true", default=None,
+                      help="apply the chat template (default when the artifact has one)")
+    tmpl.add_argument("--raw", dest="chat", action="store_false", help="send the prompt as is")
+    r.add_argument("--tokenizer", help="tokenizer.json (or its directory) for a .pte, if not beside it")
+    r.add_argument("--threads", type=int, help="CPU threads (ExecuTorch threadpool / llama.cpp n_threads)")
+    r.add_argument("--verbose", action="store_true", help="show the runtime's own log on stderr")
+
     c = sub.add_parser("convert", help="re-run QAT convert / PTQ for a run from its saved model")
     c.add_argument("--run")
 
@@ -237,6 +252,31 @@ def _devices(args: argparse.Namespace) -> int:
     return 0 if r["fits"] else 1
 
 
+def _run(args: argparse.Namespace) -> int:
+    """Stream the generated text to stdout; the numbers go to stderr, so `> out.txt` keeps only the text."""
+    from edgeft.devices.host_run import run_artifact
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    r = run_artifact(args.pte or args.gguf, args.prompt, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, chat=args.chat, tokenizer=args.tokenizer, on_text=show,
+                     verbose=args.verbose, threads=args.threads, runtime="pte" if args.pte else "gguf")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+    def num(x: float | None, fmt: str) -> str:
+        return "n/a" if x is None else format(x, fmt)
+
+    print(f"prompt {r['prompt_tokens']} tokens{' (chat template)' if r['chat'] else ''}, generated "
+          f"{r['generated_tokens']} tokens ({'end of sequence' if r['stopped'] == 'eos' else 'length limit'}); "
+          f"time to first token {num(r['ttft_s'] and r['ttft_s'] * 1000, '.0f')} ms; prefill "
+          f"{num(r['prefill_tokens_per_s'], '.1f')} tokens/s; decode {num(r['decode_tokens_per_s'], '.1f')} tokens/s "
+          f"({r['timing_source']}, {r['threads']} threads)", file=sys.stderr)
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from . import pipeline
 
@@ -277,6 +317,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"check: all {len(golden['metrics'])} golden metrics within tolerance")
     elif args.command == "devices":
         return _devices(args)
+    elif args.command == "run":
+        return _run(args)
     elif args.command == "convert":
         print(f"converted: {pipeline.convert(args.run)}")
     elif args.command == "qat":

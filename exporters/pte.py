@@ -39,7 +39,8 @@ evaluator needs all of them); the KV cache holds ``max_context_len`` positions a
 position 0 sees a fresh context. Constant methods for ExecuTorch's LLM runner: ``get_max_seq_len``,
 ``get_max_context_len``, ``get_vocab_size``, ``get_bos_id``, ``get_eos_ids``, ``use_kv_cache``,
 ``use_sdpa_with_kv_cache``, ``enable_dynamic_shape``. ``tokenizer.json`` (and ``tokenizer_config.json``, which
-names BOS/EOS for ExecuTorch's tokenizer when it is given the directory) is copied beside it.
+names BOS/EOS for ExecuTorch's tokenizer when it is given the directory, and the run's ``chat_template.jinja``,
+which apps and ``edgeft run`` apply to a user message) is copied beside it.
 
 Checks, before the file is renamed into place (a failure raises ``EdgeftError`` in one line and leaves any
 previous ``model.pte`` and tokenizer untouched):
@@ -838,7 +839,7 @@ def export(
         os.chmod(tmp_pte, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
         with _staged_tokenizer(src) as tok_dir:
             validation = _validate(tmp_pte, tok_dir, model, tokenizer, quant_act, max_seq_len, warn)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             if (src / name).exists():
                 with atomic_path(out_dir / name) as tmp:
                     shutil.copyfile(src / name, tmp)
@@ -870,7 +871,7 @@ def _staged_tokenizer(src: Path) -> Iterator[Path]:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="edgeft-pte-tok-") as d:
-        for name in ("tokenizer.json", "tokenizer_config.json"):
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             if (src / name).exists():
                 shutil.copyfile(src / name, Path(d) / name)
         yield Path(d)

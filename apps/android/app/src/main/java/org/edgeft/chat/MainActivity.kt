@@ -1,0 +1,198 @@
+package org.edgeft.chat
+
+import android.app.Activity
+import android.os.Bundle
+import android.os.SystemClock
+import android.view.ViewGroup.LayoutParams.MATCH_PARENT
+import android.view.ViewGroup.LayoutParams.WRAP_CONTENT
+import android.widget.Button
+import android.widget.EditText
+import android.widget.LinearLayout
+import android.widget.ScrollView
+import android.widget.TextView
+import java.io.File
+import java.util.concurrent.Executors
+import org.json.JSONObject
+import org.pytorch.executorch.extension.llm.LlmCallback
+import org.pytorch.executorch.extension.llm.LlmModule
+
+/**
+ * Where `adb push` puts the run's exports. If this device's SELinux policy keeps apps out of /data/local/tmp,
+ * push to the app's own external files directory instead (tried second), or pass any directory:
+ * `adb shell am start -n org.edgeft.chat/.MainActivity --es dir /some/dir`.
+ */
+const val DEFAULT_DIR = "/data/local/tmp/edgeft"
+
+/**
+ * The run's chat template in its simplest form: an optional system turn, one user turn, the assistant header.
+ * ChatML with SmolLM2's default system prompt, because edgeft's default model (smollm2-135m) is trained in it
+ * (its template inserts that system turn when a conversation has none). For a run trained with another
+ * `--chat-template`, copy the framing from the run's `exports/Modelfile` (TEMPLATE, SYSTEM, PARAMETER stop)
+ * or its Jinja template (`converted/chat_template.jinja`, or "chat_template" in `tokenizer_config.json`).
+ * SYSTEM_PROMPT = "" drops the system turn (the Modelfile then has no SYSTEM line). Llama 3, for example:
+ *   SYSTEM_TURN = "<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+ *   USER_TURN = "<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+ *   STOP = "<|eot_id|>", and NUM_BOS = 1: the BOS its template starts with comes from the runner, not the text.
+ */
+const val SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+const val SYSTEM_TURN = "<|im_start|>system\n{system}<|im_end|>\n"
+const val USER_TURN = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+const val STOP = "<|im_end|>" // end of turn: the runner hands it over before it stops; it is not shown
+
+fun chatPrompt(user: String): String =
+    (if (SYSTEM_PROMPT.isEmpty()) "" else SYSTEM_TURN.replace("{system}", SYSTEM_PROMPT)) +
+        USER_TURN.replace("{prompt}", user)
+
+/**
+ * BOS tokens the runner puts before the prompt. ExecuTorch's runner does not apply tokenizer.json's
+ * post-processor, so this must say what the HF tokenizer adds: `exports/manifest.json` -> pte.validation.num_bos
+ * (0 for SmolLM2). The JNI layer takes it from the constructor, and only for the first generate() after
+ * construction or resetContext(); this app resets before every turn.
+ */
+const val NUM_BOS = 0
+
+const val SEQ_LEN = 512 // prompt + reply tokens; the runner also caps it at the .pte's get_max_context_len
+const val TEMPERATURE = 0f // greedy: the reply can be compared with `edgeft run --pte ... --prompt ...` on the host
+
+class MainActivity : Activity() {
+    // Every LlmModule call except stop() runs on this one thread: generate() blocks until the reply is done.
+    private val worker = Executors.newSingleThreadExecutor()
+    @Volatile private var module: LlmModule? = null
+    private val transcript = StringBuilder()
+
+    private lateinit var output: TextView
+    private lateinit var scroll: ScrollView
+    private lateinit var status: TextView
+    private lateinit var input: EditText
+    private lateinit var send: Button
+    private lateinit var stop: Button
+
+    override fun onCreate(savedInstanceState: Bundle?) {
+        super.onCreate(savedInstanceState)
+        buildUi()
+        // getExternalFilesDir also creates /sdcard/Android/data/org.edgeft.chat/files for `adb push`
+        val dir = intent.getStringExtra("dir")
+            ?: listOfNotNull(DEFAULT_DIR, getExternalFilesDir(null)?.path).firstOrNull { File(it, "model.pte").canRead() }
+            ?: DEFAULT_DIR
+        status.text = "loading $dir/model.pte …"
+        worker.execute {
+            val msg =
+                try {
+                    val t0 = SystemClock.elapsedRealtime()
+                    // (modelType, model, tokenizer, temperature, dataFiles, numBos, numEos): the overload that
+                    // takes numBos; the three-argument one (model, tokenizer, temperature) fixes it at 0.
+                    val m = LlmModule(
+                        LlmModule.MODEL_TYPE_TEXT, "$dir/model.pte", "$dir/tokenizer.json",
+                        TEMPERATURE, emptyList<String>(), NUM_BOS, 0,
+                    )
+                    m.load() // otherwise the first generate() pays for loading
+                    module = m
+                    "loaded in ${SystemClock.elapsedRealtime() - t0} ms"
+                } catch (e: Exception) { // missing file, unreadable .pte, missing operator, ...
+                    "load failed: ${e.message}"
+                }
+            runOnUiThread {
+                status.text = msg
+                send.isEnabled = module != null
+            }
+        }
+    }
+
+    private fun buildUi() {
+        output = TextView(this).apply { setTextIsSelectable(true); setPadding(24, 24, 24, 24) }
+        scroll = ScrollView(this).apply { addView(output) }
+        status = TextView(this).apply { setPadding(24, 8, 24, 8) }
+        input = EditText(this).apply { hint = "Message"; layoutParams = LinearLayout.LayoutParams(0, WRAP_CONTENT, 1f) }
+        send = Button(this).apply { text = "Send"; isEnabled = false; setOnClickListener { onSend() } }
+        stop = Button(this).apply { text = "Stop"; isEnabled = false; setOnClickListener { module?.stop() } }
+        val row = LinearLayout(this).apply { addView(input); addView(send); addView(stop) }
+        setContentView(
+            LinearLayout(this).apply {
+                orientation = LinearLayout.VERTICAL
+                addView(scroll, LinearLayout.LayoutParams(MATCH_PARENT, 0, 1f))
+                addView(status)
+                addView(row, LinearLayout.LayoutParams(MATCH_PARENT, WRAP_CONTENT))
+            }
+        )
+    }
+
+    private fun onSend() {
+        val m = module ?: return
+        val text = input.text.toString().trim()
+        if (text.isEmpty()) return
+        input.setText("")
+        transcript.append("> ").append(text).append("\n")
+        show("")
+        send.isEnabled = false
+        stop.isEnabled = true
+        status.text = "generating …"
+        val prompt = chatPrompt(text)
+
+        worker.execute {
+            val reply = StringBuilder()
+            var pieces = 0
+            var tFirst = 0L
+            var statusLine: String? = null
+            val callback = object : LlmCallback {
+                // On this worker thread, once per decoded piece (the JNI layer holds back bytes until they
+                // form valid UTF-8, so a piece can be more than one token).
+                override fun onResult(result: String) {
+                    if (pieces++ == 0) tFirst = SystemClock.elapsedRealtime()
+                    reply.append(result)
+                    val cut = reply.indexOf(STOP)
+                    if (cut >= 0) m.stop() // the .pte's get_eos_ids normally stops it already
+                    val visible = if (cut >= 0) reply.substring(0, cut) else reply.toString()
+                    runOnUiThread { show(visible) }
+                }
+
+                // Once, after generation: JSON from extension/llm/runner/stats.h (stats_to_json_string).
+                override fun onStats(stats: String) {
+                    statusLine = formatStats(stats)
+                }
+
+                override fun onError(errorCode: Int, message: String) {
+                    statusLine = "error $errorCode: $message"
+                }
+            }
+            try {
+                m.resetContext() // one turn per generate(): position 0, and the BOS (if any) again
+                m.generate(prompt, SEQ_LEN, callback, false) // echo=false: the reply only, not the prompt
+            } catch (e: Exception) {
+                statusLine = statusLine ?: "generate failed: ${e.message}"
+            }
+            // measured fallback: pieces after the first over the time since the first (decode only)
+            val secs = (SystemClock.elapsedRealtime() - tFirst) / 1000.0
+            val measured = if (pieces > 1 && secs > 0) "%.1f pieces/s (measured)".format((pieces - 1) / secs) else ""
+            val answer = reply.toString().substringBefore(STOP).trim()
+            runOnUiThread {
+                transcript.append(answer).append("\n\n")
+                show("")
+                status.text = statusLine ?: measured
+                send.isEnabled = true
+                stop.isEnabled = false
+            }
+        }
+    }
+
+    /** The runner's own rates; null (use the measured rate) when the JSON lacks them. */
+    private fun formatStats(json: String): String? {
+        val s = runCatching { JSONObject(json) }.getOrNull() ?: return null
+        if (!s.has("decode_token_per_sec")) return null // absent when decoding took 0 ms
+        return "%.1f tok/s decode · %.0f tok/s prefill · %d prompt + %d generated tokens".format(
+            s.getDouble("decode_token_per_sec"), s.optDouble("prefill_token_per_sec", 0.0),
+            s.optLong("prompt_tokens"), s.optLong("generated_tokens"),
+        )
+    }
+
+    private fun show(live: String) {
+        output.text = transcript.toString() + live
+        scroll.post { scroll.fullScroll(ScrollView.FOCUS_DOWN) }
+    }
+
+    override fun onDestroy() {
+        module?.stop()
+        worker.execute { module?.close(); module = null } // after any generate() still running has returned
+        worker.shutdown()
+        super.onDestroy()
+    }
+}
