@@ -4,14 +4,17 @@ Seeded generators for multi-digit arithmetic, calendar questions (date offsets a
 conversion. Train and test splits come from different seeds and share no prompt, so exact-match accuracy
 on the test split measures what fine-tuning taught rather than memorisation. Python's ``random.Random``
 with an integer seed is stable across platforms and versions, and every answer is computed exactly
-(integers, ``datetime``, ``Decimal``).
+(integers, ``datetime``, ``Decimal``). :func:`multiple_choice` gives the same rows with seeded distractors.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import random
+import re
 from decimal import Decimal
+from fractions import Fraction
+from typing import Any
 
 SPLIT_SEEDS = {"train": 1234, "test": 98765}
 SPLIT_SIZES = {"train": 4000, "test": 200}
@@ -109,3 +112,94 @@ def to_messages(row: dict[str, str]) -> list[dict[str, str]]:
         {"role": "user", "content": f"{row['question']} {INSTRUCTION}"},
         {"role": "assistant", "content": row["answer"]},
     ]
+
+
+# --- multiple choice --------------------------------------------------------------------------------------
+# The same test questions with the exact answer among three plausible wrong answers of the same kind, for
+# log-likelihood scoring: numbers with one digit off by one, neighbouring and other weekdays, dates a day off or
+# counted the wrong way, conversions with the decimal point slipped or the factor inverted. Everything is seeded
+# by the question itself, so a row's choices and their order never depend on which other rows are asked.
+
+MC_SEED = 4242
+_ARITH = re.compile(r"What is (-?\d+) ([-+*]) (\d+)\?")
+_DATE = re.compile(r"What is the date (\d+) days (after|before) (\d{4}-\d{2}-\d{2})\?")
+_CONVERT = re.compile(r"Convert ([\d.]+) (\w+) to (\w+)\.")
+
+
+def _digit_neighbours(n: int) -> list[str]:
+    """``n`` with one digit changed by ±1 (no new leading zero), the slips of column arithmetic."""
+    sign, digits = ("-" if n < 0 else ""), str(abs(n))
+    out = []
+    for i, d in enumerate(digits):
+        for step in (-1, 1):
+            v = int(d) + step
+            if 0 <= v <= 9 and not (i == 0 and v == 0 and len(digits) > 1):
+                out.append(sign + digits[:i] + str(v) + digits[i + 1 :])
+    return out
+
+
+def _exact_decimal(f: Fraction) -> str | None:
+    """A fraction as a short decimal string, or None when it does not terminate within 6 places."""
+    d = Decimal(f.numerator) / Decimal(f.denominator)
+    if Fraction(d) != f or d != d.quantize(Decimal("0.000001")):
+        return None
+    return _fmt_decimal(d)
+
+
+def _distractor_pool(row: dict[str, str], rng: random.Random) -> list[str]:
+    q, a = row["question"], row["answer"]
+    if a in _WEEKDAYS:
+        i = _WEEKDAYS.index(a)
+        others = [d for d in _WEEKDAYS if d != a and d not in (_WEEKDAYS[i - 1], _WEEKDAYS[(i + 1) % 7])]
+        return [_WEEKDAYS[i - 1], _WEEKDAYS[(i + 1) % 7], rng.choice(others)]
+    m = _DATE.match(q)
+    if m:
+        n, way, start = int(m.group(1)), m.group(2), dt.date.fromisoformat(m.group(3))
+        ans = dt.date.fromisoformat(a)
+        wrong_way = start - dt.timedelta(days=n) if way == "after" else start + dt.timedelta(days=n)
+        off = [(ans + dt.timedelta(days=s)).isoformat() for s in (-1, 1)]
+        rng.shuffle(off)
+        shifted = []
+        for months in (-1, 1):
+            y, mo = divmod(ans.year * 12 + ans.month - 1 + months, 12)
+            try:
+                shifted.append(ans.replace(year=y, month=mo + 1).isoformat())
+            except ValueError:  # no such day in that month
+                pass
+        rng.shuffle(shifted)
+        return [off[0], wrong_way.isoformat(), *shifted, off[1]]
+    m = _CONVERT.match(q)
+    if m:
+        value, src, dst = Fraction(m.group(1)), m.group(2), m.group(3)
+        factor = next(Fraction(f) for s, d, f in _UNITS if (s, d) == (src, dst))
+        result = Fraction(a)
+        cands = [result * 10, result / 10, value / factor, value, result * 100, result / 100]
+        pool = [s for s in (_exact_decimal(c) for c in cands) if s is not None]
+        first = pool[:3]
+        rng.shuffle(first)
+        return first + pool[3:]
+    if _ARITH.match(q):
+        pool = _digit_neighbours(int(a))
+        rng.shuffle(pool)
+        return pool
+    raise ValueError(f"no distractors for question {q!r}")
+
+
+def with_choices(row: dict[str, str], n_choices: int = 4) -> dict[str, Any]:
+    """A task row as a multiple-choice item: ``choices`` (the answer among ``n_choices - 1`` distractors, in a
+    seeded order) and ``label``, the answer's index."""
+    rng = random.Random(f"{MC_SEED}:{row['question']}")  # str seeds hash with SHA-512: stable everywhere
+    wrong: list[str] = []
+    for d in _distractor_pool(row, rng):
+        if d != row["answer"] and d not in wrong:
+            wrong.append(d)
+    if len(wrong) < n_choices - 1:
+        raise ValueError(f"only {len(wrong)} distractors for question {row['question']!r}")
+    choices = [row["answer"], *wrong[: n_choices - 1]]
+    rng.shuffle(choices)
+    return {**row, "choices": choices, "label": choices.index(row["answer"])}
+
+
+def multiple_choice(split: str, n_choices: int = 4) -> list[dict[str, Any]]:
+    """The split's rows as multiple-choice items (see :func:`with_choices`); same output on every call."""
+    return [with_choices(r, n_choices) for r in generate(split)]
