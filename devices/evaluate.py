@@ -6,10 +6,18 @@ Variants of a run (see edgeft.pipeline):
 - ``qat``: the model trained with fake quantization, converted (``converted/``).
 
 Metrics: perplexity on the packaged held-out text, exact-match accuracy on the ``builtin:tasks`` test split
-(greedy decoding), artifact size, and host generation speed. Runtimes: ``eager`` (PyTorch), ``pte``
+(greedy decoding), multiple-choice accuracy on the same questions with three seeded distractors each
+(``tasks.multiple_choice``), artifact size, and host generation speed. ``data=`` swaps in the user's own
+held-out text and task files (:func:`load_eval_data`).
+
+Multiple choice is scored by length-normalised log-likelihood, through nothing but the runtimes' full-sequence
+``logits``: the prompt is the chat-templated user turn exact match generates from, each choice's continuation is
+the choice's tokens followed by the end-of-turn token (a complete answer, so a choice that is a prefix of another
+is not favoured), and its score is the mean log-probability per continuation token (per token, not per byte as
+lm-eval-harness's ``acc_norm``: tokens are what the runtimes emit). The highest score is the model's answer. Runtimes: ``eager`` (PyTorch), ``pte``
 (ExecuTorch) and ``gguf`` (llama.cpp, at the scheme's bit width: Q4_0 for int4 schemes, Q8_0 for int8,
 F16 for float). The report states how much of PTQ's degradation QAT recovered:
-(PTQ − QAT) / (PTQ − BF16) for perplexity, (QAT − PTQ) / (BF16 − PTQ) for accuracy.
+(PTQ − QAT) / (PTQ − BF16) for perplexity, (QAT − PTQ) / (BF16 − PTQ) for both accuracies.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +67,21 @@ def text_chunks(tokenizer: Any, text: str, n_tokens: int, chunk: int) -> list[li
     return [prefix + ids[i : i + step] for i in range(0, len(ids), step) if len(ids[i : i + step]) > 1]
 
 
-def exact_match(rt: Runtime, tokenizer: Any, rows: list[dict[str, str]], max_new_tokens: int) -> dict[str, Any]:
+def _prompt_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The prompt turn(s) of an item: its own ``messages``, or a ``builtin:tasks`` row's user turn."""
+    from edgeft.data import tasks
+
+    return row["messages"] if "messages" in row else tasks.to_messages(row)[:1]
+
+
+def exact_match(rt: Runtime, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int) -> dict[str, Any]:
     """Greedy answers vs exact answers; also generated tokens per second (prefill included)."""
-    from edgeft.data import encode_prompt, tasks
+    from edgeft.data import encode_prompt
 
     stop = {tokenizer.eos_token_id}
     correct, n_tok, secs, samples = 0, 0, 0.0, []
     for r in rows:
-        prompt = encode_prompt(tokenizer, tasks.to_messages(r)[:1])
+        prompt = encode_prompt(tokenizer, _prompt_messages(r))
         t0 = time.perf_counter()
         out = rt.generate(prompt, max_new_tokens, stop)
         secs += time.perf_counter() - t0
@@ -76,6 +92,188 @@ def exact_match(rt: Runtime, tokenizer: Any, rows: list[dict[str, str]], max_new
         if len(samples) < 5:
             samples.append({"question": r["question"], "expected": r["answer"], "got": answer})
     return {"accuracy": correct / len(rows), "n": len(rows), "tokens_per_s": n_tok / secs, "samples": samples}
+
+
+def encode_choices(tokenizer: Any, messages: list[dict[str, str]], choices: list[str]) -> tuple[list[int], list[list[int]]]:
+    """The prompt's ids, exactly as exact match encodes them, and each choice's continuation ids.
+
+    A continuation is the choice's tokens as the tokenizer splits prompt + choice (lm-eval-harness's rule; the
+    choice alone when that split would change the prompt's tokens), then the end-of-turn token (the EOS that the
+    run's chat template installed), so every choice is scored as a complete answer.
+    """
+    from edgeft.data import encode_prompt
+
+    ctx = encode_prompt(tokenizer, messages)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    end = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    conts = []
+    for c in choices:
+        whole = list(tokenizer(text + c, add_special_tokens=False)["input_ids"])
+        cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else []
+        if not cont:
+            cont = list(tokenizer(c, add_special_tokens=False)["input_ids"])
+        conts.append(cont + end)
+    return ctx, conts
+
+
+def continuation_logprobs(rt: Runtime, ctx: list[int], cont: list[int]) -> torch.Tensor:
+    """log p(cont[i] | ctx + cont[:i]) for every continuation token, float64 [len(cont)], from one fresh pass."""
+    logits = rt.logits(ctx + cont)[len(ctx) - 1 : len(ctx) + len(cont) - 1].double()
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None])[:, 0]
+
+
+def choice_scores(rt: Runtime, ctx: list[int], conts: list[list[int]]) -> list[float]:
+    """Length-normalised log-likelihood of each continuation: mean log-probability per token."""
+    return [float(continuation_logprobs(rt, ctx, c).mean()) for c in conts]
+
+
+def multiple_choice(rt: Runtime, tokenizer: Any, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy of the argmax of :func:`choice_scores` against each item's ``label`` (first on ties)."""
+    correct, samples = 0, []
+    for it in items:
+        ctx, conts = encode_choices(tokenizer, _prompt_messages(it), it["choices"])
+        scores = choice_scores(rt, ctx, conts)
+        pick = max(range(len(scores)), key=scores.__getitem__)
+        correct += pick == it["label"]
+        if len(samples) < 5:
+            samples.append({"question": it["question"], "choices": it["choices"], "expected": it["label"], "picked": pick,
+                            "scores": [round(x, 4) for x in scores]})
+    return {"mc_accuracy": correct / len(items), "n": len(items), "samples": samples}
+
+
+# --- what to evaluate on ------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalData:
+    """Held-out text (perplexity), exact-match items and multiple-choice items, and where each came from.
+
+    Items carry ``question`` (for samples), ``messages`` (the prompt turns; absent on ``builtin:tasks`` rows, whose
+    prompt is :func:`edgeft.data.tasks.to_messages`'s user turn), and ``answer`` (exact match) or ``choices`` and
+    ``label`` (multiple choice).
+    """
+
+    heldout: str
+    tasks: list[dict[str, Any]]
+    mc: list[dict[str, Any]]
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def builtin_eval_data(limit: int = 60) -> EvalData:
+    """The packaged held-out prose and the first ``limit`` ``builtin:tasks`` test questions (both task kinds)."""
+    from edgeft.data import tasks
+
+    return EvalData(
+        heldout_text(), tasks.generate("test")[:limit], tasks.multiple_choice("test")[:limit],
+        {"heldout": "packaged held-out prose", "tasks": "builtin:tasks test split", "mc": "builtin:tasks test split"},
+    )
+
+
+def _scalar_text(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        return None
+    s = str(v).strip()
+    return s or None
+
+
+def _task_item(row: Any, where: str) -> tuple[str, dict[str, Any]]:
+    """One JSONL row as ("tasks" | "mc", item); a malformed row is one error naming its line."""
+    if not isinstance(row, dict):
+        raise EdgeftError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    prompt = row.get("prompt", row.get("question"))
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise EdgeftError(f"{where}: needs a non-empty \"prompt\" (or \"question\") string")
+    messages = [{"role": "user", "content": prompt}]
+    if row.get("system") is not None:
+        if not isinstance(row["system"], str):
+            raise EdgeftError(f"{where}: \"system\" must be a string")
+        messages.insert(0, {"role": "system", "content": row["system"]})
+    if "answer" not in row:
+        raise EdgeftError(f"{where}: needs an \"answer\" (text, or with \"choices\" the right choice's index or text)")
+    answer = row["answer"]
+    if "choices" not in row:
+        text = _scalar_text(answer)
+        if text is None:
+            raise EdgeftError(f"{where}: \"answer\" must be a non-empty string or number")
+        return "tasks", {"question": prompt, "messages": messages, "answer": text}
+    choices = row["choices"]
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise EdgeftError(f"{where}: \"choices\" must be a list of at least 2 answers")
+    texts = [_scalar_text(c) for c in choices]
+    if any(t is None for t in texts):
+        raise EdgeftError(f"{where}: every choice must be a non-empty string or number")
+    if len(set(texts)) != len(texts):
+        raise EdgeftError(f"{where}: \"choices\" has duplicates")
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(texts):
+            raise EdgeftError(f"{where}: \"answer\" index {answer} is outside the {len(texts)} choices")
+        label = answer
+    elif isinstance(answer, str) and answer.strip() in texts:
+        label = texts.index(answer.strip())
+    else:
+        raise EdgeftError(f"{where}: \"answer\" must be a choice's index (0-based) or one of the choices' text")
+    return "mc", {"question": prompt, "messages": messages, "choices": texts, "label": label}
+
+
+def load_eval_data(paths: list[str | Path] | tuple[str | Path, ...] | None, limit: int = 60) -> EvalData:
+    """The built-in evaluation data with the user's files in place of what they supply.
+
+    - ``.txt``: held-out text for perplexity (several files are joined);
+    - ``.jsonl``: task rows, ``{"prompt" (or "question"), "answer"}`` for exact match, or with ``"choices": [...]``
+      (``answer``: the right choice's 0-based index or its text) for multiple choice; optional ``"system"``.
+
+    Each kind a file supplies replaces the built-in one whole (``limit`` caps only built-in questions); every
+    problem is one error naming the file and line.
+    """
+    data = builtin_eval_data(limit)
+    texts: list[str] = []
+    found: dict[str, list[dict[str, Any]]] = {"tasks": [], "mc": []}
+    names: dict[str, list[str]] = {"heldout": [], "tasks": [], "mc": []}
+    for p in paths or []:
+        path = Path(p).expanduser()
+        if not path.is_file():
+            raise EdgeftError(f"evaluation data file not found: {path}")
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            try:
+                text = path.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError:
+                raise EdgeftError(f"{path}: not UTF-8 text") from None
+            if not text:
+                raise EdgeftError(f"{path}: empty held-out text")
+            texts.append(text)
+            names["heldout"].append(str(path))
+        elif suffix == ".jsonl":
+            n = 0
+            with path.open(encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise EdgeftError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                    kind, item = _task_item(row, f"{path}:{i}")
+                    found[kind].append(item)
+                    if str(path) not in names[kind]:
+                        names[kind].append(str(path))
+                    n += 1
+            if not n:
+                raise EdgeftError(f"{path}: no task rows")
+        else:
+            raise EdgeftError(
+                f"{path}: evaluation data must be .txt (held-out text) or .jsonl (prompt/answer or choices rows), "
+                f"not {suffix or 'a file without a suffix'}"
+            )
+    if texts:
+        data.heldout = "\n\n".join(texts)
+    for kind in ("tasks", "mc"):
+        if found[kind]:
+            setattr(data, kind, found[kind])
+    for kind, files in names.items():
+        if files:
+            data.sources[kind] = ", ".join(files)
+    return data
 
 
 def _variant_sources(run: Path) -> dict[str, tuple[Path, Path]]:
@@ -126,12 +324,16 @@ def evaluate_run(
     ppl_chunk: int = 256,
     max_new_tokens: int = 16,
     progress: bool = True,
+    data: EvalData | list[str | Path] | tuple[str | Path, ...] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every variant on every runtime; writes eval/report.{md,json} and eval/metrics.png."""
+    """Evaluate every variant on every runtime; writes eval/report.{md,json} and eval/metrics.png.
+
+    ``data``: the user's evaluation files (see :func:`load_eval_data`) or an :class:`EvalData`; default built-in.
+    """
     from transformers import AutoTokenizer
 
-    from edgeft.data import tasks
-
+    if not isinstance(data, EvalData):
+        data = load_eval_data(data, limit)
     for r in runtimes:
         if r not in RUNTIMES:
             raise EdgeftError(f"unknown runtime {r!r}; choose from {', '.join(RUNTIMES)}")
@@ -147,8 +349,10 @@ def evaluate_run(
             raise EdgeftError(f"{run} has no {', '.join(missing)} variant (train with --qat and --ptq to get all three)")
         sources = {v: sources[v] for v in variants}
     tokenizer = AutoTokenizer.from_pretrained(str(run / "converted"))
-    chunks = text_chunks(tokenizer, heldout_text(), ppl_tokens, ppl_chunk)
-    rows = tasks.generate("test")[:limit]
+    chunks = text_chunks(tokenizer, data.heldout, ppl_tokens, ppl_chunk)
+    if not chunks:
+        raise EdgeftError(f"held-out text ({data.sources.get('heldout')}) is shorter than 2 tokens")
+    rows = data.tasks
     max_seq_len = max(ppl_chunk, 256)
 
     results: list[dict[str, Any]] = []
@@ -167,6 +371,7 @@ def evaluate_run(
                 t0 = time.perf_counter()
                 ppl = perplexity(rt, chunks)
                 em = exact_match(rt, tokenizer, rows, max_new_tokens)
+                mc = multiple_choice(rt, tokenizer, data.mc)
             finally:
                 rt.close()
             results.append(
@@ -178,16 +383,19 @@ def evaluate_run(
                     "perplexity": ppl,
                     "accuracy": em["accuracy"],
                     "n_tasks": em["n"],
+                    "mc_accuracy": mc["mc_accuracy"],
+                    "n_mc": mc["n"],
                     "tokens_per_s": em["tokens_per_s"],
                     "seconds": time.perf_counter() - t0,
                     "samples": em["samples"],
+                    "mc_samples": mc["samples"],
                 }
             )
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    report = _report(run, results, ppl_tokens=sum(len(c) - 1 for c in chunks), limit=len(rows))
+    report = _report(run, results, ppl_tokens=sum(len(c) - 1 for c in chunks), limit=len(rows), data=data)
     out = run / "eval"
     out.mkdir(exist_ok=True)
     write_json(out / "report.json", report)
@@ -205,7 +413,7 @@ def recovery(bf16: float, ptq: float, qat: float, higher_is_better: bool) -> flo
     return gain / gap
 
 
-def _report(run: Path, results: list[dict[str, Any]], ppl_tokens: int, limit: int) -> dict[str, Any]:
+def _report(run: Path, results: list[dict[str, Any]], ppl_tokens: int, limit: int, data: EvalData) -> dict[str, Any]:
     from edgeft.pipeline import run_config
 
     cfg = run_config(run)
@@ -217,6 +425,7 @@ def _report(run: Path, results: list[dict[str, Any]], ppl_tokens: int, limit: in
             rec[rt] = {
                 "perplexity": recovery(b["perplexity"], p["perplexity"], q["perplexity"], higher_is_better=False),
                 "accuracy": recovery(b["accuracy"], p["accuracy"], q["accuracy"], higher_is_better=True),
+                "mc_accuracy": recovery(b["mc_accuracy"], p["mc_accuracy"], q["mc_accuracy"], higher_is_better=True),
             }
     return {
         "run": str(run),
@@ -227,6 +436,9 @@ def _report(run: Path, results: list[dict[str, Any]], ppl_tokens: int, limit: in
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "heldout_tokens": ppl_tokens,
         "task_examples": limit,
+        "mc_examples": len(data.mc),
+        "mc_chance": sum(1 / len(it["choices"]) for it in data.mc) / len(data.mc),
+        "eval_data": dict(data.sources),
         "results": results,
         "recovery": rec,
     }
@@ -237,25 +449,31 @@ def _pct(x: float | None) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
+    src = report.get("eval_data") or {}
+    has_mc = any("mc_accuracy" in r for r in report["results"])
     lines = [
         f"# edgeft evaluation: {report['model']} ({report['mode']}, QAT {report['qat'] or 'none'})",
         "",
-        f"Perplexity on {report['heldout_tokens']} held-out tokens; exact-match accuracy on "
-        f"{report['task_examples']} `builtin:tasks` test questions (greedy).",
+        f"Perplexity on {report['heldout_tokens']} tokens of {src.get('heldout', 'held-out text')}; exact-match "
+        f"accuracy on {report['task_examples']} questions of {src.get('tasks', '`builtin:tasks` test split')} (greedy)"
+        + (f"; multiple-choice accuracy on {report['mc_examples']} questions of {src.get('mc', 'the task set')} "
+           f"(length-normalised log-likelihood, chance {100 * report['mc_chance']:.0f}%)." if has_mc else "."),
         "",
-        "| variant | runtime | perplexity | accuracy | size (MB) | tokens/s |",
-        "|---|---|---:|---:|---:|---:|",
+        "| variant | runtime | perplexity | exact match | multiple choice | size (MB) | tokens/s |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
+        mc = f"{100 * r['mc_accuracy']:.1f}%" if "mc_accuracy" in r else "–"
         lines.append(
-            f"| {r['variant']} | {r['runtime']} | {r['perplexity']:.3f} | {100 * r['accuracy']:.1f}% "
+            f"| {r['variant']} | {r['runtime']} | {r['perplexity']:.3f} | {100 * r['accuracy']:.1f}% | {mc} "
             f"| {r['size_mb']:.1f} | {r['tokens_per_s']:.1f} |"
         )
     lines.append("")
     for rt, rec in report["recovery"].items():
+        mc = f", {_pct(rec['mc_accuracy'])} of its multiple-choice accuracy loss" if "mc_accuracy" in rec else ""
         lines.append(
-            f"- {rt}: QAT recovered {_pct(rec['perplexity'])} of PTQ's perplexity degradation "
-            f"and {_pct(rec['accuracy'])} of its accuracy loss."
+            f"- {rt}: QAT recovered {_pct(rec['perplexity'])} of PTQ's perplexity degradation"
+            f"{mc} and {_pct(rec['accuracy'])} of its exact-match accuracy loss."
         )
     return "\n".join(lines) + "\n"
 
@@ -269,11 +487,15 @@ def _plot(report: dict[str, Any], dest: Path) -> None:
     results = report["results"]
     runtimes = sorted({r["runtime"] for r in results}, key=RUNTIMES.index)
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in results)]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    panels = [("perplexity", "perplexity (lower is better)"), ("accuracy", "exact match (higher is better)")]
+    if any("mc_accuracy" in r for r in results):
+        panels.append(("mc_accuracy", "multiple choice (higher is better)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=110)
     width = 0.8 / max(1, len(variants))
-    for ax, metric, label in [(axes[0], "perplexity", "perplexity (lower is better)"), (axes[1], "accuracy", "exact match (higher is better)")]:
+    for ax, (metric, label) in zip(axes, panels):
         for i, v in enumerate(variants):
-            vals = [next((r[metric] for r in results if r["variant"] == v and r["runtime"] == rt), float("nan")) for rt in runtimes]
+            vals = [next((r.get(metric, float("nan")) for r in results if r["variant"] == v and r["runtime"] == rt),
+                         float("nan")) for rt in runtimes]
             ax.bar([x + i * width for x in range(len(runtimes))], vals, width, label=v)
         ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(runtimes))], runtimes)
         ax.set_title(label)

@@ -121,12 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quant", help="GGUF type: f32, f16, bf16, q8_0, q4_0 (default: the scheme's bit width)")
     e.add_argument("--max-seq-len", type=int, help=".pte KV-cache length (default 512)")
 
-    v = sub.add_parser("eval", help="BF16 vs PTQ vs QAT on eager, .pte and GGUF runtimes")
+    v = sub.add_parser(
+        "eval", help="BF16 vs PTQ vs QAT on eager, .pte and GGUF runtimes",
+        description="Perplexity, exact-match and multiple-choice accuracy (length-normalised log-likelihood: mean "
+                    "log-probability per answer token, end-of-turn included), size and decode speed of each variant "
+                    "on each runtime. Default data: packaged held-out prose and the builtin:tasks test split (with "
+                    "3 seeded distractors per question for multiple choice); --data swaps in your own.",
+    )
     v.add_argument("--run", help="run directory (default: newest under ./runs)")
     v.add_argument("--compare", type=_csv, help="variants, e.g. bf16,ptq,qat (default: all the run has)")
     v.add_argument("--runtimes", type=_csv, default=["eager", "pte", "gguf"], help="eager,pte,gguf")
     v.add_argument("--limit", type=int, default=60, help="task test questions to answer (default 60)")
     v.add_argument("--ppl-tokens", type=int, default=2048, help="held-out tokens for perplexity")
+    v.add_argument("--data", action="append", metavar="FILE",
+                   help="your evaluation data (repeatable): a .txt file is held-out text for perplexity; a .jsonl "
+                        "file holds tasks, one JSON object a line: {\"prompt\" (or \"question\"), \"answer\"} is "
+                        "scored by exact match of the greedy answer, {\"prompt\", \"choices\": [...], \"answer\": "
+                        "index or choice text} by multiple choice; prompts get the run's chat template. What a file "
+                        "supplies replaces the built-in set of that kind, whole (--limit caps built-in questions only)")
     v.add_argument("--check", metavar="GOLDEN.json", help="fail (exit 1, one line per metric) on drift from golden numbers")
     v.add_argument("--write-golden", metavar="PATH", help="write this evaluation as a golden file")
 
@@ -293,13 +305,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         report = pipeline.export(args.format, args.run, quant=args.quant, **kw)
         print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2, default=str))
     elif args.command == "eval":
-        from edgeft.devices.evaluate import render_markdown
+        from edgeft.devices.evaluate import load_eval_data, render_markdown
 
         from edgeft.devices import regression
 
         golden = regression.load_golden(args.check) if args.check else None  # a bad file fails before evaluating
+        data = load_eval_data(args.data, args.limit)  # so does bad evaluation data
         report = pipeline.evaluate(
-            args.run, runtimes=args.runtimes, variants=args.compare, limit=args.limit, ppl_tokens=args.ppl_tokens
+            args.run, runtimes=args.runtimes, variants=args.compare, limit=args.limit, ppl_tokens=args.ppl_tokens,
+            data=data,
         )
         print(render_markdown(report))
         print(f"report: {report['run']}/eval/report.md")

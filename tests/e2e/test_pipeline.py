@@ -80,7 +80,24 @@ def test_drift_from_golden_fails_one_line_per_metric(run, capsys):
     drift = [l for l in err if l.startswith("edgeft: drift: ")]
     # the moved pte metrics drift; gguf rows are missing because that runtime was not evaluated
     assert sum("/pte/perplexity" in l and "drifted" in l for l in drift) == len(moved) == 3
-    assert all("/gguf/" in l for l in drift if "missing" in l) and len(drift) == 3 + 9
+    n_gguf = sum(m["runtime"] == "gguf" for m in golden["metrics"])
+    assert all("/gguf/" in l for l in drift if "missing" in l) and len(drift) == 3 + n_gguf
+
+
+def test_eval_on_the_users_own_data(run, tmp_path, capsys):
+    (tmp_path / "held.txt").write_text("The harbour was quiet that morning, and the boats stayed in.\n" * 8)
+    (tmp_path / "tasks.jsonl").write_text(
+        json.dumps({"prompt": "What is 2 + 2? Answer with the result only.", "answer": 4}) + "\n"
+        + json.dumps({"question": "Which is a weekday?", "choices": ["Monday", "blue", "seven"], "answer": "Monday"}) + "\n"
+        + json.dumps({"prompt": "Which is a colour?", "choices": ["Monday", "blue", "seven"], "answer": 1}) + "\n")
+    assert main(["eval", "--run", str(run), "--runtimes", "eager", "--compare", "qat", "--data",
+                 str(tmp_path / "held.txt"), "--data", str(tmp_path / "tasks.jsonl")]) == 0, capsys.readouterr().err
+    report = json.loads((run / "eval" / "report.json").read_text())
+    (row,) = report["results"]
+    assert row["n_tasks"] == 1 and row["n_mc"] == 2 and report["mc_chance"] == pytest.approx(1 / 3)
+    assert report["eval_data"]["heldout"].endswith("held.txt") and report["eval_data"]["mc"].endswith("tasks.jsonl")
+    assert math.isfinite(row["perplexity"]) and 0 <= row["mc_accuracy"] <= 1
+    assert "tasks.jsonl" in (run / "eval" / "report.md").read_text()
 
 
 def test_devices_check_on_the_run(run, capsys):
