@@ -4,7 +4,7 @@ import ExecuTorchLLM
 /// The run's chat template in its simplest form, and the generation settings. ChatML with SmolLM2's default
 /// system prompt, because edgeft's default model (smollm2-135m) is trained in it; for another
 /// `--chat-template`, copy the framing from the run's `exports/Modelfile` (TEMPLATE, SYSTEM, PARAMETER stop)
-/// or its Jinja template (`converted/chat_template.jinja`). `systemPrompt = ""` drops the system turn.
+/// or its Jinja template (`exports/chat_template.jinja`). `systemPrompt = ""` drops the system turn.
 enum ChatFormat {
   static let systemPrompt = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
   static let systemTurn = "<|im_start|>system\n{system}<|im_end|>\n"

@@ -28,7 +28,7 @@ const val DEFAULT_DIR = "/data/local/tmp/edgeft"
  * ChatML with SmolLM2's default system prompt, because edgeft's default model (smollm2-135m) is trained in it
  * (its template inserts that system turn when a conversation has none). For a run trained with another
  * `--chat-template`, copy the framing from the run's `exports/Modelfile` (TEMPLATE, SYSTEM, PARAMETER stop)
- * or its Jinja template (`converted/chat_template.jinja`, or "chat_template" in `tokenizer_config.json`).
+ * or its Jinja template (`exports/chat_template.jinja`, or "chat_template" in `exports/tokenizer_config.json`).
  * SYSTEM_PROMPT = "" drops the system turn (the Modelfile then has no SYSTEM line). Llama 3, for example:
  *   SYSTEM_TURN = "<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
  *   USER_TURN = "<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
