@@ -56,9 +56,13 @@ MODELS = {
 MODELS["smoke"] = dict(MODELS["qwen3-0.6b"], hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-DEFAULT_RUNS = [  # (model, mode, impl, batch); edgeft_plain = edgeft with on-GPU checkpoints (offload overhead)
-    *[(m, "lora", i, 4) for m in ("qwen3-0.6b", "llama-3.2-1b") for i in ("hf", "liger", "edgeft", "edgeft_plain")],
-    *[("qwen3-0.6b", "full", i, 4) for i in ("hf", "liger", "edgeft")],
+# (model, mode, impl, batch). Checkpointing: edgeft offloads to host memory, edgeft_plain keeps checkpoints on the
+# GPU, *_nockpt do not checkpoint at all (what `edgeft train` picks when the activations fit, see
+# edgeft/train/model.py); HF and Liger use transformers' checkpointing unless suffixed _nockpt.
+DEFAULT_RUNS = [
+    *[(m, "lora", i, 4) for m in ("qwen3-0.6b", "llama-3.2-1b")
+      for i in ("hf", "liger", "edgeft", "edgeft_plain", "edgeft_nockpt")],
+    *[("qwen3-0.6b", "full", i, 4) for i in ("hf", "hf_nockpt", "liger", "edgeft", "edgeft_nockpt")],
     *[("llama-3.1-8b", "lora", i, 2) for i in ("hf", "edgeft")],
 ]
 # Published numbers for the fused-kernel library the issue names (not installable on the bench machine).
@@ -128,8 +132,9 @@ def run_worker(spec: dict) -> dict:
     if impl.startswith("edgeft"):
         from edgeft.kernels import causal_lm_loss, patch
 
-        patched = patch(model, checkpoint="plain" if impl == "edgeft_plain" else spec.get("checkpoint", "offload"))
-    else:
+        ckpt = {"edgeft_plain": "plain", "edgeft_nockpt": None}.get(impl, spec.get("checkpoint", "offload"))
+        patched = patch(model, checkpoint=ckpt)
+    elif not impl.endswith("_nockpt"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4 if mode == "lora" else 1e-5, fused=True)
@@ -181,13 +186,37 @@ def _one_step(model, impl, opt, ids):
 
 
 def _profile(fn) -> str:
+    """One step three ways: host issue time vs wall time, the top CUDA kernels, and where the host time goes."""
+    import cProfile
+    import io
+    import pstats
+
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    host = time.perf_counter() - t0  # the host is done issuing; the GPU may still be working
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
+    ka = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in ka)
+    pr = cProfile.Profile()
+    torch.cuda.synchronize()
+    pr.enable()
+    fn()
+    torch.cuda.synchronize()
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(30)
+    return (f"host issue {host * 1e3:.1f} ms, wall {wall * 1e3:.1f} ms, GPU busy {gpu_us / 1e3:.1f} ms\n"
+            + ka.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60)
+            + ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+            + "\n".join(buf.getvalue().splitlines()[:45]))
 
 
 # --- GPU correctness of each kernel at bench shapes -----------------------------------------------------------

@@ -52,6 +52,9 @@ def needs_long_indexing(*tensors: torch.Tensor) -> bool:
     for t in tensors:
         if t is None:
             continue
+        # Fast path (this runs on every launch): any view's extent lies inside its storage.
+        if t.numel() < INT32_LIMIT and t.untyped_storage().nbytes() < INT32_LIMIT * t.element_size():
+            continue
         extent = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
         if max(extent, t.numel()) >= INT32_LIMIT:
             return True

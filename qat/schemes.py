@@ -80,9 +80,14 @@ class Scheme:
 
             return Float8DynamicActivationInt4WeightConfig()
         if self.weight_dtype == "fp8" and self.activation == "fp8-per-row":
+            from torchao.float8.inference import Float8MMConfig
             from torchao.quantization import Float8DynamicActivationFloat8WeightConfig
 
-            return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+            # torchao defaults to cuBLAS "fast accumulation" (reduced-precision partial sums), which moves the
+            # converted forward ~1% away from what training's fake quantization computed: accumulate exactly
+            return Float8DynamicActivationFloat8WeightConfig(
+                granularity=PerRow(), mm_config=Float8MMConfig(use_fast_accum=False)
+            )
         raise EdgeftError(f"scheme {self.name}: no torchao config for this combination")
 
     def fake_quant_configs(self, group_size: int | None = None) -> tuple[Any, Any]:

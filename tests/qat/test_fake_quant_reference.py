@@ -86,3 +86,25 @@ def test_ste_is_the_identity_gradient():
     assert torch.equal(y, R.act_ref(x.detach(), R.ActQuant()))
     y.backward(g)
     assert torch.equal(x.grad, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_reference_equals_torchaos_convert_primitives(dtype):
+    """What fp8 convert stores (torchao's Float8Tensor scale and codes) dequantizes to our fake quant, bit for bit."""
+    from torchao.quantization.quant_primitives import (
+        _choose_scale_float8,
+        _dequantize_affine_float8,
+        _quantize_affine_float8,
+    )
+
+    torch.manual_seed(3)
+    w = torch.randn(96, 200, dtype=dtype) * 0.05
+    scale = _choose_scale_float8(w, [1, 200])
+    deq = _dequantize_affine_float8(_quantize_affine_float8(w, scale), scale, dtype)
+    assert torch.equal(deq, R.fp8_rows_ref(w))
+
+
+def test_fp8_convert_accumulates_exactly():
+    # cuBLAS fast accumulation would move the converted forward away from the trained fake quant
+    cfg = qat.resolve("fp8-fp8").linear_config()
+    assert cfg.mm_config.use_fast_accum is False
