@@ -140,3 +140,22 @@ def test_run_artifact_reports_counts(exported):
     assert got["generated_tokens"] <= 1 and got["prompt_tokens"] > 0
     assert got["decode_tokens"] == 0 and got["decode_tokens_per_s"] is None
     json.dumps({k: v for k, v in got.items()})  # plain data
+
+
+def test_run_gguf_prints_eager_greedy_text(eager, tmp_path, capsys):
+    """--gguf: the same command through llama.cpp; an f32 GGUF of the float model generates eager's tokens."""
+    pytest.importorskip("llama_cpp")
+    from edgeft.exporters import gguf
+
+    path = tmp_path / "model-f32.gguf"
+    gguf.export(resolve_model("tiny-llama"), path, quant="f32")
+    rt, tok = eager
+    ids = tok(PROMPT).input_ids  # llama.cpp adds BOS as the HF tokenizer does
+    ref = rt.generate(ids, 8, {tok.eos_token_id} if tok.eos_token_id is not None else set())
+    n = _utf8_prefix(tok, ref)
+    assert n >= 3
+    rc = main(["run", "--gguf", str(path), "--prompt", PROMPT, "--raw", "--max-new-tokens", str(n)])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert cap.out == tok.decode(ref[:n]) + "\n"
+    assert f"generated {n} tokens" in cap.err
