@@ -10,8 +10,8 @@ Metrics: perplexity on the packaged held-out text, exact-match accuracy on the `
 (``tasks.multiple_choice``), artifact size, and host generation speed. ``data=`` swaps in the user's own
 held-out text and task files (:func:`load_eval_data`).
 
-Multiple choice is scored by length-normalised log-likelihood, through nothing but the runtimes' full-sequence
-``logits``: the prompt is the chat-templated user turn exact match generates from, each choice's continuation is
+Multiple choice is scored by length-normalised log-likelihood from the runtimes' logits (each runtime's
+``continuation_logits`` runs the shared prompt once; it gives the rows of full-sequence ``logits``): the prompt is the chat-templated user turn exact match generates from, each choice's continuation is
 the choice's tokens followed by the end-of-turn token (a complete answer, so a choice that is a prefix of another
 is not favoured), and its score is the mean log-probability per continuation token (per token, not per byte as
 lm-eval-harness's ``acc_norm``: tokens are what the runtimes emit). The highest score is the model's answer. Runtimes: ``eager`` (PyTorch), ``pte``
@@ -116,15 +116,25 @@ def encode_choices(tokenizer: Any, messages: list[dict[str, str]], choices: list
     return ctx, conts
 
 
+def _token_logprobs(logits: torch.Tensor, cont: list[int]) -> torch.Tensor:
+    return torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(cont)[:, None])[:, 0]
+
+
 def continuation_logprobs(rt: Runtime, ctx: list[int], cont: list[int]) -> torch.Tensor:
     """log p(cont[i] | ctx + cont[:i]) for every continuation token, float64 [len(cont)], from one fresh pass."""
-    logits = rt.logits(ctx + cont)[len(ctx) - 1 : len(ctx) + len(cont) - 1].double()
-    return torch.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None])[:, 0]
+    return _token_logprobs(rt.logits(ctx + cont)[len(ctx) - 1 : len(ctx) + len(cont) - 1], cont)
 
 
 def choice_scores(rt: Runtime, ctx: list[int], conts: list[list[int]]) -> list[float]:
-    """Length-normalised log-likelihood of each continuation: mean log-probability per token."""
-    return [float(continuation_logprobs(rt, ctx, c).mean()) for c in conts]
+    """Length-normalised log-likelihood of each continuation: mean log-probability per token.
+
+    Through the runtime's ``continuation_logits`` (the prompt runs once) when it has one, else one full-sequence
+    ``logits`` pass per continuation; both give the same rows.
+    """
+    shared = getattr(rt, "continuation_logits", None)
+    if shared is None:
+        return [float(continuation_logprobs(rt, ctx, c).mean()) for c in conts]
+    return [float(_token_logprobs(rows, c).mean()) for rows, c in zip(shared(ctx, conts), conts)]
 
 
 def multiple_choice(rt: Runtime, tokenizer: Any, items: list[dict[str, Any]]) -> dict[str, Any]:

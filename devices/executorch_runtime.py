@@ -102,6 +102,24 @@ class PteRuntime:
         return self._prefill([int(t) for t in ids])
 
     @torch.no_grad()
+    def continuation_logits(self, prefix: list[int], continuations: list[list[int]]) -> list[torch.Tensor]:
+        """For each continuation, the logits predicting its tokens after ``prefix``: float32 [len(c), vocab].
+
+        The prefix runs once; every continuation then runs from position ``len(prefix)``, overwriting the cache
+        rows the one before wrote, and attention at ``p`` reads rows ``0..p`` only, so each sees prefix + itself.
+        """
+        prefix = [int(t) for t in prefix]
+        self._check_len(len(prefix) + max((len(c) for c in continuations), default=1) - 1)
+        last = self._prefill(prefix)[-1:]
+        res = []
+        for c in continuations:
+            rows, tail = [last], [int(t) for t in c[:-1]]
+            for start in range(0, len(tail), self._chunk):
+                rows.append(self._step(tail[start : start + self._chunk], len(prefix) + start))
+            res.append(torch.cat(rows, 0))
+        return res
+
+    @torch.no_grad()
     def generate(self, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
         """Greedy continuation (argmax at each step, stop token excluded), from a fresh context."""
         ids = [int(t) for t in ids]

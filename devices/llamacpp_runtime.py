@@ -78,6 +78,26 @@ class GgufRuntime:
         self._eval_fresh(ids)
         return torch.from_numpy(np.array(self._llm.scores[: len(ids)], dtype=np.float32, copy=True))
 
+    def continuation_logits(self, prefix: list[int], continuations: list[list[int]]) -> list[torch.Tensor]:
+        """For each continuation, the logits predicting its tokens after ``prefix``: float32 [len(c), vocab].
+
+        The prefix is evaluated once; each continuation goes after it with ``n_tokens`` set back to the prefix,
+        so llama.cpp drops the previous continuation's cache cells before decoding (``Llama.eval``).
+        """
+        n = len(prefix)
+        self._check_len(n + max((len(c) for c in continuations), default=1) - 1)
+        self._eval_fresh(prefix)
+        last = np.array(self._llm.scores[n - 1 : n], dtype=np.float32, copy=True)
+        res = []
+        for c in continuations:
+            rows = [last]
+            if len(c) > 1:
+                self._llm.n_tokens = n
+                self._llm.eval([int(t) for t in c[:-1]])
+                rows.append(np.array(self._llm.scores[n : n + len(c) - 1], dtype=np.float32, copy=True))
+            res.append(torch.from_numpy(np.concatenate(rows, 0)))
+        return res
+
     def generate(self, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
         """Greedy continuation (argmax at each step, stop token excluded)."""
         self._check_len(len(ids) + max_new_tokens)

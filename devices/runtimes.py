@@ -5,6 +5,10 @@ Every runtime answers the same two questions, so the evaluator never knows which
 - ``logits(ids)``: next-token logits at every position of ``ids`` from a fresh context, float32 [len, vocab];
 - ``generate(ids, max_new_tokens, stop_ids)``: greedy continuation token ids (stop token excluded).
 
+All three also give ``continuation_logits(prefix, continuations)``: for each continuation, the logits that predict
+its tokens after ``prefix`` (the rows ``logits(prefix + c)`` has at positions ``len(prefix) - 1 ..``), running the
+shared prefix once; multiple-choice scoring uses it when a runtime has it, and ``logits`` otherwise.
+
 ``eager`` runs the transformers model (float or torchao-quantized); ``pte`` runs an ExecuTorch program with
 ExecuTorch's runtime; ``gguf`` runs llama.cpp through llama-cpp-python. The latter two import their backend
 lazily.
@@ -47,6 +51,33 @@ class EagerRuntime:
     def logits(self, ids: list[int]) -> torch.Tensor:
         x = torch.tensor([ids], dtype=torch.long, device=self.model.device)
         return self.model(input_ids=x).logits[0].float().cpu()
+
+    @torch.no_grad()
+    def continuation_logits(self, prefix: list[int], continuations: list[list[int]]) -> list[torch.Tensor]:
+        """The prefix once into a KV cache; each continuation after it, the cache cropped back to the prefix."""
+        import inspect
+
+        dev = self.model.device
+        # transformers >= 5.2x names the cache argument and output ``cache`` (``past_key_values`` before)
+        key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        out = self.model(input_ids=torch.tensor([prefix], dtype=torch.long, device=dev), use_cache=True)
+        cache, last = getattr(out, key, None), out.logits[0, -1:].float().cpu()
+        res = []
+        try:
+            if cache is None:
+                raise ValueError("the model returned no cache")
+            for c in continuations:
+                rows = [last]
+                if len(c) > 1:
+                    x = torch.tensor([c[:-1]], dtype=torch.long, device=dev)
+                    rows.append(self.model(input_ids=x, use_cache=True, **{key: cache}).logits[0].float().cpu())
+                    cache.crop(-(len(c) - 1))  # a negative count removes that many tokens (every transformers)
+                    if cache.get_seq_length() != len(prefix):
+                        raise ValueError("the cache did not go back to the prefix")
+                res.append(torch.cat(rows, 0))
+        except (AttributeError, ValueError, NotImplementedError):  # a cache that cannot be cut back (sliding window)
+            return [self.logits(prefix + c)[len(prefix) - 1 : len(prefix) + len(c) - 1] for c in continuations]
+        return res
 
     @torch.no_grad()
     def generate(self, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:

@@ -71,7 +71,7 @@ def test_eager_scores_equal_a_hand_computation_with_the_hf_model(tiny):
     assert ctx == encode_prompt(tok, messages)
     for c, cont in zip(item["choices"], conts):
         assert cont[-1] == tok.eos_token_id and tok.decode(cont[:-1]) == c
-    got = ev.choice_scores(EagerRuntime(model), ctx, conts)
+    got = ev.choice_scores(EagerRuntime(model), ctx, conts)  # through the KV-cache path, prompt once
     want = []
     for cont in conts:
         with torch.no_grad():
@@ -79,6 +79,8 @@ def test_eager_scores_equal_a_hand_computation_with_the_hf_model(tiny):
         total = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
         want.append(total / len(cont))
     assert got == pytest.approx(want, abs=1e-6)
+    full = [float(ev.continuation_logprobs(EagerRuntime(model), ctx, c).mean()) for c in conts]
+    assert full == pytest.approx(want, abs=1e-9)
     res = ev.multiple_choice(EagerRuntime(model), tok, [item])
     assert res["samples"][0]["picked"] == max(range(4), key=want.__getitem__)
     assert res["mc_accuracy"] == float(res["samples"][0]["picked"] == item["label"])
@@ -166,8 +168,13 @@ def test_pte_and_gguf_mc_scores_agree_with_eager(tiny, tmp_path):
     for kind, path in (("pte", tmp_path / "pte" / "model.pte"), ("gguf", tmp_path / "model-f32.gguf")):
         rt = load_runtime(kind, path)
         try:
-            got = [ev.choice_scores(rt, ctx, conts) for ctx, conts in encoded]
+            got = [ev.choice_scores(rt, ctx, conts) for ctx, conts in encoded]  # prompt once, then each choice
             acc = ev.multiple_choice(rt, tok, items)["mc_accuracy"]
+            # the shared-prompt rows are the rows of one fresh full-sequence pass
+            ctx, conts = encoded[0]
+            for rows, c in zip(rt.continuation_logits(ctx, conts), conts):
+                full = rt.logits(ctx + c)[len(ctx) - 1 : len(ctx) + len(c) - 1]
+                assert rows.shape == full.shape and float((rows - full).abs().max()) < 1e-3 * float(full.abs().max()), kind
         finally:
             rt.close()
         for g, e in zip(got, eager):
