@@ -137,11 +137,17 @@ def choice_scores(rt: Runtime, ctx: list[int], conts: list[list[int]]) -> list[f
     return [float(_token_logprobs(rows, c).mean()) for rows, c in zip(shared(ctx, conts), conts)]
 
 
-def multiple_choice(rt: Runtime, tokenizer: Any, items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy of the argmax of :func:`choice_scores` against each item's ``label`` (first on ties)."""
+def multiple_choice(
+    rt: Runtime, tokenizer: Any, items: list[dict[str, Any]], encoded: list[tuple[list[int], list[list[int]]]] | None = None
+) -> dict[str, Any]:
+    """Accuracy of the argmax of :func:`choice_scores` against each item's ``label`` (first on ties).
+
+    ``encoded``: the items' :func:`encode_choices` when already computed (the same for every runtime).
+    """
+    if encoded is None:
+        encoded = [encode_choices(tokenizer, _prompt_messages(it), it["choices"]) for it in items]
     correct, samples = 0, []
-    for it in items:
-        ctx, conts = encode_choices(tokenizer, _prompt_messages(it), it["choices"])
+    for it, (ctx, conts) in zip(items, encoded):
         scores = choice_scores(rt, ctx, conts)
         pick = max(range(len(scores)), key=scores.__getitem__)
         correct += pick == it["label"]
@@ -342,6 +348,8 @@ def evaluate_run(
     """
     from transformers import AutoTokenizer
 
+    from edgeft.data import encode_prompt
+
     if not isinstance(data, EvalData):
         data = load_eval_data(data, limit)
     for r in runtimes:
@@ -363,7 +371,11 @@ def evaluate_run(
     if not chunks:
         raise EdgeftError(f"held-out text ({data.sources.get('heldout')}) is shorter than 2 tokens")
     rows = data.tasks
-    max_seq_len = max(ppl_chunk, 256)
+    mc_encoded = [encode_choices(tokenizer, _prompt_messages(it), it["choices"]) for it in data.mc]
+    # the longest sequence a runtime must hold: a prompt and its generation, or a prompt and its longest choice
+    longest = max([len(encode_prompt(tokenizer, _prompt_messages(r))) + max_new_tokens for r in rows]
+                  + [len(ctx) + max(map(len, conts)) for ctx, conts in mc_encoded] + [ppl_chunk])
+    max_seq_len = max(256, longest)
 
     results: list[dict[str, Any]] = []
     bar = None
@@ -376,12 +388,12 @@ def evaluate_run(
             if bar is not None:
                 bar.set_postfix_str(f"{variant}/{kind}")
             artifact = None if kind == "eager" else _artifact(kind, src, art_dir, max_seq_len)
-            rt = load_runtime(kind, artifact or src)
+            rt = load_runtime(kind, artifact or src, **({"n_ctx": longest} if kind == "gguf" and longest > 1024 else {}))
             try:
                 t0 = time.perf_counter()
                 ppl = perplexity(rt, chunks)
                 em = exact_match(rt, tokenizer, rows, max_new_tokens)
-                mc = multiple_choice(rt, tokenizer, data.mc)
+                mc = multiple_choice(rt, tokenizer, data.mc, mc_encoded)
             finally:
                 rt.close()
             results.append(
