@@ -161,12 +161,12 @@ def write_converted(model: nn.Module, tokenizer: Any, record: dict[str, Any], ou
     cannot save a torchao-loaded model), with a ``quantization_config`` in config.json so that
     ``from_pretrained`` rebuilds the same tensors.
     """
-    from safetensors.torch import save_file
-    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
-
-    if record.get("plan") is None:  # an unquantized model (a run without QAT): plain safetensors
+    if record.get("plan") is None:  # an unquantized model (a run without QAT): plain safetensors, no torchao needed
         model.save_pretrained(out_dir)
     else:
+        from safetensors.torch import save_file
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
         sd = dict(model.state_dict())
         if getattr(model.config, "tie_word_embeddings", False):
             head = _output_name(model)
