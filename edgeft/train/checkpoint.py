@@ -67,7 +67,9 @@ def rng_state() -> dict[str, Any]:
     st = np.random.get_state()
     out: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": [st[0], torch.from_numpy(st[1].copy()), int(st[2]), int(st[3]), float(st[4])],
+        # int64, not numpy's uint32: torchrun gathers these states with all_gather_object, whose pickling of a
+        # uint32 tensor does not load back ("UntypedStorage has no attribute dtype")
+        "numpy": [st[0], torch.from_numpy(st[1].astype(np.int64)), int(st[2]), int(st[3]), float(st[4])],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -81,7 +83,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy(), n[2], n[3], n[4]))
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
