@@ -192,7 +192,7 @@ def _render(prompt: str, template_owner: Any, chat: bool | None, where: str) -> 
 
 
 class _Stream:
-    """Counts and times pieces, holds back a special token until a later piece shows it was not the last."""
+    """Counts and times pieces; holds back a special token until a later piece shows it was not the end."""
 
     def __init__(self, specials: set[str], on_text: Callable[[str], None] | None) -> None:
         self.specials = specials
@@ -277,6 +277,13 @@ def _run_pte(
                     "threads": pool, "engine": "TextLLMRunner, then ExecuTorch token loop (non-UTF-8 token)", **loop}
         except RuntimeError as e:
             raise EdgeftError(f"ExecuTorch's runner failed on {pte.name}: {e} (--verbose shows its log)") from None
+    # a held special token was the end of sequence when it is the EOS or the runner stopped short of the limit
+    stopped = "length"
+    if stream.held is not None:
+        if stream.held == hf.eos_token or len(stream.times) < max_new_tokens:
+            stopped = "eos"
+        else:
+            stream._emit(stream.held)
     n_prompt = int(stats.get("prompt_tokens", 0))
     n_decode = int(stats.get("generated_tokens", max(len(stream.times) - 1, 0)))  # decode-loop tokens
     ms = {k: stats.get(k) for k in ("inference_start_ms", "prompt_eval_end_ms", "first_token_ms", "inference_end_ms")}
@@ -298,7 +305,7 @@ def _run_pte(
         "num_bos": num_bos,
         "prompt_tokens": n_prompt,
         "generated_tokens": len(stream.pieces),
-        "stopped": "eos" if stream.held is not None else "length",
+        "stopped": stopped,
         "ttft_s": ttft_s,
         "prefill_tokens_per_s": _rate(n_prompt, prefill_s),
         "decode_tokens": n_decode,
