@@ -82,7 +82,8 @@ def _runner_output(verbose: bool) -> Iterator[None]:
     The file descriptors 1 and 2 go to /dev/null (``verbose``: fd 1 to stderr, so the runner's own echo and
     report land next to its logs), while ``sys.stdout``, if it writes to fd 1, is pointed at a duplicate of the
     original for the duration (the streamed text); ``sys.stderr`` likewise when ``verbose``, else to /dev/null
-    (ExecuTorch's pybindings log through it). Captured streams (pytest's capsys) are left alone.
+    (ExecuTorch's pybindings log through it, also when it is captured). A captured ``sys.stdout`` (pytest's
+    capsys) is left alone.
     """
     sys.stdout.flush()
     sys.stderr.flush()
@@ -96,7 +97,7 @@ def _runner_output(verbose: bool) -> Iterator[None]:
                 real = stream.fileno() in (1, 2)
             except (AttributeError, OSError, ValueError):
                 real = False
-            if real:
+            if real or (name == "stderr" and not verbose):
                 # ExecuTorch's pybindings log through Python's sys.stderr: quiet unless verbose
                 enc = getattr(stream, "encoding", None) or "utf-8"
                 w = open(os.dup(fd), "w", encoding=enc, errors="replace", closefd=True)  # noqa: SIM115
