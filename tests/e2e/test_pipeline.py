@@ -63,6 +63,10 @@ def test_eval_compares_bf16_ptq_qat_on_every_runtime(run, capsys):
         assert math.isfinite(eager)
         # the .pte runs the same quantized model: its perplexity must agree with eager's closely
         assert by[(v, "pte")]["perplexity"] == pytest.approx(eager, rel=0.02), v
+        # and so must its multiple-choice scores (mean log-probability per answer token), question by question
+        for rt in ("pte", "gguf"):
+            for got, want in zip(by[(v, rt)]["mc_samples"], by[(v, "eager")]["mc_samples"]):
+                assert got["scores"] == pytest.approx(want["scores"], abs=0.05), (v, rt)
     assert (run / "eval" / "report.md").read_text().count("|") > 20
     assert (run / "eval" / "metrics.png").stat().st_size > 0
 
