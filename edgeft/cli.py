@@ -285,7 +285,9 @@ def _run(args: argparse.Namespace) -> int:
           f"{r['generated_tokens']} tokens ({'end of sequence' if r['stopped'] == 'eos' else 'length limit'}); "
           f"time to first token {num(r['ttft_s'] and r['ttft_s'] * 1000, '.0f')} ms; prefill "
           f"{num(r['prefill_tokens_per_s'], '.1f')} tokens/s; decode {num(r['decode_tokens_per_s'], '.1f')} tokens/s "
-          f"({r['timing_source']}, {r['threads']} threads)", file=sys.stderr)
+          f"({r['timing_source']}, {r['threads']} threads)"
+          + ("; finished by a token loop on the same program: the runner's binding cannot pass a partial UTF-8 "
+             "character" if r.get("engine", "").startswith("TextLLMRunner, then") else ""), file=sys.stderr)
     return 0
 
 
