@@ -76,6 +76,9 @@ class TrainConfig:
     dtype: str | None = None  # "fp32" | "bf16"; None: bf16 on CUDA, fp32 on CPU
     device: str | None = None  # None: cuda if available else cpu
     kernels: str = "auto"  # "auto" | "on" | "off": fused Triton kernels (on GPU by default)
+    # under torchrun: "ddp" (a replica per GPU), "fsdp" (FSDP2: weights, gradients and optimizer state sharded
+    # over the GPUs) or "auto" (FSDP2 when DDP's estimated footprint exceeds half a GPU; see train/fsdp.py)
+    distributed: str = "auto"
     seed: int = 42
     # checkpoints and logging
     save_steps: int = 0  # checkpoint every N steps and at the end; 0: no checkpoints
@@ -183,6 +186,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise EdgeftError(f"schedule must be one of {', '.join(_SCHEDULES)}, not {cfg.schedule!r}")
     if cfg.kernels not in ("auto", "on", "off"):
         raise EdgeftError(f"kernels must be auto, on or off, not {cfg.kernels!r}")
+    if cfg.distributed not in ("auto", "ddp", "fsdp"):
+        raise EdgeftError(f"distributed must be auto, ddp or fsdp, not {cfg.distributed!r}")
+    if cfg.distributed == "fsdp":
+        from edgeft.train.fsdp import check_supported
+
+        check_supported(cfg)
     for name in ("max_steps", "batch_size", "grad_accum", "max_seq_length"):
         if getattr(cfg, name) < 1:
             raise EdgeftError(f"{name} must be at least 1")

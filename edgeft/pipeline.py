@@ -217,16 +217,27 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     if cfg.resume and _variant_done(root):
         log.info("%s: already complete in %s", label, root)
         return
+    strategy = None
+    if dist is not None:
+        from .train import fsdp
+
+        strategy = fsdp.choose(cfg, model_dir, dist.world, device)
+        if is_main:
+            log.info("%s: %d processes, %s", label, dist.world, "FSDP2" if strategy == "fsdp" else "DDP")
     torch.manual_seed(cfg.seed)
-    model, prep = prepare_model(cfg, model_dir, qat=qat_during_training, device=device)
+    # FSDP: every process loads on the CPU; sharding moves each one's shards to its GPU
+    model, prep = prepare_model(cfg, model_dir, qat=qat_during_training, device=device,
+                                load_device="cpu" if strategy == "fsdp" else None)
     _set_generation_eos(model, tokenizer)
     plan = qatlib.resolve(cfg.qat, cfg.qat_group_size) if cfg.qat else None
     ckpt = None
     if cfg.save_steps > 0:
         fingerprint = {**identity(cfg), "variant": "qat" if qat_during_training else "float", "processes":
                        dist.world if dist else 1}
+        if strategy == "fsdp":  # its optimizer.pt is keyed by parameter name
+            fingerprint["distributed"] = "fsdp"
         fingerprint = json.loads(json.dumps(fingerprint))  # the form it takes in state.json
-        save_adapter = (lambda d: _save_adapter(model, d)) if cfg.mode == "lora" else None
+        save_adapter = (lambda d, sd=None: _save_adapter(model, d, sd)) if cfg.mode == "lora" else None
         ckpt = CheckpointManager(root / "checkpoints", cfg.save_total_limit, fingerprint, save_adapter)
     summary = train_loop(
         model,
@@ -263,7 +274,14 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         log_dir=root,
         run_config=cfg.to_dict(),
         dist=dist,
+        strategy=strategy or "ddp",
     )
+    if strategy == "fsdp":
+        from .train.fsdp import full_trainable_state
+
+        tensors = full_trainable_state(model)  # a collective: every rank gathers, rank 0 receives
+        model = ckpt = None  # frees the shards before rank 0 rebuilds the whole model
+        model = _unsharded(cfg, model_dir, tensors, tokenizer, qat_during_training, device, is_main)
     if not is_main:
         barrier(dist)
         return
@@ -300,6 +318,37 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         model, _ = load_trained(root)
     convert_model(model, tokenizer, plan, root / "converted")
     barrier(dist)
+
+
+def _unsharded(cfg: TrainConfig, model_dir: Path, tensors: dict, tokenizer, qat_during_training: bool, device: str,
+               is_main: bool):
+    """After FSDP training: rank 0 rebuilds the model unsharded (on its GPU when it fits, else on the CPU) and loads
+    the trained tensors gathered from every rank, so model/ and converted/ are written as for one process."""
+    import gc
+
+    import torch
+
+    from .train import fsdp, prepare_model
+    from .train.checkpoint import load_trainable
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    if not is_main:
+        return None
+    load_device = "cpu"
+    n = fsdp._checkpoint_params(model_dir)
+    if device.startswith("cuda") and n is not None:
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        if n * (2 if cfg.dtype == "bf16" else 4) < 0.8 * free:
+            load_device = device
+    if load_device == "cpu" and cfg.qat and qat_during_training and device.startswith("cuda"):
+        log.warning("the trained model does not fit one GPU: QAT convert runs on the CPU, whose rounding of a "
+                    "tie can differ from the GPU's fake quantization in rare weights")
+    model, _ = prepare_model(cfg, model_dir, qat=qat_during_training, device=device, load_device=load_device)
+    load_trainable(model, tensors, "the weights gathered from the FSDP shards")
+    _set_generation_eos(model, tokenizer)
+    return model
 
 
 def _set_generation_eos(model, tokenizer) -> None:

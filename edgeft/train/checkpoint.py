@@ -13,6 +13,11 @@ an interrupted write are hidden dot-directories that the next start removes. Con
 - ``state.json`` (written last): step, data-sampler position, best eval loss and patience, the config fingerprint and
   the trainable tensors' shapes, checked before anything is loaded.
 
+Under FSDP2 (fsdp.py) the loop gathers the trainable tensors and the optimizer state (keyed by parameter name, not
+position) on rank 0 and passes them to :meth:`CheckpointManager.save`; :meth:`CheckpointManager.load` hands them to
+the sharded model on every rank. The files are the same, so a checkpoint's tensors and adapter do not depend on
+how many processes wrote them (its optimizer state does: the fingerprint records the strategy).
+
 ``save_total_limit`` keeps the newest K checkpoints and never deletes the best one (lowest eval loss).
 """
 
@@ -132,18 +137,24 @@ class CheckpointManager:
         return self.dir / f"step-{step}"
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             state: dict[str, Any], rng_states: list[dict[str, Any]]) -> Path:
+             state: dict[str, Any], rng_states: list[dict[str, Any]], tensors: dict[str, torch.Tensor] | None = None,
+             optimizer_state: dict[str, Any] | None = None) -> Path:
+        """Write ``step-N``; ``tensors``/``optimizer_state``: gathered ones for a sharded model (FSDP)."""
         from safetensors.torch import save_file
 
         dest = self.path(step)
-        tensors = trainable_state(model)
+        sharded = tensors is not None
+        tensors = trainable_state(model) if tensors is None else tensors
         with atomic_dir(dest) as tmp:
             save_file(tensors, str(tmp / "trainable.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             torch.save(rng_states, tmp / "rng.pt")
             if self.save_adapter is not None:
-                self.save_adapter(tmp / "adapter")
+                if sharded:
+                    self.save_adapter(tmp / "adapter", tensors)
+                else:
+                    self.save_adapter(tmp / "adapter")
             meta = dict(state, step=step, fingerprint=self.fingerprint,
                         shapes={n: list(t.shape) for n, t in tensors.items()})
             (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -168,13 +179,22 @@ class CheckpointManager:
         return state
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             rank: int = 0) -> dict[str, Any]:
-        """Restore model tensors, optimizer, scheduler and this rank's RNG from ``path``; returns its state."""
+             rank: int = 0, sharded: Any = None) -> dict[str, Any]:
+        """Restore model tensors, optimizer, scheduler and this rank's RNG from ``path``; returns its state.
+
+        ``sharded``: the model's :class:`~edgeft.train.fsdp.Sharded` (FSDP); every rank loads the full tensors.
+        """
         from safetensors.torch import load_file
 
         state = self.read_state(path)
-        load_trainable(model, load_file(str(path / "trainable.safetensors")), str(path))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        tensors = load_file(str(path / "trainable.safetensors"))
+        optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        if sharded is not None:
+            sharded.load(tensors, str(path))
+            sharded.load_optimizer(optimizer, optim_state)
+        else:
+            load_trainable(model, tensors, str(path))
+            optimizer.load_state_dict(optim_state)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rngs = torch.load(path / "rng.pt", weights_only=True)
         if rank >= len(rngs):

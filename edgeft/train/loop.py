@@ -7,6 +7,10 @@ equals one batch k times larger (the common mistake is averaging per micro-batch
 Resuming is exact: the data order of epoch e is a pure function of (seed, e), so the sampler's position is two
 integers; together with the model's trainable tensors, optimizer and scheduler states and RNG states (see
 checkpoint.py) a run killed at any point continues with the same losses it would have had.
+
+Several processes (torchrun): DDP by default, or FSDP2 (``strategy="fsdp"``, see fsdp.py): the model is sharded
+inside :class:`LossModule`, every forward goes through it (evaluation too, the same number of batches on every
+rank, since each forward gathers weights from all ranks) and checkpoints gather the trainable tensors on rank 0.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from edgeft.fsutil import write_text
 
 from .checkpoint import CheckpointManager, load_trainable, rng_state, trainable_state
 from .distributed import DistInfo, all_reduce_sum, gather_objects
+from .fsdp import clip_grad_norm
 from .optim import build_optimizer, build_scheduler, warmup_steps_for
 from .report import Reporter
 
@@ -106,7 +111,7 @@ def backward_window(model: nn.Module, window: list[dict[str, torch.Tensor]], dev
     total = 0.0
     for i, b in enumerate(window):
         b = {k: v.to(device) for k, v in b.items()}
-        sync = ddp is None or i == len(window) - 1
+        sync = ddp is None or i == len(window) - 1 or not hasattr(ddp, "no_sync")  # FSDP: reduce-scatter each
         with contextlib.nullcontext() if sync else ddp.no_sync():
             loss_sum = ddp(**b) if ddp is not None else lm_loss_sum(model, b)[0]
             (loss_sum * scale).backward()
@@ -169,18 +174,30 @@ def _metrics_rows(path: Path) -> list[dict]:
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, batcher: Batcher, batch_size: int, device: str = "cpu",
-                  dist: DistInfo | None = None) -> float:
-    """Mean loss per target token over every eval unit (sharded over processes)."""
+                  dist: DistInfo | None = None, sharded_root: nn.Module | None = None) -> float:
+    """Mean loss per target token over every eval unit (sharded over processes).
+
+    ``sharded_root``: the FSDP-sharded :class:`LossModule` around ``model``; every rank then runs the same number
+    of forwards (a rank out of units repeats one and discards it), since each forward is a collective.
+    """
     was_training = model.training
     model.eval()
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
     units = list(range(len(batcher)))[rank::world]
+    n_batches = -(-len(units) // batch_size)
+    if sharded_root is not None:
+        n_batches = -(-(-(-len(batcher) // world)) // batch_size)  # rank 0's count: the most units
     loss = count = 0.0
-    for i in range(0, len(units), batch_size):
-        b = {k: v.to(device) for k, v in batcher.collate(units[i : i + batch_size]).items()}
-        s, n = lm_loss_sum(model, b)
-        loss += float(s)
-        count += float(n)
+    for i in range(n_batches):
+        chunk = units[i * batch_size : (i + 1) * batch_size]
+        b = {k: v.to(device) for k, v in batcher.collate(chunk or [0]).items()}
+        if sharded_root is not None:
+            s, n = sharded_root(**b), _targets(b)
+        else:
+            s, n = lm_loss_sum(model, b)
+        if chunk:
+            loss += float(s)
+            count += float(n)
     loss, count = all_reduce_sum([loss, count], dist, device)
     if was_training:
         model.train()
@@ -224,17 +241,26 @@ def train_loop(
     run_config: dict | None = None,
     dist: DistInfo | None = None,
     on_log: Callable[[dict], None] | None = None,
+    strategy: str = "ddp",
 ) -> dict[str, Any]:
     """Train ``model`` in place for up to ``max_steps`` optimizer steps; returns a summary.
 
     One line per optimizer step goes to ``metrics_path`` (JSONL: step, loss, lr, grad norm, target tokens,
     tokens/s, and eval_loss on evaluation steps). With ``checkpoints`` a checkpoint is written every ``save_steps``
-    steps, at every new best eval loss and at the end; ``resume`` continues from the newest one.
+    steps, at every new best eval loss and at the end; ``resume`` continues from the newest one. With ``dist``,
+    ``strategy`` is "ddp" or "fsdp" (the model is sharded in place: rank 0 then gets the trained tensors from
+    :func:`edgeft.train.fsdp.full_trainable_state`, a collective).
     """
     if not any(p.requires_grad for p in model.parameters()):
         raise EdgeftError("the model has no trainable parameters")
     is_main = dist is None or dist.is_main
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
+    sharded = root = None
+    if dist is not None and strategy == "fsdp":
+        from .fsdp import Sharded
+
+        root = LossModule(model)
+        sharded = Sharded(root, model, device, rank)  # before the optimizer: it must hold the sharded parameters
     opt = build_optimizer(model, lr, weight_decay, optim, embedding_lr)
     sched = build_scheduler(opt, max_steps, warmup_steps_for(max_steps, warmup_ratio, warmup_steps), schedule)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -249,11 +275,20 @@ def train_loop(
     if checkpoints is not None and is_main:
         checkpoints.clean_partial()
     latest = checkpoints.latest() if (checkpoints is not None and resume) else None
+    def snapshot() -> dict[str, torch.Tensor]:
+        return sharded.local_state() if sharded is not None else trainable_state(model)
+
+    def restore(tensors: dict[str, torch.Tensor], where: str) -> None:
+        if sharded is not None:
+            sharded.load(tensors, where)
+        else:
+            load_trainable(model, tensors, where)
+
     if latest is not None:
-        state.update(checkpoints.load(latest, model, opt, sched, rank))
+        state.update(checkpoints.load(latest, model, opt, sched, rank, sharded=sharded))
         sampler.load_state_dict(state["sampler"])
         if state["best_step"] is not None and evaluating:
-            best_weights = (trainable_state(model) if state["best_step"] == state["step"]
+            best_weights = (snapshot() if state["best_step"] == state["step"]
                             else checkpoints.load_tensors(state["best_step"]))
             if best_weights is None:
                 raise EdgeftError(f"the best checkpoint step-{state['best_step']} is missing from {checkpoints.dir}")
@@ -264,8 +299,8 @@ def train_loop(
         kept = [r for r in _metrics_rows(metrics_path) if r.get("step", 0) <= start] if start else []
         write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))  # drop steps past the resume point
         metrics_f = open(metrics_path, "a")  # noqa: SIM115 - closed below
-    ddp = None
-    if dist is not None:
+    ddp = root
+    if dist is not None and sharded is None:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(LossModule(model), device_ids=[torch.device(device).index]
@@ -285,8 +320,11 @@ def train_loop(
             return
         st = dict(state, sampler=sampler.state_dict())
         rngs = gather_objects(rng_state(), dist)
+        gathered = {}
+        if sharded is not None:  # collectives: every rank gathers, rank 0 receives
+            gathered = {"tensors": sharded.full_trainable_state(), "optimizer_state": sharded.optimizer_state(opt)}
         if is_main:
-            checkpoints.save(step, model, opt, sched, st, rngs)
+            checkpoints.save(step, model, opt, sched, st, rngs, **gathered)
         if dist is not None:
             import torch.distributed as tdist
 
@@ -312,7 +350,7 @@ def train_loop(
                     f"loss became {loss} at step {step + 1}; lower the learning rate or raise warmup "
                     "(with fp16 weights, use bf16 or fp32: fp16 overflows)"
                 )
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+            grad_norm = clip_grad_norm(params, max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             cur_lr = sched.get_last_lr()[0]
@@ -328,11 +366,11 @@ def train_loop(
             }
             improved = False
             if evaluating and ((step + 1) % eval_steps == 0 or step + 1 == max_steps):
-                ev = evaluate_loss(model, eval_batcher, batch_size, device, dist)
+                ev = evaluate_loss(model, eval_batcher, batch_size, device, dist, sharded_root=root)
                 row["eval_loss"] = ev
                 if state["best_eval"] is None or ev < state["best_eval"] - early_stopping_threshold:
                     state.update(best_eval=ev, best_step=step + 1, bad_evals=0)
-                    best_weights = trainable_state(model) if load_best else None
+                    best_weights = snapshot() if load_best else None
                     improved = True
                 else:
                     state["bad_evals"] += 1
@@ -355,7 +393,7 @@ def train_loop(
         if metrics_f:
             metrics_f.close()
     if evaluating and load_best and best_weights is not None and state["best_step"] != state["step"]:
-        load_trainable(model, best_weights, f"best weights (step {state['best_step']})")
+        restore(best_weights, f"best weights (step {state['best_step']})")
         reporter.message(f"restored the best weights: step {state['best_step']}, eval loss {state['best_eval']:.4f}")
     model.eval()
     return {
@@ -370,4 +408,5 @@ def train_loop(
         "units": len(batcher),  # examples, or packed rows
         "packing_efficiency": batcher.efficiency if batching == "packed" else None,
         "seconds": time.perf_counter() - t_start,
+        "distributed": strategy if dist is not None else None,
     }

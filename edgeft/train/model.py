@@ -107,11 +107,12 @@ def apply_lora(cfg: Any, model: nn.Module) -> nn.Module:
         raise EdgeftError(f"LoRA: {str(e).splitlines()[0][:240]}") from None
 
 
-def save_adapter(model: nn.Module, dest: str | Path) -> None:
+def save_adapter(model: nn.Module, dest: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """PEFT ``save_pretrained`` of a LoRA model, also while QAT-prepared.
 
     QAT replaces each PEFT LoRA layer by a merged fake-quant module that keeps the original as ``_peft_module``
     (sharing its tensors); peft only recognises its own layer types, so they are swapped back for the save.
+    ``state_dict``: the trainable tensors by parameter name, for a model whose own are sharded (FSDP).
     """
     swapped = []
     for name, mod in list(model.named_modules()):
@@ -122,7 +123,10 @@ def save_adapter(model: nn.Module, dest: str | Path) -> None:
             setattr(parent, child, orig)
             swapped.append((parent, child, mod))
     try:
-        model.save_pretrained(str(dest))
+        if state_dict is None:
+            model.save_pretrained(str(dest))
+        else:
+            model.save_pretrained(str(dest), state_dict=state_dict)
     finally:
         for parent, child, mod in reversed(swapped):
             setattr(parent, child, mod)
@@ -138,15 +142,19 @@ def apply_kernels(model: nn.Module, required: bool) -> list[str]:
     return patch(model)
 
 
-def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str | None = None) \
-        -> tuple[nn.Module, dict[str, Any]]:
-    """The trainable model for a resolved config: returns (model, what was done, for edgeft.json)."""
+def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str | None = None,
+                  load_device: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The trainable model for a resolved config: returns (model, what was done, for edgeft.json).
+
+    ``device`` is where training runs (it decides ``kernels: auto``); ``load_device`` where the weights are put,
+    if elsewhere: FSDP loads on the CPU and sharding moves each process's shards to its GPU.
+    """
     from edgeft import qat as qatlib
 
     device = device or cfg.device
     quantized = cfg.load_in_4bit or cfg.load_in_8bit
     plan = qatlib.resolve(cfg.qat, cfg.qat_group_size) if (cfg.qat and qat) else None
-    model = load_base(cfg, model_dir, device)
+    model = load_base(cfg, model_dir, load_device or device)
     if cfg.mode == "lora":
         if quantized:
             from peft import prepare_model_for_kbit_training

@@ -1,0 +1,210 @@
+"""FSDP2 for models whose training state does not fit one GPU: ``--distributed fsdp`` under torchrun.
+
+Each process loads the model on the CPU (so no GPU ever holds a full copy), LoRA/kernels/QAT are applied exactly
+as for one process, then ``torch.distributed.fsdp.fully_shard`` shards every decoder layer and finally the root:
+the :class:`~edgeft.train.loop.LossModule` around the model, so that the root's parameters (embeddings, final norm,
+head) are gathered for the fused-loss path too, which calls the decoder stack and the head directly. Sharding moves
+each layer's shard to this process's GPU; a layer's full weights exist only while it runs (forward, backward).
+
+- Mixed precision: with ``--dtype bf16`` the policy all-gathers and computes in the run's dtype and reduce-scatters
+  gradients in fp32. The sharded weights keep the dtype one process trains in (bf16 base/full weights, fp32 LoRA
+  adapters as peft creates them), so FSDP computes what one GPU computes: full fine-tuning uses
+  ``param_dtype=bf16``; with LoRA the frozen base is already bf16 and ``param_dtype`` stays unset so the adapters
+  (and the merged weight QAT fake-quantizes, and convert later writes) are not rounded to bf16.
+- Loss: FSDP averages gradients over processes like DDP, so the loop's window normalisation is the same (loop.py).
+- Gradient clipping: ``torch.nn.utils.clip_grad_norm_`` over the DTensor gradients (the norm is reduced over the
+  shards); the returned DTensor norm is made a float with ``full_tensor()``.
+- Checkpoints: ``get_model_state_dict(..., StateDictOptions(full_state_dict=True, cpu_offload=True))`` gathers the
+  trainable tensors on rank 0 (the frozen base is not gathered, as for one process: resume rebuilds it), and
+  ``get_optimizer_state_dict`` the optimizer state keyed by parameter name; ``--resume`` loads both back with the
+  ``set_*`` counterparts on every rank. The model saved after training is rebuilt unsharded on rank 0 from those
+  full tensors (pipeline.py), so model/, converted/ and the exports are written as for one process.
+- Kernels and QAT compose: the patched forwards and fake-quant modules only read ``module.weight`` inside forward,
+  where FSDP has swapped in the gathered parameter; their caches are keyed on (optimizer step, version, address)
+  and so miss after every optimizer step. bitsandbytes (4-/8-bit bases, 8-bit and paged optimizers) does not
+  shard: one clear error at start.
+
+``auto`` (the default): DDP unless the estimated per-GPU DDP footprint (weights, gradients and DDP's gradient
+buckets, AdamW's two moments, from the checkpoint's tensor shapes) exceeds half a GPU's memory, leaving the rest
+for activations; CPU (gloo) runs use DDP.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeft.errors import EdgeftError
+
+log = logging.getLogger("edgeft")
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+AUTO_FSDP_SHARE = 0.5  # auto: FSDP when the DDP estimate exceeds this share of one GPU's memory
+
+
+def check_supported(cfg: Any) -> None:
+    """One clear error line for what FSDP2 cannot shard (before any model work)."""
+    if cfg.load_in_4bit or cfg.load_in_8bit:
+        raise EdgeftError("--distributed fsdp cannot shard a bitsandbytes 4-/8-bit base (its packed weights are "
+                          "not plain tensors); use --distributed ddp: a quantized base usually fits one GPU")
+    if cfg.optim in ("adamw_8bit", "paged_adamw", "paged_adamw_8bit"):
+        raise EdgeftError(f"--distributed fsdp cannot use --optim {cfg.optim}: bitsandbytes' optimizers do not "
+                          "update sharded (DTensor) parameters; use adamw or sgd")
+
+
+def _checkpoint_params(model_dir: Path) -> int | None:
+    """Parameter count from the safetensors headers (no tensor is read); None when there are none."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    n = 0
+    for f in files:
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shape = st.get_slice(k).get_shape()
+                n += int(torch.Size(shape).numel())
+    return n
+
+
+def ddp_bytes_estimate(n_params: int, cfg: Any) -> int:
+    """What DDP keeps per GPU besides activations: weights, and for trained weights their gradient, DDP's bucket
+    copy of it and AdamW's two moments (all in the weights' dtype); LoRA adapters are negligible."""
+    elem = 2 if cfg.dtype == "bf16" else 4
+    trained = n_params if cfg.mode == "full" else 0
+    return n_params * elem + trained * elem * 4
+
+
+def choose(cfg: Any, model_dir: Path, world: int, device: str) -> str:
+    """The strategy of this run: "ddp" or "fsdp" (see the module docstring for ``auto``)."""
+    want = getattr(cfg, "distributed", "auto") or "auto"
+    if want == "fsdp":
+        check_supported(cfg)
+        return "fsdp"
+    if want == "ddp" or world <= 1 or not device.startswith("cuda") or cfg.load_in_4bit or cfg.load_in_8bit \
+            or cfg.optim != "adamw" and cfg.optim != "sgd":
+        return "ddp"
+    n = _checkpoint_params(model_dir)
+    if n is None:
+        return "ddp"
+    need = ddp_bytes_estimate(n, cfg)
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    strategy = "fsdp" if need > AUTO_FSDP_SHARE * total else "ddp"
+    log.info("--distributed auto: %s (%.1f GiB of weights/gradients/optimizer per GPU under DDP, GPU %.0f GiB)",
+             strategy, need / 2**30, total / 2**30)
+    return strategy
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: transformers' ``_no_split_modules`` classes (the decoder layers)."""
+    from .loop import _inner_model
+
+    inner = _inner_model(model)
+    names = set(getattr(inner, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        stack = getattr(getattr(inner, "model", None), "layers", None)
+        layers = list(stack) if isinstance(stack, nn.ModuleList) else []
+    if not layers:
+        raise EdgeftError(f"--distributed fsdp: no decoder layers found in {type(inner).__name__} to shard")
+    return layers
+
+
+class Sharded:
+    """A model sharded with FSDP2 inside its loss wrapper, and the collective state-dict operations on it.
+
+    Every method that gathers or scatters is a collective: all ranks call it, in the same order.
+    """
+
+    def __init__(self, wrapper: nn.Module, model: nn.Module, device: str, rank: int) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.wrapper, self.model, self.rank = wrapper, model, rank
+        world = torch.distributed.get_world_size()
+        self.mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (world,))
+        trained = [p for p in model.parameters() if p.requires_grad]
+        bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+        full = all(p.requires_grad for p in model.parameters())
+        # see the module docstring: compute in what one process computes in, reduce in fp32
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if (bf16 and full) else None,
+                                  reduce_dtype=torch.float32 if bf16 else None)
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=self.mesh, mp_policy=mp)
+        fully_shard(wrapper, mesh=self.mesh, mp_policy=mp)
+        self.trained_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if len(self.trained_names) != len(trained):
+            raise EdgeftError("--distributed fsdp: sharding changed the trainable parameters")
+        self._opts = None
+
+    def _options(self, **kw: Any):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(**kw)
+
+    # -- model tensors -------------------------------------------------------------------------------------------
+    def full_trainable_state(self) -> dict[str, torch.Tensor]:
+        return full_trainable_state(self.model)
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """This rank's shards of the trainable parameters (copies): the in-memory best weights."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Load full tensors (every rank passes the same) or :meth:`local_state` shards into the model."""
+        from torch.distributed.tensor import DTensor
+
+        live = dict(self.model.named_parameters())
+        missing = sorted(set(self.trained_names) - set(tensors))
+        unknown = sorted(n for n in tensors if n not in live and "fake_quantizer" not in n)
+        if missing or unknown:
+            raise EdgeftError(f"{where} does not match this model: missing {missing[:3]}, unexpected {unknown[:3]} "
+                              "(resume with the configuration the run was started with)")
+        if tensors and all(isinstance(t, DTensor) for t in tensors.values()):
+            with torch.no_grad():
+                for n, t in tensors.items():
+                    live[n].copy_(t)
+            return
+        for n, t in tensors.items():
+            if n in live and tuple(live[n].shape) != tuple(t.shape):
+                raise EdgeftError(f"{where}: {n} has shape {tuple(t.shape)}, the model {tuple(live[n].shape)}")
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.model, tensors, options=self._options(full_state_dict=True, strict=False))
+
+    # -- optimizer -----------------------------------------------------------------------------------------------
+    def optimizer_state(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer state keyed by parameter name, whole, on the CPU of rank 0 ({} elsewhere)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, opt, options=self._options(full_state_dict=True,
+                                                                                cpu_offload=True))
+
+    def load_optimizer(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, opt, state, options=self._options(full_state_dict=True))
+
+
+def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters (and QAT fake-quantizer buffers) of a sharded model gathered whole, on the CPU of rank 0
+    ({} elsewhere); names as ``model.named_parameters()`` gives them, like :func:`checkpoint.trainable_state`.
+    A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    keep = {n for n, p in model.named_parameters() if p.requires_grad}
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                              ignore_frozen_params=True))
+    return {n: t.contiguous() for n, t in sd.items() if n in keep or "fake_quantizer" in n}
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """``clip_grad_norm_`` that also takes DTensor gradients (FSDP2): the norm is over all shards, as a float."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)
