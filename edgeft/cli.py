@@ -90,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ptq", dest="ptq", action="store_true", default=None,
                    help="with --qat, also train without QAT for the BF16/PTQ comparison (default)")
     m.add_argument("--no-ptq", dest="ptq", action="store_false", help="skip the no-QAT baseline")
+    m.add_argument("--qat-distill", type=float, metavar="W",
+                   help="with --qat: KL weight of distilling the trained no-QAT twin into the QAT model, 0-1 "
+                        "(default 1: the QAT model learns to reproduce the float model; 0: labels only)")
+    m.add_argument("--qat-init", choices=["baseline", "pretrained"],
+                   help="with --qat: start QAT from the twin's fine-tuned weights (baseline, default) or from the "
+                        "pretrained model")
+    m.add_argument("--qat-corpus", type=float, metavar="SHARE",
+                   help="with --qat: share of the QAT run's training examples drawn from edgeft's packaged generic "
+                        "prose, so the quantized model follows the float one beyond your data (default 0.25 when "
+                        "distilling, else 0)")
     m.add_argument("--dtype", choices=["fp32", "bf16"])
     m.add_argument("--device")
     m.add_argument("--kernels", choices=["auto", "on", "off"])
@@ -105,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--optim", choices=["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd"])
     o.add_argument("--lr", type=float)
     o.add_argument("--embedding-lr", type=float, help="learning rate of embed_tokens/lm_head parameters")
+    o.add_argument("--qat-lr", type=float, help="learning rate of the QAT run (default: --lr, at least 1e-4 when "
+                                                "QAT starts from the twin)")
     o.add_argument("--weight-decay", type=float)
     o.add_argument("--schedule", choices=["cosine", "linear", "constant"])
     o.add_argument("--warmup-ratio", type=float)
@@ -181,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _TRAIN_KEYS = [
     "model", "data", "data_split", "out", "resume", "overwrite", "mode", "adapter", "load_in_4bit", "load_in_8bit",
-    "qat", "qat_group_size", "ptq", "chat_template", "system_prompt", "prompt_template", "output_column",
+    "qat", "qat_group_size", "ptq", "qat_distill", "qat_init", "qat_corpus", "qat_lr",
+    "chat_template", "system_prompt", "prompt_template", "output_column",
     "conversation_extension", "max_seq_length", "padding_free", "packing", "eval_split", "eval_steps",
     "early_stopping_patience", "early_stopping_threshold", "load_best", "max_steps", "epochs", "batch_size",
     "grad_accum", "optim", "lr", "embedding_lr", "weight_decay", "schedule", "warmup_ratio", "warmup_steps",

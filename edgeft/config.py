@@ -46,6 +46,18 @@ class TrainConfig:
     qat: str | None = None  # scheme or preset name
     qat_group_size: int | None = None
     ptq: bool = True  # with --qat: also train the no-QAT twin (BF16 and PTQ baselines for eval)
+    # with --qat and the twin: KL weight of distilling the trained twin into the QAT model (1: distillation only,
+    # 0: labels only); None: 1.0 when the twin is trained, else 0 (train/distill.py)
+    qat_distill: float | None = None
+    # with --qat and the twin: "baseline" starts QAT from the twin's fine-tuned weights, "pretrained" from the
+    # model; None: "baseline" when the twin is trained, else "pretrained"
+    qat_init: str | None = None
+    # with --qat: share of the QAT run's training examples that are chunks of edgeft's packaged generic prose (the
+    # twin trains on the data alone); None: 0.25 when distilling, else 0
+    qat_corpus: float | None = None
+    # learning rate of the QAT run; None: the run's lr, raised to at least 1e-4 when QAT starts from the twin (a
+    # weight must move about a quantization step, ~max|w|/7.5 for int4, to change its integer)
+    qat_lr: float | None = None
     # data
     chat_template: str | None = None  # registry name (edgeft.data.TEMPLATES); None: the tokenizer's own
     system_prompt: str | None = None  # added to conversations without one
@@ -172,6 +184,24 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             cfg.mode = "full" if plan.full_finetuning else "lora"
     if cfg.mode is None:
         cfg.mode = "lora"
+    twin = bool(cfg.qat and cfg.ptq)
+    if cfg.qat_distill is None:
+        cfg.qat_distill = 1.0 if twin else 0.0
+    if cfg.qat_init is None:
+        cfg.qat_init = "baseline" if twin else "pretrained"
+    if cfg.qat_corpus is None:
+        cfg.qat_corpus = 0.25 if cfg.qat_distill > 0 else 0.0
+    if not 0.0 <= cfg.qat_corpus < 1.0:
+        raise EdgeftError(f"qat_corpus must be in [0, 1) (a share of the training examples), not {cfg.qat_corpus}")
+    if cfg.qat_corpus > 0 and not cfg.qat:
+        raise EdgeftError("--qat-corpus mixes generic prose into a QAT run: it needs --qat")
+    if not 0.0 <= cfg.qat_distill <= 1.0:
+        raise EdgeftError(f"qat_distill must be in [0, 1] (the KL weight), not {cfg.qat_distill}")
+    if cfg.qat_init not in ("pretrained", "baseline"):
+        raise EdgeftError(f"qat_init must be pretrained or baseline, not {cfg.qat_init!r}")
+    if (cfg.qat_distill > 0 or cfg.qat_init == "baseline") and not twin:
+        raise EdgeftError("--qat-distill and --qat-init baseline learn from the float twin: they need --qat and "
+                          "the baseline (drop --no-ptq)")
     if cfg.mode not in ("lora", "full"):
         raise EdgeftError(f"mode must be 'lora' or 'full', not {cfg.mode!r}")
     if cfg.device is None:
@@ -182,6 +212,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise EdgeftError(f"dtype must be fp32 or bf16, not {cfg.dtype!r}")
     if cfg.lr is None:
         cfg.lr = 2e-4 if cfg.mode == "lora" else 2e-5
+    if cfg.qat_lr is None:
+        cfg.qat_lr = max(cfg.lr, 1e-4) if (cfg.qat and cfg.qat_init == "baseline") else cfg.lr
+    if cfg.qat_lr <= 0:
+        raise EdgeftError("qat_lr must be positive")
     if cfg.schedule not in _SCHEDULES:
         raise EdgeftError(f"schedule must be one of {', '.join(_SCHEDULES)}, not {cfg.schedule!r}")
     if cfg.kernels not in ("auto", "on", "off"):

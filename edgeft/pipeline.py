@@ -182,8 +182,21 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
     barrier(dist)
 
     data = (tokenizer, template, train_ex, eval_ex)
-    _train_variant(cfg, run, model_dir, data, qat_during_training=cfg.qat is not None, dist=dist, device=device)
-    if cfg.qat and cfg.ptq:
+    from_twin = bool(cfg.qat and cfg.ptq and (cfg.qat_distill or cfg.qat_init == "baseline"))
+    if from_twin:  # the QAT run learns from (and/or starts at) the float twin: train that first
+        _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device)
+    qat_data = data
+    if cfg.qat and cfg.qat_corpus:
+        from .train.distill import corpus_examples
+
+        prose = corpus_examples(tokenizer, cfg.qat_corpus, len(train_ex), seed=cfg.seed)
+        qat_data = (tokenizer, template, train_ex + prose, eval_ex)
+        if is_main:
+            log.info("QAT data: %d examples + %d chunks of generic prose (--qat-corpus %.2f)", len(train_ex),
+                     len(prose), cfg.qat_corpus)
+    _train_variant(cfg, run, model_dir, qat_data, qat_during_training=cfg.qat is not None, dist=dist,
+                   device=device, twin=run / "baseline" if from_twin else None)
+    if cfg.qat and cfg.ptq and not from_twin:
         _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device)
 
     if is_main:
@@ -202,7 +215,9 @@ def _variant_done(root: Path) -> bool:
 
 
 def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_during_training: bool, dist=None,
-                   device: str | None = None) -> None:
+                   device: str | None = None, twin: Path | None = None) -> None:
+    """Train one variant into ``root``. ``twin``: the trained float twin (baseline/) that a QAT run distils from
+    (``cfg.qat_distill``) and/or starts from (``cfg.qat_init == "baseline"``)."""
     import torch
 
     from . import qat as qatlib
@@ -217,6 +232,12 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     if cfg.resume and _variant_done(root):
         log.info("%s: already complete in %s", label, root)
         return
+    load_dir = model_dir
+    init_from = twin if (twin is not None and cfg.qat_init == "baseline") else None
+    if init_from is not None and cfg.mode == "lora":  # continue the twin's adapter on the same base
+        cfg = replace(cfg, adapter=str(init_from / "model"))
+    elif init_from is not None:  # start from the twin's fine-tuned weights
+        load_dir = init_from / "model"
     strategy = None
     if dist is not None:
         from .train import fsdp
@@ -226,7 +247,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
             log.info("%s: %d processes, %s", label, dist.world, "FSDP2" if strategy == "fsdp" else "DDP")
     torch.manual_seed(cfg.seed)
     # FSDP: every process loads on the CPU; sharding moves each one's shards to its GPU
-    model, prep = prepare_model(cfg, model_dir, qat=qat_during_training, device=device,
+    model, prep = prepare_model(cfg, load_dir, qat=qat_during_training, device=device,
                                 load_device="cpu" if strategy == "fsdp" else None)
     _set_generation_eos(model, tokenizer)
     plan = qatlib.resolve(cfg.qat, cfg.qat_group_size) if cfg.qat else None
@@ -246,7 +267,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         max_steps=cfg.max_steps,
         batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum,
-        lr=cfg.lr,
+        lr=cfg.qat_lr if qat_during_training else cfg.lr,
         weight_decay=cfg.weight_decay,
         schedule=cfg.schedule,
         warmup_ratio=cfg.warmup_ratio,
@@ -274,6 +295,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         log_dir=root,
         run_config=cfg.to_dict(),
         dist=dist,
+        distill=_distillation(cfg, twin, device) if (twin is not None and cfg.qat_distill) else None,
         strategy=strategy or "ddp",
     )
     if strategy == "fsdp":
@@ -302,6 +324,8 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         "chat_template": template,
         "quantized_base": prep["quantized_base"],
         "adapter_from": prep["adapter_from"],
+        "init_from": str(init_from) if init_from is not None else None,
+        "distilled_from": str(twin) if (twin is not None and cfg.qat_distill) else None,
         "trainable_parameters": prep["trainable_parameters"],
         "train": summary,
         "examples": len(train_ex),
@@ -349,6 +373,18 @@ def _unsharded(cfg: TrainConfig, model_dir: Path, tensors: dict, tokenizer, qat_
     load_trainable(model, tensors, "the weights gathered from the FSDP shards")
     _set_generation_eos(model, tokenizer)
     return model
+
+
+def _distillation(cfg: TrainConfig, twin: Path, device: str):
+    """The trained float twin as the teacher, in the run's dtype on ``device`` (train/distill.py)."""
+    import torch
+
+    from .train.distill import Distillation
+
+    teacher, _ = load_trained(twin)
+    teacher.to(device=device, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+    log.info("QAT distils from the float twin %s (KL weight %.2f)", twin, cfg.qat_distill)
+    return Distillation(teacher, weight=cfg.qat_distill)
 
 
 def _set_generation_eos(model, tokenizer) -> None:

@@ -32,6 +32,7 @@ from edgeft.errors import EdgeftError
 from edgeft.fsutil import write_text
 
 from .checkpoint import CheckpointManager, load_trainable, rng_state, trainable_state
+from .distill import Distillation
 from .distributed import DistInfo, all_reduce_sum, gather_objects
 from .fsdp import clip_grad_norm
 from .optim import build_optimizer, build_scheduler, warmup_steps_for
@@ -82,14 +83,25 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
 
 
 class LossModule(nn.Module):
-    """``forward(**batch)`` -> summed token loss: what DDP wraps, so its gradient hooks see every forward."""
+    """``forward(**batch)`` -> summed token loss: what DDP wraps, so its gradient hooks see every forward.
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``distill`` it returns the micro-batch's share of the distillation objective instead, for the window
+    counts set in ``counts`` (n_target, n_positions); the summed CE and KL of the last call are in ``last``.
+    """
+
+    def __init__(self, model: nn.Module, distill: Distillation | None = None) -> None:
         super().__init__()
         self.model = model
+        self.distill = distill
+        self.counts = (1, 1)
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        return lm_loss_sum(self.model, batch)[0]
+        if self.distill is None or not self.model.training:  # evaluation (FSDP's goes through here): the CE
+            return lm_loss_sum(self.model, batch)[0]
+        ce, kl = self.distill.losses(self.model, batch)
+        self.last = (ce.detach(), kl.detach())
+        return self.distill.objective(ce, kl, *self.counts)
 
 
 def _targets(batch: dict[str, torch.Tensor]) -> int:
@@ -97,26 +109,50 @@ def _targets(batch: dict[str, torch.Tensor]) -> int:
 
 
 def backward_window(model: nn.Module, window: list[dict[str, torch.Tensor]], device: str = "cpu",
-                    dist: DistInfo | None = None, ddp: nn.Module | None = None) -> tuple[float, int]:
+                    dist: DistInfo | None = None, ddp: nn.Module | None = None,
+                    distill: Distillation | None = None, stats: dict[str, float] | None = None) -> tuple[float, int]:
     """Accumulate gradients of one optimizer step's micro-batches; returns (mean loss per target token, targets).
 
     Each micro-batch's summed loss is divided by the target count of the *whole* window (all processes) before
-    backward, so the accumulated gradient is that of the mean over every target token in the window.
+    backward, so the accumulated gradient is that of the mean over every target token in the window. With
+    ``distill`` the gradient is that of the distillation objective (distill.py), normalised the same way over the
+    window's targets and distilled positions; the returned loss is still the cross-entropy, and ``stats`` gets
+    ``distill_kl`` (mean KL per distilled position) and ``objective``.
     """
-    (n_target,) = all_reduce_sum([float(sum(_targets(b) for b in window))], dist, device)
-    n_target = int(n_target)
+    counts = [float(sum(_targets(b) for b in window))]
+    if distill is not None:
+        counts.append(float(sum(distill.count(b) for b in window)))
+    counts = all_reduce_sum(counts, dist, device)
+    n_target = int(counts[0])
     if n_target == 0:
         raise EdgeftError("a batch has no target tokens")
-    scale = (dist.world if dist else 1) / n_target  # DDP averages over processes: undo it
-    total = 0.0
+    world = dist.world if dist else 1  # DDP averages over processes: undo it
+    n_pos = int(counts[1]) if distill is not None else 0
+    loss_module = getattr(ddp, "module", ddp)  # DDP wraps the LossModule; FSDP2 shards it in place
+    if ddp is not None and distill is not None:
+        loss_module.counts = (n_target, n_pos)
+    total = kl_total = 0.0
     for i, b in enumerate(window):
         b = {k: v.to(device) for k, v in b.items()}
         sync = ddp is None or i == len(window) - 1 or not hasattr(ddp, "no_sync")  # FSDP: reduce-scatter each
         with contextlib.nullcontext() if sync else ddp.no_sync():
-            loss_sum = ddp(**b) if ddp is not None else lm_loss_sum(model, b)[0]
-            (loss_sum * scale).backward()
+            if distill is None:
+                loss_sum = ddp(**b) if ddp is not None else lm_loss_sum(model, b)[0]
+                (loss_sum * (world / n_target)).backward()
+            else:
+                if ddp is not None:
+                    obj = ddp(**b)
+                    loss_sum, kl = loss_module.last
+                else:
+                    loss_sum, kl = distill.losses(model, b)
+                    obj = distill.objective(loss_sum, kl, n_target, n_pos)
+                (obj * world).backward()
+                kl_total += float(kl.detach())
         total += float(loss_sum.detach())
-    (total,) = all_reduce_sum([total], dist, device)
+    total, kl_total = all_reduce_sum([total, kl_total], dist, device)
+    if stats is not None and distill is not None:
+        stats["distill_kl"] = kl_total / max(n_pos, 1)
+        stats["objective"] = (1 - distill.weight) * total / n_target + distill.weight * stats["distill_kl"]
     return total / n_target, n_target
 
 
@@ -242,11 +278,13 @@ def train_loop(
     dist: DistInfo | None = None,
     on_log: Callable[[dict], None] | None = None,
     strategy: str = "ddp",
+    distill: Distillation | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place for up to ``max_steps`` optimizer steps; returns a summary.
 
     One line per optimizer step goes to ``metrics_path`` (JSONL: step, loss, lr, grad norm, target tokens,
-    tokens/s, and eval_loss on evaluation steps). With ``checkpoints`` a checkpoint is written every ``save_steps``
+    tokens/s, and eval_loss on evaluation steps; with ``distill``, the gradient is the distillation objective's and
+    the line adds distill_kl and objective). With ``checkpoints`` a checkpoint is written every ``save_steps``
     steps, at every new best eval loss and at the end; ``resume`` continues from the newest one. With ``dist``,
     ``strategy`` is "ddp" or "fsdp" (the model is sharded in place: rank 0 then gets the trained tensors from
     :func:`edgeft.train.fsdp.full_trainable_state`, a collective).
@@ -259,7 +297,7 @@ def train_loop(
     if dist is not None and strategy == "fsdp":
         from .fsdp import Sharded
 
-        root = LossModule(model)
+        root = LossModule(model, distill)  # distillation: every rank holds the whole teacher
         sharded = Sharded(root, model, device, rank)  # before the optimizer: it must hold the sharded parameters
     opt = build_optimizer(model, lr, weight_decay, optim, embedding_lr)
     sched = build_scheduler(opt, max_steps, warmup_steps_for(max_steps, warmup_ratio, warmup_steps), schedule)
@@ -303,7 +341,7 @@ def train_loop(
     if dist is not None and sharded is None:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(LossModule(model), device_ids=[torch.device(device).index]
+        ddp = DistributedDataParallel(LossModule(model, distill), device_ids=[torch.device(device).index]
                                       if device.startswith("cuda") else None)
     reporter = Reporter(total=max_steps, start=start, desc=desc, progress=progress, logging_steps=logging_steps,
                         report_to=report_to, log_dir=log_dir, config=run_config, enabled=is_main)
@@ -344,7 +382,8 @@ def train_loop(
             (n_input,) = all_reduce_sum([float(sum(
                 int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in window
             ))], dist, device)
-            loss, n_target = backward_window(model, window, device, dist, ddp)
+            extra: dict[str, float] = {}
+            loss, n_target = backward_window(model, window, device, dist, ddp, distill, extra)
             if not math.isfinite(loss):
                 raise EdgeftError(
                     f"loss became {loss} at step {step + 1}; lower the learning rate or raise warmup "
@@ -362,7 +401,7 @@ def train_loop(
             state["last_loss"] = loss
             row: dict[str, Any] = {
                 "step": step + 1, "loss": loss, "lr": cur_lr, "grad_norm": grad_norm, "target_tokens": n_target,
-                "tokens_per_s": n_input / dt, "elapsed_s": time.perf_counter() - t_start,
+                "tokens_per_s": n_input / dt, "elapsed_s": time.perf_counter() - t_start, **extra,
             }
             improved = False
             if evaluating and ((step + 1) % eval_steps == 0 or step + 1 == max_steps):
