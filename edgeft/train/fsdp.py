@@ -87,7 +87,7 @@ def choose(cfg: Any, model_dir: Path, world: int, device: str) -> str:
         check_supported(cfg)
         return "fsdp"
     if want == "ddp" or world <= 1 or not device.startswith("cuda") or cfg.load_in_4bit or cfg.load_in_8bit \
-            or cfg.optim != "adamw" and cfg.optim != "sgd":
+            or cfg.optim not in ("adamw", "sgd"):  # bitsandbytes: DDP only
         return "ddp"
     n = _checkpoint_params(model_dir)
     if n is None:
@@ -115,6 +115,20 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def _check_uniform_trained_dtype(model: nn.Module, layers: list[nn.Module]) -> None:
+    """FSDP2 reduces each shard group's gradients in one buffer: the trained parameters of a layer (and of the rest,
+    the root) must share a dtype. bf16 LoRA with ``modules_to_save`` trains fp32 adapters next to bf16 copies."""
+    in_layer = {id(p) for layer in layers for p in layer.parameters()}
+    groups = [[p for p in layer.parameters() if p.requires_grad] for layer in layers]
+    groups.append([p for p in model.parameters() if p.requires_grad and id(p) not in in_layer])
+    for g in groups:
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in g})
+        if len(dtypes) > 1:
+            raise EdgeftError(f"--distributed fsdp: one shard group would train parameters in {' and '.join(dtypes)} "
+                              "(bf16 modules_to_save next to fp32 LoRA adapters?); FSDP2 needs one dtype per group: "
+                              "use --dtype fp32 or --distributed ddp")
+
+
 class Sharded:
     """A model sharded with FSDP2 inside its loss wrapper, and the collective state-dict operations on it.
 
@@ -134,7 +148,9 @@ class Sharded:
         # see the module docstring: compute in what one process computes in, reduce in fp32
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if (bf16 and full) else None,
                                   reduce_dtype=torch.float32 if bf16 else None)
-        for layer in decoder_layers(model):
+        layers = decoder_layers(model)
+        _check_uniform_trained_dtype(model, layers)
+        for layer in layers:
             fully_shard(layer, mesh=self.mesh, mp_policy=mp)
         fully_shard(wrapper, mesh=self.mesh, mp_policy=mp)
         self.trained_names = [n for n, p in model.named_parameters() if p.requires_grad]
