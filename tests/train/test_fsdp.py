@@ -135,3 +135,22 @@ def test_fsdp_refuses_bitsandbytes_with_one_line():
         resolve(TrainConfig(model="tiny-llama", device="cpu", optim="adamw_8bit", distributed="fsdp"))
     with pytest.raises(EdgeftError, match="distributed must be"):
         resolve(TrainConfig(model="tiny-llama", device="cpu", distributed="zero3"))
+
+
+def test_strategy_choice():
+    from types import SimpleNamespace
+
+    from edgeft.models import resolve_model
+    from edgeft.train import fsdp
+
+    cfg = SimpleNamespace(distributed="auto", load_in_4bit=False, load_in_8bit=False, optim="adamw", dtype="bf16",
+                          mode="full")
+    md = resolve_model("tiny-llama")
+    n = fsdp._checkpoint_params(md)
+    assert n is not None and n > 0
+    # full fine-tuning in bf16: weights + gradient + DDP bucket + two AdamW moments; LoRA: the weights
+    assert fsdp.ddp_bytes_estimate(n, cfg) == 10 * n
+    assert fsdp.ddp_bytes_estimate(n, SimpleNamespace(**(cfg.__dict__ | {"mode": "lora"}))) == 2 * n
+    assert fsdp.choose(cfg, md, 2, "cpu") == "ddp"  # gloo on CPU: DDP unless asked
+    assert fsdp.choose(cfg, md, 1, "cuda") == "ddp"  # one process
+    assert fsdp.choose(SimpleNamespace(**(cfg.__dict__ | {"distributed": "fsdp"})), md, 2, "cpu") == "fsdp"
