@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=["fp32", "bf16"])
     m.add_argument("--device")
     m.add_argument("--kernels", choices=["auto", "on", "off"])
+    m.add_argument("--gradient-checkpointing", choices=["auto", "off", "plain", "offload"],
+                   help="auto (default): none when the activations fit the GPU, else plain (each layer's input "
+                        "kept on the GPU), else offload (kept in pinned host memory); off: never")
     m.add_argument("--distributed", choices=["auto", "ddp", "fsdp"],
                    help="under torchrun: ddp (a replica per GPU), fsdp (FSDP2, sharded: models that do not fit one "
                         "GPU) or auto (fsdp when DDP would not fit; default)")
@@ -198,7 +201,7 @@ _TRAIN_KEYS = [
     "conversation_extension", "max_seq_length", "padding_free", "packing", "eval_split", "eval_steps",
     "early_stopping_patience", "early_stopping_threshold", "load_best", "max_steps", "epochs", "batch_size",
     "grad_accum", "optim", "lr", "embedding_lr", "weight_decay", "schedule", "warmup_ratio", "warmup_steps",
-    "max_grad_norm", "dtype", "device", "kernels", "distributed", "seed", "save_steps", "save_total_limit", "report_to",
+    "max_grad_norm", "dtype", "device", "kernels", "gradient_checkpointing", "distributed", "seed", "save_steps", "save_total_limit", "report_to",
     "logging_steps", "threads", "progress",
 ]
 _LORA_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_bias": "bias",

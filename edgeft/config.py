@@ -88,6 +88,9 @@ class TrainConfig:
     dtype: str | None = None  # "fp32" | "bf16"; None: bf16 on CUDA, fp32 on CPU
     device: str | None = None  # None: cuda if available else cpu
     kernels: str = "auto"  # "auto" | "on" | "off": fused Triton kernels (on GPU by default)
+    # "auto": none when the activations fit the GPU (fastest), else "plain" (checkpoints stay on the GPU), else
+    # "offload" (checkpoints in pinned host memory; with the kernels); transformers' own without the kernels
+    gradient_checkpointing: str = "auto"
     # under torchrun: "ddp" (a replica per GPU), "fsdp" (FSDP2: weights, gradients and optimizer state sharded
     # over the GPUs) or "auto" (FSDP2 when DDP's estimated footprint exceeds half a GPU; see train/fsdp.py)
     distributed: str = "auto"
@@ -220,6 +223,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise EdgeftError(f"schedule must be one of {', '.join(_SCHEDULES)}, not {cfg.schedule!r}")
     if cfg.kernels not in ("auto", "on", "off"):
         raise EdgeftError(f"kernels must be auto, on or off, not {cfg.kernels!r}")
+    if cfg.gradient_checkpointing not in ("auto", "off", "plain", "offload"):
+        raise EdgeftError(f"gradient_checkpointing must be auto, off, plain or offload, not {cfg.gradient_checkpointing!r}")
     if cfg.distributed not in ("auto", "ddp", "fsdp"):
         raise EdgeftError(f"distributed must be auto, ddp or fsdp, not {cfg.distributed!r}")
     if cfg.distributed == "fsdp":

@@ -321,6 +321,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         "mode": cfg.mode,
         "qat": plan.to_dict() if (plan and qat_during_training) else None,
         "kernels": prep["kernels"],
+        "gradient_checkpointing": prep.get("gradient_checkpointing"),
         "chat_template": template,
         "quantized_base": prep["quantized_base"],
         "adapter_from": prep["adapter_from"],

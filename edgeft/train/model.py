@@ -132,14 +132,66 @@ def save_adapter(model: nn.Module, dest: str | Path, state_dict: dict[str, torch
             setattr(parent, child, mod)
 
 
-def apply_kernels(model: nn.Module, required: bool) -> list[str]:
+def apply_kernels(model: nn.Module, required: bool, checkpoint: str | None = None) -> list[str]:
     try:
         from edgeft.kernels import patch
     except ImportError as e:
         if required:
             raise EdgeftError(f"--kernels on: the fused kernels are unavailable ({e})") from None
         return []
-    return patch(model)
+    return patch(model, checkpoint=checkpoint)
+
+
+def activation_bytes(cfg: Any, model: nn.Module) -> int:
+    """Estimated activations a training step keeps without checkpointing (the fused kernels' saved tensors).
+
+    Per token and decoder layer: the norms' inputs and outputs and the residual (~6 hidden), q (twice with
+    Qwen3's q/k norms), k, v and the attention output (~4 q + 3 kv widths), gate, up and the GLU output (3
+    intermediate), in the training dtype, with a 25% margin for allocator slack and transients.
+    """
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    heads = c.num_attention_heads
+    hd = getattr(c, "head_dim", None) or h // heads
+    q, kv = heads * hd, (getattr(c, "num_key_value_heads", None) or heads) * hd
+    per = 6 * h + 4 * q + 3 * kv + 3 * inter
+    tokens = cfg.batch_size * cfg.max_seq_length
+    return int(1.25 * per * tokens * layers * (2 if cfg.dtype == "bf16" else 4))
+
+
+def checkpoint_mode(cfg: Any, model: nn.Module, device: str, kernels: bool) -> str | None:
+    """The gradient checkpointing a run uses: None, "plain" or "offload" (edgeft's, with the kernels) or "hf".
+
+    "auto" checkpoints only when needed: skipping the recompute saves a third of a step's work, and a small model's
+    activations fit an H200 many times over. Needed means the estimate of :func:`activation_bytes` plus the weights,
+    gradients and optimizer state exceeds 70% of the GPU's free memory. Then "plain" (each layer's input stays on
+    the GPU) if that fits, else "offload": moving checkpoints to host memory costs 10-40% of a step on an H200
+    (bench/README.md), so it is the last resort.
+    """
+    mode = cfg.gradient_checkpointing
+    if mode == "off":
+        return None
+    if mode == "auto":
+        if not device.startswith("cuda"):
+            return None  # CPU runs are small; memory is not what limits them
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        need = params + 3 * trainable + activation_bytes(cfg, model)  # + grad, exp_avg, exp_avg_sq
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        if need <= 0.7 * free:
+            return None
+        c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        act = activation_bytes(cfg, model)
+        elem = 2 if cfg.dtype == "bf16" else 4
+        # plain keeps each layer's input hidden state, and one layer's activations during its recompute
+        plain = need - act + cfg.batch_size * cfg.max_seq_length * c.hidden_size * c.num_hidden_layers * elem \
+            + act // c.num_hidden_layers
+        mode = "plain" if plain <= 0.7 * free else "offload"
+        log.info("gradient checkpointing %s: about %.1f GiB needed without it, %.1f GiB free",
+                 mode, need / 2**30, free / 2**30)
+    if not kernels:
+        return "hf"  # transformers' own (on the GPU); offloading needs edgeft's patched layers
+    return mode
 
 
 def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str | None = None,
@@ -168,13 +220,21 @@ def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str
     else:
         model.requires_grad_(True)
     patched: list[str] = []
-    if cfg.kernels == "on" or (cfg.kernels == "auto" and device.startswith("cuda")):
-        patched = apply_kernels(model, required=cfg.kernels == "on")
+    use_kernels = cfg.kernels == "on" or (cfg.kernels == "auto" and device.startswith("cuda"))
+    ckpt = checkpoint_mode(cfg, model, device, kernels=use_kernels)
+    if use_kernels:
+        patched = apply_kernels(model, required=cfg.kernels == "on", checkpoint=ckpt if ckpt != "hf" else None)
+        if ckpt not in (None, "hf") and not any(r.startswith("checkpoint[") for r in patched):
+            ckpt = "hf"  # an architecture the kernels do not patch keeps stock layers: checkpoint those
+    if ckpt == "hf":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.mode == "lora" and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # frozen embeddings: the checkpointed input must carry a gradient
     if plan is not None:
         qatlib.prepare(model, plan)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    info = {"kernels": patched, "qat": plan.to_dict() if plan else None, "trainable_parameters": n_train,
+    info = {"kernels": patched, "gradient_checkpointing": ckpt, "qat": plan.to_dict() if plan else None, "trainable_parameters": n_train,
             "parameters": n_all, "quantized_base": "nf4" if cfg.load_in_4bit else ("int8" if cfg.load_in_8bit else None),
             "adapter_from": str(_adapter_dir(cfg.adapter)) if (cfg.adapter and cfg.mode == "lora") else None}
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / max(1, n_all))
