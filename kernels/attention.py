@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +83,9 @@ def _flash_attn_varlen():
         return None
 
 
+_FLEX_FAILED: set = set()  # (dtype, device) where compiled FlexAttention failed once: don't retry every layer
+
+
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
@@ -113,10 +117,20 @@ def _flex(q, k, v, packed: PackedBatch, causal: bool, scale: float, window: int 
         def score_mod(score, b, h, q_idx, kv_idx):
             return softcap * torch.tanh(score / softcap)
     fn = _compiled_flex() if compiled else flex_attention
-    out = fn(
-        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-        score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
-    )
+    args = (q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0))
+    kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    if compiled:
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - inductor's lowering errors have no common public base class
+            # Seen on torch 2.11 + 2 GPUs (fp32, a 73-token packed batch): inductor failed to lower FlexAttention's
+            # backward. The masked SDPA path computes the same attention; only its memory is O(tokens^2).
+            _FLEX_FAILED.add((q.dtype, q.device))
+            warnings.warn(f"FlexAttention did not compile ({type(e).__name__}); padding-free attention uses SDPA "
+                          "with a block-diagonal mask for this dtype from now on", stacklevel=2)
+            return _sdpa_masked(q, k, v, packed, causal, scale, window, softcap)
+    else:
+        out = fn(*args, **kwargs)
     return out.squeeze(0).transpose(0, 1)
 
 
@@ -170,7 +184,7 @@ def varlen_attention(
     if backend == "auto":
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn_varlen() is not None:
             backend = "flash_attn"
-        elif q.is_cuda:
+        elif q.is_cuda and (q.dtype, q.device) not in _FLEX_FAILED:
             backend = "flex"
         else:
             backend = "sdpa"

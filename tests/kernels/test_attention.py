@@ -64,3 +64,19 @@ def test_changing_another_sequence_does_not_change_outputs():
     out2 = varlen_attention(q, k2, v2, pb, backend="sdpa")
     assert torch.allclose(out[:4], out2[:4]) and torch.allclose(out[7:], out2[7:])
     assert not torch.allclose(out[4:7], out2[4:7])
+
+
+def test_flex_compile_failure_falls_back_to_masked_sdpa(monkeypatch):
+    from edgeft.kernels import attention
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("LoweringException: simulated inductor failure")
+
+    monkeypatch.setattr(attention, "_compiled_flex", lambda: broken)
+    monkeypatch.setattr(attention, "_FLEX_FAILED", set())
+    pb = packed_batch_from_position_ids(POS)
+    q, k, v = torch.randn(32, 4, 16), torch.randn(32, 2, 16), torch.randn(32, 2, 16)
+    with pytest.warns(UserWarning, match="FlexAttention did not compile"):
+        out = varlen_attention(q, k, v, pb, backend="flex")
+    assert_close(out, varlen_attention_reference(q, k, v, pb), torch.float32, 5)
+    assert (torch.float32, q.device) in attention._FLEX_FAILED
