@@ -8,6 +8,8 @@ RUN    ?= runs/demo
 # llama.cpp's native build uses AMX kernels that crash some x86 CPUs ("Illegal instruction")
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 export OMP_WAIT_POLICY ?= PASSIVE
+# llama-cpp-python compiles llama.cpp at install (minutes): use every core
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: install demo test clean
 
@@ -26,7 +28,7 @@ demo: install
 	$(BIN)/edgeft export pte --run $(RUN)
 	$(BIN)/edgeft export gguf --run $(RUN)
 	$(BIN)/edgeft export torchao --run $(RUN)
-	$(BIN)/edgeft eval --run $(RUN)
+	$(BIN)/edgeft eval --run $(RUN) --limit 30
 
 test: install
 	$(BIN)/python -m pytest -q
