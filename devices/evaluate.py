@@ -260,20 +260,15 @@ def load_eval_data(paths: list[str | Path] | tuple[str | Path, ...] | None, limi
             texts.append(text)
             names["heldout"].append(str(path))
         elif suffix == ".jsonl":
+            from edgeft.data.formats import read_rows  # the training reader: same line numbers, same errors
+
             n = 0
-            with path.open(encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise EdgeftError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                    kind, item = _task_item(row, f"{path}:{i}")
-                    found[kind].append(item)
-                    if str(path) not in names[kind]:
-                        names[kind].append(str(path))
-                    n += 1
+            for where, row in read_rows(path):
+                kind, item = _task_item(row, where)
+                found[kind].append(item)
+                if str(path) not in names[kind]:
+                    names[kind].append(str(path))
+                n += 1
             if not n:
                 raise EdgeftError(f"{path}: no task rows")
         else:

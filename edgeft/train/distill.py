@@ -36,6 +36,8 @@ POSITIONS = ("all", "targets")
 
 
 def _forward_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model's inputs from a batch (use_cache=False, so transformers detects packed rows from position_ids);
+    the training loop uses this one too."""
     kw: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
     for k in ("attention_mask", "position_ids"):
         if k in batch:

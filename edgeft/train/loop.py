@@ -32,7 +32,7 @@ from edgeft.errors import EdgeftError
 from edgeft.fsutil import write_text
 
 from .checkpoint import CheckpointManager, load_trainable, rng_state, trainable_state
-from .distill import Distillation
+from .distill import Distillation, _forward_kwargs
 from .distributed import DistInfo, all_reduce_sum, gather_objects
 from .fsdp import clip_grad_norm
 from .optim import build_optimizer, build_scheduler, warmup_steps_for
@@ -44,14 +44,6 @@ def _inner_model(model: nn.Module) -> nn.Module:
     base = getattr(model, "base_model", None)
     return getattr(base, "model", model) if base is not None and base is not model else model
 
-
-def _forward_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    # use_cache=False: with a cache transformers skips detecting packed rows from position_ids (contamination)
-    kw: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
-    for k in ("attention_mask", "position_ids"):
-        if k in batch:
-            kw[k] = batch[k]
-    return kw
 
 
 def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
