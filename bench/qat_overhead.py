@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import MODELS, TARGETS, _config, _device, _reinit  # noqa: E402
+from train_throughput import MODELS, TARGETS, _config, _device, _one_step, _reinit, timed_steps  # noqa: E402
 
 SCHEME = {"lora": "int8-int4", "full": "phone-deployment"}
 # edgeft first: if the command runs out of time, the rows the targets are about come back
@@ -101,7 +101,7 @@ def run_worker(spec: dict) -> dict:
     model.train()
     replaced: list[str] = []
     if impl.startswith("edgeft"):
-        from edgeft.kernels import causal_lm_loss, patch
+        from edgeft.kernels import patch
 
         ckpt = spec.get("checkpoint", "offload")
         patch(model, checkpoint=None if ckpt == "off" else ckpt)
@@ -122,22 +122,7 @@ def run_worker(spec: dict) -> dict:
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    losses, times = [], []
-    for step in range(n_steps):
-        ids = batches[step]
-        sync()
-        t0 = time.perf_counter()
-        if impl.startswith("edgeft"):
-            loss_sum, count = causal_lm_loss(model, ids, ids)
-            loss = loss_sum / count
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        sync()
-        times.append(time.perf_counter() - t0)
+    losses, times = timed_steps(model, impl, opt, batches, sync)
     step_s = statistics.median(times[spec["warmup"] :])
     res = dict(spec, step_ms=step_s * 1e3, step_ms_all=[t * 1e3 for t in times], tokens_per_s=batch * seq / step_s,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, losses=losses,
@@ -160,16 +145,7 @@ def _profile(model, impl, opt, ids) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     def step():
-        if impl.startswith("edgeft"):
-            from edgeft.kernels import causal_lm_loss
-
-            s, n = causal_lm_loss(model, ids, ids)
-            loss = s / n
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _one_step(model, impl, opt, ids)
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()

@@ -130,7 +130,7 @@ def run_worker(spec: dict) -> dict:
     model.train()
     patched: list[str] = []
     if impl.startswith("edgeft"):
-        from edgeft.kernels import causal_lm_loss, patch
+        from edgeft.kernels import patch
 
         ckpt = {"edgeft_plain": "plain", "edgeft_nockpt": None}.get(impl, spec.get("checkpoint", "offload"))
         patched = patch(model, checkpoint=ckpt)
@@ -144,22 +144,7 @@ def run_worker(spec: dict) -> dict:
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    losses, times = [], []
-    for step in range(n_steps):
-        ids = batches[step]
-        sync()
-        t0 = time.perf_counter()
-        if impl.startswith("edgeft"):
-            loss_sum, count = causal_lm_loss(model, ids, ids)
-            loss = loss_sum / count
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        sync()
-        times.append(time.perf_counter() - t0)
+    losses, times = timed_steps(model, impl, opt, batches, sync)
     measured = times[spec["warmup"] :]
     step_s = statistics.median(measured)
     result = dict(
@@ -173,6 +158,7 @@ def run_worker(spec: dict) -> dict:
 
 
 def _one_step(model, impl, opt, ids):
+    """One optimizer step, the same for every implementation; returns the (mean) loss tensor."""
     if impl.startswith("edgeft"):
         from edgeft.kernels import causal_lm_loss
 
@@ -183,6 +169,19 @@ def _one_step(model, impl, opt, ids):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def timed_steps(model, impl, opt, batches, sync) -> tuple[list[float], list[float]]:
+    """Run one step per batch; (losses, seconds per step), each step timed between device synchronisations."""
+    losses, times = [], []
+    for ids in batches:
+        sync()
+        t0 = time.perf_counter()
+        losses.append(_one_step(model, impl, opt, ids).item())
+        sync()
+        times.append(time.perf_counter() - t0)
+    return losses, times
 
 
 def _profile(fn) -> str:
