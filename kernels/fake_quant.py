@@ -581,6 +581,35 @@ class WeightCache:
         return out
 
 
+class WeightFQ:
+    """A weight fake quantizer that the linear Functions (``kernels/lora.py``) apply themselves, in the forward
+    and again in the backward, instead of saving fq(W) for the backward.
+
+    Saving it would keep one full-size copy of every quantized weight alive from a layer's forward to its backward
+    (with LoRA, a new fq(W + s·B·A) per layer and micro-batch; without checkpointing, a whole second model);
+    recomputing it is one memory-bound pass per linear in the backward (a dequantization of the cached codes for
+    full fine-tuning). ``cache`` is the full fine-tuning :class:`WeightCache` (quantize once per optimizer step).
+    """
+
+    __slots__ = ("spec", "cache")
+
+    def __init__(self, spec: WeightQuant, cache: WeightCache | None = None) -> None:
+        self.spec = spec
+        self.cache = cache
+
+    def __call__(self, w: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+        """fq(W), or fq(W + s·B·A) for ``lora=(A, B, s)``; no autograd (the callers' backward is the STE)."""
+        with torch.no_grad():
+            if lora is not None:
+                return fake_quant_weight(w, self.spec, lora=lora)
+            if self.cache is not None:
+                return self.cache.get(w, self.spec)
+            return fake_quant_weight(w, self.spec)
+
+    def __repr__(self) -> str:
+        return f"WeightFQ({self.spec!r}, cache={self.cache is not None})"
+
+
 class CachedWeightFakeQuantFunction(torch.autograd.Function):
     """fq(W) through a :class:`WeightCache`; straight-through backward (the gradient goes to W unchanged)."""
 

@@ -56,8 +56,20 @@ class Projection:
     lora_B: torch.Tensor | None = None  # (out, r)
     scale: float = 1.0
     dropout: nn.Module | None = None  # active dropout with p > 0 (training), else None
-    merged: bool = False  # weight already holds fq(W + s·B·A): the adapter only receives gradients
+    merged: bool = False  # the layer's weight is fq(W + s·B·A): the adapter only receives gradients
     act_quant: Any = None  # an ActQuant spec (kernels/fake_quant.py): fake-quantize the input first
+    # a WeightFQ (kernels/fake_quant.py): ``weight`` is the raw W and the Functions compute fq(W) (merged:
+    # fq(W + s·B·A)) in the forward and again in the backward, so no fake-quantized copy is saved between them.
+    # None: ``weight`` is used as it is (for ``merged``, it already holds the merged fake-quantized weight).
+    weight_fq: Any = None
+
+
+def _effective_weight(W: torch.Tensor, fq: Any, merged: bool, A: torch.Tensor | None, B: torch.Tensor | None,
+                      s: float, dt: torch.dtype) -> torch.Tensor:
+    """The weight a projection multiplies by, in the activation dtype (see ``Projection.weight_fq``)."""
+    if fq is None:
+        return _cast(W, dt)
+    return _cast(fq(W, (A, B, s) if merged and A is not None else None), dt)
 
 
 def _base_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -141,7 +153,7 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, scales, merged, *flat):
+    def forward(ctx, x, x_lora, scales, merged, fqs, *flat):
         dt = x.dtype
         n = len(scales)
         Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
@@ -155,7 +167,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 xa0 = x @ a_cat.t()  # merged adapters under dropout: s (drop(x) - x) A^T B^T
         outs, off = [], 0
         for i in range(n):
-            W = _cast(Ws[i], dt)
+            W = _effective_weight(Ws[i], fqs[i], merged[i], As[i], Bs[i], scales[i], dt)
             low = None
             if As[i] is not None:
                 r = As[i].shape[0]
@@ -173,15 +185,14 @@ class LoRALinearFunction(torch.autograd.Function):
             else:
                 y = x @ W.t()
             outs.append(y)
-        ctx.scales = scales
-        ctx.merged = merged
+        ctx.scales, ctx.merged, ctx.fqs = scales, merged, fqs
         ctx.save_for_backward(x, x_lora, xa, *flat)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys):
         x, x_lora, xa, *flat = ctx.saved_tensors
-        scales, merged = ctx.scales, ctx.merged
+        scales, merged, fqs = ctx.scales, ctx.merged, ctx.fqs
         n = len(scales)
         dt = x.dtype
         Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
@@ -199,12 +210,13 @@ class LoRALinearFunction(torch.autograd.Function):
                 off += r
                 continue
             dy = dy.reshape(-1, dy.shape[-1])
-            W = _cast(Ws[i], dt)
-            if need_dx:
+            if need_dx:  # a WeightFQ recomputes the fake-quantized weight here rather than having saved it
+                W = _effective_weight(Ws[i], fqs[i], merged[i], As[i], Bs[i], scales[i], dt)
                 dx = dy @ W if dx is None else dx.addmm_(dy, W)
-            if needs[4 + 4 * i]:
-                grads[4 * i] = mm_fp32_out(dy.t(), x).to(Ws[i].dtype)
-            if bs[i] is not None and needs[4 + 4 * i + 1]:
+                del W
+            if needs[5 + 4 * i]:  # straight-through: dW = dY^T x (x already fake-quantized when act_quant)
+                grads[4 * i] = dy.t() @ x if Ws[i].dtype == dt else mm_fp32_out(dy.t(), x).to(Ws[i].dtype)
+            if bs[i] is not None and needs[5 + 4 * i + 1]:
                 grads[4 * i + 1] = dy.sum(0, dtype=torch.float32).to(bs[i].dtype)
             if As[i] is not None:
                 s = scales[i]
@@ -212,7 +224,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 d_parts.append(d_i)
                 a_parts.append(As[i])
                 a_idx.append(i)
-                if needs[4 + 4 * i + 3]:
+                if needs[5 + 4 * i + 3]:
                     grads[4 * i + 3] = (mm_fp32_out(dy.t(), xa[:, off : off + r]) * s).to(Bs[i].dtype)
             off += r
         dx_lora = None
@@ -236,12 +248,12 @@ class LoRALinearFunction(torch.autograd.Function):
             o = 0
             for i in a_idx:
                 r = As[i].shape[0]
-                if needs[4 + 4 * i + 2]:
+                if needs[5 + 4 * i + 2]:
                     grads[4 * i + 2] = da[o : o + r].to(As[i].dtype)
                 o += r
         if need_dx and dx is None:
             dx = torch.zeros_like(x)
-        return (dx, dx_lora, None, None, *grads)
+        return (dx, dx_lora, None, None, None, *grads)
 
 
 def _subset(d_parts, a_parts, idx, d_cat, a_cat, dt):
@@ -274,10 +286,11 @@ def lora_linear(x: torch.Tensor, projections: list[Projection]) -> tuple[torch.T
         flat += [p.weight, p.bias, p.lora_A, p.lora_B]
     scales = tuple(p.scale for p in projections)
     merged = tuple(p.merged for p in projections)
-    if all(p.lora_A is None for p in projections):
+    fqs = tuple(p.weight_fq for p in projections)
+    if all(p.lora_A is None and p.weight_fq is None for p in projections):
         outs = tuple(F.linear(x2, _cast(p.weight, x.dtype), _cast(p.bias, x.dtype)) for p in projections)
     else:
-        outs = LoRALinearFunction.apply(x2, x_lora, scales, merged, *flat)
+        outs = LoRALinearFunction.apply(x2, x_lora, scales, merged, fqs, *flat)
     if x.dim() == 2:
         return tuple(outs)  # not views: callers (RoPE) may rotate them in place
     return tuple(o.view(*lead, o.shape[-1]) for o in outs)
@@ -334,10 +347,12 @@ class LoRAMLPFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, act, sg, su, sd, merged, act_quant, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd):
+    def forward(ctx, x, act, sg, su, sd, merged, act_quant, fqs, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd):
         dt = x.dtype
         mg, mu, md = merged
-        Wg, Wu, Wd = _cast(Wg, dt), _cast(Wu, dt), _cast(Wd, dt)
+        saved_w = (Wg, Wu, Wd)  # the raw weights: a WeightFQ recomputes fq(W) in the backward
+        Wg = _effective_weight(Wg, fqs[0], mg, Ag, Bg, sg, dt)
+        Wu = _effective_weight(Wu, fqs[1], mu, Au, Bu, su, dt)
         a_gu = [a for a in (Ag, Au) if a is not None]
         xa = x @ _cat_A(a_gu, dt).t() if a_gu else None
         rg = Ag.shape[0] if Ag is not None else 0
@@ -351,8 +366,10 @@ class LoRAMLPFunction(torch.autograd.Function):
 
             fake_quant_act(H, act_quant, out=H)
         ha = H @ cached_cast(Ad, dt).t() if Ad is not None else None
+        Wd = _effective_weight(Wd, fqs[2], md, Ad, Bd, sd, dt)
         out = _proj_fwd(H, Wd, None if md else ha, Bd, sd)
-        ctx.act, ctx.scales, ctx.rg, ctx.merged, ctx.act_quant = act, (sg, su, sd), rg, merged, act_quant
+        ctx.act, ctx.scales, ctx.rg, ctx.merged, ctx.act_quant, ctx.fqs = act, (sg, su, sd), rg, merged, act_quant, fqs
+        Wg, Wu, Wd = (w if fq is None else raw for w, raw, fq in zip((Wg, Wu, Wd), saved_w, fqs))
         ctx.save_for_backward(x, xa, G, U, ha, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd)
         return out
 
@@ -365,41 +382,42 @@ class LoRAMLPFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dout = dout.reshape(-1, dout.shape[-1])
         g_Ag = g_Bg = g_Au = g_Bu = g_Ad = g_Bd = None
+        fqs = ctx.fqs
         # down: dH = dout Wd + (dout sd Bd) Ad (the second term only for an unmerged adapter)
-        dH = dout @ Wd
+        dH = dout @ _effective_weight(Wd, fqs[2], md, Ad, Bd, sd, dt)
         dd = None
         if Ad is not None:
             dd = dout @ cached_cast(Bd, dt, sd)
             if not md:
                 dH.addmm_(dd, cached_cast(Ad, dt))
-            if needs[15]:
+            if needs[16]:
                 g_Bd = (mm_fp32_out(dout.t(), ha) * sd).to(Bd.dtype)
         # activation backward in place: H -> dH's buffer, dG -> G's, dU -> U's (saved tensors are ours alone);
         # with act_quant the gradient w.r.t. fq(H) is the gradient w.r.t. H (straight-through)
         H, dG, dU = ACTIVATIONS[ctx.act][1](dH, G, U, True)
-        if Ad is not None and needs[14]:
+        if Ad is not None and needs[15]:
             if ctx.act_quant is not None:
                 from .fake_quant import fake_quant_act
 
                 fake_quant_act(H, ctx.act_quant, out=H)
             g_Ad = mm_fp32_out(dd.t(), H).to(Ad.dtype)
         del H, dH
-        dx = dG @ Wg
-        dx.addmm_(dU, Wu)
+        dx = dG @ _effective_weight(Wg, fqs[0], mg, Ag, Bg, sg, dt)
+        dx.addmm_(dU, _effective_weight(Wu, fqs[1], mu, Au, Bu, su, dt))
         parts, a_parts, plain = [], [], []
         if Ag is not None:
             parts.append(dG @ cached_cast(Bg, dt, sg))
             a_parts.append(Ag)
             if not mg:
                 plain.append(len(parts) - 1)
-            if needs[9]:
+            if needs[10]:
                 g_Bg = (mm_fp32_out(dG.t(), xa[:, : ctx.rg]) * sg).to(Bg.dtype)
         if Au is not None:
             parts.append(dU @ cached_cast(Bu, dt, su))
             a_parts.append(Au)
             if not mu:
                 plain.append(len(parts) - 1)
-            if needs[12]:
+            if needs[13]:
                 g_Bu = (mm_fp32_out(dU.t(), xa[:, ctx.rg :]) * su).to(Bu.dtype)
         if parts:
             d_cat = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
@@ -412,7 +430,7 @@ class LoRAMLPFunction(torch.autograd.Function):
                 g_Ag = da[: ctx.rg].to(Ag.dtype)
             if Au is not None:
                 g_Au = da[ctx.rg :].to(Au.dtype)
-        return dx, None, None, None, None, None, None, None, g_Ag, g_Bg, None, g_Au, g_Bu, None, g_Ad, g_Bd
+        return dx, None, None, None, None, None, None, None, None, g_Ag, g_Bg, None, g_Au, g_Bu, None, g_Ad, g_Bd
 
 
 def _mlp_eligible(ps: list[Projection]) -> bool:
@@ -431,7 +449,7 @@ def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection
             x2 = act_fake_quant(x2, gate.act_quant)
         out = LoRAMLPFunction.apply(
             x2, act, gate.scale, up.scale, down.scale, (gate.merged, up.merged, down.merged), down.act_quant,
-            gate.weight, gate.lora_A, gate.lora_B, up.weight, up.lora_A, up.lora_B,
+            (gate.weight_fq, up.weight_fq, down.weight_fq), gate.weight, gate.lora_A, gate.lora_B, up.weight, up.lora_A, up.lora_B,
             down.weight, down.lora_A, down.lora_B,
         )
         return out.view(*lead, out.shape[-1])

@@ -11,8 +11,11 @@ modules are edgeft's, for three reasons:
   fused kernels (``edgeft.kernels.lora``), so Q/K/V share one fake-quantized input and the MLP stays one Function.
 - Full fine-tuning: :class:`FakeQuantLinear` fake-quantizes each weight once per optimizer step (a cache keyed by
   the parameter's version counter keeps its integer codes, 4-bit codes packed two a byte: about 6% of a 0.6B
-  model's training memory) and reuses it across the micro-batches of gradient accumulation and checkpoint
-  recomputation; ``prepare(..., cache=False)`` trades that memory for one quantization per use. Frozen weights
+  model's training memory) and reuses it across the micro-batches of gradient accumulation, checkpoint
+  recomputation and the backward; ``prepare(..., cache=False)`` trades that memory for one quantization per use.
+- Memory: no fake-quantized weight is saved for the backward. The linear Functions get the raw weight and its
+  quantizer (``Projection.weight_fq``) and rebuild fq(W) (LoRA: fq(W + s·B·A)) in the backward, one memory-bound
+  pass per linear, instead of keeping a full-size copy of every quantized weight alive between forward and backward. Frozen weights
   (LoRA's head) are re-quantized per micro-batch instead of holding codes for the whole run.
   :class:`FakeQuantEmbedding` quantizes only the rows it looks up (per-row scales make that exact), never the table.
 - Speed and memory: one fused pass per fake quantization instead of a dozen PyTorch ops and their saved masks.
@@ -120,17 +123,19 @@ class FakeQuantLinear(nn.Linear):
         self.weight_fake_quantizer = WeightFakeQuantizer(weight, cache)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_fake_quantizer is not None:
-            x = self.activation_fake_quantizer(x)
-        w = self.weight_fake_quantizer(self.weight)
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        from edgeft.kernels.lora import lora_linear
+
+        return lora_linear(x, [self.edgeft_projection()])[0]
 
     def edgeft_projection(self) -> Any:
-        """What the fused kernels compute for this layer (``edgeft.kernels.lora.projection_of``)."""
+        """What the fused kernels compute for this layer (``edgeft.kernels.lora.projection_of``): the raw weight
+        with its fake quantizer, which the linear Function applies in the forward and again in the backward."""
+        from edgeft.kernels.fake_quant import WeightFQ
         from edgeft.kernels.lora import Projection
 
         act = self.activation_fake_quantizer.spec if self.activation_fake_quantizer is not None else None
-        return Projection(self.weight_fake_quantizer(self.weight), self.bias, act_quant=act)
+        wfq = self.weight_fake_quantizer
+        return Projection(self.weight, self.bias, act_quant=act, weight_fq=WeightFQ(wfq.spec, wfq.cache))
 
     def to_linear(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
@@ -200,16 +205,17 @@ class MergedFakeQuantLoraLinear(nn.Module):
         return merged_lora_weight(self.base_layer.weight, *self._adapters(), self.scaling)
 
     def edgeft_projection(self) -> Any:
-        """The merged, fake-quantized Projection the fused LoRA Functions run (``kernels.lora.projection_of``)."""
-        from edgeft.kernels.fake_quant import fake_quant_weight
+        """The merged, fake-quantized Projection the fused LoRA Functions run (``kernels.lora.projection_of``):
+        they build fq(W + s·B·A) from W, A and B in the forward and again in the backward."""
+        from edgeft.kernels.fake_quant import WeightFQ
         from edgeft.kernels.lora import Projection
 
         a, b = self._adapters()
-        w = fake_quant_weight(self.base_layer.weight, self.weight_spec, lora=(a, b, self.scaling))
         drop = self.lora_dropout[self.adapter]
         active = isinstance(drop, nn.Dropout) and drop.p > 0 and drop.training
-        return Projection(w, self.base_layer.bias, a, b, self.scaling, drop if active else None,
-                          merged=True, act_quant=self.act_spec)
+        return Projection(self.base_layer.weight, self.base_layer.bias, a, b, self.scaling,
+                          drop if active else None, merged=True, act_quant=self.act_spec,
+                          weight_fq=WeightFQ(self.weight_spec))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from edgeft.kernels.lora import lora_linear
