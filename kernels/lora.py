@@ -153,7 +153,12 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, scales, merged, fqs, *flat):
+    def forward(ctx, x, x_lora, scales, merged, fqs, requant, *flat):
+        ctx.requant = requant
+        if requant is not None:  # save the raw x (kept by its producer anyway); fq(x) again in the backward
+            from .fake_quant import fake_quant_act
+
+            x_raw, x = x, fake_quant_act(x, requant)
         dt = x.dtype
         n = len(scales)
         Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
@@ -186,7 +191,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 y = x @ W.t()
             outs.append(y)
         ctx.scales, ctx.merged, ctx.fqs = scales, merged, fqs
-        ctx.save_for_backward(x, x_lora, xa, *flat)
+        ctx.save_for_backward(x if requant is None else x_raw, x_lora, xa, *flat)
         return tuple(outs)
 
     @staticmethod
@@ -198,6 +203,10 @@ class LoRALinearFunction(torch.autograd.Function):
         Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
         needs = ctx.needs_input_grad
         need_dx = needs[0]
+        if ctx.requant is not None and any(needs[6 + k] for k in range(len(flat)) if k % 4 in (0, 2)):
+            from .fake_quant import fake_quant_act
+
+            x = fake_quant_act(x, ctx.requant)  # dW and dA read the fake-quantized input (straight-through)
         xl = x if x_lora is None else x_lora
         grads: list[torch.Tensor | None] = [None] * len(flat)
         dx = None
@@ -214,9 +223,9 @@ class LoRALinearFunction(torch.autograd.Function):
                 W = _effective_weight(Ws[i], fqs[i], merged[i], As[i], Bs[i], scales[i], dt)
                 dx = dy @ W if dx is None else dx.addmm_(dy, W)
                 del W
-            if needs[5 + 4 * i]:  # straight-through: dW = dY^T x (x already fake-quantized when act_quant)
+            if needs[6 + 4 * i]:  # straight-through: dW = dY^T x (x already fake-quantized when act_quant)
                 grads[4 * i] = dy.t() @ x if Ws[i].dtype == dt else mm_fp32_out(dy.t(), x).to(Ws[i].dtype)
-            if bs[i] is not None and needs[5 + 4 * i + 1]:
+            if bs[i] is not None and needs[6 + 4 * i + 1]:
                 grads[4 * i + 1] = dy.sum(0, dtype=torch.float32).to(bs[i].dtype)
             if As[i] is not None:
                 s = scales[i]
@@ -224,7 +233,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 d_parts.append(d_i)
                 a_parts.append(As[i])
                 a_idx.append(i)
-                if needs[5 + 4 * i + 3]:
+                if needs[6 + 4 * i + 3]:
                     grads[4 * i + 3] = (mm_fp32_out(dy.t(), xa[:, off : off + r]) * s).to(Bs[i].dtype)
             off += r
         dx_lora = None
@@ -248,12 +257,12 @@ class LoRALinearFunction(torch.autograd.Function):
             o = 0
             for i in a_idx:
                 r = As[i].shape[0]
-                if needs[5 + 4 * i + 2]:
+                if needs[6 + 4 * i + 2]:
                     grads[4 * i + 2] = da[o : o + r].to(As[i].dtype)
                 o += r
         if need_dx and dx is None:
             dx = torch.zeros_like(x)
-        return (dx, dx_lora, None, None, None, *grads)
+        return (dx, dx_lora, None, None, None, None, *grads)
 
 
 def _subset(d_parts, a_parts, idx, d_cat, a_cat, dt):
@@ -264,22 +273,29 @@ def _subset(d_parts, a_parts, idx, d_cat, a_cat, dt):
     return d, _cat_A([a_parts[k] for k in idx], dt)
 
 
-def lora_linear(x: torch.Tensor, projections: list[Projection]) -> tuple[torch.Tensor, ...]:
-    """Apply several projections that share the input x (..., in); returns one output (..., out_i) per projection."""
+def lora_linear(x: torch.Tensor, projections: list[Projection], input_kept: bool = False) -> tuple[torch.Tensor, ...]:
+    """Apply several projections that share the input x (..., in); returns one output (..., out_i) per projection.
+
+    ``input_kept``: another op keeps x for its own backward (the attention keeps its output, o_proj's input). With
+    input fake quantization the Function then saves x itself rather than a fake-quantized copy, and re-quantizes
+    it in the backward: one pass instead of a tokens x hidden tensor held per layer.
+    """
     quants = {p.act_quant for p in projections}
     if len(quants) > 1:  # different input fake quantizers: one call each
-        return tuple(lora_linear(x, [p])[0] for p in projections)
+        return tuple(lora_linear(x, [p], input_kept)[0] for p in projections)
     act_quant = next(iter(quants))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if act_quant is not None:
-        from .fake_quant import act_fake_quant
-
-        x2 = act_fake_quant(x2, act_quant)  # once for every projection of x; straight-through backward
     dropout = next((p.dropout for p in projections if p.dropout is not None), None)
     if dropout is not None and any(p.dropout is not dropout for p in projections if p.lora_A is not None):
         # different dropout modules: apply them one projection at a time
-        return tuple(lora_linear(x, [p])[0] for p in projections)
+        return tuple(lora_linear(x, [p], input_kept)[0] for p in projections)
+    fused_requant = input_kept and dropout is None and any(p.weight_fq is not None for p in projections)
+    requant = act_quant if fused_requant else None
+    if act_quant is not None and requant is None:
+        from .fake_quant import act_fake_quant
+
+        x2 = act_fake_quant(x2, act_quant)  # once for every projection of x; straight-through backward
     x_lora = dropout(x2) if dropout is not None else None
     flat: list[torch.Tensor | None] = []
     for p in projections:
@@ -290,7 +306,7 @@ def lora_linear(x: torch.Tensor, projections: list[Projection]) -> tuple[torch.T
     if all(p.lora_A is None and p.weight_fq is None for p in projections):
         outs = tuple(F.linear(x2, _cast(p.weight, x.dtype), _cast(p.bias, x.dtype)) for p in projections)
     else:
-        outs = LoRALinearFunction.apply(x2, x_lora, scales, merged, fqs, *flat)
+        outs = LoRALinearFunction.apply(x2, x_lora, scales, merged, fqs, requant, *flat)
     if x.dim() == 2:
         return tuple(outs)  # not views: callers (RoPE) may rotate them in place
     return tuple(o.view(*lead, o.shape[-1]) for o in outs)

@@ -131,8 +131,10 @@ class _MLPSpec:
     lora: bool
 
 
-def _project(x: torch.Tensor, modules: list[nn.Module], use_lora: bool) -> list[torch.Tensor]:
-    """Outputs of several projections of the same x; eligible ones share one fast LoRA Function call."""
+def _project(x: torch.Tensor, modules: list[nn.Module], use_lora: bool, input_kept: bool = False
+             ) -> list[torch.Tensor]:
+    """Outputs of several projections of the same x; eligible ones share one fast LoRA Function call
+    (``input_kept``: see ``lora_linear``)."""
     if not use_lora:
         return [m(x) for m in modules]
     projs = [projection_of(m) for m in modules]
@@ -141,7 +143,7 @@ def _project(x: torch.Tensor, modules: list[nn.Module], use_lora: bool) -> list[
     if fast:
         x2 = x.reshape(-1, x.shape[-1])
         # 2-D outputs that own their storage (not views), so RoPE can rotate them in place
-        for i, o in zip(fast, lora_linear(x2, [projs[i] for i in fast])):
+        for i, o in zip(fast, lora_linear(x2, [projs[i] for i in fast], input_kept)):
             outs[i] = o
     for i, m in enumerate(modules):
         if outs[i] is None:
@@ -201,7 +203,8 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
             dropout=dropout, scaling=self.scaling, **extra, **kwargs,
         )
     o = o.reshape(B, S, n_q * hd)
-    (out,) = _project(o, [self.o_proj], spec.lora)
+    # the attention keeps o for its backward: o_proj need not save a fake-quantized copy of it too
+    (out,) = _project(o, [self.o_proj], spec.lora, input_kept=True)
     return out.view(B, S, -1), None
 
 

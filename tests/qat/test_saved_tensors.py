@@ -2,7 +2,8 @@
 
 Saving fq(W) (or, with LoRA, a new fq(W + s·B·A) per layer and micro-batch) would keep a second copy of the model's
 weights alive from each layer's forward to its backward; the linear Functions recompute it in the backward
-instead (``Projection.weight_fq``). Checked by recording every tensor autograd saves during a forward, patched
+instead (``Projection.weight_fq``); o_proj re-quantizes its input rather than keeping a copy next to the attention's.
+Checked by recording every tensor autograd saves during a forward, patched
 (fused kernels) and unpatched, LoRA and full fine-tuning, and comparing the gradients with the saving path's.
 """
 
@@ -36,6 +37,13 @@ def _weight_shaped_copies(model, saved):
     return [tuple(t.shape) for t in saved if tuple(t.shape) in shapes and t.data_ptr() not in params]
 
 
+def _saved_bytes(model, saved):
+    """Bytes of the distinct storages saved for the backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    return sum(n for ptr, n in sizes.items() if ptr not in params)
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 @pytest.mark.parametrize("patched", [True, False], ids=["patched", "unpatched"])
 def test_no_fake_quantized_weight_is_saved_and_gradients_are_unchanged(lora, patched):
@@ -55,9 +63,12 @@ def test_no_fake_quantized_weight_is_saved_and_gradients_are_unchanged(lora, pat
     # without QAT, the only weight-shaped tensor saved is the fused loss's head gradient (made in its forward)
     baseline = _weight_shaped_copies(m, _saved_during(loss)[1])
     assert len(baseline) == (1 if patched and not lora else 0)
+    base_bytes = _saved_bytes(m, _saved_during(loss)[1])
     qat.prepare(m, "int8-int4")
     out, saved = _saved_during(loss)
     assert _weight_shaped_copies(m, saved) == baseline
+    if patched:  # and no activation copy either: o_proj re-quantizes the attention output it shares
+        assert _saved_bytes(m, saved) == base_bytes
     out.backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     assert grads
