@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_throughput import MODELS, TARGETS, _config, _device, _one_step, _reinit, timed_steps  # noqa: E402
+from train_throughput import _profile as _profile_step  # noqa: E402
 
 SCHEME = {"lora": "int8-int4", "full": "phone-deployment"}
 # edgeft first: if the command runs out of time, the rows the targets are about come back
@@ -139,23 +140,9 @@ def run_worker(spec: dict) -> dict:
     return res
 
 
-def _profile(model, impl, opt, ids) -> dict:
-    """One step under torch.profiler: host time by op (the 0.6B steps are host-bound) and total device time."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    def step():
-        _one_step(model, impl, opt, ids)
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    ka = prof.key_averages()
-    cuda_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in ka)
-    cpu_us = sum(e.self_cpu_time_total for e in ka)
-    return {"self_cpu_ms": cpu_us / 1e3, "self_device_ms": cuda_us / 1e3,
-            "by_cpu": ka.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=48),
-            "by_device": ka.table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=48)}
+def _profile(model, impl, opt, ids) -> str:
+    """One step through train_throughput's profiler: host issue vs wall time, top CUDA kernels, host time by call."""
+    return _profile_step(lambda: _one_step(model, impl, opt, ids))
 
 
 # --- GPU correctness ---------------------------------------------------------------------------------------------
@@ -494,9 +481,7 @@ def main() -> None:
     save()
     for r in results:
         if r.get("profile"):
-            p = r["profile"]
-            print(f"\n--- profile {r['mode']} {r['impl']}: host {p['self_cpu_ms']:.0f} ms, device {p['self_device_ms']:.0f} ms"
-                  f" ---\n{p['by_cpu']}")
+            print(f"\n--- profile {r['mode']} {r['impl']} ---\n{r['profile'][:6000]}")
     print(f"\nwrote {out}\n")
     print(report["table"])
 
