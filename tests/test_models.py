@@ -13,7 +13,14 @@ def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("name,arch,tied", [("tiny-llama", "LlamaForCausalLM", False), ("tiny-qwen3", "Qwen3ForCausalLM", True)])
+@pytest.mark.parametrize(
+    "name,arch,tied",
+    [
+        ("tiny-llama", "LlamaForCausalLM", False),
+        ("tiny-qwen3", "Qwen3ForCausalLM", True),
+        ("tiny-gemma3", "Gemma3ForCausalLM", True),
+    ],
+)
 def test_tiny_models_are_deterministic(tmp_path, monkeypatch, name, arch, tied):
     shared = resolve_model(name)
     monkeypatch.setenv("EDGEFT_CACHE", str(tmp_path))
@@ -27,7 +34,10 @@ def test_tiny_models_are_deterministic(tmp_path, monkeypatch, name, arch, tied):
     model, tok = load_model(fresh)
     assert len(tok) == 8192 and tok.chat_template
     assert tok.eos_token == "<|im_end|>"
-    assert (tok("hi").input_ids[0] == tok.bos_token_id) == (name == "tiny-llama")
+    assert (tok("hi").input_ids[0] == tok.bos_token_id) == (name in ("tiny-llama", "tiny-gemma3"))
+    if name == "tiny-gemma3":  # random (1 + w) norm weights, not HF's zeros; a window shorter than the tests' texts
+        assert float(model.model.norm.weight.abs().mean()) > 0.01
+        assert cfg["sliding_window"] == 16 and "full_attention" in cfg["layer_types"]
     assert not list(tmp_path.rglob(".*tmp-*")), "temporary directories left behind"
 
 
@@ -42,4 +52,4 @@ def test_unknown_and_malformed_sources(tmp_path):
 
 
 def test_builtin_registry_has_the_default():
-    assert {"tiny-llama", "tiny-qwen3", "smollm2-135m"} <= set(BUILTIN_MODELS)
+    assert {"tiny-llama", "tiny-qwen3", "tiny-gemma3", "smollm2-135m"} <= set(BUILTIN_MODELS)
