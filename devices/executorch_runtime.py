@@ -5,7 +5,11 @@ This is the program a phone app loads, on the same kernels (XNNPACK delegate, Ex
 validation measure the artifact exactly as ExecuTorch computes it. executorch is imported lazily.
 
 The programs edgeft writes (``exporters/pte.py``) take ``tokens [1, n]`` and ``input_pos [n]`` and return
-float32 logits ``[1, n, vocab]`` for every input position, with the KV cache inside the program. The cache
+float32 logits ``[1, n, vocab]`` for every input position, with the KV cache inside the program; a program
+exported with ``--logits last`` (constant method ``generate_full_logits`` False; a program without the method
+is a full-logits one, as every edgeft program before it was) returns ``[1, 1, vocab]`` for the last position
+only: it generates (``generate``, ``next_logits``) but cannot give ``logits``/``continuation_logits``, which
+refuse it in one line (the evaluator needs every position). The cache
 is never cleared: attention at position ``p`` reads cache rows ``0..p`` only, so every call that starts again
 at ``input_pos[0] = 0`` overwrites what it reads and sees a fresh context. Prompts longer than the program's
 ``get_max_seq_len`` are fed in chunks, as ExecuTorch's runner does.
@@ -20,6 +24,10 @@ from typing import Any
 import torch
 
 from edgeft.errors import EdgeftError
+
+# constant method: True when ``forward`` returns logits for every input position, False for the last one only
+# (the name of ExecuTorch's own export option for the same choice; ExecuTorch's runner does not read it)
+FULL_LOGITS_METHOD = "generate_full_logits"
 
 
 def load_executorch_ops() -> None:
@@ -39,7 +47,7 @@ def _scalar_method(program: Any, name: str) -> Any:
 
 
 class PteRuntime:
-    """A .pte on ExecuTorch's runtime: full-sequence logits and greedy generation."""
+    """A .pte on ExecuTorch's runtime: full-sequence logits (full-logits programs) and greedy generation."""
 
     name = "pte"
 
@@ -66,6 +74,8 @@ class PteRuntime:
         bos = _scalar_method(self._program, "get_bos_id")
         self.bos_id = int(bos) if bos is not None else None
         self.dynamic = bool(_scalar_method(self._program, "enable_dynamic_shape"))
+        full = _scalar_method(self._program, FULL_LOGITS_METHOD)
+        self.full_logits = True if full is None else bool(full)
         self._chunk = self.max_seq_len if self.dynamic else 1
 
     def _check_len(self, n: int) -> None:
@@ -78,7 +88,8 @@ class PteRuntime:
             )
 
     def _step(self, ids: list[int], start: int) -> torch.Tensor:
-        """Run ``ids`` at positions ``start..``; returns float32 logits [len(ids), vocab]."""
+        """Run ``ids`` at positions ``start..``; returns float32 logits [len(ids), vocab] ([1, vocab], the last
+        position, from a last-token program)."""
         tokens = torch.tensor([ids], dtype=torch.long)
         pos = torch.arange(start, start + len(ids), dtype=torch.long)
         if not self.dynamic:
@@ -87,7 +98,21 @@ class PteRuntime:
             out = self._method.execute([tokens, pos])[0]
         except RuntimeError as e:
             raise EdgeftError(f"ExecuTorch failed running {self.path.name}: {e}") from None
-        return out.reshape(len(ids), -1).float()
+        rows = len(ids) if self.full_logits else 1
+        if out.dim() not in (2, 3) or out.numel() != rows * out.shape[-1]:
+            # e.g. metadata that does not describe the program: never reshape one position into several
+            raise EdgeftError(
+                f"{self.path.name} returned logits of shape {tuple(out.shape)} for {len(ids)} tokens "
+                f"(expected {rows} position{'s' if rows > 1 else ''}; {FULL_LOGITS_METHOD}={self.full_logits})"
+            )
+        return out.reshape(rows, -1).float()
+
+    def _need_full(self, what: str) -> None:
+        if not self.full_logits:
+            raise EdgeftError(
+                f"{self.path.name} returns last-token logits only (exported with --logits last): {what} needs every "
+                "position; use the program `edgeft export pte` writes by default (--logits all, model.pte)"
+            )
 
     def _prefill(self, ids: list[int]) -> torch.Tensor:
         parts = []
@@ -98,6 +123,7 @@ class PteRuntime:
     @torch.no_grad()
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Next-token logits at every position of ``ids`` from a fresh context: float32 [len(ids), vocab]."""
+        self._need_full("logits at every position")
         self._check_len(len(ids))
         return self._prefill([int(t) for t in ids])
 
@@ -108,6 +134,7 @@ class PteRuntime:
         The prefix runs once; every continuation then runs from position ``len(prefix)``, overwriting the cache
         rows the one before wrote, and attention at ``p`` reads rows ``0..p`` only, so each sees prefix + itself.
         """
+        self._need_full("continuation logits")
         prefix = [int(t) for t in prefix]
         self._check_len(len(prefix) + max((len(c) for c in continuations), default=1) - 1)
         last = self._prefill(prefix)[-1:]
@@ -118,6 +145,13 @@ class PteRuntime:
                 rows.append(self._step(tail[start : start + self._chunk], len(prefix) + start))
             res.append(torch.cat(rows, 0))
         return res
+
+    @torch.no_grad()
+    def next_logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits predicting the token after ``ids`` (its last position) from a fresh context: float32 [vocab].
+        Any program: the prompt runs in chunks of ``get_max_seq_len`` as in ``logits``."""
+        self._check_len(len(ids))
+        return self._prefill([int(t) for t in ids])[-1]
 
     @torch.no_grad()
     def generate(self, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:

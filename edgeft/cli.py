@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", help="run directory (default: newest under ./runs)")
     e.add_argument("--quant", help="GGUF type: f32, f16, bf16, q8_0, q4_0 (default: the scheme's bit width)")
     e.add_argument("--max-seq-len", type=int, help=".pte KV-cache length (default 512)")
+    e.add_argument("--logits", choices=["all", "last"],
+                   help=".pte output: logits for every position (all, default: model.pte, what `edgeft eval` runs) "
+                        "or the last one only (last: model-last.pte, for apps; less prefill work and memory)")
 
     v = sub.add_parser(
         "eval", help="BF16 vs PTQ vs QAT on eager, .pte and GGUF runtimes",
@@ -324,6 +327,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             kw["max_seq_len"] = args.max_seq_len
         if args.quant and args.format != "gguf":
             raise EdgeftError("--quant applies to gguf exports only")
+        if args.logits:
+            if args.format != "pte":
+                raise EdgeftError("--logits applies to pte exports only")
+            kw["logits"] = args.logits
         report = pipeline.export(args.format, args.run, quant=args.quant, **kw)
         print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2, default=str))
     elif args.command == "eval":

@@ -38,7 +38,21 @@ n = 1 with ``dynamic_shape=False``) and returns float32 logits ``[1, n, vocab]``
 evaluator needs all of them); the KV cache holds ``max_context_len`` positions and a call starting at
 position 0 sees a fresh context. Constant methods for ExecuTorch's LLM runner: ``get_max_seq_len``,
 ``get_max_context_len``, ``get_vocab_size``, ``get_bos_id``, ``get_eos_ids``, ``use_kv_cache``,
-``use_sdpa_with_kv_cache``, ``enable_dynamic_shape``. ``tokenizer.json`` (and ``tokenizer_config.json``, which
+``use_sdpa_with_kv_cache``, ``enable_dynamic_shape``; and ``generate_full_logits`` (the name of ExecuTorch's
+own export option; its runner does not read it) saying which of the two output modes the program has.
+
+Output modes (``logits``, ``edgeft export pte --logits``). ``all`` (default) is the program above, written as
+``model.pte``. ``last`` is the deployment program, written as ``model-last.pte``: HF's ``logits_to_keep=1``
+slices the final hidden states to the last position before ``lm_head``, so a prefill of n tokens runs the
+vocabulary projection once instead of n times, and the program returns ``[1, 1, vocab]`` (rank 3 like the
+full program: ExecuTorch's sampler (``extension/llm/sampler/util.h``, 1.4 to 1.5.x) takes the last row of a
+rank-3 output and the only row of a rank-2 one, so ``TextLLMRunner``, the apps and ``edgeft run`` run it
+unchanged). Why a second name rather than one ``model.pte`` whose mode a flag picks: ``edgeft eval`` needs
+every position and reuses an existing ``exports/model.pte``, so a last-token program there would break the
+evaluation of that run; under its own name it sits next to the evaluated program and ``eval`` keeps working
+on every run (a last-token program handed to the evaluator anyway is refused by ``PteRuntime.logits`` in one
+line). Push it to a phone as ``model.pte`` (the apps' file name). The default stays ``all`` so that existing
+scripts and runs see no change. ``last`` needs ``dynamic_shape`` (a one-token program has one position). ``tokenizer.json`` (and ``tokenizer_config.json``, which
 names BOS/EOS for ExecuTorch's tokenizer when it is given the directory, and the run's ``chat_template.jinja``,
 which apps and ``edgeft run`` apply to a user message) is copied beside it.
 
@@ -50,8 +64,9 @@ previous ``model.pte`` and tokenizer untouched):
   within 5% + 1 MiB of what the scheme's weights need (``_expected_bytes``: int4 as nibbles + bf16 scales;
   measured within 1.6%): a float program for a quantized source, or the reverse, is refused here.
 - logits, through ExecuTorch's runtime (``PteRuntime``), against the source model in eager PyTorch (for a
-  converted directory the torchao model itself) on three held-out sequences (48, 17, 5 tokens) and through
-  the KV cache (5-token prefill, then one token at a time): ``rel_err`` = max ||pte - eager|| / ||eager||;
+  converted directory the torchao model itself) on three held-out sequences (48, 17, 5 tokens; a last-token
+  program: their last positions) and through the KV cache (5-token prefill, then one token at a time, which
+  gives a last-token program's logits at every later position too): ``rel_err`` = max ||pte - eager|| / ||eager||;
   ``top1`` = pooled argmax agreement; ``max_gap`` = the largest amount, in units of the row's logit std, by
   which eager's top logit exceeds eager's logit for the program's argmax (0 where they agree; a near-tie
   flip costs little, a wrong token a lot).
@@ -99,6 +114,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeft.devices.executorch_runtime import FULL_LOGITS_METHOD
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_path
 
@@ -126,6 +142,9 @@ VALIDATION_SEQ_LENS = (48, 17, 5)  # held-out token sequences compared by logits
 INCREMENTAL_PREFILL = 5
 GREEDY_TOKENS = 16
 FLOAT_REL = 1e-3
+# --logits: every position (evaluation, the default) or the last one only (deployment), each under its own name
+# so that `edgeft eval`, which needs every position and reuses model.pte, never meets a last-token program
+PTE_NAMES = {"all": "model.pte", "last": "model-last.pte"}
 
 
 # --- source -------------------------------------------------------------------------------------------
@@ -283,25 +302,33 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
 
 
 class _Program(nn.Module):
-    """What the .pte runs: (tokens [1, n], input_pos [n]) -> logits [1, n, vocab]."""
+    """What the .pte runs: (tokens [1, n], input_pos [n]) -> logits [1, n, vocab] (``last_only``: [1, 1, vocab])."""
 
-    def __init__(self, model: nn.Module, max_context_len: int) -> None:
+    def __init__(self, model: nn.Module, max_context_len: int, last_only: bool = False) -> None:
         super().__init__()
         self.model = model
         self.max_context_len = max_context_len
+        # HF's logits_to_keep slices the hidden states before lm_head: the head runs on one position only
+        self.logits_to_keep = 1 if last_only else 0
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         pos = input_pos[0].item()
         torch._check(pos >= 0)
         torch._check(pos < self.max_context_len)
         out = self.model(
-            input_ids=tokens, position_ids=input_pos.unsqueeze(0), use_cache=False, et_start_pos=pos
+            input_ids=tokens,
+            position_ids=input_pos.unsqueeze(0),
+            use_cache=False,
+            et_start_pos=pos,
+            logits_to_keep=self.logits_to_keep,
         )
         return out.logits.float()
 
 
 @contextlib.contextmanager
-def _edge_rewrites(model: nn.Module, arch: ArchSpec, max_context_len: int, warn: list[str]) -> Iterator[_Program]:
+def _edge_rewrites(
+    model: nn.Module, arch: ArchSpec, max_context_len: int, warn: list[str], last_only: bool = False
+) -> Iterator[_Program]:
     """Apply the export rewrites (module docstring) to ``model`` and undo every one of them on exit."""
     from edgeft.devices.executorch_runtime import load_executorch_ops
     from transformers import AttentionInterface
@@ -377,7 +404,7 @@ def _edge_rewrites(model: nn.Module, arch: ArchSpec, max_context_len: int, warn:
         old_impl = cfg._attn_implementation
         model.set_attn_implementation(MASK_NAME)
         undo.append(lambda: model.set_attn_implementation(old_impl))
-        yield _Program(model, max_context_len).eval()
+        yield _Program(model, max_context_len, last_only).eval()
     finally:
         for fn in reversed(undo):
             fn()
@@ -387,7 +414,7 @@ def _edge_rewrites(model: nn.Module, arch: ArchSpec, max_context_len: int, warn:
 
 
 def _metadata(
-    model: nn.Module, tokenizer: Any, max_seq_len: int, max_context_len: int, dynamic: bool
+    model: nn.Module, tokenizer: Any, max_seq_len: int, max_context_len: int, dynamic: bool, full_logits: bool = True
 ) -> dict[str, Any]:
     eos: list[int] = []
     for src in (getattr(model, "generation_config", None), model.config, tokenizer):
@@ -405,6 +432,7 @@ def _metadata(
         "use_kv_cache": True,
         "use_sdpa_with_kv_cache": True,
         "enable_dynamic_shape": dynamic,
+        FULL_LOGITS_METHOD: full_logits,
     }
 
 
@@ -710,6 +738,7 @@ def _validate(
     quant_activations: bool,
     max_seq_len: int,
     warn: list[str],
+    full_logits: bool = True,
 ) -> dict[str, Any]:
     from edgeft.devices.executorch_runtime import PteRuntime
 
@@ -719,24 +748,31 @@ def _validate(
     tol = _tolerances(quant_activations, noise_rel)
     rt = PteRuntime(pte)
     try:
-        rels, top1s, gaps = [], [], []
-        got_all = []
+        if rt.full_logits != full_logits:
+            raise EdgeftError(
+                f"pte validation: the program's {FULL_LOGITS_METHOD} is {rt.full_logits}, export asked for {full_logits}"
+            )
+        # (program, eager) logits pairs; a last-token program gives each prompt's last row only
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for s, ref in zip(seqs, refs):
-            got = rt.logits(s)
-            if got.shape != ref.shape:
-                raise EdgeftError(f"pte validation: logits shape {tuple(got.shape)}, eager {tuple(ref.shape)}")
-            got_all.append(got)
-        # through the KV cache: a short prefill, then one token at a time (a static program only does that)
+            got = rt.logits(s) if full_logits else rt.next_logits(s)[None]
+            want = ref if full_logits else ref[-1:]
+            if got.shape != want.shape:
+                raise EdgeftError(f"pte validation: logits shape {tuple(got.shape)}, eager {tuple(want.shape)}")
+            pairs.append((got, want))
+        # through the KV cache: a short prefill, then one token at a time (a static program only does that);
+        # on a last-token program these one-token steps give every position after the prefill
         s = seqs[0]
         k = min(INCREMENTAL_PREFILL, len(s) - 1)
         if rt.dynamic:
             steps = [rt._step(s[:k], 0)] + [rt._step([t], k + i) for i, t in enumerate(s[k:])]
-            got_all.append(torch.cat(steps, 0))
-        for got, ref in zip(got_all, refs + refs[:1]):
+            pairs.append((torch.cat(steps, 0), refs[0] if full_logits else refs[0][k - 1 :]))
+        rels, top1s, gaps = [], [], []
+        for got, ref in pairs:
             rels.append(_rel(got, ref))
             top1s.append(float((got.argmax(-1) == ref.argmax(-1)).sum()))
             gaps.append(float(_gaps(got, ref).max()))
-        n_pos = sum(len(g) for g in got_all)
+        n_pos = sum(len(g) for g, _ in pairs)
         rel, top1, gap = max(rels), sum(top1s) / n_pos, max(gaps)
         report: dict[str, Any] = {
             "rel_err": round(rel, 6),
@@ -786,16 +822,24 @@ def export(
     max_seq_len: int = 512,
     max_context_len: int | None = None,
     dynamic_shape: bool = True,
+    logits: str = "all",
 ) -> dict[str, Any]:
     """Export ``src`` (HF directory or converted directory) to ``out_dir/model.pte`` + tokenizer, validated.
 
     ``max_seq_len``: the longest prompt chunk one call takes; ``max_context_len`` (default ``max_seq_len``):
     the KV cache length. ``dynamic_shape=False`` exports a one-token program (prompts are fed token by
-    token, by the runner too): a third less export time, 4-5x slower prefill. Returns a report (path, bytes,
-    scheme, validation numbers, seconds, warnings).
+    token, by the runner too): a third less export time, 4-5x slower prefill. ``logits``: ``"all"`` (logits
+    for every position, what ``edgeft eval`` needs; ``model.pte``) or ``"last"`` (the last position only, for
+    deployment: the head runs on one position; written as ``model-last.pte``, see the module docstring).
+    Returns a report (path, bytes, scheme, logits mode, validation numbers, seconds, warnings).
     """
     t0 = time.perf_counter()
     src, out_dir = Path(src), Path(out_dir)
+    if logits not in PTE_NAMES:
+        raise EdgeftError(f"pte export: logits must be one of {', '.join(PTE_NAMES)}, not {logits!r}")
+    if logits == "last" and not dynamic_shape:
+        raise EdgeftError("pte export: logits='last' needs a dynamic-shape program (a one-token program has one position)")
+    full_logits = logits == "all"
     max_context_len = max_context_len or max_seq_len
     if not 2 <= max_seq_len <= max_context_len:
         raise EdgeftError(f"pte export: need 2 <= max_seq_len ({max_seq_len}) <= max_context_len ({max_context_len})")
@@ -817,13 +861,13 @@ def export(
     emb = model.get_input_embeddings().weight
     int8_emb = _weight_kind(emb) == "weight-only" and _is_int8_per_row(emb)
     seq_meta = max_seq_len if dynamic_shape else max_context_len  # a static program never chunks
-    metadata = _metadata(model, tokenizer, seq_meta, max_context_len, dynamic_shape)
+    metadata = _metadata(model, tokenizer, seq_meta, max_context_len, dynamic_shape, full_logits)
     expected = _expected_bytes(model)
 
     t_lower = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export / ExecuTorch deprecation chatter
-        with _edge_rewrites(model, arch, max_context_len, warn) as program:
+        with _edge_rewrites(model, arch, max_context_len, warn, last_only=not full_logits) as program:
             buf = _lower(program, max_seq_len, metadata, dynamic_shape, warn)
     lower_s = time.perf_counter() - t_lower
     structure = _structure(buf, int8_emb)
@@ -832,13 +876,13 @@ def export(
         warn.append("the scheme's embedding quantization is not int8 per row: embedding exported as float32")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    dest = out_dir / "model.pte"
+    dest = out_dir / PTE_NAMES[logits]
     t_val = time.perf_counter()
     with atomic_path(dest) as tmp_pte:
         tmp_pte.write_bytes(buf)
         os.chmod(tmp_pte, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
         with _staged_tokenizer(src) as tok_dir:
-            validation = _validate(tmp_pte, tok_dir, model, tokenizer, quant_act, max_seq_len, warn)
+            validation = _validate(tmp_pte, tok_dir, model, tokenizer, quant_act, max_seq_len, warn, full_logits)
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             if (src / name).exists():
                 with atomic_path(out_dir / name) as tmp:
@@ -848,8 +892,10 @@ def export(
 
     plan = (record or {}).get("plan") or {}
     return {
+        "name": "pte" if full_logits else "pte-last",  # the run's exports/manifest.json keeps both modes
         "path": str(dest),
         "bytes": dest.stat().st_size,
+        "logits": logits,
         "architecture": arch.model_type,
         "scheme": plan.get("name", "float"),
         "linears": {k: sum(v == k for v in kinds.values()) for k in sorted(set(kinds.values()))},
