@@ -22,6 +22,14 @@ from typing import Callable
 import torch
 
 MODES = ("offload", "plain")
+_RECOMPUTING = [0]  # depth of checkpointed-layer recomputations in progress (see recomputing())
+
+
+def recomputing() -> bool:
+    """True while a checkpointed layer is being recomputed for its backward: what its ops save now lives only
+    until that layer's backward, which follows at once (QAT's linears then save their fake-quantized weights
+    rather than rebuilding them, ``kernels/fake_quant.py`` WeightFQ)."""
+    return _RECOMPUTING[0] > 0
 
 
 class OffloadChain:
@@ -119,7 +127,11 @@ class _LayerCheckpoint(torch.autograd.Function):
                 torch.set_rng_state(ctx.rng[0])
                 if ctx.rng[1] is not None:
                     torch.cuda.set_rng_state(ctx.rng[1], hidden.device)
-            out = ctx.run(hidden)
+            _RECOMPUTING[0] += 1
+            try:
+                out = ctx.run(hidden)
+            finally:
+                _RECOMPUTING[0] -= 1
         torch.autograd.backward(out, grad_out)
         ctx.run = None
         return None, None, None, None, (hidden.grad if ctx.hidden_requires_grad else None), None

@@ -544,51 +544,72 @@ def rows_fake_quant(x: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
 
 
 class WeightCache:
-    """The fake-quantized form of one weight, kept while the weight is unchanged (its version counter and
-    storage), so the micro-batches of one optimizer step (and checkpoint recomputation) quantize it once.
+    """The fake-quantized form of one weight (or one LoRA layer's merged weight W + s·B·A), kept while its inputs
+    are unchanged (version counters, storage and optimizer steps: :func:`param_state`), so that every use within
+    an optimizer step (micro-batches, checkpoint recomputation, the backward) shares one quantization.
 
-    It keeps the integer codes (4-bit codes packed two a byte) and scales rather than the float weight: a quarter
-    of a bf16 copy for int4, so that caching every linear of a model costs a few percent of its training memory.
-    Each use dequantizes them (same bits as the fake-quant output). fp8 weights have no integer form, and frozen
-    weights (LoRA's head) would hold their codes for the whole run to save one launch a step: both are
-    re-quantized on each use.
+    Two forms, a memory/host-time trade (the 0.6B bench shapes are bound by the host's launch rate):
+
+    - ``"codes"``: the integer codes (4-bit packed two a byte) and scales, a quarter of a bf16 copy for int4; each
+      use dequantizes them (one launch, same bits as the fake-quant output). Full fine-tuning only (a LoRA merged
+      weight changes every step and is cheaper to rebuild than to dequantize); fp8 weights have no integer form
+      and are re-quantized per use.
+    - ``"weights"``: the fake-quantized weight itself; uses cost nothing, the linear Functions save it instead of
+      rebuilding it in the backward, and the step holds one quantized copy of the cached weights.
+
+    Frozen weights outside LoRA (the LM head under LoRA) are re-quantized per use in either form: caching would
+    hold a copy for the whole run to save one launch a step.
     """
 
-    def __init__(self) -> None:
+    FORMS = ("codes", "weights")
+
+    def __init__(self, form: str = "codes") -> None:
+        if form not in self.FORMS:
+            raise ValueError(f"weight cache form must be one of {self.FORMS}, got {form!r}")
+        self.form = form
         self.key: tuple | None = None
-        self.entry: tuple | None = None
+        self.entry: Any = None
         self.hits = 0
         self.misses = 0
 
     def clear(self) -> None:
         self.key = self.entry = None
 
-    def get(self, w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
-        if spec.kind == "fp8" or not w.requires_grad:
-            # fp8: no integer form; a frozen weight (LoRA's head): re-quantizing once per micro-batch is one
-            # launch, while keeping its codes would hold a quarter of its size for the whole run
+    def get(self, w: torch.Tensor, spec: WeightQuant,
+            lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+        weights = self.form == "weights"
+        if (lora is None and not w.requires_grad) or (not weights and (spec.kind == "fp8" or lora is not None)):
             self.misses += 1
-            return fake_quant_weight(w, spec)
+            return fake_quant_weight(w, spec, lora=lora)
         key = (param_state(w), w.shape)
+        if lora is not None:
+            key += (param_state(lora[0]), param_state(lora[1]), lora[2])
         if self.key == key:
             self.hits += 1
+            if weights:
+                return self.entry
             codes, scales, packed, gs = self.entry
             return dequantize_codes(codes, scales, packed, w.dtype, gs, w.shape[1])
         self.misses += 1
-        self.key = self.entry = None  # drop the stale codes before making new ones
+        self.key = self.entry = None  # drop the stale form before making the new one
+        if weights:
+            out = fake_quant_weight(w, spec, lora=lora)
+            self.key, self.entry = key, out
+            return out
         out, codes, scales, packed = fake_quant_weight(w, spec, codes=True)
         self.key, self.entry = key, (codes, scales, packed, spec.group_size)
         return out
 
 
 class WeightFQ:
-    """A weight fake quantizer that the linear Functions (``kernels/lora.py``) apply themselves, in the forward
-    and again in the backward, instead of saving fq(W) for the backward.
+    """A weight fake quantizer that the linear Functions (``kernels/lora.py``) apply themselves.
 
-    Saving it would keep one full-size copy of every quantized weight alive from a layer's forward to its backward
-    (with LoRA, a new fq(W + s·B·A) per layer and micro-batch; without checkpointing, a whole second model);
-    recomputing it is one memory-bound pass per linear in the backward (a dequantization of the cached codes for
-    full fine-tuning). ``cache`` is the full fine-tuning :class:`WeightCache` (quantize once per optimizer step).
+    By default they apply it in the forward and again in the backward rather than saving fq(W) in between: saving
+    would keep a full-size copy of every quantized weight alive from a layer's forward to its backward (with
+    LoRA, a new fq(W + s·B·A) per layer and micro-batch; without checkpointing, a whole second model), while
+    rebuilding is one memory-bound pass per linear (a dequantization with a ``"codes"`` cache). They save it
+    instead when that costs nothing (:attr:`save`): a ``"weights"`` cache holds it anyway, and inside a checkpointed
+    layer's recomputation (``kernels/checkpoint.py``) it lives only until that layer's backward, which follows at once.
     """
 
     __slots__ = ("spec", "cache")
@@ -597,17 +618,22 @@ class WeightFQ:
         self.spec = spec
         self.cache = cache
 
+    @property
+    def save(self) -> bool:
+        """Whether the Functions save the fake-quantized weight for the backward (else they rebuild it)."""
+        from .checkpoint import recomputing
+
+        return (self.cache is not None and self.cache.form == "weights") or recomputing()
+
     def __call__(self, w: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
         """fq(W), or fq(W + s·B·A) for ``lora=(A, B, s)``; no autograd (the callers' backward is the STE)."""
         with torch.no_grad():
-            if lora is not None:
-                return fake_quant_weight(w, self.spec, lora=lora)
             if self.cache is not None:
-                return self.cache.get(w, self.spec)
-            return fake_quant_weight(w, self.spec)
+                return self.cache.get(w, self.spec, lora)
+            return fake_quant_weight(w, self.spec, lora=lora)
 
     def __repr__(self) -> str:
-        return f"WeightFQ({self.spec!r}, cache={self.cache is not None})"
+        return f"WeightFQ({self.spec!r}, cache={self.cache.form if self.cache is not None else None})"
 
 
 class CachedWeightFakeQuantFunction(torch.autograd.Function):
@@ -617,7 +643,9 @@ class CachedWeightFakeQuantFunction(torch.autograd.Function):
     def forward(ctx, w, spec, cache):
         if cache is None:
             return fake_quant_weight(w, spec)
-        return cache.get(w, spec)
+        out = cache.get(w, spec)
+        # a "weights" cache hands out the same tensor all step: each call's output must be its own tensor object
+        return out.view_as(out) if out is cache.entry else out
 
     @staticmethod
     def backward(ctx, g):

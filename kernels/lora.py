@@ -171,8 +171,13 @@ class LoRALinearFunction(torch.autograd.Function):
             if x_lora is not None and any(merged[i] for i in lora):
                 xa0 = x @ a_cat.t()  # merged adapters under dropout: s (drop(x) - x) A^T B^T
         outs, off = [], 0
+        saved = list(flat)
+        w_dtypes = tuple(w.dtype for w in Ws)
         for i in range(n):
             W = _effective_weight(Ws[i], fqs[i], merged[i], As[i], Bs[i], scales[i], dt)
+            if fqs[i] is not None and fqs[i].save:  # free to keep (see WeightFQ.save): no rebuild in the backward
+                saved[4 * i] = W
+                fqs = fqs[:i] + (None,) + fqs[i + 1 :]
             low = None
             if As[i] is not None:
                 r = As[i].shape[0]
@@ -190,8 +195,8 @@ class LoRALinearFunction(torch.autograd.Function):
             else:
                 y = x @ W.t()
             outs.append(y)
-        ctx.scales, ctx.merged, ctx.fqs = scales, merged, fqs
-        ctx.save_for_backward(x if requant is None else x_raw, x_lora, xa, *flat)
+        ctx.scales, ctx.merged, ctx.fqs, ctx.w_dtypes = scales, merged, fqs, w_dtypes
+        ctx.save_for_backward(x if requant is None else x_raw, x_lora, xa, *saved)
         return tuple(outs)
 
     @staticmethod
@@ -224,7 +229,8 @@ class LoRALinearFunction(torch.autograd.Function):
                 dx = dy @ W if dx is None else dx.addmm_(dy, W)
                 del W
             if needs[6 + 4 * i]:  # straight-through: dW = dY^T x (x already fake-quantized when act_quant)
-                grads[4 * i] = dy.t() @ x if Ws[i].dtype == dt else mm_fp32_out(dy.t(), x).to(Ws[i].dtype)
+                wdt = ctx.w_dtypes[i]
+                grads[4 * i] = dy.t() @ x if wdt == dt else mm_fp32_out(dy.t(), x).to(wdt)
             if bs[i] is not None and needs[6 + 4 * i + 1]:
                 grads[4 * i + 1] = dy.sum(0, dtype=torch.float32).to(bs[i].dtype)
             if As[i] is not None:
@@ -384,8 +390,10 @@ class LoRAMLPFunction(torch.autograd.Function):
         ha = H @ cached_cast(Ad, dt).t() if Ad is not None else None
         Wd = _effective_weight(Wd, fqs[2], md, Ad, Bd, sd, dt)
         out = _proj_fwd(H, Wd, None if md else ha, Bd, sd)
-        ctx.act, ctx.scales, ctx.rg, ctx.merged, ctx.act_quant, ctx.fqs = act, (sg, su, sd), rg, merged, act_quant, fqs
-        Wg, Wu, Wd = (w if fq is None else raw for w, raw, fq in zip((Wg, Wu, Wd), saved_w, fqs))
+        keep = tuple(fq is None or fq.save for fq in fqs)  # save the weight used, or the raw one to rebuild from
+        ctx.act, ctx.scales, ctx.rg, ctx.merged, ctx.act_quant = act, (sg, su, sd), rg, merged, act_quant
+        ctx.fqs = tuple(None if k else fq for k, fq in zip(keep, fqs))
+        Wg, Wu, Wd = (w if k else raw for w, raw, k in zip((Wg, Wu, Wd), saved_w, keep))
         ctx.save_for_backward(x, xa, G, U, ha, Wg, Ag, Bg, Wu, Au, Bu, Wd, Ad, Bd)
         return out
 

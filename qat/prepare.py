@@ -89,15 +89,24 @@ class ActFakeQuantizer(nn.Module):
         return repr(self.spec)
 
 
+def _cache_form(cache: bool | str) -> str | None:
+    """prepare's ``cache`` argument as a WeightCache form (None: quantize on every use)."""
+    form = {True: "codes", False: None, "off": None}.get(cache, cache)  # type: ignore[call-overload]
+    if form not in (None, "codes", "weights"):
+        raise EdgeftError(f"QAT weight cache must be codes, weights or off, not {cache!r}")
+    return form
+
+
 class WeightFakeQuantizer(nn.Module):
     """Callable weight fake quantizer (straight-through), caching the quantized weight per parameter version."""
 
-    def __init__(self, spec: WeightQuant, cache: bool = True) -> None:
+    def __init__(self, spec: WeightQuant, cache: bool | str = True) -> None:
         super().__init__()
         from edgeft.kernels.fake_quant import WeightCache
 
         self.spec = spec
-        self.cache = WeightCache() if cache else None
+        form = _cache_form(cache)
+        self.cache = WeightCache(form) if form else None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         from edgeft.kernels.fake_quant import weight_fake_quant
@@ -105,7 +114,7 @@ class WeightFakeQuantizer(nn.Module):
         return weight_fake_quant(w, self.spec, self.cache)
 
     def extra_repr(self) -> str:
-        return f"{self.spec!r}, cache={self.cache is not None}"
+        return f"{self.spec!r}, cache={self.cache.form if self.cache is not None else None}"
 
 
 class FakeQuantLinear(nn.Linear):
@@ -115,7 +124,7 @@ class FakeQuantLinear(nn.Linear):
     that applies a head's fake quantizers itself (the fused cross-entropy path) works unchanged.
     """
 
-    def __init__(self, linear: nn.Linear, act: ActQuant | None, weight: WeightQuant, cache: bool = True) -> None:
+    def __init__(self, linear: nn.Linear, act: ActQuant | None, weight: WeightQuant, cache: bool | str = True) -> None:
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         self.weight = linear.weight
         self.bias = linear.bias
@@ -177,8 +186,9 @@ class MergedFakeQuantLoraLinear(nn.Module):
     kept for :func:`unprepare`.
     """
 
-    def __init__(self, lora: nn.Module, act: ActQuant | None, weight: WeightQuant) -> None:
+    def __init__(self, lora: nn.Module, act: ActQuant | None, weight: WeightQuant, cache: bool | str = True) -> None:
         super().__init__()
+        from edgeft.kernels.fake_quant import WeightCache
         if len(lora.active_adapters) != 1:
             raise EdgeftError("QAT with LoRA needs exactly one active adapter")
         self.adapter = lora.active_adapters[0]
@@ -193,6 +203,8 @@ class MergedFakeQuantLoraLinear(nn.Module):
         self.scaling = float(lora.scaling[self.adapter])
         self.act_spec = act
         self.weight_spec = weight
+        # the merged weight changes every step: only the "weights" form keeps it (for the step's other uses)
+        self.weight_cache = WeightCache("weights") if _cache_form(cache) == "weights" else None
         object.__setattr__(self, "_peft_module", lora)
 
     def _adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +227,7 @@ class MergedFakeQuantLoraLinear(nn.Module):
         active = isinstance(drop, nn.Dropout) and drop.p > 0 and drop.training
         return Projection(self.base_layer.weight, self.base_layer.bias, a, b, self.scaling,
                           drop if active else None, merged=True, act_quant=self.act_spec,
-                          weight_fq=WeightFQ(self.weight_spec))
+                          weight_fq=WeightFQ(self.weight_spec, self.weight_cache))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from edgeft.kernels.lora import lora_linear
@@ -230,12 +242,17 @@ def _set_child(root: nn.Module, fqn: str, new: nn.Module) -> None:
 
 
 def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int | None = None, *,
-            cache: bool = True) -> list[str]:
+            cache: bool | str = True) -> list[str]:
     """Insert fake quantization in place; returns the names of the modules it replaced.
 
     Linears whose input size the group size does not divide stay in float (listed with a ``skip:`` prefix),
-    and so does every module convert would not quantize, keeping prepare and convert in step. ``cache=False``
-    re-quantizes full fine-tuning weights on every use instead of once per optimizer step.
+    and so does every module convert would not quantize, keeping prepare and convert in step.
+
+    ``cache`` (see ``edgeft.kernels.fake_quant.WeightCache``): ``"codes"`` (``True``, the default) quantizes each
+    full fine-tuning weight once per optimizer step and keeps its integer codes; ``"weights"`` keeps the
+    fake-quantized weights themselves, LoRA's merged ones included: the fastest, at one quantized copy of the
+    linear weights, which is what the trainer picks when it does not checkpoint (activations dominate then);
+    ``"off"`` (``False``) re-quantizes on every use.
     """
     plan = scheme_or_preset if isinstance(scheme_or_preset, QATPlan) else resolve(scheme_or_preset, group_size)
     act, weight = plan_specs(plan)
@@ -249,7 +266,7 @@ def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int |
         if not _group_ok(mod.base_layer.in_features, plan):
             replaced.append(f"skip:{name}")
             continue
-        _set_child(model, name, MergedFakeQuantLoraLinear(mod, act, weight))
+        _set_child(model, name, MergedFakeQuantLoraLinear(mod, act, weight, cache))
         replaced.append(name)
 
     def inside_lora(fqn: str) -> bool:
@@ -287,10 +304,11 @@ def is_prepared(model: nn.Module) -> bool:
 
 
 def fake_quant_cache_stats(model: nn.Module) -> dict[str, int]:
-    """Hits and misses of the full fine-tuning weight caches (for tests and the benchmark)."""
+    """Hits and misses of the weight caches (for tests and the benchmark)."""
     hits = misses = 0
     for m in model.modules():
-        if isinstance(m, WeightFakeQuantizer) and m.cache is not None:
-            hits += m.cache.hits
-            misses += m.cache.misses
+        c = m.cache if isinstance(m, WeightFakeQuantizer) else getattr(m, "weight_cache", None)
+        if isinstance(m, (WeightFakeQuantizer, MergedFakeQuantLoraLinear)) and c is not None:
+            hits += c.hits
+            misses += c.misses
     return {"hits": hits, "misses": misses}

@@ -231,7 +231,11 @@ def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str
         if cfg.mode == "lora" and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # frozen embeddings: the checkpointed input must carry a gradient
     if plan is not None:
-        qatlib.prepare(model, plan)
+        # without checkpointing the activations dwarf one quantized copy of the linears: keep fq(W) for the step
+        # (fastest); with checkpointing (memory is short) or FSDP (a copy of every unsharded weight per process)
+        # keep only integer codes
+        sharded = load_device is not None and load_device != device
+        qatlib.prepare(model, plan, cache="weights" if ckpt is None and not sharded else "codes")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     info = {"kernels": patched, "gradient_checkpointing": ckpt, "qat": plan.to_dict() if plan else None, "trainable_parameters": n_train,

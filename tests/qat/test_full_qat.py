@@ -49,6 +49,63 @@ def test_gradient_accumulation_with_the_cache_equals_no_cache(tied):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
+def test_weight_cache_forms_train_identically(patched):
+    """"weights" keeps fq(W) for the step (no rebuild in the backward), "codes" dequantizes per use, "off"
+    re-quantizes per use: the same bits, so the same gradients and updates, with each form's count of quantizations."""
+    base = tiny_model("qwen3", lora=False, tie_word_embeddings=True).requires_grad_(True)
+    models = {form: copy.deepcopy(base) for form in ("weights", "codes", "off")}
+    for form, m in models.items():
+        if patched:
+            K.patch(m, checkpoint=None)
+        qat.prepare(m, "phone-deployment", cache=form)
+    n_linear = sum(isinstance(x, FakeQuantLinear) for x in base.modules()) or 2 * 7 + 1
+    opts = {f: torch.optim.SGD(m.parameters(), lr=0.5) for f, m in models.items()}
+    micro = 2
+    for step in range(2):
+        grads = {}
+        for form, m in models.items():
+            for ids in _batches(micro, seed=step):
+                if patched:
+                    s, n = K.causal_lm_loss(m, ids, ids)
+                    (s / n / micro).backward()
+                else:
+                    (m(input_ids=ids, labels=ids).loss / micro).backward()
+            grads[form] = {n: p.grad.clone() for n, p in m.named_parameters()}
+            opts[form].step()
+            opts[form].zero_grad()
+        for form in ("codes", "off"):
+            for n in grads["weights"]:
+                assert torch.equal(grads["weights"][n], grads[form][n]), (form, n)
+        stats = fake_quant_cache_stats(models["weights"])
+        # one quantization per weight per step; the backward uses the kept weight without asking again
+        assert stats == {"misses": n_linear * (step + 1), "hits": n_linear * (micro - 1) * (step + 1)}
+    for n, p in models["weights"].named_parameters():
+        assert torch.equal(p, dict(models["off"].named_parameters())[n]), n
+
+
+def test_checkpointed_layers_save_the_quantized_weight_during_their_recompute():
+    """Inside a checkpointed layer's recompute, rebuilding fq(W) in the backward would save nothing (the layer's
+    backward follows at once), so the Functions keep it: per step, one quantization (the no-grad forward) and
+    one dequantization (the recompute), none in the backward."""
+    m = tiny_model("qwen3", lora=False, tie_word_embeddings=False).requires_grad_(True)
+    ref = copy.deepcopy(m)
+    K.patch(m, checkpoint="plain")
+    K.patch(ref, checkpoint=None)
+    qat.prepare(m, "int8-int4")
+    qat.prepare(ref, "int8-int4")
+    ids = _batches(1)[0]
+    for model in (m, ref):
+        s, n = K.causal_lm_loss(model, ids, ids)
+        (s / n).backward()
+    layer_linears = 2 * 7  # the head is outside the checkpointed layers
+    stats = fake_quant_cache_stats(m)
+    # the head (fused loss: its gradient is made in the forward) quantizes once and is not asked again
+    assert stats == {"misses": layer_linears + 1, "hits": layer_linears}
+    for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+        assert rel_err(p.grad, q.grad) < 1e-5, n
+
+
 def _torchao_prepare(model, name):
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig

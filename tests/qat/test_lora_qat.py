@@ -190,6 +190,35 @@ def test_patched_and_prepared_in_either_order_equal_the_reference(model_type, or
             assert rel_err(g, ref_grads[n]) < 1e-4, (name, n, rel_err(g, ref_grads[n]))
 
 
+@pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
+def test_kept_merged_weights_train_like_rebuilt_ones(patched):
+    """cache="weights" keeps fq(W + s·B·A) for the optimizer step (micro-batches and the backward share it) and
+    rebuilds it after each step, since A and B changed: the same bits as rebuilding it on every use."""
+    from edgeft.qat.prepare import fake_quant_cache_stats
+
+    base = tiny_model("llama", lora=True)
+    kept, rebuilt = copy.deepcopy(base), copy.deepcopy(base)
+    for m, cache in ((kept, "weights"), (rebuilt, "off")):
+        if patched:
+            assert K.patch(m, checkpoint=None)
+        qat.prepare(m, "int8-int4", cache=cache)
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (kept, rebuilt)]
+    n_lora, micro = 2 * 7, 2
+    for step in range(2):
+        grads = []
+        for m, opt in zip((kept, rebuilt), opts):
+            for seed in range(micro):
+                ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(10 * step + seed))
+                (_lora_loss(m, ids, patched) / micro).backward()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+            opt.step()
+            opt.zero_grad()
+        assert grads[0].keys() == grads[1].keys() and all(torch.equal(g, grads[1][n]) for n, g in grads[0].items())
+        # the frozen head is re-quantized per micro-batch (keeping it would hold a copy all run)
+        assert fake_quant_cache_stats(kept) == {"misses": (n_lora + micro) * (step + 1),
+                                                "hits": n_lora * (micro - 1) * (step + 1)}
+
+
 def test_dropout_gradients_follow_the_stated_rule():
     """Under dropout a merged layer trains fq(x) fq(W_m)^T + s (drop(X̂) - X̂) A^T B^T (see qat/prepare.py)."""
     from peft import LoraConfig, get_peft_model
