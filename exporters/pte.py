@@ -8,12 +8,19 @@ cores) and whose int8 embedding never reaches ExecuTorch's kernel. This module e
 itself, holding the converted model's torchao tensors, after explicit, reversible rewrites (``_edge_rewrites``,
 undone before validation, which runs the untouched model):
 
-- attention (Llama, Qwen2, Qwen3; ``ARCHS``): each attention module's forward is replaced by one that writes
-  K/V with ExecuTorch's ``llama::update_cache`` into cache buffers on the module and attends with
+- attention (Llama, Qwen2, Qwen3, Gemma3 text; ``ARCHS``): each attention module's forward is replaced by one
+  that writes K/V with ExecuTorch's ``llama::update_cache`` into cache buffers on the module and attends with
   ``llama::custom_sdpa`` (causal from ``start_pos``, GQA native). RoPE's rotate-half is a constant ±1
   permutation matrix (``F.linear``, exact) because XNNPACK refuses slices of dynamic-length tensors. The HF
-  attention mask is never built (a registered mask function returns None).
-- RMSNorm: ``mean(x²)`` is ``F.linear(x², 1/d)``, since XNNPACK's ``mean`` takes only 4-D inputs.
+  attention mask is never built (a registered mask function returns None). Gemma3's sliding-window layers
+  keep the same full-length cache and give custom_sdpa an additive mask over all of it (j <= p and
+  p - j < window, from the position ids; the op requires the mask to span the cache); each layer takes the
+  RoPE table of its type (local or global base) from HF's own forward, and the scaled embedding, GELU-tanh
+  MLP and final softcap are traced as HF writes them. Not carried (refused in one line): attention logit
+  softcapping and bidirectional attention. A ring-buffer cache of window length for the local layers (less
+  memory on long contexts) is not done: every layer caches ``max_context_len`` positions.
+- RMSNorm: ``mean(x²)`` is ``F.linear(x², 1/d)``, since XNNPACK's ``mean`` takes only 4-D inputs; Gemma's
+  x * (1 + w) adds the offset to the weight (``ArchSpec.norm_offset``).
 - embedding: ``padding_idx`` (gradient-only) is dropped so that ExecuTorch's quant-fusion pass turns torchao's
   int8 per-row embedding into ``quantized_decomposed::embedding_byte`` (``executorch.kernels.quantized``):
   phone-deployment's int8 embedding is carried as int8, not as float.
@@ -125,7 +132,10 @@ class ArchSpec:
 
     model_type: str
     description: str
-    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head, before RoPE
+    qk_norm: bool = False  # Qwen3, Gemma3: RMSNorm on q and k per head, before RoPE
+    norm_offset: float = 0.0  # Gemma3: RMSNorm multiplies by (offset + w)
+    # Gemma3: layers whose config.layer_types entry is "sliding_attention" attend to the last sliding_window keys
+    layer_windows: bool = False
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -134,6 +144,7 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("llama", "Llama, SmolLM2, TinyLlama, Llama 3.x"),
         ArchSpec("qwen2", "Qwen2, Qwen2.5"),
         ArchSpec("qwen3", "Qwen3 dense", qk_norm=True),
+        ArchSpec("gemma3_text", "Gemma3 text", qk_norm=True, norm_offset=1.0, layer_windows=True),
     ]
 }
 
@@ -160,8 +171,13 @@ def _arch(src: Path) -> tuple[ArchSpec, dict[str, Any]]:
         raise EdgeftError(
             f"pte export: architecture {mt!r} is not supported (supported: {', '.join(ARCHS)})"
         )
-    if cfg.get("use_sliding_window"):
+    if cfg.get("use_sliding_window") and not ARCHS[mt].layer_windows:
         raise EdgeftError(f"pte export: {mt} with sliding-window attention is not supported")
+    # custom_sdpa takes an additive mask but no score transform, and attends causally
+    for key, why in (("attn_logit_softcapping", "attention logit softcapping"),
+                     ("use_bidirectional_attention", "bidirectional attention")):
+        if cfg.get(key):
+            raise EdgeftError(f"pte export: {mt} with {why} is not supported (ExecuTorch's custom_sdpa has none)")
     return ARCHS[mt], cfg
 
 
@@ -206,15 +222,17 @@ def _is_int8_per_row(w: torch.Tensor) -> bool:
 class EdgeRMSNorm(nn.Module):
     """RMSNorm with the mean over the last dim written as a linear (XNNPACK's mean needs 4-D inputs)."""
 
-    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+    def __init__(self, weight: torch.Tensor, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = weight
         self.eps = eps
+        self.offset = offset  # Gemma: x * (1 + w); 0 adds no op to the graph
         d = weight.shape[0]
         self.register_buffer("avg", torch.full((1, d), 1.0 / d, dtype=weight.dtype), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(F.linear(x * x, self.avg) + self.eps) * self.weight
+        w = self.weight + self.offset if self.offset else self.weight
+        return x * torch.rsqrt(F.linear(x * x, self.avg) + self.eps) * w
 
 
 class DynActIntxLinear(nn.Module):
@@ -279,7 +297,12 @@ def _et_attention_forward(
     cache: Any = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Llama/Qwen2/Qwen3 attention on ExecuTorch's KV-cache ops (replaces the HF forward during export)."""
+    """Llama/Qwen2/Qwen3/Gemma3 attention on ExecuTorch's KV-cache ops (replaces the HF forward during export).
+
+    A sliding-window layer (``et_window`` > 0) keeps the full-length cache and passes custom_sdpa an additive
+    [n, max_context_len] mask (ExecuTorch's op asserts the mask spans the whole cache) that keeps key j for the
+    query at position p iff j <= p and p - j < window, as HF's sliding mask does.
+    """
     pos = kwargs["et_start_pos"]
     b, s, _ = hidden_states.shape
     q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim)
@@ -293,7 +316,13 @@ def _et_attention_forward(
     k = k * cos + F.linear(k, self.et_rot) * sin
     torch.ops.llama.update_cache(k, self.et_k_cache, pos)
     torch.ops.llama.update_cache(v, self.et_v_cache, pos)
-    out = torch.ops.llama.custom_sdpa(q, self.et_k_cache, self.et_v_cache, pos, None, 0.0, True, self.scaling)
+    if self.et_window:
+        qpos = kwargs["position_ids"].reshape(-1, 1)  # [n, 1]: the query positions, pos .. pos + n - 1
+        keep = (self.et_kpos <= qpos) & (qpos - self.et_kpos < self.et_window)
+        mask = torch.where(keep, 0.0, float("-inf"))
+        out = torch.ops.llama.custom_sdpa(q, self.et_k_cache, self.et_v_cache, pos, mask, 0.0, False, self.scaling)
+    else:
+        out = torch.ops.llama.custom_sdpa(q, self.et_k_cache, self.et_v_cache, pos, None, 0.0, True, self.scaling)
     return self.o_proj(out.reshape(b, s, -1)), None
 
 
@@ -378,24 +407,27 @@ def _edge_rewrites(
             for name, child in list(parent.named_children()):
                 if type(child).__name__.endswith("RMSNorm"):
                     eps = getattr(child, "variance_epsilon", getattr(child, "eps", 1e-6))
-                    setattr(parent, name, EdgeRMSNorm(child.weight, eps))
+                    setattr(parent, name, EdgeRMSNorm(child.weight, eps, arch.norm_offset))
                     undo.append(lambda p=parent, n=name, c=child: setattr(p, n, c))
         # attention -> ExecuTorch KV-cache ops
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         rot = _rotate_half_matrix(head_dim)
-        for layer in model.model.layers:
+        for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
             shape = (1, max_context_len, cfg.num_key_value_heads, head_dim)
             attn.register_buffer("et_k_cache", torch.zeros(shape), persistent=False)
             attn.register_buffer("et_v_cache", torch.zeros(shape), persistent=False)
             attn.register_buffer("et_rot", rot, persistent=False)
+            attn.register_buffer("et_kpos", torch.arange(max_context_len).unsqueeze(0), persistent=False)
             attn.et_qk_norm = arch.qk_norm
+            sliding = arch.layer_windows and cfg.layer_types[i] == "sliding_attention"
+            attn.et_window = int(cfg.sliding_window) if sliding else 0
             attn.forward = types.MethodType(_et_attention_forward, attn)
 
             def _restore(a: nn.Module = attn) -> None:
-                for n in ("et_k_cache", "et_v_cache", "et_rot"):
+                for n in ("et_k_cache", "et_v_cache", "et_rot", "et_kpos"):
                     delattr(a, n)
-                del a.et_qk_norm
+                del a.et_qk_norm, a.et_window
                 del a.forward
 
             undo.append(_restore)

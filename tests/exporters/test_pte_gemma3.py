@@ -1,0 +1,126 @@
+"""ExecuTorch .pte export of Gemma3 text (tiny-gemma3), against the eager transformers model.
+
+tiny-gemma3's sliding-window layers see 16 keys; the texts here are longer, and generation runs past the window
+through the program's KV cache, so a window the program did not apply shows in the logits. The exporter's own
+validation is also shown to refuse programs built without the window or without Gemma's (1 + w) norms.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("executorch")
+
+from edgeft import qat  # noqa: E402
+from edgeft.devices.executorch_runtime import PteRuntime  # noqa: E402
+from edgeft.devices.runtimes import EagerRuntime  # noqa: E402
+from edgeft.errors import EdgeftError  # noqa: E402
+from edgeft.exporters import pte  # noqa: E402
+from edgeft.models import load_model, resolve_model  # noqa: E402
+
+NAME = "tiny-gemma3"
+MAX_SEQ = 64
+# 60-70 tokens with the tiny tokenizer: four times the sliding window
+LONG = (
+    "The river bends twice before the old mill, where the water slows and the fish gather in the shade. "
+    "On market days 1,204 people cross the bridge, and the baker sells 37 loaves before noon."
+)
+
+
+@pytest.fixture(scope="module")
+def eager() -> tuple:
+    return load_model(resolve_model(NAME))
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+    """The float model and its phone-deployment PTQ conversion (the format QAT writes), exported."""
+    out = tmp_path_factory.mktemp("pte-gemma3")
+    model, tok = load_model(resolve_model(NAME))
+    cm, rec = qat.convert(model, "phone-deployment")
+    phone = qat.save_converted(cm, tok, rec, out / "phone-src")
+    srcs = {"float": resolve_model(NAME), "phone": phone}
+    return {k: (src, pte.export(src, out / k, max_seq_len=MAX_SEQ)) for k, src in srcs.items()}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("case", ["float", "phone"])
+def test_export_validates(exports, case):
+    _, r = exports[case]
+    v = r["validation"]
+    assert r["architecture"] == "gemma3_text"
+    assert v["rel_err"] <= v["tolerance"]["rel"] and v["top1"] >= v["tolerance"]["top1"]
+    assert v["runner_match"] and v["runner_tokens"] > 0 and v["num_bos"] == 1
+    if case == "float":
+        assert v["rel_err"] <= 1e-3 and v["greedy_agreement"] == 1.0
+    else:
+        assert r["scheme"] == "phone-deployment" and r["linears"] == {"dyn-act": 29}
+
+
+def test_logits_past_the_window_match_eager(exports, eager):
+    model, tok = eager
+    ids = tok(LONG)["input_ids"]
+    assert len(ids) > 3 * model.config.sliding_window
+    want = EagerRuntime(model).logits(ids)
+    with PteRuntime(exports["float"][1]["path"]) as rt:
+        got = rt.logits(ids)
+    assert got.shape == want.shape and _rel(got, want) <= 1e-3
+    assert bool((got.argmax(-1) == want.argmax(-1)).all())
+
+
+def test_generation_past_the_window_equals_eager(exports, eager):
+    # 17-token prompt, 24 tokens one at a time through the KV cache: the window slides during decoding
+    model, tok = eager
+    ids = tok(LONG)["input_ids"][:17]
+    want = EagerRuntime(model).generate(ids, 24, set())
+    with PteRuntime(exports["float"][1]["path"]) as rt:
+        assert rt.generate(ids, 24, set()) == want
+
+
+def test_text_llm_runner_matches_eager(exports, eager):
+    """ExecuTorch's own runner, as on a phone, with Gemma's BOS, greedy past the window."""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    model, tok = eager
+    path = Path(exports["float"][1]["path"])
+    prompt = LONG[:90]
+    ids = tok(prompt).input_ids
+    assert ids[0] == tok.bos_token_id and len(ids) > model.config.sliding_window
+    want = EagerRuntime(model).generate(ids, 12, {tok.eos_token_id})
+    pieces: list[str] = []
+    runner = TextLLMRunner(str(path), str(path.parent / "tokenizer.json"))
+    cfg = GenerationConfig(echo=False, max_new_tokens=len(want), temperature=0.0, num_bos=1)
+    runner.generate(prompt, cfg, token_callback=pieces.append)
+    assert "".join(pieces) == tok.decode(want)
+
+
+@pytest.mark.parametrize("broken", ["layer_windows", "norm_offset"])
+def test_program_without_gemma3_specifics_is_refused(tmp_path, monkeypatch, broken):
+    # the window dropped (every layer global) or the norms taken as x * w: the exporter's validation says no
+    spec = pte.ARCHS["gemma3_text"]
+    monkeypatch.setitem(pte.ARCHS, "gemma3_text", replace(spec, **{broken: type(getattr(spec, broken))()}))
+    with pytest.raises(EdgeftError, match="pte validation failed against the eager model"):
+        pte.export(resolve_model(NAME), tmp_path / "out", max_seq_len=MAX_SEQ, dynamic_shape=False)
+    assert not (tmp_path / "out" / "model.pte").exists()
+
+
+@pytest.mark.parametrize("key,value", [("attn_logit_softcapping", 50.0), ("use_bidirectional_attention", True)])
+def test_unsupported_gemma3_configs_are_one_line_errors(tmp_path, key, value):
+    src = tmp_path / "src"
+    shutil.copytree(resolve_model(NAME), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[key] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EdgeftError, match="gemma3_text with .* is not supported") as e:
+        pte.export(src, tmp_path / "out", max_seq_len=32)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
