@@ -73,6 +73,10 @@ Thresholds (``QUANTS``):
     q6_k   0.12  / 0.80        0.25  / 0.70      fid <= 0.059,  src <= 0.075
     exact  q4_0/q8_0 fidelity bounds, both       int4 tiny src 0.013-0.015; SmolLM2 0.045, gguf-q4_0 0.037
 
+tiny-gemma3 (fidelity / source rel. error): f32 0.0004 / 0.0004, f16 0.0009 / 0.0013, bf16 0.006 / 0.010, q8_0
+0.021 / 0.032, q4_0 0.022 / 0.32, q4_k_m 0.029 / 0.27; f32 is not 0.0000 there (GELU-tanh in llama.cpp vs
+PyTorch), and every broken Gemma3 file tried (norms without the +1, no window, the window on every layer, one RoPE
+base for both layer types, query_pre_attn_scalar off llama.cpp's rule) is >= 0.19 at f32.
 ("broken": no q/k permutation, or one tensor's rows scrambled; "tiny": the random-init test models, whose
 near-uniform attention makes a missing permutation cost only 4% there, so the tests prove refusal at f16 and with
 a scrambled tensor at q8_0/q4_0. SmolLM2's weights are a dequantized Q4_1 file, which is why its Q5_K_M, falling
