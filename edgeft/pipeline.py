@@ -465,7 +465,11 @@ def convert(run: str | Path | None = None) -> Path:
 
 
 def export(fmt: str, run: str | Path | None = None, quant: str | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Export the run's converted model as ``pte``, ``gguf`` (``quant``) or ``torchao``; returns the report."""
+    """Export the run's converted model as ``pte``, ``gguf`` (``quant``) or ``torchao``; returns the report.
+
+    ``kwargs`` go to the exporter; for ``pte``: ``max_seq_len``, ``max_context_len``, ``dynamic_shape`` and
+    ``logits`` (``"all"``: ``model.pte``, what :func:`evaluate` runs; ``"last"``: ``model-last.pte`` for apps).
+    """
     if fmt not in EXPORT_FORMATS:
         raise EdgeftError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
     run = find_run(run)

@@ -47,6 +47,9 @@ position 0 sees a fresh context. Constant methods for ExecuTorch's LLM runner: `
 ``get_max_context_len``, ``get_vocab_size``, ``get_bos_id``, ``get_eos_ids``, ``use_kv_cache``,
 ``use_sdpa_with_kv_cache``, ``enable_dynamic_shape``; and ``generate_full_logits`` (the name of ExecuTorch's
 own export option; its runner does not read it) saying which of the two output modes the program has.
+``tokenizer.json`` (and ``tokenizer_config.json``, which names BOS/EOS for ExecuTorch's tokenizer when it is
+given the directory, and the run's ``chat_template.jinja``, which apps and ``edgeft run`` apply to a user
+message) is copied beside it.
 
 Output modes (``logits``, ``edgeft export pte --logits``). ``all`` (default) is the program above, written as
 ``model.pte``. ``last`` is the deployment program, written as ``model-last.pte``: HF's ``logits_to_keep=1``
@@ -59,9 +62,12 @@ every position and reuses an existing ``exports/model.pte``, so a last-token pro
 evaluation of that run; under its own name it sits next to the evaluated program and ``eval`` keeps working
 on every run (a last-token program handed to the evaluator anyway is refused by ``PteRuntime.logits`` in one
 line). Push it to a phone as ``model.pte`` (the apps' file name). The default stays ``all`` so that existing
-scripts and runs see no change. ``last`` needs ``dynamic_shape`` (a one-token program has one position). ``tokenizer.json`` (and ``tokenizer_config.json``, which
-names BOS/EOS for ExecuTorch's tokenizer when it is given the directory, and the run's ``chat_template.jinja``,
-which apps and ``edgeft run`` apply to a user message) is copied beside it.
+scripts and runs see no change. ``last`` needs ``dynamic_shape`` (a one-token program has one position).
+Measured on SmolLM2-135M phone-deployment (``bench/pte_logits.py``; this 2-core host, one thread,
+``max_seq_len`` 512): prefill 1.17-1.22x faster for 16-256-token prompts (64 tokens: 78.8 -> 65.6 ms), 1.08x at
+512; decode unchanged; planned activation memory 119.6 -> 36.1 MiB (no ``[1, 512, 49152]`` logits buffer); same
+file size; logits bit-identical to ``model.pte``'s last row. Its validation ``rel_err`` reads 0.22 where
+``model.pte``'s reads 0.13 because a single row's relative error spreads more than a whole sequence's.
 
 Checks, before the file is renamed into place (a failure raises ``EdgeftError`` in one line and leaves any
 previous ``model.pte`` and tokenizer untouched):
