@@ -40,6 +40,7 @@ from edgeft.qat.fake_quant import (
 )
 
 from ._common import HAS_TRITON, needs_long_indexing, next_pow2, param_state, use_triton, warps_for
+from .checkpoint import recomputing
 
 if HAS_TRITON:
     import triton
@@ -621,8 +622,6 @@ class WeightFQ:
     @property
     def save(self) -> bool:
         """Whether the Functions save the fake-quantized weight for the backward (else they rebuild it)."""
-        from .checkpoint import recomputing
-
         return (self.cache is not None and self.cache.form == "weights") or recomputing()
 
     def __call__(self, w: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import cached_cast, mm_fp32_out, param_state, use_triton
+from .fake_quant import fake_quant_act
 from .geglu import geglu_backward, geglu_forward, geglu_reference
 from .swiglu import swiglu_backward, swiglu_forward, swiglu_reference
 
@@ -153,12 +154,15 @@ class LoRALinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, scales, merged, fqs, requant, *flat):
-        ctx.requant = requant
-        if requant is not None:  # save the raw x (kept by its producer anyway); fq(x) again in the backward
-            from .fake_quant import fake_quant_act
-
-            x_raw, x = x, fake_quant_act(x, requant)
+    def forward(ctx, x, x_lora, scales, merged, fqs, act_in, *flat):
+        # act_in = (spec, save_raw): fake-quantize x here (straight-through: dX passes unchanged); save_raw keeps
+        # the raw x (held by its producer anyway) and quantizes it again in the backward
+        ctx.requant = None
+        x_raw = x
+        if act_in is not None:
+            x = fake_quant_act(x, act_in[0])
+            if act_in[1]:
+                ctx.requant = act_in[0]
         dt = x.dtype
         n = len(scales)
         Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
@@ -196,7 +200,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 y = x @ W.t()
             outs.append(y)
         ctx.scales, ctx.merged, ctx.fqs, ctx.w_dtypes = scales, merged, fqs, w_dtypes
-        ctx.save_for_backward(x if requant is None else x_raw, x_lora, xa, *saved)
+        ctx.save_for_backward(x if ctx.requant is None else x_raw, x_lora, xa, *saved)
         return tuple(outs)
 
     @staticmethod
@@ -209,8 +213,6 @@ class LoRALinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         need_dx = needs[0]
         if ctx.requant is not None and any(needs[6 + k] for k in range(len(flat)) if k % 4 in (0, 2)):
-            from .fake_quant import fake_quant_act
-
             x = fake_quant_act(x, ctx.requant)  # dW and dA read the fake-quantized input (straight-through)
         xl = x if x_lora is None else x_lora
         grads: list[torch.Tensor | None] = [None] * len(flat)
@@ -296,9 +298,11 @@ def lora_linear(x: torch.Tensor, projections: list[Projection], input_kept: bool
     if dropout is not None and any(p.dropout is not dropout for p in projections if p.lora_A is not None):
         # different dropout modules: apply them one projection at a time
         return tuple(lora_linear(x, [p], input_kept)[0] for p in projections)
-    fused_requant = input_kept and dropout is None and any(p.weight_fq is not None for p in projections)
-    requant = act_quant if fused_requant else None
-    if act_quant is not None and requant is None:
+    # the input fake quant goes inside the Function when it runs one (no separate autograd node, and o_proj can
+    # save the raw input); otherwise (dropout, plain F.linear) it is its own straight-through op
+    function = any(p.lora_A is not None or p.weight_fq is not None for p in projections)
+    act_in = (act_quant, input_kept) if act_quant is not None and dropout is None and function else None
+    if act_quant is not None and act_in is None:
         from .fake_quant import act_fake_quant
 
         x2 = act_fake_quant(x2, act_quant)  # once for every projection of x; straight-through backward
@@ -309,10 +313,10 @@ def lora_linear(x: torch.Tensor, projections: list[Projection], input_kept: bool
     scales = tuple(p.scale for p in projections)
     merged = tuple(p.merged for p in projections)
     fqs = tuple(p.weight_fq for p in projections)
-    if all(p.lora_A is None and p.weight_fq is None for p in projections):
+    if not function:
         outs = tuple(F.linear(x2, _cast(p.weight, x.dtype), _cast(p.bias, x.dtype)) for p in projections)
     else:
-        outs = LoRALinearFunction.apply(x2, x_lora, scales, merged, fqs, requant, *flat)
+        outs = LoRALinearFunction.apply(x2, x_lora, scales, merged, fqs, act_in, *flat)
     if x.dim() == 2:
         return tuple(outs)  # not views: callers (RoPE) may rotate them in place
     return tuple(o.view(*lead, o.shape[-1]) for o in outs)
@@ -384,8 +388,6 @@ class LoRAMLPFunction(torch.autograd.Function):
         U = _proj_fwd(x, Wu, xa_u, Bu, su)
         H = ACTIVATIONS[act][0](G, U)
         if act_quant is not None:
-            from .fake_quant import fake_quant_act
-
             fake_quant_act(H, act_quant, out=H)
         ha = H @ cached_cast(Ad, dt).t() if Ad is not None else None
         Wd = _effective_weight(Wd, fqs[2], md, Ad, Bd, sd, dt)
@@ -421,8 +423,6 @@ class LoRAMLPFunction(torch.autograd.Function):
         H, dG, dU = ACTIVATIONS[ctx.act][1](dH, G, U, True)
         if Ad is not None and needs[15]:
             if ctx.act_quant is not None:
-                from .fake_quant import fake_quant_act
-
                 fake_quant_act(H, ctx.act_quant, out=H)
             g_Ad = mm_fp32_out(dd.t(), H).to(Ad.dtype)
         del H, dH
