@@ -241,3 +241,24 @@ def test_fake_quantized_head_copy_comes_out_of_the_loss_chunk_budget():
     budget_rows = choose_chunk_rows(1 << 30, 4096, 4, h.device)
     # (chunk + copy) fits the budget the loss has without QAT
     assert rows * 4096 * 4 + w.numel() * w.element_size() <= budget_rows * 4096 * 4 and rows % 64 == 0
+
+
+def test_a_large_head_copy_never_shrinks_the_loss_chunks_below_half():
+    """A copy as large as the chunk budget (Llama-3.2-1B's 128k x 2048 head) once shrank the chunks to 64 rows,
+    i.e. 128 full-size fp32 gradient accumulations per step; a copy a "weights" cache holds all step costs nothing."""
+    from edgeft.kernels.cross_entropy import choose_chunk_rows
+    from edgeft.kernels.patch import head_copy_chunk_rows, lm_head_operands
+
+    for cache, trained in (("codes", True), ("weights", False), ("weights", True)):
+        m = tiny_model("qwen3", lora=False, vocab_size=4096, hidden_size=4096, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2, head_dim=32).requires_grad_(trained)
+        qat.prepare(m, "int8-int4", cache=cache)
+        h = torch.randn(4096, 4096)
+        _, w = lm_head_operands(m.lm_head, h)
+        rows = head_copy_chunk_rows(m.lm_head, h, w)
+        own = choose_chunk_rows(1 << 30, 4096, 4, h.device)
+        assert w.numel() * w.element_size() >= own * 4096 * 4  # the copy alone fills the budget
+        if cache == "weights" and trained:
+            assert rows is None
+        else:
+            assert rows >= own // 2, (cache, rows, own)
