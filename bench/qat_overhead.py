@@ -111,8 +111,14 @@ def run_worker(spec: dict) -> dict:
 
             cache = spec.get("cache", "auto")
             if cache == "auto":  # what `edgeft train` picks (edgeft/train/model.py)
-                cache = "weights" if ckpt == "off" else "codes"
+                from types import SimpleNamespace
+
+                from edgeft.train.model import qat_weight_cache
+
+                run_cfg = SimpleNamespace(mode=mode, batch_size=batch, max_seq_length=seq, dtype="bf16")
+                cache = qat_weight_cache(run_cfg, model, ckpt != "off", False)
             replaced = qat.prepare(model, SCHEME[mode], cache=cache)
+            spec["cache"] = cache
     else:
         if impl == "hf_qat":
             replaced = ["x"] * _torchao_qat(model, mode)

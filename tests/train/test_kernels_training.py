@@ -7,6 +7,7 @@ optimizer's updates.
 import json
 
 import pytest
+import torch
 
 from edgeft.config import TrainConfig
 from edgeft.kernels._common import interpreting
@@ -77,3 +78,24 @@ def test_auto_checkpoints_only_when_the_activations_do_not_fit(monkeypatch):
     assert checkpoint_mode(cfg, model, "cuda", kernels=True) == "offload"
     cfg.gradient_checkpointing = "plain"
     assert checkpoint_mode(cfg, model, "cpu", kernels=True) == "plain"
+
+
+def test_qat_keeps_quantized_weights_only_where_the_copy_is_small():
+    """qat_weight_cache: "weights" (one quantized copy of the linears) when that copy is at most 8% of the step's
+    estimated memory and nothing is checkpointed or sharded, else "codes"."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edgeft.train.model import activation_bytes, qat_weight_cache
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    copy = sum(m.weight.numel() * 2 for m in model.modules() if type(m) is torch.nn.Linear)  # the head included
+    for seq, expect in ((512, "weights"), (8, "codes")):
+        cfg = TrainConfig(model="tiny-llama", mode="full", batch_size=4, max_seq_length=seq, dtype="bf16")
+        step = weights * 4 + activation_bytes(cfg, model)
+        assert (copy <= 0.08 * step) == (expect == "weights")  # the two cases straddle the threshold
+        assert qat_weight_cache(cfg, model, checkpointing=False, sharded=False) == expect
+    cfg = TrainConfig(model="tiny-llama", mode="full", batch_size=4, max_seq_length=512, dtype="bf16")
+    assert qat_weight_cache(cfg, model, checkpointing=True, sharded=False) == "codes"
+    assert qat_weight_cache(cfg, model, checkpointing=False, sharded=True) == "codes"
