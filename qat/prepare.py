@@ -9,15 +9,21 @@ modules are edgeft's, for three reasons:
   straight-through backward gives dA and dB from rank-r products (dB = s·dY^T (X̂ A^T), dA = s·(dY B)^T X̂): no
   (out, in) weight gradient is ever formed and W stays frozen. The module exposes this as a ``Projection`` to the
   fused kernels (``edgeft.kernels.lora``), so Q/K/V share one fake-quantized input and the MLP stays one Function.
-- Full fine-tuning: :class:`FakeQuantLinear` fake-quantizes each weight once per optimizer step (a cache keyed by
-  the parameter's version counter keeps its integer codes, 4-bit codes packed two a byte: about 6% of a 0.6B
-  model's training memory) and reuses it across the micro-batches of gradient accumulation, checkpoint
-  recomputation and the backward; ``prepare(..., cache=False)`` trades that memory for one quantization per use.
-- Memory: no fake-quantized weight is saved for the backward. The linear Functions get the raw weight and its
-  quantizer (``Projection.weight_fq``) and rebuild fq(W) (LoRA: fq(W + s·B·A)) in the backward, one memory-bound
-  pass per linear, instead of keeping a full-size copy of every quantized weight alive between forward and backward. Frozen weights
-  (LoRA's head) are re-quantized per micro-batch instead of holding codes for the whole run.
-  :class:`FakeQuantEmbedding` quantizes only the rows it looks up (per-row scales make that exact), never the table.
+- Full fine-tuning: :class:`FakeQuantLinear` fake-quantizes each weight once per optimizer step and reuses it
+  across the micro-batches of gradient accumulation, checkpoint recomputation and the backward, through a cache
+  keyed on the parameter's state (``edgeft.kernels.fake_quant.WeightCache``): ``cache="codes"`` keeps integer
+  codes (4-bit packed two a byte, about 6% of a 0.6B model's training memory) and dequantizes per use;
+  ``"weights"`` keeps the fake-quantized weights (LoRA's merged ones too), the fastest, for one quantized copy of
+  the linears; ``"off"`` re-quantizes per use. ``edgeft train`` picks "weights" only when that copy is small next
+  to the step (``edgeft.train.model.qat_weight_cache``). Frozen weights (LoRA's head) are re-quantized per
+  micro-batch instead of being held for the whole run. :class:`FakeQuantEmbedding` quantizes only the rows it
+  looks up (per-row scales make that exact), never the table.
+- Memory: no fake-quantized weight is saved for the backward unless something holds it anyway. The linear
+  Functions get the raw weight and its quantizer (``Projection.weight_fq``) and rebuild fq(W) (LoRA:
+  fq(W + s·B·A)) in the backward, one memory-bound pass per linear, instead of keeping a full-size copy of every
+  quantized weight alive between forward and backward; they keep it when a "weights" cache holds it or inside a
+  checkpointed layer's recompute. o_proj saves the attention output it shares and re-quantizes it in the backward.
+  A QAT step saves the same bytes as the step without QAT (tests/qat/test_saved_tensors.py).
 - Speed and memory: one fused pass per fake quantization instead of a dozen PyTorch ops and their saved masks.
 
 lora_dropout > 0: the merge cannot contain dropout, so in training a merged layer computes
