@@ -45,7 +45,7 @@ def _weights(run):
     return load_file(str(f if f.exists() else d / "model.safetensors"))
 
 
-def _compare(tmp_path, extra, rel, wtol, env=None):
+def _compare(tmp_path, extra, rel, wtol, env=None, grad_rel=None):
     args = [*BASE, "--data", str(_data(tmp_path)), *extra]
     one, two = tmp_path / "one", tmp_path / "two"
     if env is None:
@@ -63,7 +63,7 @@ def _compare(tmp_path, extra, rel, wtol, env=None):
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=rel)
     # the gradients agree to fp32 (the losses above); their norm is summed per shard, and the CPU's fp32 norm of a
     # whole 8192x256 gradient is itself off by up to ~1e-3 (checked against float64), so only roughly here
-    assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=max(rel, 2e-3))
+    assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=grad_rel or max(rel, 2e-3))
     ev_a, ev_b = [r["eval_loss"] for r in a if "eval_loss" in r], [r["eval_loss"] for r in b if "eval_loss" in r]
     assert ev_b == pytest.approx(ev_a, rel=rel)
     info = json.loads((two / "model" / "edgeft.json").read_text())
@@ -154,3 +154,17 @@ def test_strategy_choice():
     assert fsdp.choose(cfg, md, 2, "cpu") == "ddp"  # gloo on CPU: DDP unless asked
     assert fsdp.choose(cfg, md, 1, "cuda") == "ddp"  # one process
     assert fsdp.choose(SimpleNamespace(**(cfg.__dict__ | {"distributed": "fsdp"})), md, 2, "cpu") == "fsdp"
+
+
+def test_fsdp_qat_distilled_from_its_twin_equals_one_process(tmp_path):
+    # edgeft's default QAT recipe: the no-QAT twin trains first (under FSDP2 too), then QAT starts from its weights
+    # and distils KL(twin || QAT) with packaged prose mixed in; every rank runs its own full teacher. The twins agree
+    # to fp32; the distilled QAT runs only as closely as QAT lets any two summation orders agree: the KL is tiny
+    # (~5e-3) and a grid point flipped by a last-bit difference moves it, so the gradient norms differ by up to
+    # 4% (DDP, measured on the same run: up to 7.5%), the losses by 5e-4
+    a, _ = _compare(tmp_path, ["--lora", "--qat", "int8-int4"], rel=1e-3, wtol=5e-2, grad_rel=0.1)
+    b = _rows(tmp_path / "two" / "metrics.jsonl")
+    assert all(r["distill_kl"] > 0 for r in a + b)
+    assert [r["distill_kl"] for r in b] == pytest.approx([r["distill_kl"] for r in a], rel=0.2)
+    ta, tb = _rows(tmp_path / "one" / "baseline" / "metrics.jsonl"), _rows(tmp_path / "two" / "baseline" / "metrics.jsonl")
+    assert [r["loss"] for r in tb] == pytest.approx([r["loss"] for r in ta], rel=1e-5)  # the twins agree first
