@@ -159,7 +159,7 @@ def activation_bytes(cfg: Any, model: nn.Module) -> int:
     return int(1.25 * per * tokens * layers * (2 if cfg.dtype == "bf16" else 4))
 
 
-def qat_weight_cache(cfg: Any, model: nn.Module, checkpointing: bool, sharded: bool) -> str:
+def qat_weight_cache(cfg: Any, model: nn.Module, checkpointing: bool, sharded: bool, device: str = "cuda") -> str:
     """The QAT weight cache a run uses (``qat.prepare``'s ``cache``): "weights" keeps every fake-quantized weight
     for the optimizer step (fastest: no rebuild per use or in the backward), "codes" keeps integer codes and
     rebuilds per use (LoRA's merged weights: rebuilt, never kept).
@@ -169,10 +169,14 @@ def qat_weight_cache(cfg: Any, model: nn.Module, checkpointing: bool, sharded: b
     state and the activations of an uncheckpointed step: within QAT's +10% memory budget with room for the
     loss's head copy). Measured on an H200 (bench/README.md): Qwen3-0.6B, batch 4 x 2048, copy 6% of the step:
     +7.6% peak, 0.94x full fine-tuning speed; Llama-3.2-1B, copy 13-18%: +12-20% peak, so "codes" there.
-    Checkpointing (memory is short) and FSDP (a copy of every unsharded weight per process) take "codes".
+    Checkpointing (memory is short) and FSDP (a copy of every unsharded weight per process) take "codes"; CPU runs
+    take "weights" (host memory is not what limits them, and rebuilding LoRA's merged weight without Triton is a
+    rank-long loop of full-size ops).
     """
     if checkpointing or sharded:
         return "codes"
+    if not device.startswith("cuda"):
+        return "weights"
     lora = cfg.mode == "lora"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     copy = 0
@@ -259,7 +263,7 @@ def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str
             model.enable_input_require_grads()  # frozen embeddings: the checkpointed input must carry a gradient
     if plan is not None:
         sharded = load_device is not None and load_device != device
-        qatlib.prepare(model, plan, cache=qat_weight_cache(cfg, model, ckpt is not None, sharded))
+        qatlib.prepare(model, plan, cache=qat_weight_cache(cfg, model, ckpt is not None, sharded, device))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     info = {"kernels": patched, "gradient_checkpointing": ckpt, "qat": plan.to_dict() if plan else None, "trainable_parameters": n_train,

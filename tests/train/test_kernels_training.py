@@ -96,6 +96,7 @@ def test_qat_keeps_quantized_weights_only_where_the_copy_is_small():
         step = weights * 4 + activation_bytes(cfg, model)
         assert (copy <= 0.08 * step) == (expect == "weights")  # the two cases straddle the threshold
         assert qat_weight_cache(cfg, model, checkpointing=False, sharded=False) == expect
+        assert qat_weight_cache(cfg, model, checkpointing=False, sharded=False, device="cpu") == "weights"
     cfg = TrainConfig(model="tiny-llama", mode="full", batch_size=4, max_seq_length=512, dtype="bf16")
     assert qat_weight_cache(cfg, model, checkpointing=True, sharded=False) == "codes"
     assert qat_weight_cache(cfg, model, checkpointing=False, sharded=True) == "codes"
