@@ -4,7 +4,8 @@ Why this module exists: gguf-py gives the file format (``GGUFWriter``), the tens
 (``TensorNameMap``), special tokens and merges (``vocab.SpecialVocab``) and the block quantizers
 (``gguf.quants``), but no HF converter: that lives in llama.cpp's repository script, which is not an
 installable package. So the conversion (architecture metadata, the Llama q/k permutation, the byte-level BPE
-vocabulary) is written here, for the architectures in ``ARCHS``; anything else is refused in one line.
+and SentencePiece vocabularies) is written here, for the architectures in ``ARCHS``; anything else is refused in
+one line.
 
 What is written
 - Llama (incl. SmolLM2), Qwen2, Qwen3, Gemma3 text. Llama's q/k projections are permuted from HF's rotate-half
@@ -19,8 +20,9 @@ What is written
   key for ``query_pre_attn_scalar`` (it derives the score scale from the shape), nor attention logit
   softcapping, bidirectional attention or scaled RoPE on local layers: such configs are refused in one line.
   Each of these keys was measured to be read by the bundled llama.cpp (a wrong value moves the tiny model's
-  logits by 0.2-0.7, the f32 bound is 0.002). The tokenizer is still limited to byte-level BPE (below): Google's
-  Gemma3 checkpoints ship a SentencePiece-style BPE (``▁`` normalizer, byte fallback) and are refused there.
+  logits by 0.2-0.7, the f32 bound is 0.002). Google's Gemma3 checkpoints ship a SentencePiece-style BPE (no
+  space prefix, byte fallback): written for llama.cpp's SPM tokenizer (below) with ``add_space_prefix`` false,
+  as llama.cpp's converter does for gemma3.
 - Types (``QUANTS``): f32, f16, bf16, q8_0, q4_0 through gguf-py; q4_k_m, q5_k_m, q6_k through llama.cpp.
   Norms and biases stay F32 (llama.cpp's converter does the same); a 2-D tensor whose rows are not a multiple
   of the block size (32) falls back to F16. In q4_0 the output projection (or the tied embedding that serves as
@@ -42,10 +44,26 @@ What is written
   read back from the written file and checked against the converted weights within that rounding, and the
   source bounds tighten to the fidelity bounds. ``exact=False`` re-quantizes (the baseline); other types
   (f16, K-quants) always start from the dequantized weights.
-- Tokenizer: ``tokenizer.ggml.model = gpt2`` with llama.cpp's pre-tokenizer name recognised from
-  tokenizer.json (GPT-2 byte-level, SmolLM's digit split, Llama 3 and Qwen2 regexes), tokens with types (added
-  special -> CONTROL, other added -> USER_DEFINED, id holes -> UNUSED), merges, special ids, ``add_bos`` and
-  ``add_eos`` as the HF tokenizer actually behaves, and the chat template.
+- Tokenizer, byte-level BPE (SmolLM2, Llama 3, Qwen2/3): ``tokenizer.ggml.model = gpt2`` with llama.cpp's
+  pre-tokenizer name recognised from tokenizer.json (GPT-2 byte-level, SmolLM's digit split, Llama 3 and Qwen2
+  regexes), tokens with types (added special -> CONTROL, other added -> USER_DEFINED, id holes -> UNUSED), merges,
+  special ids, ``add_bos`` and ``add_eos`` as the HF tokenizer actually behaves, and the chat template.
+- Tokenizer, SentencePiece-style (Llama 2, TinyLlama, Mistral 7B v0.1, Gemma 3: a byte-fallback BPE over ``▁``
+  for spaces): ``tokenizer.ggml.model = llama``, llama.cpp's SPM tokenizer, which escapes spaces, adds one
+  ``add_space_prefix`` space at the start and after every special token, merges the adjacent pair whose
+  concatenation is the highest-scoring token, and writes leftovers as ``<0xXX>`` byte tokens. Tokens are
+  tokenizer.json's (the HF tokenizer is the truth), with scores and types: from ``tokenizer.model`` through
+  sentencepiece when it is there (as llama.cpp's converter reads it; it must match tokenizer.json id for id),
+  otherwise from tokenizer.json: a token made by merge rank r scores -r, so llama.cpp's highest-score-first order
+  is HF's lowest-rank-first (llama.cpp's own HF-vocab path writes -1000 for every token, which merges leftmost
+  first: such a file tokenizes differently and is refused), ``<0xXX>`` -> BYTE. Added tokens: the unk one ->
+  UNKNOWN, special -> CONTROL, others -> USER_DEFINED (matched in the raw text). Special ids are the loaded HF
+  tokenizer's, ``add_bos``/``add_eos`` and ``add_space_prefix`` are read off its behaviour. What llama.cpp's SPM
+  tokenizer cannot mirror is refused in one line: unigram models (llama.cpp merges by score, unigram picks the
+  likeliest segmentation), BPE without byte fallback or lacking byte tokens, BPE dropout, normalizers other than
+  the ``▁`` prepend/replace (NFKC, precompiled charsmaps: llama.cpp normalizes nothing), and a prefix the HF
+  tokenizer adds only sometimes (a Metaspace pre-tokenizer, as transformers' non-legacy Llama tokenizer has, skips
+  it after special tokens and before a leading space; llama.cpp always adds it).
 
 Validation, before the file is renamed into place (a failure raises ``EdgeftError`` in one line and leaves any
 previous file untouched). llama.cpp (F32 KV cache, so nothing but the file is rounded) runs the new file on the
@@ -87,6 +105,12 @@ A converted directory whose scheme quantizes activations (``int8-int4``: int8 pe
 llama.cpp) gets ``ACT_QUANT_ALLOWANCE`` on the source bounds and no greedy requirement. The tokenizer check
 requires llama.cpp's tokenization of the validation strings (digits, whitespace runs, unicode, the chat template
 rendering with its control tokens) to equal the HF tokenizer's exactly, and the stored chat template to be intact.
+SentencePiece-style tokenizers get more strings (leading spaces and newlines, runs of spaces, byte fallback, text
+around each special and a few user-defined tokens) and must also detokenize as HF decodes (``llama_detokenize``
+without the BOS; llama.cpp keeps the prefix's space after a BOS). Measured on tiny models with locally trained
+SentencePiece tokenizers (tests/exporters/test_gguf_spm.py): scores all -1000, or merge-rank scores with the sign
+flipped, tokenize differently within the first validation text; byte tokens typed NORMAL detokenize as ``<0xC3>``
+text; a missing space prefix changes the first token.
 """
 
 from __future__ import annotations
@@ -96,6 +120,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,6 +301,7 @@ def export(
         "exact_tensors": sorted(tensors.exact),
         "requantized_tensors": sorted(tensors.requantized),
         "float_tensors": tensors.float_tensors,  # exact export: untrained 2-D tensors and their type
+        "tokenizer_model": vocab_info["model"],  # gpt2 (byte-level BPE) or llama (SentencePiece)
         "tokenizer_pre": vocab_info["pre"],
         "validation": validation,
         "seconds": {"write": round(t_write, 2), "validate": round(total - t_write, 2), "total": round(total, 2)},
@@ -504,9 +530,11 @@ def _add_vocab(writer: Any, src: Path, cfg: dict[str, Any], tokenizer: Any) -> d
 
     tj = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
     model = tj.get("model", {})
+    if _is_sentencepiece(tj):
+        return _add_vocab_spm(writer, src, cfg, tokenizer, tj)
     if model.get("type") != "BPE":
         raise EdgeftError(
-            f"GGUF export supports byte-level BPE tokenizers only, not {model.get('type')} (SentencePiece: not yet)"
+            f"GGUF export supports byte-level BPE and SentencePiece-style BPE tokenizers, not {model.get('type')}"
         )
     pre = _pre_tokenizer(tj)  # refuses BPE without byte-level pre-tokenization
     n_vocab = int(cfg["vocab_size"])
@@ -535,20 +563,245 @@ def _add_vocab(writer: Any, src: Path, cfg: dict[str, Any], tokenizer: Any) -> d
     special = gguf.SpecialVocab(src, load_merges=True, n_vocab=n_vocab)
     if not special.merges:
         raise EdgeftError("GGUF export: tokenizer.json has no BPE merges")
-    # What the HF tokenizer really adds around a text decides add_bos/add_eos (the post-processor may differ
-    # from what tokenizer_config.json says).
+    add_bos, add_eos = _added_bos_eos(tokenizer)
+    special.add_special_token = {"bos": add_bos, "eos": add_eos}
+    chat_template = getattr(tokenizer, "chat_template", None)
+    if isinstance(chat_template, str):
+        special.chat_template = chat_template
+    special.add_to_gguf(writer, quiet=True)
+    return {"model": "gpt2", "pre": pre, "add_bos": add_bos, "add_eos": add_eos, "chat_template": special.chat_template}
+
+
+def _added_bos_eos(tokenizer: Any) -> tuple[bool, bool]:
+    """Whether the HF tokenizer really adds BOS / EOS around a text (the post-processor may differ from what
+    tokenizer_config.json says)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
     add_bos = len(full) > len(plain) and full[0] == tokenizer.bos_token_id and full[1:1 + len(plain)] == plain
     add_eos = len(full) > len(plain) and full[-1] == tokenizer.eos_token_id and full[-1 - len(plain):-1] == plain
     if len(full) - len(plain) != int(add_bos) + int(add_eos):
         raise EdgeftError("GGUF export: the tokenizer adds special tokens other than BOS/EOS; not supported")
+    return add_bos, add_eos
+
+
+# SentencePiece-style tokenizers (Llama 2, TinyLlama, Mistral 7B v0.1, Gemma): llama.cpp's SPM tokenizer
+# ("llama") escapes spaces as U+2581, prefixes one (add_space_prefix) at the start of the text and after every
+# special or user-defined token, then repeatedly merges the adjacent pair whose concatenation is a token of the
+# highest score (leftmost first), and writes what did not become a token as <0xXX> byte tokens. It normalizes
+# nothing else.
+SPM_SPACE = "\u2581"
+SPM_TOKENIZER_TEXTS = (  # checked on llama.cpp besides VALIDATION_TEXTS (tokenization only)
+    " leading space, then  two and   three spaces",
+    "  two leading spaces\nand a newline, trailing  ",
+    "\n\nnewlines first\r\n\tand tabs\t",
+    "digits 0 12 345 6789 3.14159 1,000,000",
+    "bytes: \u00dcml\u00e4ut, \u65e5\u672c\u8a9e, emoji \U0001f642\U0001f680, "
+    "\u0416\u0436 \u03a9 \u00a7\u00b6 \u2581 end",
+)
+
+
+def _is_sentencepiece(tj: dict[str, Any]) -> bool:
+    """A SentencePiece-derived tokenizer.json: Unigram, byte-fallback BPE, or U+2581 space handling."""
+    model = tj.get("model") or {}
+    if model.get("type") == "Unigram" or model.get("byte_fallback"):
+        return True
+    return SPM_SPACE in json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer")], ensure_ascii=False)
+
+
+def _check_spm_normalizer(norm: dict[str, Any] | None) -> None:
+    """llama.cpp's SPM tokenizer only escapes spaces (and adds the prefix): any other normalization is refused."""
+    if norm is None:
+        return
+    kind = norm.get("type")
+    if kind == "Sequence":
+        for n in norm.get("normalizers", []):
+            _check_spm_normalizer(n)
+    elif kind == "Prepend" and norm.get("prepend") == SPM_SPACE:
+        return
+    elif kind == "Replace" and norm.get("pattern") == {"String": " "} and norm.get("content") == SPM_SPACE:
+        return
+    else:
+        raise EdgeftError(
+            f"GGUF export: SentencePiece-style tokenizer normalizer {kind} {json.dumps(norm.get('pattern', ''))} has "
+            "no llama.cpp equivalent (its SPM tokenizer only turns spaces into \u2581); not supported"
+        )
+
+
+def _spm_space_prefix(tokenizer: Any) -> bool:
+    """Whether the HF tokenizer adds the U+2581 prefix, refusing what llama.cpp's add_space_prefix cannot mirror."""
+
+    def pieces(text: str) -> str:
+        return "".join(tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+    prefix = pieces("a").startswith(SPM_SPACE)
+    if prefix and not pieces(" a").startswith(SPM_SPACE * 2):
+        raise EdgeftError(
+            "GGUF export: the HF tokenizer adds its \u2581 prefix only when a text does not start with a space "
+            "(a Metaspace pre-tokenizer); llama.cpp's SPM tokenizer always adds it; not representable"
+        )
+    marker = tokenizer.eos_token or tokenizer.bos_token
+    if marker:
+        after = pieces(marker + "a")
+        if after.startswith(marker) and after[len(marker):].startswith(SPM_SPACE) != prefix:
+            raise EdgeftError(
+                "GGUF export: the HF tokenizer adds its \u2581 prefix at the start of a text but not after a special "
+                "token (non-legacy Llama tokenizer, Metaspace prepend_scheme 'first'); llama.cpp's SPM tokenizer "
+                "adds it after every special token; not representable"
+                if prefix else
+                "GGUF export: the HF tokenizer adds a \u2581 prefix after special tokens only; not representable"
+            )
+    return prefix
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _spm_scores_from_model(path: Path, by_id: dict[int, str], n_vocab: int) -> tuple[dict[int, float], dict[int, int]]:
+    """Scores and types of the pieces of a tokenizer.model (SentencePiece reads it; no protobuf needed)."""
+    import gguf
+
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise EdgeftError(
+            f"GGUF export: reading {path.name} needs sentencepiece: pip install sentencepiece"
+        ) from None
+    try:
+        sp = SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise EdgeftError(f"GGUF export: {path} is not a readable SentencePiece model ({e})") from None
+    scores, types = {}, {}
+    for i in range(sp.get_piece_size()):
+        piece = sp.id_to_piece(i)
+        if i >= n_vocab or by_id.get(i) != piece:
+            raise EdgeftError(
+                f"GGUF export: {path.name} does not match tokenizer.json (id {i}: {piece!r} vs {by_id.get(i)!r})"
+            )
+        scores[i] = float(sp.get_score(i))
+        types[i] = (
+            gguf.TokenType.UNKNOWN if sp.is_unknown(i) else
+            gguf.TokenType.CONTROL if sp.is_control(i) else
+            gguf.TokenType.UNUSED if sp.is_unused(i) else
+            gguf.TokenType.BYTE if sp.is_byte(i) else
+            gguf.TokenType.NORMAL
+        )
+    return scores, types
+
+
+def _spm_scores_from_merges(model: dict[str, Any], by_id: dict[int, str]) -> dict[int, float]:
+    """Scores for llama.cpp's merge-by-score from a tokenizer.json's BPE merges: a token made by merge rank r
+    scores -r, so llama.cpp's highest-score-first order is HF's lowest-rank-first order; tokens no merge makes
+    score below every merge (llama.cpp only reads the scores of tokens two symbols concatenate to)."""
+    merges = model.get("merges") or []
+    rank: dict[str, int] = {}
+    for r, m in enumerate(merges):
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(left + right, r)
+    floor = -float(len(merges) + 1)
+    return {i: (-float(rank[t]) if t in rank else floor) for i, t in by_id.items()}
+
+
+def _add_vocab_spm(
+    writer: Any, src: Path, cfg: dict[str, Any], tokenizer: Any, tj: dict[str, Any]
+) -> dict[str, Any]:
+    """tokenizer.ggml.model = llama: tokens, scores and types for llama.cpp's SPM tokenizer."""
+    import gguf
+
+    model = tj["model"]
+    if model.get("type") == "Unigram":
+        raise EdgeftError(
+            "GGUF export: SentencePiece unigram tokenizers are not supported (llama.cpp's SPM tokenizer merges "
+            "pieces by score; a unigram model picks the most likely segmentation, which can differ)"
+        )
+    if model.get("type") != "BPE":
+        raise EdgeftError(f"GGUF export: SentencePiece-style tokenizer model {model.get('type')} is not supported")
+    if not model.get("byte_fallback"):
+        raise EdgeftError(
+            "GGUF export: SentencePiece-style BPE without byte_fallback is not supported (llama.cpp's SPM tokenizer "
+            "writes unknown characters as <0xXX> byte tokens, HF as <unk>)"
+        )
+    if model.get("dropout"):
+        raise EdgeftError("GGUF export: BPE dropout is not supported (llama.cpp tokenizes deterministically)")
+    _check_spm_normalizer(tj.get("normalizer"))
+    n_vocab = int(cfg["vocab_size"])
+    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    for i, a in added.items():
+        by_id[i] = a["content"]
+    if max(by_id) >= n_vocab:
+        raise EdgeftError(f"tokenizer has ids up to {max(by_id)} but the model's vocab_size is {n_vocab}")
+    missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in model["vocab"]]
+    if missing:
+        raise EdgeftError(
+            f"GGUF export: the byte-fallback vocabulary lacks {len(missing)} byte tokens ({missing[0]}, ...); "
+            "llama.cpp's SPM tokenizer needs all 256"
+        )
+    sp_path = src / "tokenizer.model"
+    if sp_path.is_file():  # the SentencePiece model's own scores and types, as llama.cpp's converter reads them
+        scores, sp_types = _spm_scores_from_model(sp_path, by_id, n_vocab)
+        source = "tokenizer.model"
+    else:  # tokenizer.json only: scores from the merge ranks, types from the token texts and added tokens
+        scores, sp_types = _spm_scores_from_merges(model, by_id), {}
+        source = "tokenizer.json merges"
+    unk_id = tokenizer.unk_token_id
+    tokens, token_scores, types = [], [], []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            token_scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        text = by_id[i]
+        if i in added:
+            # added tokens are matched in the raw text before any SentencePiece processing, in llama.cpp as in HF
+            if i == unk_id:
+                kind = gguf.TokenType.UNKNOWN
+            elif added[i].get("special"):
+                kind = gguf.TokenType.CONTROL
+            else:
+                kind = gguf.TokenType.USER_DEFINED
+                if added[i].get("normalized"):  # HF matches it after " " -> U+2581; llama.cpp in the raw text
+                    text = text.replace(SPM_SPACE, " ")
+            score = -1000.0
+        else:
+            kind = sp_types.get(i, gguf.TokenType.BYTE if _BYTE_TOKEN.fullmatch(text) else gguf.TokenType.NORMAL)
+            if i == unk_id:
+                kind = gguf.TokenType.UNKNOWN
+            score = scores.get(i, -1000.0)
+        tokens.append(text)
+        token_scores.append(score)
+        types.append(kind)
+    not_bytes: list[str] = []  # every <0xXX> (all present, checked above) must be typed BYTE
+    for b in range(256):
+        i = model["vocab"][f"<0x{b:02X}>"]
+        if types[i] != gguf.TokenType.BYTE:
+            not_bytes.append(f"<0x{b:02X}>")
+    if not_bytes:
+        raise EdgeftError(f"GGUF export: {sp_path.name} does not mark {not_bytes[0]} as a byte piece")
+    add_space_prefix = _spm_space_prefix(tokenizer)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(token_scores)
+    writer.add_token_types(types)
+    writer.add_add_space_prefix(add_space_prefix)
+
+    special = gguf.SpecialVocab(src, load_merges=False, n_vocab=n_vocab)
+    # the ids the loaded HF tokenizer uses (llama.cpp's SPM defaults, 1/2/0, would apply to any left unset)
+    for kind in ("bos", "eos", "unk", "pad"):
+        tid = getattr(tokenizer, f"{kind}_token_id", None)
+        if tid is not None and not (kind == "pad" and tokenizer.pad_token == tokenizer.eos_token):
+            special.special_token_ids[kind] = int(tid)
+    add_bos, add_eos = _added_bos_eos(tokenizer)
     special.add_special_token = {"bos": add_bos, "eos": add_eos}
     chat_template = getattr(tokenizer, "chat_template", None)
     if isinstance(chat_template, str):
         special.chat_template = chat_template
     special.add_to_gguf(writer, quiet=True)
-    return {"pre": pre, "add_bos": add_bos, "add_eos": add_eos, "chat_template": special.chat_template}
+    return {
+        "model": "llama", "pre": "default", "scores_from": source, "add_bos": add_bos, "add_eos": add_eos,
+        "add_space_prefix": add_space_prefix, "chat_template": special.chat_template,
+    }
 
 
 # --- tensors ----------------------------------------------------------------------------------------
@@ -900,6 +1153,35 @@ def _sequences(tokenizer: Any) -> tuple[list[list[int]], list[int], dict[str, tu
     return seqs, prompt, tok_checks
 
 
+def _llama_detokenize(rt: Any, ids: list[int]) -> str:
+    """llama.cpp's own detokenization (llama_detokenize: leading BOS removed, control tokens not rendered, the
+    space prefix stripped as add_space_prefix says); llama-cpp-python's ``detokenize`` strips a leading space
+    only after a BOS token, so the C function is called directly."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(rt._llm.model)
+    arr = (llama_cpp.llama_token * len(ids))(*ids)
+    size = 32 * len(ids) + 64
+    buf = ctypes.create_string_buffer(size)
+    n = llama_cpp.llama_detokenize(vocab, arr, len(ids), buf, size, True, False)
+    if n < 0:
+        raise EdgeftError(f"llama.cpp detokenization needs {-n} bytes, more than {size}")
+    return buf.raw[:n].decode("utf-8", errors="replace")
+
+
+def _spm_tokenizer_checks(tokenizer: Any) -> dict[str, tuple[list[int], bool]]:
+    """More strings for SentencePiece-style tokenizers: whitespace at the start, runs of spaces, byte fallback,
+    and the space prefix after each special / user-defined token written in the text."""
+    texts = list(SPM_TOKENIZER_TEXTS)
+    added = tokenizer.get_added_vocab()
+    special = set(tokenizer.all_special_tokens)
+    user = [t for t in added if t not in special][:3]  # Gemma has thousands of added tokens: a few of each kind
+    others = [t for t in added if t in special][:3]
+    for tok in dict.fromkeys(t for t in [tokenizer.bos_token, tokenizer.eos_token, *user, *others] if t):
+        texts.append(f"before{tok}after {tok} spaced{tok}\n{tok}")
+    return {t: (tokenizer(t, add_special_tokens=True)["input_ids"], True) for t in texts}
+
+
 @torch.no_grad()
 def _eager_greedy(model: Any, ids: list[int], n: int) -> list[int]:
     out = list(ids)
@@ -935,6 +1217,8 @@ def _validate(
     from edgeft.devices.llamacpp_runtime import GgufRuntime
 
     seqs, prompt, tok_checks = _sequences(tokenizer)
+    if vocab_info.get("model") == "llama":
+        tok_checks.update(_spm_tokenizer_checks(tokenizer))
     n_ctx = max(max(len(s) for s in seqs), len(prompt) + GREEDY_TOKENS) + 8
     fid_rel = src_rel = 0.0
     fid_agree = src_agree = total = 0
@@ -949,6 +1233,17 @@ def _validate(
                 raise EdgeftError(
                     f"GGUF validation failed for {label}: llama.cpp tokenizes {text[:30]!r} differently from the "
                     f"HF tokenizer (first difference at token {i}); file not written"
+                )
+        # SentencePiece-style: pieces come back as text (U+2581 -> space, <0xXX> -> bytes, the prefix stripped).
+        # Detokenized without the BOS, as generated text is (llama.cpp keeps the prefix's space after a BOS).
+        plain_texts = (*VALIDATION_TEXTS, *SPM_TOKENIZER_TEXTS) if vocab_info.get("model") == "llama" else ()
+        for text in plain_texts if check_tokenizer else ():
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            want = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            if _llama_detokenize(rt, ids) != want:
+                raise EdgeftError(
+                    f"GGUF validation failed for {label}: llama.cpp detokenizes {text[:30]!r} differently from the "
+                    "HF tokenizer; file not written"
                 )
         chat_template = rt.metadata.get("tokenizer.chat_template")
         if check_tokenizer and vocab_info["chat_template"] and chat_template != vocab_info["chat_template"]:
