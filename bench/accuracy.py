@@ -19,6 +19,8 @@ timings) and prints a table.
     python bench/accuracy.py                          # ~30 min on 2 CPU cores (train ~10, eval+exports ~15)
     python bench/accuracy.py --recipe labels --tag labels   # QAT on labels from the pretrained model (old recipe)
     python bench/accuracy.py --run runs/acc --no-train      # evaluate an existing run again
+    python bench/accuracy.py --twin runs/acc --run runs/acc-t --recipe targets --tag targets --runtimes eager \
+        --limit 200 --no-agreement    # another QAT recipe on runs/acc's twin: trains only the QAT run
 """
 
 from __future__ import annotations
@@ -43,7 +45,13 @@ RECIPES = {  # TrainConfig overrides
     "init": {"qat_distill": 0.0, "qat_init": "baseline"},  # from the twin's weights, labels only
     "distill": {"qat_distill": 1.0, "qat_init": "pretrained"},  # distil from the twin, from the pretrained model
     "half": {"qat_distill": 0.5},  # the default with half the weight on the labels' cross-entropy
+    "targets": {"qat_distill_positions": "targets"},  # distil the answers and the prose only, not the prompts
+    "targets-prose10": {"qat_distill_positions": "targets", "qat_corpus": 0.1},  # more of the KL on the answers
+    "targets-lr3": {"qat_distill_positions": "targets", "qat_lr": 3e-4},
+    "lr3": {"qat_lr": 3e-4},
 }
+# what a QAT recipe may change: a twin trained under any of them is the same model (--twin)
+RECIPE_KEYS = ("qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr")
 
 
 def _versions() -> dict[str, str]:
@@ -146,6 +154,46 @@ def agreement(report: dict, sources: dict[str, Path], chunks: list[list[int]]) -
     return out
 
 
+# --- reusing a twin ----------------------------------------------------------------------------------------------
+
+
+def reuse_twin(cfg, twin: Path, run: Path) -> None:
+    """Set ``run`` up so that ``edgeft.train(cfg, resume=True)`` trains only the QAT run: ``twin``'s trained
+    baseline/ (the no-QAT twin, which no QAT recipe setting touches) copied in, and ``cfg``'s resolved config
+    written as the run's. Refuses a twin trained under any other setting than the recipe's."""
+    import dataclasses
+    import shutil
+
+    from edgeft.config import config_diff, dump_yaml, resolve
+    from edgeft.pipeline import run_config
+
+    if not (twin / "baseline" / "converted" / "scheme.json").exists():
+        raise SystemExit(f"--twin {twin}: no trained baseline/ there")
+    mine = resolve(cfg)
+    theirs = dataclasses.replace(resolve(run_config(twin)), **{k: getattr(mine, k) for k in RECIPE_KEYS})
+    diff = config_diff(theirs, mine)
+    if diff:
+        raise SystemExit(f"--twin {twin} was trained with other settings: {'; '.join(diff[:4])}")
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    shutil.copytree(twin / "baseline", run / "baseline", ignore=shutil.ignore_patterns("exports", "checkpoints"))
+    (run / "config.yaml").write_text(dump_yaml(dataclasses.replace(mine, resume=False, overwrite=False)))
+
+
+def twin_rows(twin: Path, runtimes: list[str], limit: int) -> list[dict] | None:
+    """BF16 and PTQ rows of ``twin``'s eval/report.json when it covers ``runtimes`` on ``limit`` questions (the
+    same files give the same numbers), else None."""
+    path = twin / "eval" / "report.json"
+    if not path.exists():
+        return None
+    rep = json.loads(path.read_text())
+    rows = [r for r in rep["results"] if r["variant"] in ("bf16", "ptq") and r["runtime"] in runtimes]
+    if rep.get("task_examples") != limit or len(rows) != 2 * len(runtimes):
+        return None
+    return rows
+
+
 # --- main --------------------------------------------------------------------------------------------------------
 
 
@@ -162,6 +210,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-agreement", action="store_true", help="skip the artifact-vs-converted comparison")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
+    ap.add_argument("--twin", help="an existing run whose no-QAT twin (baseline/) to reuse: train only the QAT "
+                                   "run (the twin does not depend on the recipe); its eval/report.json's BF16 and "
+                                   "PTQ rows are reused when they cover the same runtimes and --limit")
     args = ap.parse_args()
 
     import torch
@@ -179,11 +230,34 @@ def main() -> int:
     t0 = time.perf_counter()
     if not args.no_train:
         print(f"training {args.model} ({args.recipe} recipe, {args.max_steps} steps) into {run}", flush=True)
+        if args.twin:
+            import dataclasses
+
+            reuse_twin(cfg, Path(args.twin), run)
+            cfg = dataclasses.replace(cfg, resume=True, overwrite=False)  # the twin is complete: QAT run only
         edgeft.train(cfg)
         timings["train_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     runtimes = [x for x in args.runtimes.split(",") if x]
-    report = edgeft.evaluate(run, runtimes=runtimes, limit=args.limit, progress=False)
+    reused = None
+    if args.twin:  # the twin's BF16 and PTQ are the same files as this run's baseline/: evaluated once, on the twin
+        from edgeft.devices.evaluate import recovery
+
+        report = edgeft.evaluate(run, runtimes=runtimes, variants=["qat"], limit=args.limit, progress=False)
+        reused = twin_rows(Path(args.twin), runtimes, args.limit)
+        if reused:
+            print(f"BF16 and PTQ results reused from {args.twin}/eval/report.json", flush=True)
+        else:
+            print(f"evaluating BF16 and PTQ on {args.twin} (reused by later --twin runs)", flush=True)
+            reused = edgeft.evaluate(Path(args.twin), runtimes=runtimes, variants=["bf16", "ptq"], limit=args.limit,
+                                     progress=False)["results"]
+        report["results"] = reused + report["results"]
+        by = {(r["variant"], r["runtime"]): r for r in report["results"]}
+        report["recovery"] = {rt: {m: recovery(by["bf16", rt][m], by["ptq", rt][m], by["qat", rt][m], m != "perplexity")
+                                   for m in ("perplexity", "accuracy", "mc_accuracy")} for rt in runtimes}
+        report["reused_baselines_from"] = args.twin
+    else:
+        report = edgeft.evaluate(run, runtimes=runtimes, limit=args.limit, progress=False)
     timings["eval_s"] = time.perf_counter() - t1
     resolved = edgeft.pipeline.run_config(run)
 
@@ -224,6 +298,8 @@ def main() -> int:
         "agreement": agree,
         "heldout_tokens": report.get("heldout_tokens"),
         "task_examples": report.get("task_examples"),
+        "twin": args.twin,
+        "baselines_from_twin": bool(args.twin),
     }
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dest = ROOT / "bench" / "results" / (f"accuracy-{dt.date.today():%Y%m%d}-{device}" +

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--qat-distill", type=float, metavar="W",
                    help="with --qat: KL weight of distilling the trained no-QAT twin into the QAT model, 0-1 "
                         "(default 1: the QAT model learns to reproduce the float model; 0: labels only)")
+    m.add_argument("--qat-distill-positions", choices=["all", "targets"],
+                   help="with --qat-distill: distil every position (all, default) or only the labelled ones "
+                        "(targets: your data's answers and the --qat-corpus prose)")
+    m.add_argument("--qat-distill-temperature", type=float, metavar="T", help="temperature of the KL (default 1)")
     m.add_argument("--qat-init", choices=["baseline", "pretrained"],
                    help="with --qat: start QAT from the twin's fine-tuned weights (baseline, default) or from the "
                         "pretrained model")
@@ -199,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _TRAIN_KEYS = [
     "model", "data", "data_split", "out", "resume", "overwrite", "mode", "adapter", "load_in_4bit", "load_in_8bit",
-    "qat", "qat_group_size", "ptq", "qat_distill", "qat_init", "qat_corpus", "qat_lr",
+    "qat", "qat_group_size", "ptq", "qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
     "chat_template", "system_prompt", "prompt_template", "output_column",
     "conversation_extension", "max_seq_length", "padding_free", "packing", "eval_split", "eval_steps",
     "early_stopping_patience", "early_stopping_threshold", "load_best", "max_steps", "epochs", "batch_size",

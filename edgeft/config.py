@@ -49,6 +49,10 @@ class TrainConfig:
     # with --qat and the twin: KL weight of distilling the trained twin into the QAT model (1: distillation only,
     # 0: labels only); None: 1.0 when the twin is trained, else 0 (train/distill.py)
     qat_distill: float | None = None
+    # which positions' next-token distributions are distilled: "all" (prompts included) or "targets" (the labelled
+    # ones: the data's answers and every token of the --qat-corpus prose); the KL's temperature
+    qat_distill_positions: str = "all"
+    qat_distill_temperature: float = 1.0
     # with --qat and the twin: "baseline" starts QAT from the twin's fine-tuned weights, "pretrained" from the
     # model; None: "baseline" when the twin is trained, else "pretrained"
     qat_init: str | None = None
@@ -200,6 +204,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise EdgeftError("--qat-corpus mixes generic prose into a QAT run: it needs --qat")
     if not 0.0 <= cfg.qat_distill <= 1.0:
         raise EdgeftError(f"qat_distill must be in [0, 1] (the KL weight), not {cfg.qat_distill}")
+    if cfg.qat_distill_positions not in ("all", "targets"):
+        raise EdgeftError(f"qat_distill_positions must be all or targets, not {cfg.qat_distill_positions!r}")
+    if not cfg.qat_distill_temperature > 0:
+        raise EdgeftError(f"qat_distill_temperature must be positive, not {cfg.qat_distill_temperature}")
     if cfg.qat_init not in ("pretrained", "baseline"):
         raise EdgeftError(f"qat_init must be pretrained or baseline, not {cfg.qat_init!r}")
     if (cfg.qat_distill > 0 or cfg.qat_init == "baseline") and not twin:

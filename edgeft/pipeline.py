@@ -384,8 +384,10 @@ def _distillation(cfg: TrainConfig, twin: Path, device: str):
 
     teacher, _ = load_trained(twin)
     teacher.to(device=device, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
-    log.info("QAT distils from the float twin %s (KL weight %.2f)", twin, cfg.qat_distill)
-    return Distillation(teacher, weight=cfg.qat_distill)
+    log.info("QAT distils from the float twin %s (KL weight %.2f, %s positions, temperature %g)", twin,
+             cfg.qat_distill, cfg.qat_distill_positions, cfg.qat_distill_temperature)
+    return Distillation(teacher, weight=cfg.qat_distill, temperature=cfg.qat_distill_temperature,
+                        positions=cfg.qat_distill_positions)
 
 
 def _set_generation_eos(model, tokenizer) -> None:

@@ -60,8 +60,9 @@ def test_positions_stop_at_example_boundaries_and_padding(tiny):
     assert torch.equal(targets, padded["labels"][:, 1:] != -100)
 
 
-def _objective_by_hand(student, teacher, window, weight):
-    """(1-w) CE_sum/N_targets + w KL_sum/N_positions over the window, from the models' logits directly."""
+def _objective_by_hand(student, teacher, window, weight, targets_only=False, temp=1.0):
+    """(1-w) CE_sum/N_targets + w T² KL_sum/N_positions over the window, from the models' logits directly
+    (``targets_only``: the distilled positions are those with a label)."""
     ce = kl = 0.0
     n_t = n_p = 0
     for b in window:
@@ -72,9 +73,9 @@ def _objective_by_hand(student, teacher, window, weight):
             t = teacher(**kw).logits[:, :-1].float()
         labels = b["labels"][:, 1:]
         ce = ce + F.cross_entropy(s.reshape(-1, s.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
-        m = distill_positions(b, "all")
-        p = F.softmax(t[m], -1)
-        kl = kl + (p * (p.log() - F.log_softmax(s[m], -1))).sum()
+        m = (labels != -100) if targets_only else distill_positions(b, "all")
+        p = F.softmax(t[m] / temp, -1)
+        kl = kl + temp**2 * (p * (p.log() - F.log_softmax(s[m] / temp, -1))).sum()
         n_t += int((labels != -100).sum())
         n_p += int(m.sum())
     return (1 - weight) * ce / n_t + weight * kl / n_p, ce / n_t, kl / n_p
@@ -103,6 +104,57 @@ def test_window_gradient_is_the_distillation_objective(tiny, weight):
     assert stats["objective"] == pytest.approx(float(obj.detach()), rel=1e-4)
     for name, p in student.named_parameters():
         torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_targets_distil_the_answers_and_every_prose_token_at_a_temperature(tiny, monkeypatch):
+    """qat_distill_positions="targets": a task example's answer positions and all of a prose chunk's, not the
+    prompts; the config reaches the Distillation, and its gradient is the objective's at that temperature."""
+    import edgeft.pipeline as pipeline
+    from edgeft.train.distill import corpus_examples
+
+    model_dir, tok, examples = tiny
+    prose = corpus_examples(tok, 0.5, 3, chunk=32)
+    rows = [examples[0], prose[0], examples[1]]
+    expected = []  # position j predicts token j+1 of the same example: distilled iff that token is labelled
+    for ex in rows:
+        expected += [lab != -100 for lab in ex["labels"][1:]] + [False]
+    flat = collate_flat(rows)
+    mask = distill_positions(flat, "targets")
+    assert mask[0].tolist() == expected[:-1]
+    n_answer = sum(lab != -100 for lab in examples[0]["labels"][1:])
+    assert 0 < n_answer < len(examples[0]["input_ids"]) - 1  # the prompt is not distilled ...
+    assert int(mask.sum()) == n_answer + len(prose[0]["input_ids"]) - 1 + sum(
+        lab != -100 for lab in examples[1]["labels"][1:])  # ... every prose position is
+
+    torch.manual_seed(0)
+    student, _ = load_model(model_dir)
+    teacher, _ = load_model(model_dir)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    assert resolve(TrainConfig(model="tiny-llama", qat="int8-int4")).qat_distill_positions == "all"
+    cfg = resolve(TrainConfig(model="tiny-llama", qat="int8-int4", qat_distill_positions="targets",
+                              qat_distill_temperature=2.0))
+    monkeypatch.setattr(pipeline, "load_trained", lambda root: (teacher, None))
+    d = pipeline._distillation(cfg, model_dir, "cpu")
+    assert (d.positions, d.temperature, d.weight) == ("targets", 2.0, 1.0)
+    window = [flat, collate_flat(examples[2:4] + prose[1:2])]
+    backward_window(student, window, distill=d)
+    got = {name: p.grad.clone() for name, p in student.named_parameters()}
+    student.zero_grad()
+    obj, _, _ = _objective_by_hand(student, teacher, window, 1.0, targets_only=True, temp=2.0)
+    obj.backward()
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+    from edgeft.cli import _train_config, build_parser
+
+    args = build_parser().parse_args(["train", "--qat", "int8-int4", "--qat-distill-positions", "targets",
+                                      "--qat-distill-temperature", "2"])
+    assert (_train_config(args).qat_distill_positions, _train_config(args).qat_distill_temperature) == ("targets", 2.0)
+    with pytest.raises(EdgeftError, match="qat_distill_positions"):
+        resolve(TrainConfig(model="tiny-llama", qat="int8-int4", qat_distill_positions="answers"))
+    with pytest.raises(EdgeftError, match="temperature"):
+        resolve(TrainConfig(model="tiny-llama", qat="int8-int4", qat_distill_temperature=0.0))
 
 
 def test_weight_zero_is_plain_cross_entropy(tiny):
