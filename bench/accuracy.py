@@ -181,15 +181,15 @@ def reuse_twin(cfg, twin: Path, run: Path) -> None:
     (run / "config.yaml").write_text(dump_yaml(dataclasses.replace(mine, resume=False, overwrite=False)))
 
 
-def twin_rows(twin: Path, runtimes: list[str], limit: int) -> list[dict] | None:
-    """BF16 and PTQ rows of ``twin``'s eval/report.json when it covers ``runtimes`` on ``limit`` questions (the
+def saved_rows(run: Path, variants: tuple[str, ...], runtimes: list[str], limit: int) -> list[dict] | None:
+    """``variants``' rows of ``run``'s eval/report.json when it covers ``runtimes`` on ``limit`` questions (the
     same files give the same numbers), else None."""
-    path = twin / "eval" / "report.json"
+    path = run / "eval" / "report.json"
     if not path.exists():
         return None
     rep = json.loads(path.read_text())
-    rows = [r for r in rep["results"] if r["variant"] in ("bf16", "ptq") and r["runtime"] in runtimes]
-    if rep.get("task_examples") != limit or len(rows) != 2 * len(runtimes):
+    rows = [r for r in rep["results"] if r["variant"] in variants and r["runtime"] in runtimes]
+    if rep.get("task_examples") != limit or len(rows) != len(variants) * len(runtimes):
         return None
     return rows
 
@@ -213,6 +213,8 @@ def main() -> int:
     ap.add_argument("--twin", help="an existing run whose no-QAT twin (baseline/) to reuse: train only the QAT "
                                    "run (the twin does not depend on the recipe); its eval/report.json's BF16 and "
                                    "PTQ rows are reused when they cover the same runtimes and --limit")
+    ap.add_argument("--reuse-eval", action="store_true", help="with --no-train --twin: reuse --run's own QAT "
+                                                               "eval/report.json rows instead of evaluating again")
     args = ap.parse_args()
 
     import torch
@@ -243,8 +245,14 @@ def main() -> int:
     if args.twin:  # the twin's BF16 and PTQ are the same files as this run's baseline/: evaluated once, on the twin
         from edgeft.devices.evaluate import recovery
 
-        report = edgeft.evaluate(run, runtimes=runtimes, variants=["qat"], limit=args.limit, progress=False)
-        reused = twin_rows(Path(args.twin), runtimes, args.limit)
+        mine = saved_rows(run, ("qat",), runtimes, args.limit) if (args.no_train and args.reuse_eval) else None
+        if mine:
+            print(f"QAT results reused from {run}/eval/report.json", flush=True)
+            report = {"results": mine, "task_examples": args.limit,
+                      "heldout_tokens": json.loads((run / "eval" / "report.json").read_text()).get("heldout_tokens")}
+        else:
+            report = edgeft.evaluate(run, runtimes=runtimes, variants=["qat"], limit=args.limit, progress=False)
+        reused = saved_rows(Path(args.twin), ("bf16", "ptq"), runtimes, args.limit)
         if reused:
             print(f"BF16 and PTQ results reused from {args.twin}/eval/report.json", flush=True)
         else:
