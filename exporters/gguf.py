@@ -525,6 +525,18 @@ def _pre_tokenizer(tj: dict[str, Any]) -> str:
                       "SmolLM, Llama 3 or Qwen2 style are supported)")
 
 
+def _vocab_by_id(tj: dict[str, Any], n_vocab: int) -> tuple[dict[int, str], dict[int, dict[str, Any]]]:
+    """tokenizer.json's id -> token text (the model's vocab, then added tokens over it) and the added tokens by id;
+    refuses ids beyond the model's ``vocab_size``."""
+    by_id: dict[int, str] = {i: t for t, i in tj["model"]["vocab"].items()}
+    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    for i, a in added.items():
+        by_id[i] = a["content"]
+    if max(by_id) >= n_vocab:
+        raise EdgeftError(f"tokenizer has ids up to {max(by_id)} but the model's vocab_size is {n_vocab}")
+    return by_id, added
+
+
 def _add_vocab(writer: Any, src: Path, cfg: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     import gguf
 
@@ -538,12 +550,7 @@ def _add_vocab(writer: Any, src: Path, cfg: dict[str, Any], tokenizer: Any) -> d
         )
     pre = _pre_tokenizer(tj)  # refuses BPE without byte-level pre-tokenization
     n_vocab = int(cfg["vocab_size"])
-    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    added = {a["id"]: a for a in tj.get("added_tokens", [])}
-    for i, a in added.items():
-        by_id[i] = a["content"]
-    if max(by_id) >= n_vocab:
-        raise EdgeftError(f"tokenizer has ids up to {max(by_id)} but the model's vocab_size is {n_vocab}")
+    by_id, added = _vocab_by_id(tj, n_vocab)
     tokens, types = [], []
     for i in range(n_vocab):
         if i not in by_id:
@@ -724,12 +731,7 @@ def _add_vocab_spm(
         raise EdgeftError("GGUF export: BPE dropout is not supported (llama.cpp tokenizes deterministically)")
     _check_spm_normalizer(tj.get("normalizer"))
     n_vocab = int(cfg["vocab_size"])
-    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    added = {a["id"]: a for a in tj.get("added_tokens", [])}
-    for i, a in added.items():
-        by_id[i] = a["content"]
-    if max(by_id) >= n_vocab:
-        raise EdgeftError(f"tokenizer has ids up to {max(by_id)} but the model's vocab_size is {n_vocab}")
+    by_id, added = _vocab_by_id(tj, n_vocab)
     missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in model["vocab"]]
     if missing:
         raise EdgeftError(
