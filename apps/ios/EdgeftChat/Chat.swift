@@ -35,16 +35,20 @@ final class ChatModel: ObservableObject {
   private var runner: TextRunner?
   private let queue = DispatchQueue(label: "edgeft.runner", qos: .userInitiated)
 
-  /// model.pte + tokenizer.json from Documents (Finder / devicectl copies), else from the app bundle.
+  /// The program (model-last.pte, the last-token program of `edgeft export pte --logits last`, else
+  /// model.pte) + tokenizer.json from Documents (Finder / devicectl copies), else from the app bundle.
   static func files() -> (model: String, tokenizer: String)? {
-    let docs = FileManager.default.urls(for: .documentDirectory, in: .userDomainMask)[0]
-    let model = docs.appendingPathComponent("model.pte").path
+    let names = ["model-last", "model"]
+    let fm = FileManager.default
+    let docs = fm.urls(for: .documentDirectory, in: .userDomainMask)[0]
     let tokenizer = docs.appendingPathComponent("tokenizer.json").path
-    if FileManager.default.fileExists(atPath: model) && FileManager.default.fileExists(atPath: tokenizer) {
+    if fm.fileExists(atPath: tokenizer),
+      let model = names.map({ docs.appendingPathComponent("\($0).pte").path }).first(where: fm.fileExists)
+    {
       return (model: model, tokenizer: tokenizer)
     }
-    if let m = Bundle.main.path(forResource: "model", ofType: "pte"),
-      let t = Bundle.main.path(forResource: "tokenizer", ofType: "json")
+    if let t = Bundle.main.path(forResource: "tokenizer", ofType: "json"),
+      let m = names.lazy.compactMap({ Bundle.main.path(forResource: $0, ofType: "pte") }).first
     {
       return (model: m, tokenizer: t)
     }
@@ -53,7 +57,7 @@ final class ChatModel: ObservableObject {
 
   func load() {
     guard let files = Self.files() else {
-      status = "model.pte and tokenizer.json not found in Documents or the app bundle"
+      status = "model-last.pte or model.pte, and tokenizer.json, not found in Documents or the app bundle"
       return
     }
     let (model, tokenizer) = files

@@ -22,6 +22,8 @@ import org.pytorch.executorch.extension.llm.LlmModule
  * `adb shell am start -n org.edgeft.chat/.MainActivity --es dir /some/dir`.
  */
 const val DEFAULT_DIR = "/data/local/tmp/edgeft"
+// the deployment program first (`edgeft export pte --logits last`), else the all-positions one
+val MODEL_FILES = listOf("model-last.pte", "model.pte")
 
 /**
  * The run's chat template in its simplest form: an optional system turn, one user turn, the assistant header.
@@ -72,9 +74,13 @@ class MainActivity : Activity() {
         buildUi()
         // getExternalFilesDir also creates /sdcard/Android/data/org.edgeft.chat/files for `adb push`
         val dir = intent.getStringExtra("dir")
-            ?: listOfNotNull(DEFAULT_DIR, getExternalFilesDir(null)?.path).firstOrNull { File(it, "model.pte").canRead() }
+            ?: listOfNotNull(DEFAULT_DIR, getExternalFilesDir(null)?.path).firstOrNull { d ->
+                MODEL_FILES.any { File(d, it).canRead() }
+            }
             ?: DEFAULT_DIR
-        status.text = "loading $dir/model.pte …"
+        // the last-token program (`edgeft export pte --logits last`) when present: less prefill work and memory
+        val model = MODEL_FILES.map { File(dir, it) }.firstOrNull { it.canRead() }?.path ?: "$dir/model.pte"
+        status.text = "loading $model …"
         worker.execute {
             val msg =
                 try {
@@ -82,7 +88,7 @@ class MainActivity : Activity() {
                     // (modelType, model, tokenizer, temperature, dataFiles, numBos, numEos): the overload that
                     // takes numBos; the three-argument one (model, tokenizer, temperature) fixes it at 0.
                     val m = LlmModule(
-                        LlmModule.MODEL_TYPE_TEXT, "$dir/model.pte", "$dir/tokenizer.json",
+                        LlmModule.MODEL_TYPE_TEXT, model, "$dir/tokenizer.json",
                         TEMPERATURE, emptyList<String>(), NUM_BOS, 0,
                     )
                     m.load() // otherwise the first generate() pays for loading
