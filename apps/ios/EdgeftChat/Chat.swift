@@ -43,7 +43,7 @@ final class ChatModel: ObservableObject {
     let docs = fm.urls(for: .documentDirectory, in: .userDomainMask)[0]
     let tokenizer = docs.appendingPathComponent("tokenizer.json").path
     if fm.fileExists(atPath: tokenizer),
-      let model = names.map({ docs.appendingPathComponent("\($0).pte").path }).first(where: fm.fileExists)
+      let model = names.map({ docs.appendingPathComponent("\($0).pte").path }).first(where: { fm.fileExists(atPath: $0) })
     {
       return (model: model, tokenizer: tokenizer)
     }
