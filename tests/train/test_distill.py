@@ -24,6 +24,17 @@ def tiny():
     return model_dir, tok, examples
 
 
+def _student_and_perturbed_teacher(model_dir):
+    """The tiny model as student and a seeded perturbation of it as teacher (so the KL is not zero)."""
+    torch.manual_seed(0)
+    student, _ = load_model(model_dir)
+    teacher, _ = load_model(model_dir)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return student, teacher
+
+
 def _kl_by_hand(t_row: list[float], s_row: list[float], temp: float) -> float:
     """KL(p || q) of one row with p = softmax(t/T), q = softmax(s/T), in plain Python floats, times T²."""
     def softmax(xs):
@@ -85,12 +96,7 @@ def _objective_by_hand(student, teacher, window, weight, targets_only=False, tem
 def test_window_gradient_is_the_distillation_objective(tiny, weight):
     """Micro-batches of different sizes: the accumulated gradient is that of the whole window's objective."""
     model_dir, _, examples = tiny
-    torch.manual_seed(0)
-    student, _ = load_model(model_dir)
-    teacher, _ = load_model(model_dir)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    student, teacher = _student_and_perturbed_teacher(model_dir)
     window = [collate_flat(examples[:1]), collate_flat(examples[1:4])]
     d = Distillation(teacher, weight=weight)
     stats = {}
@@ -126,12 +132,7 @@ def test_targets_distil_the_answers_and_every_prose_token_at_a_temperature(tiny,
     assert int(mask.sum()) == n_answer + len(prose[0]["input_ids"]) - 1 + sum(
         lab != -100 for lab in examples[1]["labels"][1:])  # ... every prose position is
 
-    torch.manual_seed(0)
-    student, _ = load_model(model_dir)
-    teacher, _ = load_model(model_dir)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    student, teacher = _student_and_perturbed_teacher(model_dir)
     assert resolve(TrainConfig(model="tiny-llama", qat="int8-int4")).qat_distill_positions == "all"
     cfg = resolve(TrainConfig(model="tiny-llama", qat="int8-int4", qat_distill_positions="targets",
                               qat_distill_temperature=2.0))
