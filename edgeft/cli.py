@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--embedding-lr", type=float, help="learning rate of embed_tokens/lm_head parameters")
     o.add_argument("--qat-lr", type=float, help="learning rate of the QAT run (default: --lr, at least 1e-4 when "
                                                 "QAT starts from the twin)")
+    o.add_argument("--qat-max-steps", type=int, help="optimizer steps of the QAT run (default: --max-steps; the "
+                                                     "no-QAT twin trains --max-steps)")
     o.add_argument("--weight-decay", type=float)
     o.add_argument("--schedule", choices=["cosine", "linear", "constant"])
     o.add_argument("--warmup-ratio", type=float)
@@ -204,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = [
     "model", "data", "data_split", "out", "resume", "overwrite", "mode", "adapter", "load_in_4bit", "load_in_8bit",
     "qat", "qat_group_size", "ptq", "qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
-    "chat_template", "system_prompt", "prompt_template", "output_column",
+    "qat_max_steps", "chat_template", "system_prompt", "prompt_template", "output_column",
     "conversation_extension", "max_seq_length", "padding_free", "packing", "eval_split", "eval_steps",
     "early_stopping_patience", "early_stopping_threshold", "load_best", "max_steps", "epochs", "batch_size",
     "grad_accum", "optim", "lr", "embedding_lr", "weight_decay", "schedule", "warmup_ratio", "warmup_steps",

@@ -62,6 +62,8 @@ class TrainConfig:
     # learning rate of the QAT run; None: the run's lr, raised to at least 1e-4 when QAT starts from the twin (a
     # weight must move about a quantization step, ~max|w|/7.5 for int4, to change its integer)
     qat_lr: float | None = None
+    # optimizer steps of the QAT run; None: max_steps (the twin, and a run without QAT, train max_steps)
+    qat_max_steps: int | None = None
     # data
     chat_template: str | None = None  # registry name (edgeft.data.TEMPLATES); None: the tokenizer's own
     system_prompt: str | None = None  # added to conversations without one
@@ -121,8 +123,14 @@ RESUME_FREE_KEYS = frozenset({
 
 
 def identity(cfg: TrainConfig) -> dict[str, Any]:
-    """The resolved config minus the keys a resume may change: two runs with equal identities compute the same."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS}
+    """The resolved config minus the keys a resume may change: two runs with equal identities compute the same.
+
+    ``qat_max_steps`` appears only when it differs from ``max_steps``: a run saved before the key existed (or with
+    it unset) trained its QAT run for ``max_steps``, so its config and checkpoints still match."""
+    out = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS}
+    if out.get("qat_max_steps") in (None, out.get("max_steps")):
+        out.pop("qat_max_steps", None)
+    return out
 
 
 def config_diff(saved: TrainConfig, current: TrainConfig) -> list[str]:
@@ -242,6 +250,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     for name in ("max_steps", "batch_size", "grad_accum", "max_seq_length"):
         if getattr(cfg, name) < 1:
             raise EdgeftError(f"{name} must be at least 1")
+    if cfg.qat_max_steps is not None:
+        if cfg.qat_max_steps < 1:
+            raise EdgeftError("qat_max_steps must be at least 1")
+        if not cfg.qat and cfg.qat_max_steps != cfg.max_steps:
+            raise EdgeftError("--qat-max-steps sets the QAT run's steps: it needs --qat")
     if not 0 <= cfg.warmup_ratio < 1:
         raise EdgeftError("warmup_ratio must be in [0, 1)")
     if cfg.optim not in _OPTIMS:
