@@ -132,6 +132,8 @@ def _finalize_steps(cfg: TrainConfig, train_ex: list, world: int) -> TrainConfig
         units = len(Batcher(train_ex, _batching(cfg), 0, cfg.max_seq_length, cfg.seed))
         per_epoch = units // (cfg.batch_size * world) if world > 1 else math.ceil(units / cfg.batch_size)
         cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    if cfg.qat_max_steps is None:  # after epochs: the QAT run trains as long as the twin unless told otherwise
+        cfg.qat_max_steps = cfg.max_steps
     if cfg.eval_split > 0 and cfg.eval_steps is None:
         cfg.eval_steps = max(1, math.ceil(cfg.max_steps / 10))
     return cfg
@@ -264,7 +266,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         model,
         train_ex,
         pad_id=tokenizer.pad_token_id,
-        max_steps=cfg.max_steps,
+        max_steps=cfg.qat_max_steps if qat_during_training else cfg.max_steps,
         batch_size=cfg.batch_size,
         grad_accum=cfg.grad_accum,
         lr=cfg.qat_lr if qat_during_training else cfg.lr,
