@@ -22,6 +22,7 @@ F16 for float). The report states how much of PTQ's degradation QAT recovered:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -37,6 +38,9 @@ from edgeft.fsutil import atomic_path, write_json, write_text
 from .runtimes import Runtime, load_runtime
 
 RUNTIMES = ("eager", "pte", "gguf")
+# per variant, runtime and question: {"variant", "runtime", "kind": "exact" | "mc", "index" (the question's position in
+# the evaluated set), "id" (question_id), "correct", and "got" (the decoded answer) or "picked" (the chosen index)}
+QUESTIONS_FILE = "questions.jsonl"
 VARIANTS = ("bf16", "ptq", "qat")
 
 
@@ -79,7 +83,7 @@ def exact_match(rt: Runtime, tokenizer: Any, rows: list[dict[str, Any]], max_new
     from edgeft.data import encode_prompt
 
     stop = {tokenizer.eos_token_id}
-    correct, n_tok, secs, samples = 0, 0, 0.0, []
+    correct, n_tok, secs, samples, per_question = 0, 0, 0.0, [], []
     for r in rows:
         prompt = encode_prompt(tokenizer, _prompt_messages(r))
         t0 = time.perf_counter()
@@ -89,9 +93,11 @@ def exact_match(rt: Runtime, tokenizer: Any, rows: list[dict[str, Any]], max_new
         answer = tokenizer.decode(out, skip_special_tokens=True).strip()
         ok = answer == r["answer"]
         correct += ok
+        per_question.append({"correct": ok, "got": answer})
         if len(samples) < 5:
             samples.append({"question": r["question"], "expected": r["answer"], "got": answer})
-    return {"accuracy": correct / len(rows), "n": len(rows), "tokens_per_s": n_tok / secs, "samples": samples}
+    return {"accuracy": correct / len(rows), "n": len(rows), "tokens_per_s": n_tok / secs, "samples": samples,
+            "per_question": per_question}
 
 
 def encode_choices(tokenizer: Any, messages: list[dict[str, str]], choices: list[str]) -> tuple[list[int], list[list[int]]]:
@@ -146,15 +152,16 @@ def multiple_choice(
     """
     if encoded is None:
         encoded = [encode_choices(tokenizer, _prompt_messages(it), it["choices"]) for it in items]
-    correct, samples = 0, []
+    correct, samples, per_question = 0, [], []
     for it, (ctx, conts) in zip(items, encoded):
         scores = choice_scores(rt, ctx, conts)
         pick = max(range(len(scores)), key=scores.__getitem__)
         correct += pick == it["label"]
+        per_question.append({"correct": pick == it["label"], "picked": pick})
         if len(samples) < 5:
             samples.append({"question": it["question"], "choices": it["choices"], "expected": it["label"], "picked": pick,
                             "scores": [round(x, 4) for x in scores]})
-    return {"mc_accuracy": correct / len(items), "n": len(items), "samples": samples}
+    return {"mc_accuracy": correct / len(items), "n": len(items), "samples": samples, "per_question": per_question}
 
 
 # --- what to evaluate on ------------------------------------------------------------------------------
@@ -337,7 +344,8 @@ def evaluate_run(
     progress: bool = True,
     data: EvalData | list[str | Path] | tuple[str | Path, ...] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate every variant on every runtime; writes eval/report.{md,json} and eval/metrics.png.
+    """Evaluate every variant on every runtime; writes eval/report.{md,json}, eval/questions.jsonl (each question's
+    result per variant and runtime, :data:`QUESTIONS_FILE`) and eval/metrics.png.
 
     ``data``: the user's evaluation files (see :func:`load_eval_data`) or an :class:`EvalData`; default built-in.
     """
@@ -373,6 +381,8 @@ def evaluate_run(
     max_seq_len = max(256, longest)
 
     results: list[dict[str, Any]] = []
+    per_question: list[dict[str, Any]] = []  # eval/questions.jsonl: one row per variant, runtime and question
+    task_ids, mc_ids = [question_id(r) for r in rows], [question_id(it) for it in data.mc]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -408,17 +418,48 @@ def evaluate_run(
                     "mc_samples": mc["samples"],
                 }
             )
+            per_question += [{"variant": variant, "runtime": kind, "kind": "exact", "index": i, "id": task_ids[i],
+                              **q} for i, q in enumerate(em["per_question"])]
+            per_question += [{"variant": variant, "runtime": kind, "kind": "mc", "index": i, "id": mc_ids[i], **q}
+                             for i, q in enumerate(mc["per_question"])]
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
     report = _report(run, results, ppl_tokens=sum(len(c) - 1 for c in chunks), limit=len(rows), data=data)
+    questions = "".join(json.dumps(q) + "\n" for q in per_question)
+    # the report names its questions file by content: a questions.jsonl from another evaluation (one interrupted
+    # between the two writes) does not match it
+    report["questions"] = {"file": QUESTIONS_FILE, "rows": len(per_question),
+                           "sha256": hashlib.sha256(questions.encode()).hexdigest()}
     out = run / "eval"
     out.mkdir(exist_ok=True)
+    write_text(out / QUESTIONS_FILE, questions)
     write_json(out / "report.json", report)
     write_text(out / "report.md", render_markdown(report))
     _plot(report, out / "metrics.png")
     return report
+
+
+def question_id(item: dict[str, Any]) -> str:
+    """A question's stable id: a hash of what the model is asked and what counts as right (the prompt turns, and the
+    answer or the choices and label), so the same question has the same id in every run and evaluation."""
+    key = {"messages": _prompt_messages(item)}
+    key.update({"choices": item["choices"], "label": item["label"]} if "choices" in item else {"answer": item["answer"]})
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_questions(run: Path) -> list[dict[str, Any]] | None:
+    """The per-question rows of ``run``'s last evaluation (eval/questions.jsonl), or None when it has none or its
+    report.json does not name that file's content (an evaluation from before per-question results)."""
+    path, rep = run / "eval" / QUESTIONS_FILE, run / "eval" / "report.json"
+    if not (path.exists() and rep.exists()):
+        return None
+    meta = json.loads(rep.read_text()).get("questions") or {}
+    text = path.read_text()
+    if meta.get("sha256") != hashlib.sha256(text.encode()).hexdigest():
+        return None
+    return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
 
 
 def recovery(bf16: float, ptq: float, qat: float, higher_is_better: bool) -> float | None:
