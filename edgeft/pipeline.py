@@ -248,9 +248,10 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         if is_main:
             log.info("%s: %d processes, %s", label, dist.world, "FSDP2" if strategy == "fsdp" else "DDP")
     torch.manual_seed(cfg.seed)
-    # FSDP: every process loads on the CPU; sharding moves each one's shards to its GPU
-    model, prep = prepare_model(cfg, load_dir, qat=qat_during_training, device=device,
-                                load_device="cpu" if strategy == "fsdp" else None)
+    # FSDP: rank 0 loads on the CPU, the others build the model on meta (no weights); sharding gives every rank its
+    # shards of rank 0's weights, on its GPU (train/fsdp.py)
+    fsdp_load = ("cpu" if is_main else "meta") if strategy == "fsdp" else None
+    model, prep = prepare_model(cfg, load_dir, qat=qat_during_training, device=device, load_device=fsdp_load)
     _set_generation_eos(model, tokenizer)
     plan = qatlib.resolve(cfg.qat, cfg.qat_group_size) if cfg.qat else None
     ckpt = None
@@ -297,7 +298,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         log_dir=root,
         run_config=cfg.to_dict(),
         dist=dist,
-        distill=_distillation(cfg, twin, device) if (twin is not None and cfg.qat_distill) else None,
+        distill=_distillation(cfg, twin, device, fsdp_load) if (twin is not None and cfg.qat_distill) else None,
         strategy=strategy or "ddp",
     )
     if strategy == "fsdp":
@@ -378,14 +379,26 @@ def _unsharded(cfg: TrainConfig, model_dir: Path, tensors: dict, tokenizer, qat_
     return model
 
 
-def _distillation(cfg: TrainConfig, twin: Path, device: str):
-    """The trained float twin as the teacher, in the run's dtype on ``device`` (train/distill.py)."""
+def _distillation(cfg: TrainConfig, twin: Path, device: str, load_device: str | None = None):
+    """The trained float twin as the teacher, in the run's dtype on ``device`` (train/distill.py).
+
+    ``load_device`` (FSDP): "cpu" loads it there for the loop to shard; "meta" builds it without weights (ranks
+    other than 0), the loop's sharding then gives it rank 0's.
+    """
     import torch
 
     from .train.distill import Distillation
 
-    teacher, _ = load_trained(twin)
-    teacher.to(device=device, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    if load_device == "meta":
+        from .train.model import empty_model
+
+        info = json.loads((twin / "model" / "edgeft.json").read_text())
+        # load_trained's module: LoRA merged into its base (the base's architecture), or the full model
+        teacher = empty_model(info["base_model"] if info["mode"] == "lora" else twin / "model", dtype)
+    else:
+        teacher, _ = load_trained(twin)
+        teacher.to(device=load_device or device, dtype=dtype)
     log.info("QAT distils from the float twin %s (KL weight %.2f, %s positions, temperature %g)", twin,
              cfg.qat_distill, cfg.qat_distill_positions, cfg.qat_distill_temperature)
     return Distillation(teacher, weight=cfg.qat_distill, temperature=cfg.qat_distill_temperature,

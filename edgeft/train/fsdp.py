@@ -1,10 +1,20 @@
 """FSDP2 for models whose training state does not fit one GPU: ``--distributed fsdp`` under torchrun.
 
-Each process loads the model on the CPU (so no GPU ever holds a full copy), LoRA/kernels/QAT are applied exactly
-as for one process, then ``torch.distributed.fsdp.fully_shard`` shards every decoder layer and finally the root:
-the :class:`~edgeft.train.loop.LossModule` around the model, so that the root's parameters (embeddings, final norm,
+Only rank 0 reads the weights (on the CPU: one host copy, no GPU ever holds a full one); every other rank builds
+the same module on the meta device (``prepare_model(..., load_device="meta")``: no weight is allocated, LoRA,
+kernels and QAT only restructure modules and read shapes). LoRA/kernels/QAT are applied exactly as for one
+process, then ``torch.distributed.fsdp.fully_shard`` shards every decoder layer and finally the root: the
+:class:`~edgeft.train.loop.LossModule` around the model, so that the root's parameters (embeddings, final norm,
 head) are gathered for the fused-loss path too, which calls the decoder stack and the head directly. Sharding moves
-each layer's shard to this process's GPU; a layer's full weights exist only while it runs (forward, backward).
+each layer's shard to this process's GPU; the meta ranks allocate their (empty) shards there with ``to_empty``,
+and :func:`load_from_rank0` fills every rank's shards from rank 0's host copy
+(``set_model_state_dict(..., broadcast_from_rank0=True)``: one tensor at a time, each rank keeping its slice).
+Non-persistent buffers (rotary ``inv_freq``) are in no state dict: rank 0's are broadcast. After that a layer's
+full weights exist only while it runs (forward, backward). So a rank holds at most its shards plus one layer (and,
+during loading, one tensor) whole; rank 0 also the host copy until its shards are filled.
+
+- Distillation: the teacher is sharded the same way (per decoder layer and root, frozen, in eval mode, no
+  optimizer), loaded by rank 0 only, so no rank holds a whole teacher either (:meth:`Sharded.shard_frozen`).
 
 - Mixed precision: with ``--dtype bf16`` the policy all-gathers and computes in the run's dtype and reduce-scatters
   gradients in fp32. The sharded weights keep the dtype one process trains in (bf16 base/full weights, fp32 LoRA
@@ -31,6 +41,7 @@ for activations; CPU (gloo) runs use DDP.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -129,17 +140,67 @@ def _check_uniform_trained_dtype(model: nn.Module, layers: list[nn.Module]) -> N
                               "use --dtype fp32 or --distributed ddp")
 
 
+def _has_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def _host_state(module: nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """Rank 0's weights before sharding (references, not copies), the source :func:`load_from_rank0` broadcasts;
+    {} on the other ranks, which must not hold any."""
+    if rank != 0:
+        return {}
+    if _has_meta(module):
+        raise EdgeftError("--distributed fsdp: rank 0 must load the weights (its model has meta tensors)")
+    return module.state_dict()
+
+
+def load_from_rank0(module: nn.Module, full: dict[str, torch.Tensor], device: str) -> None:
+    """Fill a sharded ``module`` on every rank from rank 0's whole tensors ``full`` (``{}`` on other ranks).
+
+    Meta tensors (ranks that built the module without weights) are first allocated on ``device`` (``to_empty``);
+    ``set_model_state_dict(..., full_state_dict=True, broadcast_from_rank0=True)`` then broadcasts one tensor at a
+    time and each rank keeps its shard; non-persistent buffers, in no state dict, are broadcast from rank 0 too
+    (rank 0's dtype wins: a teacher is cast after loading). A collective: every rank calls it, in the same order.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if _has_meta(module):
+        module.to_empty(device=torch.device(device))
+    set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    _broadcast_buffers(module, device)
+
+
+def _broadcast_buffers(module: nn.Module, device: str) -> None:
+    """Rank 0's non-persistent buffers (rotary ``inv_freq``, ...) into every rank's module, in rank 0's dtype."""
+    import torch.distributed as dist
+
+    slots = [(mod, leaf) for _, mod in module.named_modules() for leaf, b in mod._buffers.items()  # noqa: SLF001
+             if b is not None and leaf in mod._non_persistent_buffers_set]  # noqa: SLF001
+    box = [[(tuple(mod._buffers[leaf].shape), mod._buffers[leaf].dtype) for mod, leaf in slots]]  # noqa: SLF001
+    dist.broadcast_object_list(box, src=0)
+    if len(box[0]) != len(slots):
+        raise EdgeftError(f"--distributed fsdp: rank 0's model has {len(box[0])} non-persistent buffers, this "
+                          f"rank's {len(slots)}: the ranks built different models")
+    rank0 = dist.get_rank() == 0
+    for (mod, leaf), (shape, dtype) in zip(slots, box[0]):
+        own = mod._buffers[leaf]  # noqa: SLF001
+        t = own.detach().to(device) if rank0 else torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(t, src=0)
+        mod._buffers[leaf] = t  # noqa: SLF001
+
+
 class Sharded:
     """A model sharded with FSDP2 inside its loss wrapper, and the collective state-dict operations on it.
 
-    Every method that gathers or scatters is a collective: all ranks call it, in the same order.
+    The weights come from rank 0 (:func:`load_from_rank0`): the other ranks may pass a model built on the meta
+    device. Every method that gathers or scatters is a collective: all ranks call it, in the same order.
     """
 
     def __init__(self, wrapper: nn.Module, model: nn.Module, device: str, rank: int) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        self.wrapper, self.model, self.rank = wrapper, model, rank
+        self.wrapper, self.model, self.rank, self.device = wrapper, model, rank, device
         world = torch.distributed.get_world_size()
         self.mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (world,))
         trained = [p for p in model.parameters() if p.requires_grad]
@@ -150,13 +211,35 @@ class Sharded:
                                   reduce_dtype=torch.float32 if bf16 else None)
         layers = decoder_layers(model)
         _check_uniform_trained_dtype(model, layers)
+        full = _host_state(model, rank)
         for layer in layers:
             fully_shard(layer, mesh=self.mesh, mp_policy=mp)
         fully_shard(wrapper, mesh=self.mesh, mp_policy=mp)
+        load_from_rank0(model, full, device)
+        del full  # rank 0's host copy: freed now that every rank holds its shards
+        # ranks that built on meta drew no random numbers for LoRA's initialisation: continue with rank 0's
+        # generator, as when every rank initialised the same model (dropout)
+        box = [torch.get_rng_state() if rank == 0 else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        torch.set_rng_state(box[0])
         self.trained_names = [n for n, p in model.named_parameters() if p.requires_grad]
         if len(self.trained_names) != len(trained):
             raise EdgeftError("--distributed fsdp: sharding changed the trainable parameters")
         self._opts = None
+
+    def shard_frozen(self, module: nn.Module) -> None:
+        """Shard a frozen model (the distillation teacher) like the trained one, per decoder layer and root, and
+        fill it from rank 0 (the other ranks may have built it on meta). It stays in eval mode without gradients;
+        its forward all-gathers one layer at a time like the student's. A collective."""
+        from torch.distributed.fsdp import fully_shard
+
+        module.eval()
+        module.requires_grad_(False)
+        full = _host_state(module, self.rank)
+        for layer in decoder_layers(module):
+            fully_shard(layer, mesh=self.mesh)
+        fully_shard(module, mesh=self.mesh)
+        load_from_rank0(module, full, self.device)
 
     def _options(self, **kw: Any):
         from torch.distributed.checkpoint.state_dict import StateDictOptions

@@ -11,6 +11,8 @@ checkpoint.py) a run killed at any point continues with the same losses it would
 Several processes (torchrun): DDP by default, or FSDP2 (``strategy="fsdp"``, see fsdp.py): the model is sharded
 inside :class:`LossModule`, every forward goes through it (evaluation too, the same number of batches on every
 rank, since each forward gathers weights from all ranks) and checkpoints gather the trainable tensors on rank 0.
+Under FSDP the model (and a distillation teacher) may come unloaded, on the meta device, on ranks other than 0:
+sharding fills every rank's shards from rank 0's weights.
 """
 
 from __future__ import annotations
@@ -289,8 +291,10 @@ def train_loop(
     if dist is not None and strategy == "fsdp":
         from .fsdp import Sharded
 
-        root = LossModule(model, distill)  # distillation: every rank holds the whole teacher
+        root = LossModule(model, distill)
         sharded = Sharded(root, model, device, rank)  # before the optimizer: it must hold the sharded parameters
+        if distill is not None:
+            sharded.shard_frozen(distill.teacher)  # no rank holds the whole teacher either
     opt = build_optimizer(model, lr, weight_decay, optim, embedding_lr)
     sched = build_scheduler(opt, max_steps, warmup_steps_for(max_steps, warmup_ratio, warmup_steps), schedule)
     params = [p for p in model.parameters() if p.requires_grad]

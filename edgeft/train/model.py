@@ -38,11 +38,27 @@ def _quantization_config(cfg: Any, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def empty_model(model_dir: str | Path, dtype: torch.dtype) -> nn.Module:
+    """The transformers model of ``model_dir`` with its parameters on the meta device (no weights read or
+    allocated); buffers computed from the config on the CPU, as loading makes them. FSDP's ranks other than 0
+    build this and get their shards of rank 0's weights (train/fsdp.py)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    return model.eval()  # from_pretrained's mode, so that both builds are the same module in the same state
+
+
 def load_base(cfg: Any, model_dir: str | Path, device: str) -> nn.Module:
-    """The transformers model in the run's dtype on ``device`` (bitsandbytes-quantized when asked); no remote code."""
+    """The transformers model in the run's dtype on ``device`` (bitsandbytes-quantized when asked); no remote code.
+    ``device="meta"``: :func:`empty_model`, nothing loaded."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    if device == "meta":
+        return empty_model(model_dir, dtype)
     qcfg = _quantization_config(cfg, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False}
     if qcfg is not None:
@@ -230,7 +246,8 @@ def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str
     """The trainable model for a resolved config: returns (model, what was done, for edgeft.json).
 
     ``device`` is where training runs (it decides ``kernels: auto``); ``load_device`` where the weights are put,
-    if elsewhere: FSDP loads on the CPU and sharding moves each process's shards to its GPU.
+    if elsewhere: under FSDP rank 0 loads on the CPU and the other ranks build the same module with ``"meta"``
+    (no weights: LoRA, kernels and QAT only restructure modules), then sharding distributes rank 0's weights.
     """
     from edgeft import qat as qatlib
 
@@ -262,7 +279,8 @@ def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str
         if cfg.mode == "lora" and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # frozen embeddings: the checkpointed input must carry a gradient
     if plan is not None:
-        sharded = load_device is not None and load_device != device
+        host = "cpu" if load_device == "meta" else load_device  # every FSDP rank picks what rank 0 picks
+        sharded = host is not None and host != device
         qatlib.prepare(model, plan, cache=qat_weight_cache(cfg, model, ckpt is not None, sharded, device))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,13 +31,41 @@ def _data(tmp_path):
     return data
 
 
-def _torchrun(tmp_path, args, env=None):
+PROBE = Path(__file__).with_name("_fsdp_probe.py")  # `python -m edgeft` recording each rank's loading
+
+
+def _torchrun(tmp_path, args, env=None, loads=1):
+    """``torchrun -m edgeft`` with 2 processes, through the probe; checks that only rank 0 loaded weights (see
+    :func:`_check_loading`, ``loads``: the models each rank shards)."""
+    probe = tmp_path / f"probe-{len(list(tmp_path.glob('probe-*')))}"
+    probe.mkdir()
+    env = dict(os.environ if env is None else env, EDGEFT_PROBE_DIR=str(probe))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "edgeft", *args],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(PROBE), *args],
         capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_loading(probe, loads)
     return proc
+
+
+def _check_loading(probe, loads):
+    """Rank 1 never reads a checkpoint nor holds a whole weight before sharding (it builds on meta), ends up with
+    about half the parameters, and its non-persistent buffers (rotary inv_freq) are exactly rank 0's."""
+    r0, r1 = (json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["from_pretrained"]
+    assert r1["from_pretrained"] == []
+    assert len(r1["fully_shard"]) == len(r0["fully_shard"]) > 0
+    assert [c["whole_bytes"] for c in r1["fully_shard"]] == [0] * len(r1["fully_shard"])
+    assert sum(c["whole_bytes"] for c in r0["fully_shard"]) > 0  # what the old code did on every rank
+    assert len(r0["loaded"]) == len(r1["loaded"]) == loads
+    for a, b in zip(r0["loaded"], r1["loaded"]):
+        assert not a["meta"] and not b["meta"]
+        assert set(b["buffers"]) == set(a["buffers"]) and any("inv_freq" in k for k in a["buffers"])
+        for k in a["buffers"]:
+            assert b["buffers"][k] == a["buffers"][k], k
+        assert b["params"] == a["params"]
+        assert b["local_params"] <= 0.55 * b["params"]  # its shards only
 
 
 def _weights(run):
@@ -45,7 +74,7 @@ def _weights(run):
     return load_file(str(f if f.exists() else d / "model.safetensors"))
 
 
-def _compare(tmp_path, extra, rel, wtol, env=None, grad_rel=None):
+def _compare(tmp_path, extra, rel, wtol, env=None, grad_rel=None, loads=1):
     args = [*BASE, "--data", str(_data(tmp_path)), *extra]
     one, two = tmp_path / "one", tmp_path / "two"
     if env is None:
@@ -54,7 +83,7 @@ def _compare(tmp_path, extra, rel, wtol, env=None, grad_rel=None):
         p = subprocess.run([sys.executable, "-m", "edgeft", *args, "--batch-size", "4", "--out", str(one)],
                            capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
         assert p.returncode == 0, p.stderr[-3000:]
-    proc = _torchrun(tmp_path, [*args, "--batch-size", "2", "--out", str(two), "--fsdp"], env)
+    proc = _torchrun(tmp_path, [*args, "--batch-size", "2", "--out", str(two), "--fsdp"], env, loads)
     assert proc.stdout.count("run: ") == 1  # only rank 0 reports
     assert "2 processes, FSDP2" in proc.stderr
     a, b = _rows(one / "metrics.jsonl"), _rows(two / "metrics.jsonl")
@@ -158,11 +187,11 @@ def test_strategy_choice():
 
 def test_fsdp_qat_distilled_from_its_twin_equals_one_process(tmp_path):
     # edgeft's default QAT recipe: the no-QAT twin trains first (under FSDP2 too), then QAT starts from its weights
-    # and distils KL(twin || QAT) with packaged prose mixed in; every rank runs its own full teacher. The twins agree
-    # to fp32; the distilled QAT runs only as closely as QAT lets any two summation orders agree: the KL is tiny
+    # and distils KL(twin || QAT) with packaged prose mixed in; the teacher is sharded like the student (loaded by
+    # rank 0 only: 3 models loaded, the twin, the QAT student and its teacher). The twins agree to fp32; the distilled QAT runs only as closely as QAT lets any two summation orders agree: the KL is tiny
     # (~5e-3) and a grid point flipped by a last-bit difference moves it, so the gradient norms differ by up to
     # 4% (DDP, measured on the same run: up to 7.5%), the losses by 5e-4
-    a, _ = _compare(tmp_path, ["--lora", "--qat", "int8-int4"], rel=1e-3, wtol=5e-2, grad_rel=0.1)
+    a, _ = _compare(tmp_path, ["--lora", "--qat", "int8-int4"], rel=1e-3, wtol=5e-2, grad_rel=0.1, loads=3)
     b = _rows(tmp_path / "two" / "metrics.jsonl")
     assert all(r["distill_kl"] > 0 for r in a + b)
     assert [r["distill_kl"] for r in b] == pytest.approx([r["distill_kl"] for r in a], rel=0.2)
