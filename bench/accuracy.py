@@ -14,13 +14,16 @@ does: the artifact is as close to the converted model as the converted model is 
 Targets (issue 6): QAT recovers >= 70% of PTQ's perplexity degradation and >= 90% of its task-accuracy loss,
 recovery = (PTQ − QAT) / (PTQ − BF16); each artifact agrees with its converted model (top-1 >= 99%, relative
 error <= 2e-2). Writes ``bench/results/accuracy-<date>-<device>[-tag].json`` (date, device, versions, config,
-timings) and prints a table.
+timings) and prints a table. From the evaluator's per-question results (eval/questions.jsonl) it also gives 95%
+intervals for the recovery (``intervals``): treating the three accuracies as independent binomials, and paired,
+resampling the questions (the same resampled set for BF16, PTQ and QAT), with the discordant questions.
 
     python bench/accuracy.py                          # ~30 min on 2 CPU cores (train ~10, eval+exports ~15)
     python bench/accuracy.py --recipe labels --tag labels   # QAT on labels from the pretrained model (old recipe)
     python bench/accuracy.py --run runs/acc --no-train      # evaluate an existing run again
     python bench/accuracy.py --twin runs/acc --run runs/acc-t --recipe targets --tag targets --runtimes eager \
         --limit 200 --no-agreement    # another QAT recipe on runs/acc's twin: trains only the QAT run
+    python bench/accuracy.py --twin runs/acc --run runs/acc-s --qat-max-steps 180 ...   # QAT 3x the twin's steps
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ RECIPES = {  # TrainConfig overrides
     "lr3": {"qat_lr": 3e-4},
 }
 # what a QAT recipe may change: a twin trained under any of them is the same model (--twin)
-RECIPE_KEYS = ("qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr")
+RECIPE_KEYS = ("qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
+               "qat_max_steps")
 
 
 def _versions() -> dict[str, str]:
@@ -154,6 +158,119 @@ def agreement(report: dict, sources: dict[str, Path], chunks: list[list[int]]) -
     return out
 
 
+# --- intervals -----------------------------------------------------------------------------------------------
+
+
+def _binom_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p)."""
+    if p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 1.0 if k >= n else 0.0
+    lp, lq = math.log(p), math.log1p(-p)
+    return min(1.0, sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp
+                                 + (n - i) * lq) for i in range(0, k + 1)))
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval for a binomial proportion k/n, by bisection on the binomial CDF."""
+    a = (1 - level) / 2
+
+    def solve(f, value: float) -> float:  # f decreasing in p: the p where it falls to value
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) > value else (lo, mid)
+        return (lo + hi) / 2
+
+    # lower: P(X >= k) = a, i.e. P(X <= k - 1) = 1 - a; upper: P(X <= k) = a
+    lower = 0.0 if k == 0 else solve(lambda p: _binom_cdf(k - 1, n, p), 1 - a)
+    upper = 1.0 if k == n else solve(lambda p: _binom_cdf(k, n, p), a)
+    return lower, upper
+
+
+def _recovery_samples(b, p, q):
+    """(QAT - PTQ) / (BF16 - PTQ) per bootstrap sample (arrays of accuracies); NaN where BF16 <= PTQ."""
+    import numpy as np
+
+    gap = b - p
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(gap > 0, (q - p) / np.where(gap > 0, gap, 1), np.nan)
+
+
+def _percentiles(x, level: float) -> tuple[list[float] | None, float]:
+    """The percentile interval of the defined samples, and the share of samples where recovery is undefined."""
+    import numpy as np
+
+    ok = x[~np.isnan(x)]
+    undefined = 1 - ok.size / x.size
+    if not ok.size:
+        return None, undefined
+    a = 100 * (1 - level) / 2
+    return [float(np.percentile(ok, a)), float(np.percentile(ok, 100 - a))], undefined
+
+
+def intervals(correct: dict[str, list[bool]], n_boot: int = 20000, seed: int = 0, level: float = 0.95,
+              target: float = TARGETS["accuracy"]) -> dict:
+    """Uncertainty of the accuracy recovery (QAT - PTQ) / (BF16 - PTQ) from per-question results.
+
+    ``correct``: per variant (bf16, ptq, qat), each question's correctness, in the same question order.
+    - ``accuracy_ci``: Clopper-Pearson per variant;
+    - ``recovery_ci_independent``: parametric bootstrap treating the three accuracies as independent binomials
+      (what can be said without per-question results; too wide when the variants agree on most questions);
+    - ``recovery_ci_paired``: nonparametric bootstrap resampling questions, the same resampled set for all three
+      variants (percentile interval), so a question every variant gets right (or wrong) moves none of the gaps;
+    - ``discordant``: per pair, the questions only one of the two answers right: the pairs' differences, and so the
+      paired interval's width, come from these alone.
+    """
+    import numpy as np
+
+    v = {k: np.asarray(correct[k], dtype=np.float64) for k in ("bf16", "ptq", "qat")}
+    n = v["bf16"].size
+    if not n or any(x.size != n for x in v.values()):
+        raise ValueError("per-question results of bf16, ptq and qat must cover the same questions")
+    k = {name: int(x.sum()) for name, x in v.items()}
+    rng = np.random.default_rng(seed)
+    acc = {name: x.mean() for name, x in v.items()}
+    independent = _recovery_samples(*(rng.binomial(n, acc[name], n_boot) / n for name in ("bf16", "ptq", "qat")))
+    idx = rng.integers(0, n, size=(n_boot, n))
+    paired = _recovery_samples(*(v[name][idx].mean(1) for name in ("bf16", "ptq", "qat")))
+    ci_ind, undef_ind = _percentiles(independent, level)
+    ci_pair, undef_pair = _percentiles(paired, level)
+
+    def disc(a: str, b: str) -> dict[str, int]:
+        return {f"{a}_only": int(((v[a] == 1) & (v[b] == 0)).sum()), f"{b}_only": int(((v[a] == 0) & (v[b] == 1)).sum())}
+
+    gap = k["bf16"] - k["ptq"]
+    return {
+        "n": n, "level": level, "bootstrap_samples": n_boot, "seed": seed, "correct": k,
+        "accuracy_ci": {name: list(clopper_pearson(k[name], n, level)) for name in k},
+        "recovery": (k["qat"] - k["ptq"]) / gap if gap > 0 else None,
+        "recovery_ci_independent": ci_ind, "recovery_ci_paired": ci_pair,
+        "recovery_undefined_share": {"independent": undef_ind, "paired": undef_pair},
+        # share of paired resamples at or above the target (a bootstrap proportion, not a test)
+        "paired_share_at_or_above_target": float(np.mean(np.nan_to_num(paired, nan=-np.inf) >= target)),
+        "discordant": {"qat_vs_ptq": disc("qat", "ptq"), "bf16_vs_ptq": disc("bf16", "ptq"),
+                       "qat_vs_bf16": disc("qat", "bf16")},
+    }
+
+
+def question_intervals(questions: list[dict], runtimes: list[str], **kw) -> dict:
+    """:func:`intervals` per runtime for exact match (``accuracy``) and multiple choice (``mc_accuracy``), the
+    variants' rows matched by question id."""
+    out: dict = {}
+    for rt in runtimes:
+        for kind, metric in (("exact", "accuracy"), ("mc", "mc_accuracy")):
+            by = {var: {q["id"]: q["correct"] for q in questions
+                        if q["runtime"] == rt and q["kind"] == kind and q["variant"] == var}
+                  for var in ("bf16", "ptq", "qat")}
+            ids = sorted(by["bf16"])
+            if not ids or any(sorted(by[var]) != ids for var in by):
+                continue
+            out.setdefault(rt, {})[metric] = intervals({var: [by[var][i] for i in ids] for var in by}, **kw)
+    return out
+
+
 # --- reusing a twin ----------------------------------------------------------------------------------------------
 
 
@@ -181,9 +298,13 @@ def reuse_twin(cfg, twin: Path, run: Path) -> None:
     (run / "config.yaml").write_text(dump_yaml(dataclasses.replace(mine, resume=False, overwrite=False)))
 
 
-def saved_rows(run: Path, variants: tuple[str, ...], runtimes: list[str], limit: int) -> list[dict] | None:
-    """``variants``' rows of ``run``'s eval/report.json when it covers ``runtimes`` on ``limit`` questions (the
-    same files give the same numbers), else None."""
+def saved_rows(run: Path, variants: tuple[str, ...], runtimes: list[str],
+               limit: int) -> tuple[list[dict], list[dict]] | None:
+    """``variants``' rows of ``run``'s eval/report.json and their per-question results (eval/questions.jsonl) when
+    they cover ``runtimes`` on ``limit`` questions (the same files give the same numbers), else None: an evaluation
+    from before per-question results is done again."""
+    from edgeft.devices.evaluate import read_questions
+
     path = run / "eval" / "report.json"
     if not path.exists():
         return None
@@ -191,7 +312,10 @@ def saved_rows(run: Path, variants: tuple[str, ...], runtimes: list[str], limit:
     rows = [r for r in rep["results"] if r["variant"] in variants and r["runtime"] in runtimes]
     if rep.get("task_examples") != limit or len(rows) != len(variants) * len(runtimes):
         return None
-    return rows
+    questions = [q for q in read_questions(run) or [] if q["variant"] in variants and q["runtime"] in runtimes]
+    if len(questions) != sum(r["n_tasks"] + r.get("n_mc", 0) for r in rows):
+        return None
+    return rows, questions
 
 
 # --- main --------------------------------------------------------------------------------------------------------
@@ -205,6 +329,8 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--qat", default="phone-deployment")
     ap.add_argument("--max-steps", type=int, default=60)
+    ap.add_argument("--qat-max-steps", type=int, default=None,
+                    help="optimizer steps of the QAT run over the recipe (default: --max-steps, as the twin)")
     ap.add_argument("--runtimes", default="eager,pte,gguf")
     ap.add_argument("--limit", type=int, default=60, help="task test questions (default 60, as `edgeft eval`)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -227,11 +353,14 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     run = Path(args.run)
     cfg = edgeft.TrainConfig(model=args.model, data="builtin:tasks", qat=args.qat, max_steps=args.max_steps,
-                             out=str(run), overwrite=True, progress=False, **RECIPES[args.recipe])
+                             out=str(run), overwrite=True, progress=False,
+                             **{**RECIPES[args.recipe], **({"qat_max_steps": args.qat_max_steps}
+                                                         if args.qat_max_steps else {})})
     timings = {}
     t0 = time.perf_counter()
     if not args.no_train:
-        print(f"training {args.model} ({args.recipe} recipe, {args.max_steps} steps) into {run}", flush=True)
+        print(f"training {args.model} ({args.recipe} recipe, {args.max_steps} steps, QAT "
+              f"{cfg.qat_max_steps or args.max_steps}) into {run}", flush=True)
         if args.twin:
             import dataclasses
 
@@ -243,30 +372,38 @@ def main() -> int:
     runtimes = [x for x in args.runtimes.split(",") if x]
     reused = None
     if args.twin:  # the twin's BF16 and PTQ are the same files as this run's baseline/: evaluated once, on the twin
-        from edgeft.devices.evaluate import recovery
+        from edgeft.devices.evaluate import read_questions, recovery
 
         mine = saved_rows(run, ("qat",), runtimes, args.limit) if (args.no_train and args.reuse_eval) else None
         if mine:
             print(f"QAT results reused from {run}/eval/report.json", flush=True)
-            report = {"results": mine, "task_examples": args.limit,
+            report = {"results": mine[0], "task_examples": args.limit,
                       "heldout_tokens": json.loads((run / "eval" / "report.json").read_text()).get("heldout_tokens")}
+            questions = mine[1]
         else:
             report = edgeft.evaluate(run, runtimes=runtimes, variants=["qat"], limit=args.limit, progress=False)
+            questions = read_questions(run) or []
         reused = saved_rows(Path(args.twin), ("bf16", "ptq"), runtimes, args.limit)
         if reused:
             print(f"BF16 and PTQ results reused from {args.twin}/eval/report.json", flush=True)
         else:
             print(f"evaluating BF16 and PTQ on {args.twin} (reused by later --twin runs)", flush=True)
-            reused = edgeft.evaluate(Path(args.twin), runtimes=runtimes, variants=["bf16", "ptq"], limit=args.limit,
-                                     progress=False)["results"]
-        report["results"] = reused + report["results"]
+            edgeft.evaluate(Path(args.twin), runtimes=runtimes, variants=["bf16", "ptq"], limit=args.limit,
+                            progress=False)
+            reused = saved_rows(Path(args.twin), ("bf16", "ptq"), runtimes, args.limit)
+        report["results"] = reused[0] + report["results"]
+        questions = reused[1] + questions
         by = {(r["variant"], r["runtime"]): r for r in report["results"]}
         report["recovery"] = {rt: {m: recovery(by["bf16", rt][m], by["ptq", rt][m], by["qat", rt][m], m != "perplexity")
                                    for m in ("perplexity", "accuracy", "mc_accuracy")} for rt in runtimes}
         report["reused_baselines_from"] = args.twin
     else:
+        from edgeft.devices.evaluate import read_questions
+
         report = edgeft.evaluate(run, runtimes=runtimes, limit=args.limit, progress=False)
+        questions = read_questions(run) or []
     timings["eval_s"] = time.perf_counter() - t1
+    ci = question_intervals(questions, runtimes)
     resolved = edgeft.pipeline.run_config(run)
 
     agree = []
@@ -302,6 +439,9 @@ def main() -> int:
         "targets": TARGETS,
         "results": [{k: v for k, v in r.items() if k != "samples"} for r in report["results"]],
         "recovery": rec,
+        # per runtime and metric: Clopper-Pearson per variant, recovery intervals (independent binomials; paired:
+        # questions resampled, the same set for every variant) and the discordant questions (intervals())
+        "intervals": ci,
         "meets_targets": verdict,
         "agreement": agree,
         "heldout_tokens": report.get("heldout_tokens"),
@@ -324,6 +464,16 @@ def main() -> int:
         pp = "n/a" if v.get("perplexity") is None else f"{100 * v['perplexity']:.0f}%"
         ac = "n/a" if v.get("accuracy") is None else f"{100 * v['accuracy']:.0f}%"
         print(f"recovery {rt}: perplexity {pp} (target 70%), accuracy {ac} (target 90%)")
+    for rt, by in ci.items():
+        for metric, c in by.items():
+            if c["recovery"] is None:
+                continue
+            ind, pair, d = c["recovery_ci_independent"], c["recovery_ci_paired"], c["discordant"]
+            print(f"{rt} {metric}: recovery {100 * c['recovery']:.0f}%, 95% CI independent "
+                  f"{100 * ind[0]:.0f}-{100 * ind[1]:.0f}%, paired {100 * pair[0]:.0f}-{100 * pair[1]:.0f}%; "
+                  f"discordant QAT/PTQ {d['qat_vs_ptq']['qat_only']}+{d['qat_vs_ptq']['ptq_only']}, "
+                  f"BF16/PTQ {d['bf16_vs_ptq']['bf16_only']}+{d['bf16_vs_ptq']['ptq_only']}, "
+                  f"QAT/BF16 {d['qat_vs_bf16']['qat_only']}+{d['qat_vs_bf16']['bf16_only']}")
     for a in agree:
         print(f"agreement {a['variant']}/{a['runtime']}: top-1 {a['top1']:.4f}, rel err {a['rel_err']:.4f}")
     print(f"timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
