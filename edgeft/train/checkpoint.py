@@ -182,17 +182,21 @@ class CheckpointManager:
              rank: int = 0, sharded: Any = None) -> dict[str, Any]:
         """Restore model tensors, optimizer, scheduler and this rank's RNG from ``path``; returns its state.
 
-        ``sharded``: the model's :class:`~edgeft.train.fsdp.Sharded` (FSDP); every rank loads the full tensors.
+        ``sharded``: the model's :class:`~edgeft.train.fsdp.Sharded` (FSDP); rank 0 reads the full tensors and
+        optimizer state, every other rank receives its shards from it (no rank but 0 holds them whole).
         """
         from safetensors.torch import load_file
 
         state = self.read_state(path)
-        tensors = load_file(str(path / "trainable.safetensors"))
-        optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         if sharded is not None:
+            read = rank == 0
+            tensors = load_file(str(path / "trainable.safetensors")) if read else {}
+            optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) if read else {}
             sharded.load(tensors, str(path))
             sharded.load_optimizer(optimizer, optim_state)
         else:
+            tensors = load_file(str(path / "trainable.safetensors"))
+            optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
             load_trainable(model, tensors, str(path))
             optimizer.load_state_dict(optim_state)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -202,8 +206,12 @@ class CheckpointManager:
         set_rng_state(rngs[rank])
         return state
 
-    def load_tensors(self, step: int) -> dict[str, torch.Tensor] | None:
+    def load_tensors(self, step: int, read: bool = True) -> dict[str, torch.Tensor] | None:
+        """The trainable tensors of checkpoint ``step`` (None: there is none); ``read=False``: {} if it exists
+        (FSDP ranks other than 0, which get their shards from rank 0's)."""
         from safetensors.torch import load_file
 
         p = self.path(step) / "trainable.safetensors"
-        return load_file(str(p)) if p.exists() else None
+        if not p.exists():
+            return None
+        return load_file(str(p)) if read else {}

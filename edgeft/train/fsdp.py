@@ -26,9 +26,10 @@ during loading, one tensor) whole; rank 0 also the host copy until its shards ar
   shards); the returned DTensor norm is made a float with ``full_tensor()``.
 - Checkpoints: ``get_model_state_dict(..., StateDictOptions(full_state_dict=True, cpu_offload=True))`` gathers the
   trainable tensors on rank 0 (the frozen base is not gathered, as for one process: resume rebuilds it), and
-  ``get_optimizer_state_dict`` the optimizer state keyed by parameter name; ``--resume`` loads both back with the
-  ``set_*`` counterparts on every rank. The model saved after training is rebuilt unsharded on rank 0 from those
-  full tensors (pipeline.py), so model/, converted/ and the exports are written as for one process.
+  ``get_optimizer_state_dict`` the optimizer state keyed by parameter name; ``--resume`` reads both on rank 0 only
+  and the ``set_*`` counterparts (``broadcast_from_rank0``) give every rank its shards. The model saved after
+  training is rebuilt unsharded on rank 0 from those full tensors (pipeline.py), so model/, converted/ and the
+  exports are written as for one process.
 - Kernels and QAT compose: the patched forwards and fake-quant modules only read ``module.weight`` inside forward,
   where FSDP has swapped in the gathered parameter; their caches are keyed on (optimizer step, version, address)
   and so miss after every optimizer step. bitsandbytes (4-/8-bit bases, 8-bit and paged optimizers) does not
@@ -255,26 +256,41 @@ class Sharded:
         return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def load(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Load full tensors (every rank passes the same) or :meth:`local_state` shards into the model."""
+        """Load :meth:`local_state` shards (every rank its own) or full tensors into the model. Full tensors are
+        rank 0's: the other ranks pass {} (or anything: ignored) and receive their shards from it."""
         from torch.distributed.tensor import DTensor
 
         live = dict(self.model.named_parameters())
+        if tensors and all(isinstance(t, DTensor) for t in tensors.values()):
+            self._check_names(tensors, live, where)
+            with torch.no_grad():
+                for n, t in tensors.items():
+                    live[n].copy_(t)
+            return
+        problem = None
+        if self.rank == 0:  # checked where the tensors are; every rank raises the same error
+            try:
+                self._check_names(tensors, live, where)
+                for n, t in tensors.items():
+                    if n in live and tuple(live[n].shape) != tuple(t.shape):
+                        raise EdgeftError(f"{where}: {n} has shape {tuple(t.shape)}, the model {tuple(live[n].shape)}")
+            except EdgeftError as e:
+                problem = str(e)
+        box = [problem]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise EdgeftError(box[0])
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.model, tensors if self.rank == 0 else {},
+                             options=self._options(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+
+    def _check_names(self, tensors: dict[str, torch.Tensor], live: dict[str, Any], where: str) -> None:
         missing = sorted(set(self.trained_names) - set(tensors))
         unknown = sorted(n for n in tensors if n not in live and "fake_quantizer" not in n)
         if missing or unknown:
             raise EdgeftError(f"{where} does not match this model: missing {missing[:3]}, unexpected {unknown[:3]} "
                               "(resume with the configuration the run was started with)")
-        if tensors and all(isinstance(t, DTensor) for t in tensors.values()):
-            with torch.no_grad():
-                for n, t in tensors.items():
-                    live[n].copy_(t)
-            return
-        for n, t in tensors.items():
-            if n in live and tuple(live[n].shape) != tuple(t.shape):
-                raise EdgeftError(f"{where}: {n} has shape {tuple(t.shape)}, the model {tuple(live[n].shape)}")
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        set_model_state_dict(self.model, tensors, options=self._options(full_state_dict=True, strict=False))
 
     # -- optimizer -----------------------------------------------------------------------------------------------
     def optimizer_state(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
@@ -285,9 +301,12 @@ class Sharded:
                                                                                 cpu_offload=True))
 
     def load_optimizer(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Load rank 0's whole optimizer state (from :meth:`optimizer_state`; other ranks pass {}): each rank
+        keeps the shards of its parameters."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        set_optimizer_state_dict(self.model, opt, state, options=self._options(full_state_dict=True))
+        set_optimizer_state_dict(self.model, opt, state if self.rank == 0 else {},
+                                 options=self._options(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

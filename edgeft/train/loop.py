@@ -323,7 +323,7 @@ def train_loop(
         sampler.load_state_dict(state["sampler"])
         if state["best_step"] is not None and evaluating:
             best_weights = (snapshot() if state["best_step"] == state["step"]
-                            else checkpoints.load_tensors(state["best_step"]))
+                            else checkpoints.load_tensors(state["best_step"], read=sharded is None or is_main))
             if best_weights is None:
                 raise EdgeftError(f"the best checkpoint step-{state['best_step']} is missing from {checkpoints.dir}")
     start = state["step"]

@@ -4,6 +4,7 @@ loading and sharding did, into ``$EDGEFT_PROBE_DIR/rank<N>.json`` (read by test_
 - ``from_pretrained``: every transformers model loaded from a checkpoint (path);
 - ``fully_shard``: for every ``fully_shard`` call, the bytes of the module's parameters that are materialised and
   not yet sharded at that moment (whole tensors in this process), and the largest such tensor;
+- ``reads``: the checkpoint files (``trainable.safetensors``, ``optimizer.pt``) it read;
 - ``loaded``: after every :func:`edgeft.train.fsdp.load_from_rank0`, the module's non-persistent buffers (values)
   and whether any tensor is still on the meta device.
 """
@@ -13,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.distributed.fsdp as tfsdp
 import transformers
@@ -22,7 +24,7 @@ import edgeft.train.fsdp as efsdp
 from edgeft.cli import main
 
 RANK = int(os.environ["RANK"])
-REC: dict = {"from_pretrained": [], "fully_shard": [], "loaded": []}
+REC: dict = {"from_pretrained": [], "fully_shard": [], "loaded": [], "reads": []}
 
 _from_pretrained = transformers.PreTrainedModel.from_pretrained.__func__
 
@@ -33,6 +35,22 @@ def _probe_from_pretrained(cls, path, *args, **kwargs):
 
 
 transformers.PreTrainedModel.from_pretrained = classmethod(_probe_from_pretrained)
+
+_load_file, _torch_load = safetensors.torch.load_file, torch.load
+
+
+def _probe_load_file(path, *args, **kwargs):
+    REC["reads"].append(Path(path).name)
+    return _load_file(path, *args, **kwargs)
+
+
+def _probe_torch_load(f, *args, **kwargs):
+    if isinstance(f, (str, os.PathLike)) and Path(f).name == "optimizer.pt":
+        REC["reads"].append("optimizer.pt")
+    return _torch_load(f, *args, **kwargs)
+
+
+safetensors.torch.load_file, torch.load = _probe_load_file, _probe_torch_load
 
 _fully_shard = tfsdp.fully_shard
 

@@ -36,7 +36,7 @@ PROBE = Path(__file__).with_name("_fsdp_probe.py")  # `python -m edgeft` recordi
 
 def _torchrun(tmp_path, args, env=None, loads=1):
     """``torchrun -m edgeft`` with 2 processes, through the probe; checks that only rank 0 loaded weights (see
-    :func:`_check_loading`, ``loads``: the models each rank shards)."""
+    :func:`_check_loading`, ``loads``: the models each rank shards); returns the process and the probe folder."""
     probe = tmp_path / f"probe-{len(list(tmp_path.glob('probe-*')))}"
     probe.mkdir()
     env = dict(os.environ if env is None else env, EDGEFT_PROBE_DIR=str(probe))
@@ -46,7 +46,7 @@ def _torchrun(tmp_path, args, env=None, loads=1):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_loading(probe, loads)
-    return proc
+    return proc, probe
 
 
 def _check_loading(probe, loads):
@@ -83,7 +83,7 @@ def _compare(tmp_path, extra, rel, wtol, env=None, grad_rel=None, loads=1):
         p = subprocess.run([sys.executable, "-m", "edgeft", *args, "--batch-size", "4", "--out", str(one)],
                            capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
         assert p.returncode == 0, p.stderr[-3000:]
-    proc = _torchrun(tmp_path, [*args, "--batch-size", "2", "--out", str(two), "--fsdp"], env, loads)
+    proc, _ = _torchrun(tmp_path, [*args, "--batch-size", "2", "--out", str(two), "--fsdp"], env, loads)
     assert proc.stdout.count("run: ") == 1  # only rank 0 reports
     assert "2 processes, FSDP2" in proc.stderr
     a, b = _rows(one / "metrics.jsonl"), _rows(two / "metrics.jsonl")
@@ -143,8 +143,12 @@ def test_fsdp_resume_continues_as_if_never_interrupted(tmp_path):
         load_file(str(ckpt / "trainable.safetensors")))  # keyed by parameter name, every trained tensor
     # "killed" after the step-2 checkpoint: the run as it was then (metrics of steps 3-4 are dropped on resume)
     shutil.copytree(ref, run, ignore=shutil.ignore_patterns("step-4", "model", "converted", "loss.png"))
-    proc = _torchrun(tmp_path, ["train", "--out", str(run), "--resume", "--no-progress", "--threads", "1"])
+    proc, probe = _torchrun(tmp_path, ["train", "--out", str(run), "--resume", "--no-progress", "--threads", "1"])
     assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
+    # only rank 0 reads the checkpoint's tensors and optimizer state; rank 1 receives its shards
+    reads = [json.loads((probe / f"rank{r}.json").read_text())["reads"] for r in (0, 1)]
+    assert {"trainable.safetensors", "optimizer.pt"} <= set(reads[0])
+    assert "trainable.safetensors" not in reads[1] and "optimizer.pt" not in reads[1]
     a, b = _rows(ref / "metrics.jsonl"), _rows(run / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
