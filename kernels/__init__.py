@@ -5,6 +5,8 @@ Public API:
   (Llama, Qwen2, Qwen3, Mistral, Gemma3 text, Phi-3), also inside PEFT; see patch.py for the flags.
 - ``lm_head_loss(hidden, weight, labels, softcap=None) -> (loss_sum, n_targets)``: chunked fused LM head +
   cross-entropy; ``causal_lm_loss(model, input_ids, labels, ...)`` wraps it for a whole causal LM.
+- ``lm_head_kl_loss(hidden, weight, teacher_hidden, teacher_weight, labels, mask, T, ...) -> (kl_sum, ce_sum)``:
+  chunked fused student and teacher heads + distillation KL (and CE), no logits (QAT distillation).
 - the ops themselves: ``rms_norm``, ``rope_``, ``swiglu``, ``geglu``, ``lora_linear``, ``lora_mlp``,
   ``varlen_attention``, ``checkpoint_layer``.
 
@@ -14,6 +16,7 @@ Importing this package has no side effects; Triton is imported only if installed
 from .attention import PackedBatch, packed_batch_from_position_ids, varlen_attention
 from .checkpoint import checkpoint_layer
 from .cross_entropy import lm_head_loss
+from .fused_linear_kl import lm_head_kl_loss
 from .geglu import geglu
 from .lora import Projection, lora_linear, lora_mlp, projection_of
 from .patch import FAMILIES, causal_lm_loss, decoder_stack, patch, transformers_model, unpatch
@@ -29,6 +32,7 @@ __all__ = [
     "checkpoint_layer",
     "decoder_stack",
     "geglu",
+    "lm_head_kl_loss",
     "lm_head_loss",
     "lora_linear",
     "lora_mlp",
