@@ -15,9 +15,23 @@ The objective of one optimizer step, over the whole accumulation window (and all
 with ``w`` the distillation weight (1: pure distillation), ``T`` the temperature, ``t``/``s`` the teacher's and
 student's logits, N_targets the labelled tokens and N_positions the positions whose next token belongs to the
 same example (``positions="all"``; ``"targets"``: the labelled ones only). The teacher runs in ``no_grad`` and
-eval mode; the student's logits are materialised (also when the fused cross-entropy kernel is active, whose
-head operands, the fake-quantized LM head included, are then used for an explicit matmul), so distillation costs
-one teacher forward and the (tokens × vocab) logits of both models per micro-batch.
+eval mode.
+
+Two ways to compute it, the same numbers:
+
+- fused (kernels/fused_linear_kl.py): both models run their decoder stacks only; the student's final hidden states
+  and head operands (a QAT head's fake quantizers applied, so the head trains on the deployed grid) and the
+  teacher's final hidden states and head weight go into a chunked kernel that computes both heads, the KL, the CE
+  and the objective's gradient a chunk of rows at a time, so neither model's (tokens x vocab) logits exist. The
+  kernel computes the gradient of one mix of KL and CE in the forward, so :meth:`Distillation.losses` is given the
+  window's counts (the training loop passes them) to declare ``w / N_positions`` and ``(1 − w) / N_targets``.
+  Used when the student has the fused cross-entropy patch (``_edgeft_fused_ce``), and on CUDA for any student and
+  teacher of a kernel-supported family with plain bias-free heads (``Distillation.fused``: None = that choice,
+  True/False force it).
+- materialised (the reference and the fallback: CPU without Triton's interpreter, other heads, an FSDP-sharded
+  teacher whose head exists whole only inside its own forward): both models' fp32 logits and log-softmaxes, one
+  teacher forward and the (tokens × vocab) logits of both models per micro-batch (tens of GB at 8k tokens x 152k
+  vocabulary).
 """
 
 from __future__ import annotations
@@ -67,8 +81,45 @@ def distill_positions(batch: dict[str, torch.Tensor], which: str = "all") -> tor
     return valid
 
 
+def _plain_head(module: nn.Module | None) -> bool:
+    """A bias-free Linear head (a QAT-prepared one included) whose weight is a whole local tensor."""
+    if not isinstance(module, nn.Linear) or module.bias is not None:
+        return False
+    if type(module) is not nn.Linear and not hasattr(module, "weight_fake_quantizer"):
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return True
+    return not isinstance(module.weight, DTensor)
+
+
+def _fused_obstacle(student: nn.Module, teacher: nn.Module) -> str | None:
+    """Why the fused path cannot run for this student and teacher (None: it can)."""
+    from edgeft.kernels import FAMILIES
+
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        FSDPModule = ()  # noqa: N806
+    if isinstance(teacher, FSDPModule):  # its head and embeddings are whole only inside its own forward
+        return "the teacher is FSDP-sharded"
+    for name, m in (("student", student), ("teacher", teacher)):
+        inner = _inner_model(m)
+        model_type = getattr(getattr(inner, "config", None), "model_type", None)
+        if model_type not in FAMILIES:
+            return f"the {name}'s architecture {model_type!r} has no kernels"
+        if not hasattr(inner, "model") or not _plain_head(inner.get_output_embeddings()):
+            return f"the {name}'s LM head is not a plain bias-free Linear"
+    if (_inner_model(student).get_output_embeddings().weight.shape[0]
+            != _inner_model(teacher).get_output_embeddings().weight.shape[0]):
+        return "the student's and the teacher's vocabularies differ"
+    return None
+
+
 def student_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, T-1, V) fp32 next-token logits of the (possibly QAT-prepared, kernel-patched) student."""
+    """(B, T-1, V) fp32 next-token logits of the (possibly QAT-prepared, kernel-patched) student: the materialised
+    path's (and a reference for the fused one)."""
     inner = _inner_model(model)
     kw = _forward_kwargs(batch)
     if getattr(inner, "_edgeft_fused_ce", False):
@@ -94,12 +145,16 @@ def kl_sum(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperatu
 
 @dataclass
 class Distillation:
-    """The teacher and the mix; :meth:`losses` gives one micro-batch's summed CE and KL (the loop normalises)."""
+    """The teacher and the mix; :meth:`losses` gives one micro-batch's summed CE and KL (the loop normalises).
+
+    ``fused``: the fused heads + KL kernel (None: when the student has the fused-CE patch or trains on CUDA, and
+    both models allow it; True: always, else an error; False: the materialised logits)."""
 
     teacher: nn.Module
     weight: float = 1.0
     temperature: float = 1.0
     positions: str = "all"
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
@@ -114,8 +169,16 @@ class Distillation:
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(distill_positions(batch, self.positions).sum())
 
-    def losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed cross-entropy over labelled tokens, summed T²·KL over the distilled positions)."""
+    def losses(self, model: nn.Module, batch: dict[str, torch.Tensor],
+               counts: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed cross-entropy over labelled tokens, summed T²·KL over the distilled positions).
+
+        ``counts``: the whole window's (N_targets, N_positions) that :meth:`objective` will be called with. The
+        fused path needs them to compute the objective's gradient in its forward (without them it assumes this
+        micro-batch is the window, and a backward through other weights raises); the materialised path ignores them.
+        """
+        if self.use_fused(model):
+            return self._fused_losses(model, batch, counts)
         s = student_logits(model, batch)
         with torch.no_grad():
             t = self.teacher(**_forward_kwargs(batch)).logits[:, :-1].float()
@@ -124,6 +187,53 @@ class Distillation:
                              reduction="sum")
         mask = distill_positions(batch, self.positions)
         return ce, kl_sum(t[mask], s[mask], self.temperature)
+
+    def use_fused(self, model: nn.Module) -> bool:
+        """Whether :meth:`losses` takes the fused path for this student (see the module docstring)."""
+        if self.fused is False:
+            return False
+        why = _fused_obstacle(model, self.teacher)
+        if self.fused is True:
+            if why:
+                raise EdgeftError(f"fused distillation is not possible here: {why}")
+            return True
+        if why:
+            return False
+        inner = _inner_model(model)
+        return bool(getattr(inner, "_edgeft_fused_ce", False)) or inner.get_output_embeddings().weight.is_cuda
+
+    def _fused_losses(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                      counts: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        from edgeft.kernels.fused_linear_kl import lm_head_kl_loss
+        from edgeft.kernels.patch import head_copy_chunk_rows, lm_head_operands
+
+        inner, t_inner = _inner_model(model), _inner_model(self.teacher)
+        kw = _forward_kwargs(batch)
+        # PEFT injects its layers into the backbone in place, so calling it directly keeps the adapters
+        hidden = inner.model(**kw).last_hidden_state[:, :-1]
+        head = inner.get_output_embeddings()
+        h, w = lm_head_operands(head, hidden.reshape(-1, hidden.shape[-1]))
+        with torch.no_grad():
+            t_hidden = t_inner.model(**kw).last_hidden_state[:, :-1]
+        th = t_hidden.reshape(-1, t_hidden.shape[-1])
+        labels = batch["labels"][:, 1:].reshape(-1)
+        mask = distill_positions(batch, self.positions).reshape(-1)
+        if counts is None:
+            counts = (int((labels != IGNORE_INDEX).sum()), int(mask.sum()))
+        # the mix objective() builds from these counts; only its direction matters, so scale it to sum to 1
+        a = self.weight / max(counts[1], 1)
+        b = (1.0 - self.weight) / max(counts[0], 1) if self.weight < 1.0 else 0.0
+        a, b = a / (a + b), b / (a + b)
+        rows = head_copy_chunk_rows(head, h, w)  # a fake-quantized head copy comes out of the chunk budget
+        if rows is not None:  # that budget was for one logit chunk; the teacher's chunk needs its share
+            es, et = h.element_size(), th.element_size()
+            rows = max(64, rows * es // (es + et) // 64 * 64)
+        kl, ce = lm_head_kl_loss(
+            h, w, th, t_inner.get_output_embeddings().weight, labels, mask, self.temperature,
+            softcap=getattr(inner.config, "final_logit_softcapping", None),
+            teacher_softcap=getattr(t_inner.config, "final_logit_softcapping", None),
+            kl_weight=a, ce_weight=b, chunk_rows=rows)
+        return ce, kl
 
     def objective(self, ce: torch.Tensor, kl: torch.Tensor, n_target: int, n_positions: int) -> torch.Tensor:
         """This micro-batch's share of the window's objective (the counts are the whole window's)."""

@@ -93,7 +93,7 @@ class LossModule(nn.Module):
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         if self.distill is None or not self.model.training:  # evaluation (FSDP's goes through here): the CE
             return lm_loss_sum(self.model, batch)[0]
-        ce, kl = self.distill.losses(self.model, batch)
+        ce, kl = self.distill.losses(self.model, batch, self.counts)  # the fused path declares the window mix
         self.last = (ce.detach(), kl.detach())
         return self.distill.objective(ce, kl, *self.counts)
 
@@ -138,7 +138,7 @@ def backward_window(model: nn.Module, window: list[dict[str, torch.Tensor]], dev
                     obj = ddp(**b)
                     loss_sum, kl = loss_module.last
                 else:
-                    loss_sum, kl = distill.losses(model, b)
+                    loss_sum, kl = distill.losses(model, b, (n_target, n_pos))
                     obj = distill.objective(loss_sum, kl, n_target, n_pos)
                 (obj * world).backward()
                 kl_total += float(kl.detach())

@@ -92,13 +92,16 @@ def _objective_by_hand(student, teacher, window, weight, targets_only=False, tem
     return (1 - weight) * ce / n_t + weight * kl / n_p, ce / n_t, kl / n_p
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("weight", [1.0, 0.5])
-def test_window_gradient_is_the_distillation_objective(tiny, weight):
-    """Micro-batches of different sizes: the accumulated gradient is that of the whole window's objective."""
+def test_window_gradient_is_the_distillation_objective(tiny, weight, fused):
+    """Micro-batches of different sizes: the accumulated gradient is that of the whole window's objective, with the
+    materialised logits and through the fused heads + KL kernel (which declares the window's mix)."""
     model_dir, _, examples = tiny
     student, teacher = _student_and_perturbed_teacher(model_dir)
     window = [collate_flat(examples[:1]), collate_flat(examples[1:4])]
-    d = Distillation(teacher, weight=weight)
+    d = Distillation(teacher, weight=weight, fused=fused)
+    assert d.use_fused(student) == fused
     stats = {}
     ce, n = backward_window(student, window, distill=d, stats=stats)
     got = {name: p.grad.clone() for name, p in student.named_parameters()}
@@ -286,3 +289,35 @@ def test_two_cpu_processes_distil_as_one(tmp_path):
     # the KL, small as student and teacher start equal, agrees to ~0.3%; a normalisation error would be 2x
     assert [r["distill_kl"] for r in b] == pytest.approx([r["distill_kl"] for r in a], rel=2e-2)
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-3)
+
+
+def test_kernels_patched_qat_student_distils_through_the_fused_kernel():
+    """A QAT-prepared, kernel-patched student (fake-quantized head, tied to the trained embeddings: tiny-qwen3)
+    takes the fused path by default; its window gradients, CE and KL equal the materialised path's."""
+    from edgeft import qat as qatlib
+    from edgeft.kernels import patch
+    from edgeft.kernels._common import interpreting
+
+    if not interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py on CPU)")
+    model_dir = resolve_model("tiny-qwen3")
+    _, tok = load_model(model_dir)
+    examples = encode_dataset(tok, load_conversations("builtin:tasks")[:4], max_length=64)
+    student, teacher = _student_and_perturbed_teacher(model_dir)
+    qatlib.prepare(student, "int8-int4")
+    patch(student)
+    assert getattr(student, "_edgeft_fused_ce", False)
+    window = [collate_flat(examples[:1]), collate_flat(examples[1:3])]
+    grads, stats = [], []
+    for fused in (None, False):
+        d = Distillation(teacher, weight=0.5, temperature=2.0, fused=fused)
+        assert d.use_fused(student) == (fused is None)
+        st = {}
+        ce, _ = backward_window(student, window, distill=d, stats=st)
+        stats.append((ce, st["distill_kl"], st["objective"]))
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+        student.zero_grad(set_to_none=True)
+    assert stats[0] == pytest.approx(stats[1], rel=1e-5)
+    assert grads[0].keys() == grads[1].keys() and "model.embed_tokens.weight" in grads[0]  # the (tied) head trains
+    for name, g in grads[1].items():
+        torch.testing.assert_close(grads[0][name], g, rtol=1e-4, atol=1e-7, msg=name)
