@@ -398,7 +398,11 @@ def _distillation(cfg: TrainConfig, twin: Path, device: str, load_device: str | 
         teacher = empty_model(info["base_model"] if info["mode"] == "lora" else twin / "model", dtype)
     else:
         teacher, _ = load_trained(twin)
-        teacher.to(device=load_device or device, dtype=dtype)
+        teacher.to(device=load_device or device)
+        # parameters only: Module.to(dtype) would also round RoPE's fp32 inv_freq buffer, which the student
+        # (loaded by from_pretrained in the same dtype) keeps in fp32
+        for prm in teacher.parameters():
+            prm.data = prm.data.to(dtype)
     log.info("QAT distils from the float twin %s (KL weight %.2f, %s positions, temperature %g)", twin,
              cfg.qat_distill, cfg.qat_distill_positions, cfg.qat_distill_temperature)
     return Distillation(teacher, weight=cfg.qat_distill, temperature=cfg.qat_distill_temperature,

@@ -321,3 +321,25 @@ def test_kernels_patched_qat_student_distils_through_the_fused_kernel():
     assert grads[0].keys() == grads[1].keys() and "model.embed_tokens.weight" in grads[0]  # the (tied) head trains
     for name, g in grads[1].items():
         torch.testing.assert_close(grads[0][name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_bf16_teacher_keeps_the_students_fp32_rope_buffers(tiny, monkeypatch):
+    """The twin as teacher in bf16: its weights are cast, its RoPE inv_freq stays fp32 as in a model that
+    from_pretrained loads in bf16 (the student), so teacher and student rotate positions identically."""
+    import transformers
+
+    import edgeft.pipeline as pipeline
+
+    model_dir, _, _ = tiny
+    twin, _ = load_model(model_dir)  # fp32, as load_trained gives it
+    monkeypatch.setattr(pipeline, "load_trained", lambda root: (twin, None))
+    cfg = resolve(TrainConfig(model="tiny-llama", qat="int8-int4", dtype="bf16"))
+    teacher = pipeline._distillation(cfg, model_dir, "cpu").teacher
+    student = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    want = dict(student.named_buffers())
+    got = dict(teacher.named_buffers())
+    assert set(got) == set(want) and want
+    for name, b in want.items():
+        assert got[name].dtype == b.dtype == torch.float32, name
+        torch.testing.assert_close(got[name], b, rtol=0, atol=0, msg=name)
