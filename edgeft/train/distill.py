@@ -27,16 +27,19 @@ Two ways to compute it, the same numbers:
   window's counts (the training loop passes them) to declare ``w / N_positions`` and ``(1 − w) / N_targets``.
   Used when the student has the fused cross-entropy patch (``_edgeft_fused_ce``), and on CUDA for any student and
   teacher of a kernel-supported family with plain bias-free heads (``Distillation.fused``: None = that choice,
-  True/False force it).
-- materialised (the reference and the fallback: CPU without Triton's interpreter, other heads, an FSDP-sharded
-  teacher whose head exists whole only inside its own forward): both models' fp32 logits and log-softmaxes, one
+  True/False force it). An FSDP-sharded teacher runs through its root's forward (logits of one position only;
+  its decoder's output is caught by a hook), then its root is gathered (``unshard``) for the kernel and
+  resharded after it.
+- materialised (the reference and the fallback: CPU without Triton's interpreter, other heads): both models'
+  fp32 logits and log-softmaxes, one
   teacher forward and the (tokens × vocab) logits of both models per micro-batch (tens of GB at 8k tokens x 152k
   vocabulary).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +48,8 @@ from torch import nn
 
 from edgeft.data import IGNORE_INDEX
 from edgeft.errors import EdgeftError
+
+log = logging.getLogger("edgeft")
 
 POSITIONS = ("all", "targets")
 
@@ -81,12 +86,23 @@ def distill_positions(batch: dict[str, torch.Tensor], which: str = "all") -> tor
     return valid
 
 
-def _plain_head(module: nn.Module | None) -> bool:
-    """A bias-free Linear head (a QAT-prepared one included) whose weight is a whole local tensor."""
+def _is_fsdp(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def _plain_head(module: nn.Module | None, sharded_ok: bool = False) -> bool:
+    """A bias-free Linear head (a QAT-prepared one included) whose weight is a whole local tensor (or, with
+    ``sharded_ok``, an FSDP shard that the caller gathers first)."""
     if not isinstance(module, nn.Linear) or module.bias is not None:
         return False
     if type(module) is not nn.Linear and not hasattr(module, "weight_fake_quantizer"):
         return False
+    if sharded_ok:
+        return True
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
@@ -98,18 +114,14 @@ def _fused_obstacle(student: nn.Module, teacher: nn.Module) -> str | None:
     """Why the fused path cannot run for this student and teacher (None: it can)."""
     from edgeft.kernels import FAMILIES
 
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        FSDPModule = ()  # noqa: N806
-    if isinstance(teacher, FSDPModule):  # its head and embeddings are whole only inside its own forward
-        return "the teacher is FSDP-sharded"
     for name, m in (("student", student), ("teacher", teacher)):
         inner = _inner_model(m)
         model_type = getattr(getattr(inner, "config", None), "model_type", None)
         if model_type not in FAMILIES:
             return f"the {name}'s architecture {model_type!r} has no kernels"
-        if not hasattr(inner, "model") or not _plain_head(inner.get_output_embeddings()):
+        # an FSDP teacher's head is gathered for the kernel (unshard); the student's is whole in its root's forward
+        sharded_ok = name == "teacher" and _is_fsdp(teacher)
+        if not hasattr(inner, "model") or not _plain_head(inner.get_output_embeddings(), sharded_ok):
             return f"the {name}'s LM head is not a plain bias-free Linear"
     if (_inner_model(student).get_output_embeddings().weight.shape[0]
             != _inner_model(teacher).get_output_embeddings().weight.shape[0]):
@@ -155,6 +167,7 @@ class Distillation:
     temperature: float = 1.0
     positions: str = "all"
     fused: bool | None = None
+    _said: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.weight <= 1.0:
@@ -177,7 +190,11 @@ class Distillation:
         fused path needs them to compute the objective's gradient in its forward (without them it assumes this
         micro-batch is the window, and a backward through other weights raises); the materialised path ignores them.
         """
-        if self.use_fused(model):
+        fused = self.use_fused(model)
+        if not self._said:  # which path, once: the two differ by tens of GB at large vocabularies
+            self._said = True
+            log.info("distillation: %s", "fused heads + KL kernel" if fused else "materialised logits")
+        if fused:
             return self._fused_losses(model, batch, counts)
         s = student_logits(model, batch)
         with torch.no_grad():
@@ -213,8 +230,9 @@ class Distillation:
         hidden = inner.model(**kw).last_hidden_state[:, :-1]
         head = inner.get_output_embeddings()
         h, w = lm_head_operands(head, hidden.reshape(-1, hidden.shape[-1]))
+        sharded = _is_fsdp(self.teacher)
         with torch.no_grad():
-            t_hidden = t_inner.model(**kw).last_hidden_state[:, :-1]
+            t_hidden = self._teacher_hidden(t_inner, kw, sharded)[:, :-1]
         th = t_hidden.reshape(-1, t_hidden.shape[-1])
         labels = batch["labels"][:, 1:].reshape(-1)
         mask = distill_positions(batch, self.positions).reshape(-1)
@@ -228,12 +246,35 @@ class Distillation:
         if rows is not None:  # that budget was for one logit chunk; the teacher's chunk needs its share
             es, et = h.element_size(), th.element_size()
             rows = max(64, rows * es // (es + et) // 64 * 64)
-        kl, ce = lm_head_kl_loss(
-            h, w, th, t_inner.get_output_embeddings().weight, labels, mask, self.temperature,
-            softcap=getattr(inner.config, "final_logit_softcapping", None),
-            teacher_softcap=getattr(t_inner.config, "final_logit_softcapping", None),
-            kl_weight=a, ce_weight=b, chunk_rows=rows)
+        if sharded:
+            self.teacher.unshard()  # its head whole for the kernel (the gradient is computed in the forward)
+        try:
+            kl, ce = lm_head_kl_loss(
+                h, w, th, t_inner.get_output_embeddings().weight, labels, mask, self.temperature,
+                softcap=getattr(inner.config, "final_logit_softcapping", None),
+                teacher_softcap=getattr(t_inner.config, "final_logit_softcapping", None),
+                kl_weight=a, ce_weight=b, chunk_rows=rows)
+        finally:
+            if sharded:
+                self.teacher.reshard()
         return ce, kl
+
+    def _teacher_hidden(self, t_inner: nn.Module, kw: dict[str, Any], sharded: bool) -> torch.Tensor:
+        """The teacher's final (normed) hidden states. An FSDP-sharded teacher must run through its root's forward
+        (which gathers the root's parameters and initialises FSDP's hooks), so its decoder's output is caught by a
+        hook and the head computes one position's logits only."""
+        if not sharded:
+            return t_inner.model(**kw).last_hidden_state
+        box: dict[str, torch.Tensor] = {}
+        def keep(module: nn.Module, args: Any, out: Any) -> None:  # returns None: the output stays as it is
+            box["h"] = out.last_hidden_state
+
+        hook = t_inner.model.register_forward_hook(keep)
+        try:
+            self.teacher(**kw, logits_to_keep=1)
+        finally:
+            hook.remove()
+        return box["h"]
 
     def objective(self, ce: torch.Tensor, kl: torch.Tensor, n_target: int, n_positions: int) -> torch.Tensor:
         """This micro-batch's share of the window's objective (the counts are the whole window's)."""

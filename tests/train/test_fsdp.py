@@ -83,7 +83,9 @@ def _compare(tmp_path, extra, rel, wtol, env=None, grad_rel=None, loads=1):
         p = subprocess.run([sys.executable, "-m", "edgeft", *args, "--batch-size", "4", "--out", str(one)],
                            capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
         assert p.returncode == 0, p.stderr[-3000:]
+        (tmp_path / "one.stderr").write_text(p.stderr)
     proc, _ = _torchrun(tmp_path, [*args, "--batch-size", "2", "--out", str(two), "--fsdp"], env, loads)
+    (tmp_path / "two.stderr").write_text(proc.stderr)
     assert proc.stdout.count("run: ") == 1  # only rank 0 reports
     assert "2 processes, FSDP2" in proc.stderr
     a, b = _rows(one / "metrics.jsonl"), _rows(two / "metrics.jsonl")
@@ -201,3 +203,17 @@ def test_fsdp_qat_distilled_from_its_twin_equals_one_process(tmp_path):
     assert [r["distill_kl"] for r in b] == pytest.approx([r["distill_kl"] for r in a], rel=0.2)
     ta, tb = _rows(tmp_path / "one" / "baseline" / "metrics.jsonl"), _rows(tmp_path / "two" / "baseline" / "metrics.jsonl")
     assert [r["loss"] for r in tb] == pytest.approx([r["loss"] for r in ta], rel=1e-5)  # the twins agree first
+
+
+def test_fsdp_fused_distillation_from_a_sharded_teacher_equals_one_process(tmp_path):
+    # the same recipe with the kernels: the QAT student's distillation takes the fused heads + KL kernel (its
+    # PyTorch reference here, no Triton interpreter) although the teacher is sharded: its root is gathered for the
+    # kernel. Same tolerances as the materialised test above.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    a, _ = _compare(tmp_path, ["--lora", "--qat", "int8-int4", "--kernels", "on"], rel=1e-3, wtol=5e-2,
+                    grad_rel=0.1, env=env, loads=3)
+    b = _rows(tmp_path / "two" / "metrics.jsonl")
+    assert all(r["distill_kl"] > 0 for r in a + b)
+    assert [r["distill_kl"] for r in b] == pytest.approx([r["distill_kl"] for r in a], rel=0.2)
+    for run in ("one", "two"):
+        assert "distillation: fused heads + KL kernel" in (tmp_path / f"{run}.stderr").read_text(), run
