@@ -31,9 +31,39 @@ undone before validation, which runs the untouched model):
   stores group scales as bf16 (its blockwise format): a <= 2^-9 relative rounding of the fp32 scales that no
   export setting avoids; on SmolLM2 PTQ it alone moves eager logits by 11% (QAT could train with
   ``weight_scale_dtype=torch.bfloat16`` to match it exactly).
-- weight-only ``int4``/``int8`` linears: XNNPACK on executorch 1.5.1 mis-lowers torchao's weight-only
-  pattern (measured: logits off by 100x), so they are exported dequantized to float32: numerically the
-  converted model, not smaller; the report says so in ``warnings``.
+- weight-only ``int4``/``int8`` linears (torchao ``IntxUnpackedToInt8Tensor`` without activation
+  quantization) become ``WeightOnlyIntxLinear``: the same integers and fp32 scales as
+  ``quantized_decomposed.dequantize_per_channel`` -> ``linear``, float activations, so the program equals the
+  converted model to float rounding (float tolerances; measured rel_err 1e-6 tiny, 5e-6 SmolLM2-135M int8).
+  Why not torchao's own pattern: ExecuTorch 1.5.1's XNNPACK ``LinearConfig`` takes a dequantized weight as
+  static quantization and then wants a quantized activation, so it never delegates a weight-only linear; with
+  torchao's ``dequantize_affine`` the linear is instead decomposed to ``mm`` and the chain delegated with the
+  dequantize dropped, i.e. the raw integers as weights (logits off by 1/scale: the "100x" of the earlier float
+  fallback). ``_xnnpack_configs`` swaps in a ``LinearConfig`` that accepts the weight-only pattern (and takes
+  a weight computed in the program as a dynamic filter). Then, by grid:
+
+  - per channel (``int8``): XNNPACK's own f32 x qc8w fully-connected, integers packed in the delegate (int4
+    per channel would be f32 x qc4w, nibbles).
+  - groups (``int4``, 32-128 per group): XNNPACK 1.5.1 has no f32 x blockwise-int4 kernel (qb4w takes only
+    int8-quantized activations, which this scheme did not train with: not the trained model; tried, refused
+    with ``xnn_status_invalid_parameter``). Each linear stores its codes one per int8 as ``[n*k/g, g]`` rows
+    with one fp32 scale each; ExecuTorch's quantized kernel ``dequantize_per_channel`` (registered in the
+    runtime by ``executorch.kernels.quantized``) rebuilds the fp32 weight on every call and XNNPACK multiplies
+    it as a dynamic filter. 1.125 bytes per weight, not 0.5: no ExecuTorch 1.5.1 runtime op unpacks 4-bit
+    linear weights (``embedding_4bit`` would, but on constant indices ExecuTorch's constant propagation folds
+    it back to float). ExecuTorch's ``mixed_linear`` kernel (int8 codes, group scales, no rebuilt weight) was
+    measured on one 1536x576 layer: 1.6x faster than this route for one token, 9x slower for 48, and it logs a
+    failed rank check on every call. Costs: the rebuilt weights are
+    planned activation memory (the largest, the LM head, n*k*4 bytes) and every call dequantizes every
+    weight. Exact per-group alternatives that stay 4-bit (one f32 x qc4w linear per group,
+    summed) lower correctly but multiply the graph by k/g: 2 minutes for tiny-llama, too long for real models.
+  - a grid with zero points (not produced by edgeft's schemes) still goes as float32, with a warning.
+
+  SmolLM2-135M PTQ (embedding float in both schemes: 113 MB of each file), ``max_seq_len`` 128, this 2-core
+  host while other work ran (rough): float 652 MB, 20.8 decode tokens/s, 64-token prefill 319 ms; ``int8``
+  249 MB, 41.5 tokens/s (memory-bound decode reads a quarter of the bytes), 401 ms; ``int4`` 272 MB, 4.8
+  tokens/s (every step rebuilds ~100M fp32 weights), 412 ms. Lowering 91-130 s. ``int4`` is the slow one:
+  for speed on a phone train ``int8-int4`` (phone-deployment), whose int4 XNNPACK does run.
 
 Lowering (``_partitioner``) uses XNNPACK with two shortcuts that keep the programs identical and cut the time
 by 60%, with ExecuTorch's full route as fallback. SmolLM2-135M on this 2-core host, export + validation:
@@ -73,9 +103,11 @@ Checks, before the file is renamed into place (a failure raises ``EdgeftError`` 
 previous ``model.pte`` and tokenizer untouched):
 
 - structure, read back from the serialized program: XNNPACK delegates and the KV-cache ops present, no
-  torchao/dequantize op outside XNNPACK, ``embedding_byte`` present when the embedding is int8, and the size
-  within 5% + 1 MiB of what the scheme's weights need (``_expected_bytes``: int4 as nibbles + bf16 scales;
-  measured within 1.6%): a float program for a quantized source, or the reverse, is refused here.
+  torchao/dequantize op outside XNNPACK (except ``dequantize_per_channel``, then required, for grouped
+  weight-only linears), ``embedding_byte`` present when the embedding is int8, and the size within 5% + 1 MiB
+  of what the scheme's weights need (``_expected_bytes``: dynamic-activation int4 as nibbles + bf16 scales,
+  weight-only int8 or grouped int4 as bytes + fp32 scales; measured within 1.6%): a float program for a
+  quantized source, or the reverse, is refused here.
 - logits, through ExecuTorch's runtime (``PteRuntime``), against the source model in eager PyTorch (for a
   converted directory the torchao model itself) on three held-out sequences (48, 17, 5 tokens; a last-token
   program: their last positions) and through the KV cache (5-token prefill, then one token at a time, which
@@ -270,6 +302,56 @@ class DynActIntxLinear(nn.Module):
         return F.linear(xdq, wdq, self.bias)
 
 
+class WeightOnlyIntxLinear(nn.Module):
+    """A trained weight-only linear (float activations; int4/int8 symmetric weights) with its integers and fp32
+    scales as ``quantized_decomposed.dequantize_per_channel`` -> ``linear``.
+
+    - per channel (one scale per row): ``WeightOnlyLinearConfig`` delegates the pair to XNNPACK's weight-only
+      fully-connected (f32-qc8w / f32-qc4w): the filter is packed as int8 (int4 as nibbles) with the row scales.
+    - in groups (``int4``'s groups of 32): XNNPACK has no float x blockwise-int4 kernel (its qb4w kernels take
+      int8-quantized activations, which the scheme did not train with), so the codes are stored one per int8
+      as rows of ``group`` weights, one scale each, and ExecuTorch's quantized kernel ``dequantize_per_channel``
+      rebuilds the fp32 weight on every call; XNNPACK multiplies it as a dynamic filter.
+    The bias, if any, is a separate add on the per-channel path (XNNPACK's quantized bias wants quantized
+    activations).
+    """
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        w = lin.weight
+        self.shape = tuple(w.shape)
+        n, k = self.shape
+        group = int(w.block_size[1])
+        self.grouped = group < k
+        self.qmin, self.qmax = _int_range(w.target_dtype)
+        rows = n * k // group if self.grouped else n
+        self.register_buffer("qdata", w.qdata.detach().reshape(rows, -1).clone(), persistent=False)
+        self.register_buffer("scale", w.scale.detach().float().reshape(rows).clone(), persistent=False)
+        self.register_buffer("zero", torch.zeros(rows, dtype=torch.int64), persistent=False)
+        self.bias = lin.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = torch.ops.quantized_decomposed.dequantize_per_channel(
+            self.qdata, self.scale, self.zero, 0, self.qmin, self.qmax, torch.int8
+        )
+        if self.grouped:
+            return F.linear(x, w.view(self.shape), self.bias)
+        y = F.linear(x, w)
+        return y if self.bias is None else y + self.bias
+
+
+def _is_symmetric_weight_only(w: torch.Tensor) -> bool:
+    """Weight-only int4/int8, per row or in row groups, zero points 0: what ``WeightOnlyIntxLinear`` carries."""
+    return (
+        w.target_dtype in (torch.int4, torch.int8)
+        and len(w.block_size) == 2
+        and w.block_size[0] == 1
+        and w.shape[1] % w.block_size[1] == 0
+        and w.qdata.dtype == torch.int8
+        and bool((w.zero_point == 0).all())
+    )
+
+
 def _int_range(dtype: torch.dtype) -> tuple[int, int]:
     bits = {torch.int4: 4, torch.int8: 8}.get(dtype) or int(str(dtype).rsplit("int", 1)[-1])
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -373,18 +455,25 @@ def _edge_rewrites(
     undo: list[Any] = []
     cfg = model.config
     try:
-        # weight-only linears: float weights with the same values (XNNPACK mis-lowers the torchao pattern)
-        n_wo = 0
-        for mod in model.modules():
-            if isinstance(mod, nn.Linear) and _weight_kind(mod.weight) == "weight-only":
-                old = mod.weight
-                mod.weight = nn.Parameter(old.dequantize(), requires_grad=False)
-                undo.append(lambda m=mod, w=old: setattr(m, "weight", w))
-                n_wo += 1
-        if n_wo:
+        # weight-only linears: the same integers and scales as XNNPACK weight-only linears (WeightOnlyIntxLinear);
+        # a grid it cannot carry (asymmetric) goes as float32 with the same values
+        n_float = 0
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if not (isinstance(child, nn.Linear) and _weight_kind(child.weight) == "weight-only"):
+                    continue
+                if _is_symmetric_weight_only(child.weight):
+                    setattr(parent, name, WeightOnlyIntxLinear(child))
+                    undo.append(lambda p=parent, n=name, c=child: setattr(p, n, c))
+                else:
+                    old = child.weight
+                    child.weight = nn.Parameter(old.dequantize(), requires_grad=False)
+                    undo.append(lambda m=child, w=old: setattr(m, "weight", w))
+                    n_float += 1
+        if n_float:
             warn.append(
-                f"{n_wo} weight-only quantized linears exported as float32 (same values; XNNPACK on "
-                "executorch 1.5.1 does not lower torchao's weight-only pattern correctly)"
+                f"{n_float} weight-only quantized linears with zero points exported as float32 (same values; "
+                "XNNPACK's weight-only kernels are symmetric)"
             )
         # int8-activation / int4-weight linears: the same integers as quantized_decomposed ops (fast to lower)
         for parent in list(model.modules()):
@@ -474,6 +563,53 @@ def _metadata(
     }
 
 
+def _xnnpack_configs() -> list[Any]:
+    """XNNPACK's partitioner configs with ``LinearConfig`` replaced by one that also takes weight-only linears.
+
+    ExecuTorch 1.5.1's ``LinearConfig`` classifies a linear whose weight comes from a dequantize node as
+    statically quantized and then requires a dequantized activation and a quantize node on the output, so a
+    float-activation linear over a dequantized weight is never delegated as such: XNNPACK's own weight-only
+    kernels (f32-qc8w, f32-qc4w) are unreachable. (What happens instead depends on the pattern: torchao's
+    ``dequantize_affine`` -> ``linear`` is decomposed to ``mm`` and the whole chain is delegated with the
+    dequantize dropped, i.e. the raw integers as weights: logits off by 1/scale, the "100x" seen before;
+    ``quantized_decomposed`` dequantize ops stay outside XNNPACK in ExecuTorch's portable kernels.) This config
+    accepts exactly that pattern (weight from a dequantize node, activation not), with no activation or output
+    dependencies; ``LinearVisitor`` then serializes a float input and a per-channel quantized filter, which
+    XNNPACK runs as its weight-only fully-connected. Everything else goes to ``LinearConfig`` unchanged.
+    """
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.utils.quant_utils import is_dequant
+    from executorch.backends.xnnpack.utils.utils import get_input_node, is_param_node
+
+    class WeightOnlyLinearConfig(LinearConfig):
+        def _weight_only(self, node: Any, precision: Any) -> bool:
+            return (
+                precision == ConfigPrecisionType.STATIC_QUANT
+                and is_dequant(get_input_node(node, self.weight_idx))
+                and not is_dequant(get_input_node(node, self.act_idx))
+                and not (len(node.args) > 2 and node.args[2] is not None)  # the bias would need input qparams
+            )
+
+        def _get_weight_deps(self, node: Any, ep: Any, precision: Any) -> tuple[bool, list[Any]]:
+            if precision == ConfigPrecisionType.FP32 and not is_param_node(ep, get_input_node(node, self.weight_idx)):
+                return True, []  # a weight computed in the program: XNNPACK takes it as a dynamic filter
+            return super()._get_weight_deps(node, ep, precision)
+
+        def _get_act_deps(self, node: Any, ep: Any, precision: Any) -> tuple[bool, list[Any]]:
+            if self._weight_only(node, precision):
+                return True, []
+            return super()._get_act_deps(node, ep, precision)
+
+        def _get_output_deps(self, node: Any, ep: Any, precision: Any) -> tuple[bool, list[Any]]:
+            if self._weight_only(node, precision):
+                return True, []
+            return super()._get_output_deps(node, ep, precision)
+
+    return [WeightOnlyLinearConfig if c is LinearConfig else c for c in ALL_PARTITIONER_CONFIGS]
+
+
 def _partitioner(lean: bool) -> Any:
     """XNNPACK's partitioner, or (``lean``) the same partitioner with two shortcuts for decoder graphs.
 
@@ -493,15 +629,16 @@ def _partitioner(lean: bool) -> Any:
     from executorch.exir.backend.compile_spec_schema import CompileSpec
     from executorch.exir.backend.partitioner import DelegationSpec
 
+    configs = _xnnpack_configs()
     if not lean:
-        return XnnpackPartitioner()
+        return XnnpackPartitioner(configs=configs)
 
     class LeanXnnpackPartitioner(XnnpackPartitioner):
         def ops_to_not_decompose(self, ep: Any) -> tuple[list[Any], None]:
             ops, _ = super().ops_to_not_decompose(ep)
             return ops, None
 
-    part = LeanXnnpackPartitioner()
+    part = LeanXnnpackPartitioner(configs=configs)
     part.delegation_spec = DelegationSpec(XnnpackBackend.__name__, [CompileSpec("dqlinear_partitioner", b"")])
     return part
 
@@ -566,13 +703,18 @@ def _expected_bytes(model: nn.Module) -> int:
                 total += p.numel() * bits // 8 + p.scale.numel() * 2
             elif kind == "weight-only" and isinstance(mod, nn.Embedding) and _is_int8_per_row(p):
                 total += p.numel() + p.scale.numel() * 4
+            elif kind == "weight-only" and isinstance(mod, nn.Linear) and _is_symmetric_weight_only(p):
+                # per channel: XNNPACK packs int4 as nibbles; in groups: one int8 per code; fp32 scales
+                bits = 4 if p.target_dtype == torch.int4 and p.block_size[1] == p.shape[1] else 8
+                total += p.numel() * bits // 8 + p.scale.numel() * 4
             else:
                 total += p.numel() * 4
     return total
 
 
-def _structure(buf: bytes, int8_embedding: bool) -> dict[str, Any]:
-    """Check the serialized program itself: KV-cache ops, XNNPACK delegates, no stray quantized ops."""
+def _structure(buf: bytes, int8_embedding: bool, grouped_weight_only: bool = False) -> dict[str, Any]:
+    """Check the serialized program itself: KV-cache ops, XNNPACK delegates, no stray quantized ops (but
+    ``dequantize_per_channel``, required, where grouped weight-only linears rebuild their weights)."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     try:
@@ -586,7 +728,11 @@ def _structure(buf: bytes, int8_embedding: bool) -> dict[str, Any]:
     missing = {"llama::update_cache", "llama::custom_sdpa"} - ops
     if missing or "XnnpackBackend" not in delegates:
         raise EdgeftError(f"pte export: program lacks {', '.join(sorted(missing)) or 'XNNPACK delegates'}")
-    leftover = sorted(o for o in ops if o.startswith("torchao") or "dequantize" in o)
+    dq = "quantized_decomposed::dequantize_per_channel"
+    if grouped_weight_only and dq not in ops:
+        raise EdgeftError("pte export: grouped weight-only linears without dequantize_per_channel (no integers)")
+    allowed = {dq} if grouped_weight_only else set()
+    leftover = sorted(o for o in ops if (o.startswith("torchao") or "dequantize" in o) and o not in allowed)
     if leftover:
         raise EdgeftError(f"pte export: quantized ops left outside XNNPACK: {', '.join(leftover)}")
     has_byte = "quantized_decomposed::embedding_byte" in ops
@@ -896,6 +1042,11 @@ def export(
         w = model.get_submodule(other[0]).weight
         raise EdgeftError(f"pte export: {other[0]} has a {type(w).__name__} weight, which this exporter cannot carry")
     quant_act = any(k == "dyn-act" for k in kinds.values())
+    grouped_wo = any(
+        kinds[n] == "weight-only" and _is_symmetric_weight_only(m.weight) and m.weight.block_size[1] < m.weight.shape[1]
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    )
     emb = model.get_input_embeddings().weight
     int8_emb = _weight_kind(emb) == "weight-only" and _is_int8_per_row(emb)
     seq_meta = max_seq_len if dynamic_shape else max_context_len  # a static program never chunks
@@ -908,7 +1059,7 @@ def export(
         with _edge_rewrites(model, arch, max_context_len, warn, last_only=not full_logits) as program:
             buf = _lower(program, max_seq_len, metadata, dynamic_shape, warn)
     lower_s = time.perf_counter() - t_lower
-    structure = _structure(buf, int8_emb)
+    structure = _structure(buf, int8_emb, grouped_wo)
     _check_size(len(buf), expected)
     if record and record.get("embeddings") and not int8_emb:
         warn.append("the scheme's embedding quantization is not int8 per row: embedding exported as float32")

@@ -209,17 +209,72 @@ def test_float_program_for_phone_source_is_refused(exports, sources, tmp_path, m
     assert not (tmp_path / "x" / "model.pte").exists()
 
 
-def test_weight_only_scheme_exported_as_float_with_warning(tmp_path):
-    """int4 weight-only: XNNPACK mis-lowers torchao's pattern, so the values go as float32, with a warning."""
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_weight_only_scheme_carries_its_integers(tmp_path, scheme):
+    """int8 (per channel, XNNPACK f32-qc8w) and int4 (groups of 32: int8-stored codes, ExecuTorch's
+    dequantize_per_channel kernel): the converted model to float precision, in a file that holds integers."""
     model, tok = load_model(resolve_model("tiny-llama"))
-    cm, rec = qat.convert(model, "int4")
-    src = qat.save_converted(cm, tok, rec, tmp_path / "int4")
+    float_bytes = 4 * sum(p.numel() for p in model.parameters())
+    linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    cm, rec = qat.convert(model, scheme)
+    src = qat.save_converted(cm, tok, rec, tmp_path / scheme)
     r = pte.export(src, tmp_path / "out", max_seq_len=32)
-    assert r["linears"] == {"weight-only": 29} and r["validation"]["rel_err"] <= 1e-3
-    assert any("weight-only" in w for w in r["warnings"])
-    ids = tok(TEXT).input_ids
+    assert r["linears"] == {"weight-only": 29} and r["warnings"] == []
+    v = r["validation"]
+    assert v["tolerance"]["rel"] == pte.FLOAT_REL and v["rel_err"] <= 1e-4 and v["greedy_agreement"] == 1.0
+    # the integers are in the file: int8 1 byte per weight (+ fp32 row scales), int4 codes 1 byte + fp32 scale
+    # per 32 weights; a float program would be float_bytes
+    per_weight = 1.0 if scheme == "int8" else 1.125
+    assert r["bytes"] < float_bytes - 0.95 * (4 - per_weight) * linear_weights
+    assert abs(r["bytes"] - r["expected_bytes"]) < 0.05 * r["expected_bytes"]
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    prog = deserialize_pte_binary(Path(r["path"]).read_bytes())
+    plan = next(p for p in getattr(prog, "program", prog).execution_plan if p.name == "forward")
+    ops = {o.name for o in plan.operators}
+    # int8: the dequantize is inside XNNPACK's weight-only linear; int4 groups: ExecuTorch's kernel rebuilds them
+    assert ("quantized_decomposed::dequantize_per_channel" in ops) == (scheme == "int4")
     ref, _, _ = qat.load_converted(src)
-    assert _rel(PteRuntime(r["path"]).logits(ids), EagerRuntime(ref).logits(ids)) <= 1e-3
+    ids = tok(TEXT).input_ids
+    rt = PteRuntime(r["path"])
+    assert _rel(rt.logits(ids), EagerRuntime(ref).logits(ids)) <= 1e-4
+    stop = {tok.eos_token_id}
+    assert rt.generate(ids[:16], 12, stop) == EagerRuntime(ref).generate(ids[:16], 12, stop)
+    rt.close()
+
+
+@pytest.mark.parametrize(
+    "dtype,group", [(torch.int8, None), (torch.int4, 32), (torch.int4, None), (torch.int8, 32)]
+)
+def test_weight_only_linear_with_bias_lowers_exactly(dtype, group):
+    """WeightOnlyIntxLinear on its own, with a bias (Qwen2's q/k/v): per-channel grids go to XNNPACK (int4
+    as nibbles), grouped ones through dequantize_per_channel; both equal torchao's linear to float rounding."""
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.runtime import Runtime
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    from edgeft.devices.executorch_runtime import load_executorch_ops
+
+    load_executorch_ops()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 96)
+    gran = PerGroup(group) if group else PerAxis(0)
+    quantize_(torch.nn.Sequential(lin), IntxWeightOnlyConfig(weight_dtype=dtype, granularity=gran))
+    x = torch.randn(1, 5, 128)
+    with torch.no_grad():
+        ref = lin(x)
+        mod = pte.WeightOnlyIntxLinear(lin).eval()
+        assert _rel(mod(x), ref) < 1e-6
+        ep = torch.export.export(mod, (x,), strict=False)
+    edge = to_edge_transform_and_lower(
+        ep, partitioner=[pte._partitioner(True)], compile_config=EdgeCompileConfig(_check_ir_validity=False)
+    )
+    buf = edge.to_executorch(ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True)).buffer
+    got = Runtime.get().load_program(buf).load_method("forward").execute([x])[0]
+    assert _rel(got, ref) < 1e-5
+    bytes_per_weight = {(torch.int8, None): 1, (torch.int4, None): 0.5}.get((dtype, group), 1.125)
+    assert len(buf) < 128 * 96 * bytes_per_weight + 96 * 8 + 12_000  # integers, not 48 KiB of float
 
 
 def test_corrupted_file_gives_one_clear_error(exports, tmp_path):
