@@ -7,9 +7,10 @@ masked kernels. Here the sequence boundaries become ``cu_seqlens`` once per step
 0), and each layer calls a variable-length kernel:
 
 1. flash-attention's ``flash_attn_varlen_func`` when the package is installed (CUDA, fp16/bf16);
-2. else PyTorch FlexAttention with a document mask (block-sparse: whole blocks across documents are skipped),
-   compiled once; CUDA only;
-3. else SDPA with a block-diagonal boolean mask (exact, O(tokens^2) memory; CPU and tests).
+2. else, on CUDA above ``SDPA_MAX_TOKENS`` packed tokens, PyTorch FlexAttention with a document mask
+   (block-sparse: whole blocks across documents are skipped), compiled once per power-of-two token bucket;
+3. else SDPA with a block-diagonal boolean mask (exact, O(tokens^2) memory and compute; faster than FlexAttention
+   up to ~8k tokens on an H200; CPU and tests).
 
 Sliding windows (Mistral, Gemma3 local layers) and logit softcapping are honoured by every backend.
 Layout: q (T, Hq, D), k/v (T, Hk, D) with T the packed token count; Hq a multiple of Hk (GQA).
@@ -86,21 +87,47 @@ def _flash_attn_varlen():
 _FLEX_FAILED: set = set()  # (dtype, device) where compiled FlexAttention failed once: don't retry every layer
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
+# How compiled FlexAttention meets a token count that changes every step (padding-free batches):
+#   "pow2": pad the packed tokens to the next power of two (>= 128), each pad token its own document, so a run
+#           compiles once per bucket (~6-8 buckets) instead of once per batch; the pad blocks cost one diagonal
+#           block each (block sparsity);
+#   "dynamic": no padding, the token count a symbolic size (torch.compile(dynamic=True));
+#   "none": exact sizes, dynamic=False (each new size recompiles; after torch's recompile limit of 8 the call
+#           runs FlexAttention unfused, materialising the scores: the bug bench/varlen_attention.py measured).
+FLEX_SHAPES = "pow2"
+FLEX_MIN_BUCKET = 128
+# "auto" on CUDA without flash-attn: masked SDPA up to this many packed tokens, FlexAttention above. Measured
+# (bench/varlen_attention.py, H200, Qwen3-0.6B heads, fwd+bwd): SDPA 1.3x faster than FlexAttention at 2k-8k
+# tokens, FlexAttention 2.0x / 5.7x / 8.3x faster at 12-16k / 24-32k / 48-64k (SDPA's dense mask is O(tokens^2)).
+SDPA_MAX_TOKENS = 8192
+
+
+@functools.lru_cache(maxsize=2)
+def _compiled_flex(dynamic: bool = False):
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=dynamic)
+
+
+def flex_bucket(total: int) -> int:
+    """The padded token count compiled FlexAttention runs at ("pow2")."""
+    return max(FLEX_MIN_BUCKET, 1 << (total - 1).bit_length())
 
 
 def _flex(q, k, v, packed: PackedBatch, causal: bool, scale: float, window: int | None, softcap: float | None,
-          compiled: bool = True):
+          compiled: bool = True, shapes: str | None = None):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    key = ("flex_mask", causal, window, q.device)
+    shapes = shapes or (FLEX_SHAPES if compiled else "none")
+    total = packed.total
+    n = flex_bucket(total) if shapes == "pow2" else total
+    key = ("flex_mask", causal, window, q.device, n)
     block_mask = packed.cache.get(key)
     if block_mask is None:
         doc = packed.doc_ids
+        if n > total:  # every pad token a document of its own: it sees itself only, and nothing sees it
+            start = int(doc[-1].item()) + 1 if total else 0
+            doc = torch.cat([doc, torch.arange(start, start + n - total, device=doc.device, dtype=doc.dtype)])
 
         def mask_mod(b, h, q_idx, kv_idx):
             m = doc[q_idx] == doc[kv_idx]
@@ -110,14 +137,18 @@ def _flex(q, k, v, packed: PackedBatch, causal: bool, scale: float, window: int 
                 m = m & (q_idx - kv_idx < window)
             return m
 
-        block_mask = create_block_mask(mask_mod, 1, None, packed.total, packed.total, device=q.device)
+        # create_block_mask evaluates all n x n pairs once per step: the peak memory of this path (2.6 GiB at
+        # 16k tokens, 40 GiB at 64k). torch.compile(create_block_mask) measured 3.3 GiB at 64k but did not
+        # finish six 16k batches in 160 s on torch 2.11, so it is not used.
+        block_mask = create_block_mask(mask_mod, 1, None, n, n, device=q.device)
         packed.cache[key] = block_mask
     score_mod = None
     if softcap is not None:
         def score_mod(score, b, h, q_idx, kv_idx):
             return softcap * torch.tanh(score / softcap)
-    fn = _compiled_flex() if compiled else flex_attention
-    args = (q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0))
+    fn = _compiled_flex(shapes == "dynamic") if compiled else flex_attention
+    qp, kp, vp = (F.pad(t, (0, 0, 0, 0, 0, n - total)) for t in (q, k, v)) if n > total else (q, k, v)
+    args = (qp.transpose(0, 1).unsqueeze(0), kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0))
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     if compiled:
         try:
@@ -131,7 +162,7 @@ def _flex(q, k, v, packed: PackedBatch, causal: bool, scale: float, window: int 
             return _sdpa_masked(q, k, v, packed, causal, scale, window, softcap)
     else:
         out = fn(*args, **kwargs)
-    return out.squeeze(0).transpose(0, 1)
+    return out.squeeze(0).transpose(0, 1)[:total]
 
 
 def _dense_mask(packed: PackedBatch, causal: bool, window: int | None) -> torch.Tensor:
@@ -184,7 +215,7 @@ def varlen_attention(
     if backend == "auto":
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn_varlen() is not None:
             backend = "flash_attn"
-        elif q.is_cuda and (q.dtype, q.device) not in _FLEX_FAILED:
+        elif q.is_cuda and packed.total > SDPA_MAX_TOKENS and (q.dtype, q.device) not in _FLEX_FAILED:
             backend = "flex"
         else:
             backend = "sdpa"

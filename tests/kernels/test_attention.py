@@ -54,6 +54,22 @@ def test_flex_backend_forward_on_cpu():
         assert_close(varlen_attention(q, k, v, pb, window=window, backend="flex_eager"), ref, torch.float32, 5)
 
 
+def test_flex_padded_to_its_bucket_equals_the_reference_on_cpu():
+    # compiled FlexAttention runs padding-free batches at a power-of-two token count (one compile per bucket,
+    # not per batch): the pad tokens, each a document of its own, change nothing in the real tokens' outputs
+    from edgeft.kernels.attention import _flex, flex_bucket
+
+    assert [flex_bucket(t) for t in (1, 32, 128, 129, 5000)] == [128, 128, 128, 256, 8192]
+    pb = packed_batch_from_position_ids(POS)
+    q, k, v = torch.randn(32, 4, 16), torch.randn(32, 2, 16), torch.randn(32, 2, 16)
+    for window, softcap in ((None, None), (3, None), (None, 2.0)):
+        ref = varlen_attention_reference(q, k, v, pb, window=window, softcap=softcap)
+        out = _flex(q, k, v, pb, True, 16 ** -0.5, window, softcap, compiled=False, shapes="pow2")
+        assert out.shape == q.shape
+        assert_close(out, ref, torch.float32, 5)
+        assert ("flex_mask", True, window, q.device, 128) in pb.cache
+
+
 def test_changing_another_sequence_does_not_change_outputs():
     pb = packed_batch_from_position_ids(POS)
     q, k, v = torch.randn(32, 2, 8), torch.randn(32, 2, 8), torch.randn(32, 2, 8)
@@ -72,7 +88,7 @@ def test_flex_compile_failure_falls_back_to_masked_sdpa(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("LoweringException: simulated inductor failure")
 
-    monkeypatch.setattr(attention, "_compiled_flex", lambda: broken)
+    monkeypatch.setattr(attention, "_compiled_flex", lambda dynamic=False: broken)
     monkeypatch.setattr(attention, "_FLEX_FAILED", set())
     pb = packed_batch_from_position_ids(POS)
     q, k, v = torch.randn(32, 4, 16), torch.randn(32, 2, 16), torch.randn(32, 2, 16)
