@@ -431,6 +431,7 @@ def main() -> int:
         "device": _device(),
         "versions": _versions(),
         "recipe": args.recipe,
+        "qat_max_steps": resolved.qat_max_steps or resolved.max_steps,  # the twin's: config's max_steps
         "config": resolved.to_dict(),
         "train_seconds": {"qat": (info.get("train") or {}).get("seconds"),
                           "baseline": (json.loads((run / "baseline/model/edgeft.json").read_text()).get("train") or
@@ -455,7 +456,8 @@ def main() -> int:
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(out, indent=2) + "\n")
 
-    print(f"\n{args.model} {args.qat}, recipe {args.recipe}: {report.get('heldout_tokens')} held-out tokens, "
+    print(f"\n{args.model} {args.qat}, recipe {args.recipe}, QAT {out['qat_max_steps']} steps (twin "
+          f"{resolved.max_steps}): {report.get('heldout_tokens')} held-out tokens, "
           f"{report.get('task_examples')} task questions")
     print(f"{'variant':8} {'runtime':8} {'ppl':>9} {'acc':>7}")
     for r in report["results"]:
