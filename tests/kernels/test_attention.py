@@ -96,3 +96,36 @@ def test_flex_compile_failure_falls_back_to_masked_sdpa(monkeypatch):
         out = varlen_attention(q, k, v, pb, backend="flex")
     assert_close(out, varlen_attention_reference(q, k, v, pb), torch.float32, 5)
     assert (torch.float32, q.device) in attention._FLEX_FAILED
+
+
+@pytest.mark.parametrize("docs", [[128], [5, 300, 83, 12], [1] * 40 + [216], [127, 1, 128, 256], [500, 12]])
+def test_document_block_mask_equals_create_block_mask(docs):
+    # the O((n/128)^2) construction marks the same empty / partial / full blocks as create_block_mask's n x n
+    # evaluation, and FlexAttention through it gives the reference's outputs
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from edgeft.kernels.attention import _flex, document_block_mask, flex_bucket, packed_batch_from_cu_seqlens
+
+    total = sum(docs)
+    n = flex_bucket(total)
+    doc = torch.repeat_interleave(torch.arange(len(docs), dtype=torch.int32), torch.tensor(docs))
+    doc = torch.cat([doc, torch.arange(len(docs), len(docs) + n - total, dtype=torch.int32)])
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    ours = document_block_mask(doc, mask_mod)
+    ref = create_block_mask(mask_mod, 1, None, n, n, device="cpu")
+    assert torch.equal(ours.to_dense(), ref.to_dense())
+    for a, b in ((ours.kv_num_blocks, ref.kv_num_blocks), (ours.full_kv_num_blocks, ref.full_kv_num_blocks)):
+        assert torch.equal(a, b)
+    for num, a, b in ((ours.kv_num_blocks, ours.kv_indices, ref.kv_indices),
+                      (ours.full_kv_num_blocks, ours.full_kv_indices, ref.full_kv_indices)):
+        for r in range(num.shape[-1]):
+            c = int(num[0, 0, r])
+            assert sorted(a[0, 0, r, :c].tolist()) == sorted(b[0, 0, r, :c].tolist())
+    cu = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int32)
+    pb = packed_batch_from_cu_seqlens(cu)
+    q, k, v = torch.randn(total, 4, 16), torch.randn(total, 2, 16), torch.randn(total, 2, 16)
+    out = _flex(q, k, v, pb, True, 0.25, None, None, compiled=False, shapes="pow2")
+    assert_close(out, varlen_attention_reference(q, k, v, pb, scale=0.25), torch.float32, 5)
