@@ -25,7 +25,6 @@ import argparse
 import datetime as dt
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from train_throughput import _launch as _launch_script  # noqa: E402
 from train_throughput import MODELS, TARGETS, _config, _device, _reinit, _versions  # noqa: E402
 
 SCHEME = {"lora": "int8-int4", "full": "phone-deployment"}
@@ -171,19 +171,7 @@ def run_check(device: str = "cuda") -> list[dict]:
 
 
 def _launch(spec: dict, timeout: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return dict(spec, error=f"timeout after {timeout}s")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-        return dict(spec, error=" | ".join(tail)[-800:], wall_s=time.time() - t0)
-    res = json.loads(lines[-1][len("RESULT "):])
-    res["wall_s"] = time.time() - t0
-    return res
+    return _launch_script(spec, timeout, script=__file__)
 
 
 def _table(results: list[dict]) -> str:

@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from train_throughput import _launch as _launch_script  # noqa: E402
 from train_throughput import MODELS, TARGETS, _config, _device, _one_step, _reinit, timed_steps  # noqa: E402
 from train_throughput import _profile as _profile_step  # noqa: E402
 
@@ -375,19 +376,7 @@ def _versions() -> dict:
 
 
 def _launch(spec: dict, timeout: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return dict(spec, error=f"timeout after {timeout}s")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-        return dict(spec, error=" | ".join(tail)[-800:], wall_s=time.time() - t0)
-    res = json.loads(lines[-1][len("RESULT ") :])
-    res["wall_s"] = time.time() - t0
-    return res
+    return _launch_script(spec, timeout, script=__file__)
 
 
 def _merge_repeats(results: list[dict]) -> list[dict]:

@@ -367,8 +367,9 @@ def _device() -> dict:
             "cuda": torch.version.cuda}
 
 
-def _launch(spec: dict, timeout: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+def _launch(spec: dict, timeout: int, script: str = __file__) -> dict:
+    """Run ``script --worker SPEC`` in its own process (clean CUDA state and peak counters); its RESULT line."""
+    cmd = [sys.executable, script, "--worker", json.dumps(spec)]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
