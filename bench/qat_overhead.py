@@ -27,7 +27,6 @@ import datetime as dt
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
