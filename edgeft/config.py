@@ -7,6 +7,7 @@ reproduces the run.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,12 @@ def identity(cfg: TrainConfig) -> dict[str, Any]:
     if out.get("qat_max_steps") in (None, out.get("max_steps")):
         out.pop("qat_max_steps", None)
     return out
+
+
+def identity_defaults() -> dict[str, Any]:
+    """Every identity key's default, flattened like :func:`_flat` ("lora.r") and in its JSON form: a checkpoint
+    written before a key existed lacks it, and matches a current run that leaves the key at this value."""
+    return json.loads(json.dumps(_flat(identity(TrainConfig()))))
 
 
 def config_diff(saved: TrainConfig, current: TrainConfig) -> list[str]:

@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, config_diff, dump_yaml, identity, load_yaml, resolve
+from .config import TrainConfig, config_diff, dump_yaml, identity, identity_defaults, load_yaml, resolve
 from .errors import EdgeftError
 from .fsutil import atomic_dir, write_json, write_text
 
@@ -262,7 +262,8 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
             fingerprint["distributed"] = "fsdp"
         fingerprint = json.loads(json.dumps(fingerprint))  # the form it takes in state.json
         save_adapter = (lambda d, sd=None: _save_adapter(model, d, sd)) if cfg.mode == "lora" else None
-        ckpt = CheckpointManager(root / "checkpoints", cfg.save_total_limit, fingerprint, save_adapter)
+        ckpt = CheckpointManager(root / "checkpoints", cfg.save_total_limit, fingerprint, save_adapter,
+                                 defaults=identity_defaults())
     summary = train_loop(
         model,
         train_ex,

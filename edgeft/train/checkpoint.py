@@ -107,19 +107,32 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any],
+                     defaults: dict[str, Any] | None = None) -> list[str]:
+    """The differing keys (nested ones as "lora.r"). A key one side lacks counts as its value in ``defaults``
+    (flattened the same way): a checkpoint written before the key existed matches a run that leaves it at that."""
+    a, b, d = _flat(saved), _flat(current), defaults or {}
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: {a.get(k, d.get(k))!r} -> {b.get(k, d.get(k))!r}" for k in keys
+            if a.get(k, d.get(k)) != b.get(k, d.get(k))]
 
 
 class CheckpointManager:
     """Writes, rotates and reads ``step-N`` checkpoints of one training variant."""
 
     def __init__(self, directory: str | os.PathLike, keep: int | None = None, fingerprint: dict | None = None,
-                 save_adapter: Callable[[Path], None] | None = None) -> None:
+                 save_adapter: Callable[[Path], None] | None = None, defaults: dict | None = None) -> None:
         self.dir = Path(directory)
         self.keep = keep
         self.fingerprint = fingerprint or {}
+        self.defaults = defaults or {}  # the fingerprint keys' defaults (fingerprint_diff)
         self.save_adapter = save_adapter
 
     def clean_partial(self) -> None:
@@ -173,7 +186,7 @@ class CheckpointManager:
 
     def read_state(self, path: Path) -> dict[str, Any]:
         state = json.loads((path / "state.json").read_text())
-        diff = fingerprint_diff(state.get("fingerprint", {}), self.fingerprint)
+        diff = fingerprint_diff(state.get("fingerprint", {}), self.fingerprint, self.defaults)
         if diff:
             raise EdgeftError(f"{path} was written by a different configuration ({'; '.join(diff[:4])})")
         return state

@@ -292,3 +292,28 @@ def test_checkpoint_lora_weights_of_a_qat_prepared_model(data, tmp_path):
     live = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert len(saved) == len(live) > 0
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj) is layer  # QAT layers are back
+
+
+def test_checkpoint_from_before_a_config_key_resumes_while_the_key_is_at_its_default(tmp_path):
+    """A key added to TrainConfig after a checkpoint was written (its fingerprint lacks it) is no difference while
+    the current run leaves it at its default; set otherwise, it is one. Nested keys (lora.*) likewise."""
+    import dataclasses
+    import json
+
+    from edgeft.config import TrainConfig, identity, identity_defaults
+    from edgeft.train.checkpoint import fingerprint_diff
+
+    current = json.loads(json.dumps(identity(TrainConfig())))
+    old = json.loads(json.dumps(current))
+    del old["qat_distill_positions"], old["lora"]["use_rslora"]  # keys of later sessions
+    d = identity_defaults()
+    assert fingerprint_diff(old, current, d) == []
+    assert fingerprint_diff(old, current) != []  # without the defaults: the refusal old runs met
+    changed = json.loads(json.dumps(identity(dataclasses.replace(TrainConfig(), qat_distill_positions="targets"))))
+    assert fingerprint_diff(old, changed, d) == ["qat_distill_positions: 'all' -> 'targets'"]
+    ckpt = tmp_path / "ck" / "step-1"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"step": 1, "fingerprint": old}))
+    CheckpointManager(tmp_path / "ck", fingerprint=current, defaults=d).read_state(ckpt)
+    with pytest.raises(EdgeftError, match="qat_distill_positions: 'all' -> 'targets'"):
+        CheckpointManager(tmp_path / "ck", fingerprint=changed, defaults=d).read_state(ckpt)
