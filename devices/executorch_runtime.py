@@ -10,8 +10,10 @@ exported with ``--logits last`` (constant method ``generate_full_logits`` False;
 is a full-logits one, as every edgeft program before it was) returns ``[1, 1, vocab]`` for the last position
 only: it generates (``generate``, ``next_logits``) but cannot give ``logits``/``continuation_logits``, which
 refuse it in one line (the evaluator needs every position). The cache
-is never cleared: attention at position ``p`` reads cache rows ``0..p`` only, so every call that starts again
-at ``input_pos[0] = 0`` overwrites what it reads and sees a fresh context. Prompts longer than the program's
+is never cleared: attention at position ``p`` reads the keys of positions ``0..p`` only, so every call that
+starts again at ``input_pos[0] = 0`` overwrites what it reads and sees a fresh context. Gemma3's sliding-window
+layers may keep a ring (``REWIND_METHOD``): there a continuation longer than that limit overwrites prefix keys
+the next one needs, so ``continuation_logits`` runs the prefix again first. Prompts longer than the program's
 ``get_max_seq_len`` are fed in chunks, as ExecuTorch's runner does.
 """
 
@@ -28,6 +30,10 @@ from edgeft.errors import EdgeftError
 # constant method: True when ``forward`` returns logits for every input position, False for the last one only
 # (the name of ExecuTorch's own export option for the same choice; ExecuTorch's runner does not read it)
 FULL_LOGITS_METHOD = "generate_full_logits"
+# constant method of a program whose sliding-window layers keep a ring of window + max_seq_len - 1 rows: a call
+# may start again at a position P already written, exactly, only while at most this many positions >= P have
+# been written since (more overwrite keys a query at P still needs); absent: no limit
+REWIND_METHOD = "get_max_rewind"
 
 
 def load_executorch_ops() -> None:
@@ -77,6 +83,8 @@ class PteRuntime:
         full = _scalar_method(self._program, FULL_LOGITS_METHOD)
         self.full_logits = True if full is None else bool(full)
         self._chunk = self.max_seq_len if self.dynamic else 1
+        rewind = _scalar_method(self._program, REWIND_METHOD)
+        self.max_rewind = int(rewind) if rewind is not None else self.max_context_len
 
     def _check_len(self, n: int) -> None:
         if n == 0:
@@ -133,13 +141,19 @@ class PteRuntime:
 
         The prefix runs once; every continuation then runs from position ``len(prefix)``, overwriting the cache
         rows the one before wrote, and attention at ``p`` reads rows ``0..p`` only, so each sees prefix + itself.
+        After a continuation that wrote more than ``max_rewind`` positions (a ring-cache program), the prefix runs
+        again: the ring has overwritten prefix keys.
         """
         self._need_full("continuation logits")
         prefix = [int(t) for t in prefix]
         self._check_len(len(prefix) + max((len(c) for c in continuations), default=1) - 1)
         last = self._prefill(prefix)[-1:]
         res = []
+        written = 0
         for c in continuations:
+            if written > self.max_rewind:
+                self._prefill(prefix)
+            written = len(c) - 1
             rows, tail = [last], [int(t) for t in c[:-1]]
             for start in range(0, len(tail), self._chunk):
                 rows.append(self._step(tail[start : start + self._chunk], len(prefix) + start))

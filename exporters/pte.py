@@ -12,13 +12,26 @@ undone before validation, which runs the untouched model):
   that writes K/V with ExecuTorch's ``llama::update_cache`` into cache buffers on the module and attends with
   ``llama::custom_sdpa`` (causal from ``start_pos``, GQA native). RoPE's rotate-half is a constant ±1
   permutation matrix (``F.linear``, exact) because XNNPACK refuses slices of dynamic-length tensors. The HF
-  attention mask is never built (a registered mask function returns None). Gemma3's sliding-window layers
-  keep the same full-length cache and give custom_sdpa an additive mask over all of it (j <= p and
-  p - j < window, from the position ids; the op requires the mask to span the cache); each layer takes the
-  RoPE table of its type (local or global base) from HF's own forward, and the scaled embedding, GELU-tanh
-  MLP and final softcap are traced as HF writes them. Not carried (refused in one line): attention logit
-  softcapping and bidirectional attention. A ring-buffer cache of window length for the local layers (less
-  memory on long contexts) is not done: every layer caches ``max_context_len`` positions.
+  attention mask is never built (a registered mask function returns None). Gemma3's sliding-window (local)
+  layers keep a ring of ``window + max_seq_len - 1`` rows (``ring_rows``; the full context when that is not
+  smaller): position j goes to row j mod ring through ``llama::update_cache_with_indices`` (ExecuTorch
+  1.5.1's indexed cache write, in the same custom-ops library the runtime registers), and custom_sdpa gets
+  an additive [n, ring] mask (the op requires the mask to span the cache, and with a mask it attends over
+  every row and ignores start_pos) keeping the row that holds position j for the query at p iff j <= p and
+  p - j < window, the positions computed in the graph from the last input position (rows this context has
+  not written yet are masked). Why window + max_seq_len - 1 and not the window: a call writes its whole
+  chunk before it attends, and the chunk's first query still needs the window - 1 keys before it, so a
+  chunk as long as the program takes (prefill chunks longer than the window included) is exact; a ring of
+  the window alone would cap prompt chunks at one token. The cost of that margin: rewinding (a call starting
+  at a position already written, as ``continuation_logits`` does) is exact only while at most
+  ``max_seq_len`` positions were written past it (constant method ``get_max_rewind``; the runtime re-runs
+  the prefix otherwise). Global layers keep ``max_context_len`` rows, written by ``llama::update_cache``.
+  Gemma3-1B (26 layers, 22 local, one 256-wide KV head, window 512), fp32 cache, 4096 context,
+  ``max_seq_len`` 512: 208 MiB of planned KV cache -> 76 MiB (ring 1023 rows); the export report's
+  ``kv_cache`` gives both numbers for every program. Each layer takes the RoPE table of its type (local or
+  global base) from HF's own forward, and the scaled embedding, GELU-tanh MLP and final softcap are traced
+  as HF writes them. Not carried (refused in one line): attention logit softcapping and bidirectional
+  attention.
 - RMSNorm: ``mean(x²)`` is ``F.linear(x², 1/d)``, since XNNPACK's ``mean`` takes only 4-D inputs; Gemma's
   x * (1 + w) adds the offset to the weight (``ArchSpec.norm_offset``).
 - embedding: ``padding_idx`` (gradient-only) is dropped so that ExecuTorch's quant-fusion pass turns torchao's
@@ -72,11 +85,12 @@ phone-deployment 127 s (105 MB); ``dynamic_shape=False`` (one-token program) tak
 
 The program (method ``forward``) takes ``tokens [1, n]`` and ``input_pos [n]`` (n from 1 to max_seq_len; or
 n = 1 with ``dynamic_shape=False``) and returns float32 logits ``[1, n, vocab]`` for every position (the
-evaluator needs all of them); the KV cache holds ``max_context_len`` positions and a call starting at
-position 0 sees a fresh context. Constant methods for ExecuTorch's LLM runner: ``get_max_seq_len``,
+evaluator needs all of them); the KV cache holds ``max_context_len`` positions (Gemma3's local layers: the
+ring above) and a call starting at position 0 sees a fresh context. Constant methods for ExecuTorch's LLM runner: ``get_max_seq_len``,
 ``get_max_context_len``, ``get_vocab_size``, ``get_bos_id``, ``get_eos_ids``, ``use_kv_cache``,
 ``use_sdpa_with_kv_cache``, ``enable_dynamic_shape``; and ``generate_full_logits`` (the name of ExecuTorch's
-own export option; its runner does not read it) saying which of the two output modes the program has.
+own export option; its runner does not read it) saying which of the two output modes the program has; and,
+for a program with ring caches, ``get_max_rewind`` (above; ExecuTorch's runner never rewinds).
 ``tokenizer.json`` (and ``tokenizer_config.json``, which names BOS/EOS for ExecuTorch's tokenizer when it is
 given the directory, and the run's ``chat_template.jinja``, which apps and ``edgeft run`` apply to a user
 message) is copied beside it.
@@ -102,7 +116,8 @@ file size; logits bit-identical to ``model.pte``'s last row. Its validation ``re
 Checks, before the file is renamed into place (a failure raises ``EdgeftError`` in one line and leaves any
 previous ``model.pte`` and tokenizer untouched):
 
-- structure, read back from the serialized program: XNNPACK delegates and the KV-cache ops present, no
+- structure, read back from the serialized program: XNNPACK delegates and the KV-cache ops present (with ring
+  caches ``update_cache_with_indices`` too), no
   torchao/dequantize op outside XNNPACK (except ``dequantize_per_channel``, then required, for grouped
   weight-only linears), ``embedding_byte`` present when the embedding is int8, and the size within 5% + 1 MiB
   of what the scheme's weights need (``_expected_bytes``: dynamic-activation int4 as nibbles + bf16 scales,
@@ -110,7 +125,8 @@ previous ``model.pte`` and tokenizer untouched):
   quantized source, or the reverse, is refused here.
 - logits, through ExecuTorch's runtime (``PteRuntime``), against the source model in eager PyTorch (for a
   converted directory the torchao model itself) on three held-out sequences (48, 17, 5 tokens; a last-token
-  program: their last positions) and through the KV cache (5-token prefill, then one token at a time, which
+  program: their last positions), with ring caches a fourth of ring + max_seq_len tokens fed in
+  ``max_seq_len`` chunks (one crosses the wrap), and through the KV cache (5-token prefill, then one token at a time, which
   gives a last-token program's logits at every later position too): ``rel_err`` = max ||pte - eager|| / ||eager||;
   ``top1`` = pooled argmax agreement; ``max_gap`` = the largest amount, in units of the row's logit std, by
   which eager's top logit exceeds eager's logit for the program's argmax (0 where they agree; a near-tie
@@ -159,7 +175,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeft.devices.executorch_runtime import FULL_LOGITS_METHOD
+from edgeft.devices.executorch_runtime import FULL_LOGITS_METHOD, REWIND_METHOD
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_path
 
@@ -387,9 +403,12 @@ def _et_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """Llama/Qwen2/Qwen3/Gemma3 attention on ExecuTorch's KV-cache ops (replaces the HF forward during export).
 
-    A sliding-window layer (``et_window`` > 0) keeps the full-length cache and passes custom_sdpa an additive
-    [n, max_context_len] mask (ExecuTorch's op asserts the mask spans the whole cache) that keeps key j for the
-    query at position p iff j <= p and p - j < window, as HF's sliding mask does.
+    A sliding-window layer (``et_window`` > 0) passes custom_sdpa an additive [n, cache rows] mask (ExecuTorch's
+    op asserts the mask spans the whole cache) that keeps key position j for the query at position p iff
+    j <= p and p - j < window, as HF's sliding mask does. With a ring (``et_ring`` rows, fewer than the
+    context) position j lives in row j mod ring, written by ``update_cache_with_indices``; after this call's
+    writes row i holds position ``last - (last - i) mod ring`` (last: this call's last position), negative
+    for a row this context has not written yet (masked: it may hold an earlier sequence's keys).
     """
     pos = kwargs["et_start_pos"]
     b, s, _ = hidden_states.shape
@@ -402,6 +421,18 @@ def _et_attention_forward(
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [b, s, 1, d] against [b, s, heads, d]
     q = q * cos + F.linear(q, self.et_rot) * sin
     k = k * cos + F.linear(k, self.et_rot) * sin
+    if self.et_ring:
+        qpos = kwargs["position_ids"].reshape(-1, 1)  # [n, 1]: the query positions, pos .. pos + n - 1
+        rows = (qpos % self.et_ring).reshape(1, -1)  # [1, n]: where each new key goes
+        torch.ops.llama.update_cache_with_indices(k, self.et_k_cache, 0, rows)
+        torch.ops.llama.update_cache_with_indices(v, self.et_v_cache, 0, rows)
+        last = qpos[-1:]  # [1, 1]
+        kpos = last - (last - self.et_kpos) % self.et_ring  # [1, ring]: the position each row holds
+        keep = (kpos >= 0) & (kpos <= qpos) & (qpos - kpos < self.et_window)
+        mask = torch.where(keep, 0.0, float("-inf"))
+        # with a mask custom_sdpa attends over every row and ignores start_pos (it only bounds causal attention)
+        out = torch.ops.llama.custom_sdpa(q, self.et_k_cache, self.et_v_cache, 0, mask, 0.0, False, self.scaling)
+        return self.o_proj(out.reshape(b, s, -1)), None
     torch.ops.llama.update_cache(k, self.et_k_cache, pos)
     torch.ops.llama.update_cache(v, self.et_v_cache, pos)
     if self.et_window:
@@ -412,6 +443,35 @@ def _et_attention_forward(
     else:
         out = torch.ops.llama.custom_sdpa(q, self.et_k_cache, self.et_v_cache, pos, None, 0.0, True, self.scaling)
     return self.o_proj(out.reshape(b, s, -1)), None
+
+
+def _kv_cache_report(model: nn.Module) -> dict[str, Any]:
+    """The program's KV caches (fp32): rows of the global and sliding-window layers, total bytes, and the
+    bytes the same program with every layer at full length would hold."""
+    attns = [layer.self_attn for layer in model.model.layers]
+    full = max(a.et_k_cache.shape[1] for a in attns)
+    rings = sorted({a.et_ring for a in attns if a.et_ring})
+    nbytes = sum(2 * a.et_k_cache.numel() * a.et_k_cache.element_size() for a in attns)
+    full_bytes = sum(2 * a.et_k_cache[:, :1].numel() * a.et_k_cache.element_size() * full for a in attns)
+    return {
+        "context_rows": full,
+        "ring_rows": rings[0] if rings else 0,  # 0: no ring (no sliding layers, or the window covers the context)
+        "ring_layers": sum(bool(a.et_ring) for a in attns),
+        "layers": len(attns),
+        "bytes": nbytes,
+        "full_length_bytes": full_bytes,
+    }
+
+
+def ring_rows(window: int, max_seq_len: int, max_context_len: int) -> int:
+    """Cache rows of a sliding-window layer: ``window + max_seq_len - 1``, or the context if that is not less.
+
+    One call writes up to ``max_seq_len`` keys before it attends, and its first query still needs the
+    ``window - 1`` keys before it: all of them must sit in the ring at once. Restarting at a position P after
+    writing up to L stays exact while L - P + 1 <= ``max_seq_len`` (``REWIND_METHOD``): the writes at P..L
+    have then overwritten no key (positions >= P - window + 1) that a query at P or after needs.
+    """
+    return min(max_context_len, window + max_seq_len - 1)
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
@@ -444,9 +504,18 @@ class _Program(nn.Module):
 
 @contextlib.contextmanager
 def _edge_rewrites(
-    model: nn.Module, arch: ArchSpec, max_context_len: int, warn: list[str], last_only: bool = False
+    model: nn.Module,
+    arch: ArchSpec,
+    max_context_len: int,
+    warn: list[str],
+    last_only: bool = False,
+    max_seq_len: int | None = None,
 ) -> Iterator[_Program]:
-    """Apply the export rewrites (module docstring) to ``model`` and undo every one of them on exit."""
+    """Apply the export rewrites (module docstring) to ``model`` and undo every one of them on exit.
+
+    ``max_seq_len`` (default ``max_context_len``): the longest chunk one call takes, which sizes the
+    sliding-window layers' rings (``ring_rows``).
+    """
     from edgeft.devices.executorch_runtime import load_executorch_ops
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
@@ -509,20 +578,24 @@ def _edge_rewrites(
         rot = _rotate_half_matrix(head_dim)
         for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
-            shape = (1, max_context_len, cfg.num_key_value_heads, head_dim)
+            sliding = arch.layer_windows and cfg.layer_types[i] == "sliding_attention"
+            attn.et_window = int(cfg.sliding_window) if sliding else 0
+            rows = max_context_len
+            if sliding:
+                rows = ring_rows(attn.et_window, max_seq_len or max_context_len, max_context_len)
+            attn.et_ring = rows if rows < max_context_len else 0  # 0: position j in row j, as global layers
+            shape = (1, rows, cfg.num_key_value_heads, head_dim)
             attn.register_buffer("et_k_cache", torch.zeros(shape), persistent=False)
             attn.register_buffer("et_v_cache", torch.zeros(shape), persistent=False)
             attn.register_buffer("et_rot", rot, persistent=False)
-            attn.register_buffer("et_kpos", torch.arange(max_context_len).unsqueeze(0), persistent=False)
+            attn.register_buffer("et_kpos", torch.arange(rows).unsqueeze(0), persistent=False)
             attn.et_qk_norm = arch.qk_norm
-            sliding = arch.layer_windows and cfg.layer_types[i] == "sliding_attention"
-            attn.et_window = int(cfg.sliding_window) if sliding else 0
             attn.forward = types.MethodType(_et_attention_forward, attn)
 
             def _restore(a: nn.Module = attn) -> None:
                 for n in ("et_k_cache", "et_v_cache", "et_rot", "et_kpos"):
                     delattr(a, n)
-                del a.et_qk_norm, a.et_window
+                del a.et_qk_norm, a.et_window, a.et_ring
                 del a.forward
 
             undo.append(_restore)
@@ -712,7 +785,7 @@ def _expected_bytes(model: nn.Module) -> int:
     return total
 
 
-def _structure(buf: bytes, int8_embedding: bool, grouped_weight_only: bool = False) -> dict[str, Any]:
+def _structure(buf: bytes, int8_embedding: bool, grouped_weight_only: bool = False, ring: bool = False) -> dict[str, Any]:
     """Check the serialized program itself: KV-cache ops, XNNPACK delegates, no stray quantized ops (but
     ``dequantize_per_channel``, required, where grouped weight-only linears rebuild their weights)."""
     from executorch.exir._serialize._program import deserialize_pte_binary
@@ -726,6 +799,8 @@ def _structure(buf: bytes, int8_embedding: bool, grouped_weight_only: bool = Fal
     ops = {o.name for o in plan.operators}
     delegates = [d.id for d in plan.delegates]
     missing = {"llama::update_cache", "llama::custom_sdpa"} - ops
+    if ring:  # sliding-window layers' ring caches
+        missing |= {"llama::update_cache_with_indices"} - ops
     if missing or "XnnpackBackend" not in delegates:
         raise EdgeftError(f"pte export: program lacks {', '.join(sorted(missing)) or 'XNNPACK delegates'}")
     dq = "quantized_decomposed::dequantize_per_channel"
@@ -756,11 +831,7 @@ def _check_size(n_bytes: int, expected: int) -> None:
 
 
 def _validation_sequences(tokenizer: Any, max_seq_len: int) -> list[list[int]]:
-    from importlib import resources
-
-    text = resources.files("edgeft").joinpath("assets/heldout.txt").read_text(encoding="utf-8")
-    body = " ".join(ln for ln in text.splitlines() if ln and not ln.startswith("#"))
-    ids = tokenizer(body[:20000]).input_ids
+    ids = _heldout_ids(tokenizer)
     seqs, start = [], 0
     for n in VALIDATION_SEQ_LENS:
         n = min(n, max_seq_len)
@@ -770,6 +841,14 @@ def _validation_sequences(tokenizer: Any, max_seq_len: int) -> list[list[int]]:
         seqs.append(chunk)
         start += n
     return seqs
+
+
+def _heldout_ids(tokenizer: Any) -> list[int]:
+    from importlib import resources
+
+    text = resources.files("edgeft").joinpath("assets/heldout.txt").read_text(encoding="utf-8")
+    body = " ".join(ln for ln in text.splitlines() if ln and not ln.startswith("#"))
+    return tokenizer(body[:20000]).input_ids
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -923,11 +1002,17 @@ def _validate(
     max_seq_len: int,
     warn: list[str],
     full_logits: bool = True,
+    ring_rows: int = 0,
 ) -> dict[str, Any]:
     from edgeft.devices.executorch_runtime import PteRuntime
 
     seqs = _validation_sequences(tokenizer, max_seq_len)
     refs = [_eager_logits(model, s) for s in seqs]
+    wrap: list[int] = []
+    if ring_rows:
+        # the sliding-window layers' rings wrap: one sequence a chunk past the ring, fed in max_seq_len chunks
+        # (by the runtime) so that a chunk crosses the wrap; compared like the others, not in the noise estimate
+        wrap = _heldout_ids(tokenizer)[: ring_rows + max_seq_len]
     noise_rel, noise_top1 = _noise(model, seqs, refs)
     tol = _tolerances(quant_activations, noise_rel)
     rt = PteRuntime(pte)
@@ -944,6 +1029,9 @@ def _validate(
             if got.shape != want.shape:
                 raise EdgeftError(f"pte validation: logits shape {tuple(got.shape)}, eager {tuple(want.shape)}")
             pairs.append((got, want))
+        if wrap:
+            ref = _eager_logits(model, wrap)
+            pairs.append((rt.logits(wrap), ref) if full_logits else (rt.next_logits(wrap)[None], ref[-1:]))
         # through the KV cache: a short prefill, then one token at a time (a static program only does that);
         # on a last-token program these one-token steps give every position after the prefill
         s = seqs[0]
@@ -1056,10 +1144,15 @@ def export(
     t_lower = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export / ExecuTorch deprecation chatter
-        with _edge_rewrites(model, arch, max_context_len, warn, last_only=not full_logits) as program:
+        with _edge_rewrites(
+            model, arch, max_context_len, warn, last_only=not full_logits, max_seq_len=max_seq_len
+        ) as program:
+            kv_cache = _kv_cache_report(model)
+            if kv_cache["ring_rows"]:
+                metadata[REWIND_METHOD] = max_seq_len  # ring_rows: rewinding stays exact within one chunk
             buf = _lower(program, max_seq_len, metadata, dynamic_shape, warn)
     lower_s = time.perf_counter() - t_lower
-    structure = _structure(buf, int8_emb, grouped_wo)
+    structure = _structure(buf, int8_emb, grouped_wo, ring=bool(kv_cache["ring_rows"]))
     _check_size(len(buf), expected)
     if record and record.get("embeddings") and not int8_emb:
         warn.append("the scheme's embedding quantization is not int8 per row: embedding exported as float32")
@@ -1071,7 +1164,9 @@ def export(
         tmp_pte.write_bytes(buf)
         os.chmod(tmp_pte, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
         with _staged_tokenizer(src) as tok_dir:
-            validation = _validate(tmp_pte, tok_dir, model, tokenizer, quant_act, max_seq_len, warn, full_logits)
+            validation = _validate(
+                tmp_pte, tok_dir, model, tokenizer, quant_act, max_seq_len, warn, full_logits, kv_cache["ring_rows"]
+            )
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             if (src / name).exists():
                 with atomic_path(out_dir / name) as tmp:
@@ -1094,6 +1189,7 @@ def export(
         "max_seq_len": seq_meta,
         "max_context_len": max_context_len,
         "dynamic_shape": dynamic_shape,
+        "kv_cache": kv_cache,
         "validation": validation,
         "seconds": {"lower": round(lower_s, 1), "validate": round(val_s, 1), "total": round(time.perf_counter() - t0, 1)},
         "warnings": warn,

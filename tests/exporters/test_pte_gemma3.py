@@ -103,6 +103,92 @@ def test_text_llm_runner_matches_eager(exports, eager):
     assert "".join(pieces) == tok.decode(want)
 
 
+# --- ring caches: sliding-window layers keep window + max_seq_len - 1 rows, fewer than the context ---------------
+
+RING_SEQ, RING_CTX = 24, 96  # chunks longer than the 16-token window; ring of 16 + 24 - 1 = 39 rows
+RING = 16 + RING_SEQ - 1
+
+
+@pytest.fixture(scope="module")
+def ring(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return pte.export(resolve_model(NAME), tmp_path_factory.mktemp("pte-gemma3-ring"), max_seq_len=RING_SEQ,
+                      max_context_len=RING_CTX)
+
+
+def _cache_rows(path: str, kv_heads: int, head_dim: int) -> dict[int, int]:
+    """Planned [1, rows, kv_heads, head_dim] tensors of the program longer than a chunk (the KV caches): rows -> count."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    prog = deserialize_pte_binary(Path(path).read_bytes())
+    plan = next(p for p in getattr(prog, "program", prog).execution_plan if p.name == "forward")
+    rows: dict[int, int] = {}
+    for v in plan.values:
+        t = v.val
+        if type(t).__name__ == "Tensor" and t.allocation_info is not None and len(t.sizes) == 4:
+            if list(t.sizes)[2:] == [kv_heads, head_dim] and t.sizes[1] > RING_SEQ:
+                rows[t.sizes[1]] = rows.get(t.sizes[1], 0) + 1
+    return rows
+
+
+def test_ring_caches_are_window_sized(ring, eager):
+    cfg = eager[0].config
+    assert cfg.sliding_window == 16 and cfg.layer_types.count("sliding_attention") == 2
+    kv = ring["kv_cache"]
+    assert kv["ring_rows"] == RING and kv["ring_layers"] == 2 and kv["context_rows"] == RING_CTX
+    row = 2 * cfg.num_key_value_heads * cfg.head_dim * 4  # K and V, fp32
+    assert kv["bytes"] == row * (2 * RING + 2 * RING_CTX) and kv["full_length_bytes"] == row * 4 * RING_CTX
+    # read back from the program: K and V of the two local layers ring-sized, of the two global ones full length
+    assert _cache_rows(ring["path"], cfg.num_key_value_heads, cfg.head_dim) == {RING: 4, RING_CTX: 4}
+    v = ring["validation"]
+    assert v["rel_err"] <= 1e-3 and v["greedy_agreement"] == 1.0 and v["runner_match"]
+    with PteRuntime(ring["path"]) as rt:
+        assert rt.max_rewind == RING_SEQ
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [(0, 24), (24, 48), (48, None)],  # the runtime's own chunking: 24..47 crosses row 39 -> 0
+        [(0, 20), (20, 44), (44, 45), (45, None)],  # a full chunk across the wrap, then one token, then the rest
+        [(0, 3)] + [(i, i + 1) for i in range(3, 60)],  # token by token past 3x the window
+    ],
+)
+def test_ring_logits_past_the_window_match_eager(ring, eager, chunks):
+    model, tok = eager
+    ids = tok(LONG + " " + LONG[:60])["input_ids"][:60]
+    assert len(ids) == 60 > 3 * model.config.sliding_window and len(ids) > RING
+    want = EagerRuntime(model).logits(ids)
+    with PteRuntime(ring["path"]) as rt:
+        rt.logits(ids[::-1])  # an earlier, different context in every row: a fresh call must not see it
+        got = torch.cat([rt._step(ids[a : b or len(ids)], a) for a, b in chunks if a < len(ids)], 0)
+    assert got.shape == want.shape and _rel(got, want) <= 1e-3
+    assert bool((got.argmax(-1) == want.argmax(-1)).all())
+
+
+def test_ring_generation_past_3x_the_window_equals_eager(ring, eager):
+    # 17-token prompt, 40 tokens one at a time: positions up to 56, the ring wraps at 39
+    model, tok = eager
+    ids = tok(LONG)["input_ids"][:17]
+    want = EagerRuntime(model).generate(ids, 40, set())
+    with PteRuntime(ring["path"]) as rt:
+        got = rt.generate(ids, 40, set())
+    assert len(want) == 40 and got == want
+
+
+def test_ring_continuations_longer_than_a_chunk(ring, eager):
+    # the first continuation writes 29 positions (> max_seq_len 24): it overwrote prefix keys the second needs,
+    # so the runtime runs the prefix again before it
+    model, tok = eager
+    ids = tok(LONG)["input_ids"]
+    prefix, conts = ids[:20], [ids[20:50], ids[20:30], ids[5:15]]
+    n = len(prefix)
+    want = [EagerRuntime(model).logits(prefix + c)[n - 1 : n + len(c) - 1] for c in conts]
+    with PteRuntime(ring["path"]) as rt:
+        got = rt.continuation_logits(prefix, conts)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and _rel(g, w) <= 1e-3
+
+
 @pytest.mark.parametrize("broken", ["layer_windows", "norm_offset"])
 def test_program_without_gemma3_specifics_is_refused(tmp_path, monkeypatch, broken):
     # the window dropped (every layer global) or the norms taken as x * w: the exporter's validation says no
