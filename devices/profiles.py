@@ -159,8 +159,28 @@ def _gguf_shape(path: Path) -> dict[str, Any]:
     return {"layers": val("block_count"), "kv_heads": kv, "head_dim": head_dim, "vocab": vocab, "hidden": hidden}
 
 
+def _program_kv_cache(artifact: Path) -> dict[str, Any] | None:
+    """The KV cache a ``.pte`` really holds, from the export's record in ``manifest.json`` beside it (edgeft's
+    exporter writes it: rows per layer type, bytes), or None for other files."""
+    manifest = artifact.parent / "manifest.json"
+    if artifact.suffix != ".pte" or not manifest.is_file():
+        return None
+    try:
+        entries = json.loads(manifest.read_text()).values()
+    except (OSError, ValueError, AttributeError):
+        return None
+    for e in entries:
+        if isinstance(e, dict) and Path(str(e.get("path", ""))).name == artifact.name and e.get("kv_cache"):
+            return e["kv_cache"]
+    return None
+
+
 def check(profile: DeviceProfile, artifact: str | Path, context: int = 2048, kv_bytes: int | None = None) -> dict[str, Any]:
-    """Fit verdict and speed estimate of an artifact (.pte or .gguf) on a device profile."""
+    """Fit verdict and speed estimate of an artifact (.pte or .gguf) on a device profile.
+
+    A ``.pte`` that edgeft exported carries its KV cache in the program (allocated whole at load, at the export's
+    ``max_context_len``; Gemma3's sliding-window layers as a shorter ring): that cache is used, from the export's
+    ``manifest.json``, instead of the uniform estimate at ``context``."""
     artifact = Path(artifact)
     if not artifact.is_file():
         raise EdgeftError(f"artifact not found: {artifact}")
@@ -168,7 +188,11 @@ def check(profile: DeviceProfile, artifact: str | Path, context: int = 2048, kv_
     size = artifact.stat().st_size
     if kv_bytes is None:
         kv_bytes = 4 if artifact.suffix == ".pte" else 2  # ExecuTorch's cache is fp32; llama.cpp's f16
-    kv = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * context * kv_bytes
+    program_kv = _program_kv_cache(artifact) if kv_bytes == 4 else None
+    if program_kv:
+        kv, context = int(program_kv["bytes"]), int(program_kv["context_rows"])
+    else:
+        kv = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * context * kv_bytes
     activations = 4 * (shape["vocab"] + 8 * shape["hidden"]) * 2  # logits + a few hidden-size buffers
     memory = size + kv + activations + RUNTIME_OVERHEAD_BYTES
     budget = profile.app_memory_gib * GiB
@@ -182,6 +206,7 @@ def check(profile: DeviceProfile, artifact: str | Path, context: int = 2048, kv_
         "artifact_mb": size / 2**20,
         "context": context,
         "kv_cache_mb": kv / 2**20,
+        "kv_cache_source": "program" if program_kv else "estimate",
         "runtime_memory_mb": memory / 2**20,
         "app_memory_budget_mb": budget / 2**20,
         "fits": fits,

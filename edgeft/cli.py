@@ -286,7 +286,8 @@ def _devices(args: argparse.Namespace) -> int:
     r = profiles.check(profile, artifact, context=args.context)
     print(r["verdict"])
     lo, hi = r["decode_tokens_per_s"]
-    print(f"artifact {r['artifact_mb']:.1f} MB, KV cache {r['kv_cache_mb']:.1f} MB at {args.context} tokens, "
+    held = "held by the program" if r["kv_cache_source"] == "program" else "estimated"
+    print(f"artifact {r['artifact_mb']:.1f} MB, KV cache {r['kv_cache_mb']:.1f} MB at {r['context']} tokens ({held}), "
           f"runtime memory ~{r['runtime_memory_mb']:.0f} MB; expected decode {lo:.0f}-{hi:.0f} tokens/s")
     for k in r["known"]:
         print(f"published on {profile.name}: {k['model']} {k['quant']} {k['tokens_per_s']:g} tokens/s ({k['source']})")
