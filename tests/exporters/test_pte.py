@@ -219,7 +219,10 @@ def test_weight_only_scheme_carries_its_integers(tmp_path, scheme):
     cm, rec = qat.convert(model, scheme)
     src = qat.save_converted(cm, tok, rec, tmp_path / scheme)
     r = pte.export(src, tmp_path / "out", max_seq_len=32)
-    assert r["linears"] == {"weight-only": 29} and r["warnings"] == []
+    assert r["linears"] == {"weight-only": 29}
+    # int4 groups warn that the program is slower than float (the codes are dequantized on every call)
+    assert [w for w in r["warnings"] if "int4 groups" in w] == ([] if scheme == "int8" else [r["warnings"][0]])
+    assert len(r["warnings"]) == (scheme == "int4")
     v = r["validation"]
     assert v["tolerance"]["rel"] == pte.FLOAT_REL and v["rel_err"] <= 1e-4 and v["greedy_agreement"] == 1.0
     # the integers are in the file: int8 1 byte per weight (+ fp32 row scales), int4 codes 1 byte + fp32 scale
