@@ -135,21 +135,22 @@ def identity(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def identity_defaults() -> dict[str, Any]:
-    """Every identity key's default, flattened like :func:`_flat` ("lora.r") and in its JSON form: a checkpoint
+    """Every identity key's default, flattened like :func:`flat_keys` ("lora.r") and in its JSON form: a checkpoint
     written before a key existed lacks it, and matches a current run that leaves the key at this value."""
-    return json.loads(json.dumps(_flat(identity(TrainConfig()))))
+    return json.loads(json.dumps(flat_keys(identity(TrainConfig()))))
 
 
 def config_diff(saved: TrainConfig, current: TrainConfig) -> list[str]:
-    a, b = _flat(identity(saved)), _flat(identity(current))
+    a, b = flat_keys(identity(saved)), flat_keys(identity(current))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level, keys joined with dots ("lora.r"): how configs and fingerprints are compared."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_keys(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out

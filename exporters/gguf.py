@@ -570,13 +570,20 @@ def _add_vocab(writer: Any, src: Path, cfg: dict[str, Any], tokenizer: Any) -> d
     special = gguf.SpecialVocab(src, load_merges=True, n_vocab=n_vocab)
     if not special.merges:
         raise EdgeftError("GGUF export: tokenizer.json has no BPE merges")
+    add_bos, add_eos = _write_special(writer, special, tokenizer)
+    return {"model": "gpt2", "pre": pre, "add_bos": add_bos, "add_eos": add_eos, "chat_template": special.chat_template}
+
+
+def _write_special(writer: Any, special: Any, tokenizer: Any) -> tuple[bool, bool]:
+    """Write a gguf ``SpecialVocab`` with the HF tokenizer's BOS/EOS insertion and the run's chat template;
+    returns (add_bos, add_eos)."""
     add_bos, add_eos = _added_bos_eos(tokenizer)
     special.add_special_token = {"bos": add_bos, "eos": add_eos}
     chat_template = getattr(tokenizer, "chat_template", None)
     if isinstance(chat_template, str):
         special.chat_template = chat_template
     special.add_to_gguf(writer, quiet=True)
-    return {"model": "gpt2", "pre": pre, "add_bos": add_bos, "add_eos": add_eos, "chat_template": special.chat_template}
+    return add_bos, add_eos
 
 
 def _added_bos_eos(tokenizer: Any) -> tuple[bool, bool]:
@@ -794,12 +801,7 @@ def _add_vocab_spm(
         tid = getattr(tokenizer, f"{kind}_token_id", None)
         if tid is not None and not (kind == "pad" and tokenizer.pad_token == tokenizer.eos_token):
             special.special_token_ids[kind] = int(tid)
-    add_bos, add_eos = _added_bos_eos(tokenizer)
-    special.add_special_token = {"bos": add_bos, "eos": add_eos}
-    chat_template = getattr(tokenizer, "chat_template", None)
-    if isinstance(chat_template, str):
-        special.chat_template = chat_template
-    special.add_to_gguf(writer, quiet=True)
+    add_bos, add_eos = _write_special(writer, special, tokenizer)
     return {
         "model": "llama", "pre": "default", "scores_from": source, "add_bos": add_bos, "add_eos": add_eos,
         "add_space_prefix": add_space_prefix, "chat_template": special.chat_template,

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from edgeft.config import flat_keys
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_dir
 
@@ -107,18 +108,11 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
 def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any],
                      defaults: dict[str, Any] | None = None) -> list[str]:
     """The differing keys (nested ones as "lora.r"). A key one side lacks counts as its value in ``defaults``
     (flattened the same way): a checkpoint written before the key existed matches a run that leaves it at that."""
-    a, b, d = _flat(saved), _flat(current), defaults or {}
+    a, b, d = flat_keys(saved), flat_keys(current), defaults or {}
     keys = sorted(set(a) | set(b))
     return [f"{k}: {a.get(k, d.get(k))!r} -> {b.get(k, d.get(k))!r}" for k in keys
             if a.get(k, d.get(k)) != b.get(k, d.get(k))]
