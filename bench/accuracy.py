@@ -52,10 +52,11 @@ RECIPES = {  # TrainConfig overrides
     "targets-prose10": {"qat_distill_positions": "targets", "qat_corpus": 0.1},  # more of the KL on the answers
     "targets-lr3": {"qat_distill_positions": "targets", "qat_lr": 3e-4},
     "lr3": {"qat_lr": 3e-4},
+    "mse": {"qat_weight_scale": "mse"},  # int4 group scales searched for least squared error, not max|w|
 }
 # what a QAT recipe may change: a twin trained under any of them is the same model (--twin)
 RECIPE_KEYS = ("qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
-               "qat_max_steps")
+               "qat_max_steps", "qat_weight_scale")
 
 
 def _versions() -> dict[str, str]:
@@ -298,6 +299,25 @@ def reuse_twin(cfg, twin: Path, run: Path) -> None:
     (run / "config.yaml").write_text(dump_yaml(dataclasses.replace(mine, resume=False, overwrite=False)))
 
 
+def twin_ptq_differs(cfg, twin: Path) -> bool:
+    """Whether the recipe quantizes differently from the twin (``qat_weight_scale``): then the twin's PTQ is not
+    this run's, and the run's baseline/ is converted again (:func:`reconvert_baseline`) and evaluated."""
+    from edgeft.config import resolve
+    from edgeft.pipeline import run_config
+
+    return resolve(cfg).qat_weight_scale != resolve(run_config(twin)).qat_weight_scale
+
+
+def reconvert_baseline(cfg, run: Path) -> None:
+    """PTQ with the recipe's plan: the twin's float weights (``run``/baseline/model) quantized again."""
+    import edgeft
+    from edgeft.pipeline import convert_model, load_trained
+
+    plan = edgeft.qat.resolve(cfg.qat, cfg.qat_group_size, cfg.qat_weight_scale)
+    model, tokenizer = load_trained(run / "baseline")
+    convert_model(model, tokenizer, plan, run / "baseline" / "converted")
+
+
 def saved_rows(run: Path, variants: tuple[str, ...], runtimes: list[str],
                limit: int) -> tuple[list[dict], list[dict]] | None:
     """``variants``' rows of ``run``'s eval/report.json and their per-question results (eval/questions.jsonl) when
@@ -367,6 +387,8 @@ def main() -> int:
             reuse_twin(cfg, Path(args.twin), run)
             cfg = dataclasses.replace(cfg, resume=True, overwrite=False)  # the twin is complete: QAT run only
         edgeft.train(cfg)
+        if args.twin and twin_ptq_differs(cfg, Path(args.twin)):
+            reconvert_baseline(cfg, run)
         timings["train_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     runtimes = [x for x in args.runtimes.split(",") if x]
@@ -374,23 +396,30 @@ def main() -> int:
     if args.twin:  # the twin's BF16 and PTQ are the same files as this run's baseline/: evaluated once, on the twin
         from edgeft.devices.evaluate import read_questions, recovery
 
-        mine = saved_rows(run, ("qat",), runtimes, args.limit) if (args.no_train and args.reuse_eval) else None
+        own_ptq = twin_ptq_differs(cfg, Path(args.twin))  # PTQ is this run's baseline/converted, not the twin's
+        ptq_plan = json.loads((run / "baseline" / "converted" / "scheme.json").read_text())["plan"]
+        if own_ptq and ptq_plan.get("weight_scale", "absmax") != cfg.qat_weight_scale:  # --no-train on a copy
+            reconvert_baseline(cfg, run)
+        mine_variants = ("ptq", "qat") if own_ptq else ("qat",)
+        mine = saved_rows(run, mine_variants, runtimes, args.limit) if (args.no_train and args.reuse_eval) else None
         if mine:
             print(f"QAT results reused from {run}/eval/report.json", flush=True)
             report = {"results": mine[0], "task_examples": args.limit,
                       "heldout_tokens": json.loads((run / "eval" / "report.json").read_text()).get("heldout_tokens")}
             questions = mine[1]
         else:
-            report = edgeft.evaluate(run, runtimes=runtimes, variants=["qat"], limit=args.limit, progress=False)
+            report = edgeft.evaluate(run, runtimes=runtimes, variants=list(mine_variants), limit=args.limit,
+                                     progress=False)
             questions = read_questions(run) or []
-        reused = saved_rows(Path(args.twin), ("bf16", "ptq"), runtimes, args.limit)
+        reused = saved_rows(Path(args.twin), ("bf16",) if own_ptq else ("bf16", "ptq"), runtimes, args.limit)
         if reused:
-            print(f"BF16 and PTQ results reused from {args.twin}/eval/report.json", flush=True)
+            print(f"{'BF16' if own_ptq else 'BF16 and PTQ'} results reused from {args.twin}/eval/report.json",
+                  flush=True)
         else:
             print(f"evaluating BF16 and PTQ on {args.twin} (reused by later --twin runs)", flush=True)
             edgeft.evaluate(Path(args.twin), runtimes=runtimes, variants=["bf16", "ptq"], limit=args.limit,
                             progress=False)
-            reused = saved_rows(Path(args.twin), ("bf16", "ptq"), runtimes, args.limit)
+            reused = saved_rows(Path(args.twin), ("bf16",) if own_ptq else ("bf16", "ptq"), runtimes, args.limit)
         report["results"] = reused[0] + report["results"]
         questions = reused[1] + questions
         by = {(r["variant"], r["runtime"]): r for r in report["results"]}

@@ -46,6 +46,8 @@ class TrainConfig:
     load_in_8bit: bool = False
     qat: str | None = None  # scheme or preset name
     qat_group_size: int | None = None
+    # how integer weight groups pick their scale (qat.schemes.WEIGHT_SCALES): "absmax" (torchao's) or "mse"
+    qat_weight_scale: str = "absmax"
     ptq: bool = True  # with --qat: also train the no-QAT twin (BF16 and PTQ baselines for eval)
     # with --qat and the twin: KL weight of distilling the trained twin into the QAT model (1: distillation only,
     # 0: labels only); None: 1.0 when the twin is trained, else 0 (train/distill.py)
@@ -201,7 +203,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.qat is not None:
         from edgeft.qat import check_convertible, resolve as resolve_qat
 
-        plan = resolve_qat(cfg.qat, cfg.qat_group_size)
+        plan = resolve_qat(cfg.qat, cfg.qat_group_size, cfg.qat_weight_scale)
         check_convertible(plan)  # fail now, not after training
         if cfg.mode is None and plan.full_finetuning is not None:
             cfg.mode = "full" if plan.full_finetuning else "lora"

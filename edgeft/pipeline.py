@@ -253,7 +253,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     fsdp_load = ("cpu" if is_main else "meta") if strategy == "fsdp" else None
     model, prep = prepare_model(cfg, load_dir, qat=qat_during_training, device=device, load_device=fsdp_load)
     _set_generation_eos(model, tokenizer)
-    plan = qatlib.resolve(cfg.qat, cfg.qat_group_size) if cfg.qat else None
+    plan = qatlib.resolve(cfg.qat, cfg.qat_group_size, cfg.qat_weight_scale) if cfg.qat else None
     ckpt = None
     if cfg.save_steps > 0:
         fingerprint = {**identity(cfg), "variant": "qat" if qat_during_training else "float", "processes":
@@ -477,7 +477,7 @@ def convert(run: str | Path | None = None) -> Path:
         if not (root / "model" / "edgeft.json").exists():
             continue
         cfg = run_config(run)
-        plan = qatlib.resolve(cfg.qat, cfg.qat_group_size) if cfg.qat else None
+        plan = qatlib.resolve(cfg.qat, cfg.qat_group_size, cfg.qat_weight_scale) if cfg.qat else None
         model, tokenizer = load_trained(root)
         convert_model(model, tokenizer, plan, root / "converted")
     return run

@@ -120,14 +120,26 @@ if HAS_TRITON:
             return grp * GS + within, (within < GS) & (grp < n_groups)
 
     @triton.jit
+    def _group_grid(g, amax, eps, divisor, inv_divisor, QMIN: tl.constexpr, QMAX: tl.constexpr, D: tl.constexpr,
+                    S: tl.constexpr, P: tl.constexpr, RECIP: tl.constexpr):
+        """(codes, dequantized, scale) of groups g (BLOCK_R, NG, GSP) on the grid whose largest magnitude is amax."""
+        scale = _rnd(_div_scalar(amax, divisor, inv_divisor, RECIP), D)
+        scale = _rnd(tl.maximum(scale, eps), D)
+        scale = _rnd(scale, S)
+        inv = _rnd(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), S)
+        v = _rnd(g * inv[:, :, None], P)
+        q = tl.clamp(_rint(v), QMIN, QMAX, propagate_nan=tl.PropagateNan.ALL)
+        return q, _rnd(_rnd(q * scale[:, :, None], P), D), scale
+
+    @triton.jit
     def _weight_kernel(
-        W, A, B, OUT, MERGED, CODES, SCALES,
+        W, A, B, OUT, MERGED, CODES, SCALES, RATIOS,
         n_rows, n_cols, n_groups, stride_w, lora_scale, eps, divisor, inv_divisor,
         R: tl.constexpr, GS: tl.constexpr, GSP: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr,
         QUANT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
         D: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
         WRITE_MERGED: tl.constexpr, WRITE_CODES: tl.constexpr, PACK: tl.constexpr, LONG: tl.constexpr,
-        RECIP: tl.constexpr,
+        RECIP: tl.constexpr, NR: tl.constexpr,
     ):
         """One tile = BLOCK_R rows x NG groups (each GS columns, padded to GSP): merge, quantize, dequantize."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -149,13 +161,21 @@ if HAS_TRITON:
         if QUANT:
             g = tl.reshape(w, (BLOCK_R, NG, GSP))
             amax = tl.max(tl.abs(g), axis=2)
-            scale = _rnd(_div_scalar(amax, divisor, inv_divisor, RECIP), D)
-            scale = _rnd(tl.maximum(scale, eps), D)
-            scale = _rnd(scale, S)
-            inv = _rnd(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), S)
-            v = _rnd(g * inv[:, :, None], P)
-            q = tl.clamp(_rint(v), QMIN, QMAX, propagate_nan=tl.PropagateNan.ALL)
-            dq = _rnd(_rnd(q * scale[:, :, None], P), D)
+            q, dq, scale = _group_grid(g, amax, eps, divisor, inv_divisor, QMIN, QMAX, D, S, P, RECIP)
+            if NR > 0:  # clip search: the candidate r * max|w| of least squared error (fp64 sums), first on a tie
+                g64 = g.to(tl.float64)
+                d64 = dq.to(tl.float64) - g64
+                best = tl.sum(d64 * d64, axis=2)
+                for i in range(NR):
+                    m = _rnd(amax * tl.load(RATIOS + i), D)
+                    qr, dqr, sr = _group_grid(g, m, eps, divisor, inv_divisor, QMIN, QMAX, D, S, P, RECIP)
+                    d64 = dqr.to(tl.float64) - g64
+                    err = tl.sum(d64 * d64, axis=2)
+                    better = err < best
+                    q = tl.where(better[:, :, None], qr, q)
+                    dq = tl.where(better[:, :, None], dqr, dq)
+                    scale = tl.where(better, sr, scale)
+                    best = tl.where(better, err, best)
             tl.store(OUT + rows[:, None] * n_cols + cols[None, :],
                      tl.reshape(dq, (BLOCK_R, NG * GSP)).to(OUT.dtype.element_ty), mask=mask)
             if WRITE_CODES:
@@ -317,11 +337,21 @@ def _weight_plan(n_rows: int, n_cols: int, dtype: torch.dtype, spec: WeightQuant
     kw = dict(R=rank, GS=gs, GSP=gsp, NG=ng, BLOCK_R=block_r, QUANT=quant,
               QMIN=spec.qmin if spec is not None else 0, QMAX=spec.qmax if spec is not None else 0,
               D=d, S=s, P=p, WRITE_MERGED=write_merged, WRITE_CODES=write_codes, PACK=pack, LONG=long, RECIP=cuda,
-              num_warps=warps_for(block_r * ng * gsp))
+              NR=len(_search_ratios(spec)), num_warps=warps_for(block_r * ng * gsp))
     if cuda:
         kw["enable_fp_fusion"] = False
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_groups, ng))
     return grid, n_groups, scalars, kw
+
+
+def _search_ratios(spec: WeightQuant | None) -> tuple[float, ...]:
+    """The clip-search candidates the kernel tries after max|w| itself (the reference skips r = 1 the same way)."""
+    return tuple(r for r in spec.clip_ratios if r != 1.0) if spec is not None else ()
+
+
+@functools.lru_cache(maxsize=64)
+def _ratios_tensor(ratios: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ratios or (1.0,), dtype=torch.float32, device=device)
 
 
 def _weight_launch(w: torch.Tensor, spec: WeightQuant | None, lora: tuple | None, quant: bool,
@@ -352,7 +382,8 @@ def _weight_launch(w: torch.Tensor, spec: WeightQuant | None, lora: tuple | None
         scales = torch.empty((n_rows, n_groups), dtype=spec.scale_dtype or w.dtype, device=w.device)
     _weight_kernel[grid](
         w, a, b, w if out is None else out, w if merged is None else merged, w if codes is None else codes,
-        w if scales is None else scales, n_rows, n_cols, n_groups, w.stride(0), float(lora_scale),
+        w if scales is None else scales, _ratios_tensor(_search_ratios(spec), w.device), n_rows, n_cols, n_groups,
+        w.stride(0), float(lora_scale),
         eps, divisor, inv_divisor, **kw,
     )
     return out, merged, codes, scales

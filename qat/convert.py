@@ -6,7 +6,9 @@ is edgeft's own (``fake_quant.merge_lora_weight``: fp32, summed over the rank in
 base dtype), the very weight a QAT LoRA layer fake-quantizes in its forward, rather than PEFT's matmul-based merge,
 whose last bit depends on the matmul library: so the integers convert writes are the ones training saw. Convert
 the model in the dtype it trained in (before any ``.float()``): torchao computes bf16 scales for a bf16 weight, as
-the fake quantizer did. The PTQ baseline is the same ``quantize`` applied to a model trained without QAT.
+the fake quantizer did. The PTQ baseline is the same ``quantize`` applied to a model trained without QAT. With a
+searched weight scale (``weight_scale="mse"``) torchao's handlers get edgeft's scales as custom scales, so that too
+is what the fake quantizer chose.
 
 The converted directory is what every exporter reads: ``config.json`` (with a torchao
 ``quantization_config``), ``model.safetensors`` (torchao's flattened tensor-subclass format, no pickle),
@@ -67,13 +69,42 @@ def quantize(model: nn.Module, plan: QATPlan | str) -> dict[str, Any]:
     _untie_if_needed(model, head_name in linears, plan.embedding is not None)
     model.requires_grad_(False)
     lin_set = set(linears)
-    quantize_(model, plan.linear_config(), filter_fn=lambda m, fqn: type(m) is nn.Linear and fqn in lin_set)
+    if plan.weight_scale == "absmax":
+        quantize_(model, plan.linear_config(), filter_fn=lambda m, fqn: type(m) is nn.Linear and fqn in lin_set)
+    else:
+        _quantize_with_searched_scales(model, plan, linears)
     embeddings: list[str] = []
     emb_cfg = plan.embedding_config()
     if emb_cfg is not None:
         embeddings = [n for n, m in model.named_modules() if type(m) is nn.Embedding]
         quantize_(model, emb_cfg, filter_fn=lambda m, fqn: type(m) is nn.Embedding)
     return {"plan": plan.to_dict(), "linears": linears, "skipped": skipped, "embeddings": embeddings}
+
+
+def _quantize_with_searched_scales(model: nn.Module, plan: QATPlan, linears: list[str]) -> None:
+    """The plan's torchao config applied with edgeft's scales (``weight_scale`` other than torchao's absmax): the
+    scales the fake quantizer chose (``fake_quant.int_weight_ref`` on the same weight), passed to torchao's own
+    handler as custom scales, so the integers torchao rounds are the ones training saw."""
+    import copy
+
+    from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER
+
+    from .fake_quant import int_weight_ref
+    from .prepare import plan_specs
+
+    cfg = copy.deepcopy(plan.linear_config())
+    cfg.intx_choose_qparams_algorithm = None  # torchao: custom scales replace its choice of qparams
+    handler = _QUANTIZE_CONFIG_HANDLER[type(cfg)]
+    spec = plan_specs(plan)[1]
+    for name in linears:
+        mod = model.get_submodule(name)
+        _, _, scale = int_weight_ref(mod.weight.detach(), spec, return_codes=True)
+        block = spec.group_size or mod.in_features
+        scale = scale.reshape(mod.out_features, mod.in_features // block)
+        new = handler(mod, cfg, custom_scale=scale, custom_zero_point=torch.zeros_like(scale, dtype=torch.int8))
+        if new is not mod:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def _output_name(model: nn.Module) -> str | None:

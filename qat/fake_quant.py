@@ -59,6 +59,9 @@ class WeightQuant:
     eps: float | None = None  # None: smallest normal of the input dtype
     scale_dtype: torch.dtype | None = None  # None: the input dtype
     lb: float | None = None  # fp8: lower bound on max|w|
+    # kind "int": candidate fractions of max|w| (MSE_RATIOS); each group takes the one with the least squared
+    # error. Empty: max|w| itself, torchao's grid.
+    clip_ratios: tuple[float, ...] = ()
 
     @property
     def qmin(self) -> int:
@@ -73,7 +76,16 @@ class WeightQuant:
 
     def int_part(self) -> "WeightQuant":
         """The integer grid of an ``fp8_int4`` spec (applied after its fp8 rows)."""
-        return WeightQuant("int", self.bits, self.group_size, self.divisor, self.eps, self.scale_dtype)
+        return WeightQuant("int", self.bits, self.group_size, self.divisor, self.eps, self.scale_dtype,
+                           clip_ratios=self.clip_ratios)
+
+
+# Clip search (``WeightQuant.clip_ratios``, scheme option ``weight_scale="mse"``): the group's scale is
+# r * max|w| / divisor for the r of least squared error, as llama.cpp's and HQQ's quantizers search a scale rather
+# than take the absolute maximum. The ratios are k/64 (exact in bf16 and fp16, so r * max|w| rounds the same way in
+# every dtype and on every device), 1 first so that a tie keeps torchao's scale; errors are summed in fp64, so the
+# Triton kernel and this reference pick the same scale unless two candidates' errors agree to ~1e-16.
+MSE_RATIOS: tuple[float, ...] = tuple(k / 64 for k in (64, 62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 66, 68))
 
 
 @dataclass(frozen=True)
@@ -154,15 +166,34 @@ def _eps(eps: float | None, dtype: torch.dtype) -> float:
     return eps if eps is not None else torch.finfo(dtype).smallest_normal
 
 
+def _group_quant(g: torch.Tensor, amax: torch.Tensor, spec: WeightQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes as float, scale) of groups ``g`` on the grid whose largest magnitude is ``amax``."""
+    scale = amax / spec.scale_divisor()  # computed and rounded in the weight dtype
+    scale = torch.clamp(scale, min=_eps(spec.eps, g.dtype))
+    scale = scale.to(spec.scale_dtype or g.dtype)
+    return torch.clamp(torch.round(g * (1.0 / scale)), spec.qmin, spec.qmax), scale
+
+
 def int_weight_ref(w: torch.Tensor, spec: WeightQuant, return_codes: bool = False):
-    """Symmetric per-group quantize-dequantize of a 2-D weight, in torchao's dtypes (optionally codes + scales)."""
+    """Symmetric per-group quantize-dequantize of a 2-D weight, in torchao's dtypes (optionally codes + scales).
+
+    With ``spec.clip_ratios`` each group takes the candidate scale of least squared error (fp64 sums, the first
+    candidate on a tie)."""
     dt = w.dtype
     gs = spec.group_size or w.shape[-1]
     g = w.reshape(w.shape[0], -1, gs)
-    scale = g.abs().amax(-1, keepdim=True) / spec.scale_divisor()  # computed and rounded in the weight dtype
-    scale = torch.clamp(scale, min=_eps(spec.eps, dt))
-    scale = scale.to(spec.scale_dtype or dt)
-    q = torch.clamp(torch.round(g * (1.0 / scale)), spec.qmin, spec.qmax)
+    amax = g.abs().amax(-1, keepdim=True)
+    q, scale = _group_quant(g, amax, spec)
+    if spec.clip_ratios:
+        g64 = g.to(torch.float64)
+        best = ((q.to(dt) * scale).to(dt).to(torch.float64) - g64).square().sum(-1, keepdim=True)
+        for r in spec.clip_ratios:
+            if r == 1.0:
+                continue
+            qr, sr = _group_quant(g, amax * r, spec)
+            err = ((qr.to(dt) * sr).to(dt).to(torch.float64) - g64).square().sum(-1, keepdim=True)
+            better = err < best
+            q, scale, best = torch.where(better, qr, q), torch.where(better, sr, scale), torch.minimum(err, best)
     out = (q.to(dt) * scale).to(dt).reshape(w.shape)
     if return_codes:
         return out, q.to(torch.int8).reshape(w.shape), scale.reshape(w.shape[0], -1)

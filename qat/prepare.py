@@ -35,6 +35,7 @@ PEFT's dropout gradients on the deployed grid (dB = s·dY^T (drop(X̂) A^T), dA 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from torch import nn
 
 from edgeft.errors import EdgeftError
 
-from .fake_quant import ActQuant, WeightQuant, specs_from_configs, weight_spec
+from .fake_quant import MSE_RATIOS, ActQuant, WeightQuant, specs_from_configs, weight_spec
 from .schemes import QATPlan, resolve
 
 
@@ -62,9 +63,12 @@ def _group_ok(in_features: int, plan: QATPlan) -> bool:
 def plan_specs(plan: QATPlan) -> tuple[ActQuant | None, WeightQuant]:
     """(activation, weight) specs of the plan's linears, from the torchao configs convert will mirror."""
     try:
-        return specs_from_configs(*plan.fake_quant_configs())
+        act, weight = specs_from_configs(*plan.fake_quant_configs())
     except ValueError as e:
         raise EdgeftError(f"QAT scheme {plan.scheme.name}: {e}") from None
+    if plan.weight_scale == "mse":
+        weight = replace(weight, clip_ratios=MSE_RATIOS)
+    return act, weight
 
 
 def embedding_spec(plan: QATPlan) -> WeightQuant | None:
@@ -248,7 +252,7 @@ def _set_child(root: nn.Module, fqn: str, new: nn.Module) -> None:
 
 
 def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int | None = None, *,
-            cache: bool | str = True) -> list[str]:
+            cache: bool | str = True, weight_scale: str = "absmax") -> list[str]:
     """Insert fake quantization in place; returns the names of the modules it replaced.
 
     Linears whose input size the group size does not divide stay in float (listed with a ``skip:`` prefix),
@@ -258,9 +262,11 @@ def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int |
     full fine-tuning weight once per optimizer step and keeps its integer codes; ``"weights"`` keeps the
     fake-quantized weights themselves, LoRA's merged ones included: the fastest, at one quantized copy of the
     linear weights, which is what the trainer picks when it does not checkpoint (activations dominate then);
-    ``"off"`` (``False``) re-quantizes on every use.
+    ``"off"`` (``False``) re-quantizes on every use. ``weight_scale`` (with a scheme name; a plan carries its own):
+    how integer weight groups choose their scale, ``"absmax"`` (torchao's) or ``"mse"`` (``schemes.WEIGHT_SCALES``).
     """
-    plan = scheme_or_preset if isinstance(scheme_or_preset, QATPlan) else resolve(scheme_or_preset, group_size)
+    plan = (scheme_or_preset if isinstance(scheme_or_preset, QATPlan)
+            else resolve(scheme_or_preset, group_size, weight_scale))
     act, weight = plan_specs(plan)
     emb = embedding_spec(plan)
     replaced: list[str] = []

@@ -231,6 +231,7 @@ class QATPlan:
     group_size: int | None
     embedding: str | None
     full_finetuning: bool | None
+    weight_scale: str = "absmax"  # how integer weight groups pick their scale: WEIGHT_SCALES
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -239,7 +240,7 @@ class QATPlan:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "QATPlan":
-        return resolve(d["name"], group_size=d.get("group_size"))
+        return resolve(d["name"], group_size=d.get("group_size"), weight_scale=d.get("weight_scale", "absmax"))
 
     def linear_config(self) -> Any:
         return self.scheme.torchao_config(self.group_size)
@@ -269,8 +270,17 @@ class QATPlan:
         raise EdgeftError(f"unknown embedding treatment {self.embedding!r}")
 
 
-def resolve(name: str, group_size: int | None = None) -> QATPlan:
-    """Look up a scheme or preset by name; one clear error for an unknown name or group size."""
+# How an integer weight group's scale is chosen; both are written as they are by convert (torchao's custom scales) and
+# read by every exporter from the converted tensors.
+WEIGHT_SCALES: dict[str, str] = {
+    "absmax": "max|w| / (qmax - qmin) * 2 per group: torchao's grid",
+    "mse": "the fraction of max|w| (13 candidates, 0.69-1.06) with the least squared weight error per group, "
+    "searched again at every fake quantization and at convert",
+}
+
+
+def resolve(name: str, group_size: int | None = None, weight_scale: str = "absmax") -> QATPlan:
+    """Look up a scheme or preset by name; one clear error for an unknown name, group size or weight scale."""
     if name in PRESETS:
         p = PRESETS[name]
         scheme, embedding, full = SCHEMES[p.scheme], p.embedding, p.full_finetuning
@@ -284,7 +294,14 @@ def resolve(name: str, group_size: int | None = None) -> QATPlan:
     if group_size is not None and group_size != scheme.group_size and group_size not in scheme.group_sizes:
         allowed = ", ".join(map(str, scheme.group_sizes)) or "none (fixed)"
         raise EdgeftError(f"scheme {scheme.name}: group size {group_size} not supported (choose from {allowed})")
-    return QATPlan(name=name, scheme=replace(scheme), group_size=gs, embedding=embedding, full_finetuning=full)
+    if weight_scale not in WEIGHT_SCALES:
+        raise EdgeftError(f"unknown weight scale {weight_scale!r}; choose from {', '.join(WEIGHT_SCALES)}")
+    if weight_scale != "absmax" and (scheme.weight_dtype not in ("int4", "int8") or scheme.activation == "fp8-per-row"
+                                     or scheme.scale_dtype is not None):
+        raise EdgeftError(f"scheme {scheme.name}: weight scale {weight_scale!r} needs integer weights with torchao's "
+                          "scale dtype (int8-int4, int4, int8)")
+    return QATPlan(name=name, scheme=replace(scheme), group_size=gs, embedding=embedding, full_finetuning=full,
+                   weight_scale=weight_scale)
 
 
 def describe() -> list[dict[str, str]]:

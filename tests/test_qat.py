@@ -47,6 +47,18 @@ def test_unknown_scheme_and_group_size():
         qat.resolve("int8-int4", group_size=48)
 
 
+def test_weight_scale_choices_and_their_record():
+    with pytest.raises(EdgeftError, match="unknown weight scale 'l1'"):
+        qat.resolve("int4", weight_scale="l1")
+    for name in ("fp8-int4", "fp8-fp8", "gguf-q4_0"):  # fp8 rows, or fp16 scales re-rounded by torchao
+        with pytest.raises(EdgeftError, match="needs integer weights"):
+            qat.resolve(name, weight_scale="mse")
+    plan = qat.resolve("phone-deployment", group_size=64, weight_scale="mse")
+    assert qat.QATPlan.from_dict(plan.to_dict()) == plan
+    old = {k: v for k, v in plan.to_dict().items() if k != "weight_scale"}  # a record from before the option
+    assert qat.QATPlan.from_dict(old).weight_scale == "absmax"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_fp8_is_refused_on_cpu_before_training():
     with pytest.raises(EdgeftError, match="only on a CUDA GPU"):
@@ -132,13 +144,16 @@ def test_lora_dropout_trains_the_merged_weight_plus_adapter_noise():
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
 @pytest.mark.parametrize("mode", ["lora", "full"])
-@pytest.mark.parametrize("scheme", ["int8-int4", "int4", "int8", "phone-deployment"])
+@pytest.mark.parametrize("scheme", ["int8-int4", "int4", "int8", "phone-deployment", "phone-deployment:mse",
+                                    "int8:mse"])
 def test_converted_forward_equals_fake_quant_forward(tmp_path, name, mode, scheme):
+    # ":mse": searched group scales, which convert hands torchao as custom scales
+    scheme, _, weight_scale = scheme.partition(":")
     torch.manual_seed(0)
     model, tok = load_model(resolve_model(name))
     if mode == "lora":
         model = _lora(model)
-    qat.prepare(model, scheme)
+    qat.prepare(model, scheme, weight_scale=weight_scale or "absmax")
     ids = torch.randint(0, 8192, (2, 20))
     with torch.no_grad():
         fq = model(input_ids=ids).logits
@@ -150,7 +165,7 @@ def test_converted_forward_equals_fake_quant_forward(tmp_path, name, mode, schem
     assert rel <= 1e-6, rel
     qat.save_converted(converted, tok, record, tmp_path / "converted")
     again, _, rec2 = qat.load_converted(tmp_path / "converted")
-    assert rec2["plan"]["name"] == scheme
+    assert rec2["plan"]["name"] == scheme and rec2["plan"]["weight_scale"] == (weight_scale or "absmax")
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, real, rtol=0, atol=0)
     from torchao.quantization import IntxUnpackedToInt8Tensor

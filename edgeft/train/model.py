@@ -253,7 +253,7 @@ def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str
 
     device = device or cfg.device
     quantized = cfg.load_in_4bit or cfg.load_in_8bit
-    plan = qatlib.resolve(cfg.qat, cfg.qat_group_size) if (cfg.qat and qat) else None
+    plan = qatlib.resolve(cfg.qat, cfg.qat_group_size, cfg.qat_weight_scale) if (cfg.qat and qat) else None
     model = load_base(cfg, model_dir, load_device or device)
     if cfg.mode == "lora":
         if quantized:

@@ -169,11 +169,13 @@ def test_unsupported_architecture_and_type_are_one_line_errors(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-def test_converted_int8_int4_model_exports(tmp_path):
+@pytest.mark.parametrize("weight_scale", ["absmax", "mse"])
+def test_converted_int8_int4_model_exports(tmp_path, weight_scale):
+    # "mse": the searched group scales reach the file as they are (the exact path compares every weight)
     from edgeft import qat
 
     model, tok = load_model(resolve_model("tiny-qwen3"))
-    converted, record = qat.convert(model, "int8-int4")
+    converted, record = qat.convert(model, qat.resolve("int8-int4", weight_scale=weight_scale))
     qat.save_converted(converted, tok, record, tmp_path / "converted")
     r = gguf_export.export(tmp_path / "converted", tmp_path / "m.gguf", quant="q4_0")
     v = r["validation"]

@@ -20,6 +20,9 @@ WEIGHT_SPECS = {
     "int4-g32-fp16scale": R.WeightQuant("int", 4, 32, eps=258 * 2.0**-24, scale_dtype=torch.float16),
     "fp8-row": R.WeightQuant("fp8", 8, None),
     "fp8-int4": R.WeightQuant("fp8_int4", 4, 128, divisor=8.0, eps=1e-6, lb=1e-12),
+    # the clip search (weight_scale "mse"): 13 candidate scales per group, the least squared error wins
+    "int4-g32-mse": R.WeightQuant("int", 4, 32, clip_ratios=R.MSE_RATIOS),
+    "int8-row-mse": R.WeightQuant("int", 8, None, clip_ratios=R.MSE_RATIOS),
 }
 
 
@@ -64,7 +67,7 @@ def test_weight_fake_quant_is_bit_exact(dtype, name, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", ["int4-g32", "int8-row", "fp8-int4"])
+@pytest.mark.parametrize("name", ["int4-g32", "int8-row", "fp8-int4", "int4-g32-mse"])
 def test_lora_merge_inside_the_kernel_is_bit_exact(dtype, name):
     spec = WEIGHT_SPECS[name]
     w = nasty_weight(19, 256, dtype, spec.group_size or 256)
@@ -86,7 +89,7 @@ def test_merge_is_the_rank_ordered_fp32_sum():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", ["int4-g32", "int8-row", "int4-g32-fp16scale", "fp8-int4"])
+@pytest.mark.parametrize("name", ["int4-g32", "int8-row", "int4-g32-fp16scale", "fp8-int4", "int4-g32-mse"])
 def test_codes_scales_and_dequantization(dtype, name):
     spec = WEIGHT_SPECS[name]
     w = nasty_weight(9, 256, dtype, spec.group_size or 256)

@@ -108,3 +108,35 @@ def test_fp8_convert_accumulates_exactly():
     # cuBLAS fast accumulation would move the converted forward away from the trained fake quant
     cfg = qat.resolve("fp8-fp8").linear_config()
     assert cfg.mm_config.use_fast_accum is False
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, None)])
+def test_searched_scale_is_the_least_error_candidate(dtype, bits, group):
+    """weight_scale "mse": each group's scale is, of r * max|w| / divisor over MSE_RATIOS, the one with the least
+    squared error, the earliest on a tie; never worse than torchao's max|w| grid. Checked by brute force."""
+    w = weight_like(16, 256, dtype)
+    spec = R.WeightQuant("int", bits, group, clip_ratios=R.MSE_RATIOS)
+    out, _, scales = R.int_weight_ref(w, spec, return_codes=True)
+    gs = group or 256
+    qmax, div = 2 ** (bits - 1) - 1, (2**bits - 1) / 2
+    eps = torch.finfo(dtype).smallest_normal
+    flat = w.reshape(-1, gs)
+    best_scales, best_errs = [], []
+    for grp in flat:
+        amax = grp.abs().max()
+        errs, cands = [], []
+        for r in R.MSE_RATIOS:
+            s = torch.clamp((amax * r) / div, min=eps)
+            q = torch.clamp(torch.round(grp * (1.0 / s)), -qmax - 1, qmax)
+            errs.append(float(((q * s).to(dtype).double() - grp.double()).square().sum()))
+            cands.append(s)
+        k = min(range(len(errs)), key=lambda i: (errs[i], i))
+        best_scales.append(cands[k])
+        best_errs.append(errs[k])
+        assert errs[k] <= errs[0]  # r = 1 (torchao's grid) is a candidate
+    assert torch.equal(scales.reshape(-1), torch.stack(best_scales).to(scales.dtype))
+    got = (out.reshape(-1, gs).double() - flat.double()).square().sum(-1)
+    assert torch.equal(got, torch.tensor(best_errs, dtype=torch.float64))
+    absmax = R.int_weight_ref(w, R.WeightQuant("int", bits, group))
+    assert (out.double() - w.double()).square().sum() < (absmax.double() - w.double()).square().sum()
