@@ -1,0 +1,137 @@
+"""Where a quantization scheme loses task accuracy: exact match of one trained float model with the scheme's fake
+quantization applied to all of its layers, to some module kinds only, or with some kinds kept at int8.
+
+The fake quantization is edgeft's reference (``edgeft.qat.fake_quant``: the grids convert writes, bit for bit), its
+weights quantized once; exact match is the evaluator's (``edgeft.devices.evaluate.exact_match``, greedy, the
+``builtin:tasks`` test questions). So a variant's number is what PTQ of that mixed-precision model would score in
+eager PyTorch: ``all`` reproduces the accuracy benchmark's PTQ row. Runs on a CPU, ~2 minutes a variant for 200
+questions on one thread.
+
+    python bench/sensitivity.py --model runs/acc-twin/baseline/model --limit 200 \\
+        --variants float,all,only=self_attn,only=mlp,only=lm_head,int8=down_proj --weight-scale absmax
+
+Variants: ``float`` (nothing quantized), ``all`` (every linear and the embeddings as the scheme says),
+``only=A+B`` (only linears whose name contains A or B), ``int8=A+B`` (all, with those linears' weights at int8 per
+output channel instead, activations as the scheme says). Writes
+``bench/results/sensitivity-<date>-<device>[-tag].json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from accuracy import _device, _versions  # noqa: E402
+
+
+class _Quantized(nn.Module):
+    """A linear with its weight quantized once and its input fake-quantized per call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act) -> None:
+        super().__init__()
+        self.weight, self.bias, self.act = weight, bias, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from edgeft.qat.fake_quant import act_ref
+
+        return F.linear(act_ref(x, self.act) if self.act is not None else x, self.weight, self.bias)
+
+
+def apply_variant(model: nn.Module, variant: str, plan) -> list[str]:
+    """Quantize ``model`` in place as ``variant`` says (module docstring); returns the quantized linears."""
+    from dataclasses import replace
+
+    from edgeft.qat.fake_quant import WeightQuant, weight_ref
+    from edgeft.qat.prepare import embedding_spec, plan_specs
+
+    if variant == "float":
+        return []
+    kind, _, arg = variant.partition("=")
+    if kind not in ("all", "only", "int8") or (kind != "all" and not arg):
+        raise SystemExit(f"unknown variant {variant!r}: float, all, only=A+B, int8=A+B")
+    names = arg.split("+") if arg else []
+    act, wspec = plan_specs(plan)
+    int8 = replace(WeightQuant("int", 8, None), clip_ratios=wspec.clip_ratios)
+    done = []
+    for name, m in list(model.named_modules()):
+        if type(m) is not nn.Linear or (plan.group_size and m.in_features % plan.group_size):
+            continue
+        if kind == "only" and not any(n in name for n in names):
+            continue
+        spec = int8 if kind == "int8" and any(n in name for n in names) else wspec
+        q = _Quantized(weight_ref(m.weight.detach(), spec), m.bias, act)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+        done.append(name)
+    emb = embedding_spec(plan)
+    if emb is not None and kind != "only":
+        e = model.get_input_embeddings()
+        e.weight = nn.Parameter(weight_ref(e.weight.detach(), emb), requires_grad=False)
+    return done
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="a trained float model directory (e.g. RUN/baseline/model)")
+    ap.add_argument("--qat", default="phone-deployment", help="scheme or preset whose grids are applied")
+    ap.add_argument("--weight-scale", default="absmax", choices=["absmax", "mse"])
+    ap.add_argument("--variants", default="float,all,only=self_attn,only=mlp,only=lm_head,int8=down_proj")
+    ap.add_argument("--limit", type=int, default=200, help="builtin:tasks test questions")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+
+    from edgeft import qat
+    from edgeft.data import tasks
+    from edgeft.devices.evaluate import exact_match
+    from edgeft.devices.runtimes import EagerRuntime
+    from edgeft.models import load_model
+
+    torch.set_num_threads(args.threads)
+    plan = qat.resolve(args.qat, weight_scale=args.weight_scale)
+    rows = tasks.generate("test")[: args.limit]
+    results = []
+    for variant in [v for v in args.variants.split(",") if v]:
+        model, tok = load_model(args.model)
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is model.get_input_embeddings().weight:  # untie, as convert does
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        quantized = apply_variant(model, variant, plan)
+        t0 = time.perf_counter()
+        r = exact_match(EagerRuntime(model), tok, rows, 16)
+        ok = [q["correct"] for q in r["per_question"]]
+        results.append({"variant": variant, "correct": sum(ok), "n": len(ok), "accuracy": sum(ok) / len(ok),
+                        "quantized_linears": len(quantized), "seconds": round(time.perf_counter() - t0, 1),
+                        "per_question": ok})
+        print(f"{variant:40s} {sum(ok):4d}/{len(ok)}", flush=True)
+
+    now = dt.datetime.now(dt.timezone.utc)
+    dev = _device()
+    name = f"sensitivity-{now:%Y%m%d}-{'cpu' if not dev['cuda'] else 'gpu'}{'-' + args.tag if args.tag else ''}.json"
+    out = ROOT / "results" / name
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"bench": "sensitivity", "date": now.isoformat(timespec="seconds"), "device": dev,
+                               "versions": _versions(), "model": args.model, "plan": plan.to_dict(),
+                               "limit": args.limit, "results": results}, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"\n{args.qat} (weight scale {args.weight_scale}), exact match on {args.limit} builtin:tasks questions")
+    print("| variant | correct | accuracy |\n|---|---|---|")
+    for r in results:
+        print(f"| {r['variant']} | {r['correct']}/{r['n']} | {100 * r['accuracy']:.1f}% |")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
