@@ -53,10 +53,12 @@ RECIPES = {  # TrainConfig overrides
     "targets-lr3": {"qat_distill_positions": "targets", "qat_lr": 3e-4},
     "lr3": {"qat_lr": 3e-4},
     "mse": {"qat_weight_scale": "mse"},  # int4 group scales searched for least squared error, not max|w|
+    # and the MLP's input projections kept at int8 per channel (the kinds that lose the most, sensitivity.py)
+    "mse-int8-gate-up": {"qat_weight_scale": "mse", "qat_int8": ["gate_proj", "up_proj"]},
 }
 # what a QAT recipe may change: a twin trained under any of them is the same model (--twin)
 RECIPE_KEYS = ("qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
-               "qat_max_steps", "qat_weight_scale")
+               "qat_max_steps", "qat_weight_scale", "qat_int8")
 
 
 def _versions() -> dict[str, str]:
@@ -300,20 +302,21 @@ def reuse_twin(cfg, twin: Path, run: Path) -> None:
 
 
 def twin_ptq_differs(cfg, twin: Path) -> bool:
-    """Whether the recipe quantizes differently from the twin (``qat_weight_scale``): then the twin's PTQ is not
-    this run's, and the run's baseline/ is converted again (:func:`reconvert_baseline`) and evaluated."""
+    """Whether the recipe quantizes differently from the twin (``qat_weight_scale``, ``qat_int8``): then the twin's
+    PTQ is not this run's, and the run's baseline/ is converted again (:func:`reconvert_baseline`) and evaluated."""
     from edgeft.config import resolve
     from edgeft.pipeline import run_config
 
-    return resolve(cfg).qat_weight_scale != resolve(run_config(twin)).qat_weight_scale
+    mine, theirs = resolve(cfg), resolve(run_config(twin))
+    return (mine.qat_weight_scale, mine.qat_int8) != (theirs.qat_weight_scale, theirs.qat_int8)
 
 
 def reconvert_baseline(cfg, run: Path) -> None:
     """PTQ with the recipe's plan: the twin's float weights (``run``/baseline/model) quantized again."""
-    import edgeft
+    from edgeft.config import qat_plan
     from edgeft.pipeline import convert_model, load_trained
 
-    plan = edgeft.qat.resolve(cfg.qat, cfg.qat_group_size, cfg.qat_weight_scale)
+    plan = qat_plan(cfg)
     model, tokenizer = load_trained(run / "baseline")
     convert_model(model, tokenizer, plan, run / "baseline" / "converted")
 
@@ -397,9 +400,11 @@ def main() -> int:
         from edgeft.devices.evaluate import read_questions, recovery
 
         own_ptq = twin_ptq_differs(cfg, Path(args.twin))  # PTQ is this run's baseline/converted, not the twin's
+        from edgeft.config import qat_plan
+
         ptq_plan = json.loads((run / "baseline" / "converted" / "scheme.json").read_text())["plan"]
-        if own_ptq and ptq_plan.get("weight_scale", "absmax") != cfg.qat_weight_scale:  # --no-train on a copy
-            reconvert_baseline(cfg, run)
+        if own_ptq and edgeft.qat.QATPlan.from_dict(ptq_plan) != qat_plan(cfg):
+            reconvert_baseline(cfg, run)  # --no-train on a run whose baseline/ is still the twin's
         mine_variants = ("ptq", "qat") if own_ptq else ("qat",)
         mine = saved_rows(run, mine_variants, runtimes, args.limit) if (args.no_train and args.reuse_eval) else None
         if mine:

@@ -50,8 +50,6 @@ class _Quantized(nn.Module):
 
 def apply_variant(model: nn.Module, variant: str, plan) -> list[str]:
     """Quantize ``model`` in place as ``variant`` says (module docstring); returns the quantized linears."""
-    from dataclasses import replace
-
     from edgeft.qat.fake_quant import WeightQuant, weight_ref
     from edgeft.qat.prepare import embedding_spec, plan_specs
 
@@ -62,7 +60,7 @@ def apply_variant(model: nn.Module, variant: str, plan) -> list[str]:
         raise SystemExit(f"unknown variant {variant!r}: float, all, only=A+B, int8=A+B")
     names = arg.split("+") if arg else []
     act, wspec = plan_specs(plan)
-    int8 = replace(WeightQuant("int", 8, None), clip_ratios=wspec.clip_ratios)
+    int8 = WeightQuant("int", 8, None)  # as the plan's int8_modules: max|w| per row (schemes.WEIGHT_SCALES)
     done = []
     for name, m in list(model.named_modules()):
         if type(m) is not nn.Linear or (plan.group_size and m.in_features % plan.group_size):

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--qat-weight-scale", choices=["absmax", "mse"],
                    help="how int weight groups choose their scale: absmax (torchao's, default) or mse (least squared "
                    "error of 13 fractions of max|w|, in training and convert; the PTQ baseline uses it too)")
+    m.add_argument("--qat-int8", type=_csv, metavar="NAMES",
+                   help="linears kept at int8 per output channel in an int4 scheme, by name: e.g. gate_proj,up_proj "
+                   "(the scheme's activations; exported as such to .pte, GGUF Q8_0 and TorchAO)")
     m.add_argument("--ptq", dest="ptq", action="store_true", default=None,
                    help="with --qat, also train without QAT for the BF16/PTQ comparison (default)")
     m.add_argument("--no-ptq", dest="ptq", action="store_false", help="skip the no-QAT baseline")
@@ -208,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _TRAIN_KEYS = [
     "model", "data", "data_split", "out", "resume", "overwrite", "mode", "adapter", "load_in_4bit", "load_in_8bit",
-    "qat", "qat_group_size", "qat_weight_scale", "ptq", "qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
+    "qat", "qat_group_size", "qat_weight_scale", "qat_int8", "ptq", "qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
     "qat_max_steps", "chat_template", "system_prompt", "prompt_template", "output_column",
     "conversation_extension", "max_seq_length", "padding_free", "packing", "eval_split", "eval_steps",
     "early_stopping_patience", "early_stopping_threshold", "load_best", "max_steps", "epochs", "batch_size",

@@ -48,6 +48,8 @@ class TrainConfig:
     qat_group_size: int | None = None
     # how integer weight groups pick their scale (qat.schemes.WEIGHT_SCALES): "absmax" (torchao's) or "mse"
     qat_weight_scale: str = "absmax"
+    # linears (by name, e.g. gate_proj, up_proj) kept at int8 per output channel in an int4 scheme
+    qat_int8: list[str] = field(default_factory=list)
     ptq: bool = True  # with --qat: also train the no-QAT twin (BF16 and PTQ baselines for eval)
     # with --qat and the twin: KL weight of distilling the trained twin into the QAT model (1: distillation only,
     # 0: labels only); None: 1.0 when the twin is trained, else 0 (train/distill.py)
@@ -195,15 +197,28 @@ def dump_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+def qat_plan(cfg: TrainConfig) -> Any:
+    """The run's QAT plan (``edgeft.qat.QATPlan``) from its ``qat*`` settings; None without ``--qat``."""
+    if cfg.qat is None:
+        return None
+    from edgeft.qat import resolve as resolve_qat
+
+    return resolve_qat(cfg.qat, cfg.qat_group_size, cfg.qat_weight_scale, tuple(cfg.qat_int8))
+
+
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill defaults that depend on the machine and the QAT preset; validate values."""
     import torch
 
     cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora))
+    if isinstance(cfg.qat_int8, str):
+        cfg.qat_int8 = [x.strip() for x in cfg.qat_int8.split(",") if x.strip()]
+    if cfg.qat_int8 and cfg.qat is None:
+        raise EdgeftError("--qat-int8 needs --qat (an int4 scheme)")
     if cfg.qat is not None:
-        from edgeft.qat import check_convertible, resolve as resolve_qat
+        from edgeft.qat import check_convertible
 
-        plan = resolve_qat(cfg.qat, cfg.qat_group_size, cfg.qat_weight_scale)
+        plan = qat_plan(cfg)
         check_convertible(plan)  # fail now, not after training
         if cfg.mode is None and plan.full_finetuning is not None:
             cfg.mode = "full" if plan.full_finetuning else "lora"

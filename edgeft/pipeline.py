@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, config_diff, dump_yaml, identity, identity_defaults, load_yaml, resolve
+from .config import TrainConfig, config_diff, dump_yaml, identity, identity_defaults, load_yaml, qat_plan, resolve
 from .errors import EdgeftError
 from .fsutil import atomic_dir, write_json, write_text
 
@@ -253,7 +253,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     fsdp_load = ("cpu" if is_main else "meta") if strategy == "fsdp" else None
     model, prep = prepare_model(cfg, load_dir, qat=qat_during_training, device=device, load_device=fsdp_load)
     _set_generation_eos(model, tokenizer)
-    plan = qatlib.resolve(cfg.qat, cfg.qat_group_size, cfg.qat_weight_scale) if cfg.qat else None
+    plan = qat_plan(cfg)
     ckpt = None
     if cfg.save_steps > 0:
         fingerprint = {**identity(cfg), "variant": "qat" if qat_during_training else "float", "processes":
@@ -470,14 +470,12 @@ def float_dir(root: Path) -> Path:
 
 def convert(run: str | Path | None = None) -> Path:
     """Re-run qat.convert for an existing run from its saved model/ (e.g. after changing convert code)."""
-    from . import qat as qatlib
-
     run = find_run(run)
     for root in [run, run / "baseline"]:
         if not (root / "model" / "edgeft.json").exists():
             continue
         cfg = run_config(run)
-        plan = qatlib.resolve(cfg.qat, cfg.qat_group_size, cfg.qat_weight_scale) if cfg.qat else None
+        plan = qat_plan(cfg)
         model, tokenizer = load_trained(root)
         convert_model(model, tokenizer, plan, root / "converted")
     return run

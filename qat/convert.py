@@ -28,7 +28,7 @@ from torch import nn
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_dir
 
-from .prepare import _group_ok, is_prepared, unprepare
+from .prepare import _group_ok, check_int8_modules, is_prepared, unprepare
 from .schemes import QATPlan, resolve
 
 
@@ -63,22 +63,30 @@ def quantize(model: nn.Module, plan: QATPlan | str) -> dict[str, Any]:
 
     plan = resolve(plan) if isinstance(plan, str) else plan
     check_convertible(plan)
-    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear and _group_ok(m.in_features, plan)]
-    skipped = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _group_ok(m.in_features, plan)]
+    all_linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    check_int8_modules(plan, all_linears)
+    linears = [n for n in all_linears if _group_ok(model.get_submodule(n).in_features, plan, n)]
+    skipped = [n for n in all_linears if n not in set(linears)]
     head_name = _output_name(model)
     _untie_if_needed(model, head_name in linears, plan.embedding is not None)
     model.requires_grad_(False)
-    lin_set = set(linears)
-    if plan.weight_scale == "absmax":
-        quantize_(model, plan.linear_config(), filter_fn=lambda m, fqn: type(m) is nn.Linear and fqn in lin_set)
-    else:
-        _quantize_with_searched_scales(model, plan, linears)
+    for int8 in (False, True):  # the scheme's grid, then the linears kept at int8 (their own torchao config)
+        names = [n for n in linears if plan.is_int8(n) == int8]
+        if not names:
+            continue
+        if plan.weight_scale == "absmax" or int8:  # searched scales are for the 4-bit grid only
+            lin_set = set(names)
+            quantize_(model, plan.linear_config(names[0]),
+                      filter_fn=lambda m, fqn, lin_set=lin_set: type(m) is nn.Linear and fqn in lin_set)
+        else:
+            _quantize_with_searched_scales(model, plan, names)
     embeddings: list[str] = []
     emb_cfg = plan.embedding_config()
     if emb_cfg is not None:
         embeddings = [n for n, m in model.named_modules() if type(m) is nn.Embedding]
         quantize_(model, emb_cfg, filter_fn=lambda m, fqn: type(m) is nn.Embedding)
-    return {"plan": plan.to_dict(), "linears": linears, "skipped": skipped, "embeddings": embeddings}
+    return {"plan": plan.to_dict(), "linears": linears, "skipped": skipped, "embeddings": embeddings,
+            "int8_linears": [n for n in linears if plan.is_int8(n)]}
 
 
 def _quantize_with_searched_scales(model: nn.Module, plan: QATPlan, linears: list[str]) -> None:
@@ -92,10 +100,10 @@ def _quantize_with_searched_scales(model: nn.Module, plan: QATPlan, linears: lis
     from .fake_quant import int_weight_ref
     from .prepare import plan_specs
 
-    cfg = copy.deepcopy(plan.linear_config())
+    cfg = copy.deepcopy(plan.linear_config(linears[0]))  # the linears share one config (quantize groups them)
     cfg.intx_choose_qparams_algorithm = None  # torchao: custom scales replace its choice of qparams
     handler = _QUANTIZE_CONFIG_HANDLER[type(cfg)]
-    spec = plan_specs(plan)[1]
+    spec = plan_specs(plan, linears[0])[1]
     for name in linears:
         mod = model.get_submodule(name)
         _, _, scale = int_weight_ref(mod.weight.detach(), spec, return_codes=True)
@@ -176,9 +184,8 @@ def _torchao_hf_config(record: dict[str, Any]) -> dict[str, Any]:
 
     plan = QATPlan.from_dict(record["plan"])
     mapping: OrderedDict[str, Any] = OrderedDict()
-    lin = plan.linear_config()
     for n in record["linears"]:
-        mapping[n] = lin
+        mapping[n] = plan.linear_config(n)
     emb = plan.embedding_config()
     for n in record["embeddings"]:
         mapping[n] = emb

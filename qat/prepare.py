@@ -56,17 +56,27 @@ def _is_lora_linear(m: nn.Module) -> bool:
     return isinstance(m, LoraLinear)
 
 
-def _group_ok(in_features: int, plan: QATPlan) -> bool:
-    return plan.group_size is None or in_features % plan.group_size == 0
+def _group_ok(in_features: int, plan: QATPlan, name: str | None = None) -> bool:
+    return plan.group_size is None or plan.is_int8(name) or in_features % plan.group_size == 0
 
 
-def plan_specs(plan: QATPlan) -> tuple[ActQuant | None, WeightQuant]:
-    """(activation, weight) specs of the plan's linears, from the torchao configs convert will mirror."""
+def check_int8_modules(plan: QATPlan, linear_names: list[str]) -> None:
+    """One clear error when an ``int8_modules`` entry names no linear of the model."""
+    own = {n.rsplit(".", 1)[-1] for n in linear_names}
+    missing = [m for m in plan.int8_modules if m not in own]
+    if missing:
+        raise EdgeftError(f"int8 module {missing[0]!r} names no linear of this model; its linears: "
+                          f"{', '.join(sorted(own))}")
+
+
+def plan_specs(plan: QATPlan, name: str | None = None) -> tuple[ActQuant | None, WeightQuant]:
+    """(activation, weight) specs of the linear ``name`` (None: the scheme's own linears), from the torchao configs
+    convert will mirror."""
     try:
-        act, weight = specs_from_configs(*plan.fake_quant_configs())
+        act, weight = specs_from_configs(*plan.fake_quant_configs(name))
     except ValueError as e:
         raise EdgeftError(f"QAT scheme {plan.scheme.name}: {e}") from None
-    if plan.weight_scale == "mse":
+    if plan.weight_scale == "mse" and weight.bits == 4:  # int8 rows keep max|w|: see schemes.WEIGHT_SCALES
         weight = replace(weight, clip_ratios=MSE_RATIOS)
     return act, weight
 
@@ -252,7 +262,7 @@ def _set_child(root: nn.Module, fqn: str, new: nn.Module) -> None:
 
 
 def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int | None = None, *,
-            cache: bool | str = True, weight_scale: str = "absmax") -> list[str]:
+            cache: bool | str = True, weight_scale: str = "absmax", int8_modules: tuple[str, ...] = ()) -> list[str]:
     """Insert fake quantization in place; returns the names of the modules it replaced.
 
     Linears whose input size the group size does not divide stay in float (listed with a ``skip:`` prefix),
@@ -263,33 +273,37 @@ def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int |
     fake-quantized weights themselves, LoRA's merged ones included: the fastest, at one quantized copy of the
     linear weights, which is what the trainer picks when it does not checkpoint (activations dominate then);
     ``"off"`` (``False``) re-quantizes on every use. ``weight_scale`` (with a scheme name; a plan carries its own):
-    how integer weight groups choose their scale, ``"absmax"`` (torchao's) or ``"mse"`` (``schemes.WEIGHT_SCALES``).
+    how integer weight groups choose their scale, ``"absmax"`` (torchao's) or ``"mse"`` (``schemes.WEIGHT_SCALES``);
+    ``int8_modules``: linears (by their own name, e.g. ``"down_proj"``) kept at int8 per output channel.
     """
     plan = (scheme_or_preset if isinstance(scheme_or_preset, QATPlan)
-            else resolve(scheme_or_preset, group_size, weight_scale))
-    act, weight = plan_specs(plan)
+            else resolve(scheme_or_preset, group_size, weight_scale, int8_modules))
+    specs = {False: plan_specs(plan), True: plan_specs(plan, plan.int8_modules[0]) if plan.int8_modules else None}
     emb = embedding_spec(plan)
     replaced: list[str] = []
 
     # LoRA layers first: their base_layer must not also get a fake quantizer of its own.
     lora_names = [n for n, m in model.named_modules() if _is_lora_linear(m)]
-    for name in lora_names:
-        mod = model.get_submodule(name)
-        if not _group_ok(mod.base_layer.in_features, plan):
-            replaced.append(f"skip:{name}")
-            continue
-        _set_child(model, name, MergedFakeQuantLoraLinear(mod, act, weight, cache))
-        replaced.append(name)
 
     def inside_lora(fqn: str) -> bool:
         return any(fqn == n or fqn.startswith(n + ".") for n in lora_names)
 
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear and not inside_lora(n)]
+    check_int8_modules(plan, lora_names + linears)
+    for name in lora_names:
+        mod = model.get_submodule(name)
+        if not _group_ok(mod.base_layer.in_features, plan, name):
+            replaced.append(f"skip:{name}")
+            continue
+        _set_child(model, name, MergedFakeQuantLoraLinear(mod, *specs[plan.is_int8(name)], cache))
+        replaced.append(name)
+
     for name, m in list(model.named_modules()):
         if type(m) is nn.Linear and not inside_lora(name):
-            if not _group_ok(m.in_features, plan):
+            if not _group_ok(m.in_features, plan, name):
                 replaced.append(f"skip:{name}")
                 continue
-            _set_child(model, name, FakeQuantLinear(m, act, weight, cache))
+            _set_child(model, name, FakeQuantLinear(m, *specs[plan.is_int8(name)], cache))
             replaced.append(name)
         elif type(m) is nn.Embedding and emb is not None and not inside_lora(name):
             _set_child(model, name, FakeQuantEmbedding(m, emb))

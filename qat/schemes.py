@@ -232,6 +232,8 @@ class QATPlan:
     embedding: str | None
     full_finetuning: bool | None
     weight_scale: str = "absmax"  # how integer weight groups pick their scale: WEIGHT_SCALES
+    # linears (by their own name, e.g. "down_proj") kept at int8 per output channel, activations as the scheme's
+    int8_modules: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -240,14 +242,27 @@ class QATPlan:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "QATPlan":
-        return resolve(d["name"], group_size=d.get("group_size"), weight_scale=d.get("weight_scale", "absmax"))
+        return resolve(d["name"], group_size=d.get("group_size"), weight_scale=d.get("weight_scale", "absmax"),
+                       int8_modules=tuple(d.get("int8_modules", ())))
 
-    def linear_config(self) -> Any:
-        return self.scheme.torchao_config(self.group_size)
+    def is_int8(self, name: str | None) -> bool:
+        """Whether the linear ``name`` (a module path) is one of ``int8_modules``."""
+        return name is not None and name.rsplit(".", 1)[-1] in self.int8_modules
 
-    def fake_quant_configs(self) -> tuple[Any, Any]:
+    def _scheme_for(self, name: str | None) -> tuple[Scheme, int | None]:
+        if self.is_int8(name):  # int8 per output channel, the scheme's activations
+            return replace(self.scheme, weight_dtype="int8", group_size=None), None
+        return self.scheme, self.group_size
+
+    def linear_config(self, name: str | None = None) -> Any:
+        """torchao's config for the linear ``name`` (None: the scheme's own linears)."""
+        scheme, gs = self._scheme_for(name)
+        return scheme.torchao_config(gs)
+
+    def fake_quant_configs(self, name: str | None = None) -> tuple[Any, Any]:
         """(activation, weight) fake-quant configs for linears (LoRA's merged weight and torchao's modules)."""
-        return self.scheme.fake_quant_configs(self.group_size)
+        scheme, gs = self._scheme_for(name)
+        return scheme.fake_quant_configs(gs)
 
     def qat_prepare_config(self) -> Any:
         """torchao's ``QATConfig`` for the prepare step of plain linears."""
@@ -274,13 +289,16 @@ class QATPlan:
 # read by every exporter from the converted tensors.
 WEIGHT_SCALES: dict[str, str] = {
     "absmax": "max|w| / (qmax - qmin) * 2 per group: torchao's grid",
-    "mse": "the fraction of max|w| (13 candidates, 0.69-1.06) with the least squared weight error per group, "
-    "searched again at every fake quantization and at convert",
+    "mse": "the fraction of max|w| (13 candidates, 0.69-1.06) with the least squared weight error per 4-bit group, "
+    "searched again at every fake quantization and at convert (int8 rows keep max|w|: over a whole row the least "
+    "squared error clips the few largest weights, and PTQ answered fewer questions so, bench/README)",
 }
 
 
-def resolve(name: str, group_size: int | None = None, weight_scale: str = "absmax") -> QATPlan:
-    """Look up a scheme or preset by name; one clear error for an unknown name, group size or weight scale."""
+def resolve(name: str, group_size: int | None = None, weight_scale: str = "absmax",
+            int8_modules: tuple[str, ...] | list[str] = ()) -> QATPlan:
+    """Look up a scheme or preset by name; one clear error for an unknown name, group size, weight scale or a
+    scheme that cannot keep ``int8_modules`` at int8."""
     if name in PRESETS:
         p = PRESETS[name]
         scheme, embedding, full = SCHEMES[p.scheme], p.embedding, p.full_finetuning
@@ -296,12 +314,20 @@ def resolve(name: str, group_size: int | None = None, weight_scale: str = "absma
         raise EdgeftError(f"scheme {scheme.name}: group size {group_size} not supported (choose from {allowed})")
     if weight_scale not in WEIGHT_SCALES:
         raise EdgeftError(f"unknown weight scale {weight_scale!r}; choose from {', '.join(WEIGHT_SCALES)}")
-    if weight_scale != "absmax" and (scheme.weight_dtype not in ("int4", "int8") or scheme.activation == "fp8-per-row"
+    if weight_scale != "absmax" and (scheme.weight_dtype != "int4" or scheme.activation == "fp8-per-row"
                                      or scheme.scale_dtype is not None):
-        raise EdgeftError(f"scheme {scheme.name}: weight scale {weight_scale!r} needs integer weights with torchao's "
-                          "scale dtype (int8-int4, int4, int8)")
+        raise EdgeftError(f"scheme {scheme.name}: weight scale {weight_scale!r} needs int4 weights with torchao's "
+                          "scale dtype (int8-int4, int4, phone-deployment)")
+    int8_modules = tuple(dict.fromkeys(int8_modules))
+    if int8_modules and (scheme.weight_dtype != "int4" or scheme.activation == "fp8-per-row"
+                         or scheme.scale_dtype is not None):
+        raise EdgeftError(f"scheme {scheme.name}: int8 modules need int4 integer weights with torchao's scale dtype "
+                          "(int8-int4, int4, phone-deployment)")
+    bad = [m for m in int8_modules if not m.isidentifier()]
+    if bad:
+        raise EdgeftError(f"int8 modules are linear names such as down_proj, not {bad[0]!r}")
     return QATPlan(name=name, scheme=replace(scheme), group_size=gs, embedding=embedding, full_finetuning=full,
-                   weight_scale=weight_scale)
+                   weight_scale=weight_scale, int8_modules=int8_modules)
 
 
 def describe() -> list[dict[str, str]]:

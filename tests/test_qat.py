@@ -1,5 +1,7 @@
 """QAT: registry entries, fake-quant math against hand-written references, convert == fake-quant, LoRA merge."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,13 +52,30 @@ def test_unknown_scheme_and_group_size():
 def test_weight_scale_choices_and_their_record():
     with pytest.raises(EdgeftError, match="unknown weight scale 'l1'"):
         qat.resolve("int4", weight_scale="l1")
-    for name in ("fp8-int4", "fp8-fp8", "gguf-q4_0"):  # fp8 rows, or fp16 scales re-rounded by torchao
-        with pytest.raises(EdgeftError, match="needs integer weights"):
+    for name in ("int8", "fp8-int4", "fp8-fp8", "gguf-q4_0"):  # int8 rows, fp8, or fp16 scales torchao re-rounds
+        with pytest.raises(EdgeftError, match="needs int4 weights"):
             qat.resolve(name, weight_scale="mse")
     plan = qat.resolve("phone-deployment", group_size=64, weight_scale="mse")
     assert qat.QATPlan.from_dict(plan.to_dict()) == plan
-    old = {k: v for k, v in plan.to_dict().items() if k != "weight_scale"}  # a record from before the option
-    assert qat.QATPlan.from_dict(old).weight_scale == "absmax"
+    old = {k: v for k, v in plan.to_dict().items() if k not in ("weight_scale", "int8_modules")}  # older records
+    assert qat.QATPlan.from_dict(old).weight_scale == "absmax" and not qat.QATPlan.from_dict(old).int8_modules
+
+
+def test_int8_modules_choices():
+    plan = qat.resolve("int8-int4", int8_modules=["down_proj", "down_proj"])
+    assert plan.int8_modules == ("down_proj",) and plan.is_int8("model.layers.3.mlp.down_proj")
+    assert not plan.is_int8("model.layers.3.mlp.up_proj")
+    assert qat.QATPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan  # through scheme.json
+    for name in ("int8", "fp8-int4", "gguf-q4_0"):
+        with pytest.raises(EdgeftError, match="int8 modules need int4"):
+            qat.resolve(name, int8_modules=["down_proj"])
+    with pytest.raises(EdgeftError, match="linear names such as down_proj"):
+        qat.resolve("int4", int8_modules=["mlp.down_proj"])
+    model, _ = load_model(resolve_model("tiny-llama"))
+    with pytest.raises(EdgeftError, match="'ffn_down' names no linear of this model; its linears: down_proj"):
+        qat.prepare(model, "int4", int8_modules=("ffn_down",))
+    with pytest.raises(EdgeftError, match="'ffn_down' names no linear"):
+        qat.quantize(model, qat.resolve("int4", int8_modules=("ffn_down",)))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
@@ -145,15 +164,16 @@ def test_lora_dropout_trains_the_merged_weight_plus_adapter_noise():
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
 @pytest.mark.parametrize("mode", ["lora", "full"])
 @pytest.mark.parametrize("scheme", ["int8-int4", "int4", "int8", "phone-deployment", "phone-deployment:mse",
-                                    "int8:mse"])
+                                    "int4:mse", "phone-deployment:mse:gate_proj+up_proj", "int4::down_proj"])
 def test_converted_forward_equals_fake_quant_forward(tmp_path, name, mode, scheme):
-    # ":mse": searched group scales, which convert hands torchao as custom scales
-    scheme, _, weight_scale = scheme.partition(":")
+    # ":mse": searched group scales, which convert hands torchao as custom scales; a third part: linears at int8
+    scheme, weight_scale, int8 = (scheme.split(":") + ["", ""])[:3]
+    int8_modules = tuple(int8.split("+")) if int8 else ()
     torch.manual_seed(0)
     model, tok = load_model(resolve_model(name))
     if mode == "lora":
         model = _lora(model)
-    qat.prepare(model, scheme, weight_scale=weight_scale or "absmax")
+    qat.prepare(model, scheme, weight_scale=weight_scale or "absmax", int8_modules=int8_modules)
     ids = torch.randint(0, 8192, (2, 20))
     with torch.no_grad():
         fq = model(input_ids=ids).logits
@@ -170,7 +190,12 @@ def test_converted_forward_equals_fake_quant_forward(tmp_path, name, mode, schem
         torch.testing.assert_close(again(input_ids=ids).logits, real, rtol=0, atol=0)
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
-    assert isinstance(again.model.layers[0].mlp.gate_proj.weight, IntxUnpackedToInt8Tensor)
+    gate, down = again.model.layers[0].mlp.gate_proj.weight, again.model.layers[0].mlp.down_proj.weight
+    assert isinstance(gate, IntxUnpackedToInt8Tensor)
+    for mod, w in (("gate_proj", gate), ("down_proj", down)):  # int8 per output channel, or the scheme's grid
+        int8 = mod in int8_modules or scheme == "int8"
+        assert (w.target_dtype, w.block_size[1] == w.shape[1]) == ((torch.int8, True) if int8 else (torch.int4, False))
+    assert len(rec2["int8_linears"]) == again.config.num_hidden_layers * len(int8_modules)
     assert isinstance(again.model.embed_tokens.weight, IntxUnpackedToInt8Tensor) == (scheme == "phone-deployment")
 
 

@@ -250,10 +250,11 @@ def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str
     (no weights: LoRA, kernels and QAT only restructure modules), then sharding distributes rank 0's weights.
     """
     from edgeft import qat as qatlib
+    from edgeft.config import qat_plan
 
     device = device or cfg.device
     quantized = cfg.load_in_4bit or cfg.load_in_8bit
-    plan = qatlib.resolve(cfg.qat, cfg.qat_group_size, cfg.qat_weight_scale) if (cfg.qat and qat) else None
+    plan = qat_plan(cfg) if qat else None
     model = load_base(cfg, model_dir, load_device or device)
     if cfg.mode == "lora":
         if quantized:

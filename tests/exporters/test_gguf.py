@@ -169,13 +169,14 @@ def test_unsupported_architecture_and_type_are_one_line_errors(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-@pytest.mark.parametrize("weight_scale", ["absmax", "mse"])
-def test_converted_int8_int4_model_exports(tmp_path, weight_scale):
-    # "mse": the searched group scales reach the file as they are (the exact path compares every weight)
+@pytest.mark.parametrize("weight_scale,int8", [("absmax", ()), ("mse", ()), ("mse", ("gate_proj", "up_proj"))])
+def test_converted_int8_int4_model_exports(tmp_path, weight_scale, int8):
+    # "mse": the searched group scales reach the file as they are (the exact path compares every weight); int8
+    # linears (per output channel) become Q8_0 blocks from their integers, exactly too
     from edgeft import qat
 
     model, tok = load_model(resolve_model("tiny-qwen3"))
-    converted, record = qat.convert(model, qat.resolve("int8-int4", weight_scale=weight_scale))
+    converted, record = qat.convert(model, qat.resolve("int8-int4", weight_scale=weight_scale, int8_modules=int8))
     qat.save_converted(converted, tok, record, tmp_path / "converted")
     r = gguf_export.export(tmp_path / "converted", tmp_path / "m.gguf", quant="q4_0")
     v = r["validation"]
@@ -183,6 +184,8 @@ def test_converted_int8_int4_model_exports(tmp_path, weight_scale):
     # every trained linear is written from its integers; the float embedding goes Q8_0
     assert len(r["exact_tensors"]) == len(record["linears"]) and not r["requantized_tensors"]
     assert r["float_tensors"] == {"token_embd.weight": "Q8_0"}
+    n_int8 = len(record["int8_linears"])
+    assert n_int8 == converted.config.num_hidden_layers * len(int8) and r["tensor_types"].get("Q8_0") == 1 + n_int8
     # the file reproduces its own (dequantized) weights as tightly as any q4_0 export
     assert v["fidelity_rel_err"] <= gguf_export.QUANTS["q4_0"].fidelity_rel_err
     # the file is the converted model, so the source bound is the fidelity bound, plus the allowance for

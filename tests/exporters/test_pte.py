@@ -33,6 +33,9 @@ CASES = {
     "qwen3-float": ("tiny-qwen3", None, 32, MAX_SEQ, True),
     "llama-phone": ("tiny-llama", "phone-deployment", MAX_SEQ, None, True),
     "qwen3-int8-int4": ("tiny-qwen3", "int8-int4", MAX_SEQ, None, False),
+    # searched scales, and the MLP's gate/up projections at int8 per channel (int8 activations x int8 weights)
+    "llama-phone-mse-int8-mlp": ("tiny-llama", qat.resolve("phone-deployment", weight_scale="mse",
+                                                           int8_modules=("gate_proj", "up_proj")), MAX_SEQ, None, True),
 }
 
 
@@ -92,7 +95,8 @@ def test_report_and_files(exports, case):
     if CASES[case][1] is None:
         assert r["scheme"] == "float" and v["rel_err"] <= 1e-3 and v["greedy_agreement"] == 1.0
     else:
-        assert r["scheme"] == CASES[case][1] and r["linears"] == {"dyn-act": 29}
+        scheme = CASES[case][1]
+        assert r["scheme"] == getattr(scheme, "name", scheme) and r["linears"] == {"dyn-act": 29}
 
 
 def test_quantization_is_carried(exports):
@@ -102,6 +106,10 @@ def test_quantization_is_carried(exports):
     assert flt["embedding"] == "float32"
     # 8192x256 embedding int8 (2 MiB) + 29 int4 linears (~2.4M weights, ~1.5 MiB with scales) vs ~29 MiB float
     assert phone["bytes"] < 0.25 * flt["bytes"]
+    # 8 of the 29 linears (gate/up, 4 layers) at int8: bigger than all-int4, and as big as int8 weights make it
+    mixed = exports["llama-phone-mse-int8-mlp"]
+    assert phone["bytes"] < mixed["bytes"] < 0.5 * flt["bytes"]
+    assert abs(mixed["bytes"] - mixed["expected_bytes"]) < 0.05 * mixed["bytes"]
     q3 = exports["qwen3-int8-int4"]
     assert q3["embedding"] == "float32" and q3["bytes"] < 0.6 * exports["qwen3-float"]["bytes"]
 
