@@ -512,7 +512,7 @@ def main() -> int:
                   f"QAT/BF16 {d['qat_vs_bf16']['qat_only']}+{d['qat_vs_bf16']['bf16_only']}")
     for a in agree:
         print(f"agreement {a['variant']}/{a['runtime']}: top-1 {a['top1']:.4f}, rel err {a['rel_err']:.4f}")
-    print(f"timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(f"wrote {dest}")
     return 0
 

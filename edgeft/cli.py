@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--qat", help="QAT scheme or preset (see `edgeft qat list`)")
     m.add_argument("--qat-group-size", type=int)
     m.add_argument("--qat-weight-scale", choices=["absmax", "mse"],
-                   help="how int weight groups choose their scale: absmax (torchao's, default) or mse (least squared "
+                   help="how int4 weight groups choose their scale: absmax (torchao's, default) or mse (least squared "
                    "error of 13 fractions of max|w|, in training and convert; the PTQ baseline uses it too)")
     m.add_argument("--qat-int8", type=_csv, metavar="NAMES",
                    help="linears kept at int8 per output channel in an int4 scheme, by name: e.g. gate_proj,up_proj "

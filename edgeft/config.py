@@ -46,7 +46,7 @@ class TrainConfig:
     load_in_8bit: bool = False
     qat: str | None = None  # scheme or preset name
     qat_group_size: int | None = None
-    # how integer weight groups pick their scale (qat.schemes.WEIGHT_SCALES): "absmax" (torchao's) or "mse"
+    # how 4-bit weight groups pick their scale (qat.schemes.WEIGHT_SCALES): "absmax" (torchao's) or "mse"
     qat_weight_scale: str = "absmax"
     # linears (by name, e.g. gate_proj, up_proj) kept at int8 per output channel in an int4 scheme
     qat_int8: list[str] = field(default_factory=list)

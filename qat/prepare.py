@@ -273,7 +273,7 @@ def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int |
     fake-quantized weights themselves, LoRA's merged ones included: the fastest, at one quantized copy of the
     linear weights, which is what the trainer picks when it does not checkpoint (activations dominate then);
     ``"off"`` (``False``) re-quantizes on every use. ``weight_scale`` (with a scheme name; a plan carries its own):
-    how integer weight groups choose their scale, ``"absmax"`` (torchao's) or ``"mse"`` (``schemes.WEIGHT_SCALES``);
+    how 4-bit weight groups choose their scale, ``"absmax"`` (torchao's) or ``"mse"`` (``schemes.WEIGHT_SCALES``);
     ``int8_modules``: linears (by their own name, e.g. ``"down_proj"``) kept at int8 per output channel.
     """
     plan = (scheme_or_preset if isinstance(scheme_or_preset, QATPlan)

@@ -231,7 +231,7 @@ class QATPlan:
     group_size: int | None
     embedding: str | None
     full_finetuning: bool | None
-    weight_scale: str = "absmax"  # how integer weight groups pick their scale: WEIGHT_SCALES
+    weight_scale: str = "absmax"  # how 4-bit weight groups pick their scale: WEIGHT_SCALES
     # linears (by their own name, e.g. "down_proj") kept at int8 per output channel, activations as the scheme's
     int8_modules: tuple[str, ...] = ()
 
