@@ -55,6 +55,7 @@ RECIPES = {  # TrainConfig overrides
     "mse": {"qat_weight_scale": "mse"},  # int4 group scales searched for least squared error, not max|w|
     # and the MLP's input projections kept at int8 per channel (the kinds that lose the most, sensitivity.py)
     "mse-int8-gate-up": {"qat_weight_scale": "mse", "qat_int8": ["gate_proj", "up_proj"]},
+    "int8-gate-up": {"qat_int8": ["gate_proj", "up_proj"]},  # the same on torchao's grid
 }
 # what a QAT recipe may change: a twin trained under any of them is the same model (--twin)
 RECIPE_KEYS = ("qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
