@@ -391,8 +391,6 @@ def main() -> int:
             reuse_twin(cfg, Path(args.twin), run)
             cfg = dataclasses.replace(cfg, resume=True, overwrite=False)  # the twin is complete: QAT run only
         edgeft.train(cfg)
-        if args.twin and twin_ptq_differs(cfg, Path(args.twin)):
-            reconvert_baseline(cfg, run)
         timings["train_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     runtimes = [x for x in args.runtimes.split(",") if x]
@@ -405,7 +403,7 @@ def main() -> int:
 
         ptq_plan = json.loads((run / "baseline" / "converted" / "scheme.json").read_text())["plan"]
         if own_ptq and edgeft.qat.QATPlan.from_dict(ptq_plan) != qat_plan(cfg):
-            reconvert_baseline(cfg, run)  # --no-train on a run whose baseline/ is still the twin's
+            reconvert_baseline(cfg, run)  # baseline/ is still the twin's copy: PTQ under the recipe's plan
         mine_variants = ("ptq", "qat") if own_ptq else ("qat",)
         mine = saved_rows(run, mine_variants, runtimes, args.limit) if (args.no_train and args.reuse_eval) else None
         if mine:
