@@ -9,15 +9,20 @@ Runs, each in its own process (clean peak-memory counters, no cross-talk), on a 
   (merged-weight fake quant; target >= 0.85x edgeft);
 - full: HF, HF + torchao QAT phone-deployment (int8-int4 linears, int8 per-channel embeddings), edgeft, edgeft +
   QAT phone-deployment (target >= 0.8x edgeft);
-- QAT may add at most 10% peak memory over the same implementation without it.
+- QAT may add at most 10% peak memory over the same implementation without it;
+- ``edgeft_qat_mse`` (not in the default ``--impls``): edgeft + QAT with ``weight_scale="mse"`` (each 4-bit weight
+  group picks its scale among ``MSE_RATIOS``), compared with edgeft and with ``edgeft_qat`` (absmax scales).
 
 edgeft is driven directly (``edgeft.kernels.patch`` + ``edgeft.qat.prepare`` + ``causal_lm_loss``) as in
-train_throughput.py. ``--check`` first compares every fake-quant kernel with its PyTorch reference on the GPU (bit
-for bit, bf16/fp16/fp32, bench shapes), the merged LoRA Function's gradients with an fp64 autograd reference, and
-the fp8 schemes' convert with their fake quantization. Prints a table and writes JSON with date, device and versions.
+train_throughput.py. ``--check`` first compares every fake-quant kernel (absmax and mse scales) with its PyTorch
+reference on the GPU (bit for bit, bf16/fp16/fp32, bench shapes), the merged LoRA Function's gradients with an fp64
+autograd reference, and the fp8 schemes' convert with their fake quantization (``--check mse``: only the mse weight
+kernel, with kernel timings against absmax). Prints a table and writes JSON with date, device and versions; each
+row records its ``weight_scale``.
 
     python bench/qat_overhead.py --check          # everything (about 4 minutes on an H200)
     python bench/qat_overhead.py --modes lora --impls edgeft,edgeft_qat --steps 3
+    python bench/qat_overhead.py --check mse --impls edgeft,edgeft_qat,edgeft_qat_mse --checkpoint off
 """
 
 from __future__ import annotations
@@ -40,8 +45,12 @@ from train_throughput import _profile as _profile_step  # noqa: E402
 
 SCHEME = {"lora": "int8-int4", "full": "phone-deployment"}
 # edgeft first: if the command runs out of time, the rows the targets are about come back
-RUNS = [(m, i) for i in ("edgeft", "edgeft_qat") for m in ("lora", "full")] + [
+RUNS = [(m, i) for i in ("edgeft", "edgeft_qat", "edgeft_qat_mse") for m in ("lora", "full")] + [
     (m, i) for m in ("lora", "full") for i in ("hf", "hf_qat")]
+# the QAT implementations, their weight scale (qat.prepare's weight_scale; torchao's own QAT is absmax) and the
+# implementation they are compared with
+WEIGHT_SCALE = {"edgeft_qat": "absmax", "edgeft_qat_mse": "mse", "hf_qat": "absmax"}
+BASE_IMPL = {"edgeft_qat": "edgeft", "edgeft_qat_mse": "edgeft", "hf_qat": "hf"}
 TARGET_RATIO = {"lora": 0.85, "full": 0.80}
 MEMORY_BUDGET = 1.10
 
@@ -106,7 +115,7 @@ def run_worker(spec: dict) -> dict:
 
         ckpt = spec.get("checkpoint", "offload")
         patch(model, checkpoint=None if ckpt == "off" else ckpt)
-        if impl == "edgeft_qat":
+        if impl in ("edgeft_qat", "edgeft_qat_mse"):
             from edgeft import qat
 
             cache = spec.get("cache", "auto")
@@ -117,7 +126,7 @@ def run_worker(spec: dict) -> dict:
 
                 run_cfg = SimpleNamespace(mode=mode, batch_size=batch, max_seq_length=seq, dtype="bf16")
                 cache = qat_weight_cache(run_cfg, model, ckpt != "off", False)
-            replaced = qat.prepare(model, SCHEME[mode], cache=cache)
+            replaced = qat.prepare(model, SCHEME[mode], cache=cache, weight_scale=WEIGHT_SCALE[impl])
             spec["cache"] = cache
     else:
         if impl == "hf_qat":
@@ -137,16 +146,31 @@ def run_worker(spec: dict) -> dict:
     res = dict(spec, step_ms=step_s * 1e3, step_ms_all=[t * 1e3 for t in times], tokens_per_s=batch * seq / step_s,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, losses=losses,
                final_loss=losses[-1], qat_modules=len(replaced))
-    if impl == "edgeft_qat":
+    if impl in ("edgeft_qat", "edgeft_qat_mse"):
         from edgeft.qat.prepare import fake_quant_cache_stats
 
         res["weight_cache"] = fake_quant_cache_stats(model)
+        res["weight_quantizers"] = _weight_specs(model)
     if spec.get("profile") and cuda:
         try:
             res["profile"] = _profile(model, impl, opt, batches[0])
         except Exception as e:  # noqa: BLE001 - the timings matter more than the profile
             res["profile_error"] = f"{type(e).__name__}: {e}"[:300]
     return res
+
+
+def _weight_specs(model) -> dict[str, int]:
+    """How many weight fake quantizers the model holds, and how many of them search a clip ratio (mse scales)."""
+    from edgeft.qat.fake_quant import WeightQuant
+
+    total = search = 0
+    for m in model.modules():
+        for attr in ("spec", "weight_spec"):
+            spec = getattr(m, attr, None)
+            if isinstance(spec, WeightQuant):
+                total += 1
+                search += bool(spec.clip_ratios)
+    return {"total": total, "clip_search": search}
 
 
 def _profile(model, impl, opt, ids) -> str:
@@ -157,8 +181,12 @@ def _profile(model, impl, opt, ids) -> str:
 # --- GPU correctness ---------------------------------------------------------------------------------------------
 
 
-def run_check() -> list[dict]:
-    """Kernels vs references on the GPU: bitwise for fake quant and the merge, fp64 autograd for the LoRA Function."""
+def run_check(subset: str = "all") -> list[dict]:
+    """Kernels vs references on the GPU: bitwise for fake quant and the merge, fp64 autograd for the LoRA Function.
+
+    ``subset="mse"``: only the mse-scale weight kernels (alone, on a merged LoRA weight, codes) and their timings."""
+    from dataclasses import replace
+
     import torch
 
     from edgeft.kernels import fake_quant as K
@@ -181,7 +209,12 @@ def run_check() -> list[dict]:
         "int4-g32-fp16scale": R.WeightQuant("int", 4, 32, eps=258 * 2.0**-24, scale_dtype=torch.float16),
         "fp8-row": R.WeightQuant("fp8", 8, None),
         "fp8-int4-g128": R.WeightQuant("fp8_int4", 4, 128, divisor=8.0, eps=1e-6, lb=1e-12),
+        # weight_scale="mse": the spec qat.prepare gives the bench's int4 linears (13 candidate clip ratios)
+        "int4-g32-mse": _mse_spec(),
     }
+    mse_only = subset == "mse"
+    if mse_only:
+        specs = {k: v for k, v in specs.items() if k.endswith("-mse")}
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for shape in ((3072, 1024), (1024, 3072)):
             w = torch.randn(shape, device=dev) * torch.logspace(-3, 0, shape[0], device=dev)[:, None] * 0.05
@@ -192,22 +225,37 @@ def run_check() -> list[dict]:
             a = torch.randn(16, shape[1], device=dev) * 0.01
             b = torch.randn(shape[0], 16, device=dev) * 0.01
             merged = R.merge_lora_weight(w, a, b, 2.0)
-            record(f"merge {dtype} {shape}", diff(K.merged_lora_weight(w, a, b, 2.0), merged), w.numel())
+            if not mse_only:
+                record(f"merge {dtype} {shape}", diff(K.merged_lora_weight(w, a, b, 2.0), merged), w.numel())
             for name, spec in specs.items():
                 ref = R.weight_ref(w, spec)
-                record(f"weight {name} {dtype} {shape}", diff(K.fake_quant_weight(w, spec), ref), w.numel())
-                if name == "int4-g32":
+                extra = None
+                if spec.clip_ratios:  # how often the search moved off max|w| (ratio 1): a check that it searched
+                    gs = spec.group_size
+                    _, _, s_ref = R.int_weight_ref(w, spec, return_codes=True)
+                    _, _, s_abs = R.int_weight_ref(w, replace(spec, clip_ratios=()), return_codes=True)
+                    extra = {"groups_off_absmax": int((s_ref != s_abs).sum()), "groups": w.numel() // gs}
+                record(f"weight {name} {dtype} {shape}", diff(K.fake_quant_weight(w, spec), ref), w.numel(), extra)
+                if name in ("int4-g32", "int4-g32-mse"):
                     record(f"weight+lora {name} {dtype} {shape}",
                            diff(K.fake_quant_weight(w, spec, lora=(a, b, 2.0)), R.weight_ref(merged, spec)), w.numel())
                     o, c, s, p = K.fake_quant_weight(w, spec, codes=True)
                     record(f"dequant(codes) {name} {dtype} {shape}",
                            diff(K.dequantize_codes(c, s, p, dtype, 32, shape[1]), o), w.numel())
+                    if spec.clip_ratios:  # the scale each group picked is the reference's
+                        s_ref = R.int_weight_ref(w, spec, return_codes=True)[2]
+                        record(f"scales {name} {dtype} {shape}", diff(s.reshape(s_ref.shape).to(s_ref.dtype), s_ref),
+                               s_ref.numel(), {"dtype": str(s.dtype)})
+        if mse_only:
+            continue
         for k in (1024, 3072):
             x = (torch.randn(8192, k, device=dev) * 2 + 0.3).to(dtype)
             for kind in ("int8_asym", "fp8"):
                 aspec = R.ActQuant(kind)
                 record(f"act {kind} {dtype} (8192, {k})", diff(K.fake_quant_act(x, aspec), R.act_ref(x, aspec)),
                        x.numel())
+    if mse_only:
+        return out + _launch_costs(mse_only=True)
     # merged LoRA + QAT Function (Q/K/V-like: three projections share x) against fp64 autograd with STE
     for dtype, bound in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
         M, H = 4096, 1024
@@ -248,7 +296,15 @@ def run_check() -> list[dict]:
     return out
 
 
-def _launch_costs() -> list[dict]:
+def _mse_spec():
+    """The int4 weight spec ``qat.prepare(..., weight_scale="mse")`` gives the bench's linears (``plan_specs``:
+    int8-int4's group-32 grid, torchao's scale dtype, the clip search over ``MSE_RATIOS``)."""
+    from edgeft.qat.fake_quant import MSE_RATIOS, WeightQuant
+
+    return WeightQuant("int", 4, 32, clip_ratios=MSE_RATIOS)
+
+
+def _launch_costs(mse_only: bool = False) -> list[dict]:
     """Host time per call (the Qwen3-0.6B steps are host-bound) and bandwidth at bench shapes."""
     import torch
     from triton.testing import do_bench
@@ -257,6 +313,18 @@ def _launch_costs() -> list[dict]:
     from edgeft.qat import fake_quant as R
 
     res = []
+    if mse_only:  # the weight kernel with and without the clip search, at the bench's largest linear shape
+        mse = _mse_spec()
+        w = torch.randn(3072, 1024, device="cuda", dtype=torch.bfloat16) * 0.02
+        a, b = torch.randn(16, 1024, device="cuda") * 0.01, torch.randn(3072, 16, device="cuda") * 0.01
+        for name, spec in (("absmax", R.WeightQuant("int", 4, 32)), ("mse", mse)):
+            for label, fn in (("weight int4", lambda s=spec: K.fake_quant_weight(w, s)),
+                              ("weight int4+lora r16", lambda s=spec: K.fake_quant_weight(w, s, lora=(a, b, 2.0))),
+                              ("torch reference weight int4", lambda s=spec: R.weight_ref(w, s))):
+                ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
+                res.append(dict(check=f"time {label} {name} (3072, 1024) bf16", ms=ms,
+                                gb_per_s=2 * w.numel() * 2 / ms / 1e6, ok=True))
+        return res
     small_x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
     small_w = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
     a, b = torch.randn(16, 1024, device="cuda"), torch.randn(64, 16, device="cuda")
@@ -400,34 +468,42 @@ def _merge_repeats(results: list[dict]) -> list[dict]:
 
 
 def _table(results: list[dict]) -> str:
-    rows = ["| mode | impl | QAT | tokens/s | step ms | peak GiB | first / final loss | vs same impl w/o QAT | "
-            "peak vs w/o QAT | target |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| mode | impl | QAT | weight scale | tokens/s | step ms | peak GiB | first / final loss | "
+            "vs same impl w/o QAT | peak vs w/o QAT | target |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["mode"], r["impl"]): r for r in results if "error" not in r}
     for r in results:
-        qat_name = SCHEME[r["mode"]] if r["impl"].endswith("_qat") else "-"
+        qat_name = SCHEME[r["mode"]] if r["impl"] in BASE_IMPL else "-"
+        scale = r.get("weight_scale") or WEIGHT_SCALE.get(r["impl"]) or "-"
         if "error" in r:
-            rows.append(f"| {r['mode']} | {r['impl']} | {qat_name} | error: {r['error'][:150]} ||||||")
+            rows.append(f"| {r['mode']} | {r['impl']} | {qat_name} | {scale} | error: {r['error'][:150]} ||||||")
             continue
         ratio = mem = target = "-"
-        if r["impl"].endswith("_qat"):
-            base = by.get((r["mode"], r["impl"][: -len("_qat")]))
+        if r["impl"] in BASE_IMPL:
+            base = by.get((r["mode"], BASE_IMPL[r["impl"]]))
             if base:
                 rr = r["tokens_per_s"] / base["tokens_per_s"]
                 mm = r["peak_gib"] / base["peak_gib"] if base["peak_gib"] else float("nan")
                 r["ratio_vs_no_qat"], r["peak_ratio_vs_no_qat"] = rr, mm
                 ratio, mem = f"{rr:.2f}x", f"{(mm - 1) * 100:+.1f}%"
-                if r["impl"] == "edgeft_qat":
+                if r["impl"] in ("edgeft_qat", "edgeft_qat_mse"):
                     ok = rr >= TARGET_RATIO[r["mode"]] and mm <= MEMORY_BUDGET
                     target = f"{'met' if ok else 'MISSED'} (>= {TARGET_RATIO[r['mode']]:.2f}x, <= +10%)"
+                if r["impl"] == "edgeft_qat":
                     hq = by.get((r["mode"], "hf_qat"))
                     if hq:
                         r["speedup_vs_torchao_qat"] = r["tokens_per_s"] / hq["tokens_per_s"]
                         r["first_loss_rel_diff_vs_torchao_qat"] = abs(r["losses"][0] / hq["losses"][0] - 1)
                         target += (f"; {r['speedup_vs_torchao_qat']:.2f}x torchao QAT, step-1 loss within "
                                    f"{r['first_loss_rel_diff_vs_torchao_qat']:.1e}")
-        rows.append(f"| {r['mode']} | {r['impl']} | {qat_name} | {r['tokens_per_s'] / 1e3:.1f}k | {r['step_ms']:.0f} | "
-                    f"{r['peak_gib']:.2f} | {r['losses'][0]:.4f} / {r['final_loss']:.4f} | {ratio} | {mem} | "
-                    f"{target} |")
+            ab = by.get((r["mode"], "edgeft_qat")) if r["impl"] == "edgeft_qat_mse" else None
+            if ab:
+                r["ratio_vs_absmax_qat"] = r["tokens_per_s"] / ab["tokens_per_s"]
+                r["peak_ratio_vs_absmax_qat"] = r["peak_gib"] / ab["peak_gib"] if ab["peak_gib"] else float("nan")
+                target += (f"; {r['ratio_vs_absmax_qat']:.2f}x absmax QAT, peak "
+                           f"{(r['peak_ratio_vs_absmax_qat'] - 1) * 100:+.1f}%")
+        rows.append(f"| {r['mode']} | {r['impl']} | {qat_name} | {scale} | {r['tokens_per_s'] / 1e3:.1f}k | "
+                    f"{r['step_ms']:.0f} | {r['peak_gib']:.2f} | {r['losses'][0]:.4f} / {r['final_loss']:.4f} | "
+                    f"{ratio} | {mem} | {target} |")
     return "\n".join(rows)
 
 
@@ -442,13 +518,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--checkpoint", default="offload", help="edgeft checkpoint mode: offload|plain|off (off: no checkpointing anywhere, HF included)")
-    ap.add_argument("--check", action="store_true", help="GPU correctness of the QAT kernels first")
+    ap.add_argument("--check", nargs="?", const="all", choices=["all", "mse"],
+                    help="GPU correctness of the QAT kernels first (mse: only the mse-scale weight kernels, with "
+                         "kernel timings of absmax vs mse)")
     ap.add_argument("--profile", default="", help="comma list mode:impl to profile one step of (after timing)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run every configuration this many times, round-robin, and report the median (the host-bound "
                          "0.6B shapes vary by +-25%% between processes)")
     ap.add_argument("--weight-cache", default="auto", choices=["auto", "weights", "codes", "off"],
-                    help="edgeft_qat: qat.prepare's cache (auto: weights without checkpointing, else codes)")
+                    help="edgeft_qat, edgeft_qat_mse: qat.prepare's cache (auto: weights without checkpointing, "
+                         "else codes)")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for smoke-testing the script")
     ap.add_argument("--timeout", type=int, default=150, help="seconds per configuration")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/qat_overhead-<date>.json)")
@@ -463,7 +542,8 @@ def main() -> None:
                         "model": args.model, "batch": args.batch, "seq": args.seq, "steps": args.steps,
                         "warmup": args.warmup, "dtype": "bfloat16", "schemes": SCHEME,
                         "lora": "r=16 alpha=32 dropout=0 on " + ",".join(TARGETS), "optimizer": "AdamW(fused=True)",
-                        "edgeft_checkpointing": args.checkpoint, "hf_checkpointing": "transformers, non-reentrant",
+                        "edgeft_checkpointing": args.checkpoint,
+                        "weight_scales": WEIGHT_SCALE, "hf_checkpointing": "transformers, non-reentrant",
                         "targets": {"lora_ratio": TARGET_RATIO["lora"], "full_ratio": TARGET_RATIO["full"],
                                     "peak_memory": MEMORY_BUDGET}}}
 
@@ -475,7 +555,7 @@ def main() -> None:
 
     if args.check:
         try:
-            report["check"] = run_check()
+            report["check"] = run_check(args.check)
         except Exception as e:  # keep the timings even if a check crashes
             report["check"] = [dict(check="crashed", ok=False, error=f"{type(e).__name__}: {e}"[:500])]
         bad = [c for c in report["check"] if not c.get("ok")]
@@ -490,7 +570,8 @@ def main() -> None:
     for rep, mode, impl in todo:
         spec = dict(model=args.model, mode=mode, impl=impl, batch=args.batch, seq=args.seq, steps=args.steps,
                     warmup=args.warmup, checkpoint=args.checkpoint, device=args.device, repeat=rep,
-                    profile=rep == 0 and f"{mode}:{impl}" in args.profile.split(","), cache=args.weight_cache)
+                    profile=rep == 0 and f"{mode}:{impl}" in args.profile.split(","), cache=args.weight_cache,
+                    weight_scale=WEIGHT_SCALE.get(impl))
         res = _launch(spec, args.timeout)
         results.append(res)
         brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
