@@ -56,10 +56,14 @@ RECIPES = {  # TrainConfig overrides
     # and the MLP's input projections kept at int8 per channel (the kinds that lose the most, sensitivity.py)
     "mse-int8-gate-up": {"qat_weight_scale": "mse", "qat_int8": ["gate_proj", "up_proj"]},
     "int8-gate-up": {"qat_int8": ["gate_proj", "up_proj"]},  # the same on torchao's grid
+    # int4 group scales trained with the weights (from torchao's max|w| scales: PTQ is the default's)
+    "learned": {"qat_weight_scale": "learned"},
+    "learned-lr2": {"qat_weight_scale": "learned", "qat_scale_lr": 2e-2},
 }
 # what a QAT recipe may change: a twin trained under any of them is the same model (--twin)
 RECIPE_KEYS = ("qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
-               "qat_max_steps", "qat_weight_scale", "qat_int8")
+               "qat_max_steps", "qat_weight_scale", "qat_int8", "qat_scale_lr")
+PTQ_RULE = {"learned": "absmax", "learned-mse": "mse"}  # how PTQ picks scales under a learned-scale plan
 
 
 def _versions() -> dict[str, str]:
@@ -309,7 +313,8 @@ def twin_ptq_differs(cfg, twin: Path) -> bool:
     from edgeft.pipeline import run_config
 
     mine, theirs = resolve(cfg), resolve(run_config(twin))
-    return (mine.qat_weight_scale, mine.qat_int8) != (theirs.qat_weight_scale, theirs.qat_int8)
+    rule = [PTQ_RULE.get(c.qat_weight_scale, c.qat_weight_scale) for c in (mine, theirs)]
+    return (rule[0], mine.qat_int8) != (rule[1], theirs.qat_int8)
 
 
 def reconvert_baseline(cfg, run: Path) -> None:

@@ -87,9 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--load-in-8bit", action="store_true", default=None, help="8-bit base (bitsandbytes)")
     m.add_argument("--qat", help="QAT scheme or preset (see `edgeft qat list`)")
     m.add_argument("--qat-group-size", type=int)
-    m.add_argument("--qat-weight-scale", choices=["absmax", "mse"],
-                   help="how int4 weight groups choose their scale: absmax (torchao's, default) or mse (least squared "
-                   "error of 13 fractions of max|w|, in training and convert; the PTQ baseline uses it too)")
+    m.add_argument("--qat-weight-scale", choices=["absmax", "mse", "learned", "learned-mse"],
+                   help="how int4 weight groups choose their scale: absmax (torchao's, default), mse (least squared "
+                   "error of 13 fractions of max|w|, in training and convert; the PTQ baseline uses it too), or "
+                   "learned / learned-mse (trained with the weights from absmax / mse scales; --qat-scale-lr)")
     m.add_argument("--qat-int8", type=_csv, metavar="NAMES",
                    help="linears kept at int8 per output channel in an int4 scheme, by name: e.g. gate_proj,up_proj "
                    "(the scheme's activations; exported as such to .pte, GGUF Q8_0 and TorchAO)")
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--embedding-lr", type=float, help="learning rate of embed_tokens/lm_head parameters")
     o.add_argument("--qat-lr", type=float, help="learning rate of the QAT run (default: --lr, at least 1e-4 when "
                                                 "QAT starts from the twin)")
+    o.add_argument("--qat-scale-lr", type=float, help="learning rate of learned QAT scales, in log space "
+                                                      "(default 5e-3 with --qat-weight-scale learned)")
     o.add_argument("--qat-max-steps", type=int, help="optimizer steps of the QAT run (default: --max-steps; the "
                                                      "no-QAT twin trains --max-steps)")
     o.add_argument("--weight-decay", type=float)
@@ -212,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = [
     "model", "data", "data_split", "out", "resume", "overwrite", "mode", "adapter", "load_in_4bit", "load_in_8bit",
     "qat", "qat_group_size", "qat_weight_scale", "qat_int8", "ptq", "qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
-    "qat_max_steps", "chat_template", "system_prompt", "prompt_template", "output_column",
+    "qat_scale_lr", "qat_max_steps", "chat_template", "system_prompt", "prompt_template", "output_column",
     "conversation_extension", "max_seq_length", "padding_free", "packing", "eval_split", "eval_steps",
     "early_stopping_patience", "early_stopping_threshold", "load_best", "max_steps", "epochs", "batch_size",
     "grad_accum", "optim", "lr", "embedding_lr", "weight_decay", "schedule", "warmup_ratio", "warmup_steps",

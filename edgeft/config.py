@@ -46,7 +46,8 @@ class TrainConfig:
     load_in_8bit: bool = False
     qat: str | None = None  # scheme or preset name
     qat_group_size: int | None = None
-    # how 4-bit weight groups pick their scale (qat.schemes.WEIGHT_SCALES): "absmax" (torchao's) or "mse"
+    # how 4-bit weight groups pick their scale (qat.schemes.WEIGHT_SCALES): "absmax" (torchao's), "mse", or
+    # "learned" / "learned-mse" (trained with the weights, from absmax / mse)
     qat_weight_scale: str = "absmax"
     # linears (by name, e.g. gate_proj, up_proj) kept at int8 per output channel in an int4 scheme
     qat_int8: list[str] = field(default_factory=list)
@@ -67,6 +68,8 @@ class TrainConfig:
     # learning rate of the QAT run; None: the run's lr, raised to at least 1e-4 when QAT starts from the twin (a
     # weight must move about a quantization step, ~max|w|/7.5 for int4, to change its integer)
     qat_lr: float | None = None
+    # learning rate of learned QAT scales (their logs: lr 1e-3 moves a scale by about 0.1% a step); None: 5e-3
+    qat_scale_lr: float | None = None
     # optimizer steps of the QAT run; None: max_steps (the twin, and a run without QAT, train max_steps)
     qat_max_steps: int | None = None
     # data
@@ -260,6 +263,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg.qat_lr = max(cfg.lr, 1e-4) if (cfg.qat and cfg.qat_init == "baseline") else cfg.lr
     if cfg.qat_lr <= 0:
         raise EdgeftError("qat_lr must be positive")
+    if cfg.qat_scale_lr is not None and not cfg.qat_weight_scale.startswith("learned"):
+        raise EdgeftError("--qat-scale-lr is the learning rate of learned scales: it needs --qat-weight-scale learned")
+    if cfg.qat_scale_lr is None and cfg.qat_weight_scale.startswith("learned"):
+        cfg.qat_scale_lr = 5e-3
+    if cfg.qat_scale_lr is not None and cfg.qat_scale_lr <= 0:
+        raise EdgeftError("qat_scale_lr must be positive")
     if cfg.schedule not in _SCHEDULES:
         raise EdgeftError(f"schedule must be one of {', '.join(_SCHEDULES)}, not {cfg.schedule!r}")
     if cfg.kernels not in ("auto", "on", "off"):

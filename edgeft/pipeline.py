@@ -31,6 +31,7 @@ log = logging.getLogger("edgeft")
 
 RUNS_DIR = Path("runs")
 EXPORT_FORMATS = ("pte", "gguf", "torchao")
+SCALES_FILE = "qat_scales.safetensors"  # model/: learned QAT group scales (qat.learned_scales), by linear name
 
 
 # --- run directories ---------------------------------------------------------------------------------
@@ -284,6 +285,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         desc=label,
         optim=cfg.optim,
         embedding_lr=cfg.embedding_lr,
+        scale_lr=cfg.qat_scale_lr if qat_during_training else None,
         batching=_batching(cfg),
         max_seq_length=cfg.max_seq_length,
         eval_examples=eval_ex or None,
@@ -311,6 +313,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     if not is_main:
         barrier(dist)
         return
+    scales = qatlib.learned_scales(model) if qatlib.is_prepared(model) else {}  # before unprepare drops them
     if qatlib.is_prepared(model):
         qatlib.unprepare(model)
     if prep["kernels"]:
@@ -332,6 +335,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         "init_from": str(init_from) if init_from is not None else None,
         "distilled_from": str(twin) if (twin is not None and cfg.qat_distill) else None,
         "trainable_parameters": prep["trainable_parameters"],
+        "learned_scales": len(scales),
         "train": summary,
         "examples": len(train_ex),
         "eval_examples": len(eval_ex),
@@ -339,13 +343,17 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     with atomic_dir(root / "model") as tmp:
         model.save_pretrained(tmp)  # PEFT: adapter only; full: the whole model
         tokenizer.save_pretrained(tmp)
+        if scales:  # learned QAT scales: part of the trained model (convert writes them; `edgeft convert` reads them)
+            from safetensors.torch import save_file
+
+            save_file({n: t.detach().cpu().contiguous() for n, t in scales.items()}, str(tmp / SCALES_FILE))
         (tmp / "edgeft.json").write_text(json.dumps(info, indent=2) + "\n")
     log.info("%s: loss %.4f -> %.4f in %.0fs", label, summary["first_loss"] or float("nan"),
              summary["final_loss"] or float("nan"), summary["seconds"])
     if quantized_base:  # a bitsandbytes base cannot be merged exactly: convert from the float base + adapter
         del model
         model, _ = load_trained(root)
-    convert_model(model, tokenizer, plan, root / "converted")
+    convert_model(model, tokenizer, plan, root / "converted", scales)
     barrier(dist)
 
 
@@ -421,15 +429,16 @@ def _set_generation_eos(model, tokenizer) -> None:
         gc.eos_token_id = [tokenizer.eos_token_id, *ids]
 
 
-def convert_model(model, tokenizer, plan, out_dir: Path) -> Path:
-    """qat.convert: merge LoRA, quantize per ``plan`` (None: keep float), write ``out_dir`` atomically."""
+def convert_model(model, tokenizer, plan, out_dir: Path, scales: dict | None = None) -> Path:
+    """qat.convert: merge LoRA, quantize per ``plan`` (None: keep float) on the learned ``scales`` if any, write
+    ``out_dir`` atomically."""
     from . import qat as qatlib
 
     if plan is None:
         merged = qatlib.merge_lora(model)
         record: dict[str, Any] = {"plan": None, "linears": [], "skipped": [], "embeddings": []}
         return qatlib.save_converted(merged.to("cpu"), tokenizer, record, out_dir)
-    converted, record = qatlib.convert(model, plan)
+    converted, record = qatlib.convert(model, plan, scales)
     return qatlib.save_converted(converted.to("cpu"), tokenizer, record, out_dir)
 
 
@@ -477,8 +486,18 @@ def convert(run: str | Path | None = None) -> Path:
         cfg = run_config(run)
         plan = qat_plan(cfg)
         model, tokenizer = load_trained(root)
-        convert_model(model, tokenizer, plan, root / "converted")
+        convert_model(model, tokenizer, plan, root / "converted", saved_scales(root))
     return run
+
+
+def saved_scales(root: Path) -> dict | None:
+    """The learned QAT scales saved with the trained model of ``root`` (None: it has none)."""
+    path = root / "model" / SCALES_FILE
+    if not path.exists():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 # --- export --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from .prepare import (
     MergedFakeQuantLoraLinear,
     fake_quant_cache_stats,
     is_prepared,
+    learned_scales,
     prepare,
     unprepare,
 )
@@ -20,6 +21,6 @@ from .schemes import PRESETS, SCHEMES, Preset, QATPlan, Scheme, describe, resolv
 __all__ = [
     "PRESETS", "SCHEMES", "Preset", "QATPlan", "Scheme", "describe", "resolve",
     "prepare", "unprepare", "is_prepared", "MergedFakeQuantLoraLinear", "FakeQuantLinear", "FakeQuantEmbedding",
-    "fake_quant_cache_stats",
+    "fake_quant_cache_stats", "learned_scales",
     "convert", "quantize", "merge_lora", "check_convertible", "save_converted", "load_converted",
 ]

@@ -8,7 +8,8 @@ whose last bit depends on the matmul library: so the integers convert writes are
 the model in the dtype it trained in (before any ``.float()``): torchao computes bf16 scales for a bf16 weight, as
 the fake quantizer did. The PTQ baseline is the same ``quantize`` applied to a model trained without QAT. With a
 searched weight scale (``weight_scale="mse"``) torchao's handlers get edgeft's scales as custom scales, so that too
-is what the fake quantizer chose.
+is what the fake quantizer chose; learned scales (``weight_scale="learned"``, :func:`edgeft.qat.learned_scales` of
+the prepared model, saved with the run as ``qat_scales.safetensors``) go the same way, exactly as trained.
 
 The converted directory is what every exporter reads: ``config.json`` (with a torchao
 ``quantization_config``), ``model.safetensors`` (torchao's flattened tensor-subclass format, no pickle),
@@ -28,7 +29,7 @@ from torch import nn
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_dir
 
-from .prepare import _group_ok, check_int8_modules, is_prepared, unprepare
+from .prepare import _group_ok, check_int8_modules, is_prepared, learned_scales, unprepare
 from .schemes import QATPlan, resolve
 
 
@@ -57,8 +58,11 @@ def _untie_if_needed(model: nn.Module, quantize_head: bool, quantize_embedding: 
         cfg.get_text_config().tie_word_embeddings = False
 
 
-def quantize(model: nn.Module, plan: QATPlan | str) -> dict[str, Any]:
-    """Apply the plan's torchao configs in place (the PTQ step). Returns a record of what was quantized."""
+def quantize(model: nn.Module, plan: QATPlan | str, scales: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Apply the plan's torchao configs in place (the PTQ step). Returns a record of what was quantized.
+
+    ``scales``: trained group scales by linear name (learned-scale QAT); those linears are written on them, the
+    others on the plan's own rule."""
     from torchao.quantization import quantize_
 
     plan = resolve(plan) if isinstance(plan, str) else plan
@@ -74,25 +78,27 @@ def quantize(model: nn.Module, plan: QATPlan | str) -> dict[str, Any]:
         names = [n for n in linears if plan.is_int8(n) == int8]
         if not names:
             continue
-        if plan.weight_scale == "absmax" or int8:  # searched scales are for the 4-bit grid only
+        own = int8 or not (plan.searched_scales or set(names) & set(scales or ()))
+        if own:  # torchao's scales (searched and learned scales are for the 4-bit grid only)
             lin_set = set(names)
             quantize_(model, plan.linear_config(names[0]),
                       filter_fn=lambda m, fqn, lin_set=lin_set: type(m) is nn.Linear and fqn in lin_set)
         else:
-            _quantize_with_searched_scales(model, plan, names)
+            _quantize_with_scales(model, plan, names, scales or {})
     embeddings: list[str] = []
     emb_cfg = plan.embedding_config()
     if emb_cfg is not None:
         embeddings = [n for n, m in model.named_modules() if type(m) is nn.Embedding]
         quantize_(model, emb_cfg, filter_fn=lambda m, fqn: type(m) is nn.Embedding)
     return {"plan": plan.to_dict(), "linears": linears, "skipped": skipped, "embeddings": embeddings,
-            "int8_linears": [n for n in linears if plan.is_int8(n)]}
+            "int8_linears": [n for n in linears if plan.is_int8(n)],
+            "learned_scales": sorted(n for n in linears if n in (scales or {}) and not plan.is_int8(n))}
 
 
-def _quantize_with_searched_scales(model: nn.Module, plan: QATPlan, linears: list[str]) -> None:
-    """The plan's torchao config applied with edgeft's scales (``weight_scale`` other than torchao's absmax): the
-    scales the fake quantizer chose (``fake_quant.int_weight_ref`` on the same weight), passed to torchao's own
-    handler as custom scales, so the integers torchao rounds are the ones training saw."""
+def _quantize_with_scales(model: nn.Module, plan: QATPlan, linears: list[str], learned: dict[str, torch.Tensor]) -> None:
+    """The plan's torchao config applied with edgeft's scales: the trained ones (``learned``, by name) or those the
+    fake quantizer chooses (``fake_quant.int_weight_ref`` on the same weight: the clip search, or max|w|), passed to
+    torchao's own handler as custom scales, so the integers torchao rounds are the ones training saw."""
     import copy
 
     from torchao.quantization.transform_module import _QUANTIZE_CONFIG_HANDLER
@@ -106,8 +112,14 @@ def _quantize_with_searched_scales(model: nn.Module, plan: QATPlan, linears: lis
     spec = plan_specs(plan, linears[0])[1]
     for name in linears:
         mod = model.get_submodule(name)
-        _, _, scale = int_weight_ref(mod.weight.detach(), spec, return_codes=True)
         block = spec.group_size or mod.in_features
+        if name in learned:
+            scale = learned[name].to(mod.weight.device)
+            if scale.shape != (mod.out_features, mod.in_features // block):
+                raise EdgeftError(f"learned scales of {name} have shape {tuple(scale.shape)}, not "
+                                  f"{(mod.out_features, mod.in_features // block)}")
+        else:
+            _, _, scale = int_weight_ref(mod.weight.detach(), spec, return_codes=True)
         scale = scale.reshape(mod.out_features, mod.in_features // block)
         new = handler(mod, cfg, custom_scale=scale, custom_zero_point=torch.zeros_like(scale, dtype=torch.int8))
         if new is not mod:
@@ -157,10 +169,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model.unload()
 
 
-def convert(model: nn.Module, plan: QATPlan | str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def convert(model: nn.Module, plan: QATPlan | str | None = None,
+            scales: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Turn a QAT-prepared (or plain trained) model into real quantized tensors.
 
-    Returns the converted transformers model (PEFT unwrapped) and the quantization record.
+    Returns the converted transformers model (PEFT unwrapped) and the quantization record. Learned scales: a
+    prepared model's own (:func:`~edgeft.qat.learned_scales`), else ``scales`` (by linear name, as saved).
     """
     if plan is None:
         if not is_prepared(model):
@@ -168,10 +182,11 @@ def convert(model: nn.Module, plan: QATPlan | str | None = None) -> tuple[nn.Mod
         plan = QATPlan.from_dict(model._edgeft_qat_plan)
     plan = resolve(plan) if isinstance(plan, str) else plan
     if is_prepared(model):
+        scales = {**(scales or {}), **learned_scales(model)}
         unprepare(model)  # LoRA layers back to PEFT's; merge_lora applies the merge their forward quantized
     model = merge_lora(model)
     model.eval()
-    record = quantize(model, plan)
+    record = quantize(model, plan, scales)
     return model, record
 
 

@@ -200,6 +200,68 @@ def int_weight_ref(w: torch.Tensor, spec: WeightQuant, return_codes: bool = Fals
     return out
 
 
+def learned_scale(init_scale: torch.Tensor, log_scale: torch.Tensor, spec: WeightQuant,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Group scales (rows, groups) of a learned scale, as fake quantization uses them and convert writes them:
+    ``init_scale * exp(log_scale)`` in fp32, clamped at the grid's eps, in the scale dtype. At ``log_scale == 0``
+    this is ``init_scale`` exactly (the untrained model is the PTQ model, bit for bit)."""
+    s = init_scale.to(torch.float32) * torch.exp(log_scale.to(torch.float32))
+    return s.clamp(min=_eps(spec.eps, dtype)).to(spec.scale_dtype or dtype)
+
+
+def initial_scale(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """The scales the spec's own rule picks for ``w`` (max|w|, or the clip search), fp32 (rows, groups): where
+    learning starts."""
+    _, _, scale = int_weight_ref(w.detach(), spec, return_codes=True)
+    return scale.to(torch.float32)
+
+
+class LearnedScaleFakeQuant(torch.autograd.Function):
+    """Symmetric int fake quantization on trained group scales (LSQ, Esser et al. 2020, in log space).
+
+    Forward: q = clamp(round(w * (1 / s))), out = q * s with s = :func:`learned_scale` (torchao's arithmetic, so
+    convert's custom-scale quantization rounds the same integers). Backward: the weight gets the straight-through
+    gradient (identity, as everywhere in edgeft); each group's log-scale gets sum(dout * dout/ds) * s, where
+    dout/ds = q - w/s inside the grid and q (qmin or qmax) where the clamp saturates: a larger scale trades
+    rounding error for clipping error, and the loss decides. Log space makes one learning rate mean the same
+    relative step for every layer's scales.
+    """
+
+    @staticmethod
+    def forward(ctx, w, log_scale, init_scale, spec):
+        dt = w.dtype
+        scale = learned_scale(init_scale, log_scale.detach(), spec, dt).unsqueeze(-1)
+        gs = spec.group_size or w.shape[-1]
+        g = w.detach().reshape(w.shape[0], -1, gs)
+        q = torch.clamp(torch.round(g * (1.0 / scale)), spec.qmin, spec.qmax)
+        ctx.save_for_backward(w, scale)
+        ctx.spec = spec
+        return (q.to(dt) * scale).to(dt).reshape(w.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, scale = ctx.saved_tensors
+        spec = ctx.spec
+        d_log = None
+        if ctx.needs_input_grad[1]:
+            s32 = scale.to(torch.float32)
+            v = w.detach().to(torch.float32).reshape(s32.shape[0], s32.shape[1], -1) / s32
+            r = torch.round(v)
+            q = r.clamp(spec.qmin, spec.qmax)
+            dq_ds = torch.where(r == q, q - v, q)
+            d_log = (grad.to(torch.float32).reshape(v.shape) * dq_ds).sum(-1) * s32.squeeze(-1)
+        return (grad if ctx.needs_input_grad[0] else None), d_log, None, None
+
+
+def learned_fake_quant(w: torch.Tensor, log_scale: torch.Tensor, init_scale: torch.Tensor,
+                       spec: WeightQuant) -> torch.Tensor:
+    """fq(w) on the scales ``init_scale * exp(log_scale)``, differentiable in w and log_scale
+    (:class:`LearnedScaleFakeQuant`)."""
+    if spec.kind != "int":
+        raise ValueError(f"learned scales are for integer grids, not {spec.kind!r}")
+    return LearnedScaleFakeQuant.apply(w, log_scale, init_scale, spec)
+
+
 def fp8_rows_ref(x: torch.Tensor, lb: float | None = None, ub: float | None = None) -> torch.Tensor:
     """e4m3 per-row quantize-dequantize (torchao's Float8FakeQuantizer, PerRow); zero rows stay zero."""
     dt = x.dtype

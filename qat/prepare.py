@@ -44,7 +44,16 @@ from torch import nn
 
 from edgeft.errors import EdgeftError
 
-from .fake_quant import MSE_RATIOS, ActQuant, WeightQuant, specs_from_configs, weight_spec
+from .fake_quant import (
+    MSE_RATIOS,
+    ActQuant,
+    WeightQuant,
+    initial_scale,
+    learned_fake_quant,
+    learned_scale,
+    specs_from_configs,
+    weight_spec,
+)
 from .schemes import QATPlan, resolve
 
 
@@ -76,7 +85,7 @@ def plan_specs(plan: QATPlan, name: str | None = None) -> tuple[ActQuant | None,
         act, weight = specs_from_configs(*plan.fake_quant_configs(name))
     except ValueError as e:
         raise EdgeftError(f"QAT scheme {plan.scheme.name}: {e}") from None
-    if plan.weight_scale == "mse" and weight.bits == 4:  # int8 rows keep max|w|: see schemes.WEIGHT_SCALES
+    if plan.searched_scales and weight.bits == 4:  # int8 rows keep max|w|: see schemes.WEIGHT_SCALES
         weight = replace(weight, clip_ratios=MSE_RATIOS)
     return act, weight
 
@@ -137,6 +146,40 @@ class WeightFakeQuantizer(nn.Module):
         return f"{self.spec!r}, cache={self.cache.form if self.cache is not None else None}"
 
 
+def _learns(spec: WeightQuant, learned: bool) -> bool:
+    """Whether a weight on ``spec`` gets learned scales: the plan asks, and it is a 4-bit integer grid (int8 rows
+    keep max|w|, as with the clip search)."""
+    return learned and spec.kind == "int" and spec.bits == 4
+
+
+class LearnedWeightFakeQuantizer(nn.Module):
+    """Weight fake quantizer with trained group scales (``weight_scale="learned"``, torchao's "range learning"):
+    the scales are ``init_scale * exp(log_scale)``: ``init_scale`` (rows, groups, fp32) is the spec's own choice for
+    the weight the quantizer is built on, a buffer, and ``log_scale`` a parameter starting at 0 (so the untrained
+    model is the PTQ model, bit for bit), trained with the weights by
+    :class:`~edgeft.qat.fake_quant.LearnedScaleFakeQuant`'s gradient; convert writes the result as torchao custom
+    scales (:func:`learned_scales`). A resumed run rebuilds ``init_scale`` from the same starting weights. It bypasses the fused weight kernels and their caches: the scale changes every
+    step, and the fake-quantized weight is an autograd value that the linear's backward feeds."""
+
+    def __init__(self, spec: WeightQuant, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.spec = spec
+        init = initial_scale(weight, spec)
+        # not in the state dict: checkpoints hold the trainable tensors only, prepare rebuilds this
+        self.register_buffer("init_scale", init, persistent=False)
+        self.log_scale = nn.Parameter(torch.zeros_like(init))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return learned_fake_quant(w, self.log_scale, self.init_scale, self.spec)
+
+    def scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """The scales convert writes for a weight of ``dtype`` (the forward's, bit for bit)."""
+        return learned_scale(self.init_scale, self.log_scale.detach(), self.spec, dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec!r}, learned scales {tuple(self.log_scale.shape)}"
+
+
 class FakeQuantLinear(nn.Linear):
     """A linear layer trained on its deployed grid: F.linear(fq_a(x), fq_w(W), b), sharing the original parameters.
 
@@ -144,12 +187,14 @@ class FakeQuantLinear(nn.Linear):
     that applies a head's fake quantizers itself (the fused cross-entropy path) works unchanged.
     """
 
-    def __init__(self, linear: nn.Linear, act: ActQuant | None, weight: WeightQuant, cache: bool | str = True) -> None:
+    def __init__(self, linear: nn.Linear, act: ActQuant | None, weight: WeightQuant, cache: bool | str = True,
+                 learned: bool = False) -> None:
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         self.weight = linear.weight
         self.bias = linear.bias
         self.activation_fake_quantizer = ActFakeQuantizer(act) if act is not None else None
-        self.weight_fake_quantizer = WeightFakeQuantizer(weight, cache)
+        self.weight_fake_quantizer: nn.Module = (LearnedWeightFakeQuantizer(weight, linear.weight)
+                                                 if _learns(weight, learned) else WeightFakeQuantizer(weight, cache))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from edgeft.kernels.lora import lora_linear
@@ -164,6 +209,8 @@ class FakeQuantLinear(nn.Linear):
 
         act = self.activation_fake_quantizer.spec if self.activation_fake_quantizer is not None else None
         wfq = self.weight_fake_quantizer
+        if isinstance(wfq, LearnedWeightFakeQuantizer):  # fq(W) as an autograd value: the scales get gradients
+            return Projection(wfq(self.weight), self.bias, act_quant=act)
         return Projection(self.weight, self.bias, act_quant=act, weight_fq=WeightFQ(wfq.spec, wfq.cache))
 
     def to_linear(self) -> nn.Linear:
@@ -206,7 +253,8 @@ class MergedFakeQuantLoraLinear(nn.Module):
     kept for :func:`unprepare`.
     """
 
-    def __init__(self, lora: nn.Module, act: ActQuant | None, weight: WeightQuant, cache: bool | str = True) -> None:
+    def __init__(self, lora: nn.Module, act: ActQuant | None, weight: WeightQuant, cache: bool | str = True,
+                 learned: bool = False) -> None:
         super().__init__()
         from edgeft.kernels.fake_quant import WeightCache
         if len(lora.active_adapters) != 1:
@@ -225,6 +273,13 @@ class MergedFakeQuantLoraLinear(nn.Module):
         self.weight_spec = weight
         # the merged weight changes every step: only the "weights" form keeps it (for the step's other uses)
         self.weight_cache = WeightCache("weights") if _cache_form(cache) == "weights" else None
+        self.weight_fake_quantizer = None
+        if _learns(weight, learned):
+            drop = self.lora_dropout[self.adapter]
+            if isinstance(drop, nn.Dropout) and drop.p > 0:
+                raise EdgeftError("learned QAT scales need lora_dropout 0 (the merged weight they quantize "
+                                  "cannot contain dropout)")
+            self.weight_fake_quantizer = LearnedWeightFakeQuantizer(weight, self.merged_weight())
         object.__setattr__(self, "_peft_module", lora)
 
     def _adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,6 +298,12 @@ class MergedFakeQuantLoraLinear(nn.Module):
         from edgeft.kernels.lora import Projection
 
         a, b = self._adapters()
+        if self.weight_fake_quantizer is not None:  # learned scales: fq(W + s·B·A) as an autograd value
+            from edgeft.kernels.fake_quant import merged_lora_weight_grad
+
+            w = self.base_layer.weight
+            return Projection(self.weight_fake_quantizer(merged_lora_weight_grad(w, a, b, self.scaling)),
+                              self.base_layer.bias, act_quant=self.act_spec)
         drop = self.lora_dropout[self.adapter]
         active = isinstance(drop, nn.Dropout) and drop.p > 0 and drop.training
         return Projection(self.base_layer.weight, self.base_layer.bias, a, b, self.scaling,
@@ -273,13 +334,15 @@ def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int |
     fake-quantized weights themselves, LoRA's merged ones included: the fastest, at one quantized copy of the
     linear weights, which is what the trainer picks when it does not checkpoint (activations dominate then);
     ``"off"`` (``False``) re-quantizes on every use. ``weight_scale`` (with a scheme name; a plan carries its own):
-    how 4-bit weight groups choose their scale, ``"absmax"`` (torchao's) or ``"mse"`` (``schemes.WEIGHT_SCALES``);
+    how 4-bit weight groups choose their scale, ``"absmax"`` (torchao's), ``"mse"``, or ``"learned"`` /
+    ``"learned-mse"`` (trained parameters, :class:`LearnedWeightFakeQuantizer`; ``schemes.WEIGHT_SCALES``);
     ``int8_modules``: linears (by their own name, e.g. ``"down_proj"``) kept at int8 per output channel.
     """
     plan = (scheme_or_preset if isinstance(scheme_or_preset, QATPlan)
             else resolve(scheme_or_preset, group_size, weight_scale, int8_modules))
     specs = {False: plan_specs(plan), True: plan_specs(plan, plan.int8_modules[0]) if plan.int8_modules else None}
     emb = embedding_spec(plan)
+    learned = plan.learned_scales
     replaced: list[str] = []
 
     # LoRA layers first: their base_layer must not also get a fake quantizer of its own.
@@ -295,7 +358,7 @@ def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int |
         if not _group_ok(mod.base_layer.in_features, plan, name):
             replaced.append(f"skip:{name}")
             continue
-        _set_child(model, name, MergedFakeQuantLoraLinear(mod, *specs[plan.is_int8(name)], cache))
+        _set_child(model, name, MergedFakeQuantLoraLinear(mod, *specs[plan.is_int8(name)], cache, learned))
         replaced.append(name)
 
     for name, m in list(model.named_modules()):
@@ -303,7 +366,7 @@ def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int |
             if not _group_ok(m.in_features, plan, name):
                 replaced.append(f"skip:{name}")
                 continue
-            _set_child(model, name, FakeQuantLinear(m, *specs[plan.is_int8(name)], cache))
+            _set_child(model, name, FakeQuantLinear(m, *specs[plan.is_int8(name)], cache, learned))
             replaced.append(name)
         elif type(m) is nn.Embedding and emb is not None and not inside_lora(name):
             _set_child(model, name, FakeQuantEmbedding(m, emb))
@@ -323,6 +386,18 @@ def unprepare(model: nn.Module) -> None:
             _set_child(model, name, mod.to_embedding())
     if hasattr(model, "_edgeft_qat_plan"):
         del model._edgeft_qat_plan
+
+
+def learned_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained group scales of a prepared model's learned-scale linears, by the name each linear has in the
+    plain model convert quantizes (PEFT's ``base_model.model.`` dropped), in the dtype convert writes."""
+    out = {}
+    for name, mod in model.named_modules():
+        fq = getattr(mod, "weight_fake_quantizer", None)
+        if isinstance(fq, LearnedWeightFakeQuantizer):
+            w = mod.base_layer.weight if isinstance(mod, MergedFakeQuantLoraLinear) else mod.weight
+            out[name.removeprefix("base_model.model.")] = fq.scale(w.dtype)
+    return out
 
 
 def is_prepared(model: nn.Module) -> bool:

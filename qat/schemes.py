@@ -245,6 +245,16 @@ class QATPlan:
         return resolve(d["name"], group_size=d.get("group_size"), weight_scale=d.get("weight_scale", "absmax"),
                        int8_modules=tuple(d.get("int8_modules", ())))
 
+    @property
+    def searched_scales(self) -> bool:
+        """Whether 4-bit groups search their scale (``mse``; ``learned-mse`` starts from it, and PTQ uses it)."""
+        return self.weight_scale in ("mse", "learned-mse")
+
+    @property
+    def learned_scales(self) -> bool:
+        """Whether QAT trains the 4-bit groups' scales (prepare makes them parameters)."""
+        return self.weight_scale.startswith("learned")
+
     def is_int8(self, name: str | None) -> bool:
         """Whether the linear ``name`` (a module path) is one of ``int8_modules``."""
         return name is not None and name.rsplit(".", 1)[-1] in self.int8_modules
@@ -292,6 +302,9 @@ WEIGHT_SCALES: dict[str, str] = {
     "mse": "the fraction of max|w| (13 candidates, 0.69-1.06) with the least squared weight error per 4-bit group, "
     "searched again at every fake quantization and at convert (int8 rows keep max|w|: over a whole row the least "
     "squared error clips the few largest weights, and PTQ answered fewer questions so, bench/README)",
+    "learned": "trained with the weights (LSQ in log space, from torchao's max|w| scales; --qat-scale-lr), saved with "
+    "the run and written by convert as they were trained; PTQ of the plan uses max|w|",
+    "learned-mse": "learned, starting from the mse search's scales (and PTQ of the plan uses the search)",
 }
 
 

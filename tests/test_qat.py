@@ -164,7 +164,8 @@ def test_lora_dropout_trains_the_merged_weight_plus_adapter_noise():
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
 @pytest.mark.parametrize("mode", ["lora", "full"])
 @pytest.mark.parametrize("scheme", ["int8-int4", "int4", "int8", "phone-deployment", "phone-deployment:mse",
-                                    "int4:mse", "phone-deployment:mse:gate_proj+up_proj", "int4::down_proj"])
+                                    "int4:mse", "phone-deployment:mse:gate_proj+up_proj", "int4::down_proj",
+                                    "phone-deployment:learned", "int4:learned-mse:down_proj"])
 def test_converted_forward_equals_fake_quant_forward(tmp_path, name, mode, scheme):
     # ":mse": searched group scales, which convert hands torchao as custom scales; a third part: linears at int8
     scheme, weight_scale, int8 = (scheme.split(":") + ["", ""])[:3]
@@ -174,11 +175,17 @@ def test_converted_forward_equals_fake_quant_forward(tmp_path, name, mode, schem
     if mode == "lora":
         model = _lora(model)
     qat.prepare(model, scheme, weight_scale=weight_scale or "absmax", int8_modules=int8_modules)
+    if weight_scale.startswith("learned"):  # as if trained: convert must write these scales, not its own choice
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("log_scale"):
+                    p.normal_(0, 0.2)
     ids = torch.randint(0, 8192, (2, 20))
     with torch.no_grad():
         fq = model(input_ids=ids).logits
     converted, record = qat.convert(model)
     assert record["linears"] and not record["skipped"]
+    assert bool(record["learned_scales"]) == weight_scale.startswith("learned")
     with torch.no_grad():
         real = converted(input_ids=ids).logits
     rel = ((real - fq).norm() / fq.norm()).item()

@@ -255,6 +255,7 @@ def train_loop(
     desc: str = "train",
     optim: str = "adamw",
     embedding_lr: float | None = None,
+    scale_lr: float | None = None,
     batching: str = "padding_free",
     max_seq_length: int | None = None,
     eval_examples: list[dict[str, list[int]]] | None = None,
@@ -295,7 +296,7 @@ def train_loop(
         sharded = Sharded(root, model, device, rank)  # before the optimizer: it must hold the sharded parameters
         if distill is not None:
             sharded.shard_frozen(distill.teacher)  # no rank holds the whole teacher either
-    opt = build_optimizer(model, lr, weight_decay, optim, embedding_lr)
+    opt = build_optimizer(model, lr, weight_decay, optim, embedding_lr, scale_lr)
     sched = build_scheduler(opt, max_steps, warmup_steps_for(max_steps, warmup_ratio, warmup_steps), schedule)
     params = [p for p in model.parameters() if p.requires_grad]
     batcher = Batcher(examples, batching, pad_id, max_seq_length, seed)

@@ -2,7 +2,9 @@
 
 Parameter groups: weight decay only on matrices (never on norms and biases, 1-D tensors), and a separate, usually
 2-10x smaller learning rate for embedding and LM-head weights when ``embedding_lr`` is given (training them at the
-adapters' rate destroys the pretrained vocabulary geometry). Optimizers: AdamW (fused), bitsandbytes' 8-bit
+adapters' rate destroys the pretrained vocabulary geometry). Learned QAT scales (log-space parameters named
+``*.weight_fake_quantizer.log_scale``) get a group of their own: their learning rate ``scale_lr``, no weight decay
+(decay would pull every scale towards 1). Optimizers: AdamW (fused), bitsandbytes' 8-bit
 and paged AdamW variants (they keep the same groups), and SGD.
 """
 
@@ -17,18 +19,27 @@ from edgeft.errors import EdgeftError
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd")
 EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "embed_out", "output_embeddings")
+QAT_SCALE_SUFFIX = ".weight_fake_quantizer.log_scale"  # edgeft.qat.prepare.LearnedWeightFakeQuantizer
 
 
 def is_embedding_param(name: str) -> bool:
     return any(part in name for part in EMBEDDING_NAMES)
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, embedding_lr: float | None = None) -> list[dict]:
-    """Trainable parameters in up to four groups: (decay | no decay) x (body | embeddings); empty groups dropped."""
+def param_groups(model: nn.Module, lr: float, weight_decay: float, embedding_lr: float | None = None,
+                 scale_lr: float | None = None) -> list[dict]:
+    """Trainable parameters in up to four groups, (decay | no decay) x (body | embeddings), and learned QAT scales
+    in a fifth; empty groups dropped."""
     groups: dict[tuple[bool, bool], list] = {}
     names: dict[tuple[bool, bool], list[str]] = {}
+    scales: list = []
+    scale_names: list[str] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
+            continue
+        if name.endswith(QAT_SCALE_SUFFIX):
+            scales.append(p)
+            scale_names.append(name)
             continue
         key = (p.ndim >= 2, embedding_lr is not None and is_embedding_param(name))
         groups.setdefault(key, []).append(p)
@@ -42,13 +53,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, embedding_lr:
                 "lr": embedding_lr if emb else lr,
                 "names": names[(decay, emb)],
             })
+    if scales:
+        out.append({"params": scales, "weight_decay": 0.0, "lr": scale_lr if scale_lr is not None else lr,
+                    "names": scale_names})
     return out
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, optim: str = "adamw",
-                    embedding_lr: float | None = None) -> torch.optim.Optimizer:
+                    embedding_lr: float | None = None, scale_lr: float | None = None) -> torch.optim.Optimizer:
     """The optimizer over the model's trainable parameters (see the module docstring for the groups)."""
-    groups = param_groups(model, lr, weight_decay, embedding_lr)
+    groups = param_groups(model, lr, weight_decay, embedding_lr, scale_lr)
     if not groups:
         raise EdgeftError("the model has no trainable parameters")
     for g in groups:

@@ -1,0 +1,213 @@
+"""Learned QAT scales (``weight_scale="learned"``): the LSQ gradient against autograd through a hand-written
+fp64 reference, the LoRA merge's gradients, training that lowers the quantization error, the optimizer group,
+convert writing the trained scales, and a run that saves them and converts again from them."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from qat_helpers import rel_err, tiny_model
+
+from edgeft import qat
+from edgeft.errors import EdgeftError
+from edgeft.models import load_model, resolve_model
+from edgeft.qat.fake_quant import WeightQuant, initial_scale, int_weight_ref, learned_fake_quant
+from edgeft.qat.prepare import LearnedWeightFakeQuantizer
+
+SPEC = WeightQuant("int", 4, 32)
+
+
+def lsq_reference(w: torch.Tensor, log_scale: torch.Tensor, init: torch.Tensor, gs: int) -> torch.Tensor:
+    """fq(w) with s = init * exp(t) in fp64 autograd: round with a straight-through gradient, clamp's own
+    gradient (zero outside [-8, 7], where the output is q * s and only s moves it), the weight's gradient left
+    to autograd as identity by adding w - w.detach() (edgeft's straight-through weight gradient)."""
+    s = (init.double() * torch.exp(log_scale.double())).unsqueeze(-1)
+    g = w.double().reshape(w.shape[0], -1, gs)
+    v = g.detach() / s
+    r = v + (torch.round(v) - v).detach()
+    q = torch.clamp(r, -8, 7)
+    out = (q * s).reshape(w.shape)
+    return out + (w.double() - w.double().detach())
+
+
+def _weights(rows=8, cols=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=g) * 0.05
+
+
+def test_untrained_learned_scales_are_the_ptq_grid_bit_for_bit():
+    for dtype in (torch.float32, torch.bfloat16):
+        w = _weights().to(dtype)
+        init = initial_scale(w, SPEC)
+        out = learned_fake_quant(w, torch.zeros_like(init), init, SPEC)
+        assert torch.equal(out, int_weight_ref(w, SPEC))
+
+
+def test_scale_and_weight_gradients_match_the_autograd_reference():
+    w = _weights().requires_grad_(True)
+    init = initial_scale(w, SPEC)
+    t = (torch.randn(init.shape, generator=torch.Generator().manual_seed(1)) * 0.3).requires_grad_(True)
+    grad_out = torch.randn(w.shape, generator=torch.Generator().manual_seed(2))
+    out = learned_fake_quant(w, t, init, SPEC)
+    out.backward(grad_out)
+    w_ref = w.detach().clone().requires_grad_(True)
+    t_ref = t.detach().clone().requires_grad_(True)
+    ref = lsq_reference(w_ref, t_ref, init, 32)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-6, atol=1e-7)
+    ref.backward(grad_out.double())
+    torch.testing.assert_close(t.grad.double(), t_ref.grad.double(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(w.grad, grad_out)  # straight-through
+    # clipped groups exist (t < 0 shrinks scales), so the clamp branch of the gradient is exercised
+    assert (w.detach().reshape(8, -1, 32).abs() / (init * torch.exp(t.detach())).unsqueeze(-1) > 8).any()
+
+
+def test_learning_the_scales_lowers_the_layer_error_as_far_as_the_clip_search():
+    """Trained on a layer's output error alone, the scales end near the best of the 13 clip candidates per group
+    (a grid search on the weight error; white inputs make the two errors the same objective)."""
+    from dataclasses import replace
+
+    from edgeft.qat.fake_quant import MSE_RATIOS
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 128) * 0.05
+    x = torch.randn(256, 128)
+    init = initial_scale(w, SPEC)
+    t = torch.zeros_like(init, requires_grad=True)
+    opt = torch.optim.Adam([t], lr=2e-2)
+
+    def err(wq):
+        return (F.linear(x, wq) - F.linear(x, w)).square().mean()
+
+    start = err(learned_fake_quant(w, t, init, SPEC)).item()
+    for _ in range(150):
+        opt.zero_grad()
+        err(learned_fake_quant(w, t, init, SPEC)).backward()
+        opt.step()
+    end = err(learned_fake_quant(w, t, init, SPEC)).item()
+    searched = err(int_weight_ref(w, replace(SPEC, clip_ratios=MSE_RATIOS))).item()
+    assert end < 0.93 * start and end < 1.06 * searched, (start, end, searched)
+    assert t.detach().mean() < 0  # smaller scales than max|w|: some clipping pays
+
+
+def test_lora_learned_scales_send_gradients_to_adapters_and_scales():
+    torch.manual_seed(0)
+    model, _ = load_model(resolve_model("tiny-llama"))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0))
+    layer_peft = model.base_model.model.model.layers[0].self_attn.q_proj
+    b = layer_peft.lora_B["default"].weight
+    b.data = torch.randn(b.shape) * 0.02
+    qat.prepare(model, "int4", weight_scale="learned")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    fq = layer.weight_fake_quantizer
+    with torch.no_grad():
+        fq.log_scale.normal_(0, 0.2)
+    x = torch.randn(5, 256)
+    g = torch.randn(5, 256)
+    layer(x).backward(g)
+    a_, b_ = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    a_ref = a_.detach().clone().requires_grad_(True)
+    b_ref = b_.detach().clone().requires_grad_(True)
+    t_ref = fq.log_scale.detach().clone().requires_grad_(True)
+    merged = layer.merged_weight().double() + layer.scaling * (b_ref.double() @ a_ref.double()
+                                                               - (b_ref.double() @ a_ref.double()).detach())
+    ref = F.linear(x.double(), lsq_reference(merged, t_ref, fq.init_scale, 32))
+    ref.backward(g.double())
+    torch.testing.assert_close(a_.grad.double(), a_ref.grad.double(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b_.grad.double(), b_ref.grad.double(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fq.log_scale.grad.double(), t_ref.grad.double(), rtol=1e-4, atol=1e-6)
+    assert layer.base_layer.weight.grad is None  # the base stays frozen
+
+
+def test_learned_scales_need_int4_and_no_lora_dropout():
+    with pytest.raises(EdgeftError, match="needs int4 weights"):
+        qat.resolve("int8", weight_scale="learned")
+    model, _ = load_model(resolve_model("tiny-llama"))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1))
+    with pytest.raises(EdgeftError, match="lora_dropout 0"):
+        qat.prepare(model, "int4", weight_scale="learned")
+
+
+def test_int8_linears_keep_max_abs_rows_under_learned_scales():
+    model, _ = load_model(resolve_model("tiny-llama"))
+    qat.prepare(model, "int8-int4", weight_scale="learned", int8_modules=("down_proj",))
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp.gate_proj.weight_fake_quantizer, LearnedWeightFakeQuantizer)
+    assert not isinstance(mlp.down_proj.weight_fake_quantizer, LearnedWeightFakeQuantizer)
+
+
+def test_scales_get_their_own_optimizer_group():
+    from edgeft.train.optim import param_groups
+
+    model, _ = load_model(resolve_model("tiny-llama"))
+    qat.prepare(model, "phone-deployment", weight_scale="learned")
+    groups = param_groups(model, 1e-4, 0.1, embedding_lr=1e-5, scale_lr=3e-3)
+    scale_groups = [g for g in groups if any(n.endswith("log_scale") for n in g["names"])]
+    assert len(scale_groups) == 1 and all(n.endswith("log_scale") for n in scale_groups[0]["names"])
+    assert scale_groups[0]["lr"] == 3e-3 and scale_groups[0]["weight_decay"] == 0.0
+    assert any(n.startswith("lm_head") for n in scale_groups[0]["names"])  # not the embeddings' group
+
+
+def test_a_learned_scale_run_saves_its_scales_and_converts_on_them(tmp_path):
+    import edgeft
+    from safetensors.torch import load_file
+
+    from edgeft.config import TrainConfig, resolve
+    from edgeft.pipeline import convert
+
+    with pytest.raises(EdgeftError, match="needs --qat-weight-scale learned"):
+        resolve(TrainConfig(model="tiny-llama", qat="int4", qat_scale_lr=1e-3))
+    cfg = TrainConfig(model="tiny-llama", data="builtin:tasks", mode="full", qat="int8-int4",
+                      qat_weight_scale="learned", qat_scale_lr=5e-2, ptq=False, max_steps=3, batch_size=2, lr=1e-3,
+                      out=str(tmp_path / "r"), progress=False, threads=1)
+    run = edgeft.train(cfg)
+    saved = load_file(str(run / "model" / "qat_scales.safetensors"))
+    info = json.loads((run / "model" / "edgeft.json").read_text())
+    assert info["learned_scales"] == len(saved) > 0
+    record = json.loads((run / "converted" / "scheme.json").read_text())
+    assert sorted(saved) == record["learned_scales"]
+    # the scales are not max|w| of the trained weights, and convert wrote exactly the trained ones
+    trained, _ = load_model(run / "model")
+    name = "model.layers.0.mlp.up_proj"
+    w = trained.get_submodule(name).weight.detach()
+    assert not torch.equal(saved[name], initial_scale(w, WeightQuant("int", 4, 32)))
+    converted, _, _ = qat.load_converted(run / "converted")
+    qw = converted.get_submodule(name).weight
+    assert torch.equal(qw.scale.reshape(saved[name].shape).to(saved[name].dtype), saved[name])
+    # `edgeft convert` again from model/ (and its saved scales): the same integers
+    before = qw.qdata.clone()
+    convert(run)
+    again, _, _ = qat.load_converted(run / "converted")
+    assert torch.equal(again.get_submodule(name).weight.qdata, before)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_patched_model_trains_learned_scales_like_the_unpatched_one(lora):
+    """The fused kernels take a learned-scale layer's fake-quantized weight as an autograd value: loss and every
+    gradient (weights or adapters, and the scales) as without the kernels."""
+    import copy
+
+    import edgeft.kernels as K
+
+    m = tiny_model("llama", lora=lora)
+    if not lora:
+        m.requires_grad_(True)
+    qat.prepare(m, "int8-int4", weight_scale="learned")
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("log_scale"):
+                p.normal_(0, 0.2)
+    unpatched = copy.deepcopy(m)
+    assert K.patch(m)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    s, n = K.causal_lm_loss(m, ids, ids)
+    (s / n).backward()
+    ref = unpatched(input_ids=ids, labels=ids).loss
+    ref.backward()
+    assert abs((s / n).item() - ref.item()) / ref.item() < 1e-5
+    grads = {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+    ref_grads = {k: p.grad for k, p in unpatched.named_parameters() if p.grad is not None}
+    assert set(grads) == set(ref_grads) and sum(k.endswith("log_scale") for k in grads) == 15  # 7 x 2 layers + head
+    for k, g in grads.items():
+        assert rel_err(g, ref_grads[k]) < 1e-4, (k, rel_err(g, ref_grads[k]))
