@@ -11,7 +11,9 @@ Runs, each in its own process (clean peak-memory counters, no cross-talk), on a 
   QAT phone-deployment (target >= 0.8x edgeft);
 - QAT may add at most 10% peak memory over the same implementation without it;
 - ``edgeft_qat_mse`` (not in the default ``--impls``): edgeft + QAT with ``weight_scale="mse"`` (each 4-bit weight
-  group picks its scale among ``MSE_RATIOS``), compared with edgeft and with ``edgeft_qat`` (absmax scales).
+  group picks its scale among ``MSE_RATIOS``), compared with edgeft and with ``edgeft_qat`` (absmax scales);
+- ``edgeft_qat_learned`` (not in the default ``--impls``): ``weight_scale="learned"``, trained group scales, whose
+  layers take the fake-quantized weight as an autograd value instead of the fused weight kernels.
 
 edgeft is driven directly (``edgeft.kernels.patch`` + ``edgeft.qat.prepare`` + ``causal_lm_loss``) as in
 train_throughput.py. ``--check`` first compares every fake-quant kernel (absmax and mse scales) with its PyTorch
@@ -23,6 +25,7 @@ row records its ``weight_scale``.
     python bench/qat_overhead.py --check          # everything (about 4 minutes on an H200)
     python bench/qat_overhead.py --modes lora --impls edgeft,edgeft_qat --steps 3
     python bench/qat_overhead.py --check mse --impls edgeft,edgeft_qat,edgeft_qat_mse --checkpoint off
+    python bench/qat_overhead.py --check learned --impls edgeft,edgeft_qat,edgeft_qat_learned
 """
 
 from __future__ import annotations
@@ -45,12 +48,12 @@ from train_throughput import _profile as _profile_step  # noqa: E402
 
 SCHEME = {"lora": "int8-int4", "full": "phone-deployment"}
 # edgeft first: if the command runs out of time, the rows the targets are about come back
-RUNS = [(m, i) for i in ("edgeft", "edgeft_qat", "edgeft_qat_mse") for m in ("lora", "full")] + [
+RUNS = [(m, i) for i in ("edgeft", "edgeft_qat", "edgeft_qat_mse", "edgeft_qat_learned") for m in ("lora", "full")] + [
     (m, i) for m in ("lora", "full") for i in ("hf", "hf_qat")]
 # the QAT implementations, their weight scale (qat.prepare's weight_scale; torchao's own QAT is absmax) and the
 # implementation they are compared with
-WEIGHT_SCALE = {"edgeft_qat": "absmax", "edgeft_qat_mse": "mse", "hf_qat": "absmax"}
-BASE_IMPL = {"edgeft_qat": "edgeft", "edgeft_qat_mse": "edgeft", "hf_qat": "hf"}
+WEIGHT_SCALE = {"edgeft_qat": "absmax", "edgeft_qat_mse": "mse", "edgeft_qat_learned": "learned", "hf_qat": "absmax"}
+BASE_IMPL = {"edgeft_qat": "edgeft", "edgeft_qat_mse": "edgeft", "edgeft_qat_learned": "edgeft", "hf_qat": "hf"}
 TARGET_RATIO = {"lora": 0.85, "full": 0.80}
 MEMORY_BUDGET = 1.10
 
@@ -115,7 +118,7 @@ def run_worker(spec: dict) -> dict:
 
         ckpt = spec.get("checkpoint", "offload")
         patch(model, checkpoint=None if ckpt == "off" else ckpt)
-        if impl in ("edgeft_qat", "edgeft_qat_mse"):
+        if impl.startswith("edgeft_qat"):
             from edgeft import qat
 
             cache = spec.get("cache", "auto")
@@ -146,7 +149,7 @@ def run_worker(spec: dict) -> dict:
     res = dict(spec, step_ms=step_s * 1e3, step_ms_all=[t * 1e3 for t in times], tokens_per_s=batch * seq / step_s,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, losses=losses,
                final_loss=losses[-1], qat_modules=len(replaced))
-    if impl in ("edgeft_qat", "edgeft_qat_mse"):
+    if impl.startswith("edgeft_qat"):
         from edgeft.qat.prepare import fake_quant_cache_stats
 
         res["weight_cache"] = fake_quant_cache_stats(model)
@@ -292,6 +295,7 @@ def run_check(subset: str = "all") -> list[dict]:
     n = sum(diff(K.weight_fake_quant(w, spec, cache), fresh) for _ in range(3))
     record("weight cache (3 uses) == uncached", n, 3 * w.numel(), {"hits": cache.hits, "misses": cache.misses})
     out += _fp8_convert_check()
+    out += _learned_convert_check()
     out += _launch_costs()
     return out
 
@@ -427,6 +431,32 @@ def _fp8_convert_check() -> list[dict]:
     return res
 
 
+def _learned_convert_check() -> list[dict]:
+    """Learned scales on CUDA in bf16: convert writes the trained scales and the integers the fake quantizer used
+    (each converted weight dequantizes to the fake-quantized weight bit for bit), int8-int4 and int4 grids."""
+    import torch
+    from torch import nn
+
+    from edgeft import qat
+
+    res = []
+    for scheme in ("int8-int4", "int4"):
+        torch.manual_seed(2)
+        model = nn.Sequential(nn.Linear(1024, 768, bias=False), nn.Linear(768, 512, bias=False))
+        model = model.cuda().to(torch.bfloat16)
+        qat.prepare(model, scheme, weight_scale="learned")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("log_scale"):
+                    p.normal_(0, 0.2)  # as if trained
+            fq = [m.weight_fake_quantizer(m.weight).clone() for m in model]
+        converted, record = qat.convert(model)
+        equal = [bool(torch.equal(m.weight.dequantize(), w)) for m, w in zip(converted, fq)]
+        res.append(dict(check=f"convert == fake quant, learned scales, {scheme} bf16", ok=all(equal),
+                        weights_equal=equal, learned_scales=record["learned_scales"]))
+    return res
+
+
 # --- orchestration -----------------------------------------------------------------------------------------------
 
 
@@ -518,9 +548,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--checkpoint", default="offload", help="edgeft checkpoint mode: offload|plain|off (off: no checkpointing anywhere, HF included)")
-    ap.add_argument("--check", nargs="?", const="all", choices=["all", "mse"],
+    ap.add_argument("--check", nargs="?", const="all", choices=["all", "mse", "learned"],
                     help="GPU correctness of the QAT kernels first (mse: only the mse-scale weight kernels, with "
-                         "kernel timings of absmax vs mse)")
+                         "kernel timings of absmax vs mse; learned: only convert == fake quant with learned scales)")
     ap.add_argument("--profile", default="", help="comma list mode:impl to profile one step of (after timing)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run every configuration this many times, round-robin, and report the median (the host-bound "
@@ -555,7 +585,7 @@ def main() -> None:
 
     if args.check:
         try:
-            report["check"] = run_check(args.check)
+            report["check"] = _learned_convert_check() if args.check == "learned" else run_check(args.check)
         except Exception as e:  # keep the timings even if a check crashes
             report["check"] = [dict(check="crashed", ok=False, error=f"{type(e).__name__}: {e}"[:500])]
         bad = [c for c in report["check"] if not c.get("ok")]
