@@ -216,6 +216,9 @@ def initial_scale(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
     return scale.to(torch.float32)
 
 
+_LSQ_BLOCK = 1 << 22  # elements per row block of the scale gradient (16 MiB per fp32 temporary)
+
+
 class LearnedScaleFakeQuant(torch.autograd.Function):
     """Symmetric int fake quantization on trained group scales (LSQ, Esser et al. 2020, in log space).
 
@@ -245,11 +248,16 @@ class LearnedScaleFakeQuant(torch.autograd.Function):
         d_log = None
         if ctx.needs_input_grad[1]:
             s32 = scale.to(torch.float32)
-            v = w.detach().to(torch.float32).reshape(s32.shape[0], s32.shape[1], -1) / s32
-            r = torch.round(v)
-            q = r.clamp(spec.qmin, spec.qmax)
-            dq_ds = torch.where(r == q, q - v, q)
-            d_log = (grad.to(torch.float32).reshape(v.shape) * dq_ds).sum(-1) * s32.squeeze(-1)
+            d_log = torch.empty(s32.shape[:2], dtype=torch.float32, device=w.device)
+            rows = max(1, _LSQ_BLOCK // w.shape[1])  # fp32 temporaries of a row block, not of the whole weight
+            for i in range(0, w.shape[0], rows):
+                sb = s32[i : i + rows]
+                v = w[i : i + rows].detach().to(torch.float32).reshape(sb.shape[0], sb.shape[1], -1) / sb
+                r = torch.round(v)
+                q = r.clamp(spec.qmin, spec.qmax)
+                dq_ds = torch.where(r == q, q - v, q)
+                g = grad[i : i + rows].to(torch.float32).reshape(v.shape)
+                d_log[i : i + rows] = (g * dq_ds).sum(-1) * sb.squeeze(-1)
         return (grad if ctx.needs_input_grad[0] else None), d_log, None, None
 
 
