@@ -36,6 +36,9 @@ from edgeft.qat.fake_quant import (
     act_ref,
     fp8_rows_ref,
     int_weight_ref,
+    learned_log_scale_grad,
+    learned_scale,
+    learned_weight_ref,
     merge_lora_weight,
 )
 
@@ -689,6 +692,44 @@ class WeightFQ:
 
     def __repr__(self) -> str:
         return f"WeightFQ({self.spec!r}, cache={self.cache.form if self.cache is not None else None})"
+
+
+class LearnedWeightFQ:
+    """A weight fake quantizer on trained group scales (``weight_scale="learned"``) that the linear Functions
+    (``kernels/lora.py``) apply themselves, like :class:`WeightFQ`, and whose ``log_scale`` they also give a
+    gradient: the Function takes it as an extra input, forms the (out, in) weight gradient dW_q = dY^T X̂ in its
+    backward (full fine-tuning forms it anyway; LoRA's merged path otherwise never does) and reduces it with
+    ``qat.fake_quant.learned_log_scale_grad``. The fake-quantized weight is rebuilt in the backward (PyTorch ops:
+    the scales change every step, so there is nothing to cache), never saved, so a learned-scale layer keeps the
+    activation memory of the other grids."""
+
+    __slots__ = ("spec", "init_scale", "log_scale")
+    save = False  # the backward needs the raw (merged) weight for the scale gradient: always rebuild
+
+    def __init__(self, spec: WeightQuant, init_scale: torch.Tensor, log_scale: torch.Tensor) -> None:
+        self.spec = spec
+        self.init_scale = init_scale
+        self.log_scale = log_scale
+
+    def scale(self, dtype: torch.dtype) -> torch.Tensor:
+        return learned_scale(self.init_scale, self.log_scale.detach(), self.spec, dtype)
+
+    def base(self, w: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+        """The weight that is quantized: W, or W + s·B·A."""
+        return merged_lora_weight(w, *lora) if lora is not None else w.detach()
+
+    def __call__(self, w: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return learned_weight_ref(self.base(w, lora), self.scale(w.dtype), self.spec)
+
+    def log_scale_grad(self, w: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor, float] | None,
+                       grad: torch.Tensor) -> torch.Tensor:
+        """d loss / d log_scale from d loss / d fq(W) (``grad``, (out, in))."""
+        with torch.no_grad():
+            return learned_log_scale_grad(self.base(w, lora), self.scale(w.dtype), grad, self.spec)
+
+    def __repr__(self) -> str:
+        return f"LearnedWeightFQ({self.spec!r}, scales {tuple(self.log_scale.shape)})"
 
 
 class CachedWeightFakeQuantFunction(torch.autograd.Function):

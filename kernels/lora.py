@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import cached_cast, mm_fp32_out, param_state, use_triton
-from .fake_quant import fake_quant_act
+from .fake_quant import LearnedWeightFQ, fake_quant_act
 from .geglu import geglu_backward, geglu_forward, geglu_reference
 from .swiglu import swiglu_backward, swiglu_forward, swiglu_reference
 
@@ -151,6 +151,8 @@ class LoRALinearFunction(torch.autograd.Function):
 
     A ``merged`` projection's W_i already holds fq(W + s_i B_i A_i): its adapter term is s_i (x_l - x) A_i^T B_i^T
     (zero without dropout) and its dX gets no adapter term, while A_i and B_i get the same rank-r gradients.
+    ``flat`` is (W, b, A, B) per projection, then the ``log_scale`` of each projection whose ``fqs`` entry is a
+    :class:`~edgeft.kernels.fake_quant.LearnedWeightFQ`, in order: those get the gradient of their scales.
     """
 
     @staticmethod
@@ -165,6 +167,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 ctx.requant = act_in[0]
         dt = x.dtype
         n = len(scales)
+        flat = flat[: 4 * n]  # the learned scales' log_scale follow: read through their fqs entries
         Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
         xl = x if x_lora is None else x_lora
         lora = [i for i in range(n) if As[i] is not None]
@@ -212,7 +215,11 @@ class LoRALinearFunction(torch.autograd.Function):
         Ws, bs, As, Bs = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
         needs = ctx.needs_input_grad
         need_dx = needs[0]
-        if ctx.requant is not None and any(needs[6 + k] for k in range(len(flat)) if k % 4 in (0, 2)):
+        learned = [i for i in range(n) if isinstance(fqs[i], LearnedWeightFQ)]
+        log_needs = {i: needs[6 + len(flat) + j] for j, i in enumerate(learned)}
+        log_grads: dict[int, torch.Tensor] = {}
+        if ctx.requant is not None and (any(needs[6 + k] for k in range(len(flat)) if k % 4 in (0, 2))
+                                        or any(log_needs.values())):
             x = fake_quant_act(x, ctx.requant)  # dW and dA read the fake-quantized input (straight-through)
         xl = x if x_lora is None else x_lora
         grads: list[torch.Tensor | None] = [None] * len(flat)
@@ -230,9 +237,18 @@ class LoRALinearFunction(torch.autograd.Function):
                 W = _effective_weight(Ws[i], fqs[i], merged[i], As[i], Bs[i], scales[i], dt)
                 dx = dy @ W if dx is None else dx.addmm_(dy, W)
                 del W
+            dwq = None
+            if log_needs.get(i):  # learned scales: their gradient reduces the (out, in) gradient of fq(W)
+                dwq = mm_fp32_out(dy.t(), x)
+                lora_i = (As[i], Bs[i], scales[i]) if merged[i] and As[i] is not None else None
+                log_grads[i] = fqs[i].log_scale_grad(Ws[i], lora_i, dwq)
             if needs[6 + 4 * i]:  # straight-through: dW = dY^T x (x already fake-quantized when act_quant)
                 wdt = ctx.w_dtypes[i]
-                grads[4 * i] = dy.t() @ x if wdt == dt else mm_fp32_out(dy.t(), x).to(wdt)
+                if dwq is not None:
+                    grads[4 * i] = dwq.to(wdt)
+                else:
+                    grads[4 * i] = dy.t() @ x if wdt == dt else mm_fp32_out(dy.t(), x).to(wdt)
+            del dwq
             if bs[i] is not None and needs[6 + 4 * i + 1]:
                 grads[4 * i + 1] = dy.sum(0, dtype=torch.float32).to(bs[i].dtype)
             if As[i] is not None:
@@ -270,7 +286,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 o += r
         if need_dx and dx is None:
             dx = torch.zeros_like(x)
-        return (dx, dx_lora, None, None, None, None, *grads)
+        return (dx, dx_lora, None, None, None, None, *grads, *(log_grads.get(i) for i in learned))
 
 
 def _subset(d_parts, a_parts, idx, d_cat, a_cat, dt):
@@ -313,6 +329,7 @@ def lora_linear(x: torch.Tensor, projections: list[Projection], input_kept: bool
     scales = tuple(p.scale for p in projections)
     merged = tuple(p.merged for p in projections)
     fqs = tuple(p.weight_fq for p in projections)
+    flat += [fq.log_scale for fq in fqs if isinstance(fq, LearnedWeightFQ)]  # their gradient comes back too
     if not function:
         outs = tuple(F.linear(x2, _cast(p.weight, x.dtype), _cast(p.bias, x.dtype)) for p in projections)
     else:
@@ -458,7 +475,9 @@ class LoRAMLPFunction(torch.autograd.Function):
 
 
 def _mlp_eligible(ps: list[Projection]) -> bool:
-    return (all(p.bias is None and p.dropout is None and not p.weight.requires_grad for p in ps)
+    # learned scales take the composed path: LoRALinearFunction returns their gradient, the fused MLP does not
+    return (all(p.bias is None and p.dropout is None and not p.weight.requires_grad
+                and not isinstance(p.weight_fq, LearnedWeightFQ) for p in ps)
             and ps[0].act_quant == ps[1].act_quant)
 
 

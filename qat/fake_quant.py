@@ -219,45 +219,56 @@ def initial_scale(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
 _LSQ_BLOCK = 1 << 22  # elements per row block of the scale gradient (16 MiB per fp32 temporary)
 
 
+def learned_weight_ref(w: torch.Tensor, scale: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """q = clamp(round(w * (1 / s))), out = q * s on given group scales (rows, groups) in the scale dtype:
+    torchao's arithmetic, so convert's custom-scale quantization rounds the same integers."""
+    dt = w.dtype
+    s = scale.unsqueeze(-1)
+    g = w.detach().reshape(s.shape[0], s.shape[1], -1)
+    q = torch.clamp(torch.round(g * (1.0 / s)), spec.qmin, spec.qmax)
+    return (q.to(dt) * s).to(dt).reshape(w.shape)
+
+
+def learned_log_scale_grad(w: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """d loss / d log_scale (rows, groups, fp32) of :func:`learned_weight_ref` given d loss / d out (``grad``):
+    sum over each group of grad * dout/ds, times s (the log-space chain rule), where dout/ds = q - w/s inside the
+    grid and q (qmin or qmax) where the clamp saturates. Reduced in blocks of rows, so the fp32 temporaries stay
+    small next to the weight (an LM head's would be several GiB)."""
+    s32 = scale.to(torch.float32)
+    d_log = torch.empty(s32.shape, dtype=torch.float32, device=w.device)
+    rows = max(1, _LSQ_BLOCK // w.shape[1])
+    for i in range(0, w.shape[0], rows):
+        sb = s32[i : i + rows].unsqueeze(-1)
+        v = w[i : i + rows].detach().to(torch.float32).reshape(sb.shape[0], sb.shape[1], -1) / sb
+        r = torch.round(v)
+        q = r.clamp(spec.qmin, spec.qmax)
+        dq_ds = torch.where(r == q, q - v, q)
+        g = grad[i : i + rows].to(torch.float32).reshape(v.shape)
+        d_log[i : i + rows] = (g * dq_ds).sum(-1) * sb.squeeze(-1)
+    return d_log
+
+
 class LearnedScaleFakeQuant(torch.autograd.Function):
     """Symmetric int fake quantization on trained group scales (LSQ, Esser et al. 2020, in log space).
 
-    Forward: q = clamp(round(w * (1 / s))), out = q * s with s = :func:`learned_scale` (torchao's arithmetic, so
-    convert's custom-scale quantization rounds the same integers). Backward: the weight gets the straight-through
-    gradient (identity, as everywhere in edgeft); each group's log-scale gets sum(dout * dout/ds) * s, where
-    dout/ds = q - w/s inside the grid and q (qmin or qmax) where the clamp saturates: a larger scale trades
-    rounding error for clipping error, and the loss decides. Log space makes one learning rate mean the same
-    relative step for every layer's scales.
+    Forward: :func:`learned_weight_ref` on s = :func:`learned_scale`. Backward: the weight gets the
+    straight-through gradient (identity, as everywhere in edgeft); each group's log-scale gets
+    :func:`learned_log_scale_grad`: a larger scale trades rounding error for clipping error, and the loss decides.
+    Log space makes one learning rate mean the same relative step for every layer's scales. (The fused linear
+    Functions, ``edgeft.kernels.lora``, compute the same two things from their own weight gradient.)
     """
 
     @staticmethod
     def forward(ctx, w, log_scale, init_scale, spec):
-        dt = w.dtype
-        scale = learned_scale(init_scale, log_scale.detach(), spec, dt).unsqueeze(-1)
-        gs = spec.group_size or w.shape[-1]
-        g = w.detach().reshape(w.shape[0], -1, gs)
-        q = torch.clamp(torch.round(g * (1.0 / scale)), spec.qmin, spec.qmax)
+        scale = learned_scale(init_scale, log_scale.detach(), spec, w.dtype)
         ctx.save_for_backward(w, scale)
         ctx.spec = spec
-        return (q.to(dt) * scale).to(dt).reshape(w.shape)
+        return learned_weight_ref(w, scale, spec)
 
     @staticmethod
     def backward(ctx, grad):
         w, scale = ctx.saved_tensors
-        spec = ctx.spec
-        d_log = None
-        if ctx.needs_input_grad[1]:
-            s32 = scale.to(torch.float32)
-            d_log = torch.empty(s32.shape[:2], dtype=torch.float32, device=w.device)
-            rows = max(1, _LSQ_BLOCK // w.shape[1])  # fp32 temporaries of a row block, not of the whole weight
-            for i in range(0, w.shape[0], rows):
-                sb = s32[i : i + rows]
-                v = w[i : i + rows].detach().to(torch.float32).reshape(sb.shape[0], sb.shape[1], -1) / sb
-                r = torch.round(v)
-                q = r.clamp(spec.qmin, spec.qmax)
-                dq_ds = torch.where(r == q, q - v, q)
-                g = grad[i : i + rows].to(torch.float32).reshape(v.shape)
-                d_log[i : i + rows] = (g * dq_ds).sum(-1) * sb.squeeze(-1)
+        d_log = learned_log_scale_grad(w, scale, grad, ctx.spec) if ctx.needs_input_grad[1] else None
         return (grad if ctx.needs_input_grad[0] else None), d_log, None, None
 
 

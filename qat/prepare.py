@@ -158,8 +158,10 @@ class LearnedWeightFakeQuantizer(nn.Module):
     the weight the quantizer is built on, a buffer, and ``log_scale`` a parameter starting at 0 (so the untrained
     model is the PTQ model, bit for bit), trained with the weights by
     :class:`~edgeft.qat.fake_quant.LearnedScaleFakeQuant`'s gradient; convert writes the result as torchao custom
-    scales (:func:`learned_scales`). A resumed run rebuilds ``init_scale`` from the same starting weights. It bypasses the fused weight kernels and their caches: the scale changes every
-    step, and the fake-quantized weight is an autograd value that the linear's backward feeds."""
+    scales (:func:`learned_scales`). A resumed run rebuilds ``init_scale`` from the same starting weights. Linear
+    layers hand it to the fused linear Functions (:meth:`fused`), which rebuild fq(W) in the backward and return
+    the scales' gradient with the others; ``forward`` (autograd ops) serves the LM-head loss and the references.
+    Neither uses the Triton weight kernel or a weight cache: the scales change every step."""
 
     def __init__(self, spec: WeightQuant, weight: torch.Tensor) -> None:
         super().__init__()
@@ -171,6 +173,12 @@ class LearnedWeightFakeQuantizer(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return learned_fake_quant(w, self.log_scale, self.init_scale, self.spec)
+
+    def fused(self) -> Any:
+        """This quantizer as the fused linear Functions take it (``edgeft.kernels.fake_quant.LearnedWeightFQ``)."""
+        from edgeft.kernels.fake_quant import LearnedWeightFQ
+
+        return LearnedWeightFQ(self.spec, self.init_scale, self.log_scale)
 
     def scale(self, dtype: torch.dtype) -> torch.Tensor:
         """The scales convert writes for a weight of ``dtype`` (the forward's, bit for bit)."""
@@ -209,8 +217,8 @@ class FakeQuantLinear(nn.Linear):
 
         act = self.activation_fake_quantizer.spec if self.activation_fake_quantizer is not None else None
         wfq = self.weight_fake_quantizer
-        if isinstance(wfq, LearnedWeightFakeQuantizer):  # fq(W) as an autograd value: the scales get gradients
-            return Projection(wfq(self.weight), self.bias, act_quant=act)
+        if isinstance(wfq, LearnedWeightFakeQuantizer):  # the Functions also return its scales' gradient
+            return Projection(self.weight, self.bias, act_quant=act, weight_fq=wfq.fused())
         return Projection(self.weight, self.bias, act_quant=act, weight_fq=WeightFQ(wfq.spec, wfq.cache))
 
     def to_linear(self) -> nn.Linear:
@@ -298,12 +306,9 @@ class MergedFakeQuantLoraLinear(nn.Module):
         from edgeft.kernels.lora import Projection
 
         a, b = self._adapters()
-        if self.weight_fake_quantizer is not None:  # learned scales: fq(W + s·B·A) as an autograd value
-            from edgeft.kernels.fake_quant import merged_lora_weight_grad
-
-            w = self.base_layer.weight
-            return Projection(self.weight_fake_quantizer(merged_lora_weight_grad(w, a, b, self.scaling)),
-                              self.base_layer.bias, act_quant=self.act_spec)
+        if self.weight_fake_quantizer is not None:  # learned scales: the Functions also return their gradient
+            return Projection(self.base_layer.weight, self.base_layer.bias, a, b, self.scaling, None, merged=True,
+                              act_quant=self.act_spec, weight_fq=self.weight_fake_quantizer.fused())
         drop = self.lora_dropout[self.adapter]
         active = isinstance(drop, nn.Dropout) and drop.p > 0 and drop.training
         return Projection(self.base_layer.weight, self.base_layer.bias, a, b, self.scaling,

@@ -214,3 +214,37 @@ def test_patched_model_trains_learned_scales_like_the_unpatched_one(lora):
     assert set(grads) == set(ref_grads) and sum(k.endswith("log_scale") for k in grads) == 15  # 7 x 2 layers + head
     for k, g in grads.items():
         assert rel_err(g, ref_grads[k]) < 1e-4, (k, rel_err(g, ref_grads[k]))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_linear_function_matches_the_autograd_learned_quantizer(bias):
+    """A learned-scale linear runs in the fused linear Function (fq(W) rebuilt in the backward, the scale
+    gradient reduced from its own dW): output and gradients of x, W, b and the scales as plain autograd through
+    LearnedScaleFakeQuant gives them."""
+    from edgeft.kernels.fake_quant import act_fake_quant
+    from edgeft.qat.prepare import FakeQuantLinear
+
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(96, 40, bias=bias))
+    qat.prepare(seq, "int8-int4", weight_scale="learned")
+    layer = seq[0]
+    assert isinstance(layer, FakeQuantLinear)
+    with torch.no_grad():
+        layer.weight_fake_quantizer.log_scale.normal_(0, 0.3)
+    x = torch.randn(3, 7, 96, requires_grad=True)
+    g = torch.randn(3, 7, 40)
+    layer(x).backward(g)
+    got = {"x": x.grad, "w": layer.weight.grad, "t": layer.weight_fake_quantizer.log_scale.grad}
+    if bias:
+        got["b"] = layer.bias.grad
+    for t in (x, layer.weight, layer.bias, layer.weight_fake_quantizer.log_scale):
+        if t is not None:
+            t.grad = None
+    spec = layer.activation_fake_quantizer.spec
+    ref = F.linear(act_fake_quant(x, spec), layer.weight_fake_quantizer(layer.weight), layer.bias)
+    ref.backward(g)
+    want = {"x": x.grad, "w": layer.weight.grad, "t": layer.weight_fake_quantizer.log_scale.grad}
+    if bias:
+        want["b"] = layer.bias.grad
+    for k in got:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
