@@ -437,31 +437,6 @@ def merged_lora_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale:
     return merge_lora_weight(w, a, b, scale)
 
 
-class MergedLoraWeightFunction(torch.autograd.Function):
-    """W + s·B·A with :func:`merged_lora_weight`'s bits, differentiable: dW = G, dA = s·B^T G, dB = s·G A^T (fp32
-    products). For QAT with learned scales, whose fake quantizer needs the merged weight's gradient itself."""
-
-    @staticmethod
-    def forward(ctx, w, a, b, scale):
-        ctx.save_for_backward(a, b)
-        ctx.scale = float(scale)
-        return merged_lora_weight(w.detach(), a.detach(), b.detach(), scale)
-
-    @staticmethod
-    def backward(ctx, g):
-        a, b = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        g32 = g.to(torch.float32)
-        da = (b.to(torch.float32).t() @ g32 * ctx.scale).to(a.dtype) if needs[1] else None
-        db = (g32 @ a.to(torch.float32).t() * ctx.scale).to(b.dtype) if needs[2] else None
-        return (g if needs[0] else None), da, db, None
-
-
-def merged_lora_weight_grad(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """:func:`merged_lora_weight` with gradients to W, A and B (see :class:`MergedLoraWeightFunction`)."""
-    return MergedLoraWeightFunction.apply(w, a, b, scale)
-
-
 def fake_quant_weight(
     w: torch.Tensor, spec: WeightQuant, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     codes: bool = False,

@@ -283,10 +283,6 @@ class MergedFakeQuantLoraLinear(nn.Module):
         self.weight_cache = WeightCache("weights") if _cache_form(cache) == "weights" else None
         self.weight_fake_quantizer = None
         if _learns(weight, learned):
-            drop = self.lora_dropout[self.adapter]
-            if isinstance(drop, nn.Dropout) and drop.p > 0:
-                raise EdgeftError("learned QAT scales need lora_dropout 0 (the merged weight they quantize "
-                                  "cannot contain dropout)")
             self.weight_fake_quantizer = LearnedWeightFakeQuantizer(weight, self.merged_weight())
         object.__setattr__(self, "_peft_module", lora)
 
@@ -306,14 +302,12 @@ class MergedFakeQuantLoraLinear(nn.Module):
         from edgeft.kernels.lora import Projection
 
         a, b = self._adapters()
-        if self.weight_fake_quantizer is not None:  # learned scales: the Functions also return their gradient
-            return Projection(self.base_layer.weight, self.base_layer.bias, a, b, self.scaling, None, merged=True,
-                              act_quant=self.act_spec, weight_fq=self.weight_fake_quantizer.fused())
         drop = self.lora_dropout[self.adapter]
         active = isinstance(drop, nn.Dropout) and drop.p > 0 and drop.training
+        learned = self.weight_fake_quantizer  # learned scales: the Functions also return their gradient
+        fq = learned.fused() if learned is not None else WeightFQ(self.weight_spec, self.weight_cache)
         return Projection(self.base_layer.weight, self.base_layer.bias, a, b, self.scaling,
-                          drop if active else None, merged=True, act_quant=self.act_spec,
-                          weight_fq=WeightFQ(self.weight_spec, self.weight_cache))
+                          drop if active else None, merged=True, act_quant=self.act_spec, weight_fq=fq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from edgeft.kernels.lora import lora_linear

@@ -123,13 +123,34 @@ def test_lora_learned_scales_send_gradients_to_adapters_and_scales():
     assert layer.base_layer.weight.grad is None  # the base stays frozen
 
 
-def test_learned_scales_need_int4_and_no_lora_dropout():
+def test_learned_scales_need_int4_and_train_under_lora_dropout():
     with pytest.raises(EdgeftError, match="needs int4 weights"):
         qat.resolve("int8", weight_scale="learned")
+    # dropout: the merged weight plus the adapter's noise term, which does not involve fq(W): the scale gradient
+    # is the same dY^T X̂ reduction, and eval mode is the deployed forward
+    torch.manual_seed(0)
     model, _ = load_model(resolve_model("tiny-llama"))
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1))
-    with pytest.raises(EdgeftError, match="lora_dropout 0"):
-        qat.prepare(model, "int4", weight_scale="learned")
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape) * 0.02
+    qat.prepare(model, "int4", weight_scale="learned")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    fq = layer.weight_fake_quantizer
+    with torch.no_grad():
+        fq.log_scale.normal_(0, 0.2)
+    x = torch.randn(4, 256)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, fq(layer.merged_weight())), rtol=0, atol=1e-5)
+    model.train()
+    g = torch.randn(4, 256)
+    layer(x).backward(g)
+    want = F.linear(g.t(), x.t())  # dY^T X: the gradient of fq(W_m), whatever the dropout noise adds
+    w_m = layer.merged_weight().detach().requires_grad_(False)
+    t_ref = fq.log_scale.detach().clone().requires_grad_(True)
+    lsq_reference(w_m, t_ref, fq.init_scale, 32).backward(want.double())
+    torch.testing.assert_close(fq.log_scale.grad.double(), t_ref.grad.double(), rtol=1e-4, atol=1e-6)
 
 
 def test_int8_linears_keep_max_abs_rows_under_learned_scales():
