@@ -60,6 +60,7 @@ RECIPES = {  # TrainConfig overrides
     "learned": {"qat_weight_scale": "learned"},
     "learned-lr2": {"qat_weight_scale": "learned", "qat_scale_lr": 2e-2},
     "learned-lr1": {"qat_weight_scale": "learned", "qat_scale_lr": 1e-2},
+    "learned-lr025": {"qat_weight_scale": "learned", "qat_scale_lr": 2.5e-3},
 }
 # what a QAT recipe may change: a twin trained under any of them is the same model (--twin)
 RECIPE_KEYS = ("qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
