@@ -94,18 +94,25 @@ def test_learning_the_scales_lowers_the_layer_error_as_far_as_the_clip_search():
     assert t.detach().mean() < 0  # smaller scales than max|w|: some clipping pays
 
 
-def test_lora_learned_scales_send_gradients_to_adapters_and_scales():
+def _learned_lora_q_proj(dropout: float):
+    """tiny-llama with a LoRA adapter (B != 0) on q_proj, prepared for int4 with learned scales moved as if
+    trained: (model, the layer, its learned quantizer)."""
     torch.manual_seed(0)
     model, _ = load_model(resolve_model("tiny-llama"))
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0))
-    layer_peft = model.base_model.model.model.layers[0].self_attn.q_proj
-    b = layer_peft.lora_B["default"].weight
-    b.data = torch.randn(b.shape) * 0.02
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=dropout))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data = torch.randn(p.shape) * 0.02
     qat.prepare(model, "int4", weight_scale="learned")
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     fq = layer.weight_fake_quantizer
     with torch.no_grad():
         fq.log_scale.normal_(0, 0.2)
+    return model, layer, fq
+
+
+def test_lora_learned_scales_send_gradients_to_adapters_and_scales():
+    _, layer, fq = _learned_lora_q_proj(0.0)
     x = torch.randn(5, 256)
     g = torch.randn(5, 256)
     layer(x).backward(g)
@@ -128,17 +135,7 @@ def test_learned_scales_need_int4_and_train_under_lora_dropout():
         qat.resolve("int8", weight_scale="learned")
     # dropout: the merged weight plus the adapter's noise term, which does not involve fq(W): the scale gradient
     # is the same dY^T X̂ reduction, and eval mode is the deployed forward
-    torch.manual_seed(0)
-    model, _ = load_model(resolve_model("tiny-llama"))
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.data = torch.randn(p.shape) * 0.02
-    qat.prepare(model, "int4", weight_scale="learned")
-    layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    fq = layer.weight_fake_quantizer
-    with torch.no_grad():
-        fq.log_scale.normal_(0, 0.2)
+    model, layer, fq = _learned_lora_q_proj(0.5)
     x = torch.randn(4, 256)
     model.eval()
     with torch.no_grad():
