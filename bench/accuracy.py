@@ -65,7 +65,6 @@ RECIPES = {  # TrainConfig overrides
 # what a QAT recipe may change: a twin trained under any of them is the same model (--twin)
 RECIPE_KEYS = ("qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
                "qat_max_steps", "qat_weight_scale", "qat_int8", "qat_scale_lr")
-PTQ_RULE = {"learned": "absmax", "learned-mse": "mse"}  # how PTQ picks scales under a learned-scale plan
 
 
 def _versions() -> dict[str, str]:
@@ -311,12 +310,11 @@ def reuse_twin(cfg, twin: Path, run: Path) -> None:
 def twin_ptq_differs(cfg, twin: Path) -> bool:
     """Whether the recipe quantizes differently from the twin (``qat_weight_scale``, ``qat_int8``): then the twin's
     PTQ is not this run's, and the run's baseline/ is converted again (:func:`reconvert_baseline`) and evaluated."""
-    from edgeft.config import resolve
+    from edgeft.config import qat_plan, resolve
     from edgeft.pipeline import run_config
 
-    mine, theirs = resolve(cfg), resolve(run_config(twin))
-    rule = [PTQ_RULE.get(c.qat_weight_scale, c.qat_weight_scale) for c in (mine, theirs)]
-    return (rule[0], mine.qat_int8) != (rule[1], theirs.qat_int8)
+    mine, theirs = qat_plan(resolve(cfg)), qat_plan(resolve(run_config(twin)))
+    return (mine.ptq_weight_scale, mine.int8_modules) != (theirs.ptq_weight_scale, theirs.int8_modules)
 
 
 def reconvert_baseline(cfg, run: Path) -> None:

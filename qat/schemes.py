@@ -255,6 +255,11 @@ class QATPlan:
         """Whether QAT trains the 4-bit groups' scales (prepare makes them parameters)."""
         return self.weight_scale.startswith("learned")
 
+    @property
+    def ptq_weight_scale(self) -> str:
+        """The rule PTQ under this plan picks 4-bit scales by (learned scales exist only after QAT)."""
+        return "mse" if self.searched_scales else "absmax"
+
     def is_int8(self, name: str | None) -> bool:
         """Whether the linear ``name`` (a module path) is one of ``int8_modules``."""
         return name is not None and name.rsplit(".", 1)[-1] in self.int8_modules
