@@ -303,9 +303,10 @@ def run_check(subset: str = "all") -> list[dict]:
 def _mse_spec():
     """The int4 weight spec ``qat.prepare(..., weight_scale="mse")`` gives the bench's linears (``plan_specs``:
     int8-int4's group-32 grid, torchao's scale dtype, the clip search over ``MSE_RATIOS``)."""
-    from edgeft.qat.fake_quant import MSE_RATIOS, WeightQuant
+    from edgeft import qat
+    from edgeft.qat.prepare import plan_specs
 
-    return WeightQuant("int", 4, 32, clip_ratios=MSE_RATIOS)
+    return plan_specs(qat.resolve(SCHEME["lora"], weight_scale="mse"))[1]
 
 
 def _launch_costs(mse_only: bool = False) -> list[dict]:
