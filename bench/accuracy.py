@@ -363,6 +363,9 @@ def main() -> int:
     ap.add_argument("--runtimes", default="eager,pte,gguf")
     ap.add_argument("--limit", type=int, default=60, help="task test questions (default 60, as `edgeft eval`)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="training seed of the twin and the QAT run (default: edgeft's); a repeat of a recipe "
+                         "under another seed needs its own twin (the seed also draws the train/eval split)")
     ap.add_argument("--no-agreement", action="store_true", help="skip the artifact-vs-converted comparison")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--twin", help="an existing run whose no-QAT twin (baseline/) to reuse: train only the QAT "
@@ -384,7 +387,8 @@ def main() -> int:
     cfg = edgeft.TrainConfig(model=args.model, data="builtin:tasks", qat=args.qat, max_steps=args.max_steps,
                              out=str(run), overwrite=True, progress=False,
                              **{**RECIPES[args.recipe], **({"qat_max_steps": args.qat_max_steps}
-                                                         if args.qat_max_steps else {})})
+                                                         if args.qat_max_steps else {}),
+                                **({"seed": args.seed} if args.seed is not None else {})})
     timings = {}
     t0 = time.perf_counter()
     if not args.no_train:
