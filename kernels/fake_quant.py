@@ -36,9 +36,6 @@ from edgeft.qat.fake_quant import (
     act_ref,
     fp8_rows_ref,
     int_weight_ref,
-    learned_log_scale_grad,
-    learned_scale,
-    learned_weight_ref,
     merge_lora_weight,
 )
 
@@ -129,10 +126,29 @@ if HAS_TRITON:
         scale = _rnd(_div_scalar(amax, divisor, inv_divisor, RECIP), D)
         scale = _rnd(tl.maximum(scale, eps), D)
         scale = _rnd(scale, S)
+        q, dq = _on_grid(g, scale, QMIN, QMAX, D, S, P)
+        return q, dq, scale
+
+    @triton.jit
+    def _on_grid(g, scale, QMIN: tl.constexpr, QMAX: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+                 P: tl.constexpr):
+        """(codes, dequantized) of groups g (BLOCK_R, NG, GSP) on given scales (BLOCK_R, NG), already of dtype S:
+        q = clamp(round(g * (1 / s))), q * s, each step rounded as torch rounds it."""
         inv = _rnd(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), S)
         v = _rnd(g * inv[:, :, None], P)
         q = tl.clamp(_rint(v), QMIN, QMAX, propagate_nan=tl.PropagateNan.ALL)
-        return q, _rnd(_rnd(q * scale[:, :, None], P), D), scale
+        return q, _rnd(_rnd(q * scale[:, :, None], P), D)
+
+    @triton.jit
+    def _merge_lora(w, A, B, rows, cols, rmask, cmask, n_cols, lora_scale, R: tl.constexpr, D: tl.constexpr):
+        """W + s·B·A of a tile (fp32 ``w``, rounded to dtype D once): B·A summed over the rank in order, fp32, no
+        FMA (launch option), as ``merge_lora_weight``."""
+        acc = tl.zeros(w.shape, dtype=tl.float32)
+        for k in range(R):
+            bk = tl.load(B + rows * R + k, mask=rmask, other=0.0).to(tl.float32)
+            ak = tl.load(A + k * n_cols + cols, mask=cmask, other=0.0).to(tl.float32)
+            acc = acc + bk[:, None] * ak[None, :]
+        return _rnd(w + acc * lora_scale, D)
 
     @triton.jit
     def _weight_kernel(
@@ -153,12 +169,7 @@ if HAS_TRITON:
         mask = rmask[:, None] & cmask[None, :]
         w = tl.load(W + rows[:, None] * stride_w + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if R > 0:
-            acc = tl.zeros((BLOCK_R, NG * GSP), dtype=tl.float32)
-            for k in range(R):  # B·A summed over the rank in order, fp32, no FMA (launch option)
-                bk = tl.load(B + rows * R + k, mask=rmask, other=0.0).to(tl.float32)
-                ak = tl.load(A + k * n_cols + cols, mask=cmask, other=0.0).to(tl.float32)
-                acc = acc + bk[:, None] * ak[None, :]
-            w = _rnd(w + acc * lora_scale, D)
+            w = _merge_lora(w, A, B, rows, cols, rmask, cmask, n_cols, lora_scale, R, D)
             if WRITE_MERGED:
                 tl.store(MERGED + rows[:, None] * n_cols + cols[None, :], w.to(MERGED.dtype.element_ty), mask=mask)
         if QUANT:
@@ -667,44 +678,6 @@ class WeightFQ:
 
     def __repr__(self) -> str:
         return f"WeightFQ({self.spec!r}, cache={self.cache.form if self.cache is not None else None})"
-
-
-class LearnedWeightFQ:
-    """A weight fake quantizer on trained group scales (``weight_scale="learned"``) that the linear Functions
-    (``kernels/lora.py``) apply themselves, like :class:`WeightFQ`, and whose ``log_scale`` they also give a
-    gradient: the Function takes it as an extra input, forms the (out, in) weight gradient dW_q = dY^T X̂ in its
-    backward (full fine-tuning forms it anyway; LoRA's merged path otherwise never does) and reduces it with
-    ``qat.fake_quant.learned_log_scale_grad``. The fake-quantized weight is rebuilt in the backward (PyTorch ops:
-    the scales change every step, so there is nothing to cache), never saved, so a learned-scale layer keeps the
-    activation memory of the other grids."""
-
-    __slots__ = ("spec", "init_scale", "log_scale")
-    save = False  # the backward needs the raw (merged) weight for the scale gradient: always rebuild
-
-    def __init__(self, spec: WeightQuant, init_scale: torch.Tensor, log_scale: torch.Tensor) -> None:
-        self.spec = spec
-        self.init_scale = init_scale
-        self.log_scale = log_scale
-
-    def scale(self, dtype: torch.dtype) -> torch.Tensor:
-        return learned_scale(self.init_scale, self.log_scale.detach(), self.spec, dtype)
-
-    def base(self, w: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
-        """The weight that is quantized: W, or W + s·B·A."""
-        return merged_lora_weight(w, *lora) if lora is not None else w.detach()
-
-    def __call__(self, w: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
-        with torch.no_grad():
-            return learned_weight_ref(self.base(w, lora), self.scale(w.dtype), self.spec)
-
-    def log_scale_grad(self, w: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor, float] | None,
-                       grad: torch.Tensor) -> torch.Tensor:
-        """d loss / d log_scale from d loss / d fq(W) (``grad``, (out, in))."""
-        with torch.no_grad():
-            return learned_log_scale_grad(self.base(w, lora), self.scale(w.dtype), grad, self.spec)
-
-    def __repr__(self) -> str:
-        return f"LearnedWeightFQ({self.spec!r}, scales {tuple(self.log_scale.shape)})"
 
 
 class CachedWeightFakeQuantFunction(torch.autograd.Function):

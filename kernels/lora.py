@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import cached_cast, mm_fp32_out, param_state, use_triton
-from .fake_quant import LearnedWeightFQ, fake_quant_act
+from .fake_quant import fake_quant_act
+from .learned_scale import LearnedWeightFQ
 from .geglu import geglu_backward, geglu_forward, geglu_reference
 from .swiglu import swiglu_backward, swiglu_forward, swiglu_reference
 
@@ -152,7 +153,7 @@ class LoRALinearFunction(torch.autograd.Function):
     A ``merged`` projection's W_i already holds fq(W + s_i B_i A_i): its adapter term is s_i (x_l - x) A_i^T B_i^T
     (zero without dropout) and its dX gets no adapter term, while A_i and B_i get the same rank-r gradients.
     ``flat`` is (W, b, A, B) per projection, then the ``log_scale`` of each projection whose ``fqs`` entry is a
-    :class:`~edgeft.kernels.fake_quant.LearnedWeightFQ`, in order: those get the gradient of their scales.
+    :class:`~edgeft.kernels.learned_scale.LearnedWeightFQ`, in order: those get the gradient of their scales.
     """
 
     @staticmethod
@@ -233,15 +234,20 @@ class LoRALinearFunction(torch.autograd.Function):
                 off += r
                 continue
             dy = dy.reshape(-1, dy.shape[-1])
-            if need_dx:  # a WeightFQ recomputes the fake-quantized weight here rather than having saved it
-                W = _effective_weight(Ws[i], fqs[i], merged[i], As[i], Bs[i], scales[i], dt)
-                dx = dy @ W if dx is None else dx.addmm_(dy, W)
-                del W
-            dwq = None
+            W = dwq = None
             if log_needs.get(i):  # learned scales: their gradient reduces the (out, in) gradient of fq(W)
                 dwq = mm_fp32_out(dy.t(), x)
                 lora_i = (As[i], Bs[i], scales[i]) if merged[i] and As[i] is not None else None
-                log_grads[i] = fqs[i].log_scale_grad(Ws[i], lora_i, dwq)
+                if need_dx:  # fq(W) for dX from the same pass over W
+                    W, log_grads[i] = fqs[i].log_scale_grad(Ws[i], lora_i, dwq, with_weight=True)
+                    W = _cast(W, dt)
+                else:
+                    log_grads[i] = fqs[i].log_scale_grad(Ws[i], lora_i, dwq)
+            if need_dx:  # a WeightFQ recomputes the fake-quantized weight here rather than having saved it
+                if W is None:
+                    W = _effective_weight(Ws[i], fqs[i], merged[i], As[i], Bs[i], scales[i], dt)
+                dx = dy @ W if dx is None else dx.addmm_(dy, W)
+                del W
             if needs[6 + 4 * i]:  # straight-through: dW = dY^T x (x already fake-quantized when act_quant)
                 wdt = ctx.w_dtypes[i]
                 if dwq is not None:

@@ -49,7 +49,6 @@ from .fake_quant import (
     ActQuant,
     WeightQuant,
     initial_scale,
-    learned_fake_quant,
     learned_scale,
     specs_from_configs,
     weight_spec,
@@ -156,12 +155,12 @@ class LearnedWeightFakeQuantizer(nn.Module):
     """Weight fake quantizer with trained group scales (``weight_scale="learned"``, torchao's "range learning"):
     the scales are ``init_scale * exp(log_scale)``: ``init_scale`` (rows, groups, fp32) is the spec's own choice for
     the weight the quantizer is built on, a buffer, and ``log_scale`` a parameter starting at 0 (so the untrained
-    model is the PTQ model, bit for bit), trained with the weights by
-    :class:`~edgeft.qat.fake_quant.LearnedScaleFakeQuant`'s gradient; convert writes the result as torchao custom
-    scales (:func:`learned_scales`). A resumed run rebuilds ``init_scale`` from the same starting weights. Linear
-    layers hand it to the fused linear Functions (:meth:`fused`), which rebuild fq(W) in the backward and return
-    the scales' gradient with the others; ``forward`` (autograd ops) serves the LM-head loss and the references.
-    Neither uses the Triton weight kernel or a weight cache: the scales change every step."""
+    model is the PTQ model, bit for bit), trained with the weights by LSQ's gradient
+    (:class:`~edgeft.qat.fake_quant.LearnedScaleFakeQuant` is the reference); convert writes the result as torchao
+    custom scales (:func:`learned_scales`). A resumed run rebuilds ``init_scale`` from the same starting weights.
+    Linear layers hand it to the fused linear Functions (:meth:`fused`), which rebuild fq(W) in the backward and
+    return the scales' gradient with the others; ``forward`` (an autograd Function) serves the LM-head loss. Both
+    run the kernels of ``kernels/learned_scale.py``; there is no weight cache: the scales change every step."""
 
     def __init__(self, spec: WeightQuant, weight: torch.Tensor) -> None:
         super().__init__()
@@ -170,15 +169,20 @@ class LearnedWeightFakeQuantizer(nn.Module):
         # not in the state dict: checkpoints hold the trainable tensors only, prepare rebuilds this
         self.register_buffer("init_scale", init, persistent=False)
         self.log_scale = nn.Parameter(torch.zeros_like(init))
+        from edgeft.kernels.learned_scale import ScaleCache
+
+        self.scales = ScaleCache()  # one computation of the scales per optimizer step
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return learned_fake_quant(w, self.log_scale, self.init_scale, self.spec)
+        from edgeft.kernels.learned_scale import learned_weight_fake_quant
+
+        return learned_weight_fake_quant(w, self.log_scale, self.init_scale, self.spec, self.scales)
 
     def fused(self) -> Any:
-        """This quantizer as the fused linear Functions take it (``edgeft.kernels.fake_quant.LearnedWeightFQ``)."""
-        from edgeft.kernels.fake_quant import LearnedWeightFQ
+        """This quantizer as the fused linear Functions take it (``edgeft.kernels.learned_scale.LearnedWeightFQ``)."""
+        from edgeft.kernels.learned_scale import LearnedWeightFQ
 
-        return LearnedWeightFQ(self.spec, self.init_scale, self.log_scale)
+        return LearnedWeightFQ(self.spec, self.init_scale, self.log_scale, self.scales)
 
     def scale(self, dtype: torch.dtype) -> torch.Tensor:
         """The scales convert writes for a weight of ``dtype`` (the forward's, bit for bit)."""

@@ -238,7 +238,7 @@ def test_patched_model_trains_learned_scales_like_the_unpatched_one(lora):
 def test_fused_linear_function_matches_the_autograd_learned_quantizer(bias):
     """A learned-scale linear runs in the fused linear Function (fq(W) rebuilt in the backward, the scale
     gradient reduced from its own dW): output and gradients of x, W, b and the scales as plain autograd through
-    LearnedScaleFakeQuant gives them."""
+    the reference LearnedScaleFakeQuant gives them."""
     from edgeft.kernels.fake_quant import act_fake_quant
     from edgeft.qat.prepare import FakeQuantLinear
 
@@ -258,11 +258,36 @@ def test_fused_linear_function_matches_the_autograd_learned_quantizer(bias):
     for t in (x, layer.weight, layer.bias, layer.weight_fake_quantizer.log_scale):
         if t is not None:
             t.grad = None
-    spec = layer.activation_fake_quantizer.spec
-    ref = F.linear(act_fake_quant(x, spec), layer.weight_fake_quantizer(layer.weight), layer.bias)
+    spec, q = layer.activation_fake_quantizer.spec, layer.weight_fake_quantizer
+    ref = F.linear(act_fake_quant(x, spec), learned_fake_quant(layer.weight, q.log_scale, q.init_scale, q.spec),
+                   layer.bias)
     ref.backward(g)
     want = {"x": x.grad, "w": layer.weight.grad, "t": layer.weight_fake_quantizer.log_scale.grad}
     if bias:
         want["b"] = layer.bias.grad
     for k in got:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_quantizer_follows_its_scales_through_optimizer_steps():
+    """The quantizer keeps its scales per optimizer step (kernels.learned_scale.ScaleCache): after each step the
+    patched model's layers and the convert-time scales are the reference's on the updated log-scales."""
+    import edgeft.kernels as K
+
+    m = tiny_model("llama", lora=False)
+    m.requires_grad_(True)
+    qat.prepare(m, "int8-int4", weight_scale="learned")
+    assert K.patch(m)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    layer = m.model.layers[0].self_attn.q_proj
+    q = layer.weight_fake_quantizer
+    for _ in range(2):
+        s, n = K.causal_lm_loss(m, ids, ids)
+        (s / n).backward()
+        opt.step()
+        opt.zero_grad()
+        want = learned_fake_quant(layer.weight, q.log_scale, q.init_scale, q.spec)
+        assert torch.equal(q(layer.weight), want)
+        assert torch.equal(q.scale(layer.weight.dtype), q.fused().scale(layer.weight.dtype))
+    assert q.log_scale.abs().max() > 0  # the scales did move

@@ -1,0 +1,248 @@
+"""Learned int4 group scales (``weight_scale="learned"``): fake quantization on given scales, and the scales'
+LSQ gradient, each one pass over the weight.
+
+Why by hand: the PyTorch references (``edgeft.qat.fake_quant.learned_weight_ref`` and
+``learned_log_scale_grad``) are chains of element-wise ops (reciprocal, multiply, round, clamp, cast, multiply;
+divide, round, clamp, compare, subtract, select, multiply, sum), each a full pass over the (out, in) weight that
+materialises a temporary, and a LoRA layer first materialises the merged weight W + s·B·A as well. Here one
+kernel reads W (merging the rank-r adapter in registers) and the group scales and writes fq(W); the other also
+reads the (out, in) gradient of fq(W) and writes only the (rows, groups) gradient of ``log_scale``.
+
+Exactness: the forward rounds each intermediate as torch does (the shared helpers of ``kernels/fake_quant.py``),
+so it equals ``learned_weight_ref`` bit for bit, and therefore convert's custom-scale quantization. The scale
+gradient is a sum in fp32 in another order than PyTorch's: equal to the reference to fp32 rounding.
+
+:class:`LearnedWeightFQ` is the quantizer the fused linear Functions (``kernels/lora.py``) take;
+:class:`LearnedScaleFakeQuantFunction` the autograd Function of the other uses (the LM-head loss), the kernel
+twin of ``edgeft.qat.fake_quant.LearnedScaleFakeQuant``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from edgeft.qat.fake_quant import (
+    WeightQuant,
+    learned_log_scale_grad,
+    learned_scale,
+    learned_weight_ref,
+    merge_lora_weight,
+)
+
+from ._common import HAS_TRITON, needs_long_indexing, next_pow2, use_triton, warps_for
+from .fake_quant import _kinds, _tile, _weight_geometry
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .fake_quant import _merge_lora, _on_grid, _rint, _tile_cols
+
+    @triton.jit
+    def _learned_kernel(
+        W, A, B, SCALES, OUT, GRAD, DLOG,
+        n_rows, n_cols, n_groups, stride_w, lora_scale,
+        R: tl.constexpr, GS: tl.constexpr, GSP: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr,
+        QMIN: tl.constexpr, QMAX: tl.constexpr, D: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
+        BACKWARD: tl.constexpr, WRITE_FQ: tl.constexpr, LONG: tl.constexpr,
+    ):
+        """One tile = BLOCK_R rows x NG groups: merge, then fq(W) on the given scales (WRITE_FQ) and/or each group's
+        d loss / d log_scale = s * sum(grad * dq/ds), dq/ds = q - w/s in the grid, q where it clamps (BACKWARD)."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        if LONG:
+            rows = rows.to(tl.int64)
+        cols, cmask = _tile_cols(n_cols, n_groups, GS, GSP, NG)
+        rmask = rows < n_rows
+        mask = rmask[:, None] & cmask[None, :]
+        w = tl.load(W + rows[:, None] * stride_w + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if R > 0:
+            w = _merge_lora(w, A, B, rows, cols, rmask, cmask, n_cols, lora_scale, R, D)
+        g = tl.reshape(w, (BLOCK_R, NG, GSP))
+        gidx = tl.program_id(1) * NG + tl.arange(0, NG)
+        smask = rmask[:, None] & (gidx < n_groups)[None, :]
+        sidx = rows[:, None] * n_groups + gidx[None, :]
+        scale = tl.load(SCALES + sidx, mask=smask, other=1.0).to(tl.float32)
+        if BACKWARD:
+            v = tl.math.div_rn(g, scale[:, :, None])  # fp32 w / s, as the reference
+            r = _rint(v)
+            q = tl.clamp(r, QMIN, QMAX)
+            dq_ds = tl.where(r == q, q - v, q)
+            gr = tl.load(GRAD + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            d = tl.sum(tl.reshape(gr, (BLOCK_R, NG, GSP)) * dq_ds, axis=2) * scale
+            tl.store(DLOG + sidx, d, mask=smask)
+        if WRITE_FQ:
+            _, dq = _on_grid(g, scale, QMIN, QMAX, D, S, P)
+            tl.store(OUT + rows[:, None] * n_cols + cols[None, :],
+                     tl.reshape(dq, (BLOCK_R, NG * GSP)).to(OUT.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, spec: WeightQuant, rank: int, backward: bool,
+          write_fq: bool, cuda: bool, long: bool, tile: int):
+    gs, gsp, ng, block_r = _weight_geometry(n_cols, spec.group_size, tile)
+    block_r = min(block_r, next_pow2(n_rows))
+    d, s, p = _kinds(dtype, spec.scale_dtype)
+    kw = dict(R=rank, GS=gs, GSP=gsp, NG=ng, BLOCK_R=block_r, QMIN=spec.qmin, QMAX=spec.qmax, D=d, S=s, P=p,
+              BACKWARD=backward, WRITE_FQ=write_fq, LONG=long, num_warps=warps_for(block_r * ng * gsp))
+    if cuda:
+        kw["enable_fp_fusion"] = False  # no multiply-add contraction: the merge rounds as merge_lora_weight
+    return (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols // gs, ng)), kw
+
+
+def _launch(w: torch.Tensor, scale: torch.Tensor, spec: WeightQuant, lora: tuple | None,
+            grad: torch.Tensor | None, write_fq: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(fq(W) if ``write_fq``, d log_scale if ``grad`` is given): one pass over W (and ``grad``)."""
+    n_rows, n_cols = w.shape
+    w = w.detach()
+    if w.stride(1) != 1:
+        w = w.contiguous()
+    scale = scale.contiguous()
+    if lora is not None:
+        a, b, lora_scale = lora
+        a, b = a.detach().contiguous(), b.detach().contiguous()
+        rank = a.shape[0]
+    else:
+        a = b = w
+        rank, lora_scale = 0, 1.0
+    backward = grad is not None
+    d_log = out = None
+    if backward:
+        grad = grad.contiguous()
+        d_log = torch.empty(scale.shape, dtype=torch.float32, device=w.device)
+    if write_fq:
+        out = torch.empty((n_rows, n_cols), dtype=w.dtype, device=w.device)
+    grid, kw = _plan(n_rows, n_cols, w.dtype, spec, rank, backward, write_fq, w.is_cuda,
+                     needs_long_indexing(w, grad) if backward else needs_long_indexing(w), _tile(w))
+    _learned_kernel[grid](
+        w, a, b, scale, w if out is None else out, grad if backward else w, scale if d_log is None else d_log,
+        n_rows, n_cols, scale.shape[1], w.stride(0), float(lora_scale), **kw,
+    )
+    return out, d_log
+
+
+def learned_fake_quant_weight(w: torch.Tensor, scale: torch.Tensor, spec: WeightQuant,
+                              lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+    """fq(W) or fq(W + s·B·A) on given group scales (rows, groups, in the scale dtype), without autograd:
+    ``learned_weight_ref`` bit for bit."""
+    if use_triton(w):
+        return _launch(w, scale, spec, lora, None, True)[0]
+    base = merge_lora_weight(w, *lora) if lora is not None else w.detach()
+    return learned_weight_ref(base, scale, spec)
+
+
+def learned_scale_grad(w: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, spec: WeightQuant,
+                       lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+    """d loss / d log_scale (rows, groups, fp32) from d loss / d fq(W) (``grad``, (out, in)): the reference's
+    ``learned_log_scale_grad`` of W, or of W + s·B·A, on one pass."""
+    if use_triton(w):
+        return _launch(w, scale, spec, lora, grad, False)[1]
+    base = merge_lora_weight(w, *lora) if lora is not None else w.detach()
+    return learned_log_scale_grad(base, scale, grad, spec)
+
+
+def learned_fake_quant_and_grad(w: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, spec: WeightQuant,
+                                lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) \
+        -> tuple[torch.Tensor, torch.Tensor]:
+    """(fq(W), d loss / d log_scale) together, on one pass: what a linear's backward needs when it forms dX from
+    the fake-quantized weight and already has the weight gradient."""
+    if use_triton(w):
+        return _launch(w, scale, spec, lora, grad, True)
+    base = merge_lora_weight(w, *lora) if lora is not None else w.detach()
+    return learned_weight_ref(base, scale, spec), learned_log_scale_grad(base, scale, grad, spec)
+
+
+class ScaleCache:
+    """One learned quantizer's scales, computed once per version of its ``log_scale``: a step uses them in the
+    forward, again in the checkpointed recomputation and in the backward, and each computation is four small
+    kernel launches (exp, multiply, clamp, cast) that a host-bound step pays for. The optimizer's in-place update
+    moves the version (as for ``kernels.fake_quant.WeightCache``); so does any in-place write except one through
+    ``.data``, which edgeft does not make."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: torch.Tensor | None = None
+
+    def get(self, init_scale: torch.Tensor, log_scale: torch.Tensor, spec: WeightQuant,
+            dtype: torch.dtype) -> torch.Tensor:
+        key = (log_scale._version, log_scale.data_ptr(), init_scale.data_ptr(), dtype)
+        if key != self.key:
+            self.value = learned_scale(init_scale, log_scale.detach(), spec, dtype)
+            self.key = key
+        return self.value
+
+
+def _scale(init_scale: torch.Tensor, log_scale: torch.Tensor, spec: WeightQuant, dtype: torch.dtype,
+           cache: ScaleCache | None) -> torch.Tensor:
+    if cache is None:
+        return learned_scale(init_scale, log_scale.detach(), spec, dtype)
+    return cache.get(init_scale, log_scale, spec, dtype)
+
+
+class LearnedWeightFQ:
+    """A weight fake quantizer on trained group scales that the linear Functions (``kernels/lora.py``) apply
+    themselves, like ``kernels.fake_quant.WeightFQ``, and whose ``log_scale`` they also give a gradient: the
+    Function takes it as an extra input, forms the (out, in) weight gradient dW_q = dY^T X̂ in its backward (full
+    fine-tuning forms it anyway; LoRA's merged path otherwise never does) and reduces it with
+    :func:`learned_scale_grad`. The fake-quantized weight is rebuilt in the backward (the scales change every
+    step, so there is nothing to cache), never saved, so a learned-scale layer keeps the activation memory of the
+    other grids."""
+
+    __slots__ = ("spec", "init_scale", "log_scale", "cache")
+    save = False  # the backward needs the raw (merged) weight for the scale gradient: always rebuild
+
+    def __init__(self, spec: WeightQuant, init_scale: torch.Tensor, log_scale: torch.Tensor,
+                 cache: ScaleCache | None = None) -> None:
+        self.spec = spec
+        self.init_scale = init_scale
+        self.log_scale = log_scale
+        self.cache = cache
+
+    def scale(self, dtype: torch.dtype) -> torch.Tensor:
+        return _scale(self.init_scale, self.log_scale, self.spec, dtype, self.cache)
+
+    def __call__(self, w: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return learned_fake_quant_weight(w, self.scale(w.dtype), self.spec, lora)
+
+    def log_scale_grad(self, w: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor, float] | None,
+                       grad: torch.Tensor, with_weight: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """d loss / d log_scale from d loss / d fq(W) (``grad``, (out, in)); with ``with_weight`` the pair
+        (fq(W), d log_scale) from the same pass."""
+        with torch.no_grad():
+            if with_weight:
+                return learned_fake_quant_and_grad(w, self.scale(w.dtype), grad, self.spec, lora)
+            return learned_scale_grad(w, self.scale(w.dtype), grad, self.spec, lora)
+
+    def __repr__(self) -> str:
+        return f"LearnedWeightFQ({self.spec!r}, scales {tuple(self.log_scale.shape)})"
+
+
+class LearnedScaleFakeQuantFunction(torch.autograd.Function):
+    """fq(w) on ``init_scale * exp(log_scale)``: straight-through to w, the LSQ gradient to ``log_scale`` (the
+    kernels' version of ``edgeft.qat.fake_quant.LearnedScaleFakeQuant``, same values)."""
+
+    @staticmethod
+    def forward(ctx, w, log_scale, init_scale, spec, cache):
+        scale = _scale(init_scale, log_scale, spec, w.dtype, cache)
+        ctx.save_for_backward(w, scale)
+        ctx.spec = spec
+        return learned_fake_quant_weight(w, scale, spec)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, scale = ctx.saved_tensors
+        d_log = learned_scale_grad(w, scale, grad, ctx.spec) if ctx.needs_input_grad[1] else None
+        return (grad if ctx.needs_input_grad[0] else None), d_log, None, None, None
+
+
+def learned_weight_fake_quant(w: torch.Tensor, log_scale: torch.Tensor, init_scale: torch.Tensor,
+                              spec: WeightQuant, cache: ScaleCache | None = None) -> torch.Tensor:
+    """Differentiable fq(w) on learned scales (:class:`LearnedScaleFakeQuantFunction`); ``cache`` keeps the
+    scales between calls on the same ``log_scale`` version."""
+    if spec.kind != "int":
+        raise ValueError(f"learned scales are for integer grids, not {spec.kind!r}")
+    return LearnedScaleFakeQuantFunction.apply(w, log_scale, init_scale, spec, cache)
