@@ -12,8 +12,9 @@ Runs, each in its own process (clean peak-memory counters, no cross-talk), on a 
 - QAT may add at most 10% peak memory over the same implementation without it;
 - ``edgeft_qat_mse`` (not in the default ``--impls``): edgeft + QAT with ``weight_scale="mse"`` (each 4-bit weight
   group picks its scale among ``MSE_RATIOS``), compared with edgeft and with ``edgeft_qat`` (absmax scales);
-- ``edgeft_qat_learned`` (not in the default ``--impls``): ``weight_scale="learned"``, trained group scales, whose
-  layers take the fake-quantized weight as an autograd value instead of the fused weight kernels.
+- ``edgeft_qat_learned`` (not in the default ``--impls``): ``weight_scale="learned"``, trained group scales (the
+  fused linear Functions rebuild fq(W) in the backward and reduce the scales' gradient from their own dW, both
+  with the kernels of ``kernels/learned_scale.py``).
 
 edgeft is driven directly (``edgeft.kernels.patch`` + ``edgeft.qat.prepare`` + ``causal_lm_loss``) as in
 train_throughput.py. ``--check`` first compares every fake-quant kernel (absmax and mse scales) with its PyTorch
@@ -296,6 +297,7 @@ def run_check(subset: str = "all") -> list[dict]:
     record("weight cache (3 uses) == uncached", n, 3 * w.numel(), {"hits": cache.hits, "misses": cache.misses})
     out += _fp8_convert_check()
     out += _learned_convert_check()
+    out += _learned_kernel_check()
     out += _launch_costs()
     return out
 
@@ -458,6 +460,56 @@ def _learned_convert_check() -> list[dict]:
     return res
 
 
+def _learned_kernel_check() -> list[dict]:
+    """The learned-scale kernels (kernels/learned_scale.py) on CUDA in bf16 at the bench model's shapes (LoRA r=16
+    merged in, scales perturbed as if trained): fq(W) equal to the PyTorch reference bit for bit, the log-scale
+    gradient to fp32 rounding, and each timed against the reference's chain of PyTorch ops (merge included)."""
+    import torch
+    from triton.testing import do_bench
+
+    from edgeft.kernels import learned_scale as L
+    from edgeft.qat import fake_quant as R
+
+    res = []
+    spec = R.WeightQuant("int", 4, 32)
+    torch.manual_seed(3)
+
+    def one(rows: int, cols: int, lora: bool) -> None:
+        w = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16) * 0.02
+        ad = ((torch.randn(16, cols, device="cuda") * 0.01, torch.randn(rows, 16, device="cuda") * 0.01, 2.0)
+              if lora else None)
+        init = R.initial_scale(w, spec)
+        scale = R.learned_scale(init, torch.randn_like(init) * 0.2, spec, w.dtype)
+        grad = torch.randn(rows, cols, device="cuda")
+
+        def ref_fq():
+            return R.learned_weight_ref(R.merge_lora_weight(w, *ad) if ad else w, scale, spec)
+
+        def ref_grad():
+            return R.learned_log_scale_grad(R.merge_lora_weight(w, *ad) if ad else w, scale, grad, spec)
+
+        def ker_fq():
+            return L.learned_fake_quant_weight(w, scale, spec, ad)
+
+        def ker_grad():
+            return L.learned_scale_grad(w, scale, grad, spec, ad)
+
+        shape = f"({rows}, {cols}){' +lora r16' if lora else ''} bf16"
+        res.append(dict(check=f"learned fq(W) kernel == reference {shape}", ok=bool(torch.equal(ker_fq(), ref_fq()))))
+        err = _rel(ker_grad(), ref_grad())
+        res.append(dict(check=f"learned log-scale gradient kernel vs reference {shape}", max_rel_err=err,
+                        ok=err < 1e-5))
+        for label, fn in (("kernel fq(W)", ker_fq), ("reference fq(W)", ref_fq),
+                          ("kernel log-scale grad", ker_grad), ("reference log-scale grad", ref_grad)):
+            ms = do_bench(fn, warmup=5, rep=30, return_mode="median")
+            res.append(dict(check=f"time learned {label} {shape}", ms=ms, ok=True))
+
+    for shape in ((3072, 1024, True), (1024, 3072, True), (151936, 1024, False)):
+        one(*shape)  # its tensors are freed on return
+        torch.cuda.empty_cache()
+    return res
+
+
 # --- orchestration -----------------------------------------------------------------------------------------------
 
 
@@ -551,7 +603,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="offload", help="edgeft checkpoint mode: offload|plain|off (off: no checkpointing anywhere, HF included)")
     ap.add_argument("--check", nargs="?", const="all", choices=["all", "mse", "learned"],
                     help="GPU correctness of the QAT kernels first (mse: only the mse-scale weight kernels, with "
-                         "kernel timings of absmax vs mse; learned: only convert == fake quant with learned scales)")
+                         "kernel timings of absmax vs mse; learned: convert == fake quant with learned scales, and the "
+                         "learned-scale kernels against their references, timed)")
     ap.add_argument("--profile", default="", help="comma list mode:impl to profile one step of (after timing)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run every configuration this many times, round-robin, and report the median (the host-bound "
@@ -586,7 +639,8 @@ def main() -> None:
 
     if args.check:
         try:
-            report["check"] = _learned_convert_check() if args.check == "learned" else run_check(args.check)
+            report["check"] = (_learned_convert_check() + _learned_kernel_check() if args.check == "learned"
+                               else run_check(args.check))
         except Exception as e:  # keep the timings even if a check crashes
             report["check"] = [dict(check="crashed", ok=False, error=f"{type(e).__name__}: {e}"[:500])]
         bad = [c for c in report["check"] if not c.get("ok")]
