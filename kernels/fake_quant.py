@@ -120,6 +120,17 @@ if HAS_TRITON:
             return grp * GS + within, (within < GS) & (grp < n_groups)
 
     @triton.jit
+    def _tile_index(n_rows, n_cols, n_groups, GS: tl.constexpr, GSP: tl.constexpr, NG: tl.constexpr,
+                    BLOCK_R: tl.constexpr, LONG: tl.constexpr):
+        """This program's tile of a weight, BLOCK_R rows x NG groups: rows, row mask, columns, column mask, mask."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        if LONG:
+            rows = rows.to(tl.int64)
+        cols, cmask = _tile_cols(n_cols, n_groups, GS, GSP, NG)
+        rmask = rows < n_rows
+        return rows, rmask, cols, cmask, rmask[:, None] & cmask[None, :]
+
+    @triton.jit
     def _group_grid(g, amax, eps, divisor, inv_divisor, QMIN: tl.constexpr, QMAX: tl.constexpr, D: tl.constexpr,
                     S: tl.constexpr, P: tl.constexpr, RECIP: tl.constexpr):
         """(codes, dequantized, scale) of groups g (BLOCK_R, NG, GSP) on the grid whose largest magnitude is amax."""
@@ -161,12 +172,7 @@ if HAS_TRITON:
         RECIP: tl.constexpr, NR: tl.constexpr,
     ):
         """One tile = BLOCK_R rows x NG groups (each GS columns, padded to GSP): merge, quantize, dequantize."""
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        if LONG:
-            rows = rows.to(tl.int64)
-        cols, cmask = _tile_cols(n_cols, n_groups, GS, GSP, NG)
-        rmask = rows < n_rows
-        mask = rmask[:, None] & cmask[None, :]
+        rows, rmask, cols, cmask, mask = _tile_index(n_rows, n_cols, n_groups, GS, GSP, NG, BLOCK_R, LONG)
         w = tl.load(W + rows[:, None] * stride_w + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if R > 0:
             w = _merge_lora(w, A, B, rows, cols, rmask, cmask, n_cols, lora_scale, R, D)
@@ -214,12 +220,7 @@ if HAS_TRITON:
         D: tl.constexpr, P: tl.constexpr, PACK: tl.constexpr, LONG: tl.constexpr,
     ):
         """codes x scales -> the weight the fake quantizer produced (same rounding as _weight_kernel)."""
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        if LONG:
-            rows = rows.to(tl.int64)
-        cols, cmask = _tile_cols(n_cols, n_groups, GS, GSP, NG)
-        rmask = rows < n_rows
-        mask = rmask[:, None] & cmask[None, :]
+        rows, rmask, cols, cmask, mask = _tile_index(n_rows, n_cols, n_groups, GS, GSP, NG, BLOCK_R, LONG)
         if PACK:
             pc = tl.program_id(1) * (NG * GSP // 2) + tl.arange(0, NG * GSP // 2)
             pmask = rmask[:, None] & (pc * 2 < n_cols)[None, :]

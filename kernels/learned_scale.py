@@ -38,7 +38,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .fake_quant import _merge_lora, _on_grid, _rint, _tile_cols
+    from .fake_quant import _merge_lora, _on_grid, _rint, _tile_index
 
     @triton.jit
     def _learned_kernel(
@@ -50,12 +50,7 @@ if HAS_TRITON:
     ):
         """One tile = BLOCK_R rows x NG groups: merge, then fq(W) on the given scales (WRITE_FQ) and/or each group's
         d loss / d log_scale = s * sum(grad * dq/ds), dq/ds = q - w/s in the grid, q where it clamps (BACKWARD)."""
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        if LONG:
-            rows = rows.to(tl.int64)
-        cols, cmask = _tile_cols(n_cols, n_groups, GS, GSP, NG)
-        rmask = rows < n_rows
-        mask = rmask[:, None] & cmask[None, :]
+        rows, rmask, cols, cmask, mask = _tile_index(n_rows, n_cols, n_groups, GS, GSP, NG, BLOCK_R, LONG)
         w = tl.load(W + rows[:, None] * stride_w + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if R > 0:
             w = _merge_lora(w, A, B, rows, cols, rmask, cmask, n_cols, lora_scale, R, D)
