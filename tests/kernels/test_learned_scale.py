@@ -26,17 +26,17 @@ def _small_tiles(monkeypatch):
 
 
 def _case(dtype, spec, rows=37, cols=96, seed=0, lora=False):
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(rows, cols, generator=g) * 0.05).to(dtype)
+    torch.manual_seed(seed)  # the default device's generator (CPU, or CUDA under EDGEFT_KERNEL_TEST_DEVICE)
+    w = (torch.randn(rows, cols) * 0.05).to(dtype)
     init = R.initial_scale(w, spec)
     # log-scales of both signs: t < 0 shrinks a group's scale until its largest weights clip
-    t = torch.randn(init.shape, generator=g) * 0.4
+    t = torch.randn(init.shape) * 0.4
     scale = R.learned_scale(init, t, spec, dtype)
     ad = None
     if lora:
-        ad = ((torch.randn(4, cols, generator=g) * 0.1).to(dtype), (torch.randn(rows, 4, generator=g) * 0.1).to(dtype),
+        ad = ((torch.randn(4, cols) * 0.1).to(dtype), (torch.randn(rows, 4) * 0.1).to(dtype),
               2.0)
-    grad = torch.randn(rows, cols, generator=g)
+    grad = torch.randn(rows, cols)
     return w, scale, ad, grad
 
 
@@ -73,7 +73,7 @@ def test_autograd_function_equals_the_reference_function():
     spec = SPECS["int4-g32"]
     w0, _, _, grad = _case(torch.bfloat16, spec, seed=2)
     init = R.initial_scale(w0, spec)
-    t0 = torch.randn(init.shape, generator=torch.Generator().manual_seed(3)) * 0.3
+    t0 = torch.randn(init.shape) * 0.3
     outs = []
     for fn in (L.learned_weight_fake_quant, R.learned_fake_quant):
         w, t = w0.clone().requires_grad_(True), t0.clone().requires_grad_(True)
@@ -88,7 +88,8 @@ def test_autograd_function_equals_the_reference_function():
 def test_untrained_scales_give_the_ptq_grid():
     spec = SPECS["int4-g32"]
     for dtype in DTYPES:
-        w = (torch.randn(9, 128, generator=torch.Generator().manual_seed(4)) * 0.05).to(dtype)
+        torch.manual_seed(4)
+        w = (torch.randn(9, 128) * 0.05).to(dtype)
         init = R.initial_scale(w, spec)
         out = L.learned_fake_quant_weight(w, R.learned_scale(init, torch.zeros_like(init), spec, dtype), spec)
         assert torch.equal(out, R.int_weight_ref(w, spec))
