@@ -43,8 +43,8 @@ from torch import nn
 
 from ._common import cached_cast, mm_fp32_out, param_state, use_triton
 from .fake_quant import fake_quant_act
-from .learned_scale import LearnedWeightFQ
 from .geglu import geglu_backward, geglu_forward, geglu_reference
+from .learned_scale import LearnedWeightFQ
 from .swiglu import swiglu_backward, swiglu_forward, swiglu_reference
 
 
