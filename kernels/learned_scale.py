@@ -31,7 +31,7 @@ from edgeft.qat.fake_quant import (
     merge_lora_weight,
 )
 
-from ._common import HAS_TRITON, needs_long_indexing, next_pow2, use_triton, warps_for
+from ._common import HAS_TRITON, needs_long_indexing, next_pow2, param_state, use_triton, warps_for
 from .fake_quant import _kinds, _tile, _weight_geometry
 
 if HAS_TRITON:
@@ -149,11 +149,11 @@ def learned_fake_quant_and_grad(w: torch.Tensor, scale: torch.Tensor, grad: torc
 
 
 class ScaleCache:
-    """One learned quantizer's scales, computed once per version of its ``log_scale``: a step uses them in the
+    """One learned quantizer's scales, computed once per state of its ``log_scale``: a step uses them in the
     forward, again in the checkpointed recomputation and in the backward, and each computation is four small
-    kernel launches (exp, multiply, clamp, cast) that a host-bound step pays for. The optimizer's in-place update
-    moves the version (as for ``kernels.fake_quant.WeightCache``); so does any in-place write except one through
-    ``.data``, which edgeft does not make."""
+    kernel launches (exp, multiply, clamp, cast) that a host-bound step pays for. Keyed on
+    :func:`~edgeft.kernels._common.param_state` like the other caches: the version counter alone misses fused
+    AdamW's update."""
 
     __slots__ = ("key", "value")
 
@@ -163,7 +163,7 @@ class ScaleCache:
 
     def get(self, init_scale: torch.Tensor, log_scale: torch.Tensor, spec: WeightQuant,
             dtype: torch.dtype) -> torch.Tensor:
-        key = (log_scale._version, log_scale.data_ptr(), init_scale.data_ptr(), dtype)
+        key = (param_state(log_scale), init_scale.data_ptr(), dtype)
         if key != self.key:
             self.value = learned_scale(init_scale, log_scale.detach(), spec, dtype)
             self.key = key

@@ -113,17 +113,20 @@ def test_weight_and_gradient_from_one_pass_equal_the_two_kernels(lora):
     assert torch.equal(d, L.learned_scale_grad(w, scale, grad, spec, ad))
 
 
-def test_scale_cache_recomputes_after_an_optimizer_step():
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused-adamw"])
+def test_scale_cache_recomputes_after_an_optimizer_step(fused):
+    """Fused AdamW (edgeft's optimizer) writes the parameter without moving its version counter: the cache must
+    see the step anyway."""
     spec = SPECS["int4-g32"]
     w, _, _, _ = _case(torch.float32, spec, seed=7)
     init = R.initial_scale(w, spec)
     log = torch.nn.Parameter(torch.zeros_like(init))
     cache = L.ScaleCache()
     first = cache.get(init, log, spec, w.dtype)
-    assert cache.get(init, log, spec, w.dtype) is first  # same version: no recomputation
-    opt = torch.optim.AdamW([log], lr=0.1)
+    assert cache.get(init, log, spec, w.dtype) is first  # same state: no recomputation
+    opt = torch.optim.AdamW([log], lr=0.1, fused=fused)
     log.grad = torch.ones_like(log)
-    opt.step()  # in place: the version moves
+    opt.step()
     again = cache.get(init, log, spec, w.dtype)
     assert again is not first and torch.equal(again, R.learned_scale(init, log.detach(), spec, w.dtype))
     assert not torch.equal(again, first)

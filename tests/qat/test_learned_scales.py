@@ -270,15 +270,17 @@ def test_fused_linear_function_matches_the_autograd_learned_quantizer(bias):
 
 
 def test_quantizer_follows_its_scales_through_optimizer_steps():
-    """The quantizer keeps its scales per optimizer step (kernels.learned_scale.ScaleCache): after each step the
-    patched model's layers and the convert-time scales are the reference's on the updated log-scales."""
+    """The quantizer keeps its scales per optimizer step (kernels.learned_scale.ScaleCache): after each step of
+    edgeft's optimizer (fused AdamW, which leaves version counters alone) the layers and the convert-time scales
+    are the reference's on the updated log-scales."""
     import edgeft.kernels as K
+    from edgeft.train.optim import build_optimizer
 
     m = tiny_model("llama", lora=False)
     m.requires_grad_(True)
     qat.prepare(m, "int8-int4", weight_scale="learned")
     assert K.patch(m)
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    opt = build_optimizer(m, lr=1e-2, weight_decay=0.0, scale_lr=1e-2)  # edgeft's: fused AdamW
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     layer = m.model.layers[0].self_attn.q_proj
     q = layer.weight_fake_quantizer
