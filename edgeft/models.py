@@ -118,14 +118,175 @@ BUILTIN_MODELS: dict[str, TinySpec | GGUFPackageSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class FamilySpec:
+    """A real model family at tiny width, for end-to-end tests: the released checkpoint's ``config.json`` (every key as
+    published: RoPE scaling, tied embeddings, head_dim, layer types, special token ids ...) with only its width, depth
+    and (Gemma 3) sliding window shrunk (``shrunk`` names those keys), seeded random weights, the checkpoint's
+    ``generation_config.json``, and the family's real tokenizer with its chat template
+    (:func:`edgeft.npm_tokenizers.write_tokenizer`; the vocabulary is kept whole)."""
+
+    checkpoint: str  # the Hugging Face checkpoint whose config.json this is
+    config: dict[str, Any]
+    generation: dict[str, Any]
+    tokenizer: str  # edgeft.npm_tokenizers.FAMILY_TOKENIZERS
+    shrunk: tuple[str, ...]
+    description: str
+    seed: int = 0
+    norm_std: float = 0.0  # > 0: RMSNorm weights drawn from N(0, norm_std) (Gemma's (1 + w) norms init to w = 0)
+
+
+_SHRUNK = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+           "head_dim")
+# Phi-4-mini's longrope factors, one per rotary frequency: the released checkpoint has 48 (head_dim 128 x 0.75 / 2);
+# at head_dim 32 there are 12, taken as every 4th of the released short (all 1.0) and long ramps.
+_PHI4_LONG = [1.0, 1.5641, 3.0596, 5.9850, 11.7074, 22.9012, 32.1, 32.6, 32.66, 32.93, 33.5, 47.77]
+
+FAMILIES: dict[str, FamilySpec] = {
+    "tiny-llama-3.2": FamilySpec(
+        checkpoint="meta-llama/Llama-3.2-1B-Instruct",
+        config=dict(
+            architectures=["LlamaForCausalLM"], attention_bias=False, attention_dropout=0.0, bos_token_id=128000,
+            eos_token_id=[128001, 128008, 128009], head_dim=32, hidden_act="silu", hidden_size=64,
+            initializer_range=0.02, intermediate_size=256, max_position_embeddings=131072, mlp_bias=False,
+            model_type="llama", num_attention_heads=2, num_hidden_layers=2, num_key_value_heads=1, pretraining_tp=1,
+            rms_norm_eps=1e-05,
+            rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                          "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+            rope_theta=500000.0, tie_word_embeddings=True, torch_dtype="bfloat16", use_cache=True,
+            vocab_size=128256,
+        ),
+        generation=dict(bos_token_id=128000, do_sample=True, eos_token_id=[128001, 128008, 128009], temperature=0.6,
+                        top_p=0.9),
+        tokenizer="llama3.2",
+        shrunk=_SHRUNK,
+        description="Llama-3.2-1B-Instruct's config (llama3 RoPE scaling, tied) at 2 x 64, its real tokenizer and "
+        "template (vocab 128256), random init (tests)",
+    ),
+    "tiny-qwen2.5": FamilySpec(
+        checkpoint="Qwen/Qwen2.5-0.5B-Instruct",
+        config=dict(
+            architectures=["Qwen2ForCausalLM"], attention_dropout=0.0, bos_token_id=151643, eos_token_id=151645,
+            hidden_act="silu", hidden_size=64, initializer_range=0.02, intermediate_size=320,
+            max_position_embeddings=32768, max_window_layers=21, model_type="qwen2", num_attention_heads=2,
+            num_hidden_layers=2, num_key_value_heads=1, rms_norm_eps=1e-06, rope_theta=1000000.0,
+            sliding_window=32768, tie_word_embeddings=True, torch_dtype="bfloat16", use_cache=True,
+            use_sliding_window=False, vocab_size=151936,
+        ),
+        generation=dict(bos_token_id=151643, pad_token_id=151643, do_sample=True, eos_token_id=[151645, 151643],
+                        repetition_penalty=1.1, temperature=0.7, top_p=0.8, top_k=20),
+        tokenizer="qwen2.5",
+        shrunk=_SHRUNK[:-1],
+        description="Qwen2.5-0.5B-Instruct's config (q/k/v bias, tied) at 2 x 64, its real tokenizer and template "
+        "(vocab 151936), random init (tests)",
+        seed=1,
+    ),
+    "tiny-qwen3-0.6b": FamilySpec(
+        checkpoint="Qwen/Qwen3-0.6B",
+        config=dict(
+            architectures=["Qwen3ForCausalLM"], attention_bias=False, attention_dropout=0.0, bos_token_id=151643,
+            eos_token_id=151645, head_dim=32, hidden_act="silu", hidden_size=64, initializer_range=0.02,
+            intermediate_size=192, max_position_embeddings=40960, max_window_layers=28, model_type="qwen3",
+            num_attention_heads=4, num_hidden_layers=2, num_key_value_heads=2, rms_norm_eps=1e-06,
+            rope_scaling=None, rope_theta=1000000, sliding_window=None, tie_word_embeddings=True,
+            torch_dtype="bfloat16", use_cache=True, use_sliding_window=False, vocab_size=151936,
+        ),
+        generation=dict(bos_token_id=151643, do_sample=True, eos_token_id=[151645, 151643], pad_token_id=151643,
+                        temperature=0.6, top_k=20, top_p=0.95),
+        tokenizer="qwen3",
+        shrunk=_SHRUNK,
+        description="Qwen3-0.6B's config (q/k norm, heads x head_dim > hidden, tied) at 2 x 64, its real tokenizer "
+        "and thinking template (vocab 151936), random init (tests)",
+        seed=2,
+    ),
+    "tiny-gemma-3-270m": FamilySpec(
+        checkpoint="google/gemma-3-270m-it",
+        config=dict(
+            _sliding_window_pattern=6, architectures=["Gemma3ForCausalLM"], attention_bias=False,
+            attention_dropout=0.0, attn_logit_softcapping=None, bos_token_id=2, eos_token_id=[1, 106],
+            final_logit_softcapping=None, head_dim=32, hidden_activation="gelu_pytorch_tanh", hidden_size=64,
+            initializer_range=0.02, intermediate_size=192,
+            layer_types=["sliding_attention"] * 5 + ["full_attention"], max_position_embeddings=32768,
+            model_type="gemma3_text", num_attention_heads=4, num_hidden_layers=6, num_key_value_heads=1,
+            pad_token_id=0, query_pre_attn_scalar=32, rms_norm_eps=1e-06, rope_local_base_freq=10000.0,
+            rope_scaling=None, rope_theta=1000000.0, sliding_window=32, torch_dtype="bfloat16",
+            use_bidirectional_attention=False, use_cache=True, vocab_size=262144,
+        ),
+        generation=dict(cache_implementation="hybrid", do_sample=True, top_k=64, top_p=0.95, bos_token_id=2,
+                        eos_token_id=[1, 106], pad_token_id=0),
+        tokenizer="gemma3",
+        # query_pre_attn_scalar follows head_dim (256 = 256 released); a 32-token window so that the tests' texts
+        # cross it (512 released); six layers keep the released 5 local : 1 global pattern
+        shrunk=_SHRUNK + ("query_pre_attn_scalar", "sliding_window"),
+        description="Gemma-3-270m-it's config (5 local : 1 global layers, two RoPE bases, tied) at 6 x 64, window "
+        "32, its real tokenizer and template (vocab 262144), random init (tests)",
+        seed=3,
+        norm_std=0.1,
+    ),
+    "tiny-phi-3": FamilySpec(
+        checkpoint="microsoft/Phi-3-mini-4k-instruct",
+        config=dict(
+            architectures=["Phi3ForCausalLM"], attention_bias=False, attention_dropout=0.0, bos_token_id=1,
+            embd_pdrop=0.0, eos_token_id=32000, hidden_act="silu", hidden_size=64, initializer_range=0.02,
+            intermediate_size=160, max_position_embeddings=4096, model_type="phi3", num_attention_heads=2,
+            num_hidden_layers=2, num_key_value_heads=2, original_max_position_embeddings=4096, pad_token_id=32000,
+            resid_pdrop=0.0, rms_norm_eps=1e-05, rope_scaling=None, rope_theta=10000.0, sliding_window=2047,
+            tie_word_embeddings=False, torch_dtype="bfloat16", use_cache=True, vocab_size=32064,
+        ),
+        generation=dict(bos_token_id=1, eos_token_id=[32000, 32001, 32007], pad_token_id=32000),
+        tokenizer="phi3",
+        shrunk=_SHRUNK[:-1],
+        description="Phi-3-mini-4k-instruct's config (fused qkv and gate/up) at 2 x 64, Llama 2's tokenizer with "
+        "Phi-3's chat tokens and template (vocab 32064), random init (tests)",
+        seed=4,
+    ),
+    "tiny-phi-4-mini": FamilySpec(
+        checkpoint="microsoft/Phi-4-mini-instruct",
+        config=dict(
+            architectures=["Phi3ForCausalLM"], attention_bias=False, attention_dropout=0.0, bos_token_id=199999,
+            embd_pdrop=0.0, eos_token_id=199999, full_attn_mod=1, hidden_act="silu", hidden_size=96,
+            initializer_range=0.02, intermediate_size=256, interpolate_factor=1, lm_head_bias=False,
+            max_position_embeddings=131072, mlp_bias=False, model_type="phi3", num_attention_heads=3,
+            num_hidden_layers=2, num_key_value_heads=1, original_max_position_embeddings=4096, pad_token_id=199999,
+            partial_rotary_factor=0.75, resid_pdrop=0.0, rms_norm_eps=1e-05,
+            rope_scaling={"long_factor": _PHI4_LONG, "short_factor": [1.0] * 12, "type": "longrope"},
+            rope_theta=10000.0, sliding_window=262144, tie_word_embeddings=True, torch_dtype="bfloat16",
+            use_cache=True, vocab_size=200064,
+        ),
+        generation=dict(bos_token_id=199999, eos_token_id=[200020, 199999], pad_token_id=199999),
+        tokenizer="phi4-mini",
+        shrunk=_SHRUNK[:-1] + ("rope_scaling",),
+        description="Phi-4-mini-instruct's config (partial rotary 0.75, longrope, fused qkv and gate/up, tied) at "
+        "2 x 96, the GPT-4o tokenizer with Phi-4-mini's tokens and template (vocab 200064), random init (tests)",
+        seed=5,
+    ),
+    "tiny-mistral-nemo": FamilySpec(
+        checkpoint="mistralai/Mistral-Nemo-Instruct-2407",
+        config=dict(
+            architectures=["MistralForCausalLM"], attention_dropout=0.0, bos_token_id=1, eos_token_id=2,
+            head_dim=32, hidden_act="silu", hidden_size=64, initializer_range=0.02, intermediate_size=192,
+            max_position_embeddings=1024000, model_type="mistral", num_attention_heads=4, num_hidden_layers=2,
+            num_key_value_heads=1, rms_norm_eps=1e-05, rope_theta=1000000.0, sliding_window=None,
+            tie_word_embeddings=False, torch_dtype="bfloat16", use_cache=True, vocab_size=131072,
+        ),
+        generation=dict(bos_token_id=1, eos_token_id=2),
+        tokenizer="mistral-nemo",
+        shrunk=_SHRUNK,
+        description="Mistral-Nemo-Instruct-2407's config (heads x head_dim != hidden) at 2 x 64, its tekken "
+        "tokenizer and template (vocab 131072), random init (tests)",
+        seed=6,
+    ),
+}
+
+
 def list_models() -> dict[str, str]:
     """Built-in model names and one-line descriptions."""
-    return {name: spec.description for name, spec in BUILTIN_MODELS.items()}
+    return {name: spec.description for name, spec in {**BUILTIN_MODELS, **FAMILIES}.items()}
 
 
 def resolve_model(name_or_path: str) -> Path:
     """Return a local safetensors HF directory for a built-in name, local directory, GGUF file or hub id."""
-    if name_or_path in BUILTIN_MODELS:
+    if name_or_path in BUILTIN_MODELS or name_or_path in FAMILIES:
         return _materialise_builtin(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -139,7 +300,7 @@ def resolve_model(name_or_path: str) -> Path:
     if "/" in name_or_path and not name_or_path.startswith((".", "/")):
         return _download_hub(name_or_path)
     raise EdgeftError(
-        f"unknown model {name_or_path!r}: not a built-in ({', '.join(BUILTIN_MODELS)}), "
+        f"unknown model {name_or_path!r}: not a built-in ({', '.join([*BUILTIN_MODELS, *FAMILIES])}), "
         "a local directory or a .gguf file"
     )
 
@@ -162,13 +323,15 @@ def load_model(path: str | os.PathLike, dtype: Any = None, device: str = "cpu"):
 
 
 def _materialise_builtin(name: str) -> Path:
-    spec = BUILTIN_MODELS[name]
+    spec = BUILTIN_MODELS.get(name) or FAMILIES[name]
     dest = cache_dir() / "models" / name
     if (dest / "config.json").exists():
         return dest
     with atomic_dir(dest) as tmp:
         if isinstance(spec, TinySpec):
             _build_tiny(spec, tmp)
+        elif isinstance(spec, FamilySpec):
+            _build_family(spec, tmp)
         else:
             _build_from_gguf_package(spec, tmp)
     return dest
@@ -233,6 +396,30 @@ def _build_tiny(spec: TinySpec, out: Path) -> None:
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _build_family(spec: FamilySpec, out: Path) -> None:
+    """Random weights for the family's (shrunk) real config, its generation config and its real tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from .npm_tokenizers import write_tokenizer
+
+    write_tokenizer(spec.tokenizer, out)  # first: an offline machine fails here, before any work
+    kwargs = {k: v for k, v in spec.config.items() if k not in ("model_type", "architectures", "torch_dtype")}
+    cfg = AutoConfig.for_model(spec.config["model_type"], **kwargs)
+    cfg.architectures = list(spec.config["architectures"])
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for mod in model.modules():
+            if spec.norm_std > 0 and type(mod).__name__.endswith("RMSNorm"):
+                mod.weight.normal_(0.0, spec.norm_std)
+            # HF zero-initialises biases: draw them, so that an exporter dropping Qwen2's q/k/v bias is seen
+            if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                mod.bias.normal_(0.0, 0.02)
+    model.generation_config = GenerationConfig(**spec.generation)
+    model.save_pretrained(out)
 
 
 # --- GGUF sources ------------------------------------------------------------------------------------
