@@ -16,7 +16,8 @@ from edgeft.errors import EdgeftError
 
 from . import tasks
 from .batching import BATCHING, Batcher, collate, collate_flat, pack, packing_efficiency, padding_efficiency
-from .encode import IGNORE_INDEX, assistant_spans, encode_conversation, encode_dataset, encode_prompt, encode_text
+from .encode import (IGNORE_INDEX, assistant_spans, conversation_spans, encode_conversation,
+                     encode_conversation_examples, encode_dataset, encode_prompt, encode_text)
 from .formats import (Messages, looks_like_hub_name, read_rows, records_from_rows, rows_from_dataset, rows_from_hub,
                       standardize_sharegpt)
 from .merge import extend_conversations, merge_columns
@@ -97,7 +98,7 @@ def split_train_eval(examples: list, eval_split: float, seed: int) -> tuple[list
 
 __all__ = [
     "BATCHING", "BUILTIN_DATASETS", "Batcher", "IGNORE_INDEX", "Messages", "TEMPLATES", "apply_template",
-    "assistant_spans", "collate", "collate_flat", "describe_templates", "encode_conversation", "encode_dataset",
-    "encode_prompt", "encode_text", "extend_conversations", "get_template", "load_conversations", "load_records",
+    "assistant_spans", "collate", "collate_flat", "conversation_spans", "describe_templates", "encode_conversation",
+    "encode_conversation_examples", "encode_dataset", "encode_prompt", "encode_text", "extend_conversations", "get_template", "load_conversations", "load_records",
     "merge_columns", "pack", "packing_efficiency", "padding_efficiency", "split_train_eval", "standardize_sharegpt", "tasks",
 ]

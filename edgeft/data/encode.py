@@ -7,6 +7,20 @@ assistant's. The whole conversation is tokenised once with offsets, and a token 
 assistant span. Working on characters rather than token prefixes keeps masking right for tokenizers that merge
 across the boundary of a turn. A template for which the prefix property fails is reported, not silently mis-masked.
 
+Templates that render history differently from the turn being generated are trained as they are used. The exact
+rule, per assistant turn k: the reply is what ``render(messages[:k+1])`` adds after ``render(messages[:k],
+add_generation_prompt=True)``, up to where ``render(messages[:k+1])`` and ``render(messages[:k+1],
+add_generation_prompt=True)`` part (so a text the template writes only at the end of a conversation, such as
+Phi-3/Phi-4-mini's closing EOS, is not part of the reply). If the whole conversation's rendering starts with the
+conversation up to that reply, the reply is a target there; otherwise the turn gets its own example, the conversation
+up to and including the reply, with only that reply as target. Qwen3's template is the case in point: the reply of
+the last turn carries its ``<think>`` block (empty when the data has no reasoning; ``reasoning_content`` or a
+``<think>`` block in the content fill it) while history is rendered without one, so a conversation of n assistant
+turns trains as n examples, each reply after exactly the text the model sees when it generates it. Mistral NeMo's
+template renders the system prompt only in the user turn that ends a conversation: when the prefix property fails
+and the conversation starts with a system message, the reply is taken from the rendering without it and trained
+after the prompt with it (what the model is given when it generates that reply).
+
 Raw text (continued pretraining) is tokenised with the tokenizer's own special tokens plus EOS, every token a target,
 and cut into max_seq_length chunks, each trained as its own sequence.
 
@@ -26,30 +40,74 @@ log = logging.getLogger("edgeft")
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    if not messages and not add_generation_prompt:
+        return ""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], template_name: str = "the model's") \
-        -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant replies (with end-of-turn tokens)."""
+def _reply_end(tokenizer: Any, upto: str, upto_gen: str) -> int:
+    """Where the last turn of ``upto`` ends: where it and its generation-prompt rendering part, never inside a
+    special token both continue differently, less trailing whitespace."""
+    c = next((i for i, (a, b) in enumerate(zip(upto, upto_gen)) if a != b), min(len(upto), len(upto_gen)))
+    if c < len(upto) and c < len(upto_gen):  # they part: do not cut an added token ("<|end" + "oftext|>")
+        added = [t for t in tokenizer.get_added_vocab() if len(t) > 1]
+        longest = max((len(t) for t in added), default=0)
+        for start in range(max(0, c - longest + 1), c):
+            if any(start + len(t) > c and (upto.startswith(t, start) or upto_gen.startswith(t, start))
+                   for t in added):
+                c = start
+                break
+    return len(upto[:c].rstrip())
+
+
+def conversation_spans(tokenizer: Any, messages: list[dict[str, str]], template_name: str = "the model's") \
+        -> list[tuple[str, list[tuple[int, int]]]]:
+    """Rendered texts and the character spans of their assistant replies (with end-of-turn tokens): the whole
+    conversation, plus one text per reply that the template renders differently once it is history (module doc)."""
     if not getattr(tokenizer, "chat_template", None):
         raise EdgeftError("the tokenizer has no chat template; pass --chat-template")
     full = _render(tokenizer, messages, add_generation_prompt=False)
-    spans = []
+    spans: list[tuple[int, int]] = []
+    own: list[tuple[str, list[tuple[int, int]]]] = []
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         prefix = _render(tokenizer, messages[:k], add_generation_prompt=True)
-        upto = _render(tokenizer, messages[: k + 1], add_generation_prompt=False)
-        if not full.startswith(upto) or not upto.startswith(prefix):
+        reply = _reply(tokenizer, messages[: k + 1], prefix)
+        if reply is None and messages[0]["role"] == "system":
+            # a system prompt rendered only before the turn being generated (Mistral NeMo): the reply's text from
+            # the conversation without it, after the prompt the model is given
+            reply = _reply(tokenizer, messages[1 : k + 1], _render(tokenizer, messages[1:k], True))
+        if reply is None:
             raise EdgeftError(
                 f"{template_name} chat template does not render conversations prefix-consistently, so assistant "
                 "tokens cannot be located for loss masking; pass --chat-template with a registry template"
             )
-        end = len(upto.rstrip())  # the reply and its end-of-turn token, not the newline after it
-        if end > len(prefix):
-            spans.append((len(prefix), end))
-    return full, spans
+        if not reply.strip():
+            continue
+        if full.startswith(prefix + reply):
+            spans.append((len(prefix), len(prefix) + len(reply)))
+        else:  # history renders this reply differently: train it where it was generated
+            own.append((prefix + reply, [(len(prefix), len(prefix) + len(reply))]))
+    return [(full, spans), *own] if spans or not own else own
+
+
+def _reply(tokenizer: Any, upto_messages: list[dict[str, str]], prefix: str) -> str | None:
+    """The text the template adds for the last (assistant) message after ``prefix``, with its end-of-turn token;
+    None if the rendering does not start with ``prefix``."""
+    upto = _render(tokenizer, upto_messages, add_generation_prompt=False)
+    if not upto.startswith(prefix):
+        return None
+    # the reply and its end-of-turn token, not the newline after it nor a conversation's closing text
+    end = _reply_end(tokenizer, upto, _render(tokenizer, upto_messages, add_generation_prompt=True))
+    return upto[len(prefix):max(end, len(prefix))]
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], template_name: str = "the model's") \
+        -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant replies (with end-of-turn tokens); for a
+    template that re-renders history (see :func:`conversation_spans`), the spans of the replies it keeps as is."""
+    return conversation_spans(tokenizer, messages, template_name)[0]
 
 
 def _label(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
@@ -74,10 +132,17 @@ def _tokenize(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[l
 
 def encode_conversation(tokenizer: Any, messages: list[dict[str, str]],
                         template_name: str = "the model's") -> dict[str, list[int]]:
-    """``{"input_ids", "labels"}`` for one conversation; labels are -100 outside assistant replies."""
-    text, spans = assistant_spans(tokenizer, messages, template_name)
-    (ids,), (offs,) = _tokenize(tokenizer, [text])
-    return {"input_ids": list(ids), "labels": _label(ids, offs, spans)}
+    """``{"input_ids", "labels"}`` for one conversation; labels are -100 outside assistant replies (for a template
+    that re-renders history, the whole conversation's example: :func:`encode_conversation_examples` has them all)."""
+    return encode_conversation_examples(tokenizer, messages, template_name)[0]
+
+
+def encode_conversation_examples(tokenizer: Any, messages: list[dict[str, str]],
+                                 template_name: str = "the model's") -> list[dict[str, list[int]]]:
+    """Every example one conversation trains as (one, unless the template re-renders history: module doc)."""
+    rendered = conversation_spans(tokenizer, messages, template_name)
+    ids, offs = _tokenize(tokenizer, [t for t, _ in rendered])
+    return [{"input_ids": list(i), "labels": _label(i, o, sp)} for (_, sp), i, o in zip(rendered, ids, offs)]
 
 
 def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -112,9 +177,9 @@ def encode_dataset(
     convs = [(i, r) for i, r in enumerate(records) if not isinstance(r, str)]
     encoded: list[tuple[int, dict[str, list[int]]]] = []
     if convs:
-        rendered = [assistant_spans(tokenizer, r, template_name) for _, r in convs]
-        ids, offs = _tokenize(tokenizer, [t for t, _ in rendered])
-        for (i, _), (_, spans), tid, toff in zip(convs, rendered, ids, offs):
+        rendered = [(i, r) for i, conv in convs for r in conversation_spans(tokenizer, conv, template_name)]
+        ids, offs = _tokenize(tokenizer, [t for _, (t, _) in rendered])
+        for (i, (_, spans)), tid, toff in zip(rendered, ids, offs):
             encoded.append((i, {"input_ids": list(tid), "labels": _label(tid, toff, spans)}))
     texts = [ex for r in records if isinstance(r, str) for ex in encode_text(tokenizer, r, max_length)]
     too_long = [(i, ex) for i, ex in encoded if len(ex["input_ids"]) > max_length]

@@ -109,11 +109,26 @@ def test_template_that_does_not_fit_the_tokenizer(base_tokenizers):
 
 def test_prefix_inconsistent_template_is_reported(base_tokenizers):
     tok = copy.deepcopy(base_tokenizers["tiny-qwen3"])
-    # like Qwen3's own: a think block only on the last assistant turn
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}<think></think>"
-                         "{% endif %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    # the generation prompt is not how the template renders an assistant turn: no reply can be located
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+                         "{% if add_generation_prompt %}reply:{% endif %}")
     with pytest.raises(EdgeftError, match="does not render conversations prefix-consistently"):
         encode_dataset(tok, [CONV], 512)
+
+
+def test_a_reply_history_renders_differently_trains_where_it_was_generated(base_tokenizers):
+    """Like Qwen3's own template: a think block only on the last assistant turn. Each reply is a target exactly
+    once, after the text the model is given when it generates it (with its think block), never in history."""
+    tok = copy.deepcopy(base_tokenizers["tiny-qwen3"])
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}<think></think>"
+                         "{% endif %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    exs = encode_dataset(tok, [conv], 512)
+    got = sorted((tok.decode(ex["input_ids"]), tok.decode([t for t in ex["labels"] if t != IGNORE_INDEX]))
+                 for ex in exs)
+    assert got == [("a<|im_end|><think></think>b<|im_end|>", "<think></think>b<|im_end|>"),
+                   ("a<|im_end|>b<|im_end|>c<|im_end|><think></think>d<|im_end|>", "<think></think>d<|im_end|>")]
 
 
 def test_chosen_template_is_saved_with_the_tokenizer(base_tokenizers, tmp_path):
