@@ -215,6 +215,19 @@ _QWEN2_RE = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# Mistral NeMo's tekken and GPT-4o's o200k regexes (Phi-4-mini uses the latter): llama.cpp's "tekken" / "gpt-4o".
+_TEKKEN_RE = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+_GPT4O_RE = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLIT_PRE = {_LLAMA3_RE: "llama-bpe", _QWEN2_RE: "qwen2", _TEKKEN_RE: "tekken", _GPT4O_RE: "gpt-4o"}
+
 VALIDATION_TEXTS = (
     "The quick brown fox jumps over the lazy dog. It's 12:45, and they'd walked 3,017 miles!",
     "def f(x):\n    return x  *  2   \n\n\tTabs, trailing spaces   and 0.5e-3; naïve café, Tōkyō.",
@@ -516,20 +529,24 @@ def _pre_tokenizer(tj: dict[str, Any]) -> str:
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        regex = (steps[0].get("pattern") or {}).get("Regex")
-        if regex == _LLAMA3_RE:
-            return "llama-bpe"
-        if regex == _QWEN2_RE:
-            return "qwen2"
+        split = steps[0]
+        regex = (split.get("pattern") or {}).get("Regex")
+        # the regex's matches kept whole: "Isolated", or "Removed" with invert (GPT-4o's tokenizer.json)
+        kept = split.get("behavior") == "Isolated" and not split.get("invert") or (
+            split.get("behavior") == "Removed" and split.get("invert"))
+        if kept and regex in _SPLIT_PRE:
+            return _SPLIT_PRE[regex]
     raise EdgeftError(f"GGUF export: unrecognised tokenizer pre-tokenizer {kinds} (byte-level BPE of GPT-2, "
-                      "SmolLM, Llama 3 or Qwen2 style are supported)")
+                      "SmolLM, Llama 3, Qwen2, Mistral tekken or GPT-4o style are supported)")
 
 
 def _vocab_by_id(tj: dict[str, Any], n_vocab: int) -> tuple[dict[int, str], dict[int, dict[str, Any]]]:
     """tokenizer.json's id -> token text (the model's vocab, then added tokens over it) and the added tokens by id;
     refuses ids beyond the model's ``vocab_size``."""
     by_id: dict[int, str] = {i: t for t, i in tj["model"]["vocab"].items()}
-    added = {a["id"]: a for a in tj.get("added_tokens", [])}
+    # special added tokens the model has no row for (Gemma 3 text: the vision tower's <image_soft_token> at
+    # 262144 = vocab_size) can never be embedded: left out, as the model itself cannot take them
+    added = {a["id"]: a for a in tj.get("added_tokens", []) if not (a["id"] >= n_vocab and a.get("special"))}
     for i, a in added.items():
         by_id[i] = a["content"]
     if max(by_id) >= n_vocab:
@@ -753,6 +770,7 @@ def _add_vocab_spm(
         scores, sp_types = _spm_scores_from_merges(model, by_id), {}
         source = "tokenizer.json merges"
     unk_id = tokenizer.unk_token_id
+    merged = {"".join(m.split(" ", 1) if isinstance(m, str) else m) for m in model.get("merges") or []}
     tokens, token_scores, types = [], [], []
     for i in range(n_vocab):
         if i not in by_id:
@@ -761,7 +779,11 @@ def _add_vocab_spm(
             types.append(gguf.TokenType.UNUSED)
             continue
         text = by_id[i]
-        if i in added:
+        # a non-special added run of U+2581 that BPE merges also make (Gemma 3's "▁▁▁") is a piece to llama.cpp
+        # too: merged by score and written back as spaces (typed user-defined, llama.cpp would write "▁▁▁")
+        piece = (i in added and not added[i].get("special") and model["vocab"].get(text) == i and text in merged
+                 and SPM_SPACE in text)
+        if i in added and not piece:
             # added tokens are matched in the raw text before any SentencePiece processing, in llama.cpp as in HF
             if i == unk_id:
                 kind = gguf.TokenType.UNKNOWN
@@ -1186,6 +1208,113 @@ def _spm_tokenizer_checks(tokenizer: Any) -> dict[str, tuple[list[int], bool]]:
     return {t: (tokenizer(t, add_special_tokens=True)["input_ids"], True) for t in texts}
 
 
+def _check_tokenization(
+    tokenize: Any, detokenize: Any, stored_template: str | None, tokenizer: Any, vocab_info: dict[str, Any],
+    tok_checks: dict[str, tuple[list[int], bool]], label: str,
+) -> None:
+    """llama.cpp must split each text exactly as the HF tokenizer does, detokenize SentencePiece-style pieces as
+    HF decodes them, and hold the chat template intact; raises ``EdgeftError`` in one line otherwise."""
+    for text, (want, add_special) in tok_checks.items():
+        got = tokenize(text, add_bos=add_special, special=True)
+        if got != want:
+            i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+            raise EdgeftError(
+                f"GGUF validation failed for {label}: llama.cpp tokenizes {text[:30]!r} differently from the "
+                f"HF tokenizer (first difference at token {i}); file not written"
+            )
+    # SentencePiece-style: pieces come back as text (U+2581 -> space, <0xXX> -> bytes, the prefix stripped).
+    # Detokenized without the BOS, as generated text is (llama.cpp keeps the prefix's space after a BOS).
+    plain_texts = (*VALIDATION_TEXTS, *SPM_TOKENIZER_TEXTS) if vocab_info.get("model") == "llama" else ()
+    for text in plain_texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        want = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if detokenize(ids) != want:
+            raise EdgeftError(
+                f"GGUF validation failed for {label}: llama.cpp detokenizes {text[:30]!r} differently from the "
+                "HF tokenizer; file not written"
+            )
+    if vocab_info["chat_template"] and stored_template != vocab_info["chat_template"]:
+        raise EdgeftError(f"GGUF validation failed for {label}: chat template not stored intact; file not written")
+
+
+def _tokenizer_checks(tokenizer: Any, vocab_info: dict[str, Any]) -> dict[str, tuple[list[int], bool]]:
+    checks = _sequences(tokenizer)[2]
+    if vocab_info.get("model") == "llama":
+        checks.update(_spm_tokenizer_checks(tokenizer))
+    return checks
+
+
+def check_tokenizer(src: str | os.PathLike) -> dict[str, Any]:
+    """Write ``src``'s tokenizer alone into a vocabulary-only GGUF (as :func:`export` writes it) and check it on
+    llama.cpp exactly as :func:`export` does: the same texts tokenize and detokenize as the HF tokenizer does and the
+    chat template is stored intact. Independent of the model's architecture, so every family's tokenizer is checked
+    even where its tensors are not exported. Returns what was written; raises ``EdgeftError`` on any difference."""
+    import tempfile
+
+    import gguf
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    src = Path(src)
+    cfg = json.loads((src / "config.json").read_text())
+    _check_tokenizer_files(src)
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    with tempfile.TemporaryDirectory(prefix="edgeft-vocab-") as d:
+        path = Path(d) / "vocab.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama")
+        # the hyperparameters llama.cpp reads before it loads a vocabulary (no tensors follow)
+        writer.add_context_length(2048)
+        writer.add_embedding_length(64)
+        writer.add_block_count(1)
+        writer.add_feed_forward_length(128)
+        writer.add_head_count(1)
+        writer.add_layer_norm_rms_eps(1e-5)
+        writer.add_name(src.name)
+        vocab_info = _add_vocab(writer, src, cfg, tokenizer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        from llama_cpp._logger import set_verbose
+
+        set_verbose(False)  # llama.cpp's loader log, as GgufRuntime(verbose=False) has it
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise EdgeftError(f"llama.cpp could not load the vocabulary of {src.name}")
+        try:
+            vocab = llama_cpp.llama_model_get_vocab(model)
+
+            def tokenize(text: str, add_bos: bool, special: bool) -> list[int]:
+                raw = text.encode("utf-8")
+                n_max = len(raw) + 16
+                buf = (llama_cpp.llama_token * n_max)()
+                n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buf, n_max, add_bos, special)
+                if n < 0:
+                    raise EdgeftError(f"llama.cpp tokenization needs {-n} tokens")
+                return list(buf[:n])
+
+            def detokenize(ids: list[int]) -> str:
+                arr = (llama_cpp.llama_token * len(ids))(*ids)
+                size = 32 * len(ids) + 64
+                out = ctypes.create_string_buffer(size)
+                n = llama_cpp.llama_detokenize(vocab, arr, len(ids), out, size, True, False)
+                return out.raw[:max(n, 0)].decode("utf-8", errors="replace")
+
+            checks = _tokenizer_checks(tokenizer, vocab_info)
+            stored_text = None
+            size = len((vocab_info["chat_template"] or "").encode("utf-8")) + 64
+            meta = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_model_meta_val_str(model, b"tokenizer.chat_template", meta, size)
+            if n >= 0:
+                stored_text = meta.raw[:n].decode("utf-8", errors="replace")
+            _check_tokenization(tokenize, detokenize, stored_text, tokenizer, vocab_info, checks, src.name)
+        finally:
+            llama_cpp.llama_model_free(model)
+    return {**vocab_info, "strings": len(checks)}
+
+
 @torch.no_grad()
 def _eager_greedy(model: Any, ids: list[int], n: int) -> list[int]:
     out = list(ids)
@@ -1220,38 +1349,17 @@ def _validate(
     """
     from edgeft.devices.llamacpp_runtime import GgufRuntime
 
-    seqs, prompt, tok_checks = _sequences(tokenizer)
-    if vocab_info.get("model") == "llama":
-        tok_checks.update(_spm_tokenizer_checks(tokenizer))
+    seqs, prompt, _ = _sequences(tokenizer)
+    tok_checks = _tokenizer_checks(tokenizer, vocab_info)
     n_ctx = max(max(len(s) for s in seqs), len(prompt) + GREEDY_TOKENS) + 8
     fid_rel = src_rel = 0.0
     fid_agree = src_agree = total = 0
     # F32 KV cache: the F16 cache's rounding, re-quantized by the next Q8_0 matmul, would blur an otherwise
     # exact comparison (the cache type is a runtime setting, not part of the file).
     with GgufRuntime(path, n_ctx=n_ctx, kv_cache="f32") as rt:
-        # tokenizer: llama.cpp must split text exactly as the HF tokenizer does
-        for text, (want, add_special) in tok_checks.items() if check_tokenizer else ():
-            got = rt.tokenize(text, add_bos=add_special, special=True)
-            if got != want:
-                i = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-                raise EdgeftError(
-                    f"GGUF validation failed for {label}: llama.cpp tokenizes {text[:30]!r} differently from the "
-                    f"HF tokenizer (first difference at token {i}); file not written"
-                )
-        # SentencePiece-style: pieces come back as text (U+2581 -> space, <0xXX> -> bytes, the prefix stripped).
-        # Detokenized without the BOS, as generated text is (llama.cpp keeps the prefix's space after a BOS).
-        plain_texts = (*VALIDATION_TEXTS, *SPM_TOKENIZER_TEXTS) if vocab_info.get("model") == "llama" else ()
-        for text in plain_texts if check_tokenizer else ():
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            want = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            if _llama_detokenize(rt, ids) != want:
-                raise EdgeftError(
-                    f"GGUF validation failed for {label}: llama.cpp detokenizes {text[:30]!r} differently from the "
-                    "HF tokenizer; file not written"
-                )
-        chat_template = rt.metadata.get("tokenizer.chat_template")
-        if check_tokenizer and vocab_info["chat_template"] and chat_template != vocab_info["chat_template"]:
-            raise EdgeftError(f"GGUF validation failed for {label}: chat template not stored intact; file not written")
+        if check_tokenizer:
+            _check_tokenization(rt.tokenize, lambda ids: _llama_detokenize(rt, ids),
+                                rt.metadata.get("tokenizer.chat_template"), tokenizer, vocab_info, tok_checks, label)
         with torch.no_grad():
             for ids in seqs:
                 x = torch.tensor([ids])
