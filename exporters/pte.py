@@ -1180,6 +1180,7 @@ def export(
                 with atomic_path(out_dir / name) as tmp:
                     shutil.copyfile(src / name, tmp)
                     os.chmod(tmp, 0o644)
+        _write_prompt_format(src, out_dir, warn)
     val_s = time.perf_counter() - t_val
 
     plan = (record or {}).get("plan") or {}
@@ -1202,6 +1203,16 @@ def export(
         "seconds": {"lower": round(lower_s, 1), "validate": round(val_s, 1), "total": round(time.perf_counter() - t0, 1)},
         "warnings": warn,
     }
+
+
+def _write_prompt_format(src: Path, out_dir: Path, warn: list[str]) -> None:
+    """The run's template as the apps' one-turn prompt format (exporters/prompt_format.py), beside the program."""
+    from edgeft.exporters.prompt_format import write_prompt_format
+
+    try:
+        write_prompt_format(src, out_dir)
+    except EdgeftError as e:
+        warn.append(f"no prompt_format.json for the apps: {e}")
 
 
 @contextlib.contextmanager
