@@ -1,27 +1,59 @@
 import Foundation
 import ExecuTorchLLM
 
-/// The run's chat template in its simplest form, and the generation settings. ChatML with SmolLM2's default
-/// system prompt, because edgeft's default model (smollm2-135m) is trained in it; for another
-/// `--chat-template`, copy the framing from the run's `exports/Modelfile` (TEMPLATE, SYSTEM, PARAMETER stop)
-/// or its Jinja template (`exports/chat_template.jinja`). `systemPrompt = ""` drops the system turn.
+/// The run's own chat template for one turn, read from `prompt_format.json` beside the .pte (`edgeft export pte`
+/// writes it by rendering the run's Jinja template with `{system}` / `{prompt}` placeholders, checked against the
+/// Hugging Face rendering): `prompt` (no system prompt: a default one the template inserts is in it),
+/// `prompt_with_system`, `num_bos` (BOS tokens the runner adds: ExecuTorch's runner does not apply tokenizer.json's
+/// post-processor; the template's own BOS text is left out of the strings) and `stop` (end-of-turn pieces the
+/// runner hands over before it stops on the .pte's EOS ids; not shown). Without the file (an older export): ChatML
+/// with SmolLM2's default system prompt, edgeft's default model.
+struct PromptFormat: Decodable {
+  let prompt: String
+  let promptWithSystem: String?
+  let numBos: Int
+  let stop: [String]
+
+  enum CodingKeys: String, CodingKey {
+    case prompt, stop
+    case promptWithSystem = "prompt_with_system"
+    case numBos = "num_bos"
+  }
+
+  static let chatml = PromptFormat(
+    prompt: "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+      + "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+    promptWithSystem: "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
+      + "<|im_start|>assistant\n",
+    numBos: 0, stop: ["<|im_end|>"])
+
+  static func load(besides model: String) -> PromptFormat {
+    let url = URL(fileURLWithPath: model).deletingLastPathComponent().appendingPathComponent("prompt_format.json")
+    guard let data = try? Data(contentsOf: url), let f = try? JSONDecoder().decode(PromptFormat.self, from: data)
+    else { return chatml }
+    return f
+  }
+
+  func fill(_ user: String, system: String = ChatFormat.systemPrompt) -> String {
+    if !system.isEmpty, let withSystem = promptWithSystem {
+      return withSystem.replacingOccurrences(of: "{system}", with: system)
+        .replacingOccurrences(of: "{prompt}", with: user)
+    }
+    return prompt.replacingOccurrences(of: "{prompt}", with: user)
+  }
+
+  /// The reply up to the first end-of-turn piece.
+  func cut(_ reply: String) -> String {
+    stop.reduce(reply) { r, s in r.components(separatedBy: s)[0] }
+  }
+}
+
+/// Generation settings.
 enum ChatFormat {
-  static let systemPrompt = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-  static let systemTurn = "<|im_start|>system\n{system}<|im_end|>\n"
-  static let userTurn = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-  /// End of turn: the runner hands this piece over before it stops on the .pte's EOS ids; it is not shown.
-  static let stop = "<|im_end|>"
-  /// BOS tokens the runner puts before the prompt. ExecuTorch's runner does not apply tokenizer.json's
-  /// post-processor, so this must be what the HF tokenizer adds: `exports/manifest.json` -> pte.validation.num_bos
-  /// (0 for SmolLM2).
-  static let bosCount = 0
+  /// Your system prompt for every turn; "" keeps the template's own default (if it has one).
+  static let systemPrompt = ""
   static let sequenceLength = 512  // prompt + reply tokens; the runner also caps it at get_max_context_len
   static let temperature = 0.0  // greedy: comparable with `edgeft run --pte ... --prompt ...` on the host
-
-  static func prompt(_ user: String) -> String {
-    (systemPrompt.isEmpty ? "" : systemTurn.replacingOccurrences(of: "{system}", with: systemPrompt))
-      + userTurn.replacingOccurrences(of: "{prompt}", with: user)
-  }
 }
 
 /// Owns the runner. Every runner call except stop() runs on `queue`, because generate() blocks until the reply
@@ -33,6 +65,7 @@ final class ChatModel: ObservableObject {
   @Published var busy = true
 
   private var runner: TextRunner?
+  private var format = PromptFormat.chatml
   private let queue = DispatchQueue(label: "edgeft.runner", qos: .userInitiated)
 
   /// The program (model-last.pte, the last-token program of `edgeft export pte --logits last`, else
@@ -61,6 +94,7 @@ final class ChatModel: ObservableObject {
       return
     }
     let (model, tokenizer) = files
+    format = PromptFormat.load(besides: model)
     status = "loading \(model) …"
     queue.async {
       // No special tokens: tokenizer.json names its own (the list is for tiktoken/SentencePiece tokenizers).
@@ -87,7 +121,8 @@ final class ChatModel: ObservableObject {
     live = ""
     busy = true
     status = "generating …"
-    let prompt = ChatFormat.prompt(text)
+    let format = self.format
+    let prompt = format.fill(text)
     queue.async {
       var reply = ""
       var pieces = 0
@@ -99,14 +134,14 @@ final class ChatModel: ObservableObject {
           $0.isEchoEnabled = false  // the reply only, not the prompt (GenerationConfig's default echoes)
           $0.sequenceLength = ChatFormat.sequenceLength
           $0.temperature = ChatFormat.temperature
-          $0.bosCount = ChatFormat.bosCount
+          $0.bosCount = format.numBos
         }) { piece in
           // One call per generated token, on this queue. TextRunner reports no stats, so time them here.
           pieces += 1
           if first == nil { first = Date() }
           reply += piece
-          if reply.contains(ChatFormat.stop) { runner.stop() }  // the .pte's EOS ids normally stop it already
-          let visible = reply.components(separatedBy: ChatFormat.stop)[0]
+          let visible = format.cut(reply)
+          if visible != reply { runner.stop() }  // the .pte's EOS ids normally stop it already
           DispatchQueue.main.async { self.live = visible }
         }
       } catch {
@@ -115,7 +150,7 @@ final class ChatModel: ObservableObject {
       // decode rate: tokens after the first (which comes out of prefill) over the time since the first
       let secs = first.map { Date().timeIntervalSince($0) } ?? 0
       let rate = pieces > 1 && secs > 0 ? Double(pieces - 1) / secs : 0
-      let answer = reply.components(separatedBy: ChatFormat.stop)[0].trimmingCharacters(in: .whitespacesAndNewlines)
+      let answer = format.cut(reply).trimmingCharacters(in: .whitespacesAndNewlines)
       DispatchQueue.main.async {
         self.transcript += answer + "\n\n"
         self.live = ""

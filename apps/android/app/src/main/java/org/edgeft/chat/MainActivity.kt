@@ -26,32 +26,48 @@ const val DEFAULT_DIR = "/data/local/tmp/edgeft"
 val MODEL_FILES = listOf("model-last.pte", "model.pte")
 
 /**
- * The run's chat template in its simplest form: an optional system turn, one user turn, the assistant header.
- * ChatML with SmolLM2's default system prompt, because edgeft's default model (smollm2-135m) is trained in it
- * (its template inserts that system turn when a conversation has none). For a run trained with another
- * `--chat-template`, copy the framing from the run's `exports/Modelfile` (TEMPLATE, SYSTEM, PARAMETER stop)
- * or its Jinja template (`exports/chat_template.jinja`, or "chat_template" in `exports/tokenizer_config.json`).
- * SYSTEM_PROMPT = "" drops the system turn (the Modelfile then has no SYSTEM line). Llama 3, for example:
- *   SYSTEM_TURN = "<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
- *   USER_TURN = "<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
- *   STOP = "<|eot_id|>", and NUM_BOS = 1: the BOS its template starts with comes from the runner, not the text.
+ * The run's own chat template for one turn, read from `prompt_format.json` beside the .pte (`edgeft export pte`
+ * writes it by rendering the run's Jinja template with `{system}` / `{prompt}` placeholders, checked against the
+ * Hugging Face rendering): `prompt` (no system prompt: any default one the template inserts is in it),
+ * `prompt_with_system`, `num_bos` (BOS tokens the runner adds: ExecuTorch's runner does not apply tokenizer.json's
+ * post-processor, so this is what the HF tokenizer adds; the template's own BOS text is left out of the strings)
+ * and `stop` (end-of-turn pieces: the runner hands one over before it stops on the .pte's EOS ids; not shown).
+ * Without the file (an older export): ChatML with SmolLM2's default system prompt, edgeft's default model.
  */
-const val SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-const val SYSTEM_TURN = "<|im_start|>system\n{system}<|im_end|>\n"
-const val USER_TURN = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-const val STOP = "<|im_end|>" // end of turn: the runner hands it over before it stops; it is not shown
+class PromptFormat(val prompt: String, val promptWithSystem: String?, val numBos: Int, val stop: List<String>) {
+    fun fill(user: String, system: String = SYSTEM_PROMPT): String =
+        if (system.isNotEmpty() && promptWithSystem != null) {
+            promptWithSystem.replace("{system}", system).replace("{prompt}", user)
+        } else {
+            prompt.replace("{prompt}", user)
+        }
 
-fun chatPrompt(user: String): String =
-    (if (SYSTEM_PROMPT.isEmpty()) "" else SYSTEM_TURN.replace("{system}", SYSTEM_PROMPT)) +
-        USER_TURN.replace("{prompt}", user)
+    companion object {
+        private const val CHATML_SYSTEM = "<|im_start|>system\n{system}<|im_end|>\n"
+        private const val CHATML_USER = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        val CHATML = PromptFormat(
+            CHATML_SYSTEM.replace("{system}", "You are a helpful AI assistant named SmolLM, trained by Hugging Face") +
+                CHATML_USER,
+            CHATML_SYSTEM + CHATML_USER, 0, listOf("<|im_end|>"),
+        )
 
-/**
- * BOS tokens the runner puts before the prompt. ExecuTorch's runner does not apply tokenizer.json's
- * post-processor, so this must say what the HF tokenizer adds: `exports/manifest.json` -> pte.validation.num_bos
- * (0 for SmolLM2). The JNI layer takes it from the constructor, and only for the first generate() after
- * construction or resetContext(); this app resets before every turn.
- */
-const val NUM_BOS = 0
+        fun load(dir: String): PromptFormat {
+            val f = File(dir, "prompt_format.json")
+            if (!f.canRead()) return CHATML
+            val j = JSONObject(f.readText())
+            val stops = j.getJSONArray("stop")
+            return PromptFormat(
+                j.getString("prompt"),
+                if (j.isNull("prompt_with_system")) null else j.getString("prompt_with_system"),
+                j.getInt("num_bos"),
+                (0 until stops.length()).map { stops.getString(it) },
+            )
+        }
+    }
+}
+
+/** Your system prompt for every turn; "" keeps the template's own default (if it has one). */
+const val SYSTEM_PROMPT = ""
 
 const val SEQ_LEN = 512 // prompt + reply tokens; the runner also caps it at the .pte's get_max_context_len
 const val TEMPERATURE = 0f // greedy: the reply can be compared with `edgeft run --pte ... --prompt ...` on the host
@@ -60,6 +76,7 @@ class MainActivity : Activity() {
     // Every LlmModule call except stop() runs on this one thread: generate() blocks until the reply is done.
     private val worker = Executors.newSingleThreadExecutor()
     @Volatile private var module: LlmModule? = null
+    @Volatile private var format: PromptFormat = PromptFormat.CHATML
     private val transcript = StringBuilder()
 
     private lateinit var output: TextView
@@ -81,6 +98,7 @@ class MainActivity : Activity() {
         // the last-token program (`edgeft export pte --logits last`) when present: less prefill work and memory
         val model = MODEL_FILES.map { File(dir, it) }.firstOrNull { it.canRead() }?.path ?: "$dir/model.pte"
         status.text = "loading $model …"
+        format = PromptFormat.load(dir)
         worker.execute {
             val msg =
                 try {
@@ -89,7 +107,7 @@ class MainActivity : Activity() {
                     // takes numBos; the three-argument one (model, tokenizer, temperature) fixes it at 0.
                     val m = LlmModule(
                         LlmModule.MODEL_TYPE_TEXT, model, "$dir/tokenizer.json",
-                        TEMPERATURE, emptyList<String>(), NUM_BOS, 0,
+                        TEMPERATURE, emptyList<String>(), format.numBos, 0,
                     )
                     m.load() // otherwise the first generate() pays for loading
                     module = m
@@ -132,7 +150,8 @@ class MainActivity : Activity() {
         send.isEnabled = false
         stop.isEnabled = true
         status.text = "generating …"
-        val prompt = chatPrompt(text)
+        val fmt = format
+        val prompt = fmt.fill(text)
 
         worker.execute {
             val reply = StringBuilder()
@@ -145,7 +164,7 @@ class MainActivity : Activity() {
                 override fun onResult(result: String) {
                     if (pieces++ == 0) tFirst = SystemClock.elapsedRealtime()
                     reply.append(result)
-                    val cut = reply.indexOf(STOP)
+                    val cut = fmt.stop.map { reply.indexOf(it) }.filter { it >= 0 }.minOrNull() ?: -1
                     if (cut >= 0) m.stop() // the .pte's get_eos_ids normally stops it already
                     val visible = if (cut >= 0) reply.substring(0, cut) else reply.toString()
                     runOnUiThread { show(visible) }
@@ -169,7 +188,7 @@ class MainActivity : Activity() {
             // measured fallback: pieces after the first over the time since the first (decode only)
             val secs = (SystemClock.elapsedRealtime() - tFirst) / 1000.0
             val measured = if (pieces > 1 && secs > 0) "%.1f pieces/s (measured)".format((pieces - 1) / secs) else ""
-            val answer = reply.toString().substringBefore(STOP).trim()
+            val answer = fmt.stop.fold(reply.toString()) { r, s -> r.substringBefore(s) }.trim()
             runOnUiThread {
                 transcript.append(answer).append("\n\n")
                 show("")
