@@ -182,7 +182,8 @@ def _phi3(out: Path) -> None:
         "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added},
         "bos_token": "<s>", "chat_template": PHI3_TEMPLATE, "clean_up_tokenization_spaces": False,
         "eos_token": "<|endoftext|>", "legacy": False, "model_max_length": 4096, "pad_token": "<|endoftext|>",
-        "padding_side": "left", "sp_model_kwargs": {}, "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>",
+        "padding_side": "left", "sp_model_kwargs": {}, "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "<unk>",
         "use_default_system_prompt": False,
     }
     _write_json(out / "tokenizer.json", tj)

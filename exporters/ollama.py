@@ -4,7 +4,8 @@ Why by hand: Ollama templates are Go ``text/template`` over ``.Messages`` while 
 Jinja, and no library translates one into the other. Rather than parse Jinja, edgeft recognises the template
 by what it renders: the HF template is rendered for probe conversations and matched against the known
 families (``FAMILIES``: ChatML, Qwen3 (the empty think block of a final assistant turn), Llama-3 headers, Gemma 3
-(model role, system prompt folded into the first user turn), Phi-3 and Phi-4-mini (closing EOS)), including a leading text (a BOS the template writes) and a
+(model role, system prompt folded into the first user turn), Phi-3 and Phi-4-mini (closing EOS)), including a
+leading text (a BOS the template writes) and a
 default system prompt inserted when the conversation has none (SmolLM2, Qwen2.5 do this; it becomes the
 Modelfile's ``SYSTEM``, which Ollama inserts as the first message under the same condition). A template that
 renders anything else for any probe (tools, date preambles, content rewriting) is refused in one line: a wrong
@@ -118,7 +119,8 @@ FAMILIES: dict[str, Family] = {
             template=(
                 "{prefix}{{ range $i, $_ := .Messages }}\n" + _LAST
                 + "<|{{ .Role }}|>\n{{ .Content }}<|end|>\n"
-                + '{{ if $last }}{{ if ne .Role "assistant" }}<|assistant|>\n{{ else }}<|endoftext|>{{ end }}{{ end }}\n'
+                + '{{ if $last }}{{ if ne .Role "assistant" }}<|assistant|>\n{{ else }}<|endoftext|>{{ end }}'
+                + "{{ end }}\n"
                 + "{{- end }}"
             ),
         ),

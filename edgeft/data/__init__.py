@@ -99,6 +99,7 @@ def split_train_eval(examples: list, eval_split: float, seed: int) -> tuple[list
 __all__ = [
     "BATCHING", "BUILTIN_DATASETS", "Batcher", "IGNORE_INDEX", "Messages", "TEMPLATES", "apply_template",
     "assistant_spans", "collate", "collate_flat", "conversation_spans", "describe_templates", "encode_conversation",
-    "encode_conversation_examples", "encode_dataset", "encode_prompt", "encode_text", "extend_conversations", "get_template", "load_conversations", "load_records",
+    "encode_conversation_examples", "encode_dataset", "encode_prompt", "encode_text", "extend_conversations",
+    "get_template", "load_conversations", "load_records",
     "merge_columns", "pack", "packing_efficiency", "padding_efficiency", "split_train_eval", "standardize_sharegpt", "tasks",
 ]
