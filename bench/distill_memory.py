@@ -48,6 +48,7 @@ def _models(spec: dict):
     import transformers
 
     from edgeft import qat
+    from edgeft.arch import kernel_specs
     from edgeft.kernels import patch
 
     device, mode = spec["device"], spec["mode"]
@@ -70,7 +71,7 @@ def _models(spec: dict):
                                                      task_type="CAUSAL_LM"))
     student.train()
     ckpt = spec["checkpoint"]
-    patch(student, checkpoint=None if ckpt == "off" else ckpt)
+    patch(student, kernel_specs(), checkpoint=None if ckpt == "off" else ckpt)
     cache = spec["cache"]
     if cache == "auto":  # what `edgeft train` picks (edgeft/train/model.py)
         from types import SimpleNamespace

@@ -115,10 +115,11 @@ def run_worker(spec: dict) -> dict:
     model.train()
     replaced: list[str] = []
     if impl.startswith("edgeft"):
+        from edgeft.arch import kernel_specs
         from edgeft.kernels import patch
 
         ckpt = spec.get("checkpoint", "offload")
-        patch(model, checkpoint=None if ckpt == "off" else ckpt)
+        patch(model, kernel_specs(), checkpoint=None if ckpt == "off" else ckpt)
         if impl.startswith("edgeft_qat"):
             from edgeft import qat
 

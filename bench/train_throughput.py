@@ -130,10 +130,11 @@ def run_worker(spec: dict) -> dict:
     model.train()
     patched: list[str] = []
     if impl.startswith("edgeft"):
+        from edgeft.arch import kernel_specs
         from edgeft.kernels import patch
 
         ckpt = {"edgeft_plain": "plain", "edgeft_nockpt": None}.get(impl, spec.get("checkpoint", "offload"))
-        patched = patch(model, checkpoint=ckpt)
+        patched = patch(model, kernel_specs(), checkpoint=ckpt)
     elif not impl.endswith("_nockpt"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]

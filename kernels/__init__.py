@@ -1,8 +1,8 @@
 """Fused Triton kernels for training: one file per op (Triton kernel + PyTorch reference + autograd.Function).
 
 Public API:
-- ``patch(model, **flags) -> list[str]`` / ``unpatch(model)``: apply the kernels to a transformers model
-  (Llama, Qwen2, Qwen3, Mistral, Gemma3 text, Phi-3), also inside PEFT; see patch.py for the flags.
+- ``patch(model, spec, **flags) -> list[str]`` / ``unpatch(model)``: apply the kernels to a transformers model,
+  also inside PEFT, as its family's ``KernelSpec`` says (the table of families is ``edgeft.arch``); see patch.py.
 - ``lm_head_loss(hidden, weight, labels, softcap=None) -> (loss_sum, n_targets)``: chunked fused LM head +
   cross-entropy; ``causal_lm_loss(model, input_ids, labels, ...)`` wraps it for a whole causal LM.
 - ``lm_head_kl_loss(hidden, weight, teacher_hidden, teacher_weight, labels, mask, T, ...) -> (kl_sum, ce_sum)``:
@@ -19,13 +19,13 @@ from .cross_entropy import lm_head_loss
 from .fused_linear_kl import lm_head_kl_loss
 from .geglu import geglu
 from .lora import Projection, lora_linear, lora_mlp, projection_of
-from .patch import FAMILIES, causal_lm_loss, decoder_stack, patch, transformers_model, unpatch
+from .patch import KernelSpec, causal_lm_loss, decoder_stack, patch, transformers_model, unpatch
 from .rms_norm import rms_norm
 from .rope import rope_
 from .swiglu import swiglu
 
 __all__ = [
-    "FAMILIES",
+    "KernelSpec",
     "PackedBatch",
     "Projection",
     "causal_lm_loss",

@@ -1,7 +1,8 @@
 """Apply the kernels to transformers models: explicit, per family, per flag, reversible.
 
-``patch(model, **flags)`` finds the transformers model (also inside a PEFT wrapper), dispatches on
-``config.model_type`` to one function per supported family, and returns what it replaced. Each replacement is an
+``patch(model, spec, **flags)`` finds the transformers model (also inside a PEFT wrapper), applies the kernels as
+the family's ``KernelSpec`` describes (the caller's table, ``edgeft.arch``, holds one per ``config.model_type``;
+this package imports nothing of it), and returns what it replaced. Each replacement is an
 instance attribute (a module's ``forward``, a marker attribute) or a forward pre-hook, recorded so that
 ``unpatch(model)`` restores the stock modules exactly. No source is rewritten and no class is modified, so other
 models of the same class in the process are untouched.
@@ -31,7 +32,8 @@ import logging
 import sys
 import types
 from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +111,25 @@ def _rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class KernelSpec:
+    """What :func:`patch` needs to know about one decoder family (one row of the caller's table)."""
+
+    norm_class: str  # the RMSNorm class name, e.g. "LlamaRMSNorm"
+    norm_eps_attr: str = "variance_epsilon"  # the norm module's epsilon attribute
+    norm_offset: float = 0.0  # Gemma: the norm multiplies by (offset + w)
+    fused_qkv: bool = False  # Phi-3: one qkv_proj (q, k, v rows in that order)
+    qk_norm: bool = False  # Qwen3, Gemma3: RMSNorm on q and k per head, before RoPE
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj (gate rows first)
+    act_attr: str = "hidden_act"  # the config attribute naming the MLP activation
+    # where the stock attention reads its sliding window: None (it has none), "config" (config.sliding_window, every
+    # layer: Mistral, Phi-3) or "layer" (the attention module's own sliding_window, per layer type: Qwen2/3, Gemma3)
+    window: str | None = None
+
+
+WINDOWS = (None, "config", "layer")
+
+
+@dataclass(frozen=True)
 class _NormSpec:
     eps_attr: str
     offset: float
@@ -118,10 +139,19 @@ class _NormSpec:
 class _AttnSpec:
     fused_qkv: bool  # Phi-3: one qkv_proj
     qk_norm: bool  # Qwen3, Gemma3
-    extra_kwargs: Callable[[nn.Module], dict]  # what the stock forward passes to the attention function
+    window: str | None  # KernelSpec.window: the sliding window the stock forward passes to the attention function
     rope: bool
     lora: bool
     varlen: bool
+
+
+def _attn_extra(attn: nn.Module, window: str | None) -> dict:
+    """What the stock forward passes to the attention function besides q/k/v, mask, dropout and scaling."""
+    if window == "config":
+        return {"sliding_window": getattr(attn.config, "sliding_window", None)}
+    if window == "layer":
+        return {"sliding_window": attn.sliding_window}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -180,7 +210,7 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     else:
         q, k = rope_reference(q.reshape(B, S, n_q, hd), k.reshape(B, S, n_kv, hd), cos, sin)
     q4, k4, v4 = q.reshape(B, S, n_q, hd), k.reshape(B, S, n_kv, hd), v.reshape(B, S, n_kv, hd)
-    extra = spec.extra_kwargs(self)
+    extra = _attn_extra(self, spec.window)
     packed = kwargs.pop("edgeft_packed", None)
     if packed is None and spec.varlen and kwargs.get("cu_seq_lens_q") is not None:
         packed = packed_batch_from_cu_seqlens(kwargs["cu_seq_lens_q"], kwargs.get("max_length_q"))
@@ -311,18 +341,20 @@ def _patch_varlen(rec: _Record, stack: nn.Module) -> None:
     rec.replaced.append("varlen:decoder position_ids -> cu_seqlens")
 
 
-def _common(rec: _Record, hf: nn.Module, flags: dict, *, norm_cls: str, norm: _NormSpec, attn_extra: Callable,
-            fused_qkv: bool, qk_norm: bool, fused_gate_up: bool, act: str) -> None:
+def _apply(rec: _Record, hf: nn.Module, flags: dict, spec: KernelSpec) -> None:
     stack = decoder_stack(hf)
+    if spec.window not in WINDOWS:
+        raise ValueError(f"KernelSpec.window must be one of {WINDOWS}, got {spec.window!r}")
     if flags["rms_norm"]:
-        _patch_norms(rec, hf, norm_cls, norm)
+        _patch_norms(rec, hf, spec.norm_class, _NormSpec(spec.norm_eps_attr, spec.norm_offset))
     if flags["attention"]:
-        spec = _AttnSpec(fused_qkv, qk_norm, attn_extra, bool(flags["rope"]), bool(flags["lora"]), bool(flags["varlen"]))
-        _patch_attention(rec, stack, spec)
+        attn = _AttnSpec(spec.fused_qkv, spec.qk_norm, spec.window, bool(flags["rope"]), bool(flags["lora"]),
+                         bool(flags["varlen"]))
+        _patch_attention(rec, stack, attn)
         if flags["varlen"]:
             _patch_varlen(rec, stack)
     if flags["glu"]:
-        _patch_mlp(rec, stack, fused_gate_up, act, bool(flags["lora"]))
+        _patch_mlp(rec, stack, spec.fused_gate_up, getattr(hf.config, spec.act_attr), bool(flags["lora"]))
     if flags["checkpoint"]:
         if flags["checkpoint"] not in MODES:
             raise ValueError(f"checkpoint must be one of {MODES} or None, got {flags['checkpoint']!r}")
@@ -338,61 +370,19 @@ def _common(rec: _Record, hf: nn.Module, flags: dict, *, norm_cls: str, norm: _N
             log.warning("edgeft.kernels: the LM head is not a plain bias-free Linear; fused cross-entropy is off")
 
 
-# --- one function per family ----------------------------------------------------------------------------------
+def model_type(model: nn.Module) -> str | None:
+    """``config.model_type`` of the transformers model (also inside a PEFT wrapper)."""
+    return getattr(getattr(transformers_model(model), "config", None), "model_type", None)
 
 
-def patch_llama(rec: _Record, hf: nn.Module, flags: dict) -> None:
-    _common(rec, hf, flags, norm_cls="LlamaRMSNorm", norm=_NormSpec("variance_epsilon", 0.0),
-            attn_extra=lambda m: {}, fused_qkv=False, qk_norm=False, fused_gate_up=False, act=hf.config.hidden_act)
+def patch(model: nn.Module, spec: KernelSpec | Mapping[str, KernelSpec] | None, **flags: Any) -> list[str]:
+    """Replace modules of a transformers model (optionally PEFT-wrapped) with the fused kernels.
 
-
-def patch_mistral(rec: _Record, hf: nn.Module, flags: dict) -> None:
-    _common(rec, hf, flags, norm_cls="MistralRMSNorm", norm=_NormSpec("variance_epsilon", 0.0),
-            attn_extra=lambda m: {"sliding_window": getattr(m.config, "sliding_window", None)},
-            fused_qkv=False, qk_norm=False, fused_gate_up=False, act=hf.config.hidden_act)
-
-
-def patch_qwen2(rec: _Record, hf: nn.Module, flags: dict) -> None:
-    _common(rec, hf, flags, norm_cls="Qwen2RMSNorm", norm=_NormSpec("variance_epsilon", 0.0),
-            attn_extra=lambda m: {"sliding_window": m.sliding_window},
-            fused_qkv=False, qk_norm=False, fused_gate_up=False, act=hf.config.hidden_act)
-
-
-def patch_qwen3(rec: _Record, hf: nn.Module, flags: dict) -> None:
-    _common(rec, hf, flags, norm_cls="Qwen3RMSNorm", norm=_NormSpec("variance_epsilon", 0.0),
-            attn_extra=lambda m: {"sliding_window": m.sliding_window},
-            fused_qkv=False, qk_norm=True, fused_gate_up=False, act=hf.config.hidden_act)
-
-
-def patch_gemma3(rec: _Record, hf: nn.Module, flags: dict) -> None:
-    _common(rec, hf, flags, norm_cls="Gemma3RMSNorm", norm=_NormSpec("eps", 1.0),
-            attn_extra=lambda m: {"sliding_window": m.sliding_window},
-            fused_qkv=False, qk_norm=True, fused_gate_up=False, act=hf.config.hidden_activation)
-
-
-def patch_phi3(rec: _Record, hf: nn.Module, flags: dict) -> None:
-    _common(rec, hf, flags, norm_cls="Phi3RMSNorm", norm=_NormSpec("variance_epsilon", 0.0),
-            attn_extra=lambda m: {"sliding_window": getattr(m.config, "sliding_window", None)},
-            fused_qkv=True, qk_norm=False, fused_gate_up=True, act=hf.config.hidden_act)
-
-
-FAMILIES: dict[str, Callable[[_Record, nn.Module, dict], None]] = {
-    "llama": patch_llama,
-    "mistral": patch_mistral,
-    "qwen2": patch_qwen2,
-    "qwen3": patch_qwen3,
-    "gemma3_text": patch_gemma3,
-    "phi3": patch_phi3,
-}
-
-
-def patch(model: nn.Module, **flags: Any) -> list[str]:
-    """Replace modules of a supported transformers model (optionally PEFT-wrapped) with the fused kernels.
-
+    ``spec``: the family's :class:`KernelSpec`, or a table of them by ``config.model_type`` (``edgeft.arch.KERNELS``).
     Flags (default): rms_norm (True), rope (True), glu (True), lora (True), attention (True), varlen (True),
     fused_ce (True), checkpoint (None | "offload" | "plain"). Returns the list of replacements
-    ("op:module.path"); an unsupported architecture keeps its stock modules, logs one warning and returns [].
-    Patching twice re-patches from the stock state.
+    ("op:module.path"); a model with no spec (None, or its model_type not in the table) keeps its stock modules,
+    logs one warning and returns []. Patching twice re-patches from the stock state.
     """
     unknown = set(flags) - set(DEFAULT_FLAGS)
     if unknown:
@@ -400,14 +390,15 @@ def patch(model: nn.Module, **flags: Any) -> list[str]:
     opts = {**DEFAULT_FLAGS, **flags}
     hf = transformers_model(model)
     unpatch(model)
-    model_type = getattr(getattr(hf, "config", None), "model_type", None)
-    family = FAMILIES.get(model_type)
-    if family is None:
-        log.warning("edgeft.kernels: no kernels for architecture %r; the model keeps its stock modules", model_type)
+    mt = model_type(hf)
+    if isinstance(spec, Mapping):
+        spec = spec.get(mt)
+    if spec is None:
+        log.warning("edgeft.kernels: no kernels for architecture %r; the model keeps its stock modules", mt)
         return []
     rec = _Record()
     try:
-        family(rec, hf, opts)
+        _apply(rec, hf, opts, spec)
     except Exception:
         rec.undo()
         raise

@@ -112,12 +112,12 @@ def _plain_head(module: nn.Module | None, sharded_ok: bool = False) -> bool:
 
 def _fused_obstacle(student: nn.Module, teacher: nn.Module) -> str | None:
     """Why the fused path cannot run for this student and teacher (None: it can)."""
-    from edgeft.kernels import FAMILIES
+    from edgeft.arch import family
 
     for name, m in (("student", student), ("teacher", teacher)):
         inner = _inner_model(m)
         model_type = getattr(getattr(inner, "config", None), "model_type", None)
-        if model_type not in FAMILIES:
+        if family(model_type) is None:
             return f"the {name}'s architecture {model_type!r} has no kernels"
         # an FSDP teacher's head is gathered for the kernel (unshard); the student's is whole in its root's forward
         sharded_ok = name == "teacher" and _is_fsdp(teacher)

@@ -155,7 +155,9 @@ def apply_kernels(model: nn.Module, required: bool, checkpoint: str | None = Non
         if required:
             raise EdgeftError(f"--kernels on: the fused kernels are unavailable ({e})") from None
         return []
-    return patch(model, checkpoint=checkpoint)
+    from edgeft.arch import kernel_specs
+
+    return patch(model, kernel_specs(), checkpoint=checkpoint)
 
 
 def activation_bytes(cfg: Any, model: nn.Module) -> int:

@@ -6,10 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from edgeft.arch import kernel_specs
 from edgeft.data import IGNORE_INDEX, Batcher, collate, collate_flat, encode_dataset, load_conversations, pack
 from edgeft.data.batching import packing_efficiency
 from edgeft.models import load_model, resolve_model
 from edgeft.train import lm_loss_sum
+
+KERNELS = kernel_specs()
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,7 @@ def test_packing_does_not_change_any_examples_loss(tiny, kernels):
     rows = examples[:6]
     if kernels:  # edgeft's varlen attention path (CPU: SDPA with a block-diagonal mask) and fused loss
         kmod = pytest.importorskip("edgeft.kernels")
-        kmod.patch(model, rms_norm=False, rope=False, glu=False, lora=False)  # interpreted Triton is slow on CPU
+        kmod.patch(model, KERNELS, rms_norm=False, rope=False, glu=False, lora=False)  # interpreted Triton is slow on CPU
     try:
         alone = [float(lm_loss_sum(model, collate([ex], tok.pad_token_id))[0]) for ex in rows]
         packed = collate_flat(rows)

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 import edgeft.kernels as K
-from edgeft.kernels.patch import FAMILIES
+from edgeft.arch import FAMILIES, kernel_specs
+
+KERNELS = kernel_specs()
 
 from .conftest import ON_CUDA, rel_err
 
@@ -71,7 +73,7 @@ def grads(m):
 def check_equivalence(model_type, lora, checkpoint=None, packed_cases=(False, True)):
     m = build(model_type, lora)
     ref_m = copy.deepcopy(m)
-    replaced = K.patch(m, checkpoint=checkpoint)
+    replaced = K.patch(m, KERNELS, checkpoint=checkpoint)
     assert replaced
     ids = torch.randint(3, 300, (2, 12))
     for packed in packed_cases:
@@ -115,7 +117,7 @@ def test_checkpointed_layers_same_loss_and_grads(model_type):
 def test_hf_forward_with_labels_still_works_when_patched():
     m = build("llama", lora=True)
     ref = copy.deepcopy(m)
-    K.patch(m)
+    K.patch(m, KERNELS)
     ids = torch.randint(3, 300, (2, 10))
     torch.testing.assert_close(m(input_ids=ids, labels=ids).loss, ref(input_ids=ids, labels=ids).loss)
 
@@ -124,7 +126,7 @@ def test_unpatch_restores_stock_modules():
     m = build("qwen3", lora=True)
     hf = K.transformers_model(m)
     before = {name: dict(mod.__dict__) for name, mod in hf.named_modules()}
-    replaced = K.patch(m, checkpoint="offload")
+    replaced = K.patch(m, KERNELS, checkpoint="offload")
     assert hf.model.layers[0].mlp.__dict__.get("forward") is not None
     assert K.unpatch(m) == replaced
     after = {name: dict(mod.__dict__) for name, mod in hf.named_modules()}
@@ -137,13 +139,13 @@ def test_unpatch_restores_stock_modules():
 
 def test_flags_select_what_is_replaced():
     m = build("llama", lora=False)
-    only_norm = K.patch(m, rope=False, glu=False, attention=False, varlen=False, fused_ce=False)
+    only_norm = K.patch(m, KERNELS, rope=False, glu=False, attention=False, varlen=False, fused_ce=False)
     assert only_norm and all(r.startswith("rms_norm:") for r in only_norm)
     assert not hasattr(K.transformers_model(m), "_edgeft_fused_ce")
-    again = K.patch(m, rms_norm=False, attention=False, varlen=False, fused_ce=False)  # re-patch from stock
+    again = K.patch(m, KERNELS, rms_norm=False, attention=False, varlen=False, fused_ce=False)  # re-patch from stock
     assert again and all(r.startswith("mlp:") for r in again)
     with pytest.raises(TypeError):
-        K.patch(m, fused_everything=True)
+        K.patch(m, KERNELS, fused_everything=True)
 
 
 def test_unsupported_architecture_warns_once_and_keeps_stock(caplog):
@@ -151,7 +153,7 @@ def test_unsupported_architecture_warns_once_and_keeps_stock(caplog):
 
     m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with caplog.at_level(logging.WARNING, logger="edgeft.kernels"):
-        assert K.patch(m) == []
+        assert K.patch(m, KERNELS) == []
     warnings = [r for r in caplog.records if r.name == "edgeft.kernels"]
     assert len(warnings) == 1 and "gpt2" in warnings[0].getMessage()
     assert all("forward" not in mod.__dict__ for mod in m.modules())
@@ -169,7 +171,7 @@ def test_builtin_tiny_model_bf16(monkeypatch, tmp_path):
     model, _ = load_model(resolve_model("tiny-llama"), dtype=torch.bfloat16)
     model = get_peft_model(model, LoraConfig(r=8, target_modules=TARGETS)).train()
     ref = copy.deepcopy(model)
-    K.patch(model, checkpoint="plain")
+    K.patch(model, KERNELS, checkpoint="plain")
     ids = torch.randint(10, 8000, (2, 16))
     s, n = K.causal_lm_loss(model, ids, ids)
     loss = s / n
@@ -186,7 +188,7 @@ def test_patched_model_under_transformers_gradient_checkpointing():
     # checkpoint=None leaves checkpointing to transformers; the fused Functions must survive its recompute
     m = build("llama", lora=True)
     ref = copy.deepcopy(m)
-    K.patch(m)
+    K.patch(m, KERNELS)
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(3, 300, (2, 12))
     s, n = K.causal_lm_loss(m, ids, ids)

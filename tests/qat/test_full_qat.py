@@ -12,8 +12,11 @@ from torch import nn
 
 import edgeft.kernels as K
 from edgeft import qat
+from edgeft.arch import kernel_specs
 from edgeft.qat import fake_quant as R
 from edgeft.qat.prepare import FakeQuantEmbedding, FakeQuantLinear, fake_quant_cache_stats
+
+KERNELS = kernel_specs()
 
 
 def _batches(n, seed=0):
@@ -57,7 +60,7 @@ def test_weight_cache_forms_train_identically(patched):
     models = {form: copy.deepcopy(base) for form in ("weights", "codes", "off")}
     for form, m in models.items():
         if patched:
-            K.patch(m, checkpoint=None)
+            K.patch(m, KERNELS, checkpoint=None)
         qat.prepare(m, "phone-deployment", cache=form)
     n_linear = sum(isinstance(x, FakeQuantLinear) for x in base.modules()) or 2 * 7 + 1
     opts = {f: torch.optim.SGD(m.parameters(), lr=0.5) for f, m in models.items()}
@@ -90,8 +93,8 @@ def test_checkpointed_layers_save_the_quantized_weight_during_their_recompute():
     one dequantization (the recompute), none in the backward."""
     m = tiny_model("qwen3", lora=False, tie_word_embeddings=False).requires_grad_(True)
     ref = copy.deepcopy(m)
-    K.patch(m, checkpoint="plain")
-    K.patch(ref, checkpoint=None)
+    K.patch(m, KERNELS, checkpoint="plain")
+    K.patch(ref, KERNELS, checkpoint=None)
     qat.prepare(m, "int8-int4")
     qat.prepare(ref, "int8-int4")
     ids = _batches(1)[0]
@@ -176,11 +179,11 @@ def test_patched_full_qat_equals_the_reference(model_type, order):
     qat.prepare(unpatched, scheme)
     ref = _reference(unpatched)
     if order == "patch_then_prepare":
-        K.patch(m)
+        K.patch(m, KERNELS)
         qat.prepare(m, scheme)
     else:
         qat.prepare(m, scheme)
-        K.patch(m)
+        K.patch(m, KERNELS)
     assert getattr(m, "_edgeft_fused_ce", False)  # the QAT head keeps the fused loss, in either order
     ids = _batches(1)[0]
     results = []

@@ -11,10 +11,13 @@ from peft import LoraConfig, get_peft_model
 from qat_helpers import rel_err, tiny_model
 
 from edgeft import qat
+from edgeft.arch import kernel_specs
 from edgeft.errors import EdgeftError
 from edgeft.models import load_model, resolve_model
 from edgeft.qat.fake_quant import WeightQuant, initial_scale, int_weight_ref, learned_fake_quant
 from edgeft.qat.prepare import LearnedWeightFakeQuantizer
+
+KERNELS = kernel_specs()
 
 SPEC = WeightQuant("int", 4, 32)
 
@@ -220,7 +223,7 @@ def test_patched_model_trains_learned_scales_like_the_unpatched_one(lora):
             if n.endswith("log_scale"):
                 p.normal_(0, 0.2)
     unpatched = copy.deepcopy(m)
-    assert K.patch(m)
+    assert K.patch(m, KERNELS)
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     s, n = K.causal_lm_loss(m, ids, ids)
     (s / n).backward()
@@ -279,7 +282,7 @@ def test_quantizer_follows_its_scales_through_optimizer_steps():
     m = tiny_model("llama", lora=False)
     m.requires_grad_(True)
     qat.prepare(m, "int8-int4", weight_scale="learned")
-    assert K.patch(m)
+    assert K.patch(m, KERNELS)
     opt = build_optimizer(m, lr=1e-2, weight_decay=0.0, scale_lr=1e-2)  # edgeft's: fused AdamW
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     layer = m.model.layers[0].self_attn.q_proj

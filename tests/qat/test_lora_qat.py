@@ -12,11 +12,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import edgeft.kernels as K
 from edgeft import qat
+from edgeft.arch import kernel_specs
 from edgeft.kernels.fake_quant import fake_quant_weight
 from edgeft.kernels.lora import Projection, lora_linear, lora_mlp
 from edgeft.qat import fake_quant as R
 
 from qat_helpers import assert_close, rel_err, tiny_model
+
+KERNELS = kernel_specs()
 
 ACT, W4 = R.ActQuant(), R.WeightQuant("int", 4, 32)
 
@@ -169,11 +172,11 @@ def test_patched_and_prepared_in_either_order_equal_the_reference(model_type, or
     qat.prepare(unpatched, "int8-int4")
     ref = reference_model(unpatched)
     if order == "patch_then_prepare":
-        assert K.patch(m)
+        assert K.patch(m, KERNELS)
         qat.prepare(m, "int8-int4")
     else:
         qat.prepare(m, "int8-int4")
-        assert K.patch(m)
+        assert K.patch(m, KERNELS)
     ids = torch.randint(3, 300, (2, 12))
     losses = {}
     for name, model, patched in (("edgeft", m, True), ("unpatched", unpatched, False), ("reference", ref, False)):
@@ -200,7 +203,7 @@ def test_kept_merged_weights_train_like_rebuilt_ones(patched):
     kept, rebuilt = copy.deepcopy(base), copy.deepcopy(base)
     for m, cache in ((kept, "weights"), (rebuilt, "off")):
         if patched:
-            assert K.patch(m, checkpoint=None)
+            assert K.patch(m, KERNELS, checkpoint=None)
         qat.prepare(m, "int8-int4", cache=cache)
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (kept, rebuilt)]
     n_lora, micro = 2 * 7, 2

@@ -15,6 +15,9 @@ from qat_helpers import rel_err, tiny_model
 
 import edgeft.kernels as K
 from edgeft import qat
+from edgeft.arch import kernel_specs
+
+KERNELS = kernel_specs()
 
 
 def _saved_during(fn):
@@ -51,7 +54,7 @@ def test_no_fake_quantized_weight_is_saved_and_gradients_are_unchanged(lora, pat
     if not lora:
         m.requires_grad_(True)
     if patched:
-        assert K.patch(m, checkpoint=None)
+        assert K.patch(m, KERNELS, checkpoint=None)
     ids = torch.randint(3, 300, (2, 12))
 
     def loss():

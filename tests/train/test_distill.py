@@ -8,12 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from edgeft.arch import kernel_specs
 from edgeft.config import TrainConfig, resolve
 from edgeft.data import collate, collate_flat, encode_dataset, load_conversations
 from edgeft.errors import EdgeftError
 from edgeft.models import load_model, resolve_model
 from edgeft.train import backward_window
 from edgeft.train.distill import Distillation, distill_positions, kl_sum
+
+KERNELS = kernel_specs()
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +255,7 @@ def test_student_logits_through_the_fused_head_equal_the_model_logits(tiny, qat)
     batch = collate_flat(examples[:2])
     with torch.no_grad():
         ref = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[:, :-1]
-        patch(model)
+        patch(model, KERNELS)
         assert getattr(model, "_edgeft_fused_ce", False)
         got = student_logits(model, batch)
     if qat is None:
@@ -305,7 +308,7 @@ def test_kernels_patched_qat_student_distils_through_the_fused_kernel():
     examples = encode_dataset(tok, load_conversations("builtin:tasks")[:4], max_length=64)
     student, teacher = _student_and_perturbed_teacher(model_dir)
     qatlib.prepare(student, "int8-int4")
-    patch(student)
+    patch(student, KERNELS)
     assert getattr(student, "_edgeft_fused_ce", False)
     window = [collate_flat(examples[:1]), collate_flat(examples[1:3])]
     grads, stats = [], []
