@@ -20,7 +20,28 @@ POS = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 
 SEGMENTS = [(0, 0, 5), (0, 5, 9), (0, 9, 12), (1, 0, 12)]
 
 
-def tiny_config(model_type: str):
+# RoPE and shape variants of the real families, each against its own unpatched model
+LONGROPE = dict(rope_type="longrope", short_factor=[1.0, 1.3, 1.7, 2.2, 2.8, 3.5],
+                long_factor=[1.5, 2.5, 3.5, 5.0, 7.0, 9.0])
+VARIANTS = {
+    # Phi-4-mini: partial rotary (3/4 of each head) and LongRoPE, here with the short factors (rows within the
+    # original context) ...
+    "phi3-partial-longrope": ("phi3", dict(partial_rotary_factor=0.75, rope_scaling=LONGROPE)),
+    # ... and the long ones (original context 8 < the 12-token rows). Not packed: HF picks the factors by the
+    # batch's largest position, so a packed row's short examples get the long ones, unlike the same examples alone
+    "phi3-partial-longrope-long": ("phi3", dict(partial_rotary_factor=0.75, original_max_position_embeddings=8,
+                                                rope_scaling=LONGROPE)),
+    # Llama 3.2: rope_type llama3 rescales the low frequencies
+    "llama-llama3-rope": ("llama", dict(
+        rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                          original_max_position_embeddings=8))),
+    # Mistral NeMo: head_dim (32 here) is not hidden / heads (16)
+    "mistral-head-dim": ("mistral", dict(head_dim=32)),
+}
+
+
+def tiny_config(model_type: str, **extra):
     from transformers import AutoConfig
 
     kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -33,16 +54,17 @@ def tiny_config(model_type: str):
         kw.pop("head_dim")
     if model_type == "mistral":
         kw["sliding_window"] = 5
+    kw.update(extra)
     cfg = AutoConfig.for_model(model_type, **kw)
     cfg._attn_implementation = "eager" if model_type == "gemma3_text" else "sdpa"
     return cfg
 
 
-def build(model_type: str, lora: bool):
+def build(model_type: str, lora: bool, **extra):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(tiny_config(model_type)).float()
+    m = AutoModelForCausalLM.from_config(tiny_config(model_type, **extra)).float()
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -70,8 +92,8 @@ def grads(m):
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
-def check_equivalence(model_type, lora, checkpoint=None, packed_cases=(False, True)):
-    m = build(model_type, lora)
+def check_equivalence(model_type, lora, checkpoint=None, packed_cases=(False, True), extra=None):
+    m = build(model_type, lora, **(extra or {}))
     ref_m = copy.deepcopy(m)
     replaced = K.patch(m, KERNELS, checkpoint=checkpoint)
     assert replaced
@@ -106,6 +128,17 @@ def test_lora_model_same_loss_and_grads(model_type):
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text"])
 def test_full_finetuning_same_loss_and_grads(model_type):
     check_equivalence(model_type, lora=False)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_rope_and_shape_variants_same_loss_and_grads(variant):
+    model_type, extra = VARIANTS[variant]
+    packed = (False,) if variant.endswith("-long") else (False, True)
+    m, _ = check_equivalence(model_type, lora=True, extra=extra, packed_cases=packed)
+    cfg = K.transformers_model(m).config
+    if variant.startswith("phi3"):  # the rotary table covers 3/4 of each head: the rest must pass through
+        cos, _ = K.transformers_model(m).model.rotary_emb(torch.zeros(1), torch.arange(4)[None])
+        assert cos.shape[-1] == cfg.hidden_size // cfg.num_attention_heads * 3 // 4
 
 
 @pytest.mark.parametrize("model_type", ["qwen3", "phi3"])
