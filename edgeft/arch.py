@@ -101,3 +101,17 @@ def for_config(cfg: dict[str, Any]) -> Family | None:
 def kernel_specs() -> dict[str, Any]:
     """Every family's ``KernelSpec`` by model_type: the table ``edgeft.kernels.patch`` takes."""
     return {mt: f.kernel_spec() for mt, f in FAMILIES.items()}
+
+
+def rotary_dims(model: Any) -> int:
+    """How many dims of each attention head the model's own rotary embedding rotates: ``head_dim``, or fewer under
+    ``partial_rotary_factor`` (Phi-4-mini: 3/4). Read off its inverse-frequency table(s), which is what it uses."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    inner = getattr(model, getattr(model, "base_model_prefix", "model"), model)
+    rotary = getattr(inner, "rotary_emb", None)
+    freqs = [b for n, b in rotary.named_buffers() if n.endswith("inv_freq")] if rotary is not None else []
+    dims = {2 * int(f.shape[-1]) for f in freqs} or {head_dim}  # Gemma3: one table per layer type, same width
+    if len(dims) != 1 or not 0 < min(dims) <= head_dim:
+        raise ValueError(f"rotary tables of widths {sorted(dims)} do not fit head_dim {head_dim}")
+    return dims.pop()

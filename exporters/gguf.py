@@ -12,7 +12,7 @@ What is written
   layout to llama.cpp's interleaved RoPE layout; Qwen2/3 and Gemma3 use NEOX RoPE in llama.cpp and need none.
 - Gemma3 (``Gemma3ForCausalLM``, ``gemma3_text``): HF's norms compute x * (1 + w) and llama.cpp's x * w, so
   every RMSNorm weight (the four per layer, the per-head q/k norms, the final norm) is written as 1 + w in F32
-  (``ArchSpec.norm_offset``; subtracted again when a file is read back). The embedding is stored unscaled:
+  (``Family.norm_offset``; subtracted again when a file is read back). The embedding is stored unscaled:
   llama.cpp multiplies by sqrt(hidden) itself, as HF's scaled embedding does. From the loaded config: the
   sliding window, which layers use it (``sliding_window_pattern``, one flag per layer), the global RoPE base
   (``rope.freq_base``, with linear scaling if the global layers have it) and the local one
@@ -129,30 +129,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgeft.arch import FAMILIES, Family, for_config, rotary_dims
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_path
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """How one HF architecture maps onto a llama.cpp architecture."""
-
-    hf_name: str
-    gguf_arch: str  # gguf.MODEL_ARCH member name
-    permute_qk: bool  # HF rotate-half -> llama.cpp interleaved RoPE (Llama only)
-    # added to every RMSNorm weight in the file: Gemma's norms compute x * (1 + w) in HF, llama.cpp's x * w
-    norm_offset: float = 0.0
-
-
-ARCHS: dict[str, ArchSpec] = {
-    a.hf_name: a
-    for a in [
-        ArchSpec("LlamaForCausalLM", "LLAMA", permute_qk=True),
-        ArchSpec("Qwen2ForCausalLM", "QWEN2", permute_qk=False),
-        ArchSpec("Qwen3ForCausalLM", "QWEN3", permute_qk=False),
-        ArchSpec("Gemma3ForCausalLM", "GEMMA3", permute_qk=False, norm_offset=1.0),
-    ]
-}
 
 
 @dataclass(frozen=True)
@@ -298,6 +277,7 @@ def export(
             vocab_info,
             label=f"{out_path.name} ({quant})",
             exact=all_exact,
+            rope=tensors.rope,
         )
         del reference
         nbytes = tmp.stat().st_size
@@ -306,7 +286,7 @@ def export(
         "path": str(out_path),
         "bytes": nbytes,
         "quant": qspec.name,
-        "architecture": arch.hf_name,
+        "architecture": arch.hf_class,
         "source": str(src),
         "source_scheme": ((record or {}).get("plan") or {}).get("name"),
         "tensor_types": tensors.counts,
@@ -316,8 +296,10 @@ def export(
         "float_tensors": tensors.float_tensors,  # exact export: untrained 2-D tensors and their type
         "tokenizer_model": vocab_info["model"],  # gpt2 (byte-level BPE) or llama (SentencePiece)
         "tokenizer_pre": vocab_info["pre"],
+        "rope": {"type": tensors.rope.kind, "dims": tensors.rope.dims, "tensors": sorted(tensors.rope.tensors)},
         "validation": validation,
         "seconds": {"write": round(t_write, 2), "validate": round(total - t_write, 2), "total": round(total, 2)},
+        "warnings": tensors.warnings,
     }
     if tensors.exact:
         report["exact"] = {
@@ -347,6 +329,8 @@ class _Tensors:
     float_tensors: dict[str, str] = field(default_factory=dict)  # exact export: untrained 2-D tensors -> type
     scale_rounding: float = 0.0
     degenerate_groups: int = 0
+    rope: Any = None  # the file's _Rope
+    warnings: list[str] = field(default_factory=list)
 
 
 def _write_file(
@@ -354,7 +338,7 @@ def _write_file(
     model: Any,
     tokenizer: Any,
     cfg: dict[str, Any],
-    arch: ArchSpec,
+    arch: Family,
     qspec: QuantSpec,
     src: Path,
     *,
@@ -366,9 +350,11 @@ def _write_file(
     import gguf
 
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])
-    _add_metadata(writer, cfg, arch, qspec, src, model.config)
+    rope, warnings = _add_metadata(writer, cfg, arch, qspec, src, model)
     vocab_info = _add_vocab(writer, src, cfg, tokenizer)
-    tensors = _add_tensors(writer, model, cfg, arch, qspec, skip_permute=skip_permute, corrupt=corrupt, exact=exact)
+    tensors = _add_tensors(writer, model, cfg, arch, qspec, skip_permute=skip_permute, corrupt=corrupt, exact=exact,
+                           generated=rope.tensors)
+    tensors.rope, tensors.warnings = rope, warnings
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -379,14 +365,13 @@ def _write_file(
 # --- source -----------------------------------------------------------------------------------------
 
 
-def _arch_spec(cfg: dict[str, Any]) -> ArchSpec:
-    names = cfg.get("architectures") or [cfg.get("model_type", "?")]
-    spec = ARCHS.get(names[0])
-    if spec is None:
-        raise EdgeftError(
-            f"GGUF export does not support architecture {names[0]} (supported: {', '.join(sorted(ARCHS))})"
-        )
-    return spec
+def _arch_spec(cfg: dict[str, Any]) -> Family:
+    fam = for_config(cfg)
+    if fam is None or fam.gguf_arch is None:
+        names = cfg.get("architectures") or [cfg.get("model_type", "?")]
+        supported = sorted(f.hf_class for f in FAMILIES.values() if f.gguf_arch)
+        raise EdgeftError(f"GGUF export does not support architecture {names[0]} (supported: {', '.join(supported)})")
+    return fam
 
 
 def _check_tokenizer_files(src: Path) -> None:
@@ -427,11 +412,100 @@ def _float_weight(t: torch.Tensor) -> torch.Tensor:
 # --- metadata ---------------------------------------------------------------------------------------
 
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    params = cfg.get("rope_parameters") or {}
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
-    return float(theta), scaling
+@dataclass
+class _Rope:
+    """How the file carries the model's RoPE: base, rotated dims, and the llama.cpp form of its scaling."""
+
+    theta: float
+    kind: str  # HF rope_type: default, linear, llama3, longrope
+    dims: int  # rotated dims per head (fewer than head_dim under partial_rotary_factor)
+    factor: float = 1.0  # linear
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)  # generated F32 tensors by llama.cpp name
+    attn_factor: float = 1.0  # longrope: HF scales cos/sin by it, llama.cpp's rope by rope.scaling.attn_factor
+    original_context: int | None = None  # longrope: beyond it llama.cpp (by n_ctx) and HF (by length) go long
+
+
+# Scaled RoPE (llama3, longrope) moves only low frequencies, which the short validation texts barely rotate:
+# such files are also compared on one sequence of this many held-out tokens (within the file's context)
+ROPE_CHECK_TOKENS = 512
+
+
+def _rope_parameters(c: Any) -> dict[str, Any]:
+    """The loaded config's RoPE parameters (transformers normalises legacy ``rope_scaling``/``rope_theta`` keys)."""
+    params = dict(getattr(c, "rope_parameters", None) or {})
+    if "rope_theta" not in params:
+        params["rope_theta"] = getattr(c, "rope_theta", 10000.0)
+    return params
+
+
+def llama3_rope_factors(params: dict[str, Any], dims: int) -> np.ndarray:
+    """Per-frequency divisors of RoPE ``llama3`` (Llama 3.1+), as llama.cpp reads them from ``rope_freqs``:
+    wavelengths below original / high_freq_factor keep their frequency (1), above original / low_freq_factor are
+    slowed by ``factor``, and in between the two blend smoothly (Meta's definition, as HF computes it)."""
+    base = float(params["rope_theta"])
+    factor = float(params.get("factor", 8.0))
+    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+    original = float(params.get("original_max_position_embeddings", 8192))
+    out = []
+    for i in range(0, dims, 2):
+        wavelen = 2 * math.pi * base ** (i / dims)
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1.0 / ((1.0 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def _tensor_name(arch: Family, tensor: str) -> str:
+    import gguf
+
+    key = gguf.MODEL_TENSOR[tensor]
+    if key not in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[arch.gguf_arch]]:
+        raise EdgeftError(f"GGUF export: llama.cpp's {arch.gguf_arch} has no {tensor} tensor")
+    return gguf.TENSOR_NAMES[key] + ".weight"
+
+
+def _rope_plan(model: Any, arch: Family, src: Path, theta: float, scaling: dict[str, Any] | None) -> _Rope:
+    """The file's RoPE from the loaded model: what llama.cpp's graph for ``arch`` needs to rotate as HF does."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or "default"
+    if kind not in arch.gguf_rope:
+        raise EdgeftError(
+            f"GGUF export of {arch.model_type} does not support RoPE scaling {kind!r} ({src.name}; llama.cpp's "
+            f"{arch.gguf_arch} takes {', '.join(arch.gguf_rope)})"
+        )
+    rope = _Rope(theta=theta, kind=kind, dims=rotary_dims(model))
+    if kind == "linear":
+        rope.factor = float(scaling["factor"])
+    elif kind == "llama3":
+        factors = llama3_rope_factors({**scaling, "rope_theta": theta}, rope.dims)
+        rope.tensors[_tensor_name(arch, "ROPE_FREQS")] = factors
+    elif kind == "longrope":
+        inner = getattr(model, model.base_model_prefix)
+        rope.attn_factor = float(inner.rotary_emb.attention_scaling)  # what HF multiplies cos and sin by
+        rope.original_context = int(scaling["original_max_position_embeddings"])
+        for which in ("long", "short"):
+            f = np.asarray(scaling[f"{which}_factor"], dtype=np.float32)
+            if f.shape != (rope.dims // 2,):
+                raise EdgeftError(f"GGUF export: {len(f)} LongRoPE {which} factors for {rope.dims // 2} frequencies")
+            rope.tensors[_tensor_name(arch, f"ROPE_FACTORS_{which.upper()}")] = f
+    return rope
+
+
+def _window(model: Any, arch: Family) -> int:
+    """The narrowest sliding window any layer applies as HF runs the model (0: none)."""
+    c = model.config
+    if arch.window == "config":
+        ws = [getattr(c, "sliding_window", None)]
+    elif arch.window == "layer":
+        stack = getattr(model, model.base_model_prefix)
+        ws = [getattr(layer.self_attn, "sliding_window", None) for layer in stack.layers]
+    else:
+        ws = []
+    ws = [int(w) for w in ws if w]
+    return min(ws) if ws else 0
 
 
 def _gemma3_metadata(writer: Any, c: Any, src: Path) -> tuple[float, dict[str, Any] | None]:
@@ -446,8 +520,6 @@ def _gemma3_metadata(writer: Any, c: Any, src: Path) -> tuple[float, dict[str, A
         raise EdgeftError(f"{where}: bidirectional attention is not supported (llama.cpp's gemma3 is causal)")
     if getattr(c, "attn_logit_softcapping", None) is not None:
         raise EdgeftError(f"{where}: attn_logit_softcapping is not supported (llama.cpp's gemma3 has none)")
-    if c.hidden_activation != "gelu_pytorch_tanh":
-        raise EdgeftError(f"{where}: activation {c.hidden_activation!r} is not supported (llama.cpp uses GELU-tanh)")
     types = list(c.layer_types)
     if set(types) - {"sliding_attention", "full_attention"}:
         raise EdgeftError(f"{where}: unknown layer types {sorted(set(types))}")
@@ -477,26 +549,46 @@ def _gemma3_metadata(writer: Any, c: Any, src: Path) -> tuple[float, dict[str, A
 
 
 def _add_metadata(
-    writer: Any, cfg: dict[str, Any], arch: ArchSpec, qspec: QuantSpec, src: Path, hf_config: Any = None
-) -> None:
+    writer: Any, cfg: dict[str, Any], arch: Family, qspec: QuantSpec, src: Path, model: Any
+) -> tuple[_Rope, list[str]]:
+    """Write the architecture's keys from the loaded model; return its RoPE plan and warnings."""
     import gguf
 
+    c = model.config
+    warnings: list[str] = []
+    act = getattr(c, arch.act_attr)
+    if act not in arch.gguf_activations:
+        raise EdgeftError(
+            f"GGUF export of {arch.model_type} ({src.name}): activation {act!r} is not supported (llama.cpp's "
+            f"{arch.gguf_arch} computes {', '.join(arch.gguf_activations)})"
+        )
     n_head = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
-    if arch.gguf_arch == "GEMMA3":
-        theta, scaling = _gemma3_metadata(writer, hf_config, src)
+    if arch.gguf_windows:
+        theta, scaling = _gemma3_metadata(writer, c, src)
     else:
-        theta, scaling = _rope(cfg)
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(scaling["factor"]))
-        elif kind not in (None, "default"):
-            raise EdgeftError(f"GGUF export does not support RoPE scaling {kind!r} yet ({src.name})")
+        params = _rope_parameters(c)
+        theta = float(params["rope_theta"])
+        scaling = params if params.get("rope_type", "default") != "default" else None
+    rope = _rope_plan(model, arch, src, theta, scaling)
+    if rope.kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope.factor)
+    elif rope.kind == "longrope":
+        writer.add_rope_scaling_attn_factors(rope.attn_factor)
+        writer.add_rope_scaling_orig_ctx_len(rope.original_context)
+    context = int(cfg.get("max_position_embeddings", 2048))
+    window = 0 if arch.gguf_windows else _window(model, arch)
+    if 0 < window < context:
+        # llama.cpp attends to everything: equal to HF's windowed attention only while the context fits the window
+        warnings.append(
+            f"llama.cpp's {arch.gguf_arch} has no sliding window: the file's context length is {window} (the "
+            f"window), not {context}; beyond it llama.cpp would attend further back than the model does"
+        )
+        context = window
     # a run's converted/ directory is named after the run
     writer.add_name(src.parent.name if src.name in ("converted", "model") else src.name)
-    writer.add_context_length(cfg.get("max_position_embeddings", 2048))
+    writer.add_context_length(context)
     writer.add_embedding_length(cfg["hidden_size"])
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_feed_forward_length(cfg["intermediate_size"])
@@ -504,13 +596,14 @@ def _add_metadata(
     writer.add_head_count_kv(cfg.get("num_key_value_heads", n_head))
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(theta)
+    writer.add_rope_dimension_count(rope.dims)
+    writer.add_rope_freq_base(rope.theta)
     writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(cfg["vocab_size"])
     writer.add_file_type(gguf.LlamaFileType[qspec.file_type])
     if qspec.weight not in ("F32", "F16", "BF16"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return rope, warnings
 
 
 # --- tokenizer --------------------------------------------------------------------------------------
@@ -862,12 +955,13 @@ def _add_tensors(
     writer: Any,
     model: Any,
     cfg: dict[str, Any],
-    arch: ArchSpec,
+    arch: Family,
     qspec: QuantSpec,
     *,
     skip_permute: bool,
     corrupt: str | None,
     exact: bool = True,
+    generated: dict[str, np.ndarray] | None = None,
 ) -> _Tensors:
     """Write every tensor; return the type counts, the file's weights back in HF layout (the reference), and
     which trained tensors were written exactly.
@@ -896,7 +990,7 @@ def _add_tensors(
             continue  # llama.cpp uses token_embd as the output when output.weight is absent
         name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise EdgeftError(f"GGUF export: no llama.cpp name for tensor {hf_name} ({arch.hf_name})")
+            raise EdgeftError(f"GGUF export: no llama.cpp name for tensor {hf_name} ({arch.hf_class})")
         block_type = _exact_block_type(t, qspec) if exact else None
         if block_type is not None:
             qtype = gguf.GGMLQuantizationType[block_type]
@@ -917,7 +1011,7 @@ def _add_tensors(
         out.reference[hf_name] = torch.from_numpy(np.ascontiguousarray(dequantize(data, qtype)).reshape(shape))
         if arch.norm_offset and _is_norm(hf_name, data):
             data = data + np.float32(arch.norm_offset)  # F32: the same (1 + w) HF computes in float32
-        if arch.permute_qk and not skip_permute:
+        if arch.gguf_permute_qk and not skip_permute:
             if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
                 data = _permute_rope(data, n_head)
             elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -929,6 +1023,9 @@ def _add_tensors(
         written.add(name)
     if "token_embd.weight" not in written or not ("output.weight" in written or tied):
         raise EdgeftError("GGUF export: the model lacks its token embedding or output projection")
+    for name, arr in (generated or {}).items():  # RoPE factors: llama.cpp's own tensors, not the model's weights
+        writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32), raw_dtype=gguf.GGMLQuantizationType.F32)
+        out.counts["F32"] = out.counts.get("F32", 0) + 1
     return out
 
 
@@ -1001,7 +1098,7 @@ def _check_exact_weights(
     path: Path,
     model: Any,
     cfg: dict[str, Any],
-    arch: ArchSpec,
+    arch: Family,
     exact: dict[str, tuple[str, str]],
     *,
     skip_permute: bool,
@@ -1030,7 +1127,7 @@ def _check_exact_weights(
 
 
 def _read_file_weights(
-    path: Path, cfg: dict[str, Any], arch: ArchSpec, *, names: set[str] | None = None, skip_permute: bool = False
+    path: Path, cfg: dict[str, Any], arch: Family, *, names: set[str] | None = None, skip_permute: bool = False
 ) -> dict[str, torch.Tensor]:
     """A GGUF file's tensors dequantized by gguf-py, q/k rows put back in HF order; keyed by GGUF name."""
     import gguf
@@ -1047,7 +1144,7 @@ def _read_file_weights(
         arr = arr.reshape(tuple(int(x) for x in reversed(rt.shape)))  # GGUF lists dims innermost first
         if arch.norm_offset and _is_norm(rt.name, arr):
             arr = arr - np.float32(arch.norm_offset)  # back to HF's (1 + w) convention
-        if arch.permute_qk and not skip_permute:
+        if arch.gguf_permute_qk and not skip_permute:
             if rt.name.endswith("attn_q.weight") or rt.name.endswith("attn_q.bias"):
                 arr = _unpermute_rope(arr, n_head)
             elif rt.name.endswith("attn_k.weight") or rt.name.endswith("attn_k.bias"):
@@ -1071,7 +1168,7 @@ def _write_k_quant(
     model: Any,
     tokenizer: Any,
     cfg: dict[str, Any],
-    arch: ArchSpec,
+    arch: Family,
     qspec: QuantSpec,
     src: Path,
     skip_permute: bool,
@@ -1100,7 +1197,7 @@ def _write_k_quant(
         reference = _reference_model(model, written.reference)
         written.reference.clear()
         _validate(base, model, reference, tokenizer, QUANTS["f32"], act_quant, vocab_info,
-                  label=f"{path.name} (f32 before {qspec.name})", check_tokenizer=False)
+                  label=f"{path.name} (f32 before {qspec.name})", check_tokenizer=False, rope=written.rope)
         del reference
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, qspec.llama_ftype)
@@ -1116,10 +1213,11 @@ def _write_k_quant(
             raise EdgeftError(f"GGUF export: llama.cpp could not quantize to {qspec.name} (llama_model_quantize={rc})")
     finally:
         base.unlink(missing_ok=True)
-    tensors = _Tensors(requantized=written.requantized)
+    tensors = _Tensors(requantized=written.requantized, rope=written.rope, warnings=written.warnings)
     hf_names = {g: h for h, g in _gguf_names(model, cfg, arch).items()}
     for gname, w in _read_file_weights(path, cfg, arch, skip_permute=skip_permute).items():
-        tensors.reference[hf_names[gname]] = w
+        if gname in hf_names:  # not the generated RoPE factors
+            tensors.reference[hf_names[gname]] = w
     import gguf
 
     for rt in gguf.GGUFReader(str(path)).tensors:
@@ -1128,7 +1226,7 @@ def _write_k_quant(
     return vocab_info, tensors
 
 
-def _gguf_names(model: Any, cfg: dict[str, Any], arch: ArchSpec) -> dict[str, str]:
+def _gguf_names(model: Any, cfg: dict[str, Any], arch: Family) -> dict[str, str]:
     """HF state-dict name -> GGUF tensor name, for the tensors :func:`_add_tensors` writes."""
     import gguf
 
@@ -1315,6 +1413,18 @@ def check_tokenizer(src: str | os.PathLike) -> dict[str, Any]:
     return {**vocab_info, "strings": len(checks)}
 
 
+def _rope_check_ids(tokenizer: Any, rope: _Rope) -> list[int]:
+    """Held-out tokens far enough into the context that scaled low frequencies have turned (ROPE_CHECK_TOKENS);
+    for LongRoPE within the original context, where HF and llama.cpp (with this validation's n_ctx) both take the
+    short factors."""
+    from edgeft.exporters.pte import _heldout_ids
+
+    n = ROPE_CHECK_TOKENS
+    if rope.original_context:
+        n = min(n, rope.original_context - GREEDY_TOKENS - 16)
+    return _heldout_ids(tokenizer)[:n]
+
+
 @torch.no_grad()
 def _eager_greedy(model: Any, ids: list[int], n: int) -> list[int]:
     out = list(ids)
@@ -1341,6 +1451,7 @@ def _validate(
     label: str,
     exact: bool = False,
     check_tokenizer: bool = True,
+    rope: _Rope | None = None,
 ) -> dict[str, Any]:
     """Run the file on llama.cpp; compare with the file's own weights (fidelity) and with the source model.
 
@@ -1350,6 +1461,8 @@ def _validate(
     from edgeft.devices.llamacpp_runtime import GgufRuntime
 
     seqs, prompt, _ = _sequences(tokenizer)
+    if rope is not None and rope.kind in ("llama3", "longrope"):
+        seqs.append(_rope_check_ids(tokenizer, rope))
     tok_checks = _tokenizer_checks(tokenizer, vocab_info)
     n_ctx = max(max(len(s) for s in seqs), len(prompt) + GREEDY_TOKENS) + 8
     fid_rel = src_rel = 0.0

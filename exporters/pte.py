@@ -167,7 +167,6 @@ import time
 import types
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,32 +174,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeft.arch import FAMILIES, Family, for_config, rotary_dims
 from edgeft.devices.executorch_runtime import FULL_LOGITS_METHOD, REWIND_METHOD
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_path
 
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """A decoder family this exporter rewrites: the HF ``model_type`` and what its attention has."""
-
-    model_type: str
-    description: str
-    qk_norm: bool = False  # Qwen3, Gemma3: RMSNorm on q and k per head, before RoPE
-    norm_offset: float = 0.0  # Gemma3: RMSNorm multiplies by (offset + w)
-    # Gemma3: layers whose config.layer_types entry is "sliding_attention" attend to the last sliding_window keys
-    layer_windows: bool = False
-
-
-ARCHS: dict[str, ArchSpec] = {
-    a.model_type: a
-    for a in [
-        ArchSpec("llama", "Llama, SmolLM2, TinyLlama, Llama 3.x"),
-        ArchSpec("qwen2", "Qwen2, Qwen2.5"),
-        ArchSpec("qwen3", "Qwen3 dense", qk_norm=True),
-        ArchSpec("gemma3_text", "Gemma3 text", qk_norm=True, norm_offset=1.0, layer_windows=True),
-    ]
-}
 
 MASK_NAME = "edgeft_executorch"  # attention implementation name whose mask function builds no mask
 VALIDATION_SEQ_LENS = (48, 17, 5)  # held-out token sequences compared by logits
@@ -215,24 +193,24 @@ PTE_NAMES = {"all": "model.pte", "last": "model-last.pte"}
 # --- source -------------------------------------------------------------------------------------------
 
 
-def _arch(src: Path) -> tuple[ArchSpec, dict[str, Any]]:
+def _arch(src: Path) -> tuple[Family, dict[str, Any]]:
     cfg_path = src / "config.json"
     if not cfg_path.exists():
         raise EdgeftError(f"{src} is not a model directory (no config.json)")
     cfg = json.loads(cfg_path.read_text())
     mt = cfg.get("model_type")
-    if mt not in ARCHS:
-        raise EdgeftError(
-            f"pte export: architecture {mt!r} is not supported (supported: {', '.join(ARCHS)})"
-        )
-    if cfg.get("use_sliding_window") and not ARCHS[mt].layer_windows:
+    fam = for_config(cfg)
+    if fam is None or not fam.pte:
+        supported = ", ".join(f.model_type for f in FAMILIES.values() if f.pte)
+        raise EdgeftError(f"pte export: architecture {mt!r} is not supported (supported: {supported})")
+    if cfg.get("use_sliding_window") and fam.window != "layer":
         raise EdgeftError(f"pte export: {mt} with sliding-window attention is not supported")
     # custom_sdpa takes an additive mask but no score transform, and attends causally
     for key, why in (("attn_logit_softcapping", "attention logit softcapping"),
                      ("use_bidirectional_attention", "bidirectional attention")):
         if cfg.get(key):
             raise EdgeftError(f"pte export: {mt} with {why} is not supported (ExecuTorch's custom_sdpa has none)")
-    return ARCHS[mt], cfg
+    return fam, cfg
 
 
 def _load_source(src: Path) -> tuple[nn.Module, Any, dict[str, Any] | None]:
@@ -383,10 +361,12 @@ def _is_symmetric_int4_groups(w: torch.Tensor) -> bool:
     )
 
 
-def _rotate_half_matrix(d: int) -> torch.Tensor:
-    """W with F.linear(x, W) == cat(-x[d/2:], x[:d/2]) (HF's rotate_half), exactly: one ±1 per row."""
+def _rotate_half_matrix(d: int, rot: int | None = None) -> torch.Tensor:
+    """W with F.linear(x, W) == cat(-x[r/2:r], x[:r/2], 0...) (HF's rotate_half of the first ``rot`` dims, default
+    all ``d``; the rest map to 0), exactly: at most one ±1 per row."""
+    rot = rot or d
     w = torch.zeros(d, d)
-    h = d // 2
+    h = rot // 2
     idx = torch.arange(h)
     w[idx, idx + h] = -1.0
     w[idx + h, idx] = 1.0
@@ -412,12 +392,18 @@ def _et_attention_forward(
     """
     pos = kwargs["et_start_pos"]
     b, s, _ = hidden_states.shape
-    q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim)
-    k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim)
-    v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim)
+    if self.et_qkv_split:  # Phi-3: one projection, q, k, v rows in that order
+        q, k, v = self.qkv_proj(hidden_states).split(self.et_qkv_split, dim=-1)
+    else:
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))
     if self.et_qk_norm:
         q, k = self.q_norm(q), self.k_norm(k)
     cos, sin = position_embeddings
+    if self.et_rot_embed is not None:
+        # partial rotary: cos/sin cover the first rot dims; the rest pass through (cos 1, sin 0), exactly
+        cos = F.linear(cos, self.et_rot_embed, self.et_cos_pass)
+        sin = F.linear(sin, self.et_rot_embed)
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [b, s, 1, d] against [b, s, heads, d]
     q = q * cos + F.linear(q, self.et_rot) * sin
     k = k * cos + F.linear(k, self.et_rot) * sin
@@ -443,6 +429,42 @@ def _et_attention_forward(
     else:
         out = torch.ops.llama.custom_sdpa(q, self.et_k_cache, self.et_v_cache, pos, None, 0.0, True, self.scaling)
     return self.o_proj(out.reshape(b, s, -1)), None
+
+
+def _layer_window(fam: Family, attn: nn.Module) -> int:
+    """The sliding window one attention layer applies, as its HF forward reads it (0: none)."""
+    if fam.window == "config":
+        w = getattr(attn.config, "sliding_window", None)
+    elif fam.window == "layer":
+        w = getattr(attn, "sliding_window", None)
+    else:
+        w = None
+    return int(w) if w else 0
+
+
+def _static_rope(model: nn.Module, max_context_len: int) -> list[Any]:
+    """LongRoPE (Phi-3.5/Phi-4-mini): HF picks the short or the long factors by the largest position of each call.
+    A program whose context ends within the original length always has the short ones: it takes HF's table with
+    them, fixed (undo functions returned). A longer context is refused: a KV-cached program would hold keys rotated
+    with both sets, which no HF forward does."""
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is None or getattr(rotary, "rope_type", None) != "longrope":
+        return []
+    original = int(model.config.rope_parameters["original_max_position_embeddings"])
+    if max_context_len > original:
+        raise EdgeftError(
+            f"pte export: LongRoPE with max_context_len {max_context_len} beyond the original context {original} "
+            "is not supported (HF switches to the long factors per call; a KV cache would mix both)"
+        )
+    old_type, old_freq = rotary.rope_type, rotary.inv_freq.clone()
+    rotary.rope_type = "default"  # HF's dynamic update is keyed on the type: the short table stays in place
+    rotary.inv_freq.copy_(rotary.original_inv_freq)
+
+    def restore() -> None:
+        rotary.rope_type = old_type
+        rotary.inv_freq.copy_(old_freq)
+
+    return [restore]
 
 
 def _kv_cache_report(model: nn.Module) -> dict[str, Any]:
@@ -505,7 +527,7 @@ class _Program(nn.Module):
 @contextlib.contextmanager
 def _edge_rewrites(
     model: nn.Module,
-    arch: ArchSpec,
+    arch: Family,
     max_context_len: int,
     warn: list[str],
     last_only: bool = False,
@@ -577,19 +599,22 @@ def _edge_rewrites(
         # RMSNorm -> EdgeRMSNorm (same weight tensor)
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if type(child).__name__.endswith("RMSNorm"):
-                    eps = getattr(child, "variance_epsilon", getattr(child, "eps", 1e-6))
+                if type(child).__name__ == arch.norm_class:
+                    eps = getattr(child, arch.norm_eps_attr)
                     setattr(parent, name, EdgeRMSNorm(child.weight, eps, arch.norm_offset))
                     undo.append(lambda p=parent, n=name, c=child: setattr(p, n, c))
+        undo.extend(_static_rope(model, max_context_len))
         # attention -> ExecuTorch KV-cache ops
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        rot = _rotate_half_matrix(head_dim)
+        rot_dims = rotary_dims(model)
+        rot = _rotate_half_matrix(head_dim, rot_dims)
+        n_q, n_kv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
         for i, layer in enumerate(model.model.layers):
             attn = layer.self_attn
-            sliding = arch.layer_windows and cfg.layer_types[i] == "sliding_attention"
-            attn.et_window = int(cfg.sliding_window) if sliding else 0
+            window = _layer_window(arch, attn)
+            attn.et_window = window if window and window < max_context_len else 0  # a wider window never binds
             rows = max_context_len
-            if sliding:
+            if attn.et_window:
                 rows = ring_rows(attn.et_window, max_seq_len or max_context_len, max_context_len)
             attn.et_ring = rows if rows < max_context_len else 0  # 0: position j in row j, as global layers
             shape = (1, rows, cfg.num_key_value_heads, head_dim)
@@ -597,13 +622,19 @@ def _edge_rewrites(
             attn.register_buffer("et_v_cache", torch.zeros(shape), persistent=False)
             attn.register_buffer("et_rot", rot, persistent=False)
             attn.register_buffer("et_kpos", torch.arange(rows).unsqueeze(0), persistent=False)
+            if rot_dims < head_dim:
+                attn.register_buffer("et_rot_embed", torch.eye(head_dim, rot_dims), persistent=False)
+                attn.register_buffer("et_cos_pass", (torch.arange(head_dim) >= rot_dims).float(), persistent=False)
+            else:
+                attn.et_rot_embed = attn.et_cos_pass = None
             attn.et_qk_norm = arch.qk_norm
+            attn.et_qkv_split = [n_q, n_kv, n_kv] if arch.fused_qkv else None
             attn.forward = types.MethodType(_et_attention_forward, attn)
 
             def _restore(a: nn.Module = attn) -> None:
-                for n in ("et_k_cache", "et_v_cache", "et_rot", "et_kpos"):
+                for n in ("et_k_cache", "et_v_cache", "et_rot", "et_kpos", "et_rot_embed", "et_cos_pass"):
                     delattr(a, n)
-                del a.et_qk_norm, a.et_window, a.et_ring
+                del a.et_qk_norm, a.et_window, a.et_ring, a.et_qkv_split
                 del a.forward
 
             undo.append(_restore)

@@ -20,6 +20,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
+from edgeft.arch import FAMILIES  # noqa: E402
 from edgeft.devices.llamacpp_runtime import GgufRuntime  # noqa: E402
 from edgeft.devices.runtimes import EagerRuntime  # noqa: E402
 from edgeft.errors import EdgeftError  # noqa: E402
@@ -146,8 +147,8 @@ def _wrong_writer(monkeypatch, method: str, value) -> None:
 )
 def test_wrong_gemma3_conversion_is_refused(tmp_path, monkeypatch, broken):
     if broken == "no norm offset":
-        spec = gguf_export.ARCHS["Gemma3ForCausalLM"]
-        monkeypatch.setitem(gguf_export.ARCHS, spec.hf_name, replace(spec, norm_offset=0.0))
+        spec = FAMILIES["gemma3_text"]
+        monkeypatch.setitem(FAMILIES, spec.model_type, replace(spec, norm_offset=0.0))
     elif broken == "no window":
         _wrong_writer(monkeypatch, "add_sliding_window", 4096)
     elif broken == "all layers sliding":
