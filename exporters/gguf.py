@@ -4,12 +4,20 @@ Why this module exists: gguf-py gives the file format (``GGUFWriter``), the tens
 (``TensorNameMap``), special tokens and merges (``vocab.SpecialVocab``) and the block quantizers
 (``gguf.quants``), but no HF converter: that lives in llama.cpp's repository script, which is not an
 installable package. So the conversion (architecture metadata, the Llama q/k permutation, the byte-level BPE
-and SentencePiece vocabularies) is written here, for the architectures in ``ARCHS``; anything else is refused in
-one line.
+and SentencePiece vocabularies) is written here, for the families of ``edgeft.arch`` with a ``gguf_arch``;
+anything else is refused in one line.
 
 What is written
-- Llama (incl. SmolLM2), Qwen2, Qwen3, Gemma3 text. Llama's q/k projections are permuted from HF's rotate-half
-  layout to llama.cpp's interleaved RoPE layout; Qwen2/3 and Gemma3 use NEOX RoPE in llama.cpp and need none.
+- Llama (incl. SmolLM2), Mistral, Qwen2, Qwen3, Gemma3 text, Phi-3/Phi-4-mini. Llama's and Mistral's q/k
+  projections are permuted from HF's rotate-half layout to llama.cpp's interleaved RoPE layout; Qwen2/3, Gemma3
+  and Phi-3 use NEOX RoPE in llama.cpp and need none. RoPE scaling: ``linear`` as metadata; Llama 3's
+  ``llama3`` as the per-frequency divisors llama.cpp reads from ``rope_freqs.weight``; Phi's ``longrope`` as
+  ``rope_factors_long/short.weight``, the attention factor HF scales cos/sin by, and the original context
+  (llama.cpp picks the long factors by context size, HF by sequence length: the same beyond it). Partial rotary
+  (Phi-4-mini) is ``rope.dimension_count``. Phi-3's fused qkv and gate/up tensors stay fused, as llama.cpp's phi3
+  reads them. Files with scaled RoPE are also validated on ``ROPE_CHECK_TOKENS`` held-out tokens. A sliding
+  window llama.cpp does not apply (its llama graph has none, its phi3 graph disables it) caps the file's context
+  length at the window, where the two agree; the report warns.
 - Gemma3 (``Gemma3ForCausalLM``, ``gemma3_text``): HF's norms compute x * (1 + w) and llama.cpp's x * w, so
   every RMSNorm weight (the four per layer, the per-head q/k norms, the final norm) is written as 1 + w in F32
   (``Family.norm_offset``; subtracted again when a file is read back). The embedding is stored unscaled:

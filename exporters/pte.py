@@ -8,12 +8,18 @@ cores) and whose int8 embedding never reaches ExecuTorch's kernel. This module e
 itself, holding the converted model's torchao tensors, after explicit, reversible rewrites (``_edge_rewrites``,
 undone before validation, which runs the untouched model):
 
-- attention (Llama, Qwen2, Qwen3, Gemma3 text; ``ARCHS``): each attention module's forward is replaced by one
+- attention (the families of ``edgeft.arch`` with ``pte``: Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5, Qwen3,
+  Gemma3 text, Phi-3/Phi-4-mini): each attention module's forward is replaced by one
   that writes K/V with ExecuTorch's ``llama::update_cache`` into cache buffers on the module and attends with
   ``llama::custom_sdpa`` (causal from ``start_pos``, GQA native). RoPE's rotate-half is a constant ±1
-  permutation matrix (``F.linear``, exact) because XNNPACK refuses slices of dynamic-length tensors. The HF
-  attention mask is never built (a registered mask function returns None). Gemma3's sliding-window (local)
-  layers keep a ring of ``window + max_seq_len - 1`` rows (``ring_rows``; the full context when that is not
+  permutation matrix (``F.linear``, exact) because XNNPACK refuses slices of dynamic-length tensors; cos/sin
+  come from HF's own rotary module (so Llama 3's ``llama3`` frequencies come with it), a partial rotary table
+  (Phi-4-mini: 3/4 of each head) is widened to the head with cos 1 / sin 0 by a constant linear (exact), and
+  LongRoPE is fixed to its short factors, which HF uses for every sequence within the original context (a
+  longer ``max_context_len`` is refused: a KV cache would mix both sets). Phi-3's fused ``qkv_proj`` is split
+  after the projection. The HF attention mask is never built (a registered mask function returns None).
+  Sliding-window layers (Gemma3's local layers, and every layer of Mistral/Phi-3 models whose window is
+  shorter than ``max_context_len``) keep a ring of ``window + max_seq_len - 1`` rows (``ring_rows``; the full context when that is not
   smaller): position j goes to row j mod ring through ``llama::update_cache_with_indices`` (ExecuTorch
   1.5.1's indexed cache write, in the same custom-ops library the runtime registers), and custom_sdpa gets
   an additive [n, ring] mask (the op requires the mask to span the cache, and with a mask it attends over
@@ -33,7 +39,7 @@ undone before validation, which runs the untouched model):
   as HF writes them. Not carried (refused in one line): attention logit softcapping and bidirectional
   attention.
 - RMSNorm: ``mean(x²)`` is ``F.linear(x², 1/d)``, since XNNPACK's ``mean`` takes only 4-D inputs; Gemma's
-  x * (1 + w) adds the offset to the weight (``ArchSpec.norm_offset``).
+  x * (1 + w) adds the offset to the weight (``Family.norm_offset``).
 - embedding: ``padding_idx`` (gradient-only) is dropped so that ExecuTorch's quant-fusion pass turns torchao's
   int8 per-row embedding into ``quantized_decomposed::embedding_byte`` (``executorch.kernels.quantized``):
   phone-deployment's int8 embedding is carried as int8, not as float.
@@ -203,7 +209,7 @@ def _arch(src: Path) -> tuple[Family, dict[str, Any]]:
     if fam is None or not fam.pte:
         supported = ", ".join(f.model_type for f in FAMILIES.values() if f.pte)
         raise EdgeftError(f"pte export: architecture {mt!r} is not supported (supported: {supported})")
-    if cfg.get("use_sliding_window") and fam.window != "layer":
+    if cfg.get("use_sliding_window"):  # Qwen2/3's optional windows on the upper layers: not validated here yet
         raise EdgeftError(f"pte export: {mt} with sliding-window attention is not supported")
     # custom_sdpa takes an additive mask but no score transform, and attends causally
     for key, why in (("attn_logit_softcapping", "attention logit softcapping"),
@@ -824,9 +830,12 @@ def _expected_bytes(model: nn.Module) -> int:
     return total
 
 
-def _structure(buf: bytes, int8_embedding: bool, grouped_weight_only: bool = False, ring: bool = False) -> dict[str, Any]:
-    """Check the serialized program itself: KV-cache ops, XNNPACK delegates, no stray quantized ops (but
-    ``dequantize_per_channel``, required, where grouped weight-only linears rebuild their weights)."""
+def _structure(
+    buf: bytes, int8_embedding: bool, grouped_weight_only: bool = False, ring: bool = False, full: bool = True
+) -> dict[str, Any]:
+    """Check the serialized program itself: KV-cache ops (``full``: some layer keeps a full-length cache, ``ring``:
+    some layer a ring), XNNPACK delegates, no stray quantized ops (but ``dequantize_per_channel``, required, where
+    grouped weight-only linears rebuild their weights)."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     try:
@@ -837,7 +846,9 @@ def _structure(buf: bytes, int8_embedding: bool, grouped_weight_only: bool = Fal
         raise EdgeftError(f"pte export: the written program cannot be read back ({type(e).__name__})") from None
     ops = {o.name for o in plan.operators}
     delegates = [d.id for d in plan.delegates]
-    missing = {"llama::update_cache", "llama::custom_sdpa"} - ops
+    missing = {"llama::custom_sdpa"} - ops
+    if full:  # layers whose cache holds the whole context
+        missing |= {"llama::update_cache"} - ops
     if ring:  # sliding-window layers' ring caches
         missing |= {"llama::update_cache_with_indices"} - ops
     if missing or "XnnpackBackend" not in delegates:
@@ -1191,7 +1202,8 @@ def export(
                 metadata[REWIND_METHOD] = max_seq_len  # ring_rows: rewinding stays exact within one chunk
             buf = _lower(program, max_seq_len, metadata, dynamic_shape, warn)
     lower_s = time.perf_counter() - t_lower
-    structure = _structure(buf, int8_emb, grouped_wo, ring=bool(kv_cache["ring_rows"]))
+    structure = _structure(buf, int8_emb, grouped_wo, ring=bool(kv_cache["ring_rows"]),
+                           full=kv_cache["ring_layers"] < kv_cache["layers"])
     _check_size(len(buf), expected)
     if record and record.get("embeddings") and not int8_emb:
         warn.append("the scheme's embedding quantization is not int8 per row: embedding exported as float32")
