@@ -359,6 +359,7 @@ def _write_file(
 
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.gguf_arch]])
     rope, warnings = _add_metadata(writer, cfg, arch, qspec, src, model)
+    writer.add_name(_gguf_name(src, tokenizer))
     vocab_info = _add_vocab(writer, src, cfg, tokenizer)
     tensors = _add_tensors(writer, model, cfg, arch, qspec, skip_permute=skip_permute, corrupt=corrupt, exact=exact,
                            generated=rope.tensors)
@@ -502,6 +503,27 @@ def _rope_plan(model: Any, arch: Family, src: Path, theta: float, scaling: dict[
     return rope
 
 
+# llama.cpp keeps no per-token attributes in GGUF; it sets them by general.name. A name containing one of these
+# (lowercased) gets Phi-3's: every special token strips the whitespace after it (rstrip) but <unk>, <s> and
+# <|endoftext|>, and </s> does too (it then looks those four up, and fails to load a vocabulary without them).
+_PHI3_NAMES = ("phi-3", "phi3")
+
+
+def _gguf_name(src: Path, tokenizer: Any) -> str:
+    """general.name: the run's (or directory's) name, with llama.cpp's Phi-3 token attributes switched on exactly
+    when the HF tokenizer has special tokens that strip the whitespace after them (Phi-3's, and any run of it
+    whatever its name), and off otherwise (a run called "phi3-..." of another family). The tokenizer check then
+    proves that llama.cpp tokenizes as HF does."""
+    name = src.parent.name if src.name in ("converted", "model") else src.name  # a run's directory is the run's
+    rstrip = any(t.special and t.rstrip for t in getattr(tokenizer, "added_tokens_decoder", {}).values())
+    has = any(k in name.lower() for k in _PHI3_NAMES)
+    if rstrip and not has:
+        return f"{name} (phi-3 tokenizer)"
+    if has and not rstrip:
+        return re.sub(r"(?i)phi-?3", lambda m: m.group(0)[:-1] + "_3", name)
+    return name
+
+
 def _window(model: Any, arch: Family) -> int:
     """The narrowest sliding window any layer applies as HF runs the model (0: none)."""
     c = model.config
@@ -594,8 +616,6 @@ def _add_metadata(
             f"window), not {context}; beyond it llama.cpp would attend further back than the model does"
         )
         context = window
-    # a run's converted/ directory is named after the run
-    writer.add_name(src.parent.name if src.name in ("converted", "model") else src.name)
     writer.add_context_length(context)
     writer.add_embedding_length(cfg["hidden_size"])
     writer.add_block_count(cfg["num_hidden_layers"])
@@ -1375,7 +1395,7 @@ def check_tokenizer(src: str | os.PathLike) -> dict[str, Any]:
         writer.add_feed_forward_length(128)
         writer.add_head_count(1)
         writer.add_layer_norm_rms_eps(1e-5)
-        writer.add_name(src.name)
+        writer.add_name(_gguf_name(src, tokenizer))
         vocab_info = _add_vocab(writer, src, cfg, tokenizer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -207,3 +207,14 @@ def test_unsupported_rope_for_the_family_is_one_line(sources, tmp_path):
     with pytest.raises(EdgeftError, match="llama does not support RoPE scaling 'longrope'") as e:
         gguf_export.export(src, tmp_path / "m.gguf", quant="f32")
     assert "\n" not in str(e.value) and not (tmp_path / "m.gguf").exists()
+
+
+def test_general_name_carries_llama_cpps_token_attributes_only_when_the_tokenizer_has_them(sources, tmp_path):
+    # llama.cpp gives files named "*phi3*" Phi-3's token attributes (and then needs Phi-3's SentencePiece
+    # tokens): a run of another family called so loads and tokenizes as HF, under a name without it
+    src = tmp_path / "my-phi3-run"
+    shutil.copytree(sources["llama32"], src)
+    r = gguf_export.export(src, tmp_path / "m.gguf", quant="f32")
+    assert r["validation"]["tokenizer_strings"] >= 3
+    meta, _ = _meta(tmp_path / "m.gguf")
+    assert meta["general.name"] == "my-phi_3-run"

