@@ -31,8 +31,8 @@ from __future__ import annotations
 import logging
 import sys
 import types
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
