@@ -19,8 +19,8 @@ undone before validation, which runs the untouched model):
   longer ``max_context_len`` is refused: a KV cache would mix both sets). Phi-3's fused ``qkv_proj`` is split
   after the projection. The HF attention mask is never built (a registered mask function returns None).
   Sliding-window layers (Gemma3's local layers, and every layer of Mistral/Phi-3 models whose window is
-  shorter than ``max_context_len``) keep a ring of ``window + max_seq_len - 1`` rows (``ring_rows``; the full context when that is not
-  smaller): position j goes to row j mod ring through ``llama::update_cache_with_indices`` (ExecuTorch
+  shorter than ``max_context_len``) keep a ring of ``window + max_seq_len - 1`` rows (``ring_rows``; the full
+  context when that is not smaller): position j goes to row j mod ring through ``llama::update_cache_with_indices`` (ExecuTorch
   1.5.1's indexed cache write, in the same custom-ops library the runtime registers), and custom_sdpa gets
   an additive [n, ring] mask (the op requires the mask to span the cache, and with a mask it attends over
   every row and ignores start_pos) keeping the row that holds position j for the query at p iff j <= p and

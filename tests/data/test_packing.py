@@ -56,7 +56,8 @@ def test_packing_does_not_change_any_examples_loss(tiny, kernels):
     rows = examples[:6]
     if kernels:  # edgeft's varlen attention path (CPU: SDPA with a block-diagonal mask) and fused loss
         kmod = pytest.importorskip("edgeft.kernels")
-        kmod.patch(model, KERNELS, rms_norm=False, rope=False, glu=False, lora=False)  # interpreted Triton is slow on CPU
+        # interpreted Triton is slow on CPU
+        kmod.patch(model, KERNELS, rms_norm=False, rope=False, glu=False, lora=False)
     try:
         alone = [float(lm_loss_sum(model, collate([ex], tok.pad_token_id))[0]) for ex in rows]
         packed = collate_flat(rows)
