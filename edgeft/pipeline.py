@@ -303,6 +303,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         dist=dist,
         distill=_distillation(cfg, twin, device, fsdp_load) if (twin is not None and cfg.qat_distill) else None,
         strategy=strategy or "ddp",
+        bf16_update=cfg.bf16_update,
     )
     if strategy == "fsdp":
         from .train.fsdp import full_trainable_state
@@ -336,6 +337,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         "distilled_from": str(twin) if (twin is not None and cfg.qat_distill) else None,
         "trainable_parameters": prep["trainable_parameters"],
         "learned_scales": len(scales),
+        "precision": summary.get("precision"),  # the weight update: fp32, or bf16 through fp32 masters (or other)
         "train": summary,
         "examples": len(train_ex),
         "eval_examples": len(eval_ex),
