@@ -33,6 +33,14 @@ def _is_low_precision(p: torch.Tensor) -> bool:
     return p.dtype in (torch.bfloat16, torch.float16)
 
 
+def update_state_bytes(param_bytes: int, dtype: str, bf16_update: str = "master") -> int:
+    """Bytes that training adds per trained tensor of ``param_bytes`` bytes (AdamW): its gradient and two moments,
+    plus in bf16 with masters an fp32 master, and moments in fp32 (4 + 4 + 4 bytes per 2 bytes of weight)."""
+    if dtype == "bf16" and bf16_update == "master":
+        return param_bytes + 6 * param_bytes  # bf16 gradient; fp32 master, exp_avg, exp_avg_sq
+    return 3 * param_bytes
+
+
 def needs_masters(params: list[torch.Tensor]) -> bool:
     """Whether any trainable tensor is bf16/fp16 (an fp32 run needs no masters)."""
     return any(_is_low_precision(p) for p in params)
@@ -126,7 +134,11 @@ class MasterWeights(torch.optim.Optimizer):
                 s[MASTER_KEY] = m
             if s:
                 state[i] = s
-        return {"state": state, "param_groups": inner["param_groups"]}
+        # hyperparameters from this optimizer's groups: a scheduler has set the next step's lr here, the wrapped
+        # optimizer only gets it at that step
+        groups = [dict({k: v for k, v in g.items() if k != "params"}, params=ig["params"])
+                  for g, ig in zip(self.param_groups, inner["param_groups"])]
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Masters and the wrapped optimizer's state back, masters kept fp32; without saved masters (an older

@@ -217,7 +217,8 @@ def test_bf16_resume_continues_bit_exactly(data, tmp_path):
     """Killed after step 2 (checkpoint at 2), rebuilt and resumed: the same losses and the same bf16 weights as a
     run never interrupted, bit for bit: the checkpoint holds the fp32 masters, not only their bf16 rounding."""
     cfg = _cfg(dtype="bf16", mode="full", lr=1e-5)
-    kw = dict(max_steps=4, save_steps=2, batch_size=2)
+    # a schedule: the checkpoint must hold the lr the scheduler set for the next step
+    kw = dict(max_steps=4, save_steps=2, batch_size=2, schedule="cosine", warmup_ratio=0.25)
     ref, _, _ = _train(cfg, data, metrics_path=tmp_path / "ref.jsonl", **kw)
 
     def crash(row):
