@@ -1,8 +1,8 @@
 """Does bf16 full fine-tuning learn what fp32 learns? SmolLM2-135M(-Instruct), ``builtin:tasks``, on the CPU.
 
 Each variant is one ``edgeft.train`` run (full fine-tuning, edgeft's defaults: 60 steps, lr 2e-5, batch 8) that
-differs only in the run's dtype, the bf16 weight update (``bf16_update``: fp32 master weights, stochastic
-rounding, or the old pure-bf16 update) and the seed. Per variant it measures, on data never used for training nor
+differs only in the run's dtype and the seed; the edgeft commit decides the bf16 weight update (fp32 master
+weights since issue 14, the pure-bf16 update before: run this script on both commits and ``--merge``). Per variant it measures, on data never used for training nor
 to choose the recipe:
 
 - ``eval_loss``: mean next-token loss per answer token on the ``builtin:tasks`` test split (the conversations
@@ -42,10 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # TrainConfig overrides per variant; "-sN" suffix: seed N
 VARIANTS = {
     "fp32": {"dtype": "fp32"},
-    "bf16": {"dtype": "bf16"},  # edgeft's default bf16 update (fp32 master weights since issue 14)
-    "bf16-master": {"dtype": "bf16", "bf16_update": "master"},
-    "bf16-stochastic": {"dtype": "bf16", "bf16_update": "stochastic"},
-    "bf16-pure": {"dtype": "bf16", "bf16_update": "pure"},  # the update before issue 14: bf16 += bf16 step
+    # edgeft's bf16 update: fp32 master weights since issue 14; on an earlier commit, the pure-bf16 update
+    # (compare with --merge ... --rename bf16=bf16-pure)
+    "bf16": {"dtype": "bf16"},
+    "bf16-pure": {"dtype": "bf16"},  # with the pure-bf16 update (train_loop's bf16_update="pure")
 }
 
 
@@ -177,6 +177,24 @@ def paired(a: list[bool] | list[tuple[float, int]], b, kind: str, n_boot: int = 
     return {"diff": float(point), "ci95": [float(lo), float(hi)], **extra}
 
 
+def tensor_core_linear() -> None:
+    """Every ``F.linear`` of bf16 tensors computed as a GPU's tensor cores do: bf16 inputs, fp32 accumulation, the
+    result rounded to bf16. This CPU's own bf16 GEMM (AVX2, no bf16 instructions) takes ~10 minutes per SmolLM2
+    training step (measured: 580 s for step 1); fp32 GEMMs of the same bf16 values give the same products (bf16 x
+    bf16 is exact in fp32) summed in fp32. Weights, activations, gradients and the optimizer stay bf16."""
+    import torch
+    import torch.nn.functional as F
+
+    orig = F.linear
+
+    def linear(x, w, b=None):
+        if x.dtype != torch.bfloat16:
+            return orig(x, w, b)
+        return orig(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+
+    F.linear = linear  # nn.Linear.forward looks F.linear up at every call
+
+
 def run_variant(name: str, runs: Path, args, log) -> dict:
     import torch
 
@@ -185,7 +203,7 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
 
     over = variant_overrides(name)
     fields = {f.name for f in dataclasses.fields(edgeft.TrainConfig)}
-    if not set(over) <= fields:  # e.g. bf16_update on a commit before issue 14
+    if not set(over) <= fields:
         raise SystemExit(f"variant {name}: this edgeft has no {sorted(set(over) - fields)} setting")
     run = runs / name
     cfg = edgeft.TrainConfig(model=args.model, data="builtin:tasks", mode="full", max_steps=args.max_steps,
@@ -194,7 +212,15 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
     t0 = time.perf_counter()
     if not (run / "converted" / "scheme.json").exists():
         log(f"{name}: training {args.model} ({over})")
-        edgeft.train(dataclasses.replace(cfg, overwrite=True))
+        import edgeft.train as etrain
+
+        loop = etrain.train_loop
+        if name.startswith("bf16-pure"):  # the update before fp32 master weights, through the API
+            etrain.train_loop = lambda *a, **k: loop(*a, **dict(k, bf16_update="pure"))
+        try:
+            edgeft.train(dataclasses.replace(cfg, overwrite=True))
+        finally:
+            etrain.train_loop = loop
     res["train_s"] = time.perf_counter() - t0
     info = json.loads((run / "model" / "edgeft.json").read_text())
     res["edgeft_json_train"] = {k: v for k, v in info["train"].items() if k in ("first_loss", "final_loss", "seconds")}
@@ -209,18 +235,44 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
     t2 = time.perf_counter()
     rep_path = run / "eval" / "report.json"
     rep = json.loads(rep_path.read_text()) if rep_path.exists() else None
-    if rep is None or rep.get("task_examples") != args.limit:
+    if rep is None or rep.get("task_examples", 0) < args.limit:  # an evaluation of more questions is reused
         torch.set_num_threads(args.threads or torch.get_num_threads())
         rep = edgeft.evaluate(run, runtimes=["eager"], variants=["bf16"], limit=args.limit, progress=False)
     res["eval_s"] = time.perf_counter() - t2
     row = rep["results"][0]
-    res.update(perplexity=row["perplexity"], accuracy=row["accuracy"], mc_accuracy=row.get("mc_accuracy"))
-    qs = read_questions(run) or []
+    qs = [q for q in read_questions(run) or [] if q["index"] < args.limit]  # the first --limit questions
     res["questions"] = {kind: {q["id"]: bool(q["correct"]) for q in qs if q["kind"] == kind}
                         for kind in ("exact", "mc")}
+    acc = {k: sum(v.values()) / len(v) if v else None for k, v in res["questions"].items()}
+    res.update(perplexity=row["perplexity"], accuracy=acc["exact"], mc_accuracy=acc["mc"])
     res["per_conversation_loss"] = per
     log(f"{name}: accuracy {row['accuracy']:.3f}, mc {row.get('mc_accuracy')}, ppl {row['perplexity']:.3f}")
     return res
+
+
+def write(out: dict, results: dict, dest: Path) -> dict:
+    """The results so far, with paired comparisons of every pair of variants, written atomically to ``dest``."""
+    out["results"] = list(results.values())
+    comps = {}
+    names = list(results)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            ra, rb = results[a], results[b]
+            c = {}
+            for kind, metric in (("exact", "accuracy"), ("mc", "mc_accuracy")):
+                ids = sorted(set(ra["questions"][kind]) & set(rb["questions"][kind]))
+                if ids:
+                    c[metric] = paired([ra["questions"][kind][q] for q in ids], [rb["questions"][kind][q] for q in ids],
+                                       "accuracy")
+            n = min(len(ra["per_conversation_loss"]), len(rb["per_conversation_loss"]))
+            c["eval_loss"] = paired(ra["per_conversation_loss"][:n], rb["per_conversation_loss"][:n], "loss")
+            comps[f"{a} - {b}"] = c
+    out["paired"] = comps
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.replace(dest)
+    return comps
 
 
 def main() -> int:
@@ -236,12 +288,17 @@ def main() -> int:
     ap.add_argument("--rename", default="", help="OLD=NEW,...: rename merged variants (e.g. bf16=bf16-pure for a "
                                                  "run of the commit before fp32 master weights)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--cpu-bf16-gemm", choices=["tensor-core", "native"], default="tensor-core",
+                    help="bf16 F.linear as tensor cores compute it (fp32 GEMM of the bf16 values, bf16 result; "
+                         "default) or the CPU's native bf16 GEMM (~60x slower on AVX2)")
     args = ap.parse_args()
 
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_bf16_gemm == "tensor-core":
+        tensor_core_linear()
     runs = Path(args.runs)
 
     def log(msg: str) -> None:
@@ -250,7 +307,7 @@ def main() -> int:
     out: dict = {"bench": "precision_quality", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                  "device": _device(), "versions": _versions(),
                  "settings": {"model": args.model, "max_steps": args.max_steps, "limit": args.limit, "mode": "full",
-                              "data": "builtin:tasks"}}
+                              "data": "builtin:tasks", "cpu_bf16_gemm": args.cpu_bf16_gemm}}
     if args.one_step:
         from edgeft.models import resolve_model
 
@@ -263,30 +320,12 @@ def main() -> int:
         for r in merged["results"]:
             name = renames.get(r["variant"], r["variant"])
             results[name] = dict(r, variant=name, from_file=Path(path).name, versions=merged["versions"])
-    for name in [v for v in args.variants.split(",") if v]:
-        results[name] = run_variant(name, runs, args, log)
-    out["results"] = list(results.values())
-    comps = {}
-    names = list(results)
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            ra, rb = results[a], results[b]
-            c = {}
-            for kind, metric in (("exact", "accuracy"), ("mc", "mc_accuracy")):
-                ids = sorted(set(ra["questions"][kind]) & set(rb["questions"][kind]))
-                if ids:
-                    c[metric] = paired([ra["questions"][kind][q] for q in ids], [rb["questions"][kind][q] for q in ids],
-                                       "accuracy")
-            if len(ra["per_conversation_loss"]) == len(rb["per_conversation_loss"]):
-                c["eval_loss"] = paired(ra["per_conversation_loss"], rb["per_conversation_loss"], "loss")
-            comps[f"{a} - {b}"] = c
-    out["paired"] = comps
     dest = ROOT / "bench" / "results" / (f"precision_quality-{dt.date.today():%Y%m%d}-cpu" +
                                          (f"-{args.tag}" if args.tag else "") + ".json")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(dest)
+    for name in [v for v in args.variants.split(",") if v]:
+        results[name] = run_variant(name, runs, args, log)
+        comps = write(out, results, dest)  # after every variant: a later one may not finish
+    comps = write(out, results, dest)
 
     print(f"\n{args.model}, full fine-tuning, {args.max_steps} steps; {args.limit} test questions")
     print(f"{'variant':18} {'eval loss':>9} {'exact':>7} {'mc':>7} {'ppl':>8} {'upd norm':>9} {'changed':>8}")

@@ -112,10 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "prose, so the quantized model follows the float one beyond your data (default 0.25 when "
                         "distilling, else 0)")
     m.add_argument("--dtype", choices=["fp32", "bf16"])
-    m.add_argument("--bf16-update", choices=["master", "stochastic"],
-                   help="bf16 weight updates: master (fp32 master weights and optimizer state, default: no update "
-                        "lost) or stochastic (bf16 weights with stochastic rounding, torchao: half the optimizer "
-                        "memory)")
     m.add_argument("--device")
     m.add_argument("--kernels", choices=["auto", "on", "off"])
     m.add_argument("--gradient-checkpointing", choices=["auto", "off", "plain", "offload"],
@@ -223,7 +219,7 @@ _TRAIN_KEYS = [
     "conversation_extension", "max_seq_length", "padding_free", "packing", "eval_split", "eval_steps",
     "early_stopping_patience", "early_stopping_threshold", "load_best", "max_steps", "epochs", "batch_size",
     "grad_accum", "optim", "lr", "embedding_lr", "weight_decay", "schedule", "warmup_ratio", "warmup_steps",
-    "max_grad_norm", "dtype", "bf16_update", "device", "kernels", "gradient_checkpointing", "distributed", "seed", "save_steps", "save_total_limit", "report_to",
+    "max_grad_norm", "dtype", "device", "kernels", "gradient_checkpointing", "distributed", "seed", "save_steps", "save_total_limit", "report_to",
     "logging_steps", "threads", "progress",
 ]
 _LORA_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_bias": "bias",

@@ -100,10 +100,6 @@ class TrainConfig:
     warmup_steps: int | None = None  # overrides warmup_ratio
     max_grad_norm: float = 1.0
     dtype: str | None = None  # "fp32" | "bf16"; None: bf16 on CUDA, fp32 on CPU
-    # how bf16 weights are updated (edgeft/train/precision.py): "master" (fp32 master weights and optimizer state,
-    # no update lost; 16 bytes per trained parameter with AdamW) or "stochastic" (torchao's AdamW, bf16 weights and
-    # moments with stochastic rounding: 8 bytes, unbiased in expectation). fp32 runs need neither.
-    bf16_update: str = "master"
     device: str | None = None  # None: cuda if available else cpu
     kernels: str = "auto"  # "auto" | "on" | "off": fused Triton kernels (on GPU by default)
     # "auto": none when the activations fit the GPU (fastest), else "plain" (checkpoints stay on the GPU), else
@@ -297,11 +293,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise EdgeftError("warmup_ratio must be in [0, 1)")
     if cfg.optim not in _OPTIMS:
         raise EdgeftError(f"optim must be one of {', '.join(_OPTIMS)}, not {cfg.optim!r}")
-    if cfg.bf16_update not in ("master", "stochastic"):
-        raise EdgeftError(f"bf16_update must be master or stochastic, not {cfg.bf16_update!r}")
-    if cfg.bf16_update == "stochastic" and cfg.optim != "adamw":
-        raise EdgeftError(f"--bf16-update stochastic is torchao's AdamW: it cannot be combined with --optim "
-                          f"{cfg.optim} (use --bf16-update master)")
     if cfg.chat_template is not None:
         from edgeft.data.templates import get_template
 

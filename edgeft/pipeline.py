@@ -303,7 +303,6 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         dist=dist,
         distill=_distillation(cfg, twin, device, fsdp_load) if (twin is not None and cfg.qat_distill) else None,
         strategy=strategy or "ddp",
-        bf16_update=cfg.bf16_update,
     )
     if strategy == "fsdp":
         from .train.fsdp import full_trainable_state

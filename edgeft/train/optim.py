@@ -8,9 +8,8 @@ adapters' rate destroys the pretrained vocabulary geometry). Learned QAT scales 
 and paged AdamW variants (they keep the same groups), and SGD.
 
 bf16 (or fp16) trainable tensors are updated through fp32 master weights (precision.py: ``bf16_update="master"``,
-the default; any optimizer above runs on the masters) or torchao's stochastically rounded AdamW
-(``"stochastic"``); ``"pure"`` (API only, for benchmarks) is the plain optimizer on the bf16 tensors, which rounds
-most updates of about the learning rate away.
+the default; any optimizer above runs on the masters); ``"pure"`` (for benchmarks) is the plain optimizer on the bf16
+tensors, which rounds most updates of about the learning rate away.
 """
 
 from __future__ import annotations
@@ -69,21 +68,17 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, optim: str
                     bf16_update: str = "master") -> torch.optim.Optimizer:
     """The optimizer over the model's trainable parameters (see the module docstring for the groups and
     ``bf16_update``); fp32 parameters only: the plain optimizer whatever ``bf16_update`` says."""
-    from .precision import BF16_UPDATES, MasterWeights, needs_masters, stochastic_adamw
+    from .precision import BF16_UPDATES, MasterWeights, needs_masters
 
     groups = param_groups(model, lr, weight_decay, embedding_lr, scale_lr)
     if not groups:
         raise EdgeftError("the model has no trainable parameters")
     for g in groups:
         g.pop("names")
-    if bf16_update not in (*BF16_UPDATES, "pure"):
+    if bf16_update not in BF16_UPDATES:
         raise EdgeftError(f"bf16_update must be one of {', '.join(BF16_UPDATES)}, not {bf16_update!r}")
     if not needs_masters([p for g in groups for p in g["params"]]) or bf16_update == "pure":
         return _optimizer(groups, lr, optim)
-    if bf16_update == "stochastic":
-        if optim != "adamw":
-            raise EdgeftError(f"bf16_update stochastic is torchao's AdamW: not with optimizer {optim}")
-        return stochastic_adamw(groups, lr)
     return MasterWeights(groups, lambda gs: _optimizer(gs, lr, optim))
 
 

@@ -15,8 +15,9 @@ a sharded DTensor parameter is a DTensor of the same sharding). ``load_state_dic
 ``Optimizer.load_state_dict`` casts state to the parameter's dtype). A checkpoint without masters (written before
 they existed) starts them from the loaded bf16 weights.
 
-The alternative kept for memory (``bf16_update="stochastic"``): torchao's AdamW with bf16 stochastic rounding, bf16
-weights and moments, no master copy: unbiased updates in expectation at 8 bytes per trained parameter instead of 16.
+``build_optimizer(..., bf16_update="pure")`` (API only, for the benchmarks) is the update before masters: the plain
+optimizer on the bf16 weights. docs/precision.md compares the options measured (stochastic rounding, Kahan
+summation) and why masters are the one kept.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-BF16_UPDATES = ("master", "stochastic")
+BF16_UPDATES = ("master", "pure")
 MASTER_KEY = "master"
 
 
@@ -36,7 +37,7 @@ def _is_low_precision(p: torch.Tensor) -> bool:
 def update_state_bytes(param_bytes: int, dtype: str, bf16_update: str = "master") -> int:
     """Bytes that training adds per trained tensor of ``param_bytes`` bytes (AdamW): its gradient and two moments,
     plus in bf16 with masters an fp32 master, and moments in fp32 (4 + 4 + 4 bytes per 2 bytes of weight)."""
-    if dtype == "bf16" and bf16_update == "master":
+    if dtype == "bf16" and bf16_update == "master":  # "pure": gradient and moments in bf16
         return param_bytes + 6 * param_bytes  # bf16 gradient; fp32 master, exp_avg, exp_avg_sq
     return 3 * param_bytes
 
@@ -180,14 +181,3 @@ class MasterWeights(torch.optim.Optimizer):
     def __repr__(self) -> str:
         n = sum(1 for p, m in self._pairs if m is not p)
         return f"MasterWeights({n} fp32 masters, {type(self.inner).__name__ if self.inner else 'not built yet'})"
-
-
-def stochastic_adamw(groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-    """torchao's AdamW with bf16 stochastic rounding (bf16 weights and moments, no master copy)."""
-    from edgeft.errors import EdgeftError
-
-    try:
-        from torchao.optim import AdamW
-    except ImportError:
-        raise EdgeftError("--bf16-update stochastic needs torchao: pip install torchao") from None
-    return AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, bf16_stochastic_round=True)

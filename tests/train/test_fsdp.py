@@ -184,9 +184,8 @@ def test_strategy_choice():
     n = fsdp._checkpoint_params(md)
     assert n is not None and n > 0
     # full fine-tuning in bf16: weights + gradient + DDP bucket (2 bytes each) + fp32 master and two fp32 AdamW
-    # moments (12); with stochastic rounding the moments are bf16 and there is no master; LoRA: the weights
+    # moments (12); LoRA: the weights
     assert fsdp.ddp_bytes_estimate(n, cfg) == 18 * n
-    assert fsdp.ddp_bytes_estimate(n, SimpleNamespace(**(cfg.__dict__ | {"bf16_update": "stochastic"}))) == 10 * n
     assert fsdp.ddp_bytes_estimate(n, SimpleNamespace(**(cfg.__dict__ | {"mode": "lora"}))) == 2 * n
     assert fsdp.choose(cfg, md, 2, "cpu") == "ddp"  # gloo on CPU: DDP unless asked
     assert fsdp.choose(cfg, md, 1, "cuda") == "ddp"  # one process
