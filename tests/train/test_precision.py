@@ -52,8 +52,11 @@ def _trajectories(update: str, optim: str, lr: float, steps: int = 20):
     return w0, ref.weight.detach(), low.weight.detach().float(), travelled, opt
 
 
-@pytest.mark.parametrize("optim,lr,steps", [("adamw", 1e-3, 20), ("sgd", 2.5e-2, 40)])
+@pytest.mark.parametrize("optim,lr,steps", [("adamw", 1e-3, 20), ("sgd", 2.5e-2, 40), ("adamw_8bit", 1e-3, 20),
+                                            ("paged_adamw", 1e-3, 20)])
 def test_updates_below_half_a_bf16_step_are_not_lost(optim, lr, steps):
+    if optim not in ("adamw", "sgd"):
+        pytest.importorskip("bitsandbytes")  # behind the masters it updates fp32 tensors (8-bit state from 4096)
     w0, ref, pure, travelled, opt = _trajectories("pure", optim, lr, steps)
     assert float((ref != w0).float().mean()) == 1.0  # the fp32 reference moves every weight ...
     assert float((ref - w0).abs().mean()) > 2 * 2**-8  # ... by more than two bf16 steps on average
