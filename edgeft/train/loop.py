@@ -38,6 +38,7 @@ from .distill import Distillation, _forward_kwargs
 from .distributed import DistInfo, all_reduce_sum, gather_objects
 from .fsdp import clip_grad_norm
 from .optim import build_optimizer, build_scheduler, precision_record, warmup_steps_for
+from .precision import MasterWeights
 from .report import Reporter
 
 
@@ -281,6 +282,7 @@ def train_loop(
     strategy: str = "ddp",
     distill: Distillation | None = None,
     bf16_update: str = "master",
+    keep_masters: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` in place for up to ``max_steps`` optimizer steps; returns a summary.
 
@@ -290,7 +292,8 @@ def train_loop(
     steps, at every new best eval loss and at the end; ``resume`` continues from the newest one. With ``dist``,
     ``strategy`` is "ddp" or "fsdp" (the model is sharded in place: rank 0 then gets the trained tensors from
     :func:`edgeft.train.fsdp.full_trainable_state`, a collective). ``bf16_update``: how bf16 trainable tensors are
-    updated (optim.py, precision.py; the summary's ``precision`` records it).
+    updated (optim.py, precision.py; the summary's ``precision`` records it); ``keep_masters``: the model ends with
+    its fp32 masters as weights (one process or DDP, unless the best weights of an earlier step were restored).
     """
     if not any(p.requires_grad for p in model.parameters()):
         raise EdgeftError("the model has no trainable parameters")
@@ -436,9 +439,16 @@ def train_loop(
         reporter.close()
         if metrics_f:
             metrics_f.close()
-    if evaluating and load_best and best_weights is not None and state["best_step"] != state["step"]:
+    restored = evaluating and load_best and best_weights is not None and state["best_step"] != state["step"]
+    if restored:
         restore(best_weights, f"best weights (step {state['best_step']})")
         reporter.message(f"restored the best weights: step {state['best_step']}, eval loss {state['best_eval']:.4f}")
+    precision = precision_record(opt, _dtype_name(params))
+    if isinstance(opt, MasterWeights):
+        precision["weights"] = "bf16"
+        if keep_masters and sharded is None and not restored:
+            opt.masters_into_params()
+            precision["weights"] = "fp32 masters"
     model.eval()
     return {
         "steps": state["step"],
@@ -453,5 +463,5 @@ def train_loop(
         "packing_efficiency": batcher.efficiency if batching == "packed" else None,
         "seconds": time.perf_counter() - t_start,
         "distributed": strategy if dist is not None else None,
-        "precision": precision_record(opt, _dtype_name(params)),
+        "precision": precision,
     }

@@ -238,9 +238,12 @@ def test_bf16_resume_continues_bit_exactly(data, tmp_path):
         assert torch.equal(a, b), n
 
 
-def test_the_run_records_its_update(data, tmp_path):
-    """edgeft.json says how the weights were updated."""
+def test_a_float_run_saves_its_fp32_masters_and_records_its_update(data, tmp_path):
+    """A bf16 run without QAT writes its fp32 masters as the trained model: every update, also those that did not
+    cross half a bf16 step (one step at lr 2e-5 moves every master, and few bf16 weights); edgeft.json says so."""
     import json
+
+    from safetensors.torch import load_file
 
     from edgeft.cli import main
 
@@ -248,4 +251,13 @@ def test_the_run_records_its_update(data, tmp_path):
     assert main(["train", "--model", "tiny-llama", "--full", "--dtype", "bf16", "--max-steps", "1", "--batch-size", "2",
                  "--no-progress", "--threads", "1", "--device", "cpu", "--kernels", "off", "--out", str(out)]) == 0
     info = json.loads((out / "model" / "edgeft.json").read_text())
-    assert info["precision"]["bf16_update"] == "master" and info["precision"]["optimizer"] == "AdamW"
+    rec = info["precision"]
+    assert rec["bf16_update"] == "master" and rec["optimizer"] == "AdamW" and rec["weights"] == "fp32 masters"
+    got = load_file(str(out / "model" / "model.safetensors"))
+    start = load_file(str(data[0] / "model.safetensors"))
+    mats = [k for k in got if k.endswith("proj.weight")]
+    assert mats and all(got[k].dtype == torch.float32 for k in got)
+    n = sum(got[k].numel() for k in mats)
+    moved = sum(int((got[k] != start[k].bfloat16().float()).sum()) for k in mats) / n
+    visible = sum(int((got[k].bfloat16() != start[k].bfloat16()).sum()) for k in mats) / n
+    assert moved > 0.99 and visible < 0.5, (moved, visible)  # what bf16 weights would have kept: a fraction
