@@ -246,7 +246,7 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
     acc = {k: sum(v.values()) / len(v) if v else None for k, v in res["questions"].items()}
     res.update(perplexity=row["perplexity"], accuracy=acc["exact"], mc_accuracy=acc["mc"])
     res["per_conversation_loss"] = per
-    log(f"{name}: accuracy {row['accuracy']:.3f}, mc {row.get('mc_accuracy')}, ppl {row['perplexity']:.3f}")
+    log(f"{name}: accuracy {res['accuracy']:.3f}, mc {res['mc_accuracy']}, ppl {row['perplexity']:.3f}")
     return res
 
 
