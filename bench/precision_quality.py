@@ -112,8 +112,11 @@ def one_step_changes(model_dir: Path, lrs=(2e-5, 1e-4), seed: int = 0) -> dict[s
     return out
 
 
-def weight_motion(initial_dir: Path, trained_dir: Path) -> dict[str, float]:
-    """||W_T - W_0|| / ||W_0|| over every weight, and the share of entries that differ (in the saved dtype)."""
+def weight_motion(initial_dir: Path, trained_dir: Path, start_dtype: str = "fp32") -> dict[str, float]:
+    """||W_T - W_0|| / ||W_0|| over every weight, and the share of entries that differ. W_0: the pretrained
+    weights as the run loaded them (rounded to bf16 for a bf16 run, whatever dtype it saved)."""
+    import torch
+
     from safetensors import safe_open
 
     files0 = {f.name: f for f in sorted(initial_dir.glob("*.safetensors"))}
@@ -126,6 +129,8 @@ def weight_motion(initial_dir: Path, trained_dir: Path) -> dict[str, float]:
                 if k not in ref_keys:
                     continue
                 a, b = t.get_tensor(k), r.get_tensor(k)
+                if start_dtype == "bf16":
+                    b = b.bfloat16()
                 changed += int((a != b.to(a.dtype)).sum())
                 total += a.numel()
                 diff2 += float((a.double() - b.to(a.dtype).double()).pow(2).sum())  # not bf16's rounding of W_0
@@ -227,7 +232,7 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
     res["precision"] = info.get("precision")
     from edgeft.models import resolve_model
 
-    res["weights"] = weight_motion(resolve_model(args.model), run / "model")
+    res["weights"] = weight_motion(resolve_model(args.model), run / "model", over.get("dtype", "fp32"))
     t1 = time.perf_counter()
     res["eval_loss"], per = eval_loss(run, args.limit)
     res["eval_loss_s"] = time.perf_counter() - t1
