@@ -303,8 +303,6 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         dist=dist,
         distill=_distillation(cfg, twin, device, fsdp_load) if (twin is not None and cfg.qat_distill) else None,
         strategy=strategy or "ddp",
-        # a float run saves every update: its fp32 masters (a QAT run keeps the bf16 weights its forward used)
-        keep_masters=not qat_during_training,
     )
     if strategy == "fsdp":
         from .train.fsdp import full_trainable_state

@@ -6,10 +6,10 @@ lr-sized step changes 3.7% of them at lr 2e-5. :class:`MasterWeights` keeps an f
 trainable tensor for the optimizer: the model's parameters stay bf16 (what the kernels, FSDP's all-gathers and the
 exporters read), their gradients are moved into the fp32 masters, the wrapped optimizer (fused AdamW, SGD,
 bitsandbytes' 8-bit/paged AdamW; its moments then fp32 too) updates the masters, and each bf16 parameter is set to
-its master rounded to nearest. At the end of a run without QAT the model takes the masters as its weights
-(``train_loop(keep_masters=True)``): the bf16 weights show a master's move only once it has crossed half a bf16
-step, and 60 steps at lr 2e-5 change about a quarter of SmolLM2's bf16 weights while every master moved (a QAT run
-keeps its bf16 weights: its fake-quantized forward, which convert reproduces, used them). fp32 parameters (LoRA
+its master rounded to nearest. The run saves the bf16 weights, the model its forward trained: the masters hold the
+moves its bf16 weights have not shown yet (a move shows once it crosses half a bf16 step), pushed on by gradients
+that never saw them, and saved instead (``train_loop(keep_masters=True)``) they evaluated worse on SmolLM2
+(docs/precision.md). fp32 parameters (LoRA
 adapters, which peft keeps fp32 on a bf16 base; learned QAT scales) are their own masters: nothing is copied for
 them, and an fp32 run gets the plain optimizer.
 

@@ -238,9 +238,8 @@ def test_bf16_resume_continues_bit_exactly(data, tmp_path):
         assert torch.equal(a, b), n
 
 
-def test_a_float_run_saves_its_fp32_masters_and_records_its_update(data, tmp_path):
-    """A bf16 run without QAT writes its fp32 masters as the trained model: every update, also those that did not
-    cross half a bf16 step (one step at lr 2e-5 moves every master, and few bf16 weights); edgeft.json says so."""
+def test_the_run_records_its_update(data, tmp_path):
+    """edgeft.json says how the weights were updated; the run saves the bf16 weights its forward trained."""
     import json
 
     from safetensors.torch import load_file
@@ -250,14 +249,21 @@ def test_a_float_run_saves_its_fp32_masters_and_records_its_update(data, tmp_pat
     out = tmp_path / "run"
     assert main(["train", "--model", "tiny-llama", "--full", "--dtype", "bf16", "--max-steps", "1", "--batch-size", "2",
                  "--no-progress", "--threads", "1", "--device", "cpu", "--kernels", "off", "--out", str(out)]) == 0
-    info = json.loads((out / "model" / "edgeft.json").read_text())
-    rec = info["precision"]
-    assert rec["bf16_update"] == "master" and rec["optimizer"] == "AdamW" and rec["weights"] == "fp32 masters"
+    rec = json.loads((out / "model" / "edgeft.json").read_text())["precision"]
+    assert rec["bf16_update"] == "master" and rec["optimizer"] == "AdamW" and rec["weights"] == "bf16"
     got = load_file(str(out / "model" / "model.safetensors"))
-    start = load_file(str(data[0] / "model.safetensors"))
-    mats = [k for k in got if k.endswith("proj.weight")]
-    assert mats and all(got[k].dtype == torch.float32 for k in got)
-    n = sum(got[k].numel() for k in mats)
-    moved = sum(int((got[k] != start[k].bfloat16().float()).sum()) for k in mats) / n
-    visible = sum(int((got[k].bfloat16() != start[k].bfloat16()).sum()) for k in mats) / n
-    assert moved > 0.99 and visible < 0.5, (moved, visible)  # what bf16 weights would have kept: a fraction
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+
+
+def test_keep_masters_ends_with_every_update_in_fp32(data):
+    """train_loop(keep_masters=True): the model leaves with its fp32 masters as weights: every update, also those
+    that did not cross half a bf16 step (one step at lr 2e-5 moves every master, few bf16 weights)."""
+    cfg = _cfg(dtype="bf16", mode="full", lr=2e-5)
+    model, start, summary = _train(cfg, data, max_steps=1, batch_size=2, keep_masters=True)
+    assert summary["precision"]["weights"] == "fp32 masters"
+    mats = {n: p.detach() for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    n = sum(p.numel() for p in mats.values())
+    moved = sum(int((p != start[k].float()).sum()) for k, p in mats.items()) / n
+    visible = sum(int((p.bfloat16() != start[k]).sum()) for k, p in mats.items()) / n
+    assert moved > 0.99 and visible < 0.5, (moved, visible)  # what the bf16 weights show: a fraction
