@@ -336,6 +336,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         "distilled_from": str(twin) if (twin is not None and cfg.qat_distill) else None,
         "trainable_parameters": prep["trainable_parameters"],
         "learned_scales": len(scales),
+        "precision": summary.get("precision"),  # the weight update: fp32, or bf16 through fp32 masters (or other)
         "train": summary,
         "examples": len(train_ex),
         "eval_examples": len(eval_ex),

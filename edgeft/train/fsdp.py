@@ -17,7 +17,9 @@ during loading, one tensor) whole; rank 0 also the host copy until its shards ar
   optimizer), loaded by rank 0 only, so no rank holds a whole teacher either (:meth:`Sharded.shard_frozen`).
 
 - Mixed precision: with ``--dtype bf16`` the policy all-gathers and computes in the run's dtype and reduce-scatters
-  gradients in fp32. The sharded weights keep the dtype one process trains in (bf16 base/full weights, fp32 LoRA
+  gradients in fp32. The optimizer keeps fp32 masters of the bf16 shards (precision.py: DTensors sharded like
+  them, in the optimizer state that checkpoints gather), so sharding changes where the masters live, not what
+  they compute. The sharded weights keep the dtype one process trains in (bf16 base/full weights, fp32 LoRA
   adapters as peft creates them), so FSDP computes what one GPU computes: full fine-tuning uses
   ``param_dtype=bf16``; with LoRA the frozen base is already bf16 and ``param_dtype`` stays unset so the adapters
   (and the merged weight QAT fake-quantizes, and convert later writes) are not rounded to bf16.
@@ -86,10 +88,15 @@ def _checkpoint_params(model_dir: Path) -> int | None:
 
 def ddp_bytes_estimate(n_params: int, cfg: Any) -> int:
     """What DDP keeps per GPU besides activations: weights, and for trained weights their gradient, DDP's bucket
-    copy of it and AdamW's two moments (all in the weights' dtype); LoRA adapters are negligible."""
+    copy of it and AdamW's two moments (in the weights' dtype; bf16 weights with fp32 masters: an fp32 master and
+    fp32 moments, precision.py); LoRA adapters are negligible."""
+    from .precision import update_state_bytes
+
     elem = 2 if cfg.dtype == "bf16" else 4
     trained = n_params if cfg.mode == "full" else 0
-    return n_params * elem + trained * elem * 4
+    bucket = trained * elem
+    return n_params * elem + bucket + update_state_bytes(trained * elem, cfg.dtype, getattr(cfg, "bf16_update",
+                                                                                              "master"))
 
 
 def choose(cfg: Any, model_dir: Path, world: int, device: str) -> str:

@@ -37,7 +37,8 @@ from .checkpoint import CheckpointManager, load_trainable, rng_state, trainable_
 from .distill import Distillation, _forward_kwargs
 from .distributed import DistInfo, all_reduce_sum, gather_objects
 from .fsdp import clip_grad_norm
-from .optim import build_optimizer, build_scheduler, warmup_steps_for
+from .optim import build_optimizer, build_scheduler, precision_record, warmup_steps_for
+from .precision import MasterWeights
 from .report import Reporter
 
 
@@ -46,6 +47,12 @@ def _inner_model(model: nn.Module) -> nn.Module:
     base = getattr(model, "base_model", None)
     return getattr(base, "model", model) if base is not None and base is not model else model
 
+
+
+def _dtype_name(params: list[torch.Tensor]) -> str:
+    """The trained tensors' dtypes, e.g. "bf16" or "bf16+fp32" (bf16 modules_to_save beside fp32 LoRA adapters)."""
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    return "+".join(sorted({names.get(p.dtype, str(p.dtype)) for p in params}))
 
 
 def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,6 +281,8 @@ def train_loop(
     on_log: Callable[[dict], None] | None = None,
     strategy: str = "ddp",
     distill: Distillation | None = None,
+    bf16_update: str = "master",
+    keep_masters: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` in place for up to ``max_steps`` optimizer steps; returns a summary.
 
@@ -282,7 +291,10 @@ def train_loop(
     the line adds distill_kl and objective). With ``checkpoints`` a checkpoint is written every ``save_steps``
     steps, at every new best eval loss and at the end; ``resume`` continues from the newest one. With ``dist``,
     ``strategy`` is "ddp" or "fsdp" (the model is sharded in place: rank 0 then gets the trained tensors from
-    :func:`edgeft.train.fsdp.full_trainable_state`, a collective).
+    :func:`edgeft.train.fsdp.full_trainable_state`, a collective). ``bf16_update``: how bf16 trainable tensors are
+    updated (optim.py, precision.py; the summary's ``precision`` records it); ``keep_masters``: the model ends with
+    its fp32 masters as weights (one process or DDP, unless the best weights of an earlier step were restored;
+    measured worse than the bf16 weights on SmolLM2, docs/precision.md, so the pipeline does not ask for it).
     """
     if not any(p.requires_grad for p in model.parameters()):
         raise EdgeftError("the model has no trainable parameters")
@@ -296,7 +308,7 @@ def train_loop(
         sharded = Sharded(root, model, device, rank)  # before the optimizer: it must hold the sharded parameters
         if distill is not None:
             sharded.shard_frozen(distill.teacher)  # no rank holds the whole teacher either
-    opt = build_optimizer(model, lr, weight_decay, optim, embedding_lr, scale_lr)
+    opt = build_optimizer(model, lr, weight_decay, optim, embedding_lr, scale_lr, bf16_update)
     sched = build_scheduler(opt, max_steps, warmup_steps_for(max_steps, warmup_ratio, warmup_steps), schedule)
     params = [p for p in model.parameters() if p.requires_grad]
     batcher = Batcher(examples, batching, pad_id, max_seq_length, seed)
@@ -428,9 +440,16 @@ def train_loop(
         reporter.close()
         if metrics_f:
             metrics_f.close()
-    if evaluating and load_best and best_weights is not None and state["best_step"] != state["step"]:
+    restored = evaluating and load_best and best_weights is not None and state["best_step"] != state["step"]
+    if restored:
         restore(best_weights, f"best weights (step {state['best_step']})")
         reporter.message(f"restored the best weights: step {state['best_step']}, eval loss {state['best_eval']:.4f}")
+    precision = precision_record(opt, _dtype_name(params))
+    if isinstance(opt, MasterWeights):
+        precision["weights"] = "bf16"
+        if keep_masters and sharded is None and not restored:
+            opt.masters_into_params()
+            precision["weights"] = "fp32 masters"
     model.eval()
     return {
         "steps": state["step"],
@@ -445,4 +464,5 @@ def train_loop(
         "packing_efficiency": batcher.efficiency if batching == "packed" else None,
         "seconds": time.perf_counter() - t_start,
         "distributed": strategy if dist is not None else None,
+        "precision": precision,
     }

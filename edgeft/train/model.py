@@ -223,9 +223,14 @@ def checkpoint_mode(cfg: Any, model: nn.Module, device: str, kernels: bool) -> s
     if mode == "auto":
         if not device.startswith("cuda"):
             return None  # CPU runs are small; memory is not what limits them
+        from .precision import update_state_bytes
+
         params = sum(p.numel() * p.element_size() for p in model.parameters())
+        low = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and p.element_size() == 2)
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        need = params + 3 * trainable + activation_bytes(cfg, model)  # + grad, exp_avg, exp_avg_sq
+        # + gradients and AdamW's state, and bf16 weights' fp32 masters (train/precision.py)
+        need = params + update_state_bytes(low, cfg.dtype, getattr(cfg, "bf16_update", "master")) \
+            + 3 * (trainable - low) + activation_bytes(cfg, model)
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         if need <= 0.7 * free:
             return None

@@ -6,6 +6,10 @@ adapters' rate destroys the pretrained vocabulary geometry). Learned QAT scales 
 ``*.weight_fake_quantizer.log_scale``) get a group of their own: their learning rate ``scale_lr``, no weight decay
 (decay would pull every scale towards 1). Optimizers: AdamW (fused), bitsandbytes' 8-bit
 and paged AdamW variants (they keep the same groups), and SGD.
+
+bf16 (or fp16) trainable tensors are updated through fp32 master weights (precision.py: ``bf16_update="master"``,
+the default; any optimizer above runs on the masters); ``"pure"`` (for benchmarks) is the plain optimizer on the bf16
+tensors, which rounds most updates of about the learning rate away.
 """
 
 from __future__ import annotations
@@ -60,13 +64,38 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, embedding_lr:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, optim: str = "adamw",
-                    embedding_lr: float | None = None, scale_lr: float | None = None) -> torch.optim.Optimizer:
-    """The optimizer over the model's trainable parameters (see the module docstring for the groups)."""
+                    embedding_lr: float | None = None, scale_lr: float | None = None,
+                    bf16_update: str = "master") -> torch.optim.Optimizer:
+    """The optimizer over the model's trainable parameters (see the module docstring for the groups and
+    ``bf16_update``); fp32 parameters only: the plain optimizer whatever ``bf16_update`` says."""
+    from .precision import BF16_UPDATES, MasterWeights, needs_masters
+
     groups = param_groups(model, lr, weight_decay, embedding_lr, scale_lr)
     if not groups:
         raise EdgeftError("the model has no trainable parameters")
     for g in groups:
         g.pop("names")
+    if bf16_update not in BF16_UPDATES:
+        raise EdgeftError(f"bf16_update must be one of {', '.join(BF16_UPDATES)}, not {bf16_update!r}")
+    if not needs_masters([p for g in groups for p in g["params"]]) or bf16_update == "pure":
+        return _optimizer(groups, lr, optim)
+    return MasterWeights(groups, lambda gs: _optimizer(gs, lr, optim))
+
+
+def precision_record(opt: torch.optim.Optimizer, dtype: str | None = None) -> dict:
+    """What a run's weight update was, for edgeft.json: the update rule and the optimizer behind it."""
+    from .precision import MasterWeights
+
+    if isinstance(opt, MasterWeights):
+        n = sum(1 for g in opt.param_groups for p in g["params"] if p.dtype != torch.float32)
+        return {"dtype": dtype, "bf16_update": "master", "optimizer": type(opt._ensure()).__name__,
+                "master_tensors": n, "master_bytes": opt.master_bytes()}
+    low = any(p.dtype != torch.float32 for g in opt.param_groups for p in g["params"])
+    update = "fp32" if not low else ("stochastic" if getattr(opt, "bf16_stochastic_round", False) else "pure")
+    return {"dtype": dtype, "bf16_update": update, "optimizer": type(opt).__name__}
+
+
+def _optimizer(groups: list[dict], lr: float, optim: str) -> torch.optim.Optimizer:
     if optim == "adamw":
         # fused on every device: one kernel per step, and CPU runs take the same path as GPU runs (a fused step
         # does not bump parameter versions; caches keyed on them once went stale on the GPU only)

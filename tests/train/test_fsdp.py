@@ -183,8 +183,9 @@ def test_strategy_choice():
     md = resolve_model("tiny-llama")
     n = fsdp._checkpoint_params(md)
     assert n is not None and n > 0
-    # full fine-tuning in bf16: weights + gradient + DDP bucket + two AdamW moments; LoRA: the weights
-    assert fsdp.ddp_bytes_estimate(n, cfg) == 10 * n
+    # full fine-tuning in bf16: weights + gradient + DDP bucket (2 bytes each) + fp32 master and two fp32 AdamW
+    # moments (12); LoRA: the weights
+    assert fsdp.ddp_bytes_estimate(n, cfg) == 18 * n
     assert fsdp.ddp_bytes_estimate(n, SimpleNamespace(**(cfg.__dict__ | {"mode": "lora"}))) == 2 * n
     assert fsdp.choose(cfg, md, 2, "cpu") == "ddp"  # gloo on CPU: DDP unless asked
     assert fsdp.choose(cfg, md, 1, "cuda") == "ddp"  # one process
@@ -217,3 +218,27 @@ def test_fsdp_fused_distillation_from_a_sharded_teacher_equals_one_process(tmp_p
     assert [r["distill_kl"] for r in b] == pytest.approx([r["distill_kl"] for r in a], rel=0.2)
     for run in ("one", "two"):
         assert "distillation: fused heads + KL kernel" in (tmp_path / f"{run}.stderr").read_text(), run
+
+
+def test_fsdp_bf16_full_finetuning_with_fp32_masters_equals_one_process_and_resumes(tmp_path):
+    # lr 1e-5 is below half a bf16 step of most weights: they move only through the fp32 masters (train/
+    # precision.py), here DTensors sharded like the bf16 weights. One process accumulates bf16 gradients where FSDP
+    # reduces them in fp32, so AdamW's +-lr first steps differ on a few tiny gradients (as in the bf16 LoRA test)
+    a, _ = _compare(tmp_path, ["--full", "--dtype", "bf16", "--lr", "1e-5", "--save-steps", "2"], rel=1e-3,
+                    wtol=2e-3)
+    info = json.loads((tmp_path / "two" / "model" / "edgeft.json").read_text())
+    assert info["precision"]["bf16_update"] == "master" and info["precision"]["master_tensors"] > 0
+    assert info["precision"]["weights"] == "bf16"
+    ckpt = tmp_path / "two" / "checkpoints" / "step-2"
+    saved = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
+    assert set(saved) == set(load_file(str(ckpt / "trainable.safetensors")))  # every weight, by name
+    assert all(s["master"].dtype == torch.float32 for s in saved.values())  # gathered whole on rank 0
+    # killed after step 2, resumed: the masters come back sharded and the run continues bit-exactly
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "two", run, ignore=shutil.ignore_patterns("step-4", "model", "converted", "loss.png"))
+    proc, _ = _torchrun(tmp_path, ["train", "--out", str(run), "--resume", "--no-progress", "--threads", "1"])
+    assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
+    ref, got = _rows(tmp_path / "two" / "metrics.jsonl"), _rows(run / "metrics.jsonl")
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]
+    wa, wb = _weights(tmp_path / "two"), _weights(run)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
