@@ -101,16 +101,23 @@ def _load_records(cfg: TrainConfig, dataset: Any) -> list:
     )
 
 
-def _prepare_data(cfg: TrainConfig, records: list, model_dir: Path):
-    """Tokenizer with the chosen chat template, and the encoded train/eval examples (all errors before writing)."""
+def _prepare_data(cfg: TrainConfig, records: list, model_dir: Path, dataset: Any = None):
+    """Tokenizer with the chosen chat template, and the encoded train/eval examples (all errors before writing).
+
+    Only conversations need a chat template: raw text trains on any tokenizer (a base model's included), and a run
+    of raw text on a tokenizer without one keeps none (``template["name"]`` None)."""
     from transformers import AutoTokenizer
 
-    from .data import apply_template, encode_dataset, split_train_eval
+    from .data import apply_template, conversation_rows, encode_dataset, split_train_eval
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    template = apply_template(tokenizer, cfg.chat_template, cfg.model)
+    needed_by = "the data holds conversations" if any(not isinstance(r, str) for r in records) else None
+    if needed_by and cfg.chat_template is None and not getattr(tokenizer, "chat_template", None):
+        needed_by = conversation_rows(records, dataset if dataset is not None else cfg.data, cfg.data_split,
+                                      cfg.prompt_template)
+    template = apply_template(tokenizer, cfg.chat_template, cfg.model, needed_by=needed_by)
     name = f"{cfg.chat_template!r}" if cfg.chat_template else f"{cfg.model}'s own"
     train_records, eval_records = split_train_eval(records, cfg.eval_split, cfg.seed)
     train_ex = encode_dataset(tokenizer, train_records, cfg.max_seq_length, template_name=name)
@@ -162,7 +169,7 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
     _check_run_dir(run, cfg)
     records = _load_records(cfg, dataset)  # bad data fails before any model work
     model_dir = resolve_model(cfg.model)
-    tokenizer, template, train_ex, eval_ex = _prepare_data(cfg, records, model_dir)
+    tokenizer, template, train_ex, eval_ex = _prepare_data(cfg, records, model_dir, dataset)
     cfg = _finalize_steps(cfg, train_ex, world)
     if cfg.resume:
         saved = resolve(run_config(run))
@@ -178,7 +185,7 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
         log.info("run directory: %s", run)
         lengths = [len(ex["input_ids"]) for ex in train_ex]
         log.info("data: %d training examples (%d tokens), %d eval; chat template: %s", len(train_ex), sum(lengths),
-                 len(eval_ex), template["name"])
+                 len(eval_ex), template["name"] or "none (raw text)")
         if _batching(cfg) == "padding_free":
             log.info("padding-free batching: no pad tokens (a padded batch of %d would be %.1f%% padding)",
                      cfg.batch_size, 100 * (1 - padding_efficiency(lengths, cfg.batch_size)))

@@ -8,6 +8,7 @@ packed micro-batches.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,12 @@ from typing import Any
 from edgeft.errors import EdgeftError
 
 from . import tasks
-from .batching import BATCHING, Batcher, collate, collate_flat, pack, packing_efficiency, padding_efficiency
-from .encode import (IGNORE_INDEX, assistant_spans, conversation_spans, encode_conversation,
-                     encode_conversation_examples, encode_dataset, encode_prompt, encode_text)
-from .formats import (Messages, looks_like_hub_name, read_rows, records_from_rows, rows_from_dataset, rows_from_hub,
-                      standardize_sharegpt)
+from .batching import (BATCHING, Batcher, collate, collate_flat, pack, packing_efficiency, padding_efficiency,
+                       sequences)
+from .encode import (IGNORE_INDEX, assistant_spans, conversation_spans, document_ids, encode_conversation,
+                     encode_conversation_examples, encode_dataset, encode_prompt, encode_text, pack_documents)
+from .formats import (Messages, detect_format, looks_like_hub_name, read_rows, records_from_rows, rows_from_dataset,
+                      rows_from_hub, standardize_sharegpt)
 from .merge import extend_conversations, merge_columns
 from .templates import TEMPLATES, apply_template, describe_templates, get_template
 
@@ -74,6 +76,26 @@ def load_records(
     return records
 
 
+def conversation_rows(records: list, source: Any, split: str = "train", prompt_template: str | None = None) \
+        -> str | None:
+    """Which rows are conversations (they need a chat template), named for an error message: their count, format
+    and first row; None when every row is raw text (which needs no template). Reads the source's format again:
+    call it on the error path only."""
+    idx = [i for i, r in enumerate(records) if not isinstance(r, str)]
+    if not idx:
+        return None
+    if prompt_template:
+        fmt, name = "--prompt-template", str(source)
+    elif isinstance(source, str) and source.startswith("builtin:"):
+        fmt, name = "chat", source
+    else:
+        rows, name = _rows(source, split)
+        fmt = detect_format(rows, name)[0]
+    first = json.dumps(records[idx[0]], ensure_ascii=False)
+    return (f"{len(idx)} of {len(records)} rows of {name} are conversations ({fmt} format; the first, row "
+            f"{idx[0] + 1}: {first[:100]}{'...' if len(first) > 100 else ''})")
+
+
 def load_conversations(spec: str, split: str = "train") -> list[Messages]:
     """Conversations from ``builtin:tasks`` (train/test split) or a data file (raw text is rejected)."""
     records = load_records(spec, split)
@@ -98,8 +120,9 @@ def split_train_eval(examples: list, eval_split: float, seed: int) -> tuple[list
 
 __all__ = [
     "BATCHING", "BUILTIN_DATASETS", "Batcher", "IGNORE_INDEX", "Messages", "TEMPLATES", "apply_template",
-    "assistant_spans", "collate", "collate_flat", "conversation_spans", "describe_templates", "encode_conversation",
-    "encode_conversation_examples", "encode_dataset", "encode_prompt", "encode_text", "extend_conversations",
-    "get_template", "load_conversations", "load_records",
-    "merge_columns", "pack", "packing_efficiency", "padding_efficiency", "split_train_eval", "standardize_sharegpt", "tasks",
+    "assistant_spans", "collate", "collate_flat", "conversation_rows", "conversation_spans", "describe_templates",
+    "document_ids", "encode_conversation", "encode_conversation_examples", "encode_dataset", "encode_prompt",
+    "encode_text", "extend_conversations", "get_template", "load_conversations", "load_records", "merge_columns",
+    "pack", "pack_documents", "packing_efficiency", "padding_efficiency", "sequences", "split_train_eval",
+    "standardize_sharegpt", "tasks",
 ]

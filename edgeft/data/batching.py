@@ -11,6 +11,11 @@
 
 In the flattened layouts the first label of every example is masked, so no position learns to predict the next
 example's first token across a boundary (the shifted loss sees each example exactly as in isolation).
+
+An example may itself hold several sequences (raw-text rows packed from documents, ``encode.pack_documents``): its
+own ``position_ids`` restart at 0 where each starts. The flattened layouts keep those positions (and mask the label
+at every start); the padded layout gives each sequence its own padded row, since a padding mask alone would let them
+attend to each other.
 """
 
 from __future__ import annotations
@@ -23,10 +28,28 @@ from .encode import IGNORE_INDEX
 BATCHING = ("padding_free", "packed", "padded")
 
 
+def _starts(ex: dict[str, list[int]]) -> list[int]:
+    """Where the example's sequences start: every position 0 of its ``position_ids`` (just 0 without them)."""
+    pos = ex.get("position_ids")
+    return [0] if pos is None else [i for i, p in enumerate(pos) if p == 0]
+
+
+def sequences(ex: dict[str, list[int]]) -> list[dict[str, list[int]]]:
+    """The sequences of one example as examples of their own (itself when it holds one)."""
+    starts = _starts(ex)
+    if len(starts) == 1:
+        return [{"input_ids": ex["input_ids"], "labels": ex["labels"]}]
+    bounds = starts + [len(ex["input_ids"])]
+    return [{"input_ids": ex["input_ids"][a:b], "labels": [IGNORE_INDEX, *ex["labels"][a + 1 : b]]}
+            for a, b in zip(bounds, bounds[1:])]
+
+
 def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
-    """Right-pad a batch to its longest row; padded positions carry no label and no attention."""
+    """Right-pad a batch to its longest row; padded positions carry no label and no attention. An example holding
+    several sequences (``position_ids``) gives one row per sequence."""
     import torch
 
+    batch = [seq for ex in batch for seq in sequences(ex)]
     n = max(len(ex["input_ids"]) for ex in batch)
     ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
@@ -40,17 +63,18 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
 
 
 def collate_flat(batch: list[dict[str, list[int]]]) -> dict[str, Any]:
-    """Concatenate examples into one row (1, T) with restarting ``position_ids`` and no attention mask."""
+    """Concatenate examples into one row (1, T) with restarting ``position_ids`` and no attention mask; the label
+    at every sequence start is masked."""
     import torch
 
     ids: list[int] = []
     labels: list[int] = []
     pos: list[int] = []
     for ex in batch:
-        n = len(ex["input_ids"])
+        p = ex.get("position_ids") or range(len(ex["input_ids"]))
         ids += ex["input_ids"]
-        labels += [IGNORE_INDEX] + list(ex["labels"][1:])
-        pos += range(n)
+        labels += [IGNORE_INDEX if q == 0 else t for q, t in zip(p, ex["labels"])]
+        pos += p
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),

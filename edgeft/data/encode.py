@@ -21,8 +21,14 @@ template renders the system prompt only in the user turn that ends a conversatio
 and the conversation starts with a system message, the reply is taken from the rendering without it and trained
 after the prompt with it (what the model is given when it generates that reply).
 
-Raw text (continued pretraining) is tokenised with the tokenizer's own special tokens plus EOS, every token a target,
-and cut into max_seq_length chunks, each trained as its own sequence.
+Raw text (continued pretraining) needs no chat template: each document is tokenised with the tokenizer's own special
+tokens (its BOS when it adds one) and ends with EOS, and the documents are packed back to back into full
+``max_seq_length`` rows (:func:`pack_documents`), so no document leaves a short tail row. Document boundaries: every
+document (and every piece of one continued from the previous row) restarts ``position_ids`` at 0, so attention never
+crosses a boundary (transformers' block-diagonal mask and the varlen kernels both read sequence starts from the
+positions) and the label at each start is masked. A document continued on the next row repeats its last token of the
+previous row as that piece's first (context only), so every token of a document but its first (BOS, or the first
+word, which nothing precedes) is a target exactly once.
 
 Examples longer than max_seq_length are dropped with a warning rather than truncated (a truncated reply teaches the
 model to stop mid-answer); a dataset left empty by that, or with every label masked, is one clear error.
@@ -65,7 +71,8 @@ def conversation_spans(tokenizer: Any, messages: list[dict[str, str]], template_
     """Rendered texts and the character spans of their assistant replies (with end-of-turn tokens): the whole
     conversation, plus one text per reply that the template renders differently once it is history (module doc)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise EdgeftError("the tokenizer has no chat template; pass --chat-template")
+        raise EdgeftError("the tokenizer has no chat template, which conversations need; pass --chat-template (raw "
+                          "text trains without one)")
     full = _render(tokenizer, messages, add_generation_prompt=False)
     spans: list[tuple[int, int]] = []
     own: list[tuple[str, list[tuple[int, int]]]] = []
@@ -145,19 +152,98 @@ def encode_conversation_examples(tokenizer: Any, messages: list[dict[str, str]],
     return [{"input_ids": list(i), "labels": _label(i, o, sp)} for (_, sp), i, o in zip(rendered, ids, offs)]
 
 
+def plain_prompt(messages: list[dict[str, str]]) -> str:
+    """A conversation's prompt as plain text, for a model without a chat template (a base model after continued
+    pretraining): the system text, each user turn as ``Question: ...`` then ``Answer:``, each earlier reply after
+    its ``Answer:`` ending the line. The model answers after ``Answer:``; its answer ends at the line's end."""
+    parts = []
+    for m in messages:
+        if m["role"] == "system":
+            parts.append(m["content"].strip() + "\n\n")
+        elif m["role"] == "user":
+            parts.append(f"Question: {m['content'].strip()}\nAnswer:")
+        else:
+            parts.append(f" {m['content'].strip()}\n\n")
+    return "".join(parts)
+
+
+def prompt_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """The prompt as text: through the chat template with the generation prompt, or :func:`plain_prompt` when the
+    tokenizer has no template (its BOS is then added as a token by :func:`encode_prompt`)."""
+    if getattr(tokenizer, "chat_template", None):
+        return _render(tokenizer, messages, add_generation_prompt=True)
+    return plain_prompt(messages)
+
+
+def prompt_lead(tokenizer: Any) -> list[int]:
+    """Ids in front of a prompt's text: none with a chat template (it writes its own BOS), else the BOS the
+    tokenizer adds to plain text, if any."""
+    if getattr(tokenizer, "chat_template", None):
+        return []
+    from .templates import adds_bos
+
+    return [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+
+
 def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of a conversation's prompt, ending with the assistant's generation prompt."""
-    text = _render(tokenizer, messages, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    """Token ids of a conversation's prompt, ending with the assistant's generation prompt (or, without a chat
+    template, with the plain-text ``Answer:``)."""
+    text = prompt_text(tokenizer, messages)
+    return prompt_lead(tokenizer) + list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def encode_text(tokenizer: Any, text: str, max_length: int) -> list[dict[str, list[int]]]:
-    """A raw-text document as chunks of at most ``max_length`` tokens, every token a target."""
+def document_ids(tokenizer: Any, text: str) -> list[int]:
+    """A raw-text document's token ids: the tokenizer's own special tokens (BOS as it adds one), then EOS."""
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)  # documents end: the model learns where text stops
+    return ids
+
+
+def encode_text(tokenizer: Any, text: str, max_length: int) -> list[dict[str, list[int]]]:
+    """One raw-text document alone, as chunks of at most ``max_length`` tokens, every token a target (the last
+    chunk may be short: :func:`pack_documents` packs several documents into full rows instead)."""
+    ids = document_ids(tokenizer, text)
     return [{"input_ids": ids[i : i + max_length], "labels": ids[i : i + max_length]}
             for i in range(0, len(ids), max_length) if len(ids[i : i + max_length]) > 1]
+
+
+def pack_documents(docs: list[list[int]], max_length: int) -> list[dict[str, list[int]]]:
+    """Token-id documents concatenated into rows of exactly ``max_length`` tokens (the last row: what remains).
+
+    Each row carries ``position_ids`` restarting at 0 where a document, or a document's piece continued from the
+    previous row, starts; the label there is -100 (nothing before it in its sequence predicts it), every other token
+    is its own target. A continued piece starts with the token that ended the previous row (its context, already a
+    target there), so every token of a document except its first is a target exactly once.
+    """
+    if max_length < 2:
+        raise EdgeftError(f"max_seq_length must be at least 2 tokens to train on text, not {max_length}")
+    rows: list[dict[str, list[int]]] = []
+    ids: list[int] = []
+    pos: list[int] = []
+
+    def emit() -> None:
+        labels = [IGNORE_INDEX if p == 0 else t for t, p in zip(ids, pos)]
+        if any(t != IGNORE_INDEX for t in labels):
+            rows.append({"input_ids": list(ids), "labels": labels, "position_ids": list(pos)})
+        ids.clear()
+        pos.clear()
+
+    for doc in docs:
+        start = 0  # the piece begins here; after a row break it re-reads the token that ended the previous row
+        while True:
+            piece = doc[start : start + max_length - len(ids)]
+            ids += piece
+            pos += range(len(piece))
+            end = start + len(piece)
+            if len(ids) == max_length:
+                emit()
+            if end >= len(doc):
+                break
+            start = end - 1  # continued on the next row (a row break happened: the row was full)
+    if ids:
+        emit()
+    return rows
 
 
 def _has_target(ex: dict[str, list[int]]) -> bool:
@@ -167,7 +253,7 @@ def _has_target(ex: dict[str, list[int]]) -> bool:
 def encode_dataset(
     tokenizer: Any, records: list, max_length: int, template_name: str = "the model's"
 ) -> list[dict[str, list[int]]]:
-    """Encode conversations (masked) and raw-text documents (chunked); drop what cannot be trained on.
+    """Encode conversations (masked) and raw-text documents (packed into full rows); drop what cannot be trained on.
 
     Conversations longer than ``max_length`` are dropped (logged). Errors name the template and show one row when
     nothing is left.
@@ -181,7 +267,7 @@ def encode_dataset(
         ids, offs = _tokenize(tokenizer, [t for _, (t, _) in rendered])
         for (i, (_, spans)), tid, toff in zip(rendered, ids, offs):
             encoded.append((i, {"input_ids": list(tid), "labels": _label(tid, toff, spans)}))
-    texts = [ex for r in records if isinstance(r, str) for ex in encode_text(tokenizer, r, max_length)]
+    texts = pack_documents([document_ids(tokenizer, r) for r in records if isinstance(r, str)], max_length)
     too_long = [(i, ex) for i, ex in encoded if len(ex["input_ids"]) > max_length]
     kept = [ex for _, ex in encoded if len(ex["input_ids"]) <= max_length]
     masked = [ex for ex in kept if not _has_target(ex)]

@@ -177,31 +177,38 @@ def adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def apply_template(tokenizer: Any, name: str | None, model: str = "the model") -> dict[str, Any]:
+def apply_template(tokenizer: Any, name: str | None, model: str = "the model",
+                   needed_by: str | None = "the data holds conversations") -> dict[str, Any]:
     """Install template ``name`` (None: keep the tokenizer's own) on ``tokenizer``; returns what was chosen.
 
-    Raises one clear error when the tokenizer has no template and none was named, or when the named template's
-    special tokens are not single tokens of this tokenizer (the model was never trained with them).
+    ``needed_by`` says which rows need a template (conversations, to render and mask: "the data holds
+    conversations"); None when the data is raw text only, which trains on any tokenizer: then a tokenizer without a template keeps none (``{"name": None}``).
+    Raises one clear error when conversations meet a tokenizer without a template and none was named, or when the
+    named template's special tokens are not single tokens of this tokenizer (the model was never trained with them).
     """
     if name is None:
         if not getattr(tokenizer, "chat_template", None):
+            if needed_by is None:
+                return {"name": None, "stop": tokenizer.eos_token}
             raise EdgeftError(
-                f"the tokenizer of {model} has no chat template; pass --chat-template "
-                f"(one of {', '.join(TEMPLATES)})"
+                f"the tokenizer of {model} has no chat template; {needed_by}, which need one: pass --chat-template "
+                f"(one of {', '.join(TEMPLATES)}); raw text ('text' rows, .txt files) trains without one"
             )
         return {"name": "model", "stop": tokenizer.eos_token}
     t = get_template(name)
+    raw = "" if needed_by else " (the data is raw text, which needs no chat template: omit --chat-template)"
     for tok in t.special_tokens:
         if _single_token_id(tokenizer, tok) is None:
             raise EdgeftError(
                 f"chat template {name!r} does not fit the tokenizer of {model}: {tok!r} is not one of its tokens "
-                "(the model was not trained with this format; use its own template or another one)"
+                f"(the model was not trained with this format; use its own template or another one){raw}"
             )
     stop = tokenizer.eos_token if t.stop == "{eos}" else t.stop
     if stop is None:
-        raise EdgeftError(f"chat template {name!r} ends turns with EOS, but the tokenizer of {model} has no EOS token")
+        raise EdgeftError(f"chat template {name!r} ends turns with EOS, but the tokenizer of {model} has no EOS "
+                          f"token{raw}")
     if t.bos and tokenizer.bos_token is None:
-        raise EdgeftError(f"chat template {name!r} starts with BOS, but the tokenizer of {model} has no BOS token")
+        raise EdgeftError(f"chat template {name!r} starts with BOS, but the tokenizer of {model} has no BOS token{raw}")
     bos = t.bos if t.bos is not None else adds_bos(tokenizer)
     jinja = t.jinja
     if bos and "bos_token" not in jinja:

@@ -103,8 +103,15 @@ def test_template_that_does_not_fit_the_tokenizer(base_tokenizers):
     with pytest.raises(EdgeftError, match="unknown chat template 'llama-2'"):
         apply_template(tok, "llama-2")
     tok.chat_template = None
-    with pytest.raises(EdgeftError, match="has no chat template; pass --chat-template"):
+    with pytest.raises(EdgeftError, match="has no chat template; the data holds conversations, which need one: "
+                                          "pass --chat-template"):
         apply_template(tok, None)
+    # raw text needs none: the tokenizer keeps none, its EOS ends documents
+    assert apply_template(tok, None, needed_by=None) == {"name": None, "stop": tok.eos_token}
+    assert tok.chat_template is None
+    with pytest.raises(EdgeftError, match=r"'<\|start_header_id\|>' is not one of its tokens .*\(the data is raw "
+                                          "text, which needs no chat template: omit --chat-template\)"):
+        apply_template(tok, "llama-3", "tiny-qwen3", needed_by=None)
 
 
 def test_prefix_inconsistent_template_is_reported(base_tokenizers):

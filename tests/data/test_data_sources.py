@@ -70,7 +70,9 @@ def test_raw_text_chunks_cover_the_document(tmp_path):
     assert all(len(c["input_ids"]) <= 64 for c in chunks) and len(chunks) == -(-len(whole) // 64)
     assert [t for c in chunks for t in c["input_ids"]] == whole  # nothing lost or duplicated
     assert all(c["labels"] == c["input_ids"] for c in chunks)  # continued pretraining: every token is a target
-    assert encode_dataset(tok, [text], max_length=64) == chunks
+    rows = encode_dataset(tok, [text], max_length=64)  # training packs: full rows, each continuing the last
+    assert all(len(r["input_ids"]) == 64 for r in rows[:-1]) and rows[0]["input_ids"] == whole[:64]
+    assert [t for k, r in enumerate(rows) for t in r["input_ids"][k > 0 :]] == whole  # one token of context repeated
 
 
 TITANIC = [
