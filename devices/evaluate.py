@@ -18,6 +18,12 @@ lm-eval-harness's ``acc_norm``: tokens are what the runtimes emit). The highest 
 (ExecuTorch) and ``gguf`` (llama.cpp, at the scheme's bit width: Q4_0 for int4 schemes, Q8_0 for int8,
 F16 for float). The report states how much of PTQ's degradation QAT recovered:
 (PTQ − QAT) / (PTQ − BF16) for perplexity, (QAT − PTQ) / (BF16 − PTQ) for both accuracies.
+
+A run without a chat template (continued pretraining of a base model on raw text) is asked its questions in plain
+text (``edgeft.data.encode.plain_prompt``: ``Question: ...`` / ``Answer:``, the BOS its tokenizer adds in front):
+its exact-match answer is the first line it generates, and a choice's continuation is `` choice`` and the newline
+that ends the answer line (no EOS: a base model ends an answer line, not a turn). The report says which format
+was used (``prompt_format``). Perplexity needs no prompt and is the same for both.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ RUNTIMES = ("eager", "pte", "gguf")
 # per variant, runtime and question: {"variant", "runtime", "kind": "exact" | "mc", "index" (the question's position in
 # the evaluated set), "id" (question_id), "correct", and "got" (the decoded answer) or "picked" (the chosen index)}
 QUESTIONS_FILE = "questions.jsonl"
+PLAIN_FORMAT = "plain text (Question: ... / Answer:), the run has no chat template"
 VARIANTS = ("bf16", "ptq", "qat")
 
 
@@ -78,10 +85,16 @@ def _prompt_messages(row: dict[str, Any]) -> list[dict[str, str]]:
     return row["messages"] if "messages" in row else tasks.to_messages(row)[:1]
 
 
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether prompts go through the run's chat template (else the plain-text format, see the module docstring)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def exact_match(rt: Runtime, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int) -> dict[str, Any]:
     """Greedy answers vs exact answers; also generated tokens per second (prefill included)."""
     from edgeft.data import encode_prompt
 
+    plain = not has_chat_template(tokenizer)
     stop = {tokenizer.eos_token_id}
     correct, n_tok, secs, samples, per_question = 0, 0, 0.0, [], []
     for r in rows:
@@ -90,7 +103,8 @@ def exact_match(rt: Runtime, tokenizer: Any, rows: list[dict[str, Any]], max_new
         out = rt.generate(prompt, max_new_tokens, stop)
         secs += time.perf_counter() - t0
         n_tok += max(1, len(out))
-        answer = tokenizer.decode(out, skip_special_tokens=True).strip()
+        answer = tokenizer.decode(out, skip_special_tokens=True)
+        answer = (answer.strip().split("\n", 1)[0] if plain else answer).strip()  # plain text: the answer line
         ok = answer == r["answer"]
         correct += ok
         per_question.append({"correct": ok, "got": answer})
@@ -105,19 +119,22 @@ def encode_choices(tokenizer: Any, messages: list[dict[str, str]], choices: list
 
     A continuation is the choice's tokens as the tokenizer splits prompt + choice (lm-eval-harness's rule; the
     choice alone when that split would change the prompt's tokens), then the end-of-turn token (the EOS that the
-    run's chat template installed), so every choice is scored as a complete answer.
+    run's chat template installed), so every choice is scored as a complete answer. Without a chat template the
+    continuation is the plain-text answer line, `` choice`` and its newline.
     """
-    from edgeft.data import encode_prompt
+    from edgeft.data.encode import encode_prompt, prompt_lead, prompt_text
 
     ctx = encode_prompt(tokenizer, messages)
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    end = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    text, lead = prompt_text(tokenizer, messages), prompt_lead(tokenizer)
+    plain = not has_chat_template(tokenizer)
+    end = [] if (plain or tokenizer.eos_token_id is None) else [tokenizer.eos_token_id]
     conts = []
     for c in choices:
-        whole = list(tokenizer(text + c, add_special_tokens=False)["input_ids"])
+        answer = f" {c}\n" if plain else c
+        whole = lead + list(tokenizer(text + answer, add_special_tokens=False)["input_ids"])
         cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else []
         if not cont:
-            cont = list(tokenizer(c, add_special_tokens=False)["input_ids"])
+            cont = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
         conts.append(cont + end)
     return ctx, conts
 
@@ -427,6 +444,7 @@ def evaluate_run(
     if bar is not None:
         bar.close()
     report = _report(run, results, ppl_tokens=sum(len(c) - 1 for c in chunks), limit=len(rows), data=data)
+    report["prompt_format"] = "chat template" if has_chat_template(tokenizer) else PLAIN_FORMAT
     questions = "".join(json.dumps(q) + "\n" for q in per_question)
     # the report names its questions file by content: a questions.jsonl from another evaluation (one interrupted
     # between the two writes) does not match it
@@ -516,6 +534,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"accuracy on {report['task_examples']} questions of {src.get('tasks', '`builtin:tasks` test split')} (greedy)"
         + (f"; multiple-choice accuracy on {report['mc_examples']} questions of {src.get('mc', 'the task set')} "
            f"(length-normalised log-likelihood, chance {100 * report['mc_chance']:.0f}%)." if has_mc else "."),
+        *([f"Questions asked in {report['prompt_format']}."] if report.get("prompt_format", "chat template")
+          != "chat template" else []),
         "",
         "| variant | runtime | perplexity | exact match | multiple choice | size (MB) | tokens/s |",
         "|---|---|---:|---:|---:|---:|---:|",

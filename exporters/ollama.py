@@ -279,18 +279,37 @@ def _modelfile(gguf_path: str | os.PathLike, tokenizer: Any, src: str | os.PathL
     return "\n".join(lines) + "\n", tr
 
 
+# Ollama's plain completion template (its own base-model entries use it): the prompt is passed as it is
+RAW_TEMPLATE = "{{ .Prompt }}"
+
+
+def raw_modelfile_text(gguf_path: str | os.PathLike, tokenizer: Any, src: str | os.PathLike) -> str:
+    """The Modelfile of a model without a chat template (a base model, e.g. after continued pretraining on raw
+    text): plain completion, stopping at EOS, with the model's sampling defaults."""
+    lines = [f"# written by edgeft from {Path(src).name}: no chat template (plain completion)",
+             f"FROM ./{Path(gguf_path).name}", f"TEMPLATE {_quote(RAW_TEMPLATE, 'template')}"]
+    if tokenizer.eos_token:
+        lines.append(f"PARAMETER stop {json.dumps(tokenizer.eos_token)}")
+    lines += [f"PARAMETER {k} {v:g}" for k, v in _sampling(Path(src)).items()]
+    return "\n".join(lines) + "\n"
+
+
 def write_modelfile(
     gguf_path: str | os.PathLike, src: str | os.PathLike, out: str | os.PathLike | None = None
 ) -> dict[str, Any]:
     """Write ``Modelfile`` beside ``gguf_path`` for the model directory ``src`` (its tokenizer and generation
-    config); returns a report. Raises ``EdgeftError`` for a chat template that cannot be translated."""
+    config); returns a report. Raises ``EdgeftError`` for a chat template that cannot be translated; a model without
+    one gets the plain-completion Modelfile (``family`` "raw")."""
     from transformers import AutoTokenizer
 
     gguf_path, src = Path(gguf_path), Path(src)
     if not gguf_path.is_file():
         raise EdgeftError(f"Ollama Modelfile: {gguf_path} does not exist; export the GGUF first")
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    text, tr = _modelfile(gguf_path, tokenizer, src)
     out = Path(out) if out is not None else gguf_path.parent / "Modelfile"
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):  # a base model: nothing to translate
+        write_text(out, raw_modelfile_text(gguf_path, tokenizer, src))
+        return {"path": str(out), "gguf": str(gguf_path), "family": "raw", "system": None}
+    text, tr = _modelfile(gguf_path, tokenizer, src)
     write_text(out, text)
     return {"path": str(out), "gguf": str(gguf_path), "family": tr.family.name, "system": tr.system}
