@@ -258,11 +258,21 @@ def test_student_logits_through_the_fused_head_equal_the_model_logits(tiny, qat)
         patch(model, KERNELS)
         assert getattr(model, "_edgeft_fused_ce", False)
         got = student_logits(model, batch)
+        # the head alone, on the patched backbone's own hidden states: the prepared head module's forward (its
+        # activation and weight fake quantizers) in the same order, so fp32-exact
+        hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                             use_cache=False).last_hidden_state[:, :-1]
+        torch.testing.assert_close(got, model.lm_head(hidden).float(), rtol=1e-5, atol=1e-5)
     if qat is None:
         torch.testing.assert_close(got, ref.float(), rtol=1e-4, atol=1e-4)
-    else:  # the kernels' rounding may flip a few int8 activation roundings: compare as a whole
-        assert float((got - ref).norm() / ref.norm()) < 1e-3
-        assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) > 0.99
+    else:
+        # the kernels' backbone rounds in another order, and int8 activations within that rounding of a grid tie
+        # flip: the noise floor, measured on these 2-example batches (4 pairs, AVX2 and ATEN_CPU_CAPABILITY=default)
+        # as the unpatched model under eager vs sdpa attention, is up to 5.7e-3 relative (argmax agreement down to
+        # 0.986); the kernels differ by as much (2.4e-4 to 5.7e-3). An unquantized head weight is 9.5e-2 off
+        # (argmax 0.70-0.76); a head without its activation quantizer (6.6e-3) is caught by the head check above.
+        assert float((got - ref).norm() / ref.norm()) < 2e-2
+        assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) > 0.95
 
 
 def test_two_cpu_processes_distil_as_one(tmp_path):
