@@ -74,7 +74,20 @@ def _weights(run):
     return load_file(str(f if f.exists() else d / "model.safetensors"))
 
 
-def _compare(tmp_path, extra, rel, wtol, env=None, grad_rel=None, loads=1):
+# QAT distilled from its twin (int8-int4, LoRA, 4 steps): one process under other equally correct orders (batch 4 x
+# accumulation 2, 2 x 4, 8 x 1, ATEN_CPU_CAPABILITY=default; materialised and fused heads) agrees at step 1 to 1.3e-4
+# (loss) and 1.2% (gradient norm); after an update, int4/int8 grid points flipped by last-bit differences part the
+# trajectories: losses by up to 1.1e-3, gradient norms by up to 17%, the KL by up to 10% (docs/testing.md). Bounds
+# ~3x those after step 1; ranks that trained on the same half of each batch are 4.7% off in loss at step 1.
+QAT_DISTILL = dict(rel=1e-3, grad_rel=5e-2, drift=(3e-3, 0.5))
+QAT_DISTILL_KL = 0.3
+
+
+def _compare(tmp_path, extra, rel, wtol, env=None, grad_rel=None, loads=1, drift=None):
+    """One process at batch 4 against two FSDP2 processes at batch 2: losses within ``rel`` and gradient norms
+    within ``grad_rel`` at every step, or, with ``drift`` = (loss rel, grad-norm rel), at the first step only (before
+    any update, so only summation order differs) and within ``drift`` after it, where QAT's rounding flips let two
+    equally correct runs part."""
     args = [*BASE, "--data", str(_data(tmp_path)), *extra]
     one, two = tmp_path / "one", tmp_path / "two"
     if env is None:
@@ -91,12 +104,16 @@ def _compare(tmp_path, extra, rel, wtol, env=None, grad_rel=None, loads=1):
     a, b = _rows(one / "metrics.jsonl"), _rows(two / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert [r["target_tokens"] for r in b] == [r["target_tokens"] for r in a]  # the same global batches
-    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=rel)
     # the gradients agree to fp32 (the losses above); their norm is summed per shard, and the CPU's fp32 norm of a
     # whole 8192x256 gradient is itself off by up to ~1e-3 (checked against float64), so only roughly here
-    assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=grad_rel or max(rel, 2e-3))
+    grad_rel = grad_rel or max(rel, 2e-3)
+    n_tight = 1 if drift else len(a)
+    later_rel, later_grad = drift or (rel, grad_rel)
+    for key, tight, loose in (("loss", rel, later_rel), ("grad_norm", grad_rel, later_grad)):
+        assert [r[key] for r in b[:n_tight]] == pytest.approx([r[key] for r in a[:n_tight]], rel=tight), key
+        assert [r[key] for r in b[n_tight:]] == pytest.approx([r[key] for r in a[n_tight:]], rel=loose), key
     ev_a, ev_b = [r["eval_loss"] for r in a if "eval_loss" in r], [r["eval_loss"] for r in b if "eval_loss" in r]
-    assert ev_b == pytest.approx(ev_a, rel=rel)
+    assert ev_b == pytest.approx(ev_a, rel=later_rel)
     info = json.loads((two / "model" / "edgeft.json").read_text())
     assert info["train"]["distributed"] == "fsdp"
     wa, wb = _weights(one), _weights(two)  # rank 0 saved the whole trained model, gathered from the shards
@@ -128,8 +145,11 @@ def test_fsdp_with_qat_and_kernels_equals_one_process(tmp_path):
     # DDP drifts from one process by the same ~1e-4 on this model, so the tolerance is QAT's, not FSDP's. The
     # kernels' patched forwards and Functions run their PyTorch references here (no Triton interpreter: minutes);
     # test_multi_gpu.py runs the Triton kernels under FSDP2
+    # Noise floor (one process, batch 4 x 2, 2 x 4, 8 x 1, ATEN_CPU_CAPABILITY=default): losses 5.8e-4, gradient
+    # norms 1.4e-3 apart (docs/testing.md); bounds ~3.5x that
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    _compare(tmp_path, ["--qat", "phone-deployment", "--no-ptq", "--kernels", "on"], rel=2e-3, wtol=5e-2, env=env)
+    _compare(tmp_path, ["--qat", "phone-deployment", "--no-ptq", "--kernels", "on"], rel=2e-3, wtol=5e-2, env=env,
+             grad_rel=5e-3)
     info = json.loads((tmp_path / "two" / "model" / "edgeft.json").read_text())
     assert info["qat"] and info["kernels"]
 
@@ -195,13 +215,13 @@ def test_strategy_choice():
 def test_fsdp_qat_distilled_from_its_twin_equals_one_process(tmp_path):
     # edgeft's default QAT recipe: the no-QAT twin trains first (under FSDP2 too), then QAT starts from its weights
     # and distils KL(twin || QAT) with packaged prose mixed in; the teacher is sharded like the student (loaded by
-    # rank 0 only: 3 models loaded, the twin, the QAT student and its teacher). The twins agree to fp32; the distilled QAT runs only as closely as QAT lets any two summation orders agree: the KL is tiny
-    # (~5e-3) and a grid point flipped by a last-bit difference moves it, so the gradient norms differ by up to
-    # 4% (DDP, measured on the same run: up to 7.5%), the losses by 5e-4
-    a, _ = _compare(tmp_path, ["--lora", "--qat", "int8-int4"], rel=1e-3, wtol=5e-2, grad_rel=0.1, loads=3)
+    # rank 0 only: 3 models loaded, the twin, the QAT student and its teacher). The twins agree to fp32; the distilled
+    # QAT runs only as closely as QAT lets any two summation orders agree (QAT_DISTILL: the KL is tiny, ~5e-3, and a
+    # grid point flipped by a last-bit difference moves it)
+    a, _ = _compare(tmp_path, ["--lora", "--qat", "int8-int4"], wtol=5e-2, loads=3, **QAT_DISTILL)
     b = _rows(tmp_path / "two" / "metrics.jsonl")
     assert all(r["distill_kl"] > 0 for r in a + b)
-    assert [r["distill_kl"] for r in b] == pytest.approx([r["distill_kl"] for r in a], rel=0.2)
+    assert [r["distill_kl"] for r in b] == pytest.approx([r["distill_kl"] for r in a], rel=QAT_DISTILL_KL)
     ta, tb = _rows(tmp_path / "one" / "baseline" / "metrics.jsonl"), _rows(tmp_path / "two" / "baseline" / "metrics.jsonl")
     assert [r["loss"] for r in tb] == pytest.approx([r["loss"] for r in ta], rel=1e-5)  # the twins agree first
 
@@ -211,11 +231,11 @@ def test_fsdp_fused_distillation_from_a_sharded_teacher_equals_one_process(tmp_p
     # PyTorch reference here, no Triton interpreter) although the teacher is sharded: its root is gathered for the
     # kernel. Same tolerances as the materialised test above.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    a, _ = _compare(tmp_path, ["--lora", "--qat", "int8-int4", "--kernels", "on"], rel=1e-3, wtol=5e-2,
-                    grad_rel=0.1, env=env, loads=3)
+    a, _ = _compare(tmp_path, ["--lora", "--qat", "int8-int4", "--kernels", "on"], wtol=5e-2, env=env, loads=3,
+                    **QAT_DISTILL)
     b = _rows(tmp_path / "two" / "metrics.jsonl")
     assert all(r["distill_kl"] > 0 for r in a + b)
-    assert [r["distill_kl"] for r in b] == pytest.approx([r["distill_kl"] for r in a], rel=0.2)
+    assert [r["distill_kl"] for r in b] == pytest.approx([r["distill_kl"] for r in a], rel=QAT_DISTILL_KL)
     for run in ("one", "two"):
         assert "distillation: fused heads + KL kernel" in (tmp_path / f"{run}.stderr").read_text(), run
 
