@@ -298,10 +298,13 @@ def test_two_cpu_processes_distil_as_one(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]
-    # the twins differ in their last bits (DDP's reduction order), which moves a few int4 roundings of the students:
-    # the KL, small as student and teacher start equal, agrees to ~0.3%; a normalisation error would be 2x
-    assert [r["distill_kl"] for r in b] == pytest.approx([r["distill_kl"] for r in a], rel=2e-2)
-    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-3)
+    # the twins differ in their last bits (DDP's reduction order), which moves a few int4 roundings of the students.
+    # Noise floor, one process under other equally correct orders (batch 4 x accumulation 2, 2 x 4, 8 x 1, and
+    # ATEN_CPU_CAPABILITY=default): the KL, tiny (~1e-2) as student and teacher start equal, spreads by up to 6.7%
+    # at step 2 and the loss by 4.6e-4 (docs/testing.md). Bounds ~3-4x that. A normalisation error would be 2x; ranks
+    # that trained on the same half of the batch were 36% (KL) and 1.7e-2 (loss) off
+    assert [r["distill_kl"] for r in b] == pytest.approx([r["distill_kl"] for r in a], rel=0.2)
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=2e-3)
 
 
 def test_kernels_patched_qat_student_distils_through_the_fused_kernel():
