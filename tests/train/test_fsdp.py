@@ -136,8 +136,11 @@ def test_fsdp_full_finetuning_equals_one_process(tmp_path):
 
 def test_fsdp_bf16_lora_equals_one_process(tmp_path):
     # bf16 frozen base and fp32 adapters (as peft makes them) sharded together, gradients reduced in fp32; bf16
-    # rounding flips the sign of a few tiny gradient entries, which AdamW turns into +-lr steps (0.2% of entries)
-    _compare(tmp_path, ["--lora", "--dtype", "bf16"], rel=1e-3, wtol=5e-3)
+    # rounding flips the sign of a few tiny gradient entries, which AdamW turns into +-lr steps (0.2% of entries): two
+    # runs can then be 2 * lr * 4 steps = 8e-3 apart in a weight. Measured between one process's equally correct
+    # orders (batch 4 x 2, 2 x 4, 8 x 1, ATEN_CPU_CAPABILITY=default): weights 3.6e-3, losses 1.1e-4, gradient norms
+    # 1.6e-3 apart (docs/testing.md)
+    _compare(tmp_path, ["--lora", "--dtype", "bf16"], rel=1e-3, wtol=1e-2, grad_rel=5e-3)
 
 
 def test_fsdp_with_qat_and_kernels_equals_one_process(tmp_path):
