@@ -182,7 +182,8 @@ def apply_template(tokenizer: Any, name: str | None, model: str = "the model",
     """Install template ``name`` (None: keep the tokenizer's own) on ``tokenizer``; returns what was chosen.
 
     ``needed_by`` says which rows need a template (conversations, to render and mask: "the data holds
-    conversations"); None when the data is raw text only, which trains on any tokenizer: then a tokenizer without a template keeps none (``{"name": None}``).
+    conversations"); None when the data is raw text only, which trains on any tokenizer: then a tokenizer without a
+    template keeps none (``{"name": None}``).
     Raises one clear error when conversations meet a tokenizer without a template and none was named, or when the
     named template's special tokens are not single tokens of this tokenizer (the model was never trained with them).
     """
