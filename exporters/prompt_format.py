@@ -38,10 +38,13 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 
 def derive(tokenizer: Any) -> dict[str, Any]:
-    """``{"prompt", "prompt_with_system", "num_bos", "stop"}`` for ``tokenizer``'s chat template (see module doc)."""
-    if not isinstance(getattr(tokenizer, "chat_template", None), str):
-        raise EdgeftError("prompt format: the model has no chat template")
+    """``{"prompt", "prompt_with_system", "num_bos", "stop"}`` for ``tokenizer``'s chat template (see module doc); a
+    tokenizer without one gets plain completion (the prompt as it is, no system prompt)."""
     num_bos = int(_adds_bos(tokenizer))
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+        # a base model (continued pretraining on raw text): plain completion, the user's text as it is
+        return {"prompt": PROMPT, "prompt_with_system": None, "num_bos": num_bos,
+                "stop": [t for t in [tokenizer.eos_token] if t]}
     bos = tokenizer.bos_token or ""
 
     def strip_bos(text: str) -> str:

@@ -74,11 +74,14 @@ def test_base_model_run_exports_and_evaluates(base_dir, tmp_path, capsys):
     assert "FROM ./model-f16.gguf" in modelfile and 'TEMPLATE """{{ .Prompt }}"""' in modelfile
     tok = AutoTokenizer.from_pretrained(base_dir)
     assert f"PARAMETER stop {json.dumps(tok.eos_token)}" in modelfile
-    manifest = json.loads((ex / "manifest.json").read_text())
-    assert not manifest["gguf"].get("warnings")
+    assert not manifest_warnings(ex, "gguf")
     assert main(["export", "pte", "--run", str(run)]) == 0, capsys.readouterr().err
     assert (ex / "model.pte").stat().st_size > 0 and (ex / "tokenizer.json").exists()
     assert not (ex / "chat_template.jinja").exists()
+    fmt = json.loads((ex / "prompt_format.json").read_text())  # the apps: plain completion after the BOS
+    assert fmt["prompt"] == "{prompt}" and fmt["prompt_with_system"] is None and fmt["num_bos"] == 1
+    assert tok.eos_token in fmt["stop"]
+    assert not [w for w in manifest_warnings(ex, "pte") or [] if "prompt" in w or "template" in w]
     capsys.readouterr()
     assert main(["eval", "--run", str(run), "--runtimes", "eager,gguf", "--limit", "3", "--ppl-tokens", "256"]) == 0, \
         capsys.readouterr().err
@@ -89,6 +92,10 @@ def test_base_model_run_exports_and_evaluates(base_dir, tmp_path, capsys):
     assert math.isfinite(by["eager"]["perplexity"])
     assert by["gguf"]["perplexity"] == pytest.approx(by["eager"]["perplexity"], rel=0.02)  # f16 of the same model
     assert by["eager"]["n_tasks"] == 3 and "Questions asked in plain text" in (run / "eval" / "report.md").read_text()
+
+
+def manifest_warnings(ex, name):
+    return json.loads((ex / "manifest.json").read_text())[name].get("warnings")
 
 
 def test_plain_prompts_for_a_model_without_template(base_dir):
