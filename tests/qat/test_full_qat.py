@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from qat_helpers import rel_err, tiny_model
+from qat_helpers import FLIP_GRAD, FLIP_LOSS, rel_err, tiny_model
 from torch import nn
 
 import edgeft.kernels as K
@@ -198,11 +198,11 @@ def test_patched_full_qat_equals_the_reference(model_type, order):
     ref_loss, ref_grads = results[-1]
     assert results[1][0] == ref_loss  # unpatched: the same operations as the plain-autograd reference
     assert all(torch.equal(g, ref_grads[n]) for n, g in results[1][1].items())
-    loss, grads = results[0]
-    assert abs(loss - ref_loss) / ref_loss < 1e-5
+    loss, grads = results[0]  # the kernels: within the int8-flip floor (qat_helpers; a flip here: draw 8 on AVX2)
+    assert abs(loss - ref_loss) / ref_loss < FLIP_LOSS
     assert set(grads) == set(ref_grads)
     for n, g in grads.items():
-        assert rel_err(g, ref_grads[n]) < 1e-4, (n, rel_err(g, ref_grads[n]))
+        assert rel_err(g, ref_grads[n]) < FLIP_GRAD, (n, rel_err(g, ref_grads[n]))
 
 
 @pytest.mark.parametrize("scheme", ["phone-deployment", "int4", "int8"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from qat_helpers import rel_err, tiny_model
+from qat_helpers import FLIP_GRAD, FLIP_LOSS, rel_err, tiny_model
 
 from edgeft import qat
 from edgeft.arch import kernel_specs
@@ -229,12 +229,13 @@ def test_patched_model_trains_learned_scales_like_the_unpatched_one(lora):
     (s / n).backward()
     ref = unpatched(input_ids=ids, labels=ids).loss
     ref.backward()
-    assert abs((s / n).item() - ref.item()) / ref.item() < 1e-5
+    # within the int8-flip floor (qat_helpers; a flip here: LoRA, draw 3 under ATEN_CPU_CAPABILITY=default)
+    assert abs((s / n).item() - ref.item()) / ref.item() < FLIP_LOSS
     grads = {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
     ref_grads = {k: p.grad for k, p in unpatched.named_parameters() if p.grad is not None}
     assert set(grads) == set(ref_grads) and sum(k.endswith("log_scale") for k in grads) == 15  # 7 x 2 layers + head
     for k, g in grads.items():
-        assert rel_err(g, ref_grads[k]) < 1e-4, (k, rel_err(g, ref_grads[k]))
+        assert rel_err(g, ref_grads[k]) < FLIP_GRAD, (k, rel_err(g, ref_grads[k]))
 
 
 @pytest.mark.parametrize("bias", [False, True])
