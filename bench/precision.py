@@ -2,8 +2,11 @@
 
 Configurations (each in its own process, same random-init model and token batches as ``train_throughput.py``):
 
-- ``edgeft_master``: bf16 weights, edgeft's kernels, fp32 master weights + fp32 AdamW state (edgeft's default,
-  ``edgeft.train.precision.MasterWeights`` around fused AdamW);
+- ``edgeft_master``: bf16 weights, edgeft's kernels, fp32 master weights + fp32 AdamW state, each bf16 weight its
+  master rounded stochastically after every step (edgeft's default, ``edgeft.train.precision.MasterWeights``
+  around fused AdamW);
+- ``edgeft_master-nearest``: the same with the masters rounded to nearest (the default before; the difference to
+  ``edgeft_master`` is what the stochastic rounding costs);
 - ``edgeft_pure``: the same with the old pure-bf16 update (fused AdamW on the bf16 weights; loses updates);
 - ``edgeft_stochastic``: bf16 weights and moments, torchao's AdamW with bf16 stochastic rounding (the alternative
   measured in docs/precision.md, not an edgeft option);
@@ -12,11 +15,11 @@ Configurations (each in its own process, same random-init model and token batche
 - ``liger_bf16``: HF + Liger on bf16 weights with fused AdamW (pure bf16, what ``train_throughput.py`` measures).
 
 Every configuration trains at the full fine-tuning default lr 2e-5 and reports, besides speed and peak memory, the
-share of one projection matrix's weights its last step changed (a pure-bf16 update leaves most unchanged) and its
-losses against ``liger_amp``'s. Writes JSON (date, device, versions) to ``bench/results/`` and prints a table.
+share of one projection matrix's weights its last step changed (a pure-bf16 update leaves most unchanged; stochastic
+rounding redraws every weight whose master is between two bf16 numbers) and its losses against ``liger_amp``'s. Writes JSON (date, device, versions) to ``bench/results/`` and prints a table.
 
     python bench/precision.py                                   # Qwen3-0.6B shape, batch 4 x 2048, on the GPU
-    python bench/precision.py --device cpu --models smoke --seq 64 --impls edgeft_master,edgeft_pure,hf_amp
+    python bench/precision.py --device cpu --models smoke --seq 64 --impls edgeft_master,edgeft_master-nearest,hf_amp
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput as tt  # noqa: E402 - the same models, weights, batches, versions and process launcher
 
 ROOT = tt.ROOT
-IMPLS = ("edgeft_master", "edgeft_pure", "edgeft_stochastic", "liger_amp", "hf_amp", "liger_bf16")
+IMPLS = ("edgeft_master", "edgeft_master-nearest", "edgeft_pure", "edgeft_stochastic", "liger_amp", "hf_amp",
+         "liger_bf16")
 WATCH = "model.layers.0.mlp.down_proj.weight"  # the matrix whose changed share is reported
 
 

@@ -42,16 +42,22 @@ ROOT = Path(__file__).resolve().parents[1]
 # TrainConfig overrides per variant; "-sN" suffix: seed N
 VARIANTS = {
     "fp32": {"dtype": "fp32"},
-    # edgeft's bf16 update: fp32 master weights since issue 14; on an earlier commit, the pure-bf16 update
-    # (compare with --merge ... --rename bf16=bf16-pure)
+    # edgeft's bf16 update: fp32 master weights since issue 14, the bf16 weights their stochastic rounding; on an
+    # earlier commit, what that commit did (compare with --merge ... --rename bf16=bf16-nearest)
     "bf16": {"dtype": "bf16"},
-    "bf16-pure": {"dtype": "bf16"},  # with the pure-bf16 update (train_loop's bf16_update="pure")
+    "bf16-nearest": {"dtype": "bf16"},  # fp32 masters rounded to nearest (train_loop's bf16_update="master-nearest")
+    "bf16-pure": {"dtype": "bf16"},  # the pure-bf16 update, no masters (train_loop's bf16_update="pure")
 }
+UPDATES = {"bf16-nearest": "master-nearest", "bf16-pure": "pure"}  # train_loop's bf16_update per variant
+
+
+def _base(name: str) -> tuple[str, str | None]:
+    m = re.fullmatch(r"(.+?)(?:-s(\d+))?", name)
+    return m.group(1), m.group(2)
 
 
 def variant_overrides(name: str) -> dict:
-    m = re.fullmatch(r"(.+?)(?:-s(\d+))?", name)
-    base, seed = m.group(1), m.group(2)
+    base, seed = _base(name)
     if base not in VARIANTS:
         raise SystemExit(f"unknown variant {name!r}: one of {', '.join(VARIANTS)}, optionally with -sSEED")
     out = dict(VARIANTS[base])
@@ -220,8 +226,9 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
         import edgeft.train as etrain
 
         loop = etrain.train_loop
-        if name.startswith("bf16-pure"):  # the update before fp32 master weights, through the API
-            etrain.train_loop = lambda *a, **k: loop(*a, **dict(k, bf16_update="pure"))
+        update = UPDATES.get(_base(name)[0])
+        if update:  # another bf16 update than the default, through the API
+            etrain.train_loop = lambda *a, **k: loop(*a, **dict(k, bf16_update=update))
         try:
             edgeft.train(dataclasses.replace(cfg, overwrite=True))
         finally:
@@ -230,6 +237,7 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
     info = json.loads((run / "model" / "edgeft.json").read_text())
     res["edgeft_json_train"] = {k: v for k, v in info["train"].items() if k in ("first_loss", "final_loss", "seconds")}
     res["precision"] = info.get("precision")
+    res["train_losses"] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     from edgeft.models import resolve_model
 
     res["weights"] = weight_motion(resolve_model(args.model), run / "model", over.get("dtype", "fp32"))

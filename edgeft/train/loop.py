@@ -308,7 +308,7 @@ def train_loop(
         sharded = Sharded(root, model, device, rank)  # before the optimizer: it must hold the sharded parameters
         if distill is not None:
             sharded.shard_frozen(distill.teacher)  # no rank holds the whole teacher either
-    opt = build_optimizer(model, lr, weight_decay, optim, embedding_lr, scale_lr, bf16_update)
+    opt = build_optimizer(model, lr, weight_decay, optim, embedding_lr, scale_lr, bf16_update, seed=seed)
     sched = build_scheduler(opt, max_steps, warmup_steps_for(max_steps, warmup_ratio, warmup_steps), schedule)
     params = [p for p in model.parameters() if p.requires_grad]
     batcher = Batcher(examples, batching, pad_id, max_seq_length, seed)
@@ -450,6 +450,8 @@ def train_loop(
         if keep_masters and sharded is None and not restored:
             opt.masters_into_params()
             precision["weights"] = "fp32 masters"
+        elif not restored:  # the restored best weights are the draw that evaluated best
+            opt.round_to_nearest()  # the bf16 model closest to the masters, not the last step's random draw
     model.eval()
     return {
         "steps": state["step"],

@@ -8,8 +8,9 @@ adapters' rate destroys the pretrained vocabulary geometry). Learned QAT scales 
 and paged AdamW variants (they keep the same groups), and SGD.
 
 bf16 (or fp16) trainable tensors are updated through fp32 master weights (precision.py: ``bf16_update="master"``,
-the default; any optimizer above runs on the masters); ``"pure"`` (for benchmarks) is the plain optimizer on the bf16
-tensors, which rounds most updates of about the learning rate away.
+the default; any optimizer above runs on the masters, and each bf16 weight is its master rounded stochastically);
+for benchmarks, ``"master-nearest"`` rounds to nearest instead (the forward then lags the masters) and ``"pure"`` is
+the plain optimizer on the bf16 tensors, which rounds most updates of about the learning rate away.
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, embedding_lr:
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, optim: str = "adamw",
                     embedding_lr: float | None = None, scale_lr: float | None = None,
-                    bf16_update: str = "master") -> torch.optim.Optimizer:
+                    bf16_update: str = "master", seed: int = 0) -> torch.optim.Optimizer:
     """The optimizer over the model's trainable parameters (see the module docstring for the groups and
-    ``bf16_update``); fp32 parameters only: the plain optimizer whatever ``bf16_update`` says."""
+    ``bf16_update``); fp32 parameters only: the plain optimizer whatever ``bf16_update`` says. ``seed`` keys the
+    stochastic rounding of bf16 weights from their masters (with the step: nothing to checkpoint)."""
     from .precision import BF16_UPDATES, MasterWeights, needs_masters
 
     groups = param_groups(model, lr, weight_decay, embedding_lr, scale_lr)
@@ -79,7 +81,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, optim: str
         raise EdgeftError(f"bf16_update must be one of {', '.join(BF16_UPDATES)}, not {bf16_update!r}")
     if not needs_masters([p for g in groups for p in g["params"]]) or bf16_update == "pure":
         return _optimizer(groups, lr, optim)
-    return MasterWeights(groups, lambda gs: _optimizer(gs, lr, optim))
+    rounding = "nearest" if bf16_update == "master-nearest" else "stochastic"
+    return MasterWeights(groups, lambda gs: _optimizer(gs, lr, optim), rounding=rounding, seed=seed)
 
 
 def precision_record(opt: torch.optim.Optimizer, dtype: str | None = None) -> dict:
@@ -88,8 +91,8 @@ def precision_record(opt: torch.optim.Optimizer, dtype: str | None = None) -> di
 
     if isinstance(opt, MasterWeights):
         n = sum(1 for g in opt.param_groups for p in g["params"] if p.dtype != torch.float32)
-        return {"dtype": dtype, "bf16_update": "master", "optimizer": type(opt._ensure()).__name__,
-                "master_tensors": n, "master_bytes": opt.master_bytes()}
+        return {"dtype": dtype, "bf16_update": "master", "rounding": opt.rounding,
+                "optimizer": type(opt._ensure()).__name__, "master_tensors": n, "master_bytes": opt.master_bytes()}
     low = any(p.dtype != torch.float32 for g in opt.param_groups for p in g["params"])
     update = "fp32" if not low else ("stochastic" if getattr(opt, "bf16_stochastic_round", False) else "pure")
     return {"dtype": dtype, "bf16_update": update, "optimizer": type(opt).__name__}

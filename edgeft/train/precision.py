@@ -26,12 +26,71 @@ summation) and why masters are the one kept.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from typing import Any, Callable
 
 import torch
 
-BF16_UPDATES = ("master", "pure")
+# "master": fp32 masters, each bf16 weight a stochastic rounding of its master (the default); "master-nearest": the
+# same rounded to nearest (the default before: the forward lags the masters); "pure": no masters (benchmarks only)
+BF16_UPDATES = ("master", "master-nearest", "pure")
 MASTER_KEY = "master"
+ROUND_STEP_KEY = "rounding_step"  # in every param group: the copy-backs so far, which key their random bits
+ROUND_CHUNK = 1 << 24  # elements per random stream: a shard draws only the streams its elements fall in
+
+
+def _stream_seed(seed: int, step: int, tensor: int, chunk: int, extra: tuple = ()) -> int:
+    """A generator seed per (run seed, step, tensor, chunk), so that the rounding needs no RNG state of its own."""
+    key = "/".join(str(v) for v in (seed, step, tensor, chunk, *extra)).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int, step: int, tensor: int, offset: int = 0,
+                      total: int | None = None, extra: tuple = ()) -> None:
+    """``dst`` (bf16) = ``src`` (fp32, contiguous) rounded stochastically: up to the next bf16 number with probability
+    equal to the fraction of a bf16 step ``src`` lies above the one below, so that the expected ``dst`` is ``src``.
+
+    The random bits come from streams of :data:`ROUND_CHUNK` elements, each from a generator seeded by ``seed``,
+    ``step``, ``tensor`` and the chunk (:func:`_stream_seed`): deterministic (a resumed run draws what it would have),
+    and when ``src`` is the block of elements ``[offset, offset + numel)`` of a tensor of ``total`` elements (an FSDP
+    row shard) it is rounded exactly as that tensor would be in one process. Each stream is drawn whole (a CUDA
+    generator's numbers depend on how many are drawn)."""
+    n = src.numel()
+    total = n + offset if total is None else total
+    out = dst if dst.is_contiguous() else torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
+    s, d = src.reshape(-1).view(torch.int32), out.view(-1)
+    pos = 0
+    while pos < n:
+        chunk = (offset + pos) // ROUND_CHUNK
+        start = chunk * ROUND_CHUNK
+        stop = min(start + ROUND_CHUNK, total)
+        take = min(stop - (offset + pos), n - pos)
+        gen = torch.Generator(device=src.device).manual_seed(_stream_seed(seed, step, tensor, chunk, extra))
+        r = torch.randint(0, 1 << 16, (stop - start,), generator=gen, dtype=torch.int32, device=src.device)
+        r = r[offset + pos - start : offset + pos - start + take]
+        # fp32 bits + 16 random bits below bf16's last one, truncated: a carry (rounding away from zero) happens
+        # with probability (the dropped bits) / 2^16; the truncated value is a bf16 number, converted exactly
+        r.add_(s[pos : pos + take]).bitwise_and_(-65536)
+        d[pos : pos + take].copy_(r.view(torch.float32))
+        pos += take
+    if out is not dst:
+        dst.copy_(out)
+
+
+def _local_block(t: torch.Tensor) -> tuple[torch.Tensor, int, int, tuple]:
+    """This process's elements of ``t`` (a DTensor's local shard), their offset in the whole tensor's flat order and
+    its size, and a key for shards that are not a block of whole rows (they get random streams of their own)."""
+    local = getattr(t, "_local_tensor", None)
+    if local is None:
+        return t, 0, t.numel(), ()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, off = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    row = math.prod(t.shape[1:])
+    if tuple(shape[1:]) == tuple(t.shape[1:]):  # rows [off[0], off[0] + shape[0]): FSDP's Shard(0)
+        return local, off[0] * row, t.numel(), ()
+    return local, 0, local.numel(), ("shard", *off)
 
 
 def _is_low_precision(p: torch.Tensor) -> bool:
@@ -41,7 +100,7 @@ def _is_low_precision(p: torch.Tensor) -> bool:
 def update_state_bytes(param_bytes: int, dtype: str, bf16_update: str = "master") -> int:
     """Bytes that training adds per trained tensor of ``param_bytes`` bytes (AdamW): its gradient and two moments,
     plus in bf16 with masters an fp32 master, and moments in fp32 (4 + 4 + 4 bytes per 2 bytes of weight)."""
-    if dtype == "bf16" and bf16_update == "master":  # "pure": gradient and moments in bf16
+    if dtype == "bf16" and bf16_update.startswith("master"):  # "pure": gradient and moments in bf16
         return param_bytes + 6 * param_bytes  # bf16 gradient; fp32 master, exp_avg, exp_avg_sq
     return 3 * param_bytes
 
@@ -63,11 +122,16 @@ class MasterWeights(torch.optim.Optimizer):
     load) are what the masters start from; ``state`` stays empty until the first step, as torch's optimizers do.
     """
 
-    def __init__(self, groups: list[dict[str, Any]], build: Callable[[list[dict[str, Any]]], torch.optim.Optimizer]):
+    def __init__(self, groups: list[dict[str, Any]], build: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+                 rounding: str = "stochastic", seed: int = 0):
+        if rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"rounding must be 'stochastic' or 'nearest', not {rounding!r}")
         self._build = build
+        self.rounding = rounding
+        self.seed = int(seed)
         self.inner: torch.optim.Optimizer | None = None
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        super().__init__([dict(g, params=list(g["params"])) for g in groups], {})
+        super().__init__([dict(g, params=list(g["params"])) for g in groups], {ROUND_STEP_KEY: 0})
 
     def _ensure(self) -> torch.optim.Optimizer:
         if self.inner is not None:
@@ -84,6 +148,7 @@ class MasterWeights(torch.optim.Optimizer):
                     g.setdefault(k, v)  # the wrapped optimizer's defaults (betas, eps, ...) for state_dict
         self._pairs = [(p, m) for g, ig in zip(self.param_groups, self.inner.param_groups)
                        for p, m in zip(g["params"], ig["params"])]
+        self._index = {id(p): i for i, (p, _) in enumerate(self._pairs)}  # keys each tensor's random streams
         return self.inner
 
     def _refresh_state(self) -> None:
@@ -116,13 +181,39 @@ class MasterWeights(torch.optim.Optimizer):
                 p.grad = None  # the bf16 gradient is spent: free it before the optimizer's work
             copied.append((p, m))
         inner.step()
+        step = self.param_groups[0][ROUND_STEP_KEY] + 1
+        for g in self.param_groups:
+            g[ROUND_STEP_KEY] = step
         with torch.no_grad():
             for p, m in copied:
                 if m.grad is not None:
-                    p.copy_(m)  # round to nearest
+                    self._round(p, m, step)
                     m.grad = None
         self._refresh_state()
         return loss
+
+    def _round(self, p: torch.Tensor, m: torch.Tensor, step: int) -> None:
+        """``p`` = its master rounded: stochastically, with the random bits of ``step`` (and of ``p``'s position), or
+        to nearest."""
+        if self.rounding == "nearest" or p.dtype != torch.bfloat16:  # fp16 weights: to nearest
+            p.copy_(m)
+            return
+        index = self._index[id(p)]
+        mloc, offset, total, extra = _local_block(m)
+        ploc = getattr(p, "_local_tensor", p)
+        stochastic_round_(ploc, mloc, self.seed, step, index, offset, total, extra)
+
+    def round_to_nearest(self) -> int:
+        """Set every bf16 parameter to its master rounded to nearest, the closest bf16 model to the masters (the
+        stochastic roundings of training are its unbiased, noisier neighbours): what a run saves. Returns how many."""
+        self._ensure()
+        n = 0
+        with torch.no_grad():
+            for p, m in self._pairs:
+                if m is not p:
+                    p.copy_(m)
+                    n += 1
+        return n
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102 - torch's
         super().zero_grad(set_to_none)
@@ -148,12 +239,14 @@ class MasterWeights(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Masters and the wrapped optimizer's state back, masters kept fp32; without saved masters (an older
         checkpoint) they restart from the parameters' current values. The parameters are set to their masters
-        rounded: what was saved beside them, whatever happened to them since (FSDP2's loading steps once)."""
+        rounded as the saved step rounded them (the same random bits: what was saved beside them), whatever
+        happened to them since (FSDP2's loading steps once)."""
         inner = self._ensure()
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups) or any(
                 len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)):
             raise ValueError("loaded state dict's parameter groups do not match the optimizer's")
+        step = int(groups[0].get(ROUND_STEP_KEY, 0))  # 0: a checkpoint from before the stochastic rounding
         ids = [i for g in groups for i in g["params"]]
         inner_state = {}
         with torch.no_grad():
@@ -163,7 +256,7 @@ class MasterWeights(torch.optim.Optimizer):
                 if m is not p:
                     if saved is not None:
                         m.copy_(saved)
-                        p.copy_(m)
+                        self._round(p, m, step)
                     else:
                         m.copy_(p)
                 if s:
@@ -175,6 +268,7 @@ class MasterWeights(torch.optim.Optimizer):
         inner.load_state_dict({"state": inner_state, "param_groups": inner_groups})
         for g, ig in zip(self.param_groups, inner.param_groups):
             g.update({k: v for k, v in ig.items() if k != "params"})
+            g[ROUND_STEP_KEY] = step
         self._refresh_state()
 
     def masters_into_params(self) -> int:

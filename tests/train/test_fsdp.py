@@ -246,9 +246,14 @@ def test_fsdp_fused_distillation_from_a_sharded_teacher_equals_one_process(tmp_p
 def test_fsdp_bf16_full_finetuning_with_fp32_masters_equals_one_process_and_resumes(tmp_path):
     # lr 1e-5 is below half a bf16 step of most weights: they move only through the fp32 masters (train/
     # precision.py), here DTensors sharded like the bf16 weights. One process accumulates bf16 gradients where FSDP
-    # reduces them in fp32, so AdamW's +-lr first steps differ on a few tiny gradients (as in the bf16 LoRA test)
+    # reduces them in fp32, so AdamW's +-lr first steps differ on a few tiny gradients (as in the bf16 LoRA test);
+    # the bf16 weights are their masters rounded stochastically with the same random bits in both (measured: 0.14%
+    # of them one bf16 step apart after 4 steps), and the gradient norm, a bf16 number, may land one bf16 step apart
     a, _ = _compare(tmp_path, ["--full", "--dtype", "bf16", "--lr", "1e-5", "--save-steps", "2"], rel=1e-3,
-                    wtol=2e-3)
+                    wtol=2e-3, grad_rel=2**-7)
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    differ = sum(int((one[k] != two[k]).sum()) for k in one) / sum(t.numel() for t in one.values())
+    assert differ < 0.01, differ  # shards drawing their own random bits: ~40% (4 steps of 1e-5 at |w| ~ 0.02)
     info = json.loads((tmp_path / "two" / "model" / "edgeft.json").read_text())
     assert info["precision"]["bf16_update"] == "master" and info["precision"]["master_tensors"] > 0
     assert info["precision"]["weights"] == "bf16"

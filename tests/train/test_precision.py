@@ -1,6 +1,7 @@
 """bf16 training loses no update (edgeft/train/precision.py): fp32 master weights behind every optimizer, for every
 trainable tensor (full fine-tuning, LoRA adapters, modules_to_save, learned QAT scales), checkpointed with the
-optimizer state so that a resumed run continues bit-exactly. The FSDP2 cases are in test_fsdp.py."""
+optimizer state so that a resumed run continues bit-exactly; each bf16 weight is its master rounded stochastically,
+so the bf16 forward follows the masters in expectation. The FSDP2 cases are in test_fsdp.py."""
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from edgeft.errors import EdgeftError
 from edgeft.models import load_model, resolve_model
 from edgeft.train import CheckpointManager, list_checkpoints, prepare_model, train_loop
 from edgeft.train.optim import build_optimizer, build_scheduler, precision_record
-from edgeft.train.precision import MasterWeights
+from edgeft.train import precision
+from edgeft.train.precision import MasterWeights, stochastic_round_
 
 BF16_EPS = torch.finfo(torch.bfloat16).eps  # 2^-7: the spacing of bf16 numbers in [1, 2)
 
@@ -52,9 +54,11 @@ def _trajectories(update: str, optim: str, lr: float, steps: int = 20):
     return w0, ref.weight.detach(), low.weight.detach().float(), travelled, opt
 
 
-@pytest.mark.parametrize("optim,lr,steps", [("adamw", 1e-3, 20), ("sgd", 2.5e-2, 40), ("adamw_8bit", 1e-3, 20),
-                                            ("paged_adamw", 1e-3, 20)])
-def test_updates_below_half_a_bf16_step_are_not_lost(optim, lr, steps):
+@pytest.mark.parametrize("optim,lr,steps,update", [("adamw", 1e-3, 20, "master"), ("sgd", 2.5e-2, 40, "master"),
+                                                   ("adamw", 1e-3, 20, "master-nearest"),
+                                                   ("adamw_8bit", 1e-3, 20, "master"),
+                                                   ("paged_adamw", 1e-3, 20, "master")])
+def test_updates_below_half_a_bf16_step_are_not_lost(optim, lr, steps, update):
     if optim not in ("adamw", "sgd"):
         pytest.importorskip("bitsandbytes")  # behind the masters it updates fp32 tensors (8-bit state from 4096)
     w0, ref, pure, travelled, opt = _trajectories("pure", optim, lr, steps)
@@ -65,13 +69,17 @@ def test_updates_below_half_a_bf16_step_are_not_lost(optim, lr, steps):
     assert float((pure != w0).float().mean()) < 0.02
     assert precision_record(opt, "bf16")["bf16_update"] == "pure"
 
-    w0, ref, got, travelled, opt = _trajectories("master", optim, lr, steps)
-    assert isinstance(opt, MasterWeights) and precision_record(opt, "bf16")["bf16_update"] == "master"
+    w0, ref, got, travelled, opt = _trajectories(update, optim, lr, steps)
+    assert isinstance(opt, MasterWeights)
+    rec = precision_record(opt, "bf16")
+    assert rec["bf16_update"] == "master"
+    assert rec["rounding"] == ("nearest" if update == "master-nearest" else "stochastic")
     assert float((got != w0).float().mean()) > 0.95
     # the master follows the reference up to the gradients' bf16 rounding (relative 2^-9 each; AdamW's normalised
     # step and SGD's step move by at most twice that relatively, bounded here by 2^-7 of the distance travelled),
-    # and the bf16 weight is the master rounded to nearest: half a bf16 step more
-    tol = _ulp(ref) / 2 + 2**-7 * travelled
+    # and the bf16 weight is the master rounded to nearest (half a bf16 step more) or stochastically (one of the
+    # two bf16 neighbours: a step more)
+    tol = _ulp(ref) / (2 if update == "master-nearest" else 1) + 2**-7 * travelled
     assert bool(((got - ref).abs() <= tol).all()), float(((got - ref).abs() - tol).max())
     master = opt.state[next(iter(opt.state))]["master"]
     assert master.dtype == torch.float32
@@ -90,13 +98,93 @@ def test_masters_round_trip_through_state_dict_as_fp32():
     got = again.state[layer.weight]
     for k in ("master", "exp_avg", "exp_avg_sq"):
         assert got[k].dtype == torch.float32 and torch.equal(got[k], st[k]), k
-    assert torch.equal(layer.weight, st["master"].bfloat16())  # the weight is its master, rounded
+    # the weight is its master rounded as the saved step rounded it (the same random bits)
+    assert torch.equal(layer.weight.float(), _trajectories("master", "adamw", 1e-3, steps=3)[2])
+    assert sd["param_groups"][0]["rounding_step"] == 3 and again.param_groups[0]["rounding_step"] == 3
     # a checkpoint from before the masters: they start from the (loaded) weights
     old = {"state": {0: {k: v for k, v in st.items() if k != "master"}}, "param_groups": sd["param_groups"]}
     fresh = nn.Linear(32, 64, bias=False).bfloat16()
     third = build_optimizer(fresh, 1e-3, 0.0, "adamw")
     third.load_state_dict(old)
     assert torch.equal(third.state[fresh.weight]["master"], fresh.weight.float())
+
+
+def _neighbours(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 numbers just below and just above ``m`` (fp32), as fp32 (equal where ``m`` is a bf16 number)."""
+    bits = m.view(torch.int32)
+    down = (bits & -65536).view(torch.float32)  # towards zero
+    up = ((bits & -65536) + 65536 * ((bits & 65535) != 0).to(torch.int32)).view(torch.float32)  # from zero
+    return torch.minimum(down, up), torch.maximum(down, up)
+
+
+def test_stochastic_rounding_is_unbiased_and_a_shard_rounds_as_the_whole(monkeypatch):
+    monkeypatch.setattr(precision, "ROUND_CHUNK", 1000)  # several random streams, shard edges inside them
+    torch.manual_seed(0)
+    m = torch.randn(37, 101) * 0.02
+    whole = torch.empty(m.shape, dtype=torch.bfloat16)
+    stochastic_round_(whole, m, 1, 5, 3)
+    lo, hi = _neighbours(m)
+    assert bool(((whole.float() == lo) | (whole.float() == hi)).all())
+    assert not torch.equal(whole, m.bfloat16())  # not simply to nearest
+    rows = [0, 9, 19, 28, 37]  # as FSDP shards rows: each block rounds as it does inside the whole tensor
+    for a, b in zip(rows, rows[1:]):
+        part = torch.empty((b - a, 101), dtype=torch.bfloat16)
+        stochastic_round_(part, m[a:b].contiguous(), 1, 5, 3, offset=a * 101, total=m.numel())
+        assert torch.equal(part, whole[a:b]), (a, b)
+    other = torch.empty_like(whole)
+    for key in [(2, 5, 3), (1, 6, 3), (1, 5, 4)]:  # another seed, step or tensor: other random bits
+        stochastic_round_(other, m, *key)
+        assert not torch.equal(other, whole), key
+    # unbiased: P(up) = (m - lo) / (hi - lo), so over k draws the mean is m within the binomial noise
+    k, acc = 400, torch.zeros_like(m, dtype=torch.float64)
+    for step in range(k):
+        stochastic_round_(other, m, 1, step, 3)
+        acc += other.double()
+    q = ((m - lo) / (hi - lo)).double()
+    keep = (q > 0.05) & (q < 0.95)
+    z = ((acc / k - m.double()) / ((hi - lo).double() * (q * (1 - q) / k).sqrt()))[keep]
+    assert 0.9 < float(z.pow(2).mean().sqrt()) < 1.1 and abs(float(z.mean())) < 0.1, (z.pow(2).mean(), z.mean())
+
+
+@pytest.mark.parametrize("update", ["master", "master-nearest"])
+def test_the_bf16_forward_follows_the_masters_in_expectation(update):
+    """AdamW steps of 1e-4 on weights whose bf16 step is 2^-8 (|w| in [0.5, 1)): ten steps stay below half a bf16
+    step. Rounded to nearest, the bf16 weights never move and the forward stays the starting one while the masters
+    move; rounded stochastically, the bf16 weights move with the masters on average, step after step, and the
+    layer's output averaged over roundings is the masters' output."""
+    torch.manual_seed(0)
+    w0 = ((torch.rand(128, 64) * 0.5 + 0.5) * torch.randn(128, 64).sign()).bfloat16().float()
+    x, y = torch.randn(512, 64), torch.randn(512, 128)
+    ref, low = nn.Linear(64, 128, bias=False), nn.Linear(64, 128, bias=False).bfloat16()
+    with torch.no_grad():
+        ref.weight.copy_(w0)
+        low.weight.copy_(w0)
+    opt_ref, opt = build_optimizer(ref, 1e-4, 0.0), build_optimizer(low, 1e-4, 0.0, bf16_update=update, seed=7)
+    for step in range(10):
+        ((ref(x) - y) ** 2).mean().backward()
+        low.weight.grad = ref.weight.grad.bfloat16()
+        for o in (opt_ref, opt):
+            o.step()
+            o.zero_grad(set_to_none=True)
+        path = ref.weight.detach() - w0  # the fp32 path so far: below half a bf16 step everywhere
+        assert float(path.abs().max()) < 2**-9
+        along = float(((low.weight.detach().float() - w0) * path.sign()).mean()) / float(path.abs().mean())
+        if update == "master-nearest":
+            assert along < 0.03  # hardly moved (only weights just above 0.5, where the bf16 step below is 2^-9)
+        elif step >= 2:  # the bf16 weights' mean move along the path is the path's (noise: 2-7% here)
+            assert 0.8 < along < 1.2, (step, along)
+    master = opt.state[low.weight]["master"]
+    draw = torch.empty_like(low.weight)
+    outs = []
+    for k in range(200):
+        stochastic_round_(draw, master, 7, 1000 + k, 0)
+        outs.append(x @ draw.float().T)
+    outs = torch.stack(outs)
+    want = x @ master.T
+    z = (outs.mean(0) - want) / (outs.std(0) / len(outs) ** 0.5)  # in units of the mean's noise over roundings
+    assert float(z.pow(2).mean().sqrt()) < 1.2, float(z.pow(2).mean().sqrt())
+    nearest = (x @ master.bfloat16().float().T - want) / outs.std(0)  # rounding to nearest: biased
+    assert float(nearest.abs().mean()) > 0.1, float(nearest.abs().mean())
 
 
 def test_fp32_runs_get_the_plain_optimizer():
