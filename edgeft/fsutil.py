@@ -1,4 +1,4 @@
-"""Atomic writes: every file and directory appears complete or not at all (DESIGN.md: the run directory)."""
+"""Atomic writes: every file and directory appears complete or not at all (docs/design.md: the run directory)."""
 
 from __future__ import annotations
 
