@@ -40,6 +40,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from edgeft.rundir import RunDir, read_scheme
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"perplexity": 0.70, "accuracy": 0.90, "top1": 0.99, "rel_err": 2e-2}
 RECIPES = {  # TrainConfig overrides
@@ -149,9 +151,8 @@ def agreement(report: dict, sources: dict[str, Path], chunks: list[list[int]]) -
         rt.close()
         row = {"variant": v, "runtime": r["runtime"], "artifact": r["artifact"], **_compare(got, refs[v]),
                "seconds": time.perf_counter() - t0}
-        scheme = sources[v] / "scheme.json"
-        if r["runtime"] == "pte" and scheme.exists() and (json.loads(scheme.read_text()).get("plan") or {}).get(
-                "scheme") == "int8-int4":
+        scheme = read_scheme(sources[v])
+        if r["runtime"] == "pte" and scheme is not None and (scheme.get("plan") or {}).get("scheme") == "int8-int4":
             from edgeft.devices.runtimes import EagerRuntime
 
             model, _, _ = load_converted(sources[v])
@@ -290,41 +291,42 @@ def reuse_twin(cfg, twin: Path, run: Path) -> None:
     import dataclasses
     import shutil
 
-    from edgeft.config import config_diff, dump_yaml, resolve
-    from edgeft.pipeline import run_config
+    from edgeft.config import config_diff, dump_yaml, load_yaml, resolve
 
-    if not (twin / "baseline" / "converted" / "scheme.json").exists():
+    if not RunDir(twin).baseline.has_converted():
         raise SystemExit(f"--twin {twin}: no trained baseline/ there")
     mine = resolve(cfg)
-    theirs = dataclasses.replace(resolve(run_config(twin)), **{k: getattr(mine, k) for k in RECIPE_KEYS})
+    theirs = dataclasses.replace(resolve(load_yaml(RunDir(twin).config_file)),
+                                 **{k: getattr(mine, k) for k in RECIPE_KEYS})
     diff = config_diff(theirs, mine)
     if diff:
         raise SystemExit(f"--twin {twin} was trained with other settings: {'; '.join(diff[:4])}")
     if run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True)
-    shutil.copytree(twin / "baseline", run / "baseline", ignore=shutil.ignore_patterns("exports", "checkpoints"))
-    (run / "config.yaml").write_text(dump_yaml(dataclasses.replace(mine, resume=False, overwrite=False)))
+    src, dst = RunDir(twin).baseline, RunDir(run).baseline
+    shutil.copytree(src.root, dst.root, ignore=shutil.ignore_patterns(src.exports.path.name, src.checkpoints.name))
+    RunDir(run).config_file.write_text(dump_yaml(dataclasses.replace(mine, resume=False, overwrite=False)))
 
 
 def twin_ptq_differs(cfg, twin: Path) -> bool:
     """Whether the recipe quantizes differently from the twin (``qat_weight_scale``, ``qat_int8``): then the twin's
     PTQ is not this run's, and the run's baseline/ is converted again (:func:`reconvert_baseline`) and evaluated."""
-    from edgeft.config import qat_plan, resolve
-    from edgeft.pipeline import run_config
+    from edgeft.config import load_yaml, qat_plan, resolve
 
-    mine, theirs = qat_plan(resolve(cfg)), qat_plan(resolve(run_config(twin)))
+    mine, theirs = qat_plan(resolve(cfg)), qat_plan(resolve(load_yaml(RunDir(twin).config_file)))
     return (mine.ptq_weight_scale, mine.int8_modules) != (theirs.ptq_weight_scale, theirs.int8_modules)
 
 
 def reconvert_baseline(cfg, run: Path) -> None:
     """PTQ with the recipe's plan: the twin's float weights (``run``/baseline/model) quantized again."""
     from edgeft.config import qat_plan
-    from edgeft.pipeline import convert_model, load_trained
+    from edgeft.models import load_trained
+    from edgeft.pipeline import convert_model
 
     plan = qat_plan(cfg)
-    model, tokenizer = load_trained(run / "baseline")
-    convert_model(model, tokenizer, plan, run / "baseline" / "converted")
+    model, tokenizer = load_trained(RunDir(run).baseline)
+    convert_model(model, tokenizer, plan, RunDir(run).baseline.converted)
 
 
 def saved_rows(run: Path, variants: tuple[str, ...], runtimes: list[str],
@@ -334,7 +336,7 @@ def saved_rows(run: Path, variants: tuple[str, ...], runtimes: list[str],
     from before per-question results is done again."""
     from edgeft.devices.evaluate import read_questions
 
-    path = run / "eval" / "report.json"
+    path = RunDir(run).eval_report
     if not path.exists():
         return None
     rep = json.loads(path.read_text())
@@ -378,8 +380,9 @@ def main() -> int:
     import torch
 
     import edgeft
+    from edgeft.config import load_yaml
     from edgeft.devices.evaluate import heldout_text, text_chunks
-    from edgeft.pipeline import float_dir
+    from edgeft.models import float_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -410,7 +413,7 @@ def main() -> int:
         own_ptq = twin_ptq_differs(cfg, Path(args.twin))  # PTQ is this run's baseline/converted, not the twin's
         from edgeft.config import qat_plan
 
-        ptq_plan = json.loads((run / "baseline" / "converted" / "scheme.json").read_text())["plan"]
+        ptq_plan = RunDir(run).baseline.scheme_record()["plan"]
         if own_ptq and edgeft.qat.QATPlan.from_dict(ptq_plan) != qat_plan(cfg):
             reconvert_baseline(cfg, run)  # baseline/ is still the twin's copy: PTQ under the recipe's plan
         mine_variants = ("ptq", "qat") if own_ptq else ("qat",)
@@ -418,7 +421,7 @@ def main() -> int:
         if mine:
             print(f"QAT results reused from {run}/eval/report.json", flush=True)
             report = {"results": mine[0], "task_examples": args.limit,
-                      "heldout_tokens": json.loads((run / "eval" / "report.json").read_text()).get("heldout_tokens")}
+                      "heldout_tokens": json.loads(RunDir(run).eval_report.read_text()).get("heldout_tokens")}
             questions = mine[1]
         else:
             report = edgeft.evaluate(run, runtimes=runtimes, variants=list(mine_variants), limit=args.limit,
@@ -446,17 +449,17 @@ def main() -> int:
         questions = read_questions(run) or []
     timings["eval_s"] = time.perf_counter() - t1
     ci = question_intervals(questions, runtimes)
-    resolved = edgeft.pipeline.run_config(run)
+    resolved = load_yaml(RunDir(run).config_file)
 
     agree = []
     if not args.no_agreement and any(r != "eager" for r in runtimes):
         from transformers import AutoTokenizer
 
         t2 = time.perf_counter()
-        tok = AutoTokenizer.from_pretrained(str(run / "converted"))
+        tok = AutoTokenizer.from_pretrained(str(RunDir(run).converted))
         chunks = text_chunks(tok, heldout_text(), 2048, 256)
-        sources = {"bf16": float_dir(run / "baseline"), "ptq": run / "baseline" / "converted",
-                   "qat": run / "converted"}
+        base = RunDir(run).baseline
+        sources = {"bf16": float_dir(base), "ptq": base.converted, "qat": RunDir(run).converted}
         agree = agreement(report, sources, chunks)
         timings["agreement_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
@@ -466,7 +469,8 @@ def main() -> int:
                for rt in rec}
     for a in agree:
         a["meets_target"] = a["top1"] >= TARGETS["top1"] and a["rel_err"] <= TARGETS["rel_err"]
-    info = json.loads((run / "model" / "edgeft.json").read_text()) if (run / "model" / "edgeft.json").exists() else {}
+    info = RunDir(run).info() if RunDir(run).has_trained_model() else {}
+    base_info = RunDir(run).baseline.info() if RunDir(run).baseline.has_trained_model() else {}
     out = {
         "bench": "accuracy",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -476,8 +480,7 @@ def main() -> int:
         "qat_max_steps": resolved.qat_max_steps or resolved.max_steps,  # the twin's: config's max_steps
         "config": resolved.to_dict(),
         "train_seconds": {"qat": (info.get("train") or {}).get("seconds"),
-                          "baseline": (json.loads((run / "baseline/model/edgeft.json").read_text()).get("train") or
-                                       {}).get("seconds") if (run / "baseline/model/edgeft.json").exists() else None},
+                          "baseline": (base_info.get("train") or {}).get("seconds") if base_info else None},
         "timings": timings,
         "targets": TARGETS,
         "results": [{k: v for k, v in r.items() if k != "samples"} for r in report["results"]],

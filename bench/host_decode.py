@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgeft.rundir import RunDir
+
 HERE = Path(__file__).resolve().parent
 PROMPT = (
     "The history of the old harbour town begins in the twelfth century, when fishermen from the northern coast "
@@ -242,15 +244,15 @@ def _build_run() -> Path:
     """A small phone-deployment run of smollm2-135m with its .pte and Q4_0/Q8_0 GGUFs (about 15 min on 2 cores)."""
     out = HERE.parent / "runs" / "host-decode"
     edgeft = [sys.executable, "-m", "edgeft"]
-    if not (out / "config.yaml").exists():
+    if not RunDir(out).is_run():
         subprocess.run(edgeft + ["train", "--model", "smollm2-135m", "--data", "builtin:tasks", "--qat",
                                  "phone-deployment", "--max-steps", "20", "--no-ptq", "--out", str(out),
                                  "--no-progress"], check=True)
-    ex = out / "exports"
-    if not (ex / "model.pte").exists():
+    ex = RunDir(out).exports
+    if not ex.pte().exists():
         subprocess.run(edgeft + ["export", "pte", "--run", str(out)], check=True)
     for q in ("q4_0", "q8_0"):
-        if not (ex / f"model-{q}.gguf").exists():
+        if not ex.gguf(q).exists():
             subprocess.run(edgeft + ["export", "gguf", "--run", str(out), "--quant", q], check=True)
     return out
 
@@ -299,9 +301,8 @@ def main() -> None:
         return
 
     run = Path(args.run) if args.run else _build_run()
-    ex = run / "exports"
-    files = {"pte runner": ex / "model.pte", "pte loop": ex / "model.pte", "gguf q4_0": ex / "model-q4_0.gguf",
-             "gguf q8_0": ex / "model-q8_0.gguf"}
+    ex = RunDir(run).exports
+    files = {"pte runner": ex.pte(), "pte loop": ex.pte(), "gguf q4_0": ex.gguf("q4_0"), "gguf q8_0": ex.gguf("q8_0")}
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for e in engines:
         if e not in files:
@@ -309,7 +310,7 @@ def main() -> None:
         if not files[e].exists() and e != "gguf q8_0":
             raise SystemExit(f"{files[e]} is missing: export it first")
     engines = [e for e in engines if files[e].exists()]
-    manifest = json.loads((ex / "manifest.json").read_text()) if (ex / "manifest.json").exists() else {}
+    manifest = ex.read_manifest()
     load_before = os.getloadavg()
     rows = []
     for threads in [int(t) for t in args.threads.split(",")]:

@@ -68,13 +68,14 @@ def main() -> None:
     from edgeft.devices.executorch_runtime import PteRuntime
     from edgeft.devices.host_run import _set_threads
     from edgeft.exporters import pte
+    from edgeft.rundir import PTE_FILES, RunDir
 
-    src = Path(args.run) / "converted" if args.run else Path(args.src)
-    out = Path(args.out) if args.out else (Path(args.run) / "exports" if args.run else None)
+    src = RunDir(args.run).converted if args.run else Path(args.src)
+    out = Path(args.out) if args.out else (RunDir(args.run).exports.path if args.run else None)
     if out is None:
         raise SystemExit("--src needs --out")
     exports = {}
-    for mode, name in pte.PTE_NAMES.items():
+    for mode, name in PTE_FILES.items():
         path = out / name
         if not path.exists():
             print(f"exporting {path} ...", flush=True)

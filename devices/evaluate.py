@@ -40,13 +40,14 @@ import torch
 
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_path, write_json, write_text
+from edgeft.rundir import QUESTIONS_FILE, Exports, RunDir
 
 from .runtimes import Runtime, load_runtime
 
 RUNTIMES = ("eager", "pte", "gguf")
-# per variant, runtime and question: {"variant", "runtime", "kind": "exact" | "mc", "index" (the question's position in
-# the evaluated set), "id" (question_id), "correct", and "got" (the decoded answer) or "picked" (the chosen index)}
-QUESTIONS_FILE = "questions.jsonl"
+# QUESTIONS_FILE's rows, one per variant, runtime and question: {"variant", "runtime", "kind": "exact" | "mc",
+# "index" (the question's position in the evaluated set), "id" (question_id), "correct", and "got" (the decoded
+# answer) or "picked" (the chosen index)}
 PLAIN_FORMAT = "plain text (Question: ... / Answer:), the run has no chat template"
 VARIANTS = ("bf16", "ptq", "qat")
 
@@ -311,36 +312,35 @@ def load_eval_data(paths: list[str | Path] | tuple[str | Path, ...] | None, limi
     return data
 
 
-def _variant_sources(run: Path) -> dict[str, tuple[Path, Path]]:
+def _variant_sources(run: RunDir) -> dict[str, tuple[Path, Exports]]:
     """(model directory, artifact directory) of each variant this run has."""
-    from edgeft.pipeline import float_dir
+    from edgeft.models import float_dir
 
-    out: dict[str, tuple[Path, Path]] = {}
-    base = run / "baseline"
-    if (base / "converted" / "scheme.json").exists():
-        out["bf16"] = (float_dir(base), base / "exports" / "float")
-        out["ptq"] = (base / "converted", base / "exports")
-    record = json.loads((run / "converted" / "scheme.json").read_text())
-    if record.get("plan"):
-        out["qat"] = (run / "converted", run / "exports")
+    out: dict[str, tuple[Path, Exports]] = {}
+    base = run.baseline
+    if base.has_converted():
+        out["bf16"] = (float_dir(base), base.exports.float)
+        out["ptq"] = (base.converted, base.exports)
+    if run.scheme_record().get("plan"):
+        out["qat"] = (run.converted, run.exports)
     elif "bf16" not in out:
-        out["bf16"] = (run / "converted", run / "exports")
+        out["bf16"] = (run.converted, run.exports)
     return out
 
 
-def _artifact(kind: str, src: Path, out_dir: Path, max_seq_len: int) -> Path:
+def _artifact(kind: str, src: Path, out_dir: Exports, max_seq_len: int) -> Path:
     """Export the variant's artifact for a runtime once (an existing, validated one is reused)."""
-    from edgeft import pipeline
+    from edgeft.exporters import default_gguf_quant, export_dir
 
     if kind == "pte":
-        path = out_dir / "model.pte"
+        path = out_dir.pte()
         if not path.exists():
-            pipeline.export_dir("pte", src, out_dir, max_seq_len=max_seq_len)
+            export_dir("pte", src, out_dir, max_seq_len=max_seq_len)
         return path
-    quant = pipeline.default_gguf_quant(src)
-    path = out_dir / f"model-{quant}.gguf"
+    quant = default_gguf_quant(src)
+    path = out_dir.gguf(quant)
     if not path.exists():
-        pipeline.export_dir("gguf", src, out_dir, quant=quant)
+        export_dir("gguf", src, out_dir, quant=quant)
     return path
 
 
@@ -375,8 +375,9 @@ def evaluate_run(
     for r in runtimes:
         if r not in RUNTIMES:
             raise EdgeftError(f"unknown runtime {r!r}; choose from {', '.join(RUNTIMES)}")
-    if not (run / "converted" / "scheme.json").exists():
-        raise EdgeftError(f"{run} has no converted model; run `edgeft train` to completion first")
+    run = RunDir(run)
+    if not run.has_converted():
+        raise EdgeftError(f"{run.root} has no converted model; run `edgeft train` to completion first")
     sources = _variant_sources(run)
     if variants:
         unknown = [v for v in variants if v not in VARIANTS]
@@ -384,9 +385,10 @@ def evaluate_run(
             raise EdgeftError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
         missing = [v for v in variants if v not in sources]
         if missing:
-            raise EdgeftError(f"{run} has no {', '.join(missing)} variant (train with --qat and --ptq to get all three)")
+            raise EdgeftError(f"{run.root} has no {', '.join(missing)} variant (train with --qat and --ptq to get all "
+                              "three)")
         sources = {v: sources[v] for v in variants}
-    tokenizer = AutoTokenizer.from_pretrained(str(run / "converted"))
+    tokenizer = AutoTokenizer.from_pretrained(str(run.converted))
     chunks = text_chunks(tokenizer, data.heldout, ppl_tokens, ppl_chunk)
     if not chunks:
         raise EdgeftError(f"held-out text ({data.sources.get('heldout')}) is shorter than 2 tokens")
@@ -450,12 +452,11 @@ def evaluate_run(
     # between the two writes) does not match it
     report["questions"] = {"file": QUESTIONS_FILE, "rows": len(per_question),
                            "sha256": hashlib.sha256(questions.encode()).hexdigest()}
-    out = run / "eval"
-    out.mkdir(exist_ok=True)
-    write_text(out / QUESTIONS_FILE, questions)
-    write_json(out / "report.json", report)
-    write_text(out / "report.md", render_markdown(report))
-    _plot(report, out / "metrics.png")
+    run.eval.mkdir(exist_ok=True)
+    write_text(run.eval_questions, questions)
+    write_json(run.eval_report, report)
+    write_text(run.eval_markdown, render_markdown(report))
+    _plot(report, run.eval_plot)
     return report
 
 
@@ -470,7 +471,7 @@ def question_id(item: dict[str, Any]) -> str:
 def read_questions(run: Path) -> list[dict[str, Any]] | None:
     """The per-question rows of ``run``'s last evaluation (eval/questions.jsonl), or None when it has none or its
     report.json does not name that file's content (an evaluation from before per-question results)."""
-    path, rep = run / "eval" / QUESTIONS_FILE, run / "eval" / "report.json"
+    path, rep = RunDir(run).eval_questions, RunDir(run).eval_report
     if not (path.exists() and rep.exists()):
         return None
     meta = json.loads(rep.read_text()).get("questions") or {}
@@ -489,10 +490,10 @@ def recovery(bf16: float, ptq: float, qat: float, higher_is_better: bool) -> flo
     return gain / gap
 
 
-def _report(run: Path, results: list[dict[str, Any]], ppl_tokens: int, limit: int, data: EvalData) -> dict[str, Any]:
-    from edgeft.pipeline import run_config
+def _report(run: RunDir, results: list[dict[str, Any]], ppl_tokens: int, limit: int, data: EvalData) -> dict[str, Any]:
+    from edgeft.config import load_yaml
 
-    cfg = run_config(run)
+    cfg = load_yaml(run.config_file)
     rec: dict[str, Any] = {}
     by = {(r["variant"], r["runtime"]): r for r in results}
     for rt in {r["runtime"] for r in results}:
@@ -504,7 +505,7 @@ def _report(run: Path, results: list[dict[str, Any]], ppl_tokens: int, limit: in
                 "mc_accuracy": recovery(b["mc_accuracy"], p["mc_accuracy"], q["mc_accuracy"], higher_is_better=True),
             }
     return {
-        "run": str(run),
+        "run": str(run.root),
         "model": cfg.model,
         "data": cfg.data,
         "qat": cfg.qat,

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from edgeft.errors import EdgeftError
+from edgeft.rundir import RunDir
 
 PTE_MAGIC = b"ET"  # bytes 4..6 of an ExecuTorch program (flatbuffer file identifier "ET12")
 GGUF_MAGIC = b"GGUF"
@@ -160,8 +161,8 @@ def _hf_tokenizer(tok: Path, tok_dir: Path, artifact: Path) -> Any:
         raise EdgeftError(f"could not load the tokenizer {tok}: {str(e).splitlines()[0]}") from None
     if not getattr(hf, "chat_template", None):
         # an older export carries only tokenizer.json/tokenizer_config.json: the run keeps the template
-        run = artifact.parent.parent if artifact.parent.name == "exports" else None
-        for d in [tok_dir] + ([run / "converted", run / "model"] if run is not None else []):
+        run = RunDir.of_artifact(artifact)
+        for d in [tok_dir] + ([run.converted, run.model] if run is not None else []):
             t = _read_template(d)
             if t:
                 hf.chat_template = t

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
+from edgeft.rundir import Exports, RunDir
 
 GiB = 2**30
 
@@ -123,7 +124,8 @@ def get_profile(name: str) -> DeviceProfile:
 
 def _config_of(artifact: Path) -> dict[str, Any]:
     """Model shape for the KV-cache estimate: from the run's config.json beside the artifact, or GGUF metadata."""
-    for cand in [artifact.parent / "config.json", artifact.parent.parent / "converted" / "config.json"]:
+    run = RunDir.of_artifact(artifact)
+    for cand in [artifact.parent / "config.json"] + ([run.converted / "config.json"] if run is not None else []):
         if cand.exists():
             cfg = json.loads(cand.read_text())
             heads = cfg["num_attention_heads"]
@@ -162,7 +164,7 @@ def _gguf_shape(path: Path) -> dict[str, Any]:
 def _program_kv_cache(artifact: Path) -> dict[str, Any] | None:
     """The KV cache a ``.pte`` really holds, from the export's record in ``manifest.json`` beside it (edgeft's
     exporter writes it: rows per layer type, bytes), or None for other files."""
-    manifest = artifact.parent / "manifest.json"
+    manifest = Exports(artifact.parent).manifest
     if artifact.suffix != ".pte" or not manifest.is_file():
         return None
     try:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeft.qat.fake_quant import int8_per_token_asym
+from edgeft.rundir import is_converted
 
 
 class Runtime(Protocol):
@@ -168,7 +169,7 @@ def load_runtime(kind: str, path: str | os.PathLike, **kwargs: Any) -> Runtime:
     if kind == "eager":
         from edgeft.models import load_model
 
-        if (path / "scheme.json").exists():
+        if is_converted(path):
             return _converted_runtime(path)
         model, _ = load_model(path)
         return EagerRuntime(model)

@@ -229,14 +229,13 @@ _LORA_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "
 
 def _train_config(args: argparse.Namespace):
     """Flags over the --config file; with --resume and no --config, over the run's own config.yaml."""
-    from pathlib import Path
-
     from .config import TrainConfig, load_yaml
+    from .rundir import RunDir
 
     if args.config:
         cfg = load_yaml(args.config)
-    elif args.resume and args.out and (Path(args.out) / "config.yaml").exists():
-        cfg = load_yaml(Path(args.out) / "config.yaml")
+    elif args.resume and args.out and RunDir(args.out).is_run():
+        cfg = load_yaml(RunDir(args.out).config_file)
     else:
         cfg = TrainConfig()
     over: dict[str, Any] = {k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k, None) is not None}
@@ -285,13 +284,12 @@ def _devices(args: argparse.Namespace) -> int:
     if args.artifact:
         artifact = Path(args.artifact)
     else:
-        from . import pipeline
+        from .rundir import RunDir
 
-        exports = pipeline.find_run(args.run) / "exports"
-        ggufs = sorted(exports.glob("*.gguf"), key=lambda p: p.stat().st_mtime)
-        artifact = exports / "model.pte" if (exports / "model.pte").exists() else (ggufs[-1] if ggufs else None)
+        exports = RunDir.find(args.run).exports
+        artifact = exports.artifact()
         if artifact is None:
-            raise EdgeftError(f"{exports} holds no .pte or .gguf; run `edgeft export pte` first")
+            raise EdgeftError(f"{exports.path} holds no .pte or .gguf; run `edgeft export pte` first")
     r = profiles.check(profile, artifact, context=args.context)
     print(r["verdict"])
     lo, hi = r["decode_tokens_per_s"]

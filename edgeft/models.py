@@ -28,6 +28,7 @@ from typing import Any
 
 from .errors import EdgeftError
 from .fsutil import atomic_dir, cache_dir
+from .rundir import Variant
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +318,38 @@ def load_model(path: str | os.PathLike, dtype: Any = None, device: str = "cpu"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_trained(root: str | os.PathLike):
+    """The trained model of ``root`` (a run or its baseline/) as a plain float transformers model + tokenizer."""
+    variant = Variant(root)
+    info = json.loads(variant.model_info.read_text())
+    if info["mode"] == "lora":
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        base, _ = load_model(info["base_model"])
+        model = PeftModel.from_pretrained(base, str(variant.model)).merge_and_unload()
+        # the run's tokenizer (its chat template and end-of-turn EOS), not the base model's
+        tokenizer = AutoTokenizer.from_pretrained(str(variant.model))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, tokenizer
+    return load_model(variant.model)
+
+
+def float_dir(root: str | os.PathLike) -> Path:
+    """An HF directory of the trained float model of ``root`` (merging LoRA into ``merged/`` once)."""
+    variant = Variant(root)
+    if variant.info()["mode"] == "full":
+        return variant.model
+    dest = variant.merged
+    if not (dest / "config.json").exists():
+        model, tokenizer = load_trained(root)
+        with atomic_dir(dest) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    return dest
 
 
 # --- built-in tiny models ----------------------------------------------------------------------------

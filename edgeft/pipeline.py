@@ -25,29 +25,17 @@ from typing import Any
 
 from .config import TrainConfig, config_diff, dump_yaml, identity, identity_defaults, load_yaml, qat_plan, resolve
 from .errors import EdgeftError
+from .exporters import export_dir
 from .fsutil import atomic_dir, write_json, write_text
+from .models import load_trained
+from .rundir import RUNS_DIR, SCALES_FILE, find_run
 
 log = logging.getLogger("edgeft")
 
-RUNS_DIR = Path("runs")
 EXPORT_FORMATS = ("pte", "gguf", "torchao")
-SCALES_FILE = "qat_scales.safetensors"  # model/: learned QAT group scales (qat.learned_scales), by linear name
 
 
 # --- run directories ---------------------------------------------------------------------------------
-
-
-def find_run(run: str | Path | None) -> Path:
-    """The given run directory, or the newest one under ./runs; one clear error if there is none."""
-    if run is None:
-        candidates = [p for p in RUNS_DIR.glob("*") if (p / "config.yaml").exists()] if RUNS_DIR.is_dir() else []
-        if not candidates:
-            raise EdgeftError(f"no run found under ./{RUNS_DIR}; pass --run DIR or train first")
-        return max(candidates, key=lambda p: p.stat().st_mtime)
-    path = Path(run)
-    if not (path / "config.yaml").exists():
-        raise EdgeftError(f"{path} is not an edgeft run directory (no config.yaml)")
-    return path
 
 
 def run_config(run: Path) -> TrainConfig:
@@ -450,41 +438,6 @@ def convert_model(model, tokenizer, plan, out_dir: Path, scales: dict | None = N
     return qatlib.save_converted(converted.to("cpu"), tokenizer, record, out_dir)
 
 
-def load_trained(root: Path):
-    """The trained model of ``root`` (a run or its baseline) as a plain float transformers model + tokenizer."""
-    from .models import load_model
-
-    info = json.loads((root / "model" / "edgeft.json").read_text())
-    if info["mode"] == "lora":
-        from peft import PeftModel
-        from transformers import AutoTokenizer
-
-        base, _ = load_model(info["base_model"])
-        model = PeftModel.from_pretrained(base, str(root / "model")).merge_and_unload()
-        # the run's tokenizer (its chat template and end-of-turn EOS), not the base model's
-        tokenizer = AutoTokenizer.from_pretrained(str(root / "model"))
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        return model, tokenizer
-    return load_model(root / "model")
-
-
-def float_dir(root: Path) -> Path:
-    """An HF directory of the trained float model of ``root`` (merging LoRA into ``merged/`` once)."""
-    if not (root / "model" / "edgeft.json").exists():
-        raise EdgeftError(f"{root} has no trained model (model/edgeft.json)")
-    info = json.loads((root / "model" / "edgeft.json").read_text())
-    if info["mode"] == "full":
-        return root / "model"
-    dest = root / "merged"
-    if not (dest / "config.json").exists():
-        model, tokenizer = load_trained(root)
-        with atomic_dir(dest) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    return dest
-
-
 def convert(run: str | Path | None = None) -> Path:
     """Re-run qat.convert for an existing run from its saved model/ (e.g. after changing convert code)."""
     run = find_run(run)
@@ -534,33 +487,6 @@ def export(fmt: str, run: str | Path | None = None, quant: str | None = None, **
             report.setdefault("warnings", []).append(f"no Ollama Modelfile: {e}")
     _record_export(run / "exports", fmt, report)
     return report
-
-
-def default_gguf_quant(src: Path) -> str:
-    """The GGUF type at the scheme's bit width: q4_0 for int4 schemes, q8_0 for int8, f16 for float."""
-    scheme = src / "scheme.json"
-    plan = json.loads(scheme.read_text()).get("plan") if scheme.exists() else None
-    if not plan:
-        return "f16"
-    from . import qat as qatlib
-
-    return "q4_0" if qatlib.SCHEMES[plan["scheme"]].weight_dtype == "int4" else "q8_0"
-
-
-def export_dir(fmt: str, src: Path, out_dir: Path, quant: str | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Export one model directory (converted or float HF) into ``out_dir``."""
-    if fmt == "pte":
-        from edgeft.exporters import pte
-
-        return pte.export(src, out_dir, **kwargs)
-    if fmt == "gguf":
-        from edgeft.exporters import gguf
-
-        quant = (quant or default_gguf_quant(src)).lower()
-        return gguf.export(src, out_dir / f"model-{quant}.gguf", quant=quant, **kwargs)
-    from edgeft.exporters import torchao as torchao_exporter
-
-    return torchao_exporter.export(src, out_dir / "torchao", **kwargs)
 
 
 def _record_export(out_dir: Path, fmt: str, report: dict[str, Any]) -> None:

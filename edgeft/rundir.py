@@ -35,7 +35,9 @@ SCALES_FILE = "qat_scales.safetensors"  # in model/: learned QAT group scales (q
 SCHEME_FILE = "scheme.json"  # in a converted model directory: its quantization record (qat.convert)
 MANIFEST_FILE = "manifest.json"  # in exports/: one record per export, by name
 MODELFILE = "Modelfile"
-# the .pte by its logits: every position (what `edgeft eval` runs) or the last one only (for the apps)
+QUESTIONS_FILE = "questions.jsonl"  # in eval/: each question's result per variant and runtime
+# the .pte by its logits: every position (evaluation, the default) or the last one only (deployment), each under its
+# own name so that `edgeft eval`, which needs every position and reuses model.pte, never meets a last-token program
 PTE_FILES = {"all": "model.pte", "last": "model-last.pte"}
 
 
@@ -249,7 +251,7 @@ class RunDir(Variant):
     @property
     def eval_questions(self) -> Path:
         """Each question's result per variant and runtime (devices/evaluate.py)."""
-        return self.eval / "questions.jsonl"
+        return self.eval / QUESTIONS_FILE
 
     @property
     def baseline(self) -> Variant:

@@ -140,6 +140,7 @@ import torch
 from edgeft.arch import FAMILIES, Family, for_config, rotary_dims
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_path
+from edgeft.rundir import is_converted, run_name
 
 
 @dataclass(frozen=True)
@@ -400,7 +401,7 @@ def _trained_scheme(record: dict[str, Any] | None) -> Any:
 
 def _load_source(src: Path) -> tuple[Any, Any, dict[str, Any] | None]:
     """The model the file must reproduce: float HF model, or the torchao-quantized converted model."""
-    if (src / "scheme.json").exists():
+    if is_converted(src):
         from edgeft.qat import load_converted
 
         model, tokenizer, record = load_converted(src)
@@ -514,7 +515,7 @@ def _gguf_name(src: Path, tokenizer: Any) -> str:
     when the HF tokenizer has special tokens that strip the whitespace after them (Phi-3's, and any run of it
     whatever its name), and off otherwise (a run called "phi3-..." of another family). The tokenizer check then
     proves that llama.cpp tokenizes as HF does."""
-    name = src.parent.name if src.name in ("converted", "model") else src.name  # a run's directory is the run's
+    name = run_name(src)
     rstrip = any(t.special and t.rstrip for t in getattr(tokenizer, "added_tokens_decoder", {}).values())
     has = any(k in name.lower() for k in _PHI3_NAMES)
     if rstrip and not has:

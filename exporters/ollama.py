@@ -27,6 +27,7 @@ from typing import Any
 
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import write_text
+from edgeft.rundir import Exports
 
 
 @dataclass(frozen=True)
@@ -306,7 +307,7 @@ def write_modelfile(
     if not gguf_path.is_file():
         raise EdgeftError(f"Ollama Modelfile: {gguf_path} does not exist; export the GGUF first")
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    out = Path(out) if out is not None else gguf_path.parent / "Modelfile"
+    out = Path(out) if out is not None else Exports(gguf_path.parent).modelfile
     if not isinstance(getattr(tokenizer, "chat_template", None), str):  # a base model: nothing to translate
         write_text(out, raw_modelfile_text(gguf_path, tokenizer, src))
         return {"path": str(out), "gguf": str(gguf_path), "family": "raw", "system": None}

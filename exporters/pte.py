@@ -184,6 +184,7 @@ from edgeft.arch import FAMILIES, Family, for_config, rotary_dims
 from edgeft.devices.executorch_runtime import FULL_LOGITS_METHOD, REWIND_METHOD
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_path
+from edgeft.rundir import PTE_FILES, Exports, is_converted
 
 
 MASK_NAME = "edgeft_executorch"  # attention implementation name whose mask function builds no mask
@@ -191,9 +192,6 @@ VALIDATION_SEQ_LENS = (48, 17, 5)  # held-out token sequences compared by logits
 INCREMENTAL_PREFILL = 5
 GREEDY_TOKENS = 16
 FLOAT_REL = 1e-3
-# --logits: every position (evaluation, the default) or the last one only (deployment), each under its own name
-# so that `edgeft eval`, which needs every position and reuses model.pte, never meets a last-token program
-PTE_NAMES = {"all": "model.pte", "last": "model-last.pte"}
 
 
 # --- source -------------------------------------------------------------------------------------------
@@ -220,7 +218,7 @@ def _arch(src: Path) -> tuple[Family, dict[str, Any]]:
 
 
 def _load_source(src: Path) -> tuple[nn.Module, Any, dict[str, Any] | None]:
-    if (src / "scheme.json").exists():
+    if is_converted(src):
         from edgeft.qat import load_converted
 
         model, tok, record = load_converted(src)
@@ -1157,8 +1155,8 @@ def export(
     """
     t0 = time.perf_counter()
     src, out_dir = Path(src), Path(out_dir)
-    if logits not in PTE_NAMES:
-        raise EdgeftError(f"pte export: logits must be one of {', '.join(PTE_NAMES)}, not {logits!r}")
+    if logits not in PTE_FILES:
+        raise EdgeftError(f"pte export: logits must be one of {', '.join(PTE_FILES)}, not {logits!r}")
     if logits == "last" and not dynamic_shape:
         raise EdgeftError("pte export: logits='last' needs a dynamic-shape program (a one-token program has one position)")
     full_logits = logits == "all"
@@ -1209,7 +1207,7 @@ def export(
         warn.append("the scheme's embedding quantization is not int8 per row: embedding exported as float32")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    dest = out_dir / PTE_NAMES[logits]
+    dest = Exports(out_dir).pte(logits)
     t_val = time.perf_counter()
     with atomic_path(dest) as tmp_pte:
         tmp_pte.write_bytes(buf)

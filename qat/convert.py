@@ -28,6 +28,7 @@ from torch import nn
 
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_dir
+from edgeft.rundir import SCHEME_FILE, is_converted, read_scheme, scheme_path
 
 from .prepare import _group_ok, check_int8_modules, is_prepared, learned_scales, unprepare
 from .schemes import QATPlan, resolve
@@ -241,7 +242,7 @@ def write_converted(model: nn.Module, tokenizer: Any, record: dict[str, Any], ou
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / "scheme.json").write_text(json.dumps(record, indent=2) + "\n")
+    scheme_path(out_dir).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def save_converted(model: nn.Module, tokenizer: Any, record: dict[str, Any], out_dir: str | os.PathLike) -> Path:
@@ -257,15 +258,15 @@ def load_converted(path: str | os.PathLike) -> tuple[nn.Module, Any, dict[str, A
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    if not (path / "scheme.json").exists():
-        raise EdgeftError(f"{path} is not a converted model directory (no scheme.json)")
+    if not is_converted(path):
+        raise EdgeftError(f"{path} is not a converted model directory (no {SCHEME_FILE})")
     import torchao  # noqa: F401  (registers the tensor subclasses)
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     _quantized_outputs_to_float32(model)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    record = json.loads((path / "scheme.json").read_text())
+    record = read_scheme(path)
     return model, tokenizer, record
 
 

@@ -12,6 +12,7 @@ from edgeft.config import TrainConfig, dump_yaml
 from edgeft.data import encode_prompt, tasks
 from edgeft.devices import evaluate as ev
 from edgeft.models import resolve_model
+from edgeft.rundir import RunDir
 
 N = 12
 # which exact-match questions each variant's fake runtime answers right (by position in the test split)
@@ -65,18 +66,18 @@ def fake_run(tmp_path, monkeypatch):
 
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(str(resolve_model("tiny-llama")))
-    run = tmp_path / "run"
-    (run / "converted").mkdir(parents=True)
-    tok.save_pretrained(run / "converted")
-    (run / "converted" / "scheme.json").write_text(json.dumps({"plan": {"scheme": "int8-int4"}}))
-    (run / "config.yaml").write_text(dump_yaml(TrainConfig(model="tiny-llama", qat="int8-int4")))
+    run = RunDir(tmp_path / "run")
+    run.converted.mkdir(parents=True)
+    tok.save_pretrained(run.converted)
+    run.scheme.write_text(json.dumps({"plan": {"scheme": "int8-int4"}}))
+    run.config_file.write_text(dump_yaml(TrainConfig(model="tiny-llama", qat="int8-int4")))
     rows, mc_items = tasks.generate("test")[:N], tasks.multiple_choice("test")[:N]
     for r in rows:  # the premise: an exact answer survives the tokenizer's round trip
         assert tok.decode(tok(r["answer"], add_special_tokens=False)["input_ids"]).strip() == r["answer"]
-    monkeypatch.setattr(ev, "_variant_sources", lambda run: {v: (run / v, run / v) for v in ev.VARIANTS})
+    monkeypatch.setattr(ev, "_variant_sources", lambda run: {v: (run.root / v, run.root / v) for v in ev.VARIANTS})
     monkeypatch.setattr(ev, "load_runtime", lambda kind, path, **kw: AnswerRuntime(tok, rows, mc_items,
                                                                                       RIGHT[path.name], PICK[path.name]))
-    return run, rows
+    return run.root, rows
 
 
 def test_questions_file_records_every_question_and_matches_the_report(fake_run):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from edgeft.errors import EdgeftError
+from edgeft.rundir import RunDir
 
 log = logging.getLogger("edgeft")
 
@@ -95,8 +96,7 @@ def target_modules(model: nn.Module, spec: str | list[str]) -> str | list[str]:
 
 def _adapter_dir(path: str) -> Path:
     p = Path(path).expanduser()
-    if (p / "model" / "adapter_config.json").exists():  # an edgeft run
-        p = p / "model"
+    p = RunDir.adapter_of(p) or p  # an edgeft LoRA run: its trained adapter
     if not (p / "adapter_config.json").exists():
         raise EdgeftError(f"--adapter {path}: no adapter_config.json (expected a PEFT adapter directory or an "
                           "edgeft LoRA run)")

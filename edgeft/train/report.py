@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
+from edgeft.rundir import Variant
 
 log = logging.getLogger("edgeft")
 REPORTERS = ("tensorboard", "wandb")
@@ -68,11 +69,11 @@ class Reporter:
         if "tensorboard" in report_to and log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(log_dir / "tensorboard"), purge_step=start + 1 if start else None)
+            self.tb = SummaryWriter(log_dir=str(Variant(log_dir).tensorboard), purge_step=start + 1 if start else None)
         if "wandb" in report_to and log_dir is not None:
             import wandb
 
-            id_file = log_dir / "wandb-id.txt"
+            id_file = Variant(log_dir).wandb_id
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id + "\n")
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "edgeft"), name=log_dir.name, id=run_id,

@@ -25,6 +25,7 @@ from edgeft.devices.runtimes import EagerRuntime  # noqa: E402
 from edgeft.errors import EdgeftError  # noqa: E402
 from edgeft.exporters import pte  # noqa: E402
 from edgeft.models import load_model, resolve_model  # noqa: E402
+from edgeft.rundir import RunDir  # noqa: E402
 
 SEQ = 64
 CHUNK = 16  # the qwen3 pair takes prompts in chunks: the last-token program's last chunk carries the answer
@@ -168,8 +169,8 @@ def test_cli_export_last_on_a_quantized_run(tmp_path, capsys):
     run = tmp_path / "run"
     model, tok = load_model(resolve_model("tiny-llama"))
     cm, rec = qat.convert(model, "phone-deployment")
-    qat.save_converted(cm, tok, rec, run / "converted")
-    (run / "config.yaml").write_text("model: tiny-llama\n")
+    qat.save_converted(cm, tok, rec, RunDir(run).converted)
+    RunDir(run).config_file.write_text("model: tiny-llama\n")
     assert main(["export", "pte", "--run", str(run), "--max-seq-len", "64", "--logits", "last"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["logits"] == "last" and report["embedding"] == "int8 (embedding_byte)"

@@ -9,7 +9,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from edgeft.cli import main
-from edgeft.pipeline import float_dir
+from edgeft.models import float_dir
 
 
 def _rows(path):
