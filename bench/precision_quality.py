@@ -38,6 +38,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from edgeft.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 # TrainConfig overrides per variant; "-sN" suffix: seed N
 VARIANTS = {
@@ -152,8 +154,8 @@ def eval_loss(run: Path, n: int) -> tuple[float, list[tuple[float, int]]]:
     from edgeft.data import Batcher, encode_dataset, load_records, tasks
     from edgeft.train.loop import lm_loss_sum
 
-    model = AutoModelForCausalLM.from_pretrained(str(run / "model"), dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(str(run / "model"))
+    model = AutoModelForCausalLM.from_pretrained(str(RunDir(run).model), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(RunDir(run).model))
     records = load_records([{"messages": tasks.to_messages(r)} for r in tasks.generate("test")[:n]])
     examples = encode_dataset(tok, records, 512)
     batcher = Batcher(examples, "padding_free", tok.pad_token_id or 0, 512, 0)
@@ -221,7 +223,7 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
                              out=str(run), device="cpu", progress=False, threads=args.threads, **over)
     res: dict = {"variant": name, "overrides": over, "run": str(run)}
     t0 = time.perf_counter()
-    if not (run / "converted" / "scheme.json").exists():
+    if not RunDir(run).has_converted():
         log(f"{name}: training {args.model} ({over})")
         import edgeft.train as etrain
 
@@ -234,19 +236,19 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
         finally:
             etrain.train_loop = loop
     res["train_s"] = time.perf_counter() - t0
-    info = json.loads((run / "model" / "edgeft.json").read_text())
+    info = RunDir(run).info()
     res["edgeft_json_train"] = {k: v for k, v in info["train"].items() if k in ("first_loss", "final_loss", "seconds")}
     res["precision"] = info.get("precision")
     res["train_losses"] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     from edgeft.models import resolve_model
 
-    res["weights"] = weight_motion(resolve_model(args.model), run / "model", over.get("dtype", "fp32"))
+    res["weights"] = weight_motion(resolve_model(args.model), RunDir(run).model, over.get("dtype", "fp32"))
     t1 = time.perf_counter()
     res["eval_loss"], per = eval_loss(run, args.limit)
     res["eval_loss_s"] = time.perf_counter() - t1
     log(f"{name}: eval loss {res['eval_loss']:.4f}; weights {res['weights']}")
     t2 = time.perf_counter()
-    rep_path = run / "eval" / "report.json"
+    rep_path = RunDir(run).eval_report
     rep = json.loads(rep_path.read_text()) if rep_path.exists() else None
     if rep is None or rep.get("task_examples", 0) < args.limit:  # an evaluation of more questions is reused
         torch.set_num_threads(args.threads or torch.get_num_threads())
