@@ -1,43 +1,23 @@
-"""Fused fake quantization: group-wise int weights (optionally merging a LoRA adapter first), per-token int8 and
-per-row fp8 activations, each one pass over the tensor, with straight-through gradients.
+"""Fused fake quantization and its PyTorch references.
 
-Why by hand: torchao's fake quantizers are a chain of PyTorch ops (abs, amax, divide, clamp, reciprocal, multiply,
-round, add, clamp, subtract, multiply, cast), each a full pass that materialises a temporary, and their backward
-saves masks of the same size. For a LoRA model edgeft also needs the merged weight W + s·B·A before quantizing it,
-which in PyTorch costs an (out, in) fp32 matmul output, a scale and an add before the quantizer even starts.
-Here one kernel reads W (and the rank-r adapters, from cache) and writes the fake-quantized merged weight, and
-optionally the integer codes and scales (what convert writes, and what the full fine-tuning cache keeps).
+References (plain torch, no Triton): ``WeightQuant``/``ActQuant`` specs and the grids torchao's fake quantizers
+compute, in the same ops and dtypes, so they equal torchao bit for bit in fp32, bf16 and fp16
+(tests/qat/test_fake_quant_reference.py); ``merge_lora_weight`` (W + s·B·A in a fixed fp32 order, the same bits on
+every device); ``ste`` (straight-through gradients).
 
-Exactness: the kernels compute in fp32 and round to the dtype torch's type promotion gives each intermediate in
-``edgeft.qat.fake_quant``'s references (which equal torchao's fake quantizers bit for bit): bf16 by integer
-round-to-nearest-even on the fp32 bits, fp16 by an explicit ``rtne`` cast, quotients with ``div_rn`` (IEEE),
-round-half-to-even by adding and subtracting 1.5·2^23, fp8 e4m3 by rounding to the value's own power-of-two
-quantum. Kernels are launched with ``enable_fp_fusion=False`` so that no multiply-add contracts into an FMA (one
-rounding instead of two). A tensor divided by a Python number is exact division on the CPU but a multiply by the
-number's fp32 reciprocal in PyTorch's CUDA kernels (so torchao's scales differ in the last bit between devices):
-the kernels do what torch does on the device they run on (``RECIP``), so they match torchao and its convert there. The LoRA merge sums B·A over the rank in order, one IEEE operation at a time, exactly
-as ``merge_lora_weight`` does, so the merged weight has the same bits on any device.
-
-Gradients are straight-through (identity): see ``edgeft.qat.fake_quant`` for why, and ``kernels/lora.py`` for
-the LoRA backward that uses it (dX = dY fq(W_m), dA and dB from rank-r products, no full-size weight gradient).
+Kernels: group-wise int weights (optionally merging a LoRA adapter first), per-token int8 and per-row fp8
+activations, each one pass over the tensor, with straight-through gradients; each equals its reference bit for bit
+on the device it runs on. Without Triton (or off CUDA unless the interpreter is asked for) the references run.
+Why by hand, how exactness is kept and why gradients are straight-through: docs/qat.md.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-
-from edgeft.qat.fake_quant import (
-    FP8_MAX,
-    ActQuant,
-    WeightQuant,
-    act_ref,
-    fp8_rows_ref,
-    int_weight_ref,
-    merge_lora_weight,
-)
 
 from ._common import HAS_TRITON, needs_long_indexing, next_pow2, param_state, use_triton, warps_for
 from .checkpoint import recomputing
@@ -66,8 +46,195 @@ def _kinds(dtype: torch.dtype, scale_dtype: torch.dtype | None) -> tuple[int, in
     return _KIND[dtype], _KIND[s], (_KIND[dtype] if s == dtype else 0)
 
 
+# --- PyTorch references: the grids torchao's fake quantizers compute, bit for bit (docs/qat.md) -----------------
+
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How a weight (out, in) is fake-quantized.
+
+    kind "int": symmetric integer grid per group of ``group_size`` inputs of a row (None: the whole row),
+    ``scale = max|w| / divisor`` clamped at ``eps`` in the weight's dtype, then cast to ``scale_dtype``.
+    kind "fp8": e4m3 per row (``lb`` clamps max|w| from below first).
+    kind "fp8_int4": fp8 per row (lb 1e-12), then the int grid on the fp8 values (torchao's int4 weights for fp8
+    activations: divisor 8, eps 1e-6, group 128).
+    """
+
+    kind: str = "int"
+    bits: int = 4
+    group_size: int | None = 32
+    divisor: float | None = None  # None: (qmax - qmin) / 2
+    eps: float | None = None  # None: smallest normal of the input dtype
+    scale_dtype: torch.dtype | None = None  # None: the input dtype
+    lb: float | None = None  # fp8: lower bound on max|w|
+    # kind "int": candidate fractions of max|w| (MSE_RATIOS); each group takes the one with the least squared
+    # error. Empty: max|w| itself, torchao's grid.
+    clip_ratios: tuple[float, ...] = ()
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def scale_divisor(self) -> float:
+        return self.divisor if self.divisor is not None else (self.qmax - self.qmin) / 2
+
+    def int_part(self) -> "WeightQuant":
+        """The integer grid of an ``fp8_int4`` spec (applied after its fp8 rows)."""
+        return WeightQuant("int", self.bits, self.group_size, self.divisor, self.eps, self.scale_dtype,
+                           clip_ratios=self.clip_ratios)
+
+
+# Clip search (``WeightQuant.clip_ratios``, scheme option ``weight_scale="mse"``): the group's scale is
+# r * max|w| / divisor for the r of least squared error, as llama.cpp's and HQQ's quantizers search a scale rather
+# than take the absolute maximum. The ratios are k/64 (exact in bf16 and fp16, so r * max|w| rounds the same way in
+# every dtype and on every device), 1 first so that a tie keeps torchao's scale; errors are summed in fp64, so the
+# Triton kernel and this reference pick the same scale unless two candidates' errors agree to ~1e-16.
+MSE_RATIOS: tuple[float, ...] = tuple(k / 64 for k in (64, 62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 66, 68))
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """How an activation (..., K) is fake-quantized per row (token).
+
+    kind "int8_asym": int8 asymmetric per token (ExecuTorch 8da4w); kind "fp8": e4m3 per row.
+    """
+
+    kind: str = "int8_asym"
+    eps: float | None = None
+    scale_dtype: torch.dtype | None = None
+    lb: float | None = None
+    ub: float | None = None
+
+
 def _eps(eps: float | None, dtype: torch.dtype) -> float:
     return eps if eps is not None else torch.finfo(dtype).smallest_normal
+
+
+def _group_quant(g: torch.Tensor, amax: torch.Tensor, spec: WeightQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes as float, scale) of groups ``g`` on the grid whose largest magnitude is ``amax``."""
+    scale = amax / spec.scale_divisor()  # computed and rounded in the weight dtype
+    scale = torch.clamp(scale, min=_eps(spec.eps, g.dtype))
+    scale = scale.to(spec.scale_dtype or g.dtype)
+    return torch.clamp(torch.round(g * (1.0 / scale)), spec.qmin, spec.qmax), scale
+
+
+def int_weight_ref(w: torch.Tensor, spec: WeightQuant, return_codes: bool = False):
+    """Symmetric per-group quantize-dequantize of a 2-D weight, in torchao's dtypes (optionally codes + scales).
+
+    With ``spec.clip_ratios`` each group takes the candidate scale of least squared error (fp64 sums, the first
+    candidate on a tie)."""
+    dt = w.dtype
+    gs = spec.group_size or w.shape[-1]
+    g = w.reshape(w.shape[0], -1, gs)
+    amax = g.abs().amax(-1, keepdim=True)
+    q, scale = _group_quant(g, amax, spec)
+    if spec.clip_ratios:
+        g64 = g.to(torch.float64)
+        best = ((q.to(dt) * scale).to(dt).to(torch.float64) - g64).square().sum(-1, keepdim=True)
+        for r in spec.clip_ratios:
+            if r == 1.0:
+                continue
+            qr, sr = _group_quant(g, amax * r, spec)
+            err = ((qr.to(dt) * sr).to(dt).to(torch.float64) - g64).square().sum(-1, keepdim=True)
+            better = err < best
+            q, scale, best = torch.where(better, qr, q), torch.where(better, sr, scale), torch.minimum(err, best)
+    out = (q.to(dt) * scale).to(dt).reshape(w.shape)
+    if return_codes:
+        return out, q.to(torch.int8).reshape(w.shape), scale.reshape(w.shape[0], -1)
+    return out
+
+
+def fp8_rows_ref(x: torch.Tensor, lb: float | None = None, ub: float | None = None) -> torch.Tensor:
+    """e4m3 per-row quantize-dequantize (torchao's Float8FakeQuantizer, PerRow); zero rows stay zero."""
+    dt = x.dtype
+    amax = x.abs().amax(-1, keepdim=True)
+    if lb is not None or ub is not None:
+        amax = torch.clamp(amax, min=lb, max=ub)
+    scale = (amax / FP8_MAX).to(torch.float32)  # the division happens in x's dtype, as in torchao
+    y = (x.to(torch.float32) / scale).clamp(-FP8_MAX, FP8_MAX)
+    y = torch.where(scale == 0, torch.zeros_like(y), y)  # torchao: 0/0 = NaN
+    return (y.to(torch.float8_e4m3fn).to(torch.float32) * scale).to(dt)
+
+
+def weight_ref(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    if spec.kind == "int":
+        return int_weight_ref(w, spec)
+    if spec.kind == "fp8":
+        return fp8_rows_ref(w, spec.lb)
+    if spec.kind == "fp8_int4":
+        return int_weight_ref(fp8_rows_ref(w, spec.lb), spec.int_part())
+    raise ValueError(f"unknown weight quant kind {spec.kind!r}")
+
+
+def int8_asym_ref(x: torch.Tensor, spec: ActQuant | None = None) -> torch.Tensor:
+    """int8 asymmetric per-token quantize-dequantize in torchao's dtypes (ExecuTorch 8da4w activations)."""
+    spec = spec or ActQuant()
+    dt = x.dtype
+    zero = torch.zeros((), dtype=dt, device=x.device)
+    mn = torch.minimum(x.amin(-1, keepdim=True), zero)
+    mx = torch.maximum(x.amax(-1, keepdim=True), zero)
+    scale = torch.clamp((mx - mn) / 255.0, min=_eps(spec.eps, dt))
+    zp = torch.clamp(-128 - torch.round(mn / scale), -128, 127).to(torch.int32)
+    scale = scale.to(spec.scale_dtype or dt)
+    q = torch.clamp(torch.round(x * (1.0 / scale)) + zp, -128, 127)
+    return ((q.to(dt) - zp.to(dt)) * scale).to(dt)
+
+
+def act_ref(x: torch.Tensor, spec: ActQuant) -> torch.Tensor:
+    if spec.kind == "int8_asym":
+        return int8_asym_ref(x, spec)
+    if spec.kind == "fp8":
+        return fp8_rows_ref(x, spec.lb, spec.ub)
+    raise ValueError(f"unknown activation quant kind {spec.kind!r}")
+
+
+def int8_per_token_asym(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic int8 asymmetric per-token quantize-dequantize (what torchao's converted 8da4w linears apply)."""
+    return int8_asym_ref(x)
+
+
+def intx_per_group_sym(w: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
+    """Symmetric per-group (or per-row when ``group_size`` is None) weight quantize-dequantize."""
+    return int_weight_ref(w, WeightQuant("int", bits, group_size))
+
+
+def merge_lora_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + s·B·A rounded once to W's dtype; B·A summed over the rank in order, in fp32, one rounding per step.
+
+    The fixed order (no matmul library, no fused multiply-add) makes the result the same on every device, so the
+    merged weight convert writes is the merged weight the last fake-quant forward saw.
+    """
+    a32, b32 = a.detach().to(torch.float32), b.detach().to(torch.float32)
+    acc = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    for k in range(a32.shape[0]):
+        acc = acc + b32[:, k : k + 1] * a32[k : k + 1, :]
+    return (w.detach().to(torch.float32) + acc * float(scale)).to(w.dtype)
+
+
+class _STE(torch.autograd.Function):
+    """y = f(x) forward, dy/dx = identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        return fn(x.detach())
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def ste(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply a fake-quant reference with the straight-through estimator."""
+    return _STE.apply(x, fn)
+
+
+# --- Triton kernels -------------------------------------------------------------------------------------------------
 
 
 if HAS_TRITON:
@@ -443,7 +610,7 @@ def can_pack(spec: WeightQuant, n_cols: int) -> bool:
 
 
 def merged_lora_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """W + s·B·A in W's dtype, the same bits as ``edgeft.qat.fake_quant.merge_lora_weight`` on every device."""
+    """W + s·B·A in W's dtype, the same bits as ``merge_lora_weight`` on every device."""
     if use_triton(w):
         return _weight_launch(w.detach(), None, (a, b, scale), False, True, False, False)[1]
     return merge_lora_weight(w, a, b, scale)

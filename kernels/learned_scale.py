@@ -1,20 +1,14 @@
-"""Learned int4 group scales (``weight_scale="learned"``): fake quantization on given scales, and the scales'
-LSQ gradient, each one pass over the weight.
+"""Learned int group scales (``weight_scale="learned"``, LSQ in log space): references and kernels.
 
-Why by hand: the PyTorch references (``edgeft.qat.fake_quant.learned_weight_ref`` and
-``learned_log_scale_grad``) are chains of element-wise ops (reciprocal, multiply, round, clamp, cast, multiply;
-divide, round, clamp, compare, subtract, select, multiply, sum), each a full pass over the (out, in) weight that
-materialises a temporary, and a LoRA layer first materialises the merged weight W + s·B·A as well. Here one
-kernel reads W (merging the rank-r adapter in registers) and the group scales and writes fq(W); the other also
-reads the (out, in) gradient of fq(W) and writes only the (rows, groups) gradient of ``log_scale``.
+References (plain torch): ``learned_scale`` (init_scale * exp(log_scale), exactly init_scale at 0, so the untrained
+model is the PTQ model bit for bit), ``learned_weight_ref`` (fake quantization on given scales, torchao's
+arithmetic, so convert's custom-scale quantization rounds the same integers), ``learned_log_scale_grad`` and the
+autograd Function ``LearnedScaleFakeQuant`` (straight-through for the weight, LSQ for the log-scales).
 
-Exactness: the forward rounds each intermediate as torch does (the shared helpers of ``kernels/fake_quant.py``),
-so it equals ``learned_weight_ref`` bit for bit, and therefore convert's custom-scale quantization. The scale
-gradient is a sum in fp32 in another order than PyTorch's: equal to the reference to fp32 rounding.
-
-:class:`LearnedWeightFQ` is the quantizer the fused linear Functions (``kernels/lora.py``) take;
-:class:`LearnedScaleFakeQuantFunction` the autograd Function of the other uses (the LM-head loss), the kernel
-twin of ``edgeft.qat.fake_quant.LearnedScaleFakeQuant``.
+Kernels: :class:`LearnedWeightFQ` (the quantizer the fused linear Functions of ``kernels/lora.py`` take) and
+:class:`LearnedScaleFakeQuantFunction` (the LM-head loss's), each one pass over the weight: the forward equals
+``learned_weight_ref`` bit for bit, the scale gradient equals the reference to fp32 rounding (another summation
+order). Why by hand and the math: docs/qat.md.
 """
 
 from __future__ import annotations
@@ -23,16 +17,94 @@ import functools
 
 import torch
 
-from edgeft.qat.fake_quant import (
-    WeightQuant,
-    learned_log_scale_grad,
-    learned_scale,
-    learned_weight_ref,
-    merge_lora_weight,
-)
-
 from ._common import HAS_TRITON, needs_long_indexing, next_pow2, param_state, use_triton, warps_for
-from .fake_quant import _kinds, _tile, _weight_geometry
+from .fake_quant import WeightQuant, _eps, _kinds, _tile, _weight_geometry, int_weight_ref, merge_lora_weight
+
+# --- PyTorch references (LSQ in log space; docs/qat.md) -------------------------------------------------------------
+
+
+def learned_scale(init_scale: torch.Tensor, log_scale: torch.Tensor, spec: WeightQuant,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Group scales (rows, groups) of a learned scale, as fake quantization uses them and convert writes them:
+    ``init_scale * exp(log_scale)`` in fp32, clamped at the grid's eps, in the scale dtype. At ``log_scale == 0``
+    this is ``init_scale`` exactly (the untrained model is the PTQ model, bit for bit)."""
+    s = init_scale.to(torch.float32) * torch.exp(log_scale.to(torch.float32))
+    return s.clamp(min=_eps(spec.eps, dtype)).to(spec.scale_dtype or dtype)
+
+
+def initial_scale(w: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """The scales the spec's own rule picks for ``w`` (max|w|, or the clip search), fp32 (rows, groups): where
+    learning starts."""
+    _, _, scale = int_weight_ref(w.detach(), spec, return_codes=True)
+    return scale.to(torch.float32)
+
+
+_LSQ_BLOCK = 1 << 22  # elements per row block of the scale gradient (16 MiB per fp32 temporary)
+
+
+def learned_weight_ref(w: torch.Tensor, scale: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """q = clamp(round(w * (1 / s))), out = q * s on given group scales (rows, groups) in the scale dtype:
+    torchao's arithmetic, so convert's custom-scale quantization rounds the same integers."""
+    dt = w.dtype
+    s = scale.unsqueeze(-1)
+    g = w.detach().reshape(s.shape[0], s.shape[1], -1)
+    q = torch.clamp(torch.round(g * (1.0 / s)), spec.qmin, spec.qmax)
+    return (q.to(dt) * s).to(dt).reshape(w.shape)
+
+
+def learned_log_scale_grad(w: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, spec: WeightQuant) -> torch.Tensor:
+    """d loss / d log_scale (rows, groups, fp32) of :func:`learned_weight_ref` given d loss / d out (``grad``):
+    sum over each group of grad * dout/ds, times s (the log-space chain rule), where dout/ds = q - w/s inside the
+    grid and q (qmin or qmax) where the clamp saturates. Reduced in blocks of rows, so the fp32 temporaries stay
+    small next to the weight (an LM head's would be several GiB)."""
+    s32 = scale.to(torch.float32)
+    d_log = torch.empty(s32.shape, dtype=torch.float32, device=w.device)
+    rows = max(1, _LSQ_BLOCK // w.shape[1])
+    for i in range(0, w.shape[0], rows):
+        sb = s32[i : i + rows].unsqueeze(-1)
+        v = w[i : i + rows].detach().to(torch.float32).reshape(sb.shape[0], sb.shape[1], -1) / sb
+        r = torch.round(v)
+        q = r.clamp(spec.qmin, spec.qmax)
+        dq_ds = torch.where(r == q, q - v, q)
+        g = grad[i : i + rows].to(torch.float32).reshape(v.shape)
+        d_log[i : i + rows] = (g * dq_ds).sum(-1) * sb.squeeze(-1)
+    return d_log
+
+
+class LearnedScaleFakeQuant(torch.autograd.Function):
+    """Symmetric int fake quantization on trained group scales (LSQ, Esser et al. 2020, in log space).
+
+    Forward: :func:`learned_weight_ref` on s = :func:`learned_scale`. Backward: the weight gets the
+    straight-through gradient (identity, as everywhere in edgeft); each group's log-scale gets
+    :func:`learned_log_scale_grad`: a larger scale trades rounding error for clipping error, and the loss decides.
+    Log space makes one learning rate mean the same relative step for every layer's scales. (The fused linear
+    Functions, ``edgeft.kernels.lora``, compute the same two things from their own weight gradient.)
+    """
+
+    @staticmethod
+    def forward(ctx, w, log_scale, init_scale, spec):
+        scale = learned_scale(init_scale, log_scale.detach(), spec, w.dtype)
+        ctx.save_for_backward(w, scale)
+        ctx.spec = spec
+        return learned_weight_ref(w, scale, spec)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, scale = ctx.saved_tensors
+        d_log = learned_log_scale_grad(w, scale, grad, ctx.spec) if ctx.needs_input_grad[1] else None
+        return (grad if ctx.needs_input_grad[0] else None), d_log, None, None
+
+
+def learned_fake_quant(w: torch.Tensor, log_scale: torch.Tensor, init_scale: torch.Tensor,
+                       spec: WeightQuant) -> torch.Tensor:
+    """fq(w) on the scales ``init_scale * exp(log_scale)``, differentiable in w and log_scale
+    (:class:`LearnedScaleFakeQuant`)."""
+    if spec.kind != "int":
+        raise ValueError(f"learned scales are for integer grids, not {spec.kind!r}")
+    return LearnedScaleFakeQuant.apply(w, log_scale, init_scale, spec)
+
+
+# --- Triton kernels -------------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
     import triton
@@ -218,7 +290,7 @@ class LearnedWeightFQ:
 
 class LearnedScaleFakeQuantFunction(torch.autograd.Function):
     """fq(w) on ``init_scale * exp(log_scale)``: straight-through to w, the LSQ gradient to ``log_scale`` (the
-    kernels' version of ``edgeft.qat.fake_quant.LearnedScaleFakeQuant``, same values)."""
+    kernels' version of ``LearnedScaleFakeQuant``, same values)."""
 
     @staticmethod
     def forward(ctx, w, log_scale, init_scale, spec, cache):

@@ -51,7 +51,7 @@ def test_untrained_learned_scales_are_the_ptq_grid_bit_for_bit():
 @pytest.mark.parametrize("block", [None, 3 * 96], ids=["one-block", "row-blocks"])
 def test_scale_and_weight_gradients_match_the_autograd_reference(block, monkeypatch):
     if block is not None:  # the scale gradient is reduced in blocks of rows (3 here, the last one short)
-        monkeypatch.setattr("edgeft.qat.fake_quant._LSQ_BLOCK", block)
+        monkeypatch.setattr("edgeft.kernels.learned_scale._LSQ_BLOCK", block)
     w = _weights().requires_grad_(True)
     init = initial_scale(w, SPEC)
     t = (torch.randn(init.shape, generator=torch.Generator().manual_seed(1)) * 0.3).requires_grad_(True)
