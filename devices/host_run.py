@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from edgeft.data.templates import adds_bos
 from edgeft.errors import EdgeftError
 from edgeft.rundir import RunDir
 
@@ -170,14 +171,6 @@ def _hf_tokenizer(tok: Path, tok_dir: Path, artifact: Path) -> Any:
     return hf
 
 
-def _adds_bos(hf: Any) -> bool:
-    bos = hf.bos_token_id
-    if bos is None:
-        return False
-    with_sp = hf("a").input_ids
-    return len(with_sp) > len(hf("a", add_special_tokens=False).input_ids) and with_sp[0] == bos
-
-
 def _render(prompt: str, template_owner: Any, chat: bool | None, where: str) -> tuple[str, bool]:
     has = bool(getattr(template_owner, "chat_template", None))
     if chat and not has:
@@ -242,7 +235,7 @@ def _run_pte(
     hf = _hf_tokenizer(tok, tok_dir, pte)
     text, used_chat = _render(prompt, hf, chat, str(pte))
     bos = hf.bos_token
-    num_bos = int(_adds_bos(hf) and not (used_chat and bos and text.startswith(bos)))
+    num_bos = int(adds_bos(hf) and not (used_chat and bos and text.startswith(bos)))
     # the directory gives ExecuTorch's tokenizer tokenizer_config.json, which names BOS/EOS
     runner_tok = tok_dir if tok.name == "tokenizer.json" and (tok_dir / "tokenizer_config.json").is_file() else tok
     with _runner_output(verbose):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeft.data.templates import adds_bos
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import write_text
 from edgeft.rundir import Exports
@@ -196,13 +197,6 @@ def _hf_render(tokenizer: Any, messages: tuple[dict[str, str], ...]) -> str:
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=gen)
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    """Whether tokenizing a prompt with special tokens adds BOS (llama.cpp reads the same from the GGUF)."""
-    bos = tokenizer.bos_token_id
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos is not None and len(ids) > 1 and ids[0] == bos
-
-
 def translate(tokenizer: Any) -> Translation:
     """Recognise the tokenizer's chat template as a family; raise ``EdgeftError`` if it is not one."""
     if not isinstance(getattr(tokenizer, "chat_template", None), str):
@@ -222,7 +216,7 @@ def translate(tokenizer: Any) -> Translation:
                 continue
             head, system = head[:start], body[: len(body) - len(fam.footer)]
         bos = tokenizer.bos_token
-        prefix = head[len(bos):] if bos and head.startswith(bos) and _adds_bos(tokenizer) else head
+        prefix = head[len(bos):] if bos and head.startswith(bos) and adds_bos(tokenizer) else head
         lead = head[: len(head) - len(prefix)]  # the BOS llama.cpp adds as a token
         for probe in PROBES:
             want = _hf_render(tokenizer, probe)

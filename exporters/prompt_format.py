@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from edgeft.data.templates import adds_bos
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import write_json
 
@@ -31,16 +32,10 @@ def _render(tokenizer: Any, system: str | None, prompt: str) -> str:
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    bos = tokenizer.bos_token_id
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos is not None and len(ids) > 1 and ids[0] == bos
-
-
 def derive(tokenizer: Any) -> dict[str, Any]:
     """``{"prompt", "prompt_with_system", "num_bos", "stop"}`` for ``tokenizer``'s chat template (see module doc); a
     tokenizer without one gets plain completion (the prompt as it is, no system prompt)."""
-    num_bos = int(_adds_bos(tokenizer))
+    num_bos = int(adds_bos(tokenizer))
     if not isinstance(getattr(tokenizer, "chat_template", None), str):
         # a base model (continued pretraining on raw text): plain completion, the user's text as it is
         return {"prompt": PROMPT, "prompt_with_system": None, "num_bos": num_bos,

@@ -181,6 +181,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeft.arch import FAMILIES, Family, for_config, rotary_dims
+from edgeft.data.templates import adds_bos
 from edgeft.devices.executorch_runtime import FULL_LOGITS_METHOD, REWIND_METHOD
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_path
@@ -976,15 +977,6 @@ def _quiet_fds() -> Iterator[None]:
             os.close(fd)
 
 
-def _adds_bos(tokenizer: Any) -> bool:
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    with_sp = tokenizer("a").input_ids
-    without = tokenizer("a", add_special_tokens=False).input_ids
-    return len(with_sp) > len(without) and with_sp[0] == bos
-
-
 def _runner_check(
     pte: Path, tok_dir: Path, tokenizer: Any, rt: Any, prompt: str, stop: set[int], warn: list[str]
 ) -> dict[str, Any]:
@@ -992,7 +984,7 @@ def _runner_check(
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
     from pytorch_tokenizers import CppHFTokenizer
 
-    add_bos = _adds_bos(tokenizer)
+    add_bos = adds_bos(tokenizer)
     cpp = CppHFTokenizer()
     cpp.load(str(tok_dir / "tokenizer.json"))
     tok_path = tok_dir / "tokenizer.json"

@@ -34,6 +34,7 @@ QAT sits inside these Functions through two Projection fields:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -86,8 +87,11 @@ def _base_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] |
     return None
 
 
-def _is_peft_lora_linear(m: nn.Module) -> bool:
-    return hasattr(m, "base_layer") and hasattr(m, "lora_A") and hasattr(m, "lora_B") and hasattr(m, "scaling")
+def is_lora_linear(m: nn.Module) -> bool:
+    """Whether ``m`` is PEFT's LoRA ``Linear`` (or a subclass of it). No module can be one before peft is imported, so
+    this never imports peft (kernels/ has no dependency on it)."""
+    lora = sys.modules.get("peft.tuners.lora")
+    return lora is not None and isinstance(m, lora.Linear)
 
 
 def projection_of(module: nn.Module) -> Projection | None:
@@ -98,7 +102,7 @@ def projection_of(module: nn.Module) -> Projection | None:
     base = _base_weight(module)
     if base is not None:
         return Projection(*base)
-    if not _is_peft_lora_linear(module) or type(module).__name__ != "Linear":
+    if not is_lora_linear(module) or type(module).__name__ != "Linear":
         return None
     base = _base_weight(module.base_layer)
     if base is None:

@@ -150,10 +150,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
         return model
     from edgeft.kernels.fake_quant import merged_lora_weight
 
-    from .prepare import _is_lora_linear
+    from edgeft.kernels.lora import is_lora_linear
 
     for _, mod in model.named_modules():
-        if not _is_lora_linear(mod) or mod.merged:
+        if not is_lora_linear(mod) or mod.merged:
             continue
         active = [a for a in mod.active_adapters if a in mod.lora_A]
         plain = (len(active) == 1 and not getattr(mod, "fan_in_fan_out", False)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeft.errors import EdgeftError
+from edgeft.kernels.lora import is_lora_linear
 
 from .fake_quant import (
     MSE_RATIOS,
@@ -54,14 +55,6 @@ from .fake_quant import (
     weight_spec,
 )
 from .schemes import QATPlan, resolve
-
-
-def _is_lora_linear(m: nn.Module) -> bool:
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:
-        return False
-    return isinstance(m, LoraLinear)
 
 
 def _group_ok(in_features: int, plan: QATPlan, name: str | None = None) -> bool:
@@ -349,7 +342,7 @@ def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int |
     replaced: list[str] = []
 
     # LoRA layers first: their base_layer must not also get a fake quantizer of its own.
-    lora_names = [n for n, m in model.named_modules() if _is_lora_linear(m)]
+    lora_names = [n for n, m in model.named_modules() if is_lora_linear(m)]
 
     def inside_lora(fqn: str) -> bool:
         return any(fqn == n or fqn.startswith(n + ".") for n in lora_names)

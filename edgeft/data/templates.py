@@ -169,12 +169,14 @@ def _single_token_id(tokenizer: Any, text: str) -> int | None:
 
 
 def adds_bos(tokenizer: Any) -> bool:
-    """Whether the tokenizer puts its BOS in front of plain text (the model family expects one)."""
+    """Whether the tokenizer puts its BOS in front of plain text (the model family expects one; llama.cpp reads the
+    same from the GGUF, ExecuTorch's runner and the apps from prompt_format.json)."""
     bos = tokenizer.bos_token_id
     if bos is None:
         return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos
+    with_sp = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return len(with_sp) > len(without) and with_sp[0] == bos
 
 
 def apply_template(tokenizer: Any, name: str | None, model: str = "the model",

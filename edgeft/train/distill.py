@@ -48,6 +48,7 @@ from torch import nn
 
 from edgeft.data import IGNORE_INDEX
 from edgeft.errors import EdgeftError
+from edgeft.kernels.patch import transformers_model
 
 log = logging.getLogger("edgeft")
 
@@ -62,11 +63,6 @@ def _forward_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         if k in batch:
             kw[k] = batch[k]
     return kw
-
-
-def _inner_model(model: nn.Module) -> nn.Module:
-    base = getattr(model, "base_model", None)
-    return getattr(base, "model", model) if base is not None and base is not model else model
 
 
 def distill_positions(batch: dict[str, torch.Tensor], which: str = "all") -> torch.Tensor:
@@ -115,7 +111,7 @@ def _fused_obstacle(student: nn.Module, teacher: nn.Module) -> str | None:
     from edgeft.arch import family
 
     for name, m in (("student", student), ("teacher", teacher)):
-        inner = _inner_model(m)
+        inner = transformers_model(m)
         model_type = getattr(getattr(inner, "config", None), "model_type", None)
         if family(model_type) is None:
             return f"the {name}'s architecture {model_type!r} has no kernels"
@@ -123,8 +119,8 @@ def _fused_obstacle(student: nn.Module, teacher: nn.Module) -> str | None:
         sharded_ok = name == "teacher" and _is_fsdp(teacher)
         if not hasattr(inner, "model") or not _plain_head(inner.get_output_embeddings(), sharded_ok):
             return f"the {name}'s LM head is not a plain bias-free Linear"
-    if (_inner_model(student).get_output_embeddings().weight.shape[0]
-            != _inner_model(teacher).get_output_embeddings().weight.shape[0]):
+    if (transformers_model(student).get_output_embeddings().weight.shape[0]
+            != transformers_model(teacher).get_output_embeddings().weight.shape[0]):
         return "the student's and the teacher's vocabularies differ"
     return None
 
@@ -132,7 +128,7 @@ def _fused_obstacle(student: nn.Module, teacher: nn.Module) -> str | None:
 def student_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, T-1, V) fp32 next-token logits of the (possibly QAT-prepared, kernel-patched) student: the materialised
     path's (and a reference for the fused one)."""
-    inner = _inner_model(model)
+    inner = transformers_model(model)
     kw = _forward_kwargs(batch)
     if getattr(inner, "_edgeft_fused_ce", False):
         from edgeft.kernels.patch import lm_head_operands
@@ -216,7 +212,7 @@ class Distillation:
             return True
         if why:
             return False
-        inner = _inner_model(model)
+        inner = transformers_model(model)
         return bool(getattr(inner, "_edgeft_fused_ce", False)) or inner.get_output_embeddings().weight.is_cuda
 
     def _fused_losses(self, model: nn.Module, batch: dict[str, torch.Tensor],
@@ -224,7 +220,7 @@ class Distillation:
         from edgeft.kernels.fused_linear_kl import lm_head_kl_loss
         from edgeft.kernels.patch import head_copy_chunk_rows, lm_head_operands
 
-        inner, t_inner = _inner_model(model), _inner_model(self.teacher)
+        inner, t_inner = transformers_model(model), transformers_model(self.teacher)
         kw = _forward_kwargs(batch)
         # PEFT injects its layers into the backbone in place, so calling it directly keeps the adapters
         hidden = inner.model(**kw).last_hidden_state[:, :-1]

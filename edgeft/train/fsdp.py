@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from edgeft.errors import EdgeftError
+from edgeft.kernels.patch import transformers_model
 
 log = logging.getLogger("edgeft")
 
@@ -121,9 +122,7 @@ def choose(cfg: Any, model_dir: Path, world: int, device: str) -> str:
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks to shard one by one: transformers' ``_no_split_modules`` classes (the decoder layers)."""
-    from .loop import _inner_model
-
-    inner = _inner_model(model)
+    inner = transformers_model(model)
     names = set(getattr(inner, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:

@@ -32,6 +32,7 @@ from torch import nn
 from edgeft.data import IGNORE_INDEX, Batcher
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import write_text
+from edgeft.kernels.patch import transformers_model
 
 from .checkpoint import CheckpointManager, load_trainable, rng_state, trainable_state
 from .distill import Distillation, _forward_kwargs
@@ -40,12 +41,6 @@ from .fsdp import clip_grad_norm
 from .optim import build_optimizer, build_scheduler, precision_record, warmup_steps_for
 from .precision import MasterWeights
 from .report import Reporter
-
-
-def _inner_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper, if any."""
-    base = getattr(model, "base_model", None)
-    return getattr(base, "model", model) if base is not None and base is not model else model
 
 
 
@@ -63,7 +58,7 @@ def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     materialised: the backbone's hidden states go straight into the chunked linear + cross-entropy.
     """
     labels = batch["labels"][:, 1:].reshape(-1)
-    inner = _inner_model(model)
+    inner = transformers_model(model)
     if getattr(inner, "_edgeft_fused_ce", False):
         from edgeft.kernels import lm_head_loss
         from edgeft.kernels.patch import head_copy_chunk_rows, lm_head_operands
