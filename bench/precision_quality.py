@@ -239,7 +239,7 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
     info = RunDir(run).info()
     res["edgeft_json_train"] = {k: v for k, v in info["train"].items() if k in ("first_loss", "final_loss", "seconds")}
     res["precision"] = info.get("precision")
-    res["train_losses"] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    res["train_losses"] = [json.loads(line)["loss"] for line in RunDir(run).metrics.read_text().splitlines()]
     from edgeft.models import resolve_model
 
     res["weights"] = weight_motion(resolve_model(args.model), RunDir(run).model, over.get("dtype", "fp32"))
