@@ -1,7 +1,7 @@
 """Distilled QAT training step: peak GPU memory and step time, fused heads + KL kernel vs materialised logits.
 
-``edgeft train --qat phone-deployment`` distils the QAT student from its float twin (edgeft/train/distill.py). This
-runs one such step the way the training loop does (``edgeft.train.backward_window`` with a ``Distillation``, then
+``edgeft train --qat phone-deployment`` distils the QAT student from its float twin (edgeft/training/distill.py). This
+runs one such step the way the training loop does (``edgeft.training.backward_window`` with a ``Distillation``, then
 a fused AdamW step): the student QAT-prepared (phone-deployment for full fine-tuning, int8-int4 for LoRA) with
 edgeft's kernels patched, the teacher a float bf16 model of the same shape (random weights from a config, the
 student's perturbed), and compares
@@ -73,10 +73,10 @@ def _models(spec: dict):
     ckpt = spec["checkpoint"]
     patch(student, kernel_specs(), checkpoint=None if ckpt == "off" else ckpt)
     cache = spec["cache"]
-    if cache == "auto":  # what `edgeft train` picks (edgeft/train/model.py)
+    if cache == "auto":  # what `edgeft train` picks (edgeft/training/model.py)
         from types import SimpleNamespace
 
-        from edgeft.train.model import qat_weight_cache
+        from edgeft.training.model import qat_weight_cache
 
         run_cfg = SimpleNamespace(mode=mode, batch_size=spec["batch"], max_seq_length=spec["seq"], dtype="bf16")
         cache = qat_weight_cache(run_cfg, student, ckpt != "off", False, device)
@@ -87,8 +87,8 @@ def _models(spec: dict):
 def run_worker(spec: dict) -> dict:
     import torch
 
-    from edgeft.train import backward_window
-    from edgeft.train.distill import Distillation
+    from edgeft.training import backward_window
+    from edgeft.training.distill import Distillation
 
     device = spec["device"]
     cuda = device.startswith("cuda")

@@ -3,7 +3,7 @@
 Configurations (each in its own process, same random-init model and token batches as ``train_throughput.py``):
 
 - ``edgeft_master``: bf16 weights, edgeft's kernels, fp32 master weights + fp32 AdamW state, each bf16 weight its
-  master rounded stochastically after every step (edgeft's default, ``edgeft.train.precision.MasterWeights``
+  master rounded stochastically after every step (edgeft's default, ``edgeft.training.precision.MasterWeights``
   around fused AdamW);
 - ``edgeft_master-nearest``: the same with the masters rounded to nearest (the default before; the difference to
   ``edgeft_master`` is what the stochastic rounding costs);
@@ -83,7 +83,7 @@ def run_worker(spec: dict) -> dict:
     if impl == "edgeft_stochastic":
         opt = torchao_sr_adamw([p for p in model.parameters() if p.requires_grad], lr)
     elif impl.startswith("edgeft"):
-        from edgeft.train.optim import build_optimizer
+        from edgeft.training.optim import build_optimizer
 
         opt = build_optimizer(model, lr, 0.0, "adamw", bf16_update=impl.split("_", 1)[1])
     else:

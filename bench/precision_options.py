@@ -66,7 +66,7 @@ class KahanAdamW(torch.optim.Optimizer):
 
 
 def make_optimizer(kind: str, layer: nn.Module, lr: float) -> torch.optim.Optimizer:
-    from edgeft.train.optim import build_optimizer
+    from edgeft.training.optim import build_optimizer
 
     if kind in ("fp32", "master", "pure"):
         return build_optimizer(layer, lr, 0.0, "adamw", bf16_update="master" if kind == "fp32" else kind)

@@ -152,7 +152,7 @@ def eval_loss(run: Path, n: int) -> tuple[float, list[tuple[float, int]]]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edgeft.data import Batcher, encode_dataset, load_records, tasks
-    from edgeft.train.loop import lm_loss_sum
+    from edgeft.training.loop import lm_loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(str(RunDir(run).model), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(RunDir(run).model))
@@ -225,7 +225,7 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
     t0 = time.perf_counter()
     if not RunDir(run).has_converted():
         log(f"{name}: training {args.model} ({over})")
-        import edgeft.train as etrain
+        import edgeft.training as etrain
 
         loop = etrain.train_loop
         update = UPDATES.get(_base(name)[0])

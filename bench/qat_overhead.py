@@ -124,10 +124,10 @@ def run_worker(spec: dict) -> dict:
             from edgeft import qat
 
             cache = spec.get("cache", "auto")
-            if cache == "auto":  # what `edgeft train` picks (edgeft/train/model.py)
+            if cache == "auto":  # what `edgeft train` picks (edgeft/training/model.py)
                 from types import SimpleNamespace
 
-                from edgeft.train.model import qat_weight_cache
+                from edgeft.training.model import qat_weight_cache
 
                 run_cfg = SimpleNamespace(mode=mode, batch_size=batch, max_seq_length=seq, dtype="bf16")
                 cache = qat_weight_cache(run_cfg, model, ckpt != "off", False)

@@ -58,7 +58,7 @@ MODELS["smoke"] = dict(MODELS["qwen3-0.6b"], hidden_size=64, intermediate_size=9
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # (model, mode, impl, batch). Checkpointing: edgeft offloads to host memory, edgeft_plain keeps checkpoints on the
 # GPU, *_nockpt do not checkpoint at all (what `edgeft train` picks when the activations fit, see
-# edgeft/train/model.py); HF and Liger use transformers' checkpointing unless suffixed _nockpt.
+# edgeft/training/model.py); HF and Liger use transformers' checkpointing unless suffixed _nockpt.
 DEFAULT_RUNS = [
     *[(m, "lora", i, 4) for m in ("qwen3-0.6b", "llama-3.2-1b")
       for i in ("hf", "liger", "edgeft", "edgeft_plain", "edgeft_nockpt")],

@@ -278,7 +278,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.distributed not in ("auto", "ddp", "fsdp"):
         raise EdgeftError(f"distributed must be auto, ddp or fsdp, not {cfg.distributed!r}")
     if cfg.distributed == "fsdp":
-        from edgeft.train.fsdp import check_supported
+        from edgeft.training.fsdp import check_supported
 
         check_supported(cfg)
     for name in ("max_steps", "batch_size", "grad_accum", "max_seq_length"):
@@ -325,7 +325,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise EdgeftError("embedding_lr must be positive")
     if isinstance(cfg.report_to, str):
         cfg.report_to = [x.strip() for x in cfg.report_to.split(",") if x.strip()]
-    from edgeft.train.report import check_report_to
+    from edgeft.training.report import check_report_to
 
     check_report_to(cfg.report_to)
     return cfg

@@ -56,7 +56,7 @@ def train(cfg: TrainConfig, dataset: Any = None) -> Path:
     """
     import torch
 
-    from .train.distributed import init_from_env, shutdown
+    from .training.distributed import init_from_env, shutdown
 
     cfg = resolve(cfg)
     if cfg.threads:
@@ -146,7 +146,7 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
 
     from .data import padding_efficiency
     from .models import resolve_model
-    from .train.distributed import barrier, broadcast_object
+    from .training.distributed import barrier, broadcast_object
 
     is_main = dist is None or dist.is_main
     world = dist.world if dist else 1
@@ -185,7 +185,7 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
         _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device)
     qat_data = data
     if cfg.qat and cfg.qat_corpus:
-        from .train.distill import corpus_examples
+        from .training.distill import corpus_examples
 
         prose = corpus_examples(tokenizer, cfg.qat_corpus, len(train_ex), seed=cfg.seed)
         qat_data = (tokenizer, template, train_ex + prose, eval_ex)
@@ -198,7 +198,7 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
         _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device)
 
     if is_main:
-        from .train import plot_loss, read_metrics
+        from .training import plot_loss, read_metrics
 
         curves = {("QAT " + cfg.qat if cfg.qat else "train"): read_metrics(run / "metrics.jsonl")}
         if (run / "baseline" / "metrics.jsonl").exists():
@@ -219,9 +219,9 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     import torch
 
     from . import qat as qatlib
-    from .train import CheckpointManager, prepare_model, train_loop
-    from .train.distributed import barrier
-    from .train.model import save_adapter as _save_adapter
+    from .training import CheckpointManager, prepare_model, train_loop
+    from .training.distributed import barrier
+    from .training.model import save_adapter as _save_adapter
 
     tokenizer, template, train_ex, eval_ex = data
     device = device or cfg.device
@@ -238,7 +238,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         load_dir = init_from / "model"
     strategy = None
     if dist is not None:
-        from .train import fsdp
+        from .training import fsdp
 
         strategy = fsdp.choose(cfg, model_dir, dist.world, device)
         if is_main:
@@ -300,7 +300,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         strategy=strategy or "ddp",
     )
     if strategy == "fsdp":
-        from .train.fsdp import full_trainable_state
+        from .training.fsdp import full_trainable_state
 
         tensors = full_trainable_state(model)  # a collective: every rank gathers, rank 0 receives
         model = ckpt = None  # frees the shards before rank 0 rebuilds the whole model
@@ -361,8 +361,8 @@ def _unsharded(cfg: TrainConfig, model_dir: Path, tensors: dict, tokenizer, qat_
 
     import torch
 
-    from .train import fsdp, prepare_model
-    from .train.checkpoint import load_trainable
+    from .training import fsdp, prepare_model
+    from .training.checkpoint import load_trainable
 
     gc.collect()
     if device.startswith("cuda"):
@@ -392,11 +392,11 @@ def _distillation(cfg: TrainConfig, twin: Path, device: str, load_device: str | 
     """
     import torch
 
-    from .train.distill import Distillation
+    from .training.distill import Distillation
 
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     if load_device == "meta":
-        from .train.model import empty_model
+        from .training.model import empty_model
 
         info = json.loads((twin / "model" / "edgeft.json").read_text())
         # load_trained's module: LoRA merged into its base (the base's architecture), or the full model

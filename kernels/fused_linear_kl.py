@@ -1,6 +1,6 @@
 """Chunked fused LM heads + distillation loss: T²·KL(teacher ‖ student) (and CE) without the tokens x vocab logits.
 
-Why by hand: distilling a QAT student from its float twin (edgeft/train/distill.py) needs both models' next-token
+Why by hand: distilling a QAT student from its float twin (edgeft/training/distill.py) needs both models' next-token
 distributions at every distilled position. Materialised, that is two (tokens x vocab) fp32 logit tensors plus
 log-softmax buffers and their gradients: at 8192 tokens x 152k vocabulary, 5 GB per fp32 copy and tens of GB per
 micro-batch. Like cross_entropy.py (the model this file follows), the rows are processed a chunk at a time:

@@ -15,7 +15,7 @@ modules are edgeft's, for three reasons:
   codes (4-bit packed two a byte, about 6% of a 0.6B model's training memory) and dequantizes per use;
   ``"weights"`` keeps the fake-quantized weights (LoRA's merged ones too), the fastest, for one quantized copy of
   the linears; ``"off"`` re-quantizes per use. ``edgeft train`` picks "weights" only when that copy is small next
-  to the step (``edgeft.train.model.qat_weight_cache``). Frozen weights (LoRA's head) are re-quantized per
+  to the step (``edgeft.training.model.qat_weight_cache``). Frozen weights (LoRA's head) are re-quantized per
   micro-batch instead of being held for the whole run. :class:`FakeQuantEmbedding` quantizes only the rows it
   looks up (per-row scales make that exact), never the table.
 - Memory: no fake-quantized weight is saved for the backward unless something holds it anyway. The linear

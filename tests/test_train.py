@@ -11,7 +11,7 @@ from edgeft.data import encode_dataset, load_conversations
 from edgeft.errors import EdgeftError
 from edgeft.models import load_model, resolve_model
 from edgeft.data import collate
-from edgeft.train import backward_window, lm_loss_sum, lr_factor, train_loop
+from edgeft.training import backward_window, lm_loss_sum, lr_factor, train_loop
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from edgeft.data import (IGNORE_INDEX, Batcher, collate, collate_flat, encode_da
                          pack_documents, sequences)
 from edgeft.data.batching import packing_efficiency
 from edgeft.models import load_model, resolve_model
-from edgeft.train import lm_loss_sum
+from edgeft.training import lm_loss_sum
 
 KERNELS = kernel_specs()
 

@@ -162,7 +162,7 @@ def test_int8_linears_keep_max_abs_rows_under_learned_scales():
 
 
 def test_scales_get_their_own_optimizer_group():
-    from edgeft.train.optim import param_groups
+    from edgeft.training.optim import param_groups
 
     model, _ = load_model(resolve_model("tiny-llama"))
     qat.prepare(model, "phone-deployment", weight_scale="learned")
@@ -278,7 +278,7 @@ def test_quantizer_follows_its_scales_through_optimizer_steps():
     edgeft's optimizer (fused AdamW, which leaves version counters alone) the layers and the convert-time scales
     are the reference's on the updated log-scales."""
     import edgeft.kernels as K
-    from edgeft.train.optim import build_optimizer
+    from edgeft.training.optim import build_optimizer
 
     m = tiny_model("llama", lora=False)
     m.requires_grad_(True)

@@ -5,7 +5,7 @@ loading and sharding did, into ``$EDGEFT_PROBE_DIR/rank<N>.json`` (read by test_
 - ``fully_shard``: for every ``fully_shard`` call, the bytes of the module's parameters that are materialised and
   not yet sharded at that moment (whole tensors in this process), and the largest such tensor;
 - ``reads``: the checkpoint files (``trainable.safetensors``, ``optimizer.pt``) it read;
-- ``loaded``: after every :func:`edgeft.train.fsdp.load_from_rank0`, the module's non-persistent buffers (values)
+- ``loaded``: after every :func:`edgeft.training.fsdp.load_from_rank0`, the module's non-persistent buffers (values)
   and whether any tensor is still on the meta device.
 """
 
@@ -20,7 +20,7 @@ import torch.distributed.fsdp as tfsdp
 import transformers
 from torch.distributed.tensor import DTensor
 
-import edgeft.train.fsdp as efsdp
+import edgeft.training.fsdp as efsdp
 from edgeft.cli import main
 
 RANK = int(os.environ["RANK"])

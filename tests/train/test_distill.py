@@ -13,8 +13,8 @@ from edgeft.config import TrainConfig, resolve
 from edgeft.data import collate, collate_flat, encode_dataset, load_conversations
 from edgeft.errors import EdgeftError
 from edgeft.models import load_model, resolve_model
-from edgeft.train import backward_window
-from edgeft.train.distill import Distillation, distill_positions, kl_sum
+from edgeft.training import backward_window
+from edgeft.training.distill import Distillation, distill_positions, kl_sum
 
 KERNELS = kernel_specs()
 
@@ -122,7 +122,7 @@ def test_targets_distil_the_answers_and_every_prose_token_at_a_temperature(tiny,
     """qat_distill_positions="targets": a task example's answer positions and all of a prose chunk's, not the
     prompts; the config reaches the Distillation, and its gradient is the objective's at that temperature."""
     import edgeft.pipeline as pipeline
-    from edgeft.train.distill import corpus_examples
+    from edgeft.training.distill import corpus_examples
 
     model_dir, tok, examples = tiny
     prose = corpus_examples(tok, 0.5, 3, chunk=32)
@@ -202,7 +202,7 @@ def test_config_defaults_and_errors():
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_pipeline_starts_qat_from_the_twin_and_distils(tmp_path, mode):
     import edgeft
-    from edgeft.train.checkpoint import trainable_state  # noqa: F401  (import check only)
+    from edgeft.training.checkpoint import trainable_state  # noqa: F401  (import check only)
 
     out = tmp_path / "r"
     cfg = TrainConfig(model="tiny-llama", data="builtin:tasks", mode=mode, qat="int8-int4", max_steps=2,
@@ -220,7 +220,7 @@ def test_pipeline_starts_qat_from_the_twin_and_distils(tmp_path, mode):
 
 def test_corpus_examples_are_generic_prose_never_the_heldout_text(tiny):
     from edgeft.devices.evaluate import heldout_text
-    from edgeft.train.distill import corpus_examples
+    from edgeft.training.distill import corpus_examples
 
     _, tok, _ = tiny
     assert corpus_examples(tok, 0.0, 100) == []
@@ -244,7 +244,7 @@ def test_student_logits_through_the_fused_head_equal_the_model_logits(tiny, qat)
     from edgeft import qat as qatlib
     from edgeft.kernels import patch
     from edgeft.kernels._common import interpreting
-    from edgeft.train.distill import student_logits
+    from edgeft.training.distill import student_logits
 
     if not interpreting():
         pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py on CPU)")

@@ -199,7 +199,7 @@ def test_strategy_choice():
     from types import SimpleNamespace
 
     from edgeft.models import resolve_model
-    from edgeft.train import fsdp
+    from edgeft.training import fsdp
 
     cfg = SimpleNamespace(distributed="auto", load_in_4bit=False, load_in_8bit=False, optim="adamw", dtype="bf16",
                           mode="full")

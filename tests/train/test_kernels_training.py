@@ -55,7 +55,7 @@ def test_auto_checkpoints_only_when_the_activations_do_not_fit(monkeypatch):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edgeft.train.model import activation_bytes, checkpoint_mode
+    from edgeft.training.model import activation_bytes, checkpoint_mode
 
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
@@ -85,7 +85,7 @@ def test_qat_keeps_quantized_weights_only_where_the_copy_is_small():
     estimated memory and nothing is checkpointed or sharded, else "codes"."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edgeft.train.model import activation_bytes, qat_weight_cache
+    from edgeft.training.model import activation_bytes, qat_weight_cache
 
     model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256))

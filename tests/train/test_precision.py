@@ -1,4 +1,4 @@
-"""bf16 training loses no update (edgeft/train/precision.py): fp32 master weights behind every optimizer, for every
+"""bf16 training loses no update (edgeft/training/precision.py): fp32 master weights behind every optimizer, for every
 trainable tensor (full fine-tuning, LoRA adapters, modules_to_save, learned QAT scales), checkpointed with the
 optimizer state so that a resumed run continues bit-exactly; each bf16 weight is its master rounded stochastically,
 so the bf16 forward follows the masters in expectation. The FSDP2 cases are in test_fsdp.py."""
@@ -11,10 +11,10 @@ from edgeft.config import LoraSettings, TrainConfig, resolve
 from edgeft.data import encode_dataset, load_conversations
 from edgeft.errors import EdgeftError
 from edgeft.models import load_model, resolve_model
-from edgeft.train import CheckpointManager, list_checkpoints, prepare_model, train_loop
-from edgeft.train.optim import build_optimizer, build_scheduler, precision_record
-from edgeft.train import precision
-from edgeft.train.precision import MasterWeights, stochastic_round_
+from edgeft.training import CheckpointManager, list_checkpoints, prepare_model, train_loop
+from edgeft.training.optim import build_optimizer, build_scheduler, precision_record
+from edgeft.training import precision
+from edgeft.training.precision import MasterWeights, stochastic_round_
 
 BF16_EPS = torch.finfo(torch.bfloat16).eps  # 2^-7: the spacing of bf16 numbers in [1, 2)
 

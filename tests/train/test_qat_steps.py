@@ -11,7 +11,7 @@ import yaml
 
 from edgeft.config import TrainConfig, config_diff, dump_yaml, from_dict, identity, resolve
 from edgeft.errors import EdgeftError
-from edgeft.train.checkpoint import fingerprint_diff
+from edgeft.training.checkpoint import fingerprint_diff
 
 
 def test_config_default_validation_and_identity():

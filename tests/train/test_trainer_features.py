@@ -12,8 +12,8 @@ from edgeft.config import LoraSettings, TrainConfig, resolve
 from edgeft.data import encode_dataset, load_conversations
 from edgeft.errors import EdgeftError
 from edgeft.models import load_model, resolve_model
-from edgeft.train import CheckpointManager, list_checkpoints, param_groups, prepare_model, train_loop
-from edgeft.train.optim import build_optimizer, lr_factor, warmup_steps_for
+from edgeft.training import CheckpointManager, list_checkpoints, param_groups, prepare_model, train_loop
+from edgeft.training.optim import build_optimizer, lr_factor, warmup_steps_for
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_resume_is_exact(data, tmp_path, mode, qat):
 
 def test_full_qat_checkpoint_tensors_round_trip(data):
     """Full fine-tuning under QAT: every weight of the fake-quantized model is saved and restored by name."""
-    from edgeft.train.checkpoint import load_trainable, trainable_state
+    from edgeft.training.checkpoint import load_trainable, trainable_state
 
     model_dir, _, _, _ = data
     cfg = _cfg(mode="full", qat="int8-int4")
@@ -124,7 +124,7 @@ def test_eval_early_stopping_keeps_and_restores_the_best(data, tmp_path):
 
 def test_eval_loss_is_the_mean_over_held_out_tokens(data):
     from edgeft.data import Batcher, collate
-    from edgeft.train import evaluate_loss, lm_loss_sum
+    from edgeft.training import evaluate_loss, lm_loss_sum
 
     model_dir, tok, _, held = data
     model, _ = load_model(model_dir)
@@ -138,7 +138,7 @@ def test_checkpoint_writes_are_atomic(data, tmp_path, monkeypatch):
     model_dir, tok, examples, _ = data
     model, _ = load_model(model_dir)
     ckpt = CheckpointManager(tmp_path / "ck")
-    import edgeft.train.checkpoint as ck
+    import edgeft.training.checkpoint as ck
 
     real_save = torch.save
 
@@ -282,7 +282,7 @@ def test_checkpoint_lora_weights_of_a_qat_prepared_model(data, tmp_path):
     """The checkpoint's adapter/ is a complete PEFT adapter even while QAT has replaced the LoRA layers."""
     from safetensors.torch import load_file
 
-    from edgeft.train import save_adapter
+    from edgeft.training import save_adapter
 
     model_dir, _, _, _ = data
     model, _ = prepare_model(_cfg(qat="int8-int4"), model_dir)
@@ -301,7 +301,7 @@ def test_checkpoint_from_before_a_config_key_resumes_while_the_key_is_at_its_def
     import json
 
     from edgeft.config import TrainConfig, identity, identity_defaults
-    from edgeft.train.checkpoint import fingerprint_diff
+    from edgeft.training.checkpoint import fingerprint_diff
 
     current = json.loads(json.dumps(identity(TrainConfig())))
     old = json.loads(json.dumps(current))

@@ -15,7 +15,7 @@ def test_sft_trainer_trains_an_edgeft_prepared_model(tmp_path):
     from edgeft.config import TrainConfig, resolve
     from edgeft.data import collate, encode_dataset, load_conversations
     from edgeft.models import resolve_model
-    from edgeft.train import lm_loss_sum, prepare_model
+    from edgeft.training import lm_loss_sum, prepare_model
 
     model_dir = resolve_model("tiny-llama")
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -4,7 +4,7 @@ Only rank 0 reads the weights (on the CPU: one host copy, no GPU ever holds a fu
 the same module on the meta device (``prepare_model(..., load_device="meta")``: no weight is allocated, LoRA,
 kernels and QAT only restructure modules and read shapes). LoRA/kernels/QAT are applied exactly as for one
 process, then ``torch.distributed.fsdp.fully_shard`` shards every decoder layer and finally the root: the
-:class:`~edgeft.train.loop.LossModule` around the model, so that the root's parameters (embeddings, final norm,
+:class:`~edgeft.training.loop.LossModule` around the model, so that the root's parameters (embeddings, final norm,
 head) are gathered for the fused-loss path too, which calls the decoder stack and the head directly. Sharding moves
 each layer's shard to this process's GPU; the meta ranks allocate their (empty) shards there with ``to_empty``,
 and :func:`load_from_rank0` fills every rank's shards from rank 0's host copy

@@ -1,13 +1,9 @@
 """Training: model preparation, the loop, optimizers and schedules, checkpoints, reporting, several GPUs, plots.
 
-``edgeft.train`` is both this package and the API verb ``edgeft.train(cfg)``: importing a subpackage binds
-it on its parent, which would shadow the verb, so the package itself is callable and forwards to
-:func:`edgeft.pipeline.train`.
+The package is ``edgeft.training`` so that it never shadows the API verb ``edgeft.train(cfg)``
+(:func:`edgeft.pipeline.train`): importing a subpackage binds its name on ``edgeft``. It imports nothing of the
+pipeline or the CLI.
 """
-
-import sys
-import types
-from typing import Any
 
 from .checkpoint import CheckpointManager, list_checkpoints
 from .loop import LossModule, Sampler, backward_window, evaluate_loss, lm_loss_sum, train_loop
@@ -21,12 +17,3 @@ __all__ = [
     "plot_loss", "prepare_model", "read_metrics", "save_adapter", "train_loop",
 ]
 
-
-class _CallableTrainPackage(types.ModuleType):
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from edgeft.pipeline import train
-
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableTrainPackage

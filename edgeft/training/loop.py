@@ -286,7 +286,7 @@ def train_loop(
     the line adds distill_kl and objective). With ``checkpoints`` a checkpoint is written every ``save_steps``
     steps, at every new best eval loss and at the end; ``resume`` continues from the newest one. With ``dist``,
     ``strategy`` is "ddp" or "fsdp" (the model is sharded in place: rank 0 then gets the trained tensors from
-    :func:`edgeft.train.fsdp.full_trainable_state`, a collective). ``bf16_update``: how bf16 trainable tensors are
+    :func:`edgeft.training.fsdp.full_trainable_state`, a collective). ``bf16_update``: how bf16 trainable tensors are
     updated (optim.py, precision.py; the summary's ``precision`` records it); ``keep_masters``: the model ends with
     its fp32 masters as weights (one process or DDP, unless the best weights of an earlier step were restored;
     measured worse than the bf16 weights on SmolLM2, docs/precision.md, so the pipeline does not ask for it).

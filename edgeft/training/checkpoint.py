@@ -189,7 +189,7 @@ class CheckpointManager:
              rank: int = 0, sharded: Any = None) -> dict[str, Any]:
         """Restore model tensors, optimizer, scheduler and this rank's RNG from ``path``; returns its state.
 
-        ``sharded``: the model's :class:`~edgeft.train.fsdp.Sharded` (FSDP); rank 0 reads the full tensors and
+        ``sharded``: the model's :class:`~edgeft.training.fsdp.Sharded` (FSDP); rank 0 reads the full tensors and
         optimizer state, every other rank receives its shards from it (no rank but 0 holds them whole).
         """
         from safetensors.torch import load_file
