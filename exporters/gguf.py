@@ -1,124 +1,21 @@
 """GGUF export: a Hugging Face (or converted) model written with gguf-py, proven equal on llama.cpp.
 
-Why this module exists: gguf-py gives the file format (``GGUFWriter``), the tensor names
-(``TensorNameMap``), special tokens and merges (``vocab.SpecialVocab``) and the block quantizers
-(``gguf.quants``), but no HF converter: that lives in llama.cpp's repository script, which is not an
-installable package. So the conversion (architecture metadata, the Llama q/k permutation, the byte-level BPE
-and SentencePiece vocabularies) is written here, for the families of ``edgeft.arch`` with a ``gguf_arch``;
-anything else is refused in one line.
+- gguf-py gives the format, tensor names, special vocabularies and block quantizers but no HF converter; the
+  conversion (architecture metadata, Llama's q/k permutation, the byte-level BPE and SentencePiece vocabularies)
+  is written here for the families of ``edgeft.arch`` with a ``gguf_arch``; anything llama.cpp cannot run as the
+  HF model does (an unsupported family, RoPE or attention option, or tokenizer) is refused in one line.
+- Types (``QUANTS``): f32, f16, bf16, q8_0, q4_0 through gguf-py; q4_k_m, q5_k_m, q6_k through llama.cpp's
+  quantizer (after an F32 file is validated). A converted (QAT) directory's int4/int8 grids are packed into
+  Q4_0/Q8_0 blocks from their trained integers and scales (``EXACT_TYPES``), not quantized a second time; each
+  such tensor is read back and checked against the converted weights.
+- Before the file is renamed into place llama.cpp runs it on the validation texts and its logits are compared
+  with a float model holding exactly the file's weights (*fidelity*: conversion bugs) and with the source model
+  (*source*: the type's total error), within the per-type bounds of ``QUANTS``; llama.cpp's tokenization (and,
+  for SentencePiece, detokenization) must equal the HF tokenizer's and the chat template must be intact. A
+  failure raises ``EdgeftError`` in one line and leaves any previous file untouched.
 
-What is written
-- Llama (incl. SmolLM2), Mistral, Qwen2, Qwen3, Gemma3 text, Phi-3/Phi-4-mini. Llama's and Mistral's q/k
-  projections are permuted from HF's rotate-half layout to llama.cpp's interleaved RoPE layout; Qwen2/3, Gemma3
-  and Phi-3 use NEOX RoPE in llama.cpp and need none. RoPE scaling: ``linear`` as metadata; Llama 3's
-  ``llama3`` as the per-frequency divisors llama.cpp reads from ``rope_freqs.weight``; Phi's ``longrope`` as
-  ``rope_factors_long/short.weight``, the attention factor HF scales cos/sin by, and the original context
-  (llama.cpp picks the long factors by context size, HF by sequence length: the same beyond it). Partial rotary
-  (Phi-4-mini) is ``rope.dimension_count``. Phi-3's fused qkv and gate/up tensors stay fused, as llama.cpp's phi3
-  reads them. Files with scaled RoPE are also validated on ``ROPE_CHECK_TOKENS`` held-out tokens. A sliding
-  window llama.cpp does not apply (its llama graph has none, its phi3 graph disables it) caps the file's context
-  length at the window, where the two agree; the report warns.
-- Gemma3 (``Gemma3ForCausalLM``, ``gemma3_text``): HF's norms compute x * (1 + w) and llama.cpp's x * w, so
-  every RMSNorm weight (the four per layer, the per-head q/k norms, the final norm) is written as 1 + w in F32
-  (``Family.norm_offset``; subtracted again when a file is read back). The embedding is stored unscaled:
-  llama.cpp multiplies by sqrt(hidden) itself, as HF's scaled embedding does. From the loaded config: the
-  sliding window, which layers use it (``sliding_window_pattern``, one flag per layer), the global RoPE base
-  (``rope.freq_base``, with linear scaling if the global layers have it) and the local one
-  (``rope.freq_base_swa``), and the final logit softcap when set. The MLP is GELU-tanh in both. llama.cpp has no
-  key for ``query_pre_attn_scalar`` (it derives the score scale from the shape), nor attention logit
-  softcapping, bidirectional attention or scaled RoPE on local layers: such configs are refused in one line.
-  Each of these keys was measured to be read by the bundled llama.cpp (a wrong value moves the tiny model's
-  logits by 0.2-0.7, the f32 bound is 0.002). Google's Gemma3 checkpoints ship a SentencePiece-style BPE (no
-  space prefix, byte fallback): written for llama.cpp's SPM tokenizer (below) with ``add_space_prefix`` false,
-  as llama.cpp's converter does for gemma3.
-- Types (``QUANTS``): f32, f16, bf16, q8_0, q4_0 through gguf-py; q4_k_m, q5_k_m, q6_k through llama.cpp.
-  Norms and biases stay F32 (llama.cpp's converter does the same); a 2-D tensor whose rows are not a multiple
-  of the block size (32) falls back to F16. In q4_0 the output projection (or the tied embedding that serves as
-  it) is written Q8_0, as llama.cpp's quantizer keeps the output at higher precision.
-- K-quants: gguf-py has no K-quant quantizer, and which tensor gets which type (Q4_K_M's Q6_K halves, Q5_0/Q5_1/
-  Q8_0 fallbacks for rows that are not a multiple of 256) is llama.cpp's definition of the type, so an F32 GGUF
-  is written to a temporary file, validated at f32 (this proves the conversion: llama.cpp's quantizer is
-  trusted, this module is not), and quantized by ``llama_model_quantize``. The fidelity reference is then read
-  back from the quantized file with gguf-py's dequantizers.
-- QAT-matched (exact) export of a converted directory: torchao's symmetric int4 grid (q in [-8, 7]) and int8
-  grid, one scale per group of a multiple of 32 weights, are exactly Q4_0's and Q8_0's blocks (nibble = q + 8,
-  d = scale as fp16). For q4_0/q8_0 each trained tensor is therefore packed from its integers and scales
-  (``EXACT_TYPES``: int4 -> Q4_0 under q4_0, int4 and int8 -> Q8_0 otherwise; an int8 grid is never squeezed
-  into Q4_0) instead of being dequantized and quantized a second time, which on SmolLM2-135M int4 moved
-  llama.cpp's logits 0.22 (top-1 0.74) from the converted model against 0.045 (top-1 0.94) exact. The 2-D
-  tensors the scheme left in float (the token embedding) go Q8_0 (``EXACT_FLOAT_TYPE``). The only difference
-  left is the fp16 rounding of fp32 scales (<= 2^-11 relative); the ``gguf-q4_0``/``gguf-q8_0`` presets train
-  with fp16 scales, and their file's weights equal the converted model's bit for bit. Every exact tensor is
-  read back from the written file and checked against the converted weights within that rounding, and the
-  source bounds tighten to the fidelity bounds. ``exact=False`` re-quantizes (the baseline); other types
-  (f16, K-quants) always start from the dequantized weights.
-- Tokenizer, byte-level BPE (SmolLM2, Llama 3, Qwen2/3): ``tokenizer.ggml.model = gpt2`` with llama.cpp's
-  pre-tokenizer name recognised from tokenizer.json (GPT-2 byte-level, SmolLM's digit split, Llama 3 and Qwen2
-  regexes), tokens with types (added special -> CONTROL, other added -> USER_DEFINED, id holes -> UNUSED), merges,
-  special ids, ``add_bos`` and ``add_eos`` as the HF tokenizer actually behaves, and the chat template.
-- Tokenizer, SentencePiece-style (Llama 2, TinyLlama, Mistral 7B v0.1, Gemma 3: a byte-fallback BPE over ``▁``
-  for spaces): ``tokenizer.ggml.model = llama``, llama.cpp's SPM tokenizer, which escapes spaces, adds one
-  ``add_space_prefix`` space at the start and after every special token, merges the adjacent pair whose
-  concatenation is the highest-scoring token, and writes leftovers as ``<0xXX>`` byte tokens. Tokens are
-  tokenizer.json's (the HF tokenizer is the truth), with scores and types: from ``tokenizer.model`` through
-  sentencepiece when it is there (as llama.cpp's converter reads it; it must match tokenizer.json id for id),
-  otherwise from tokenizer.json: a token made by merge rank r scores -r, so llama.cpp's highest-score-first order
-  is HF's lowest-rank-first (llama.cpp's own HF-vocab path writes -1000 for every token, which merges leftmost
-  first: such a file tokenizes differently and is refused), ``<0xXX>`` -> BYTE. Added tokens: the unk one ->
-  UNKNOWN, special -> CONTROL, others -> USER_DEFINED (matched in the raw text). Special ids are the loaded HF
-  tokenizer's, ``add_bos``/``add_eos`` and ``add_space_prefix`` are read off its behaviour. What llama.cpp's SPM
-  tokenizer cannot mirror is refused in one line: unigram models (llama.cpp merges by score, unigram picks the
-  likeliest segmentation), BPE without byte fallback or lacking byte tokens, BPE dropout, normalizers other than
-  the ``▁`` prepend/replace (NFKC, precompiled charsmaps: llama.cpp normalizes nothing), and a prefix the HF
-  tokenizer adds only sometimes (a Metaspace pre-tokenizer, as transformers' non-legacy Llama tokenizer has, skips
-  it after special tokens and before a leading space; llama.cpp always adds it).
-
-Validation, before the file is renamed into place (a failure raises ``EdgeftError`` in one line and leaves any
-previous file untouched). llama.cpp (F32 KV cache, so nothing but the file is rounded) runs the new file on the
-validation texts and the chat template rendering, and its logits are compared with two eager PyTorch models:
-
-- *fidelity*: a float model holding exactly the weights stored in the file (each tensor quantized once in HF
-  layout, or packed from its trained integers, and dequantized; the permutation moves whole quantized rows
-  afterwards, so a wrong permutation cannot fool this reference). It isolates conversion bugs from the type's
-  rounding. What remains for a correct file is llama.cpp's own activation rounding (F16/BF16 operands;
-  Q8_0-quantized activations for Q8_0/Q4_0 weights).
-- *source*: the source model (for a converted directory, the torchao model itself): the type's total error.
-
-``rel_err`` is the max over sequences of ||logits_gguf - logits_ref|| / ||logits_ref||, ``top1`` the fraction of
-positions whose argmax agrees; for f32/f16 llama.cpp's greedy continuation (12 tokens) must equal eager's.
-Thresholds (``QUANTS``):
-
-    type   fidelity rel/top1   source rel/top1   measured (correct export)        measured (broken export)
-    f32    0.001 / 0.99        0.002 / 0.99      0.0000 everywhere                 tiny >= 0.028, SmolLM2 >= 0.85
-    f16    0.005 / 0.98        0.01  / 0.97      fid <= 0.0012, src <= 0.0016      same as f32
-    bf16   0.02  / 0.95        0.04  / 0.93      fid <= 0.0068, src <= 0.0083      tiny >= 0.028
-    q8_0   0.10  / 0.85        0.20  / 0.80      fid <= 0.036,  src <= 0.047       SmolLM2 >= 0.83, scrambled >= 0.3
-    q4_0   0.15  / 0.75        0.80  / 0.30      fid <= 0.052,  src <= 0.46        SmolLM2 >= 0.76, scrambled >= 0.3
-    q4_k_m 0.15  / 0.75        0.50  / 0.45      fid <= 0.052,  src <= 0.22        refused at the f32 stage
-    q5_k_m 0.15  / 0.75        0.45  / 0.55      fid <= 0.072,  src <= 0.24        (tiny >= 0.028 > 0.002)
-    q6_k   0.12  / 0.80        0.25  / 0.70      fid <= 0.059,  src <= 0.075
-    exact  q4_0/q8_0 fidelity bounds, both       int4 tiny src 0.013-0.015; SmolLM2 0.045, gguf-q4_0 0.037
-
-tiny-gemma3 (fidelity / source rel. error): f32 0.0004 / 0.0004, f16 0.0009 / 0.0013, bf16 0.006 / 0.010, q8_0
-0.021 / 0.032, q4_0 0.022 / 0.32, q4_k_m 0.029 / 0.27; f32 is not 0.0000 there (GELU-tanh in llama.cpp vs
-PyTorch), and every broken Gemma3 file tried (norms without the +1, no window, the window on every layer, one RoPE
-base for both layer types, query_pre_attn_scalar off llama.cpp's rule) is >= 0.19 at f32.
-("broken": no q/k permutation, or one tensor's rows scrambled; "tiny": the random-init test models, whose
-near-uniform attention makes a missing permutation cost only 4% there, so the tests prove refusal at f16 and with
-a scrambled tensor at q8_0/q4_0. SmolLM2's weights are a dequantized Q4_1 file, which is why its Q5_K_M, falling
-back to Q5_1 on 576-wide rows, lands further from it than Q4_K_M.) The q4_0 source bound is loose because
-re-quantizing SmolLM2 to Q4_0 costs 0.46: the fidelity bound is what catches conversion errors at that type.
-
-A converted directory whose scheme quantizes activations (``int8-int4``: int8 per token in torchao, not in
-llama.cpp) gets ``ACT_QUANT_ALLOWANCE`` on the source bounds and no greedy requirement. The tokenizer check
-requires llama.cpp's tokenization of the validation strings (digits, whitespace runs, unicode, the chat template
-rendering with its control tokens) to equal the HF tokenizer's exactly, and the stored chat template to be intact.
-SentencePiece-style tokenizers get more strings (leading spaces and newlines, runs of spaces, byte fallback, text
-around each special and a few user-defined tokens) and must also detokenize as HF decodes (``llama_detokenize``
-without the BOS; llama.cpp keeps the prefix's space after a BOS). Measured on tiny models with locally trained
-SentencePiece tokenizers (tests/exporters/test_gguf_spm.py): scores all -1000, or merge-rank scores with the sign
-flipped, tokenize differently within the first validation text; byte tokens typed NORMAL detokenize as ``<0xC3>``
-text; a missing space prefix changes the first token.
+How and why (per-family metadata, tokenizers, exact packing, the thresholds and what they were measured on):
+docs/exporters.md.
 """
 
 from __future__ import annotations

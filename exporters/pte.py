@@ -1,165 +1,23 @@
 """ExecuTorch ``.pte`` export: XNNPACK-lowered, KV-cached, the trained quantization, proven on ExecuTorch.
 
-Why this module exists: ExecuTorch's own LLM export (``export_llm``) rebuilds the model from its own Llama
-definition and quantizes float weights itself, so it cannot carry the integers and scales a QAT run trained;
-transformers' ``TorchExportableModuleForDecoderOnlyLM`` exports the HF model with a static HF cache whose
-masking and index-put updates split the graph into 333 XNNPACK partitions (13 minutes for SmolLM2-135M on 2
-cores) and whose int8 embedding never reaches ExecuTorch's kernel. This module exports the transformers model
-itself, holding the converted model's torchao tensors, after explicit, reversible rewrites (``_edge_rewrites``,
-undone before validation, which runs the untouched model):
+- The program is the transformers model itself holding the converted model's torchao tensors (the integers and
+  scales a QAT run trained), after explicit, reversible rewrites (``_edge_rewrites``: attention on ExecuTorch's
+  KV-cache ops, sliding-window layers on ring caches, RMSNorm, the int8 embedding, the quantized linears), undone
+  before validation, which runs the untouched model. Families: ``edgeft.arch``'s with ``pte``; what a program
+  cannot carry (attention logit softcapping, bidirectional attention, LongRoPE past the original context) is
+  refused in one line.
+- Method ``forward`` takes ``tokens [1, n]`` and ``input_pos [n]`` and returns fp32 logits ``[1, n, vocab]``
+  (``logits="all"``, ``model.pte``, what the evaluator reads) or ``[1, 1, vocab]`` (``"last"``,
+  ``model-last.pte``, the deployment program); constant methods for ExecuTorch's LLM runner; the tokenizer files
+  and chat template are copied beside it.
+- Before the file is renamed into place it is checked: its structure (XNNPACK delegates, KV-cache ops, no stray
+  dequantize op, size within 5% + 1 MiB of what the scheme's weights need), its logits through ExecuTorch's
+  runtime against eager PyTorch (float: rel_err <= 1e-3; int8 activations: bounds scaled by eager's own noise),
+  greedy generation, and ExecuTorch's ``TextLLMRunner`` emitting the program's greedy tokens. A failure raises
+  ``EdgeftError`` in one line and leaves any previous ``model.pte`` and tokenizer untouched.
 
-- attention (the families of ``edgeft.arch`` with ``pte``: Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5, Qwen3,
-  Gemma3 text, Phi-3/Phi-4-mini): each attention module's forward is replaced by one
-  that writes K/V with ExecuTorch's ``llama::update_cache`` into cache buffers on the module and attends with
-  ``llama::custom_sdpa`` (causal from ``start_pos``, GQA native). RoPE's rotate-half is a constant ±1
-  permutation matrix (``F.linear``, exact) because XNNPACK refuses slices of dynamic-length tensors; cos/sin
-  come from HF's own rotary module (so Llama 3's ``llama3`` frequencies come with it), a partial rotary table
-  (Phi-4-mini: 3/4 of each head) is widened to the head with cos 1 / sin 0 by a constant linear (exact), and
-  LongRoPE is fixed to its short factors, which HF uses for every sequence within the original context (a
-  longer ``max_context_len`` is refused: a KV cache would mix both sets). Phi-3's fused ``qkv_proj`` is split
-  after the projection. The HF attention mask is never built (a registered mask function returns None).
-  Sliding-window layers (Gemma3's local layers, and every layer of Mistral/Phi-3 models whose window is
-  shorter than ``max_context_len``) keep a ring of ``window + max_seq_len - 1`` rows (``ring_rows``; the full
-  context when that is not smaller): position j goes to row j mod ring through ``llama::update_cache_with_indices`` (ExecuTorch
-  1.5.1's indexed cache write, in the same custom-ops library the runtime registers), and custom_sdpa gets
-  an additive [n, ring] mask (the op requires the mask to span the cache, and with a mask it attends over
-  every row and ignores start_pos) keeping the row that holds position j for the query at p iff j <= p and
-  p - j < window, the positions computed in the graph from the last input position (rows this context has
-  not written yet are masked). Why window + max_seq_len - 1 and not the window: a call writes its whole
-  chunk before it attends, and the chunk's first query still needs the window - 1 keys before it, so a
-  chunk as long as the program takes (prefill chunks longer than the window included) is exact; a ring of
-  the window alone would cap prompt chunks at one token. The cost of that margin: rewinding (a call starting
-  at a position already written, as ``continuation_logits`` does) is exact only while at most
-  ``max_seq_len`` positions were written past it (constant method ``get_max_rewind``; the runtime re-runs
-  the prefix otherwise). Global layers keep ``max_context_len`` rows, written by ``llama::update_cache``.
-  Gemma3-1B (26 layers, 22 local, one 256-wide KV head, window 512), fp32 cache, 4096 context,
-  ``max_seq_len`` 512: 208 MiB of planned KV cache -> 76 MiB (ring 1023 rows); the export report's
-  ``kv_cache`` gives both numbers for every program. Each layer takes the RoPE table of its type (local or
-  global base) from HF's own forward, and the scaled embedding, GELU-tanh MLP and final softcap are traced
-  as HF writes them. Not carried (refused in one line): attention logit softcapping and bidirectional
-  attention.
-- RMSNorm: ``mean(x²)`` is ``F.linear(x², 1/d)``, since XNNPACK's ``mean`` takes only 4-D inputs; Gemma's
-  x * (1 + w) adds the offset to the weight (``Family.norm_offset``).
-- embedding: ``padding_idx`` (gradient-only) is dropped so that ExecuTorch's quant-fusion pass turns torchao's
-  int8 per-row embedding into ``quantized_decomposed::embedding_byte`` (``executorch.kernels.quantized``):
-  phone-deployment's int8 embedding is carried as int8, not as float.
-- int8-int4 linears (torchao ``IntxUnpackedToInt8Tensor``, int8 per-token activations, int4 symmetric
-  groups) become ``DynActIntxLinear``: the same integers and scales as ``quantized_decomposed`` ops. XNNPACK
-  lowers both forms to the same qd8 x qb4w kernel (identical programs), but these ops have meta kernels
-  while torchao's are traced through their Python bodies at every retrace (3x slower lowering). XNNPACK
-  stores group scales as bf16 (its blockwise format): a <= 2^-9 relative rounding of the fp32 scales that no
-  export setting avoids; on SmolLM2 PTQ it alone moves eager logits by 11% (QAT could train with
-  ``weight_scale_dtype=torch.bfloat16`` to match it exactly).
-- weight-only ``int4``/``int8`` linears (torchao ``IntxUnpackedToInt8Tensor`` without activation
-  quantization) become ``WeightOnlyIntxLinear``: the same integers and fp32 scales as
-  ``quantized_decomposed.dequantize_per_channel`` -> ``linear``, float activations, so the program equals the
-  converted model to float rounding (float tolerances; measured rel_err 1e-6 tiny, 5e-6 SmolLM2-135M int8).
-  Why not torchao's own pattern: ExecuTorch 1.5.1's XNNPACK ``LinearConfig`` takes a dequantized weight as
-  static quantization and then wants a quantized activation, so it never delegates a weight-only linear; with
-  torchao's ``dequantize_affine`` the linear is instead decomposed to ``mm`` and the chain delegated with the
-  dequantize dropped, i.e. the raw integers as weights (logits off by 1/scale: the "100x" of the earlier float
-  fallback). ``_xnnpack_configs`` swaps in a ``LinearConfig`` that accepts the weight-only pattern (and takes
-  a weight computed in the program as a dynamic filter). Then, by grid:
-
-  - per channel (``int8``): XNNPACK's own f32 x qc8w fully-connected, integers packed in the delegate (int4
-    per channel would be f32 x qc4w, nibbles).
-  - groups (``int4``, 32-128 per group): XNNPACK 1.5.1 has no f32 x blockwise-int4 kernel (qb4w takes only
-    int8-quantized activations, which this scheme did not train with: not the trained model; tried, refused
-    with ``xnn_status_invalid_parameter``). Each linear stores its codes one per int8 as ``[n*k/g, g]`` rows
-    with one fp32 scale each; ExecuTorch's quantized kernel ``dequantize_per_channel`` (registered in the
-    runtime by ``executorch.kernels.quantized``) rebuilds the fp32 weight on every call and XNNPACK multiplies
-    it as a dynamic filter. 1.125 bytes per weight, not 0.5: no ExecuTorch 1.5.1 runtime op unpacks 4-bit
-    linear weights (``embedding_4bit`` would, but on constant indices ExecuTorch's constant propagation folds
-    it back to float). ExecuTorch's ``mixed_linear`` kernel (int8 codes, group scales, no rebuilt weight) was
-    measured on one 1536x576 layer: 1.6x faster than this route for one token, 9x slower for 48, and it logs a
-    failed rank check on every call. Costs: the rebuilt weights are
-    planned activation memory (the largest, the LM head, n*k*4 bytes) and every call dequantizes every
-    weight. Exact per-group alternatives that stay 4-bit (one f32 x qc4w linear per group,
-    summed) lower correctly but multiply the graph by k/g: 2 minutes for tiny-llama, too long for real models.
-  - a grid with zero points (not produced by edgeft's schemes) still goes as float32, with a warning.
-
-  SmolLM2-135M PTQ (embedding float in both schemes: 113 MB of each file), ``max_seq_len`` 128, this 2-core
-  host while other work ran (rough): float 652 MB, 20.8 decode tokens/s, 64-token prefill 319 ms; ``int8``
-  249 MB, 41.5 tokens/s (memory-bound decode reads a quarter of the bytes), 401 ms; ``int4`` 272 MB, 4.8
-  tokens/s (every step rebuilds ~100M fp32 weights), 412 ms. Lowering 91-130 s. ``int4`` is the slow one:
-  for speed on a phone train ``int8-int4`` (phone-deployment), whose int4 XNNPACK does run.
-
-Lowering (``_partitioner``) uses XNNPACK with two shortcuts that keep the programs identical and cut the time
-by 60%, with ExecuTorch's full route as fallback. SmolLM2-135M on this 2-core host, export + validation:
-float 74 s (652 MB: fp32, the tied embedding stored twice), int8-int4 113 s (189 MB: embedding float),
-phone-deployment 127 s (105 MB); ``dynamic_shape=False`` (one-token program) takes a third less (86 s).
-
-The program (method ``forward``) takes ``tokens [1, n]`` and ``input_pos [n]`` (n from 1 to max_seq_len; or
-n = 1 with ``dynamic_shape=False``) and returns float32 logits ``[1, n, vocab]`` for every position (the
-evaluator needs all of them); the KV cache holds ``max_context_len`` positions (Gemma3's local layers: the
-ring above) and a call starting at position 0 sees a fresh context. Constant methods for ExecuTorch's LLM runner: ``get_max_seq_len``,
-``get_max_context_len``, ``get_vocab_size``, ``get_bos_id``, ``get_eos_ids``, ``use_kv_cache``,
-``use_sdpa_with_kv_cache``, ``enable_dynamic_shape``; and ``generate_full_logits`` (the name of ExecuTorch's
-own export option; its runner does not read it) saying which of the two output modes the program has; and,
-for a program with ring caches, ``get_max_rewind`` (above; ExecuTorch's runner never rewinds).
-``tokenizer.json`` (and ``tokenizer_config.json``, which names BOS/EOS for ExecuTorch's tokenizer when it is
-given the directory, and the run's ``chat_template.jinja``, which apps and ``edgeft run`` apply to a user
-message) is copied beside it.
-
-Output modes (``logits``, ``edgeft export pte --logits``). ``all`` (default) is the program above, written as
-``model.pte``. ``last`` is the deployment program, written as ``model-last.pte``: HF's ``logits_to_keep=1``
-slices the final hidden states to the last position before ``lm_head``, so a prefill of n tokens runs the
-vocabulary projection once instead of n times, and the program returns ``[1, 1, vocab]`` (rank 3 like the
-full program: ExecuTorch's sampler (``extension/llm/sampler/util.h``, 1.4 to 1.5.x) takes the last row of a
-rank-3 output and the only row of a rank-2 one, so ``TextLLMRunner``, the apps and ``edgeft run`` run it
-unchanged). Why a second name rather than one ``model.pte`` whose mode a flag picks: ``edgeft eval`` needs
-every position and reuses an existing ``exports/model.pte``, so a last-token program there would break the
-evaluation of that run; under its own name it sits next to the evaluated program and ``eval`` keeps working
-on every run (a last-token program handed to the evaluator anyway is refused by ``PteRuntime.logits`` in one
-line). Push it to a phone as ``model.pte`` (the apps' file name). The default stays ``all`` so that existing
-scripts and runs see no change. ``last`` needs ``dynamic_shape`` (a one-token program has one position).
-Measured on SmolLM2-135M phone-deployment (``bench/pte_logits.py``; this 2-core host, one thread,
-``max_seq_len`` 512): prefill 1.17-1.22x faster for 16-256-token prompts (64 tokens: 78.8 -> 65.6 ms), 1.08x at
-512; decode unchanged; planned activation memory 119.6 -> 36.1 MiB (no ``[1, 512, 49152]`` logits buffer); same
-file size; logits bit-identical to ``model.pte``'s last row. Its validation ``rel_err`` reads 0.22 where
-``model.pte``'s reads 0.13 because a single row's relative error spreads more than a whole sequence's.
-
-Checks, before the file is renamed into place (a failure raises ``EdgeftError`` in one line and leaves any
-previous ``model.pte`` and tokenizer untouched):
-
-- structure, read back from the serialized program: XNNPACK delegates and the KV-cache ops present (with ring
-  caches ``update_cache_with_indices`` too), no
-  torchao/dequantize op outside XNNPACK (except ``dequantize_per_channel``, then required, for grouped
-  weight-only linears), ``embedding_byte`` present when the embedding is int8, and the size within 5% + 1 MiB
-  of what the scheme's weights need (``_expected_bytes``: dynamic-activation int4 as nibbles + bf16 scales,
-  weight-only int8 or grouped int4 as bytes + fp32 scales; measured within 1.6%): a float program for a
-  quantized source, or the reverse, is refused here.
-- logits, through ExecuTorch's runtime (``PteRuntime``), against the source model in eager PyTorch (for a
-  converted directory the torchao model itself) on three held-out sequences (48, 17, 5 tokens; a last-token
-  program: their last positions), with ring caches a fourth of ring + max_seq_len tokens fed in
-  ``max_seq_len`` chunks (one crosses the wrap), and through the KV cache (5-token prefill, then one token at a time, which
-  gives a last-token program's logits at every later position too): ``rel_err`` = max ||pte - eager|| / ||eager||;
-  ``top1`` = pooled argmax agreement; ``max_gap`` = the largest amount, in units of the row's logit std, by
-  which eager's top logit exceeds eager's logit for the program's argmax (0 where they agree; a near-tie
-  flip costs little, a wrong token a lot).
-- greedy generation (16 tokens) from the program, teacher-forced through eager: each token's gap as above.
-- ExecuTorch's ``TextLLMRunner`` (temperature 0, ``num_bos=1`` when the HF tokenizer adds a BOS) must emit
-  exactly the program's greedy tokens from the same prompt: metadata, tokenizer and runner agree.
-
-Tolerances. A float program differs from eager by kernel rounding only: ``rel_err <= 1e-3``, ``max_gap <=
-0.01``, ``top1 >= 0.99`` (measured: 1e-6 on the tiny models, 3e-6 on SmolLM2-135M, gap 0). With int8
-dynamic activations the model is numerically chaotic: a 1e-7 change of an activation flips its int8
-rounding, and on SmolLM2 PTQ eager's own sdpa and eager attention implementations disagree by 8-10% (rel).
-The program also runs bf16 group scales. The tolerances therefore scale with ``noise``: how far eager itself
-moves under those two perturbations (attention implementation swapped; scales rounded to bf16), on the same
-sequences: ``rel_err <= clamp(8 noise, 0.03, 0.5)``, ``max_gap <= clamp(20 noise, 0.05, 2)``, ``top1 >=
-0.3``. (Measured: the program's distance from eager equals the bf16-scale effect to 1%; against an eager
-model with bf16 scales what remains is the chaos, 0.016 on tiny-llama and 0.096 on SmolLM2 phone-deployment,
-too large to make that a sharper reference.)
-
-    program                          rel_err (tol)     max_gap (tol)    noise
-    tiny-llama phone-deployment      0.021 (0.16)      0.017 (0.41)     0.020
-    tiny-qwen3 int8-int4             0.021 (0.17)      0.038 (0.41)     0.021
-    SmolLM2-135M int8-int4 (PTQ)     0.13  (0.5)       0.25  (2.0)      0.13
-    SmolLM2-135M phone-deployment    0.14  (0.5)       0.23  (2.0)      0.13
-    broken: one scrambled tensor     tiny 0.49-0.51 (gap 1.0-2.1), SmolLM2 phone 1.11 (gap 5.1): refused
-    broken: tiny-qwen3's program for tiny-llama: 1.43 (gap 5.9); tiny-llama's PTQ program for the float
-    model 0.25 (and refused by size first)
+How and why (the rewrites, ring caches, linears by grid, lowering, output modes, tolerances, measurements):
+docs/exporters.md.
 """
 
 from __future__ import annotations
