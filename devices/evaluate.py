@@ -1,29 +1,16 @@
 """The evaluator: BF16 vs PTQ vs QAT, measured on the runtimes a device uses.
 
-Variants of a run (see edgeft.pipeline):
-- ``bf16``: the float model trained *without* QAT (``baseline/``; a run without QAT: its own model);
-- ``ptq``: that same model quantized with the run's scheme after training (``baseline/converted``);
-- ``qat``: the model trained with fake quantization, converted (``converted/``).
+- Variants of a run (read through ``edgeft.rundir.RunDir``): ``bf16`` (the float model trained without QAT),
+  ``ptq`` (that model quantized with the run's scheme), ``qat`` (the model trained with fake quantization,
+  converted). Runtimes: ``eager`` (PyTorch), ``pte`` (ExecuTorch), ``gguf`` (llama.cpp at the scheme's width).
+- Metrics: perplexity on held-out text, greedy exact-match accuracy and multiple-choice accuracy (length-normalised
+  log-likelihood per token) on held-out questions, artifact size, host generation speed; ``data=`` swaps in the
+  user's own held-out data (:func:`load_eval_data`). The report states how much of PTQ's degradation QAT
+  recovered, and per question each variant's answer (``QUESTIONS_FILE``).
+- A run without a chat template is asked in plain text (``Question: ...`` / ``Answer:``); the report says which
+  format was used (``prompt_format``).
 
-Metrics: perplexity on the packaged held-out text, exact-match accuracy on the ``builtin:tasks`` test split
-(greedy decoding), multiple-choice accuracy on the same questions with three seeded distractors each
-(``tasks.multiple_choice``), artifact size, and host generation speed. ``data=`` swaps in the user's own
-held-out text and task files (:func:`load_eval_data`).
-
-Multiple choice is scored by length-normalised log-likelihood from the runtimes' logits (each runtime's
-``continuation_logits`` runs the shared prompt once; it gives the rows of full-sequence ``logits``): the prompt is the chat-templated user turn exact match generates from, each choice's continuation is
-the choice's tokens followed by the end-of-turn token (a complete answer, so a choice that is a prefix of another
-is not favoured), and its score is the mean log-probability per continuation token (per token, not per byte as
-lm-eval-harness's ``acc_norm``: tokens are what the runtimes emit). The highest score is the model's answer. Runtimes: ``eager`` (PyTorch), ``pte``
-(ExecuTorch) and ``gguf`` (llama.cpp, at the scheme's bit width: Q4_0 for int4 schemes, Q8_0 for int8,
-F16 for float). The report states how much of PTQ's degradation QAT recovered:
-(PTQ − QAT) / (PTQ − BF16) for perplexity, (QAT − PTQ) / (BF16 − PTQ) for both accuracies.
-
-A run without a chat template (continued pretraining of a base model on raw text) is asked its questions in plain
-text (``edgeft.data.encode.plain_prompt``: ``Question: ...`` / ``Answer:``, the BOS its tokenizer adds in front):
-its exact-match answer is the first line it generates, and a choice's continuation is `` choice`` and the newline
-that ends the answer line (no EOS: a base model ends an answer line, not a turn). The report says which format
-was used (``prompt_format``). Perplexity needs no prompt and is the same for both.
+The scoring rules in detail: docs/devices.md.
 """
 
 from __future__ import annotations

@@ -1,30 +1,16 @@
 """``edgeft run``: generate from an exported artifact on this host, as a phone or laptop app would.
 
-A ``.pte`` is driven by ExecuTorch's own ``TextLLMRunner`` (``executorch.extension.llm.runner``), the runner the
-Android ``LlmModule`` and the iOS ``TextRunner`` wrap: its tokenizer (``pytorch_tokenizers``, from the
-``tokenizer.json`` beside the file), its prefill/decode loop and its sampler, reading the program's metadata
-methods (BOS/EOS ids, context length). So CI can run what the apps run without a phone. A ``.gguf`` is run by
-llama.cpp through llama-cpp-python with the same interface (a token loop over ``Llama.eval``, so prefill and
-decode are timed the same way).
+- A ``.pte`` is driven by ExecuTorch's own ``TextLLMRunner`` (the runner the Android and iOS apps wrap: its
+  tokenizer, prefill/decode loop, sampler and the program's metadata), a ``.gguf`` by llama.cpp through
+  llama-cpp-python with the same interface; CI can run what the apps run without a phone.
+- The prompt goes through the run's chat template when one sits beside the artifact (a GGUF's: its metadata);
+  ``chat=False`` (``--raw``) sends the text as is.
+- Timings: time to first token, prefill and decode tokens/s, from the runner's stats or the host clock
+  (``timing_source`` says which).
+- stdout carries only the generated text (the runner's C++ output is redirected); a token that is not valid UTF-8
+  on its own stops generation with an error after the text before it was streamed (ExecuTorch 1.5.1's binding).
 
-The prompt goes through the run's chat template by default when one sits beside the artifact (in
-``tokenizer_config.json`` or ``chat_template.jinja``; for ``<run>/exports/model.pte`` also the run's
-``converted/``), the way an app would send a user message; ``chat=False`` (``--raw``) sends the text as is.
-For a GGUF the template is the one in its metadata.
-
-Timings. For a ``.pte`` they come from the runner's ``Stats`` (the binding's ``stats_callback``; millisecond
-timestamps): time to first token = prompt encoding + prefill; prefill tokens/s = prompt tokens over that;
-decode tokens/s = tokens of the decode loop (all but the first, which prefill produced) over the time after
-prefill. When an interval is below the stats' 1 ms resolution the host clock at each streamed token
-(``time.perf_counter``) is used instead (``timing_source`` says which). For a GGUF the same quantities are
-measured with the host clock around ``Llama.eval``.
-
-Limits of ExecuTorch 1.5.1's Python binding, worked around here: the runner writes every piece and a report to
-the process's stdout and logs to stderr from C++ (redirected at the file-descriptor level, to /dev/null, or with
-``verbose`` all to stderr, so stdout carries only the generated text); it hands the end-of-sequence token's text
-to the callback (held back and dropped); it has no ``ignore_eos``; and it passes pieces to Python as ``str``,
-so a token that is not valid UTF-8 on its own (a fragment of a multi-byte character) stops generation with an
-error (the text up to it has been streamed).
+Timing rules and the binding's limits worked around: docs/devices.md.
 """
 
 from __future__ import annotations

@@ -16,8 +16,7 @@
   greedy generation, and ExecuTorch's ``TextLLMRunner`` emitting the program's greedy tokens. A failure raises
   ``EdgeftError`` in one line and leaves any previous ``model.pte`` and tokenizer untouched.
 
-How and why (the rewrites, ring caches, linears by grid, lowering, output modes, tolerances, measurements):
-docs/exporters.md.
+How and why (rewrites, ring caches, linears by grid, lowering, output modes, tolerances): docs/exporters.md.
 """
 
 from __future__ import annotations

@@ -1,28 +1,14 @@
 """Chunked fused LM heads + distillation loss: T²·KL(teacher ‖ student) (and CE) without the tokens x vocab logits.
 
-Why by hand: distilling a QAT student from its float twin (edgeft/training/distill.py) needs both models' next-token
-distributions at every distilled position. Materialised, that is two (tokens x vocab) fp32 logit tensors plus
-log-softmax buffers and their gradients: at 8192 tokens x 152k vocabulary, 5 GB per fp32 copy and tens of GB per
-micro-batch. Like cross_entropy.py (the model this file follows), the rows are processed a chunk at a time:
+- A chunk of rows at a time: both heads' logits for the chunk, one Triton program per row for the online fp32
+  log-sum-exps, the KL (as ``F.log_softmax`` would compute it) and the gradient of the declared mix
+  ``kl_weight · T²·KL + ce_weight · CE`` (softcap included), then the gradient matmuls. Peak extra memory is one
+  chunk of each model's logits; rows neither distilled nor labelled are dropped first.
+- The gradient is computed in the forward, so the backward only scales it; incoming gradients not proportional
+  to the declared mix raise instead of returning a wrong gradient.
+- Equal to the materialised PyTorch computation (tests/kernels/test_fused_linear_kl.py).
 
-1. the student's logits for the chunk (one matmul, activation dtype) and the teacher's (one matmul, no grad);
-2. one Triton program per row: pass 1 computes, online and in fp32, the log-sum-exp of the student's and the
-   teacher's logits at temperature T (and of the student's at T = 1 when the CE is wanted at T != 1); pass 2
-   computes the row's T²·KL(softmax(t/T) ‖ softmax(s/T)) elementwise (as F.log_softmax would, so tiny KLs keep
-   their precision) and overwrites the student's logits with the gradient of the mixed objective
-   ``kl_weight · T²·KL + ce_weight · CE`` with respect to them (softcap derivative included);
-3. two matmuls turn that gradient into dL/dhidden and, when the head is trained, dL/dweight (fp32).
-
-The gradients are computed in the forward, so the backward only scales them; peak extra memory is one chunk of
-each model's logits. Rows that are neither distilled nor labelled are dropped before the matmuls.
-
-The objective's normalisation. A training loop optimises ``a · Σ KL + b · Σ CE`` with ``a``, ``b`` known only per
-accumulation window (Distillation.objective: w / N_positions and (1 − w) / N_targets). The forward is told the mix
-(``kl_weight``, ``ce_weight``: any positive multiple of (a, b)) and computes the gradient of that one objective; the
-backward receives (g_kl, g_ce) = c · (a, b) from autograd and scales by c. Storing one gradient instead of one per
-term keeps a trained head's dL/dweight at one (vocab x hidden) fp32 buffer. Incoming gradients that are not
-proportional to the declared mix (e.g. backpropagating the CE alone after declaring a pure-KL mix) would need the
-other term's gradient, which was never computed: that raises instead of returning a wrong gradient.
+How and why: docs/kernels.md.
 """
 
 from __future__ import annotations

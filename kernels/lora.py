@@ -1,35 +1,17 @@
 """Fast LoRA: autograd Functions for the attention projections (QKV together, O) and the whole MLP.
 
-Why by hand: PEFT's ``lora.Linear`` computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` as separate ops,
-with the adapter in fp32 by default, so every projection upcasts its input to an fp32 copy, writes a full-size
-fp32 LoRA output, scales it in another pass and adds it in a third; autograd then saves all of it. Here:
+- The same values and gradients as PEFT's ``lora.Linear`` (within the kernels' tolerances): the LoRA term enters
+  the base GEMM as its ``addmm`` input, Q/K/V (and gate/up) share one ``x @ A^T`` matmul, the backward is derived by
+  hand and saves nothing tokens-sized but the inputs; the MLP fuses its activation and runs its backward in place.
+- Eligibility (else the module is called as is: DoRA, several active adapters ...): ``projection_of`` reads a
+  module's ``edgeft_projection()`` hook, a plain ``nn.Linear``, a torchao ``FakeQuantizedLinear`` without activation
+  fake-quant, or a PEFT ``lora.Linear`` with one active vanilla adapter (:func:`is_lora_linear`, which never imports
+  peft).
+- QAT inside the Functions: ``Projection.act_quant`` fake-quantizes each shared input once (straight-through);
+  ``Projection.merged`` runs on fq(W + s·B·A), giving A and B their straight-through gradients from rank-r
+  products, never an (out, in) weight gradient. ``lora_dropout > 0`` adds the dropped input's noise term only.
 
-- the base matmul takes the LoRA term as its ``addmm`` input (the add happens in the GEMM epilogue, no extra pass);
-- Q, K and V (and gate and up) share one ``x @ [A_q; A_k; A_v]^T`` matmul, since they share x;
-- the LoRA matmuls run in the activation dtype with fp32 accumulation; the scale is folded into B (tiny);
-- the backward is derived by hand: dX = sum dY W + (dY s B) A in accumulate-in-place GEMMs, dA/dB from the saved
-  x @ A^T (rank-r, tiny), nothing tokens-sized saved except the inputs;
-- the MLP fuses the activation (swiglu.py / geglu.py) and saves only gate/up pre-activations; its backward runs the
-  activation backward in place (h into dh's buffer, dgate/dup into gate/up), so it allocates no new
-  tokens x intermediate buffers.
-
-Dropout: ``lora_dropout = 0`` takes the fast path (the adapter reads x itself). With dropout > 0 the dropped input
-is made outside (autograd handles the mask) and passed as a second input; the math is otherwise the same.
-
-Eligibility (else the module is called as is, e.g. DoRA, several active adapters): ``projection_of`` reads a
-module's own ``edgeft_projection()`` hook when it has one (edgeft's QAT modules, see below), a plain ``nn.Linear``,
-a torchao ``FakeQuantizedLinear`` without activation fake-quant (its fake-quantized weight is used), or a PEFT
-``lora.Linear`` with one active vanilla adapter.
-
-QAT sits inside these Functions through two Projection fields:
-
-- ``act_quant``: the input is fake-quantized once per shared input (Q/K/V, gate/up share one fq(x)), with the
-  straight-through estimator; the MLP also fake-quantizes the activation h before down_proj inside its Function
-  (in place; its backward re-quantizes the recomputed h).
-- ``merged``: the weight already is fq(W + s·B·A) (the deployed weight); the adapter adds no output term, and A, B
-  get the straight-through gradients of the merged weight from rank-r products: dB = s·dY^T (X A^T) and
-  dA = s·(dY B)^T X, while dX = dY fq(W_m) alone. No (out, in) weight gradient is formed. With dropout the output
-  gets s·(drop(X) - X) A^T B^T, zero in expectation and gone at eval (see ``edgeft.qat.prepare``).
+The derivations: docs/kernels.md.
 """
 
 from __future__ import annotations

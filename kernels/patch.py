@@ -1,29 +1,17 @@
 """Apply the kernels to transformers models: explicit, per family, per flag, reversible.
 
-``patch(model, spec, **flags)`` finds the transformers model (also inside a PEFT wrapper), applies the kernels as
-the family's ``KernelSpec`` describes (the caller's table, ``edgeft.arch``, holds one per ``config.model_type``;
-this package imports nothing of it), and returns what it replaced. Each replacement is an
-instance attribute (a module's ``forward``, a marker attribute) or a forward pre-hook, recorded so that
-``unpatch(model)`` restores the stock modules exactly. No source is rewritten and no class is modified, so other
-models of the same class in the process are untouched.
+``patch(model, spec, **flags)`` finds the transformers model (also inside a PEFT wrapper:
+:func:`transformers_model`), applies the kernels the family's ``KernelSpec`` describes (the caller's table,
+``edgeft.arch``; this package imports nothing of edgeft) and returns what it replaced. Each replacement is an
+instance attribute or a forward pre-hook, recorded so that ``unpatch(model)`` restores the stock modules exactly;
+no source is rewritten and no class modified, so other models of the same class are untouched.
 
-What each flag replaces:
-
-- ``rms_norm``: every RMSNorm module's forward -> rms_norm.py (Gemma3: the (1 + w) form).
-- ``attention``: each attention module's forward -> one that projects Q/K/V through the fast LoRA Function
-  (``lora``), applies q/k norms (Qwen3, Gemma3), rotates Q and K in place with one kernel (``rope``), runs attention
-  (transformers' configured attention, or the varlen kernels for packed rows) and projects O.
-- ``glu``: each MLP's forward -> fused activation; with ``lora``, the whole LoRA MLP in one Function.
-- ``varlen``: a pre-hook on the decoder stack turns restarting ``position_ids`` into sequence boundaries once per
-  step, so packed rows never attend across examples (needs ``attention``).
-- ``checkpoint``: "offload" or "plain" gradient checkpointing per decoder layer (checkpoint.py); None leaves
-  checkpointing to transformers.
-- ``fused_ce``: marks the model (``_edgeft_fused_ce = True``) so that the training loop calls the decoder stack and
-  ``lm_head_loss``/``causal_lm_loss`` instead of computing logits.
-
-Anything a fast path cannot represent exactly (DoRA, several active adapters, a KV cache during generation) falls
-back to the stock module call at run time, so patched models stay correct in every mode. QAT modules (edgeft.qat)
-describe themselves to the fast paths (``edgeft_projection``), so patch and ``qat.prepare`` compose in either order.
+Flags: ``rms_norm``, ``attention`` (QKV/O through the fast LoRA Function, q/k norms, in-place RoPE, the configured
+or varlen attention), ``glu`` (fused activation; with ``lora`` the whole LoRA MLP), ``varlen`` (packed rows never
+attend across examples), ``checkpoint`` ("offload"/"plain" per decoder layer) and ``fused_ce`` (the loop computes
+the loss from hidden states, no logits). Anything a fast path cannot represent exactly (DoRA, several adapters, a
+KV cache during generation) falls back to the stock module call at run time; QAT modules describe themselves
+(``edgeft_projection``), so patch and ``qat.prepare`` compose in either order. Details: docs/kernels.md.
 """
 
 from __future__ import annotations

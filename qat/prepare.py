@@ -1,36 +1,18 @@
 """QAT prepare: insert fake quantization that simulates the exact grid convert will write.
 
-The grids are torchao's (the plan's torchao fake-quant configs, translated to specs by ``fake_quant.py``), but the
-modules are edgeft's, for three reasons:
+The grids are torchao's (the plan's fake-quant configs, translated by ``fake_quant.py``); the modules are edgeft's:
 
-- LoRA: torchao fake-quantizes the frozen base weight and adds the adapter path in float, but the phone runs the
-  *merged* weight W + s·B·A quantized once. :class:`MergedFakeQuantLoraLinear` computes fq_a(x) fq_w(W + s·B·A)^T
-  with one matmul on the merged fake-quantized weight (one Triton pass builds it from W, A and B), and the
-  straight-through backward gives dA and dB from rank-r products (dB = s·dY^T (X̂ A^T), dA = s·(dY B)^T X̂): no
-  (out, in) weight gradient is ever formed and W stays frozen. The module exposes this as a ``Projection`` to the
-  fused kernels (``edgeft.kernels.lora``), so Q/K/V share one fake-quantized input and the MLP stays one Function.
-- Full fine-tuning: :class:`FakeQuantLinear` fake-quantizes each weight once per optimizer step and reuses it
-  across the micro-batches of gradient accumulation, checkpoint recomputation and the backward, through a cache
-  keyed on the parameter's state (``edgeft.kernels.fake_quant.WeightCache``): ``cache="codes"`` keeps integer
-  codes (4-bit packed two a byte, about 6% of a 0.6B model's training memory) and dequantizes per use;
-  ``"weights"`` keeps the fake-quantized weights (LoRA's merged ones too), the fastest, for one quantized copy of
-  the linears; ``"off"`` re-quantizes per use. ``edgeft train`` picks "weights" only when that copy is small next
-  to the step (``edgeft.training.model.qat_weight_cache``). Frozen weights (LoRA's head) are re-quantized per
-  micro-batch instead of being held for the whole run. :class:`FakeQuantEmbedding` quantizes only the rows it
-  looks up (per-row scales make that exact), never the table.
-- Memory: no fake-quantized weight is saved for the backward unless something holds it anyway. The linear
-  Functions get the raw weight and its quantizer (``Projection.weight_fq``) and rebuild fq(W) (LoRA:
-  fq(W + s·B·A)) in the backward, one memory-bound pass per linear, instead of keeping a full-size copy of every
-  quantized weight alive between forward and backward; they keep it when a "weights" cache holds it or inside a
-  checkpointed layer's recompute. o_proj saves the attention output it shares and re-quantizes it in the backward.
-  A QAT step saves the same bytes as the step without QAT (tests/qat/test_saved_tensors.py).
-- Speed and memory: one fused pass per fake quantization instead of a dozen PyTorch ops and their saved masks.
+- LoRA: :class:`MergedFakeQuantLoraLinear` fake-quantizes the merged weight W + s·B·A (what the phone runs), with
+  rank-r straight-through gradients for A and B and W frozen; it is a ``Projection`` for the fused kernels.
+- Full fine-tuning: :class:`FakeQuantLinear` fake-quantizes each weight once per optimizer step, reused across
+  micro-batches, recomputation and the backward (cache "codes", "weights" or "off");
+  :class:`FakeQuantEmbedding` quantizes only the rows it looks up.
+- Memory: no fake-quantized weight is saved for the backward unless a cache holds it anyway (it is rebuilt there),
+  so a QAT step saves the same bytes as the step without QAT (tests/qat/test_saved_tensors.py).
+- ``lora_dropout > 0`` adds only the adapter's zero-mean dropout noise in training; eval and convert see exactly
+  the deployed weight.
 
-lora_dropout > 0: the merge cannot contain dropout, so in training a merged layer computes
-``fq_a(x) fq_w(W_m)^T + s·(drop(X̂) - X̂) A^T B^T``: the deployed forward plus the adapter's dropout noise, which is
-zero in expectation and absent at eval time (so eval and convert see exactly the deployed weight); A and B get
-PEFT's dropout gradients on the deployed grid (dB = s·dY^T (drop(X̂) A^T), dA = s·(dY B)^T drop(X̂)). lora_dropout
-0 (edgeft's default) makes training forward and deployed forward identical.
+The derivations and trade-offs: docs/qat.md.
 """
 
 from __future__ import annotations

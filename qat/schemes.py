@@ -1,33 +1,14 @@
 """QAT schemes and presets as data.
 
-A *scheme* says how linear layers are quantized (weights and, optionally, activations) and which torchao
-config realises it at convert time; a *preset* names a scheme plus the treatment of embeddings and whether
-training should be full fine-tuning. Adding a scheme or preset is a new entry in these tables.
+A *scheme* says how linear layers are quantized (weights and, optionally, activations) and which torchao config
+realises it at convert time; a *preset* names a scheme plus the treatment of embeddings and whether training
+should be full fine-tuning. Adding a scheme or preset is a new entry in these tables. torchao is imported lazily
+(only when a config is built), so listing schemes costs nothing.
 
-torchao is imported lazily (only when a config is built), so listing schemes costs nothing.
-
-GGUF grids. llama.cpp's Q4_0 block is 32 weights ``d * (n - 8)`` with ``n`` a 4-bit nibble and ``d`` one fp16
-scale; Q8_0 is 32 weights ``d * q`` with ``q`` int8 and ``d`` fp16. torchao's symmetric int4 grid (q in [-8, 7],
-scale = max|w| / 7.5) and int8 grid (q in [-128, 127]) therefore fit those blocks exactly whenever the group
-(or the row, per channel) is a multiple of 32: the GGUF exporter writes nibble = q + 8 and d = scale. The one
-difference for ``int4``/``int8-int4``/``int8`` is the scale's precision: torchao keeps fp32 scales, a GGUF block
-holds fp16, so their GGUF files differ from the converted model by the fp16 rounding of each scale (relative
-2^-11 at most per weight). The ``gguf-q4_0`` / ``gguf-q8_0`` presets remove that too: their schemes ask torchao
-for fp16 scales in both fake quant (``IntxFakeQuantizeConfig(scale_precision=float16)``) and convert
-(``IntxWeightOnlyConfig(scale_dtype=float16)``, which re-rounds the integers against the fp16 scale), so the
-trained, converted and GGUF weights are the same numbers bit for bit.
-
-torchao 0.18's ``QATConfig(base)`` refuses a base config with ``scale_dtype`` (its inference asserts None), so
-these schemes build their fake-quant configs explicitly (:meth:`Scheme.fake_quant_configs`), mirroring what the
-inference builds but with the fp16 scale. torchao computes ``1 / scale`` in the scale's dtype, which overflows
-to inf for an fp16 scale <= 2^-16: fake quant then gives 0 * inf = NaN on an all-zero group, and convert turns a
-group of tiny weights into +-qmax. The fake quantizer therefore floors the scale (``eps``) at
-:data:`FP16_SCALE_FLOOR` = 2^-16 + 2^-23: its fp16 reciprocal is finite, and bf16 weights (whose scales torchao
-computes in bf16 before the fp16 cast) represent it exactly, where 257 * 2^-24 would round to 2^-16 and NaN
-again. Fake quant and convert agree on every group whose scale is at least that (max|w| >= 1.2e-4 for int4,
->= 2e-3 for int8) and on all-zero groups (both give zeros); below it torchao's convert is degenerate and they
-differ. The GGUF exporter counts such groups in its report. Note "Q4_0's grid" means the format's values: llama.cpp's
-own quantizer picks d = max/-8 where torchao picks max|w|/7.5; both are Q4_0 blocks, and edgeft writes torchao's.
+The ``gguf-q4_0``/``gguf-q8_0`` presets train and convert with fp16 scales, so their trained, converted and GGUF
+(Q4_0/Q8_0) weights are the same numbers bit for bit; their fake quantizer floors the scale at
+:data:`FP16_SCALE_FLOOR`, where torchao's fp16 reciprocal stays finite. Why the grids fit llama.cpp's blocks and
+where fake quant and convert may differ: docs/qat.md.
 """
 
 from __future__ import annotations

@@ -198,3 +198,14 @@ def test_the_train_verb_survives_importing_the_training_package():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_module_docstrings_say_what_the_module_guarantees_in_at_most_20_lines():
+    """Long write-ups live in docs/ (docs/exporters.md, docs/qat.md ...), not at the top of a module."""
+    g = import_graph()
+    long = {}
+    for mod, f in g.files.items():
+        doc = ast.get_docstring(ast.parse(f.read_text(), str(f)), clean=False)
+        if doc and len(doc.strip("\n").split("\n")) > 20:
+            long[mod] = len(doc.strip("\n").split("\n"))
+    assert not long, long

@@ -1,37 +1,18 @@
 """Conversations and raw text to token ids with labels: loss on assistant tokens only, for any chat template.
 
-Masking is template-agnostic and works in text space: for each assistant turn, the conversation up to that turn is
-rendered with the generation prompt and must be a string prefix of the rendering that includes the turn; the
-characters in between (the reply and its end-of-turn token, not the template's trailing whitespace) are the
-assistant's. The whole conversation is tokenised once with offsets, and a token is a target when it starts inside an
-assistant span. Working on characters rather than token prefixes keeps masking right for tokenizers that merge
-across the boundary of a turn. A template for which the prefix property fails is reported, not silently mis-masked.
+- Masking works in text space: a token is a target when it starts inside an assistant reply, where a reply is what
+  rendering the conversation through that turn adds after rendering it up to the generation prompt. A template for
+  which this prefix property fails is reported, not silently mis-masked; templates that render history unlike the
+  turn being generated (Qwen3's ``<think>``, Mistral NeMo's system prompt) train each reply after exactly the text
+  the model sees when it generates it (one example per turn where needed).
+- Raw text (continued pretraining): each document gets the tokenizer's own special tokens and an EOS, documents
+  are packed back to back into full ``max_seq_length`` rows (:func:`pack_documents`), ``position_ids`` restart at
+  every document so attention never crosses one, and every token of a document but its first is a target exactly
+  once.
+- Examples longer than ``max_seq_length`` are dropped with a warning, never truncated; a dataset left empty, or
+  with every label masked, is one clear ``EdgeftError``.
 
-Templates that render history differently from the turn being generated are trained as they are used. The exact
-rule, per assistant turn k: the reply is what ``render(messages[:k+1])`` adds after ``render(messages[:k],
-add_generation_prompt=True)``, up to where ``render(messages[:k+1])`` and ``render(messages[:k+1],
-add_generation_prompt=True)`` part (so a text the template writes only at the end of a conversation, such as
-Phi-3/Phi-4-mini's closing EOS, is not part of the reply). If the whole conversation's rendering starts with the
-conversation up to that reply, the reply is a target there; otherwise the turn gets its own example, the conversation
-up to and including the reply, with only that reply as target. Qwen3's template is the case in point: the reply of
-the last turn carries its ``<think>`` block (empty when the data has no reasoning; ``reasoning_content`` or a
-``<think>`` block in the content fill it) while history is rendered without one, so a conversation of n assistant
-turns trains as n examples, each reply after exactly the text the model sees when it generates it. Mistral NeMo's
-template renders the system prompt only in the user turn that ends a conversation: when the prefix property fails
-and the conversation starts with a system message, the reply is taken from the rendering without it and trained
-after the prompt with it (what the model is given when it generates that reply).
-
-Raw text (continued pretraining) needs no chat template: each document is tokenised with the tokenizer's own special
-tokens (its BOS when it adds one) and ends with EOS, and the documents are packed back to back into full
-``max_seq_length`` rows (:func:`pack_documents`), so no document leaves a short tail row. Document boundaries: every
-document (and every piece of one continued from the previous row) restarts ``position_ids`` at 0, so attention never
-crosses a boundary (transformers' block-diagonal mask and the varlen kernels both read sequence starts from the
-positions) and the label at each start is masked. A document continued on the next row repeats its last token of the
-previous row as that piece's first (context only), so every token of a document but its first (BOS, or the first
-word, which nothing precedes) is a target exactly once.
-
-Examples longer than max_seq_length are dropped with a warning rather than truncated (a truncated reply teaches the
-model to stop mid-answer); a dataset left empty by that, or with every label masked, is one clear error.
+The exact rules and why: docs/data.md.
 """
 
 from __future__ import annotations

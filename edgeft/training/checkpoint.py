@@ -1,24 +1,15 @@
 """Resumable checkpoints: ``checkpoints/step-N/`` holds everything that decides what training does next.
 
-A checkpoint is written into a temporary sibling directory and renamed into place when complete, so a run killed at
-any moment (SIGKILL included) leaves either the previous checkpoint or the new one, never half of one; leftovers of
-an interrupted write are hidden dot-directories that the next start removes. Contents:
+- Atomic: a checkpoint is written into a hidden temporary sibling and renamed into place, so a run killed at any
+  moment (SIGKILL included) leaves the previous checkpoint or the new one, never half of one.
+- Contents: the trainable tensors and QAT buffers by name (``trainable.safetensors``; the frozen base is rebuilt,
+  not copied), the LoRA adapter in PEFT's format (``adapter/``), optimizer, scheduler and every rank's RNG states
+  (loaded with ``weights_only=True``), and ``state.json`` (written last: step, sampler position, best eval loss,
+  the config fingerprint and tensor shapes, checked before anything is loaded).
+- A checkpoint's tensors and adapter do not depend on how many processes (FSDP2 included) wrote it.
+- ``save_total_limit`` keeps the newest K checkpoints and never deletes the best one (lowest eval loss).
 
-- ``trainable.safetensors``: every parameter that requires grad (the LoRA adapters, modules_to_save, or all weights
-  for full fine-tuning) plus QAT fake-quantizer buffers, by name. The frozen base is not copied: resuming rebuilds
-  the model exactly as the run did (same seed, same LoRA/QAT preparation) and overwrites these tensors.
-- ``adapter/``: for LoRA, the adapter in PEFT's format, usable with ``--adapter`` or ``PeftModel.from_pretrained``.
-- ``optimizer.pt``, ``scheduler.pt``: their state dicts; ``rng.pt``: Python, NumPy, torch (and CUDA) generator
-  states of every rank. These are edgeft's own files, loaded with ``weights_only=True``.
-- ``state.json`` (written last): step, data-sampler position, best eval loss and patience, the config fingerprint and
-  the trainable tensors' shapes, checked before anything is loaded.
-
-Under FSDP2 (fsdp.py) the loop gathers the trainable tensors and the optimizer state (keyed by parameter name, not
-position) on rank 0 and passes them to :meth:`CheckpointManager.save`; :meth:`CheckpointManager.load` hands them to
-the sharded model on every rank. The files are the same, so a checkpoint's tensors and adapter do not depend on
-how many processes wrote them (its optimizer state does: the fingerprint records the strategy).
-
-``save_total_limit`` keeps the newest K checkpoints and never deletes the best one (lowest eval loss).
+Layout details and FSDP2: docs/training.md.
 """
 
 from __future__ import annotations

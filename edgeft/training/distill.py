@@ -1,39 +1,17 @@
 """Knowledge distillation for QAT: the quantized student learns to reproduce its float twin.
 
-What the evaluator calls recovery, (PTQ − QAT) / (PTQ − BF16), measures how close the deployed quantized model
-comes to the float model fine-tuned on the same data. A QAT student trained on the labels alone learns the task
-again from the pretrained weights and on the way drifts from the float model everywhere the labels say nothing
-(on SmolLM2-135M with ``builtin:tasks``: held-out prose perplexity, of which it recovered only ~15%). With
-distillation the student minimises KL(teacher ‖ student) between the teacher's and its own full next-token
-distributions, at every position of every example (prompt and system tokens included, not only the labelled
-answer), which is exactly "be the float model, on the deployed grid".
+One optimizer step minimises, over the whole accumulation window and all processes,
+``(1 − w) · Σ CE / N_targets + w · T² · Σ KL(softmax(t/T) ‖ softmax(s/T)) / N_positions`` (teacher in
+``no_grad`` and eval mode; ``positions="all"``: every position whose next token is of the same example,
+``"targets"``: the labelled ones only).
 
-The objective of one optimizer step, over the whole accumulation window (and all processes)::
+Two computations, the same numbers: fused (kernels/fused_linear_kl.py: both heads, the KL, the CE and the
+gradient a chunk of rows at a time, no (tokens x vocab) logits; the student's head on the deployed grid; an FSDP
+teacher gathered for the kernel) when the student has the fused cross-entropy patch or on CUDA for supported
+families with plain bias-free heads; materialised (both models' fp32 logits: the reference and the fallback).
+``Distillation.fused`` forces either.
 
-    (1 − w) · Σ CE / N_targets  +  w · T² · Σ KL(softmax(t/T) ‖ softmax(s/T)) / N_positions
-
-with ``w`` the distillation weight (1: pure distillation), ``T`` the temperature, ``t``/``s`` the teacher's and
-student's logits, N_targets the labelled tokens and N_positions the positions whose next token belongs to the
-same example (``positions="all"``; ``"targets"``: the labelled ones only). The teacher runs in ``no_grad`` and
-eval mode.
-
-Two ways to compute it, the same numbers:
-
-- fused (kernels/fused_linear_kl.py): both models run their decoder stacks only; the student's final hidden states
-  and head operands (a QAT head's fake quantizers applied, so the head trains on the deployed grid) and the
-  teacher's final hidden states and head weight go into a chunked kernel that computes both heads, the KL, the CE
-  and the objective's gradient a chunk of rows at a time, so neither model's (tokens x vocab) logits exist. The
-  kernel computes the gradient of one mix of KL and CE in the forward, so :meth:`Distillation.losses` is given the
-  window's counts (the training loop passes them) to declare ``w / N_positions`` and ``(1 − w) / N_targets``.
-  Used when the student has the fused cross-entropy patch (``_edgeft_fused_ce``), and on CUDA for any student and
-  teacher of a kernel-supported family with plain bias-free heads (``Distillation.fused``: None = that choice,
-  True/False force it). An FSDP-sharded teacher runs through its root's forward (logits of one position only;
-  its decoder's output is caught by a hook), then its root is gathered (``unshard``) for the kernel and
-  resharded after it.
-- materialised (the reference and the fallback: CPU without Triton's interpreter, other heads): both models'
-  fp32 logits and log-softmaxes, one
-  teacher forward and the (tokens × vocab) logits of both models per micro-batch (tens of GB at 8k tokens x 152k
-  vocabulary).
+Why distillation, and the details: docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,45 +1,17 @@
 """FSDP2 for models whose training state does not fit one GPU: ``--distributed fsdp`` under torchrun.
 
-Only rank 0 reads the weights (on the CPU: one host copy, no GPU ever holds a full one); every other rank builds
-the same module on the meta device (``prepare_model(..., load_device="meta")``: no weight is allocated, LoRA,
-kernels and QAT only restructure modules and read shapes). LoRA/kernels/QAT are applied exactly as for one
-process, then ``torch.distributed.fsdp.fully_shard`` shards every decoder layer and finally the root: the
-:class:`~edgeft.training.loop.LossModule` around the model, so that the root's parameters (embeddings, final norm,
-head) are gathered for the fused-loss path too, which calls the decoder stack and the head directly. Sharding moves
-each layer's shard to this process's GPU; the meta ranks allocate their (empty) shards there with ``to_empty``,
-and :func:`load_from_rank0` fills every rank's shards from rank 0's host copy
-(``set_model_state_dict(..., broadcast_from_rank0=True)``: one tensor at a time, each rank keeping its slice).
-Non-persistent buffers (rotary ``inv_freq``) are in no state dict: rank 0's are broadcast. After that a layer's
-full weights exist only while it runs (forward, backward). So a rank holds at most its shards plus one layer (and,
-during loading, one tensor) whole; rank 0 also the host copy until its shards are filled.
+- Only rank 0 reads the weights (to the CPU); other ranks build the model on the meta device; LoRA, kernels and
+  QAT are applied as for one process, then every decoder layer and the root are sharded and filled from rank 0.
+  A rank holds at most its shards plus one layer whole (rank 0 also the host copy until loading is done).
+- FSDP computes what one GPU computes: the sharded weights keep the one-process dtypes, bf16 runs keep fp32
+  masters of their shards, gradients are reduce-scattered in fp32 and averaged like DDP, clipping reduces the norm
+  over the shards; a distillation teacher is sharded the same way.
+- Checkpoints and the saved model are written as for one process (gathered on rank 0); ``--resume`` gives every
+  rank its shards back. bitsandbytes does not shard: one clear error at start.
+- ``auto`` picks DDP unless the estimated per-GPU DDP footprint exceeds half a GPU's memory; CPU (gloo) runs use
+  DDP.
 
-- Distillation: the teacher is sharded the same way (per decoder layer and root, frozen, in eval mode, no
-  optimizer), loaded by rank 0 only, so no rank holds a whole teacher either (:meth:`Sharded.shard_frozen`).
-
-- Mixed precision: with ``--dtype bf16`` the policy all-gathers and computes in the run's dtype and reduce-scatters
-  gradients in fp32. The optimizer keeps fp32 masters of the bf16 shards (precision.py: DTensors sharded like
-  them, in the optimizer state that checkpoints gather), so sharding changes where the masters live, not what
-  they compute. The sharded weights keep the dtype one process trains in (bf16 base/full weights, fp32 LoRA
-  adapters as peft creates them), so FSDP computes what one GPU computes: full fine-tuning uses
-  ``param_dtype=bf16``; with LoRA the frozen base is already bf16 and ``param_dtype`` stays unset so the adapters
-  (and the merged weight QAT fake-quantizes, and convert later writes) are not rounded to bf16.
-- Loss: FSDP averages gradients over processes like DDP, so the loop's window normalisation is the same (loop.py).
-- Gradient clipping: ``torch.nn.utils.clip_grad_norm_`` over the DTensor gradients (the norm is reduced over the
-  shards); the returned DTensor norm is made a float with ``full_tensor()``.
-- Checkpoints: ``get_model_state_dict(..., StateDictOptions(full_state_dict=True, cpu_offload=True))`` gathers the
-  trainable tensors on rank 0 (the frozen base is not gathered, as for one process: resume rebuilds it), and
-  ``get_optimizer_state_dict`` the optimizer state keyed by parameter name; ``--resume`` reads both on rank 0 only
-  and the ``set_*`` counterparts (``broadcast_from_rank0``) give every rank its shards. The model saved after
-  training is rebuilt unsharded on rank 0 from those full tensors (pipeline.py), so model/, converted/ and the
-  exports are written as for one process.
-- Kernels and QAT compose: the patched forwards and fake-quant modules only read ``module.weight`` inside forward,
-  where FSDP has swapped in the gathered parameter; their caches are keyed on (optimizer step, version, address)
-  and so miss after every optimizer step. bitsandbytes (4-/8-bit bases, 8-bit and paged optimizers) does not
-  shard: one clear error at start.
-
-``auto`` (the default): DDP unless the estimated per-GPU DDP footprint (weights, gradients and DDP's gradient
-buckets, AdamW's two moments, from the checkpoint's tensor shapes) exceeds half a GPU's memory, leaving the rest
-for activations; CPU (gloo) runs use DDP.
+How each of these is done: docs/training.md.
 """
 
 from __future__ import annotations

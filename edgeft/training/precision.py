@@ -1,27 +1,15 @@
-"""bf16 training that loses no update: fp32 master weights behind any optimizer (docs/precision.md).
+"""bf16 training that loses no update: fp32 master weights behind any optimizer.
 
-A bf16 weight has 8 significant bits: near 0.03 its step is 1.2e-4, so an AdamW update of about the learning rate
-(2e-5 for full fine-tuning) rounds back to the same weight. Applied to SmolLM2-135M's projection weights, one
-lr-sized step changes 3.7% of them at lr 2e-5. :class:`MasterWeights` keeps an fp32 copy of every bf16 (or fp16)
-trainable tensor for the optimizer: the model's parameters stay bf16 (what the kernels, FSDP's all-gathers and the
-exporters read), their gradients are moved into the fp32 masters, the wrapped optimizer (fused AdamW, SGD,
-bitsandbytes' 8-bit/paged AdamW; its moments then fp32 too) updates the masters, and each bf16 parameter is set to
-its master rounded to nearest. The run saves the bf16 weights, the model its forward trained: the masters hold the
-moves its bf16 weights have not shown yet (a move shows once it crosses half a bf16 step), pushed on by gradients
-that never saw them, and saved instead (``train_loop(keep_masters=True)``) they evaluated worse on SmolLM2
-(docs/precision.md). fp32 parameters (LoRA
-adapters, which peft keeps fp32 on a bf16 base; learned QAT scales) are their own masters: nothing is copied for
-them, and an fp32 run gets the plain optimizer.
+:class:`MasterWeights` keeps an fp32 copy of every bf16 (or fp16) trainable tensor as optimizer state
+(``state_dict()["state"][i]["master"]``): the model's parameters stay bf16 (what the kernels, FSDP's all-gathers
+and the exporters read), the wrapped optimizer updates the masters from the gradients, and each bf16 parameter is
+set to its master rounded (stochastically by default, to nearest at the end of the run); the run saves the bf16
+weights. fp32 parameters (LoRA adapters, learned QAT scales) are their own masters; an fp32 run gets the plain
+optimizer. Checkpoints hold the masters, so a resumed run continues bit-exactly; FSDP2 gathers and scatters them
+with the moments; a checkpoint without masters starts them from its bf16 weights.
 
-The masters are optimizer state (``state_dict()["state"][i]["master"]``), so checkpoints hold them and a resumed run
-continues bit-exactly, and FSDP2's optimizer state-dict helpers gather and scatter them with the moments (a master of
-a sharded DTensor parameter is a DTensor of the same sharding). ``load_state_dict`` keeps them fp32 (torch's
-``Optimizer.load_state_dict`` casts state to the parameter's dtype). A checkpoint without masters (written before
-they existed) starts them from the loaded bf16 weights.
-
-``build_optimizer(..., bf16_update="pure")`` (API only, for the benchmarks) is the update before masters: the plain
-optimizer on the bf16 weights. docs/precision.md compares the options measured (stochastic rounding, Kahan
-summation) and why masters are the one kept.
+``build_optimizer(..., bf16_update="pure")`` (API only, for the benchmarks) is the plain optimizer on the bf16
+weights. Why masters, and what was measured: docs/precision.md.
 """
 
 from __future__ import annotations
