@@ -1,11 +1,10 @@
 """Shared helpers for the QAT tests: tiny random transformers models, relative errors, per-dtype bounds."""
 
 import torch
+from numerics import TOL, assert_close, rel_err  # noqa: F401 (re-exported to the tests)
 from torch import nn
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# bounds on the relative error against an fp64 reference (bf16 is loose: the interpreter truncates fp32 -> bf16)
-TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 # The kernels against the plain-autograd (or unpatched) model under int8 activations (docs/testing.md): the kernels
 # compute in another, equally correct summation order, and an int8 activation lying within that rounding of a grid
@@ -16,19 +15,6 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 # A real bug is larger: a LoRA scale 1% off in one projection moves a gradient by 9e-2 to 2.3e-1
 # (test_lora_qat.py::test_flip_bounds_catch_a_wrong_lora_scale).
 FLIP_LOSS, FLIP_GRAD = 1e-4, 5e-2
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    assert torch.isfinite(a).all(), "non-finite values"
-    denom = b.norm().item()
-    return (a - b).norm().item() / (denom if denom > 0 else 1.0)
-
-
-def assert_close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    err = rel_err(a, b)
-    assert err <= TOL[dtype] * scale, f"relative error {err:.2e} > {TOL[dtype] * scale:.1e}"
 
 
 def tiny_model(model_type: str, lora: bool, **kw) -> nn.Module:
