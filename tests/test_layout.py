@@ -157,6 +157,14 @@ def test_rundir_is_a_leaf():
     assert set(import_graph().edges["edgeft.rundir"]) <= {"edgeft", "edgeft.errors", "edgeft.fsutil"}
 
 
+def _python(code: str) -> str:
+    """Run ``code`` in a fresh interpreter (nothing of this process's imports carried over); its stdout."""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
 def test_kernels_and_the_qat_references_import_without_triton():
     code = (
         "import sys\n"
@@ -173,16 +181,14 @@ def test_kernels_and_the_qat_references_import_without_triton():
         "w = torch.arange(64.0).reshape(2, 32)\n"
         "print(float(int_weight_ref(w, WeightQuant('int', 4, 32)).sum()))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
+    out = _python(code)
     # each row's grid: scale = max/7.5 = (31/7.5, 63/7.5); the sum of the dequantized rows, computed by hand
     w = [float(i) for i in range(64)]
     total = 0.0
     for row in (w[:32], w[32:]):
         s = max(row) / 7.5
         total += sum(max(-8, min(7, round(x / s))) * s for x in row)
-    assert abs(float(r.stdout.strip().splitlines()[-1]) - total) < 1e-3
+    assert abs(float(out.strip().splitlines()[-1]) - total) < 1e-3
 
 
 def test_the_train_verb_survives_importing_the_training_package():
@@ -195,9 +201,7 @@ def test_the_train_verb_survives_importing_the_training_package():
         "assert edgeft.train is edgeft.pipeline.train, edgeft.train\n"
         "assert edgeft.training.loop.train_loop is train_loop\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
+    _python(code)
 
 
 def test_module_docstrings_say_what_the_module_guarantees_in_at_most_20_lines():
