@@ -1,11 +1,11 @@
 """Where a quantization scheme loses task accuracy: exact match of one trained float model with the scheme's fake
 quantization applied to all of its layers, to some module kinds only, or with some kinds kept at int8.
 
-The fake quantization is edgeft's reference (``edgeft.qat.fake_quant``: the grids convert writes, bit for bit), its
-weights quantized once; exact match is the evaluator's (``edgeft.devices.evaluate.exact_match``, greedy, the
-``builtin:tasks`` test questions). So a variant's number is what PTQ of that mixed-precision model would score in
-eager PyTorch: ``all`` reproduces the accuracy benchmark's PTQ row. Runs on a CPU, ~2 minutes a variant for 200
-questions on one thread.
+The variants are the library's (``edgeft.qat.sensitivity.apply_variant``); the fake quantization is edgeft's reference
+(``edgeft.qat.fake_quant``: the grids convert writes, bit for bit), its weights quantized once; exact match is the
+evaluator's (``edgeft.devices.evaluate.exact_match``, greedy, the ``builtin:tasks`` test questions). So a variant's
+number is what PTQ of that mixed-precision model would score in eager PyTorch: ``all`` reproduces the accuracy
+benchmark's PTQ row. Runs on a CPU, ~2 minutes a variant for 200 questions on one thread.
 
     python bench/sensitivity.py --model runs/acc-twin/baseline/model --limit 200 \\
         --variants float,all,only=self_attn,only=mlp,only=lm_head,int8=down_proj --weight-scale absmax
@@ -26,57 +26,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from accuracy import _device, _versions  # noqa: E402
 
-
-class _Quantized(nn.Module):
-    """A linear with its weight quantized once and its input fake-quantized per call."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act) -> None:
-        super().__init__()
-        self.weight, self.bias, self.act = weight, bias, act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from edgeft.qat.fake_quant import act_ref
-
-        return F.linear(act_ref(x, self.act) if self.act is not None else x, self.weight, self.bias)
-
-
-def apply_variant(model: nn.Module, variant: str, plan) -> list[str]:
-    """Quantize ``model`` in place as ``variant`` says (module docstring); returns the quantized linears."""
-    from edgeft.qat.fake_quant import WeightQuant, weight_ref
-    from edgeft.qat.prepare import embedding_spec, plan_specs
-
-    if variant == "float":
-        return []
-    kind, _, arg = variant.partition("=")
-    if kind not in ("all", "only", "int8") or (kind != "all" and not arg):
-        raise SystemExit(f"unknown variant {variant!r}: float, all, only=A+B, int8=A+B")
-    names = arg.split("+") if arg else []
-    act, wspec = plan_specs(plan)
-    int8 = WeightQuant("int", 8, None)  # as the plan's int8_modules: max|w| per row (schemes.WEIGHT_SCALES)
-    done = []
-    for name, m in list(model.named_modules()):
-        if type(m) is not nn.Linear or (plan.group_size and m.in_features % plan.group_size):
-            continue
-        if kind == "only" and not any(n in name for n in names):
-            continue
-        spec = int8 if kind == "int8" and any(n in name for n in names) else wspec
-        q = _Quantized(weight_ref(m.weight.detach(), spec), m.bias, act)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
-        done.append(name)
-    emb = embedding_spec(plan)
-    if emb is not None and kind != "only":
-        e = model.get_input_embeddings()
-        e.weight = nn.Parameter(weight_ref(e.weight.detach(), emb), requires_grad=False)
-    return done
+# the variants live in the library: the device-fit planner (edgeft.qat.plan) measures with the same code
+from edgeft.qat.sensitivity import apply_variant, untie_head  # noqa: E402
 
 
 def main() -> int:
@@ -102,9 +59,7 @@ def main() -> int:
     results = []
     for variant in [v for v in args.variants.split(",") if v]:
         model, tok = load_model(args.model)
-        head = model.get_output_embeddings()
-        if head is not None and head.weight is model.get_input_embeddings().weight:  # untie, as convert does
-            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        untie_head(model)  # as convert does
         quantized = apply_variant(model, variant, plan)
         t0 = time.perf_counter()
         r = exact_match(EagerRuntime(model), tok, rows, 16)

@@ -127,15 +127,7 @@ def _config_of(artifact: Path) -> dict[str, Any]:
     run = RunDir.of_artifact(artifact)
     for cand in [artifact.parent / "config.json"] + ([run.converted / "config.json"] if run is not None else []):
         if cand.exists():
-            cfg = json.loads(cand.read_text())
-            heads = cfg["num_attention_heads"]
-            return {
-                "layers": cfg["num_hidden_layers"],
-                "kv_heads": cfg.get("num_key_value_heads") or heads,
-                "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                "vocab": cfg["vocab_size"],
-                "hidden": cfg["hidden_size"],
-            }
+            return shape_of_config(json.loads(cand.read_text()))
     if artifact.suffix == ".gguf":
         return _gguf_shape(artifact)
     raise EdgeftError(f"cannot tell the model shape of {artifact}: no config.json beside it")
@@ -177,6 +169,36 @@ def _program_kv_cache(artifact: Path) -> dict[str, Any] | None:
     return None
 
 
+def shape_of_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The model shape the estimates need, from a transformers ``config.json`` mapping."""
+    heads = cfg["num_attention_heads"]
+    return {
+        "layers": cfg["num_hidden_layers"],
+        "kv_heads": cfg.get("num_key_value_heads") or heads,
+        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        "vocab": cfg["vocab_size"],
+        "hidden": cfg["hidden_size"],
+    }
+
+
+def kv_cache_bytes(shape: dict[str, Any], context: int, kv_bytes: float) -> int:
+    """Keys and values of every layer at ``context`` positions, ``kv_bytes`` per element."""
+    return int(2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * context * kv_bytes)
+
+
+def estimate(profile: DeviceProfile, size: int, kv: int, shape: dict[str, Any]) -> dict[str, Any]:
+    """Runtime memory and decode range of an artifact of ``size`` bytes with a ``kv``-byte cache (module docstring):
+    what ``check`` reports for a file and the device-fit planner (``edgeft.qat.plan``) predicts for a plan."""
+    activations = 4 * (shape["vocab"] + 8 * shape["hidden"]) * 2  # logits + a few hidden-size buffers
+    memory = size + kv + activations + RUNTIME_OVERHEAD_BYTES
+    budget = profile.app_memory_gib * GiB
+    per_token = size + kv / 2  # on average half the cache is filled during a generation
+    fixed = shape["layers"] * profile.layer_overhead_ms / 1e3
+    lo, hi = (1.0 / (per_token / (profile.bandwidth_gbs * 1e9 * e) + fixed) for e in profile.efficiency)
+    return {"memory": memory, "budget": budget, "fits": memory <= budget,
+            "decode_tokens_per_s": [round(lo, 1), round(hi, 1)], "decode_low": lo}
+
+
 def check(profile: DeviceProfile, artifact: str | Path, context: int = 2048, kv_bytes: int | None = None) -> dict[str, Any]:
     """Fit verdict and speed estimate of an artifact (.pte or .gguf) on a device profile.
 
@@ -194,14 +216,10 @@ def check(profile: DeviceProfile, artifact: str | Path, context: int = 2048, kv_
     if program_kv:
         kv, context = int(program_kv["bytes"]), int(program_kv["context_rows"])
     else:
-        kv = 2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * context * kv_bytes
-    activations = 4 * (shape["vocab"] + 8 * shape["hidden"]) * 2  # logits + a few hidden-size buffers
-    memory = size + kv + activations + RUNTIME_OVERHEAD_BYTES
-    budget = profile.app_memory_gib * GiB
-    per_token = size + kv / 2  # on average half the cache is filled during a generation
-    fixed = shape["layers"] * profile.layer_overhead_ms / 1e3
-    lo, hi = (1.0 / (per_token / (profile.bandwidth_gbs * 1e9 * e) + fixed) for e in profile.efficiency)
-    fits = memory <= budget
+        kv = kv_cache_bytes(shape, context, kv_bytes)
+    est = estimate(profile, size, kv, shape)
+    memory, budget, fits = est["memory"], est["budget"], est["fits"]
+    lo, hi = est["decode_tokens_per_s"]
     return {
         "device": profile.name,
         "artifact": str(artifact),
@@ -213,7 +231,7 @@ def check(profile: DeviceProfile, artifact: str | Path, context: int = 2048, kv_
         "app_memory_budget_mb": budget / 2**20,
         "fits": fits,
         "headroom_mb": (budget - memory) / 2**20,
-        "decode_tokens_per_s": [round(lo, 1), round(hi, 1)],
+        "decode_tokens_per_s": [lo, hi],
         "known": [asdict(k) for k in profile.known],
         "verdict": (
             f"fits on {profile.name}: {memory / 2**20:.0f} MB of {budget / 2**20:.0f} MB at {context} tokens of context"

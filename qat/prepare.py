@@ -45,8 +45,10 @@ def _group_ok(in_features: int, plan: QATPlan, name: str | None = None) -> bool:
 
 def check_int8_modules(plan: QATPlan, linear_names: list[str]) -> None:
     """One clear error when an ``int8_modules`` entry names no linear of the model."""
+    from .schemes import module_matches
+
     own = {n.rsplit(".", 1)[-1] for n in linear_names}
-    missing = [m for m in plan.int8_modules if m not in own]
+    missing = [m for m in plan.int8_modules if not any(module_matches(n, m) for n in linear_names)]
     if missing:
         raise EdgeftError(f"int8 module {missing[0]!r} names no linear of this model; its linears: "
                           f"{', '.join(sorted(own))}")

@@ -213,7 +213,8 @@ class QATPlan:
     embedding: str | None
     full_finetuning: bool | None
     weight_scale: str = "absmax"  # how 4-bit weight groups pick their scale: WEIGHT_SCALES
-    # linears (by their own name, e.g. "down_proj") kept at int8 per output channel, activations as the scheme's
+    # linears kept at int8 per output channel, activations as the scheme's: by their own name ("down_proj": in
+    # every layer) or by a dotted path ending in it ("layers.3.mlp.down_proj": that one; a device-fit plan's form)
     int8_modules: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
@@ -242,8 +243,9 @@ class QATPlan:
         return "mse" if self.searched_scales else "absmax"
 
     def is_int8(self, name: str | None) -> bool:
-        """Whether the linear ``name`` (a module path) is one of ``int8_modules``."""
-        return name is not None and name.rsplit(".", 1)[-1] in self.int8_modules
+        """Whether the linear ``name`` (a module path) is one of ``int8_modules`` (its own name, or a path it ends
+        in)."""
+        return name is not None and any(module_matches(name, m) for m in self.int8_modules)
 
     def _scheme_for(self, name: str | None) -> tuple[Scheme, int | None]:
         if self.is_int8(name):  # int8 per output channel, the scheme's activations
@@ -294,18 +296,29 @@ WEIGHT_SCALES: dict[str, str] = {
 }
 
 
+# `--qat auto`: the device-fit plan (qat/plan.py) on this preset's grids, its int8 linears chosen per module
+AUTO = "auto"
+AUTO_BASE = "phone-deployment"
+
+
+def module_matches(name: str, entry: str) -> bool:
+    """Whether the module path ``name`` is ``entry`` or ends in it at a dot (PEFT's ``base_model.model.`` prefix and
+    the plain model's names both match ``layers.3.mlp.down_proj`` and ``down_proj``)."""
+    return name == entry or name.endswith("." + entry)
+
+
 def resolve(name: str, group_size: int | None = None, weight_scale: str = "absmax",
             int8_modules: tuple[str, ...] | list[str] = ()) -> QATPlan:
     """Look up a scheme or preset by name; one clear error for an unknown name, group size, weight scale or a
     scheme that cannot keep ``int8_modules`` at int8."""
-    if name in PRESETS:
-        p = PRESETS[name]
+    if name in PRESETS or name == AUTO:
+        p = PRESETS[AUTO_BASE if name == AUTO else name]
         scheme, embedding, full = SCHEMES[p.scheme], p.embedding, p.full_finetuning
     elif name in SCHEMES:
         scheme, embedding, full = SCHEMES[name], None, None
     else:
         raise EdgeftError(
-            f"unknown QAT scheme {name!r}; schemes: {', '.join(SCHEMES)}; presets: {', '.join(PRESETS)}"
+            f"unknown QAT scheme {name!r}; schemes: {', '.join(SCHEMES)}; presets: {', '.join(PRESETS)}, {AUTO}"
         )
     gs = group_size if group_size is not None else scheme.group_size
     if group_size is not None and group_size != scheme.group_size and group_size not in scheme.group_sizes:
@@ -322,9 +335,11 @@ def resolve(name: str, group_size: int | None = None, weight_scale: str = "absma
                          or scheme.scale_dtype is not None):
         raise EdgeftError(f"scheme {scheme.name}: int8 modules need int4 integer weights with torchao's scale dtype "
                           "(int8-int4, int4, phone-deployment)")
-    bad = [m for m in int8_modules if not m.isidentifier()]
+    bad = [m for m in int8_modules if not all(p.isidentifier() or p.isdigit() for p in m.split("."))
+           or not m.split(".")[-1].isidentifier()]
     if bad:
-        raise EdgeftError(f"int8 modules are linear names such as down_proj, not {bad[0]!r}")
+        raise EdgeftError(f"int8 modules are linear names such as down_proj (or paths such as "
+                          f"layers.3.mlp.down_proj), not {bad[0]!r}")
     return QATPlan(name=name, scheme=replace(scheme), group_size=gs, embedding=embedding, full_finetuning=full,
                    weight_scale=weight_scale, int8_modules=int8_modules)
 
@@ -337,4 +352,7 @@ def describe() -> list[dict[str, str]]:
     for p in PRESETS.values():
         ex = ",".join(SCHEMES[p.scheme].exporters)
         rows.append({"name": p.name, "kind": "preset", "description": p.description, "exporters": ex})
+    rows.append({"name": AUTO, "kind": "plan", "exporters": ",".join(SCHEMES[PRESETS[AUTO_BASE].scheme].exporters),
+                 "description": f"{AUTO_BASE}'s grids with the most sensitive linears at int8, chosen by calibration "
+                                "to fit --device / --max-size / --min-decode at --context (qat_plan.json)"})
     return rows

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from edgeft import qat
+from edgeft.errors import EdgeftError
 from edgeft.models import load_model, resolve_model
 from edgeft.qat.fake_quant import intx_per_group_sym
 
@@ -54,5 +55,5 @@ def test_partial_and_int8_variants_quantize_what_they_name():
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight, intx_per_group_sym(w, 8, None))
     up = float_model.model.layers[1].mlp.up_proj.weight.detach()
     assert torch.equal(model.model.layers[1].mlp.up_proj.weight, intx_per_group_sym(up, 4, 32))
-    with pytest.raises(SystemExit, match="unknown variant"):
+    with pytest.raises(EdgeftError, match="unknown variant"):
         S.apply_variant(_model(), "only", plan)

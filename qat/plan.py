@@ -1,0 +1,470 @@
+"""The device-fit plan: which format each tensor takes so that the model fits a phone, as data.
+
+``edgeft train --qat auto --device pixel-8 [--max-size MB] [--min-decode TOK_S] [--context N]`` (issue #17):
+
+1. *Calibration* (:func:`calibrate`): on the run's own model and training data (never its evaluation split), each
+   linear's sensitivity, the rise of the task loss when that linear alone takes the int4 grid
+   (``sensitivity.linear_sensitivity``), at every candidate group size.
+2. *Size model* (:func:`tensor_bytes`): the bytes each tensor format takes in each artifact, from the formats the
+   exporters write (``.pte``: XNNPACK's 4-bit nibbles with bf16 group scales for the 8da4w linears, int8 rows for
+   the int8 ones, ``embedding_byte`` rows with fp32 scales; GGUF: Q4_0 / Q8_0 blocks of 32 with one fp16 scale,
+   norms F32) plus each artifact's fixed overhead (program, vocabulary). The runtime memory at ``--context`` (KV
+   cache included) and the decode estimate from the profile's bandwidth are ``devices.profiles.estimate``'s, the
+   same code ``edgeft devices check`` runs on the exported file.
+3. *Chooser* (:func:`choose`): for every candidate (group size x embedding format x KV-cache format) all linears
+   start at int4; the candidate fits if both artifacts (``.pte`` and GGUF) meet the budget (``--max-size``, the
+   profile's app memory at ``--context``, ``--min-decode`` at the profile's low bandwidth efficiency); then the
+   linears are upgraded to int8 greedily, largest loss rise per extra byte first, while both still fit. The
+   predicted loss rise of a plan is the sum of its int4 linears' rises (int8's ~16x finer grid is counted as
+   free); the plan with the least predicted rise wins. No candidate fits: one :class:`EdgeftError` naming the
+   smallest plan and its size.
+
+The plan is written to the run as ``qat_plan.json`` (:meth:`FitPlan.write`: every tensor's format, bytes and why),
+read back by :func:`load`, and trained exactly: :meth:`FitPlan.qat_plan` is the ``phone-deployment`` preset with
+the plan's group size and its int8 linears by module path (``QATPlan.int8_modules``), which prepare, convert and
+both exporters already carry (mixed Q4_0/Q8_0 GGUF; mixed 8da4w/8da8w ``.pte``).
+
+Formats this version cannot deploy are listed with the reason and never chosen: 4-bit embeddings and an int8 KV
+cache (the ``.pte`` exporter writes int8 embeddings through ``embedding_byte`` and an fp32 cache; issue #17 item 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeft.errors import EdgeftError
+
+PLAN_FILE = "qat_plan.json"
+BASE_PRESET = "phone-deployment"  # schemes.AUTO_BASE: 8da4w linears + int8 embeddings, the fast .pte route
+MB = 2**20  # as `edgeft devices check` prints
+DEFAULT_CONTEXT = 2048
+ARTIFACTS = ("pte", "gguf")
+# bytes of a file that are not weights, measured on exported tiny-llama and SmolLM2-135M files (docs/device-fit.md):
+# the .pte's program, delegate headers and constant methods; GGUF's tensor infos and alignment (its vocabulary is
+# counted from the tokenizer: gguf_vocab_bytes)
+PTE_OVERHEAD = 64 * 1024
+GGUF_TENSOR_OVERHEAD = 96  # name, dims, type, offset and alignment padding per tensor
+GGUF_FIXED = 4096  # header, architecture metadata, chat template
+
+# embedding formats: (preset embedding treatment, None) when available, (None, why not) otherwise
+EMBEDDING_FORMATS: dict[str, tuple[str | None, str | None]] = {
+    "int8": ("int8-per-channel", None),
+    "int4": (None, "no exporter of this version writes 4-bit embeddings (the .pte's embedding_byte kernel takes int8 "
+                   "rows; issue #17 item 2)"),
+}
+# KV-cache formats: (bytes per element in the .pte, in llama.cpp) when available, or why not
+KV_FORMATS: dict[str, tuple[tuple[float, float] | None, str | None]] = {
+    "fp32": ((4, 2), None),  # ExecuTorch's cache is fp32; llama.cpp's default is f16
+    "int8": (None, "the .pte exporter writes an fp32 cache (ExecuTorch's update_cache/custom_sdpa ops); an int8 "
+                   "cache is issue #17 item 2"),
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the plan must meet: a device profile's app memory at ``context`` (when ``device``), an artifact size
+    cap in MB (2^20 bytes) and a decode-speed floor in tokens/s (at the profile's low bandwidth efficiency)."""
+
+    device: str | None = None
+    max_size_mb: float | None = None
+    min_decode: float | None = None
+    context: int = DEFAULT_CONTEXT
+
+    def check(self) -> None:
+        """One clear error for a budget that says nothing or cannot be read."""
+        if self.device is None and self.max_size_mb is None:
+            raise EdgeftError("--qat auto needs a budget: --device PROFILE (its app memory) and/or --max-size MB")
+        if self.min_decode is not None and self.device is None:
+            raise EdgeftError("--min-decode needs --device (the decode estimate uses the profile's bandwidth)")
+        if self.device is not None:
+            from edgeft.devices.profiles import get_profile
+
+            get_profile(self.device)
+        if self.max_size_mb is not None and not self.max_size_mb > 0:
+            raise EdgeftError(f"--max-size must be positive (MB), not {self.max_size_mb}")
+        if self.min_decode is not None and not self.min_decode > 0:
+            raise EdgeftError(f"--min-decode must be positive (tokens/s), not {self.min_decode}")
+        if self.context < 1:
+            raise EdgeftError(f"--context must be at least 1, not {self.context}")
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    rows: int  # out_features
+    cols: int  # in_features
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the size model needs of a model: its linears, the embedding, the other (float) tensors, the shape."""
+
+    linears: tuple[Linear, ...]
+    embedding: tuple[int, int]  # (vocab, hidden)
+    float_params: int  # norms and biases: F32 in both artifacts
+    float_tensors: int
+    config: dict[str, Any]  # devices.profiles.shape_of_config
+    vocab_bytes: int = 0  # GGUF's tokenizer metadata (gguf_vocab_bytes)
+
+
+def model_shape(model: Any, tokenizer_dir: str | Path | None = None) -> ModelShape:
+    """The :class:`ModelShape` of a transformers model (tied heads counted once per use: convert unties them)."""
+    from torch import nn
+
+    from edgeft.devices.profiles import shape_of_config
+
+    linears, seen = [], set()
+    for n, m in model.named_modules():
+        if type(m) is nn.Linear:
+            linears.append(Linear(n, m.out_features, m.in_features))
+            seen.update(id(p) for p in m.parameters(recurse=False) if p.dim() == 2)
+    emb = model.get_input_embeddings().weight
+    seen.add(id(emb))
+    rest = [p for p in model.parameters() if id(p) not in seen]
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return ModelShape(tuple(linears), tuple(emb.shape), sum(p.numel() for p in rest), len(rest),
+                      shape_of_config(cfg.to_dict()), gguf_vocab_bytes(tokenizer_dir) if tokenizer_dir else 0)
+
+
+def gguf_vocab_bytes(tokenizer_dir: str | Path) -> int:
+    """Bytes of the vocabulary a GGUF holds (``tokenizer.ggml.tokens``/``token_type``/``merges``/``scores``: each
+    string 8 bytes of length plus its UTF-8, each type and score 4), from ``tokenizer.json``."""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        return 0
+    model = json.loads(path.read_text()).get("model", {})
+    vocab = model.get("vocab") or {}
+    tokens = vocab.keys() if isinstance(vocab, dict) else [t[0] for t in vocab]
+    total = sum(8 + len(t.encode()) + 4 + 4 for t in tokens)
+    for m in model.get("merges") or []:
+        total += 8 + len((m if isinstance(m, str) else " ".join(m)).encode())
+    return total
+
+
+def tensor_bytes(fmt: str, rows: int, cols: int, artifact: str) -> int:
+    """Bytes of one 2-D weight in ``fmt`` (``int4-gN``, ``int8``, ``emb-int8``, ``float``) as ``artifact`` stores
+    it (module docstring; ``exporters.pte._expected_bytes`` and ``exporters.gguf._exact_blocks``)."""
+    n = rows * cols
+    if artifact == "pte":
+        if fmt.startswith("int4-g"):
+            return n // 2 + (n // int(fmt[6:])) * 2  # nibbles + bf16 group scales (XNNPACK qb4w)
+        if fmt == "int8":
+            return n + rows * 2  # 8da8w: int8 rows, one scale per row (as _expected_bytes counts it)
+        if fmt == "emb-int8":
+            return n + rows * 4  # embedding_byte: int8 rows, fp32 scales
+        return n * 4
+    if artifact == "gguf":
+        if fmt.startswith("int4-g"):
+            return n // 32 * 18  # Q4_0: a group of 64/128 is 2/4 blocks repeating its scale
+        if fmt in ("int8", "emb-int8"):
+            return n // 32 * 34  # Q8_0
+        return n // 32 * 34 if cols % 32 == 0 else n * 2  # exact export: float 2-D -> Q8_0 (F16 if rows misfit)
+    raise EdgeftError(f"unknown artifact {artifact!r}")
+
+
+def _linear_format(lin: Linear, group_size: int | None, int8: bool) -> str:
+    if int8:
+        return "int8"
+    if group_size and lin.cols % group_size:
+        return "float"  # convert leaves a linear whose input the group does not divide in float
+    return f"int4-g{group_size}" if group_size else "int4-row"
+
+
+def artifact_bytes(shape: ModelShape, group_size: int | None, int8: set[str], embedding: str,
+                   artifact: str) -> int:
+    """Predicted file size of the plan in ``artifact``."""
+    total = sum(tensor_bytes(_linear_format(lin, group_size, lin.name in int8), lin.rows, lin.cols, artifact)
+                for lin in shape.linears)
+    vocab, hidden = shape.embedding
+    total += tensor_bytes("emb-" + embedding, vocab, hidden, artifact) + shape.float_params * 4
+    if artifact == "pte":
+        return total + PTE_OVERHEAD
+    n_tensors = len(shape.linears) + 1 + shape.float_tensors
+    return total + n_tensors * GGUF_TENSOR_OVERHEAD + GGUF_FIXED + shape.vocab_bytes
+
+
+def _kv_bytes(shape: ModelShape, context: int, kv: str, artifact: str) -> int:
+    from edgeft.devices.profiles import kv_cache_bytes
+
+    per = KV_FORMATS[kv][0]
+    assert per is not None
+    return kv_cache_bytes(shape.config, context, per[ARTIFACTS.index(artifact)])
+
+
+def size_limit(shape: ModelShape, budget: Budget, kv: str, artifact: str) -> tuple[float, str]:
+    """The largest file (bytes) of ``artifact`` the budget allows, and which limit binds."""
+    from edgeft.devices.profiles import RUNTIME_OVERHEAD_BYTES, get_profile
+
+    limits = [(math.inf, "no limit")]
+    if budget.max_size_mb is not None:
+        limits.append((budget.max_size_mb * MB, f"--max-size {budget.max_size_mb:g} MB"))
+    if budget.device is not None:
+        p = get_profile(budget.device)
+        kvb = _kv_bytes(shape, budget.context, kv, artifact)
+        activations = 4 * (shape.config["vocab"] + 8 * shape.config["hidden"]) * 2  # as profiles.estimate
+        limits.append((p.app_memory_gib * 2**30 - kvb - activations - RUNTIME_OVERHEAD_BYTES,
+                       f"{p.name}'s {p.app_memory_gib:g} GiB app memory at {budget.context} tokens"))
+        if budget.min_decode is not None:
+            fixed = shape.config["layers"] * p.layer_overhead_ms / 1e3
+            per_token = (1 / budget.min_decode - fixed) * p.bandwidth_gbs * 1e9 * p.efficiency[0]
+            limits.append((per_token - kvb / 2, f"--min-decode {budget.min_decode:g} tokens/s on {p.name}"))
+    return min(limits, key=lambda x: x[0])
+
+
+def predict(shape: ModelShape, budget: Budget, size: int, kv: str, artifact: str) -> dict[str, Any]:
+    """What ``devices check`` will say of a file of ``size`` bytes (memory and decode need ``budget.device``)."""
+    out: dict[str, Any] = {"bytes": size, "mb": round(size / MB, 3)}
+    if budget.device is not None:
+        from edgeft.devices.profiles import estimate, get_profile
+
+        e = estimate(get_profile(budget.device), size, _kv_bytes(shape, budget.context, kv, artifact), shape.config)
+        out.update(runtime_memory_mb=round(e["memory"] / MB, 1), decode_tokens_per_s=e["decode_tokens_per_s"])
+    return out
+
+
+@dataclass
+class FitPlan:
+    """A chosen plan: the QAT it trains, what it predicts, and every tensor's format with the reason."""
+
+    budget: Budget
+    group_size: int | None
+    int8_modules: tuple[str, ...]
+    embedding: str
+    kv_cache: str
+    predicted: dict[str, Any]
+    tensors: list[dict[str, Any]]
+    candidates: list[dict[str, Any]]
+    why: str
+    base: str = BASE_PRESET
+    weight_scale: str = "absmax"
+    calibration: dict[str, Any] = field(default_factory=dict)
+    version: int = 1
+
+    def qat_plan(self) -> Any:
+        """The ``QATPlan`` that trains, converts and exports exactly this plan."""
+        from .schemes import AUTO, AUTO_BASE, resolve
+
+        if self.base != AUTO_BASE:
+            raise EdgeftError(f"device-fit plans are built on {AUTO_BASE}, not {self.base!r}")
+        return resolve(AUTO, self.group_size, self.weight_scale, self.int8_modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["int8_modules"] = list(self.int8_modules)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "FitPlan":
+        try:
+            d = dict(d)
+            d["budget"] = Budget(**d["budget"])
+            d["int8_modules"] = tuple(d["int8_modules"])
+            if d.get("version") != 1:
+                raise EdgeftError(f"qat plan version {d.get('version')!r} is not supported (1)")
+            return FitPlan(**d)
+        except (KeyError, TypeError) as e:
+            raise EdgeftError(f"not a device-fit plan ({e})") from None
+
+    def write(self, run: str | Path) -> Path:
+        """Write ``run/qat_plan.json`` atomically."""
+        from edgeft.fsutil import write_json
+
+        path = Path(run) / PLAN_FILE
+        write_json(path, self.to_dict())
+        return path
+
+    def summary(self) -> list[str]:
+        """Lines for the CLI: the budget, the choice, the predictions, then one line per tensor."""
+        b = self.budget
+        parts = [f"device {b.device}" if b.device else None,
+                 f"max size {b.max_size_mb:g} MB" if b.max_size_mb else None,
+                 f"min decode {b.min_decode:g} tokens/s" if b.min_decode else None, f"context {b.context}"]
+        n8 = len(self.int8_modules)
+        lines = [f"device-fit plan ({', '.join(p for p in parts if p)}): {self.base} grids, int4 g{self.group_size} "
+                 f"linears with {n8} at int8, {self.embedding} embeddings, {self.kv_cache} KV cache",
+                 f"why: {self.why}"]
+        for art in ARTIFACTS:
+            p = self.predicted.get(art, {})
+            extra = ""
+            if "runtime_memory_mb" in p:
+                lo, hi = p["decode_tokens_per_s"]
+                extra = f", runtime memory ~{p['runtime_memory_mb']:.0f} MB, decode {lo:.0f}-{hi:.0f} tokens/s"
+            lines.append(f"predicted {art}: {p.get('mb', 0):.2f} MB{extra}")
+        for t in self.tensors:
+            lines.append(f"  {t['name']:48s} {t['format']:9s} {t['why']}")
+        return lines
+
+
+def load(run: str | Path) -> FitPlan | None:
+    """The run's device-fit plan (``qat_plan.json``), or None when the run has none."""
+    path = Path(run) / PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return FitPlan.from_dict(json.loads(path.read_text()))
+    except ValueError as e:
+        raise EdgeftError(f"{path}: not valid JSON ({e})") from None
+
+
+def _candidate(shape: ModelShape, sens: dict[str, float], budget: Budget, gs: int | None, emb: str, kv: str,
+               ) -> dict[str, Any]:
+    """All-int4 at ``gs``, then the greedy int8 upgrades; fits or not, with the numbers."""
+    limits = {a: size_limit(shape, budget, kv, a) for a in ARTIFACTS}
+    sizes = {a: artifact_bytes(shape, gs, set(), emb, a) for a in ARTIFACTS}
+    cand: dict[str, Any] = {"group_size": gs, "embedding": emb, "kv_cache": kv,
+                            "smallest_mb": {a: round(sizes[a] / MB, 3) for a in ARTIFACTS},
+                            "limit_mb": {a: round(limits[a][0] / MB, 3) for a in ARTIFACTS},
+                            "binding": {a: limits[a][1] for a in ARTIFACTS}}
+    if any(sizes[a] > limits[a][0] for a in ARTIFACTS):
+        cand.update(fits=False, loss_rise=None, int8=[])
+        return cand
+
+    def cost(lin: Linear) -> dict[str, int]:
+        f4 = _linear_format(lin, gs, False)
+        return {a: tensor_bytes("int8", lin.rows, lin.cols, a) - tensor_bytes(f4, lin.rows, lin.cols, a)
+                for a in ARTIFACTS}
+
+    slack0 = {a: limits[a][0] - sizes[a] for a in ARTIFACTS}
+    quantized = [lin for lin in shape.linears if _linear_format(lin, gs, False) != "float"]
+    costs = {lin.name: cost(lin) for lin in quantized}
+
+    def per_byte(lin: Linear) -> float:  # loss rise per share of the tighter artifact's room
+        c = max(costs[lin.name][a] / max(slack0[a], 1.0) for a in ARTIFACTS)
+        return sens.get(lin.name, 0.0) / max(c, 1e-30)
+
+    order = sorted((lin for lin in quantized if sens.get(lin.name, 0.0) > 0), key=per_byte, reverse=True)
+    int8, skipped = [], {}
+    for lin in order:
+        c = costs[lin.name]
+        if all(sizes[a] + c[a] <= limits[a][0] for a in ARTIFACTS):
+            for a in ARTIFACTS:
+                sizes[a] += c[a]
+            int8.append(lin.name)
+        else:
+            skipped[lin.name] = {a: (c[a], limits[a][0] - sizes[a]) for a in ARTIFACTS}
+    rise = sum(sens.get(lin.name, 0.0) for lin in quantized if lin.name not in int8)
+    cand.update(fits=True, loss_rise=rise, int8=int8, order=[lin.name for lin in order], skipped=skipped,
+                sizes=sizes, mb={a: round(sizes[a] / MB, 3) for a in ARTIFACTS})
+    return cand
+
+
+def choose(shape: ModelShape, sensitivity: dict[Any, dict[str, float]], budget: Budget,
+           group_sizes: tuple[int | None, ...] | None = None, weight_scale: str = "absmax",
+           calibration: dict[str, Any] | None = None) -> FitPlan:
+    """The most accurate plan that fits ``budget`` (module docstring). ``sensitivity``: per group size, each
+    linear's loss rise at int4 (``calibrate``); ``group_sizes`` defaults to those it holds."""
+    budget.check()
+    group_sizes = tuple(group_sizes or sensitivity)
+    missing = [g for g in group_sizes if g not in sensitivity]
+    if missing:
+        raise EdgeftError(f"no sensitivities measured for group size {missing[0]}")
+    embs = [e for e, (cfg, _) in EMBEDDING_FORMATS.items() if cfg is not None]
+    kvs = [k for k, (per, _) in KV_FORMATS.items() if per is not None]
+    cands = [_candidate(shape, sensitivity[g], budget, g, e, k) for g in group_sizes for e in embs for k in kvs]
+    fitting = [c for c in cands if c["fits"]]
+    if not fitting:
+        small = min(cands, key=lambda c: c["smallest_mb"]["pte"])
+        art = max(ARTIFACTS, key=lambda a: small["smallest_mb"][a] - small["limit_mb"][a])
+        raise EdgeftError(
+            f"no plan fits the budget: the smallest, int4 g{small['group_size']} linears with {small['embedding']} "
+            f"embeddings and an {small['kv_cache']} KV cache, is {small['smallest_mb']['pte']:.1f} MB as .pte and "
+            f"{small['smallest_mb']['gguf']:.1f} MB as GGUF, over the {small['limit_mb'][art]:.1f} MB {art} "
+            f"limit set by {small['binding'][art]}")
+    best = min(fitting, key=lambda c: (c["loss_rise"], c["sizes"]["pte"]))
+    gs, sens = best["group_size"], sensitivity[best["group_size"]]
+    rank = {n: i + 1 for i, n in enumerate(best["order"])}
+    int8 = set(best["int8"])
+    tensors = []
+    for lin in shape.linears:
+        fmt = _linear_format(lin, gs, lin.name in int8)
+        s = sens.get(lin.name)
+        b = {a: tensor_bytes(fmt, lin.rows, lin.cols, a) for a in ARTIFACTS}
+        if fmt == "float":
+            why = f"its input ({lin.cols}) is not a multiple of the group size {gs}: convert keeps it in float"
+        elif fmt == "int8":
+            more = b["pte"] - tensor_bytes(_linear_format(lin, gs, False), lin.rows, lin.cols, "pte")
+            why = (f"int4 raises the loss {s:.3g} (rank {rank[lin.name]} of {len(rank)} by rise per byte); int8 "
+                   f"adds {more / MB:.3f} MB (.pte) and still fits")
+        elif s is None or s <= 0:
+            why = f"int4 does not raise the loss here ({0.0 if s is None else s:.2g}): no bytes spent on it"
+        else:
+            skip = best["skipped"][lin.name]
+            art = next(a for a in ARTIFACTS if skip[a][0] > skip[a][1])
+            need, left = skip[art]
+            why = (f"int4 raises the loss {s:.3g} (rank {rank[lin.name]}); its int8 upgrade (+{need / MB:.3f} MB) "
+                   f"did not fit the room left in the {art} ({max(left, 0) / MB:.3f} MB)")
+        tensors.append({"name": lin.name, "shape": [lin.rows, lin.cols], "format": fmt, "loss_rise": s,
+                        "bytes": b, "why": why})
+    vocab, hidden = shape.embedding
+    alt = "; ".join(f"{e}: {r}" for e, (c, r) in EMBEDDING_FORMATS.items() if c is None)
+    tensors.append({"name": "embedding", "shape": [vocab, hidden], "format": best["embedding"],
+                    "bytes": {a: tensor_bytes("emb-" + best["embedding"], vocab, hidden, a) for a in ARTIFACTS},
+                    "why": "int8 per row: the only embedding format both exporters carry"
+                    + (f" ({alt})" if alt else "")})
+    kv_alt = "; ".join(f"{k}: {r}" for k, (p, r) in KV_FORMATS.items() if p is None)
+    tensors.append({"name": "kv_cache", "shape": [budget.context], "format": best["kv_cache"],
+                    "why": "fp32 in the .pte, f16 in llama.cpp" + (f" ({kv_alt})" if kv_alt else "")})
+    sizes = best["sizes"]
+    predicted = {a: predict(shape, budget, sizes[a], best["kv_cache"], a) for a in ARTIFACTS}
+    predicted["loss_rise"] = best["loss_rise"]
+    others = [c for c in cands if c is not best]
+    why = (f"g{gs} with {len(int8)} of {len(rank) or 0} loss-raising linears at int8 predicts a loss rise of "
+           f"{best['loss_rise']:.4g}, the least of {len(fitting)} fitting candidates"
+           + "".join(f"; g{c['group_size']}: " + (f"{c['loss_rise']:.4g}" if c["fits"] else
+                                                  f"does not fit ({c['smallest_mb']['pte']:.2f} MB .pte at its "
+                                                  f"smallest)") for c in others)
+           + f"; binding limit: {best['binding']['pte']}")
+    slim = [{k: v for k, v in c.items() if k not in ("order", "skipped", "sizes")} for c in cands]
+    return FitPlan(budget=budget, group_size=gs, int8_modules=tuple(n for n in (lin.name for lin in shape.linears)
+                                                                      if n in int8),
+                   embedding=best["embedding"], kv_cache=best["kv_cache"], predicted=predicted, tensors=tensors,
+                   candidates=slim, why=why, weight_scale=weight_scale, calibration=calibration or {})
+
+
+def calibration_batches(examples: list[dict[str, Any]], pad_id: int, n: int = 32, batch_size: int = 8,
+                        device: str = "cpu") -> list[dict[str, Any]]:
+    """Padded batches of the first ``n`` training examples (the data's own order after the run's seeded shuffle)."""
+    from edgeft.data.batching import collate
+
+    if not examples:
+        raise EdgeftError("calibration needs training examples")
+    chosen = examples[:n]
+    out = []
+    for i in range(0, len(chosen), batch_size):
+        b = collate(chosen[i:i + batch_size], pad_id)
+        out.append({k: v.to(device) for k, v in b.items() if k in ("input_ids", "labels", "attention_mask")})
+    return out
+
+
+def calibrate(model: Any, batches: list[dict[str, Any]], weight_scale: str = "absmax",
+              group_sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Per-linear int4 sensitivity of ``model`` (float, left unchanged) on ``batches``, for every candidate group
+    size of the base preset's scheme (``sensitivity.linear_sensitivity``)."""
+    from .schemes import resolve
+    from .sensitivity import linear_sensitivity, untie_head
+
+    base = resolve(BASE_PRESET, weight_scale=weight_scale)
+    sizes = group_sizes or tuple(dict.fromkeys((base.scheme.group_size, *base.scheme.group_sizes)))
+    untie_head(model)  # convert unties a head whose embedding is quantized; measure the head on its own weight
+    t0 = time.perf_counter()
+    r = linear_sensitivity(model, batches, base, sizes)
+    r["seconds"] = round(time.perf_counter() - t0, 1)
+    r["group_sizes"] = list(sizes)
+    return r
+
+
+def plan_for_model(model: Any, batches: list[dict[str, Any]], budget: Budget, tokenizer_dir: str | Path | None,
+                   weight_scale: str = "absmax", group_size: int | None = None) -> FitPlan:
+    """Calibrate ``model`` on ``batches`` and choose the plan for ``budget`` (``group_size``: fixed, else chosen)."""
+    budget.check()
+    shape = model_shape(model, tokenizer_dir)
+    cal = calibrate(model, batches, weight_scale, (group_size,) if group_size else None)
+    sens = cal.pop("sensitivity")
+    info = {**cal, "examples": sum(int(b["input_ids"].shape[0]) for b in batches),
+            "sensitivity": {str(g): v for g, v in sens.items()}}
+    return choose(shape, sens, budget, weight_scale=weight_scale, calibration=info)

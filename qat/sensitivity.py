@@ -1,0 +1,146 @@
+"""Where a quantization plan loses: each linear's grid applied to a float model, one module kind or one linear at a
+time (``bench/sensitivity.py`` measures exact match this way; the device-fit planner, ``plan.py``, the task loss).
+
+The quantization is edgeft's reference (``fake_quant.weight_ref`` / ``act_ref``: the grids convert writes, bit for
+bit), weights quantized once. :func:`apply_variant` quantizes a whole model as a named variant;
+:func:`linear_sensitivity` measures, for every linear, how much the task loss on calibration batches rises when that
+linear alone takes the plan's int4 grid (its activations quantized as the scheme says) while everything else stays
+float: the per-linear sensitivity the planner ranks int8 upgrades by. The loss rise of one int4 linear is measured,
+not estimated from gradients: it is what a linear's int4 grid costs this model on this data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgeft.errors import EdgeftError
+
+
+class Quantized(nn.Module):
+    """A linear with its weight quantized once and its input fake-quantized per call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act: Any) -> None:
+        super().__init__()
+        self.weight, self.bias, self.act = weight, bias, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .fake_quant import act_ref
+
+        return F.linear(act_ref(x, self.act) if self.act is not None else x, self.weight, self.bias)
+
+
+def int8_spec() -> Any:
+    """The weight grid of a plan's ``int8_modules``: int8, max|w| per output row (``schemes.WEIGHT_SCALES``)."""
+    from .fake_quant import WeightQuant
+
+    return WeightQuant("int", 8, None)
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def quantizable_linears(model: nn.Module, plan: Any) -> list[str]:
+    """The linears convert quantizes under ``plan`` (those whose input the group size divides, or int8 ones)."""
+    from .prepare import _group_ok
+
+    return [n for n, m in model.named_modules()
+            if type(m) is nn.Linear and _group_ok(m.in_features, plan, n)]
+
+
+def apply_variant(model: nn.Module, variant: str, plan: Any) -> list[str]:
+    """Quantize ``model`` in place as ``variant`` says; returns the quantized linears.
+
+    ``float`` (nothing), ``all`` (every linear and the embeddings as the plan says, its int8 modules included),
+    ``only=A+B`` (only linears whose name contains A or B), ``int8=A+B`` (all, with those linears' weights at int8
+    per output channel instead, activations as the scheme says)."""
+    from .fake_quant import weight_ref
+    from .prepare import embedding_spec, plan_specs
+
+    if variant == "float":
+        return []
+    kind, _, arg = variant.partition("=")
+    if kind not in ("all", "only", "int8") or (kind != "all" and not arg):
+        raise EdgeftError(f"unknown variant {variant!r}: float, all, only=A+B, int8=A+B")
+    names = arg.split("+") if arg else []
+    act, wspec = plan_specs(plan)
+    done = []
+    for name in quantizable_linears(model, plan):
+        m = model.get_submodule(name)
+        if kind == "only" and not any(n in name for n in names):
+            continue
+        upgrade = (kind == "int8" and any(n in name for n in names)) or plan.is_int8(name)
+        q = Quantized(weight_ref(m.weight.detach(), int8_spec() if upgrade else wspec), m.bias, act)
+        _set(model, name, q)
+        done.append(name)
+    emb = embedding_spec(plan)
+    if emb is not None and kind != "only":
+        e = model.get_input_embeddings()
+        e.weight = nn.Parameter(weight_ref(e.weight.detach(), emb), requires_grad=False)
+    return done
+
+
+def untie_head(model: nn.Module) -> None:
+    """Give a tied LM head its own weight (convert does the same when the head or the embedding is quantized)."""
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+
+
+@torch.no_grad()
+def _loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Token-weighted mean cross-entropy of the labelled positions over ``batches``."""
+    total, count = 0.0, 0
+    for b in batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits.float()
+        labels = b["labels"][:, 1:]
+        n = int((labels != -100).sum())
+        if n == 0:
+            continue
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+        total, count = total + float(loss), count + n
+    if count == 0:
+        raise EdgeftError("calibration: the batches hold no labelled token")
+    return total / count
+
+
+@torch.no_grad()
+def linear_sensitivity(model: nn.Module, batches: list[dict[str, torch.Tensor]], plan: Any,
+                       group_sizes: Iterable[int | None], names: list[str] | None = None) -> dict[str, Any]:
+    """Per linear and group size: the task loss on ``batches`` with that linear alone on the plan's int4 grid (the
+    scheme's activation quantization too) minus the float model's loss.
+
+    ``model`` is float (it is left as it was); ``plan`` gives the grid (its ``int8_modules`` are ignored: each
+    linear is measured at int4). Returns ``{"float_loss", "tokens", "sensitivity": {group_size: {linear: rise}}}``.
+    """
+    from dataclasses import replace
+
+    from .fake_quant import weight_ref
+    from .prepare import plan_specs
+
+    model.eval()
+    base = _loss(model, batches)
+    tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    out: dict[Any, dict[str, float]] = {}
+    for gs in group_sizes:
+        p = replace(plan, group_size=gs, int8_modules=())
+        act, wspec = plan_specs(p)
+        todo = names if names is not None else quantizable_linears(model, p)
+        rises = {}
+        for name in todo:
+            m = model.get_submodule(name)
+            if gs and m.in_features % gs:
+                continue  # stays float under this group size (convert skips it)
+            _set(model, name, Quantized(weight_ref(m.weight.detach(), wspec), m.bias, act))
+            try:
+                rises[name] = _loss(model, batches) - base
+            finally:
+                _set(model, name, m)
+        out[gs] = rises
+    return {"float_loss": base, "tokens": tokens, "sensitivity": out}

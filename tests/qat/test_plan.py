@@ -1,0 +1,195 @@
+"""The device-fit planner (edgeft.qat.plan): the chooser against exhaustive search on synthetic sensitivities, the
+impossible-budget error, the plan file's round trip, per-path int8 linears through convert, and the calibration
+against an independent loss."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from edgeft import qat
+from edgeft.errors import EdgeftError
+from edgeft.qat import plan as fit
+from edgeft.qat.schemes import resolve
+
+MB = fit.MB
+
+
+def _shape(n: int = 6, rows: int = 256, cols: int = 512) -> fit.ModelShape:
+    """n equal linears (so greedy upgrading is optimal and exhaustive search is the known answer)."""
+    lins = tuple(fit.Linear(f"model.layers.{i}.mlp.down_proj", rows, cols) for i in range(n))
+    cfg = {"layers": 2, "kv_heads": 2, "head_dim": 32, "vocab": 1024, "hidden": 128}
+    return fit.ModelShape(lins, (1024, 128), 512, 4, cfg, vocab_bytes=20_000)
+
+
+SENS = {32: dict(zip([f"model.layers.{i}.mlp.down_proj" for i in range(6)], [0.5, 0.02, 0.3, 0.01, 0.2, -0.01])),
+        128: dict(zip([f"model.layers.{i}.mlp.down_proj" for i in range(6)], [0.6, 0.03, 0.35, 0.02, 0.25, 0.0]))}
+
+
+def _exhaustive(shape, sens, limit_bytes):
+    """The least total int4 loss rise over every group size and int8 subset whose .pte and GGUF fit the cap."""
+    best = None
+    names = [lin.name for lin in shape.linears]
+    for gs, s in sens.items():
+        for k in range(len(names) + 1):
+            for sub in itertools.combinations(names, k):
+                if any(fit.artifact_bytes(shape, gs, set(sub), "int8", a) > limit_bytes for a in fit.ARTIFACTS):
+                    continue
+                rise = sum(s[n] for n in names if n not in sub)
+                key = (round(rise, 12), fit.artifact_bytes(shape, gs, set(sub), "int8", "pte"))
+                if best is None or key < best[0]:
+                    best = (key, gs, set(sub))
+    return best
+
+
+@pytest.mark.parametrize("extra_upgrades", [0, 1, 2, 3])
+def test_chooser_is_the_exhaustive_optimum(extra_upgrades):
+    shape = _shape()
+    # a cap that holds the g128 all-int4 model plus `extra_upgrades` int8 linears (and g32 one fewer or so)
+    base = max(fit.artifact_bytes(shape, 128, set(), "int8", a) for a in fit.ARTIFACTS)
+    step = fit.tensor_bytes("int8", 256, 512, "gguf") - fit.tensor_bytes("int4-g128", 256, 512, "gguf")
+    cap = base + extra_upgrades * step + step // 3
+    plan = fit.choose(shape, SENS, fit.Budget(max_size_mb=cap / MB))
+    ref = _exhaustive(shape, SENS, cap)
+    assert ref is not None
+    assert (plan.group_size, set(plan.int8_modules)) == (ref[1], ref[2])
+    assert plan.predicted["loss_rise"] == pytest.approx(ref[0][0])
+    for a in fit.ARTIFACTS:
+        assert plan.predicted[a]["bytes"] <= cap
+
+
+def test_known_answer_top_sensitivities_get_int8():
+    shape = _shape()
+    g32 = {32: SENS[32]}
+    base = max(fit.artifact_bytes(shape, 32, set(), "int8", a) for a in fit.ARTIFACTS)
+    step = max(fit.tensor_bytes("int8", 256, 512, a) - fit.tensor_bytes("int4-g32", 256, 512, a)
+               for a in fit.ARTIFACTS)
+    plan = fit.choose(shape, g32, fit.Budget(max_size_mb=(base + 2 * step + 10) / MB))
+    assert set(plan.int8_modules) == {"model.layers.0.mlp.down_proj", "model.layers.2.mlp.down_proj"}
+    formats = {t["name"]: t["format"] for t in plan.tensors}
+    assert formats["model.layers.4.mlp.down_proj"] == "int4-g32" and formats["embedding"] == "int8"
+    why = {t["name"]: t["why"] for t in plan.tensors}
+    assert "did not fit" in why["model.layers.4.mlp.down_proj"]
+    assert "does not raise the loss" in why["model.layers.5.mlp.down_proj"]  # rise <= 0: never upgraded
+    # ample room: every linear whose int4 grid costs anything goes int8, and nothing else
+    roomy = fit.choose(shape, g32, fit.Budget(max_size_mb=100))
+    assert set(roomy.int8_modules) == {n for n, s in SENS[32].items() if s > 0}
+
+
+def test_device_budget_limits_memory_and_decode():
+    from edgeft.devices.profiles import estimate, get_profile
+
+    shape = _shape()
+    plan = fit.choose(shape, SENS, fit.Budget(device="android-4gb", min_decode=5.0, context=1024))
+    p = get_profile("android-4gb")
+    for a in fit.ARTIFACTS:
+        kv = fit._kv_bytes(shape, 1024, "fp32", a)
+        e = estimate(p, plan.predicted[a]["bytes"], kv, shape.config)
+        assert e["fits"] and e["decode_low"] >= 5.0
+        assert plan.predicted[a]["runtime_memory_mb"] == pytest.approx(e["memory"] / MB, abs=0.1)
+    # a decode floor no size can meet: one error naming the smallest plan and its size
+    with pytest.raises(EdgeftError, match=r"no plan fits.*smallest.*--min-decode 1e\+06"):
+        fit.choose(shape, SENS, fit.Budget(device="android-4gb", min_decode=1e6))
+
+
+def test_impossible_budget_names_the_smallest_plan():
+    shape = _shape()
+    smallest = fit.artifact_bytes(shape, 128, set(), "int8", "pte")
+    with pytest.raises(EdgeftError) as e:
+        fit.choose(shape, SENS, fit.Budget(max_size_mb=0.05))
+    msg = str(e.value)
+    assert "\n" not in msg and "int4 g128" in msg and "--max-size 0.05 MB" in msg
+    assert re.search(r"is ([\d.]+) MB as \.pte", msg).group(1) == f"{smallest / MB:.1f}"
+
+
+@pytest.mark.parametrize("bad", [fit.Budget(), fit.Budget(max_size_mb=-1), fit.Budget(min_decode=3, max_size_mb=9),
+                                 fit.Budget(device="nokia-3310")])
+def test_unreadable_budgets_are_refused(bad):
+    with pytest.raises(EdgeftError):
+        fit.choose(_shape(), SENS, bad)
+
+
+def test_plan_file_round_trip(tmp_path):
+    plan = fit.choose(_shape(), SENS, fit.Budget(device="pixel-8", max_size_mb=0.6, context=512),
+                      calibration={"float_loss": 1.25, "sensitivity": {"32": SENS[32]}})
+    path = plan.write(tmp_path)
+    assert path.name == "qat_plan.json" and not list(tmp_path.glob("*.tmp*"))
+    back = fit.load(tmp_path)
+    assert back == plan
+    assert json.loads(path.read_text())["int8_modules"] == list(plan.int8_modules)
+    q = back.qat_plan()
+    assert q.name == "auto" and q.scheme.name == "int8-int4" and q.embedding == "int8-per-channel"
+    assert q.group_size == plan.group_size and q.int8_modules == plan.int8_modules
+    assert qat.QATPlan.from_dict(json.loads(json.dumps(q.to_dict()))) == q  # convert's record reloads
+    lines = plan.summary()
+    assert all(any(t["name"] in line for line in lines) for t in plan.tensors)
+    assert fit.load(tmp_path / "nowhere") is None
+    (tmp_path / "qat_plan.json").write_text("{not json")
+    with pytest.raises(EdgeftError, match="not valid JSON"):
+        fit.load(tmp_path)
+
+
+def _tiny():
+    from edgeft.models import load_model, resolve_model
+
+    model, tok = load_model(resolve_model("tiny-llama"))
+    return model.eval(), tok
+
+
+def test_int8_paths_reach_convert():
+    plan = resolve("auto", 64, int8_modules=("model.layers.1.mlp.down_proj", "lm_head"))
+    assert plan.is_int8("base_model.model.model.layers.1.mlp.down_proj")  # PEFT's names match too
+    assert not plan.is_int8("model.layers.11.mlp.down_proj") and not plan.is_int8("model.layers.0.mlp.down_proj")
+    model, _ = _tiny()
+    converted, record = qat.convert(model, plan)
+    assert sorted(record["int8_linears"]) == ["lm_head", "model.layers.1.mlp.down_proj"]
+    w = converted.model.layers[1].mlp.down_proj.weight
+    assert w.target_dtype == torch.int8 and tuple(w.block_size) == (1, w.shape[1])
+    w0 = converted.model.layers[0].mlp.down_proj.weight
+    assert w0.target_dtype == torch.int4 and tuple(w0.block_size) == (1, 64)
+    with pytest.raises(EdgeftError, match="names no linear"):
+        qat.convert(_tiny()[0], resolve("auto", int8_modules=("model.layers.9.mlp.down_proj",)))
+    with pytest.raises(EdgeftError, match="paths such as"):
+        resolve("auto", int8_modules=("layers.1.mlp.down proj",))
+
+
+def test_calibration_is_the_loss_rise_of_one_int4_linear():
+    """linear_sensitivity against HF's own loss (labels=) on a model with one linear quantized by hand."""
+    from edgeft.qat.fake_quant import act_ref, intx_per_group_sym
+    from edgeft.qat.prepare import plan_specs
+    from edgeft.qat.sensitivity import linear_sensitivity
+
+    model, tok = _tiny()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 8192, (2, 20), generator=g)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    batches = [{"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}]
+    plan = resolve("auto", 32)
+    names = ["model.layers.2.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    r = linear_sensitivity(model, batches, plan, (32,), names=names)
+    act, _ = plan_specs(plan)
+    with torch.no_grad():
+        base = float(model(input_ids=ids, labels=labels).loss)
+        assert r["float_loss"] == pytest.approx(base, rel=1e-5)
+        for name in names:
+            ref_model, _ = _tiny()
+            lin = ref_model.get_submodule(name)
+            wq = intx_per_group_sym(lin.weight.detach(), 4, 32)
+
+            class Ref(nn.Module):
+                def forward(self, x, w=wq):
+                    return nn.functional.linear(act_ref(x, act), w)
+
+            parent, _, child = name.rpartition(".")
+            setattr(ref_model.get_submodule(parent), child, Ref())
+            rise = float(ref_model(input_ids=ids, labels=labels).loss) - base
+            assert r["sensitivity"][32][name] == pytest.approx(rise, rel=1e-3, abs=1e-6)
+    assert r["tokens"] == int((labels[:, 1:] != -100).sum())
+    # the model is left as it was
+    assert type(model.model.layers[2].mlp.down_proj) is nn.Linear
