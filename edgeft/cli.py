@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", help="continue training a saved LoRA adapter (PEFT directory or edgeft run)")
     m.add_argument("--load-in-4bit", action="store_true", default=None, help="QLoRA: NF4 base (bitsandbytes)")
     m.add_argument("--load-in-8bit", action="store_true", default=None, help="8-bit base (bitsandbytes)")
-    m.add_argument("--qat", help="QAT scheme or preset (see `edgeft qat list`)")
+    m.add_argument("--qat", help="QAT scheme or preset (see `edgeft qat list`), or auto: a plan fitted to --device")
     m.add_argument("--qat-group-size", type=int)
     m.add_argument("--qat-weight-scale", choices=["absmax", "mse", "learned", "learned-mse"],
                    help="how int4 weight groups choose their scale: absmax (torchao's, default), mse (least squared "
@@ -111,8 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --qat: share of the QAT run's training examples drawn from edgeft's packaged generic "
                         "prose, so the quantized model follows the float one beyond your data (default 0.25 when "
                         "distilling, else 0)")
+    f = t.add_argument_group("device fit (--qat auto: a quantization plan chosen to fit a phone; qat_plan.json)")
+    f.add_argument("--max-size", dest="fit_max_size_mb", type=float, metavar="MB",
+                   help="largest .pte / GGUF file allowed, in MB (2^20 bytes)")
+    f.add_argument("--min-decode", dest="fit_min_decode", type=float, metavar="TOK_S",
+                   help="decode-speed floor in tokens/s on --device (at the profile's low bandwidth efficiency)")
+    f.add_argument("--context", dest="fit_context", type=int, metavar="N",
+                   help="tokens of context the KV cache is budgeted for (default 2048)")
     m.add_argument("--dtype", choices=["fp32", "bf16"])
-    m.add_argument("--device")
+    m.add_argument("--device", help="torch device (cpu, cuda), or with --qat auto a device profile to fit "
+                                    "(see `edgeft devices list`)")
     m.add_argument("--kernels", choices=["auto", "on", "off"])
     m.add_argument("--gradient-checkpointing", choices=["auto", "off", "plain", "offload"],
                    help="auto (default): none when the activations fit the GPU, else plain (each layer's input "
@@ -184,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", help="profile name (see `edgeft devices list`)")
     d.add_argument("--run", help="run directory: checks its exports/model.pte (else its newest GGUF)")
     d.add_argument("--artifact", help="a .pte or .gguf file instead of --run")
-    d.add_argument("--context", type=int, default=2048, help="KV-cache length to budget for (default 2048)")
+    d.add_argument("--context", type=int, help="KV-cache length to budget for (default: the run's device-fit plan's "
+                                               "context, else 2048)")
 
     r = sub.add_parser("run", help="generate from a .pte (ExecuTorch's LLM runner) or .gguf (llama.cpp) on this host")
     src = r.add_mutually_exclusive_group(required=True)
@@ -204,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="re-run QAT convert / PTQ for a run from its saved model")
     c.add_argument("--run")
 
-    q = sub.add_parser("qat", help="QAT schemes and presets")
+    q = sub.add_parser("qat", help="QAT schemes and presets; a run's device-fit plan")
     q.add_argument("action", choices=["list"])
+    q.add_argument("--run", help="print this run's device-fit plan (qat_plan.json: each tensor's format and why)")
 
     sub.add_parser("models", help="list built-in models")
     sub.add_parser("templates", help="list the chat-template registry")
@@ -214,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _TRAIN_KEYS = [
     "model", "data", "data_split", "out", "resume", "overwrite", "mode", "adapter", "load_in_4bit", "load_in_8bit",
+    "fit_max_size_mb", "fit_min_decode", "fit_context",
     "qat", "qat_group_size", "qat_weight_scale", "qat_int8", "ptq", "qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
     "qat_scale_lr", "qat_max_steps", "chat_template", "system_prompt", "prompt_template", "output_column",
     "conversation_extension", "max_seq_length", "padding_free", "packing", "eval_split", "eval_steps",
@@ -281,16 +292,33 @@ def _devices(args: argparse.Namespace) -> int:
     if not args.device:
         raise EdgeftError("devices check needs --device (see `edgeft devices list`)")
     profile = profiles.get_profile(args.device)
+    plan = None
     if args.artifact:
         artifact = Path(args.artifact)
     else:
+        from edgeft.qat import plan as fit
+
         from .rundir import RunDir
 
-        exports = RunDir.find(args.run).exports
+        run = RunDir.find(args.run)
+        plan = fit.load(run.root)
+        exports = run.exports
         artifact = exports.artifact()
         if artifact is None:
             raise EdgeftError(f"{exports.path} holds no .pte or .gguf; run `edgeft export pte` first")
-    r = profiles.check(profile, artifact, context=args.context)
+    context = args.context or (plan.budget.context if plan is not None else 2048)
+    r = profiles.check(profile, artifact, context=context)
+    if plan is not None:
+        for line in plan.summary():
+            print(line)
+        b = plan.budget
+        if b.max_size_mb is not None and r["artifact_mb"] > b.max_size_mb:
+            r["fits"] = False
+            r["verdict"] += f"; but {r['artifact_mb']:.1f} MB is over the plan's --max-size {b.max_size_mb:g} MB"
+        lo = r["decode_tokens_per_s"][0]
+        if b.min_decode is not None and b.device == profile.name and lo < b.min_decode:
+            r["fits"] = False
+            r["verdict"] += f"; but {lo:.0f} tokens/s is under the plan's --min-decode {b.min_decode:g}"
     print(r["verdict"])
     lo, hi = r["decode_tokens_per_s"]
     held = "held by the program" if r["kv_cache_source"] == "program" else "estimated"
@@ -381,7 +409,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "qat":
         from edgeft.qat import describe
 
-        _print_table(describe(), ["name", "kind", "exporters", "description"])
+        if args.run:
+            from edgeft.qat import plan as fit
+
+            run = pipeline.find_run(args.run)
+            fp = fit.load(run)
+            if fp is None:
+                raise EdgeftError(f"{run} has no device-fit plan ({fit.PLAN_FILE}): it was not trained with --qat auto")
+            print("\n".join(fp.summary()))
+        else:
+            _print_table(describe(), ["name", "kind", "exporters", "description"])
     elif args.command == "templates":
         from .data import describe_templates
 

@@ -51,6 +51,13 @@ class TrainConfig:
     qat_weight_scale: str = "absmax"
     # linears (by name, e.g. gate_proj, up_proj) kept at int8 per output channel in an int4 scheme
     qat_int8: list[str] = field(default_factory=list)
+    # --- device fit (--qat auto, edgeft.qat.plan): kept together so that a config restructuring moves them as one.
+    # the target profile (also accepted as --device PROFILE), an artifact size cap in MB (2^20 bytes), a decode
+    # floor in tokens/s, and the context (tokens) whose KV cache the runtime memory is budgeted for (None: 2048)
+    fit_device: str | None = None
+    fit_max_size_mb: float | None = None
+    fit_min_decode: float | None = None
+    fit_context: int | None = None
     ptq: bool = True  # with --qat: also train the no-QAT twin (BF16 and PTQ baselines for eval)
     # with --qat and the twin: KL weight of distilling the trained twin into the QAT model (1: distillation only,
     # 0: labels only); None: 1.0 when the twin is trained, else 0 (train/distill.py)
@@ -209,6 +216,36 @@ def qat_plan(cfg: TrainConfig) -> Any:
     return resolve_qat(cfg.qat, cfg.qat_group_size, cfg.qat_weight_scale, tuple(cfg.qat_int8))
 
 
+def fit_budget(cfg: TrainConfig) -> Any:
+    """The device-fit budget (``edgeft.qat.plan.Budget``) of a ``--qat auto`` config."""
+    from edgeft.qat.plan import DEFAULT_CONTEXT, Budget
+
+    return Budget(cfg.fit_device, cfg.fit_max_size_mb, cfg.fit_min_decode, cfg.fit_context or DEFAULT_CONTEXT)
+
+
+def _resolve_fit(cfg: TrainConfig) -> None:
+    """``--device PROFILE`` names the target phone (torch devices are never profile names); the fit options need
+    ``--qat auto`` and a readable budget; the plan, not the user, picks ``--qat-int8``."""
+    from edgeft.devices.profiles import PROFILES
+    from edgeft.qat.schemes import AUTO
+
+    if cfg.device in PROFILES:
+        if cfg.fit_device not in (None, cfg.device):
+            raise EdgeftError(f"two target devices: --device {cfg.device} and fit_device {cfg.fit_device}")
+        cfg.fit_device, cfg.device = cfg.device, None
+    keys = ("fit_device", "fit_max_size_mb", "fit_min_decode", "fit_context")
+    given = [k for k in keys if getattr(cfg, k) is not None]
+    if cfg.qat != AUTO:
+        if given:
+            flag = {"fit_device": "--device PROFILE", "fit_max_size_mb": "--max-size", "fit_min_decode": "--min-decode",
+                    "fit_context": "--context"}[given[0]]
+            raise EdgeftError(f"{flag} sets the budget of a device-fit plan: it needs --qat auto")
+        return
+    if cfg.qat_int8:
+        raise EdgeftError("--qat auto chooses the int8 linears itself (qat_plan.json): drop --qat-int8")
+    fit_budget(cfg).check()
+
+
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill defaults that depend on the machine and the QAT preset; validate values."""
     import torch
@@ -218,6 +255,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg.qat_int8 = [x.strip() for x in cfg.qat_int8.split(",") if x.strip()]
     if cfg.qat_int8 and cfg.qat is None:
         raise EdgeftError("--qat-int8 needs --qat (an int4 scheme)")
+    _resolve_fit(cfg)
     if cfg.qat is not None:
         from edgeft.qat import check_convertible
 

@@ -23,7 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, config_diff, dump_yaml, identity, identity_defaults, load_yaml, qat_plan, resolve
+from .config import (TrainConfig, config_diff, dump_yaml, fit_budget, identity, identity_defaults, load_yaml, qat_plan,
+                     resolve)
 from .errors import EdgeftError
 from .exporters import export_dir
 from .fsutil import atomic_dir, write_json, write_text
@@ -144,6 +145,8 @@ def _describe_dataset(dataset: Any) -> str:
 def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
     import shutil
 
+    import torch
+
     from .data import padding_efficiency
     from .models import resolve_model
     from .training.distributed import barrier, broadcast_object
@@ -159,6 +162,13 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
     model_dir = resolve_model(cfg.model)
     tokenizer, template, train_ex, eval_ex = _prepare_data(cfg, records, model_dir, dataset)
     cfg = _finalize_steps(cfg, train_ex, world)
+    if cfg.qat == "auto" and not (cfg.resume and (run / "qat_plan.json").exists()):
+        from .qat import plan as fit
+        from .train.model import empty_model
+
+        # an impossible budget fails here, before anything is trained or written
+        fit.check_feasible(fit.model_shape(empty_model(model_dir, torch.float32), model_dir), fit_budget(cfg),
+                           (cfg.qat_group_size,) if cfg.qat_group_size else None)
     if cfg.resume:
         saved = resolve(run_config(run))
         diff = config_diff(saved, cfg)
@@ -183,6 +193,8 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
     from_twin = bool(cfg.qat and cfg.ptq and (cfg.qat_distill or cfg.qat_init == "baseline"))
     if from_twin:  # the QAT run learns from (and/or starts at) the float twin: train that first
         _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device)
+    if cfg.qat == "auto":  # calibrate the model QAT starts from (the twin, else the pretrained one), then plan
+        cfg = _fit_plan(cfg, run, model_dir, data, device, run / "baseline" if from_twin else None, dist)
     qat_data = data
     if cfg.qat and cfg.qat_corpus:
         from .training.distill import corpus_examples
@@ -206,6 +218,53 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
         plot_loss(curves, run / "loss.png", title=f"{cfg.model} on {cfg.data}")
     barrier(dist)
     return run
+
+
+def apply_fit_plan(cfg: TrainConfig, plan: Any) -> TrainConfig:
+    """The config that trains a device-fit plan: ``--qat auto`` with the plan's group size and int8 linears (in
+    memory; config.yaml keeps the request, qat_plan.json the plan)."""
+    return replace(cfg, qat_group_size=plan.group_size, qat_int8=list(plan.int8_modules))
+
+
+def _fit_plan(cfg: TrainConfig, run: Path, model_dir: Path, data, device: str, twin: Path | None, dist) -> TrainConfig:
+    """``--qat auto``: calibrate, choose and write ``qat_plan.json`` (a resumed run keeps the plan it chose)."""
+    from .qat import plan as fit
+    from .train.distributed import broadcast_object
+    from .train.model import load_base
+
+    plan = fit.load(run) if cfg.resume else None
+    if plan is None and (dist is None or dist.is_main):
+        tokenizer, _, train_ex, _ = data
+        src = float_dir(twin) if twin is not None else model_dir
+        model = load_base(replace(cfg, load_in_4bit=False, load_in_8bit=False), src, device)
+        batches = fit.calibration_batches(train_ex, tokenizer.pad_token_id, device=device)
+        plan = fit.plan_for_model(model, batches, fit_budget(cfg), src, cfg.qat_weight_scale, cfg.qat_group_size)
+        plan.calibration["model"] = str(src)
+        del model
+        plan.write(run)
+        for line in plan.summary()[:5]:
+            log.info("%s", line)
+    if dist is not None:
+        plan = fit.FitPlan.from_dict(broadcast_object(plan.to_dict() if plan is not None else None, dist))
+    if twin is not None and (dist is None or dist.is_main):
+        # the twin was converted before the plan existed: its PTQ must quantize as the plan does
+        record = json.loads((twin / "converted" / "scheme.json").read_text()).get("plan") or {}
+        if record != json.loads(json.dumps(plan.qat_plan().to_dict())):
+            model, tokenizer = load_trained(twin)
+            convert_model(model, tokenizer, plan.qat_plan(), twin / "converted")
+    return apply_fit_plan(cfg, plan)
+
+
+def run_qat_plan(run: Path, cfg: TrainConfig) -> Any:
+    """The QAT plan a run trained: the config's, or for ``--qat auto`` its ``qat_plan.json``."""
+    if cfg.qat == "auto":
+        from .qat import plan as fit
+
+        plan = fit.load(run)
+        if plan is None:
+            raise EdgeftError(f"{run} was trained with --qat auto but holds no {fit.PLAN_FILE}")
+        return plan.qat_plan()
+    return qat_plan(cfg)
 
 
 def _variant_done(root: Path) -> bool:
@@ -445,7 +504,7 @@ def convert(run: str | Path | None = None) -> Path:
         if not (root / "model" / "edgeft.json").exists():
             continue
         cfg = run_config(run)
-        plan = qat_plan(cfg)
+        plan = run_qat_plan(run, cfg)  # the baseline's PTQ quantizes as the QAT run does
         model, tokenizer = load_trained(root)
         convert_model(model, tokenizer, plan, root / "converted", saved_scales(root))
     return run
@@ -476,6 +535,13 @@ def export(fmt: str, run: str | Path | None = None, quant: str | None = None, **
     src = run / "converted"
     if not (src / "scheme.json").exists():
         raise EdgeftError(f"{run} has no converted model; run `edgeft train` to completion first")
+    if fmt == "pte" and kwargs.get("max_context_len") is None:
+        from .qat import plan as fit
+
+        fp = fit.load(run)
+        if fp is not None:  # a device-fit plan budgeted its KV cache at its context: the program holds that cache
+            kwargs["max_context_len"] = fp.budget.context
+            kwargs["max_seq_len"] = min(kwargs.get("max_seq_len") or 512, fp.budget.context)
     report = export_dir(fmt, src, run / "exports", quant=quant, **kwargs)
     if fmt == "gguf":
         # the Ollama Modelfile carries the run's chat template and stop tokens next to the GGUF it names

@@ -47,7 +47,7 @@ ARTIFACTS = ("pte", "gguf")
 # bytes of a file that are not weights, measured on exported tiny-llama and SmolLM2-135M files (docs/device-fit.md):
 # the .pte's program, delegate headers and constant methods; GGUF's tensor infos and alignment (its vocabulary is
 # counted from the tokenizer: gguf_vocab_bytes)
-PTE_OVERHEAD = 64 * 1024
+PTE_OVERHEAD = 96 * 1024
 GGUF_TENSOR_OVERHEAD = 96  # name, dims, type, offset and alignment padding per tensor
 GGUF_FIXED = 4096  # header, architecture metadata, chat template
 
@@ -132,15 +132,19 @@ def model_shape(model: Any, tokenizer_dir: str | Path | None = None) -> ModelSha
 
 
 def gguf_vocab_bytes(tokenizer_dir: str | Path) -> int:
-    """Bytes of the vocabulary a GGUF holds (``tokenizer.ggml.tokens``/``token_type``/``merges``/``scores``: each
-    string 8 bytes of length plus its UTF-8, each type and score 4), from ``tokenizer.json``."""
+    """Bytes of the vocabulary a GGUF holds (``tokenizer.ggml.tokens``/``token_type``/``merges``, and ``scores``
+    for SentencePiece-style vocabularies: each string 8 bytes of length plus its UTF-8, each type and score 4), from
+    ``tokenizer.json``."""
     path = Path(tokenizer_dir) / "tokenizer.json"
     if not path.is_file():
         return 0
-    model = json.loads(path.read_text()).get("model", {})
+    tj = json.loads(path.read_text())
+    model = tj.get("model", {})
     vocab = model.get("vocab") or {}
     tokens = vocab.keys() if isinstance(vocab, dict) else [t[0] for t in vocab]
-    total = sum(8 + len(t.encode()) + 4 + 4 for t in tokens)
+    spm = model.get("type") == "Unigram" or model.get("byte_fallback") or "\u2581" in json.dumps(
+        [tj.get("normalizer"), tj.get("pre_tokenizer")])  # as exporters.gguf._is_sentencepiece
+    total = sum(8 + len(t.encode()) + 4 + (4 if spm else 0) for t in tokens)
     for m in model.get("merges") or []:
         total += 8 + len((m if isinstance(m, str) else " ".join(m)).encode())
     return total
@@ -424,6 +428,15 @@ def choose(shape: ModelShape, sensitivity: dict[Any, dict[str, float]], budget: 
                                                                       if n in int8),
                    embedding=best["embedding"], kv_cache=best["kv_cache"], predicted=predicted, tensors=tensors,
                    candidates=slim, why=why, weight_scale=weight_scale, calibration=calibration or {})
+
+
+def check_feasible(shape: ModelShape, budget: Budget, group_sizes: tuple[int | None, ...] | None = None) -> None:
+    """Fail before any training when not even the smallest plan fits (sizes do not depend on the calibration)."""
+    from .schemes import resolve
+
+    scheme = resolve(BASE_PRESET).scheme
+    sizes = group_sizes or tuple(dict.fromkeys((scheme.group_size, *scheme.group_sizes)))
+    choose(shape, {g: {} for g in sizes}, budget)
 
 
 def calibration_batches(examples: list[dict[str, Any]], pad_id: int, n: int = 32, batch_size: int = 8,
