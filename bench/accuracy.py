@@ -63,10 +63,16 @@ RECIPES = {  # TrainConfig overrides
     "learned-lr2": {"qat_weight_scale": "learned", "qat_scale_lr": 2e-2},
     "learned-lr1": {"qat_weight_scale": "learned", "qat_scale_lr": 1e-2},
     "learned-lr025": {"qat_weight_scale": "learned", "qat_scale_lr": 2.5e-3},
+    # device-fit plans (--qat auto, docs/device-fit.md), compared with the uniform run by bench/device_fit.py: a .pte
+    # cap just under uniform phone-deployment's 99.6 MB, and android-4gb at 4k context with a 13.2 tokens/s floor (the
+    # floor binds at a 99.7 MB .pte, where uniform just fits)
+    "fit-pte-99": {"qat": "auto", "fit_max_size_mb": 99.5, "fit_artifact": "pte"},
+    "fit-android-4gb-4k": {"qat": "auto", "fit_device": "android-4gb", "fit_context": 4096, "fit_min_decode": 13.2},
 }
 # what a QAT recipe may change: a twin trained under any of them is the same model (--twin)
 RECIPE_KEYS = ("qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
-               "qat_max_steps", "qat_weight_scale", "qat_int8", "qat_scale_lr")
+               "qat_max_steps", "qat_weight_scale", "qat_int8", "qat_scale_lr", "qat", "fit_device", "fit_max_size_mb",
+               "fit_min_decode", "fit_context", "fit_artifact")
 
 
 def _versions() -> dict[str, str]:
@@ -309,22 +315,25 @@ def reuse_twin(cfg, twin: Path, run: Path) -> None:
     RunDir(run).config_file.write_text(dump_yaml(dataclasses.replace(mine, resume=False, overwrite=False)))
 
 
-def twin_ptq_differs(cfg, twin: Path) -> bool:
-    """Whether the recipe quantizes differently from the twin (``qat_weight_scale``, ``qat_int8``): then the twin's
-    PTQ is not this run's, and the run's baseline/ is converted again (:func:`reconvert_baseline`) and evaluated."""
+def twin_ptq_differs(cfg, twin: Path, run: Path | None = None) -> bool:
+    """Whether the recipe quantizes differently from the twin (``qat_weight_scale``, ``qat_int8``, a device-fit
+    plan): then the twin's PTQ is not this run's, and the run's baseline/ is converted again
+    (:func:`reconvert_baseline`) and evaluated."""
     from edgeft.config import load_yaml, qat_plan, resolve
+    from edgeft.pipeline import run_qat_plan
 
-    mine, theirs = qat_plan(resolve(cfg)), qat_plan(resolve(load_yaml(RunDir(twin).config_file)))
-    return (mine.ptq_weight_scale, mine.int8_modules) != (theirs.ptq_weight_scale, theirs.int8_modules)
+    mine = run_qat_plan(Path(run), resolve(cfg)) if run is not None else qat_plan(resolve(cfg))
+    theirs = run_qat_plan(Path(twin), resolve(load_yaml(RunDir(twin).config_file)))
+    return (mine.ptq_weight_scale, mine.int8_modules, mine.group_size) != (
+        theirs.ptq_weight_scale, theirs.int8_modules, theirs.group_size)
 
 
 def reconvert_baseline(cfg, run: Path) -> None:
     """PTQ with the recipe's plan: the twin's float weights (``run``/baseline/model) quantized again."""
-    from edgeft.config import qat_plan
     from edgeft.models import load_trained
-    from edgeft.pipeline import convert_model
+    from edgeft.pipeline import convert_model, run_qat_plan
 
-    plan = qat_plan(cfg)
+    plan = run_qat_plan(Path(run), cfg)  # a device-fit run's plan is its qat_plan.json
     model, tokenizer = load_trained(RunDir(run).baseline)
     convert_model(model, tokenizer, plan, RunDir(run).baseline.converted)
 
@@ -387,10 +396,10 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.run)
-    cfg = edgeft.TrainConfig(model=args.model, data="builtin:tasks", qat=args.qat, max_steps=args.max_steps,
-                             out=str(run), overwrite=True, progress=False,
-                             **{**RECIPES[args.recipe], **({"qat_max_steps": args.qat_max_steps}
-                                                         if args.qat_max_steps else {}),
+    cfg = edgeft.TrainConfig(**{"model": args.model, "data": "builtin:tasks", "qat": args.qat,
+                                "max_steps": args.max_steps, "out": str(run), "overwrite": True, "progress": False,
+                                **RECIPES[args.recipe],  # a device-fit recipe's qat (auto) replaces --qat
+                                **({"qat_max_steps": args.qat_max_steps} if args.qat_max_steps else {}),
                                 **({"seed": args.seed} if args.seed is not None else {})})
     timings = {}
     t0 = time.perf_counter()
@@ -410,11 +419,11 @@ def main() -> int:
     if args.twin:  # the twin's BF16 and PTQ are the same files as this run's baseline/: evaluated once, on the twin
         from edgeft.devices.evaluate import read_questions, recovery
 
-        own_ptq = twin_ptq_differs(cfg, Path(args.twin))  # PTQ is this run's baseline/converted, not the twin's
-        from edgeft.config import qat_plan
+        own_ptq = twin_ptq_differs(cfg, Path(args.twin), run)  # PTQ is this run's baseline/converted, not the twin's
+        from edgeft.pipeline import run_qat_plan
 
         ptq_plan = RunDir(run).baseline.scheme_record()["plan"]
-        if own_ptq and edgeft.qat.QATPlan.from_dict(ptq_plan) != qat_plan(cfg):
+        if own_ptq and edgeft.qat.QATPlan.from_dict(ptq_plan) != run_qat_plan(run, cfg):
             reconvert_baseline(cfg, run)  # baseline/ is still the twin's copy: PTQ under the recipe's plan
         mine_variants = ("ptq", "qat") if own_ptq else ("qat",)
         mine = saved_rows(run, mine_variants, runtimes, args.limit) if (args.no_train and args.reuse_eval) else None

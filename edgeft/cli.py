@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode-speed floor in tokens/s on --device (at the profile's low bandwidth efficiency)")
     f.add_argument("--context", dest="fit_context", type=int, metavar="N",
                    help="tokens of context the KV cache is budgeted for (default 2048)")
+    f.add_argument("--fit-artifact", dest="fit_artifact", choices=["pte", "gguf", "both"],
+                   help="which file must fit (default both; GGUF's Q4_0 blocks cannot shrink below group size 32's)")
     m.add_argument("--dtype", choices=["fp32", "bf16"])
     m.add_argument("--device", help="torch device (cpu, cuda), or with --qat auto a device profile to fit "
                                     "(see `edgeft devices list`)")
@@ -224,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _TRAIN_KEYS = [
     "model", "data", "data_split", "out", "resume", "overwrite", "mode", "adapter", "load_in_4bit", "load_in_8bit",
-    "fit_max_size_mb", "fit_min_decode", "fit_context",
+    "fit_max_size_mb", "fit_min_decode", "fit_context", "fit_artifact",
     "qat", "qat_group_size", "qat_weight_scale", "qat_int8", "ptq", "qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
     "qat_scale_lr", "qat_max_steps", "chat_template", "system_prompt", "prompt_template", "output_column",
     "conversation_extension", "max_seq_length", "padding_free", "packing", "eval_split", "eval_steps",

@@ -53,11 +53,13 @@ class TrainConfig:
     qat_int8: list[str] = field(default_factory=list)
     # --- device fit (--qat auto, edgeft.qat.plan): kept together so that a config restructuring moves them as one.
     # the target profile (also accepted as --device PROFILE), an artifact size cap in MB (2^20 bytes), a decode
-    # floor in tokens/s, and the context (tokens) whose KV cache the runtime memory is budgeted for (None: 2048)
+    # floor in tokens/s, the context (tokens) whose KV cache the runtime memory is budgeted for (None: 2048), and
+    # which artifact must fit ("pte", "gguf"; None: both)
     fit_device: str | None = None
     fit_max_size_mb: float | None = None
     fit_min_decode: float | None = None
     fit_context: int | None = None
+    fit_artifact: str | None = None
     ptq: bool = True  # with --qat: also train the no-QAT twin (BF16 and PTQ baselines for eval)
     # with --qat and the twin: KL weight of distilling the trained twin into the QAT model (1: distillation only,
     # 0: labels only); None: 1.0 when the twin is trained, else 0 (train/distill.py)
@@ -220,7 +222,8 @@ def fit_budget(cfg: TrainConfig) -> Any:
     """The device-fit budget (``edgeft.qat.plan.Budget``) of a ``--qat auto`` config."""
     from edgeft.qat.plan import DEFAULT_CONTEXT, Budget
 
-    return Budget(cfg.fit_device, cfg.fit_max_size_mb, cfg.fit_min_decode, cfg.fit_context or DEFAULT_CONTEXT)
+    return Budget(cfg.fit_device, cfg.fit_max_size_mb, cfg.fit_min_decode, cfg.fit_context or DEFAULT_CONTEXT,
+                  cfg.fit_artifact or "both")
 
 
 def _resolve_fit(cfg: TrainConfig) -> None:
@@ -233,12 +236,12 @@ def _resolve_fit(cfg: TrainConfig) -> None:
         if cfg.fit_device not in (None, cfg.device):
             raise EdgeftError(f"two target devices: --device {cfg.device} and fit_device {cfg.fit_device}")
         cfg.fit_device, cfg.device = cfg.device, None
-    keys = ("fit_device", "fit_max_size_mb", "fit_min_decode", "fit_context")
+    keys = ("fit_device", "fit_max_size_mb", "fit_min_decode", "fit_context", "fit_artifact")
     given = [k for k in keys if getattr(cfg, k) is not None]
     if cfg.qat != AUTO:
         if given:
             flag = {"fit_device": "--device PROFILE", "fit_max_size_mb": "--max-size", "fit_min_decode": "--min-decode",
-                    "fit_context": "--context"}[given[0]]
+                    "fit_context": "--context", "fit_artifact": "--fit-artifact"}[given[0]]
             raise EdgeftError(f"{flag} sets the budget of a device-fit plan: it needs --qat auto")
         return
     if cfg.qat_int8:

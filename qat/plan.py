@@ -74,6 +74,11 @@ class Budget:
     max_size_mb: float | None = None
     min_decode: float | None = None
     context: int = DEFAULT_CONTEXT
+    artifact: str = "both"  # which file must fit: "pte", "gguf" or "both" (GGUF's Q4_0 cannot shrink below g32's)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return ARTIFACTS if self.artifact == "both" else (self.artifact,)
 
     def check(self) -> None:
         """One clear error for a budget that says nothing or cannot be read."""
@@ -91,6 +96,8 @@ class Budget:
             raise EdgeftError(f"--min-decode must be positive (tokens/s), not {self.min_decode}")
         if self.context < 1:
             raise EdgeftError(f"--context must be at least 1, not {self.context}")
+        if self.artifact not in (*ARTIFACTS, "both"):
+            raise EdgeftError(f"--fit-artifact must be pte, gguf or both, not {self.artifact!r}")
 
 
 @dataclass(frozen=True)
@@ -287,7 +294,8 @@ class FitPlan:
         b = self.budget
         parts = [f"device {b.device}" if b.device else None,
                  f"max size {b.max_size_mb:g} MB" if b.max_size_mb else None,
-                 f"min decode {b.min_decode:g} tokens/s" if b.min_decode else None, f"context {b.context}"]
+                 f"min decode {b.min_decode:g} tokens/s" if b.min_decode else None, f"context {b.context}",
+                 f"for the {b.artifact}" if b.artifact != "both" else None]
         n8 = len(self.int8_modules)
         lines = [f"device-fit plan ({', '.join(p for p in parts if p)}): {self.base} grids, int4 g{self.group_size} "
                  f"linears with {n8} at int8, {self.embedding} embeddings, {self.kv_cache} KV cache",
@@ -318,13 +326,14 @@ def load(run: str | Path) -> FitPlan | None:
 def _candidate(shape: ModelShape, sens: dict[str, float], budget: Budget, gs: int | None, emb: str, kv: str,
                ) -> dict[str, Any]:
     """All-int4 at ``gs``, then the greedy int8 upgrades; fits or not, with the numbers."""
+    tg = budget.targets
     limits = {a: size_limit(shape, budget, kv, a) for a in ARTIFACTS}
     sizes = {a: artifact_bytes(shape, gs, set(), emb, a) for a in ARTIFACTS}
     cand: dict[str, Any] = {"group_size": gs, "embedding": emb, "kv_cache": kv,
                             "smallest_mb": {a: round(sizes[a] / MB, 3) for a in ARTIFACTS},
                             "limit_mb": {a: round(limits[a][0] / MB, 3) for a in ARTIFACTS},
                             "binding": {a: limits[a][1] for a in ARTIFACTS}}
-    if any(sizes[a] > limits[a][0] for a in ARTIFACTS):
+    if any(sizes[a] > limits[a][0] for a in tg):
         cand.update(fits=False, loss_rise=None, int8=[])
         return cand
 
@@ -338,19 +347,19 @@ def _candidate(shape: ModelShape, sens: dict[str, float], budget: Budget, gs: in
     costs = {lin.name: cost(lin) for lin in quantized}
 
     def per_byte(lin: Linear) -> float:  # loss rise per share of the tighter artifact's room
-        c = max(costs[lin.name][a] / max(slack0[a], 1.0) for a in ARTIFACTS)
+        c = max(costs[lin.name][a] / max(slack0[a], 1.0) for a in tg)
         return sens.get(lin.name, 0.0) / max(c, 1e-30)
 
     order = sorted((lin for lin in quantized if sens.get(lin.name, 0.0) > 0), key=per_byte, reverse=True)
     int8, skipped = [], {}
     for lin in order:
         c = costs[lin.name]
-        if all(sizes[a] + c[a] <= limits[a][0] for a in ARTIFACTS):
+        if all(sizes[a] + c[a] <= limits[a][0] for a in tg):
             for a in ARTIFACTS:
                 sizes[a] += c[a]
             int8.append(lin.name)
         else:
-            skipped[lin.name] = {a: (c[a], limits[a][0] - sizes[a]) for a in ARTIFACTS}
+            skipped[lin.name] = {a: (c[a], limits[a][0] - sizes[a]) for a in tg}
     rise = sum(sens.get(lin.name, 0.0) for lin in quantized if lin.name not in int8)
     cand.update(fits=True, loss_rise=rise, int8=int8, order=[lin.name for lin in order], skipped=skipped,
                 sizes=sizes, mb={a: round(sizes[a] / MB, 3) for a in ARTIFACTS})
@@ -372,8 +381,8 @@ def choose(shape: ModelShape, sensitivity: dict[Any, dict[str, float]], budget: 
     cands = [_candidate(shape, sensitivity[g], budget, g, e, k) for g in group_sizes for e in embs for k in kvs]
     fitting = [c for c in cands if c["fits"]]
     if not fitting:
-        small = min(cands, key=lambda c: c["smallest_mb"]["pte"])
-        art = max(ARTIFACTS, key=lambda a: small["smallest_mb"][a] - small["limit_mb"][a])
+        small = min(cands, key=lambda c: max(c["smallest_mb"][a] - c["limit_mb"][a] for a in budget.targets))
+        art = max(budget.targets, key=lambda a: small["smallest_mb"][a] - small["limit_mb"][a])
         raise EdgeftError(
             f"no plan fits the budget: the smallest, int4 g{small['group_size']} linears with {small['embedding']} "
             f"embeddings and an {small['kv_cache']} KV cache, is {small['smallest_mb']['pte']:.1f} MB as .pte and "
@@ -398,7 +407,7 @@ def choose(shape: ModelShape, sensitivity: dict[Any, dict[str, float]], budget: 
             why = f"int4 does not raise the loss here ({0.0 if s is None else s:.2g}): no bytes spent on it"
         else:
             skip = best["skipped"][lin.name]
-            art = next(a for a in ARTIFACTS if skip[a][0] > skip[a][1])
+            art = next(a for a in skip if skip[a][0] > skip[a][1])
             need, left = skip[art]
             why = (f"int4 raises the loss {s:.3g} (rank {rank[lin.name]}); its int8 upgrade (+{need / MB:.3f} MB) "
                    f"did not fit the room left in the {art} ({max(left, 0) / MB:.3f} MB)")
@@ -420,9 +429,10 @@ def choose(shape: ModelShape, sensitivity: dict[Any, dict[str, float]], budget: 
     why = (f"g{gs} with {len(int8)} of {len(rank) or 0} loss-raising linears at int8 predicts a loss rise of "
            f"{best['loss_rise']:.4g}, the least of {len(fitting)} fitting candidates"
            + "".join(f"; g{c['group_size']}: " + (f"{c['loss_rise']:.4g}" if c["fits"] else
-                                                  f"does not fit ({c['smallest_mb']['pte']:.2f} MB .pte at its "
-                                                  f"smallest)") for c in others)
-           + f"; binding limit: {best['binding']['pte']}")
+                                                  "does not fit (" + ", ".join(
+                                                      f"{c['smallest_mb'][a]:.2f} MB {a}" for a in budget.targets)
+                                                  + " at its smallest)") for c in others)
+           + "; binding limit: " + ", ".join(f"{best['binding'][a]} ({a})" for a in budget.targets))
     slim = [{k: v for k, v in c.items() if k not in ("order", "skipped", "sizes")} for c in cands]
     return FitPlan(budget=budget, group_size=gs, int8_modules=tuple(n for n in (lin.name for lin in shape.linears)
                                                                       if n in int8),

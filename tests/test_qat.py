@@ -70,7 +70,9 @@ def test_int8_modules_choices():
         with pytest.raises(EdgeftError, match="int8 modules need int4"):
             qat.resolve(name, int8_modules=["down_proj"])
     with pytest.raises(EdgeftError, match="linear names such as down_proj"):
-        qat.resolve("int4", int8_modules=["mlp.down_proj"])
+        qat.resolve("int4", int8_modules=["mlp.down-proj"])
+    one = qat.resolve("int4", int8_modules=["layers.3.mlp.down_proj"])  # a path: that linear only
+    assert one.is_int8("model.layers.3.mlp.down_proj") and not one.is_int8("model.layers.13.mlp.down_proj")
     model, _ = load_model(resolve_model("tiny-llama"))
     with pytest.raises(EdgeftError, match="'ffn_down' names no linear of this model; its linears: down_proj"):
         qat.prepare(model, "int4", int8_modules=("ffn_down",))

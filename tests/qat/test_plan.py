@@ -81,6 +81,20 @@ def test_known_answer_top_sensitivities_get_int8():
     assert set(roomy.int8_modules) == {n for n, s in SENS[32].items() if s > 0}
 
 
+def test_one_artifact_budget():
+    """--fit-artifact pte: the GGUF (whose Q4_0 blocks cannot shrink with the group size) may exceed the cap."""
+    shape = _shape(rows=1024, cols=1024)
+    gguf_floor = fit.artifact_bytes(shape, 32, set(), "int8", "gguf")
+    cap = fit.artifact_bytes(shape, 128, set(), "int8", "pte") + 1000
+    assert cap < gguf_floor
+    with pytest.raises(EdgeftError, match="gguf limit"):
+        fit.choose(shape, SENS, fit.Budget(max_size_mb=cap / MB))
+    plan = fit.choose(shape, SENS, fit.Budget(max_size_mb=cap / MB, artifact="pte"))
+    assert plan.group_size == 128 and plan.predicted["pte"]["bytes"] <= cap < plan.predicted["gguf"]["bytes"]
+    with pytest.raises(EdgeftError, match="--fit-artifact"):
+        fit.choose(shape, SENS, fit.Budget(max_size_mb=1, artifact="onnx"))
+
+
 def test_device_budget_limits_memory_and_decode():
     from edgeft.devices.profiles import estimate, get_profile
 
@@ -115,7 +129,7 @@ def test_unreadable_budgets_are_refused(bad):
 
 
 def test_plan_file_round_trip(tmp_path):
-    plan = fit.choose(_shape(), SENS, fit.Budget(device="pixel-8", max_size_mb=0.6, context=512),
+    plan = fit.choose(_shape(), SENS, fit.Budget(device="pixel-8", max_size_mb=0.8, context=512),
                       calibration={"float_loss": 1.25, "sensitivity": {"32": SENS[32]}})
     path = plan.write(tmp_path)
     assert path.name == "qat_plan.json" and not list(tmp_path.glob("*.tmp*"))

@@ -1,0 +1,55 @@
+"""bench/device_fit.py: the paired difference against hand-counted answers, and a run's fit verdicts against its
+budget."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeft.qat import plan as fit
+
+_BENCH = Path(__file__).parents[1] / "bench"
+sys.path.insert(0, str(_BENCH))  # device_fit.py imports its sibling accuracy.py
+_spec = importlib.util.spec_from_file_location("bench_device_fit", _BENCH / "device_fit.py")
+D = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(D)
+
+
+def test_paired_difference_counts():
+    ids = [f"q{i}" for i in range(40)]
+    a = {i: k % 2 == 0 for k, i in enumerate(ids)}
+    same = D.paired_difference(a, dict(a))
+    assert same["difference"] == 0 and same["ci"] == [0.0, 0.0] and same["a_only"] == same["b_only"] == 0
+    b = dict(a)
+    for i in ids[:6:2]:  # three questions only `a` answers right
+        b[i] = False
+    b.pop("q39")  # a question one run lacks is not compared
+    d = D.paired_difference(a, b)
+    assert d["n"] == 39 and (d["a_only"], d["b_only"]) == (3, 0)
+    assert d["difference"] == pytest.approx(3 / 39) and d["ci"][0] >= 0 and d["ci"][0] <= 3 / 39 <= d["ci"][1]
+
+
+def test_describe_run_checks_the_budget(tmp_path):
+    shape = fit.ModelShape((fit.Linear("model.layers.0.mlp.down_proj", 256, 512),), (1024, 128), 512, 2,
+                           {"layers": 2, "kv_heads": 2, "head_dim": 32, "vocab": 1024, "hidden": 128})
+    plan = fit.choose(shape, {32: {"model.layers.0.mlp.down_proj": 0.1}},
+                      fit.Budget(device="pixel-8", max_size_mb=0.5, context=256))
+    run = tmp_path / "r"
+    (run / "converted").mkdir(parents=True)
+    (run / "exports").mkdir()
+    (run / "converted" / "config.json").write_text(json.dumps(
+        {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 128,
+         "vocab_size": 1024}))
+    (run / "converted" / "scheme.json").write_text(json.dumps(
+        {"plan": plan.qat_plan().to_dict(), "int8_linears": list(plan.int8_modules)}))
+    plan.write(run)
+    (run / "exports" / "model.pte").write_bytes(b"\0" * int(0.4 * fit.MB))
+    (run / "exports" / "model-q4_0.gguf").write_bytes(b"\0" * int(0.6 * fit.MB))  # over the 0.5 MB cap
+    info = D.describe_run(run, None)
+    assert info["plan"] == "auto" and info["budget"]["device"] == "pixel-8" and info["budget"]["context"] == 256
+    assert info["pte"]["fits"] and not info["gguf"]["fits"]
+    assert info["pte"]["predicted_mb"] == pytest.approx(plan.predicted["pte"]["bytes"] / fit.MB)
