@@ -314,11 +314,12 @@ def _devices(args: argparse.Namespace) -> int:
         for line in plan.summary():
             print(line)
         b = plan.budget
-        if b.max_size_mb is not None and r["artifact_mb"] > b.max_size_mb:
+        budgeted = Path(artifact).suffix.lstrip(".") in b.targets  # --fit-artifact: the other file was not
+        if budgeted and b.max_size_mb is not None and r["artifact_mb"] > b.max_size_mb:
             r["fits"] = False
             r["verdict"] += f"; but {r['artifact_mb']:.1f} MB is over the plan's --max-size {b.max_size_mb:g} MB"
         lo = r["decode_tokens_per_s"][0]
-        if b.min_decode is not None and b.device == profile.name and lo < b.min_decode:
+        if budgeted and b.min_decode is not None and b.device == profile.name and lo < b.min_decode:
             r["fits"] = False
             r["verdict"] += f"; but {lo:.0f} tokens/s is under the plan's --min-decode {b.min_decode:g}"
     print(r["verdict"])

@@ -29,7 +29,7 @@ from .errors import EdgeftError
 from .exporters import export_dir
 from .fsutil import atomic_dir, write_json, write_text
 from .models import load_trained
-from .rundir import RUNS_DIR, SCALES_FILE, find_run
+from .rundir import RUNS_DIR, SCALES_FILE, RunDir, find_run
 
 log = logging.getLogger("edgeft")
 
@@ -162,9 +162,9 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
     model_dir = resolve_model(cfg.model)
     tokenizer, template, train_ex, eval_ex = _prepare_data(cfg, records, model_dir, dataset)
     cfg = _finalize_steps(cfg, train_ex, world)
-    if cfg.qat == "auto" and not (cfg.resume and (run / "qat_plan.json").exists()):
+    if cfg.qat == "auto" and not (cfg.resume and RunDir(run).qat_plan.exists()):
         from .qat import plan as fit
-        from .train.model import empty_model
+        from .training.model import empty_model
 
         # an impossible budget fails here, before anything is trained or written
         fit.check_feasible(fit.model_shape(empty_model(model_dir, torch.float32), model_dir), fit_budget(cfg),
@@ -228,15 +228,18 @@ def apply_fit_plan(cfg: TrainConfig, plan: Any) -> TrainConfig:
 
 def _fit_plan(cfg: TrainConfig, run: Path, model_dir: Path, data, device: str, twin: Path | None, dist) -> TrainConfig:
     """``--qat auto``: calibrate, choose and write ``qat_plan.json`` (a resumed run keeps the plan it chose)."""
+    from .models import float_dir
     from .qat import plan as fit
-    from .train.distributed import broadcast_object
-    from .train.model import load_base
+    from .rundir import Variant
+    from .training.distributed import broadcast_object
+    from .training.model import load_base
 
     plan = fit.load(run) if cfg.resume else None
     if plan is None and (dist is None or dist.is_main):
         tokenizer, _, train_ex, _ = data
         src = float_dir(twin) if twin is not None else model_dir
-        model = load_base(replace(cfg, load_in_4bit=False, load_in_8bit=False), src, device)
+        # fp32: a linear's loss rise is a small difference of two losses, which bf16 rounding would blur
+        model = load_base(replace(cfg, load_in_4bit=False, load_in_8bit=False, dtype="fp32"), src, device)
         batches = fit.calibration_batches(train_ex, tokenizer.pad_token_id, device=device)
         plan = fit.plan_for_model(model, batches, fit_budget(cfg), src, cfg.qat_weight_scale, cfg.qat_group_size)
         plan.calibration["model"] = str(src)
@@ -248,7 +251,7 @@ def _fit_plan(cfg: TrainConfig, run: Path, model_dir: Path, data, device: str, t
         plan = fit.FitPlan.from_dict(broadcast_object(plan.to_dict() if plan is not None else None, dist))
     if twin is not None and (dist is None or dist.is_main):
         # the twin was converted before the plan existed: its PTQ must quantize as the plan does
-        record = json.loads((twin / "converted" / "scheme.json").read_text()).get("plan") or {}
+        record = (Variant(twin).scheme_record() or {}).get("plan") or {}
         if record != json.loads(json.dumps(plan.qat_plan().to_dict())):
             model, tokenizer = load_trained(twin)
             convert_model(model, tokenizer, plan.qat_plan(), twin / "converted")
@@ -262,7 +265,7 @@ def run_qat_plan(run: Path, cfg: TrainConfig) -> Any:
 
         plan = fit.load(run)
         if plan is None:
-            raise EdgeftError(f"{run} was trained with --qat auto but holds no {fit.PLAN_FILE}")
+            raise EdgeftError(f"{run} was trained with --qat auto but holds no {RunDir(run).qat_plan.name}")
         return plan.qat_plan()
     return qat_plan(cfg)
 

@@ -3,6 +3,7 @@
 ```
 runs/<name>/                 RunDir
   config.yaml                the resolved config        metrics.jsonl, loss.png   the loss log and its plot
+  qat_plan.json              --qat auto: the device-fit plan (each tensor's format and why)
   model/                     trained adapter or full weights, edgeft.json (what was trained), qat_scales.safetensors
   converted/                 what the phone runs (torchao tensors, or float) and scheme.json (its quantization record)
   merged/                    a LoRA run's float model merged once for the exporters (made on demand)
@@ -35,6 +36,7 @@ SCALES_FILE = "qat_scales.safetensors"  # in model/: learned QAT group scales (q
 SCHEME_FILE = "scheme.json"  # in a converted model directory: its quantization record (qat.convert)
 MANIFEST_FILE = "manifest.json"  # in exports/: one record per export, by name
 MODELFILE = "Modelfile"
+PLAN_FILE = "qat_plan.json"  # at a run's root: the device-fit plan of --qat auto (qat/plan.py)
 QUESTIONS_FILE = "questions.jsonl"  # in eval/: each question's result per variant and runtime
 # the .pte by its logits: every position (evaluation, the default) or the last one only (deployment), each under its
 # own name so that `edgeft eval`, which needs every position and reuses model.pte, never meets a last-token program
@@ -227,6 +229,11 @@ class RunDir(Variant):
     @property
     def config_file(self) -> Path:
         return self.root / CONFIG_FILE
+
+    @property
+    def qat_plan(self) -> Path:
+        """``--qat auto``: the device-fit plan the run chose (qat/plan.py)."""
+        return self.root / PLAN_FILE
 
     @property
     def loss_plot(self) -> Path:

@@ -1,31 +1,21 @@
-"""The device-fit plan: which format each tensor takes so that the model fits a phone, as data.
+"""The device-fit plan (``--qat auto``): which format each tensor takes so that the model fits a phone, as data.
 
-``edgeft train --qat auto --device pixel-8 [--max-size MB] [--min-decode TOK_S] [--context N]`` (issue #17):
+Guarantees:
+- calibration (:func:`calibrate`) measures, on the model QAT starts from and the run's training examples, each
+  linear's task-loss rise on the int4 grid at every candidate group size (``sensitivity.linear_sensitivity``);
+- the size model (:func:`tensor_bytes`, :func:`artifact_bytes`) is per artifact, from the formats the exporters
+  write; runtime memory and decode speed are ``devices.profiles.estimate``, the function ``devices check`` runs;
+- the chooser (:func:`choose`) returns, among candidates (group size x embedding x KV-cache format) whose all-int4
+  form fits the budget, the one with the least predicted loss rise after greedy int8 upgrades (largest rise per
+  extra byte first, while the budgeted artifacts fit); nothing fits: one ``EdgeftError`` naming the smallest plan
+  and its size;
+- the plan is ``qat_plan.json`` in the run (:meth:`FitPlan.write`, :func:`load`: every tensor's format, bytes and
+  why), and :meth:`FitPlan.qat_plan` trains exactly it (phone-deployment's grids, the chosen group size, the
+  chosen linears at int8 by module path), which prepare, convert and both exporters carry;
+- formats no exporter of this version writes (4-bit embeddings, an int8 KV cache) are listed with the reason and
+  never chosen.
 
-1. *Calibration* (:func:`calibrate`): on the run's own model and training data (never its evaluation split), each
-   linear's sensitivity, the rise of the task loss when that linear alone takes the int4 grid
-   (``sensitivity.linear_sensitivity``), at every candidate group size.
-2. *Size model* (:func:`tensor_bytes`): the bytes each tensor format takes in each artifact, from the formats the
-   exporters write (``.pte``: XNNPACK's 4-bit nibbles with bf16 group scales for the 8da4w linears, int8 rows for
-   the int8 ones, ``embedding_byte`` rows with fp32 scales; GGUF: Q4_0 / Q8_0 blocks of 32 with one fp16 scale,
-   norms F32) plus each artifact's fixed overhead (program, vocabulary). The runtime memory at ``--context`` (KV
-   cache included) and the decode estimate from the profile's bandwidth are ``devices.profiles.estimate``'s, the
-   same code ``edgeft devices check`` runs on the exported file.
-3. *Chooser* (:func:`choose`): for every candidate (group size x embedding format x KV-cache format) all linears
-   start at int4; the candidate fits if both artifacts (``.pte`` and GGUF) meet the budget (``--max-size``, the
-   profile's app memory at ``--context``, ``--min-decode`` at the profile's low bandwidth efficiency); then the
-   linears are upgraded to int8 greedily, largest loss rise per extra byte first, while both still fit. The
-   predicted loss rise of a plan is the sum of its int4 linears' rises (int8's ~16x finer grid is counted as
-   free); the plan with the least predicted rise wins. No candidate fits: one :class:`EdgeftError` naming the
-   smallest plan and its size.
-
-The plan is written to the run as ``qat_plan.json`` (:meth:`FitPlan.write`: every tensor's format, bytes and why),
-read back by :func:`load`, and trained exactly: :meth:`FitPlan.qat_plan` is the ``phone-deployment`` preset with
-the plan's group size and its int8 linears by module path (``QATPlan.int8_modules``), which prepare, convert and
-both exporters already carry (mixed Q4_0/Q8_0 GGUF; mixed 8da4w/8da8w ``.pte``).
-
-Formats this version cannot deploy are listed with the reason and never chosen: 4-bit embeddings and an int8 KV
-cache (the ``.pte`` exporter writes int8 embeddings through ``embedding_byte`` and an fp32 cache; issue #17 item 2).
+The method, its approximations and measured size-model errors: docs/device-fit.md.
 """
 
 from __future__ import annotations
@@ -39,15 +29,16 @@ from typing import Any
 
 from edgeft.errors import EdgeftError
 
-PLAN_FILE = "qat_plan.json"
+from edgeft.rundir import PLAN_FILE
 BASE_PRESET = "phone-deployment"  # schemes.AUTO_BASE: 8da4w linears + int8 embeddings, the fast .pte route
 MB = 2**20  # as `edgeft devices check` prints
 DEFAULT_CONTEXT = 2048
 ARTIFACTS = ("pte", "gguf")
-# bytes of a file that are not weights, measured on exported tiny-llama and SmolLM2-135M files (docs/device-fit.md):
-# the .pte's program, delegate headers and constant methods; GGUF's tensor infos and alignment (its vocabulary is
-# counted from the tokenizer: gguf_vocab_bytes)
-PTE_OVERHEAD = 96 * 1024
+# bytes of a file that are not weights, fitted to exported files (docs/device-fit.md): the .pte's program, delegate
+# headers and constant methods grow with the layers (tiny-llama, 4 layers: 89,344; SmolLM2-135M, 30: 532,096); the
+# GGUF's tensor infos and alignment per tensor, its header (its vocabulary is counted from the tokenizer)
+PTE_OVERHEAD = 21_000
+PTE_OVERHEAD_PER_LAYER = 17_000
 GGUF_TENSOR_OVERHEAD = 96  # name, dims, type, offset and alignment padding per tensor
 GGUF_FIXED = 4096  # header, architecture metadata, chat template
 
@@ -194,7 +185,7 @@ def artifact_bytes(shape: ModelShape, group_size: int | None, int8: set[str], em
     vocab, hidden = shape.embedding
     total += tensor_bytes("emb-" + embedding, vocab, hidden, artifact) + shape.float_params * 4
     if artifact == "pte":
-        return total + PTE_OVERHEAD
+        return total + PTE_OVERHEAD + PTE_OVERHEAD_PER_LAYER * int(shape.config["layers"])
     n_tensors = len(shape.linears) + 1 + shape.float_tensors
     return total + n_tensors * GGUF_TENSOR_OVERHEAD + GGUF_FIXED + shape.vocab_bytes
 
@@ -284,8 +275,9 @@ class FitPlan:
     def write(self, run: str | Path) -> Path:
         """Write ``run/qat_plan.json`` atomically."""
         from edgeft.fsutil import write_json
+        from edgeft.rundir import RunDir
 
-        path = Path(run) / PLAN_FILE
+        path = RunDir(run).qat_plan
         write_json(path, self.to_dict())
         return path
 
@@ -314,7 +306,9 @@ class FitPlan:
 
 def load(run: str | Path) -> FitPlan | None:
     """The run's device-fit plan (``qat_plan.json``), or None when the run has none."""
-    path = Path(run) / PLAN_FILE
+    from edgeft.rundir import RunDir
+
+    path = RunDir(run).qat_plan
     if not path.is_file():
         return None
     try:
