@@ -39,6 +39,10 @@ def test_the_plan_is_mixed_and_trained_exactly(run):
     assert json.loads((run / "model" / "edgeft.json").read_text())["qat"]["int8_modules"] == list(plan.int8_modules)
     cfg = (run / "config.yaml").read_text()  # the request, reproducible; the plan is the file
     assert "qat: auto" in cfg and "fit_device: pixel-8" in cfg and "qat_int8: []" in cfg
+    # resuming the finished run keeps its plan (no second calibration) and its converted models
+    before = (run / "qat_plan.json").read_bytes(), (run / "converted" / "scheme.json").stat().st_mtime_ns
+    assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert before == ((run / "qat_plan.json").read_bytes(), (run / "converted" / "scheme.json").stat().st_mtime_ns)
 
 
 def test_artifacts_match_the_size_model_and_fit(run, capsys):

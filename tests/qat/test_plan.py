@@ -207,3 +207,16 @@ def test_calibration_is_the_loss_rise_of_one_int4_linear():
     assert r["tokens"] == int((labels[:, 1:] != -100).sum())
     # the model is left as it was
     assert type(model.model.layers[2].mlp.down_proj) is nn.Linear
+
+
+def test_device_flag_names_a_profile_or_a_torch_device():
+    import dataclasses
+
+    from edgeft.config import TrainConfig, fit_budget, resolve as resolve_cfg
+
+    cfg = resolve_cfg(TrainConfig(model="tiny-llama", qat="auto", device="pixel-8", fit_context=1024))
+    assert cfg.fit_device == "pixel-8" and cfg.device in ("cpu", "cuda") and cfg.mode == "full"
+    assert fit_budget(cfg) == fit.Budget("pixel-8", None, None, 1024, "both")
+    assert resolve_cfg(TrainConfig(model="tiny-llama", device="cpu")).device == "cpu"
+    with pytest.raises(EdgeftError, match="two target devices"):
+        resolve_cfg(dataclasses.replace(TrainConfig(qat="auto", device="pixel-8"), fit_device="galaxy-s24"))
