@@ -43,6 +43,10 @@ def test_the_plan_is_mixed_and_trained_exactly(run):
     before = (run / "qat_plan.json").read_bytes(), (run / "converted" / "scheme.json").stat().st_mtime_ns
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
     assert before == ((run / "qat_plan.json").read_bytes(), (run / "converted" / "scheme.json").stat().st_mtime_ns)
+    assert main(["convert", "--run", str(run)]) == 0  # a later convert reads the plan from the run too
+    for root in (run, run / "baseline"):
+        assert sorted(json.loads((root / "converted" / "scheme.json").read_text())["int8_linears"]) == sorted(
+            plan.int8_modules)
 
 
 def test_artifacts_match_the_size_model_and_fit(run, capsys):
