@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +30,7 @@ from .errors import EdgeftError
 from .exporters import export_dir
 from .fsutil import atomic_dir, write_json, write_text
 from .models import load_trained
-from .rundir import RUNS_DIR, SCALES_FILE, find_run
+from .rundir import DATA_FILE, MODEL_INFO_FILE, RUNS_DIR, SCALES_FILE, find_run
 
 log = logging.getLogger("edgeft")
 
@@ -68,15 +70,35 @@ def train(cfg: TrainConfig, dataset: Any = None) -> Path:
         shutdown(dist)
 
 
+def _has_progress(run: Path) -> bool:
+    """Whether ``run`` holds anything a failed start does not: training steps (metrics.jsonl), checkpoints or a
+    trained model. A directory with a config.yaml alone is the debris of a run that died before its first step."""
+    return any(p.is_file() and p.stat().st_size > 0 for p in run.rglob("metrics.jsonl")) or \
+        any(run.rglob("state.json")) or any(run.rglob(MODEL_INFO_FILE))
+
+
 def _check_run_dir(run: Path, cfg: TrainConfig) -> None:
     """Refuse to clobber a run by accident, or to resume something that is not there (nothing written yet)."""
-    exists = (run / "config.yaml").exists()
-    if cfg.resume and not exists:
-        raise EdgeftError(f"--resume: {run} holds no run to resume (no config.yaml)")
-    if exists and not cfg.resume and not cfg.overwrite:
-        raise EdgeftError(f"{run} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if cfg.resume and cfg.overwrite:
+        raise EdgeftError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     if run.exists() and not run.is_dir():
         raise EdgeftError(f"--out {run} is a file, not a directory")
+    exists = (run / "config.yaml").exists()
+    if not exists and run.is_dir() and any(p for p in run.iterdir() if not p.name.startswith(".")):
+        raise EdgeftError(f"--out {run} is a directory that holds files but no edgeft run; choose an empty or new "
+                          "directory")
+    if cfg.resume and not exists:
+        raise EdgeftError(f"--resume: {run} holds no run to resume (no config.yaml)")
+    if exists and not cfg.resume and not cfg.overwrite and _has_progress(run):
+        raise EdgeftError(f"{run} already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+
+def _remove_stale_siblings(run: Path) -> None:
+    """Remove the temporary runs that a killed ``--overwrite`` of ``run`` left beside it (their process is gone)."""
+    from .fsutil import remove_stale
+
+    if run.parent.is_dir():
+        remove_stale(run.parent, f".{run.name}.")
 
 
 def _load_records(cfg: TrainConfig, dataset: Any) -> list:
@@ -142,9 +164,6 @@ def _describe_dataset(dataset: Any) -> str:
 
 
 def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
-    import shutil
-
-    from .data import padding_efficiency
     from .models import resolve_model
     from .training.distributed import barrier, broadcast_object
 
@@ -154,6 +173,8 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
         cfg = replace(cfg, data=_describe_dataset(dataset))
     run = Path(cfg.out) if cfg.out else RUNS_DIR / f"{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = Path(broadcast_object(str(run), dist))
+    if is_main:
+        _remove_stale_siblings(run)  # a killed --overwrite's hidden directory: its process is gone
     _check_run_dir(run, cfg)
     records = _load_records(cfg, dataset)  # bad data fails before any model work
     model_dir = resolve_model(cfg.model)
@@ -165,24 +186,105 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
         if diff:
             raise EdgeftError(f"--resume: {run} was trained with a different config ({'; '.join(diff[:4])}"
                               f"{'; ...' if len(diff) > 4 else ''}); resume with the same settings")
+    data_print = _data_fingerprint(records)
+    if cfg.resume:
+        _check_data(run, data_print)
+    # a new run into an empty --out trains in place (a kill leaves it resumable); one replacing an existing run
+    # (--overwrite) trains into a hidden sibling swapped in at the end, so the old run survives any failure
+    work = run
     if is_main:
-        if cfg.overwrite and not cfg.resume and run.exists():
-            shutil.rmtree(run)
-        run.mkdir(parents=True, exist_ok=True)
-        write_text(run / "config.yaml", dump_yaml(replace(cfg, resume=False, overwrite=False)))
-        log.info("run directory: %s", run)
-        lengths = [len(ex["input_ids"]) for ex in train_ex]
-        log.info("data: %d training examples (%d tokens), %d eval; chat template: %s", len(train_ex), sum(lengths),
-                 len(eval_ex), template["name"] or "none (raw text)")
-        if _batching(cfg) == "padding_free":
-            log.info("padding-free batching: no pad tokens (a padded batch of %d would be %.1f%% padding)",
-                     cfg.batch_size, 100 * (1 - padding_efficiency(lengths, cfg.batch_size)))
-    barrier(dist)
+        if cfg.resume:  # what a killed writer left half-written inside the run
+            from .fsutil import remove_stale
 
-    data = (tokenizer, template, train_ex, eval_ex)
+            for d in (run, run / "baseline"):
+                remove_stale(d)
+        replacing = not cfg.resume and run.exists() and any(run.iterdir())
+        if replacing:
+            work = _temp_sibling(run)
+    created = is_main and not run.exists()
+    work = Path(broadcast_object(str(work), dist))
+    try:
+        _train_into(cfg, run, work, dist, is_main, model_dir, (tokenizer, template, train_ex, eval_ex), data_print,
+                    device)
+    except BaseException:
+        if is_main and work != run:
+            shutil.rmtree(work, ignore_errors=True)
+        elif created and not _has_progress(run):  # nothing to resume: leave nothing behind
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+    if is_main and work != run:
+        _swap_in(work, run)
+    barrier(dist)
+    return run
+
+
+def _temp_sibling(run: Path) -> Path:
+    """A fresh hidden directory beside ``run``, named after this process (fsutil.remove_stale knows the form)."""
+    import tempfile
+
+    run.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{run.name}.tmp-{os.getpid()}-", dir=run.parent))
+
+
+def _swap_in(work: Path, run: Path) -> None:
+    """Replace ``run`` by the complete ``work``: two renames, the old run removed only after the second."""
+    for info in (work / "model" / MODEL_INFO_FILE, work / "baseline" / "model" / MODEL_INFO_FILE):
+        if info.exists():  # paths recorded while training name the run's final place
+            write_text(info, info.read_text().replace(json.dumps(str(work))[1:-1], json.dumps(str(run))[1:-1]))
+    old = run.with_name(f".{run.name}.old-{os.getpid()}")
+    os.replace(run, old)
+    os.replace(work, run)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _data_fingerprint(records: list) -> dict[str, Any]:
+    """What the run trains on, as a hash of the loaded examples (any source: a file, builtin, in-memory)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return {"sha256": digest, "records": len(records)}
+
+
+def _check_data(run: Path, data_print: dict[str, Any]) -> None:
+    saved = run / DATA_FILE
+    if not saved.exists():  # a run from before the fingerprint was recorded
+        return
+    try:
+        before = json.loads(saved.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EdgeftError(f"--resume: {saved} is damaged (not JSON); it records the data the run trained on") \
+            from None
+    if before.get("sha256") != data_print["sha256"]:
+        raise EdgeftError(f"--resume: the data differs from what {run} was trained on ({before.get('records')} "
+                          f"examples then, {data_print['records']} now, contents changed); resume with the same data "
+                          "or train a new run")
+
+
+def _train_into(cfg: TrainConfig, run: Path, work: Path, dist, is_main: bool, model_dir: Path, data: tuple,
+                data_print: dict[str, Any], device: str) -> None:
+    """Write the run into ``work`` (``run`` itself, or the sibling that replaces it)."""
+    from .data import padding_efficiency
+    from .train.distributed import barrier
+
+    tokenizer, template, train_ex, eval_ex = data
+    notes: list[tuple] = []  # info lines, shown once the model has loaded: an early error stays the only line
+    if is_main:
+        work.mkdir(parents=True, exist_ok=True)
+        write_text(work / "config.yaml", dump_yaml(replace(cfg, resume=False, overwrite=False)))
+        write_json(work / DATA_FILE, data_print)
+        notes.append(("run directory: %s", run))
+        lengths = [len(ex["input_ids"]) for ex in train_ex]
+        notes.append(("data: %d training examples (%d tokens), %d eval; chat template: %s", len(train_ex),
+                      sum(lengths), len(eval_ex), template["name"] or "none (raw text)"))
+        if _batching(cfg) == "padding_free":
+            notes.append(("padding-free batching: no pad tokens (a padded batch of %d would be %.1f%% padding)",
+                          cfg.batch_size, 100 * (1 - padding_efficiency(lengths, cfg.batch_size))))
+    barrier(dist)
+    run = work
     from_twin = bool(cfg.qat and cfg.ptq and (cfg.qat_distill or cfg.qat_init == "baseline"))
     if from_twin:  # the QAT run learns from (and/or starts at) the float twin: train that first
-        _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device)
+        _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device,
+                       notes=notes)
     qat_data = data
     if cfg.qat and cfg.qat_corpus:
         from .training.distill import corpus_examples
@@ -190,10 +292,10 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
         prose = corpus_examples(tokenizer, cfg.qat_corpus, len(train_ex), seed=cfg.seed)
         qat_data = (tokenizer, template, train_ex + prose, eval_ex)
         if is_main:
-            log.info("QAT data: %d examples + %d chunks of generic prose (--qat-corpus %.2f)", len(train_ex),
-                     len(prose), cfg.qat_corpus)
+            notes.append(("QAT data: %d examples + %d chunks of generic prose (--qat-corpus %.2f)", len(train_ex),
+                          len(prose), cfg.qat_corpus))
     _train_variant(cfg, run, model_dir, qat_data, qat_during_training=cfg.qat is not None, dist=dist,
-                   device=device, twin=run / "baseline" if from_twin else None)
+                   device=device, twin=run / "baseline" if from_twin else None, notes=notes)
     if cfg.qat and cfg.ptq and not from_twin:
         _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device)
 
@@ -205,7 +307,6 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
             curves["no QAT (baseline)"] = read_metrics(run / "baseline" / "metrics.jsonl")
         plot_loss(curves, run / "loss.png", title=f"{cfg.model} on {cfg.data}")
     barrier(dist)
-    return run
 
 
 def _variant_done(root: Path) -> bool:
@@ -213,9 +314,10 @@ def _variant_done(root: Path) -> bool:
 
 
 def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_during_training: bool, dist=None,
-                   device: str | None = None, twin: Path | None = None) -> None:
+                   device: str | None = None, twin: Path | None = None, notes: list[tuple] | None = None) -> None:
     """Train one variant into ``root``. ``twin``: the trained float twin (baseline/) that a QAT run distils from
-    (``cfg.qat_distill``) and/or starts from (``cfg.qat_init == "baseline"``)."""
+    (``cfg.qat_distill``) and/or starts from (``cfg.qat_init == "baseline"``). ``notes``: info lines held back until
+    the model has loaded (then logged and cleared), so that an error loading it is the command's only line."""
     import torch
 
     from . import qat as qatlib
@@ -248,6 +350,10 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     # shards of rank 0's weights, on its GPU (train/fsdp.py)
     fsdp_load = ("cpu" if is_main else "meta") if strategy == "fsdp" else None
     model, prep = prepare_model(cfg, load_dir, qat=qat_during_training, device=device, load_device=fsdp_load)
+    for note in notes or []:
+        log.info(*note)
+    if notes:
+        notes.clear()
     _set_generation_eos(model, tokenizer)
     plan = qat_plan(cfg)
     ckpt = None
@@ -476,6 +582,11 @@ def export(fmt: str, run: str | Path | None = None, quant: str | None = None, **
     src = run / "converted"
     if not (src / "scheme.json").exists():
         raise EdgeftError(f"{run} has no converted model; run `edgeft train` to completion first")
+    from .fsutil import remove_stale
+    from .integrity import check_safetensors_dir
+
+    check_safetensors_dir(src, f"run `edgeft convert --run {run}` to write {src.name}/ again from model/")
+    remove_stale(run / "exports")  # temporary files of an export that was killed
     report = export_dir(fmt, src, run / "exports", quant=quant, **kwargs)
     if fmt == "gguf":
         # the Ollama Modelfile carries the run's chat template and stop tokens next to the GGUF it names

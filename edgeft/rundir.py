@@ -30,6 +30,7 @@ from .fsutil import write_json
 
 RUNS_DIR = Path("runs")  # where runs go without --out, and where find() looks for the newest
 CONFIG_FILE = "config.yaml"
+DATA_FILE = "data.json"  # a hash of the examples the run trains on (--resume refuses other data)
 MODEL_INFO_FILE = "edgeft.json"  # in model/: what was trained (base model, mode, QAT plan, training summary)
 SCALES_FILE = "qat_scales.safetensors"  # in model/: learned QAT group scales (qat.learned_scales), by linear name
 SCHEME_FILE = "scheme.json"  # in a converted model directory: its quantization record (qat.convert)
