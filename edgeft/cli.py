@@ -8,14 +8,36 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from typing import Any
 
 from .errors import EdgeftError
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# how writers that wrap the OS error say it (safetensors: "os error 28", torch.save: "file write failed")
+_DISK_FULL_TEXT = re.compile(r"No space left on device|File too large|Disk quota exceeded|os error (?:28|27|122)\b|"
+                             r"file write failed")
+
+
+def _disk_full(e: BaseException) -> str | None:
+    """A one-line description when ``e`` (or what it wraps) is a write that found the disk full, else None."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return f"{e.strerror or os.strerror(e.errno)}" + (f" writing {e.filename}" if e.filename else "")
+        m = _DISK_FULL_TEXT.search(str(e))
+        if m:
+            return f"a write failed ({m.group(0)})"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _quiet_backends() -> None:
@@ -36,12 +58,23 @@ def _quiet_backends() -> None:
         pass
 
 
+# exporters.gguf.QUANTS, spelled here so that `--help` does not import the exporter (a test keeps them equal)
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+
+
 def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (the usage is in --help), like every other edgeft error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgeft", description="Fine-tune with QAT and take the model to a phone.")
+    p = _Parser(prog="edgeft", description="Fine-tune with QAT and take the model to a phone.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune (LoRA or full), with QAT, then convert")
@@ -152,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a run's converted model")
     e.add_argument("format", choices=["pte", "gguf", "torchao"])
     e.add_argument("--run", help="run directory (default: newest under ./runs)")
-    e.add_argument("--quant", help="GGUF type: f32, f16, bf16, q8_0, q4_0 (default: the scheme's bit width)")
+    e.add_argument("--quant", help=f"GGUF type: {', '.join(GGUF_QUANTS)} (default: the scheme's bit width; the "
+                                   "K-quants through llama.cpp)")
     e.add_argument("--max-seq-len", type=int, help=".pte KV-cache length (default 512)")
     e.add_argument("--logits", choices=["all", "last"],
                    help=".pte output: logits for every position (all, default: model.pte, what `edgeft eval` runs) "
@@ -263,6 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeftError as e:
         print(f"edgeft: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        why = _disk_full(e)
+        if why is None:
+            raise
+        # atomic writes left nothing half-written: freeing space and running the command again is the whole fix
+        print(f"edgeft: error: {why}; nothing was replaced: free some space and run the command again",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("edgeft: interrupted", file=sys.stderr)
         return 130
@@ -356,7 +398,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         data = load_eval_data(args.data, args.limit)  # so does bad evaluation data
         report = pipeline.evaluate(
             args.run, runtimes=args.runtimes, variants=args.compare, limit=args.limit, ppl_tokens=args.ppl_tokens,
-            data=data,
+            data=data, require_exports=True,
         )
         print(render_markdown(report))
         print(f"report: {report['run']}/eval/report.md")

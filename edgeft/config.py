@@ -167,19 +167,66 @@ _SCHEDULES = ("cosine", "linear", "constant")
 _OPTIMS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd")
 
 
-def from_dict(d: dict[str, Any]) -> TrainConfig:
-    """Build a config from a mapping (YAML), rejecting unknown keys with one line."""
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a field's annotation (an int is a float; a comma-separated string is a list)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, str) or (isinstance(value, list) and all(_type_ok(v, item) for v in value))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    """A field's annotation in YAML's words ("a whole number or null")."""
+    import typing
+
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(args[0]).removeprefix('a ')}s"
+    if args:
+        return " or ".join(_type_name(h) for h in args)
+    names = {int: "a whole number", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_types(cls: type, d: dict[str, Any], source: str, prefix: str = "") -> None:
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for k, v in d.items():
+        if not _type_ok(v, hints[k]):
+            raise EdgeftError(f"{source}{prefix}{k} must be {_type_name(hints[k])}, not {v!r}")
+
+
+def from_dict(d: dict[str, Any], source: str = "") -> TrainConfig:
+    """Build a config from a mapping (YAML), rejecting unknown keys and wrongly typed values with one line.
+
+    ``source``: the file's name, prefixed to errors."""
+    source = f"{source}: " if source else ""
     d = dict(d)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise EdgeftError(f"unknown config keys: {', '.join(unknown)}")
+        raise EdgeftError(f"{source}unknown config keys: {', '.join(unknown)}")
     lora = d.pop("lora", None) or {}
     if not isinstance(lora, dict):
-        raise EdgeftError("config key 'lora' must be a mapping (r, alpha, dropout, target_modules)")
+        raise EdgeftError(f"{source}config key 'lora' must be a mapping (r, alpha, dropout, target_modules)")
     lknown = {f.name for f in dataclasses.fields(LoraSettings)}
     if set(lora) - lknown:
-        raise EdgeftError(f"unknown lora keys: {', '.join(sorted(set(lora) - lknown))}")
+        raise EdgeftError(f"{source}unknown lora keys: {', '.join(sorted(set(lora) - lknown))}")
+    _check_types(TrainConfig, d, source)
+    _check_types(LoraSettings, lora, source, "lora.")
     return TrainConfig(lora=LoraSettings(**lora), **d)
 
 
@@ -193,7 +240,7 @@ def load_yaml(path: str | Path) -> TrainConfig:
         raise EdgeftError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise EdgeftError(f"{path}: expected a mapping of config keys")
-    return from_dict(data)
+    return from_dict(data, str(path))
 
 
 def dump_yaml(cfg: TrainConfig) -> str:
@@ -259,10 +306,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise EdgeftError(f"dtype must be fp32 or bf16, not {cfg.dtype!r}")
     if cfg.lr is None:
         cfg.lr = 2e-4 if cfg.mode == "lora" else 2e-5
+    if not cfg.lr > 0:  # before qat_lr, which defaults to it
+        raise EdgeftError(f"lr must be positive, not {cfg.lr}")
     if cfg.qat_lr is None:
         cfg.qat_lr = max(cfg.lr, 1e-4) if (cfg.qat and cfg.qat_init == "baseline") else cfg.lr
-    if cfg.qat_lr <= 0:
-        raise EdgeftError("qat_lr must be positive")
+    if not cfg.qat_lr > 0:
+        raise EdgeftError(f"qat_lr must be positive, not {cfg.qat_lr}")
     if cfg.qat_scale_lr is not None and not cfg.qat_weight_scale.startswith("learned"):
         raise EdgeftError("--qat-scale-lr is the learning rate of learned scales: it needs --qat-weight-scale learned")
     if cfg.qat_scale_lr is None and cfg.qat_weight_scale.startswith("learned"):
@@ -311,8 +360,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise EdgeftError("--adapter continues a LoRA adapter; it needs LoRA mode")
     if cfg.conversation_extension < 1:
         raise EdgeftError("conversation_extension must be at least 1")
-    if cfg.eval_split < 0:
-        raise EdgeftError("eval_split must be >= 0 (a share below 1 or a count)")
+    if not cfg.eval_split >= 0 or (cfg.eval_split >= 1 and cfg.eval_split != int(cfg.eval_split)):
+        raise EdgeftError(f"eval_split must be a share below 1 or a whole count of examples, not {cfg.eval_split}")
     for name in ("eval_steps", "early_stopping_patience", "save_total_limit", "warmup_steps", "epochs"):
         v = getattr(cfg, name)
         if v is not None and v < (0 if name == "warmup_steps" else 1 if name != "epochs" else 1e-9):
