@@ -189,6 +189,7 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
     data_print = _data_fingerprint(records)
     if cfg.resume:
         _check_data(run, data_print)
+        _check_checkpoints(run)
     # a new run into an empty --out trains in place (a kill leaves it resumable); one replacing an existing run
     # (--overwrite) trains into a hidden sibling swapped in at the end, so the old run survives any failure
     work = run
@@ -245,6 +246,16 @@ def _data_fingerprint(records: list) -> dict[str, Any]:
     return {"sha256": digest, "records": len(records)}
 
 
+def _check_checkpoints(run: Path) -> None:
+    """The newest checkpoint of each unfinished variant readable, before any model work (a damaged file is one
+    error naming it and the checkpoint before it)."""
+    from .train import CheckpointManager
+
+    for root in (run, run / "baseline"):
+        if not _variant_done(root):
+            CheckpointManager(root / "checkpoints").verify_latest()
+
+
 def _check_data(run: Path, data_print: dict[str, Any]) -> None:
     saved = run / DATA_FILE
     if not saved.exists():  # a run from before the fingerprint was recorded
@@ -270,8 +281,13 @@ def _train_into(cfg: TrainConfig, run: Path, work: Path, dist, is_main: bool, mo
     notes: list[tuple] = []  # info lines, shown once the model has loaded: an early error stays the only line
     if is_main:
         work.mkdir(parents=True, exist_ok=True)
-        write_text(work / "config.yaml", dump_yaml(replace(cfg, resume=False, overwrite=False)))
-        write_json(work / DATA_FILE, data_print)
+        text = dump_yaml(replace(cfg, resume=False, overwrite=False))
+        if cfg.resume:  # the run keeps its own record of where it is; unchanged files are not rewritten
+            text = dump_yaml(replace(cfg, resume=False, overwrite=False, out=run_config(run).out))
+        if not (work / "config.yaml").exists() or (work / "config.yaml").read_text() != text:
+            write_text(work / "config.yaml", text)
+        if not (work / DATA_FILE).exists():
+            write_json(work / DATA_FILE, data_print)
         notes.append(("run directory: %s", run))
         lengths = [len(ex["input_ids"]) for ex in train_ex]
         notes.append(("data: %d training examples (%d tokens), %d eval; chat template: %s", len(train_ex),
