@@ -21,9 +21,10 @@ from .errors import EdgeftError
 
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-# how writers that wrap the OS error say it (safetensors: "os error 28", torch.save: "file write failed")
+# how writers that wrap the OS error say it (safetensors: "os error 28", torch.save: "file write failed", numpy's
+# tofile in gguf-py: "N requested and M written")
 _DISK_FULL_TEXT = re.compile(r"No space left on device|File too large|Disk quota exceeded|os error (?:28|27|122)\b|"
-                             r"file write failed")
+                             r"file write failed|\d+ requested and \d+ written")
 
 
 def _disk_full(e: BaseException) -> str | None:
@@ -35,7 +36,7 @@ def _disk_full(e: BaseException) -> str | None:
             return f"{e.strerror or os.strerror(e.errno)}" + (f" writing {e.filename}" if e.filename else "")
         m = _DISK_FULL_TEXT.search(str(e))
         if m:
-            return f"a write failed ({m.group(0)})"
+            return f"a write failed, the disk is full ({m.group(0)})"
         e = e.__cause__ or e.__context__
     return None
 

@@ -60,10 +60,16 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
-def popen(argv: list[str], cwd: str | os.PathLike, **kw) -> subprocess.Popen:
-    """``python -m edgeft argv`` as a real process (for kill -9 and for what the user's terminal shows)."""
-    return subprocess.Popen([sys.executable, "-m", "edgeft", *argv], cwd=cwd, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+def popen(argv: list[str], cwd: str | os.PathLike, stderr: Path | None = None, **kw) -> subprocess.Popen:
+    """``python -m edgeft argv`` as a real process (for kill -9 and for what the user's terminal shows); ``stderr``:
+    a file to write it to (watchable while it runs), else a pipe."""
+    err = open(stderr, "w") if stderr is not None else subprocess.PIPE
+    try:
+        return subprocess.Popen([sys.executable, "-m", "edgeft", *argv], cwd=cwd, env=env(), stdout=subprocess.DEVNULL,
+                                stderr=err, text=True, **kw)
+    finally:
+        if stderr is not None:
+            err.close()
 
 
 def copy_run(src: Path, dest: Path) -> Path:

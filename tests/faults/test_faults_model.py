@@ -92,3 +92,16 @@ def test_failure_loading_the_model_leaves_no_run(case, tmp_path, capsys, monkeyp
     assert_one_error([*TRAIN, "--data", str(data_file), "--max-steps", "1", "--out", str(out), *extra], capsys,
                      expected, keep=[data_file])
     assert not out.exists() and not list(tmp_path.glob(".run.*"))
+
+
+def test_real_process_shows_the_error_alone(tmp_path, data_file):
+    """In a terminal the info lines of a start (run directory, data) are held until the model has loaded, so an
+    error loading it is the only line."""
+    from faultkit import popen
+
+    proc = popen([*TRAIN, "--data", str(data_file), "--out", str(tmp_path / "run"), "--lora-target-modules",
+                  "foo_proj"], cwd=tmp_path)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2
+    assert err.strip().splitlines() == [err.strip()] and err.startswith("edgeft: error: LoRA: Target modules"), err
+    assert not (tmp_path / "run").exists()
