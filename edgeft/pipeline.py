@@ -249,7 +249,7 @@ def _data_fingerprint(records: list) -> dict[str, Any]:
 def _check_checkpoints(run: Path) -> None:
     """The newest checkpoint of each unfinished variant readable, before any model work (a damaged file is one
     error naming it and the checkpoint before it)."""
-    from .train import CheckpointManager
+    from .training import CheckpointManager
 
     for root in (run, run / "baseline"):
         if not _variant_done(root):
@@ -275,7 +275,7 @@ def _train_into(cfg: TrainConfig, run: Path, work: Path, dist, is_main: bool, mo
                 data_print: dict[str, Any], device: str) -> None:
     """Write the run into ``work`` (``run`` itself, or the sibling that replaces it)."""
     from .data import padding_efficiency
-    from .train.distributed import barrier
+    from .training.distributed import barrier
 
     tokenizer, template, train_ex, eval_ex = data
     notes: list[tuple] = []  # info lines, shown once the model has loaded: an early error stays the only line
@@ -566,6 +566,9 @@ def convert(run: str | Path | None = None) -> Path:
     for root in [run, run / "baseline"]:
         if not (root / "model" / "edgeft.json").exists():
             continue
+        from .integrity import check_safetensors_dir
+
+        check_safetensors_dir(root / "model", f"train the run again: `edgeft train --out {run} --overwrite ...`")
         cfg = run_config(run)
         plan = qat_plan(cfg)
         model, tokenizer = load_trained(root)

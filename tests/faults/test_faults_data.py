@@ -13,7 +13,8 @@ CSV_HEAD = "prompt,completion\n"
 
 CASES = {
     # name: (file name, bytes, expected substrings of the one error line)
-    "jsonl-invalid-utf8": ("d.jsonl", (GOOD + "\n").encode() + b'{"text": "caf\xe9"}\n', ["d.jsonl:2", "not valid UTF-8"]),
+    "jsonl-invalid-utf8": ("d.jsonl", (GOOD + "\n").encode() + b'{"text": "caf\xe9"}\n',
+                           ["d.jsonl:2", "not valid UTF-8"]),
     "txt-invalid-utf8": ("d.txt", b"line one\nline two \xff\xfe\n", ["d.txt:2", "not valid UTF-8", "0xff"]),
     "csv-invalid-utf8": ("d.csv", (CSV_HEAD + "a,b\n").encode() + b"c\x80,d\n", ["d.csv:3", "not valid UTF-8"]),
     "json-invalid-utf8": ("d.json", b'[{"text": "\xc3\x28"}]', ["d.json:1", "not valid UTF-8"]),
