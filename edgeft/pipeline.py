@@ -257,7 +257,9 @@ def _check_checkpoints(run: Path) -> None:
 
 
 def _check_data(run: Path, data_print: dict[str, Any]) -> None:
-    saved = run / DATA_FILE
+    from .rundir import RunDir
+
+    saved = RunDir(run).data_file
     if not saved.exists():  # a run from before the fingerprint was recorded
         return
     try:

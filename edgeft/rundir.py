@@ -2,7 +2,7 @@
 
 ```
 runs/<name>/                 RunDir
-  config.yaml                the resolved config        metrics.jsonl, loss.png   the loss log and its plot
+  config.yaml, data.json     the resolved config, a hash of its examples   metrics.jsonl, loss.png   the loss log
   model/                     trained adapter or full weights, edgeft.json (what was trained), qat_scales.safetensors
   converted/                 what the phone runs (torchao tensors, or float) and scheme.json (its quantization record)
   merged/                    a LoRA run's float model merged once for the exporters (made on demand)
@@ -228,6 +228,11 @@ class RunDir(Variant):
     @property
     def config_file(self) -> Path:
         return self.root / CONFIG_FILE
+
+    @property
+    def data_file(self) -> Path:
+        """A hash of the examples the run trains on (written at the start; ``--resume`` refuses other data)."""
+        return self.root / DATA_FILE
 
     @property
     def loss_plot(self) -> Path:
