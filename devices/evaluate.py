@@ -375,6 +375,10 @@ def evaluate_run(
     for v in run.variants():
         if v.converted.is_dir():
             check_safetensors_dir(v.converted, f"run `edgeft convert --run {run.root}` to write it again from model/")
+    from edgeft.fsutil import remove_stale
+
+    for d in (run.eval, *(v.exports.path for v in run.variants()), run.baseline.exports.float.path):
+        remove_stale(d)  # what a killed eval or export left half-written
     if require_exports:
         ex = run.exports
         for kind in runtimes:

@@ -97,3 +97,18 @@ def test_eval_of_a_damaged_converted_model(run_copy, capsys):
 def test_eval_of_no_run(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert_one_error(["eval"], capsys, "no run found under ./runs")
+
+
+def test_eval_removes_what_a_killed_writer_left(run_copy, capsys):
+    """Debris of dead processes (pid above Linux's default pid_max) goes; a live writer's file stays."""
+    import os
+
+    dead = 2 ** 22 + 4321
+    planted = [run_copy / "eval" / f".report.json.tmp-{dead}-x", run_copy / "exports" / f".model.pte.tmp-{dead}-y",
+               run_copy / "baseline" / "exports" / "float" / f".model-f16.gguf.tmp-{dead}-z"]
+    live = run_copy / "exports" / f".model-q8_0.gguf.tmp-{os.getpid()}-w"
+    for p in [*planted, live]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    assert_one_error(["eval", "--run", str(run_copy), "--runtimes", "pte"], capsys, "has no exported pte")
+    assert not any(p.exists() for p in planted) and live.exists()
