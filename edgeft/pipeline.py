@@ -242,7 +242,7 @@ def _data_fingerprint(records: list) -> dict[str, Any]:
     """What the run trains on, as a hash of the loaded examples (any source: a file, builtin, in-memory)."""
     import hashlib
 
-    digest = hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
     return {"sha256": digest, "records": len(records)}
 
 
