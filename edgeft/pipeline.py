@@ -19,11 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, config_diff, dump_yaml, identity, identity_defaults, load_yaml, qat_plan, resolve
+from .config import TrainConfig, config_diff, dump_yaml, identity, identity_defaults, load_yaml, resolve
 from .errors import EdgeftError
 from .exporters import export_dir
 from .fsutil import atomic_dir, write_json, write_text
@@ -48,10 +47,10 @@ def run_config(run: Path) -> TrainConfig:
 def train(cfg: TrainConfig, dataset: Any = None) -> Path:
     """Train per ``cfg`` and write the run directory; returns its path.
 
-    ``dataset``: an in-memory ``datasets.Dataset`` (or list of row dicts) used instead of ``cfg.data``.
-    With a QAT scheme and ``cfg.ptq`` (the default), the same config is also trained without fake
+    ``dataset``: an in-memory ``datasets.Dataset`` (or list of row dicts) used instead of ``cfg.data.path``.
+    With a QAT scheme and ``cfg.qat.ptq`` (the default), the same config is also trained without fake
     quantization into ``baseline/``: its float weights are the BF16 reference and its quantized form the
-    PTQ baseline that QAT is measured against. ``cfg.resume`` continues an interrupted run from its newest
+    PTQ baseline that QAT is measured against. ``cfg.run.resume`` continues an interrupted run from its newest
     checkpoints (each variant separately); under ``torchrun`` every process trains a data-parallel replica.
     """
     import torch
@@ -59,9 +58,9 @@ def train(cfg: TrainConfig, dataset: Any = None) -> Path:
     from .training.distributed import init_from_env, shutdown
 
     cfg = resolve(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dist, device = init_from_env(cfg.device)
+    if cfg.hardware.threads:
+        torch.set_num_threads(cfg.hardware.threads)
+    dist, device = init_from_env(cfg.hardware.device)
     try:
         return _train(cfg, dataset, dist, device)
     finally:
@@ -71,9 +70,9 @@ def train(cfg: TrainConfig, dataset: Any = None) -> Path:
 def _check_run_dir(run: Path, cfg: TrainConfig) -> None:
     """Refuse to clobber a run by accident, or to resume something that is not there (nothing written yet)."""
     exists = (run / "config.yaml").exists()
-    if cfg.resume and not exists:
+    if cfg.run.resume and not exists:
         raise EdgeftError(f"--resume: {run} holds no run to resume (no config.yaml)")
-    if exists and not cfg.resume and not cfg.overwrite:
+    if exists and not cfg.run.resume and not cfg.run.overwrite:
         raise EdgeftError(f"{run} already holds a run; pass --resume to continue it or --overwrite to replace it")
     if run.exists() and not run.is_dir():
         raise EdgeftError(f"--out {run} is a file, not a directory")
@@ -83,9 +82,9 @@ def _load_records(cfg: TrainConfig, dataset: Any) -> list:
     from .data import load_records
 
     return load_records(
-        dataset if dataset is not None else cfg.data, cfg.data_split, prompt_template=cfg.prompt_template,
-        output_column=cfg.output_column, conversation_extension=cfg.conversation_extension,
-        system_prompt=cfg.system_prompt, seed=cfg.seed,
+        dataset if dataset is not None else cfg.data.path, cfg.data.split, prompt_template=cfg.data.prompt_template,
+        output_column=cfg.data.output_column, conversation_extension=cfg.data.conversation_extension,
+        system_prompt=cfg.data.system_prompt, seed=cfg.optim.seed,
     )
 
 
@@ -102,19 +101,20 @@ def _prepare_data(cfg: TrainConfig, records: list, model_dir: Path, dataset: Any
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     needed_by = "the data holds conversations" if any(not isinstance(r, str) for r in records) else None
-    if needed_by and cfg.chat_template is None and not getattr(tokenizer, "chat_template", None):
-        needed_by = conversation_rows(records, dataset if dataset is not None else cfg.data, cfg.data_split,
-                                      cfg.prompt_template)
-    template = apply_template(tokenizer, cfg.chat_template, cfg.model, needed_by=needed_by)
-    name = f"{cfg.chat_template!r}" if cfg.chat_template else f"{cfg.model}'s own"
-    train_records, eval_records = split_train_eval(records, cfg.eval_split, cfg.seed)
-    train_ex = encode_dataset(tokenizer, train_records, cfg.max_seq_length, template_name=name)
-    eval_ex = encode_dataset(tokenizer, eval_records, cfg.max_seq_length, template_name=name) if eval_records else []
+    if needed_by and cfg.data.chat_template is None and not getattr(tokenizer, "chat_template", None):
+        needed_by = conversation_rows(records, dataset if dataset is not None else cfg.data.path, cfg.data.split,
+                                      cfg.data.prompt_template)
+    template = apply_template(tokenizer, cfg.data.chat_template, cfg.model.name, needed_by=needed_by)
+    name = f"{cfg.data.chat_template!r}" if cfg.data.chat_template else f"{cfg.model.name}'s own"
+    train_records, eval_records = split_train_eval(records, cfg.eval.split, cfg.optim.seed)
+    train_ex = encode_dataset(tokenizer, train_records, cfg.data.max_seq_length, template_name=name)
+    eval_ex = encode_dataset(tokenizer, eval_records, cfg.data.max_seq_length, template_name=name) \
+        if eval_records else []
     return tokenizer, template, train_ex, eval_ex
 
 
 def _batching(cfg: TrainConfig) -> str:
-    return "packed" if cfg.packing else ("padding_free" if cfg.padding_free else "padded")
+    return "packed" if cfg.data.packing else ("padding_free" if cfg.data.padding_free else "padded")
 
 
 def _finalize_steps(cfg: TrainConfig, train_ex: list, world: int) -> TrainConfig:
@@ -123,15 +123,15 @@ def _finalize_steps(cfg: TrainConfig, train_ex: list, world: int) -> TrainConfig
 
     from .data import Batcher
 
-    cfg = replace(cfg)
-    if cfg.epochs is not None:
-        units = len(Batcher(train_ex, _batching(cfg), 0, cfg.max_seq_length, cfg.seed))
-        per_epoch = units // (cfg.batch_size * world) if world > 1 else math.ceil(units / cfg.batch_size)
-        cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
-    if cfg.qat_max_steps is None:  # after epochs: the QAT run trains as long as the twin unless told otherwise
-        cfg.qat_max_steps = cfg.max_steps
-    if cfg.eval_split > 0 and cfg.eval_steps is None:
-        cfg.eval_steps = max(1, math.ceil(cfg.max_steps / 10))
+    cfg = cfg.replace()
+    if cfg.optim.epochs is not None:
+        units = len(Batcher(train_ex, _batching(cfg), 0, cfg.data.max_seq_length, cfg.optim.seed))
+        per_epoch = units // (cfg.optim.batch_size * world) if world > 1 else math.ceil(units / cfg.optim.batch_size)
+        cfg.optim.max_steps = max(1, math.ceil(cfg.optim.epochs * per_epoch / cfg.optim.grad_accum))
+    if cfg.qat.max_steps is None:  # after epochs: the QAT run trains as long as the twin unless told otherwise
+        cfg.qat.max_steps = cfg.optim.max_steps
+    if cfg.eval.split > 0 and cfg.eval.steps is None:
+        cfg.eval.steps = max(1, math.ceil(cfg.optim.max_steps / 10))
     return cfg
 
 
@@ -151,59 +151,60 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
     is_main = dist is None or dist.is_main
     world = dist.world if dist else 1
     if dataset is not None:
-        cfg = replace(cfg, data=_describe_dataset(dataset))
-    run = Path(cfg.out) if cfg.out else RUNS_DIR / f"{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg = cfg.replace(data=_describe_dataset(dataset))
+    run = Path(cfg.run.out) if cfg.run.out \
+        else RUNS_DIR / f"{Path(cfg.model.name).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = Path(broadcast_object(str(run), dist))
     _check_run_dir(run, cfg)
     records = _load_records(cfg, dataset)  # bad data fails before any model work
-    model_dir = resolve_model(cfg.model)
+    model_dir = resolve_model(cfg.model.name)
     tokenizer, template, train_ex, eval_ex = _prepare_data(cfg, records, model_dir, dataset)
     cfg = _finalize_steps(cfg, train_ex, world)
-    if cfg.resume:
+    if cfg.run.resume:
         saved = resolve(run_config(run))
         diff = config_diff(saved, cfg)
         if diff:
             raise EdgeftError(f"--resume: {run} was trained with a different config ({'; '.join(diff[:4])}"
                               f"{'; ...' if len(diff) > 4 else ''}); resume with the same settings")
     if is_main:
-        if cfg.overwrite and not cfg.resume and run.exists():
+        if cfg.run.overwrite and not cfg.run.resume and run.exists():
             shutil.rmtree(run)
         run.mkdir(parents=True, exist_ok=True)
-        write_text(run / "config.yaml", dump_yaml(replace(cfg, resume=False, overwrite=False)))
+        write_text(run / "config.yaml", dump_yaml(cfg.replace(resume=False, overwrite=False)))
         log.info("run directory: %s", run)
         lengths = [len(ex["input_ids"]) for ex in train_ex]
         log.info("data: %d training examples (%d tokens), %d eval; chat template: %s", len(train_ex), sum(lengths),
                  len(eval_ex), template["name"] or "none (raw text)")
         if _batching(cfg) == "padding_free":
             log.info("padding-free batching: no pad tokens (a padded batch of %d would be %.1f%% padding)",
-                     cfg.batch_size, 100 * (1 - padding_efficiency(lengths, cfg.batch_size)))
+                     cfg.optim.batch_size, 100 * (1 - padding_efficiency(lengths, cfg.optim.batch_size)))
     barrier(dist)
 
     data = (tokenizer, template, train_ex, eval_ex)
-    from_twin = bool(cfg.qat and cfg.ptq and (cfg.qat_distill or cfg.qat_init == "baseline"))
+    from_twin = bool(cfg.qat.scheme and cfg.qat.ptq and (cfg.qat.distill or cfg.qat.init == "baseline"))
     if from_twin:  # the QAT run learns from (and/or starts at) the float twin: train that first
         _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device)
     qat_data = data
-    if cfg.qat and cfg.qat_corpus:
+    if cfg.qat.scheme and cfg.qat.corpus:
         from .training.distill import corpus_examples
 
-        prose = corpus_examples(tokenizer, cfg.qat_corpus, len(train_ex), seed=cfg.seed)
+        prose = corpus_examples(tokenizer, cfg.qat.corpus, len(train_ex), seed=cfg.optim.seed)
         qat_data = (tokenizer, template, train_ex + prose, eval_ex)
         if is_main:
             log.info("QAT data: %d examples + %d chunks of generic prose (--qat-corpus %.2f)", len(train_ex),
-                     len(prose), cfg.qat_corpus)
-    _train_variant(cfg, run, model_dir, qat_data, qat_during_training=cfg.qat is not None, dist=dist,
+                     len(prose), cfg.qat.corpus)
+    _train_variant(cfg, run, model_dir, qat_data, qat_during_training=cfg.qat.scheme is not None, dist=dist,
                    device=device, twin=run / "baseline" if from_twin else None)
-    if cfg.qat and cfg.ptq and not from_twin:
+    if cfg.qat.scheme and cfg.qat.ptq and not from_twin:
         _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device)
 
     if is_main:
         from .training import plot_loss, read_metrics
 
-        curves = {("QAT " + cfg.qat if cfg.qat else "train"): read_metrics(run / "metrics.jsonl")}
+        curves = {("QAT " + cfg.qat.scheme if cfg.qat.scheme else "train"): read_metrics(run / "metrics.jsonl")}
         if (run / "baseline" / "metrics.jsonl").exists():
             curves["no QAT (baseline)"] = read_metrics(run / "baseline" / "metrics.jsonl")
-        plot_loss(curves, run / "loss.png", title=f"{cfg.model} on {cfg.data}")
+        plot_loss(curves, run / "loss.png", title=f"{cfg.model.name} on {cfg.data.path}")
     barrier(dist)
     return run
 
@@ -215,7 +216,7 @@ def _variant_done(root: Path) -> bool:
 def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_during_training: bool, dist=None,
                    device: str | None = None, twin: Path | None = None) -> None:
     """Train one variant into ``root``. ``twin``: the trained float twin (baseline/) that a QAT run distils from
-    (``cfg.qat_distill``) and/or starts from (``cfg.qat_init == "baseline"``)."""
+    (``cfg.qat.distill``) and/or starts from (``cfg.qat.init == "baseline"``)."""
     import torch
 
     from . import qat as qatlib
@@ -224,16 +225,16 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     from .training.model import save_adapter as _save_adapter
 
     tokenizer, template, train_ex, eval_ex = data
-    device = device or cfg.device
+    device = device or cfg.hardware.device
     is_main = dist is None or dist.is_main
-    label = f"{'QAT ' + cfg.qat if qat_during_training else 'train'} ({cfg.mode})"
-    if cfg.resume and _variant_done(root):
+    label = f"{'QAT ' + cfg.qat.scheme if qat_during_training else 'train'} ({cfg.model.mode})"
+    if cfg.run.resume and _variant_done(root):
         log.info("%s: already complete in %s", label, root)
         return
     load_dir = model_dir
-    init_from = twin if (twin is not None and cfg.qat_init == "baseline") else None
-    if init_from is not None and cfg.mode == "lora":  # continue the twin's adapter on the same base
-        cfg = replace(cfg, adapter=str(init_from / "model"))
+    init_from = twin if (twin is not None and cfg.qat.init == "baseline") else None
+    if init_from is not None and cfg.model.mode == "lora":  # continue the twin's adapter on the same base
+        cfg = cfg.replace(adapter=str(init_from / "model"))
     elif init_from is not None:  # start from the twin's fine-tuned weights
         load_dir = init_from / "model"
     strategy = None
@@ -243,60 +244,60 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         strategy = fsdp.choose(cfg, model_dir, dist.world, device)
         if is_main:
             log.info("%s: %d processes, %s", label, dist.world, "FSDP2" if strategy == "fsdp" else "DDP")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.optim.seed)
     # FSDP: rank 0 loads on the CPU, the others build the model on meta (no weights); sharding gives every rank its
     # shards of rank 0's weights, on its GPU (train/fsdp.py)
     fsdp_load = ("cpu" if is_main else "meta") if strategy == "fsdp" else None
     model, prep = prepare_model(cfg, load_dir, qat=qat_during_training, device=device, load_device=fsdp_load)
     _set_generation_eos(model, tokenizer)
-    plan = qat_plan(cfg)
+    plan = cfg.qat.plan()
     ckpt = None
-    if cfg.save_steps > 0:
+    if cfg.run.save_steps > 0:
         fingerprint = {**identity(cfg), "variant": "qat" if qat_during_training else "float", "processes":
                        dist.world if dist else 1}
         if strategy == "fsdp":  # its optimizer.pt is keyed by parameter name
             fingerprint["distributed"] = "fsdp"
         fingerprint = json.loads(json.dumps(fingerprint))  # the form it takes in state.json
-        save_adapter = (lambda d, sd=None: _save_adapter(model, d, sd)) if cfg.mode == "lora" else None
-        ckpt = CheckpointManager(root / "checkpoints", cfg.save_total_limit, fingerprint, save_adapter,
+        save_adapter = (lambda d, sd=None: _save_adapter(model, d, sd)) if cfg.model.mode == "lora" else None
+        ckpt = CheckpointManager(root / "checkpoints", cfg.run.save_total_limit, fingerprint, save_adapter,
                                  defaults=identity_defaults())
     summary = train_loop(
         model,
         train_ex,
         pad_id=tokenizer.pad_token_id,
-        max_steps=cfg.qat_max_steps if qat_during_training else cfg.max_steps,
-        batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum,
-        lr=cfg.qat_lr if qat_during_training else cfg.lr,
-        weight_decay=cfg.weight_decay,
-        schedule=cfg.schedule,
-        warmup_ratio=cfg.warmup_ratio,
-        warmup_steps=cfg.warmup_steps,
-        max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed,
+        max_steps=cfg.qat.max_steps if qat_during_training else cfg.optim.max_steps,
+        batch_size=cfg.optim.batch_size,
+        grad_accum=cfg.optim.grad_accum,
+        lr=cfg.qat.lr if qat_during_training else cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        schedule=cfg.optim.schedule,
+        warmup_ratio=cfg.optim.warmup_ratio,
+        warmup_steps=cfg.optim.warmup_steps,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        seed=cfg.optim.seed,
         device=device,
         metrics_path=root / "metrics.jsonl",
-        progress=cfg.progress,
+        progress=cfg.run.progress,
         desc=label,
-        optim=cfg.optim,
-        embedding_lr=cfg.embedding_lr,
-        scale_lr=cfg.qat_scale_lr if qat_during_training else None,
+        optim=cfg.optim.optimizer,
+        embedding_lr=cfg.optim.embedding_lr,
+        scale_lr=cfg.qat.scale_lr if qat_during_training else None,
         batching=_batching(cfg),
-        max_seq_length=cfg.max_seq_length,
+        max_seq_length=cfg.data.max_seq_length,
         eval_examples=eval_ex or None,
-        eval_steps=cfg.eval_steps,
-        early_stopping_patience=cfg.early_stopping_patience,
-        early_stopping_threshold=cfg.early_stopping_threshold,
-        load_best=cfg.load_best,
+        eval_steps=cfg.eval.steps,
+        early_stopping_patience=cfg.eval.early_stopping_patience,
+        early_stopping_threshold=cfg.eval.early_stopping_threshold,
+        load_best=cfg.eval.load_best,
         checkpoints=ckpt,
-        save_steps=cfg.save_steps,
-        resume=cfg.resume,
-        report_to=cfg.report_to,
-        logging_steps=cfg.logging_steps,
+        save_steps=cfg.run.save_steps,
+        resume=cfg.run.resume,
+        report_to=cfg.run.report_to,
+        logging_steps=cfg.run.logging_steps,
         log_dir=root,
         run_config=cfg.to_dict(),
         dist=dist,
-        distill=_distillation(cfg, twin, device, fsdp_load) if (twin is not None and cfg.qat_distill) else None,
+        distill=_distillation(cfg, twin, device, fsdp_load) if (twin is not None and cfg.qat.distill) else None,
         strategy=strategy or "ddp",
     )
     if strategy == "fsdp":
@@ -320,7 +321,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     # the same scales and integers the fake-quant forward used; the converted model moves to the CPU to be saved
     info = {
         "base_model": str(model_dir),
-        "mode": cfg.mode,
+        "mode": cfg.model.mode,
         "qat": plan.to_dict() if (plan and qat_during_training) else None,
         "kernels": prep["kernels"],
         "gradient_checkpointing": prep.get("gradient_checkpointing"),
@@ -328,7 +329,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         "quantized_base": prep["quantized_base"],
         "adapter_from": prep["adapter_from"],
         "init_from": str(init_from) if init_from is not None else None,
-        "distilled_from": str(twin) if (twin is not None and cfg.qat_distill) else None,
+        "distilled_from": str(twin) if (twin is not None and cfg.qat.distill) else None,
         "trainable_parameters": prep["trainable_parameters"],
         "learned_scales": len(scales),
         "precision": summary.get("precision"),  # the weight update: fp32, or bf16 through fp32 masters (or other)
@@ -373,9 +374,9 @@ def _unsharded(cfg: TrainConfig, model_dir: Path, tensors: dict, tokenizer, qat_
     n = fsdp._checkpoint_params(model_dir)
     if device.startswith("cuda") and n is not None:
         free, _ = torch.cuda.mem_get_info(torch.device(device))
-        if n * (2 if cfg.dtype == "bf16" else 4) < 0.8 * free:
+        if n * (2 if cfg.hardware.dtype == "bf16" else 4) < 0.8 * free:
             load_device = device
-    if load_device == "cpu" and cfg.qat and qat_during_training and device.startswith("cuda"):
+    if load_device == "cpu" and cfg.qat.scheme and qat_during_training and device.startswith("cuda"):
         log.warning("the trained model does not fit one GPU: QAT convert runs on the CPU, whose rounding of a "
                     "tie can differ from the GPU's fake quantization in rare weights")
     model, _ = prepare_model(cfg, model_dir, qat=qat_during_training, device=device, load_device=load_device)
@@ -394,7 +395,7 @@ def _distillation(cfg: TrainConfig, twin: Path, device: str, load_device: str | 
 
     from .training.distill import Distillation
 
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    dtype = torch.bfloat16 if cfg.hardware.dtype == "bf16" else torch.float32
     if load_device == "meta":
         from .training.model import empty_model
 
@@ -409,9 +410,9 @@ def _distillation(cfg: TrainConfig, twin: Path, device: str, load_device: str | 
         for prm in teacher.parameters():
             prm.data = prm.data.to(dtype)
     log.info("QAT distils from the float twin %s (KL weight %.2f, %s positions, temperature %g)", twin,
-             cfg.qat_distill, cfg.qat_distill_positions, cfg.qat_distill_temperature)
-    return Distillation(teacher, weight=cfg.qat_distill, temperature=cfg.qat_distill_temperature,
-                        positions=cfg.qat_distill_positions)
+             cfg.qat.distill, cfg.qat.distill_positions, cfg.qat.distill_temperature)
+    return Distillation(teacher, weight=cfg.qat.distill, temperature=cfg.qat.distill_temperature,
+                        positions=cfg.qat.distill_positions)
 
 
 def _set_generation_eos(model, tokenizer) -> None:
@@ -445,7 +446,7 @@ def convert(run: str | Path | None = None) -> Path:
         if not (root / "model" / "edgeft.json").exists():
             continue
         cfg = run_config(run)
-        plan = qat_plan(cfg)
+        plan = cfg.qat.plan()
         model, tokenizer = load_trained(root)
         convert_model(model, tokenizer, plan, root / "converted", saved_scales(root))
     return run
@@ -509,4 +510,4 @@ def evaluate(run: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
 def train_from_yaml(path: str | Path, **overrides: Any) -> Path:
     """Train from a YAML config file with keyword overrides."""
     cfg = load_yaml(path)
-    return train(replace(cfg, **overrides))
+    return train(cfg.replace(**overrides))
