@@ -68,13 +68,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[Train
                 else:
                     group.add_argument(flag, dest=dest, action="store_true", default=None, help=m["help"])
                 continue
-            kw: dict[str, Any] = {"dest": dest, "help": m["help"], "metavar": m.get("metavar")}
-            kw["type"] = _csv if base is list else base
-            choices = m.get("choices")
-            if choices is not None and m.get("cli_choices", True):
+            choices = m.get("choices") if m.get("cli_choices", True) else None
+            # argparse names a value by its dest ("OPTIM.OPTIMIZER"): use the flag, or {a,b} for listed choices
+            named = choices is None or isinstance(choices, Registry)
+            metavar = m.get("metavar") or (flag[2:].replace("-", "_").upper() if named else None)
+            kw: dict[str, Any] = {"dest": dest, "help": m["help"], "type": _csv if base is list else base,
+                                  "metavar": metavar}
+            if choices is not None:
                 kw["choices"] = choices
                 if isinstance(choices, Registry):  # a registry is imported only when a value is checked or help shown
-                    kw["metavar"] = kw["metavar"] or key.split(".")[-1].upper()
                     kw["help"] = (kw["help"] + "; " if kw["help"] else "") + "one of %(choices)s"
             group.add_argument(flag, **kw)
             for cflag, (const, chelp) in m.get("consts", {}).items():  # e.g. --fsdp beside --distributed
