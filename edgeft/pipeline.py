@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import recipes
 from .config import TrainConfig, config_diff, dump_yaml, identity, identity_defaults, load_yaml, resolve
 from .errors import EdgeftError
 from .exporters import export_dir
@@ -113,10 +114,6 @@ def _prepare_data(cfg: TrainConfig, records: list, model_dir: Path, dataset: Any
     return tokenizer, template, train_ex, eval_ex
 
 
-def _batching(cfg: TrainConfig) -> str:
-    return "packed" if cfg.data.packing else ("padding_free" if cfg.data.padding_free else "padded")
-
-
 def _finalize_steps(cfg: TrainConfig, train_ex: list, world: int) -> TrainConfig:
     """max_steps from epochs, and the default evaluation interval, once the data size is known."""
     import math
@@ -125,7 +122,7 @@ def _finalize_steps(cfg: TrainConfig, train_ex: list, world: int) -> TrainConfig
 
     cfg = cfg.replace()
     if cfg.optim.epochs is not None:
-        units = len(Batcher(train_ex, _batching(cfg), 0, cfg.data.max_seq_length, cfg.optim.seed))
+        units = len(Batcher(train_ex, cfg.data.batching, 0, cfg.data.max_seq_length, cfg.optim.seed))
         per_epoch = units // (cfg.optim.batch_size * world) if world > 1 else math.ceil(units / cfg.optim.batch_size)
         cfg.optim.max_steps = max(1, math.ceil(cfg.optim.epochs * per_epoch / cfg.optim.grad_accum))
     if cfg.qat.max_steps is None:  # after epochs: the QAT run trains as long as the twin unless told otherwise
@@ -175,28 +172,16 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
         lengths = [len(ex["input_ids"]) for ex in train_ex]
         log.info("data: %d training examples (%d tokens), %d eval; chat template: %s", len(train_ex), sum(lengths),
                  len(eval_ex), template["name"] or "none (raw text)")
-        if _batching(cfg) == "padding_free":
+        if cfg.data.batching == "padding_free":
             log.info("padding-free batching: no pad tokens (a padded batch of %d would be %.1f%% padding)",
                      cfg.optim.batch_size, 100 * (1 - padding_efficiency(lengths, cfg.optim.batch_size)))
     barrier(dist)
 
-    data = (tokenizer, template, train_ex, eval_ex)
-    from_twin = bool(cfg.qat.scheme and cfg.qat.ptq and (cfg.qat.distill or cfg.qat.init == "baseline"))
-    if from_twin:  # the QAT run learns from (and/or starts at) the float twin: train that first
-        _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device)
-    qat_data = data
-    if cfg.qat.scheme and cfg.qat.corpus:
-        from .training.distill import corpus_examples
+    def train_run(root: Path, data: tuple, qat: bool, twin: Path | None = None) -> None:
+        _train_variant(cfg, root, model_dir, data, qat_during_training=qat, dist=dist, device=device, twin=twin)
 
-        prose = corpus_examples(tokenizer, cfg.qat.corpus, len(train_ex), seed=cfg.optim.seed)
-        qat_data = (tokenizer, template, train_ex + prose, eval_ex)
-        if is_main:
-            log.info("QAT data: %d examples + %d chunks of generic prose (--qat-corpus %.2f)", len(train_ex),
-                     len(prose), cfg.qat.corpus)
-    _train_variant(cfg, run, model_dir, qat_data, qat_during_training=cfg.qat.scheme is not None, dist=dist,
-                   device=device, twin=run / "baseline" if from_twin else None)
-    if cfg.qat.scheme and cfg.qat.ptq and not from_twin:
-        _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device)
+    # the plan: one fine-tune, or the float twin then QAT from it (edgeft/recipes/)
+    recipes.choose(cfg).run(cfg, run, (tokenizer, template, train_ex, eval_ex), train_run, is_main)
 
     if is_main:
         from .training import plot_loss, read_metrics
@@ -282,7 +267,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         optim=cfg.optim.optimizer,
         embedding_lr=cfg.optim.embedding_lr,
         scale_lr=cfg.qat.scale_lr if qat_during_training else None,
-        batching=_batching(cfg),
+        batching=cfg.data.batching,
         max_seq_length=cfg.data.max_seq_length,
         eval_examples=eval_ex or None,
         eval_steps=cfg.eval.steps,
