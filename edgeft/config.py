@@ -1,16 +1,7 @@
 """Typed configuration in sections. Each section is a dataclass that checks itself; the ``train`` CLI flags, the YAML
 keys and the flat keys of older runs are derived from its fields' metadata (:func:`option`), so an option is written
-once: one field (+ its use).
-
-    TrainConfig
-      model     ModelSettings     which model, LoRA or full, an adapter to continue, a 4-/8-bit base
-      lora      LoraSettings      peft's adapter settings
-      data      DataSettings      source, chat template, tokenisation and batching
-      eval      EvalSettings      held-out split, evaluation interval, early stopping
-      qat       QATSettings       the scheme and the twin -> QAT recipe (distillation, start, prose, lr, steps)
-      optim     OptimSettings     steps, batch, optimizer, learning rate and schedule, seed
-      hardware  HardwareSettings  dtype, device, kernels, gradient checkpointing, distributed, threads
-      run       RunSettings       run directory, resume/overwrite, checkpoints and logging
+once: one field (+ its use). The sections (``TrainConfig.SECTIONS``): model, lora, data, eval, qat (the scheme and
+the twin -> QAT recipe), optim, hardware, run; docs/config.md says what each holds and how to add an option.
 
 A field's *key* is its name before sections (``qat_lr``, ``lora.r``, ``data``): section prefix + field name unless
 the metadata names it. The flag is ``--`` + the key with dashes (``--qat-lr``, ``--lora-r``) unless overridden; the
@@ -19,7 +10,7 @@ YAML form is ``section: {field: value}``; a ``config.yaml`` of the old flat form
 
 ``None`` means "not set": :func:`resolve` fills it from other settings (the preset, the mode, the device, the
 recipe's defaults in :meth:`QATSettings.resolved`). Whether a field was given is ``value is not None`` before
-:func:`resolve`. The resolved config is written to ``runs/<name>/config.yaml``; loading it reproduces the run.
+:func:`resolve`. The resolved config is written to the run's ``config.yaml``; loading it reproduces the run.
 """
 
 from __future__ import annotations
