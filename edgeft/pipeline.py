@@ -1,14 +1,6 @@
-"""The pipeline: stages as plain functions over the run directory (DESIGN.md).
-
-```
-runs/<name>/
-  config.yaml        resolved config          model/       trained adapter or full weights (+ edgeft.json)
-  metrics.jsonl      one line per step        converted/   what the phone runs (torchao tensors, or float)
-  loss.png                                    exports/     model.pte, model-<quant>.gguf, torchao/
-  baseline/          the no-QAT twin (same seed and data): model/, converted/ (= PTQ), metrics.jsonl
-  checkpoints/       step-N/: resumable training state (also baseline/checkpoints/)
-  eval/              report.md, report.json, metrics.png
-```
+"""The pipeline: stages as plain functions over the run directory (DESIGN.md), whose layout
+:class:`edgeft.rundir.RunDir` owns (model/, converted/, exports/, baseline/ the no-QAT twin, ...). ``train`` runs
+the training plan that :func:`edgeft.recipes.choose` picks.
 
 Each stage reads what the previous one wrote, so ``export`` and ``evaluate`` can run alone on an old run.
 The CLI and the Python API both call these functions.
@@ -26,9 +18,9 @@ from . import recipes
 from .config import TrainConfig, config_diff, dump_yaml, identity, identity_defaults, load_yaml, resolve
 from .errors import EdgeftError
 from .exporters import export_dir
-from .fsutil import atomic_dir, write_json, write_text
+from .fsutil import atomic_dir, write_text
 from .models import load_trained
-from .rundir import RUNS_DIR, SCALES_FILE, find_run
+from .rundir import RUNS_DIR, RunDir, Variant, find_run
 
 log = logging.getLogger("edgeft")
 
@@ -38,8 +30,9 @@ EXPORT_FORMATS = ("pte", "gguf", "torchao")
 # --- run directories ---------------------------------------------------------------------------------
 
 
-def run_config(run: Path) -> TrainConfig:
-    return load_yaml(run / "config.yaml")
+def run_config(run: str | Path) -> TrainConfig:
+    """The config a run was trained with (its ``config.yaml``)."""
+    return load_yaml(RunDir(run).config_file)
 
 
 # --- train (load -> adapt -> qat.prepare -> train -> qat.convert) ------------------------------------
@@ -68,15 +61,15 @@ def train(cfg: TrainConfig, dataset: Any = None) -> Path:
         shutdown(dist)
 
 
-def _check_run_dir(run: Path, cfg: TrainConfig) -> None:
+def _check_run_dir(run: RunDir, cfg: TrainConfig) -> None:
     """Refuse to clobber a run by accident, or to resume something that is not there (nothing written yet)."""
-    exists = (run / "config.yaml").exists()
+    exists = run.is_run()
     if cfg.run.resume and not exists:
-        raise EdgeftError(f"--resume: {run} holds no run to resume (no config.yaml)")
+        raise EdgeftError(f"--resume: {run.root} holds no run to resume (no {run.config_file.name})")
     if exists and not cfg.run.resume and not cfg.run.overwrite:
-        raise EdgeftError(f"{run} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if run.exists() and not run.is_dir():
-        raise EdgeftError(f"--out {run} is a file, not a directory")
+        raise EdgeftError(f"{run.root} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if run.root.exists() and not run.root.is_dir():
+        raise EdgeftError(f"--out {run.root} is a file, not a directory")
 
 
 def _load_records(cfg: TrainConfig, dataset: Any) -> list:
@@ -151,24 +144,24 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
         cfg = cfg.replace(data=_describe_dataset(dataset))
     run = Path(cfg.run.out) if cfg.run.out \
         else RUNS_DIR / f"{Path(cfg.model.name).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = Path(broadcast_object(str(run), dist))
+    run = RunDir(broadcast_object(str(run), dist))
     _check_run_dir(run, cfg)
     records = _load_records(cfg, dataset)  # bad data fails before any model work
     model_dir = resolve_model(cfg.model.name)
     tokenizer, template, train_ex, eval_ex = _prepare_data(cfg, records, model_dir, dataset)
     cfg = _finalize_steps(cfg, train_ex, world)
     if cfg.run.resume:
-        saved = resolve(run_config(run))
+        saved = resolve(load_yaml(run.config_file))
         diff = config_diff(saved, cfg)
         if diff:
-            raise EdgeftError(f"--resume: {run} was trained with a different config ({'; '.join(diff[:4])}"
+            raise EdgeftError(f"--resume: {run.root} was trained with a different config ({'; '.join(diff[:4])}"
                               f"{'; ...' if len(diff) > 4 else ''}); resume with the same settings")
     if is_main:
-        if cfg.run.overwrite and not cfg.run.resume and run.exists():
-            shutil.rmtree(run)
-        run.mkdir(parents=True, exist_ok=True)
-        write_text(run / "config.yaml", dump_yaml(cfg.replace(resume=False, overwrite=False)))
-        log.info("run directory: %s", run)
+        if cfg.run.overwrite and not cfg.run.resume and run.root.exists():
+            shutil.rmtree(run.root)
+        run.root.mkdir(parents=True, exist_ok=True)
+        write_text(run.config_file, dump_yaml(cfg.replace(resume=False, overwrite=False)))
+        log.info("run directory: %s", run.root)
         lengths = [len(ex["input_ids"]) for ex in train_ex]
         log.info("data: %d training examples (%d tokens), %d eval; chat template: %s", len(train_ex), sum(lengths),
                  len(eval_ex), template["name"] or "none (raw text)")
@@ -177,7 +170,7 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
                      cfg.optim.batch_size, 100 * (1 - padding_efficiency(lengths, cfg.optim.batch_size)))
     barrier(dist)
 
-    def train_run(root: Path, data: tuple, qat: bool, twin: Path | None = None) -> None:
+    def train_run(root: Variant, data: tuple, qat: bool, twin: Variant | None = None) -> None:
         _train_variant(cfg, root, model_dir, data, qat_during_training=qat, dist=dist, device=device, twin=twin)
 
     # the plan: one fine-tune, or the float twin then QAT from it (edgeft/recipes/)
@@ -186,20 +179,16 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
     if is_main:
         from .training import plot_loss, read_metrics
 
-        curves = {("QAT " + cfg.qat.scheme if cfg.qat.scheme else "train"): read_metrics(run / "metrics.jsonl")}
-        if (run / "baseline" / "metrics.jsonl").exists():
-            curves["no QAT (baseline)"] = read_metrics(run / "baseline" / "metrics.jsonl")
-        plot_loss(curves, run / "loss.png", title=f"{cfg.model.name} on {cfg.data.path}")
+        curves = {("QAT " + cfg.qat.scheme if cfg.qat.scheme else "train"): read_metrics(run.metrics)}
+        if run.baseline.metrics.exists():
+            curves["no QAT (baseline)"] = read_metrics(run.baseline.metrics)
+        plot_loss(curves, run.loss_plot, title=f"{cfg.model.name} on {cfg.data.path}")
     barrier(dist)
-    return run
+    return run.root
 
 
-def _variant_done(root: Path) -> bool:
-    return (root / "model" / "edgeft.json").exists() and (root / "converted" / "scheme.json").exists()
-
-
-def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_during_training: bool, dist=None,
-                   device: str | None = None, twin: Path | None = None) -> None:
+def _train_variant(cfg: TrainConfig, root: Variant, model_dir: Path, data, qat_during_training: bool, dist=None,
+                   device: str | None = None, twin: Variant | None = None) -> None:
     """Train one variant into ``root``. ``twin``: the trained float twin (baseline/) that a QAT run distils from
     (``cfg.qat.distill``) and/or starts from (``cfg.qat.init == "baseline"``)."""
     import torch
@@ -213,15 +202,15 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     device = device or cfg.hardware.device
     is_main = dist is None or dist.is_main
     label = f"{'QAT ' + cfg.qat.scheme if qat_during_training else 'train'} ({cfg.model.mode})"
-    if cfg.run.resume and _variant_done(root):
-        log.info("%s: already complete in %s", label, root)
+    if cfg.run.resume and root.done():
+        log.info("%s: already complete in %s", label, root.root)
         return
     load_dir = model_dir
     init_from = twin if (twin is not None and cfg.qat.init == "baseline") else None
     if init_from is not None and cfg.model.mode == "lora":  # continue the twin's adapter on the same base
-        cfg = cfg.replace(adapter=str(init_from / "model"))
+        cfg = cfg.replace(adapter=str(init_from.model))
     elif init_from is not None:  # start from the twin's fine-tuned weights
-        load_dir = init_from / "model"
+        load_dir = init_from.model
     strategy = None
     if dist is not None:
         from .training import fsdp
@@ -231,7 +220,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
             log.info("%s: %d processes, %s", label, dist.world, "FSDP2" if strategy == "fsdp" else "DDP")
     torch.manual_seed(cfg.optim.seed)
     # FSDP: rank 0 loads on the CPU, the others build the model on meta (no weights); sharding gives every rank its
-    # shards of rank 0's weights, on its GPU (train/fsdp.py)
+    # shards of rank 0's weights, on its GPU (training/fsdp.py)
     fsdp_load = ("cpu" if is_main else "meta") if strategy == "fsdp" else None
     model, prep = prepare_model(cfg, load_dir, qat=qat_during_training, device=device, load_device=fsdp_load)
     _set_generation_eos(model, tokenizer)
@@ -244,7 +233,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
             fingerprint["distributed"] = "fsdp"
         fingerprint = json.loads(json.dumps(fingerprint))  # the form it takes in state.json
         save_adapter = (lambda d, sd=None: _save_adapter(model, d, sd)) if cfg.model.mode == "lora" else None
-        ckpt = CheckpointManager(root / "checkpoints", cfg.run.save_total_limit, fingerprint, save_adapter,
+        ckpt = CheckpointManager(root.checkpoints, cfg.run.save_total_limit, fingerprint, save_adapter,
                                  defaults=identity_defaults())
     summary = train_loop(
         model,
@@ -261,7 +250,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         max_grad_norm=cfg.optim.max_grad_norm,
         seed=cfg.optim.seed,
         device=device,
-        metrics_path=root / "metrics.jsonl",
+        metrics_path=root.metrics,
         progress=cfg.run.progress,
         desc=label,
         optim=cfg.optim.optimizer,
@@ -279,7 +268,7 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         resume=cfg.run.resume,
         report_to=cfg.run.report_to,
         logging_steps=cfg.run.logging_steps,
-        log_dir=root,
+        log_dir=root.root,
         run_config=cfg.to_dict(),
         dist=dist,
         distill=_distillation(cfg, twin, device, fsdp_load) if (twin is not None and cfg.qat.distill) else None,
@@ -313,8 +302,8 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         "chat_template": template,
         "quantized_base": prep["quantized_base"],
         "adapter_from": prep["adapter_from"],
-        "init_from": str(init_from) if init_from is not None else None,
-        "distilled_from": str(twin) if (twin is not None and cfg.qat.distill) else None,
+        "init_from": str(init_from.root) if init_from is not None else None,
+        "distilled_from": str(twin.root) if (twin is not None and cfg.qat.distill) else None,
         "trainable_parameters": prep["trainable_parameters"],
         "learned_scales": len(scales),
         "precision": summary.get("precision"),  # the weight update: fp32, or bf16 through fp32 masters (or other)
@@ -322,20 +311,20 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         "examples": len(train_ex),
         "eval_examples": len(eval_ex),
     }
-    with atomic_dir(root / "model") as tmp:
+    with atomic_dir(root.model) as tmp:
         model.save_pretrained(tmp)  # PEFT: adapter only; full: the whole model
         tokenizer.save_pretrained(tmp)
         if scales:  # learned QAT scales: part of the trained model (convert writes them; `edgeft convert` reads them)
             from safetensors.torch import save_file
 
-            save_file({n: t.detach().cpu().contiguous() for n, t in scales.items()}, str(tmp / SCALES_FILE))
-        (tmp / "edgeft.json").write_text(json.dumps(info, indent=2) + "\n")
+            save_file({n: t.detach().cpu().contiguous() for n, t in scales.items()}, str(tmp / root.scales.name))
+        (tmp / root.model_info.name).write_text(json.dumps(info, indent=2) + "\n")
     log.info("%s: loss %.4f -> %.4f in %.0fs", label, summary["first_loss"] or float("nan"),
              summary["final_loss"] or float("nan"), summary["seconds"])
     if quantized_base:  # a bitsandbytes base cannot be merged exactly: convert from the float base + adapter
         del model
         model, _ = load_trained(root)
-    convert_model(model, tokenizer, plan, root / "converted", scales)
+    convert_model(model, tokenizer, plan, root.converted, scales)
     barrier(dist)
 
 
@@ -370,8 +359,8 @@ def _unsharded(cfg: TrainConfig, model_dir: Path, tensors: dict, tokenizer, qat_
     return model
 
 
-def _distillation(cfg: TrainConfig, twin: Path, device: str, load_device: str | None = None):
-    """The trained float twin as the teacher, in the run's dtype on ``device`` (train/distill.py).
+def _distillation(cfg: TrainConfig, twin: str | Path | Variant, device: str, load_device: str | None = None):
+    """The trained float twin as the teacher, in the run's dtype on ``device`` (training/distill.py).
 
     ``load_device`` (FSDP): "cpu" loads it there for the loop to shard; "meta" builds it without weights (ranks
     other than 0), the loop's sharding then gives it rank 0's.
@@ -380,13 +369,14 @@ def _distillation(cfg: TrainConfig, twin: Path, device: str, load_device: str | 
 
     from .training.distill import Distillation
 
+    twin = Variant(twin)
     dtype = torch.bfloat16 if cfg.hardware.dtype == "bf16" else torch.float32
     if load_device == "meta":
         from .training.model import empty_model
 
-        info = json.loads((twin / "model" / "edgeft.json").read_text())
+        info = twin.info()
         # load_trained's module: LoRA merged into its base (the base's architecture), or the full model
-        teacher = empty_model(info["base_model"] if info["mode"] == "lora" else twin / "model", dtype)
+        teacher = empty_model(info["base_model"] if info["mode"] == "lora" else twin.model, dtype)
     else:
         teacher, _ = load_trained(twin)
         teacher.to(device=load_device or device)
@@ -394,7 +384,7 @@ def _distillation(cfg: TrainConfig, twin: Path, device: str, load_device: str | 
         # (loaded by from_pretrained in the same dtype) keeps in fp32
         for prm in teacher.parameters():
             prm.data = prm.data.to(dtype)
-    log.info("QAT distils from the float twin %s (KL weight %.2f, %s positions, temperature %g)", twin,
+    log.info("QAT distils from the float twin %s (KL weight %.2f, %s positions, temperature %g)", twin.root,
              cfg.qat.distill, cfg.qat.distill_positions, cfg.qat.distill_temperature)
     return Distillation(teacher, weight=cfg.qat.distill, temperature=cfg.qat.distill_temperature,
                         positions=cfg.qat.distill_positions)
@@ -426,20 +416,20 @@ def convert_model(model, tokenizer, plan, out_dir: Path, scales: dict | None = N
 
 def convert(run: str | Path | None = None) -> Path:
     """Re-run qat.convert for an existing run from its saved model/ (e.g. after changing convert code)."""
-    run = find_run(run)
-    for root in [run, run / "baseline"]:
-        if not (root / "model" / "edgeft.json").exists():
+    run = RunDir.find(run)
+    for root in run.variants():
+        if not root.has_trained_model():
             continue
-        cfg = run_config(run)
+        cfg = load_yaml(run.config_file)
         plan = cfg.qat.plan()
         model, tokenizer = load_trained(root)
-        convert_model(model, tokenizer, plan, root / "converted", saved_scales(root))
-    return run
+        convert_model(model, tokenizer, plan, root.converted, saved_scales(root))
+    return run.root
 
 
-def saved_scales(root: Path) -> dict | None:
+def saved_scales(root: str | Path | Variant) -> dict | None:
     """The learned QAT scales saved with the trained model of ``root`` (None: it has none)."""
-    path = root / "model" / SCALES_FILE
+    path = Variant(root).scales
     if not path.exists():
         return None
     from safetensors.torch import load_file
@@ -458,11 +448,11 @@ def export(fmt: str, run: str | Path | None = None, quant: str | None = None, **
     """
     if fmt not in EXPORT_FORMATS:
         raise EdgeftError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
-    run = find_run(run)
-    src = run / "converted"
-    if not (src / "scheme.json").exists():
-        raise EdgeftError(f"{run} has no converted model; run `edgeft train` to completion first")
-    report = export_dir(fmt, src, run / "exports", quant=quant, **kwargs)
+    run = RunDir.find(run)
+    src = run.converted
+    if not run.has_converted():
+        raise EdgeftError(f"{run.root} has no converted model; run `edgeft train` to completion first")
+    report = export_dir(fmt, src, run.exports.path, quant=quant, **kwargs)
     if fmt == "gguf":
         # the Ollama Modelfile carries the run's chat template and stop tokens next to the GGUF it names
         from edgeft.exporters import ollama
@@ -471,15 +461,8 @@ def export(fmt: str, run: str | Path | None = None, quant: str | None = None, **
             report["modelfile"] = ollama.write_modelfile(report["path"], src)
         except EdgeftError as e:
             report.setdefault("warnings", []).append(f"no Ollama Modelfile: {e}")
-    _record_export(run / "exports", fmt, report)
+    run.exports.record(report.get("name", fmt) if isinstance(report, dict) else fmt, report)
     return report
-
-
-def _record_export(out_dir: Path, fmt: str, report: dict[str, Any]) -> None:
-    manifest = out_dir / "manifest.json"
-    data = json.loads(manifest.read_text()) if manifest.exists() else {}
-    data[report.get("name", fmt) if isinstance(report, dict) else fmt] = report
-    write_json(manifest, data)
 
 
 # --- evaluate -------------------------------------------------------------------------------------------

@@ -14,14 +14,15 @@ The defaults of these settings are the recipe's, filled by :meth:`edgeft.config.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from . import BASELINE, TrainRun, with_prose
+from edgeft.rundir import RunDir
+
+from .common import TrainRun, with_prose
 
 
-def run(cfg: Any, run_dir: Path, data: tuple, train: TrainRun, is_main: bool = True) -> None:
+def run(cfg: Any, run_dir: RunDir, data: tuple, train: TrainRun, is_main: bool = True) -> None:
     """Train the twin, then the QAT run from it (the order fixes the random draws: keep it)."""
-    twin = run_dir / BASELINE
+    twin = run_dir.baseline
     train(twin, data, qat=False)
     train(run_dir, with_prose(cfg, data, is_main), qat=True, twin=twin)
