@@ -68,8 +68,8 @@ def ddp_bytes_estimate(n_params: int, cfg: Any) -> int:
     elem = 2 if cfg.hardware.dtype == "bf16" else 4
     trained = n_params if cfg.model.mode == "full" else 0
     bucket = trained * elem
-    update = getattr(cfg, "bf16_update", "master")
-    return n_params * elem + bucket + update_state_bytes(trained * elem, cfg.hardware.dtype, update)
+    # "master": the pipeline's update (train_loop's default); bf16_update is an API-only knob, not a config field
+    return n_params * elem + bucket + update_state_bytes(trained * elem, cfg.hardware.dtype, "master")
 
 
 def choose(cfg: Any, model_dir: Path, world: int, device: str) -> str:

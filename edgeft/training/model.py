@@ -229,8 +229,8 @@ def checkpoint_mode(cfg: Any, model: nn.Module, device: str, kernels: bool) -> s
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         low = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and p.element_size() == 2)
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        # + gradients and AdamW's state, and bf16 weights' fp32 masters (train/precision.py)
-        need = params + update_state_bytes(low, cfg.hardware.dtype, getattr(cfg, "bf16_update", "master")) \
+        # + gradients and AdamW's state, and bf16 weights' fp32 masters (training/precision.py; the pipeline always updates through them)
+        need = params + update_state_bytes(low, cfg.hardware.dtype, "master") \
             + 3 * (trainable - low) + activation_bytes(cfg, model)
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         if need <= 0.7 * free:
