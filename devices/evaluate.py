@@ -513,10 +513,10 @@ def _report(run: RunDir, results: list[dict[str, Any]], ppl_tokens: int, limit: 
             }
     return {
         "run": str(run.root),
-        "model": cfg.model,
-        "data": cfg.data,
-        "qat": cfg.qat,
-        "mode": cfg.mode,
+        "model": cfg.model.name,
+        "data": cfg.data.path,
+        "qat": cfg.qat.scheme,
+        "mode": cfg.model.mode,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "heldout_tokens": ppl_tokens,
         "task_examples": limit,

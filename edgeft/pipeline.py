@@ -1,14 +1,6 @@
-"""The pipeline: stages as plain functions over the run directory (DESIGN.md).
-
-```
-runs/<name>/
-  config.yaml        resolved config          model/       trained adapter or full weights (+ edgeft.json)
-  metrics.jsonl      one line per step        converted/   what the phone runs (torchao tensors, or float)
-  loss.png                                    exports/     model.pte, model-<quant>.gguf, torchao/
-  baseline/          the no-QAT twin (same seed and data): model/, converted/ (= PTQ), metrics.jsonl
-  checkpoints/       step-N/: resumable training state (also baseline/checkpoints/)
-  eval/              report.md, report.json, metrics.png
-```
+"""The pipeline: stages as plain functions over the run directory (DESIGN.md), whose layout
+:class:`edgeft.rundir.RunDir` owns (model/, converted/, exports/, baseline/ the no-QAT twin, ...). ``train`` runs
+the training plan that :func:`edgeft.recipes.choose` picks.
 
 Each stage reads what the previous one wrote, so ``export`` and ``evaluate`` can run alone on an old run.
 The CLI and the Python API both call these functions.
@@ -21,16 +13,16 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, config_diff, dump_yaml, identity, identity_defaults, load_yaml, qat_plan, resolve
+from . import recipes
+from .config import TrainConfig, config_diff, dump_yaml, identity, identity_defaults, load_yaml, resolve
 from .errors import EdgeftError
 from .exporters import export_dir
 from .fsutil import atomic_dir, write_json, write_text
 from .models import load_trained
-from .rundir import DATA_FILE, MODEL_INFO_FILE, RUNS_DIR, SCALES_FILE, find_run
+from .rundir import MODEL_INFO_FILE, RUNS_DIR, RunDir, Variant, find_run
 
 log = logging.getLogger("edgeft")
 
@@ -40,8 +32,9 @@ EXPORT_FORMATS = ("pte", "gguf", "torchao")
 # --- run directories ---------------------------------------------------------------------------------
 
 
-def run_config(run: Path) -> TrainConfig:
-    return load_yaml(run / "config.yaml")
+def run_config(run: str | Path) -> TrainConfig:
+    """The config a run was trained with (its ``config.yaml``)."""
+    return load_yaml(RunDir(run).config_file)
 
 
 # --- train (load -> adapt -> qat.prepare -> train -> qat.convert) ------------------------------------
@@ -50,10 +43,10 @@ def run_config(run: Path) -> TrainConfig:
 def train(cfg: TrainConfig, dataset: Any = None) -> Path:
     """Train per ``cfg`` and write the run directory; returns its path.
 
-    ``dataset``: an in-memory ``datasets.Dataset`` (or list of row dicts) used instead of ``cfg.data``.
-    With a QAT scheme and ``cfg.ptq`` (the default), the same config is also trained without fake
+    ``dataset``: an in-memory ``datasets.Dataset`` (or list of row dicts) used instead of ``cfg.data.path``.
+    With a QAT scheme and ``cfg.qat.ptq`` (the default), the same config is also trained without fake
     quantization into ``baseline/``: its float weights are the BF16 reference and its quantized form the
-    PTQ baseline that QAT is measured against. ``cfg.resume`` continues an interrupted run from its newest
+    PTQ baseline that QAT is measured against. ``cfg.run.resume`` continues an interrupted run from its newest
     checkpoints (each variant separately); under ``torchrun`` every process trains a data-parallel replica.
     """
     import torch
@@ -61,9 +54,9 @@ def train(cfg: TrainConfig, dataset: Any = None) -> Path:
     from .training.distributed import init_from_env, shutdown
 
     cfg = resolve(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dist, device = init_from_env(cfg.device)
+    if cfg.hardware.threads:
+        torch.set_num_threads(cfg.hardware.threads)
+    dist, device = init_from_env(cfg.hardware.device)
     try:
         return _train(cfg, dataset, dist, device)
     finally:
@@ -77,20 +70,21 @@ def _has_progress(run: Path) -> bool:
         any(run.rglob("state.json")) or any(run.rglob(MODEL_INFO_FILE))
 
 
-def _check_run_dir(run: Path, cfg: TrainConfig) -> None:
+def _check_run_dir(run: RunDir, cfg: TrainConfig) -> None:
     """Refuse to clobber a run by accident, or to resume something that is not there (nothing written yet)."""
-    if cfg.resume and cfg.overwrite:
+    if cfg.run.resume and cfg.run.overwrite:
         raise EdgeftError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
-    if run.exists() and not run.is_dir():
-        raise EdgeftError(f"--out {run} is a file, not a directory")
-    exists = (run / "config.yaml").exists()
-    if not exists and run.is_dir() and any(p for p in run.iterdir() if not p.name.startswith(".")):
-        raise EdgeftError(f"--out {run} is a directory that holds files but no edgeft run; choose an empty or new "
+    root = run.root
+    if root.exists() and not root.is_dir():
+        raise EdgeftError(f"--out {root} is a file, not a directory")
+    exists = run.is_run()
+    if not exists and root.is_dir() and any(p for p in root.iterdir() if not p.name.startswith(".")):
+        raise EdgeftError(f"--out {root} is a directory that holds files but no edgeft run; choose an empty or new "
                           "directory")
-    if cfg.resume and not exists:
-        raise EdgeftError(f"--resume: {run} holds no run to resume (no config.yaml)")
-    if exists and not cfg.resume and not cfg.overwrite and _has_progress(run):
-        raise EdgeftError(f"{run} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if cfg.run.resume and not exists:
+        raise EdgeftError(f"--resume: {root} holds no run to resume (no {run.config_file.name})")
+    if exists and not cfg.run.resume and not cfg.run.overwrite and _has_progress(root):
+        raise EdgeftError(f"{root} already holds a run; pass --resume to continue it or --overwrite to replace it")
 
 
 def _remove_stale_siblings(run: Path) -> None:
@@ -105,9 +99,9 @@ def _load_records(cfg: TrainConfig, dataset: Any) -> list:
     from .data import load_records
 
     return load_records(
-        dataset if dataset is not None else cfg.data, cfg.data_split, prompt_template=cfg.prompt_template,
-        output_column=cfg.output_column, conversation_extension=cfg.conversation_extension,
-        system_prompt=cfg.system_prompt, seed=cfg.seed,
+        dataset if dataset is not None else cfg.data.path, cfg.data.split, prompt_template=cfg.data.prompt_template,
+        output_column=cfg.data.output_column, conversation_extension=cfg.data.conversation_extension,
+        system_prompt=cfg.data.system_prompt, seed=cfg.optim.seed,
     )
 
 
@@ -124,19 +118,16 @@ def _prepare_data(cfg: TrainConfig, records: list, model_dir: Path, dataset: Any
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     needed_by = "the data holds conversations" if any(not isinstance(r, str) for r in records) else None
-    if needed_by and cfg.chat_template is None and not getattr(tokenizer, "chat_template", None):
-        needed_by = conversation_rows(records, dataset if dataset is not None else cfg.data, cfg.data_split,
-                                      cfg.prompt_template)
-    template = apply_template(tokenizer, cfg.chat_template, cfg.model, needed_by=needed_by)
-    name = f"{cfg.chat_template!r}" if cfg.chat_template else f"{cfg.model}'s own"
-    train_records, eval_records = split_train_eval(records, cfg.eval_split, cfg.seed)
-    train_ex = encode_dataset(tokenizer, train_records, cfg.max_seq_length, template_name=name)
-    eval_ex = encode_dataset(tokenizer, eval_records, cfg.max_seq_length, template_name=name) if eval_records else []
+    if needed_by and cfg.data.chat_template is None and not getattr(tokenizer, "chat_template", None):
+        needed_by = conversation_rows(records, dataset if dataset is not None else cfg.data.path, cfg.data.split,
+                                      cfg.data.prompt_template)
+    template = apply_template(tokenizer, cfg.data.chat_template, cfg.model.name, needed_by=needed_by)
+    name = f"{cfg.data.chat_template!r}" if cfg.data.chat_template else f"{cfg.model.name}'s own"
+    train_records, eval_records = split_train_eval(records, cfg.eval.split, cfg.optim.seed)
+    train_ex = encode_dataset(tokenizer, train_records, cfg.data.max_seq_length, template_name=name)
+    eval_ex = encode_dataset(tokenizer, eval_records, cfg.data.max_seq_length, template_name=name) \
+        if eval_records else []
     return tokenizer, template, train_ex, eval_ex
-
-
-def _batching(cfg: TrainConfig) -> str:
-    return "packed" if cfg.packing else ("padding_free" if cfg.padding_free else "padded")
 
 
 def _finalize_steps(cfg: TrainConfig, train_ex: list, world: int) -> TrainConfig:
@@ -145,15 +136,15 @@ def _finalize_steps(cfg: TrainConfig, train_ex: list, world: int) -> TrainConfig
 
     from .data import Batcher
 
-    cfg = replace(cfg)
-    if cfg.epochs is not None:
-        units = len(Batcher(train_ex, _batching(cfg), 0, cfg.max_seq_length, cfg.seed))
-        per_epoch = units // (cfg.batch_size * world) if world > 1 else math.ceil(units / cfg.batch_size)
-        cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
-    if cfg.qat_max_steps is None:  # after epochs: the QAT run trains as long as the twin unless told otherwise
-        cfg.qat_max_steps = cfg.max_steps
-    if cfg.eval_split > 0 and cfg.eval_steps is None:
-        cfg.eval_steps = max(1, math.ceil(cfg.max_steps / 10))
+    cfg = cfg.replace()
+    if cfg.optim.epochs is not None:
+        units = len(Batcher(train_ex, cfg.data.batching, 0, cfg.data.max_seq_length, cfg.optim.seed))
+        per_epoch = units // (cfg.optim.batch_size * world) if world > 1 else math.ceil(units / cfg.optim.batch_size)
+        cfg.optim.max_steps = max(1, math.ceil(cfg.optim.epochs * per_epoch / cfg.optim.grad_accum))
+    if cfg.qat.max_steps is None:  # after epochs: the QAT run trains as long as the twin unless told otherwise
+        cfg.qat.max_steps = cfg.optim.max_steps
+    if cfg.eval.split > 0 and cfg.eval.steps is None:
+        cfg.eval.steps = max(1, math.ceil(cfg.optim.max_steps / 10))
     return cfg
 
 
@@ -170,53 +161,54 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
     is_main = dist is None or dist.is_main
     world = dist.world if dist else 1
     if dataset is not None:
-        cfg = replace(cfg, data=_describe_dataset(dataset))
-    run = Path(cfg.out) if cfg.out else RUNS_DIR / f"{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = Path(broadcast_object(str(run), dist))
+        cfg = cfg.replace(data=_describe_dataset(dataset))
+    run = Path(cfg.run.out) if cfg.run.out \
+        else RUNS_DIR / f"{Path(cfg.model.name).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = RunDir(broadcast_object(str(run), dist))
     if is_main:
-        _remove_stale_siblings(run)  # a killed --overwrite's hidden directory: its process is gone
+        _remove_stale_siblings(run.root)  # a killed --overwrite's hidden directory: its process is gone
     _check_run_dir(run, cfg)
     records = _load_records(cfg, dataset)  # bad data fails before any model work
-    model_dir = resolve_model(cfg.model)
+    model_dir = resolve_model(cfg.model.name)
     tokenizer, template, train_ex, eval_ex = _prepare_data(cfg, records, model_dir, dataset)
     cfg = _finalize_steps(cfg, train_ex, world)
-    if cfg.resume:
-        saved = resolve(run_config(run))
+    if cfg.run.resume:
+        saved = resolve(load_yaml(run.config_file))
         diff = config_diff(saved, cfg)
         if diff:
-            raise EdgeftError(f"--resume: {run} was trained with a different config ({'; '.join(diff[:4])}"
+            raise EdgeftError(f"--resume: {run.root} was trained with a different config ({'; '.join(diff[:4])}"
                               f"{'; ...' if len(diff) > 4 else ''}); resume with the same settings")
     data_print = _data_fingerprint(records)
-    if cfg.resume:
+    if cfg.run.resume:
         _check_data(run, data_print)
         _check_checkpoints(run)
     # a new run into an empty --out trains in place (a kill leaves it resumable); one replacing an existing run
     # (--overwrite) trains into a hidden sibling swapped in at the end, so the old run survives any failure
     work = run
     if is_main:
-        if cfg.resume:  # what a killed writer left half-written inside the run
+        if cfg.run.resume:  # what a killed writer left half-written inside the run
             from .fsutil import remove_stale
 
-            for d in (run, run / "baseline"):
-                remove_stale(d)
-        replacing = not cfg.resume and run.exists() and any(run.iterdir())
+            for v in run.variants():
+                remove_stale(v.root)
+        replacing = not cfg.run.resume and run.root.exists() and any(run.root.iterdir())
         if replacing:
-            work = _temp_sibling(run)
-    created = is_main and not run.exists()
-    work = Path(broadcast_object(str(work), dist))
+            work = RunDir(_temp_sibling(run.root))
+    created = is_main and not run.root.exists()
+    work = RunDir(broadcast_object(str(work.root), dist))
     try:
         _train_into(cfg, run, work, dist, is_main, model_dir, (tokenizer, template, train_ex, eval_ex), data_print,
                     device)
     except BaseException:
         if is_main and work != run:
-            shutil.rmtree(work, ignore_errors=True)
-        elif created and not _has_progress(run):  # nothing to resume: leave nothing behind
-            shutil.rmtree(run, ignore_errors=True)
+            shutil.rmtree(work.root, ignore_errors=True)
+        elif created and not _has_progress(run.root):  # nothing to resume: leave nothing behind
+            shutil.rmtree(run.root, ignore_errors=True)
         raise
     if is_main and work != run:
-        _swap_in(work, run)
+        _swap_in(work.root, run.root)
     barrier(dist)
-    return run
+    return run.root
 
 
 def _temp_sibling(run: Path) -> Path:
@@ -229,7 +221,8 @@ def _temp_sibling(run: Path) -> Path:
 
 def _swap_in(work: Path, run: Path) -> None:
     """Replace ``run`` by the complete ``work``: two renames, the old run removed only after the second."""
-    for info in (work / "model" / MODEL_INFO_FILE, work / "baseline" / "model" / MODEL_INFO_FILE):
+    for v in RunDir(work).variants():
+        info = v.model_info
         if info.exists():  # paths recorded while training name the run's final place
             write_text(info, info.read_text().replace(json.dumps(str(work))[1:-1], json.dumps(str(run))[1:-1]))
     old = run.with_name(f".{run.name}.old-{os.getpid()}")
@@ -246,20 +239,18 @@ def _data_fingerprint(records: list) -> dict[str, Any]:
     return {"sha256": digest, "records": len(records)}
 
 
-def _check_checkpoints(run: Path) -> None:
+def _check_checkpoints(run: RunDir) -> None:
     """The newest checkpoint of each unfinished variant readable, before any model work (a damaged file is one
     error naming it and the checkpoint before it)."""
     from .training import CheckpointManager
 
-    for root in (run, run / "baseline"):
-        if not _variant_done(root):
-            CheckpointManager(root / "checkpoints").verify_latest()
+    for v in run.variants():
+        if not v.done():
+            CheckpointManager(v.checkpoints).verify_latest()
 
 
-def _check_data(run: Path, data_print: dict[str, Any]) -> None:
-    from .rundir import RunDir
-
-    saved = RunDir(run).data_file
+def _check_data(run: RunDir, data_print: dict[str, Any]) -> None:
+    saved = run.data_file
     if not saved.exists():  # a run from before the fingerprint was recorded
         return
     try:
@@ -268,12 +259,12 @@ def _check_data(run: Path, data_print: dict[str, Any]) -> None:
         raise EdgeftError(f"--resume: {saved} is damaged (not JSON); it records the data the run trained on") \
             from None
     if before.get("sha256") != data_print["sha256"]:
-        raise EdgeftError(f"--resume: the data differs from what {run} was trained on ({before.get('records')} "
+        raise EdgeftError(f"--resume: the data differs from what {run.root} was trained on ({before.get('records')} "
                           f"examples then, {data_print['records']} now, contents changed); resume with the same data "
                           "or train a new run")
 
 
-def _train_into(cfg: TrainConfig, run: Path, work: Path, dist, is_main: bool, model_dir: Path, data: tuple,
+def _train_into(cfg: TrainConfig, run: RunDir, work: RunDir, dist, is_main: bool, model_dir: Path, data: tuple,
                 data_print: dict[str, Any], device: str) -> None:
     """Write the run into ``work`` (``run`` itself, or the sibling that replaces it)."""
     from .data import padding_efficiency
@@ -282,59 +273,45 @@ def _train_into(cfg: TrainConfig, run: Path, work: Path, dist, is_main: bool, mo
     tokenizer, template, train_ex, eval_ex = data
     notes: list[tuple] = []  # info lines, shown once the model has loaded: an early error stays the only line
     if is_main:
-        work.mkdir(parents=True, exist_ok=True)
-        text = dump_yaml(replace(cfg, resume=False, overwrite=False))
-        if cfg.resume:  # the run keeps its own record of where it is; unchanged files are not rewritten
-            text = dump_yaml(replace(cfg, resume=False, overwrite=False, out=run_config(run).out))
-        if not (work / "config.yaml").exists() or (work / "config.yaml").read_text() != text:
-            write_text(work / "config.yaml", text)
-        if not (work / DATA_FILE).exists():
-            write_json(work / DATA_FILE, data_print)
-        notes.append(("run directory: %s", run))
+        work.root.mkdir(parents=True, exist_ok=True)
+        text = dump_yaml(cfg.replace(resume=False, overwrite=False))
+        if cfg.run.resume:  # the run keeps its own record of where it is; unchanged files are not rewritten
+            text = dump_yaml(cfg.replace(resume=False, overwrite=False, out=run_config(run.root).run.out))
+        if not work.config_file.exists() or work.config_file.read_text() != text:
+            write_text(work.config_file, text)
+        if not work.data_file.exists():
+            write_json(work.data_file, data_print)
+        notes.append(("run directory: %s", run.root))
         lengths = [len(ex["input_ids"]) for ex in train_ex]
         notes.append(("data: %d training examples (%d tokens), %d eval; chat template: %s", len(train_ex),
                       sum(lengths), len(eval_ex), template["name"] or "none (raw text)"))
-        if _batching(cfg) == "padding_free":
+        if cfg.data.batching == "padding_free":
             notes.append(("padding-free batching: no pad tokens (a padded batch of %d would be %.1f%% padding)",
-                          cfg.batch_size, 100 * (1 - padding_efficiency(lengths, cfg.batch_size))))
+                          cfg.optim.batch_size, 100 * (1 - padding_efficiency(lengths, cfg.optim.batch_size))))
     barrier(dist)
     run = work
-    from_twin = bool(cfg.qat and cfg.ptq and (cfg.qat_distill or cfg.qat_init == "baseline"))
-    if from_twin:  # the QAT run learns from (and/or starts at) the float twin: train that first
-        _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device,
-                       notes=notes)
-    qat_data = data
-    if cfg.qat and cfg.qat_corpus:
-        from .training.distill import corpus_examples
 
-        prose = corpus_examples(tokenizer, cfg.qat_corpus, len(train_ex), seed=cfg.seed)
-        qat_data = (tokenizer, template, train_ex + prose, eval_ex)
-        if is_main:
-            notes.append(("QAT data: %d examples + %d chunks of generic prose (--qat-corpus %.2f)", len(train_ex),
-                          len(prose), cfg.qat_corpus))
-    _train_variant(cfg, run, model_dir, qat_data, qat_during_training=cfg.qat is not None, dist=dist,
-                   device=device, twin=run / "baseline" if from_twin else None, notes=notes)
-    if cfg.qat and cfg.ptq and not from_twin:
-        _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device)
+    def train_run(root: Variant, data: tuple, qat: bool, twin: Variant | None = None) -> None:
+        _train_variant(cfg, root, model_dir, data, qat_during_training=qat, dist=dist, device=device, twin=twin,
+                       notes=notes)
+
+    # the plan: one fine-tune, or the float twin then QAT from it (edgeft/recipes/)
+    recipes.choose(cfg).run(cfg, run, data, train_run, is_main)
 
     if is_main:
         from .training import plot_loss, read_metrics
 
-        curves = {("QAT " + cfg.qat if cfg.qat else "train"): read_metrics(run / "metrics.jsonl")}
-        if (run / "baseline" / "metrics.jsonl").exists():
-            curves["no QAT (baseline)"] = read_metrics(run / "baseline" / "metrics.jsonl")
-        plot_loss(curves, run / "loss.png", title=f"{cfg.model} on {cfg.data}")
+        curves = {("QAT " + cfg.qat.scheme if cfg.qat.scheme else "train"): read_metrics(run.metrics)}
+        if run.baseline.metrics.exists():
+            curves["no QAT (baseline)"] = read_metrics(run.baseline.metrics)
+        plot_loss(curves, run.loss_plot, title=f"{cfg.model.name} on {cfg.data.path}")
     barrier(dist)
 
 
-def _variant_done(root: Path) -> bool:
-    return (root / "model" / "edgeft.json").exists() and (root / "converted" / "scheme.json").exists()
-
-
-def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_during_training: bool, dist=None,
-                   device: str | None = None, twin: Path | None = None, notes: list[tuple] | None = None) -> None:
+def _train_variant(cfg: TrainConfig, root: Variant, model_dir: Path, data, qat_during_training: bool, dist=None,
+                   device: str | None = None, twin: Variant | None = None, notes: list[tuple] | None = None) -> None:
     """Train one variant into ``root``. ``twin``: the trained float twin (baseline/) that a QAT run distils from
-    (``cfg.qat_distill``) and/or starts from (``cfg.qat_init == "baseline"``). ``notes``: info lines held back until
+    (``cfg.qat.distill``) and/or starts from (``cfg.qat.init == "baseline"``). ``notes``: info lines held back until
     the model has loaded (then logged and cleared), so that an error loading it is the command's only line."""
     import torch
 
@@ -344,18 +321,18 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     from .training.model import save_adapter as _save_adapter
 
     tokenizer, template, train_ex, eval_ex = data
-    device = device or cfg.device
+    device = device or cfg.hardware.device
     is_main = dist is None or dist.is_main
-    label = f"{'QAT ' + cfg.qat if qat_during_training else 'train'} ({cfg.mode})"
-    if cfg.resume and _variant_done(root):
-        log.info("%s: already complete in %s", label, root)
+    label = f"{'QAT ' + cfg.qat.scheme if qat_during_training else 'train'} ({cfg.model.mode})"
+    if cfg.run.resume and root.done():
+        log.info("%s: already complete in %s", label, root.root)
         return
     load_dir = model_dir
-    init_from = twin if (twin is not None and cfg.qat_init == "baseline") else None
-    if init_from is not None and cfg.mode == "lora":  # continue the twin's adapter on the same base
-        cfg = replace(cfg, adapter=str(init_from / "model"))
+    init_from = twin if (twin is not None and cfg.qat.init == "baseline") else None
+    if init_from is not None and cfg.model.mode == "lora":  # continue the twin's adapter on the same base
+        cfg = cfg.replace(adapter=str(init_from.model))
     elif init_from is not None:  # start from the twin's fine-tuned weights
-        load_dir = init_from / "model"
+        load_dir = init_from.model
     strategy = None
     if dist is not None:
         from .training import fsdp
@@ -363,9 +340,9 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         strategy = fsdp.choose(cfg, model_dir, dist.world, device)
         if is_main:
             log.info("%s: %d processes, %s", label, dist.world, "FSDP2" if strategy == "fsdp" else "DDP")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.optim.seed)
     # FSDP: rank 0 loads on the CPU, the others build the model on meta (no weights); sharding gives every rank its
-    # shards of rank 0's weights, on its GPU (train/fsdp.py)
+    # shards of rank 0's weights, on its GPU (training/fsdp.py)
     fsdp_load = ("cpu" if is_main else "meta") if strategy == "fsdp" else None
     model, prep = prepare_model(cfg, load_dir, qat=qat_during_training, device=device, load_device=fsdp_load)
     for note in notes or []:
@@ -373,54 +350,54 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     if notes:
         notes.clear()
     _set_generation_eos(model, tokenizer)
-    plan = qat_plan(cfg)
+    plan = cfg.qat.plan()
     ckpt = None
-    if cfg.save_steps > 0:
+    if cfg.run.save_steps > 0:
         fingerprint = {**identity(cfg), "variant": "qat" if qat_during_training else "float", "processes":
                        dist.world if dist else 1}
         if strategy == "fsdp":  # its optimizer.pt is keyed by parameter name
             fingerprint["distributed"] = "fsdp"
         fingerprint = json.loads(json.dumps(fingerprint))  # the form it takes in state.json
-        save_adapter = (lambda d, sd=None: _save_adapter(model, d, sd)) if cfg.mode == "lora" else None
-        ckpt = CheckpointManager(root / "checkpoints", cfg.save_total_limit, fingerprint, save_adapter,
+        save_adapter = (lambda d, sd=None: _save_adapter(model, d, sd)) if cfg.model.mode == "lora" else None
+        ckpt = CheckpointManager(root.checkpoints, cfg.run.save_total_limit, fingerprint, save_adapter,
                                  defaults=identity_defaults())
     summary = train_loop(
         model,
         train_ex,
         pad_id=tokenizer.pad_token_id,
-        max_steps=cfg.qat_max_steps if qat_during_training else cfg.max_steps,
-        batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum,
-        lr=cfg.qat_lr if qat_during_training else cfg.lr,
-        weight_decay=cfg.weight_decay,
-        schedule=cfg.schedule,
-        warmup_ratio=cfg.warmup_ratio,
-        warmup_steps=cfg.warmup_steps,
-        max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed,
+        max_steps=cfg.qat.max_steps if qat_during_training else cfg.optim.max_steps,
+        batch_size=cfg.optim.batch_size,
+        grad_accum=cfg.optim.grad_accum,
+        lr=cfg.qat.lr if qat_during_training else cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        schedule=cfg.optim.schedule,
+        warmup_ratio=cfg.optim.warmup_ratio,
+        warmup_steps=cfg.optim.warmup_steps,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        seed=cfg.optim.seed,
         device=device,
-        metrics_path=root / "metrics.jsonl",
-        progress=cfg.progress,
+        metrics_path=root.metrics,
+        progress=cfg.run.progress,
         desc=label,
-        optim=cfg.optim,
-        embedding_lr=cfg.embedding_lr,
-        scale_lr=cfg.qat_scale_lr if qat_during_training else None,
-        batching=_batching(cfg),
-        max_seq_length=cfg.max_seq_length,
+        optim=cfg.optim.optimizer,
+        embedding_lr=cfg.optim.embedding_lr,
+        scale_lr=cfg.qat.scale_lr if qat_during_training else None,
+        batching=cfg.data.batching,
+        max_seq_length=cfg.data.max_seq_length,
         eval_examples=eval_ex or None,
-        eval_steps=cfg.eval_steps,
-        early_stopping_patience=cfg.early_stopping_patience,
-        early_stopping_threshold=cfg.early_stopping_threshold,
-        load_best=cfg.load_best,
+        eval_steps=cfg.eval.steps,
+        early_stopping_patience=cfg.eval.early_stopping_patience,
+        early_stopping_threshold=cfg.eval.early_stopping_threshold,
+        load_best=cfg.eval.load_best,
         checkpoints=ckpt,
-        save_steps=cfg.save_steps,
-        resume=cfg.resume,
-        report_to=cfg.report_to,
-        logging_steps=cfg.logging_steps,
-        log_dir=root,
+        save_steps=cfg.run.save_steps,
+        resume=cfg.run.resume,
+        report_to=cfg.run.report_to,
+        logging_steps=cfg.run.logging_steps,
+        log_dir=root.root,
         run_config=cfg.to_dict(),
         dist=dist,
-        distill=_distillation(cfg, twin, device, fsdp_load) if (twin is not None and cfg.qat_distill) else None,
+        distill=_distillation(cfg, twin, device, fsdp_load) if (twin is not None and cfg.qat.distill) else None,
         strategy=strategy or "ddp",
     )
     if strategy == "fsdp":
@@ -444,15 +421,15 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     # the same scales and integers the fake-quant forward used; the converted model moves to the CPU to be saved
     info = {
         "base_model": str(model_dir),
-        "mode": cfg.mode,
+        "mode": cfg.model.mode,
         "qat": plan.to_dict() if (plan and qat_during_training) else None,
         "kernels": prep["kernels"],
         "gradient_checkpointing": prep.get("gradient_checkpointing"),
         "chat_template": template,
         "quantized_base": prep["quantized_base"],
         "adapter_from": prep["adapter_from"],
-        "init_from": str(init_from) if init_from is not None else None,
-        "distilled_from": str(twin) if (twin is not None and cfg.qat_distill) else None,
+        "init_from": str(init_from.root) if init_from is not None else None,
+        "distilled_from": str(twin.root) if (twin is not None and cfg.qat.distill) else None,
         "trainable_parameters": prep["trainable_parameters"],
         "learned_scales": len(scales),
         "precision": summary.get("precision"),  # the weight update: fp32, or bf16 through fp32 masters (or other)
@@ -460,20 +437,20 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         "examples": len(train_ex),
         "eval_examples": len(eval_ex),
     }
-    with atomic_dir(root / "model") as tmp:
+    with atomic_dir(root.model) as tmp:
         model.save_pretrained(tmp)  # PEFT: adapter only; full: the whole model
         tokenizer.save_pretrained(tmp)
         if scales:  # learned QAT scales: part of the trained model (convert writes them; `edgeft convert` reads them)
             from safetensors.torch import save_file
 
-            save_file({n: t.detach().cpu().contiguous() for n, t in scales.items()}, str(tmp / SCALES_FILE))
-        (tmp / "edgeft.json").write_text(json.dumps(info, indent=2) + "\n")
+            save_file({n: t.detach().cpu().contiguous() for n, t in scales.items()}, str(tmp / root.scales.name))
+        (tmp / root.model_info.name).write_text(json.dumps(info, indent=2) + "\n")
     log.info("%s: loss %.4f -> %.4f in %.0fs", label, summary["first_loss"] or float("nan"),
              summary["final_loss"] or float("nan"), summary["seconds"])
     if quantized_base:  # a bitsandbytes base cannot be merged exactly: convert from the float base + adapter
         del model
         model, _ = load_trained(root)
-    convert_model(model, tokenizer, plan, root / "converted", scales)
+    convert_model(model, tokenizer, plan, root.converted, scales)
     barrier(dist)
 
 
@@ -497,9 +474,9 @@ def _unsharded(cfg: TrainConfig, model_dir: Path, tensors: dict, tokenizer, qat_
     n = fsdp._checkpoint_params(model_dir)
     if device.startswith("cuda") and n is not None:
         free, _ = torch.cuda.mem_get_info(torch.device(device))
-        if n * (2 if cfg.dtype == "bf16" else 4) < 0.8 * free:
+        if n * (2 if cfg.hardware.dtype == "bf16" else 4) < 0.8 * free:
             load_device = device
-    if load_device == "cpu" and cfg.qat and qat_during_training and device.startswith("cuda"):
+    if load_device == "cpu" and cfg.qat.scheme and qat_during_training and device.startswith("cuda"):
         log.warning("the trained model does not fit one GPU: QAT convert runs on the CPU, whose rounding of a "
                     "tie can differ from the GPU's fake quantization in rare weights")
     model, _ = prepare_model(cfg, model_dir, qat=qat_during_training, device=device, load_device=load_device)
@@ -508,8 +485,8 @@ def _unsharded(cfg: TrainConfig, model_dir: Path, tensors: dict, tokenizer, qat_
     return model
 
 
-def _distillation(cfg: TrainConfig, twin: Path, device: str, load_device: str | None = None):
-    """The trained float twin as the teacher, in the run's dtype on ``device`` (train/distill.py).
+def _distillation(cfg: TrainConfig, twin: str | Path | Variant, device: str, load_device: str | None = None):
+    """The trained float twin as the teacher, in the run's dtype on ``device`` (training/distill.py).
 
     ``load_device`` (FSDP): "cpu" loads it there for the loop to shard; "meta" builds it without weights (ranks
     other than 0), the loop's sharding then gives it rank 0's.
@@ -518,13 +495,14 @@ def _distillation(cfg: TrainConfig, twin: Path, device: str, load_device: str | 
 
     from .training.distill import Distillation
 
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    twin = Variant(twin)
+    dtype = torch.bfloat16 if cfg.hardware.dtype == "bf16" else torch.float32
     if load_device == "meta":
         from .training.model import empty_model
 
-        info = json.loads((twin / "model" / "edgeft.json").read_text())
+        info = twin.info()
         # load_trained's module: LoRA merged into its base (the base's architecture), or the full model
-        teacher = empty_model(info["base_model"] if info["mode"] == "lora" else twin / "model", dtype)
+        teacher = empty_model(info["base_model"] if info["mode"] == "lora" else twin.model, dtype)
     else:
         teacher, _ = load_trained(twin)
         teacher.to(device=load_device or device)
@@ -532,10 +510,10 @@ def _distillation(cfg: TrainConfig, twin: Path, device: str, load_device: str | 
         # (loaded by from_pretrained in the same dtype) keeps in fp32
         for prm in teacher.parameters():
             prm.data = prm.data.to(dtype)
-    log.info("QAT distils from the float twin %s (KL weight %.2f, %s positions, temperature %g)", twin,
-             cfg.qat_distill, cfg.qat_distill_positions, cfg.qat_distill_temperature)
-    return Distillation(teacher, weight=cfg.qat_distill, temperature=cfg.qat_distill_temperature,
-                        positions=cfg.qat_distill_positions)
+    log.info("QAT distils from the float twin %s (KL weight %.2f, %s positions, temperature %g)", twin.root,
+             cfg.qat.distill, cfg.qat.distill_positions, cfg.qat.distill_temperature)
+    return Distillation(teacher, weight=cfg.qat.distill, temperature=cfg.qat.distill_temperature,
+                        positions=cfg.qat.distill_positions)
 
 
 def _set_generation_eos(model, tokenizer) -> None:
@@ -564,23 +542,23 @@ def convert_model(model, tokenizer, plan, out_dir: Path, scales: dict | None = N
 
 def convert(run: str | Path | None = None) -> Path:
     """Re-run qat.convert for an existing run from its saved model/ (e.g. after changing convert code)."""
-    run = find_run(run)
-    for root in [run, run / "baseline"]:
-        if not (root / "model" / "edgeft.json").exists():
+    run = RunDir.find(run)
+    for root in run.variants():
+        if not root.has_trained_model():
             continue
         from .integrity import check_safetensors_dir
 
-        check_safetensors_dir(root / "model", f"train the run again: `edgeft train --out {run} --overwrite ...`")
-        cfg = run_config(run)
-        plan = qat_plan(cfg)
+        check_safetensors_dir(root.model, f"train the run again: `edgeft train --out {run.root} --overwrite ...`")
+        cfg = load_yaml(run.config_file)
+        plan = cfg.qat.plan()
         model, tokenizer = load_trained(root)
-        convert_model(model, tokenizer, plan, root / "converted", saved_scales(root))
-    return run
+        convert_model(model, tokenizer, plan, root.converted, saved_scales(root))
+    return run.root
 
 
-def saved_scales(root: Path) -> dict | None:
+def saved_scales(root: str | Path | Variant) -> dict | None:
     """The learned QAT scales saved with the trained model of ``root`` (None: it has none)."""
-    path = root / "model" / SCALES_FILE
+    path = Variant(root).scales
     if not path.exists():
         return None
     from safetensors.torch import load_file
@@ -599,16 +577,16 @@ def export(fmt: str, run: str | Path | None = None, quant: str | None = None, **
     """
     if fmt not in EXPORT_FORMATS:
         raise EdgeftError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
-    run = find_run(run)
-    src = run / "converted"
-    if not (src / "scheme.json").exists():
-        raise EdgeftError(f"{run} has no converted model; run `edgeft train` to completion first")
+    run = RunDir.find(run)
+    src = run.converted
+    if not run.has_converted():
+        raise EdgeftError(f"{run.root} has no converted model; run `edgeft train` to completion first")
     from .fsutil import remove_stale
     from .integrity import check_safetensors_dir
 
-    check_safetensors_dir(src, f"run `edgeft convert --run {run}` to write {src.name}/ again from model/")
-    remove_stale(run / "exports")  # temporary files of an export that was killed
-    report = export_dir(fmt, src, run / "exports", quant=quant, **kwargs)
+    check_safetensors_dir(src, f"run `edgeft convert --run {run.root}` to write {src.name}/ again from model/")
+    remove_stale(run.exports.path)  # temporary files of an export that was killed
+    report = export_dir(fmt, src, run.exports.path, quant=quant, **kwargs)
     if fmt == "gguf":
         # the Ollama Modelfile carries the run's chat template and stop tokens next to the GGUF it names
         from edgeft.exporters import ollama
@@ -617,15 +595,8 @@ def export(fmt: str, run: str | Path | None = None, quant: str | None = None, **
             report["modelfile"] = ollama.write_modelfile(report["path"], src)
         except EdgeftError as e:
             report.setdefault("warnings", []).append(f"no Ollama Modelfile: {e}")
-    _record_export(run / "exports", fmt, report)
+    run.exports.record(report.get("name", fmt) if isinstance(report, dict) else fmt, report)
     return report
-
-
-def _record_export(out_dir: Path, fmt: str, report: dict[str, Any]) -> None:
-    manifest = out_dir / "manifest.json"
-    data = json.loads(manifest.read_text()) if manifest.exists() else {}
-    data[report.get("name", fmt) if isinstance(report, dict) else fmt] = report
-    write_json(manifest, data)
 
 
 # --- evaluate -------------------------------------------------------------------------------------------
@@ -641,4 +612,4 @@ def evaluate(run: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
 def train_from_yaml(path: str | Path, **overrides: Any) -> Path:
     """Train from a YAML config file with keyword overrides."""
     cfg = load_yaml(path)
-    return train(replace(cfg, **overrides))
+    return train(cfg.replace(**overrides))

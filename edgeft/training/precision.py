@@ -3,9 +3,9 @@
 :class:`MasterWeights` keeps an fp32 copy of every bf16 (or fp16) trainable tensor as optimizer state
 (``state_dict()["state"][i]["master"]``): the model's parameters stay bf16 (what the kernels, FSDP's all-gathers
 and the exporters read), the wrapped optimizer updates the masters from the gradients, and each bf16 parameter is
-set to its master rounded (stochastically by default, to nearest at the end of the run); the run saves the bf16
-weights. fp32 parameters (LoRA adapters, learned QAT scales) are their own masters; an fp32 run gets the plain
-optimizer. Checkpoints hold the masters, so a resumed run continues bit-exactly; FSDP2 gathers and scatters them
+set to its master rounded stochastically (unbiased: the forward follows the masters in expectation); the run saves
+the last draw (``master-nearest``: rounded to nearest, kept for benchmarks). fp32 parameters (LoRA adapters,
+learned QAT scales) are their own masters; an fp32 run gets the plain optimizer. Checkpoints hold the masters, so a resumed run continues bit-exactly; FSDP2 gathers and scatters them
 with the moments; a checkpoint without masters starts them from its bf16 weights.
 
 ``build_optimizer(..., bf16_update="pure")`` (API only, for the benchmarks) is the plain optimizer on the bf16
@@ -192,8 +192,8 @@ class MasterWeights(torch.optim.Optimizer):
         stochastic_round_(ploc, mloc, self.seed, step, index, offset, total, extra)
 
     def round_to_nearest(self) -> int:
-        """Set every bf16 parameter to its master rounded to nearest, the closest bf16 model to the masters (the
-        stochastic roundings of training are its unbiased, noisier neighbours): what a run saves. Returns how many."""
+        """Set every bf16 parameter to its master rounded to nearest (what a ``master-nearest`` run saves; a stochastic
+        run keeps its last draw, which unlike this keeps the moves below half a bf16 step). Returns how many."""
         self._ensure()
         n = 0
         with torch.no_grad():
