@@ -294,7 +294,6 @@ def reuse_twin(cfg, twin: Path, run: Path) -> None:
     """Set ``run`` up so that ``edgeft.train(cfg, resume=True)`` trains only the QAT run: ``twin``'s trained
     baseline/ (the no-QAT twin, which no QAT recipe setting touches) copied in, and ``cfg``'s resolved config
     written as the run's. Refuses a twin trained under any other setting than the recipe's."""
-    import dataclasses
     import shutil
 
     from edgeft.config import config_diff, dump_yaml, load_yaml, resolve
@@ -302,8 +301,7 @@ def reuse_twin(cfg, twin: Path, run: Path) -> None:
     if not RunDir(twin).baseline.has_converted():
         raise SystemExit(f"--twin {twin}: no trained baseline/ there")
     mine = resolve(cfg)
-    theirs = dataclasses.replace(resolve(load_yaml(RunDir(twin).config_file)),
-                                 **{k: getattr(mine, k) for k in RECIPE_KEYS})
+    theirs = resolve(load_yaml(RunDir(twin).config_file)).replace(**{k: mine.get(k) for k in RECIPE_KEYS})
     diff = config_diff(theirs, mine)
     if diff:
         raise SystemExit(f"--twin {twin} was trained with other settings: {'; '.join(diff[:4])}")
@@ -312,18 +310,18 @@ def reuse_twin(cfg, twin: Path, run: Path) -> None:
     run.mkdir(parents=True)
     src, dst = RunDir(twin).baseline, RunDir(run).baseline
     shutil.copytree(src.root, dst.root, ignore=shutil.ignore_patterns(src.exports.path.name, src.checkpoints.name))
-    RunDir(run).config_file.write_text(dump_yaml(dataclasses.replace(mine, resume=False, overwrite=False)))
+    RunDir(run).config_file.write_text(dump_yaml(mine.replace(resume=False, overwrite=False)))
 
 
 def twin_ptq_differs(cfg, twin: Path, run: Path | None = None) -> bool:
     """Whether the recipe quantizes differently from the twin (``qat_weight_scale``, ``qat_int8``, a device-fit
     plan): then the twin's PTQ is not this run's, and the run's baseline/ is converted again
     (:func:`reconvert_baseline`) and evaluated."""
-    from edgeft.config import load_yaml, qat_plan, resolve
+    from edgeft.config import load_yaml, resolve
     from edgeft.pipeline import run_qat_plan
 
-    mine = run_qat_plan(Path(run), resolve(cfg)) if run is not None else qat_plan(resolve(cfg))
-    theirs = run_qat_plan(Path(twin), resolve(load_yaml(RunDir(twin).config_file)))
+    mine = run_qat_plan(RunDir(run), resolve(cfg)) if run is not None else resolve(cfg).qat.plan()
+    theirs = run_qat_plan(RunDir(twin), resolve(load_yaml(RunDir(twin).config_file)))
     return (mine.ptq_weight_scale, mine.int8_modules, mine.group_size) != (
         theirs.ptq_weight_scale, theirs.int8_modules, theirs.group_size)
 
@@ -333,7 +331,7 @@ def reconvert_baseline(cfg, run: Path) -> None:
     from edgeft.models import load_trained
     from edgeft.pipeline import convert_model, run_qat_plan
 
-    plan = run_qat_plan(Path(run), cfg)  # a device-fit run's plan is its qat_plan.json
+    plan = run_qat_plan(RunDir(run), cfg)  # a device-fit run's plan is its qat_plan.json
     model, tokenizer = load_trained(RunDir(run).baseline)
     convert_model(model, tokenizer, plan, RunDir(run).baseline.converted)
 
@@ -405,12 +403,10 @@ def main() -> int:
     t0 = time.perf_counter()
     if not args.no_train:
         print(f"training {args.model} ({args.recipe} recipe, {args.max_steps} steps, QAT "
-              f"{cfg.qat_max_steps or args.max_steps}) into {run}", flush=True)
+              f"{cfg.qat.max_steps or args.max_steps}) into {run}", flush=True)
         if args.twin:
-            import dataclasses
-
             reuse_twin(cfg, Path(args.twin), run)
-            cfg = dataclasses.replace(cfg, resume=True, overwrite=False)  # the twin is complete: QAT run only
+            cfg = cfg.replace(resume=True, overwrite=False)  # the twin is complete: QAT run only
         edgeft.train(cfg)
         timings["train_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -423,7 +419,7 @@ def main() -> int:
         from edgeft.pipeline import run_qat_plan
 
         ptq_plan = RunDir(run).baseline.scheme_record()["plan"]
-        if own_ptq and edgeft.qat.QATPlan.from_dict(ptq_plan) != run_qat_plan(run, cfg):
+        if own_ptq and edgeft.qat.QATPlan.from_dict(ptq_plan) != run_qat_plan(RunDir(run), cfg):
             reconvert_baseline(cfg, run)  # baseline/ is still the twin's copy: PTQ under the recipe's plan
         mine_variants = ("ptq", "qat") if own_ptq else ("qat",)
         mine = saved_rows(run, mine_variants, runtimes, args.limit) if (args.no_train and args.reuse_eval) else None
@@ -486,7 +482,7 @@ def main() -> int:
         "device": _device(),
         "versions": _versions(),
         "recipe": args.recipe,
-        "qat_max_steps": resolved.qat_max_steps or resolved.max_steps,  # the twin's: config's max_steps
+        "qat_max_steps": resolved.qat.max_steps or resolved.optim.max_steps,  # the twin's: config's max_steps
         "config": resolved.to_dict(),
         "train_seconds": {"qat": (info.get("train") or {}).get("seconds"),
                           "baseline": (base_info.get("train") or {}).get("seconds") if base_info else None},
@@ -511,7 +507,7 @@ def main() -> int:
     dest.write_text(json.dumps(out, indent=2) + "\n")
 
     print(f"\n{args.model} {args.qat}, recipe {args.recipe}, QAT {out['qat_max_steps']} steps (twin "
-          f"{resolved.max_steps}): {report.get('heldout_tokens')} held-out tokens, "
+          f"{resolved.optim.max_steps}): {report.get('heldout_tokens')} held-out tokens, "
           f"{report.get('task_examples')} task questions")
     print(f"{'variant':8} {'runtime':8} {'ppl':>9} {'acc':>7}")
     for r in report["results"]:

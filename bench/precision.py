@@ -74,9 +74,10 @@ def run_worker(spec: dict) -> dict:
     model.train()
     ckpt = spec.get("checkpoint") or None
     if impl.startswith("edgeft"):
+        from edgeft.arch import kernel_specs
         from edgeft.kernels import patch
 
-        patch(model, checkpoint=ckpt)
+        patch(model, kernel_specs(), checkpoint=ckpt)
     elif ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lr = spec["lr"]

@@ -25,7 +25,6 @@ Also the "share of weights changed by one lr-sized step" of the pretrained proje
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import math
@@ -215,7 +214,7 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
     from edgeft.devices.evaluate import read_questions
 
     over = variant_overrides(name)
-    fields = {f.name for f in dataclasses.fields(edgeft.TrainConfig)}
+    fields = set(edgeft.TrainConfig.keys())
     if not set(over) <= fields:
         raise SystemExit(f"variant {name}: this edgeft has no {sorted(set(over) - fields)} setting")
     run = runs / name
@@ -232,7 +231,7 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
         if update:  # another bf16 update than the default, through the API
             etrain.train_loop = lambda *a, **k: loop(*a, **dict(k, bf16_update=update))
         try:
-            edgeft.train(dataclasses.replace(cfg, overwrite=True))
+            edgeft.train(cfg.replace(overwrite=True))
         finally:
             etrain.train_loop = loop
     res["train_s"] = time.perf_counter() - t0

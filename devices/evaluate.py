@@ -347,9 +347,14 @@ def evaluate_run(
     max_new_tokens: int = 16,
     progress: bool = True,
     data: EvalData | list[str | Path] | tuple[str | Path, ...] | None = None,
+    require_exports: bool = False,
 ) -> dict[str, Any]:
     """Evaluate every variant on every runtime; writes eval/report.{md,json}, eval/questions.jsonl (each question's
     result per variant and runtime, :data:`QUESTIONS_FILE`) and eval/metrics.png.
+
+    The runtimes run the run's exported artifacts; one missing is exported here, unless ``require_exports`` (the
+    CLI): then a runtime whose format the run was never exported to is an error naming the export command (the
+    baseline's artifacts, which no command exports, are always made here).
 
     ``data``: the user's evaluation files (see :func:`load_eval_data`) or an :class:`EvalData`; default built-in.
     """
@@ -365,6 +370,21 @@ def evaluate_run(
     run = RunDir(run)
     if not run.has_converted():
         raise EdgeftError(f"{run.root} has no converted model; run `edgeft train` to completion first")
+    from edgeft.integrity import check_safetensors_dir
+
+    for v in run.variants():
+        if v.converted.is_dir():
+            check_safetensors_dir(v.converted, f"run `edgeft convert --run {run.root}` to write it again from model/")
+    from edgeft.fsutil import remove_stale
+
+    for d in (run.eval, *(v.exports.path for v in run.variants()), run.baseline.exports.float.path):
+        remove_stale(d)  # what a killed eval or export left half-written
+    if require_exports:
+        ex = run.exports
+        for kind in runtimes:
+            if kind == "pte" and not ex.pte().exists() or kind == "gguf" and ex.newest_gguf() is None:
+                raise EdgeftError(f"{run.root} has no exported {kind}: run `edgeft export {kind} --run {run.root}` "
+                                  f"first, or leave {kind} out of --runtimes")
     sources = _variant_sources(run)
     if variants:
         unknown = [v for v in variants if v not in VARIANTS]
@@ -493,10 +513,10 @@ def _report(run: RunDir, results: list[dict[str, Any]], ppl_tokens: int, limit: 
             }
     return {
         "run": str(run.root),
-        "model": cfg.model,
-        "data": cfg.data,
-        "qat": cfg.qat,
-        "mode": cfg.mode,
+        "model": cfg.model.name,
+        "data": cfg.data.path,
+        "qat": cfg.qat.scheme,
+        "mode": cfg.model.mode,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "heldout_tokens": ppl_tokens,
         "task_examples": limit,

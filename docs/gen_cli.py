@@ -37,9 +37,10 @@ def _value(action: argparse.Action) -> str:
 def _default(action: argparse.Action, fields: dict[str, Any]) -> str:
     if action.nargs == 0:
         return ""
-    default = action.default
-    if default is None and action.dest in fields:  # a config field: its default lives in the config
-        default = fields[action.dest]
+    if "." in action.dest:  # a config field: its default lives in the config, not the parser
+        default = fields.get(action.dest)
+    else:
+        default = action.default
     if default is None or default == []:
         return ""
     if isinstance(default, list):
@@ -48,17 +49,17 @@ def _default(action: argparse.Action, fields: dict[str, Any]) -> str:
 
 
 def _config_defaults() -> dict[str, Any]:
-    """Each config field's default by the parser ``dest`` that sets it (the flags default to None: "not given")."""
+    """Each config field's default by the parser ``dest`` (``section.field``) that sets it (the flags default to None:
+    "not given")."""
     import dataclasses
 
     from edgeft.config import TrainConfig
 
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(TrainConfig):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
+    for sec in TrainConfig.SECTIONS:
+        for f in dataclasses.fields(sec):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out[f"{sec.NAME}.{f.name}"] = default
     return out
 
 
@@ -82,8 +83,8 @@ def render() -> str:
     helps = {c.dest: c.help for c in sub._choices_actions}  # noqa: SLF001
     lines = ["# edgeft command line", "",
              "Generated from the parser by `python docs/gen_cli.py`; do not edit (tests/test_docs.py fails when this "
-             "file is stale). The `train` flags are the config's fields (`edgeft/config.py`): each is also a "
-             "key of a `--config` YAML file.", ""]
+             "file is stale). The `train` flags are the config's fields ([config.md](config.md)): each is also a "
+             "YAML key of `--config`, under its section.", ""]
     lines += [f"- [`edgeft {name}`](#edgeft-{name}): {helps.get(name, '')}" for name in sub.choices]
     for name, p in sub.choices.items():
         lines += ["", f"## edgeft {name}", "", helps.get(name) or "", ""] if lines[-1] else \

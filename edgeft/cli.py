@@ -8,14 +8,38 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from typing import Any
 
+from .config import Registry, TrainConfig, base_type
 from .errors import EdgeftError
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# how writers that wrap the OS error say it (safetensors: "os error 28", torch.save: "file write failed", numpy's
+# tofile in gguf-py: "N requested and M written")
+_DISK_FULL_TEXT = re.compile(r"No space left on device|File too large|Disk quota exceeded|os error (?:28|27|122)\b|"
+                             r"file write failed|\d+ requested and \d+ written")
+
+
+def _disk_full(e: BaseException) -> str | None:
+    """A one-line description when ``e`` (or what it wraps) is a write that found the disk full, else None."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return f"{e.strerror or os.strerror(e.errno)}" + (f" writing {e.filename}" if e.filename else "")
+        m = _DISK_FULL_TEXT.search(str(e))
+        if m:
+            return f"a write failed, the disk is full ({m.group(0)})"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _quiet_backends() -> None:
@@ -36,133 +60,79 @@ def _quiet_backends() -> None:
         pass
 
 
+# exporters.gguf.QUANTS, spelled here so that `--help` does not import the exporter (a test keeps them equal)
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+
+
 def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgeft", description="Fine-tune with QAT and take the model to a phone.")
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (the usage is in --help), like every other edgeft error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[TrainConfig] = TrainConfig) -> None:
+    """One flag (or flag pair) per config field, grouped by section, derived from the fields' metadata
+    (edgeft/config.py): ``--`` + the flat key, ``--no-x`` for a bool that defaults to True, csv for lists, the
+    field's type and choices. Every value defaults to None ("not given"), its ``dest`` is ``section.field``."""
+    for sec in config_cls.SECTIONS:
+        group = parser.add_argument_group(sec.TITLE)
+        types = sec.types()
+        for f in sec.options():
+            m, key, dest = f.metadata, sec.key(f), f"{sec.NAME}.{f.name}"
+            base = base_type(types[f.name])
+            flag = m.get("flag") or "--" + key.replace("_", "-").replace(".", "-")
+            if m.get("flag") is False:  # only constant flags (e.g. --lora / --full), or none: YAML only
+                if not m["consts"]:
+                    continue
+                exclusive = group.add_mutually_exclusive_group()
+                for cflag, (const, chelp) in m["consts"].items():
+                    exclusive.add_argument(cflag, dest=dest, action="store_const", const=const, help=chelp)
+                continue
+            if base is bool:
+                if m.get("negatable"):
+                    group.add_argument(flag, dest=dest, action="store_true", default=None, help=m["help"])
+                    group.add_argument("--no-" + flag[2:], dest=dest, action="store_false", default=None,
+                                       help=m["negatable"])
+                elif f.default is True and not m.get("flag"):
+                    group.add_argument("--no-" + flag[2:], dest=dest, action="store_false", default=None,
+                                       help=m["help"])
+                else:
+                    group.add_argument(flag, dest=dest, action="store_true", default=None, help=m["help"])
+                continue
+            choices = m.get("choices") if m.get("cli_choices", True) else None
+            # argparse names a value by its dest ("OPTIM.OPTIMIZER"): use the flag, or {a,b} for listed choices
+            named = choices is None or isinstance(choices, Registry)
+            metavar = m.get("metavar") or (flag[2:].replace("-", "_").upper() if named else None)
+            kw: dict[str, Any] = {"dest": dest, "help": m["help"], "type": _csv if base is list else base,
+                                  "metavar": metavar}
+            if choices is not None:
+                kw["choices"] = choices
+                if isinstance(choices, Registry):  # a registry is imported only when a value is checked or help shown
+                    kw["help"] = (kw["help"] + "; " if kw["help"] else "") + "one of %(choices)s"
+            group.add_argument(flag, **kw)
+            for cflag, (const, chelp) in m.get("consts", {}).items():  # e.g. --fsdp beside --distributed
+                group.add_argument(cflag, dest=dest, action="store_const", const=const, help=chelp)
+
+
+def build_parser(config_cls: type[TrainConfig] = TrainConfig) -> argparse.ArgumentParser:
+    """The ``edgeft`` parser; ``train``'s flags come from ``config_cls``'s fields (:func:`add_config_arguments`)."""
+    p = _Parser(prog="edgeft", description="Fine-tune with QAT and take the model to a phone.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune (LoRA or full), with QAT, then convert")
     t.add_argument("--config", help="YAML config file; flags override it")
-    t.add_argument("--model", help="built-in name (see `edgeft models`), HF directory, .gguf file or hub id")
-    t.add_argument("--out", help="run directory (default runs/<model>-<time>)")
-    t.add_argument("--resume", action="store_true", default=None,
-                   help="continue the run in --out from its newest checkpoint (its config.yaml is the default)")
-    t.add_argument("--overwrite", action="store_true", default=None, help="replace an existing run in --out")
-    d = t.add_argument_group("data")
-    d.add_argument("--data", help="builtin:tasks, a .jsonl/.json/.csv/.tsv/.parquet/.txt file, or a hub dataset name")
-    d.add_argument("--data-split", help="split of a hub dataset (default train)")
-    d.add_argument("--chat-template", help="chat template from the registry (see `edgeft templates`); "
-                                           "default: the model's own")
-    d.add_argument("--system-prompt", help="system prompt for conversations that have none")
-    d.add_argument("--prompt-template", help="merge columns: 'Age {Age}.[[ Fare {Fare}.]]' ([[ ]]: optional)")
-    d.add_argument("--output-column", help="with --prompt-template: the column to learn to answer")
-    d.add_argument("--conversation-extension", type=int, help="merge N rows into one multi-turn conversation")
-    d.add_argument("--max-seq-length", type=int)
-    d.add_argument("--packing", action="store_true", default=None, help="pack examples into max-seq-length rows")
-    d.add_argument("--no-padding-free", dest="padding_free", action="store_false", default=None,
-                   help="right-pad micro-batches instead of flattening them")
-    d.add_argument("--eval-split", type=float, help="held-out share (<1) or count of examples for eval loss")
-    d.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: 10 times per run)")
-    d.add_argument("--early-stopping-patience", type=int, help="stop after N evaluations without improvement")
-    d.add_argument("--early-stopping-threshold", type=float, help="minimum eval-loss improvement (default 0)")
-    d.add_argument("--no-load-best", dest="load_best", action="store_false", default=None,
-                   help="save the last weights, not the best-eval ones")
-    m = t.add_argument_group("model")
-    mode = m.add_mutually_exclusive_group()
-    mode.add_argument("--lora", dest="mode", action="store_const", const="lora", help="LoRA adapters (peft)")
-    mode.add_argument("--full", dest="mode", action="store_const", const="full", help="full fine-tuning")
-    m.add_argument("--lora-r", type=int)
-    m.add_argument("--lora-alpha", type=int)
-    m.add_argument("--lora-dropout", type=float)
-    m.add_argument("--lora-bias", choices=["none", "all", "lora_only"])
-    m.add_argument("--lora-target-modules", type=_csv,
-                   help="all-linear (default), a list, or e.g. all-linear,lm_head,embed_tokens")
-    m.add_argument("--lora-modules-to-save", type=_csv, help="modules trained in full next to the adapters")
-    m.add_argument("--rslora", dest="use_rslora", action="store_true", default=None, help="rank-stabilised LoRA")
-    m.add_argument("--adapter", help="continue training a saved LoRA adapter (PEFT directory or edgeft run)")
-    m.add_argument("--load-in-4bit", action="store_true", default=None, help="QLoRA: NF4 base (bitsandbytes)")
-    m.add_argument("--load-in-8bit", action="store_true", default=None, help="8-bit base (bitsandbytes)")
-    m.add_argument("--qat", help="QAT scheme or preset (see `edgeft qat list`), or auto: a plan fitted to --device")
-    m.add_argument("--qat-group-size", type=int)
-    m.add_argument("--qat-weight-scale", choices=["absmax", "mse", "learned", "learned-mse"],
-                   help="how int4 weight groups choose their scale: absmax (torchao's, default), mse (least squared "
-                   "error of 13 fractions of max|w|, in training and convert; the PTQ baseline uses it too), or "
-                   "learned / learned-mse (trained with the weights from absmax / mse scales; --qat-scale-lr)")
-    m.add_argument("--qat-int8", type=_csv, metavar="NAMES",
-                   help="linears kept at int8 per output channel in an int4 scheme, by name: e.g. gate_proj,up_proj "
-                   "(the scheme's activations; exported as such to .pte, GGUF Q8_0 and TorchAO)")
-    m.add_argument("--ptq", dest="ptq", action="store_true", default=None,
-                   help="with --qat, also train without QAT for the BF16/PTQ comparison (default)")
-    m.add_argument("--no-ptq", dest="ptq", action="store_false", help="skip the no-QAT baseline")
-    m.add_argument("--qat-distill", type=float, metavar="W",
-                   help="with --qat: KL weight of distilling the trained no-QAT twin into the QAT model, 0-1 "
-                        "(default 1: the QAT model learns to reproduce the float model; 0: labels only)")
-    m.add_argument("--qat-distill-positions", choices=["all", "targets"],
-                   help="with --qat-distill: distil every position (all, default) or only the labelled ones "
-                        "(targets: your data's answers and the --qat-corpus prose)")
-    m.add_argument("--qat-distill-temperature", type=float, metavar="T", help="temperature of the KL (default 1)")
-    m.add_argument("--qat-init", choices=["baseline", "pretrained"],
-                   help="with --qat: start QAT from the twin's fine-tuned weights (baseline, default) or from the "
-                        "pretrained model")
-    m.add_argument("--qat-corpus", type=float, metavar="SHARE",
-                   help="with --qat: share of the QAT run's training examples drawn from edgeft's packaged generic "
-                        "prose, so the quantized model follows the float one beyond your data (default 0.25 when "
-                        "distilling, else 0)")
-    f = t.add_argument_group("device fit (--qat auto: a quantization plan chosen to fit a phone; qat_plan.json)")
-    f.add_argument("--max-size", dest="fit_max_size_mb", type=float, metavar="MB",
-                   help="largest .pte / GGUF file allowed, in MB (2^20 bytes)")
-    f.add_argument("--min-decode", dest="fit_min_decode", type=float, metavar="TOK_S",
-                   help="decode-speed floor in tokens/s on --device (at the profile's low bandwidth efficiency)")
-    f.add_argument("--context", dest="fit_context", type=int, metavar="N",
-                   help="tokens of context the KV cache is budgeted for (default 2048)")
-    f.add_argument("--fit-artifact", dest="fit_artifact", choices=["pte", "gguf", "both"],
-                   help="which file must fit (default both; GGUF's Q4_0 blocks cannot shrink below group size 32's)")
-    m.add_argument("--dtype", choices=["fp32", "bf16"])
-    m.add_argument("--device", help="torch device (cpu, cuda), or with --qat auto a device profile to fit "
-                                    "(see `edgeft devices list`)")
-    m.add_argument("--kernels", choices=["auto", "on", "off"])
-    m.add_argument("--gradient-checkpointing", choices=["auto", "off", "plain", "offload"],
-                   help="auto (default): none when the activations fit the GPU, else plain (each layer's input "
-                        "kept on the GPU), else offload (kept in pinned host memory); off: never")
-    m.add_argument("--distributed", choices=["auto", "ddp", "fsdp"],
-                   help="under torchrun: ddp (a replica per GPU), fsdp (FSDP2, sharded: models that do not fit one "
-                        "GPU) or auto (fsdp when DDP would not fit; default)")
-    m.add_argument("--fsdp", dest="distributed", action="store_const", const="fsdp", help="--distributed fsdp")
-    o = t.add_argument_group("optimisation")
-    o.add_argument("--max-steps", type=int)
-    o.add_argument("--epochs", type=float, help="train this many epochs (sets max-steps)")
-    o.add_argument("--batch-size", type=int, help="examples (packed rows) per micro-batch and process")
-    o.add_argument("--grad-accum", type=int)
-    o.add_argument("--optim", choices=["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd"])
-    o.add_argument("--lr", type=float)
-    o.add_argument("--embedding-lr", type=float, help="learning rate of embed_tokens/lm_head parameters")
-    o.add_argument("--qat-lr", type=float, help="learning rate of the QAT run (default: --lr, at least 1e-4 when "
-                                                "QAT starts from the twin)")
-    o.add_argument("--qat-scale-lr", type=float, help="learning rate of learned QAT scales, in log space "
-                                                      "(default 5e-3 with --qat-weight-scale learned)")
-    o.add_argument("--qat-max-steps", type=int, help="optimizer steps of the QAT run (default: --max-steps; the "
-                                                     "no-QAT twin trains --max-steps)")
-    o.add_argument("--weight-decay", type=float)
-    o.add_argument("--schedule", choices=["cosine", "linear", "constant"])
-    o.add_argument("--warmup-ratio", type=float)
-    o.add_argument("--warmup-steps", type=int, help="overrides --warmup-ratio")
-    o.add_argument("--max-grad-norm", type=float)
-    o.add_argument("--seed", type=int)
-    o.add_argument("--threads", type=int, help="torch CPU threads")
-    c = t.add_argument_group("checkpoints and logging")
-    c.add_argument("--save-steps", type=int, help="checkpoint every N steps and at the end (0: none)")
-    c.add_argument("--save-total-limit", type=int, help="keep the newest K checkpoints (and the best)")
-    c.add_argument("--report-to", type=_csv, help="tensorboard,wandb")
-    c.add_argument("--logging-steps", type=int, help="log-line interval without a progress bar")
-    c.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    add_config_arguments(t, config_cls)
 
     e = sub.add_parser("export", help="export a run's converted model")
     e.add_argument("format", choices=["pte", "gguf", "torchao"])
     e.add_argument("--run", help="run directory (default: newest under ./runs)")
-    e.add_argument("--quant", help="GGUF type: f32, f16, bf16, q8_0, q4_0 (default: the scheme's bit width)")
+    e.add_argument("--quant", help=f"GGUF type: {', '.join(GGUF_QUANTS)} (default: the scheme's bit width; the "
+                                   "K-quants through llama.cpp)")
     e.add_argument("--max-seq-len", type=int, help=".pte KV-cache length (default 512)")
     e.add_argument("--logits", choices=["all", "last"],
                    help=".pte output: logits for every position (all, default: model.pte, what `edgeft eval` runs) "
@@ -224,39 +194,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_TRAIN_KEYS = [
-    "model", "data", "data_split", "out", "resume", "overwrite", "mode", "adapter", "load_in_4bit", "load_in_8bit",
-    "fit_max_size_mb", "fit_min_decode", "fit_context", "fit_artifact",
-    "qat", "qat_group_size", "qat_weight_scale", "qat_int8", "ptq", "qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
-    "qat_scale_lr", "qat_max_steps", "chat_template", "system_prompt", "prompt_template", "output_column",
-    "conversation_extension", "max_seq_length", "padding_free", "packing", "eval_split", "eval_steps",
-    "early_stopping_patience", "early_stopping_threshold", "load_best", "max_steps", "epochs", "batch_size",
-    "grad_accum", "optim", "lr", "embedding_lr", "weight_decay", "schedule", "warmup_ratio", "warmup_steps",
-    "max_grad_norm", "dtype", "device", "kernels", "gradient_checkpointing", "distributed", "seed", "save_steps", "save_total_limit", "report_to",
-    "logging_steps", "threads", "progress",
-]
-_LORA_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_bias": "bias",
-              "lora_target_modules": "target_modules", "lora_modules_to_save": "modules_to_save",
-              "use_rslora": "use_rslora"}
-
-
-def _train_config(args: argparse.Namespace):
+def _train_config(args: argparse.Namespace, config_cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
     """Flags over the --config file; with --resume and no --config, over the run's own config.yaml."""
-    from .config import TrainConfig, load_yaml
+    from .config import load_yaml
     from .rundir import RunDir
 
+    out, resume = getattr(args, "run.out", None), getattr(args, "run.resume", None)
     if args.config:
-        cfg = load_yaml(args.config)
-    elif args.resume and args.out and RunDir(args.out).is_run():
-        cfg = load_yaml(RunDir(args.out).config_file)
+        cfg = load_yaml(args.config, config_cls)
+    elif resume and out and RunDir(out).is_run():
+        cfg = load_yaml(RunDir(out).config_file, config_cls)
     else:
-        cfg = TrainConfig()
-    over: dict[str, Any] = {k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k, None) is not None}
-    cfg = dataclasses.replace(cfg, **over)
-    lora = {v: getattr(args, k) for k, v in _LORA_KEYS.items() if getattr(args, k, None) is not None}
-    if lora:
-        cfg.lora = dataclasses.replace(cfg.lora, **lora)
-    return cfg
+        cfg = config_cls()
+    given: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:
+            sec, name = dest.split(".", 1)
+            given.setdefault(sec, {})[name] = value
+    return cfg.replace(**{sec: dataclasses.replace(getattr(cfg, sec), **vals) for sec, vals in given.items()})
 
 
 def _print_table(rows: list[dict[str, str]], cols: list[str]) -> None:
@@ -275,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except EdgeftError as e:
         print(f"edgeft: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        why = _disk_full(e)
+        if why is None:
+            raise
+        # atomic writes left nothing half-written: freeing space and running the command again is the whole fix
+        print(f"edgeft: error: {why}; nothing was replaced: free some space and run the command again",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgeft: interrupted", file=sys.stderr)
@@ -387,7 +350,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         data = load_eval_data(args.data, args.limit)  # so does bad evaluation data
         report = pipeline.evaluate(
             args.run, runtimes=args.runtimes, variants=args.compare, limit=args.limit, ppl_tokens=args.ppl_tokens,
-            data=data,
+            data=data, require_exports=True,
         )
         print(render_markdown(report))
         print(f"report: {report['run']}/eval/report.md")

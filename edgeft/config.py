@@ -1,150 +1,686 @@
-"""Typed configuration: one dataclass per run, YAML load/save, CLI-style overrides, resolution of presets.
+"""Typed configuration in sections. Each section is a dataclass that checks itself; the ``train`` CLI flags, the YAML
+keys and the flat keys of older runs are derived from its fields' metadata (:func:`option`), so an option is written
+once: one field (+ its use). The sections (``TrainConfig.SECTIONS``): model, lora, data, eval, qat (the scheme and
+the twin -> QAT recipe), optim, hardware, run; docs/config.md says what each holds and how to add an option.
 
-The fully resolved config is written to ``runs/<name>/config.yaml``; loading that file and training again
-reproduces the run.
+A field's *key* is its name before sections (``qat_lr``, ``lora.r``, ``data``): section prefix + field name unless
+the metadata names it. The flag is ``--`` + the key with dashes (``--qat-lr``, ``--lora-r``) unless overridden; the
+YAML form is ``section: {field: value}``; a ``config.yaml`` of the old flat form loads through the keys, and
+:func:`identity` (what ``--resume`` and checkpoints compare) is still taken over the keys, so old runs resume.
+
+``None`` means "not set": :func:`resolve` fills it from other settings (the preset, the mode, the device, the
+recipe's defaults in :meth:`QATSettings.resolved`). Whether a field was given is ``value is not None`` before
+:func:`resolve`. The resolved config is written to the run's ``config.yaml``; loading it reproduces the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import typing
 from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from .errors import EdgeftError
 
+QAT_FROM_TWIN_MIN_LR = 1e-4  # a weight must move about an int4 step (~max|w|/7.5) to change its integer
+LEARNED_SCALE_LR = 5e-3  # learned QAT scales (their logs): lr 1e-3 moves a scale by about 0.1% a step
+
+
+class Registry:
+    """Choices held by a registry elsewhere (``"module:NAME"``: a tuple, or a dict's keys), imported only when the
+    choices are needed (checking a value, printing help), so building the parser or a config stays cheap."""
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+
+    def names(self) -> tuple[str, ...]:
+        module, attr = self.ref.split(":")
+        return tuple(getattr(import_module(module), attr))
+
+    def __iter__(self):
+        return iter(self.names())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.names()
+
+    def __repr__(self) -> str:
+        return f"Registry({self.ref!r})"
+
+
+def option(default: Any = None, *, help: str = "", key: str | None = None, flag: str | bool | None = None,
+           choices: tuple | Registry | None = None, cli_choices: bool = True, metavar: str | None = None,
+           negatable: str | None = None, consts: dict[str, tuple[Any, str]] | None = None,
+           low: float | None = None, low_open: bool = False, high: float | None = None, high_open: bool = False,
+           note: str = "", resume_free: bool = False, factory: Any = None) -> Any:
+    """A config field with what the CLI, YAML and checks need to know about it.
+
+    ``key``: the flat key, if not section prefix + name. ``flag``: the CLI flag, if not ``--`` + key with dashes
+    (a bool defaulting to True gets ``--no-...``); ``False``: no valued flag (only ``consts``). ``choices``: a
+    tuple or a :class:`Registry`; the CLI enforces them unless ``cli_choices`` is False (the section's ``check``
+    then gives its own error). ``negatable``: a bool gets both ``--x`` and ``--no-x`` (this is the latter's help).
+    ``consts``: extra flags that store a constant, ``{"--fsdp": ("fsdp", help)}``. ``low``/``high`` bound numbers
+    (``*_open``: exclusive); ``note`` explains the bound in the error. ``resume_free``: may change on ``--resume``
+    (it does not change what training computes).
+    """
+    meta = dict(help=help, key=key, flag=flag, choices=choices, cli_choices=cli_choices, metavar=metavar,
+                negatable=negatable, consts=consts or {}, low=low, low_open=low_open, high=high,
+                high_open=high_open, note=note, resume_free=resume_free)
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _bound_error(key: str, value: Any, m: dict) -> str | None:
+    lo, hi = m["low"], m["high"]
+    bad = (lo is not None and (value <= lo if m["low_open"] else value < lo)) or \
+        (hi is not None and (value >= hi if m["high_open"] else value > hi))
+    if not bad:
+        return None
+    if hi is not None:
+        what = f"in {'(' if m['low_open'] else '['}{lo:g}, {hi:g}{')' if m['high_open'] else ']'}"
+    elif m["low_open"]:
+        what = "positive" if lo == 0 else f"above {lo:g}"
+    else:
+        what = f"at least {lo:g}"
+    return f"{key} must be {what}{' (' + m['note'] + ')' if m['note'] else ''}, not {value!r}"
+
+
+class Section:
+    """Base of the config sections: derived names, generic checks (choices, bounds), mapping I/O."""
+
+    NAME: ClassVar[str] = ""  # attribute of TrainConfig and YAML key
+    TITLE: ClassVar[str] = ""  # the CLI help group
+    PREFIX: ClassVar[str] = ""  # of the flat keys ("qat_", "lora." for a section nested in the flat form too)
+
+    @classmethod
+    def options(cls) -> list[dataclasses.Field]:
+        return list(dataclasses.fields(cls))
+
+    @classmethod
+    def key(cls, f: dataclasses.Field) -> str:
+        return f.metadata.get("key") or cls.PREFIX + f.name
+
+    @classmethod
+    def types(cls) -> dict[str, Any]:
+        return _types(cls)
+
+    def check(self) -> None:
+        """Validate this section alone (choices, bounds, then the section's own rules); one EdgeftError line."""
+        types = self.types()
+        for f in self.options():
+            v, m, key = getattr(self, f.name), f.metadata, self.key(f)
+            if v is None:
+                continue
+            if m.get("choices") is not None and m.get("cli_choices", True):
+                choices = tuple(m["choices"])
+                for item in (v if isinstance(v, list) else [v]):
+                    if item not in choices:
+                        raise EdgeftError(f"{key} must be one of {', '.join(map(str, choices))}, not {item!r}")
+            if (m.get("low") is not None or m.get("high") is not None) and base_type(types[f.name]) in (int, float):
+                err = _bound_error(key, v, m)
+                if err:
+                    raise EdgeftError(err)
+
+    @classmethod
+    def from_mapping(cls, d: dict[str, Any], where: str = "") -> Section:
+        """The section from a mapping of its field names (YAML), values type-checked; unknown keys are one error."""
+        names = {f.name for f in cls.options()}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise EdgeftError(f"unknown {where or cls.NAME} keys: {', '.join(unknown)}")
+        types = cls.types()
+        return cls(**{k: _coerce(cls.key(next(f for f in cls.options() if f.name == k)), v, types[k])
+                      for k, v in d.items()})
+
+
+@lru_cache(maxsize=None)
+def _types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def base_type(tp: Any) -> Any:
+    """The plain type of a field's annotation: int for ``int | None``, list for ``list[str]`` and
+    ``str | list[str]``, else the annotation itself."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in args):
+        return list
+    if args:
+        return base_type(args[0])
+    return tp
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """A YAML value in the field's type: numbers may come as strings ("1e-4" is a string to YAML 1.1); a comma list
+    as one string; anything else of the wrong type is one error line."""
+    if value is None:
+        return None
+    base = base_type(tp)
+    if base is str and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if base is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if base is list and isinstance(value, str):
+        return value if str in typing.get_args(tp) else [x.strip() for x in value.split(",") if x.strip()]
+    ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list,)}.get(base)
+    bad = ok and (not isinstance(value, ok) or (base is not bool and isinstance(value, bool)))
+    if base is list and not bad:  # YAML lists of names: every item a string
+        bad = not all(isinstance(x, str) for x in value)
+    if bad:
+        kind = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+                list: "a list of strings"}[base]
+        raise EdgeftError(f"{key} must be {kind}{' or null' if type(None) in typing.get_args(tp) else ''}, "
+                          f"not {value!r}")
+    return value
+
+
+# --- the sections ------------------------------------------------------------------------------------------------
+
 
 @dataclass
-class LoraSettings:
+class ModelSettings(Section):
+    """Which model is trained, and how: LoRA adapters or every weight, from a saved adapter, on a 4-/8-bit base."""
+
+    NAME: ClassVar[str] = "model"
+    TITLE: ClassVar[str] = "model"
+
+    name: str = option("smollm2-135m", key="model",
+                       help="built-in name (see `edgeft models`), HF directory, .gguf file or hub id")
+    mode: str | None = option(None, choices=("lora", "full"), flag=False,
+                              consts={"--lora": ("lora", "LoRA adapters (peft)"),
+                                      "--full": ("full", "full fine-tuning")},
+                              help="lora or full; default: the QAT preset's choice, else lora")
+    adapter: str | None = option(help="continue training a saved LoRA adapter (PEFT directory or edgeft run)")
+    load_in_4bit: bool = option(False, help="QLoRA: NF4 base (bitsandbytes)")
+    load_in_8bit: bool = option(False, help="8-bit base (bitsandbytes)")
+
+    def check(self) -> None:
+        super().check()
+        if self.load_in_4bit and self.load_in_8bit:
+            raise EdgeftError("choose one of --load-in-4bit and --load-in-8bit")
+
+
+@dataclass
+class LoraSettings(Section):
     """LoRA adapter settings (peft). dropout is 0 by default: with QAT the forward is then exactly the deployed
     merged weight (with dropout, qat/prepare.py adds a zero-mean correction during training only)."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"  # also e.g. "all-linear,lm_head,embed_tokens"
-    bias: str = "none"  # "none" | "all" | "lora_only"
-    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
-    modules_to_save: list[str] = field(default_factory=list)  # trained in full next to the adapters
+    NAME: ClassVar[str] = "lora"
+    TITLE: ClassVar[str] = "LoRA"
+    PREFIX: ClassVar[str] = "lora."  # nested in the flat form too
+
+    r: int = option(16, help="adapter rank", low=1)
+    alpha: int = option(32, help="scaling numerator: alpha/r (alpha/sqrt(r) with --rslora)")
+    dropout: float = option(0.0, help="adapter dropout", low=0, high=1, high_open=True)
+    target_modules: str | list[str] = option(
+        "all-linear", help="all-linear (default), a list, or e.g. all-linear,lm_head,embed_tokens")
+    bias: str = option("none", choices=("none", "all", "lora_only"), help="which biases train")
+    use_rslora: bool = option(False, flag="--rslora", help="rank-stabilised LoRA: scale by alpha/sqrt(r)")
+    modules_to_save: list[str] = option(factory=list, help="modules trained in full next to the adapters")
 
 
 @dataclass
-class TrainConfig:
-    """Everything ``edgeft train`` needs. ``None`` fields are resolved by :func:`resolve`."""
+class DataSettings(Section):
+    """Where the examples come from and how they become batches."""
 
-    model: str = "smollm2-135m"
-    data: str = "builtin:tasks"  # builtin:tasks, a .jsonl/.json/.csv/.tsv/.parquet/.txt file, or a hub dataset
-    data_split: str = "train"  # split of a hub dataset
-    out: str | None = None  # run directory; default runs/<model>-<time>
-    mode: str | None = None  # "lora" | "full"; None: the QAT preset's choice, else lora
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    adapter: str | None = None  # continue training a saved LoRA adapter (PEFT directory or edgeft run)
-    load_in_4bit: bool = False  # QLoRA: bitsandbytes NF4 base with double quantization
-    load_in_8bit: bool = False
-    qat: str | None = None  # scheme or preset name
-    qat_group_size: int | None = None
-    # how 4-bit weight groups pick their scale (qat.schemes.WEIGHT_SCALES): "absmax" (torchao's), "mse", or
-    # "learned" / "learned-mse" (trained with the weights, from absmax / mse)
-    qat_weight_scale: str = "absmax"
-    # linears (by name, e.g. gate_proj, up_proj) kept at int8 per output channel in an int4 scheme
-    qat_int8: list[str] = field(default_factory=list)
-    # --- device fit (--qat auto, edgeft.qat.plan): kept together so that a config restructuring moves them as one.
-    # the target profile (also accepted as --device PROFILE), an artifact size cap in MB (2^20 bytes), a decode
-    # floor in tokens/s, the context (tokens) whose KV cache the runtime memory is budgeted for (None: 2048), and
-    # which artifact must fit ("pte", "gguf"; None: both)
-    fit_device: str | None = None
-    fit_max_size_mb: float | None = None
-    fit_min_decode: float | None = None
-    fit_context: int | None = None
-    fit_artifact: str | None = None
-    ptq: bool = True  # with --qat: also train the no-QAT twin (BF16 and PTQ baselines for eval)
-    # with --qat and the twin: KL weight of distilling the trained twin into the QAT model (1: distillation only,
-    # 0: labels only); None: 1.0 when the twin is trained, else 0 (train/distill.py)
-    qat_distill: float | None = None
-    # which positions' next-token distributions are distilled: "all" (prompts included) or "targets" (the labelled
-    # ones: the data's answers and every token of the --qat-corpus prose); the KL's temperature
-    qat_distill_positions: str = "all"
-    qat_distill_temperature: float = 1.0
-    # with --qat and the twin: "baseline" starts QAT from the twin's fine-tuned weights, "pretrained" from the
-    # model; None: "baseline" when the twin is trained, else "pretrained"
-    qat_init: str | None = None
-    # with --qat: share of the QAT run's training examples that are chunks of edgeft's packaged generic prose (the
-    # twin trains on the data alone); None: 0.25 when distilling, else 0
-    qat_corpus: float | None = None
-    # learning rate of the QAT run; None: the run's lr, raised to at least 1e-4 when QAT starts from the twin (a
-    # weight must move about a quantization step, ~max|w|/7.5 for int4, to change its integer)
-    qat_lr: float | None = None
-    # learning rate of learned QAT scales (their logs: lr 1e-3 moves a scale by about 0.1% a step); None: 5e-3
-    qat_scale_lr: float | None = None
-    # optimizer steps of the QAT run; None: max_steps (the twin, and a run without QAT, train max_steps)
-    qat_max_steps: int | None = None
-    # data
-    chat_template: str | None = None  # registry name (edgeft.data.TEMPLATES); None: the tokenizer's own
-    system_prompt: str | None = None  # added to conversations without one
-    prompt_template: str | None = None  # merge table columns: "Age {Age}.[[ Fare {Fare}.]]"
-    output_column: str | None = None  # with prompt_template: the column to learn
-    conversation_extension: int = 1  # merge this many rows into one multi-turn conversation
-    max_seq_length: int = 512
-    padding_free: bool = True  # flatten micro-batches (no pad tokens); False: right-pad
-    packing: bool = False  # pack examples into max_seq_length rows
-    eval_split: float = 0.0  # held-out share (<1) or count (>=1) of the data
-    eval_steps: int | None = None  # evaluate every N steps (and at the end); None: 10 evaluations with eval_split
-    early_stopping_patience: int | None = None  # stop after N evaluations without improvement
-    early_stopping_threshold: float = 0.0  # an improvement must beat the best eval loss by more than this
-    load_best: bool = True  # with evaluation: the saved model is the best-eval-loss one
-    # optimisation
-    max_steps: int = 60
-    epochs: float | None = None  # if set: max_steps = ceil(epochs * optimizer steps per epoch)
-    batch_size: int = 8  # examples (packed rows with --packing) per micro-batch and process
-    grad_accum: int = 1
-    optim: str = "adamw"  # adamw | adamw_8bit | paged_adamw | paged_adamw_8bit | sgd
-    lr: float | None = None  # None: 2e-4 for LoRA, 2e-5 for full fine-tuning
-    embedding_lr: float | None = None  # separate LR for embed_tokens/lm_head parameters
-    weight_decay: float = 0.0
-    schedule: str = "cosine"  # "cosine" | "linear" | "constant"
-    warmup_ratio: float = 0.1
-    warmup_steps: int | None = None  # overrides warmup_ratio
-    max_grad_norm: float = 1.0
-    dtype: str | None = None  # "fp32" | "bf16"; None: bf16 on CUDA, fp32 on CPU
-    device: str | None = None  # None: cuda if available else cpu
-    kernels: str = "auto"  # "auto" | "on" | "off": fused Triton kernels (on GPU by default)
-    # "auto": none when the activations fit the GPU (fastest), else "plain" (checkpoints stay on the GPU), else
-    # "offload" (checkpoints in pinned host memory; with the kernels); transformers' own without the kernels
-    gradient_checkpointing: str = "auto"
-    # under torchrun: "ddp" (a replica per GPU), "fsdp" (FSDP2: weights, gradients and optimizer state sharded
-    # over the GPUs) or "auto" (FSDP2 when DDP's estimated footprint exceeds half a GPU; see train/fsdp.py)
-    distributed: str = "auto"
-    seed: int = 42
-    # checkpoints and logging
-    save_steps: int = 0  # checkpoint every N steps and at the end; 0: no checkpoints
-    save_total_limit: int | None = None  # keep the newest K checkpoints (and the best)
-    resume: bool = False  # continue the run in `out` from its newest checkpoint
-    overwrite: bool = False  # replace an existing run in `out`
-    report_to: list[str] = field(default_factory=list)  # "tensorboard", "wandb"
-    logging_steps: int = 10  # log-line interval when the progress bar is off
-    threads: int | None = None  # torch CPU threads; None: torch's default
-    progress: bool = True
+    NAME: ClassVar[str] = "data"
+    TITLE: ClassVar[str] = "data"
+
+    path: str = option("builtin:tasks", key="data",
+                       help="builtin:tasks, a .jsonl/.json/.csv/.tsv/.parquet/.txt file, or a hub dataset name")
+    split: str = option("train", key="data_split", help="split of a hub dataset")
+    chat_template: str | None = option(
+        choices=Registry("edgeft.data.templates:TEMPLATES"), cli_choices=False,
+        help="chat template from the registry (see `edgeft templates`); default: the model's own")
+    system_prompt: str | None = option(help="system prompt for conversations that have none")
+    prompt_template: str | None = option(help="merge columns: 'Age {Age}.[[ Fare {Fare}.]]' ([[ ]]: optional)")
+    output_column: str | None = option(help="with --prompt-template: the column to learn to answer")
+    conversation_extension: int = option(1, low=1, help="merge N rows into one multi-turn conversation")
+    max_seq_length: int = option(512, low=1, help="tokens per example (and per packed row)")
+    padding_free: bool = option(True, help="right-pad micro-batches instead of flattening them")
+    packing: bool = option(False, help="pack examples into max-seq-length rows")
+
+    @property
+    def batching(self) -> str:
+        """The batch layout (data/batching.py): "packed", "padding_free" (flattened, no pad tokens) or "padded"."""
+        return "packed" if self.packing else ("padding_free" if self.padding_free else "padded")
+
+    def check(self) -> None:
+        super().check()
+        if self.chat_template is not None:
+            from edgeft.data.templates import get_template
+
+            get_template(self.chat_template)  # its own error names the registry
+
+
+@dataclass
+class EvalSettings(Section):
+    """Evaluation during training: the held-out share, how often, early stopping and which weights are kept."""
+
+    NAME: ClassVar[str] = "eval"
+    TITLE: ClassVar[str] = "evaluation"
+    PREFIX: ClassVar[str] = "eval_"
+
+    split: float = option(0.0, low=0, note="a share below 1 or a count",
+                          help="held-out share (<1) or count of examples for eval loss")
+    steps: int | None = option(low=1, help="evaluate every N steps (default: 10 times per run)")
+    early_stopping_patience: int | None = option(key="early_stopping_patience", low=1,
+                                                 help="stop after N evaluations without improvement")
+    early_stopping_threshold: float = option(0.0, key="early_stopping_threshold",
+                                             help="minimum eval-loss improvement (default 0)")
+    load_best: bool = option(True, key="load_best", help="save the last weights, not the best-eval ones")
+
+    def check(self) -> None:
+        if not self.split >= 0 or (self.split >= 1 and self.split != int(self.split)):  # 1.5 examples: a typo
+            raise EdgeftError(f"eval_split must be a share below 1 or a whole count of examples, not {self.split}")
+        super().check()
+        if self.early_stopping_patience and self.split <= 0:
+            raise EdgeftError("early stopping needs an evaluation set: pass --eval-split")
+
+
+@dataclass
+class QATSettings(Section):
+    """Quantization-aware training: the scheme, and the recipe that trains it (qat/, recipes/twin_qat.py).
+
+    With a scheme and ``ptq`` (the default) the float twin is trained first; the QAT run then starts from its weights
+    (``init``), learns to reproduce it (``distill``) on the data mixed with generic prose (``corpus``), at a
+    learning rate floored so weights cross quantization steps (``lr``), for ``max_steps``. The ``None`` defaults are
+    the recipe's, filled by :meth:`resolved`.
+    """
+
+    NAME: ClassVar[str] = "qat"
+    TITLE: ClassVar[str] = "QAT and its recipe"
+    PREFIX: ClassVar[str] = "qat_"
+
+    scheme: str | None = option(key="qat", help="QAT scheme or preset (see `edgeft qat list`), or auto: a "
+                                 "plan fitted to --device")
+    group_size: int | None = option(low=1, help="int4 weight group size (default: the scheme's)")
+    weight_scale: str = option(
+        "absmax", choices=Registry("edgeft.qat.schemes:WEIGHT_SCALES"),
+        help="how int4 weight groups choose their scale: absmax (torchao's, default), mse (least squared error of 13 "
+             "fractions of max|w|, in training and convert; the PTQ baseline uses it too), or learned / learned-mse "
+             "(trained with the weights from absmax / mse scales; --qat-scale-lr)")
+    int8: list[str] = option(factory=list, metavar="NAMES",
+                             help="linears kept at int8 per output channel in an int4 scheme, by name: e.g. "
+                                  "gate_proj,up_proj (the scheme's activations; exported as such to .pte, GGUF Q8_0 "
+                                  "and TorchAO)")
+    ptq: bool = option(True, key="ptq", negatable="skip the no-QAT baseline",
+                       help="with --qat, also train without QAT for the BF16/PTQ comparison (default)")
+    distill: float | None = option(low=0, high=1, note="the KL weight", metavar="W",
+                                   help="with --qat: KL weight of distilling the trained no-QAT twin into the QAT "
+                                        "model, 0-1 (default 1: the QAT model learns to reproduce the float model; "
+                                        "0: labels only)")
+    distill_positions: str = option("all", choices=("all", "targets"),
+                                    help="with --qat-distill: distil every position (all, default) or only the "
+                                         "labelled ones (targets: your data's answers and the --qat-corpus prose)")
+    distill_temperature: float = option(1.0, low=0, low_open=True, metavar="T",
+                                        help="temperature of the KL (default 1)")
+    init: str | None = option(choices=("baseline", "pretrained"),
+                              help="with --qat: start QAT from the twin's fine-tuned weights (baseline, default) or "
+                                   "from the pretrained model")
+    corpus: float | None = option(low=0, high=1, high_open=True, note="a share of the training examples",
+                                  metavar="SHARE",
+                                  help="with --qat: share of the QAT run's training examples drawn from edgeft's "
+                                       "packaged generic prose, so the quantized model follows the float one beyond "
+                                       "your data (default 0.25 when distilling, else 0)")
+    lr: float | None = option(low=0, low_open=True,
+                              help="learning rate of the QAT run (default: --lr, at least 1e-4 when QAT starts from "
+                                   "the twin)")
+    scale_lr: float | None = option(low=0, low_open=True,
+                                    help="learning rate of learned QAT scales, in log space (default 5e-3 with "
+                                         "--qat-weight-scale learned)")
+    max_steps: int | None = option(low=1, help="optimizer steps of the QAT run (default: --max-steps; the no-QAT "
+                                               "twin trains --max-steps)")
+
+    @property
+    def twin(self) -> bool:
+        """A float twin is trained beside the QAT run (its BF16/PTQ baseline)."""
+        return bool(self.scheme and self.ptq)
+
+    @property
+    def from_twin(self) -> bool:
+        """The QAT run learns from the trained twin (distils from it and/or starts at it): the twin trains first."""
+        return self.twin and bool(self.distill or self.init == "baseline")
+
+    def plan(self) -> Any:
+        """The QAT plan (``edgeft.qat.QATPlan``) of these settings; None without a scheme."""
+        if self.scheme is None:
+            return None
+        from edgeft.qat import resolve as resolve_qat
+
+        return resolve_qat(self.scheme, self.group_size, self.weight_scale, tuple(self.int8))
+
+    def resolved(self, lr: float) -> QATSettings:
+        """The recipe's defaults for what is unset, given the run's learning rate ``lr``: with the twin, distil from
+        it (weight 1), start from its weights, mix in 25% prose, at a learning rate of at least 1e-4; without it,
+        labels only from the pretrained model at ``lr``; learned scales at 5e-3. (``max_steps`` is filled once
+        epochs are known: the recipe's run length.)"""
+        q = dataclasses.replace(self)
+        if q.distill is None:
+            q.distill = 1.0 if q.twin else 0.0
+        if q.init is None:
+            q.init = "baseline" if q.twin else "pretrained"
+        if q.corpus is None:
+            q.corpus = 0.25 if q.distill > 0 else 0.0
+        if q.lr is None:
+            q.lr = max(lr, QAT_FROM_TWIN_MIN_LR) if (q.scheme and q.init == "baseline") else lr
+        if q.scale_lr is None and q.weight_scale.startswith("learned"):
+            q.scale_lr = LEARNED_SCALE_LR
+        return q
+
+    def check(self) -> None:
+        if self.int8 and self.scheme is None:
+            raise EdgeftError("--qat-int8 needs --qat (an int4 scheme)")
+        if self.scheme is not None:
+            from edgeft.qat import check_convertible
+
+            check_convertible(self.plan())  # an unknown or unconvertible scheme fails now, not after training
+        super().check()
+        if self.corpus and not self.scheme:
+            raise EdgeftError("--qat-corpus mixes generic prose into a QAT run: it needs --qat")
+        if (self.distill or self.init == "baseline") and not self.twin:
+            raise EdgeftError("--qat-distill and --qat-init baseline learn from the float twin: they need --qat and "
+                              "the baseline (drop --no-ptq)")
+        if self.scale_lr is not None and not self.weight_scale.startswith("learned"):
+            raise EdgeftError("--qat-scale-lr is the learning rate of learned scales: it needs --qat-weight-scale "
+                              "learned")
+
+
+@dataclass
+class FitSettings(Section):
+    """The budget of ``--qat auto``: a quantization plan chosen to fit a phone (qat/plan.py, ``qat_plan.json``).
+
+    ``device`` is also given as ``--device PROFILE`` (a torch device is never a profile name)."""
+
+    NAME: ClassVar[str] = "fit"
+    TITLE: ClassVar[str] = "device fit (--qat auto: a quantization plan chosen to fit a phone; qat_plan.json)"
+    PREFIX: ClassVar[str] = "fit_"
+
+    device: str | None = option(flag=False, help="device profile the plan fits (see `edgeft devices list`)")
+    max_size_mb: float | None = option(flag="--max-size", metavar="MB",
+                                       help="largest .pte / GGUF file allowed, in MB (2^20 bytes)")
+    min_decode: float | None = option(flag="--min-decode", metavar="TOK_S",
+                                      help="decode-speed floor in tokens/s on --device (at the profile's low "
+                                           "bandwidth efficiency)")
+    context: int | None = option(flag="--context", metavar="N",
+                                 help="tokens of context the KV cache is budgeted for (default 2048)")
+    artifact: str | None = option(flag="--fit-artifact", choices=("pte", "gguf", "both"),
+                                  help="which file must fit (default both; GGUF's Q4_0 blocks cannot shrink below "
+                                       "group size 32's)")
+
+    def given(self) -> list[str]:
+        """The flags of the budget values that were set, in field order."""
+        flags = {"device": "--device PROFILE", "max_size_mb": "--max-size", "min_decode": "--min-decode",
+                 "context": "--context", "artifact": "--fit-artifact"}
+        return [flags[f.name] for f in self.options() if getattr(self, f.name) is not None]
+
+    def budget(self) -> Any:
+        """The device-fit budget (``edgeft.qat.plan.Budget``)."""
+        from edgeft.qat.plan import DEFAULT_CONTEXT, Budget
+
+        return Budget(self.device, self.max_size_mb, self.min_decode, self.context or DEFAULT_CONTEXT,
+                      self.artifact or "both")
+
+
+@dataclass
+class OptimSettings(Section):
+    """How long and how the weights are updated: steps, batch, optimizer, learning rate and schedule, seed."""
+
+    NAME: ClassVar[str] = "optim"
+    TITLE: ClassVar[str] = "optimisation"
+
+    max_steps: int = option(60, low=1, help="optimizer steps")
+    epochs: float | None = option(low=0, low_open=True, help="train this many epochs (sets max-steps)")
+    batch_size: int = option(8, low=1, help="examples (packed rows) per micro-batch and process")
+    grad_accum: int = option(1, low=1, help="micro-batches per optimizer step")
+    optimizer: str = option("adamw", key="optim", choices=Registry("edgeft.training.optim:OPTIMIZERS"),
+                            help="the optimizer (8-bit and paged ones need bitsandbytes)")
+    lr: float | None = option(low=0, low_open=True, help="peak learning rate (default: 2e-4 LoRA, 2e-5 full)")
+    embedding_lr: float | None = option(low=0, low_open=True,
+                                        help="learning rate of embed_tokens/lm_head parameters")
+    weight_decay: float = option(0.0, help="AdamW weight decay (matrices only)")
+    schedule: str = option("cosine", choices=Registry("edgeft.training.optim:SCHEDULES"),
+                           help="learning-rate schedule after warmup")
+    warmup_ratio: float = option(0.1, low=0, high=1, high_open=True, help="warmup share of the steps")
+    warmup_steps: int | None = option(low=0, help="overrides --warmup-ratio")
+    max_grad_norm: float = option(1.0, help="gradient clipping norm")
+    seed: int = option(42, help="seed of the data order, the split and the model's initialisation")
+
+
+@dataclass
+class HardwareSettings(Section):
+    """Where and in what precision training runs: dtype, device, kernels, gradient checkpointing, several GPUs."""
+
+    NAME: ClassVar[str] = "hardware"
+    TITLE: ClassVar[str] = "hardware and distributed"
+
+    dtype: str | None = option(choices=("fp32", "bf16"), help="training dtype (default: bf16 on CUDA, fp32 on CPU)")
+    device: str | None = option(help="torch device (default: cuda if available, else cpu), or with --qat "
+                                       "auto a device profile to fit (see `edgeft devices list`)")
+    kernels: str = option("auto", choices=("auto", "on", "off"),
+                          help="edgeft's fused Triton kernels (auto: on the GPU)")
+    gradient_checkpointing: str = option(
+        "auto", choices=("auto", "off", "plain", "offload"),
+        help="auto (default): none when the activations fit the GPU, else plain (each layer's input kept on the "
+             "GPU), else offload (kept in pinned host memory); off: never")
+    distributed: str = option(
+        "auto", choices=Registry("edgeft.training.fsdp:STRATEGIES"), consts={"--fsdp": ("fsdp", "--distributed fsdp")},
+        help="under torchrun: ddp (a replica per GPU), fsdp (FSDP2, sharded: models that do not fit one GPU) or "
+             "auto (fsdp when DDP would not fit; default)")
+    threads: int | None = option(low=1, resume_free=True, help="torch CPU threads")
+
+
+@dataclass
+class RunSettings(Section):
+    """Where the run goes and what it leaves: the run directory, resuming, checkpoints, logging."""
+
+    NAME: ClassVar[str] = "run"
+    TITLE: ClassVar[str] = "run directory, checkpoints and logging"
+
+    out: str | None = option(resume_free=True, help="run directory (default runs/<model>-<time>)")
+    resume: bool = option(False, resume_free=True,
+                          help="continue the run in --out from its newest checkpoint (its config.yaml is the default)")
+    overwrite: bool = option(False, resume_free=True, help="replace an existing run in --out")
+    save_steps: int = option(0, low=0, note="0: no checkpoints", resume_free=True,
+                             help="checkpoint every N steps and at the end (0: none)")
+    save_total_limit: int | None = option(low=1, resume_free=True,
+                                          help="keep the newest K checkpoints (and the best)")
+    report_to: list[str] = option(factory=list, choices=Registry("edgeft.training.report:REPORTERS"), cli_choices=False,
+                                  resume_free=True, help="tensorboard,wandb")
+    logging_steps: int = option(10, low=1, resume_free=True, help="log-line interval without a progress bar")
+    progress: bool = option(True, resume_free=True, help="log lines instead of a progress bar")
+
+    def check(self) -> None:
+        super().check()
+        from edgeft.training.report import check_report_to
+
+        check_report_to(self.report_to)  # names, and that the reporter's package is installed
+
+
+# --- the whole config ---------------------------------------------------------------------------------------------
+
+
+class TrainConfig:
+    """Everything ``edgeft train`` needs, in sections (``cfg.qat.lr``, ``cfg.optim.max_steps``).
+
+    Built from sections and/or flat keys: ``TrainConfig(model="smollm2-135m", qat="int8-int4", max_steps=20)``
+    (a key names a field of any section, as ``edgeft train`` flags do); :meth:`replace` likewise. Not a dataclass,
+    so ``dataclasses.replace`` (which would reset a section given by its flat key) fails loudly; use :meth:`replace`.
+    """
+
+    SECTIONS: ClassVar[tuple[type[Section], ...]] = (
+        ModelSettings, LoraSettings, DataSettings, EvalSettings, QATSettings, FitSettings, OptimSettings,
+        HardwareSettings,
+        RunSettings,
+    )
+    model: ModelSettings
+    lora: LoraSettings
+    data: DataSettings
+    eval: EvalSettings
+    qat: QATSettings
+    optim: OptimSettings
+    hardware: HardwareSettings
+    run: RunSettings
+
+    def __init__(self, **values: Any) -> None:
+        for cls in self.SECTIONS:
+            given = values.get(cls.NAME)
+            setattr(self, cls.NAME, dataclasses.replace(given) if isinstance(given, cls) else cls())
+        flat = {k: v for k, v in values.items() if not isinstance(v, Section)}
+        wrong = [k for k, v in values.items() if isinstance(v, Section) and not isinstance(v, self._section(k))]
+        if wrong:
+            raise EdgeftError(f"config section {wrong[0]!r} given as a {type(values[wrong[0]]).__name__}")
+        self._set_flat(flat)
+
+    @classmethod
+    def _section(cls, name: str) -> type[Section] | None:
+        return next((s for s in cls.SECTIONS if s.NAME == name), None)
+
+    @classmethod
+    def keys(cls) -> dict[str, tuple[str, str]]:
+        """Every flat key -> (section name, field name), in section order."""
+        return _keys(cls)
+
+    def _set_flat(self, flat: dict[str, Any]) -> None:
+        keys = self.keys()
+        updates: dict[str, dict[str, Any]] = {}
+        for k, v in flat.items():
+            sec = self._section(k)
+            if sec is not None and sec.PREFIX.endswith(".") and isinstance(v, dict):  # {"lora": {"r": 8}}
+                self._set_flat({sec.PREFIX + name: x for name, x in v.items()})
+                continue
+            if k not in keys:
+                raise EdgeftError(f"unknown config key {k!r}")
+            s, name = keys[k]
+            updates.setdefault(s, {})[name] = _coerce(k, v, self._section(s).types()[name])
+        for s, vals in updates.items():
+            setattr(self, s, dataclasses.replace(getattr(self, s), **vals))
+
+    def replace(self, **values: Any) -> TrainConfig:
+        """A copy with sections and/or flat keys replaced (flat keys change only their field)."""
+        new = type(self)(**{cls.NAME: getattr(self, cls.NAME) for cls in self.SECTIONS})
+        for k, v in values.items():
+            if isinstance(v, Section):
+                if not isinstance(v, new._section(k) or ()):
+                    raise EdgeftError(f"config section {k!r} given as a {type(v).__name__}")
+                setattr(new, k, dataclasses.replace(v))
+        new._set_flat({k: v for k, v in values.items() if not isinstance(v, Section)})
+        return new
+
+    def get(self, key: str) -> Any:
+        """The value of a flat key (``"qat_lr"``, ``"lora.r"``, ``"model"``), as :meth:`keys` names them."""
+        keys = self.keys()
+        if key not in keys:
+            raise EdgeftError(f"unknown config key {key!r}")
+        s, name = keys[key]
+        return getattr(getattr(self, s), name)
+
+    def sections(self) -> list[Section]:
+        return [getattr(self, cls.NAME) for cls in self.SECTIONS]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The nested form (``config.yaml``): ``{section: {field: value}}``."""
+        return {cls.NAME: dataclasses.asdict(getattr(self, cls.NAME)) for cls in self.SECTIONS}
+
+    def to_flat(self) -> dict[str, Any]:
+        """The flat form of configs before sections (keys as :meth:`keys`; ``lora`` nested as it was then)."""
+        out: dict[str, Any] = {}
+        for k, (s, name) in self.keys().items():
+            v = getattr(getattr(self, s), name)
+            v = json.loads(json.dumps(v)) if isinstance(v, (list, dict)) else v  # a copy
+            if "." in k:
+                head, tail = k.split(".", 1)
+                out.setdefault(head, {})[tail] = v
+            else:
+                out[k] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """From a mapping (YAML): section mappings (``qat: {scheme: int4}``) and/or flat keys (``qat: int4``,
+        ``max_steps: 5``: the form of configs before sections); unknown keys are one error line."""
+        cfg = cls()
+        keys = cls.keys()
+        for k, v in d.items():
+            sec = cls._section(k)
+            if sec is not None and k not in keys and not isinstance(v, dict):
+                raise EdgeftError(f"config key {k!r} must be a mapping ({', '.join(f.name for f in sec.options())})")
+        unknown = sorted(k for k, v in d.items() if k not in keys and not (cls._section(k) and isinstance(v, dict)))
+        if unknown:
+            raise EdgeftError(f"unknown config keys: {', '.join(unknown)}")
+        for k, v in d.items():
+            sec = cls._section(k)
+            if sec is not None and isinstance(v, dict):
+                setattr(cfg, k, sec.from_mapping(v))
+            else:
+                cfg._set_flat({k: v})
+        return cfg
+
+    def check(self) -> None:
+        """Validate every section, then the rules across sections; one EdgeftError line for the first problem."""
+        for s in self.sections():
+            s.check()
+        m, q = self.model, self.qat
+        if q.max_steps is not None and not q.scheme and q.max_steps != self.optim.max_steps:
+            raise EdgeftError("--qat-max-steps sets the QAT run's steps: it needs --qat")
+        if (m.load_in_4bit or m.load_in_8bit) and m.mode != "lora":
+            raise EdgeftError("4-/8-bit loading trains LoRA adapters on a frozen quantized base; it cannot do full "
+                              "fine-tuning (drop --full or the QAT preset that asks for it)")
+        if (m.load_in_4bit or m.load_in_8bit) and q.scheme:
+            raise EdgeftError("--qat needs a float base: QAT fake-quantizes the merged float weight, which a "
+                              "bitsandbytes-quantized base does not have")
+        if m.adapter and m.mode != "lora":
+            raise EdgeftError("--adapter continues a LoRA adapter; it needs LoRA mode")
+        if self.hardware.distributed == "fsdp":
+            from edgeft.training.fsdp import check_supported
+
+            check_supported(self)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.sections() == other.sections()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{s.NAME}={s!r}' for s in self.sections())})"
 
 
-# Keys that may change when resuming: they do not affect what training computes.
-RESUME_FREE_KEYS = frozenset({
-    "out", "resume", "overwrite", "progress", "threads", "report_to", "logging_steps", "save_steps",
-    "save_total_limit",
-})
+@lru_cache(maxsize=None)
+def _keys(cls: type[TrainConfig]) -> dict[str, tuple[str, str]]:
+    out: dict[str, tuple[str, str]] = {}
+    for sec in cls.SECTIONS:
+        for f in sec.options():
+            k = sec.key(f)
+            if k in out:
+                raise TypeError(f"config key {k!r} is declared twice ({out[k]} and {(sec.NAME, f.name)})")
+            out[k] = (sec.NAME, f.name)
+    return out
+
+
+def resume_free_keys(cls: type[TrainConfig] = TrainConfig) -> frozenset[str]:
+    """Keys that may change when resuming: they do not affect what training computes (``resume_free`` fields)."""
+    return frozenset(k for k, (s, name) in cls.keys().items()
+                     if next(f for f in cls._section(s).options() if f.name == name).metadata.get("resume_free"))
+
+
+RESUME_FREE_KEYS = resume_free_keys()
 
 
 def identity(cfg: TrainConfig) -> dict[str, Any]:
-    """The resolved config minus the keys a resume may change: two runs with equal identities compute the same.
+    """The resolved config's flat form minus the keys a resume may change: two runs with equal identities compute
+    the same. Flat (the keys before sections), so checkpoints of older runs compare equal.
 
     ``qat_max_steps`` appears only when it differs from ``max_steps``: a run saved before the key existed (or with
     it unset) trained its QAT run for ``max_steps``, so its config and checkpoints still match."""
-    out = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS}
+    free = resume_free_keys(type(cfg))
+    out = {k: v for k, v in cfg.to_flat().items() if k not in free}
     if out.get("qat_max_steps") in (None, out.get("max_steps")):
         out.pop("qat_max_steps", None)
     return out
@@ -172,27 +708,12 @@ def flat_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-_SCHEDULES = ("cosine", "linear", "constant")
-_OPTIMS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd")
-
-
 def from_dict(d: dict[str, Any]) -> TrainConfig:
-    """Build a config from a mapping (YAML), rejecting unknown keys with one line."""
-    d = dict(d)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise EdgeftError(f"unknown config keys: {', '.join(unknown)}")
-    lora = d.pop("lora", None) or {}
-    if not isinstance(lora, dict):
-        raise EdgeftError("config key 'lora' must be a mapping (r, alpha, dropout, target_modules)")
-    lknown = {f.name for f in dataclasses.fields(LoraSettings)}
-    if set(lora) - lknown:
-        raise EdgeftError(f"unknown lora keys: {', '.join(sorted(set(lora) - lknown))}")
-    return TrainConfig(lora=LoraSettings(**lora), **d)
+    """Build a config from a mapping (YAML, nested or the older flat form), rejecting unknown keys with one line."""
+    return TrainConfig.from_dict(d)
 
 
-def load_yaml(path: str | Path) -> TrainConfig:
+def load_yaml(path: str | Path, config_cls: type[TrainConfig] = TrainConfig) -> TrainConfig:
     path = Path(path)
     if not path.exists():
         raise EdgeftError(f"config file not found: {path}")
@@ -202,28 +723,19 @@ def load_yaml(path: str | Path) -> TrainConfig:
         raise EdgeftError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise EdgeftError(f"{path}: expected a mapping of config keys")
-    return from_dict(data)
+    try:
+        return config_cls.from_dict(data)
+    except EdgeftError as e:
+        raise EdgeftError(f"{path.name}: {e}") from None
 
 
 def dump_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def qat_plan(cfg: TrainConfig) -> Any:
-    """The run's QAT plan (``edgeft.qat.QATPlan``) from its ``qat*`` settings; None without ``--qat``."""
-    if cfg.qat is None:
-        return None
-    from edgeft.qat import resolve as resolve_qat
-
-    return resolve_qat(cfg.qat, cfg.qat_group_size, cfg.qat_weight_scale, tuple(cfg.qat_int8))
-
-
 def fit_budget(cfg: TrainConfig) -> Any:
     """The device-fit budget (``edgeft.qat.plan.Budget``) of a ``--qat auto`` config."""
-    from edgeft.qat.plan import DEFAULT_CONTEXT, Budget
-
-    return Budget(cfg.fit_device, cfg.fit_max_size_mb, cfg.fit_min_decode, cfg.fit_context or DEFAULT_CONTEXT,
-                  cfg.fit_artifact or "both")
+    return cfg.fit.budget()
 
 
 def _resolve_fit(cfg: TrainConfig) -> None:
@@ -232,141 +744,40 @@ def _resolve_fit(cfg: TrainConfig) -> None:
     from edgeft.devices.profiles import PROFILES
     from edgeft.qat.schemes import AUTO
 
-    if cfg.device in PROFILES:
-        if cfg.fit_device not in (None, cfg.device):
-            raise EdgeftError(f"two target devices: --device {cfg.device} and fit_device {cfg.fit_device}")
-        cfg.fit_device, cfg.device = cfg.device, None
-    keys = ("fit_device", "fit_max_size_mb", "fit_min_decode", "fit_context", "fit_artifact")
-    given = [k for k in keys if getattr(cfg, k) is not None]
-    if cfg.qat != AUTO:
+    hw, f, q = cfg.hardware, cfg.fit, cfg.qat
+    if hw.device in PROFILES:
+        if f.device not in (None, hw.device):
+            raise EdgeftError(f"two target devices: --device {hw.device} and fit_device {f.device}")
+        f.device, hw.device = hw.device, None
+    if q.scheme != AUTO:
+        given = f.given()
         if given:
-            flag = {"fit_device": "--device PROFILE", "fit_max_size_mb": "--max-size", "fit_min_decode": "--min-decode",
-                    "fit_context": "--context", "fit_artifact": "--fit-artifact"}[given[0]]
-            raise EdgeftError(f"{flag} sets the budget of a device-fit plan: it needs --qat auto")
+            raise EdgeftError(f"{given[0]} sets the budget of a device-fit plan: it needs --qat auto")
         return
-    if cfg.qat_int8:
+    if q.int8:
         raise EdgeftError("--qat auto chooses the int8 linears itself (qat_plan.json): drop --qat-int8")
-    fit_budget(cfg).check()
+    f.budget().check()
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill defaults that depend on the machine and the QAT preset; validate values."""
-    import torch
-
-    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora))
-    if isinstance(cfg.qat_int8, str):
-        cfg.qat_int8 = [x.strip() for x in cfg.qat_int8.split(",") if x.strip()]
-    if cfg.qat_int8 and cfg.qat is None:
+    """Fill the defaults that depend on the machine, the QAT preset and the recipe; validate every section."""
+    cfg = cfg.replace()
+    m, hw, o, q = cfg.model, cfg.hardware, cfg.optim, cfg.qat
+    if q.int8 and q.scheme is None:
         raise EdgeftError("--qat-int8 needs --qat (an int4 scheme)")
     _resolve_fit(cfg)
-    if cfg.qat is not None:
-        from edgeft.qat import check_convertible
+    plan = q.plan()  # an unknown scheme fails here, before anything else is read
+    if m.mode is None:
+        m.mode = "full" if (plan is not None and plan.full_finetuning) else "lora"
+    if hw.device is None:
+        import torch
 
-        plan = qat_plan(cfg)
-        check_convertible(plan)  # fail now, not after training
-        if cfg.mode is None and plan.full_finetuning is not None:
-            cfg.mode = "full" if plan.full_finetuning else "lora"
-    if cfg.mode is None:
-        cfg.mode = "lora"
-    twin = bool(cfg.qat and cfg.ptq)
-    if cfg.qat_distill is None:
-        cfg.qat_distill = 1.0 if twin else 0.0
-    if cfg.qat_init is None:
-        cfg.qat_init = "baseline" if twin else "pretrained"
-    if cfg.qat_corpus is None:
-        cfg.qat_corpus = 0.25 if cfg.qat_distill > 0 else 0.0
-    if not 0.0 <= cfg.qat_corpus < 1.0:
-        raise EdgeftError(f"qat_corpus must be in [0, 1) (a share of the training examples), not {cfg.qat_corpus}")
-    if cfg.qat_corpus > 0 and not cfg.qat:
-        raise EdgeftError("--qat-corpus mixes generic prose into a QAT run: it needs --qat")
-    if not 0.0 <= cfg.qat_distill <= 1.0:
-        raise EdgeftError(f"qat_distill must be in [0, 1] (the KL weight), not {cfg.qat_distill}")
-    if cfg.qat_distill_positions not in ("all", "targets"):
-        raise EdgeftError(f"qat_distill_positions must be all or targets, not {cfg.qat_distill_positions!r}")
-    if not cfg.qat_distill_temperature > 0:
-        raise EdgeftError(f"qat_distill_temperature must be positive, not {cfg.qat_distill_temperature}")
-    if cfg.qat_init not in ("pretrained", "baseline"):
-        raise EdgeftError(f"qat_init must be pretrained or baseline, not {cfg.qat_init!r}")
-    if (cfg.qat_distill > 0 or cfg.qat_init == "baseline") and not twin:
-        raise EdgeftError("--qat-distill and --qat-init baseline learn from the float twin: they need --qat and "
-                          "the baseline (drop --no-ptq)")
-    if cfg.mode not in ("lora", "full"):
-        raise EdgeftError(f"mode must be 'lora' or 'full', not {cfg.mode!r}")
-    if cfg.device is None:
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.dtype is None:
-        cfg.dtype = "bf16" if cfg.device.startswith("cuda") else "fp32"
-    if cfg.dtype not in ("fp32", "bf16"):
-        raise EdgeftError(f"dtype must be fp32 or bf16, not {cfg.dtype!r}")
-    if cfg.lr is None:
-        cfg.lr = 2e-4 if cfg.mode == "lora" else 2e-5
-    if cfg.qat_lr is None:
-        cfg.qat_lr = max(cfg.lr, 1e-4) if (cfg.qat and cfg.qat_init == "baseline") else cfg.lr
-    if cfg.qat_lr <= 0:
-        raise EdgeftError("qat_lr must be positive")
-    if cfg.qat_scale_lr is not None and not cfg.qat_weight_scale.startswith("learned"):
-        raise EdgeftError("--qat-scale-lr is the learning rate of learned scales: it needs --qat-weight-scale learned")
-    if cfg.qat_scale_lr is None and cfg.qat_weight_scale.startswith("learned"):
-        cfg.qat_scale_lr = 5e-3
-    if cfg.qat_scale_lr is not None and cfg.qat_scale_lr <= 0:
-        raise EdgeftError("qat_scale_lr must be positive")
-    if cfg.schedule not in _SCHEDULES:
-        raise EdgeftError(f"schedule must be one of {', '.join(_SCHEDULES)}, not {cfg.schedule!r}")
-    if cfg.kernels not in ("auto", "on", "off"):
-        raise EdgeftError(f"kernels must be auto, on or off, not {cfg.kernels!r}")
-    if cfg.gradient_checkpointing not in ("auto", "off", "plain", "offload"):
-        raise EdgeftError(f"gradient_checkpointing must be auto, off, plain or offload, not {cfg.gradient_checkpointing!r}")
-    if cfg.distributed not in ("auto", "ddp", "fsdp"):
-        raise EdgeftError(f"distributed must be auto, ddp or fsdp, not {cfg.distributed!r}")
-    if cfg.distributed == "fsdp":
-        from edgeft.training.fsdp import check_supported
-
-        check_supported(cfg)
-    for name in ("max_steps", "batch_size", "grad_accum", "max_seq_length"):
-        if getattr(cfg, name) < 1:
-            raise EdgeftError(f"{name} must be at least 1")
-    if cfg.qat_max_steps is not None:
-        if cfg.qat_max_steps < 1:
-            raise EdgeftError("qat_max_steps must be at least 1")
-        if not cfg.qat and cfg.qat_max_steps != cfg.max_steps:
-            raise EdgeftError("--qat-max-steps sets the QAT run's steps: it needs --qat")
-    if not 0 <= cfg.warmup_ratio < 1:
-        raise EdgeftError("warmup_ratio must be in [0, 1)")
-    if cfg.optim not in _OPTIMS:
-        raise EdgeftError(f"optim must be one of {', '.join(_OPTIMS)}, not {cfg.optim!r}")
-    if cfg.chat_template is not None:
-        from edgeft.data.templates import get_template
-
-        get_template(cfg.chat_template)
-    if cfg.lora.bias not in ("none", "all", "lora_only"):
-        raise EdgeftError(f"lora bias must be none, all or lora_only, not {cfg.lora.bias!r}")
-    if cfg.load_in_4bit and cfg.load_in_8bit:
-        raise EdgeftError("choose one of --load-in-4bit and --load-in-8bit")
-    if (cfg.load_in_4bit or cfg.load_in_8bit) and cfg.mode != "lora":
-        raise EdgeftError("4-/8-bit loading trains LoRA adapters on a frozen quantized base; it cannot do full "
-                          "fine-tuning (drop --full or the QAT preset that asks for it)")
-    if (cfg.load_in_4bit or cfg.load_in_8bit) and cfg.qat:
-        raise EdgeftError("--qat needs a float base: QAT fake-quantizes the merged float weight, which a "
-                          "bitsandbytes-quantized base does not have")
-    if cfg.adapter and cfg.mode != "lora":
-        raise EdgeftError("--adapter continues a LoRA adapter; it needs LoRA mode")
-    if cfg.conversation_extension < 1:
-        raise EdgeftError("conversation_extension must be at least 1")
-    if cfg.eval_split < 0:
-        raise EdgeftError("eval_split must be >= 0 (a share below 1 or a count)")
-    for name in ("eval_steps", "early_stopping_patience", "save_total_limit", "warmup_steps", "epochs"):
-        v = getattr(cfg, name)
-        if v is not None and v < (0 if name == "warmup_steps" else 1 if name != "epochs" else 1e-9):
-            raise EdgeftError(f"{name} must be positive")
-    if cfg.save_steps < 0:
-        raise EdgeftError("save_steps must be >= 0 (0: no checkpoints)")
-    if cfg.early_stopping_patience and cfg.eval_split <= 0:
-        raise EdgeftError("early stopping needs an evaluation set: pass --eval-split")
-    if cfg.embedding_lr is not None and cfg.embedding_lr <= 0:
-        raise EdgeftError("embedding_lr must be positive")
-    if isinstance(cfg.report_to, str):
-        cfg.report_to = [x.strip() for x in cfg.report_to.split(",") if x.strip()]
-    from edgeft.training.report import check_report_to
-
-    check_report_to(cfg.report_to)
+        hw.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if hw.dtype is None:
+        hw.dtype = "bf16" if hw.device.startswith("cuda") else "fp32"
+    if o.lr is None:
+        o.lr = 2e-4 if m.mode == "lora" else 2e-5
+    o.check()  # before the QAT lr that defaults to it: a bad --lr is named as the flag the user gave
+    cfg.qat = q.resolved(o.lr)
+    cfg.check()
     return cfg

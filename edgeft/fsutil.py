@@ -5,11 +5,51 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+# temporary names carry the writer's pid: remove_stale can tell a killed writer's debris from a live one's work
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)(?:-.*)?$")
+
+
+def _tmp_prefix(dest: Path) -> str:
+    return f".{dest.name}.tmp-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale(directory: str | os.PathLike, prefix: str = ".") -> list[Path]:
+    """Remove the temporary files and directories (``.NAME.tmp-PID-*``, ``.NAME.old-PID``) that a killed writer left
+    in ``directory``, those whose name starts with ``prefix`` and whose process is gone; returns what was removed."""
+    d = Path(directory)
+    removed: list[Path] = []
+    if not d.is_dir():
+        return removed
+    for p in d.iterdir():
+        m = _STALE.match(p.name)
+        if not m or not p.name.startswith(prefix) or _alive(int(m.group("pid"))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 @contextlib.contextmanager
@@ -21,7 +61,7 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(dest), dir=dest.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700; results are meant to be shared
     try:
         yield tmp
@@ -45,7 +85,7 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path beside ``dest``; rename it over ``dest`` only on success."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    fd, name = tempfile.mkstemp(prefix=_tmp_prefix(dest), dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -293,8 +293,10 @@ def resolve_model(name_or_path: str) -> Path:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise EdgeftError(f"model directory {path} has no config.json (not a Hugging Face model directory)")
+        check_no_remote_code(path)
         return path
     if path.is_file() and path.suffix == ".gguf":
+        check_gguf(path)
         return _materialise_gguf_file(path)
     if path.exists():
         raise EdgeftError(f"model {name_or_path}: expected a Hugging Face directory or a .gguf file")
@@ -304,6 +306,43 @@ def resolve_model(name_or_path: str) -> Path:
         f"unknown model {name_or_path!r}: not a built-in ({', '.join([*BUILTIN_MODELS, *FAMILIES])}), "
         "a local directory or a .gguf file"
     )
+
+
+def check_no_remote_code(path: Path) -> None:
+    """Refuse a model directory whose config or tokenizer config asks for remote code (``auto_map``): edgeft never
+    runs code shipped with a model, and would otherwise copy the ``auto_map`` into what it exports."""
+    for name in ("config.json", "tokenizer_config.json"):
+        f = path / name
+        if not f.exists():
+            continue
+        try:
+            cfg = json.loads(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EdgeftError(f"{f}: not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
+        if not isinstance(cfg, dict):
+            raise EdgeftError(f"{f}: expected a JSON object")
+        if cfg.get("auto_map"):
+            raise EdgeftError(f"{f} names remote code (auto_map: {', '.join(sorted(cfg['auto_map']))}); edgeft "
+                              "runs only architectures built into transformers and never code from a model directory")
+
+
+def check_gguf(path: Path) -> None:
+    """One error line for a file that is not a complete GGUF (bad magic, truncated header or tensor data)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise EdgeftError("reading GGUF needs the 'gguf' package: pip install gguf") from None
+    size = path.stat().st_size
+    try:
+        reader = GGUFReader(str(path))
+        ends = [int(t.data_offset) + int(t.n_bytes) for t in reader.tensors]
+    except Exception as e:  # gguf-py raises ValueError, IndexError, struct/numpy errors on damaged files
+        first = str(e).splitlines()[0][:120] if str(e) else "unreadable"
+        raise EdgeftError(f"{path}: not a valid GGUF file ({type(e).__name__}: {first})") from None
+    if not ends:
+        raise EdgeftError(f"{path}: the GGUF file holds no tensors")
+    if max(ends) > size:
+        raise EdgeftError(f"{path}: truncated GGUF file ({size} bytes; its tensors need {max(ends)})")
 
 
 def load_model(path: str | os.PathLike, dtype: Any = None, device: str = "cpu"):

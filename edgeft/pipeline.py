@@ -1,14 +1,6 @@
-"""The pipeline: stages as plain functions over the run directory (DESIGN.md).
-
-```
-runs/<name>/
-  config.yaml        resolved config          model/       trained adapter or full weights (+ edgeft.json)
-  metrics.jsonl      one line per step        converted/   what the phone runs (torchao tensors, or float)
-  loss.png                                    exports/     model.pte, model-<quant>.gguf, torchao/
-  baseline/          the no-QAT twin (same seed and data): model/, converted/ (= PTQ), metrics.jsonl
-  checkpoints/       step-N/: resumable training state (also baseline/checkpoints/)
-  eval/              report.md, report.json, metrics.png
-```
+"""The pipeline: stages as plain functions over the run directory (DESIGN.md), whose layout
+:class:`edgeft.rundir.RunDir` owns (model/, converted/, exports/, baseline/ the no-QAT twin, ...). ``train`` runs
+the training plan that :func:`edgeft.recipes.choose` picks.
 
 Each stage reads what the previous one wrote, so ``export`` and ``evaluate`` can run alone on an old run.
 The CLI and the Python API both call these functions.
@@ -18,18 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import (TrainConfig, config_diff, dump_yaml, fit_budget, identity, identity_defaults, load_yaml, qat_plan,
-                     resolve)
+from . import recipes
+from .config import TrainConfig, config_diff, dump_yaml, fit_budget, identity, identity_defaults, load_yaml, resolve
 from .errors import EdgeftError
 from .exporters import export_dir
 from .fsutil import atomic_dir, write_json, write_text
 from .models import load_trained
-from .rundir import RUNS_DIR, SCALES_FILE, RunDir, find_run
+from .qat.schemes import AUTO
+from .rundir import MODEL_INFO_FILE, RUNS_DIR, RunDir, Variant, find_run
 
 log = logging.getLogger("edgeft")
 
@@ -39,8 +33,9 @@ EXPORT_FORMATS = ("pte", "gguf", "torchao")
 # --- run directories ---------------------------------------------------------------------------------
 
 
-def run_config(run: Path) -> TrainConfig:
-    return load_yaml(run / "config.yaml")
+def run_config(run: str | Path) -> TrainConfig:
+    """The config a run was trained with (its ``config.yaml``)."""
+    return load_yaml(RunDir(run).config_file)
 
 
 # --- train (load -> adapt -> qat.prepare -> train -> qat.convert) ------------------------------------
@@ -49,10 +44,10 @@ def run_config(run: Path) -> TrainConfig:
 def train(cfg: TrainConfig, dataset: Any = None) -> Path:
     """Train per ``cfg`` and write the run directory; returns its path.
 
-    ``dataset``: an in-memory ``datasets.Dataset`` (or list of row dicts) used instead of ``cfg.data``.
-    With a QAT scheme and ``cfg.ptq`` (the default), the same config is also trained without fake
+    ``dataset``: an in-memory ``datasets.Dataset`` (or list of row dicts) used instead of ``cfg.data.path``.
+    With a QAT scheme and ``cfg.qat.ptq`` (the default), the same config is also trained without fake
     quantization into ``baseline/``: its float weights are the BF16 reference and its quantized form the
-    PTQ baseline that QAT is measured against. ``cfg.resume`` continues an interrupted run from its newest
+    PTQ baseline that QAT is measured against. ``cfg.run.resume`` continues an interrupted run from its newest
     checkpoints (each variant separately); under ``torchrun`` every process trains a data-parallel replica.
     """
     import torch
@@ -60,33 +55,54 @@ def train(cfg: TrainConfig, dataset: Any = None) -> Path:
     from .training.distributed import init_from_env, shutdown
 
     cfg = resolve(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    dist, device = init_from_env(cfg.device)
+    if cfg.hardware.threads:
+        torch.set_num_threads(cfg.hardware.threads)
+    dist, device = init_from_env(cfg.hardware.device)
     try:
         return _train(cfg, dataset, dist, device)
     finally:
         shutdown(dist)
 
 
-def _check_run_dir(run: Path, cfg: TrainConfig) -> None:
+def _has_progress(run: Path) -> bool:
+    """Whether ``run`` holds anything a failed start does not: training steps (metrics.jsonl), checkpoints or a
+    trained model. A directory with a config.yaml alone is the debris of a run that died before its first step."""
+    return any(p.is_file() and p.stat().st_size > 0 for p in run.rglob("metrics.jsonl")) or \
+        any(run.rglob("state.json")) or any(run.rglob(MODEL_INFO_FILE))
+
+
+def _check_run_dir(run: RunDir, cfg: TrainConfig) -> None:
     """Refuse to clobber a run by accident, or to resume something that is not there (nothing written yet)."""
-    exists = (run / "config.yaml").exists()
-    if cfg.resume and not exists:
-        raise EdgeftError(f"--resume: {run} holds no run to resume (no config.yaml)")
-    if exists and not cfg.resume and not cfg.overwrite:
-        raise EdgeftError(f"{run} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if run.exists() and not run.is_dir():
-        raise EdgeftError(f"--out {run} is a file, not a directory")
+    if cfg.run.resume and cfg.run.overwrite:
+        raise EdgeftError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    root = run.root
+    if root.exists() and not root.is_dir():
+        raise EdgeftError(f"--out {root} is a file, not a directory")
+    exists = run.is_run()
+    if not exists and root.is_dir() and any(p for p in root.iterdir() if not p.name.startswith(".")):
+        raise EdgeftError(f"--out {root} is a directory that holds files but no edgeft run; choose an empty or new "
+                          "directory")
+    if cfg.run.resume and not exists:
+        raise EdgeftError(f"--resume: {root} holds no run to resume (no {run.config_file.name})")
+    if exists and not cfg.run.resume and not cfg.run.overwrite and _has_progress(root):
+        raise EdgeftError(f"{root} already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+
+def _remove_stale_siblings(run: Path) -> None:
+    """Remove the temporary runs that a killed ``--overwrite`` of ``run`` left beside it (their process is gone)."""
+    from .fsutil import remove_stale
+
+    if run.parent.is_dir():
+        remove_stale(run.parent, f".{run.name}.")
 
 
 def _load_records(cfg: TrainConfig, dataset: Any) -> list:
     from .data import load_records
 
     return load_records(
-        dataset if dataset is not None else cfg.data, cfg.data_split, prompt_template=cfg.prompt_template,
-        output_column=cfg.output_column, conversation_extension=cfg.conversation_extension,
-        system_prompt=cfg.system_prompt, seed=cfg.seed,
+        dataset if dataset is not None else cfg.data.path, cfg.data.split, prompt_template=cfg.data.prompt_template,
+        output_column=cfg.data.output_column, conversation_extension=cfg.data.conversation_extension,
+        system_prompt=cfg.data.system_prompt, seed=cfg.optim.seed,
     )
 
 
@@ -103,19 +119,16 @@ def _prepare_data(cfg: TrainConfig, records: list, model_dir: Path, dataset: Any
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     needed_by = "the data holds conversations" if any(not isinstance(r, str) for r in records) else None
-    if needed_by and cfg.chat_template is None and not getattr(tokenizer, "chat_template", None):
-        needed_by = conversation_rows(records, dataset if dataset is not None else cfg.data, cfg.data_split,
-                                      cfg.prompt_template)
-    template = apply_template(tokenizer, cfg.chat_template, cfg.model, needed_by=needed_by)
-    name = f"{cfg.chat_template!r}" if cfg.chat_template else f"{cfg.model}'s own"
-    train_records, eval_records = split_train_eval(records, cfg.eval_split, cfg.seed)
-    train_ex = encode_dataset(tokenizer, train_records, cfg.max_seq_length, template_name=name)
-    eval_ex = encode_dataset(tokenizer, eval_records, cfg.max_seq_length, template_name=name) if eval_records else []
+    if needed_by and cfg.data.chat_template is None and not getattr(tokenizer, "chat_template", None):
+        needed_by = conversation_rows(records, dataset if dataset is not None else cfg.data.path, cfg.data.split,
+                                      cfg.data.prompt_template)
+    template = apply_template(tokenizer, cfg.data.chat_template, cfg.model.name, needed_by=needed_by)
+    name = f"{cfg.data.chat_template!r}" if cfg.data.chat_template else f"{cfg.model.name}'s own"
+    train_records, eval_records = split_train_eval(records, cfg.eval.split, cfg.optim.seed)
+    train_ex = encode_dataset(tokenizer, train_records, cfg.data.max_seq_length, template_name=name)
+    eval_ex = encode_dataset(tokenizer, eval_records, cfg.data.max_seq_length, template_name=name) \
+        if eval_records else []
     return tokenizer, template, train_ex, eval_ex
-
-
-def _batching(cfg: TrainConfig) -> str:
-    return "packed" if cfg.packing else ("padding_free" if cfg.padding_free else "padded")
 
 
 def _finalize_steps(cfg: TrainConfig, train_ex: list, world: int) -> TrainConfig:
@@ -124,15 +137,15 @@ def _finalize_steps(cfg: TrainConfig, train_ex: list, world: int) -> TrainConfig
 
     from .data import Batcher
 
-    cfg = replace(cfg)
-    if cfg.epochs is not None:
-        units = len(Batcher(train_ex, _batching(cfg), 0, cfg.max_seq_length, cfg.seed))
-        per_epoch = units // (cfg.batch_size * world) if world > 1 else math.ceil(units / cfg.batch_size)
-        cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
-    if cfg.qat_max_steps is None:  # after epochs: the QAT run trains as long as the twin unless told otherwise
-        cfg.qat_max_steps = cfg.max_steps
-    if cfg.eval_split > 0 and cfg.eval_steps is None:
-        cfg.eval_steps = max(1, math.ceil(cfg.max_steps / 10))
+    cfg = cfg.replace()
+    if cfg.optim.epochs is not None:
+        units = len(Batcher(train_ex, cfg.data.batching, 0, cfg.data.max_seq_length, cfg.optim.seed))
+        per_epoch = units // (cfg.optim.batch_size * world) if world > 1 else math.ceil(units / cfg.optim.batch_size)
+        cfg.optim.max_steps = max(1, math.ceil(cfg.optim.epochs * per_epoch / cfg.optim.grad_accum))
+    if cfg.qat.max_steps is None:  # after epochs: the QAT run trains as long as the twin unless told otherwise
+        cfg.qat.max_steps = cfg.optim.max_steps
+    if cfg.eval.split > 0 and cfg.eval.steps is None:
+        cfg.eval.steps = max(1, math.ceil(cfg.optim.max_steps / 10))
     return cfg
 
 
@@ -143,141 +156,228 @@ def _describe_dataset(dataset: Any) -> str:
 
 
 def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
-    import shutil
-
-    import torch
-
-    from .data import padding_efficiency
     from .models import resolve_model
     from .training.distributed import barrier, broadcast_object
 
     is_main = dist is None or dist.is_main
     world = dist.world if dist else 1
     if dataset is not None:
-        cfg = replace(cfg, data=_describe_dataset(dataset))
-    run = Path(cfg.out) if cfg.out else RUNS_DIR / f"{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = Path(broadcast_object(str(run), dist))
+        cfg = cfg.replace(data=_describe_dataset(dataset))
+    run = Path(cfg.run.out) if cfg.run.out \
+        else RUNS_DIR / f"{Path(cfg.model.name).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = RunDir(broadcast_object(str(run), dist))
+    if is_main:
+        _remove_stale_siblings(run.root)  # a killed --overwrite's hidden directory: its process is gone
     _check_run_dir(run, cfg)
     records = _load_records(cfg, dataset)  # bad data fails before any model work
-    model_dir = resolve_model(cfg.model)
+    model_dir = resolve_model(cfg.model.name)
     tokenizer, template, train_ex, eval_ex = _prepare_data(cfg, records, model_dir, dataset)
     cfg = _finalize_steps(cfg, train_ex, world)
-    if cfg.qat == "auto" and not (cfg.resume and RunDir(run).qat_plan.exists()):
+    if cfg.qat.scheme == AUTO and not (cfg.run.resume and run.qat_plan.exists()):
+        import torch
+
         from .qat import plan as fit
         from .training.model import empty_model
 
         # an impossible budget fails here, before anything is trained or written
         fit.check_feasible(fit.model_shape(empty_model(model_dir, torch.float32), model_dir), fit_budget(cfg),
-                           (cfg.qat_group_size,) if cfg.qat_group_size else None)
-    if cfg.resume:
-        saved = resolve(run_config(run))
+                           (cfg.qat.group_size,) if cfg.qat.group_size else None)
+    if cfg.run.resume:
+        saved = resolve(load_yaml(run.config_file))
         diff = config_diff(saved, cfg)
         if diff:
-            raise EdgeftError(f"--resume: {run} was trained with a different config ({'; '.join(diff[:4])}"
+            raise EdgeftError(f"--resume: {run.root} was trained with a different config ({'; '.join(diff[:4])}"
                               f"{'; ...' if len(diff) > 4 else ''}); resume with the same settings")
+    data_print = _data_fingerprint(records)
+    if cfg.run.resume:
+        _check_data(run, data_print)
+        _check_checkpoints(run)
+    # a new run into an empty --out trains in place (a kill leaves it resumable); one replacing an existing run
+    # (--overwrite) trains into a hidden sibling swapped in at the end, so the old run survives any failure
+    work = run
     if is_main:
-        if cfg.overwrite and not cfg.resume and run.exists():
-            shutil.rmtree(run)
-        run.mkdir(parents=True, exist_ok=True)
-        write_text(run / "config.yaml", dump_yaml(replace(cfg, resume=False, overwrite=False)))
-        log.info("run directory: %s", run)
-        lengths = [len(ex["input_ids"]) for ex in train_ex]
-        log.info("data: %d training examples (%d tokens), %d eval; chat template: %s", len(train_ex), sum(lengths),
-                 len(eval_ex), template["name"] or "none (raw text)")
-        if _batching(cfg) == "padding_free":
-            log.info("padding-free batching: no pad tokens (a padded batch of %d would be %.1f%% padding)",
-                     cfg.batch_size, 100 * (1 - padding_efficiency(lengths, cfg.batch_size)))
+        if cfg.run.resume:  # what a killed writer left half-written inside the run
+            from .fsutil import remove_stale
+
+            for v in run.variants():
+                remove_stale(v.root)
+        replacing = not cfg.run.resume and run.root.exists() and any(run.root.iterdir())
+        if replacing:
+            work = RunDir(_temp_sibling(run.root))
+    created = is_main and not run.root.exists()
+    work = RunDir(broadcast_object(str(work.root), dist))
+    try:
+        _train_into(cfg, run, work, dist, is_main, model_dir, (tokenizer, template, train_ex, eval_ex), data_print,
+                    device)
+    except BaseException:
+        if is_main and work != run:
+            shutil.rmtree(work.root, ignore_errors=True)
+        elif created and not _has_progress(run.root):  # nothing to resume: leave nothing behind
+            shutil.rmtree(run.root, ignore_errors=True)
+        raise
+    if is_main and work != run:
+        _swap_in(work.root, run.root)
     barrier(dist)
+    return run.root
 
-    data = (tokenizer, template, train_ex, eval_ex)
-    from_twin = bool(cfg.qat and cfg.ptq and (cfg.qat_distill or cfg.qat_init == "baseline"))
-    if from_twin:  # the QAT run learns from (and/or starts at) the float twin: train that first
-        _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device)
-    if cfg.qat == "auto":  # calibrate the model QAT starts from (the twin, else the pretrained one), then plan
-        cfg = _fit_plan(cfg, run, model_dir, data, device, run / "baseline" if from_twin else None, dist)
-    qat_data = data
-    if cfg.qat and cfg.qat_corpus:
-        from .training.distill import corpus_examples
 
-        prose = corpus_examples(tokenizer, cfg.qat_corpus, len(train_ex), seed=cfg.seed)
-        qat_data = (tokenizer, template, train_ex + prose, eval_ex)
-        if is_main:
-            log.info("QAT data: %d examples + %d chunks of generic prose (--qat-corpus %.2f)", len(train_ex),
-                     len(prose), cfg.qat_corpus)
-    _train_variant(cfg, run, model_dir, qat_data, qat_during_training=cfg.qat is not None, dist=dist,
-                   device=device, twin=run / "baseline" if from_twin else None)
-    if cfg.qat and cfg.ptq and not from_twin:
-        _train_variant(cfg, run / "baseline", model_dir, data, qat_during_training=False, dist=dist, device=device)
+def _temp_sibling(run: Path) -> Path:
+    """A fresh hidden directory beside ``run``, named after this process (fsutil.remove_stale knows the form)."""
+    import tempfile
+
+    run.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{run.name}.tmp-{os.getpid()}-", dir=run.parent))
+
+
+def _swap_in(work: Path, run: Path) -> None:
+    """Replace ``run`` by the complete ``work``: two renames, the old run removed only after the second."""
+    for v in RunDir(work).variants():
+        info = v.model_info
+        if info.exists():  # paths recorded while training name the run's final place
+            write_text(info, info.read_text().replace(json.dumps(str(work))[1:-1], json.dumps(str(run))[1:-1]))
+    old = run.with_name(f".{run.name}.old-{os.getpid()}")
+    os.replace(run, old)
+    os.replace(work, run)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _data_fingerprint(records: list) -> dict[str, Any]:
+    """What the run trains on, as a hash of the loaded examples (any source: a file, builtin, in-memory)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+    return {"sha256": digest, "records": len(records)}
+
+
+def _check_checkpoints(run: RunDir) -> None:
+    """The newest checkpoint of each unfinished variant readable, before any model work (a damaged file is one
+    error naming it and the checkpoint before it)."""
+    from .training import CheckpointManager
+
+    for v in run.variants():
+        if not v.done():
+            CheckpointManager(v.checkpoints).verify_latest()
+
+
+def _check_data(run: RunDir, data_print: dict[str, Any]) -> None:
+    saved = run.data_file
+    if not saved.exists():  # a run from before the fingerprint was recorded
+        return
+    try:
+        before = json.loads(saved.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EdgeftError(f"--resume: {saved} is damaged (not JSON); it records the data the run trained on") \
+            from None
+    if before.get("sha256") != data_print["sha256"]:
+        raise EdgeftError(f"--resume: the data differs from what {run.root} was trained on ({before.get('records')} "
+                          f"examples then, {data_print['records']} now, contents changed); resume with the same data "
+                          "or train a new run")
+
+
+def _train_into(cfg: TrainConfig, run: RunDir, work: RunDir, dist, is_main: bool, model_dir: Path, data: tuple,
+                data_print: dict[str, Any], device: str) -> None:
+    """Write the run into ``work`` (``run`` itself, or the sibling that replaces it)."""
+    from .data import padding_efficiency
+    from .training.distributed import barrier
+
+    tokenizer, template, train_ex, eval_ex = data
+    notes: list[tuple] = []  # info lines, shown once the model has loaded: an early error stays the only line
+    if is_main:
+        work.root.mkdir(parents=True, exist_ok=True)
+        text = dump_yaml(cfg.replace(resume=False, overwrite=False))
+        if cfg.run.resume:  # the run keeps its own record of where it is; unchanged files are not rewritten
+            text = dump_yaml(cfg.replace(resume=False, overwrite=False, out=run_config(run.root).run.out))
+        if not work.config_file.exists() or work.config_file.read_text() != text:
+            write_text(work.config_file, text)
+        if not work.data_file.exists():
+            write_json(work.data_file, data_print)
+        notes.append(("run directory: %s", run.root))
+        lengths = [len(ex["input_ids"]) for ex in train_ex]
+        notes.append(("data: %d training examples (%d tokens), %d eval; chat template: %s", len(train_ex),
+                      sum(lengths), len(eval_ex), template["name"] or "none (raw text)"))
+        if cfg.data.batching == "padding_free":
+            notes.append(("padding-free batching: no pad tokens (a padded batch of %d would be %.1f%% padding)",
+                          cfg.optim.batch_size, 100 * (1 - padding_efficiency(lengths, cfg.optim.batch_size))))
+    barrier(dist)
+    run = work
+
+    planned = [cfg]  # --qat auto: the config of the plan chosen before the first QAT run (and for the PTQ after)
+
+    def train_run(root: Variant, variant_data: tuple, qat: bool, twin: Variant | None = None) -> None:
+        if qat and cfg.qat.scheme == AUTO and len(planned) == 1:
+            # calibrate the model QAT starts from (the twin, else the pretrained one) on the user's data, then plan
+            planned.append(_fit_plan(cfg, run, model_dir, data, device, twin, dist))
+        _train_variant(planned[-1], root, model_dir, variant_data, qat_during_training=qat, dist=dist, device=device,
+                       twin=twin, notes=notes)
+
+    # the plan: one fine-tune, or the float twin then QAT from it (edgeft/recipes/)
+    recipes.choose(cfg).run(cfg, run, data, train_run, is_main)
 
     if is_main:
         from .training import plot_loss, read_metrics
 
-        curves = {("QAT " + cfg.qat if cfg.qat else "train"): read_metrics(run / "metrics.jsonl")}
-        if (run / "baseline" / "metrics.jsonl").exists():
-            curves["no QAT (baseline)"] = read_metrics(run / "baseline" / "metrics.jsonl")
-        plot_loss(curves, run / "loss.png", title=f"{cfg.model} on {cfg.data}")
+        curves = {("QAT " + cfg.qat.scheme if cfg.qat.scheme else "train"): read_metrics(run.metrics)}
+        if run.baseline.metrics.exists():
+            curves["no QAT (baseline)"] = read_metrics(run.baseline.metrics)
+        plot_loss(curves, run.loss_plot, title=f"{cfg.model.name} on {cfg.data.path}")
     barrier(dist)
-    return run
 
 
 def apply_fit_plan(cfg: TrainConfig, plan: Any) -> TrainConfig:
     """The config that trains a device-fit plan: ``--qat auto`` with the plan's group size and int8 linears (in
     memory; config.yaml keeps the request, qat_plan.json the plan)."""
-    return replace(cfg, qat_group_size=plan.group_size, qat_int8=list(plan.int8_modules))
+    return cfg.replace(qat_group_size=plan.group_size, qat_int8=list(plan.int8_modules))
 
 
-def _fit_plan(cfg: TrainConfig, run: Path, model_dir: Path, data, device: str, twin: Path | None, dist) -> TrainConfig:
+def _fit_plan(cfg: TrainConfig, run: RunDir, model_dir: Path, data, device: str, twin: Variant | None,
+              dist) -> TrainConfig:
     """``--qat auto``: calibrate, choose and write ``qat_plan.json`` (a resumed run keeps the plan it chose)."""
     from .models import float_dir
     from .qat import plan as fit
-    from .rundir import Variant
     from .training.distributed import broadcast_object
     from .training.model import load_base
 
-    plan = fit.load(run) if cfg.resume else None
+    plan = fit.load(run.root) if cfg.run.resume else None
     if plan is None and (dist is None or dist.is_main):
         tokenizer, _, train_ex, _ = data
-        src = float_dir(twin) if twin is not None else model_dir
+        src = float_dir(twin.root) if twin is not None else model_dir
         # fp32: a linear's loss rise is a small difference of two losses, which bf16 rounding would blur
-        model = load_base(replace(cfg, load_in_4bit=False, load_in_8bit=False, dtype="fp32"), src, device)
+        model = load_base(cfg.replace(load_in_4bit=False, load_in_8bit=False, dtype="fp32"), src, device)
         batches = fit.calibration_batches(train_ex, tokenizer.pad_token_id, device=device)
-        plan = fit.plan_for_model(model, batches, fit_budget(cfg), src, cfg.qat_weight_scale, cfg.qat_group_size)
+        plan = fit.plan_for_model(model, batches, fit_budget(cfg), src, cfg.qat.weight_scale, cfg.qat.group_size)
         plan.calibration["model"] = str(src)
         del model
-        plan.write(run)
+        plan.write(run.root)
         for line in plan.summary()[:5]:
             log.info("%s", line)
     if dist is not None:
         plan = fit.FitPlan.from_dict(broadcast_object(plan.to_dict() if plan is not None else None, dist))
     if twin is not None and (dist is None or dist.is_main):
         # the twin was converted before the plan existed: its PTQ must quantize as the plan does
-        record = (Variant(twin).scheme_record() or {}).get("plan") or {}
+        record = (twin.scheme_record() or {}).get("plan") or {}
         if record != json.loads(json.dumps(plan.qat_plan().to_dict())):
-            model, tokenizer = load_trained(twin)
-            convert_model(model, tokenizer, plan.qat_plan(), twin / "converted")
+            model, tokenizer = load_trained(twin.root)
+            convert_model(model, tokenizer, plan.qat_plan(), twin.converted)
     return apply_fit_plan(cfg, plan)
 
 
-def run_qat_plan(run: Path, cfg: TrainConfig) -> Any:
+def run_qat_plan(run: RunDir, cfg: TrainConfig) -> Any:
     """The QAT plan a run trained: the config's, or for ``--qat auto`` its ``qat_plan.json``."""
-    if cfg.qat == "auto":
+    if cfg.qat.scheme == AUTO:
         from .qat import plan as fit
 
-        plan = fit.load(run)
+        plan = fit.load(run.root)
         if plan is None:
-            raise EdgeftError(f"{run} was trained with --qat auto but holds no {RunDir(run).qat_plan.name}")
+            raise EdgeftError(f"{run.root} was trained with --qat auto but holds no {run.qat_plan.name}")
         return plan.qat_plan()
-    return qat_plan(cfg)
+    return cfg.qat.plan()
 
 
-def _variant_done(root: Path) -> bool:
-    return (root / "model" / "edgeft.json").exists() and (root / "converted" / "scheme.json").exists()
-
-
-def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_during_training: bool, dist=None,
-                   device: str | None = None, twin: Path | None = None) -> None:
+def _train_variant(cfg: TrainConfig, root: Variant, model_dir: Path, data, qat_during_training: bool, dist=None,
+                   device: str | None = None, twin: Variant | None = None, notes: list[tuple] | None = None) -> None:
     """Train one variant into ``root``. ``twin``: the trained float twin (baseline/) that a QAT run distils from
-    (``cfg.qat_distill``) and/or starts from (``cfg.qat_init == "baseline"``)."""
+    (``cfg.qat.distill``) and/or starts from (``cfg.qat.init == "baseline"``). ``notes``: info lines held back until
+    the model has loaded (then logged and cleared), so that an error loading it is the command's only line."""
     import torch
 
     from . import qat as qatlib
@@ -286,18 +386,18 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     from .training.model import save_adapter as _save_adapter
 
     tokenizer, template, train_ex, eval_ex = data
-    device = device or cfg.device
+    device = device or cfg.hardware.device
     is_main = dist is None or dist.is_main
-    label = f"{'QAT ' + cfg.qat if qat_during_training else 'train'} ({cfg.mode})"
-    if cfg.resume and _variant_done(root):
-        log.info("%s: already complete in %s", label, root)
+    label = f"{'QAT ' + cfg.qat.scheme if qat_during_training else 'train'} ({cfg.model.mode})"
+    if cfg.run.resume and root.done():
+        log.info("%s: already complete in %s", label, root.root)
         return
     load_dir = model_dir
-    init_from = twin if (twin is not None and cfg.qat_init == "baseline") else None
-    if init_from is not None and cfg.mode == "lora":  # continue the twin's adapter on the same base
-        cfg = replace(cfg, adapter=str(init_from / "model"))
+    init_from = twin if (twin is not None and cfg.qat.init == "baseline") else None
+    if init_from is not None and cfg.model.mode == "lora":  # continue the twin's adapter on the same base
+        cfg = cfg.replace(adapter=str(init_from.model))
     elif init_from is not None:  # start from the twin's fine-tuned weights
-        load_dir = init_from / "model"
+        load_dir = init_from.model
     strategy = None
     if dist is not None:
         from .training import fsdp
@@ -305,60 +405,64 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         strategy = fsdp.choose(cfg, model_dir, dist.world, device)
         if is_main:
             log.info("%s: %d processes, %s", label, dist.world, "FSDP2" if strategy == "fsdp" else "DDP")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.optim.seed)
     # FSDP: rank 0 loads on the CPU, the others build the model on meta (no weights); sharding gives every rank its
-    # shards of rank 0's weights, on its GPU (train/fsdp.py)
+    # shards of rank 0's weights, on its GPU (training/fsdp.py)
     fsdp_load = ("cpu" if is_main else "meta") if strategy == "fsdp" else None
     model, prep = prepare_model(cfg, load_dir, qat=qat_during_training, device=device, load_device=fsdp_load)
+    for note in notes or []:
+        log.info(*note)
+    if notes:
+        notes.clear()
     _set_generation_eos(model, tokenizer)
-    plan = qat_plan(cfg)
+    plan = cfg.qat.plan()
     ckpt = None
-    if cfg.save_steps > 0:
+    if cfg.run.save_steps > 0:
         fingerprint = {**identity(cfg), "variant": "qat" if qat_during_training else "float", "processes":
                        dist.world if dist else 1}
         if strategy == "fsdp":  # its optimizer.pt is keyed by parameter name
             fingerprint["distributed"] = "fsdp"
         fingerprint = json.loads(json.dumps(fingerprint))  # the form it takes in state.json
-        save_adapter = (lambda d, sd=None: _save_adapter(model, d, sd)) if cfg.mode == "lora" else None
-        ckpt = CheckpointManager(root / "checkpoints", cfg.save_total_limit, fingerprint, save_adapter,
+        save_adapter = (lambda d, sd=None: _save_adapter(model, d, sd)) if cfg.model.mode == "lora" else None
+        ckpt = CheckpointManager(root.checkpoints, cfg.run.save_total_limit, fingerprint, save_adapter,
                                  defaults=identity_defaults())
     summary = train_loop(
         model,
         train_ex,
         pad_id=tokenizer.pad_token_id,
-        max_steps=cfg.qat_max_steps if qat_during_training else cfg.max_steps,
-        batch_size=cfg.batch_size,
-        grad_accum=cfg.grad_accum,
-        lr=cfg.qat_lr if qat_during_training else cfg.lr,
-        weight_decay=cfg.weight_decay,
-        schedule=cfg.schedule,
-        warmup_ratio=cfg.warmup_ratio,
-        warmup_steps=cfg.warmup_steps,
-        max_grad_norm=cfg.max_grad_norm,
-        seed=cfg.seed,
+        max_steps=cfg.qat.max_steps if qat_during_training else cfg.optim.max_steps,
+        batch_size=cfg.optim.batch_size,
+        grad_accum=cfg.optim.grad_accum,
+        lr=cfg.qat.lr if qat_during_training else cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        schedule=cfg.optim.schedule,
+        warmup_ratio=cfg.optim.warmup_ratio,
+        warmup_steps=cfg.optim.warmup_steps,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        seed=cfg.optim.seed,
         device=device,
-        metrics_path=root / "metrics.jsonl",
-        progress=cfg.progress,
+        metrics_path=root.metrics,
+        progress=cfg.run.progress,
         desc=label,
-        optim=cfg.optim,
-        embedding_lr=cfg.embedding_lr,
-        scale_lr=cfg.qat_scale_lr if qat_during_training else None,
-        batching=_batching(cfg),
-        max_seq_length=cfg.max_seq_length,
+        optim=cfg.optim.optimizer,
+        embedding_lr=cfg.optim.embedding_lr,
+        scale_lr=cfg.qat.scale_lr if qat_during_training else None,
+        batching=cfg.data.batching,
+        max_seq_length=cfg.data.max_seq_length,
         eval_examples=eval_ex or None,
-        eval_steps=cfg.eval_steps,
-        early_stopping_patience=cfg.early_stopping_patience,
-        early_stopping_threshold=cfg.early_stopping_threshold,
-        load_best=cfg.load_best,
+        eval_steps=cfg.eval.steps,
+        early_stopping_patience=cfg.eval.early_stopping_patience,
+        early_stopping_threshold=cfg.eval.early_stopping_threshold,
+        load_best=cfg.eval.load_best,
         checkpoints=ckpt,
-        save_steps=cfg.save_steps,
-        resume=cfg.resume,
-        report_to=cfg.report_to,
-        logging_steps=cfg.logging_steps,
-        log_dir=root,
+        save_steps=cfg.run.save_steps,
+        resume=cfg.run.resume,
+        report_to=cfg.run.report_to,
+        logging_steps=cfg.run.logging_steps,
+        log_dir=root.root,
         run_config=cfg.to_dict(),
         dist=dist,
-        distill=_distillation(cfg, twin, device, fsdp_load) if (twin is not None and cfg.qat_distill) else None,
+        distill=_distillation(cfg, twin, device, fsdp_load) if (twin is not None and cfg.qat.distill) else None,
         strategy=strategy or "ddp",
     )
     if strategy == "fsdp":
@@ -382,15 +486,15 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
     # the same scales and integers the fake-quant forward used; the converted model moves to the CPU to be saved
     info = {
         "base_model": str(model_dir),
-        "mode": cfg.mode,
+        "mode": cfg.model.mode,
         "qat": plan.to_dict() if (plan and qat_during_training) else None,
         "kernels": prep["kernels"],
         "gradient_checkpointing": prep.get("gradient_checkpointing"),
         "chat_template": template,
         "quantized_base": prep["quantized_base"],
         "adapter_from": prep["adapter_from"],
-        "init_from": str(init_from) if init_from is not None else None,
-        "distilled_from": str(twin) if (twin is not None and cfg.qat_distill) else None,
+        "init_from": str(init_from.root) if init_from is not None else None,
+        "distilled_from": str(twin.root) if (twin is not None and cfg.qat.distill) else None,
         "trainable_parameters": prep["trainable_parameters"],
         "learned_scales": len(scales),
         "precision": summary.get("precision"),  # the weight update: fp32, or bf16 through fp32 masters (or other)
@@ -398,20 +502,20 @@ def _train_variant(cfg: TrainConfig, root: Path, model_dir: Path, data, qat_duri
         "examples": len(train_ex),
         "eval_examples": len(eval_ex),
     }
-    with atomic_dir(root / "model") as tmp:
+    with atomic_dir(root.model) as tmp:
         model.save_pretrained(tmp)  # PEFT: adapter only; full: the whole model
         tokenizer.save_pretrained(tmp)
         if scales:  # learned QAT scales: part of the trained model (convert writes them; `edgeft convert` reads them)
             from safetensors.torch import save_file
 
-            save_file({n: t.detach().cpu().contiguous() for n, t in scales.items()}, str(tmp / SCALES_FILE))
-        (tmp / "edgeft.json").write_text(json.dumps(info, indent=2) + "\n")
+            save_file({n: t.detach().cpu().contiguous() for n, t in scales.items()}, str(tmp / root.scales.name))
+        (tmp / root.model_info.name).write_text(json.dumps(info, indent=2) + "\n")
     log.info("%s: loss %.4f -> %.4f in %.0fs", label, summary["first_loss"] or float("nan"),
              summary["final_loss"] or float("nan"), summary["seconds"])
     if quantized_base:  # a bitsandbytes base cannot be merged exactly: convert from the float base + adapter
         del model
         model, _ = load_trained(root)
-    convert_model(model, tokenizer, plan, root / "converted", scales)
+    convert_model(model, tokenizer, plan, root.converted, scales)
     barrier(dist)
 
 
@@ -435,9 +539,9 @@ def _unsharded(cfg: TrainConfig, model_dir: Path, tensors: dict, tokenizer, qat_
     n = fsdp._checkpoint_params(model_dir)
     if device.startswith("cuda") and n is not None:
         free, _ = torch.cuda.mem_get_info(torch.device(device))
-        if n * (2 if cfg.dtype == "bf16" else 4) < 0.8 * free:
+        if n * (2 if cfg.hardware.dtype == "bf16" else 4) < 0.8 * free:
             load_device = device
-    if load_device == "cpu" and cfg.qat and qat_during_training and device.startswith("cuda"):
+    if load_device == "cpu" and cfg.qat.scheme and qat_during_training and device.startswith("cuda"):
         log.warning("the trained model does not fit one GPU: QAT convert runs on the CPU, whose rounding of a "
                     "tie can differ from the GPU's fake quantization in rare weights")
     model, _ = prepare_model(cfg, model_dir, qat=qat_during_training, device=device, load_device=load_device)
@@ -446,8 +550,8 @@ def _unsharded(cfg: TrainConfig, model_dir: Path, tensors: dict, tokenizer, qat_
     return model
 
 
-def _distillation(cfg: TrainConfig, twin: Path, device: str, load_device: str | None = None):
-    """The trained float twin as the teacher, in the run's dtype on ``device`` (train/distill.py).
+def _distillation(cfg: TrainConfig, twin: str | Path | Variant, device: str, load_device: str | None = None):
+    """The trained float twin as the teacher, in the run's dtype on ``device`` (training/distill.py).
 
     ``load_device`` (FSDP): "cpu" loads it there for the loop to shard; "meta" builds it without weights (ranks
     other than 0), the loop's sharding then gives it rank 0's.
@@ -456,13 +560,14 @@ def _distillation(cfg: TrainConfig, twin: Path, device: str, load_device: str | 
 
     from .training.distill import Distillation
 
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    twin = Variant(twin)
+    dtype = torch.bfloat16 if cfg.hardware.dtype == "bf16" else torch.float32
     if load_device == "meta":
         from .training.model import empty_model
 
-        info = json.loads((twin / "model" / "edgeft.json").read_text())
+        info = twin.info()
         # load_trained's module: LoRA merged into its base (the base's architecture), or the full model
-        teacher = empty_model(info["base_model"] if info["mode"] == "lora" else twin / "model", dtype)
+        teacher = empty_model(info["base_model"] if info["mode"] == "lora" else twin.model, dtype)
     else:
         teacher, _ = load_trained(twin)
         teacher.to(device=load_device or device)
@@ -470,10 +575,10 @@ def _distillation(cfg: TrainConfig, twin: Path, device: str, load_device: str | 
         # (loaded by from_pretrained in the same dtype) keeps in fp32
         for prm in teacher.parameters():
             prm.data = prm.data.to(dtype)
-    log.info("QAT distils from the float twin %s (KL weight %.2f, %s positions, temperature %g)", twin,
-             cfg.qat_distill, cfg.qat_distill_positions, cfg.qat_distill_temperature)
-    return Distillation(teacher, weight=cfg.qat_distill, temperature=cfg.qat_distill_temperature,
-                        positions=cfg.qat_distill_positions)
+    log.info("QAT distils from the float twin %s (KL weight %.2f, %s positions, temperature %g)", twin.root,
+             cfg.qat.distill, cfg.qat.distill_positions, cfg.qat.distill_temperature)
+    return Distillation(teacher, weight=cfg.qat.distill, temperature=cfg.qat.distill_temperature,
+                        positions=cfg.qat.distill_positions)
 
 
 def _set_generation_eos(model, tokenizer) -> None:
@@ -502,20 +607,23 @@ def convert_model(model, tokenizer, plan, out_dir: Path, scales: dict | None = N
 
 def convert(run: str | Path | None = None) -> Path:
     """Re-run qat.convert for an existing run from its saved model/ (e.g. after changing convert code)."""
-    run = find_run(run)
-    for root in [run, run / "baseline"]:
-        if not (root / "model" / "edgeft.json").exists():
+    run = RunDir.find(run)
+    for root in run.variants():
+        if not root.has_trained_model():
             continue
-        cfg = run_config(run)
+        from .integrity import check_safetensors_dir
+
+        check_safetensors_dir(root.model, f"train the run again: `edgeft train --out {run.root} --overwrite ...`")
+        cfg = load_yaml(run.config_file)
         plan = run_qat_plan(run, cfg)  # the baseline's PTQ quantizes as the QAT run does
         model, tokenizer = load_trained(root)
-        convert_model(model, tokenizer, plan, root / "converted", saved_scales(root))
-    return run
+        convert_model(model, tokenizer, plan, root.converted, saved_scales(root))
+    return run.root
 
 
-def saved_scales(root: Path) -> dict | None:
+def saved_scales(root: str | Path | Variant) -> dict | None:
     """The learned QAT scales saved with the trained model of ``root`` (None: it has none)."""
-    path = root / "model" / SCALES_FILE
+    path = Variant(root).scales
     if not path.exists():
         return None
     from safetensors.torch import load_file
@@ -534,18 +642,23 @@ def export(fmt: str, run: str | Path | None = None, quant: str | None = None, **
     """
     if fmt not in EXPORT_FORMATS:
         raise EdgeftError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
-    run = find_run(run)
-    src = run / "converted"
-    if not (src / "scheme.json").exists():
-        raise EdgeftError(f"{run} has no converted model; run `edgeft train` to completion first")
+    run = RunDir.find(run)
+    src = run.converted
+    if not run.has_converted():
+        raise EdgeftError(f"{run.root} has no converted model; run `edgeft train` to completion first")
+    from .fsutil import remove_stale
+    from .integrity import check_safetensors_dir
+
+    check_safetensors_dir(src, f"run `edgeft convert --run {run.root}` to write {src.name}/ again from model/")
+    remove_stale(run.exports.path)  # temporary files of an export that was killed
     if fmt == "pte" and kwargs.get("max_context_len") is None:
         from .qat import plan as fit
 
-        fp = fit.load(run)
+        fp = fit.load(run.root)
         if fp is not None:  # a device-fit plan budgeted its KV cache at its context: the program holds that cache
             kwargs["max_context_len"] = fp.budget.context
             kwargs["max_seq_len"] = min(kwargs.get("max_seq_len") or 512, fp.budget.context)
-    report = export_dir(fmt, src, run / "exports", quant=quant, **kwargs)
+    report = export_dir(fmt, src, run.exports.path, quant=quant, **kwargs)
     if fmt == "gguf":
         # the Ollama Modelfile carries the run's chat template and stop tokens next to the GGUF it names
         from edgeft.exporters import ollama
@@ -554,15 +667,8 @@ def export(fmt: str, run: str | Path | None = None, quant: str | None = None, **
             report["modelfile"] = ollama.write_modelfile(report["path"], src)
         except EdgeftError as e:
             report.setdefault("warnings", []).append(f"no Ollama Modelfile: {e}")
-    _record_export(run / "exports", fmt, report)
+    run.exports.record(report.get("name", fmt) if isinstance(report, dict) else fmt, report)
     return report
-
-
-def _record_export(out_dir: Path, fmt: str, report: dict[str, Any]) -> None:
-    manifest = out_dir / "manifest.json"
-    data = json.loads(manifest.read_text()) if manifest.exists() else {}
-    data[report.get("name", fmt) if isinstance(report, dict) else fmt] = report
-    write_json(manifest, data)
 
 
 # --- evaluate -------------------------------------------------------------------------------------------
@@ -578,4 +684,4 @@ def evaluate(run: str | Path | None = None, **kwargs: Any) -> dict[str, Any]:
 def train_from_yaml(path: str | Path, **overrides: Any) -> Path:
     """Train from a YAML config file with keyword overrides."""
     cfg = load_yaml(path)
-    return train(replace(cfg, **overrides))
+    return train(cfg.replace(**overrides))

@@ -2,7 +2,7 @@
 
 ```
 runs/<name>/                 RunDir
-  config.yaml                the resolved config        metrics.jsonl, loss.png   the loss log and its plot
+  config.yaml, data.json     the resolved config, a hash of its examples   metrics.jsonl, loss.png   the loss log
   qat_plan.json              --qat auto: the device-fit plan (each tensor's format and why)
   model/                     trained adapter or full weights, edgeft.json (what was trained), qat_scales.safetensors
   converted/                 what the phone runs (torchao tensors, or float) and scheme.json (its quantization record)
@@ -31,6 +31,7 @@ from .fsutil import write_json
 
 RUNS_DIR = Path("runs")  # where runs go without --out, and where find() looks for the newest
 CONFIG_FILE = "config.yaml"
+DATA_FILE = "data.json"  # a hash of the examples the run trains on (--resume refuses other data)
 MODEL_INFO_FILE = "edgeft.json"  # in model/: what was trained (base model, mode, QAT plan, training summary)
 SCALES_FILE = "qat_scales.safetensors"  # in model/: learned QAT group scales (qat.learned_scales), by linear name
 SCHEME_FILE = "scheme.json"  # in a converted model directory: its quantization record (qat.convert)
@@ -234,6 +235,11 @@ class RunDir(Variant):
     def qat_plan(self) -> Path:
         """``--qat auto``: the device-fit plan the run chose (qat/plan.py)."""
         return self.root / PLAN_FILE
+
+    @property
+    def data_file(self) -> Path:
+        """A hash of the examples the run trains on (written at the start; ``--resume`` refuses other data)."""
+        return self.root / DATA_FILE
 
     @property
     def loss_plot(self) -> Path:

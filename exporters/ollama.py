@@ -4,12 +4,14 @@ Why by hand: Ollama templates are Go ``text/template`` over ``.Messages`` while 
 Jinja, and no library translates one into the other. Rather than parse Jinja, edgeft recognises the template
 by what it renders: the HF template is rendered for probe conversations and matched against the known
 families (``FAMILIES``: ChatML, Qwen3 (the empty think block of a final assistant turn), Llama-3 headers, Gemma 3
-(model role, system prompt folded into the first user turn), Phi-3 and Phi-4-mini (closing EOS)), including a
-leading text (a BOS the template writes) and a
+(model role, system prompt folded into the first user turn), Phi-3 and Phi-4-mini (closing EOS), Mistral NeMo
+(``[INST]``, system prompt in the last user turn)), including a leading text (a BOS the template writes), a
 default system prompt inserted when the conversation has none (SmolLM2, Qwen2.5 do this; it becomes the
-Modelfile's ``SYSTEM``, which Ollama inserts as the first message under the same condition). A template that
-renders anything else for any probe (tools, date preambles, content rewriting) is refused in one line: a wrong
-template silently degrades every answer.
+Modelfile's ``SYSTEM``, which Ollama inserts as the first message under the same condition) and a fixed opening of
+a system turn the template always writes (Llama 3.1/3.2's "Cutting Knowledge Date" and "Today Date" lines: the
+date is rendered at export by the template itself, the rule ``prompt_format.json`` follows for the apps, so both
+carry the day of export). A template that renders anything else for any probe (tools, content rewriting) is
+refused in one line: a wrong template silently degrades every answer.
 
 The Go template is the family's fixed text, the form Ollama's own library models use: it ranges over
 ``.Messages`` and adds the assistant header after the last message unless that message is the assistant's
@@ -43,28 +45,47 @@ class Family:
     closing: str = ""  # after a conversation that ends with the assistant (Phi-3/Phi-4-mini's EOS)
     think: str = ""  # before the content of a final assistant message (Qwen3's empty think block)
     model_role: str = "assistant"  # the assistant's role name in the header (Gemma: "model")
-    fold_system: bool = False  # the system prompt opens the first user turn (Gemma) instead of its own turn
+    # where a system prompt goes instead of its own turn: "first" opens the first user turn (Gemma); "last" opens the
+    # last turn when the conversation ends with the user's (Mistral NeMo; dropped otherwise, as its template does)
+    fold_system: str = ""
+    assistant_frame: tuple[str, str] | None = None  # (header, footer) of assistant turns unlike the others' (Mistral)
+    # the Go template for a system turn that is always written and opens with fixed text ("{preamble}"): Llama 3.x
+    preamble_template: str = ""
+
+    def frame(self, role: str) -> tuple[str, str]:
+        """The text before and after a message of ``role``."""
+        if role == "assistant" and self.assistant_frame is not None:
+            return self.assistant_frame
+        role = self.model_role if role == "assistant" else role
+        return self.header.replace("{role}", role), self.footer
 
     def block(self, role: str, content: str) -> str:
-        role = self.model_role if role == "assistant" else role
-        return self.header.replace("{role}", role) + content + self.footer
+        head, foot = self.frame(role)
+        return head + content + foot
 
-    def render(self, messages: list[dict[str, str]], prefix: str, system: str | None) -> str:
+    def render(self, messages: list[dict[str, str]], prefix: str, system: str | None,
+               preamble: str | None = None) -> str:
         """What the Go template renders (Python mirror, used to check the HF template matches the family)."""
         msgs = list(messages)
         if system is not None and (not msgs or msgs[0]["role"] != "system"):
             msgs.insert(0, {"role": "system", "content": system})  # what Ollama does with SYSTEM
+        last_role = msgs[-1]["role"] if msgs else None
+        out = prefix
+        if preamble is not None:  # the system turn is always written: the preamble, then the system prompt if any
+            own = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else ""
+            out += self.block("system", preamble + own)
         if self.fold_system and msgs and msgs[0]["role"] == "system":
             head, msgs = msgs[0]["content"], msgs[1:]
-            if msgs:
-                msgs[0] = {**msgs[0], "content": head + "\n\n" + msgs[0]["content"]}
-        out = prefix
+            last_role = last_role if msgs else None  # nothing but a system prompt: the template writes nothing
+            at = 0 if self.fold_system == "first" else len(msgs) - 1
+            if msgs and (self.fold_system == "first" or msgs[at]["role"] == "user"):
+                msgs[at] = {**msgs[at], "content": head + "\n\n" + msgs[at]["content"]}
         for k, m in enumerate(msgs):
             final = k == len(msgs) - 1 and m["role"] == "assistant"
             out += self.block(m["role"], (self.think if final else "") + m["content"])
-        if msgs and msgs[-1]["role"] != "assistant":
-            out += self.block("assistant", "")[: -len(self.footer) or None]
-        elif msgs:
+        if last_role is not None and last_role != "assistant":
+            out += self.frame("assistant")[0]
+        elif last_role is not None:
             out += self.closing
         return out
 
@@ -93,6 +114,18 @@ FAMILIES: dict[str, Family] = {
             template=(
                 "{prefix}{{ range $i, $_ := .Messages }}\n" + _LAST
                 + "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n"
+                + '{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>\n\n'
+                + "{{ end }}\n{{- end }}"
+            ),
+            # Llama 3.1/3.2: a system turn always, opening with the knowledge and export dates; a first system
+            # message is its end, the other messages as above
+            preamble_template=(
+                "{prefix}<|start_header_id|>system<|end_header_id|>\n\n{preamble}"
+                + '{{ if and .Messages (eq (index .Messages 0).Role "system") }}{{ (index .Messages 0).Content }}'
+                + "{{ end }}<|eot_id|>\n"
+                + "{{- range $i, $_ := .Messages }}\n" + _LAST
+                + '{{- if or $i (ne .Role "system") }}'
+                + "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}\n"
                 + '{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>\n\n'
                 + "{{ end }}\n{{- end }}"
             ),
@@ -145,13 +178,32 @@ FAMILIES: dict[str, Family] = {
             footer="<end_of_turn>\n",
             stops=("<end_of_turn>", "<start_of_turn>"),
             model_role="model",
-            fold_system=True,
+            fold_system="first",
             template=(
                 '{prefix}{{ $sys := "" }}{{ range $i, $_ := .Messages }}\n' + _LAST
                 + '{{ if eq .Role "system" }}{{ $sys = .Content }}{{ else }}'
                 + '<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
                 + '{{ if $sys }}{{ $sys }}\n\n{{ $sys = "" }}{{ end }}{{ .Content }}<end_of_turn>\n'
                 + '{{ if and $last (ne .Role "assistant") }}<start_of_turn>model\n{{ end }}{{ end }}\n'
+                + "{{- end }}"
+            ),
+        ),
+        Family(
+            "mistral-nemo",
+            header="[INST]",
+            footer="[/INST]",
+            stops=("[INST]", "[/INST]"),
+            assistant_frame=("", "</s>"),
+            fold_system="last",
+            # a first system message is held and opens the last message when that is the user's (Ollama's own
+            # Mistral templates do the same with $.System); assistant turns end with EOS
+            template=(
+                '{prefix}{{ $sys := "" }}{{ $has := false }}{{ range $i, $_ := .Messages }}\n' + _LAST
+                + '{{- if eq .Role "system" }}{{ if eq $i 0 }}{{ $sys = .Content }}{{ $has = true }}{{ end }}'
+                + '{{- else if eq .Role "user" }}[INST]{{ if and $last $has }}{{ $sys }}\n\n{{ end }}{{ .Content }}'
+                + "[/INST]\n"
+                + '{{- else if eq .Role "assistant" }}{{ .Content }}</s>\n'
+                + "{{- end }}\n"
                 + "{{- end }}"
             ),
         ),
@@ -170,6 +222,8 @@ PROBES: tuple[tuple[dict[str, str], ...], ...] = (
         {"role": "user", "content": _U2},
     ),
     ({"role": "user", "content": _U1}, {"role": "assistant", "content": _A1}),  # no generation prompt
+    # a system prompt in a conversation that ends with the assistant (Mistral NeMo's template drops it)
+    ({"role": "system", "content": _SYS}, {"role": "user", "content": _U1}, {"role": "assistant", "content": _A1}),
 )
 
 # Used when generation_config.json names no sampling settings (Ollama's own defaults are similar).
@@ -186,10 +240,19 @@ class Translation:
     family: Family
     prefix: str  # literal text before the first message in the Go template
     system: str | None  # default system prompt (Modelfile SYSTEM)
+    preamble: str | None = None  # fixed opening of the always-written system turn (Llama 3.x's dates)
 
     @property
     def template(self) -> str:
-        return self.family.template.replace("{prefix}", self.prefix)
+        if self.preamble is None:
+            return self.family.template.replace("{prefix}", _go_text(self.prefix))
+        return self.family.preamble_template.replace("{prefix}", _go_text(self.prefix)).replace(
+            "{preamble}", _go_text(self.preamble))
+
+
+def _go_text(text: str) -> str:
+    """``text`` as literal Go template text (an action delimiter in it is written as a string)."""
+    return text.replace("{{", '{{ "{{" }}')
 
 
 def _hf_render(tokenizer: Any, messages: tuple[dict[str, str], ...]) -> str:
@@ -207,34 +270,38 @@ def translate(tokenizer: Any) -> Translation:
         user_at = first.find(fam.block("user", _U1))
         if user_at < 0:
             continue
-        head, system = first[:user_at], None
-        sys_header = fam.header.replace("{role}", "system")
-        if sys_header in head and not fam.fold_system:  # a default system prompt before the user's message
+        head = first[:user_at]
+        candidates: list[tuple[str | None, str | None]] = [(None, None)]  # (default system prompt, preamble)
+        sys_header, sys_footer = fam.frame("system")
+        if sys_header in head and not fam.fold_system:  # a system turn before the user's message
             start = head.index(sys_header)
             body = head[start + len(sys_header):]
-            if not body.endswith(fam.footer):
+            if not body.endswith(sys_footer):
                 continue
-            head, system = head[:start], body[: len(body) - len(fam.footer)]
+            head, text = head[:start], body[: len(body) - len(sys_footer)]
+            # a fixed opening that a system prompt follows (Llama 3.x), or a default that one replaces (SmolLM2)
+            candidates = ([(None, text)] if fam.preamble_template else []) + [(text, None)]
         bos = tokenizer.bos_token
         prefix = head[len(bos):] if bos and head.startswith(bos) and adds_bos(tokenizer) else head
         lead = head[: len(head) - len(prefix)]  # the BOS llama.cpp adds as a token
-        for probe in PROBES:
-            want = _hf_render(tokenizer, probe)
-            if lead + fam.render(list(probe), prefix, system) != want:
-                mismatch = mismatch or (fam, want)
-                break
-        else:
-            return Translation(fam, prefix, system)
+        for system, preamble in candidates:
+            for probe in PROBES:
+                want = _hf_render(tokenizer, probe)
+                if lead + fam.render(list(probe), prefix, system, preamble) != want:
+                    mismatch = mismatch or (fam, want)
+                    break
+            else:
+                return Translation(fam, prefix, system, preamble)
     if mismatch:
         fam, want = mismatch
         raise EdgeftError(
             f"Ollama Modelfile: the chat template looks {fam.name} but renders a probe conversation "
-            f"differently ({want[:60]!r}...); only ChatML, Qwen3, Llama-3, Gemma 3 and Phi-3/Phi-4-mini style "
-            "templates are translated"
+            f"differently ({want[:60]!r}...); only ChatML, Qwen3, Llama-3, Gemma 3, Phi-3/Phi-4-mini and Mistral "
+            "NeMo style templates are translated"
         )
     raise EdgeftError(
         "Ollama Modelfile: the chat template is neither ChatML (<|im_start|>), Qwen3, Llama-3 style "
-        "(<|start_header_id|>), Gemma 3 nor Phi-3/Phi-4-mini; no Ollama template can be derived"
+        "(<|start_header_id|>), Gemma 3, Phi-3/Phi-4-mini nor Mistral NeMo ([INST]); no Ollama template can be derived"
     )
 
 
@@ -266,6 +333,9 @@ def _modelfile(gguf_path: str | os.PathLike, tokenizer: Any, src: str | os.PathL
         f"# written by edgeft from {Path(src).name}: {tr.family.name} chat template",
         f"FROM ./{Path(gguf_path).name}",
     ]
+    if tr.preamble is not None:
+        lines.insert(1, "# the system turn opens with the template's own lines, its date rendered at export (as in "
+                        "prompt_format.json)")
     lines.append(f"TEMPLATE {_quote(tr.template, 'chat template')}")
     if tr.system is not None:
         lines.append(f"SYSTEM {_quote(tr.system, 'default system prompt')}")

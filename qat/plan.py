@@ -29,7 +29,6 @@ from typing import Any
 
 from edgeft.errors import EdgeftError
 
-from edgeft.rundir import PLAN_FILE
 BASE_PRESET = "phone-deployment"  # schemes.AUTO_BASE: 8da4w linears + int8 embeddings, the fast .pte route
 MB = 2**20  # as `edgeft devices check` prints
 DEFAULT_CONTEXT = 2048

@@ -52,21 +52,21 @@ def read_rows(path: str | Path) -> list[Row]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EdgeftError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise EdgeftError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
-                rows.append((f"{path}:{i}", row))
+        for i, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+            line = _decode(raw, path, i)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EdgeftError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise EdgeftError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append((f"{path}:{i}", row))
         return rows
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as e:
             raise EdgeftError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
@@ -75,9 +75,7 @@ def read_rows(path: str | Path) -> list[Row]:
             raise EdgeftError(f"{path}: expected a JSON list of objects")
         return [(f"{path}: item {i}", r) for i, r in enumerate(data, 1)]
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            return [(f"{path}:{i}", dict(r)) for i, r in enumerate(reader, 2)]  # line 1 is the header
+        return _read_csv(path, "\t" if suffix == ".tsv" else ",")
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -89,9 +87,58 @@ def read_rows(path: str | Path) -> list[Row]:
             raise EdgeftError(f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e)[:120]})") from None
         return [(f"{path}: row {i}", r) for i, r in enumerate(table.to_pylist(), 1)]
     if suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)
         return [(str(path), {"text": text})] if text.strip() else []
     raise EdgeftError(f"{path}: unsupported data file type {suffix!r} (use {', '.join(FILE_TYPES)})")
+
+
+def _decode(raw: bytes, path: Path, line: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgeftError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                          "save the file as UTF-8") from None
+
+
+def read_text(path: Path) -> str:
+    """The whole file as UTF-8; an invalid byte is one error naming its line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        return _decode(raw.split(b"\n")[line - 1], path, line)  # raises, naming the line and column
+
+
+def _read_csv(path: Path, delimiter: str) -> list[Row]:
+    """CSV/TSV rows, refusing what a stray quote does silently: a row with too many or too few fields, text after a
+    closing quote, an unclosed quote (to the end of the file), or a quoted field swallowing whole rows."""
+    import io
+
+    f = io.StringIO(read_text(path), newline="")
+    reader = csv.reader(f, delimiter=delimiter, strict=True)
+    rows: list[Row] = []
+    try:
+        header = next(reader, None)
+        if header is None:
+            return rows
+        line = reader.line_num + 1  # the physical line where the next record starts
+        for rec in reader:
+            where = f"{path}:{line}"
+            if rec and len(rec) != len(header):
+                raise EdgeftError(f"{where}: {len(rec)} fields where the header has {len(header)} (a stray quote or "
+                                  f"delimiter?)")
+            for cell in rec:
+                if "\n" in cell and any(len(next(csv.reader([part], delimiter=delimiter))) == len(header) > 1
+                                         for part in cell.split("\n")[:-1]):
+                    raise EdgeftError(f"{where}: a quoted field spans lines {line}-{reader.line_num} that look like "
+                                      "rows of their own: is a closing quote missing?")
+            if rec:
+                rows.append((where, dict(zip(header, rec))))
+            line = reader.line_num + 1
+    except csv.Error as e:
+        raise EdgeftError(f"{path}:{reader.line_num}: malformed CSV ({e}): check the quotes on this line") from None
+    return rows
 
 
 def rows_from_dataset(ds: Any, name: str = "dataset") -> list[Row]:
@@ -148,6 +195,9 @@ def _maybe_json(v: Any) -> Any:
 def _check_conversation(out: Messages, where: str) -> Messages:
     if not any(m["role"] == "assistant" for m in out):
         raise EdgeftError(f"{where}: the conversation has no assistant message to learn from")
+    if all(is_empty(m["content"]) for m in out if m["role"] == "assistant"):
+        # it would train on the end-of-turn token alone: teaching the model to answer nothing
+        raise EdgeftError(f"{where}: every assistant message is empty; there is no answer to learn from")
     return out
 
 

@@ -109,6 +109,22 @@ def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any],
             if a.get(k, d.get(k)) != b.get(k, d.get(k))]
 
 
+def _shallow_check(f: Path) -> None:
+    """Raise if ``f`` is visibly damaged: a safetensors header that does not match the size, a .pt (zip) whose
+    directory cannot be read."""
+    if f.suffix == ".safetensors":
+        from edgeft.integrity import safetensors_problem
+
+        why = safetensors_problem(f)
+        if why:
+            raise ValueError(why)
+    elif f.suffix == ".pt":
+        import zipfile
+
+        with zipfile.ZipFile(f):  # torch.save writes a zip: its directory sits at the end, so truncation shows
+            pass
+
+
 class CheckpointManager:
     """Writes, rotates and reads ``step-N`` checkpoints of one training variant."""
 
@@ -153,8 +169,10 @@ class CheckpointManager:
                     self.save_adapter(tmp / "adapter", tensors)
                 else:
                     self.save_adapter(tmp / "adapter")
+            # each file's size: a truncated file is named on resume before anything is parsed
+            sizes = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             meta = dict(state, step=step, fingerprint=self.fingerprint,
-                        shapes={n: list(t.shape) for n, t in tensors.items()})
+                        shapes={n: list(t.shape) for n, t in tensors.items()}, sizes=sizes)
             (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
         self.rotate(state.get("best_step"))
         return dest
@@ -169,8 +187,44 @@ class CheckpointManager:
             os.replace(p, old)  # disappears as a whole first, so it never looks like a valid checkpoint
             shutil.rmtree(old, ignore_errors=True)
 
+    def _corrupt(self, file: Path, why: str) -> EdgeftError:
+        """The error for a damaged checkpoint file: it names the file and the checkpoint to fall back on."""
+        step = int(_NAME.match(file.parent.name).group(1)) if _NAME.match(file.parent.name) else None
+        earlier = [p for s, p in list_checkpoints(self.dir) if step is not None and s < step]
+        offer = (f"remove {file.parent} to resume from {earlier[-1].name}" if earlier else
+                 "it is the only checkpoint: remove it to resume from the start, or train again with --overwrite")
+        return EdgeftError(f"checkpoint file {file} is damaged ({why}); {offer}")
+
+    def _read(self, file: Path, reader: Callable[[Path], Any], sizes: dict[str, int] | None = None,
+              key: str | None = None) -> Any:
+        """``reader(file)``, any failure to parse (truncation, garbage) reported as :meth:`_corrupt`; ``sizes``: the
+        sizes state.json recorded, by ``key`` (default the file's name)."""
+        want = (sizes or {}).get(key or file.name)
+        if not file.is_file():
+            raise self._corrupt(file, "missing")
+        if want is not None and file.stat().st_size != want:
+            raise self._corrupt(file, f"{file.stat().st_size} bytes, {want} were written")
+        try:
+            return reader(file)
+        except EdgeftError:
+            raise
+        except Exception as e:  # safetensors, zip, pickle and json each raise their own types
+            raise self._corrupt(file, f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}") \
+                from None
+
+    def verify_latest(self) -> None:
+        """Check the newest checkpoint's files without loading them (recorded sizes, safetensors headers, the zip
+        directory of each .pt), so that a damaged one is refused before the run loads a model."""
+        latest = self.latest()
+        if latest is None:
+            return
+        state = self._read(latest / "state.json", lambda f: json.loads(f.read_text()))
+        sizes = state.get("sizes") if isinstance(state, dict) else None
+        for f in sorted(p for p in latest.rglob("*") if p.is_file() and p.name != "state.json"):
+            self._read(f, _shallow_check, sizes, f.relative_to(latest).as_posix())
+
     def read_state(self, path: Path) -> dict[str, Any]:
-        state = json.loads((path / "state.json").read_text())
+        state = self._read(path / "state.json", lambda f: json.loads(f.read_text()))
         diff = fingerprint_diff(state.get("fingerprint", {}), self.fingerprint, self.defaults)
         if diff:
             raise EdgeftError(f"{path} was written by a different configuration ({'; '.join(diff[:4])})")
@@ -186,19 +240,27 @@ class CheckpointManager:
         from safetensors.torch import load_file
 
         state = self.read_state(path)
+        sizes = state.get("sizes")
+
+        def tload(f: Path) -> Any:
+            return torch.load(f, map_location="cpu", weights_only=True)
+
+        def tensors_of(f: Path) -> dict[str, torch.Tensor]:
+            return load_file(str(f))
+
         if sharded is not None:
             read = rank == 0
-            tensors = load_file(str(path / "trainable.safetensors")) if read else {}
-            optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) if read else {}
+            tensors = self._read(path / "trainable.safetensors", tensors_of, sizes) if read else {}
+            optim_state = self._read(path / "optimizer.pt", tload, sizes) if read else {}
             sharded.load(tensors, str(path))
             sharded.load_optimizer(optimizer, optim_state)
         else:
-            tensors = load_file(str(path / "trainable.safetensors"))
-            optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            tensors = self._read(path / "trainable.safetensors", tensors_of, sizes)
+            optim_state = self._read(path / "optimizer.pt", tload, sizes)
             load_trainable(model, tensors, str(path))
             optimizer.load_state_dict(optim_state)
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        rngs = torch.load(path / "rng.pt", weights_only=True)
+        scheduler.load_state_dict(self._read(path / "scheduler.pt", tload, sizes))
+        rngs = self._read(path / "rng.pt", tload, sizes)
         if rank >= len(rngs):
             raise EdgeftError(f"{path} was written by {len(rngs)} process(es); resume with the same number")
         set_rng_state(rngs[rank])
@@ -212,4 +274,4 @@ class CheckpointManager:
         p = self.path(step) / "trainable.safetensors"
         if not p.exists():
             return None
-        return load_file(str(p)) if read else {}
+        return self._read(p, lambda f: load_file(str(f))) if read else {}

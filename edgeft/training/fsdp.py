@@ -35,12 +35,12 @@ AUTO_FSDP_SHARE = 0.5  # auto: FSDP when the DDP estimate exceeds this share of 
 
 def check_supported(cfg: Any) -> None:
     """One clear error line for what FSDP2 cannot shard (before any model work)."""
-    if cfg.load_in_4bit or cfg.load_in_8bit:
+    if cfg.model.load_in_4bit or cfg.model.load_in_8bit:
         raise EdgeftError("--distributed fsdp cannot shard a bitsandbytes 4-/8-bit base (its packed weights are "
                           "not plain tensors); use --distributed ddp: a quantized base usually fits one GPU")
-    if cfg.optim in ("adamw_8bit", "paged_adamw", "paged_adamw_8bit"):
-        raise EdgeftError(f"--distributed fsdp cannot use --optim {cfg.optim}: bitsandbytes' optimizers do not "
-                          "update sharded (DTensor) parameters; use adamw or sgd")
+    if cfg.optim.optimizer in ("adamw_8bit", "paged_adamw", "paged_adamw_8bit"):
+        raise EdgeftError(f"--distributed fsdp cannot use --optim {cfg.optim.optimizer}: bitsandbytes' optimizers "
+                          "do not update sharded (DTensor) parameters; use adamw or sgd")
 
 
 def _checkpoint_params(model_dir: Path) -> int | None:
@@ -65,21 +65,21 @@ def ddp_bytes_estimate(n_params: int, cfg: Any) -> int:
     fp32 moments, precision.py); LoRA adapters are negligible."""
     from .precision import update_state_bytes
 
-    elem = 2 if cfg.dtype == "bf16" else 4
-    trained = n_params if cfg.mode == "full" else 0
+    elem = 2 if cfg.hardware.dtype == "bf16" else 4
+    trained = n_params if cfg.model.mode == "full" else 0
     bucket = trained * elem
-    return n_params * elem + bucket + update_state_bytes(trained * elem, cfg.dtype, getattr(cfg, "bf16_update",
-                                                                                              "master"))
+    # "master": the pipeline's update (train_loop's default); bf16_update is an API-only knob, not a config field
+    return n_params * elem + bucket + update_state_bytes(trained * elem, cfg.hardware.dtype, "master")
 
 
 def choose(cfg: Any, model_dir: Path, world: int, device: str) -> str:
     """The strategy of this run: "ddp" or "fsdp" (see the module docstring for ``auto``)."""
-    want = getattr(cfg, "distributed", "auto") or "auto"
+    want, m = cfg.hardware.distributed or "auto", cfg.model
     if want == "fsdp":
         check_supported(cfg)
         return "fsdp"
-    if want == "ddp" or world <= 1 or not device.startswith("cuda") or cfg.load_in_4bit or cfg.load_in_8bit \
-            or cfg.optim not in ("adamw", "sgd"):  # bitsandbytes: DDP only
+    if want == "ddp" or world <= 1 or not device.startswith("cuda") or m.load_in_4bit or m.load_in_8bit \
+            or cfg.optim.optimizer not in ("adamw", "sgd"):  # bitsandbytes: DDP only
         return "ddp"
     n = _checkpoint_params(model_dir)
     if n is None:

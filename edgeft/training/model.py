@@ -26,14 +26,14 @@ log = logging.getLogger("edgeft")
 
 
 def _quantization_config(cfg: Any, dtype: torch.dtype):
-    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+    if not (cfg.model.load_in_4bit or cfg.model.load_in_8bit):
         return None
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError:
         raise EdgeftError("--load-in-4bit/--load-in-8bit need bitsandbytes: pip install 'edgeft[bnb]'") from None
-    if cfg.load_in_4bit:
+    if cfg.model.load_in_4bit:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=dtype)
     return BitsAndBytesConfig(load_in_8bit=True)
@@ -57,7 +57,7 @@ def load_base(cfg: Any, model_dir: str | Path, device: str) -> nn.Module:
     ``device="meta"``: :func:`empty_model`, nothing loaded."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    dtype = torch.bfloat16 if cfg.hardware.dtype == "bf16" else torch.float32
     if device == "meta":
         return empty_model(model_dir, dtype)
     qcfg = _quantization_config(cfg, dtype)
@@ -70,8 +70,8 @@ def load_base(cfg: Any, model_dir: str | Path, device: str) -> nn.Module:
         if qcfg is None:
             raise
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise EdgeftError(f"bitsandbytes {'4' if cfg.load_in_4bit else '8'}-bit loading failed on {device}: {msg}") \
-            from None
+        bits = "4" if cfg.model.load_in_4bit else "8"
+        raise EdgeftError(f"bitsandbytes {bits}-bit loading failed on {device}: {msg}") from None
     if qcfg is None:
         model.to(device)
     return model
@@ -106,12 +106,13 @@ def _adapter_dir(path: str) -> Path:
 def apply_lora(cfg: Any, model: nn.Module) -> nn.Module:
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if cfg.adapter:
-        path = _adapter_dir(cfg.adapter)
+    if cfg.model.adapter:
+        path = _adapter_dir(cfg.model.adapter)
         try:
             return PeftModel.from_pretrained(model, str(path), is_trainable=True)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise EdgeftError(f"--adapter {path} does not fit {cfg.model}: {str(e).splitlines()[0][:200]}") from None
+            raise EdgeftError(f"--adapter {path} does not fit {cfg.model.name}: {str(e).splitlines()[0][:200]}") \
+                from None
     lora = cfg.lora
     targets = target_modules(model, lora.target_modules)
     try:
@@ -173,8 +174,8 @@ def activation_bytes(cfg: Any, model: nn.Module) -> int:
     hd = getattr(c, "head_dim", None) or h // heads
     q, kv = heads * hd, (getattr(c, "num_key_value_heads", None) or heads) * hd
     per = 6 * h + 4 * q + 3 * kv + 3 * inter
-    tokens = cfg.batch_size * cfg.max_seq_length
-    return int(1.25 * per * tokens * layers * (2 if cfg.dtype == "bf16" else 4))
+    tokens = cfg.optim.batch_size * cfg.data.max_seq_length
+    return int(1.25 * per * tokens * layers * (2 if cfg.hardware.dtype == "bf16" else 4))
 
 
 def qat_weight_cache(cfg: Any, model: nn.Module, checkpointing: bool, sharded: bool, device: str = "cuda") -> str:
@@ -195,7 +196,7 @@ def qat_weight_cache(cfg: Any, model: nn.Module, checkpointing: bool, sharded: b
         return "codes"
     if not device.startswith("cuda"):
         return "weights"
-    lora = cfg.mode == "lora"
+    lora = cfg.model.mode == "lora"
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     copy = 0
     for m in model.modules():
@@ -217,7 +218,7 @@ def checkpoint_mode(cfg: Any, model: nn.Module, device: str, kernels: bool) -> s
     the GPU) if that fits, else "offload": moving checkpoints to host memory costs 10-40% of a step on an H200
     (bench/README.md), so it is the last resort.
     """
-    mode = cfg.gradient_checkpointing
+    mode = cfg.hardware.gradient_checkpointing
     if mode == "off":
         return None
     if mode == "auto":
@@ -228,17 +229,18 @@ def checkpoint_mode(cfg: Any, model: nn.Module, device: str, kernels: bool) -> s
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         low = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and p.element_size() == 2)
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        # + gradients and AdamW's state, and bf16 weights' fp32 masters (train/precision.py)
-        need = params + update_state_bytes(low, cfg.dtype, getattr(cfg, "bf16_update", "master")) \
+        # + gradients and AdamW's state, and bf16 weights' fp32 masters (training/precision.py; the pipeline always updates through them)
+        need = params + update_state_bytes(low, cfg.hardware.dtype, "master") \
             + 3 * (trainable - low) + activation_bytes(cfg, model)
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         if need <= 0.7 * free:
             return None
         c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         act = activation_bytes(cfg, model)
-        elem = 2 if cfg.dtype == "bf16" else 4
+        elem = 2 if cfg.hardware.dtype == "bf16" else 4
         # plain keeps each layer's input hidden state, and one layer's activations during its recompute
-        plain = need - act + cfg.batch_size * cfg.max_seq_length * c.hidden_size * c.num_hidden_layers * elem \
+        tokens = cfg.optim.batch_size * cfg.data.max_seq_length
+        plain = need - act + tokens * c.hidden_size * c.num_hidden_layers * elem \
             + act // c.num_hidden_layers
         mode = "plain" if plain <= 0.7 * free else "offload"
         log.info("gradient checkpointing %s: about %.1f GiB needed without it, %.1f GiB free",
@@ -257,13 +259,11 @@ def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str
     (no weights: LoRA, kernels and QAT only restructure modules), then sharding distributes rank 0's weights.
     """
     from edgeft import qat as qatlib
-    from edgeft.config import qat_plan
-
-    device = device or cfg.device
-    quantized = cfg.load_in_4bit or cfg.load_in_8bit
-    plan = qat_plan(cfg) if qat else None
+    device = device or cfg.hardware.device
+    quantized = cfg.model.load_in_4bit or cfg.model.load_in_8bit
+    plan = cfg.qat.plan() if qat else None
     model = load_base(cfg, model_dir, load_device or device)
-    if cfg.mode == "lora":
+    if cfg.model.mode == "lora":
         if quantized:
             from peft import prepare_model_for_kbit_training
 
@@ -276,15 +276,15 @@ def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str
     else:
         model.requires_grad_(True)
     patched: list[str] = []
-    use_kernels = cfg.kernels == "on" or (cfg.kernels == "auto" and device.startswith("cuda"))
+    use_kernels = cfg.hardware.kernels == "on" or (cfg.hardware.kernels == "auto" and device.startswith("cuda"))
     ckpt = checkpoint_mode(cfg, model, device, kernels=use_kernels)
     if use_kernels:
-        patched = apply_kernels(model, required=cfg.kernels == "on", checkpoint=ckpt if ckpt != "hf" else None)
+        patched = apply_kernels(model, required=cfg.hardware.kernels == "on", checkpoint=ckpt if ckpt != "hf" else None)
         if ckpt not in (None, "hf") and not any(r.startswith("checkpoint[") for r in patched):
             ckpt = "hf"  # an architecture the kernels do not patch keeps stock layers: checkpoint those
     if ckpt == "hf":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.mode == "lora" and hasattr(model, "enable_input_require_grads"):
+        if cfg.model.mode == "lora" and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # frozen embeddings: the checkpointed input must carry a gradient
     if plan is not None:
         host = "cpu" if load_device == "meta" else load_device  # every FSDP rank picks what rank 0 picks
@@ -293,7 +293,9 @@ def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     info = {"kernels": patched, "gradient_checkpointing": ckpt, "qat": plan.to_dict() if plan else None, "trainable_parameters": n_train,
-            "parameters": n_all, "quantized_base": "nf4" if cfg.load_in_4bit else ("int8" if cfg.load_in_8bit else None),
-            "adapter_from": str(_adapter_dir(cfg.adapter)) if (cfg.adapter and cfg.mode == "lora") else None}
+            "parameters": n_all,
+            "quantized_base": "nf4" if cfg.model.load_in_4bit else ("int8" if cfg.model.load_in_8bit else None),
+            "adapter_from": str(_adapter_dir(cfg.model.adapter)) if (cfg.model.adapter and cfg.model.mode == "lora")
+            else None}
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / max(1, n_all))
     return model, info

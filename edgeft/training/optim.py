@@ -23,6 +23,7 @@ from torch import nn
 from edgeft.errors import EdgeftError
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")  # lr_factor's shapes after warmup
 EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "embed_out", "output_embeddings")
 QAT_SCALE_SUFFIX = ".weight_fake_quantizer.log_scale"  # edgeft.qat.prepare.LearnedWeightFakeQuantizer
 

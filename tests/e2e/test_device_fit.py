@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from edgeft.cli import main
 from edgeft.qat import plan as fit
@@ -37,8 +38,8 @@ def test_the_plan_is_mixed_and_trained_exactly(run):
         assert sorted(rec["int8_linears"]) == sorted(plan.int8_modules)
         assert rec["plan"]["name"] == "auto" and rec["plan"]["group_size"] == plan.group_size
     assert json.loads((run / "model" / "edgeft.json").read_text())["qat"]["int8_modules"] == list(plan.int8_modules)
-    cfg = (run / "config.yaml").read_text()  # the request, reproducible; the plan is the file
-    assert "qat: auto" in cfg and "fit_device: pixel-8" in cfg and "qat_int8: []" in cfg
+    cfg = yaml.safe_load((run / "config.yaml").read_text())  # the request, reproducible; the plan is the file
+    assert cfg["qat"]["scheme"] == "auto" and cfg["fit"]["device"] == "pixel-8" and cfg["qat"]["int8"] == []
     # resuming the finished run keeps its plan (no second calibration) and its converted models
     before = (run / "qat_plan.json").read_bytes(), (run / "converted" / "scheme.json").stat().st_mtime_ns
     assert main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0

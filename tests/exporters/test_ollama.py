@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from edgeft.errors import EdgeftError
 from edgeft.exporters import ollama
+from edgeft.exporters.prompt_format import derive, fill
 from edgeft.models import resolve_model
 
 CONVERSATIONS = [
@@ -27,6 +29,10 @@ CONVERSATIONS = [
         {"role": "user", "content": "What's 7 * 6?"},
     ],
     [{"role": "user", "content": "Finish this: once upon"}, {"role": "assistant", "content": "a time"}],
+    [{"role": "system", "content": "Reply in French."}, {"role": "user", "content": "Good morning!"}],
+    # a system prompt and a final assistant turn (Mistral NeMo's template drops the system prompt then)
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say yes."},
+     {"role": "assistant", "content": "Yes."}],
 ]
 
 # Meta-Llama-3-Instruct's chat template (no date preamble)
@@ -108,6 +114,10 @@ def _go_render(tmp_path: Path, template: str, convs: list[list[dict]]) -> list[s
     return json.loads(out.stdout)
 
 
+def _adds_bos(tok) -> bool:
+    return tok("a")["input_ids"][0] == tok.bos_token_id
+
+
 def _ollama_messages(conv: list[dict], system: str | None) -> list[dict]:
     """What Ollama's chat handler passes to the template: the Modelfile SYSTEM first unless one is given."""
     if system is not None and conv[0]["role"] != "system":
@@ -129,8 +139,7 @@ def test_template_renders_like_the_hf_chat_template(tmp_path, model):
         want_ids = tok(want, add_special_tokens=False)["input_ids"]
         # llama.cpp tokenizes Ollama's prompt adding BOS as the file says (the GGUF exporter stores HF's choice)
         assert tok(got, add_special_tokens=True)["input_ids"] == want_ids, (got, want)
-        adds_bos = tok("a")["input_ids"][0] == tok.bos_token_id
-        assert (tok.bos_token if adds_bos and want.startswith(tok.bos_token) else "") + got == want
+        assert (tok.bos_token if _adds_bos(tok) and want.startswith(tok.bos_token) else "") + got == want
 
 
 def test_modelfile_written_beside_the_gguf(tmp_path):
@@ -185,7 +194,8 @@ def _family(name: str) -> Path:
 
 @pytest.mark.parametrize("name,family", [("tiny-qwen2.5", "chatml"), ("tiny-qwen3-0.6b", "qwen3"),
                                          ("tiny-gemma-3-270m", "gemma3"), ("tiny-phi-3", "phi3"),
-                                         ("tiny-phi-4-mini", "phi4-mini")])
+                                         ("tiny-phi-4-mini", "phi4-mini"), ("tiny-llama-3.2", "llama3"),
+                                         ("tiny-mistral-nemo", "mistral-nemo")])
 def test_real_family_templates_render_like_hf(tmp_path, name, family):
     """The released templates (real tokenizers): the Python mirror the exporter checks with, and Go itself."""
     tok = _tokenizer(_family(name))
@@ -197,11 +207,48 @@ def test_real_family_templates_render_like_hf(tmp_path, name, family):
         gen = conv[-1]["role"] != "assistant"
         want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
         assert tok(got, add_special_tokens=True)["input_ids"] == tok(want, add_special_tokens=False)["input_ids"]
+        lead = tok.bos_token if tok.bos_token and want.startswith(tok.bos_token) and _adds_bos(tok) else ""
+        assert lead + got == want  # the text too: the BOS llama.cpp adds is the one the template writes
+
+
+def test_llama_3_2_date_is_the_export_day_as_for_the_apps(tmp_path):
+    """Llama 3.2's template writes "Today Date" from the clock; the Modelfile fixes it at export as prompt_format.json
+    does for the apps, so both open the system turn with the same lines (and the Go template reads no clock)."""
+    tok = _tokenizer(_family("tiny-llama-3.2"))
+    tr = ollama.translate(tok)
+    today = datetime.now().strftime("%d %b %Y")  # the template's strftime_now("%d %b %Y")
+    assert tr.preamble == f"Cutting Knowledge Date: December 2023\nToday Date: {today}\n\n"
+    fmt = derive(tok)
+    for text in (fmt["prompt"], fmt["prompt_with_system"]):
+        assert text.startswith("<|start_header_id|>system<|end_header_id|>\n\n" + tr.preamble)
+    assert f"Today Date: {today}" in tr.template
+    # a system prompt follows the preamble in the one system turn, as the apps' format puts it
+    got = _go_render(tmp_path, tr.template, [[{"role": "system", "content": "S."}, {"role": "user", "content": "U"}]])
+    assert got[0] == fill(fmt, "U", "S.")
 
 
 @pytest.mark.parametrize("name", ["tiny-llama-3.2", "tiny-mistral-nemo"])
-def test_templates_go_cannot_express_are_one_line_errors(name):
-    # Llama 3.2 writes today's date (Go templates have no clock); Mistral NeMo's system prompt joins the last user turn
-    with pytest.raises(EdgeftError, match="Ollama Modelfile") as e:
-        ollama.translate(_tokenizer(_family(name)))
-    assert "\n" not in str(e.value)
+def test_modelfile_of_llama_3_2_and_mistral_nemo(tmp_path, name):
+    src = _family(name)
+    gguf = tmp_path / "model-q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    r = ollama.write_modelfile(gguf, src)
+    lines = (tmp_path / "Modelfile").read_text().splitlines()
+    assert r["family"] == {"tiny-llama-3.2": "llama3", "tiny-mistral-nemo": "mistral-nemo"}[name]
+    assert r["system"] is None and not any(line.startswith("SYSTEM") for line in lines)
+    dated = any("date rendered at export" in line for line in lines if line.startswith("#"))
+    assert dated == (name == "tiny-llama-3.2")
+    stops = {"tiny-llama-3.2": ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+             "tiny-mistral-nemo": ["[INST]", "[/INST]", "</s>"]}[name]
+    assert [line for line in lines if line.startswith("PARAMETER stop")] == [f"PARAMETER stop {json.dumps(s)}"
+                                                                            for s in stops]
+
+
+def test_template_text_with_go_delimiters_stays_literal(tmp_path):
+    # a leading text holding "{{" (here written by the Jinja template) must not become a Go action
+    tok = _tokenizer(_variant(tmp_path, "{{ '{{note}}' }}" + DATED_CHATML.replace("Today is 1 May.\n", "")))
+    tr = ollama.translate(tok)
+    assert tr.prefix == "{{note}}"
+    conv = CONVERSATIONS[1]
+    got = _go_render(tmp_path, tr.template, [conv])[0]
+    assert got == tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)

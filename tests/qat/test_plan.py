@@ -210,13 +210,11 @@ def test_calibration_is_the_loss_rise_of_one_int4_linear():
 
 
 def test_device_flag_names_a_profile_or_a_torch_device():
-    import dataclasses
-
     from edgeft.config import TrainConfig, fit_budget, resolve as resolve_cfg
 
     cfg = resolve_cfg(TrainConfig(model="tiny-llama", qat="auto", device="pixel-8", fit_context=1024))
-    assert cfg.fit_device == "pixel-8" and cfg.device in ("cpu", "cuda") and cfg.mode == "full"
+    assert cfg.fit.device == "pixel-8" and cfg.hardware.device in ("cpu", "cuda") and cfg.model.mode == "full"
     assert fit_budget(cfg) == fit.Budget("pixel-8", None, None, 1024, "both")
-    assert resolve_cfg(TrainConfig(model="tiny-llama", device="cpu")).device == "cpu"
+    assert resolve_cfg(TrainConfig(model="tiny-llama", device="cpu")).hardware.device == "cpu"
     with pytest.raises(EdgeftError, match="two target devices"):
-        resolve_cfg(dataclasses.replace(TrainConfig(qat="auto", device="pixel-8"), fit_device="galaxy-s24"))
+        resolve_cfg(TrainConfig(qat="auto", device="pixel-8").replace(fit_device="galaxy-s24"))

@@ -139,7 +139,7 @@ def test_targets_distil_the_answers_and_every_prose_token_at_a_temperature(tiny,
         lab != -100 for lab in examples[1]["labels"][1:])  # ... every prose position is
 
     student, teacher = _student_and_perturbed_teacher(model_dir)
-    assert resolve(TrainConfig(model="tiny-llama", qat="int8-int4")).qat_distill_positions == "all"
+    assert resolve(TrainConfig(model="tiny-llama", qat="int8-int4")).qat.distill_positions == "all"
     cfg = resolve(TrainConfig(model="tiny-llama", qat="int8-int4", qat_distill_positions="targets",
                               qat_distill_temperature=2.0))
     monkeypatch.setattr(pipeline, "load_trained", lambda root: (teacher, None))
@@ -157,7 +157,7 @@ def test_targets_distil_the_answers_and_every_prose_token_at_a_temperature(tiny,
 
     args = build_parser().parse_args(["train", "--qat", "int8-int4", "--qat-distill-positions", "targets",
                                       "--qat-distill-temperature", "2"])
-    assert (_train_config(args).qat_distill_positions, _train_config(args).qat_distill_temperature) == ("targets", 2.0)
+    assert (_train_config(args).qat.distill_positions, _train_config(args).qat.distill_temperature) == ("targets", 2.0)
     with pytest.raises(EdgeftError, match="qat_distill_positions"):
         resolve(TrainConfig(model="tiny-llama", qat="int8-int4", qat_distill_positions="answers"))
     with pytest.raises(EdgeftError, match="temperature"):
@@ -179,18 +179,18 @@ def test_weight_zero_is_plain_cross_entropy(tiny):
 
 def test_config_defaults_and_errors():
     cfg = resolve(TrainConfig(model="tiny-llama", qat="int8-int4"))
-    assert (cfg.qat_distill, cfg.qat_init, cfg.qat_corpus) == (1.0, "baseline", 0.25)
+    assert (cfg.qat.distill, cfg.qat.init, cfg.qat.corpus) == (1.0, "baseline", 0.25)
     cfg = resolve(TrainConfig(model="tiny-llama", qat="int8-int4", ptq=False))
-    assert (cfg.qat_distill, cfg.qat_init, cfg.qat_corpus) == (0.0, "pretrained", 0.0)
+    assert (cfg.qat.distill, cfg.qat.init, cfg.qat.corpus) == (0.0, "pretrained", 0.0)
     cfg = resolve(TrainConfig(model="tiny-llama"))
-    assert (cfg.qat_distill, cfg.qat_init, cfg.qat_corpus) == (0.0, "pretrained", 0.0)
+    assert (cfg.qat.distill, cfg.qat.init, cfg.qat.corpus) == (0.0, "pretrained", 0.0)
     with pytest.raises(EdgeftError, match="needs --qat"):
         resolve(TrainConfig(model="tiny-llama", qat_corpus=0.2))
     # QAT from the twin: at least 1e-4, enough for a weight to cross a quantization step; else the run's lr
-    assert resolve(TrainConfig(model="tiny-llama", qat="phone-deployment")).qat_lr == 1e-4  # full: lr 2e-5
-    assert resolve(TrainConfig(model="tiny-llama", qat="int8-int4", mode="lora")).qat_lr == 2e-4
-    assert resolve(TrainConfig(model="tiny-llama", qat="phone-deployment", qat_init="pretrained")).qat_lr == 2e-5
-    assert resolve(TrainConfig(model="tiny-llama", qat="phone-deployment", qat_lr=3e-5)).qat_lr == 3e-5
+    assert resolve(TrainConfig(model="tiny-llama", qat="phone-deployment")).qat.lr == 1e-4  # full: lr 2e-5
+    assert resolve(TrainConfig(model="tiny-llama", qat="int8-int4", mode="lora")).qat.lr == 2e-4
+    assert resolve(TrainConfig(model="tiny-llama", qat="phone-deployment", qat_init="pretrained")).qat.lr == 2e-5
+    assert resolve(TrainConfig(model="tiny-llama", qat="phone-deployment", qat_lr=3e-5)).qat.lr == 3e-5
     with pytest.raises(EdgeftError, match="need --qat and the baseline"):
         resolve(TrainConfig(model="tiny-llama", qat="int8-int4", ptq=False, qat_distill=0.5))
     with pytest.raises(EdgeftError, match=r"in \[0, 1\]"):

@@ -196,23 +196,22 @@ def test_fsdp_refuses_bitsandbytes_with_one_line():
 
 
 def test_strategy_choice():
-    from types import SimpleNamespace
-
+    from edgeft.config import TrainConfig
     from edgeft.models import resolve_model
     from edgeft.training import fsdp
 
-    cfg = SimpleNamespace(distributed="auto", load_in_4bit=False, load_in_8bit=False, optim="adamw", dtype="bf16",
-                          mode="full")
+    cfg = TrainConfig(distributed="auto", load_in_4bit=False, load_in_8bit=False, optim="adamw", dtype="bf16",
+                      mode="full")
     md = resolve_model("tiny-llama")
     n = fsdp._checkpoint_params(md)
     assert n is not None and n > 0
     # full fine-tuning in bf16: weights + gradient + DDP bucket (2 bytes each) + fp32 master and two fp32 AdamW
     # moments (12); LoRA: the weights
     assert fsdp.ddp_bytes_estimate(n, cfg) == 18 * n
-    assert fsdp.ddp_bytes_estimate(n, SimpleNamespace(**(cfg.__dict__ | {"mode": "lora"}))) == 2 * n
+    assert fsdp.ddp_bytes_estimate(n, cfg.replace(mode="lora")) == 2 * n
     assert fsdp.choose(cfg, md, 2, "cpu") == "ddp"  # gloo on CPU: DDP unless asked
     assert fsdp.choose(cfg, md, 1, "cuda") == "ddp"  # one process
-    assert fsdp.choose(SimpleNamespace(**(cfg.__dict__ | {"distributed": "fsdp"})), md, 2, "cpu") == "fsdp"
+    assert fsdp.choose(cfg.replace(distributed="fsdp"), md, 2, "cpu") == "fsdp"
 
 
 def test_fsdp_qat_distilled_from_its_twin_equals_one_process(tmp_path):

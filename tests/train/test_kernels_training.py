@@ -76,7 +76,7 @@ def test_auto_checkpoints_only_when_the_activations_do_not_fit(monkeypatch):
     assert checkpoint_mode(cfg, model, "cuda", kernels=True) == "plain"
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(plain / 0.7) - 1024, 10**12))
     assert checkpoint_mode(cfg, model, "cuda", kernels=True) == "offload"
-    cfg.gradient_checkpointing = "plain"
+    cfg.hardware.gradient_checkpointing = "plain"
     assert checkpoint_mode(cfg, model, "cpu", kernels=True) == "plain"
 
 

@@ -215,11 +215,12 @@ def _cfg(**kw):
 
 def _train(cfg, data, update="master", **kw):
     model_dir, tok, examples = data
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.optim.seed)
     model, _ = prepare_model(cfg, model_dir)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    args = dict(pad_id=tok.pad_token_id, max_steps=4, batch_size=4, grad_accum=1, lr=cfg.lr, seed=3, progress=False,
-                warmup_ratio=0.0, schedule="constant", bf16_update=update, scale_lr=cfg.qat_scale_lr)
+    args = dict(pad_id=tok.pad_token_id, max_steps=4, batch_size=4, grad_accum=1, lr=cfg.optim.lr, seed=3,
+                progress=False,
+                warmup_ratio=0.0, schedule="constant", bf16_update=update, scale_lr=cfg.qat.scale_lr)
     args.update(kw)
     summary = train_loop(model, examples, **args)
     return model, start, summary

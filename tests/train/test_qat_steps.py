@@ -3,23 +3,22 @@ key existed still resume."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 import yaml
 
-from edgeft.config import TrainConfig, config_diff, dump_yaml, from_dict, identity, resolve
+from edgeft.config import TrainConfig, config_diff, from_dict, identity, load_yaml, resolve
 from edgeft.errors import EdgeftError
 from edgeft.training.checkpoint import fingerprint_diff
 
 
 def test_config_default_validation_and_identity():
     cfg = resolve(TrainConfig(model="tiny-llama", qat="int8-int4", max_steps=5))
-    assert cfg.qat_max_steps is None  # the QAT run trains max_steps (filled once epochs are known)
+    assert cfg.qat.max_steps is None  # the QAT run trains max_steps (filled once epochs are known)
     assert "qat_max_steps" not in identity(cfg)
-    assert "qat_max_steps" not in identity(dataclasses.replace(cfg, qat_max_steps=5))  # the default, spelled out
-    assert identity(dataclasses.replace(cfg, qat_max_steps=15))["qat_max_steps"] == 15
+    assert "qat_max_steps" not in identity(cfg.replace(qat_max_steps=5))  # the default, spelled out
+    assert identity(cfg.replace(qat_max_steps=15))["qat_max_steps"] == 15
     with pytest.raises(EdgeftError, match="at least 1"):
         resolve(TrainConfig(model="tiny-llama", qat="int8-int4", qat_max_steps=0))
     with pytest.raises(EdgeftError, match="needs --qat"):
@@ -27,13 +26,13 @@ def test_config_default_validation_and_identity():
 
 
 def test_a_config_saved_before_the_key_matches_its_resolved_default():
-    new = dataclasses.replace(resolve(TrainConfig(model="tiny-llama", qat="int8-int4", max_steps=7)), qat_max_steps=7)
-    old = yaml.safe_load(dump_yaml(new))
-    del old["qat_max_steps"]  # what config.yaml held before
+    new = resolve(TrainConfig(model="tiny-llama", qat="int8-int4", max_steps=7)).replace(qat_max_steps=7)
+    old = new.to_flat()  # config.yaml before sections: flat keys, and without this one
+    del old["qat_max_steps"]
     saved = resolve(from_dict(old))
     assert config_diff(saved, new) == []
     assert fingerprint_diff(identity(saved), identity(new)) == []  # checkpoints' state.json fingerprint
-    assert config_diff(saved, dataclasses.replace(new, qat_max_steps=21)) == ["qat_max_steps: None -> 21"]
+    assert config_diff(saved, new.replace(qat_max_steps=21)) == ["qat_max_steps: None -> 21"]
 
 
 def test_cli_flag_reaches_the_config():
@@ -41,7 +40,7 @@ def test_cli_flag_reaches_the_config():
 
     args = build_parser().parse_args(["train", "--qat", "int8-int4", "--max-steps", "4", "--qat-max-steps", "12"])
     cfg = _train_config(args)
-    assert (cfg.max_steps, cfg.qat_max_steps) == (4, 12)
+    assert (cfg.optim.max_steps, cfg.qat.max_steps) == (4, 12)
 
 
 def _steps(path):
@@ -59,12 +58,12 @@ def test_qat_run_trains_its_own_steps_and_an_old_run_resumes(tmp_path):
     assert _steps(run / "metrics.jsonl") == [1, 2, 3]
     lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert lrs[-1] < lrs[-2]  # the QAT run's schedule decays over its own 3 steps
-    assert yaml.safe_load((run / "config.yaml").read_text())["qat_max_steps"] == 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["qat"]["max_steps"] == 3
 
     # a run from before the key (QAT as long as the twin): its config.yaml and checkpoint fingerprints lack it
     old = tmp_path / "old"
-    run = edgeft.train(dataclasses.replace(cfg, qat_max_steps=None, out=str(old)))
-    saved = yaml.safe_load((old / "config.yaml").read_text())
+    run = edgeft.train(cfg.replace(qat_max_steps=None, out=str(old)))
+    saved = load_yaml(old / "config.yaml").to_flat()  # written as it was before sections: flat keys
     assert saved["qat_max_steps"] == 2
     del saved["qat_max_steps"]
     (old / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
@@ -73,11 +72,11 @@ def test_qat_run_trains_its_own_steps_and_an_old_run_resumes(tmp_path):
         st["fingerprint"].pop("qat_max_steps", None)
         state.write_text(json.dumps(st))
     (old / "model" / "edgeft.json").unlink()  # the QAT run unfinished: resuming reads its newest checkpoint
-    resumed = dataclasses.replace(cfg, qat_max_steps=None, out=str(old), resume=True)
+    resumed = cfg.replace(qat_max_steps=None, out=str(old), resume=True)
     assert edgeft.train(resumed) == old
     assert (old / "model" / "edgeft.json").exists()
     assert _steps(old / "metrics.jsonl") == [1, 2]
     # asking an old run for other QAT steps is another config
     (old / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     with pytest.raises(EdgeftError, match="qat_max_steps"):
-        edgeft.train(dataclasses.replace(resumed, qat_max_steps=5))
+        edgeft.train(resumed.replace(qat_max_steps=5))

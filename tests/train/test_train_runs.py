@@ -44,7 +44,7 @@ def test_template_eval_early_stopping_and_merge(titanic, tmp_path):
     assert info["train"]["batching"] == "packed" and 0 < info["train"]["packing_efficiency"] <= 1
     assert info["examples"] == 32 and info["eval_examples"] == 8
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    assert cfg["max_steps"] == 2 * math.ceil(info["train"]["units"] / 4)  # 2 epochs of packed rows, 4 per step
+    assert cfg["optim"]["max_steps"] == 2 * math.ceil(info["train"]["units"] / 4)  # 2 epochs of packed rows, 4 per step
     assert info["train"]["units"] < 32  # several conversations per packed row
     conv = [{"role": "user", "content": "Age 20. Fare 7.25. Survived?"}]
     for d in (run / "model", run / "converted", float_dir(run)):  # every export reads one of these

@@ -1,7 +1,6 @@
 """Trainer features in-process on tiny-llama: exact resume with QAT (LoRA and full), evaluation, early stopping and
 the best checkpoint, rotation, crash-safe writes, batching layouts, optimizers, schedules, LoRA options, reporting."""
 
-import dataclasses
 import json
 import math
 
@@ -49,11 +48,12 @@ def test_resume_is_exact(data, tmp_path, mode, qat):
     model_dir, tok, examples, _ = data
     cfg = _cfg(mode=mode, qat=qat, lr=2e-3, ptq=False)
     # small: under TRITON_INTERPRET the QAT fake-quant kernels run interpreted on CPU
-    kw = dict(lr=cfg.lr, optim="adamw", batching="padding_free", save_steps=1, max_steps=3, batch_size=2, grad_accum=1)
+    kw = dict(lr=cfg.optim.lr, optim="adamw", batching="padding_free", save_steps=1, max_steps=3, batch_size=2,
+              grad_accum=1)
     examples = examples[:16]
 
     def fresh():
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.optim.seed)
         return prepare_model(cfg, model_dir)[0]
 
     ref_model = fresh()
@@ -229,13 +229,13 @@ def test_lora_options(data, tmp_path):
     # continue from a saved adapter: its weights, trainable
     _loop(model, tok, examples, max_steps=1, lr=1e-2)
     model.save_pretrained(tmp_path / "adapter")
-    again, info2 = prepare_model(dataclasses.replace(cfg, adapter=str(tmp_path / "adapter")), model_dir)
+    again, info2 = prepare_model(cfg.replace(adapter=str(tmp_path / "adapter")), model_dir)
     assert info2["adapter_from"] == str(tmp_path / "adapter")
     a = {n: p for n, p in model.named_parameters() if "lora_" in n}
     b = {n: p for n, p in again.named_parameters() if "lora_" in n}
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) and b[n].requires_grad for n in a)
     with pytest.raises(EdgeftError, match="no adapter_config.json"):
-        prepare_model(dataclasses.replace(cfg, adapter=str(tmp_path)), model_dir)
+        prepare_model(cfg.replace(adapter=str(tmp_path)), model_dir)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -297,7 +297,6 @@ def test_checkpoint_lora_weights_of_a_qat_prepared_model(data, tmp_path):
 def test_checkpoint_from_before_a_config_key_resumes_while_the_key_is_at_its_default(tmp_path):
     """A key added to TrainConfig after a checkpoint was written (its fingerprint lacks it) is no difference while
     the current run leaves it at its default; set otherwise, it is one. Nested keys (lora.*) likewise."""
-    import dataclasses
     import json
 
     from edgeft.config import TrainConfig, identity, identity_defaults
@@ -309,7 +308,7 @@ def test_checkpoint_from_before_a_config_key_resumes_while_the_key_is_at_its_def
     d = identity_defaults()
     assert fingerprint_diff(old, current, d) == []
     assert fingerprint_diff(old, current) != []  # without the defaults: the refusal old runs met
-    changed = json.loads(json.dumps(identity(dataclasses.replace(TrainConfig(), qat_distill_positions="targets"))))
+    changed = json.loads(json.dumps(identity(TrainConfig().replace(qat_distill_positions="targets"))))
     assert fingerprint_diff(old, changed, d) == ["qat_distill_positions: 'all' -> 'targets'"]
     ckpt = tmp_path / "ck" / "step-1"
     ckpt.mkdir(parents=True)

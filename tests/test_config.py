@@ -1,0 +1,225 @@
+"""The config in sections: one field gives its CLI flag, its YAML key and its flat key (derived, not listed); every
+flag of the flat config keeps its name and meaning; a flat config.yaml of an older run loads and keeps its identity."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import pytest
+import yaml
+
+from edgeft.cli import _train_config, build_parser
+from edgeft.config import (OptimSettings, QATSettings, TrainConfig, dump_yaml, from_dict, identity, load_yaml, option,
+                           resolve)
+from edgeft.errors import EdgeftError
+
+
+@dataclass
+class _Optim(OptimSettings):
+    ema_decay: float | None = option(low=0, high=1, help="EMA of the weights")
+
+
+@dataclass
+class _QAT(QATSettings):
+    freeze_after: int = option(0, low=0, help="freeze the scales after N steps")
+    observers: bool = option(True, help="keep the observers on")
+
+
+class _Config(TrainConfig):
+    SECTIONS = tuple({OptimSettings: _Optim, QATSettings: _QAT}.get(s, s) for s in TrainConfig.SECTIONS)
+
+
+def _train_parser(parser):
+    import argparse
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    return sub.choices["train"]
+
+
+def test_a_new_field_is_a_flag_a_yaml_key_and_a_flat_key_with_no_other_edit(tmp_path):
+    parser = build_parser(_Config)
+    args = parser.parse_args(["train", "--ema-decay", "0.5", "--qat", "int4", "--qat-freeze-after", "3",
+                              "--no-qat-observers", "--max-steps", "4"])
+    cfg = _train_config(args, _Config)
+    assert (cfg.optim.ema_decay, cfg.qat.freeze_after, cfg.qat.observers, cfg.optim.max_steps) == (0.5, 3, False, 4)
+    assert "--ema-decay" in _train_parser(parser).format_help()
+
+    nested = yaml.safe_load(dump_yaml(cfg))  # config.yaml: the sections' keys
+    assert nested["optim"]["ema_decay"] == 0.5 and nested["qat"]["freeze_after"] == 3
+    assert nested["qat"]["observers"] is False
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_yaml(path, _Config) == cfg
+    path.write_text("optim: {ema_decay: 0.25}\n")
+    assert load_yaml(path, _Config).optim.ema_decay == 0.25
+    # the flat form (configs before sections, the Python keyword API) names it by its key
+    assert _Config(ema_decay=0.125, qat_freeze_after=2).optim.ema_decay == 0.125
+    assert _Config.from_dict({"qat_freeze_after": 7}).qat.freeze_after == 7
+    assert _Config(qat="int4").to_flat()["ema_decay"] is None
+    assert identity(_Config(qat="int4", ema_decay=0.5))["ema_decay"] == 0.5  # what --resume compares
+    # its bounds are checked like every other field's
+    with pytest.raises(EdgeftError, match=r"ema_decay must be in \[0, 1\]"):
+        _Config(ema_decay=2.0).check()
+    with pytest.raises(EdgeftError, match="ema_decay must be a number"):
+        _Config.from_dict({"optim": {"ema_decay": "fast"}})
+    with pytest.raises(SystemExit):  # argparse's own error for a non-number
+        parser.parse_args(["train", "--ema-decay", "fast"])
+    # and the real config has none of it
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--ema-decay", "0.5"])
+    with pytest.raises(EdgeftError, match="unknown config key"):
+        TrainConfig(ema_decay=0.5)
+
+
+# every flag of `edgeft train` before the config had sections (tests and users call them)
+FLAT_ERA_FLAGS = [
+    "--config", "--model", "--out", "--resume", "--overwrite", "--data", "--data-split", "--chat-template",
+    "--system-prompt", "--prompt-template", "--output-column", "--conversation-extension", "--max-seq-length",
+    "--packing", "--no-padding-free", "--eval-split", "--eval-steps", "--early-stopping-patience",
+    "--early-stopping-threshold", "--no-load-best", "--lora", "--full", "--lora-r", "--lora-alpha", "--lora-dropout",
+    "--lora-bias", "--lora-target-modules", "--lora-modules-to-save", "--rslora", "--adapter", "--load-in-4bit",
+    "--load-in-8bit", "--qat", "--qat-group-size", "--qat-weight-scale", "--qat-int8", "--ptq", "--no-ptq",
+    "--qat-distill", "--qat-distill-positions", "--qat-distill-temperature", "--qat-init", "--qat-corpus", "--dtype",
+    "--device", "--kernels", "--gradient-checkpointing", "--distributed", "--fsdp", "--max-steps", "--epochs",
+    "--batch-size", "--grad-accum", "--optim", "--lr", "--embedding-lr", "--qat-lr", "--qat-scale-lr",
+    "--qat-max-steps", "--weight-decay", "--schedule", "--warmup-ratio", "--warmup-steps", "--max-grad-norm",
+    "--seed", "--threads", "--save-steps", "--save-total-limit", "--report-to", "--logging-steps", "--no-progress",
+]
+
+
+def test_every_flat_era_flag_keeps_its_name_and_meaning():
+    flags = {s for a in _train_parser(build_parser())._actions for s in a.option_strings}  # noqa: SLF001
+    assert set(FLAT_ERA_FLAGS) <= flags, sorted(set(FLAT_ERA_FLAGS) - flags)
+    argv = ["train", "--model", "tiny-llama", "--full", "--no-ptq", "--qat", "int8-int4", "--qat-int8",
+            "gate_proj, up_proj", "--fsdp", "--no-progress", "--no-padding-free", "--no-load-best", "--rslora",
+            "--report-to", "tensorboard", "--lora-target-modules", "all-linear,lm_head", "--optim", "sgd",
+            "--qat-lr", "1e-4", "--eval-split", "0.2", "--data-split", "test"]
+    cfg = _train_config(build_parser().parse_args(argv))
+    flat = cfg.to_flat()
+    assert {k: flat[k] for k in ("model", "mode", "ptq", "qat", "qat_int8", "distributed", "progress", "padding_free",
+                                 "load_best", "report_to", "optim", "qat_lr", "eval_split", "data_split")} == {
+        "model": "tiny-llama", "mode": "full", "ptq": False, "qat": "int8-int4", "qat_int8": ["gate_proj", "up_proj"],
+        "distributed": "fsdp", "progress": False, "padding_free": False, "load_best": False,
+        "report_to": ["tensorboard"], "optim": "sgd", "qat_lr": 1e-4, "eval_split": 0.2, "data_split": "test"}
+    assert flat["lora"]["use_rslora"] is True and flat["lora"]["target_modules"] == ["all-linear", "lm_head"]
+    # flags left out are "not given": the config file's (or the default) value stays
+    assert _train_config(build_parser().parse_args(["train"])) == TrainConfig()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--optim", "adam"])  # choices come from train.optim.OPTIMIZERS
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--lora", "--full"])
+
+
+# config.yaml of a run written before sections (edgeft's flat TrainConfig), and what its resume compared
+FLAT_ERA_YAML = """\
+model: tiny-llama
+data: builtin:tasks
+data_split: train
+out: runs/x
+mode: lora
+lora: {r: 8, alpha: 32, dropout: 0.0, target_modules: all-linear, bias: none, use_rslora: false, modules_to_save: []}
+adapter: null
+load_in_4bit: false
+load_in_8bit: false
+qat: int8-int4
+qat_group_size: null
+qat_weight_scale: absmax
+qat_int8: [down_proj]
+ptq: true
+qat_distill: 1.0
+qat_distill_positions: all
+qat_distill_temperature: 1.0
+qat_init: baseline
+qat_corpus: 0.25
+qat_lr: 0.0002
+qat_scale_lr: null
+qat_max_steps: null
+chat_template: null
+system_prompt: null
+prompt_template: null
+output_column: null
+conversation_extension: 1
+max_seq_length: 512
+padding_free: true
+packing: false
+eval_split: 0.0
+eval_steps: null
+early_stopping_patience: null
+early_stopping_threshold: 0.0
+load_best: true
+max_steps: 7
+epochs: null
+batch_size: 8
+grad_accum: 1
+optim: adamw
+lr: 0.0002
+embedding_lr: null
+weight_decay: 0.0
+schedule: cosine
+warmup_ratio: 0.1
+warmup_steps: null
+max_grad_norm: 1.0
+dtype: fp32
+device: cpu
+kernels: auto
+gradient_checkpointing: auto
+distributed: auto
+seed: 42
+save_steps: 2
+save_total_limit: null
+resume: false
+overwrite: false
+report_to: []
+logging_steps: 10
+threads: null
+progress: true
+"""
+FLAT_ERA_RESUME_FREE = {"out", "resume", "overwrite", "progress", "threads", "report_to", "logging_steps",
+                        "save_steps", "save_total_limit"}
+
+
+def test_a_flat_era_config_loads_and_keeps_its_identity(tmp_path):
+    old = yaml.safe_load(FLAT_ERA_YAML)
+    path = tmp_path / "config.yaml"
+    path.write_text(FLAT_ERA_YAML)
+    cfg = load_yaml(path)
+    assert (cfg.model.name, cfg.lora.r, cfg.qat.scheme, cfg.qat.int8, cfg.optim.max_steps, cfg.run.save_steps) == (
+        "tiny-llama", 8, "int8-int4", ["down_proj"], 7, 2)
+    # the flat form is the old file, key for key, plus the keys added since (the device-fit budget), at None
+    added = {"fit_device", "fit_max_size_mb", "fit_min_decode", "fit_context", "fit_artifact"}
+    flat = cfg.to_flat()
+    assert set(flat) - set(old) == added and all(flat[k] is None for k in added)
+    assert {k: v for k, v in flat.items() if k not in added} == old
+    # the identity --resume and the checkpoints compare: the old dict minus the resume-free keys (qat_max_steps
+    # only when it differs from max_steps), plus the added keys at their defaults
+    want = {k: v for k, v in old.items() if k not in FLAT_ERA_RESUME_FREE and k != "qat_max_steps"}
+    want |= {k: None for k in added}
+    assert identity(resolve(cfg)) == want
+    assert identity(from_dict(yaml.safe_load(dump_yaml(cfg)))) == want  # the nested file it is rewritten as
+    assert resolve(cfg) == cfg  # it was written resolved: resolving changes nothing
+    with pytest.raises(EdgeftError, match="unknown config keys: qat_bits"):
+        from_dict({**old, "qat_bits": 4})
+
+
+def test_sections_check_themselves():
+    with pytest.raises(EdgeftError, match="lora.r must be at least 1"):
+        TrainConfig(lora={"r": 0}).lora.check()
+    with pytest.raises(EdgeftError, match="warmup_ratio must be in"):
+        TrainConfig(warmup_ratio=1.0).optim.check()
+    with pytest.raises(EdgeftError, match="qat_corpus must be in"):
+        TrainConfig(qat="int4", qat_corpus=1.5).qat.check()
+    with pytest.raises(EdgeftError, match="optim must be one of adamw"):
+        TrainConfig(optim="adam").optim.check()
+    # "was this set?": None until resolve fills it from the preset, the mode and the recipe
+    raw = TrainConfig(qat="phone-deployment")
+    assert (raw.model.mode, raw.optim.lr, raw.qat.lr, raw.qat.distill) == (None, None, None, None)
+    done = resolve(raw)
+    assert (done.model.mode, done.optim.lr, done.qat.lr, done.qat.distill) == ("full", 2e-5, 1e-4, 1.0)
+    assert resolve(TrainConfig(qat="phone-deployment", lr=3e-5, qat_distill=0.5)).qat.distill == 0.5
+    # sections are copied, never shared between configs
+    a = TrainConfig()
+    b = a.replace(max_steps=3)
+    assert a.optim.max_steps == 60 and b.optim.max_steps == 3 and a.qat is not b.qat
+    with pytest.raises(TypeError):
+        dataclasses.replace(a, max_steps=3)  # not a dataclass: a flat key would silently reset its section
