@@ -545,7 +545,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     if report["recovery"]:
         lines += ["", "Share of PTQ's degradation that QAT recovered, (QAT − PTQ) / (BF16 − PTQ), with its paired 95% "
-                  "interval: " + RULE, "",
+                  "interval. " + RULE, "",
                   "| runtime | perplexity | exact match | multiple choice |", "|---|---|---|---|"]
     for rt, rec in report["recovery"].items():
         cells = [describe(rec[m], m == "perplexity") if m in rec else "–" for m in ("perplexity", "accuracy",
