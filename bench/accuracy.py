@@ -389,6 +389,7 @@ def main() -> int:
     import edgeft
     from edgeft.config import load_yaml
     from edgeft.devices.evaluate import heldout_text, text_chunks
+    from edgeft.devices.recovery import describe
     from edgeft.models import float_dir
 
     if args.threads:
@@ -413,7 +414,8 @@ def main() -> int:
     runtimes = [x for x in args.runtimes.split(",") if x]
     reused = None
     if args.twin:  # the twin's BF16 and PTQ are the same files as this run's baseline/: evaluated once, on the twin
-        from edgeft.devices.evaluate import read_questions, recovery
+        from edgeft.devices.evaluate import read_questions
+        from edgeft.devices.recovery import recovery_table
 
         own_ptq = twin_ptq_differs(cfg, Path(args.twin), run)  # PTQ is this run's baseline/converted, not the twin's
         from edgeft.pipeline import run_qat_plan
@@ -443,9 +445,7 @@ def main() -> int:
             reused = saved_rows(Path(args.twin), ("bf16",) if own_ptq else ("bf16", "ptq"), runtimes, args.limit)
         report["results"] = reused[0] + report["results"]
         questions = reused[1] + questions
-        by = {(r["variant"], r["runtime"]): r for r in report["results"]}
-        report["recovery"] = {rt: {m: recovery(by["bf16", rt][m], by["ptq", rt][m], by["qat", rt][m], m != "perplexity")
-                                   for m in ("perplexity", "accuracy", "mc_accuracy")} for rt in runtimes}
+        report["recovery"] = recovery_table(report["results"], questions)  # what `edgeft eval` reports
         report["reused_baselines_from"] = args.twin
     else:
         from edgeft.devices.evaluate import read_questions
@@ -469,9 +469,9 @@ def main() -> int:
         timings["agreement_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
 
-    rec = report["recovery"]
-    verdict = {rt: {m: (rec[rt].get(m) is not None and rec[rt][m] >= TARGETS[m]) for m in ("perplexity", "accuracy")}
-               for rt in rec}
+    rec = report["recovery"]  # per runtime and metric: point, paired interval, resolved (edgeft.devices.recovery)
+    verdict = {rt: {m: (m in rec[rt] and rec[rt][m]["point"] is not None and rec[rt][m]["point"] >= TARGETS[m])
+                    for m in ("perplexity", "accuracy")} for rt in rec}
     for a in agree:
         a["meets_target"] = a["top1"] >= TARGETS["top1"] and a["rel_err"] <= TARGETS["rel_err"]
     info = RunDir(run).info() if RunDir(run).has_trained_model() else {}
@@ -513,8 +513,8 @@ def main() -> int:
     for r in report["results"]:
         print(f"{r['variant']:8} {r['runtime']:8} {r['perplexity']:9.3f} {100 * r['accuracy']:6.1f}%")
     for rt, v in rec.items():
-        pp = "n/a" if v.get("perplexity") is None else f"{100 * v['perplexity']:.0f}%"
-        ac = "n/a" if v.get("accuracy") is None else f"{100 * v['accuracy']:.0f}%"
+        pp = describe(v["perplexity"], perplexity=True) if "perplexity" in v else "n/a"
+        ac = describe(v["accuracy"]) if "accuracy" in v else "n/a"
         print(f"recovery {rt}: perplexity {pp} (target 70%), accuracy {ac} (target 90%)")
     for rt, by in ci.items():
         for metric, c in by.items():

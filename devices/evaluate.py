@@ -6,7 +6,8 @@
 - Metrics: perplexity on held-out text, greedy exact-match accuracy and multiple-choice accuracy (length-normalised
   log-likelihood per token) on held-out questions, artifact size, host generation speed; ``data=`` swaps in the
   user's own held-out data (:func:`load_eval_data`). The report states how much of PTQ's degradation QAT
-  recovered, and per question each variant's answer (``QUESTIONS_FILE``).
+  recovered, with its paired 95% interval or "not resolved" (:mod:`edgeft.devices.recovery`), and per question
+  each variant's answer (``QUESTIONS_FILE``).
 - A run without a chat template is asked in plain text (``Question: ...`` / ``Answer:``); the report says which
   format was used (``prompt_format``).
 
@@ -29,6 +30,7 @@ from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_path, write_json, write_text
 from edgeft.rundir import QUESTIONS_FILE, Exports, RunDir
 
+from .recovery import RULE, describe, recovery, recovery_table  # recovery: the point estimate, imported from here too
 from .runtimes import Runtime, load_runtime
 
 RUNTIMES = ("eager", "pte", "gguf")
@@ -47,15 +49,20 @@ def heldout_text() -> str:
     return "\n".join(ln for ln in text.splitlines() if not ln.startswith("#")).strip()
 
 
-def perplexity(rt: Runtime, chunks: list[list[int]]) -> float:
-    """exp(mean next-token NLL) over all predicted positions of the chunks, each from a fresh context."""
-    nll, n = 0.0, 0
+def chunk_nll(rt: Runtime, chunks: list[list[int]]) -> dict[str, list]:
+    """Each chunk's next-token NLL sum (from a fresh context) and predicted-token count: {"nll", "tokens"}."""
+    nll, n = [], []
     for ids in chunks:
         logits = rt.logits(ids)[:-1].double()
-        target = torch.tensor(ids[1:])
-        nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-        n += len(ids) - 1
-    return math.exp(nll / n)
+        nll.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum")))
+        n.append(len(ids) - 1)
+    return {"nll": nll, "tokens": n}
+
+
+def perplexity(rt: Runtime, chunks: list[list[int]]) -> float:
+    """exp(mean next-token NLL) over all predicted positions of the chunks, each from a fresh context."""
+    c = chunk_nll(rt, chunks)
+    return math.exp(sum(c["nll"]) / sum(c["tokens"]))
 
 
 def text_chunks(tokenizer: Any, text: str, n_tokens: int, chunk: int) -> list[list[int]]:
@@ -422,7 +429,8 @@ def evaluate_run(
             rt = load_runtime(kind, artifact or src, **({"n_ctx": longest} if kind == "gguf" and longest > 1024 else {}))
             try:
                 t0 = time.perf_counter()
-                ppl = perplexity(rt, chunks)
+                ppl_chunks = chunk_nll(rt, chunks)  # per chunk, so the report can resample chunks
+                ppl = math.exp(sum(ppl_chunks["nll"]) / sum(ppl_chunks["tokens"]))
                 em = exact_match(rt, tokenizer, rows, max_new_tokens)
                 mc = multiple_choice(rt, tokenizer, data.mc, mc_encoded)
             finally:
@@ -434,6 +442,7 @@ def evaluate_run(
                     "artifact": str(artifact or src),
                     "size_mb": _size(kind, src, artifact) / 2**20,
                     "perplexity": ppl,
+                    "ppl_chunks": ppl_chunks,
                     "accuracy": em["accuracy"],
                     "n_tasks": em["n"],
                     "mc_accuracy": mc["mc_accuracy"],
@@ -452,7 +461,8 @@ def evaluate_run(
                 bar.update(1)
     if bar is not None:
         bar.close()
-    report = _report(run, results, ppl_tokens=sum(len(c) - 1 for c in chunks), limit=len(rows), data=data)
+    report = _report(run, results, ppl_tokens=sum(len(c) - 1 for c in chunks), limit=len(rows), data=data,
+                     questions=per_question)
     report["prompt_format"] = "chat template" if has_chat_template(tokenizer) else PLAIN_FORMAT
     questions = "".join(json.dumps(q) + "\n" for q in per_question)
     # the report names its questions file by content: a questions.jsonl from another evaluation (one interrupted
@@ -488,29 +498,11 @@ def read_questions(run: Path) -> list[dict[str, Any]] | None:
     return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
 
 
-def recovery(bf16: float, ptq: float, qat: float, higher_is_better: bool) -> float | None:
-    """Share of PTQ's degradation that QAT recovered; None when PTQ did not degrade."""
-    gap = (bf16 - ptq) if higher_is_better else (ptq - bf16)
-    if gap <= 1e-12:
-        return None
-    gain = (qat - ptq) if higher_is_better else (ptq - qat)
-    return gain / gap
-
-
-def _report(run: RunDir, results: list[dict[str, Any]], ppl_tokens: int, limit: int, data: EvalData) -> dict[str, Any]:
+def _report(run: RunDir, results: list[dict[str, Any]], ppl_tokens: int, limit: int, data: EvalData,
+            questions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     from edgeft.config import load_yaml
 
     cfg = load_yaml(run.config_file)
-    rec: dict[str, Any] = {}
-    by = {(r["variant"], r["runtime"]): r for r in results}
-    for rt in {r["runtime"] for r in results}:
-        if all((v, rt) in by for v in VARIANTS):
-            b, p, q = (by[(v, rt)] for v in VARIANTS)
-            rec[rt] = {
-                "perplexity": recovery(b["perplexity"], p["perplexity"], q["perplexity"], higher_is_better=False),
-                "accuracy": recovery(b["accuracy"], p["accuracy"], q["accuracy"], higher_is_better=True),
-                "mc_accuracy": recovery(b["mc_accuracy"], p["mc_accuracy"], q["mc_accuracy"], higher_is_better=True),
-            }
     return {
         "run": str(run.root),
         "model": cfg.model.name,
@@ -524,12 +516,9 @@ def _report(run: RunDir, results: list[dict[str, Any]], ppl_tokens: int, limit: 
         "mc_chance": sum(1 / len(it["choices"]) for it in data.mc) / len(data.mc),
         "eval_data": dict(data.sources),
         "results": results,
-        "recovery": rec,
+        # per runtime and metric: point, paired interval, resolved (recovery.recovery_table)
+        "recovery": recovery_table(results, questions),
     }
-
-
-def _pct(x: float | None) -> str:
-    return "n/a (PTQ did not degrade)" if x is None else f"{100 * x:.0f}%"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -554,13 +543,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {r['variant']} | {r['runtime']} | {r['perplexity']:.3f} | {100 * r['accuracy']:.1f}% | {mc} "
             f"| {r['size_mb']:.1f} | {r['tokens_per_s']:.1f} |"
         )
-    lines.append("")
+    if report["recovery"]:
+        lines += ["", "Share of PTQ's degradation that QAT recovered, (QAT − PTQ) / (BF16 − PTQ), with its paired 95% "
+                  "interval. " + RULE, "",
+                  "| runtime | perplexity | exact match | multiple choice |", "|---|---|---|---|"]
     for rt, rec in report["recovery"].items():
-        mc = f", {_pct(rec['mc_accuracy'])} of its multiple-choice accuracy loss" if "mc_accuracy" in rec else ""
-        lines.append(
-            f"- {rt}: QAT recovered {_pct(rec['perplexity'])} of PTQ's perplexity degradation"
-            f"{mc} and {_pct(rec['accuracy'])} of its exact-match accuracy loss."
-        )
+        cells = [describe(rec[m], m == "perplexity") if m in rec else "–" for m in ("perplexity", "accuracy",
+                                                                                   "mc_accuracy")]
+        lines.append(f"| {rt} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

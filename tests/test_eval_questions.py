@@ -4,6 +4,7 @@ the evaluator: runtimes that answer a chosen set of questions right, and the rep
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -107,6 +108,16 @@ def test_questions_file_records_every_question_and_matches_the_report(fake_run):
     again = ev.read_questions(run)
     assert {q["variant"] for q in again} == {"qat"} and len(again) == 2 * (N // 2)
     assert all(q["id"] == ids[q["kind"], q["index"]] for q in again)
+    # the report's recoveries are resampled from these rows, and perplexity's from the per-chunk NLL sums
+    from edgeft.devices.recovery import accuracy_recovery
+
+    rec = report["recovery"]["eager"]
+    assert rec["accuracy"] == accuracy_recovery({v: [i in RIGHT[v] for i in range(N)] for v in ev.VARIANTS})
+    assert rec["mc_accuracy"] == accuracy_recovery({v: [PICK[v](it["label"]) == it["label"] for it in mc_items]
+                                                    for v in ev.VARIANTS})
+    assert rec["perplexity"]["reason"] == "ptq_within_noise"  # the fake runtimes' logits are all alike
+    chunks = by_variant["bf16"]["ppl_chunks"]
+    assert by_variant["bf16"]["perplexity"] == pytest.approx(math.exp(sum(chunks["nll"]) / sum(chunks["tokens"])))
     # the report is small: per-question results live only in the JSONL
     assert "per_question" not in json.dumps(json.loads((run / "eval" / "report.json").read_text()))
 

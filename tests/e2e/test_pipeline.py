@@ -55,6 +55,11 @@ def test_eval_compares_bf16_ptq_qat_on_every_runtime(run, capsys):
     out = capsys.readouterr().out
     assert "QAT recovered" in out or "n/a" in out
     report = json.loads((run / "eval" / "report.json").read_text())
+    # every runtime's recoveries carry their paired interval's verdict
+    assert set(report["recovery"]) == {"eager", "pte", "gguf"}
+    for rec in report["recovery"].values():
+        assert set(rec) == {"perplexity", "accuracy", "mc_accuracy"}
+        assert all(isinstance(e["resolved"], bool) for e in rec.values())
     got = {(r["variant"], r["runtime"]) for r in report["results"]}
     assert got == {(v, rt) for v in ("bf16", "ptq", "qat") for rt in ("eager", "pte", "gguf")}
     by = {(r["variant"], r["runtime"]): r for r in report["results"]}
