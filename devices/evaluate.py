@@ -192,6 +192,8 @@ class EvalData:
     tasks: list[dict[str, Any]]
     mc: list[dict[str, Any]]
     sources: dict[str, str] = field(default_factory=dict)
+    # genre -> text of a held-out set with genres (``builtin:mixed-genre``): perplexity per genre, pooled overall
+    heldout_genres: dict[str, str] = field(default_factory=dict)
 
 
 def builtin_eval_data(limit: int = 60) -> EvalData:
@@ -257,6 +259,9 @@ def load_eval_data(paths: list[str | Path] | tuple[str | Path, ...] | None, limi
     - ``.jsonl``: task rows, ``{"prompt" (or "question"), "answer"}`` for exact match, or with ``"choices": [...]``
       (``answer``: the right choice's 0-based index or its text) for multiple choice; optional ``"system"``.
 
+    - ``builtin:facts``: the second task set's test split (both kinds, first ``limit`` questions);
+      ``builtin:mixed-genre``: held-out text of four genres (perplexity per genre, ``ppl_tokens`` each).
+
     Each kind a file supplies replaces the built-in one whole (``limit`` caps only built-in questions); every
     problem is one error naming the file and line.
     """
@@ -265,6 +270,9 @@ def load_eval_data(paths: list[str | Path] | tuple[str | Path, ...] | None, limi
     found: dict[str, list[dict[str, Any]]] = {"tasks": [], "mc": []}
     names: dict[str, list[str]] = {"heldout": [], "tasks": [], "mc": []}
     for p in paths or []:
+        if str(p).startswith("builtin:"):
+            _builtin_set(data, str(p), limit, found, names)
+            continue
         path = Path(p).expanduser()
         if not path.is_file():
             raise EdgeftError(f"evaluation data file not found: {path}")
@@ -295,6 +303,8 @@ def load_eval_data(paths: list[str | Path] | tuple[str | Path, ...] | None, limi
                 f"{path}: evaluation data must be .txt (held-out text) or .jsonl (prompt/answer or choices rows), "
                 f"not {suffix or 'a file without a suffix'}"
             )
+    if texts and data.heldout_genres:
+        raise EdgeftError("give either held-out .txt files or builtin:mixed-genre, not both")
     if texts:
         data.heldout = "\n\n".join(texts)
     for kind in ("tasks", "mc"):
@@ -304,6 +314,24 @@ def load_eval_data(paths: list[str | Path] | tuple[str | Path, ...] | None, limi
         if files:
             data.sources[kind] = ", ".join(files)
     return data
+
+
+def _builtin_set(data: EvalData, name: str, limit: int, found: dict[str, list], names: dict[str, list]) -> None:
+    """Add a built-in evaluation set named in ``data=``: the ``builtin:facts`` test split or a held-out text set."""
+    from edgeft.data import facts, heldout
+
+    if name == facts.NAME:
+        found["tasks"] += facts.generate("test")[:limit]
+        found["mc"] += facts.multiple_choice("test")[:limit]
+        names["tasks"].append(f"{name} test split")
+        names["mc"].append(f"{name} test split")
+    elif name == heldout.NAME:
+        hs = heldout.load(name)
+        data.heldout_genres = dict(hs.texts)
+        data.heldout = "\n\n".join(hs.texts.values())
+        names["heldout"].append(f"{name} ({', '.join(hs.texts)})")
+    else:
+        raise EdgeftError(f"unknown built-in evaluation set {name!r}; built-ins: {facts.NAME}, {heldout.NAME}")
 
 
 def _variant_sources(run: RunDir) -> dict[str, tuple[Path, Exports]]:
@@ -403,7 +431,10 @@ def evaluate_run(
                               "three)")
         sources = {v: sources[v] for v in variants}
     tokenizer = AutoTokenizer.from_pretrained(str(run.converted))
-    chunks = text_chunks(tokenizer, data.heldout, ppl_tokens, ppl_chunk)
+    # with genres: ppl_tokens of each genre, chunked apart so that no chunk spans two genres
+    genre_chunks = {g: text_chunks(tokenizer, t, ppl_tokens, ppl_chunk) for g, t in data.heldout_genres.items()}
+    chunks = ([c for cs in genre_chunks.values() for c in cs] if genre_chunks
+              else text_chunks(tokenizer, data.heldout, ppl_tokens, ppl_chunk))
     if not chunks:
         raise EdgeftError(f"held-out text ({data.sources.get('heldout')}) is shorter than 2 tokens")
     rows = data.tasks
@@ -431,6 +462,10 @@ def evaluate_run(
                 t0 = time.perf_counter()
                 ppl_chunks = chunk_nll(rt, chunks)  # per chunk, so the report can resample chunks
                 ppl = math.exp(sum(ppl_chunks["nll"]) / sum(ppl_chunks["tokens"]))
+                by_genre, k = {}, 0
+                for g, cs in genre_chunks.items():  # chunks lists the genres' chunks in order
+                    nll, n = ppl_chunks["nll"][k:k + len(cs)], ppl_chunks["tokens"][k:k + len(cs)]
+                    by_genre[g], k = math.exp(sum(nll) / sum(n)), k + len(cs)
                 em = exact_match(rt, tokenizer, rows, max_new_tokens)
                 mc = multiple_choice(rt, tokenizer, data.mc, mc_encoded)
             finally:
@@ -443,6 +478,7 @@ def evaluate_run(
                     "size_mb": _size(kind, src, artifact) / 2**20,
                     "perplexity": ppl,
                     "ppl_chunks": ppl_chunks,
+                    **({"perplexity_by_genre": by_genre} if by_genre else {}),
                     "accuracy": em["accuracy"],
                     "n_tasks": em["n"],
                     "mc_accuracy": mc["mc_accuracy"],
@@ -464,6 +500,9 @@ def evaluate_run(
     report = _report(run, results, ppl_tokens=sum(len(c) - 1 for c in chunks), limit=len(rows), data=data,
                      questions=per_question)
     report["prompt_format"] = "chat template" if has_chat_template(tokenizer) else PLAIN_FORMAT
+    if genre_chunks:
+        report["heldout_genre_tokens"] = {g: sum(len(c) - 1 for c in cs) for g, cs in genre_chunks.items()}
+        report["recovery_by_genre"] = genre_recovery(results)
     questions = "".join(json.dumps(q) + "\n" for q in per_question)
     # the report names its questions file by content: a questions.jsonl from another evaluation (one interrupted
     # between the two writes) does not match it
@@ -496,6 +535,41 @@ def read_questions(run: Path) -> list[dict[str, Any]] | None:
     if meta.get("sha256") != hashlib.sha256(text.encode()).hexdigest():
         return None
     return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+
+
+def pooled_perplexity(by_genre: dict[str, float], genre_chunks: dict[str, list[list[int]]]) -> float:
+    """The perplexity over all genres' predicted tokens together, from each genre's perplexity and token count."""
+    n = {g: sum(len(c) - 1 for c in cs) for g, cs in genre_chunks.items()}
+    return math.exp(sum(math.log(by_genre[g]) * n[g] for g in by_genre) / sum(n.values()))
+
+
+def genre_recovery(results: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per runtime and genre, the share of PTQ's perplexity degradation that QAT recovered."""
+    by = {(r["variant"], r["runtime"]): r for r in results if "perplexity_by_genre" in r}
+    out: dict[str, dict[str, float | None]] = {}
+    for rt in sorted({r["runtime"] for r in results}, key=RUNTIMES.index):
+        if all((v, rt) in by for v in VARIANTS):
+            b, p, q = (by[(v, rt)]["perplexity_by_genre"] for v in VARIANTS)
+            out[rt] = {g: recovery(b[g], p[g], q[g], higher_is_better=False) for g in b}
+    return out
+
+
+def _genre_markdown(report: dict[str, Any]) -> list[str]:
+    """The per-genre perplexity table and recovery lines of a held-out set with genres (none without)."""
+    tokens = report.get("heldout_genre_tokens")
+    if not tokens:
+        return []
+    genres = list(tokens)
+    lines = ["", "Perplexity per genre (" + ", ".join(f"{g} {n} tokens" for g, n in tokens.items()) + "):", "",
+             "| variant | runtime | " + " | ".join(genres) + " |", "|---|---|" + "---:|" * len(genres)]
+    for r in report["results"]:
+        pg = r.get("perplexity_by_genre") or {}
+        lines.append(f"| {r['variant']} | {r['runtime']} | " + " | ".join(f"{pg[g]:.3f}" for g in genres) + " |")
+    lines.append("")
+    for rt, rec in (report.get("recovery_by_genre") or {}).items():
+        lines.append(f"- {rt}: QAT recovered " + ", ".join(f"{describe(x, True)} ({g})" for g, x in rec.items())
+                     + " of PTQ's perplexity degradation.")
+    return lines
 
 
 def _report(run: RunDir, results: list[dict[str, Any]], ppl_tokens: int, limit: int, data: EvalData,
@@ -551,6 +625,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         cells = [describe(rec[m], m == "perplexity") if m in rec else "–" for m in ("perplexity", "accuracy",
                                                                                    "mc_accuracy")]
         lines.append(f"| {rt} | " + " | ".join(cells) + " |")
+    lines += _genre_markdown(report)
     return "\n".join(lines) + "\n"
 
 

@@ -155,7 +155,9 @@ def build_parser(config_cls: type[TrainConfig] = TrainConfig) -> argparse.Argume
                         "file holds tasks, one JSON object a line: {\"prompt\" (or \"question\"), \"answer\"} is "
                         "scored by exact match of the greedy answer, {\"prompt\", \"choices\": [...], \"answer\": "
                         "index or choice text} by multiple choice; prompts get the run's chat template. What a file "
-                        "supplies replaces the built-in set of that kind, whole (--limit caps built-in questions only)")
+                        "supplies replaces the built-in set of that kind, whole (--limit caps built-in questions only). Built-in "
+                        "sets: builtin:facts (a second task set, both kinds) and builtin:mixed-genre (held-out text "
+                        "of four genres, perplexity per genre, --ppl-tokens each)")
     v.add_argument("--check", metavar="GOLDEN.json", help="fail (exit 1, one line per metric) on drift from golden numbers")
     v.add_argument("--write-golden", metavar="PATH", help="write this evaluation as a golden file")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from edgeft.errors import EdgeftError
 
-from . import tasks
+from . import facts, tasks
 from .batching import (BATCHING, Batcher, collate, collate_flat, pack, packing_efficiency, padding_efficiency,
                        sequences)
 from .encode import (IGNORE_INDEX, assistant_spans, conversation_spans, document_ids, encode_conversation,
@@ -25,7 +25,9 @@ from .formats import (Messages, detect_format, looks_like_hub_name, read_rows, r
 from .merge import extend_conversations, merge_columns
 from .templates import TEMPLATES, apply_template, describe_templates, get_template
 
-BUILTIN_DATASETS = {"builtin:tasks": "arithmetic, calendar and unit-conversion questions with exact answers"}
+BUILTIN_DATASETS = {"builtin:tasks": "arithmetic, calendar and unit-conversion questions with exact answers",
+                    "builtin:facts": "element, country, currency and language code questions (a second task set)"}
+_BUILTIN_MODULES = {"builtin:tasks": tasks, "builtin:facts": facts}
 
 
 def _rows(source: Any, split: str) -> tuple[list, str]:
@@ -55,9 +57,9 @@ def load_records(
     conversations that have none.
     """
     if isinstance(source, str) and source.startswith("builtin:"):
-        if source != "builtin:tasks":
+        if source not in _BUILTIN_MODULES:
             raise EdgeftError(f"unknown built-in dataset {source!r}; built-ins: {', '.join(BUILTIN_DATASETS)}")
-        records: list = [tasks.to_messages(r) for r in tasks.generate(split)]
+        records: list = [tasks.to_messages(r) for r in _BUILTIN_MODULES[source].generate(split)]
     else:
         rows, name = _rows(source, split)
         if prompt_template:
@@ -124,5 +126,5 @@ __all__ = [
     "document_ids", "encode_conversation", "encode_conversation_examples", "encode_dataset", "encode_prompt",
     "encode_text", "extend_conversations", "get_template", "load_conversations", "load_records", "merge_columns",
     "pack", "pack_documents", "packing_efficiency", "padding_efficiency", "sequences", "split_train_eval",
-    "standardize_sharegpt", "tasks",
+    "standardize_sharegpt", "facts", "tasks",
 ]
