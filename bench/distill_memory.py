@@ -74,11 +74,10 @@ def _models(spec: dict):
     patch(student, kernel_specs(), checkpoint=None if ckpt == "off" else ckpt)
     cache = spec["cache"]
     if cache == "auto":  # what `edgeft train` picks (edgeft/training/model.py)
-        from types import SimpleNamespace
-
+        from edgeft.config import TrainConfig
         from edgeft.training.model import qat_weight_cache
 
-        run_cfg = SimpleNamespace(mode=mode, batch_size=spec["batch"], max_seq_length=spec["seq"], dtype="bf16")
+        run_cfg = TrainConfig(mode=mode, batch_size=spec["batch"], max_seq_length=spec["seq"], dtype="bf16")
         cache = qat_weight_cache(run_cfg, student, ckpt != "off", False, device)
     qat.prepare(student, SCHEME[mode], cache=cache)
     return student, teacher, cfg, cache

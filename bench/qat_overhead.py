@@ -125,11 +125,10 @@ def run_worker(spec: dict) -> dict:
 
             cache = spec.get("cache", "auto")
             if cache == "auto":  # what `edgeft train` picks (edgeft/training/model.py)
-                from types import SimpleNamespace
-
+                from edgeft.config import TrainConfig
                 from edgeft.training.model import qat_weight_cache
 
-                run_cfg = SimpleNamespace(mode=mode, batch_size=batch, max_seq_length=seq, dtype="bf16")
+                run_cfg = TrainConfig(mode=mode, batch_size=batch, max_seq_length=seq, dtype="bf16")
                 cache = qat_weight_cache(run_cfg, model, ckpt != "off", False)
             replaced = qat.prepare(model, SCHEME[mode], cache=cache, weight_scale=WEIGHT_SCALE[impl])
             spec["cache"] = cache
