@@ -30,8 +30,10 @@ demo: install
 	$(BIN)/edgeft export torchao --run $(RUN)
 	$(BIN)/edgeft eval --run $(RUN) --limit 30
 
+# two workers: each test runs on one torch thread (tests/conftest.py), so one process leaves a core idle;
+# --dist loadfile keeps a file's module fixtures (trained runs, exports) in one worker
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) .cache runs

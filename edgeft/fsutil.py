@@ -77,7 +77,13 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = True) -> Iterator[Path
         os.replace(tmp, dest)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not dest.is_dir():
+                raise
+            # another process completed ``dest`` meanwhile (two filling one cache): keep the complete one it wrote
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
