@@ -233,8 +233,8 @@ _SPLIT = {"type": "Split", "behavior": "Isolated", "invert": False}
 _BYTES = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
 PRE_TOKENIZERS = {
     "smollm": [{"type": "Digits", "individual_digits": True}, {**_BYTES, "use_regex": True}],
-    "llama-bpe": [{**_SPLIT, "pattern": {"Regex": gguf_export._LLAMA3_RE}}, _BYTES],
-    "qwen2": [{**_SPLIT, "pattern": {"Regex": gguf_export._QWEN2_RE}}, _BYTES],
+    "llama-bpe": [{**_SPLIT, "pattern": {"Regex": gguf_export.vocab._LLAMA3_RE}}, _BYTES],
+    "qwen2": [{**_SPLIT, "pattern": {"Regex": gguf_export.vocab._QWEN2_RE}}, _BYTES],
 }
 
 

@@ -125,14 +125,14 @@ def test_a_window_llama_cpp_ignores_caps_the_context(f32):
 
 
 def _rope_plan_changed(monkeypatch, change) -> None:
-    plan = gguf_export._rope_plan
+    plan = gguf_export.metadata._rope_plan
 
     def changed(*args, **kwargs):
         rope = plan(*args, **kwargs)
         change(rope)
         return rope
 
-    monkeypatch.setattr(gguf_export, "_rope_plan", changed)
+    monkeypatch.setattr(gguf_export.metadata, "_rope_plan", changed)
 
 
 BROKEN = {

@@ -70,7 +70,7 @@ def test_texts_are_longer_than_the_window_and_the_window_matters(eager):
     ids = tok(LONG)["input_ids"]
     assert len(ids) > 3 * window
     # the exporter's own validation sequences cross the window too
-    seqs, prompt, _ = gguf_export._sequences(tok)
+    seqs, prompt, _ = gguf_export.validate._sequences(tok)
     assert max(len(s) for s in seqs) > 2 * window and len(prompt) > window
     # without the window the eager model is far from itself: a file that lost it cannot pass the bounds below
     cfg = copy.deepcopy(model.config)

@@ -178,7 +178,7 @@ def test_logits_and_greedy_equal_eager(exports, eager, name):
                 want = model(input_ids=torch.tensor([ids])).logits[0]
             assert float((got - want).norm() / want.norm()) < gguf_export.QUANTS["f32"].rel_err
         prompt = tok(PLAIN[0])["input_ids"]
-        want = gguf_export._eager_greedy(model, prompt, 12)
+        want = gguf_export.validate._eager_greedy(model, prompt, 12)
         assert rt.generate(prompt, 12, set()) == want
 
 
@@ -187,7 +187,7 @@ def test_wrong_scores_are_refused(built, tmp_path, monkeypatch):
     tokenizes differently, so it is refused (an earlier good file stays)."""
     out = tmp_path / "m.gguf"
     out.write_bytes(b"previous")
-    monkeypatch.setattr(gguf_export, "_spm_scores_from_merges", lambda model, by_id: {i: -1000.0 for i in by_id})
+    monkeypatch.setattr(gguf_export.vocab, "_spm_scores_from_merges", lambda model, by_id: {i: -1000.0 for i in by_id})
     with pytest.raises(EdgeftError, match="tokenizes .* differently"):
         gguf_export.export(built["llama-json-only"], out, quant="f32")
     assert out.read_bytes() == b"previous"
@@ -207,7 +207,7 @@ def test_missing_byte_types_are_refused(built, tmp_path, monkeypatch):
 
 
 def test_wrong_space_prefix_is_refused(built, tmp_path, monkeypatch):
-    monkeypatch.setattr(gguf_export, "_spm_space_prefix", lambda tok: False)
+    monkeypatch.setattr(gguf_export.vocab, "_spm_space_prefix", lambda tok: False)
     with pytest.raises(EdgeftError, match="tokenizes .* differently"):
         gguf_export.export(built["llama-json-only"], tmp_path / "m.gguf", quant="f32")
 
