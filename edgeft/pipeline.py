@@ -23,7 +23,7 @@ from .exporters import export_dir
 from .fsutil import atomic_dir, write_json, write_text
 from .models import load_trained
 from .qat.schemes import AUTO
-from .rundir import MODEL_INFO_FILE, RUNS_DIR, RunDir, Variant, find_run
+from .rundir import RUNS_DIR, RunDir, Variant, find_run
 
 log = logging.getLogger("edgeft")
 
@@ -64,13 +64,6 @@ def train(cfg: TrainConfig, dataset: Any = None) -> Path:
         shutdown(dist)
 
 
-def _has_progress(run: Path) -> bool:
-    """Whether ``run`` holds anything a failed start does not: training steps (metrics.jsonl), checkpoints or a
-    trained model. A directory with a config.yaml alone is the debris of a run that died before its first step."""
-    return any(p.is_file() and p.stat().st_size > 0 for p in run.rglob("metrics.jsonl")) or \
-        any(run.rglob("state.json")) or any(run.rglob(MODEL_INFO_FILE))
-
-
 def _check_run_dir(run: RunDir, cfg: TrainConfig) -> None:
     """Refuse to clobber a run by accident, or to resume something that is not there (nothing written yet)."""
     if cfg.run.resume and cfg.run.overwrite:
@@ -84,7 +77,7 @@ def _check_run_dir(run: RunDir, cfg: TrainConfig) -> None:
                           "directory")
     if cfg.run.resume and not exists:
         raise EdgeftError(f"--resume: {root} holds no run to resume (no {run.config_file.name})")
-    if exists and not cfg.run.resume and not cfg.run.overwrite and _has_progress(root):
+    if exists and not cfg.run.resume and not cfg.run.overwrite and any(v.has_progress() for v in run.variants()):
         raise EdgeftError(f"{root} already holds a run; pass --resume to continue it or --overwrite to replace it")
 
 
@@ -212,7 +205,7 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
     except BaseException:
         if is_main and work != run:
             shutil.rmtree(work.root, ignore_errors=True)
-        elif created and not _has_progress(run.root):  # nothing to resume: leave nothing behind
+        elif created and not any(v.has_progress() for v in run.variants()):  # nothing to resume: leave nothing behind
             shutil.rmtree(run.root, ignore_errors=True)
         raise
     if is_main and work != run:

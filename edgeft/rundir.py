@@ -38,6 +38,7 @@ SCHEME_FILE = "scheme.json"  # in a converted model directory: its quantization 
 MANIFEST_FILE = "manifest.json"  # in exports/: one record per export, by name
 MODELFILE = "Modelfile"
 PLAN_FILE = "qat_plan.json"  # at a run's root: the device-fit plan of --qat auto (qat/plan.py)
+CHECKPOINT_STATE = "state.json"  # written last into checkpoints/<step>/: the checkpoint is complete
 QUESTIONS_FILE = "questions.jsonl"  # in eval/: each question's result per variant and runtime
 # the .pte by its logits: every position (evaluation, the default) or the last one only (deployment), each under its
 # own name so that `edgeft eval`, which needs every position and reuses model.pte, never meets a last-token program
@@ -204,6 +205,12 @@ class Variant:
     # --- questions
     def has_trained_model(self) -> bool:
         return self.model_info.exists()
+
+    def has_progress(self) -> bool:
+        """Whether this variant holds anything a failed start does not: a logged step, a complete checkpoint or a
+        trained model."""
+        return (self.metrics.is_file() and self.metrics.stat().st_size > 0) or self.has_trained_model() or \
+            any(self.checkpoints.glob(f"*/{CHECKPOINT_STATE}"))
 
     def has_converted(self) -> bool:
         return self.scheme.exists()

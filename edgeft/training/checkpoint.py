@@ -28,6 +28,7 @@ from torch import nn
 from edgeft.config import flat_keys
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_dir
+from edgeft.rundir import CHECKPOINT_STATE
 
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -94,7 +95,7 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     out = []
     for p in d.iterdir():
         m = _NAME.match(p.name)
-        if m and (p / "state.json").is_file():
+        if m and (p / CHECKPOINT_STATE).is_file():
             out.append((int(m.group(1)), p))
     return sorted(out)
 
@@ -173,7 +174,7 @@ class CheckpointManager:
             sizes = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
             meta = dict(state, step=step, fingerprint=self.fingerprint,
                         shapes={n: list(t.shape) for n, t in tensors.items()}, sizes=sizes)
-            (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (tmp / CHECKPOINT_STATE).write_text(json.dumps(meta, indent=2) + "\n")
         self.rotate(state.get("best_step"))
         return dest
 
@@ -218,13 +219,13 @@ class CheckpointManager:
         latest = self.latest()
         if latest is None:
             return
-        state = self._read(latest / "state.json", lambda f: json.loads(f.read_text()))
+        state = self._read(latest / CHECKPOINT_STATE, lambda f: json.loads(f.read_text()))
         sizes = state.get("sizes") if isinstance(state, dict) else None
-        for f in sorted(p for p in latest.rglob("*") if p.is_file() and p.name != "state.json"):
+        for f in sorted(p for p in latest.rglob("*") if p.is_file() and p.name != CHECKPOINT_STATE):
             self._read(f, _shallow_check, sizes, f.relative_to(latest).as_posix())
 
     def read_state(self, path: Path) -> dict[str, Any]:
-        state = self._read(path / "state.json", lambda f: json.loads(f.read_text()))
+        state = self._read(path / CHECKPOINT_STATE, lambda f: json.loads(f.read_text()))
         diff = fingerprint_diff(state.get("fingerprint", {}), self.fingerprint, self.defaults)
         if diff:
             raise EdgeftError(f"{path} was written by a different configuration ({'; '.join(diff[:4])})")
