@@ -50,6 +50,8 @@ VALIDATION_SEQ_LENS = (48, 17, 5)  # held-out token sequences compared by logits
 INCREMENTAL_PREFILL = 5
 GREEDY_TOKENS = 16
 FLOAT_REL = 1e-3
+EMBEDDING_FORMATS = ("int8", "int4")  # export(embedding=...): embedding_byte, embedding_4bit
+KV_CACHE_FORMATS = ("fp32", "int8")  # export(kv_cache=...)
 
 
 # --- source -------------------------------------------------------------------------------------------
@@ -196,6 +198,67 @@ class WeightOnlyIntxLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class Int4Embedding(nn.Module):
+    """A symmetric int4 group-quantized embedding (torchao's grid: codes in [-8, 7], one fp32 scale per group) as
+    ExecuTorch's ``quantized_decomposed.embedding_4bit``: two codes per byte (code + 8; the even column in the high
+    nibble, as ExecuTorch's LLM export packs them), the same fp32 scales, so the rows are the converted model's."""
+
+    def __init__(self, emb: nn.Embedding) -> None:
+        super().__init__()
+        w = emb.weight
+        codes = (w.qdata.detach().to(torch.int16) + 8).to(torch.uint8)  # [vocab, dim] in 0..15
+        self.register_buffer("packed", (codes[:, 0::2] << 4) | codes[:, 1::2], persistent=False)
+        self.register_buffer("scale", w.scale.detach().float().reshape(w.shape[0], -1).clone(), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized_decomposed.embedding_4bit.dtype(
+            self.packed, self.scale, None, -8, 7, ids, dtype=torch.float32
+        )
+
+
+def _is_int4_group_embedding(w: torch.Tensor) -> bool:
+    """Weight-only symmetric int4 in row groups of an even size: what ``embedding_4bit`` carries."""
+    return (
+        _weight_kind(w) == "weight-only"
+        and w.target_dtype == torch.int4
+        and list(w.block_size)[0] == 1
+        and w.block_size[1] % 2 == 0
+        and w.shape[1] % w.block_size[1] == 0
+        and bool((w.zero_point == 0).all())
+    )
+
+
+def _embedding_format(w: torch.Tensor) -> str:
+    """How the program stores the embedding: ``int8`` (embedding_byte), ``int4`` (embedding_4bit) or ``float``."""
+    if _weight_kind(w) == "weight-only" and _is_int8_per_row(w):
+        return "int8"
+    if _is_int4_group_embedding(w):
+        return "int4"
+    return "float"
+
+
+def _quantize_embedding(model: nn.Module, fmt: str, warn: list[str]) -> None:
+    """Put the embedding on ``fmt``'s grid (torchao, as convert would: ``schemes.EMBEDDING_TREATMENTS``), untying a
+    head that shares its weight (the head keeps the source's values). The model is the validation reference too."""
+    from torchao.quantization import quantize_
+
+    from edgeft.qat.schemes import EMBEDDING_TREATMENTS, embedding_treatment_config
+
+    treatment = {"int8": "int8-per-channel", "int4": "int4-per-group"}[fmt]
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    w = emb.weight
+    dense = w.dequantize() if _weight_kind(w) != "float" else w.detach()
+    if head is not None and head.weight is w:
+        head.weight = nn.Parameter(dense.clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    emb.weight = nn.Parameter(dense.clone(), requires_grad=False)
+    quantize_(emb, embedding_treatment_config(treatment), filter_fn=lambda m, _: isinstance(m, nn.Embedding))
+    emb.weight.requires_grad_(False)
+    warn.append(f"embedding quantized at export to {treatment} ({EMBEDDING_TREATMENTS[treatment]}); validated "
+                "against the converted model with that embedding")
+
+
 def _is_symmetric_weight_only(w: torch.Tensor) -> bool:
     """Weight-only int4/int8, per row or in row groups, zero points 0: what ``WeightOnlyIntxLinear`` carries."""
     return (
@@ -281,6 +344,8 @@ def _et_attention_forward(
         # with a mask custom_sdpa attends over every row and ignores start_pos (it only bounds causal attention)
         out = torch.ops.llama.custom_sdpa(q, self.et_k_cache, self.et_v_cache, 0, mask, 0.0, False, self.scaling)
         return self.o_proj(out.reshape(b, s, -1)), None
+    if self.et_kv_int8:
+        return self.o_proj(_int8_kv_sdpa(self, q, k, v, pos).reshape(b, s, -1)), None
     torch.ops.llama.update_cache(k, self.et_k_cache, pos)
     torch.ops.llama.update_cache(v, self.et_v_cache, pos)
     if self.et_window:
@@ -291,6 +356,32 @@ def _et_attention_forward(
     else:
         out = torch.ops.llama.custom_sdpa(q, self.et_k_cache, self.et_v_cache, pos, None, 0.0, True, self.scaling)
     return self.o_proj(out.reshape(b, s, -1)), None
+
+
+def _quantize_per_token(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 asymmetric per (token, head) over the head dim: codes, fp32 scales, int8 zero points [..., 1]."""
+    qd = torch.ops.quantized_decomposed
+    scale, zp = qd.choose_qparams_per_token_asymmetric.default(t, torch.int8)
+    codes = qd.quantize_per_token(t, scale, zp, -128, 127, torch.int8)
+    return codes, scale.to(torch.float32), zp.to(torch.int8)
+
+
+def _int8_kv_sdpa(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: Any) -> torch.Tensor:
+    """ExecuTorch's quantized KV cache (``QuantizedKVCache`` + ``QuantizedSDPA`` of its LLM export): keys and values
+    stored int8 per (token, head) with a scale and zero point each (``llama::update_cache`` on the codes and on the
+    parameters), and ``llama::custom_quantized_sdpa`` attending over the int8 cache with the query quantized the
+    same way. Causal from ``pos``, GQA native, as the float path."""
+    qq, qs, qz = _quantize_per_token(q)
+    for t, cache, scales, zps in ((k, attn.et_k_cache, attn.et_k_scales, attn.et_k_zps),
+                                  (v, attn.et_v_cache, attn.et_v_scales, attn.et_v_zps)):
+        codes, sc, zp = _quantize_per_token(t)
+        torch.ops.llama.update_cache(codes, cache, pos)
+        torch.ops.llama.update_cache(sc, scales, pos)
+        torch.ops.llama.update_cache(zp, zps, pos)
+    return torch.ops.llama.custom_quantized_sdpa(
+        qq, attn.et_k_cache, attn.et_v_cache, pos, None, 0.0, True, attn.scaling,
+        qz, qs, attn.et_k_zps, attn.et_k_scales, attn.et_v_zps, attn.et_v_scales,
+    )
 
 
 def _layer_window(fam: Family, attn: nn.Module) -> int:
@@ -330,14 +421,21 @@ def _static_rope(model: nn.Module, max_context_len: int) -> list[Any]:
 
 
 def _kv_cache_report(model: nn.Module) -> dict[str, Any]:
-    """The program's KV caches (fp32): rows of the global and sliding-window layers, total bytes, and the
-    bytes the same program with every layer at full length would hold."""
+    """The program's KV caches (fp32, or int8 with per-(token, head) fp32 scales and int8 zero points): rows of the
+    global and sliding-window layers, total bytes, and the bytes the same program with every layer at full length
+    would hold."""
     attns = [layer.self_attn for layer in model.model.layers]
     full = max(a.et_k_cache.shape[1] for a in attns)
     rings = sorted({a.et_ring for a in attns if a.et_ring})
-    nbytes = sum(2 * a.et_k_cache.numel() * a.et_k_cache.element_size() for a in attns)
-    full_bytes = sum(2 * a.et_k_cache[:, :1].numel() * a.et_k_cache.element_size() * full for a in attns)
+
+    def per_row(a: nn.Module) -> int:  # K + V bytes of one position: codes, and an int8 cache's scales and zero points
+        bufs = [a.et_k_cache] + ([a.et_k_scales, a.et_k_zps] if a.et_kv_int8 else [])
+        return 2 * sum(t[:, :1].numel() * t.element_size() for t in bufs)
+
+    nbytes = sum(per_row(a) * a.et_k_cache.shape[1] for a in attns)
+    full_bytes = sum(per_row(a) * full for a in attns)
     return {
+        "dtype": "int8" if attns[0].et_kv_int8 else "fp32",
         "context_rows": full,
         "ring_rows": rings[0] if rings else 0,  # 0: no ring (no sliding layers, or the window covers the context)
         "ring_layers": sum(bool(a.et_ring) for a in attns),
@@ -394,11 +492,12 @@ def _edge_rewrites(
     warn: list[str],
     last_only: bool = False,
     max_seq_len: int | None = None,
+    kv_cache: str = "fp32",
 ) -> Iterator[_Program]:
     """Apply the export rewrites (module docstring) to ``model`` and undo every one of them on exit.
 
     ``max_seq_len`` (default ``max_context_len``): the longest chunk one call takes, which sizes the
-    sliding-window layers' rings (``ring_rows``).
+    sliding-window layers' rings (``ring_rows``). ``kv_cache``: ``"fp32"`` or ``"int8"`` (``_int8_kv_sdpa``).
     """
     from edgeft.devices.executorch_runtime import load_executorch_ops
     from transformers import AttentionInterface
@@ -453,11 +552,18 @@ def _edge_rewrites(
                     undo.append(lambda m=mod, p=mod.padding_idx: setattr(m, "padding_idx", p))
                     mod.padding_idx = None
                 kind = _weight_kind(mod.weight)
+                if _is_int4_group_embedding(mod.weight):
+                    for parent in list(model.modules()):
+                        for name, child in list(parent.named_children()):
+                            if child is mod:
+                                setattr(parent, name, Int4Embedding(mod))
+                                undo.append(lambda p=parent, n=name, c=mod: setattr(p, n, c))
+                    continue
                 if kind != "float" and not (kind == "weight-only" and _is_int8_per_row(mod.weight)):
                     old = mod.weight
                     mod.weight = nn.Parameter(old.dequantize(), requires_grad=False)
                     undo.append(lambda m=mod, w=old: setattr(m, "weight", w))
-                    warn.append("embedding quantization other than int8 per row exported as float32")
+                    warn.append("embedding quantization other than int8 per row or int4 in groups exported as float32")
         # RMSNorm -> EdgeRMSNorm (same weight tensor)
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
@@ -480,8 +586,17 @@ def _edge_rewrites(
                 rows = ring_rows(attn.et_window, max_seq_len or max_context_len, max_context_len)
             attn.et_ring = rows if rows < max_context_len else 0  # 0: position j in row j, as global layers
             shape = (1, rows, cfg.num_key_value_heads, head_dim)
-            attn.register_buffer("et_k_cache", torch.zeros(shape), persistent=False)
-            attn.register_buffer("et_v_cache", torch.zeros(shape), persistent=False)
+            attn.et_kv_int8 = kv_cache == "int8"
+            if attn.et_kv_int8 and (attn.et_window or attn.et_ring):
+                raise EdgeftError("pte export: an int8 KV cache with sliding-window layers is not supported")
+            dtype = torch.int8 if attn.et_kv_int8 else torch.float32
+            attn.register_buffer("et_k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+            attn.register_buffer("et_v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+            if attn.et_kv_int8:
+                for kv in "kv":
+                    attn.register_buffer(f"et_{kv}_scales", torch.ones(*shape[:3], 1), persistent=False)
+                    attn.register_buffer(f"et_{kv}_zps", torch.zeros(*shape[:3], 1, dtype=torch.int8),
+                                         persistent=False)
             attn.register_buffer("et_rot", rot, persistent=False)
             attn.register_buffer("et_kpos", torch.arange(rows).unsqueeze(0), persistent=False)
             if rot_dims < head_dim:
@@ -496,7 +611,10 @@ def _edge_rewrites(
             def _restore(a: nn.Module = attn) -> None:
                 for n in ("et_k_cache", "et_v_cache", "et_rot", "et_kpos", "et_rot_embed", "et_cos_pass"):
                     delattr(a, n)
-                del a.et_qk_norm, a.et_window, a.et_ring, a.et_qkv_split
+                if a.et_kv_int8:
+                    for n in ("et_k_scales", "et_k_zps", "et_v_scales", "et_v_zps"):
+                        delattr(a, n)
+                del a.et_qk_norm, a.et_window, a.et_ring, a.et_qkv_split, a.et_kv_int8
                 del a.forward
 
             undo.append(_restore)
@@ -666,7 +784,7 @@ def _lower_once(
 
 def _expected_bytes(model: nn.Module) -> int:
     """Weight bytes the program should hold: int4 as nibbles with bf16 group scales (XNNPACK's qb4w), the
-    int8 embedding as bytes with fp32 row scales, everything else fp32 (a tied float head is stored twice:
+    int8 embedding as bytes with fp32 row scales, the int4 one as nibbles with fp32 group scales, everything else fp32 (a tied float head is stored twice:
     once for the embedding kernel, once packed by XNNPACK). Off by < 2% on every model measured."""
     total = 0
     for mod in model.modules():
@@ -677,6 +795,8 @@ def _expected_bytes(model: nn.Module) -> int:
                 total += p.numel() * bits // 8 + p.scale.numel() * 2
             elif kind == "weight-only" and isinstance(mod, nn.Embedding) and _is_int8_per_row(p):
                 total += p.numel() + p.scale.numel() * 4
+            elif isinstance(mod, nn.Embedding) and _is_int4_group_embedding(p):
+                total += p.numel() // 2 + p.scale.numel() * 4  # embedding_4bit: two codes a byte, fp32 group scales
             elif kind == "weight-only" and isinstance(mod, nn.Linear) and _is_symmetric_weight_only(p):
                 # per channel: XNNPACK packs int4 as nibbles; in groups: one int8 per code; fp32 scales
                 bits = 4 if p.target_dtype == torch.int4 and p.block_size[1] == p.shape[1] else 8
@@ -687,11 +807,13 @@ def _expected_bytes(model: nn.Module) -> int:
 
 
 def _structure(
-    buf: bytes, int8_embedding: bool, grouped_weight_only: bool = False, ring: bool = False, full: bool = True
+    buf: bytes, embedding: str, grouped_weight_only: bool = False, ring: bool = False, full: bool = True,
+    kv_int8: bool = False,
 ) -> dict[str, Any]:
     """Check the serialized program itself: KV-cache ops (``full``: some layer keeps a full-length cache, ``ring``:
-    some layer a ring), XNNPACK delegates, no stray quantized ops (but ``dequantize_per_channel``, required, where
-    grouped weight-only linears rebuild their weights)."""
+    some layer a ring; ``kv_int8``: the quantized sdpa), XNNPACK delegates, the embedding's kernel (``embedding``:
+    ``int8``, ``int4`` or ``float``), no stray quantized ops (but ``dequantize_per_channel``, required, where
+    grouped weight-only linears rebuild their weights, and the per-token quantize ops of an int8 cache)."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     try:
@@ -702,7 +824,7 @@ def _structure(
         raise EdgeftError(f"pte export: the written program cannot be read back ({type(e).__name__})") from None
     ops = {o.name for o in plan.operators}
     delegates = [d.id for d in plan.delegates]
-    missing = {"llama::custom_sdpa"} - ops
+    missing = {"llama::custom_quantized_sdpa" if kv_int8 else "llama::custom_sdpa"} - ops
     if full:  # layers whose cache holds the whole context
         missing |= {"llama::update_cache"} - ops
     if ring:  # sliding-window layers' ring caches
@@ -713,15 +835,20 @@ def _structure(
     if grouped_weight_only and dq not in ops:
         raise EdgeftError("pte export: grouped weight-only linears without dequantize_per_channel (no integers)")
     allowed = {dq} if grouped_weight_only else set()
+    if kv_int8:  # the int8 cache: keys, values and queries quantized per token by ExecuTorch's quantized kernels
+        allowed |= {"quantized_decomposed::choose_qparams_per_token_asymmetric", "quantized_decomposed::quantize_per_token"}
     leftover = sorted(o for o in ops if (o.startswith("torchao") or "dequantize" in o) and o not in allowed)
     if leftover:
         raise EdgeftError(f"pte export: quantized ops left outside XNNPACK: {', '.join(leftover)}")
-    has_byte = "quantized_decomposed::embedding_byte" in ops
-    if int8_embedding and not has_byte:
-        raise EdgeftError("pte export: the int8 embedding was not lowered to ExecuTorch's embedding_byte kernel")
+    kernels = {"int8": "embedding_byte", "int4": "embedding_4bit"}
+    have = [f for f, k in kernels.items() if f"quantized_decomposed::{k}" in ops]
+    if embedding in kernels and embedding not in have:
+        raise EdgeftError(
+            f"pte export: the {embedding} embedding was not lowered to ExecuTorch's {kernels[embedding]} kernel"
+        )
     return {
         "xnnpack_partitions": len(delegates),
-        "embedding": "int8 (embedding_byte)" if has_byte else "float32",
+        "embedding": f"{have[0]} ({kernels[have[0]]})" if have else "float32",
     }
 
 
@@ -766,11 +893,46 @@ def _eager_logits(model: nn.Module, ids: list[int]) -> torch.Tensor:
     return model(input_ids=torch.tensor([ids])).logits[0].float()
 
 
+@contextlib.contextmanager
+def _int8_qkv(model: nn.Module) -> Iterator[None]:
+    """Eager with every attention's q, k and v projections put through int8 per-(token, head) asymmetric fake
+    quantization: the rounding an int8 KV cache (and its quantized query) applies, though before RoPE where the
+    program applies it after (a rotation: the same size of error, not the same numbers)."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def fq(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:
+        t = out.reshape(*out.shape[:-1], -1, head_dim)
+        codes, scale, zp = _quantize_per_token(t)
+        deq = torch.ops.quantized_decomposed.dequantize_per_token(
+            codes, scale, zp.to(torch.int64), -128, 127, torch.int8, t.dtype
+        )
+        return deq.reshape(out.shape)
+
+    hooks = [
+        getattr(layer.self_attn, n).register_forward_hook(fq)
+        for layer in model.model.layers
+        for n in ("q_proj", "k_proj", "v_proj", "qkv_proj")
+        if hasattr(layer.self_attn, n)
+    ]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
-def _noise(model: nn.Module, seqs: list[list[int]], refs: list[torch.Tensor]) -> tuple[float, float]:
+def _noise(
+    model: nn.Module, seqs: list[list[int]], refs: list[torch.Tensor], kv_int8: bool = False
+) -> tuple[float, float]:
     """How far eager moves under perturbations the program legitimately has: another float summation order
-    (eager vs sdpa attention), and XNNPACK's bf16 group scales. Returns (max rel_err, pooled top-1)."""
+    (eager vs sdpa attention), XNNPACK's bf16 group scales, and (``kv_int8``) the int8 cache's rounding of q, k
+    and v (``_int8_qkv``). Returns (max rel_err, pooled top-1)."""
     alts: list[list[torch.Tensor]] = []
+    if kv_int8:
+        with _int8_qkv(model):
+            alts.append([_eager_logits(model, s) for s in seqs])
     impl = model.config._attn_implementation
     model.set_attn_implementation("eager" if impl != "eager" else "sdpa")
     try:
@@ -900,6 +1062,7 @@ def _validate(
     warn: list[str],
     full_logits: bool = True,
     ring_rows: int = 0,
+    kv_int8: bool = False,
 ) -> dict[str, Any]:
     from edgeft.devices.executorch_runtime import PteRuntime
 
@@ -910,8 +1073,8 @@ def _validate(
         # the sliding-window layers' rings wrap: one sequence a chunk past the ring, fed in max_seq_len chunks
         # (by the runtime) so that a chunk crosses the wrap; compared like the others, not in the noise estimate
         wrap = _heldout_ids(tokenizer)[: ring_rows + max_seq_len]
-    noise_rel, noise_top1 = _noise(model, seqs, refs)
-    tol = _tolerances(quant_activations, noise_rel)
+    noise_rel, noise_top1 = _noise(model, seqs, refs, kv_int8)
+    tol = _tolerances(quant_activations or kv_int8, noise_rel)
     rt = PteRuntime(pte)
     try:
         if rt.full_logits != full_logits:
@@ -992,6 +1155,8 @@ def export(
     max_context_len: int | None = None,
     dynamic_shape: bool = True,
     logits: str = "all",
+    embedding: str | None = None,
+    kv_cache: str = "fp32",
 ) -> dict[str, Any]:
     """Export ``src`` (HF directory or converted directory) to ``out_dir/model.pte`` + tokenizer, validated.
 
@@ -1000,6 +1165,10 @@ def export(
     token, by the runner too): a third less export time, 4-5x slower prefill. ``logits``: ``"all"`` (logits
     for every position, what ``edgeft eval`` needs; ``model.pte``) or ``"last"`` (the last position only, for
     deployment: the head runs on one position; written as ``model-last.pte``, see the module docstring).
+    ``embedding``: None (as the source has it: an int8-per-row grid -> ``embedding_byte``, int4 groups ->
+    ``embedding_4bit``), or ``"int8"``/``"int4"`` to put the embedding on that grid here (torchao, as convert
+    does; the validation reference is the source with that embedding). ``kv_cache``: ``"fp32"`` or ``"int8"``
+    (ExecuTorch's quantized KV cache and quantized sdpa; validated within eager's own int8-rounding noise).
     Returns a report (path, bytes, scheme, logits mode, validation numbers, seconds, warnings).
     """
     t0 = time.perf_counter()
@@ -1009,6 +1178,10 @@ def export(
     if logits == "last" and not dynamic_shape:
         raise EdgeftError("pte export: logits='last' needs a dynamic-shape program (a one-token program has one position)")
     full_logits = logits == "all"
+    if embedding not in (None, *EMBEDDING_FORMATS):
+        raise EdgeftError(f"pte export: embedding must be one of {', '.join(EMBEDDING_FORMATS)}, not {embedding!r}")
+    if kv_cache not in KV_CACHE_FORMATS:
+        raise EdgeftError(f"pte export: kv_cache must be one of {', '.join(KV_CACHE_FORMATS)}, not {kv_cache!r}")
     max_context_len = max_context_len or max_seq_len
     if not 2 <= max_seq_len <= max_context_len:
         raise EdgeftError(f"pte export: need 2 <= max_seq_len ({max_seq_len}) <= max_context_len ({max_context_len})")
@@ -1032,8 +1205,9 @@ def export(
         for n, m in model.named_modules()
         if isinstance(m, nn.Linear)
     )
-    emb = model.get_input_embeddings().weight
-    int8_emb = _weight_kind(emb) == "weight-only" and _is_int8_per_row(emb)
+    if embedding is not None and _embedding_format(model.get_input_embeddings().weight) != embedding:
+        _quantize_embedding(model, embedding, warn)
+    emb_fmt = _embedding_format(model.get_input_embeddings().weight)
     seq_meta = max_seq_len if dynamic_shape else max_context_len  # a static program never chunks
     metadata = _metadata(model, tokenizer, seq_meta, max_context_len, dynamic_shape, full_logits)
     expected = _expected_bytes(model)
@@ -1042,18 +1216,19 @@ def export(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export / ExecuTorch deprecation chatter
         with _edge_rewrites(
-            model, arch, max_context_len, warn, last_only=not full_logits, max_seq_len=max_seq_len
+            model, arch, max_context_len, warn, last_only=not full_logits, max_seq_len=max_seq_len, kv_cache=kv_cache
         ) as program:
-            kv_cache = _kv_cache_report(model)
-            if kv_cache["ring_rows"]:
+            kv_report = _kv_cache_report(model)
+            if kv_report["ring_rows"]:
                 metadata[REWIND_METHOD] = max_seq_len  # ring_rows: rewinding stays exact within one chunk
             buf = _lower(program, max_seq_len, metadata, dynamic_shape, warn)
     lower_s = time.perf_counter() - t_lower
-    structure = _structure(buf, int8_emb, grouped_wo, ring=bool(kv_cache["ring_rows"]),
-                           full=kv_cache["ring_layers"] < kv_cache["layers"])
+    structure = _structure(buf, emb_fmt, grouped_wo, ring=bool(kv_report["ring_rows"]),
+                           full=kv_report["ring_layers"] < kv_report["layers"], kv_int8=kv_cache == "int8")
     _check_size(len(buf), expected)
-    if record and record.get("embeddings") and not int8_emb:
-        warn.append("the scheme's embedding quantization is not int8 per row: embedding exported as float32")
+    if record and record.get("embeddings") and emb_fmt == "float":
+        warn.append("the scheme's embedding quantization is neither int8 per row nor int4 in groups: embedding "
+                    "exported as float32")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dest = Exports(out_dir).pte(logits)
@@ -1063,7 +1238,8 @@ def export(
         os.chmod(tmp_pte, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
         with _staged_tokenizer(src) as tok_dir:
             validation = _validate(
-                tmp_pte, tok_dir, model, tokenizer, quant_act, max_seq_len, warn, full_logits, kv_cache["ring_rows"]
+                tmp_pte, tok_dir, model, tokenizer, quant_act, max_seq_len, warn, full_logits, kv_report["ring_rows"],
+                kv_int8=kv_cache == "int8",
             )
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             if (src / name).exists():
@@ -1088,7 +1264,7 @@ def export(
         "max_seq_len": seq_meta,
         "max_context_len": max_context_len,
         "dynamic_shape": dynamic_shape,
-        "kv_cache": kv_cache,
+        "kv_cache": kv_report,
         "validation": validation,
         "seconds": {"lower": round(lower_s, 1), "validate": round(val_s, 1), "total": round(time.perf_counter() - t0, 1)},
         "warnings": warn,

@@ -225,7 +225,8 @@ class QATPlan:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "QATPlan":
         return resolve(d["name"], group_size=d.get("group_size"), weight_scale=d.get("weight_scale", "absmax"),
-                       int8_modules=tuple(d.get("int8_modules", ())))
+                       int8_modules=tuple(d.get("int8_modules", ())),
+                       embedding=d.get("embedding") if d["name"] == AUTO else None)
 
     @property
     def searched_scales(self) -> bool:
@@ -272,15 +273,30 @@ class QATPlan:
         return QATConfig(activation_config=act, weight_config=weight, step="prepare")
 
     def embedding_config(self) -> Any:
-        if self.embedding is None:
-            return None
-        if self.embedding == "int8-per-channel":
-            import torch
-            from torchao.quantization import IntxWeightOnlyConfig
-            from torchao.quantization.granularity import PerAxis
+        """torchao's config for the embedding treatment (None: the embedding stays float)."""
+        return None if self.embedding is None else embedding_treatment_config(self.embedding)
 
-            return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
-        raise EdgeftError(f"unknown embedding treatment {self.embedding!r}")
+
+# Embedding treatments: (what it is). Group size of the 4-bit one: ExecuTorch's LLM export default (4,32).
+EMBEDDING_TREATMENTS: dict[str, str] = {
+    "int8-per-channel": "int8 symmetric, one fp32 scale per row (.pte: embedding_byte; GGUF: Q8_0)",
+    "int4-per-group": "int4 symmetric in groups of 32, fp32 scales (.pte: embedding_4bit, two codes a byte; GGUF: "
+                      "Q4_0 under q4_0)",
+}
+EMBEDDING_INT4_GROUP = 32
+
+
+def embedding_treatment_config(treatment: str) -> Any:
+    """torchao's weight-only config that writes ``treatment``'s grid (:data:`EMBEDDING_TREATMENTS`)."""
+    import torch
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    if treatment == "int8-per-channel":
+        return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    if treatment == "int4-per-group":
+        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(EMBEDDING_INT4_GROUP))
+    raise EdgeftError(f"unknown embedding treatment {treatment!r}; choose from {', '.join(EMBEDDING_TREATMENTS)}")
 
 
 # How an integer weight group's scale is chosen; both are written as they are by convert (torchao's custom scales) and
@@ -308,13 +324,20 @@ def module_matches(name: str, entry: str) -> bool:
 
 
 def resolve(name: str, group_size: int | None = None, weight_scale: str = "absmax",
-            int8_modules: tuple[str, ...] | list[str] = ()) -> QATPlan:
+            int8_modules: tuple[str, ...] | list[str] = (), embedding: str | None = None) -> QATPlan:
     """Look up a scheme or preset by name; one clear error for an unknown name, group size, weight scale or a
-    scheme that cannot keep ``int8_modules`` at int8."""
+    scheme that cannot keep ``int8_modules`` at int8. ``embedding``: the device-fit plan's (``auto`` only)
+    treatment, in place of the preset's."""
     if name in PRESETS or name == AUTO:
         p = PRESETS[AUTO_BASE if name == AUTO else name]
-        scheme, embedding, full = SCHEMES[p.scheme], p.embedding, p.full_finetuning
+        if embedding is not None and name != AUTO:
+            raise EdgeftError(f"preset {name}: its embedding treatment is fixed ({p.embedding})")
+        if embedding is not None and embedding not in EMBEDDING_TREATMENTS:
+            raise EdgeftError(f"unknown embedding treatment {embedding!r}; choose from {', '.join(EMBEDDING_TREATMENTS)}")
+        scheme, embedding, full = SCHEMES[p.scheme], embedding or p.embedding, p.full_finetuning
     elif name in SCHEMES:
+        if embedding is not None:
+            raise EdgeftError(f"scheme {name}: embedding treatments come with presets (or auto), not schemes")
         scheme, embedding, full = SCHEMES[name], None, None
     else:
         raise EdgeftError(
