@@ -137,6 +137,12 @@ def build_parser(config_cls: type[TrainConfig] = TrainConfig) -> argparse.Argume
     e.add_argument("--logits", choices=["all", "last"],
                    help=".pte output: logits for every position (all, default: model.pte, what `edgeft eval` runs) "
                         "or the last one only (last: model-last.pte, for apps; less prefill work and memory)")
+    e.add_argument("--embedding", choices=["int8", "int4"],
+                   help=".pte embedding: int8 per row (embedding_byte) or int4 in groups of 32 (embedding_4bit), "
+                        "quantized here when the run's embedding is not on that grid (default: as the run has it)")
+    e.add_argument("--kv-cache", choices=["fp32", "int8"],
+                   help=".pte KV cache: fp32, or int8 per token and head (ExecuTorch's quantized KV cache; default: "
+                        "the run's device-fit plan's, else fp32)")
 
     v = sub.add_parser(
         "eval", help="BF16 vs PTQ vs QAT on eager, .pte and GGUF runtimes",
@@ -341,6 +347,13 @@ def _dispatch(args: argparse.Namespace) -> int:
             if args.format != "pte":
                 raise EdgeftError("--logits applies to pte exports only")
             kw["logits"] = args.logits
+        for flag, val in (("--embedding", args.embedding), ("--kv-cache", args.kv_cache)):
+            if val and args.format != "pte":
+                raise EdgeftError(f"{flag} applies to pte exports only")
+        if args.embedding:
+            kw["embedding"] = args.embedding
+        if args.kv_cache:
+            kw["kv_cache"] = args.kv_cache
         report = pipeline.export(args.format, args.run, quant=args.quant, **kw)
         print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2, default=str))
     elif args.command == "eval":

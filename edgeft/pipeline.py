@@ -630,8 +630,9 @@ def saved_scales(root: str | Path | Variant) -> dict | None:
 def export(fmt: str, run: str | Path | None = None, quant: str | None = None, **kwargs: Any) -> dict[str, Any]:
     """Export the run's converted model as ``pte``, ``gguf`` (``quant``) or ``torchao``; returns the report.
 
-    ``kwargs`` go to the exporter; for ``pte``: ``max_seq_len``, ``max_context_len``, ``dynamic_shape`` and
-    ``logits`` (``"all"``: ``model.pte``, what :func:`evaluate` runs; ``"last"``: ``model-last.pte`` for apps).
+    ``kwargs`` go to the exporter; for ``pte``: ``max_seq_len``, ``max_context_len``, ``dynamic_shape``,
+    ``logits`` (``"all"``: ``model.pte``, what :func:`evaluate` runs; ``"last"``: ``model-last.pte`` for apps),
+    ``embedding`` and ``kv_cache`` (default: a device-fit plan's KV-cache format, else fp32).
     """
     if fmt not in EXPORT_FORMATS:
         raise EdgeftError(f"unknown export format {fmt!r}; choose from {', '.join(EXPORT_FORMATS)}")
@@ -651,6 +652,12 @@ def export(fmt: str, run: str | Path | None = None, quant: str | None = None, **
         if fp is not None:  # a device-fit plan budgeted its KV cache at its context: the program holds that cache
             kwargs["max_context_len"] = fp.budget.context
             kwargs["max_seq_len"] = min(kwargs.get("max_seq_len") or 512, fp.budget.context)
+    if fmt == "pte" and kwargs.get("kv_cache") is None:
+        from .qat import plan as fit
+
+        fp = fit.load(run.root)
+        if fp is not None:  # the plan's KV-cache format (its embedding format is already in the converted model)
+            kwargs["kv_cache"] = fp.kv_cache
     report = export_dir(fmt, src, run.exports.path, quant=quant, **kwargs)
     if fmt == "gguf":
         # the Ollama Modelfile carries the run's chat template and stop tokens next to the GGUF it names

@@ -12,8 +12,8 @@ Guarantees:
 - the plan is ``qat_plan.json`` in the run (:meth:`FitPlan.write`, :func:`load`: every tensor's format, bytes and
   why), and :meth:`FitPlan.qat_plan` trains exactly it (phone-deployment's grids, the chosen group size, the
   chosen linears at int8 by module path), which prepare, convert and both exporters carry;
-- formats no exporter of this version writes (4-bit embeddings, an int8 KV cache) are listed with the reason and
-  never chosen.
+- 4-bit embeddings and an int8 KV cache (``.pte``), whose accuracy cost the calibration does not measure, are
+  chosen only when no plan without them fits (``UNMEASURED``).
 
 The method, its approximations and measured size-model errors: docs/device-fit.md.
 """
@@ -44,15 +44,17 @@ GGUF_FIXED = 4096  # header, architecture metadata, chat template
 # embedding formats: (preset embedding treatment, None) when available, (None, why not) otherwise
 EMBEDDING_FORMATS: dict[str, tuple[str | None, str | None]] = {
     "int8": ("int8-per-channel", None),
-    "int4": (None, "no exporter of this version writes 4-bit embeddings (the .pte's embedding_byte kernel takes int8 "
-                   "rows; issue #17 item 2)"),
+    "int4": ("int4-per-group", None),  # .pte embedding_4bit, GGUF Q4_0 (groups of 32)
 }
-# KV-cache formats: (bytes per element in the .pte, in llama.cpp) when available, or why not
+# KV-cache formats: (bytes per element in the .pte, in llama.cpp) when available, or why not. The .pte's int8 cache
+# also holds an fp32 scale and an int8 zero point per (position, head): + 5 / head_dim a element (_kv_bytes). A GGUF
+# does not choose llama.cpp's cache type (a runtime option): it stays f16 whatever the plan.
 KV_FORMATS: dict[str, tuple[tuple[float, float] | None, str | None]] = {
     "fp32": ((4, 2), None),  # ExecuTorch's cache is fp32; llama.cpp's default is f16
-    "int8": (None, "the .pte exporter writes an fp32 cache (ExecuTorch's update_cache/custom_sdpa ops); an int8 "
-                   "cache is issue #17 item 2"),
+    "int8": ((1, 2), None),  # ExecuTorch's quantized KV cache (exporters/pte.py _int8_kv_sdpa)
 }
+# formats whose accuracy cost the calibration does not measure: a plan takes them only when none without them fits
+UNMEASURED = {"embedding": "int4", "kv_cache": "int8"}
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ def gguf_vocab_bytes(tokenizer_dir: str | Path) -> int:
 
 
 def tensor_bytes(fmt: str, rows: int, cols: int, artifact: str) -> int:
-    """Bytes of one 2-D weight in ``fmt`` (``int4-gN``, ``int8``, ``emb-int8``, ``float``) as ``artifact`` stores
+    """Bytes of one 2-D weight in ``fmt`` (``int4-gN``, ``int8``, ``emb-int8``, ``emb-int4``, ``float``) as ``artifact`` stores
     it (module docstring; ``exporters.pte._expected_bytes`` and ``exporters.gguf._exact_blocks``)."""
     n = rows * cols
     if artifact == "pte":
@@ -158,10 +160,14 @@ def tensor_bytes(fmt: str, rows: int, cols: int, artifact: str) -> int:
             return n + rows * 2  # 8da8w: int8 rows, one scale per row (as _expected_bytes counts it)
         if fmt == "emb-int8":
             return n + rows * 4  # embedding_byte: int8 rows, fp32 scales
+        if fmt == "emb-int4":
+            return n // 2 + (n // 32) * 4  # embedding_4bit: two codes a byte, fp32 scales per group of 32
         return n * 4
     if artifact == "gguf":
         if fmt.startswith("int4-g"):
             return n // 32 * 18  # Q4_0: a group of 64/128 is 2/4 blocks repeating its scale
+        if fmt == "emb-int4":
+            return n // 32 * 18  # Q4_0 (groups of 32)
         if fmt in ("int8", "emb-int8"):
             return n // 32 * 34  # Q8_0
         return n // 32 * 34 if cols % 32 == 0 else n * 2  # exact export: float 2-D -> Q8_0 (F16 if rows misfit)
@@ -194,7 +200,10 @@ def _kv_bytes(shape: ModelShape, context: int, kv: str, artifact: str) -> int:
 
     per = KV_FORMATS[kv][0]
     assert per is not None
-    return kv_cache_bytes(shape.config, context, per[ARTIFACTS.index(artifact)])
+    elem = per[ARTIFACTS.index(artifact)]
+    if kv == "int8" and artifact == "pte":
+        elem += 5 / int(shape.config["head_dim"])  # fp32 scale + int8 zero point per (position, head)
+    return kv_cache_bytes(shape.config, context, elem)
 
 
 def size_limit(shape: ModelShape, budget: Budget, kv: str, artifact: str) -> tuple[float, str]:
@@ -252,7 +261,8 @@ class FitPlan:
 
         if self.base != AUTO_BASE:
             raise EdgeftError(f"device-fit plans are built on {AUTO_BASE}, not {self.base!r}")
-        return resolve(AUTO, self.group_size, self.weight_scale, self.int8_modules)
+        return resolve(AUTO, self.group_size, self.weight_scale, self.int8_modules,
+                       embedding=EMBEDDING_FORMATS[self.embedding][0])
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -373,6 +383,8 @@ def choose(shape: ModelShape, sensitivity: dict[Any, dict[str, float]], budget: 
     kvs = [k for k, (per, _) in KV_FORMATS.items() if per is not None]
     cands = [_candidate(shape, sensitivity[g], budget, g, e, k) for g in group_sizes for e in embs for k in kvs]
     fitting = [c for c in cands if c["fits"]]
+    measured = [c for c in fitting if not any(c[k] == v for k, v in UNMEASURED.items())]
+    fitting = measured or fitting
     if not fitting:
         small = min(cands, key=lambda c: max(c["smallest_mb"][a] - c["limit_mb"][a] for a in budget.targets))
         art = max(budget.targets, key=lambda a: small["smallest_mb"][a] - small["limit_mb"][a])
@@ -408,13 +420,19 @@ def choose(shape: ModelShape, sensitivity: dict[Any, dict[str, float]], budget: 
                         "bytes": b, "why": why})
     vocab, hidden = shape.embedding
     alt = "; ".join(f"{e}: {r}" for e, (c, r) in EMBEDDING_FORMATS.items() if c is None)
+    needed = ("no plan with int8 embeddings and an fp32 KV cache fits; its accuracy cost is not measured by the "
+              "calibration, so it is taken only when needed")
     tensors.append({"name": "embedding", "shape": [vocab, hidden], "format": best["embedding"],
                     "bytes": {a: tensor_bytes("emb-" + best["embedding"], vocab, hidden, a) for a in ARTIFACTS},
-                    "why": "int8 per row: the only embedding format both exporters carry"
-                    + (f" ({alt})" if alt else "")})
+                    "why": ("int8 per row (.pte embedding_byte, GGUF Q8_0): int4 groups are taken only when needed"
+                            if best["embedding"] == "int8" else f"int4 in groups of 32 (.pte embedding_4bit, GGUF "
+                            f"Q4_0): {needed}") + (f" ({alt})" if alt else "")})
     kv_alt = "; ".join(f"{k}: {r}" for k, (p, r) in KV_FORMATS.items() if p is None)
     tensors.append({"name": "kv_cache", "shape": [budget.context], "format": best["kv_cache"],
-                    "why": "fp32 in the .pte, f16 in llama.cpp" + (f" ({kv_alt})" if kv_alt else "")})
+                    "why": ("fp32 in the .pte, f16 in llama.cpp: int8 is taken only when needed"
+                            if best["kv_cache"] == "fp32" else f"int8 in the .pte (ExecuTorch's quantized KV cache), "
+                            f"f16 in llama.cpp (a runtime option, not in the file): {needed}")
+                    + (f" ({kv_alt})" if kv_alt else "")})
     sizes = best["sizes"]
     predicted = {a: predict(shape, budget, sizes[a], best["kv_cache"], a) for a in ARTIFACTS}
     predicted["loss_rise"] = best["loss_rise"]

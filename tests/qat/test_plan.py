@@ -113,11 +113,11 @@ def test_device_budget_limits_memory_and_decode():
 
 def test_impossible_budget_names_the_smallest_plan():
     shape = _shape()
-    smallest = fit.artifact_bytes(shape, 128, set(), "int8", "pte")
+    smallest = fit.artifact_bytes(shape, 128, set(), "int4", "pte")  # int4 embeddings are the smallest
     with pytest.raises(EdgeftError) as e:
         fit.choose(shape, SENS, fit.Budget(max_size_mb=0.05))
     msg = str(e.value)
-    assert "\n" not in msg and "int4 g128" in msg and "--max-size 0.05 MB" in msg
+    assert "\n" not in msg and "int4 g128" in msg and "int4 embeddings" in msg and "--max-size 0.05 MB" in msg
     assert re.search(r"is ([\d.]+) MB as \.pte", msg).group(1) == f"{smallest / MB:.1f}"
 
 
@@ -218,3 +218,25 @@ def test_device_flag_names_a_profile_or_a_torch_device():
     assert resolve_cfg(TrainConfig(model="tiny-llama", device="cpu")).hardware.device == "cpu"
     with pytest.raises(EdgeftError, match="two target devices"):
         resolve_cfg(TrainConfig(qat="auto", device="pixel-8").replace(fit_device="galaxy-s24"))
+
+
+def test_unmeasured_formats_only_when_needed():
+    """int4 embeddings / an int8 KV cache (no measured loss rise) are taken only when no int8/fp32 plan fits, and
+    then the plan trains and exports them: the QAT plan's embedding treatment, the sizes of what the .pte holds."""
+    shape = _shape()
+    roomy = fit.choose(shape, SENS, fit.Budget(max_size_mb=1.0))
+    assert (roomy.embedding, roomy.kv_cache) == ("int8", "fp32")
+    assert roomy.qat_plan().embedding == "int8-per-channel"
+    int8_emb = max(fit.artifact_bytes(shape, 128, set(), "int8", a) for a in fit.ARTIFACTS)
+    int4_emb = max(fit.artifact_bytes(shape, 128, set(), "int4", a) for a in fit.ARTIFACTS)
+    assert int4_emb < int8_emb
+    tight = fit.choose(shape, SENS, fit.Budget(max_size_mb=(int4_emb + int8_emb) / 2 / MB))
+    assert tight.embedding == "int4" and tight.kv_cache == "fp32"  # a size cap: the cache does not help
+    assert tight.qat_plan().embedding == "int4-per-group"
+    assert qat.QATPlan.from_dict(tight.qat_plan().to_dict()).embedding == "int4-per-group"
+    emb = next(t for t in tight.tensors if t["name"] == "embedding")
+    assert emb["bytes"]["pte"] == 1024 * 128 // 2 + 1024 * 128 // 32 * 4 and "only when needed" in emb["why"]
+    # the int8 cache holds 1 byte per element plus an fp32 scale and int8 zero point per (position, head)
+    ctx = 4096
+    assert fit._kv_bytes(shape, ctx, "int8", "pte") == 2 * 2 * 2 * ctx * (32 + 5)
+    assert fit._kv_bytes(shape, ctx, "int8", "gguf") == fit._kv_bytes(shape, ctx, "fp32", "gguf")
