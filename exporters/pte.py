@@ -221,7 +221,8 @@ def _is_int4_group_embedding(w: torch.Tensor) -> bool:
     return (
         _weight_kind(w) == "weight-only"
         and w.target_dtype == torch.int4
-        and list(w.block_size)[0] == 1
+        and len(w.block_size) == 2
+        and w.block_size[0] == 1
         and w.block_size[1] % 2 == 0
         and w.shape[1] % w.block_size[1] == 0
         and bool((w.zero_point == 0).all())
@@ -784,7 +785,8 @@ def _lower_once(
 
 def _expected_bytes(model: nn.Module) -> int:
     """Weight bytes the program should hold: int4 as nibbles with bf16 group scales (XNNPACK's qb4w), the
-    int8 embedding as bytes with fp32 row scales, the int4 one as nibbles with fp32 group scales, everything else fp32 (a tied float head is stored twice:
+    int8 embedding as bytes with fp32 row scales, the int4 one as nibbles with fp32 group scales, everything
+    else fp32 (a tied float head is stored twice:
     once for the embedding kernel, once packed by XNNPACK). Off by < 2% on every model measured."""
     total = 0
     for mod in model.modules():
@@ -836,7 +838,8 @@ def _structure(
         raise EdgeftError("pte export: grouped weight-only linears without dequantize_per_channel (no integers)")
     allowed = {dq} if grouped_weight_only else set()
     if kv_int8:  # the int8 cache: keys, values and queries quantized per token by ExecuTorch's quantized kernels
-        allowed |= {"quantized_decomposed::choose_qparams_per_token_asymmetric", "quantized_decomposed::quantize_per_token"}
+        allowed |= {"quantized_decomposed::choose_qparams_per_token_asymmetric",
+                    "quantized_decomposed::quantize_per_token"}
     leftover = sorted(o for o in ops if (o.startswith("torchao") or "dequantize" in o) and o not in allowed)
     if leftover:
         raise EdgeftError(f"pte export: quantized ops left outside XNNPACK: {', '.join(leftover)}")
@@ -1179,7 +1182,9 @@ def export(
         raise EdgeftError("pte export: logits='last' needs a dynamic-shape program (a one-token program has one position)")
     full_logits = logits == "all"
     if embedding not in (None, *EMBEDDING_FORMATS):
-        raise EdgeftError(f"pte export: embedding must be one of {', '.join(EMBEDDING_FORMATS)}, not {embedding!r}")
+        raise EdgeftError(
+            f"pte export: embedding must be one of {', '.join(EMBEDDING_FORMATS)}, not {embedding!r}"
+        )
     if kv_cache not in KV_CACHE_FORMATS:
         raise EdgeftError(f"pte export: kv_cache must be one of {', '.join(KV_CACHE_FORMATS)}, not {kv_cache!r}")
     max_context_len = max_context_len or max_seq_len
@@ -1216,7 +1221,8 @@ def export(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export / ExecuTorch deprecation chatter
         with _edge_rewrites(
-            model, arch, max_context_len, warn, last_only=not full_logits, max_seq_len=max_seq_len, kv_cache=kv_cache
+            model, arch, max_context_len, warn,
+            last_only=not full_logits, max_seq_len=max_seq_len, kv_cache=kv_cache,
         ) as program:
             kv_report = _kv_cache_report(model)
             if kv_report["ring_rows"]:

@@ -150,7 +150,8 @@ def gguf_vocab_bytes(tokenizer_dir: str | Path) -> int:
 
 
 def tensor_bytes(fmt: str, rows: int, cols: int, artifact: str) -> int:
-    """Bytes of one 2-D weight in ``fmt`` (``int4-gN``, ``int8``, ``emb-int8``, ``emb-int4``, ``float``) as ``artifact`` stores
+    """Bytes of one 2-D weight in ``fmt`` (``int4-gN``, ``int8``, ``emb-int8``, ``emb-int4``, ``float``) as
+    ``artifact`` stores
     it (module docstring; ``exporters.pte._expected_bytes`` and ``exporters.gguf._exact_blocks``)."""
     n = rows * cols
     if artifact == "pte":

@@ -333,7 +333,9 @@ def resolve(name: str, group_size: int | None = None, weight_scale: str = "absma
         if embedding is not None and name != AUTO:
             raise EdgeftError(f"preset {name}: its embedding treatment is fixed ({p.embedding})")
         if embedding is not None and embedding not in EMBEDDING_TREATMENTS:
-            raise EdgeftError(f"unknown embedding treatment {embedding!r}; choose from {', '.join(EMBEDDING_TREATMENTS)}")
+            raise EdgeftError(
+                f"unknown embedding treatment {embedding!r}; choose from {', '.join(EMBEDDING_TREATMENTS)}"
+            )
         scheme, embedding, full = SCHEMES[p.scheme], embedding or p.embedding, p.full_finetuning
     elif name in SCHEMES:
         if embedding is not None:
