@@ -34,6 +34,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
@@ -46,10 +47,10 @@ VARIANTS = {
     # edgeft's bf16 update: fp32 master weights since issue 14, the bf16 weights their stochastic rounding; on an
     # earlier commit, what that commit did (compare with --merge ... --rename bf16=bf16-nearest)
     "bf16": {"dtype": "bf16"},
-    "bf16-nearest": {"dtype": "bf16"},  # fp32 masters rounded to nearest (train_loop's bf16_update="master-nearest")
-    "bf16-pure": {"dtype": "bf16"},  # the pure-bf16 update, no masters (train_loop's bf16_update="pure")
+    "bf16-nearest": {"dtype": "bf16"},  # fp32 masters rounded to nearest (Optimization.bf16_update="master-nearest")
+    "bf16-pure": {"dtype": "bf16"},  # the pure-bf16 update, no masters (Optimization.bf16_update="pure")
 }
-UPDATES = {"bf16-nearest": "master-nearest", "bf16-pure": "pure"}  # train_loop's bf16_update per variant
+UPDATES = {"bf16-nearest": "master-nearest", "bf16-pure": "pure"}  # Optimization.bf16_update per variant
 
 
 def _base(name: str) -> tuple[str, str | None]:
@@ -229,7 +230,7 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
         loop = etrain.train_loop
         update = UPDATES.get(_base(name)[0])
         if update:  # another bf16 update than the default, through the API
-            etrain.train_loop = lambda *a, **k: loop(*a, **dict(k, bf16_update=update))
+            etrain.train_loop = lambda model, data, opt, **k: loop(model, data, replace(opt, bf16_update=update), **k)
         try:
             edgeft.train(cfg.replace(overwrite=True))
         finally:

@@ -374,7 +374,8 @@ def _train_variant(cfg: TrainConfig, root: Variant, model_dir: Path, data, qat_d
     import torch
 
     from . import qat as qatlib
-    from .training import CheckpointManager, prepare_model, train_loop
+    from .training import (CheckpointManager, Checkpointing, Evaluation, Optimization, Placement, Reporting,
+                           TrainData, prepare_model, train_loop)
     from .training.distributed import barrier
     from .training.model import save_adapter as _save_adapter
 
@@ -419,44 +420,33 @@ def _train_variant(cfg: TrainConfig, root: Variant, model_dir: Path, data, qat_d
         save_adapter = (lambda d, sd=None: _save_adapter(model, d, sd)) if cfg.model.mode == "lora" else None
         ckpt = CheckpointManager(root.checkpoints, cfg.run.save_total_limit, fingerprint, save_adapter,
                                  defaults=identity_defaults())
+    opt = cfg.optim
     summary = train_loop(
         model,
-        train_ex,
-        pad_id=tokenizer.pad_token_id,
-        max_steps=cfg.qat.max_steps if qat_during_training else cfg.optim.max_steps,
-        batch_size=cfg.optim.batch_size,
-        grad_accum=cfg.optim.grad_accum,
-        lr=cfg.qat.lr if qat_during_training else cfg.optim.lr,
-        weight_decay=cfg.optim.weight_decay,
-        schedule=cfg.optim.schedule,
-        warmup_ratio=cfg.optim.warmup_ratio,
-        warmup_steps=cfg.optim.warmup_steps,
-        max_grad_norm=cfg.optim.max_grad_norm,
-        seed=cfg.optim.seed,
-        device=device,
-        metrics_path=root.metrics,
-        progress=cfg.run.progress,
-        desc=label,
-        optim=cfg.optim.optimizer,
-        embedding_lr=cfg.optim.embedding_lr,
-        scale_lr=cfg.qat.scale_lr if qat_during_training else None,
-        batching=cfg.data.batching,
-        max_seq_length=cfg.data.max_seq_length,
-        eval_examples=eval_ex or None,
-        eval_steps=cfg.eval.steps,
-        early_stopping_patience=cfg.eval.early_stopping_patience,
-        early_stopping_threshold=cfg.eval.early_stopping_threshold,
-        load_best=cfg.eval.load_best,
-        checkpoints=ckpt,
-        save_steps=cfg.run.save_steps,
-        resume=cfg.run.resume,
-        report_to=cfg.run.report_to,
-        logging_steps=cfg.run.logging_steps,
-        log_dir=root.root,
-        run_config=cfg.to_dict(),
-        dist=dist,
+        TrainData(train_ex, tokenizer.pad_token_id, eval_ex or None, cfg.data.batching, cfg.data.max_seq_length),
+        Optimization(
+            max_steps=cfg.qat.max_steps if qat_during_training else opt.max_steps,
+            batch_size=opt.batch_size,
+            lr=cfg.qat.lr if qat_during_training else opt.lr,
+            grad_accum=opt.grad_accum,
+            weight_decay=opt.weight_decay,
+            schedule=opt.schedule,
+            warmup_ratio=opt.warmup_ratio,
+            warmup_steps=opt.warmup_steps,
+            max_grad_norm=opt.max_grad_norm,
+            optimizer=opt.optimizer,
+            embedding_lr=opt.embedding_lr,
+            scale_lr=cfg.qat.scale_lr if qat_during_training else None,
+            seed=opt.seed,
+        ),
+        evaluation=Evaluation(cfg.eval.steps, cfg.eval.early_stopping_patience, cfg.eval.early_stopping_threshold,
+                              cfg.eval.load_best),
+        checkpointing=Checkpointing(ckpt, cfg.run.save_steps, cfg.run.resume),
+        reporting=Reporting(metrics_path=root.metrics, progress=cfg.run.progress, desc=label,
+                            logging_steps=cfg.run.logging_steps, report_to=cfg.run.report_to, log_dir=root.root,
+                            run_config=cfg.to_dict()),
+        placement=Placement(device, dist, strategy or "ddp"),
         distill=_distillation(cfg, twin, device, fsdp_load) if (twin is not None and cfg.qat.distill) else None,
-        strategy=strategy or "ddp",
     )
     if strategy == "fsdp":
         from .training.fsdp import full_trainable_state

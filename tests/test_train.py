@@ -11,7 +11,7 @@ from edgeft.data import encode_dataset, load_conversations
 from edgeft.errors import EdgeftError
 from edgeft.models import load_model, resolve_model
 from edgeft.data import collate
-from edgeft.training import backward_window, lm_loss_sum, lr_factor, train_loop
+from edgeft.training import Optimization, Reporting, TrainData, backward_window, lm_loss_sum, lr_factor, train_loop
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,10 @@ def test_loss_sum_matches_reference_cross_entropy(tiny):
 def _run(model_dir, tok, examples, batch_size, grad_accum, path):
     torch.manual_seed(0)
     model, _ = load_model(model_dir)
-    train_loop(model, examples, pad_id=tok.pad_token_id, max_steps=3, batch_size=batch_size, grad_accum=grad_accum,
-               lr=1e-3, seed=7, metrics_path=path, progress=False, warmup_ratio=0.0)
+    train_loop(model, TrainData(examples, tok.pad_token_id),
+               Optimization(max_steps=3, batch_size=batch_size, grad_accum=grad_accum, lr=1e-3, seed=7,
+                            warmup_ratio=0.0),
+               reporting=Reporting(metrics_path=path, progress=False))
     return [json.loads(l)["loss"] for l in open(path)], model
 
 
@@ -76,5 +78,5 @@ def test_nan_loss_stops_with_the_step(tiny, tmp_path):
     with torch.no_grad():
         model.model.norm.weight.fill_(math.nan)
     with pytest.raises(EdgeftError, match="step 1"):
-        train_loop(model, examples, pad_id=tok.pad_token_id, max_steps=2, batch_size=2, grad_accum=1, lr=1e-3,
-                   progress=False)
+        train_loop(model, TrainData(examples, tok.pad_token_id), Optimization(max_steps=2, batch_size=2, lr=1e-3),
+                   reporting=Reporting(progress=False))

@@ -68,7 +68,7 @@ def ddp_bytes_estimate(n_params: int, cfg: Any) -> int:
     elem = 2 if cfg.hardware.dtype == "bf16" else 4
     trained = n_params if cfg.model.mode == "full" else 0
     bucket = trained * elem
-    # "master": the pipeline's update (train_loop's default); bf16_update is an API-only knob, not a config field
+    # "master": the pipeline's update (Optimization's default); bf16_update is an API-only knob, not a config field
     return n_params * elem + bucket + update_state_bytes(trained * elem, cfg.hardware.dtype, "master")
 
 

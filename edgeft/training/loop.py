@@ -8,7 +8,7 @@ Resuming is exact: the data order of epoch e is a pure function of (seed, e), so
 integers; together with the model's trainable tensors, optimizer and scheduler states and RNG states (see
 checkpoint.py) a run killed at any point continues with the same losses it would have had.
 
-Several processes (torchrun): DDP by default, or FSDP2 (``strategy="fsdp"``, see fsdp.py): the model is sharded
+Several processes (torchrun): DDP by default, or FSDP2 (``Placement(strategy="fsdp")``, fsdp.py): the model is sharded
 inside :class:`LossModule`, every forward goes through it (evaluation too, the same number of batches on every
 rank, since each forward gathers weights from all ranks) and checkpoints gather the trainable tensors on rank 0.
 Under FSDP the model (and a distillation teacher) may come unloaded, on the meta device, on ranks other than 0:
@@ -41,6 +41,7 @@ from .fsdp import clip_grad_norm
 from .optim import build_optimizer, build_scheduler, precision_record, warmup_steps_for
 from .precision import MasterWeights
 from .report import Reporter
+from .settings import Checkpointing, Evaluation, Optimization, Placement, Reporting, TrainData
 
 
 
@@ -238,59 +239,34 @@ def evaluate_loss(model: nn.Module, batcher: Batcher, batch_size: int, device: s
 
 def train_loop(
     model: nn.Module,
-    examples: list[dict[str, list[int]]],
+    data: TrainData,
+    optimization: Optimization,
     *,
-    pad_id: int,
-    max_steps: int,
-    batch_size: int,
-    grad_accum: int,
-    lr: float,
-    weight_decay: float = 0.0,
-    schedule: str = "cosine",
-    warmup_ratio: float = 0.1,
-    warmup_steps: int | None = None,
-    max_grad_norm: float = 1.0,
-    seed: int = 42,
-    device: str = "cpu",
-    metrics_path: str | Path | None = None,
-    progress: bool = True,
-    desc: str = "train",
-    optim: str = "adamw",
-    embedding_lr: float | None = None,
-    scale_lr: float | None = None,
-    batching: str = "padding_free",
-    max_seq_length: int | None = None,
-    eval_examples: list[dict[str, list[int]]] | None = None,
-    eval_steps: int | None = None,
-    early_stopping_patience: int | None = None,
-    early_stopping_threshold: float = 0.0,
-    load_best: bool = True,
-    checkpoints: CheckpointManager | None = None,
-    save_steps: int = 0,
-    resume: bool = False,
-    report_to: list[str] | tuple = (),
-    logging_steps: int = 10,
-    log_dir: Path | None = None,
-    run_config: dict | None = None,
-    dist: DistInfo | None = None,
-    on_log: Callable[[dict], None] | None = None,
-    strategy: str = "ddp",
+    evaluation: Evaluation = Evaluation(),
+    checkpointing: Checkpointing = Checkpointing(),
+    reporting: Reporting = Reporting(),
+    placement: Placement = Placement(),
     distill: Distillation | None = None,
-    bf16_update: str = "master",
-    keep_masters: bool = False,
+    on_log: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` in place for up to ``max_steps`` optimizer steps; returns a summary.
+    """Train ``model`` in place for up to ``optimization.max_steps`` optimizer steps; returns a summary.
 
-    One line per optimizer step goes to ``metrics_path`` (JSONL: step, loss, lr, grad norm, target tokens,
-    tokens/s, and eval_loss on evaluation steps; with ``distill``, the gradient is the distillation objective's and
-    the line adds distill_kl and objective). With ``checkpoints`` a checkpoint is written every ``save_steps``
-    steps, at every new best eval loss and at the end; ``resume`` continues from the newest one. With ``dist``,
-    ``strategy`` is "ddp" or "fsdp" (the model is sharded in place: rank 0 then gets the trained tensors from
-    :func:`edgeft.training.fsdp.full_trainable_state`, a collective). ``bf16_update``: how bf16 trainable tensors are
-    updated (optim.py, precision.py; the summary's ``precision`` records it); ``keep_masters``: the model ends with
-    its fp32 masters as weights (one process or DDP, unless the best weights of an earlier step were restored;
-    measured worse than the bf16 weights on SmolLM2, docs/precision.md, so the pipeline does not ask for it).
+    One line per optimizer step goes to ``reporting.metrics_path`` (JSONL: step, loss, lr, grad norm, target
+    tokens, tokens/s, and eval_loss on evaluation steps; with ``distill``, the gradient is the distillation
+    objective's and the line adds distill_kl and objective); ``on_log`` gets each line too. With
+    ``checkpointing.manager`` a checkpoint is written every ``save_steps`` steps, at every new best eval loss and at
+    the end; ``resume`` continues from the newest one. With ``placement.dist``, ``strategy`` is "ddp" or "fsdp" (the
+    model is sharded in place: rank 0 then gets the trained tensors from
+    :func:`edgeft.training.fsdp.full_trainable_state`, a collective). ``optimization.bf16_update``: how bf16
+    trainable tensors are updated (optim.py, precision.py; the summary's ``precision`` records it);
+    ``keep_masters``: the model ends with its fp32 masters as weights (one process or DDP, unless the best weights
+    of an earlier step were restored; measured worse than the bf16 weights on SmolLM2, docs/precision.md, so the
+    pipeline does not ask for it).
     """
+    opt_s, device, dist, strategy = optimization, placement.device, placement.dist, placement.strategy
+    max_steps, batch_size, seed = opt_s.max_steps, opt_s.batch_size, opt_s.seed
+    examples, batching, eval_steps = data.examples, data.batching, evaluation.steps
+    checkpoints = checkpointing.manager
     if not any(p.requires_grad for p in model.parameters()):
         raise EdgeftError("the model has no trainable parameters")
     is_main = dist is None or dist.is_main
@@ -303,12 +279,15 @@ def train_loop(
         sharded = Sharded(root, model, device, rank)  # before the optimizer: it must hold the sharded parameters
         if distill is not None:
             sharded.shard_frozen(distill.teacher)  # no rank holds the whole teacher either
-    opt = build_optimizer(model, lr, weight_decay, optim, embedding_lr, scale_lr, bf16_update, seed=seed)
-    sched = build_scheduler(opt, max_steps, warmup_steps_for(max_steps, warmup_ratio, warmup_steps), schedule)
+    opt = build_optimizer(model, opt_s.lr, opt_s.weight_decay, opt_s.optimizer, opt_s.embedding_lr, opt_s.scale_lr,
+                          opt_s.bf16_update, seed=seed)
+    sched = build_scheduler(opt, max_steps, warmup_steps_for(max_steps, opt_s.warmup_ratio, opt_s.warmup_steps),
+                            opt_s.schedule)
     params = [p for p in model.parameters() if p.requires_grad]
-    batcher = Batcher(examples, batching, pad_id, max_seq_length, seed)
+    batcher = Batcher(examples, batching, data.pad_id, data.max_seq_length, seed)
     sampler = Sampler(len(batcher), batch_size * world, seed, drop_last=world > 1)
-    eval_batcher = Batcher(eval_examples, batching, pad_id, max_seq_length, seed) if eval_examples else None
+    eval_batcher = (Batcher(data.eval_examples, batching, data.pad_id, data.max_seq_length, seed)
+                    if data.eval_examples else None)
     evaluating = eval_batcher is not None and bool(eval_steps)
     state: dict[str, Any] = {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "stopped": False,
                              "first_loss": None, "last_loss": None, "tokens": 0}
@@ -316,7 +295,7 @@ def train_loop(
 
     if checkpoints is not None and is_main:
         checkpoints.clean_partial()
-    latest = checkpoints.latest() if (checkpoints is not None and resume) else None
+    latest = checkpoints.latest() if (checkpoints is not None and checkpointing.resume) else None
     def snapshot() -> dict[str, torch.Tensor]:
         return sharded.local_state() if sharded is not None else trainable_state(model)
 
@@ -336,8 +315,8 @@ def train_loop(
                 raise EdgeftError(f"the best checkpoint step-{state['best_step']} is missing from {checkpoints.dir}")
     start = state["step"]
     metrics_f = None
-    if metrics_path and is_main:
-        metrics_path = Path(metrics_path)
+    if reporting.metrics_path and is_main:
+        metrics_path = Path(reporting.metrics_path)
         kept = [r for r in _metrics_rows(metrics_path) if r.get("step", 0) <= start] if start else []
         write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))  # drop steps past the resume point
         metrics_f = open(metrics_path, "a")  # noqa: SIM115 - closed below
@@ -347,15 +326,16 @@ def train_loop(
 
         ddp = DistributedDataParallel(LossModule(model, distill), device_ids=[torch.device(device).index]
                                       if device.startswith("cuda") else None)
-    reporter = Reporter(total=max_steps, start=start, desc=desc, progress=progress, logging_steps=logging_steps,
-                        report_to=report_to, log_dir=log_dir, config=run_config, enabled=is_main)
+    reporter = Reporter(total=max_steps, start=start, desc=reporting.desc, progress=reporting.progress,
+                        logging_steps=reporting.logging_steps, report_to=reporting.report_to,
+                        log_dir=reporting.log_dir, config=reporting.run_config, enabled=is_main)
     if start:
         reporter.message(f"resumed from {latest} at step {start}")
-    elif resume:
+    elif checkpointing.resume:
         reporter.message("no checkpoint to resume from: training from step 0")
     if batching == "packed":
-        reporter.message(f"packing: {len(examples)} examples in {len(batcher)} rows of {max_seq_length} tokens, "
-                         f"{batcher.efficiency:.1%} of tokens valid")
+        reporter.message(f"packing: {len(examples)} examples in {len(batcher)} rows of {data.max_seq_length} "
+                         f"tokens, {batcher.efficiency:.1%} of tokens valid")
 
     def save(step: int) -> None:
         if checkpoints is None:
@@ -380,7 +360,7 @@ def train_loop(
                 break
             t0 = time.perf_counter()
             window = []
-            for _ in range(grad_accum):
+            for _ in range(opt_s.grad_accum):
                 ids = sampler.next()
                 window.append(batcher.collate(ids[rank * batch_size : (rank + 1) * batch_size]))
             (n_input,) = all_reduce_sum([float(sum(
@@ -393,7 +373,7 @@ def train_loop(
                     f"loss became {loss} at step {step + 1}; lower the learning rate or raise warmup "
                     "(with fp16 weights, use bf16 or fp32: fp16 overflows)"
                 )
-            grad_norm = clip_grad_norm(params, max_grad_norm)
+            grad_norm = clip_grad_norm(params, opt_s.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
             cur_lr = sched.get_last_lr()[0]
@@ -411,13 +391,13 @@ def train_loop(
             if evaluating and ((step + 1) % eval_steps == 0 or step + 1 == max_steps):
                 ev = evaluate_loss(model, eval_batcher, batch_size, device, dist, sharded_root=root)
                 row["eval_loss"] = ev
-                if state["best_eval"] is None or ev < state["best_eval"] - early_stopping_threshold:
+                if state["best_eval"] is None or ev < state["best_eval"] - evaluation.threshold:
                     state.update(best_eval=ev, best_step=step + 1, bad_evals=0)
-                    best_weights = snapshot() if load_best else None
+                    best_weights = snapshot() if evaluation.load_best else None
                     improved = True
                 else:
                     state["bad_evals"] += 1
-                    if early_stopping_patience and state["bad_evals"] >= early_stopping_patience:
+                    if evaluation.patience and state["bad_evals"] >= evaluation.patience:
                         state["stopped"] = True
                         reporter.message(f"early stopping at step {step + 1}: eval loss did not improve on "
                                          f"{state['best_eval']:.4f} (step {state['best_step']}) for "
@@ -429,20 +409,22 @@ def train_loop(
             if on_log is not None:
                 on_log(row)
             last = step + 1 == max_steps or state["stopped"]
-            if checkpoints is not None and (last or improved or (save_steps and (step + 1) % save_steps == 0)):
+            every = checkpointing.save_steps
+            if checkpoints is not None and (last or improved or (every and (step + 1) % every == 0)):
                 save(step + 1)
     finally:
         reporter.close()
         if metrics_f:
             metrics_f.close()
-    restored = evaluating and load_best and best_weights is not None and state["best_step"] != state["step"]
+    restored = (evaluating and evaluation.load_best and best_weights is not None
+                and state["best_step"] != state["step"])
     if restored:
         restore(best_weights, f"best weights (step {state['best_step']})")
         reporter.message(f"restored the best weights: step {state['best_step']}, eval loss {state['best_eval']:.4f}")
     precision = precision_record(opt, _dtype_name(params))
     if isinstance(opt, MasterWeights):
         precision["weights"] = "bf16"
-        if keep_masters and sharded is None and not restored:
+        if opt_s.keep_masters and sharded is None and not restored:
             opt.masters_into_params()
             precision["weights"] = "fp32 masters"
         elif not restored and opt.rounding == "nearest":

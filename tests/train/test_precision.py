@@ -11,7 +11,8 @@ from edgeft.config import LoraSettings, TrainConfig, resolve
 from edgeft.data import encode_dataset, load_conversations
 from edgeft.errors import EdgeftError
 from edgeft.models import load_model, resolve_model
-from edgeft.training import CheckpointManager, list_checkpoints, prepare_model, train_loop
+from edgeft.training import (CheckpointManager, Checkpointing, Optimization, Reporting, TrainData, list_checkpoints,
+                             prepare_model, train_loop)
 from edgeft.training.optim import build_optimizer, build_scheduler, precision_record
 from edgeft.training import precision
 from edgeft.training.precision import MasterWeights, stochastic_round_
@@ -213,16 +214,18 @@ def _cfg(**kw):
     return resolve(TrainConfig(model="tiny-llama", device="cpu", kernels="off", ptq=False, **kw))
 
 
-def _train(cfg, data, update="master", **kw):
+def _train(cfg, data, update="master", metrics_path=None, checkpointing=Checkpointing(), on_log=None, **opt):
+    """``opt``: Optimization fields over this file's defaults."""
     model_dir, tok, examples = data
     torch.manual_seed(cfg.optim.seed)
     model, _ = prepare_model(cfg, model_dir)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    args = dict(pad_id=tok.pad_token_id, max_steps=4, batch_size=4, grad_accum=1, lr=cfg.optim.lr, seed=3,
-                progress=False,
-                warmup_ratio=0.0, schedule="constant", bf16_update=update, scale_lr=cfg.qat.scale_lr)
-    args.update(kw)
-    summary = train_loop(model, examples, **args)
+    args = dict(max_steps=4, batch_size=4, grad_accum=1, lr=cfg.optim.lr, seed=3, warmup_ratio=0.0,
+                schedule="constant", bf16_update=update, scale_lr=cfg.qat.scale_lr)
+    args.update(opt)
+    summary = train_loop(model, TrainData(examples, tok.pad_token_id), Optimization(**args),
+                         checkpointing=checkpointing, reporting=Reporting(metrics_path=metrics_path, progress=False),
+                         on_log=on_log)
     return model, start, summary
 
 
@@ -304,7 +307,7 @@ def test_bf16_resume_continues_bit_exactly(data, tmp_path):
     run never interrupted, bit for bit: the checkpoint holds the fp32 masters, not only their bf16 rounding."""
     cfg = _cfg(dtype="bf16", mode="full", lr=1e-5)
     # a schedule: the checkpoint must hold the lr the scheduler set for the next step
-    kw = dict(max_steps=4, save_steps=2, batch_size=2, schedule="cosine", warmup_ratio=0.25)
+    kw = dict(max_steps=4, batch_size=2, schedule="cosine", warmup_ratio=0.25)
     ref, _, _ = _train(cfg, data, metrics_path=tmp_path / "ref.jsonl", **kw)
 
     def crash(row):
@@ -313,11 +316,13 @@ def test_bf16_resume_continues_bit_exactly(data, tmp_path):
 
     ckpt = CheckpointManager(tmp_path / "ck")
     with pytest.raises(_Crash):
-        _train(cfg, data, metrics_path=tmp_path / "run.jsonl", checkpoints=ckpt, on_log=crash, **kw)
+        _train(cfg, data, metrics_path=tmp_path / "run.jsonl", checkpointing=Checkpointing(ckpt, 2), on_log=crash,
+               **kw)
     assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [2]
     saved = torch.load(tmp_path / "ck" / "step-2" / "optimizer.pt", weights_only=True)
     assert all(s["master"].dtype == torch.float32 for s in saved["state"].values())
-    resumed, _, summary = _train(cfg, data, metrics_path=tmp_path / "run.jsonl", checkpoints=ckpt, resume=True, **kw)
+    resumed, _, summary = _train(cfg, data, metrics_path=tmp_path / "run.jsonl",
+                                 checkpointing=Checkpointing(ckpt, 2, resume=True), **kw)
     assert summary["resumed_from"] == 2
     import json
 
@@ -345,8 +350,8 @@ def test_the_run_records_its_update(data, tmp_path):
 
 
 def test_keep_masters_ends_with_every_update_in_fp32(data):
-    """train_loop(keep_masters=True): the model leaves with its fp32 masters as weights: every update, also those
-    that did not cross half a bf16 step (one step at lr 2e-5 moves every master, few bf16 weights)."""
+    """Optimization(keep_masters=True): the model leaves train_loop with its fp32 masters as weights: every update,
+    also those that did not cross half a bf16 step (one step at lr 2e-5 moves every master, few bf16 weights)."""
     cfg = _cfg(dtype="bf16", mode="full", lr=2e-5)
     model, start, summary = _train(cfg, data, max_steps=1, batch_size=2, keep_masters=True)
     assert summary["precision"]["weights"] == "fp32 masters"

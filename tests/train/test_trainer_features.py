@@ -3,6 +3,7 @@ the best checkpoint, rotation, crash-safe writes, batching layouts, optimizers, 
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from edgeft.config import LoraSettings, TrainConfig, resolve
 from edgeft.data import encode_dataset, load_conversations
 from edgeft.errors import EdgeftError
 from edgeft.models import load_model, resolve_model
-from edgeft.training import CheckpointManager, list_checkpoints, param_groups, prepare_model, train_loop
+from edgeft.training import (CheckpointManager, Checkpointing, Evaluation, Optimization, Reporting, TrainData,
+                             list_checkpoints, param_groups, prepare_model, train_loop)
 from edgeft.training.optim import build_optimizer, lr_factor, warmup_steps_for
 
 
@@ -27,11 +29,13 @@ def _cfg(**kw):
     return resolve(TrainConfig(model="tiny-llama", device="cpu", dtype="fp32", kernels="off", **kw))
 
 
-def _loop(model, tok, examples, **kw):
-    args = dict(pad_id=tok.pad_token_id, max_steps=5, batch_size=4, grad_accum=2, lr=2e-3, seed=3, progress=False,
-                warmup_ratio=0.0)
-    args.update(kw)
-    return train_loop(model, examples, **args)
+OPT = Optimization(max_steps=5, batch_size=4, grad_accum=2, lr=2e-3, seed=3, warmup_ratio=0.0)
+
+
+def _loop(model, tok, examples, opt=OPT, *, held=None, batching="padding_free", max_seq_length=None,
+          metrics_path=None, **objects):
+    objects.setdefault("reporting", Reporting(metrics_path=metrics_path, progress=False))
+    return train_loop(model, TrainData(examples, tok.pad_token_id, held, batching, max_seq_length), opt, **objects)
 
 
 def _rows(path):
@@ -48,8 +52,7 @@ def test_resume_is_exact(data, tmp_path, mode, qat):
     model_dir, tok, examples, _ = data
     cfg = _cfg(mode=mode, qat=qat, lr=2e-3, ptq=False)
     # small: under TRITON_INTERPRET the QAT fake-quant kernels run interpreted on CPU
-    kw = dict(lr=cfg.optim.lr, optim="adamw", batching="padding_free", save_steps=1, max_steps=3, batch_size=2,
-              grad_accum=1)
+    opt = replace(OPT, lr=cfg.optim.lr, optimizer="adamw", max_steps=3, batch_size=2, grad_accum=1)
     examples = examples[:16]
 
     def fresh():
@@ -57,7 +60,7 @@ def test_resume_is_exact(data, tmp_path, mode, qat):
         return prepare_model(cfg, model_dir)[0]
 
     ref_model = fresh()
-    _loop(ref_model, tok, examples, metrics_path=tmp_path / "ref.jsonl", **kw)
+    _loop(ref_model, tok, examples, opt, metrics_path=tmp_path / "ref.jsonl")
 
     def crash(row):
         if row["step"] == 2:
@@ -65,10 +68,12 @@ def test_resume_is_exact(data, tmp_path, mode, qat):
 
     ckpt = CheckpointManager(tmp_path / "ck", fingerprint={"mode": mode})
     with pytest.raises(_Crash):
-        _loop(fresh(), tok, examples, metrics_path=tmp_path / "run.jsonl", checkpoints=ckpt, on_log=crash, **kw)
+        _loop(fresh(), tok, examples, opt, metrics_path=tmp_path / "run.jsonl", checkpointing=Checkpointing(ckpt, 1),
+              on_log=crash)
     assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [1]
     resumed = fresh()
-    summary = _loop(resumed, tok, examples, metrics_path=tmp_path / "run.jsonl", checkpoints=ckpt, resume=True, **kw)
+    summary = _loop(resumed, tok, examples, opt, metrics_path=tmp_path / "run.jsonl",
+                    checkpointing=Checkpointing(ckpt, 1, resume=True))
     assert summary["resumed_from"] == 1
     ref, got = _rows(tmp_path / "ref.jsonl"), _rows(tmp_path / "run.jsonl")
     assert [r["step"] for r in got] == [1, 2, 3]
@@ -110,9 +115,9 @@ def test_eval_early_stopping_keeps_and_restores_the_best(data, tmp_path):
         snapshots[row["step"]] = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     # a threshold no later evaluation can beat: the first evaluation stays the best, patience 2 stops at step 3
-    s = _loop(model, tok, examples, max_steps=20, eval_examples=held, eval_steps=1, early_stopping_patience=2,
-              early_stopping_threshold=100.0, checkpoints=ckpt, save_steps=1, metrics_path=tmp_path / "m.jsonl",
-              on_log=snap)
+    s = _loop(model, tok, examples, replace(OPT, max_steps=20), held=held,
+              evaluation=Evaluation(steps=1, patience=2, threshold=100.0), checkpointing=Checkpointing(ckpt, 1),
+              metrics_path=tmp_path / "m.jsonl", on_log=snap)
     rows = _rows(tmp_path / "m.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and all("eval_loss" in r for r in rows)
     assert s["stopped_early"] and s["best_step"] == 1 and s["best_eval_loss"] == rows[0]["eval_loss"]
@@ -147,17 +152,17 @@ def test_checkpoint_writes_are_atomic(data, tmp_path, monkeypatch):
             raise _Crash  # the process "dies" halfway through writing step 2
         return real_save(obj, f, *a, **k)
 
-    _loop(model, tok, examples, max_steps=1, checkpoints=ckpt, save_steps=1)
+    _loop(model, tok, examples, replace(OPT, max_steps=1), checkpointing=Checkpointing(ckpt, 1))
     monkeypatch.setattr(ck.torch, "save", dying_save)
     with pytest.raises(_Crash):
-        _loop(model, tok, examples, max_steps=2, checkpoints=ckpt, save_steps=1, resume=True)
+        _loop(model, tok, examples, replace(OPT, max_steps=2), checkpointing=Checkpointing(ckpt, 1, resume=True))
     monkeypatch.undo()
     assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [1]
     assert not [p for p in (tmp_path / "ck").iterdir() if p.name != "step-1"]
     (tmp_path / "ck" / ".step-7.tmp-abc").mkdir()  # what a SIGKILL mid-write leaves
     (tmp_path / "ck" / "step-9").mkdir()  # a directory without state.json is not a checkpoint
     assert ckpt.latest().name == "step-1"
-    _loop(model, tok, examples, max_steps=2, checkpoints=ckpt, save_steps=1, resume=True)
+    _loop(model, tok, examples, replace(OPT, max_steps=2), checkpointing=Checkpointing(ckpt, 1, resume=True))
     assert not (tmp_path / "ck" / ".step-7.tmp-abc").exists()
     assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [1, 2]
 
@@ -168,7 +173,7 @@ def test_padded_and_padding_free_train_identically_and_packing_runs(data, tmp_pa
     for layout in ("padded", "padding_free", "packed"):
         torch.manual_seed(0)
         model, _ = load_model(model_dir)
-        s = _loop(model, tok, examples, max_steps=3, batching=layout, max_seq_length=128,
+        s = _loop(model, tok, examples, replace(OPT, max_steps=3), batching=layout, max_seq_length=128,
                   metrics_path=tmp_path / f"{layout}.jsonl")
         curves[layout] = [r["loss"] for r in _rows(tmp_path / f"{layout}.jsonl")]
         if layout == "packed":
@@ -227,7 +232,7 @@ def test_lora_options(data, tmp_path):
     assert any("lm_head.modules_to_save" in n and p.requires_grad for n, p in model.named_parameters())
     assert info["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     # continue from a saved adapter: its weights, trainable
-    _loop(model, tok, examples, max_steps=1, lr=1e-2)
+    _loop(model, tok, examples, replace(OPT, max_steps=1, lr=1e-2))
     model.save_pretrained(tmp_path / "adapter")
     again, info2 = prepare_model(cfg.replace(adapter=str(tmp_path / "adapter")), model_dir)
     assert info2["adapter_from"] == str(tmp_path / "adapter")
@@ -257,7 +262,7 @@ def test_quantized_base_lora_trains(data, bits):
         assert info["quantized_base"] == "nf4"
     else:
         assert isinstance(q, bnb.nn.Linear8bitLt) and info["quantized_base"] == "int8"
-    s = _loop(model, tok, examples, max_steps=2, batch_size=2, grad_accum=1)
+    s = _loop(model, tok, examples, replace(OPT, max_steps=2, batch_size=2, grad_accum=1))
     assert math.isfinite(s["final_loss"])
 
 
@@ -267,8 +272,9 @@ def test_tensorboard_logs_the_curve(data, tmp_path):
 
     model_dir, tok, examples, held = data
     model, _ = load_model(model_dir)
-    _loop(model, tok, examples, max_steps=3, report_to=["tensorboard"], log_dir=tmp_path, eval_examples=held[:4],
-          eval_steps=3, metrics_path=tmp_path / "m.jsonl")
+    _loop(model, tok, examples, replace(OPT, max_steps=3), held=held[:4], evaluation=Evaluation(steps=3),
+          reporting=Reporting(metrics_path=tmp_path / "m.jsonl", progress=False, report_to=["tensorboard"],
+                              log_dir=tmp_path))
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     loss = [e.value for e in acc.Scalars("train/loss")]
