@@ -374,8 +374,17 @@ def _train_variant(cfg: TrainConfig, root: Variant, model_dir: Path, data, qat_d
     import torch
 
     from . import qat as qatlib
-    from .training import (CheckpointManager, Checkpointing, Evaluation, Optimization, Placement, Reporting,
-                           TrainData, prepare_model, train_loop)
+    from .training import (
+        Checkpointing,
+        CheckpointManager,
+        Evaluation,
+        Optimization,
+        Placement,
+        Reporting,
+        TrainData,
+        prepare_model,
+        train_loop,
+    )
     from .training.distributed import barrier
     from .training.model import save_adapter as _save_adapter
 

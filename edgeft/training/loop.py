@@ -34,7 +34,7 @@ from edgeft.errors import EdgeftError
 from edgeft.fsutil import write_text
 from edgeft.kernels.patch import transformers_model
 
-from .checkpoint import CheckpointManager, load_trainable, rng_state, trainable_state
+from .checkpoint import load_trainable, rng_state, trainable_state
 from .distill import Distillation, _forward_kwargs
 from .distributed import DistInfo, all_reduce_sum, gather_objects
 from .fsdp import clip_grad_norm

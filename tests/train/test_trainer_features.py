@@ -12,8 +12,18 @@ from edgeft.config import LoraSettings, TrainConfig, resolve
 from edgeft.data import encode_dataset, load_conversations
 from edgeft.errors import EdgeftError
 from edgeft.models import load_model, resolve_model
-from edgeft.training import (CheckpointManager, Checkpointing, Evaluation, Optimization, Reporting, TrainData,
-                             list_checkpoints, param_groups, prepare_model, train_loop)
+from edgeft.training import (
+    Checkpointing,
+    CheckpointManager,
+    Evaluation,
+    Optimization,
+    Reporting,
+    TrainData,
+    list_checkpoints,
+    param_groups,
+    prepare_model,
+    train_loop,
+)
 from edgeft.training.optim import build_optimizer, lr_factor, warmup_steps_for
 
 
