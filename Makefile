@@ -32,7 +32,10 @@ demo: install
 
 # two workers: each test runs on one torch thread (tests/conftest.py), so one process leaves a core idle;
 # --dist loadfile keeps a file's module fixtures (trained runs, exports) in one worker
+# ruff first (format + lint: the shape CI keeps), then the suite; tests/test_layout.py checks the import boundaries
 test: install
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:

@@ -70,9 +70,24 @@ RECIPES = {  # TrainConfig overrides
     "fit-android-4gb-4k": {"qat": "auto", "fit_device": "android-4gb", "fit_context": 4096, "fit_min_decode": 13.2},
 }
 # what a QAT recipe may change: a twin trained under any of them is the same model (--twin)
-RECIPE_KEYS = ("qat_distill", "qat_distill_positions", "qat_distill_temperature", "qat_init", "qat_corpus", "qat_lr",
-               "qat_max_steps", "qat_weight_scale", "qat_int8", "qat_scale_lr", "qat", "fit_device", "fit_max_size_mb",
-               "fit_min_decode", "fit_context", "fit_artifact")
+RECIPE_KEYS = (
+    "qat_distill",
+    "qat_distill_positions",
+    "qat_distill_temperature",
+    "qat_init",
+    "qat_corpus",
+    "qat_lr",
+    "qat_max_steps",
+    "qat_weight_scale",
+    "qat_int8",
+    "qat_scale_lr",
+    "qat",
+    "fit_device",
+    "fit_max_size_mb",
+    "fit_min_decode",
+    "fit_context",
+    "fit_artifact",
+)
 
 
 def _versions() -> dict[str, str]:
@@ -83,8 +98,9 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     try:
-        out["edgeft_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                              text=True, check=True).stdout.strip()
+        out["edgeft_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         pass
     return out
@@ -101,8 +117,12 @@ def _device() -> dict[str, object]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 # --- agreement of each artifact with its converted model -------------------------------------------------------
@@ -130,10 +150,13 @@ def _logits(rt, chunks):
 
 
 def _compare(got, ref) -> dict[str, float]:
-    rows = ((got - ref).norm(dim=-1) / ref.norm(dim=-1))
-    return {"top1": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
-            "rel_err": float((got - ref).norm() / ref.norm()), "rel_err_max_row": float(rows.max()),
-            "positions": int(ref.shape[0])}
+    rows = (got - ref).norm(dim=-1) / ref.norm(dim=-1)
+    return {
+        "top1": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+        "rel_err": float((got - ref).norm() / ref.norm()),
+        "rel_err_max_row": float(rows.max()),
+        "positions": int(ref.shape[0]),
+    }
 
 
 def agreement(report: dict, sources: dict[str, Path], chunks: list[list[int]]) -> list[dict]:
@@ -155,8 +178,13 @@ def agreement(report: dict, sources: dict[str, Path], chunks: list[list[int]]) -
         t0 = time.perf_counter()
         got = _logits(rt, chunks)
         rt.close()
-        row = {"variant": v, "runtime": r["runtime"], "artifact": r["artifact"], **_compare(got, refs[v]),
-               "seconds": time.perf_counter() - t0}
+        row = {
+            "variant": v,
+            "runtime": r["runtime"],
+            "artifact": r["artifact"],
+            **_compare(got, refs[v]),
+            "seconds": time.perf_counter() - t0,
+        }
         scheme = read_scheme(sources[v])
         if r["runtime"] == "pte" and scheme is not None and (scheme.get("plan") or {}).get("scheme") == "int8-int4":
             from edgeft.devices.runtimes import EagerRuntime
@@ -184,8 +212,13 @@ def _binom_cdf(k: int, n: int, p: float) -> float:
     if p >= 1.0:
         return 1.0 if k >= n else 0.0
     lp, lq = math.log(p), math.log1p(-p)
-    return min(1.0, sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp
-                                 + (n - i) * lq) for i in range(0, k + 1)))
+    return min(
+        1.0,
+        sum(
+            math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq)
+            for i in range(0, k + 1)
+        ),
+    )
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -226,8 +259,13 @@ def _percentiles(x, level: float) -> tuple[list[float] | None, float]:
     return [float(np.percentile(ok, a)), float(np.percentile(ok, 100 - a))], undefined
 
 
-def intervals(correct: dict[str, list[bool]], n_boot: int = 20000, seed: int = 0, level: float = 0.95,
-              target: float = TARGETS["accuracy"]) -> dict:
+def intervals(
+    correct: dict[str, list[bool]],
+    n_boot: int = 20000,
+    seed: int = 0,
+    level: float = 0.95,
+    target: float = TARGETS["accuracy"],
+) -> dict:
     """Uncertainty of the accuracy recovery (QAT - PTQ) / (BF16 - PTQ) from per-question results.
 
     ``correct``: per variant (bf16, ptq, qat), each question's correctness, in the same question order.
@@ -255,19 +293,30 @@ def intervals(correct: dict[str, list[bool]], n_boot: int = 20000, seed: int = 0
     ci_pair, undef_pair = _percentiles(paired, level)
 
     def disc(a: str, b: str) -> dict[str, int]:
-        return {f"{a}_only": int(((v[a] == 1) & (v[b] == 0)).sum()), f"{b}_only": int(((v[a] == 0) & (v[b] == 1)).sum())}
+        return {
+            f"{a}_only": int(((v[a] == 1) & (v[b] == 0)).sum()),
+            f"{b}_only": int(((v[a] == 0) & (v[b] == 1)).sum()),
+        }
 
     gap = k["bf16"] - k["ptq"]
     return {
-        "n": n, "level": level, "bootstrap_samples": n_boot, "seed": seed, "correct": k,
+        "n": n,
+        "level": level,
+        "bootstrap_samples": n_boot,
+        "seed": seed,
+        "correct": k,
         "accuracy_ci": {name: list(clopper_pearson(k[name], n, level)) for name in k},
         "recovery": (k["qat"] - k["ptq"]) / gap if gap > 0 else None,
-        "recovery_ci_independent": ci_ind, "recovery_ci_paired": ci_pair,
+        "recovery_ci_independent": ci_ind,
+        "recovery_ci_paired": ci_pair,
         "recovery_undefined_share": {"independent": undef_ind, "paired": undef_pair},
         # share of paired resamples at or above the target (a bootstrap proportion, not a test)
         "paired_share_at_or_above_target": float(np.mean(np.nan_to_num(paired, nan=-np.inf) >= target)),
-        "discordant": {"qat_vs_ptq": disc("qat", "ptq"), "bf16_vs_ptq": disc("bf16", "ptq"),
-                       "qat_vs_bf16": disc("qat", "bf16")},
+        "discordant": {
+            "qat_vs_ptq": disc("qat", "ptq"),
+            "bf16_vs_ptq": disc("bf16", "ptq"),
+            "qat_vs_bf16": disc("qat", "bf16"),
+        },
     }
 
 
@@ -277,9 +326,14 @@ def question_intervals(questions: list[dict], runtimes: list[str], **kw) -> dict
     out: dict = {}
     for rt in runtimes:
         for kind, metric in (("exact", "accuracy"), ("mc", "mc_accuracy")):
-            by = {var: {q["id"]: q["correct"] for q in questions
-                        if q["runtime"] == rt and q["kind"] == kind and q["variant"] == var}
-                  for var in ("bf16", "ptq", "qat")}
+            by = {
+                var: {
+                    q["id"]: q["correct"]
+                    for q in questions
+                    if q["runtime"] == rt and q["kind"] == kind and q["variant"] == var
+                }
+                for var in ("bf16", "ptq", "qat")
+            }
             ids = sorted(by["bf16"])
             if not ids or any(sorted(by[var]) != ids for var in by):
                 continue
@@ -323,7 +377,10 @@ def twin_ptq_differs(cfg, twin: Path, run: Path | None = None) -> bool:
     mine = run_qat_plan(RunDir(run), resolve(cfg)) if run is not None else resolve(cfg).qat.plan()
     theirs = run_qat_plan(RunDir(twin), resolve(load_yaml(RunDir(twin).config_file)))
     return (mine.ptq_weight_scale, mine.int8_modules, mine.group_size) != (
-        theirs.ptq_weight_scale, theirs.int8_modules, theirs.group_size)
+        theirs.ptq_weight_scale,
+        theirs.int8_modules,
+        theirs.group_size,
+    )
 
 
 def reconvert_baseline(cfg, run: Path) -> None:
@@ -336,8 +393,9 @@ def reconvert_baseline(cfg, run: Path) -> None:
     convert_model(model, tokenizer, plan, RunDir(run).baseline.converted)
 
 
-def saved_rows(run: Path, variants: tuple[str, ...], runtimes: list[str],
-               limit: int) -> tuple[list[dict], list[dict]] | None:
+def saved_rows(
+    run: Path, variants: tuple[str, ...], runtimes: list[str], limit: int
+) -> tuple[list[dict], list[dict]] | None:
     """``variants``' rows of ``run``'s eval/report.json and their per-question results (eval/questions.jsonl) when
     they cover ``runtimes`` on ``limit`` questions (the same files give the same numbers), else None: an evaluation
     from before per-question results is done again."""
@@ -367,21 +425,35 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--qat", default="phone-deployment")
     ap.add_argument("--max-steps", type=int, default=60)
-    ap.add_argument("--qat-max-steps", type=int, default=None,
-                    help="optimizer steps of the QAT run over the recipe (default: --max-steps, as the twin)")
+    ap.add_argument(
+        "--qat-max-steps",
+        type=int,
+        default=None,
+        help="optimizer steps of the QAT run over the recipe (default: --max-steps, as the twin)",
+    )
     ap.add_argument("--runtimes", default="eager,pte,gguf")
     ap.add_argument("--limit", type=int, default=60, help="task test questions (default 60, as `edgeft eval`)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--seed", type=int, default=None,
-                    help="training seed of the twin and the QAT run (default: edgeft's); a repeat of a recipe "
-                         "under another seed needs its own twin (the seed also draws the train/eval split)")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="training seed of the twin and the QAT run (default: edgeft's); a repeat of a recipe "
+        "under another seed needs its own twin (the seed also draws the train/eval split)",
+    )
     ap.add_argument("--no-agreement", action="store_true", help="skip the artifact-vs-converted comparison")
     ap.add_argument("--tag", default="", help="suffix of the results file name")
-    ap.add_argument("--twin", help="an existing run whose no-QAT twin (baseline/) to reuse: train only the QAT "
-                                   "run (the twin does not depend on the recipe); its eval/report.json's BF16 and "
-                                   "PTQ rows are reused when they cover the same runtimes and --limit")
-    ap.add_argument("--reuse-eval", action="store_true", help="with --no-train --twin: reuse --run's own QAT "
-                                                               "eval/report.json rows instead of evaluating again")
+    ap.add_argument(
+        "--twin",
+        help="an existing run whose no-QAT twin (baseline/) to reuse: train only the QAT "
+        "run (the twin does not depend on the recipe); its eval/report.json's BF16 and "
+        "PTQ rows are reused when they cover the same runtimes and --limit",
+    )
+    ap.add_argument(
+        "--reuse-eval",
+        action="store_true",
+        help="with --no-train --twin: reuse --run's own QAT eval/report.json rows instead of evaluating again",
+    )
     args = ap.parse_args()
 
     import torch
@@ -395,16 +467,28 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Path(args.run)
-    cfg = edgeft.TrainConfig(**{"model": args.model, "data": "builtin:tasks", "qat": args.qat,
-                                "max_steps": args.max_steps, "out": str(run), "overwrite": True, "progress": False,
-                                **RECIPES[args.recipe],  # a device-fit recipe's qat (auto) replaces --qat
-                                **({"qat_max_steps": args.qat_max_steps} if args.qat_max_steps else {}),
-                                **({"seed": args.seed} if args.seed is not None else {})})
+    cfg = edgeft.TrainConfig(
+        **{
+            "model": args.model,
+            "data": "builtin:tasks",
+            "qat": args.qat,
+            "max_steps": args.max_steps,
+            "out": str(run),
+            "overwrite": True,
+            "progress": False,
+            **RECIPES[args.recipe],  # a device-fit recipe's qat (auto) replaces --qat
+            **({"qat_max_steps": args.qat_max_steps} if args.qat_max_steps else {}),
+            **({"seed": args.seed} if args.seed is not None else {}),
+        }
+    )
     timings = {}
     t0 = time.perf_counter()
     if not args.no_train:
-        print(f"training {args.model} ({args.recipe} recipe, {args.max_steps} steps, QAT "
-              f"{cfg.qat.max_steps or args.max_steps}) into {run}", flush=True)
+        print(
+            f"training {args.model} ({args.recipe} recipe, {args.max_steps} steps, QAT "
+            f"{cfg.qat.max_steps or args.max_steps}) into {run}",
+            flush=True,
+        )
         if args.twin:
             reuse_twin(cfg, Path(args.twin), run)
             cfg = cfg.replace(resume=True, overwrite=False)  # the twin is complete: QAT run only
@@ -427,21 +511,27 @@ def main() -> int:
         mine = saved_rows(run, mine_variants, runtimes, args.limit) if (args.no_train and args.reuse_eval) else None
         if mine:
             print(f"QAT results reused from {run}/eval/report.json", flush=True)
-            report = {"results": mine[0], "task_examples": args.limit,
-                      "heldout_tokens": json.loads(RunDir(run).eval_report.read_text()).get("heldout_tokens")}
+            report = {
+                "results": mine[0],
+                "task_examples": args.limit,
+                "heldout_tokens": json.loads(RunDir(run).eval_report.read_text()).get("heldout_tokens"),
+            }
             questions = mine[1]
         else:
-            report = edgeft.evaluate(run, runtimes=runtimes, variants=list(mine_variants), limit=args.limit,
-                                     progress=False)
+            report = edgeft.evaluate(
+                run, runtimes=runtimes, variants=list(mine_variants), limit=args.limit, progress=False
+            )
             questions = read_questions(run) or []
         reused = saved_rows(Path(args.twin), ("bf16",) if own_ptq else ("bf16", "ptq"), runtimes, args.limit)
         if reused:
-            print(f"{'BF16' if own_ptq else 'BF16 and PTQ'} results reused from {args.twin}/eval/report.json",
-                  flush=True)
+            print(
+                f"{'BF16' if own_ptq else 'BF16 and PTQ'} results reused from {args.twin}/eval/report.json", flush=True
+            )
         else:
             print(f"evaluating BF16 and PTQ on {args.twin} (reused by later --twin runs)", flush=True)
-            edgeft.evaluate(Path(args.twin), runtimes=runtimes, variants=["bf16", "ptq"], limit=args.limit,
-                            progress=False)
+            edgeft.evaluate(
+                Path(args.twin), runtimes=runtimes, variants=["bf16", "ptq"], limit=args.limit, progress=False
+            )
             reused = saved_rows(Path(args.twin), ("bf16",) if own_ptq else ("bf16", "ptq"), runtimes, args.limit)
         report["results"] = reused[0] + report["results"]
         questions = reused[1] + questions
@@ -470,8 +560,13 @@ def main() -> int:
     timings["total_s"] = time.perf_counter() - t0
 
     rec = report["recovery"]  # per runtime and metric: point, paired interval, resolved (edgeft.devices.recovery)
-    verdict = {rt: {m: (m in rec[rt] and rec[rt][m]["point"] is not None and rec[rt][m]["point"] >= TARGETS[m])
-                    for m in ("perplexity", "accuracy")} for rt in rec}
+    verdict = {
+        rt: {
+            m: (m in rec[rt] and rec[rt][m]["point"] is not None and rec[rt][m]["point"] >= TARGETS[m])
+            for m in ("perplexity", "accuracy")
+        }
+        for rt in rec
+    }
     for a in agree:
         a["meets_target"] = a["top1"] >= TARGETS["top1"] and a["rel_err"] <= TARGETS["rel_err"]
     info = RunDir(run).info() if RunDir(run).has_trained_model() else {}
@@ -484,8 +579,10 @@ def main() -> int:
         "recipe": args.recipe,
         "qat_max_steps": resolved.qat.max_steps or resolved.optim.max_steps,  # the twin's: config's max_steps
         "config": resolved.to_dict(),
-        "train_seconds": {"qat": (info.get("train") or {}).get("seconds"),
-                          "baseline": (base_info.get("train") or {}).get("seconds") if base_info else None},
+        "train_seconds": {
+            "qat": (info.get("train") or {}).get("seconds"),
+            "baseline": (base_info.get("train") or {}).get("seconds") if base_info else None,
+        },
         "timings": timings,
         "targets": TARGETS,
         "results": [{k: v for k, v in r.items() if k != "samples"} for r in report["results"]],
@@ -501,14 +598,20 @@ def main() -> int:
         "baselines_from_twin": bool(args.twin),
     }
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dest = ROOT / "bench" / "results" / (f"accuracy-{dt.date.today():%Y%m%d}-{device}" +
-                                         (f"-{args.tag}" if args.tag else "") + ".json")
+    dest = (
+        ROOT
+        / "bench"
+        / "results"
+        / (f"accuracy-{dt.date.today():%Y%m%d}-{device}" + (f"-{args.tag}" if args.tag else "") + ".json")
+    )
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(out, indent=2) + "\n")
 
-    print(f"\n{args.model} {args.qat}, recipe {args.recipe}, QAT {out['qat_max_steps']} steps (twin "
-          f"{resolved.optim.max_steps}): {report.get('heldout_tokens')} held-out tokens, "
-          f"{report.get('task_examples')} task questions")
+    print(
+        f"\n{args.model} {args.qat}, recipe {args.recipe}, QAT {out['qat_max_steps']} steps (twin "
+        f"{resolved.optim.max_steps}): {report.get('heldout_tokens')} held-out tokens, "
+        f"{report.get('task_examples')} task questions"
+    )
     print(f"{'variant':8} {'runtime':8} {'ppl':>9} {'acc':>7}")
     for r in report["results"]:
         print(f"{r['variant']:8} {r['runtime']:8} {r['perplexity']:9.3f} {100 * r['accuracy']:6.1f}%")
@@ -521,11 +624,13 @@ def main() -> int:
             if c["recovery"] is None:
                 continue
             ind, pair, d = c["recovery_ci_independent"], c["recovery_ci_paired"], c["discordant"]
-            print(f"{rt} {metric}: recovery {100 * c['recovery']:.0f}%, 95% CI independent "
-                  f"{100 * ind[0]:.0f}-{100 * ind[1]:.0f}%, paired {100 * pair[0]:.0f}-{100 * pair[1]:.0f}%; "
-                  f"discordant QAT/PTQ {d['qat_vs_ptq']['qat_only']}+{d['qat_vs_ptq']['ptq_only']}, "
-                  f"BF16/PTQ {d['bf16_vs_ptq']['bf16_only']}+{d['bf16_vs_ptq']['ptq_only']}, "
-                  f"QAT/BF16 {d['qat_vs_bf16']['qat_only']}+{d['qat_vs_bf16']['bf16_only']}")
+            print(
+                f"{rt} {metric}: recovery {100 * c['recovery']:.0f}%, 95% CI independent "
+                f"{100 * ind[0]:.0f}-{100 * ind[1]:.0f}%, paired {100 * pair[0]:.0f}-{100 * pair[1]:.0f}%; "
+                f"discordant QAT/PTQ {d['qat_vs_ptq']['qat_only']}+{d['qat_vs_ptq']['ptq_only']}, "
+                f"BF16/PTQ {d['bf16_vs_ptq']['bf16_only']}+{d['bf16_vs_ptq']['ptq_only']}, "
+                f"QAT/BF16 {d['qat_vs_bf16']['qat_only']}+{d['qat_vs_bf16']['bf16_only']}"
+            )
     for a in agree:
         print(f"agreement {a['variant']}/{a['runtime']}: top-1 {a['top1']:.4f}, rel err {a['rel_err']:.4f}")
     print("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))

@@ -36,12 +36,16 @@ def qat_correct(run: Path, runtime: str, kind: str = "exact") -> dict[str, bool]
     rows = read_questions(run)
     if rows is None:
         raise SystemExit(f"{run}: no per-question evaluation (run bench/accuracy.py or edgeft eval on it)")
-    return {q["id"]: bool(q["correct"]) for q in rows
-            if q["variant"] == "qat" and q["runtime"] == runtime and q["kind"] == kind}
+    return {
+        q["id"]: bool(q["correct"])
+        for q in rows
+        if q["variant"] == "qat" and q["runtime"] == runtime and q["kind"] == kind
+    }
 
 
-def paired_difference(a: dict[str, bool], b: dict[str, bool], n_boot: int = 20000, seed: int = 0,
-                      level: float = 0.95) -> dict[str, Any]:
+def paired_difference(
+    a: dict[str, bool], b: dict[str, bool], n_boot: int = 20000, seed: int = 0, level: float = 0.95
+) -> dict[str, Any]:
     """Accuracy of ``a`` minus ``b`` on the questions both answered, with a percentile bootstrap interval resampling
     questions (the same resample for both) and the discordant counts."""
     import numpy as np
@@ -54,9 +58,15 @@ def paired_difference(a: dict[str, bool], b: dict[str, bool], n_boot: int = 2000
     idx = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
     d = x[idx].mean(1) - y[idx].mean(1)
     lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
-    return {"n": len(ids), "a": int(x.sum()), "b": int(y.sum()), "difference": float(x.mean() - y.mean()),
-            "ci": [float(lo), float(hi)], "a_only": int(((x == 1) & (y == 0)).sum()),
-            "b_only": int(((x == 0) & (y == 1)).sum())}
+    return {
+        "n": len(ids),
+        "a": int(x.sum()),
+        "b": int(y.sum()),
+        "difference": float(x.mean() - y.mean()),
+        "ci": [float(lo), float(hi)],
+        "a_only": int(((x == 1) & (y == 0)).sum()),
+        "b_only": int(((x == 0) & (y == 1)).sum()),
+    }
 
 
 def describe_run(run: Path, device: str | None) -> dict[str, Any]:
@@ -66,8 +76,12 @@ def describe_run(run: Path, device: str | None) -> dict[str, Any]:
 
     plan = fit.load(run)
     rec = json.loads((run / "converted" / "scheme.json").read_text())
-    out: dict[str, Any] = {"run": str(run), "plan": "auto" if plan else rec["plan"]["name"],
-                           "group_size": rec["plan"]["group_size"], "int8_linears": len(rec.get("int8_linears", []))}
+    out: dict[str, Any] = {
+        "run": str(run),
+        "plan": "auto" if plan else rec["plan"]["name"],
+        "group_size": rec["plan"]["group_size"],
+        "int8_linears": len(rec.get("int8_linears", [])),
+    }
     budget = plan.budget if plan else None
     dev = device or (budget.device if budget else None)
     context = budget.context if budget else 2048
@@ -85,8 +99,11 @@ def describe_run(run: Path, device: str | None) -> dict[str, Any]:
             ok = ok and r["fits"] and not slow
         row["fits"] = ok
         out[art] = row
-    out["budget"] = {"device": dev, "context": context, **({"max_size_mb": budget.max_size_mb,
-                                                           "min_decode": budget.min_decode} if budget else {})}
+    out["budget"] = {
+        "device": dev,
+        "context": context,
+        **({"max_size_mb": budget.max_size_mb, "min_decode": budget.min_decode} if budget else {}),
+    }
     return out
 
 
@@ -105,8 +122,7 @@ def main() -> int:
         info = describe_run(run, None)
         ref = describe_run(uniform, info["budget"]["device"])
         info["uniform"] = ref
-        info["vs_uniform"] = {rt: paired_difference(qat_correct(run, rt), qat_correct(uniform, rt))
-                              for rt in runtimes}
+        info["vs_uniform"] = {rt: paired_difference(qat_correct(run, rt), qat_correct(uniform, rt)) for rt in runtimes}
         rows.append(info)
 
     now = dt.datetime.now(dt.timezone.utc)
@@ -114,29 +130,52 @@ def main() -> int:
     name = f"device-fit-{now:%Y%m%d}-{'gpu' if dev['cuda'] else 'cpu'}{'-' + args.tag if args.tag else ''}.json"
     out = ROOT / "results" / name
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"bench": "device_fit", "date": now.isoformat(timespec="seconds"), "device": dev,
-                               "versions": _versions(), "uniform": str(uniform), "rows": rows}, indent=1) + "\n")
+    tmp.write_text(
+        json.dumps(
+            {
+                "bench": "device_fit",
+                "date": now.isoformat(timespec="seconds"),
+                "device": dev,
+                "versions": _versions(),
+                "uniform": str(uniform),
+                "rows": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     tmp.replace(out)
-    print("| run | budget | plan | .pte MB (fits) | GGUF MB (fits) | "
-          + " | ".join(f"{rt}: auto - uniform [95% paired]" for rt in runtimes) + " |")
+    print(
+        "| run | budget | plan | .pte MB (fits) | GGUF MB (fits) | "
+        + " | ".join(f"{rt}: auto - uniform [95% paired]" for rt in runtimes)
+        + " |"
+    )
     print("|---|---|---|---|---|" + "---|" * len(runtimes))
     for r in rows:
         b = r["budget"]
-        budget = ", ".join(x for x in (b["device"], f"{b['max_size_mb']:g} MB" if b.get("max_size_mb") else None,
-                                       f"{b['context']} ctx") if x)
+        budget = ", ".join(
+            x
+            for x in (b["device"], f"{b['max_size_mb']:g} MB" if b.get("max_size_mb") else None, f"{b['context']} ctx")
+            if x
+        )
         cells = []
         for rt in runtimes:
             d = r["vs_uniform"][rt]
-            cells.append(f"{d['a']}/{d['n']} vs {d['b']}/{d['n']}: {100 * d['difference']:+.1f} pts "
-                         f"[{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}] ({d['a_only']}/{d['b_only']} discordant)")
+            cells.append(
+                f"{d['a']}/{d['n']} vs {d['b']}/{d['n']}: {100 * d['difference']:+.1f} pts "
+                f"[{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}] ({d['a_only']}/{d['b_only']} discordant)"
+            )
 
         def size(x: dict[str, Any], art: str) -> str:
             a = x.get(art)
             return f"{a['mb']:.1f} ({'yes' if a['fits'] else 'no'})" if a else "-"
 
-        print(f"| {r['run']} | {budget} | g{r['group_size']}, {r['int8_linears']} int8 | {size(r, 'pte')} vs uniform "
-              f"{size(r['uniform'], 'pte')} | {size(r, 'gguf')} vs uniform {size(r['uniform'], 'gguf')} | "
-              + " | ".join(cells) + " |")
+        print(
+            f"| {r['run']} | {budget} | g{r['group_size']}, {r['int8_linears']} int8 | {size(r, 'pte')} vs uniform "
+            f"{size(r['uniform'], 'pte')} | {size(r, 'gguf')} vs uniform {size(r['uniform'], 'gguf')} | "
+            + " | ".join(cells)
+            + " |"
+        )
     print(f"\nwrote {out}")
     return 0
 

@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import _launch as _launch_script  # noqa: E402
 from train_throughput import MODELS, TARGETS, _config, _device, _reinit, _versions  # noqa: E402
+from train_throughput import _launch as _launch_script  # noqa: E402
 
 SCHEME = {"lora": "int8-int4", "full": "phone-deployment"}
 IMPLS = ("fused", "materialised")
@@ -67,8 +67,9 @@ def _models(spec: dict):
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(0)
-        student = get_peft_model(student, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
-                                                     task_type="CAUSAL_LM"))
+        student = get_peft_model(
+            student, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+        )
     student.train()
     ckpt = spec["checkpoint"]
     patch(student, kernel_specs(), checkpoint=None if ckpt == "off" else ckpt)
@@ -97,8 +98,7 @@ def run_worker(spec: dict) -> dict:
             torch.cuda.synchronize()
 
     student, teacher, cfg, cache = _models(spec)
-    d = Distillation(teacher, weight=spec["weight"], temperature=spec["temperature"],
-                     fused=spec["impl"] == "fused")
+    d = Distillation(teacher, weight=spec["weight"], temperature=spec["temperature"], fused=spec["impl"] == "fused")
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4 if spec["mode"] == "lora" else 1e-5, fused=cuda)
     gen = torch.Generator(device=device).manual_seed(1234)
@@ -125,11 +125,19 @@ def run_worker(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
         ces.append(ce)
         kls.append(stats["distill_kl"])
-    step_s = statistics.median(times[spec["warmup"]:])
-    return dict(spec, cache=cache, step_ms=step_s * 1e3, step_ms_all=[t * 1e3 for t in times],
-                tokens_per_s=b * s / step_s, peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-                weights_and_state_gib_before_steps=base_gib, ce=ces, distill_kl=kls,
-                trainable_params=sum(p.numel() for p in params))
+    step_s = statistics.median(times[spec["warmup"] :])
+    return dict(
+        spec,
+        cache=cache,
+        step_ms=step_s * 1e3,
+        step_ms_all=[t * 1e3 for t in times],
+        tokens_per_s=b * s / step_s,
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        weights_and_state_gib_before_steps=base_gib,
+        ce=ces,
+        distill_kl=kls,
+        trainable_params=sum(p.numel() for p in params),
+    )
 
 
 def run_check(device: str = "cuda") -> list[dict]:
@@ -159,10 +167,17 @@ def run_check(device: str = "cuda") -> list[dict]:
         W64 = W.detach().double().requires_grad_()
         kl64, ce64 = lm_head_kl_loss_reference(h64, W64, ht.double(), Wt.double(), lab, mask, temp, cap, cap)
         (w * kl64 + (1 - w) * ce64).backward()
-        errs = dict(kl=rel(kl, kl64), ce=rel(ce, ce64) if w < 1 else 0.0, dh=rel(h.grad, h64.grad),
-                    dw=rel(W.grad, W64.grad))
-        out.append(dict(op=f"lm_head_kl_loss(T={temp}, softcap={cap}, w={w})", **errs,
-                        max_rel_err=max(errs.values()), ok=max(errs.values()) < 2e-2))
+        errs = dict(
+            kl=rel(kl, kl64), ce=rel(ce, ce64) if w < 1 else 0.0, dh=rel(h.grad, h64.grad), dw=rel(W.grad, W64.grad)
+        )
+        out.append(
+            dict(
+                op=f"lm_head_kl_loss(T={temp}, softcap={cap}, w={w})",
+                **errs,
+                max_rel_err=max(errs.values()),
+                ok=max(errs.values()) < 2e-2,
+            )
+        )
         del h64, W64, kl64, ce64
     return out
 
@@ -175,8 +190,10 @@ def _launch(spec: dict, timeout: int) -> dict:
 
 
 def _table(results: list[dict]) -> str:
-    rows = ["| mode | impl | tokens | tokens/s | step ms | peak GiB | CE step 1 | KL step 1 | vs materialised |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| mode | impl | tokens | tokens/s | step ms | peak GiB | CE step 1 | KL step 1 | vs materialised |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     peer = {r["mode"]: r for r in results if r["impl"] == "materialised" and "error" not in r}
     for r in results:
         tokens = f"{r['batch']} x {r['seq']}"
@@ -191,10 +208,14 @@ def _table(results: list[dict]) -> str:
             r["max_rel_diff_ce"] = max(abs(a / b - 1) for a, b in zip(r["ce"], p["ce"]))
             r["max_rel_diff_kl"] = max(abs(a / b - 1) for a, b in zip(r["distill_kl"], p["distill_kl"]) if b)
             peak = f"{r['peak_ratio_vs_materialised']:.2f}x" if p["peak_gib"] else "-"
-            vs = (f"{r['speedup_vs_materialised']:.2f}x speed, {peak} peak; CE/KL "
-                  f"within {r['max_rel_diff_ce']:.1e}/{r['max_rel_diff_kl']:.1e}")
-        rows.append(f"| {r['mode']} | {r['impl']} | {tokens} | {r['tokens_per_s'] / 1e3:.1f}k | {r['step_ms']:.0f} | "
-                    f"{r['peak_gib']:.2f} | {r['ce'][0]:.4f} | {r['distill_kl'][0]:.4g} | {vs} |")
+            vs = (
+                f"{r['speedup_vs_materialised']:.2f}x speed, {peak} peak; CE/KL "
+                f"within {r['max_rel_diff_ce']:.1e}/{r['max_rel_diff_kl']:.1e}"
+            )
+        rows.append(
+            f"| {r['mode']} | {r['impl']} | {tokens} | {r['tokens_per_s'] / 1e3:.1f}k | {r['step_ms']:.0f} | "
+            f"{r['peak_gib']:.2f} | {r['ce'][0]:.4f} | {r['distill_kl'][0]:.4g} | {vs} |"
+        )
     return "\n".join(rows)
 
 
@@ -220,16 +241,33 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(run_worker(json.loads(args.worker))), flush=True)
         return
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
-        "distill_memory-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
-    report: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": _device(),
-                    "versions": _versions(), "settings": {
-                        "model": args.model, "batch": args.batch, "seq": args.seq, "steps": args.steps,
-                        "warmup": args.warmup, "dtype": "bfloat16", "schemes": SCHEME, "weight": args.weight,
-                        "temperature": args.temperature, "positions": "all", "checkpoint": args.checkpoint,
-                        "weight_cache": args.weight_cache, "optimizer": "AdamW(fused=True)",
-                        "teacher": "float bf16, same shape, student's weights + N(0, 0.004)",
-                        "labels": "first quarter of each row -100 (distilled, not a CE target)"}}
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "bench" / "results" / ("distill_memory-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
+    )
+    report: dict = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": _device(),
+        "versions": _versions(),
+        "settings": {
+            "model": args.model,
+            "batch": args.batch,
+            "seq": args.seq,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "dtype": "bfloat16",
+            "schemes": SCHEME,
+            "weight": args.weight,
+            "temperature": args.temperature,
+            "positions": "all",
+            "checkpoint": args.checkpoint,
+            "weight_cache": args.weight_cache,
+            "optimizer": "AdamW(fused=True)",
+            "teacher": "float bf16, same shape, student's weights + N(0, 0.004)",
+            "labels": "first quarter of each row -100 (distilled, not a CE target)",
+        },
+    }
 
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -248,13 +286,27 @@ def main() -> None:
     results = []
     for mode in args.modes.split(","):
         for impl in args.impls.split(","):
-            spec = dict(model=args.model, mode=mode, impl=impl, batch=args.batch, seq=args.seq, steps=args.steps,
-                        warmup=args.warmup, weight=args.weight, temperature=args.temperature,
-                        checkpoint=args.checkpoint, cache=args.weight_cache, device=args.device)
+            spec = dict(
+                model=args.model,
+                mode=mode,
+                impl=impl,
+                batch=args.batch,
+                seq=args.seq,
+                steps=args.steps,
+                warmup=args.warmup,
+                weight=args.weight,
+                temperature=args.temperature,
+                checkpoint=args.checkpoint,
+                cache=args.weight_cache,
+                device=args.device,
+            )
             res = _launch(spec, args.timeout)
             results.append(res)
-            brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
-                     if k in ("mode", "impl", "tokens_per_s", "step_ms", "peak_gib", "error", "wall_s")}
+            brief = {
+                k: (round(v, 3) if isinstance(v, float) else v)
+                for k, v in res.items()
+                if k in ("mode", "impl", "tokens_per_s", "step_ms", "peak_gib", "error", "wall_s")
+            }
             print("run", json.dumps(brief), flush=True)
             report["results"] = results
             save()

@@ -99,19 +99,31 @@ def _setup_pte_runner(spec: dict):
             pieces.append(p)
 
         t0 = time.perf_counter()
-        runner.generate(spec["prompt"], cfg, token_callback=on_piece,
-                        stats_callback=lambda s: stats.update(json.loads(s.to_json_string())))
+        runner.generate(
+            spec["prompt"],
+            cfg,
+            token_callback=on_piece,
+            stats_callback=lambda s: stats.update(json.loads(s.to_json_string())),
+        )
         if len(times) != spec["new_tokens"]:
-            raise SystemExit(f"the runner stopped after {len(times)} of {spec['new_tokens']} tokens (EOS): "
-                             "choose a prompt it continues further")
+            raise SystemExit(
+                f"the runner stopped after {len(times)} of {spec['new_tokens']} tokens (EOS): "
+                "choose a prompt it continues further"
+            )
         if stats["prompt_tokens"] != n_prompt:
-            raise SystemExit(f"the runner tokenized the prompt into {stats['prompt_tokens']} tokens, the HF "
-                             f"tokenizer into {n_prompt}")
-        return {"prompt_tokens": n_prompt, "new_tokens": len(times), "prefill_s": times[0] - t0,
-                "decode_s": times[-1] - times[0],
-                "runner_stats_prefill_ms": stats["prompt_eval_end_ms"] - stats["inference_start_ms"],
-                "runner_stats_decode_ms": stats["inference_end_ms"] - stats["prompt_eval_end_ms"],
-                "text_head": "".join(pieces)[:100]}
+            raise SystemExit(
+                f"the runner tokenized the prompt into {stats['prompt_tokens']} tokens, the HF "
+                f"tokenizer into {n_prompt}"
+            )
+        return {
+            "prompt_tokens": n_prompt,
+            "new_tokens": len(times),
+            "prefill_s": times[0] - t0,
+            "decode_s": times[-1] - times[0],
+            "runner_stats_prefill_ms": stats["prompt_eval_end_ms"] - stats["inference_start_ms"],
+            "runner_stats_decode_ms": stats["inference_end_ms"] - stats["prompt_eval_end_ms"],
+            "text_head": "".join(pieces)[:100],
+        }
 
     return once, {"threads": threads}
 
@@ -140,8 +152,12 @@ def _setup_pte_loop(spec: dict):
             if len(out) == spec["new_tokens"]:
                 break
             last = rt._step([tok], len(ids) + len(out) - 1)[-1]
-        return {"prompt_tokens": len(ids), "new_tokens": len(out), "prefill_s": times[0] - t0,
-                "decode_s": times[-1] - times[0]}
+        return {
+            "prompt_tokens": len(ids),
+            "new_tokens": len(out),
+            "prefill_s": times[0] - t0,
+            "decode_s": times[-1] - times[0],
+        }
 
     return once, {"threads": threads}
 
@@ -154,8 +170,15 @@ def _setup_gguf(spec: dict):
     path = Path(spec["artifact"])
     ids = _ids(path.parent / "tokenizer.json", spec["prompt"])
     n_ctx = len(ids) + spec["new_tokens"] + 8
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=spec["threads"],
-                n_threads_batch=spec["threads"], logits_all=False, verbose=False)
+    llm = Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_batch=512,
+        n_threads=spec["threads"],
+        n_threads_batch=spec["threads"],
+        logits_all=False,
+        verbose=False,
+    )
     n_vocab = llm.n_vocab()
     ctx = llm._ctx.ctx
 
@@ -174,16 +197,26 @@ def _setup_gguf(spec: dict):
                 break
             llm.eval([tok])
         perf = llama_cpp.llama_perf_context(ctx)
-        return {"prompt_tokens": len(ids), "new_tokens": len(out), "prefill_s": times[0] - t0,
-                "decode_s": times[-1] - times[0], "llama_perf_prefill_ms": perf.t_p_eval_ms,
-                "llama_perf_decode_ms": perf.t_eval_ms, "llama_perf_n_decode": perf.n_eval,
-                "text_head": llm.detokenize(out).decode("utf-8", "replace")[:100]}
+        return {
+            "prompt_tokens": len(ids),
+            "new_tokens": len(out),
+            "prefill_s": times[0] - t0,
+            "decode_s": times[-1] - times[0],
+            "llama_perf_prefill_ms": perf.t_p_eval_ms,
+            "llama_perf_decode_ms": perf.t_eval_ms,
+            "llama_perf_n_decode": perf.n_eval,
+            "text_head": llm.detokenize(out).decode("utf-8", "replace")[:100],
+        }
 
     return once, {"threads": int(llm.n_threads)}
 
 
-SETUPS = {"pte runner": _setup_pte_runner, "pte loop": _setup_pte_loop, "gguf q4_0": _setup_gguf,
-          "gguf q8_0": _setup_gguf}
+SETUPS = {
+    "pte runner": _setup_pte_runner,
+    "pte loop": _setup_pte_loop,
+    "gguf q4_0": _setup_gguf,
+    "gguf q8_0": _setup_gguf,
+}
 
 
 def _worker(spec: dict) -> None:
@@ -212,8 +245,15 @@ class _Worker:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
         self.spec = spec
         self.err = tempfile.TemporaryFile("w+")
-        self.p = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=self.err, text=True, env=env, cwd=HERE.parent)
+        self.p = subprocess.Popen(
+            [sys.executable, __file__, "--worker", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+            env=env,
+            cwd=HERE.parent,
+        )
         self.info = json.loads(self._expect("READY "))
 
     def _expect(self, prefix: str) -> str:
@@ -225,7 +265,7 @@ class _Worker:
                 tail = (self.err.read().strip().splitlines() or ["no output"])[-1]
                 raise SystemExit(f"{self.spec['engine']} failed: {tail}")
             if line.startswith(prefix):
-                return line[len(prefix):]
+                return line[len(prefix) :]
 
     def once(self) -> dict:
         self.p.stdin.write("go\n")
@@ -245,9 +285,25 @@ def _build_run() -> Path:
     out = HERE.parent / "runs" / "host-decode"
     edgeft = [sys.executable, "-m", "edgeft"]
     if not RunDir(out).is_run():
-        subprocess.run(edgeft + ["train", "--model", "smollm2-135m", "--data", "builtin:tasks", "--qat",
-                                 "phone-deployment", "--max-steps", "20", "--no-ptq", "--out", str(out),
-                                 "--no-progress"], check=True)
+        subprocess.run(
+            edgeft
+            + [
+                "train",
+                "--model",
+                "smollm2-135m",
+                "--data",
+                "builtin:tasks",
+                "--qat",
+                "phone-deployment",
+                "--max-steps",
+                "20",
+                "--no-ptq",
+                "--out",
+                str(out),
+                "--no-progress",
+            ],
+            check=True,
+        )
     ex = RunDir(out).exports
     if not ex.pte().exists():
         subprocess.run(edgeft + ["export", "pte", "--run", str(out)], check=True)
@@ -266,8 +322,11 @@ def _cpu() -> dict:
         "cpu": model.group(1).strip() if model else platform.processor() or platform.machine(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "simd": sorted(f for f in fl if f in {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni",
-                                              "avx_vnni", "avx512_bf16", "amx_int8"}),
+        "simd": sorted(
+            f
+            for f in fl
+            if f in {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8"}
+        ),
         "machine": platform.machine(),
     }
 
@@ -286,7 +345,9 @@ def _versions() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", help="run directory with exports/model.pte and exports/model-q4_0.gguf (default: build one)")
+    ap.add_argument(
+        "--run", help="run directory with exports/model.pte and exports/model-q4_0.gguf (default: build one)"
+    )
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
@@ -319,21 +380,39 @@ def main() -> None:
         workers = {}
         try:
             for e in engines:
-                workers[e] = _Worker({"engine": e, "artifact": str(files[e]), "prompt": args.prompt,
-                                      "new_tokens": args.new_tokens, "threads": threads})
+                workers[e] = _Worker(
+                    {
+                        "engine": e,
+                        "artifact": str(files[e]),
+                        "prompt": args.prompt,
+                        "new_tokens": args.new_tokens,
+                        "threads": threads,
+                    }
+                )
             reps: dict[str, list[dict]] = {e: [] for e in engines}
             for i in range(args.repeats):
-                for e in engines[i % len(engines):] + engines[: i % len(engines)]:
+                for e in engines[i % len(engines) :] + engines[: i % len(engines)]:
                     reps[e].append(workers[e].once())
         finally:
             for w in workers.values():
                 w.close()
         for e in engines:
             r = _summary(reps[e])
-            print(f"{e} ({threads} threads): decode {r['decode_tokens_per_s']:.1f} tokens/s, prefill "
-                  f"{r['prefill_tokens_per_s']:.0f} tokens/s", file=sys.stderr)
-            rows.append({"engine": e, "artifact": files[e].name, "bytes": files[e].stat().st_size,
-                         "threads_requested": threads, **workers[e].info, **r})
+            print(
+                f"{e} ({threads} threads): decode {r['decode_tokens_per_s']:.1f} tokens/s, prefill "
+                f"{r['prefill_tokens_per_s']:.0f} tokens/s",
+                file=sys.stderr,
+            )
+            rows.append(
+                {
+                    "engine": e,
+                    "artifact": files[e].name,
+                    "bytes": files[e].stat().st_size,
+                    "threads_requested": threads,
+                    **workers[e].info,
+                    **r,
+                }
+            )
     date = time.strftime("%Y%m%d")
     cpu = _cpu()
     slug = re.sub(r"[^a-z0-9]+", "-", cpu["cpu"].lower()).strip("-")[:24]
@@ -342,28 +421,44 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "device": cpu,
         "versions": _versions(),
-        "load_average": {"before": [round(x, 2) for x in load_before],
-                         "after": [round(x, 2) for x in os.getloadavg()]},  # other processes on the host
+        "load_average": {
+            "before": [round(x, 2) for x in load_before],
+            "after": [round(x, 2) for x in os.getloadavg()],
+        },  # other processes on the host
         "run": str(run),
         "scheme": (manifest.get("pte") or {}).get("scheme"),
-        "settings": {"prompt": args.prompt, "new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": 1,
-                     "greedy": True, "threads": args.threads, "interleaved": True},
+        "settings": {
+            "prompt": args.prompt,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "warmup": 1,
+            "greedy": True,
+            "threads": args.threads,
+            "interleaved": True,
+        },
         "rows": rows,
     }
     out = HERE / "results" / f"host_decode-{date}-{slug}{('-' + args.tag) if args.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"results: {out.relative_to(HERE.parent)}")
-    print(f"{cpu['cpu']}, {cpu['usable_cpus']} CPUs (load average {load_before[0]:.1f}); prompt {rows[0]['prompt_tokens']} tokens, "
-          f"{args.new_tokens} new tokens, greedy, median of {args.repeats}")
+    print(
+        f"{cpu['cpu']}, {cpu['usable_cpus']} CPUs (load average {load_before[0]:.1f}); "
+        f"prompt {rows[0]['prompt_tokens']} tokens, "
+        f"{args.new_tokens} new tokens, greedy, median of {args.repeats}"
+    )
     base = {r["threads_requested"]: r["decode_tokens_per_s"] for r in rows if r["engine"] == "gguf q4_0"}
-    print(f"{'engine':<12} {'artifact':<16} {'MB':>6} {'threads':>7} {'prefill tok/s':>13} {'decode tok/s':>12} "
-          f"{'ms/token':>8} {'vs q4_0':>7}")
+    print(
+        f"{'engine':<12} {'artifact':<16} {'MB':>6} {'threads':>7} {'prefill tok/s':>13} {'decode tok/s':>12} "
+        f"{'ms/token':>8} {'vs q4_0':>7}"
+    )
     for r in rows:
         vs = r["decode_tokens_per_s"] / base[r["threads_requested"]] if r["threads_requested"] in base else None
-        print(f"{r['engine']:<12} {r['artifact']:<16} {r['bytes'] / 1e6:>6.1f} {r['threads']:>7} "
-              f"{r['prefill_tokens_per_s']:>13.0f} {r['decode_tokens_per_s']:>12.1f} {r['decode_ms_per_token']:>8.2f} "
-              f"{(f'{vs:.2f}x' if vs else '-'):>7}")
+        print(
+            f"{r['engine']:<12} {r['artifact']:<16} {r['bytes'] / 1e6:>6.1f} {r['threads']:>7} "
+            f"{r['prefill_tokens_per_s']:>13.0f} {r['decode_tokens_per_s']:>12.1f} {r['decode_ms_per_token']:>8.2f} "
+            f"{(f'{vs:.2f}x' if vs else '-'):>7}"
+        )
 
 
 if __name__ == "__main__":

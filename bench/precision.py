@@ -16,7 +16,8 @@ Configurations (each in its own process, same random-init model and token batche
 
 Every configuration trains at the full fine-tuning default lr 2e-5 and reports, besides speed and peak memory, the
 share of one projection matrix's weights its last step changed (a pure-bf16 update leaves most unchanged; stochastic
-rounding redraws every weight whose master is between two bf16 numbers) and its losses against ``liger_amp``'s. Writes JSON (date, device, versions) to ``bench/results/`` and prints a table.
+rounding redraws every weight whose master is between two bf16 numbers) and its losses against ``liger_amp``'s.
+Writes JSON (date, device, versions) to ``bench/results/`` and prints a table.
 
     python bench/precision.py                                   # Qwen3-0.6B shape, batch 4 x 2048, on the GPU
     python bench/precision.py --device cpu --models smoke --seq 64 --impls edgeft_master,edgeft_master-nearest,hf_amp
@@ -37,8 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput as tt  # noqa: E402 - the same models, weights, batches, versions and process launcher
 
 ROOT = tt.ROOT
-IMPLS = ("edgeft_master", "edgeft_master-nearest", "edgeft_pure", "edgeft_stochastic", "liger_amp", "hf_amp",
-         "liger_bf16")
+IMPLS = (
+    "edgeft_master",
+    "edgeft_master-nearest",
+    "edgeft_pure",
+    "edgeft_stochastic",
+    "liger_amp",
+    "hf_amp",
+    "liger_bf16",
+)
 WATCH = "model.layers.0.mlp.down_proj.weight"  # the matrix whose changed share is reported
 
 
@@ -88,12 +96,14 @@ def run_worker(spec: dict) -> dict:
 
         opt = build_optimizer(model, lr, 0.0, "adamw", bf16_update=impl.split("_", 1)[1])
     else:
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
-                                eps=1e-8, fused=True)
+        opt = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True
+        )
     gen = torch.Generator(device=device).manual_seed(1234)
     n = spec["warmup"] + spec["steps"]
-    batches = [torch.randint(0, cfg.vocab_size, (spec["batch"], spec["seq"]), device=device, generator=gen)
-               for _ in range(n)]
+    batches = [
+        torch.randint(0, cfg.vocab_size, (spec["batch"], spec["seq"]), device=device, generator=gen) for _ in range(n)
+    ]
     watch = dict(model.named_parameters())[WATCH]
 
     def one_step(ids):
@@ -123,15 +133,25 @@ def run_worker(spec: dict) -> dict:
         times.append(time.perf_counter() - t0)
     changed = float((watch.detach() != before).float().mean())
     step_s = statistics.median(times[spec["warmup"] :])
-    return dict(spec, step_ms=step_s * 1e3, tokens_per_s=spec["batch"] * spec["seq"] / step_s,
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, losses=losses,
-                final_loss=losses[-1], last_step_changed_share=changed, optimizer=repr(opt)[:80],
-                params=sum(p.numel() for p in model.parameters()))
+    return dict(
+        spec,
+        step_ms=step_s * 1e3,
+        tokens_per_s=spec["batch"] * spec["seq"] / step_s,
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        losses=losses,
+        final_loss=losses[-1],
+        last_step_changed_share=changed,
+        optimizer=repr(opt)[:80],
+        params=sum(p.numel() for p in model.parameters()),
+    )
 
 
 def _table(results: list[dict], ref_impl: str = "liger_amp") -> str:
-    rows = ["| model | impl | tokens/s | step ms | peak GiB | last step changed | final loss | max loss diff vs "
-            f"{ref_impl} | speed vs {ref_impl} |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | impl | tokens/s | step ms | peak GiB | last step changed | final loss | max loss diff vs "
+        f"{ref_impl} | speed vs {ref_impl} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     ref = {r["model"]: r for r in results if r["impl"] == ref_impl and "error" not in r}
     for r in results:
         if "error" in r:
@@ -142,9 +162,11 @@ def _table(results: list[dict], ref_impl: str = "liger_amp") -> str:
         if b is not None and b is not r:
             diff = f"{max(abs(x - y) / abs(y) for x, y in zip(r['losses'], b['losses'])):.1e}"
             speed = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x"
-        rows.append(f"| {r['model']} | {r['impl']} | {r['tokens_per_s'] / 1e3:.1f}k | {r['step_ms']:.0f} | "
-                    f"{r['peak_gib']:.2f} | {100 * r['last_step_changed_share']:.1f}% | {r['final_loss']:.4f} | "
-                    f"{diff} | {speed} |")
+        rows.append(
+            f"| {r['model']} | {r['impl']} | {r['tokens_per_s'] / 1e3:.1f}k | {r['step_ms']:.0f} | "
+            f"{r['peak_gib']:.2f} | {100 * r['last_step_changed_share']:.1f}% | {r['final_loss']:.4f} | "
+            f"{diff} | {speed} |"
+        )
     return "\n".join(rows)
 
 
@@ -158,8 +180,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--lr", type=float, default=2e-5, help="default: edgeft's full fine-tuning lr")
-    ap.add_argument("--checkpoint", default="", help="gradient checkpointing: '' (none, default), plain, offload "
-                                                     "(edgeft's; HF and Liger: transformers' own for any value)")
+    ap.add_argument(
+        "--checkpoint",
+        default="",
+        help="gradient checkpointing: '' (none, default), plain, offload "
+        "(edgeft's; HF and Liger: transformers' own for any value)",
+    )
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for smoke-testing the script")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per configuration")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/precision-<date>.json)")
@@ -167,24 +193,43 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(run_worker(json.loads(args.worker))), flush=True)
         return
-    report: dict = {"bench": "precision", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    "device": tt._device(), "versions": tt._versions(),
-                    "settings": {k: getattr(args, k) for k in ("batch", "seq", "steps", "warmup", "lr", "checkpoint")}
-                    | {"optimizer": "AdamW(fused) unless the impl says otherwise", "watched": WATCH}}
+    report: dict = {
+        "bench": "precision",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": tt._device(),
+        "versions": tt._versions(),
+        "settings": {k: getattr(args, k) for k in ("batch", "seq", "steps", "warmup", "lr", "checkpoint")}
+        | {"optimizer": "AdamW(fused) unless the impl says otherwise", "watched": WATCH},
+    }
     results = []
     for model in args.models.split(","):
         for impl in args.impls.split(","):
-            spec = dict(model=model, impl=impl, batch=args.batch, seq=args.seq, steps=args.steps,
-                        warmup=args.warmup, lr=args.lr, checkpoint=args.checkpoint, device=args.device)
+            spec = dict(
+                model=model,
+                impl=impl,
+                batch=args.batch,
+                seq=args.seq,
+                steps=args.steps,
+                warmup=args.warmup,
+                lr=args.lr,
+                checkpoint=args.checkpoint,
+                device=args.device,
+            )
             res = tt._launch(spec, args.timeout, script=__file__)
             results.append(res)
-            brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
-                     if k in ("model", "impl", "tokens_per_s", "peak_gib", "last_step_changed_share", "error")}
+            brief = {
+                k: (round(v, 3) if isinstance(v, float) else v)
+                for k, v in res.items()
+                if k in ("model", "impl", "tokens_per_s", "peak_gib", "last_step_changed_share", "error")
+            }
             print("run", json.dumps(brief), flush=True)
     report["results"] = results
     report["table"] = _table(results)
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
-        "precision-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "bench" / "results" / ("precision-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1))

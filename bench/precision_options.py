@@ -105,9 +105,16 @@ def run(kind: str, steps: int, lr: float, width: int, seed: int = 0) -> dict:
     w = layer.weight.detach().float()
     with torch.no_grad():
         final = float(((x @ w.T - y) ** 2).mean())  # in fp32 for every variant
-    return {"update": kind, "final_loss": final, "first_loss": losses[0], "w": w, "w0": w0,
-            "moved_share": float((w != w0).float().mean()), "seconds": time.perf_counter() - t0,
-            "bytes_per_param": BYTES[kind]}
+    return {
+        "update": kind,
+        "final_loss": final,
+        "first_loss": losses[0],
+        "w": w,
+        "w0": w0,
+        "moved_share": float((w != w0).float().mean()),
+        "seconds": time.perf_counter() - t0,
+        "bytes_per_param": BYTES[kind],
+    }
 
 
 def main() -> int:
@@ -127,16 +134,23 @@ def main() -> int:
         row["distance_to_fp32"] = float((r["w"] - ref["w"]).norm()) / travelled
         row["loss_left"] = r["final_loss"] / r["first_loss"]  # share of the starting loss not yet fitted
         rows.append(row)
-    out = {"bench": "precision_options", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "settings": vars(args), "results": rows,
-           "note": "distance_to_fp32: ||W - W_fp32|| / ||W_fp32 - W_0||; bytes_per_param: weight + gradient + "
-                   "optimizer state (AdamW), the masters' fp32 gradient copy transient not counted"}
+    out = {
+        "bench": "precision_options",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "settings": vars(args),
+        "results": rows,
+        "note": "distance_to_fp32: ||W - W_fp32|| / ||W_fp32 - W_0||; bytes_per_param: weight + gradient + "
+        "optimizer state (AdamW), the masters' fp32 gradient copy transient not counted",
+    }
     dest = ROOT / "bench" / "results" / f"precision_options-{dt.date.today():%Y%m%d}.json"
     dest.write_text(json.dumps(out, indent=1) + "\n")
     print(f"{'update':11} {'loss left':>9} {'dist':>7} {'moved':>7} {'B/param':>7}")
     for r in rows:
-        print(f"{r['update']:11} {r['loss_left']:9.2e} {r['distance_to_fp32']:7.3f} "
-              f"{100 * r['moved_share']:6.1f}% {r['bytes_per_param']:7d}")
+        print(
+            f"{r['update']:11} {r['loss_left']:9.2e} {r['distance_to_fp32']:7.3f} "
+            f"{100 * r['moved_share']:6.1f}% {r['bytes_per_param']:7d}"
+        )
     print(f"wrote {dest}")
     return 0
 

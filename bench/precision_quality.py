@@ -2,8 +2,8 @@
 
 Each variant is one ``edgeft.train`` run (full fine-tuning, edgeft's defaults: 60 steps, lr 2e-5, batch 8) that
 differs only in the run's dtype and the seed; the edgeft commit decides the bf16 weight update (fp32 master
-weights since issue 14, the pure-bf16 update before: run this script on both commits and ``--merge``). Per variant it measures, on data never used for training nor
-to choose the recipe:
+weights since issue 14, the pure-bf16 update before: run this script on both commits and ``--merge``). Per variant
+it measures, on data never used for training nor to choose the recipe:
 
 - ``eval_loss``: mean next-token loss per answer token on the ``builtin:tasks`` test split (the conversations
   masked as in training), computed in fp32 from the trained weights as saved;
@@ -76,8 +76,9 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     try:
-        out["edgeft_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                              text=True, check=True).stdout.strip()
+        out["edgeft_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         pass
     return out
@@ -94,8 +95,12 @@ def _device() -> dict[str, object]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
+    }
 
 
 def one_step_changes(model_dir: Path, lrs=(2e-5, 1e-4), seed: int = 0) -> dict[str, float]:
@@ -123,7 +128,6 @@ def one_step_changes(model_dir: Path, lrs=(2e-5, 1e-4), seed: int = 0) -> dict[s
 def weight_motion(initial_dir: Path, trained_dir: Path, start_dtype: str = "fp32") -> dict[str, float]:
     """||W_T - W_0|| / ||W_0|| over every weight, and the share of entries that differ. W_0: the pretrained
     weights as the run loaded them (rounded to bf16 for a bf16 run, whatever dtype it saved)."""
-    import torch
 
     from safetensors import safe_open
 
@@ -219,8 +223,17 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
     if not set(over) <= fields:
         raise SystemExit(f"variant {name}: this edgeft has no {sorted(set(over) - fields)} setting")
     run = runs / name
-    cfg = edgeft.TrainConfig(model=args.model, data="builtin:tasks", mode="full", max_steps=args.max_steps,
-                             out=str(run), device="cpu", progress=False, threads=args.threads, **over)
+    cfg = edgeft.TrainConfig(
+        model=args.model,
+        data="builtin:tasks",
+        mode="full",
+        max_steps=args.max_steps,
+        out=str(run),
+        device="cpu",
+        progress=False,
+        threads=args.threads,
+        **over,
+    )
     res: dict = {"variant": name, "overrides": over, "run": str(run)}
     t0 = time.perf_counter()
     if not RunDir(run).has_converted():
@@ -256,8 +269,9 @@ def run_variant(name: str, runs: Path, args, log) -> dict:
     res["eval_s"] = time.perf_counter() - t2
     row = rep["results"][0]
     qs = [q for q in read_questions(run) or [] if q["index"] < args.limit]  # the first --limit questions
-    res["questions"] = {kind: {q["id"]: bool(q["correct"]) for q in qs if q["kind"] == kind}
-                        for kind in ("exact", "mc")}
+    res["questions"] = {
+        kind: {q["id"]: bool(q["correct"]) for q in qs if q["kind"] == kind} for kind in ("exact", "mc")
+    }
     acc = {k: sum(v.values()) / len(v) if v else None for k, v in res["questions"].items()}
     res.update(perplexity=row["perplexity"], accuracy=acc["exact"], mc_accuracy=acc["mc"])
     res["per_conversation_loss"] = per
@@ -277,8 +291,9 @@ def write(out: dict, results: dict, dest: Path) -> dict:
             for kind, metric in (("exact", "accuracy"), ("mc", "mc_accuracy")):
                 ids = sorted(set(ra["questions"][kind]) & set(rb["questions"][kind]))
                 if ids:
-                    c[metric] = paired([ra["questions"][kind][q] for q in ids], [rb["questions"][kind][q] for q in ids],
-                                       "accuracy")
+                    c[metric] = paired(
+                        [ra["questions"][kind][q] for q in ids], [rb["questions"][kind][q] for q in ids], "accuracy"
+                    )
             n = min(len(ra["per_conversation_loss"]), len(rb["per_conversation_loss"]))
             c["eval_loss"] = paired(ra["per_conversation_loss"][:n], rb["per_conversation_loss"][:n], "loss")
             comps[f"{a} - {b}"] = c
@@ -300,12 +315,20 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--one-step", action="store_true", help="also the one-lr-step share of changed bf16 weights")
     ap.add_argument("--merge", nargs="*", default=[], help="earlier results JSON files whose variants to compare too")
-    ap.add_argument("--rename", default="", help="OLD=NEW,...: rename merged variants (e.g. bf16=bf16-pure for a "
-                                                 "run of the commit before fp32 master weights)")
+    ap.add_argument(
+        "--rename",
+        default="",
+        help="OLD=NEW,...: rename merged variants (e.g. bf16=bf16-pure for a "
+        "run of the commit before fp32 master weights)",
+    )
     ap.add_argument("--tag", default="")
-    ap.add_argument("--cpu-bf16-gemm", choices=["tensor-core", "native"], default="tensor-core",
-                    help="bf16 F.linear as tensor cores compute it (fp32 GEMM of the bf16 values, bf16 result; "
-                         "default) or the CPU's native bf16 GEMM (~60x slower on AVX2)")
+    ap.add_argument(
+        "--cpu-bf16-gemm",
+        choices=["tensor-core", "native"],
+        default="tensor-core",
+        help="bf16 F.linear as tensor cores compute it (fp32 GEMM of the bf16 values, bf16 result; "
+        "default) or the CPU's native bf16 GEMM (~60x slower on AVX2)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -319,10 +342,20 @@ def main() -> int:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    out: dict = {"bench": "precision_quality", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                 "device": _device(), "versions": _versions(),
-                 "settings": {"model": args.model, "max_steps": args.max_steps, "limit": args.limit, "mode": "full",
-                              "data": "builtin:tasks", "cpu_bf16_gemm": args.cpu_bf16_gemm}}
+    out: dict = {
+        "bench": "precision_quality",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": _device(),
+        "versions": _versions(),
+        "settings": {
+            "model": args.model,
+            "max_steps": args.max_steps,
+            "limit": args.limit,
+            "mode": "full",
+            "data": "builtin:tasks",
+            "cpu_bf16_gemm": args.cpu_bf16_gemm,
+        },
+    }
     if args.one_step:
         from edgeft.models import resolve_model
 
@@ -335,8 +368,12 @@ def main() -> int:
         for r in merged["results"]:
             name = renames.get(r["variant"], r["variant"])
             results[name] = dict(r, variant=name, from_file=Path(path).name, versions=merged["versions"])
-    dest = ROOT / "bench" / "results" / (f"precision_quality-{dt.date.today():%Y%m%d}-cpu" +
-                                         (f"-{args.tag}" if args.tag else "") + ".json")
+    dest = (
+        ROOT
+        / "bench"
+        / "results"
+        / (f"precision_quality-{dt.date.today():%Y%m%d}-cpu" + (f"-{args.tag}" if args.tag else "") + ".json")
+    )
     for name in [v for v in args.variants.split(",") if v]:
         results[name] = run_variant(name, runs, args, log)
         comps = write(out, results, dest)  # after every variant: a later one may not finish
@@ -346,8 +383,10 @@ def main() -> int:
     print(f"{'variant':18} {'eval loss':>9} {'exact':>7} {'mc':>7} {'ppl':>8} {'upd norm':>9} {'changed':>8}")
     for r in out["results"]:
         mc = "-" if r.get("mc_accuracy") is None else f"{100 * r['mc_accuracy']:.1f}%"
-        print(f"{r['variant']:18} {r['eval_loss']:9.4f} {100 * r['accuracy']:6.1f}% {mc:>7} {r['perplexity']:8.3f} "
-              f"{r['weights']['relative_update_norm']:9.2e} {100 * r['weights']['share_changed']:7.1f}%")
+        print(
+            f"{r['variant']:18} {r['eval_loss']:9.4f} {100 * r['accuracy']:6.1f}% {mc:>7} {r['perplexity']:8.3f} "
+            f"{r['weights']['relative_update_norm']:9.2e} {100 * r['weights']['share_changed']:7.1f}%"
+        )
     for k, c in comps.items():
         parts = [f"{m} {v['diff']:+.4f} [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]" for m, v in c.items()]
         print(f"{k}: " + "; ".join(parts))

@@ -55,7 +55,7 @@ def main() -> None:
         ids = list(range(10, 26))
         times: dict[str, list[float]] = {f: [] for f in fmts}
         for rep in range(args.repeats):
-            for f in fmts[rep % len(fmts):] + fmts[: rep % len(fmts)]:  # rotate the order
+            for f in fmts[rep % len(fmts) :] + fmts[: rep % len(fmts)]:  # rotate the order
                 rt = rts[f]
                 rt._step(ids, 0)
                 t0 = time.perf_counter()
@@ -64,13 +64,16 @@ def main() -> None:
                 times[f].append((time.perf_counter() - t0) / args.new_tokens)
         for rt in rts.values():
             rt.close()
-    print(f"{args.model}, one thread, {args.new_tokens} decode steps after a 16-token prefill, median of "
-          f"{args.repeats}")
+    print(
+        f"{args.model}, one thread, {args.new_tokens} decode steps after a 16-token prefill, median of {args.repeats}"
+    )
     print(f"{'format':10s} {'MiB':>8s} {'KV KiB':>8s} {'ms/token':>9s} {'tokens/s':>9s} {'rel_err':>8s}")
     for f in fmts:
         r, ms = reports[f], statistics.median(times[f]) * 1e3
-        print(f"{f:10s} {r['bytes'] / 2**20:8.1f} {r['kv_cache']['bytes'] / 1024:8.0f} {ms:9.2f} {1e3 / ms:9.1f} "
-              f"{r['validation']['rel_err']:8.2g}")
+        print(
+            f"{f:10s} {r['bytes'] / 2**20:8.1f} {r['kv_cache']['bytes'] / 1024:8.0f} {ms:9.2f} {1e3 / ms:9.1f} "
+            f"{r['validation']['rel_err']:8.2g}"
+        )
 
 
 if __name__ == "__main__":

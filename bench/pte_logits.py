@@ -104,13 +104,21 @@ def main() -> None:
                 if r >= WARMUP:
                     times[m].append(t)
         med = {m: statistics.median(v) for m, v in times.items()}
-        rows.append({"prompt_tokens": n, **{f"{m}_ms": round(med[m] * 1000, 2) for m in rts},
-                     **{f"{m}_tokens_per_s": round(n / med[m], 1) for m in rts},
-                     "speedup": round(med["all"] / med["last"], 3),
-                     "all_ms_each": [round(t * 1000, 2) for t in times["all"]],
-                     "last_ms_each": [round(t * 1000, 2) for t in times["last"]]})
-        print(f"prefill {n:4d} tokens: all {med['all'] * 1000:8.1f} ms, last {med['last'] * 1000:8.1f} ms, "
-              f"{med['all'] / med['last']:.2f}x", flush=True)
+        rows.append(
+            {
+                "prompt_tokens": n,
+                **{f"{m}_ms": round(med[m] * 1000, 2) for m in rts},
+                **{f"{m}_tokens_per_s": round(n / med[m], 1) for m in rts},
+                "speedup": round(med["all"] / med["last"], 3),
+                "all_ms_each": [round(t * 1000, 2) for t in times["all"]],
+                "last_ms_each": [round(t * 1000, 2) for t in times["last"]],
+            }
+        )
+        print(
+            f"prefill {n:4d} tokens: all {med['all'] * 1000:8.1f} ms, last {med['last'] * 1000:8.1f} ms, "
+            f"{med['all'] / med['last']:.2f}x",
+            flush=True,
+        )
     # control: decode steps after a 16-token prefill do the same work in both programs
     decode = {}
     for m, rt in rts.items():

@@ -43,14 +43,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import _launch as _launch_script  # noqa: E402
 from train_throughput import MODELS, TARGETS, _config, _device, _one_step, _reinit, timed_steps  # noqa: E402
+from train_throughput import _launch as _launch_script  # noqa: E402
 from train_throughput import _profile as _profile_step  # noqa: E402
 
 SCHEME = {"lora": "int8-int4", "full": "phone-deployment"}
 # edgeft first: if the command runs out of time, the rows the targets are about come back
 RUNS = [(m, i) for i in ("edgeft", "edgeft_qat", "edgeft_qat_mse", "edgeft_qat_learned") for m in ("lora", "full")] + [
-    (m, i) for m in ("lora", "full") for i in ("hf", "hf_qat")]
+    (m, i) for m in ("lora", "full") for i in ("hf", "hf_qat")
+]
 # the QAT implementations, their weight scale (qat.prepare's weight_scale; torchao's own QAT is absmax) and the
 # implementation they are compared with
 WEIGHT_SCALE = {"edgeft_qat": "absmax", "edgeft_qat_mse": "mse", "edgeft_qat_learned": "learned", "hf_qat": "absmax"}
@@ -80,8 +81,9 @@ def _torchao_qat(model, mode: str) -> int:
 
     quantize_(model, plan.qat_prepare_config(), filter_fn=lin)
     if plan.embedding_config() is not None:
-        quantize_(model, QATConfig(plan.embedding_config(), step="prepare"),
-                  filter_fn=lambda m, fqn: type(m) is nn.Embedding)
+        quantize_(
+            model, QATConfig(plan.embedding_config(), step="prepare"), filter_fn=lambda m, fqn: type(m) is nn.Embedding
+        )
     return n[0]
 
 
@@ -105,8 +107,9 @@ def run_worker(spec: dict) -> dict:
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(0)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+        )
         gen = torch.Generator(device=device).manual_seed(7)
         with torch.no_grad():  # non-zero B so that the merge (and QAT on it) matters from step one
             for n, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
@@ -147,9 +150,16 @@ def run_worker(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     losses, times = timed_steps(model, impl, opt, batches, sync)
     step_s = statistics.median(times[spec["warmup"] :])
-    res = dict(spec, step_ms=step_s * 1e3, step_ms_all=[t * 1e3 for t in times], tokens_per_s=batch * seq / step_s,
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, losses=losses,
-               final_loss=losses[-1], qat_modules=len(replaced))
+    res = dict(
+        spec,
+        step_ms=step_s * 1e3,
+        step_ms_all=[t * 1e3 for t in times],
+        tokens_per_s=batch * seq / step_s,
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        losses=losses,
+        final_loss=losses[-1],
+        qat_modules=len(replaced),
+    )
     if impl.startswith("edgeft_qat"):
         from edgeft.qat.prepare import fake_quant_cache_stats
 
@@ -241,23 +251,34 @@ def run_check(subset: str = "all") -> list[dict]:
                     extra = {"groups_off_absmax": int((s_ref != s_abs).sum()), "groups": w.numel() // gs}
                 record(f"weight {name} {dtype} {shape}", diff(K.fake_quant_weight(w, spec), ref), w.numel(), extra)
                 if name in ("int4-g32", "int4-g32-mse"):
-                    record(f"weight+lora {name} {dtype} {shape}",
-                           diff(K.fake_quant_weight(w, spec, lora=(a, b, 2.0)), R.weight_ref(merged, spec)), w.numel())
+                    record(
+                        f"weight+lora {name} {dtype} {shape}",
+                        diff(K.fake_quant_weight(w, spec, lora=(a, b, 2.0)), R.weight_ref(merged, spec)),
+                        w.numel(),
+                    )
                     o, c, s, p = K.fake_quant_weight(w, spec, codes=True)
-                    record(f"dequant(codes) {name} {dtype} {shape}",
-                           diff(K.dequantize_codes(c, s, p, dtype, 32, shape[1]), o), w.numel())
+                    record(
+                        f"dequant(codes) {name} {dtype} {shape}",
+                        diff(K.dequantize_codes(c, s, p, dtype, 32, shape[1]), o),
+                        w.numel(),
+                    )
                     if spec.clip_ratios:  # the scale each group picked is the reference's
                         s_ref = R.int_weight_ref(w, spec, return_codes=True)[2]
-                        record(f"scales {name} {dtype} {shape}", diff(s.reshape(s_ref.shape).to(s_ref.dtype), s_ref),
-                               s_ref.numel(), {"dtype": str(s.dtype)})
+                        record(
+                            f"scales {name} {dtype} {shape}",
+                            diff(s.reshape(s_ref.shape).to(s_ref.dtype), s_ref),
+                            s_ref.numel(),
+                            {"dtype": str(s.dtype)},
+                        )
         if mse_only:
             continue
         for k in (1024, 3072):
             x = (torch.randn(8192, k, device=dev) * 2 + 0.3).to(dtype)
             for kind in ("int8_asym", "fp8"):
                 aspec = R.ActQuant(kind)
-                record(f"act {kind} {dtype} (8192, {k})", diff(K.fake_quant_act(x, aspec), R.act_ref(x, aspec)),
-                       x.numel())
+                record(
+                    f"act {kind} {dtype} (8192, {k})", diff(K.fake_quant_act(x, aspec), R.act_ref(x, aspec)), x.numel()
+                )
     if mse_only:
         return out + _launch_costs(mse_only=True)
     # merged LoRA + QAT Function (Q/K/V-like: three projections share x) against fp64 autograd with STE
@@ -268,8 +289,10 @@ def run_check(subset: str = "all") -> list[dict]:
         ws = [(torch.randn(o, H, device=dev) * 0.03).to(dtype) for o in (2048, 1024, 1024)]
         As = [(torch.randn(16, H, device=dev) * 0.02).requires_grad_() for _ in ws]
         Bs = [(torch.randn(w.shape[0], 16, device=dev) * 0.02).requires_grad_() for w in ws]
-        projs = [Projection(K.fake_quant_weight(w, wq, lora=(a, b, 2.0)), None, a, b, 2.0, merged=True, act_quant=aq)
-                 for w, a, b in zip(ws, As, Bs)]
+        projs = [
+            Projection(K.fake_quant_weight(w, wq, lora=(a, b, 2.0)), None, a, b, 2.0, merged=True, act_quant=aq)
+            for w, a, b in zip(ws, As, Bs)
+        ]
         ys = lora_linear(x, projs)
         gs = [torch.randn_like(y) for y in ys]
         torch.autograd.backward(ys, gs)
@@ -285,10 +308,15 @@ def run_check(subset: str = "all") -> list[dict]:
         torch.autograd.backward(refs, [g.double() for g in gs])
         errs = [_rel(y, r) for y, r in zip(ys, refs)] + [_rel(x.grad, x64.grad)]
         errs += [_rel(p.grad, r.grad) for p, r in zip([t for ab in zip(As, Bs) for t in ab], ref_params)]
-        out.append(dict(check=f"merged LoRA QAT Function fwd+bwd {dtype}", max_rel_err=max(errs),
-                        ok=max(errs) < bound, errs=dict(zip(["y_q", "y_k", "y_v", "dx", "dA_q", "dB_q", "dA_k", "dB_k",
-                                                             "dA_v", "dB_v"], errs)),
-                        tf32=bool(torch.backends.cuda.matmul.allow_tf32)))
+        out.append(
+            dict(
+                check=f"merged LoRA QAT Function fwd+bwd {dtype}",
+                max_rel_err=max(errs),
+                ok=max(errs) < bound,
+                errs=dict(zip(["y_q", "y_k", "y_v", "dx", "dA_q", "dB_q", "dA_k", "dB_k", "dA_v", "dB_v"], errs)),
+                tf32=bool(torch.backends.cuda.matmul.allow_tf32),
+            )
+        )
     # full fine-tuning: the per-step code cache gives the uncached fake quantization's bits, hit after hit
     w = torch.nn.Parameter((torch.randn(3072, 1024, device=dev) * 0.02).to(torch.bfloat16))
     cache, spec = K.WeightCache(), R.WeightQuant("int", 4, 32)
@@ -325,19 +353,29 @@ def _launch_costs(mse_only: bool = False) -> list[dict]:
         w = torch.randn(3072, 1024, device="cuda", dtype=torch.bfloat16) * 0.02
         a, b = torch.randn(16, 1024, device="cuda") * 0.01, torch.randn(3072, 16, device="cuda") * 0.01
         for name, spec in (("absmax", R.WeightQuant("int", 4, 32)), ("mse", mse)):
-            for label, fn in (("weight int4", lambda s=spec: K.fake_quant_weight(w, s)),
-                              ("weight int4+lora r16", lambda s=spec: K.fake_quant_weight(w, s, lora=(a, b, 2.0))),
-                              ("torch reference weight int4", lambda s=spec: R.weight_ref(w, s))):
+            for label, fn in (
+                ("weight int4", lambda s=spec: K.fake_quant_weight(w, s)),
+                ("weight int4+lora r16", lambda s=spec: K.fake_quant_weight(w, s, lora=(a, b, 2.0))),
+                ("torch reference weight int4", lambda s=spec: R.weight_ref(w, s)),
+            ):
                 ms = do_bench(fn, warmup=10, rep=50, return_mode="median")
-                res.append(dict(check=f"time {label} {name} (3072, 1024) bf16", ms=ms,
-                                gb_per_s=2 * w.numel() * 2 / ms / 1e6, ok=True))
+                res.append(
+                    dict(
+                        check=f"time {label} {name} (3072, 1024) bf16",
+                        ms=ms,
+                        gb_per_s=2 * w.numel() * 2 / ms / 1e6,
+                        ok=True,
+                    )
+                )
         return res
     small_x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
     small_w = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
     a, b = torch.randn(16, 1024, device="cuda"), torch.randn(64, 16, device="cuda")
     spec, aspec = R.WeightQuant("int", 4, 32), R.ActQuant()
-    for name, fn in (("act int8 (8, 1024)", lambda: K.fake_quant_act(small_x, aspec)),
-                     ("weight int4+lora (64, 1024)", lambda: K.fake_quant_weight(small_w, spec, lora=(a, b, 2.0)))):
+    for name, fn in (
+        ("act int8 (8, 1024)", lambda: K.fake_quant_act(small_x, aspec)),
+        ("weight int4+lora (64, 1024)", lambda: K.fake_quant_weight(small_w, spec, lora=(a, b, 2.0))),
+    ):
         for _ in range(20):
             fn()
         torch.cuda.synchronize()
@@ -352,8 +390,11 @@ def _launch_costs(mse_only: bool = False) -> list[dict]:
     for name, fn, nbytes in (
         ("act int8 (8192, 3072) bf16", lambda: K.fake_quant_act(x, aspec), 2 * x.numel() * 2),
         ("weight int4 (3072, 1024) bf16", lambda: K.fake_quant_weight(w, spec), 2 * w.numel() * 2),
-        ("weight int4+lora r16 (3072, 1024) bf16", lambda: K.fake_quant_weight(w, spec, lora=(a, b, 2.0)),
-         2 * w.numel() * 2),
+        (
+            "weight int4+lora r16 (3072, 1024) bf16",
+            lambda: K.fake_quant_weight(w, spec, lora=(a, b, 2.0)),
+            2 * w.numel() * 2,
+        ),
         ("torch reference act int8 (8192, 3072)", lambda: R.act_ref(x, aspec), 2 * x.numel() * 2),
         ("torch reference weight int4 (3072, 1024)", lambda: R.weight_ref(w, spec), 2 * w.numel() * 2),
     ):
@@ -455,8 +496,14 @@ def _learned_convert_check() -> list[dict]:
             fq = [m.weight_fake_quantizer(m.weight).clone() for m in model]
         converted, record = qat.convert(model)
         equal = [bool(torch.equal(m.weight.dequantize(), w)) for m, w in zip(converted, fq)]
-        res.append(dict(check=f"convert == fake quant, learned scales, {scheme} bf16", ok=all(equal),
-                        weights_equal=equal, learned_scales=record["learned_scales"]))
+        res.append(
+            dict(
+                check=f"convert == fake quant, learned scales, {scheme} bf16",
+                ok=all(equal),
+                weights_equal=equal,
+                learned_scales=record["learned_scales"],
+            )
+        )
     return res
 
 
@@ -476,8 +523,11 @@ def _learned_kernel_check() -> list[dict]:
 
     def one(rows: int, cols: int, lora: bool) -> None:
         w = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16) * 0.02
-        ad = ((torch.randn(16, cols, device="cuda") * 0.01, torch.randn(rows, 16, device="cuda") * 0.01, 2.0)
-              if lora else None)
+        ad = (
+            (torch.randn(16, cols, device="cuda") * 0.01, torch.randn(rows, 16, device="cuda") * 0.01, 2.0)
+            if lora
+            else None
+        )
         init = R.initial_scale(w, spec)
         scale = R.learned_scale(init, torch.randn_like(init) * 0.2, spec, w.dtype)
         grad = torch.randn(rows, cols, device="cuda")
@@ -497,10 +547,15 @@ def _learned_kernel_check() -> list[dict]:
         shape = f"({rows}, {cols}){' +lora r16' if lora else ''} bf16"
         res.append(dict(check=f"learned fq(W) kernel == reference {shape}", ok=bool(torch.equal(ker_fq(), ref_fq()))))
         err = _rel(ker_grad(), ref_grad())
-        res.append(dict(check=f"learned log-scale gradient kernel vs reference {shape}", max_rel_err=err,
-                        ok=err < 1e-5))
-        for label, fn in (("kernel fq(W)", ker_fq), ("reference fq(W)", ref_fq),
-                          ("kernel log-scale grad", ker_grad), ("reference log-scale grad", ref_grad)):
+        res.append(
+            dict(check=f"learned log-scale gradient kernel vs reference {shape}", max_rel_err=err, ok=err < 1e-5)
+        )
+        for label, fn in (
+            ("kernel fq(W)", ker_fq),
+            ("reference fq(W)", ref_fq),
+            ("kernel log-scale grad", ker_grad),
+            ("reference log-scale grad", ref_grad),
+        ):
             ms = do_bench(fn, warmup=5, rep=30, return_mode="median")
             res.append(dict(check=f"time learned {label} {shape}", ms=ms, ok=True))
 
@@ -551,8 +606,11 @@ def _merge_repeats(results: list[dict]) -> list[dict]:
 
 
 def _table(results: list[dict]) -> str:
-    rows = ["| mode | impl | QAT | weight scale | tokens/s | step ms | peak GiB | first / final loss | "
-            "vs same impl w/o QAT | peak vs w/o QAT | target |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| mode | impl | QAT | weight scale | tokens/s | step ms | peak GiB | first / final loss | "
+        "vs same impl w/o QAT | peak vs w/o QAT | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     by = {(r["mode"], r["impl"]): r for r in results if "error" not in r}
     for r in results:
         qat_name = SCHEME[r["mode"]] if r["impl"] in BASE_IMPL else "-"
@@ -576,17 +634,23 @@ def _table(results: list[dict]) -> str:
                     if hq:
                         r["speedup_vs_torchao_qat"] = r["tokens_per_s"] / hq["tokens_per_s"]
                         r["first_loss_rel_diff_vs_torchao_qat"] = abs(r["losses"][0] / hq["losses"][0] - 1)
-                        target += (f"; {r['speedup_vs_torchao_qat']:.2f}x torchao QAT, step-1 loss within "
-                                   f"{r['first_loss_rel_diff_vs_torchao_qat']:.1e}")
+                        target += (
+                            f"; {r['speedup_vs_torchao_qat']:.2f}x torchao QAT, step-1 loss within "
+                            f"{r['first_loss_rel_diff_vs_torchao_qat']:.1e}"
+                        )
             ab = by.get((r["mode"], "edgeft_qat")) if r["impl"] == "edgeft_qat_mse" else None
             if ab:
                 r["ratio_vs_absmax_qat"] = r["tokens_per_s"] / ab["tokens_per_s"]
                 r["peak_ratio_vs_absmax_qat"] = r["peak_gib"] / ab["peak_gib"] if ab["peak_gib"] else float("nan")
-                target += (f"; {r['ratio_vs_absmax_qat']:.2f}x absmax QAT, peak "
-                           f"{(r['peak_ratio_vs_absmax_qat'] - 1) * 100:+.1f}%")
-        rows.append(f"| {r['mode']} | {r['impl']} | {qat_name} | {scale} | {r['tokens_per_s'] / 1e3:.1f}k | "
-                    f"{r['step_ms']:.0f} | {r['peak_gib']:.2f} | {r['losses'][0]:.4f} / {r['final_loss']:.4f} | "
-                    f"{ratio} | {mem} | {target} |")
+                target += (
+                    f"; {r['ratio_vs_absmax_qat']:.2f}x absmax QAT, peak "
+                    f"{(r['peak_ratio_vs_absmax_qat'] - 1) * 100:+.1f}%"
+                )
+        rows.append(
+            f"| {r['mode']} | {r['impl']} | {qat_name} | {scale} | {r['tokens_per_s'] / 1e3:.1f}k | "
+            f"{r['step_ms']:.0f} | {r['peak_gib']:.2f} | {r['losses'][0]:.4f} / {r['final_loss']:.4f} | "
+            f"{ratio} | {mem} | {target} |"
+        )
     return "\n".join(rows)
 
 
@@ -600,18 +664,34 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--checkpoint", default="offload", help="edgeft checkpoint mode: offload|plain|off (off: no checkpointing anywhere, HF included)")
-    ap.add_argument("--check", nargs="?", const="all", choices=["all", "mse", "learned"],
-                    help="GPU correctness of the QAT kernels first (mse: only the mse-scale weight kernels, with "
-                         "kernel timings of absmax vs mse; learned: convert == fake quant with learned scales, and the "
-                         "learned-scale kernels against their references, timed)")
+    ap.add_argument(
+        "--checkpoint",
+        default="offload",
+        help="edgeft checkpoint mode: offload|plain|off (off: no checkpointing anywhere, HF included)",
+    )
+    ap.add_argument(
+        "--check",
+        nargs="?",
+        const="all",
+        choices=["all", "mse", "learned"],
+        help="GPU correctness of the QAT kernels first (mse: only the mse-scale weight kernels, with "
+        "kernel timings of absmax vs mse; learned: convert == fake quant with learned scales, and the "
+        "learned-scale kernels against their references, timed)",
+    )
     ap.add_argument("--profile", default="", help="comma list mode:impl to profile one step of (after timing)")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="run every configuration this many times, round-robin, and report the median (the host-bound "
-                         "0.6B shapes vary by +-25%% between processes)")
-    ap.add_argument("--weight-cache", default="auto", choices=["auto", "weights", "codes", "off"],
-                    help="edgeft_qat, edgeft_qat_mse: qat.prepare's cache (auto: weights without checkpointing, "
-                         "else codes)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every configuration this many times, round-robin, and report the median (the host-bound "
+        "0.6B shapes vary by +-25%% between processes)",
+    )
+    ap.add_argument(
+        "--weight-cache",
+        default="auto",
+        choices=["auto", "weights", "codes", "off"],
+        help="edgeft_qat, edgeft_qat_mse: qat.prepare's cache (auto: weights without checkpointing, else codes)",
+    )
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for smoke-testing the script")
     ap.add_argument("--timeout", type=int, default=150, help="seconds per configuration")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/qat_overhead-<date>.json)")
@@ -619,17 +699,35 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(run_worker(json.loads(args.worker))), flush=True)
         return
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
-        "qat_overhead-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
-    report: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": _device(),
-                    "versions": _versions(), "settings": {
-                        "model": args.model, "batch": args.batch, "seq": args.seq, "steps": args.steps,
-                        "warmup": args.warmup, "dtype": "bfloat16", "schemes": SCHEME,
-                        "lora": "r=16 alpha=32 dropout=0 on " + ",".join(TARGETS), "optimizer": "AdamW(fused=True)",
-                        "edgeft_checkpointing": args.checkpoint,
-                        "weight_scales": WEIGHT_SCALE, "hf_checkpointing": "transformers, non-reentrant",
-                        "targets": {"lora_ratio": TARGET_RATIO["lora"], "full_ratio": TARGET_RATIO["full"],
-                                    "peak_memory": MEMORY_BUDGET}}}
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "bench" / "results" / ("qat_overhead-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
+    )
+    report: dict = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": _device(),
+        "versions": _versions(),
+        "settings": {
+            "model": args.model,
+            "batch": args.batch,
+            "seq": args.seq,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "dtype": "bfloat16",
+            "schemes": SCHEME,
+            "lora": "r=16 alpha=32 dropout=0 on " + ",".join(TARGETS),
+            "optimizer": "AdamW(fused=True)",
+            "edgeft_checkpointing": args.checkpoint,
+            "weight_scales": WEIGHT_SCALE,
+            "hf_checkpointing": "transformers, non-reentrant",
+            "targets": {
+                "lora_ratio": TARGET_RATIO["lora"],
+                "full_ratio": TARGET_RATIO["full"],
+                "peak_memory": MEMORY_BUDGET,
+            },
+        },
+    }
 
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -639,8 +737,9 @@ def main() -> None:
 
     if args.check:
         try:
-            report["check"] = (_learned_convert_check() + _learned_kernel_check() if args.check == "learned"
-                               else run_check(args.check))
+            report["check"] = (
+                _learned_convert_check() + _learned_kernel_check() if args.check == "learned" else run_check(args.check)
+            )
         except Exception as e:  # keep the timings even if a check crashes
             report["check"] = [dict(check="crashed", ok=False, error=f"{type(e).__name__}: {e}"[:500])]
         bad = [c for c in report["check"] if not c.get("ok")]
@@ -653,14 +752,28 @@ def main() -> None:
     modes, impls = args.modes.split(","), args.impls.split(",")
     todo = [(r, mode, impl) for r in range(args.repeats) for mode, impl in RUNS if mode in modes and impl in impls]
     for rep, mode, impl in todo:
-        spec = dict(model=args.model, mode=mode, impl=impl, batch=args.batch, seq=args.seq, steps=args.steps,
-                    warmup=args.warmup, checkpoint=args.checkpoint, device=args.device, repeat=rep,
-                    profile=rep == 0 and f"{mode}:{impl}" in args.profile.split(","), cache=args.weight_cache,
-                    weight_scale=WEIGHT_SCALE.get(impl))
+        spec = dict(
+            model=args.model,
+            mode=mode,
+            impl=impl,
+            batch=args.batch,
+            seq=args.seq,
+            steps=args.steps,
+            warmup=args.warmup,
+            checkpoint=args.checkpoint,
+            device=args.device,
+            repeat=rep,
+            profile=rep == 0 and f"{mode}:{impl}" in args.profile.split(","),
+            cache=args.weight_cache,
+            weight_scale=WEIGHT_SCALE.get(impl),
+        )
         res = _launch(spec, args.timeout)
         results.append(res)
-        brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
-                 if k in ("mode", "impl", "tokens_per_s", "step_ms", "peak_gib", "final_loss", "error", "wall_s")}
+        brief = {
+            k: (round(v, 3) if isinstance(v, float) else v)
+            for k, v in res.items()
+            if k in ("mode", "impl", "tokens_per_s", "step_ms", "peak_gib", "final_loss", "error", "wall_s")
+        }
         print("run", json.dumps(brief), flush=True)
         report["results"] = results
         save()

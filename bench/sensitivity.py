@@ -64,9 +64,17 @@ def main() -> int:
         t0 = time.perf_counter()
         r = exact_match(EagerRuntime(model), tok, rows, 16)
         ok = [q["correct"] for q in r["per_question"]]
-        results.append({"variant": variant, "correct": sum(ok), "n": len(ok), "accuracy": sum(ok) / len(ok),
-                        "quantized_linears": len(quantized), "seconds": round(time.perf_counter() - t0, 1),
-                        "per_question": ok})
+        results.append(
+            {
+                "variant": variant,
+                "correct": sum(ok),
+                "n": len(ok),
+                "accuracy": sum(ok) / len(ok),
+                "quantized_linears": len(quantized),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "per_question": ok,
+            }
+        )
         print(f"{variant:40s} {sum(ok):4d}/{len(ok)}", flush=True)
 
     now = dt.datetime.now(dt.timezone.utc)
@@ -74,9 +82,22 @@ def main() -> int:
     name = f"sensitivity-{now:%Y%m%d}-{'cpu' if not dev['cuda'] else 'gpu'}{'-' + args.tag if args.tag else ''}.json"
     out = ROOT / "results" / name
     tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"bench": "sensitivity", "date": now.isoformat(timespec="seconds"), "device": dev,
-                               "versions": _versions(), "model": args.model, "plan": plan.to_dict(),
-                               "limit": args.limit, "results": results}, indent=1) + "\n")
+    tmp.write_text(
+        json.dumps(
+            {
+                "bench": "sensitivity",
+                "date": now.isoformat(timespec="seconds"),
+                "device": dev,
+                "versions": _versions(),
+                "model": args.model,
+                "plan": plan.to_dict(),
+                "limit": args.limit,
+                "results": results,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     tmp.replace(out)
     print(f"\n{args.qat} (weight scale {args.weight_scale}), exact match on {args.limit} builtin:tasks questions")
     print("| variant | correct | accuracy |\n|---|---|---|")

@@ -44,8 +44,11 @@ def main() -> int:
     src = resolve_model(args.model)
     model, tok = load_model(src)
     shape = fit.model_shape(model, src)
-    int8 = tuple(n for n in (lin.name for lin in shape.linears)
-                 if n.endswith(("down_proj", "v_proj")) and n.split(".")[2].isdigit() and int(n.split(".")[2]) % 3 == 0)
+    int8 = tuple(
+        n
+        for n in (lin.name for lin in shape.linears)
+        if n.endswith(("down_proj", "v_proj")) and n.split(".")[2].isdigit() and int(n.split(".")[2]) % 3 == 0
+    )
     int8 += tuple(n for n in (lin.name for lin in shape.linears) if n == "lm_head")
     plan = qat.resolve("auto", args.group_size, int8_modules=int8)
     out = Path(args.out)
@@ -58,19 +61,40 @@ def main() -> int:
         t0 = time.perf_counter()
         kw = {"quant": "q4_0"} if art == "gguf" else {"max_seq_len": 128}
         report = export_dir(art, out / "converted", out / "exports", **kw)
-        rows.append({"artifact": art, "predicted": predicted, "written": report["bytes"],
-                     "error": (predicted - report["bytes"]) / report["bytes"],
-                     "exporter_expected": report.get("expected_bytes"), "seconds": round(time.perf_counter() - t0)})
-        print(f"{art}: predicted {predicted:,} written {report['bytes']:,} ({100 * rows[-1]['error']:+.2f}%)",
-              flush=True)
+        rows.append(
+            {
+                "artifact": art,
+                "predicted": predicted,
+                "written": report["bytes"],
+                "error": (predicted - report["bytes"]) / report["bytes"],
+                "exporter_expected": report.get("expected_bytes"),
+                "seconds": round(time.perf_counter() - t0),
+            }
+        )
+        print(
+            f"{art}: predicted {predicted:,} written {report['bytes']:,} ({100 * rows[-1]['error']:+.2f}%)", flush=True
+        )
     now = dt.datetime.now(dt.timezone.utc)
     dev = _device()
     name = f"size-model-{now:%Y%m%d}-{'gpu' if dev['cuda'] else 'cpu'}{'-' + args.tag if args.tag else ''}.json"
     path = ROOT / "results" / name
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"bench": "size_model", "date": now.isoformat(timespec="seconds"), "device": dev,
-                               "versions": _versions(), "model": args.model, "group_size": args.group_size,
-                               "int8": list(int8), "rows": rows}, indent=1) + "\n")
+    tmp.write_text(
+        json.dumps(
+            {
+                "bench": "size_model",
+                "date": now.isoformat(timespec="seconds"),
+                "device": dev,
+                "versions": _versions(),
+                "model": args.model,
+                "group_size": args.group_size,
+                "int8": list(int8),
+                "rows": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     tmp.replace(path)
     print(f"wrote {path}")
     return 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -33,35 +32,86 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
     # shapes of the public checkpoints; weights are random
     "qwen3-0.6b": dict(
-        model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True, rope_theta=1_000_000.0,
-        max_position_embeddings=40960, rms_norm_eps=1e-6, hidden_act="silu",
+        model_type="qwen3",
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        rope_theta=1_000_000.0,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
     ),
     "llama-3.2-1b": dict(
-        model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True, rope_theta=500_000.0,
-        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=8192),
-        max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu",
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500_000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=32.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
     ),
     "llama-3.1-8b": dict(
-        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False, rope_theta=500_000.0,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=8192),
-        max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu",
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        rope_theta=500_000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
     ),
 }
 # a small shape for smoke-testing this script on a CPU (--device cpu --models smoke)
-MODELS["smoke"] = dict(MODELS["qwen3-0.6b"], hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512)
+MODELS["smoke"] = dict(
+    MODELS["qwen3-0.6b"],
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=512,
+)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # (model, mode, impl, batch). Checkpointing: edgeft offloads to host memory, edgeft_plain keeps checkpoints on the
 # GPU, *_nockpt do not checkpoint at all (what `edgeft train` picks when the activations fit, see
 # edgeft/training/model.py); HF and Liger use transformers' checkpointing unless suffixed _nockpt.
 DEFAULT_RUNS = [
-    *[(m, "lora", i, 4) for m in ("qwen3-0.6b", "llama-3.2-1b")
-      for i in ("hf", "liger", "edgeft", "edgeft_plain", "edgeft_nockpt")],
+    *[
+        (m, "lora", i, 4)
+        for m in ("qwen3-0.6b", "llama-3.2-1b")
+        for i in ("hf", "liger", "edgeft", "edgeft_plain", "edgeft_nockpt")
+    ],
     *[("qwen3-0.6b", "full", i, 4) for i in ("hf", "hf_nockpt", "liger", "edgeft", "edgeft_nockpt")],
     *[("llama-3.1-8b", "lora", i, 2) for i in ("hf", "edgeft")],
 ]
@@ -125,8 +175,9 @@ def run_worker(spec: dict) -> dict:
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(0)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
-                                                 task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+        )
     model.train()
     patched: list[str] = []
     if impl.startswith("edgeft"):
@@ -149,9 +200,15 @@ def run_worker(spec: dict) -> dict:
     measured = times[spec["warmup"] :]
     step_s = statistics.median(measured)
     result = dict(
-        spec, step_ms=step_s * 1e3, step_ms_all=[t * 1e3 for t in times], tokens_per_s=batch * seq / step_s,
-        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, losses=losses, final_loss=losses[-1],
-        trainable_params=sum(p.numel() for p in params), patched=len(patched),
+        spec,
+        step_ms=step_s * 1e3,
+        step_ms_all=[t * 1e3 for t in times],
+        tokens_per_s=batch * seq / step_s,
+        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        losses=losses,
+        final_loss=losses[-1],
+        trainable_params=sum(p.numel() for p in params),
+        patched=len(patched),
     )
     if spec.get("profile"):
         result["profile"] = _profile(lambda: _one_step(model, impl, opt, batches[0]))
@@ -213,10 +270,12 @@ def _profile(fn) -> str:
     pr.disable()
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(30)
-    return (f"host issue {host * 1e3:.1f} ms, wall {wall * 1e3:.1f} ms, GPU busy {gpu_us / 1e3:.1f} ms\n"
-            + ka.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60)
-            + ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
-            + "\n".join(buf.getvalue().splitlines()[:45]))
+    return (
+        f"host issue {host * 1e3:.1f} ms, wall {wall * 1e3:.1f} ms, GPU busy {gpu_us / 1e3:.1f} ms\n"
+        + ka.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60)
+        + ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+        + "\n".join(buf.getvalue().splitlines()[:45])
+    )
 
 
 # --- GPU correctness of each kernel at bench shapes -----------------------------------------------------------
@@ -253,8 +312,13 @@ def run_check() -> list[dict]:
     x = torch.randn(M, 2048, device=dev, dtype=bf, requires_grad=True)
     w = torch.randn(2048, device=dev, dtype=bf, requires_grad=True)
     compare("rms_norm", lambda a, b: rms_norm(a, b, 1e-5), lambda a, b: rms_norm_reference(a, b, 1e-5), [x, w], 1e-2)
-    compare("rms_norm_gemma", lambda a, b: rms_norm(a, b, 1e-6, 1.0),
-            lambda a, b: rms_norm_reference(a, b, 1e-6, 1.0), [x, w], 1e-2)
+    compare(
+        "rms_norm_gemma",
+        lambda a, b: rms_norm(a, b, 1e-6, 1.0),
+        lambda a, b: rms_norm_reference(a, b, 1e-6, 1.0),
+        [x, w],
+        1e-2,
+    )
     g = torch.randn(M, 3072, device=dev, dtype=bf, requires_grad=True)
     u = torch.randn(M, 3072, device=dev, dtype=bf, requires_grad=True)
     compare("swiglu", swiglu, swiglu_reference, [g, u], 1e-2)
@@ -281,8 +345,13 @@ def run_check() -> list[dict]:
     lab = torch.randint(0, 151936, (4096,), device=dev)
     lab[::5] = -100
     for cap in (None, 30.0):
-        compare(f"lm_head_loss(softcap={cap})", lambda a, b: lm_head_loss(a, b, lab, cap)[0],
-                lambda a, b: lm_head_loss_reference(a, b, lab, cap)[0], [h, W], 1e-2)
+        compare(
+            f"lm_head_loss(softcap={cap})",
+            lambda a, b: lm_head_loss(a, b, lab, cap)[0],
+            lambda a, b: lm_head_loss_reference(a, b, lab, cap)[0],
+            [h, W],
+            1e-2,
+        )
     return out
 
 
@@ -301,12 +370,17 @@ def run_attention_backends() -> list[dict]:
         q = torch.randn(B, hq, S, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(B, hk, S, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         v = torch.randn(B, hk, S, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                              ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        for name, backend in (
+            ("flash", SDPBackend.FLASH_ATTENTION),
+            ("cudnn", SDPBackend.CUDNN_ATTENTION),
+            ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ):
+
             def step():
                 with sdpa_kernel([backend]):
                     o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
                 o.backward(torch.ones_like(o))
+
             try:
                 res.append(dict(shape=(hq, hk, d), backend=name, ms=do_bench(step, warmup=5, rep=30)))
             except Exception as e:  # backend not available for this shape
@@ -325,14 +399,23 @@ def run_attention_backends() -> list[dict]:
             go = torch.randn_like(o)
             dq = torch.autograd.grad(o, qv, go)[0]
             dq_ref = torch.autograd.grad(ref, qv, go)[0]
-            err = max(((o - ref).float().norm() / ref.float().norm()).item(),
-                      ((dq - dq_ref).float().norm() / dq_ref.float().norm()).item())
+            err = max(
+                ((o - ref).float().norm() / ref.float().norm()).item(),
+                ((dq - dq_ref).float().norm() / dq_ref.float().norm()).item(),
+            )
 
             def vstep():
                 out = varlen_attention(qv, kv, vv, pb)
                 out.backward(torch.ones_like(out))
-            res.append(dict(shape=(hq, hk, d), backend="varlen(auto), 512-token docs", ms=do_bench(vstep, warmup=5, rep=30),
-                            rel_err_vs_masked_sdpa=err))
+
+            res.append(
+                dict(
+                    shape=(hq, hk, d),
+                    backend="varlen(auto), 512-token docs",
+                    ms=do_bench(vstep, warmup=5, rep=30),
+                    rel_err_vs_masked_sdpa=err,
+                )
+            )
         except Exception as e:
             res.append(dict(shape=(hq, hk, d), backend="varlen(auto)", error=str(e).splitlines()[0][:200]))
     return res
@@ -364,8 +447,12 @@ def _device() -> dict:
     if not torch.cuda.is_available():
         return {"name": "cpu (smoke test only)"}
     p = torch.cuda.get_device_properties(0)
-    return {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count,
-            "cuda": torch.version.cuda}
+    return {
+        "name": p.name,
+        "memory_gib": round(p.total_memory / 2**30, 1),
+        "sms": p.multi_processor_count,
+        "cuda": torch.version.cuda,
+    }
 
 
 def _launch(spec: dict, timeout: int, script: str = __file__) -> dict:
@@ -386,8 +473,10 @@ def _launch(spec: dict, timeout: int, script: str = __file__) -> dict:
 
 
 def _table(results: list[dict]) -> str:
-    rows = ["| model | mode | impl | batch | tokens/s | step ms | peak GiB | final loss | max loss diff vs HF | vs HF |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | mode | impl | batch | tokens/s | step ms | peak GiB | final loss | max loss diff vs HF | vs HF |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     base = {(r["model"], r["mode"]): r for r in results if r["impl"] == "hf" and "error" not in r}
     for r in results:
         if "error" in r:
@@ -400,11 +489,15 @@ def _table(results: list[dict]) -> str:
             d = max(abs(x - y) / abs(y) for x, y in zip(r["losses"], b["losses"]))
             r["max_rel_loss_diff_vs_hf"] = d
             diff = f"{d:.1e}"
-        rows.append(f"| {r['model']} | {r['mode']} | {r['impl']} | {r['batch']} | {r['tokens_per_s'] / 1e3:.1f}k | "
-                    f"{r['step_ms']:.0f} | {r['peak_gib']:.2f} | {r['final_loss']:.4f} | {diff} | {ratio} |")
+        rows.append(
+            f"| {r['model']} | {r['mode']} | {r['impl']} | {r['batch']} | {r['tokens_per_s'] / 1e3:.1f}k | "
+            f"{r['step_ms']:.0f} | {r['peak_gib']:.2f} | {r['final_loss']:.4f} | {diff} | {ratio} |"
+        )
     for m, (tps, gib) in PUBLISHED_UNSLOTH.items():
-        rows.append(f"| {m} | lora | unsloth (published in the issue, not run here) | 4 | {tps / 1e3:.1f}k | - | "
-                    f"{gib:.1f} | - | - | - |")
+        rows.append(
+            f"| {m} | lora | unsloth (published in the issue, not run here) | 4 | {tps / 1e3:.1f}k | - | "
+            f"{gib:.1f} | - | - | - |"
+        )
     return "\n".join(rows)
 
 
@@ -430,16 +523,29 @@ def main() -> None:
         return
 
     all_runs = DEFAULT_RUNS + [("smoke", m, i, 2) for m in ("lora", "full") for i in ("hf", "edgeft")]
-    runs = [r for r in (all_runs if args.models else DEFAULT_RUNS)
-            if (not args.models or r[0] in args.models.split(","))
-            and (not args.modes or r[1] in args.modes.split(","))
-            and (not args.impls or r[2] in args.impls.split(","))]
+    runs = [
+        r
+        for r in (all_runs if args.models else DEFAULT_RUNS)
+        if (not args.models or r[0] in args.models.split(","))
+        and (not args.modes or r[1] in args.modes.split(","))
+        and (not args.impls or r[2] in args.impls.split(","))
+    ]
     profiles = set(filter(None, args.profile.split(",")))
-    report: dict = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": _device(),
-                    "versions": _versions(), "settings": {"seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-                    "dtype": "bfloat16", "lora": "r=16 alpha=32 dropout=0 on " + ",".join(TARGETS),
-                    "optimizer": "AdamW(fused=True)", "hf_checkpointing": "transformers, use_reentrant=False",
-                    "edgeft_checkpointing": args.checkpoint}}
+    report: dict = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": _device(),
+        "versions": _versions(),
+        "settings": {
+            "seq": args.seq,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "dtype": "bfloat16",
+            "lora": "r=16 alpha=32 dropout=0 on " + ",".join(TARGETS),
+            "optimizer": "AdamW(fused=True)",
+            "hf_checkpointing": "transformers, use_reentrant=False",
+            "edgeft_checkpointing": args.checkpoint,
+        },
+    }
     if args.check:
         report["check"] = run_check()
         for c in report["check"]:
@@ -450,18 +556,34 @@ def main() -> None:
             print("attention", a, flush=True)
     results = []
     for model, mode, impl, batch in runs:
-        spec = dict(model=model, mode=mode, impl=impl, batch=batch, seq=args.seq, steps=args.steps,
-                    warmup=args.warmup, checkpoint=args.checkpoint, device=args.device, profile=f"{model}:{mode}:{impl}" in profiles)
+        spec = dict(
+            model=model,
+            mode=mode,
+            impl=impl,
+            batch=batch,
+            seq=args.seq,
+            steps=args.steps,
+            warmup=args.warmup,
+            checkpoint=args.checkpoint,
+            device=args.device,
+            profile=f"{model}:{mode}:{impl}" in profiles,
+        )
         res = _launch(spec, args.timeout)
         results.append(res)
-        brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
-                 if k in ("model", "mode", "impl", "tokens_per_s", "step_ms", "peak_gib", "final_loss", "error", "wall_s")}
+        brief = {
+            k: (round(v, 3) if isinstance(v, float) else v)
+            for k, v in res.items()
+            if k in ("model", "mode", "impl", "tokens_per_s", "step_ms", "peak_gib", "final_loss", "error", "wall_s")
+        }
         print("run", json.dumps(brief), flush=True)
     report["results"] = results
     table = _table(results)
     report["table"] = table
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
-        "train_throughput-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT / "bench" / "results" / ("train_throughput-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S") + ".json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1))

@@ -61,14 +61,15 @@ def _worker(spec: dict) -> dict:
     dev, mode = spec["device"], spec["mode"]
     hq, hk, d = spec["heads"], spec["kv_heads"], spec["head_dim"]
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    scale = d ** -0.5
+    scale = d**-0.5
 
     def step(docs, seed, keep=False):
         g = torch.Generator(device=dev).manual_seed(seed)
         t = sum(docs)
         grad = dev == "cuda" or mode == "sdpa"  # FlexAttention has no CPU backward (the CPU run is a dry run)
-        q, k, v = (torch.randn(t, h, d, device=dev, dtype=dtype, generator=g).requires_grad_(grad)
-                   for h in (hq, hk, hk))
+        q, k, v = (
+            torch.randn(t, h, d, device=dev, dtype=dtype, generator=g).requires_grad_(grad) for h in (hq, hk, hk)
+        )
         cu = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], device=dev, dtype=torch.int32)
         pb = A.packed_batch_from_cu_seqlens(cu, max(docs))
         if mode == "sdpa":
@@ -124,13 +125,24 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="varlen-")
     batches = _batches(args.batches, args.min_tokens, args.max_tokens, args.seed)
-    base = {"device": args.device, "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim,
-            "batches": batches, "compare": args.compare, "tmp": tmp}
+    base = {
+        "device": args.device,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "batches": batches,
+        "compare": args.compare,
+        "tmp": tmp,
+    }
     results = []
     for mode in args.modes.split(","):
         t0 = time.time()
-        p = subprocess.run([sys.executable, __file__, "--worker", json.dumps({**base, "mode": mode})],
-                           capture_output=True, text=True, timeout=args.timeout)
+        p = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps({**base, "mode": mode})],
+            capture_output=True,
+            text=True,
+            timeout=args.timeout,
+        )
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not line:
             results.append({"mode": mode, "error": p.stderr[-1500:]})
@@ -141,8 +153,10 @@ def main() -> None:
         r["recompile_warnings"] = p.stderr.count("recompile_limit")
         r["unfused_warnings"] = p.stderr.count("without torch.compile()")
         results.append(r)
-        print(f"{mode}: pass1 {sum(r['pass1_ms']) / 1e3:.1f} s, pass2 median {statistics.median(r['pass2_ms']):.1f} ms",
-              file=sys.stderr)
+        print(
+            f"{mode}: pass1 {sum(r['pass1_ms']) / 1e3:.1f} s, pass2 median {statistics.median(r['pass2_ms']):.1f} ms",
+            file=sys.stderr,
+        )
     ok = {r["mode"]: r for r in results if "error" not in r}
     if "sdpa" in ok:
         for mode, r in ok.items():
@@ -152,21 +166,31 @@ def main() -> None:
                 errs.append(float((a - b).abs().max() / b.abs().max()))
             r["max_rel_err_vs_sdpa"] = max(errs)
     tokens = sum(sum(b) for b in batches)
-    rows = ["| mode | pass 1 s (compiles) | pass 2 median ms | pass 2 tokens/s | vs sdpa | peak GiB | err vs sdpa |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| mode | pass 1 s (compiles) | pass 2 median ms | pass 2 tokens/s | vs sdpa | peak GiB | err vs sdpa |",
+        "|---|---|---|---|---|---|---|",
+    ]
     ref = ok.get("sdpa")
     for mode, r in ok.items():
         tps = tokens / (sum(r["pass2_ms"]) / 1e3)
         r["pass2_tokens_per_s"] = tps
         vs = f"{sum(ref['pass2_ms']) / sum(r['pass2_ms']):.2f}x" if ref else "-"
-        rows.append(f"| {mode} | {sum(r['pass1_ms']) / 1e3:.1f} | {statistics.median(r['pass2_ms']):.1f} | "
-                    f"{tps / 1e3:.0f}k | {vs} | {r.get('peak_gib', float('nan')):.2f} | "
-                    f"{r.get('max_rel_err_vs_sdpa', float('nan')):.1e} |")
+        rows.append(
+            f"| {mode} | {sum(r['pass1_ms']) / 1e3:.1f} | {statistics.median(r['pass2_ms']):.1f} | "
+            f"{tps / 1e3:.0f}k | {vs} | {r.get('peak_gib', float('nan')):.2f} | "
+            f"{r.get('max_rel_err_vs_sdpa', float('nan')):.1e} |"
+        )
     table = "\n".join(rows)
     date = dt.datetime.now(dt.timezone.utc)
-    doc = {"date": date.isoformat(timespec="seconds"), "device": _device(), "versions": _versions(),
-           "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
-           "batch_tokens": [sum(b) for b in batches], "results": results, "table": table}
+    doc = {
+        "date": date.isoformat(timespec="seconds"),
+        "device": _device(),
+        "versions": _versions(),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
+        "batch_tokens": [sum(b) for b in batches],
+        "results": results,
+        "table": table,
+    }
     out = Path(args.out or ROOT / "bench" / "results" / f"varlen_attention-{date:%Y%m%d}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = out.with_suffix(".json.tmp")

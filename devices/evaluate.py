@@ -105,11 +105,18 @@ def exact_match(rt: Runtime, tokenizer: Any, rows: list[dict[str, Any]], max_new
         per_question.append({"correct": ok, "got": answer})
         if len(samples) < 5:
             samples.append({"question": r["question"], "expected": r["answer"], "got": answer})
-    return {"accuracy": correct / len(rows), "n": len(rows), "tokens_per_s": n_tok / secs, "samples": samples,
-            "per_question": per_question}
+    return {
+        "accuracy": correct / len(rows),
+        "n": len(rows),
+        "tokens_per_s": n_tok / secs,
+        "samples": samples,
+        "per_question": per_question,
+    }
 
 
-def encode_choices(tokenizer: Any, messages: list[dict[str, str]], choices: list[str]) -> tuple[list[int], list[list[int]]]:
+def encode_choices(
+    tokenizer: Any, messages: list[dict[str, str]], choices: list[str]
+) -> tuple[list[int], list[list[int]]]:
     """The prompt's ids, exactly as exact match encodes them, and each choice's continuation ids.
 
     A continuation is the choice's tokens as the tokenizer splits prompt + choice (lm-eval-harness's rule; the
@@ -156,7 +163,10 @@ def choice_scores(rt: Runtime, ctx: list[int], conts: list[list[int]]) -> list[f
 
 
 def multiple_choice(
-    rt: Runtime, tokenizer: Any, items: list[dict[str, Any]], encoded: list[tuple[list[int], list[list[int]]]] | None = None
+    rt: Runtime,
+    tokenizer: Any,
+    items: list[dict[str, Any]],
+    encoded: list[tuple[list[int], list[list[int]]]] | None = None,
 ) -> dict[str, Any]:
     """Accuracy of the argmax of :func:`choice_scores` against each item's ``label`` (first on ties).
 
@@ -171,8 +181,15 @@ def multiple_choice(
         correct += pick == it["label"]
         per_question.append({"correct": pick == it["label"], "picked": pick})
         if len(samples) < 5:
-            samples.append({"question": it["question"], "choices": it["choices"], "expected": it["label"], "picked": pick,
-                            "scores": [round(x, 4) for x in scores]})
+            samples.append(
+                {
+                    "question": it["question"],
+                    "choices": it["choices"],
+                    "expected": it["label"],
+                    "picked": pick,
+                    "scores": [round(x, 4) for x in scores],
+                }
+            )
     return {"mc_accuracy": correct / len(items), "n": len(items), "samples": samples, "per_question": per_question}
 
 
@@ -201,7 +218,9 @@ def builtin_eval_data(limit: int = 60) -> EvalData:
     from edgeft.data import tasks
 
     return EvalData(
-        heldout_text(), tasks.generate("test")[:limit], tasks.multiple_choice("test")[:limit],
+        heldout_text(),
+        tasks.generate("test")[:limit],
+        tasks.multiple_choice("test")[:limit],
         {"heldout": "packaged held-out prose", "tasks": "builtin:tasks test split", "mc": "builtin:tasks test split"},
     )
 
@@ -219,31 +238,31 @@ def _task_item(row: Any, where: str) -> tuple[str, dict[str, Any]]:
         raise EdgeftError(f"{where}: expected a JSON object, got {type(row).__name__}")
     prompt = row.get("prompt", row.get("question"))
     if not isinstance(prompt, str) or not prompt.strip():
-        raise EdgeftError(f"{where}: needs a non-empty \"prompt\" (or \"question\") string")
+        raise EdgeftError(f'{where}: needs a non-empty "prompt" (or "question") string')
     messages = [{"role": "user", "content": prompt}]
     if row.get("system") is not None:
         if not isinstance(row["system"], str):
-            raise EdgeftError(f"{where}: \"system\" must be a string")
+            raise EdgeftError(f'{where}: "system" must be a string')
         messages.insert(0, {"role": "system", "content": row["system"]})
     if "answer" not in row:
-        raise EdgeftError(f"{where}: needs an \"answer\" (text, or with \"choices\" the right choice's index or text)")
+        raise EdgeftError(f'{where}: needs an "answer" (text, or with "choices" the right choice\'s index or text)')
     answer = row["answer"]
     if "choices" not in row:
         text = _scalar_text(answer)
         if text is None:
-            raise EdgeftError(f"{where}: \"answer\" must be a non-empty string or number")
+            raise EdgeftError(f'{where}: "answer" must be a non-empty string or number')
         return "tasks", {"question": prompt, "messages": messages, "answer": text}
     choices = row["choices"]
     if not isinstance(choices, list) or len(choices) < 2:
-        raise EdgeftError(f"{where}: \"choices\" must be a list of at least 2 answers")
+        raise EdgeftError(f'{where}: "choices" must be a list of at least 2 answers')
     texts = [_scalar_text(c) for c in choices]
     if any(t is None for t in texts):
         raise EdgeftError(f"{where}: every choice must be a non-empty string or number")
     if len(set(texts)) != len(texts):
-        raise EdgeftError(f"{where}: \"choices\" has duplicates")
+        raise EdgeftError(f'{where}: "choices" has duplicates')
     if isinstance(answer, int) and not isinstance(answer, bool):
         if not 0 <= answer < len(texts):
-            raise EdgeftError(f"{where}: \"answer\" index {answer} is outside the {len(texts)} choices")
+            raise EdgeftError(f'{where}: "answer" index {answer} is outside the {len(texts)} choices')
         label = answer
     elif isinstance(answer, str) and answer.strip() in texts:
         label = texts.index(answer.strip())
@@ -418,8 +437,10 @@ def evaluate_run(
         ex = run.exports
         for kind in runtimes:
             if kind == "pte" and not ex.pte().exists() or kind == "gguf" and ex.newest_gguf() is None:
-                raise EdgeftError(f"{run.root} has no exported {kind}: run `edgeft export {kind} --run {run.root}` "
-                                  f"first, or leave {kind} out of --runtimes")
+                raise EdgeftError(
+                    f"{run.root} has no exported {kind}: run `edgeft export {kind} --run {run.root}` "
+                    f"first, or leave {kind} out of --runtimes"
+                )
     sources = _variant_sources(run)
     if variants:
         unknown = [v for v in variants if v not in VARIANTS]
@@ -427,21 +448,28 @@ def evaluate_run(
             raise EdgeftError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
         missing = [v for v in variants if v not in sources]
         if missing:
-            raise EdgeftError(f"{run.root} has no {', '.join(missing)} variant (train with --qat and --ptq to get all "
-                              "three)")
+            raise EdgeftError(
+                f"{run.root} has no {', '.join(missing)} variant (train with --qat and --ptq to get all three)"
+            )
         sources = {v: sources[v] for v in variants}
     tokenizer = AutoTokenizer.from_pretrained(str(run.converted))
     # with genres: ppl_tokens of each genre, chunked apart so that no chunk spans two genres
     genre_chunks = {g: text_chunks(tokenizer, t, ppl_tokens, ppl_chunk) for g, t in data.heldout_genres.items()}
-    chunks = ([c for cs in genre_chunks.values() for c in cs] if genre_chunks
-              else text_chunks(tokenizer, data.heldout, ppl_tokens, ppl_chunk))
+    chunks = (
+        [c for cs in genre_chunks.values() for c in cs]
+        if genre_chunks
+        else text_chunks(tokenizer, data.heldout, ppl_tokens, ppl_chunk)
+    )
     if not chunks:
         raise EdgeftError(f"held-out text ({data.sources.get('heldout')}) is shorter than 2 tokens")
     rows = data.tasks
     mc_encoded = [encode_choices(tokenizer, _prompt_messages(it), it["choices"]) for it in data.mc]
     # the longest sequence a runtime must hold: a prompt and its generation, or a prompt and its longest choice
-    longest = max([len(encode_prompt(tokenizer, _prompt_messages(r))) + max_new_tokens for r in rows]
-                  + [len(ctx) + max(map(len, conts)) for ctx, conts in mc_encoded] + [ppl_chunk])
+    longest = max(
+        [len(encode_prompt(tokenizer, _prompt_messages(r))) + max_new_tokens for r in rows]
+        + [len(ctx) + max(map(len, conts)) for ctx, conts in mc_encoded]
+        + [ppl_chunk]
+    )
     max_seq_len = max(256, longest)
 
     results: list[dict[str, Any]] = []
@@ -457,14 +485,16 @@ def evaluate_run(
             if bar is not None:
                 bar.set_postfix_str(f"{variant}/{kind}")
             artifact = None if kind == "eager" else _artifact(kind, src, art_dir, max_seq_len)
-            rt = load_runtime(kind, artifact or src, **({"n_ctx": longest} if kind == "gguf" and longest > 1024 else {}))
+            rt = load_runtime(
+                kind, artifact or src, **({"n_ctx": longest} if kind == "gguf" and longest > 1024 else {})
+            )
             try:
                 t0 = time.perf_counter()
                 ppl_chunks = chunk_nll(rt, chunks)  # per chunk, so the report can resample chunks
                 ppl = math.exp(sum(ppl_chunks["nll"]) / sum(ppl_chunks["tokens"]))
                 by_genre, k = {}, 0
                 for g, cs in genre_chunks.items():  # chunks lists the genres' chunks in order
-                    nll, n = ppl_chunks["nll"][k:k + len(cs)], ppl_chunks["tokens"][k:k + len(cs)]
+                    nll, n = ppl_chunks["nll"][k : k + len(cs)], ppl_chunks["tokens"][k : k + len(cs)]
                     by_genre[g], k = math.exp(sum(nll) / sum(n)), k + len(cs)
                 em = exact_match(rt, tokenizer, rows, max_new_tokens)
                 mc = multiple_choice(rt, tokenizer, data.mc, mc_encoded)
@@ -489,16 +519,21 @@ def evaluate_run(
                     "mc_samples": mc["samples"],
                 }
             )
-            per_question += [{"variant": variant, "runtime": kind, "kind": "exact", "index": i, "id": task_ids[i],
-                              **q} for i, q in enumerate(em["per_question"])]
-            per_question += [{"variant": variant, "runtime": kind, "kind": "mc", "index": i, "id": mc_ids[i], **q}
-                             for i, q in enumerate(mc["per_question"])]
+            per_question += [
+                {"variant": variant, "runtime": kind, "kind": "exact", "index": i, "id": task_ids[i], **q}
+                for i, q in enumerate(em["per_question"])
+            ]
+            per_question += [
+                {"variant": variant, "runtime": kind, "kind": "mc", "index": i, "id": mc_ids[i], **q}
+                for i, q in enumerate(mc["per_question"])
+            ]
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
-    report = _report(run, results, ppl_tokens=sum(len(c) - 1 for c in chunks), limit=len(rows), data=data,
-                     questions=per_question)
+    report = _report(
+        run, results, ppl_tokens=sum(len(c) - 1 for c in chunks), limit=len(rows), data=data, questions=per_question
+    )
     report["prompt_format"] = "chat template" if has_chat_template(tokenizer) else PLAIN_FORMAT
     if genre_chunks:
         report["heldout_genre_tokens"] = {g: sum(len(c) - 1 for c in cs) for g, cs in genre_chunks.items()}
@@ -506,8 +541,11 @@ def evaluate_run(
     questions = "".join(json.dumps(q) + "\n" for q in per_question)
     # the report names its questions file by content: a questions.jsonl from another evaluation (one interrupted
     # between the two writes) does not match it
-    report["questions"] = {"file": QUESTIONS_FILE, "rows": len(per_question),
-                           "sha256": hashlib.sha256(questions.encode()).hexdigest()}
+    report["questions"] = {
+        "file": QUESTIONS_FILE,
+        "rows": len(per_question),
+        "sha256": hashlib.sha256(questions.encode()).hexdigest(),
+    }
     run.eval.mkdir(exist_ok=True)
     write_text(run.eval_questions, questions)
     write_json(run.eval_report, report)
@@ -520,7 +558,9 @@ def question_id(item: dict[str, Any]) -> str:
     """A question's stable id: a hash of what the model is asked and what counts as right (the prompt turns, and the
     answer or the choices and label), so the same question has the same id in every run and evaluation."""
     key = {"messages": _prompt_messages(item)}
-    key.update({"choices": item["choices"], "label": item["label"]} if "choices" in item else {"answer": item["answer"]})
+    key.update(
+        {"choices": item["choices"], "label": item["label"]} if "choices" in item else {"answer": item["answer"]}
+    )
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -560,20 +600,34 @@ def _genre_markdown(report: dict[str, Any]) -> list[str]:
     if not tokens:
         return []
     genres = list(tokens)
-    lines = ["", "Perplexity per genre (" + ", ".join(f"{g} {n} tokens" for g, n in tokens.items()) + "):", "",
-             "| variant | runtime | " + " | ".join(genres) + " |", "|---|---|" + "---:|" * len(genres)]
+    lines = [
+        "",
+        "Perplexity per genre (" + ", ".join(f"{g} {n} tokens" for g, n in tokens.items()) + "):",
+        "",
+        "| variant | runtime | " + " | ".join(genres) + " |",
+        "|---|---|" + "---:|" * len(genres),
+    ]
     for r in report["results"]:
         pg = r.get("perplexity_by_genre") or {}
         lines.append(f"| {r['variant']} | {r['runtime']} | " + " | ".join(f"{pg[g]:.3f}" for g in genres) + " |")
     lines.append("")
     for rt, rec in (report.get("recovery_by_genre") or {}).items():
-        lines.append(f"- {rt}: QAT recovered " + ", ".join(f"{describe(x, True)} ({g})" for g, x in rec.items())
-                     + " of PTQ's perplexity degradation.")
+        lines.append(
+            f"- {rt}: QAT recovered "
+            + ", ".join(f"{describe(x, True)} ({g})" for g, x in rec.items())
+            + " of PTQ's perplexity degradation."
+        )
     return lines
 
 
-def _report(run: RunDir, results: list[dict[str, Any]], ppl_tokens: int, limit: int, data: EvalData,
-            questions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _report(
+    run: RunDir,
+    results: list[dict[str, Any]],
+    ppl_tokens: int,
+    limit: int,
+    data: EvalData,
+    questions: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     from edgeft.config import load_yaml
 
     cfg = load_yaml(run.config_file)
@@ -603,10 +657,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"Perplexity on {report['heldout_tokens']} tokens of {src.get('heldout', 'held-out text')}; exact-match "
         f"accuracy on {report['task_examples']} questions of {src.get('tasks', '`builtin:tasks` test split')} (greedy)"
-        + (f"; multiple-choice accuracy on {report['mc_examples']} questions of {src.get('mc', 'the task set')} "
-           f"(length-normalised log-likelihood, chance {100 * report['mc_chance']:.0f}%)." if has_mc else "."),
-        *([f"Questions asked in {report['prompt_format']}."] if report.get("prompt_format", "chat template")
-          != "chat template" else []),
+        + (
+            f"; multiple-choice accuracy on {report['mc_examples']} questions of {src.get('mc', 'the task set')} "
+            f"(length-normalised log-likelihood, chance {100 * report['mc_chance']:.0f}%)."
+            if has_mc
+            else "."
+        ),
+        *(
+            [f"Questions asked in {report['prompt_format']}."]
+            if report.get("prompt_format", "chat template") != "chat template"
+            else []
+        ),
         "",
         "| variant | runtime | perplexity | exact match | multiple choice | size (MB) | tokens/s |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -618,12 +679,18 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {r['size_mb']:.1f} | {r['tokens_per_s']:.1f} |"
         )
     if report["recovery"]:
-        lines += ["", "Share of PTQ's degradation that QAT recovered, (QAT − PTQ) / (BF16 − PTQ), with its paired 95% "
-                  "interval. " + RULE, "",
-                  "| runtime | perplexity | exact match | multiple choice |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Share of PTQ's degradation that QAT recovered, (QAT − PTQ) / (BF16 − PTQ), with its paired 95% "
+            "interval. " + RULE,
+            "",
+            "| runtime | perplexity | exact match | multiple choice |",
+            "|---|---|---|---|",
+        ]
     for rt, rec in report["recovery"].items():
-        cells = [describe(rec[m], m == "perplexity") if m in rec else "–" for m in ("perplexity", "accuracy",
-                                                                                   "mc_accuracy")]
+        cells = [
+            describe(rec[m], m == "perplexity") if m in rec else "–" for m in ("perplexity", "accuracy", "mc_accuracy")
+        ]
         lines.append(f"| {rt} | " + " | ".join(cells) + " |")
     lines += _genre_markdown(report)
     return "\n".join(lines) + "\n"
@@ -645,8 +712,13 @@ def _plot(report: dict[str, Any], dest: Path) -> None:
     width = 0.8 / max(1, len(variants))
     for ax, (metric, label) in zip(axes, panels):
         for i, v in enumerate(variants):
-            vals = [next((r.get(metric, float("nan")) for r in results if r["variant"] == v and r["runtime"] == rt),
-                         float("nan")) for rt in runtimes]
+            vals = [
+                next(
+                    (r.get(metric, float("nan")) for r in results if r["variant"] == v and r["runtime"] == rt),
+                    float("nan"),
+                )
+                for rt in runtimes
+            ]
             ax.bar([x + i * width for x in range(len(runtimes))], vals, width, label=v)
         ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(runtimes))], runtimes)
         ax.set_title(label)

@@ -72,11 +72,15 @@ class PteRuntime:
             self.max_seq_len = int(_scalar_method(self._program, "get_max_seq_len"))
             ctx = _scalar_method(self._program, "get_max_context_len")
         except Exception as e:  # a truncated or foreign file: ExecuTorch raises RuntimeError/ValueError
-            raise EdgeftError(f"ExecuTorch could not load {self.path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise EdgeftError(
+                f"ExecuTorch could not load {self.path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
         self.max_context_len = int(ctx) if ctx is not None else self.max_seq_len
         self.vocab_size = int(_scalar_method(self._program, "get_vocab_size") or 0)
         eos = _scalar_method(self._program, "get_eos_ids")
-        self.eos_ids = {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])} if eos is not None else set()
+        self.eos_ids = (
+            {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])} if eos is not None else set()
+        )
         bos = _scalar_method(self._program, "get_bos_id")
         self.bos_id = int(bos) if bos is not None else None
         self.dynamic = bool(_scalar_method(self._program, "enable_dynamic_shape"))

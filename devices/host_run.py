@@ -168,7 +168,9 @@ def _render(prompt: str, template_owner: Any, chat: bool | None, where: str) -> 
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
     except Exception as e:  # a template that raises (jinja errors) on a plain user message
-        raise EdgeftError(f"the chat template failed on the prompt: {str(e).splitlines()[0] if str(e) else e}") from None
+        raise EdgeftError(
+            f"the chat template failed on the prompt: {str(e).splitlines()[0] if str(e) else e}"
+        ) from None
     return text, True
 
 
@@ -214,8 +216,16 @@ def _set_threads(threads: int | None) -> int | None:
 
 
 def _run_pte(
-    pte: Path, prompt: str, *, max_new_tokens: int, temperature: float, chat: bool | None, tokenizer: Any,
-    on_text: Callable[[str], None] | None, verbose: bool, threads: int | None,
+    pte: Path,
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    chat: bool | None,
+    tokenizer: Any,
+    on_text: Callable[[str], None] | None,
+    verbose: bool,
+    threads: int | None,
 ) -> dict[str, Any]:
     tok, tok_dir = _tokenizer_files(pte, tokenizer)
     hf = _hf_tokenizer(tok, tok_dir, pte)
@@ -254,8 +264,16 @@ def _run_pte(
             del runner
             prompt_ids = ([hf.bos_token_id] if num_bos else []) + hf(text, add_special_tokens=False).input_ids
             loop = _token_loop(pte, prompt_ids, hf, max_new_tokens, temperature, "".join(stream.pieces), on_text)
-            return {"runtime": "pte", "path": str(pte), "chat": used_chat, "prompt_text": text, "num_bos": num_bos,
-                    "threads": pool, "engine": "TextLLMRunner, then ExecuTorch token loop (non-UTF-8 token)", **loop}
+            return {
+                "runtime": "pte",
+                "path": str(pte),
+                "chat": used_chat,
+                "prompt_text": text,
+                "num_bos": num_bos,
+                "threads": pool,
+                "engine": "TextLLMRunner, then ExecuTorch token loop (non-UTF-8 token)",
+                **loop,
+            }
         except RuntimeError as e:
             raise EdgeftError(f"ExecuTorch's runner failed on {pte.name}: {e} (--verbose shows its log)") from None
     # a held special token was the end of sequence when it is the EOS or the runner stopped short of the limit
@@ -299,7 +317,12 @@ def _run_pte(
 
 
 def _token_loop(
-    pte: Path, prompt_ids: list[int], hf: Any, max_new_tokens: int, temperature: float, shown: str,
+    pte: Path,
+    prompt_ids: list[int],
+    hf: Any,
+    max_new_tokens: int,
+    temperature: float,
+    shown: str,
     on_text: Callable[[str], None] | None,
 ) -> dict[str, Any]:
     """Generation on ExecuTorch's runtime (``PteRuntime``: the same program and kernels) with HF detokenization.
@@ -335,7 +358,7 @@ def _token_loop(
             full = base + hf.decode(gen)
             if not full.endswith("\ufffd") and len(full) > len(shown):
                 if on_text is not None:
-                    on_text(full[len(shown):])
+                    on_text(full[len(shown) :])
                 shown = full
             if len(gen) < budget:
                 last = rt._step([tok], len(ids) + len(gen) - 1)[-1]
@@ -357,8 +380,17 @@ def _token_loop(
 
 
 def _run_gguf(
-    path: Path, prompt: str, *, max_new_tokens: int, temperature: float, chat: bool | None, tokenizer: Any,
-    on_text: Callable[[str], None] | None, verbose: bool, threads: int | None, ignore_eos: bool = False,
+    path: Path,
+    prompt: str,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    chat: bool | None,
+    tokenizer: Any,
+    on_text: Callable[[str], None] | None,
+    verbose: bool,
+    threads: int | None,
+    ignore_eos: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
     import numpy as np
@@ -403,13 +435,21 @@ def _run_gguf(
     finally:
         vocab.close()
     if n_ctx_train and len(ids) + max_new_tokens > n_ctx_train:
-        raise EdgeftError(f"prompt ({len(ids)} tokens) + {max_new_tokens} new tokens exceed the model's context of "
-                          f"{n_ctx_train}")
+        raise EdgeftError(
+            f"prompt ({len(ids)} tokens) + {max_new_tokens} new tokens exceed the model's context of {n_ctx_train}"
+        )
     n_ctx = len(ids) + max_new_tokens
     with _runner_output(verbose):
         try:
-            llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=threads,
-                        n_threads_batch=threads, logits_all=False, verbose=verbose)
+            llm = Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=min(n_ctx, 512),
+                n_threads=threads,
+                n_threads_batch=threads,
+                logits_all=False,
+                verbose=verbose,
+            )
         except (ValueError, RuntimeError) as e:
             raise EdgeftError(f"llama.cpp could not load {path.name}: {e}") from None
     try:
@@ -507,8 +547,15 @@ def run_artifact(
         raise EdgeftError("--temperature must be >= 0 (0: greedy)")
     if threads is not None and threads < 1:
         raise EdgeftError("--threads must be at least 1")
-    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, chat=chat, tokenizer=tokenizer,
-              on_text=on_text, verbose=verbose, threads=threads)
+    kw = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        chat=chat,
+        tokenizer=tokenizer,
+        on_text=on_text,
+        verbose=verbose,
+        threads=threads,
+    )
     if kind == "pte":
         if ignore_eos:
             raise EdgeftError("ignore_eos: ExecuTorch's runner (1.5.1 Python binding) always stops at EOS")

@@ -195,11 +195,18 @@ def estimate(profile: DeviceProfile, size: int, kv: int, shape: dict[str, Any]) 
     per_token = size + kv / 2  # on average half the cache is filled during a generation
     fixed = shape["layers"] * profile.layer_overhead_ms / 1e3
     lo, hi = (1.0 / (per_token / (profile.bandwidth_gbs * 1e9 * e) + fixed) for e in profile.efficiency)
-    return {"memory": memory, "budget": budget, "fits": memory <= budget,
-            "decode_tokens_per_s": [round(lo, 1), round(hi, 1)], "decode_low": lo}
+    return {
+        "memory": memory,
+        "budget": budget,
+        "fits": memory <= budget,
+        "decode_tokens_per_s": [round(lo, 1), round(hi, 1)],
+        "decode_low": lo,
+    }
 
 
-def check(profile: DeviceProfile, artifact: str | Path, context: int = 2048, kv_bytes: int | None = None) -> dict[str, Any]:
+def check(
+    profile: DeviceProfile, artifact: str | Path, context: int = 2048, kv_bytes: int | None = None
+) -> dict[str, Any]:
     """Fit verdict and speed estimate of an artifact (.pte or .gguf) on a device profile.
 
     A ``.pte`` that edgeft exported carries its KV cache in the program (allocated whole at load, at the export's
@@ -236,6 +243,7 @@ def check(profile: DeviceProfile, artifact: str | Path, context: int = 2048, kv_
         "verdict": (
             f"fits on {profile.name}: {memory / 2**20:.0f} MB of {budget / 2**20:.0f} MB at {context} tokens of context"
             if fits
-            else f"does NOT fit on {profile.name}: needs {memory / 2**20:.0f} MB, an app may use {budget / 2**20:.0f} MB"
+            else f"does NOT fit on {profile.name}: needs {memory / 2**20:.0f} MB, "
+            f"an app may use {budget / 2**20:.0f} MB"
         ),
     }

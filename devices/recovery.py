@@ -20,9 +20,11 @@ LEVEL = 0.95
 RESAMPLES = 2000
 SEED = 0
 MAX_WIDTH = 1.0  # widest recovery interval (as a fraction: 100 points) still reported as a number
-RULE = ("A recovery is shown as a percentage only when the paired 95% bootstrap interval of PTQ's loss "
-        "(BF16 − PTQ, resampling the questions or text chunks) excludes zero and the recovery's own 95% interval is "
-        "at most 100 points wide; otherwise it reads \"not resolved\" with the numbers that decide it.")
+RULE = (
+    "A recovery is shown as a percentage only when the paired 95% bootstrap interval of PTQ's loss "
+    "(BF16 − PTQ, resampling the questions or text chunks) excludes zero and the recovery's own 95% interval is "
+    'at most 100 points wide; otherwise it reads "not resolved" with the numbers that decide it.'
+)
 _BLOCK = 250  # resamples drawn at a time: memory stays at 250 x units whatever the question count
 
 
@@ -44,9 +46,18 @@ def _resample(n: int, n_boot: int, seed: int, stat: Any) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _summary(point: Mapping[str, float], samples: np.ndarray, higher_is_better: bool, n: int, unit: str,
-             n_boot: int, seed: int, level: float) -> dict[str, Any]:
-    """The recovery, its interval and the verdict from point values and [n_boot, 3] resampled values (bf16, ptq, qat)."""
+def _summary(
+    point: Mapping[str, float],
+    samples: np.ndarray,
+    higher_is_better: bool,
+    n: int,
+    unit: str,
+    n_boot: int,
+    seed: int,
+    level: float,
+) -> dict[str, Any]:
+    """The recovery, its interval and the verdict from point values and [n_boot, 3] resampled values
+    (bf16, ptq, qat)."""
     sign = 1.0 if higher_is_better else -1.0
     gap = sign * (samples[:, 0] - samples[:, 1])  # PTQ's loss: > 0 when PTQ is worse than BF16
     gain = sign * (samples[:, 2] - samples[:, 1])  # QAT's gain over PTQ
@@ -65,17 +76,26 @@ def _summary(point: Mapping[str, float], samples: np.ndarray, higher_is_better: 
     else:
         reason = None
     return {
-        "point": rec, "interval": ci, "resolved": reason is None, "reason": reason,
+        "point": rec,
+        "interval": ci,
+        "resolved": reason is None,
+        "reason": reason,
         "values": {v: float(point[v]) for v in VARIANTS},
-        "ptq_loss": float(sign * (point["bf16"] - point["ptq"])), "ptq_loss_interval": gap_ci,
-        "n": n, "unit": unit, "level": level, "resamples": n_boot, "seed": seed,
+        "ptq_loss": float(sign * (point["bf16"] - point["ptq"])),
+        "ptq_loss_interval": gap_ci,
+        "n": n,
+        "unit": unit,
+        "level": level,
+        "resamples": n_boot,
+        "seed": seed,
         # resamples where PTQ lost nothing (recovery undefined there; the interval is over the others)
         "undefined_share": float(1 - defined.mean()),
     }
 
 
-def accuracy_recovery(correct: Mapping[str, Sequence[bool]], *, n_boot: int = RESAMPLES, seed: int = SEED,
-                      level: float = LEVEL) -> dict[str, Any]:
+def accuracy_recovery(
+    correct: Mapping[str, Sequence[bool]], *, n_boot: int = RESAMPLES, seed: int = SEED, level: float = LEVEL
+) -> dict[str, Any]:
     """Recovery of an accuracy from each question's correctness per variant (bf16, ptq, qat; same question order),
     resampling questions: point, ``interval``, ``resolved`` and ``reason`` (None, ``ptq_within_noise``,
     ``ptq_did_not_degrade``, ``interval_too_wide``), and the numbers behind them."""
@@ -87,8 +107,14 @@ def accuracy_recovery(correct: Mapping[str, Sequence[bool]], *, n_boot: int = RE
     return _summary(dict(zip(VARIANTS, m.mean(0))), samples, True, n, "questions", n_boot, seed, level)
 
 
-def perplexity_recovery(nll: Mapping[str, Sequence[float]], tokens: Sequence[int], *, n_boot: int = RESAMPLES,
-                        seed: int = SEED, level: float = LEVEL) -> dict[str, Any]:
+def perplexity_recovery(
+    nll: Mapping[str, Sequence[float]],
+    tokens: Sequence[int],
+    *,
+    n_boot: int = RESAMPLES,
+    seed: int = SEED,
+    level: float = LEVEL,
+) -> dict[str, Any]:
     """Recovery of perplexity, exp(sum NLL / sum tokens), from each chunk's NLL sum per variant and the chunks'
     predicted-token counts (the same chunks for every variant), resampling chunks; keys as
     :func:`accuracy_recovery`'s, plus ``tokens``."""
@@ -103,12 +129,18 @@ def perplexity_recovery(nll: Mapping[str, Sequence[float]], tokens: Sequence[int
 
 def point_only(values: Mapping[str, float], higher_is_better: bool) -> dict[str, Any]:
     """A recovery without per-unit results to resample (a report from before them): the point, no verdict."""
-    return {"point": recovery(values["bf16"], values["ptq"], values["qat"], higher_is_better), "interval": None,
-            "resolved": None, "reason": "no_per_unit_results", "values": {v: float(values[v]) for v in VARIANTS}}
+    return {
+        "point": recovery(values["bf16"], values["ptq"], values["qat"], higher_is_better),
+        "interval": None,
+        "resolved": None,
+        "reason": "no_per_unit_results",
+        "values": {v: float(values[v]) for v in VARIANTS},
+    }
 
 
-def recovery_table(results: list[dict[str, Any]], questions: list[dict[str, Any]] | None = None,
-                   **kw: Any) -> dict[str, dict[str, dict[str, Any]]]:
+def recovery_table(
+    results: list[dict[str, Any]], questions: list[dict[str, Any]] | None = None, **kw: Any
+) -> dict[str, dict[str, dict[str, Any]]]:
     """Per runtime that has all three variants, per metric in :data:`METRICS` its results carry, the recovery.
 
     ``results``: the evaluator's rows (``variant``, ``runtime``, the metrics, ``ppl_chunks`` = {"nll", "tokens"});
@@ -131,12 +163,19 @@ def recovery_table(results: list[dict[str, Any]], questions: list[dict[str, Any]
             if metric == "perplexity":
                 chunks = [r.get("ppl_chunks") for r in rows]
                 if all(chunks) and all(c["tokens"] == chunks[0]["tokens"] for c in chunks):
-                    rec[metric] = perplexity_recovery({v: c["nll"] for v, c in zip(VARIANTS, chunks)},
-                                                      chunks[0]["tokens"], **kw)
+                    rec[metric] = perplexity_recovery(
+                        {v: c["nll"] for v, c in zip(VARIANTS, chunks)}, chunks[0]["tokens"], **kw
+                    )
                 continue
             kind = "exact" if metric == "accuracy" else "mc"
-            per = {v: {(q["index"], q["id"]): q["correct"] for q in questions or ()
-                       if q["runtime"] == rt and q["kind"] == kind and q["variant"] == v} for v in VARIANTS}
+            per = {
+                v: {
+                    (q["index"], q["id"]): q["correct"]
+                    for q in questions or ()
+                    if q["runtime"] == rt and q["kind"] == kind and q["variant"] == v
+                }
+                for v in VARIANTS
+            }
             keys = sorted(per["bf16"])
             if keys and all(sorted(per[v]) == keys for v in VARIANTS):
                 rec[metric] = accuracy_recovery({v: [per[v][k] for k in keys] for v in VARIANTS}, **kw)
@@ -162,8 +201,10 @@ def describe(rec: dict[str, Any] | float | None, perplexity: bool = False) -> st
         return f"not resolved (PTQ within noise of BF16: {both}, {n})"
     lo, hi = rec["interval"] or (float("nan"), float("nan"))
     if reason == "interval_too_wide":
-        return (f"not resolved (95% CI {100 * lo:.0f}% to {100 * hi:.0f}%, wider than 100 points: {both}, "
-                f"QAT {_value(v['qat'], perplexity)}, {n})")
+        return (
+            f"not resolved (95% CI {100 * lo:.0f}% to {100 * hi:.0f}%, wider than 100 points: {both}, "
+            f"QAT {_value(v['qat'], perplexity)}, {n})"
+        )
     if reason == "no_per_unit_results":
         return "n/a (PTQ did not degrade)" if rec["point"] is None else f"{100 * rec['point']:.0f}% (no interval)"
     return f"{100 * rec['point']:.0f}% (95% CI {100 * lo:.0f}% to {100 * hi:.0f}%)"

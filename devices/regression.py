@@ -34,7 +34,7 @@ def load_golden(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise EdgeftError(f"{path}: not valid JSON ({e.msg})") from None
     if not isinstance(data, dict) or not isinstance(data.get("metrics"), list):
-        raise EdgeftError(f"{path}: expected {{\"metrics\": [...]}}")
+        raise EdgeftError(f'{path}: expected {{"metrics": [...]}}')
     for i, m in enumerate(data["metrics"]):
         missing = {"variant", "runtime", "metric", "value"} - set(m)
         if missing:
@@ -72,6 +72,13 @@ def golden_from_report(
         for metric in metrics:
             if metric not in r:  # a report from before the metric existed
                 continue
-            rows.append({"variant": r["variant"], "runtime": r["runtime"], "metric": metric, "value": r[metric],
-                         **DEFAULT_TOL[metric]})
+            rows.append(
+                {
+                    "variant": r["variant"],
+                    "runtime": r["runtime"],
+                    "metric": metric,
+                    "value": r[metric],
+                    **DEFAULT_TOL[metric],
+                }
+            )
     return {"model": report.get("model"), "qat": report.get("qat"), "metrics": rows}

@@ -1,7 +1,7 @@
 """Write docs/cli.md, the flag reference, from edgeft's argparse parser (``train``'s flags are the config's fields).
 
-    python docs/gen_cli.py          # rewrite docs/cli.md
-    python docs/gen_cli.py --check  # exit 1 if docs/cli.md is stale (tests/test_docs.py does the same)
+python docs/gen_cli.py          # rewrite docs/cli.md
+python docs/gen_cli.py --check  # exit 1 if docs/cli.md is stale (tests/test_docs.py does the same)
 """
 
 from __future__ import annotations
@@ -81,14 +81,21 @@ def render() -> str:
     fields = _config_defaults()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
     helps = {c.dest: c.help for c in sub._choices_actions}  # noqa: SLF001
-    lines = ["# edgeft command line", "",
-             "Generated from the parser by `python docs/gen_cli.py`; do not edit (tests/test_docs.py fails when this "
-             "file is stale). The `train` flags are the config's fields ([config.md](config.md)): each is also a "
-             "YAML key of `--config`, under its section.", ""]
+    lines = [
+        "# edgeft command line",
+        "",
+        "Generated from the parser by `python docs/gen_cli.py`; do not edit (tests/test_docs.py fails when this "
+        "file is stale). The `train` flags are the config's fields ([config.md](config.md)): each is also a "
+        "YAML key of `--config`, under its section.",
+        "",
+    ]
     lines += [f"- [`edgeft {name}`](#edgeft-{name}): {helps.get(name, '')}" for name in sub.choices]
     for name, p in sub.choices.items():
-        lines += ["", f"## edgeft {name}", "", helps.get(name) or "", ""] if lines[-1] else \
-            [f"## edgeft {name}", "", helps.get(name) or "", ""]
+        lines += (
+            ["", f"## edgeft {name}", "", helps.get(name) or "", ""]
+            if lines[-1]
+            else [f"## edgeft {name}", "", helps.get(name) or "", ""]
+        )
         if p.description:
             lines += [p.description, ""]
         groups = [g for g in p._action_groups if g._group_actions]  # noqa: SLF001

@@ -56,30 +56,77 @@ class Family:
         from edgeft.kernels.patch import KernelSpec
 
         return KernelSpec(
-            norm_class=self.norm_class, norm_eps_attr=self.norm_eps_attr, norm_offset=self.norm_offset,
-            fused_qkv=self.fused_qkv, qk_norm=self.qk_norm, fused_gate_up=self.fused_gate_up,
-            act_attr=self.act_attr, window=self.window,
+            norm_class=self.norm_class,
+            norm_eps_attr=self.norm_eps_attr,
+            norm_offset=self.norm_offset,
+            fused_qkv=self.fused_qkv,
+            qk_norm=self.qk_norm,
+            fused_gate_up=self.fused_gate_up,
+            act_attr=self.act_attr,
+            window=self.window,
         )
 
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in [
-        Family("llama", "LlamaForCausalLM", "Llama 2/3.x, SmolLM2, TinyLlama", norm_class="LlamaRMSNorm",
-               gguf_arch="LLAMA", gguf_permute_qk=True, gguf_rope=("default", "linear", "llama3")),
+        Family(
+            "llama",
+            "LlamaForCausalLM",
+            "Llama 2/3.x, SmolLM2, TinyLlama",
+            norm_class="LlamaRMSNorm",
+            gguf_arch="LLAMA",
+            gguf_permute_qk=True,
+            gguf_rope=("default", "linear", "llama3"),
+        ),
         # llama.cpp's converter maps MistralForCausalLM to its LLAMA architecture
-        Family("mistral", "MistralForCausalLM", "Mistral 7B, Mistral NeMo", norm_class="MistralRMSNorm",
-               window="config", gguf_arch="LLAMA", gguf_permute_qk=True, gguf_rope=("default", "linear", "llama3")),
-        Family("qwen2", "Qwen2ForCausalLM", "Qwen2, Qwen2.5", norm_class="Qwen2RMSNorm", window="layer",
-               gguf_arch="QWEN2"),
-        Family("qwen3", "Qwen3ForCausalLM", "Qwen3 dense", norm_class="Qwen3RMSNorm", qk_norm=True, window="layer",
-               gguf_arch="QWEN3"),
-        Family("gemma3_text", "Gemma3ForCausalLM", "Gemma 3 text", norm_class="Gemma3RMSNorm", norm_eps_attr="eps",
-               norm_offset=1.0, qk_norm=True, act_attr="hidden_activation", window="layer", gguf_arch="GEMMA3",
-               gguf_windows=True, gguf_activations=("gelu_pytorch_tanh",)),
-        Family("phi3", "Phi3ForCausalLM", "Phi-3, Phi-3.5-mini, Phi-4-mini", norm_class="Phi3RMSNorm",
-               fused_qkv=True, fused_gate_up=True, window="config", gguf_arch="PHI3",
-               gguf_rope=("default", "longrope")),
+        Family(
+            "mistral",
+            "MistralForCausalLM",
+            "Mistral 7B, Mistral NeMo",
+            norm_class="MistralRMSNorm",
+            window="config",
+            gguf_arch="LLAMA",
+            gguf_permute_qk=True,
+            gguf_rope=("default", "linear", "llama3"),
+        ),
+        Family(
+            "qwen2", "Qwen2ForCausalLM", "Qwen2, Qwen2.5", norm_class="Qwen2RMSNorm", window="layer", gguf_arch="QWEN2"
+        ),
+        Family(
+            "qwen3",
+            "Qwen3ForCausalLM",
+            "Qwen3 dense",
+            norm_class="Qwen3RMSNorm",
+            qk_norm=True,
+            window="layer",
+            gguf_arch="QWEN3",
+        ),
+        Family(
+            "gemma3_text",
+            "Gemma3ForCausalLM",
+            "Gemma 3 text",
+            norm_class="Gemma3RMSNorm",
+            norm_eps_attr="eps",
+            norm_offset=1.0,
+            qk_norm=True,
+            act_attr="hidden_activation",
+            window="layer",
+            gguf_arch="GEMMA3",
+            gguf_windows=True,
+            gguf_activations=("gelu_pytorch_tanh",),
+        ),
+        Family(
+            "phi3",
+            "Phi3ForCausalLM",
+            "Phi-3, Phi-3.5-mini, Phi-4-mini",
+            norm_class="Phi3RMSNorm",
+            fused_qkv=True,
+            fused_gate_up=True,
+            window="config",
+            gguf_arch="PHI3",
+            gguf_rope=("default", "longrope"),
+        ),
     ]
 }
 

@@ -20,12 +20,13 @@ from typing import Any
 from .config import Registry, TrainConfig, base_type
 from .errors import EdgeftError
 
-
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 # how writers that wrap the OS error say it (safetensors: "os error 28", torch.save: "file write failed", numpy's
 # tofile in gguf-py: "N requested and M written")
-_DISK_FULL_TEXT = re.compile(r"No space left on device|File too large|Disk quota exceeded|os error (?:28|27|122)\b|"
-                             r"file write failed|\d+ requested and \d+ written")
+_DISK_FULL_TEXT = re.compile(
+    r"No space left on device|File too large|Disk quota exceeded|os error (?:28|27|122)\b|"
+    r"file write failed|\d+ requested and \d+ written"
+)
 
 
 def _disk_full(e: BaseException) -> str | None:
@@ -45,8 +46,16 @@ def _disk_full(e: BaseException) -> str | None:
 def _quiet_backends() -> None:
     """Silence import-time chatter of optional backends (missing CUDA extensions, deprecations)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("torchao", "torch.utils._pytree", "torch._dynamo", "torch.export", "executorch", "httpx", "bitsandbytes",
-                 "gguf"):
+    for name in (
+        "torchao",
+        "torch.utils._pytree",
+        "torch._dynamo",
+        "torch.export",
+        "executorch",
+        "httpx",
+        "bitsandbytes",
+        "gguf",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -96,11 +105,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[Train
             if base is bool:
                 if m.get("negatable"):
                     group.add_argument(flag, dest=dest, action="store_true", default=None, help=m["help"])
-                    group.add_argument("--no-" + flag[2:], dest=dest, action="store_false", default=None,
-                                       help=m["negatable"])
+                    group.add_argument(
+                        "--no-" + flag[2:], dest=dest, action="store_false", default=None, help=m["negatable"]
+                    )
                 elif f.default is True and not m.get("flag"):
-                    group.add_argument("--no-" + flag[2:], dest=dest, action="store_false", default=None,
-                                       help=m["help"])
+                    group.add_argument(
+                        "--no-" + flag[2:], dest=dest, action="store_false", default=None, help=m["help"]
+                    )
                 else:
                     group.add_argument(flag, dest=dest, action="store_true", default=None, help=m["help"])
                 continue
@@ -108,8 +119,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[Train
             # argparse names a value by its dest ("OPTIM.OPTIMIZER"): use the flag, or {a,b} for listed choices
             named = choices is None or isinstance(choices, Registry)
             metavar = m.get("metavar") or (flag[2:].replace("-", "_").upper() if named else None)
-            kw: dict[str, Any] = {"dest": dest, "help": m["help"], "type": _csv if base is list else base,
-                                  "metavar": metavar}
+            kw: dict[str, Any] = {
+                "dest": dest,
+                "help": m["help"],
+                "type": _csv if base is list else base,
+                "metavar": metavar,
+            }
             if choices is not None:
                 kw["choices"] = choices
                 if isinstance(choices, Registry):  # a registry is imported only when a value is checked or help shown
@@ -131,40 +146,58 @@ def build_parser(config_cls: type[TrainConfig] = TrainConfig) -> argparse.Argume
     e = sub.add_parser("export", help="export a run's converted model")
     e.add_argument("format", choices=["pte", "gguf", "torchao"])
     e.add_argument("--run", help="run directory (default: newest under ./runs)")
-    e.add_argument("--quant", help=f"GGUF type: {', '.join(GGUF_QUANTS)} (default: the scheme's bit width; the "
-                                   "K-quants through llama.cpp)")
+    e.add_argument(
+        "--quant",
+        help=f"GGUF type: {', '.join(GGUF_QUANTS)} (default: the scheme's bit width; the K-quants through llama.cpp)",
+    )
     e.add_argument("--max-seq-len", type=int, help=".pte KV-cache length (default 512)")
-    e.add_argument("--logits", choices=["all", "last"],
-                   help=".pte output: logits for every position (all, default: model.pte, what `edgeft eval` runs) "
-                        "or the last one only (last: model-last.pte, for apps; less prefill work and memory)")
-    e.add_argument("--embedding", choices=["int8", "int4"],
-                   help=".pte embedding: int8 per row (embedding_byte) or int4 in groups of 32 (embedding_4bit), "
-                        "quantized here when the run's embedding is not on that grid (default: as the run has it)")
-    e.add_argument("--kv-cache", choices=["fp32", "int8"],
-                   help=".pte KV cache: fp32, or int8 per token and head (ExecuTorch's quantized KV cache; default: "
-                        "the run's device-fit plan's, else fp32)")
+    e.add_argument(
+        "--logits",
+        choices=["all", "last"],
+        help=".pte output: logits for every position (all, default: model.pte, what `edgeft eval` runs) "
+        "or the last one only (last: model-last.pte, for apps; less prefill work and memory)",
+    )
+    e.add_argument(
+        "--embedding",
+        choices=["int8", "int4"],
+        help=".pte embedding: int8 per row (embedding_byte) or int4 in groups of 32 (embedding_4bit), "
+        "quantized here when the run's embedding is not on that grid (default: as the run has it)",
+    )
+    e.add_argument(
+        "--kv-cache",
+        choices=["fp32", "int8"],
+        help=".pte KV cache: fp32, or int8 per token and head (ExecuTorch's quantized KV cache; default: "
+        "the run's device-fit plan's, else fp32)",
+    )
 
     v = sub.add_parser(
-        "eval", help="BF16 vs PTQ vs QAT on eager, .pte and GGUF runtimes",
+        "eval",
+        help="BF16 vs PTQ vs QAT on eager, .pte and GGUF runtimes",
         description="Perplexity, exact-match and multiple-choice accuracy (length-normalised log-likelihood: mean "
-                    "log-probability per answer token, end-of-turn included), size and decode speed of each variant "
-                    "on each runtime. Default data: packaged held-out prose and the builtin:tasks test split (with "
-                    "3 seeded distractors per question for multiple choice); --data swaps in your own.",
+        "log-probability per answer token, end-of-turn included), size and decode speed of each variant "
+        "on each runtime. Default data: packaged held-out prose and the builtin:tasks test split (with "
+        "3 seeded distractors per question for multiple choice); --data swaps in your own.",
     )
     v.add_argument("--run", help="run directory (default: newest under ./runs)")
     v.add_argument("--compare", type=_csv, help="variants, e.g. bf16,ptq,qat (default: all the run has)")
     v.add_argument("--runtimes", type=_csv, default=["eager", "pte", "gguf"], help="eager,pte,gguf")
     v.add_argument("--limit", type=int, default=60, help="task test questions to answer (default 60)")
     v.add_argument("--ppl-tokens", type=int, default=2048, help="held-out tokens for perplexity")
-    v.add_argument("--data", action="append", metavar="FILE",
-                   help="your evaluation data (repeatable): a .txt file is held-out text for perplexity; a .jsonl "
-                        "file holds tasks, one JSON object a line: {\"prompt\" (or \"question\"), \"answer\"} is "
-                        "scored by exact match of the greedy answer, {\"prompt\", \"choices\": [...], \"answer\": "
-                        "index or choice text} by multiple choice; prompts get the run's chat template. What a file "
-                        "supplies replaces the built-in set of that kind, whole (--limit caps built-in questions only). Built-in "
-                        "sets: builtin:facts (a second task set, both kinds) and builtin:mixed-genre (held-out text "
-                        "of four genres, perplexity per genre, --ppl-tokens each)")
-    v.add_argument("--check", metavar="GOLDEN.json", help="fail (exit 1, one line per metric) on drift from golden numbers")
+    v.add_argument(
+        "--data",
+        action="append",
+        metavar="FILE",
+        help="your evaluation data (repeatable): a .txt file is held-out text for perplexity; a .jsonl "
+        'file holds tasks, one JSON object a line: {"prompt" (or "question"), "answer"} is '
+        'scored by exact match of the greedy answer, {"prompt", "choices": [...], "answer": '
+        "index or choice text} by multiple choice; prompts get the run's chat template. What a file "
+        "supplies replaces the built-in set of that kind, whole (--limit caps built-in questions only). Built-in "
+        "sets: builtin:facts (a second task set, both kinds) and builtin:mixed-genre (held-out text "
+        "of four genres, perplexity per genre, --ppl-tokens each)",
+    )
+    v.add_argument(
+        "--check", metavar="GOLDEN.json", help="fail (exit 1, one line per metric) on drift from golden numbers"
+    )
     v.add_argument("--write-golden", metavar="PATH", help="write this evaluation as a golden file")
 
     d = sub.add_parser("devices", help="device profiles; will an artifact fit and how fast will it decode")
@@ -172,8 +205,11 @@ def build_parser(config_cls: type[TrainConfig] = TrainConfig) -> argparse.Argume
     d.add_argument("--device", help="profile name (see `edgeft devices list`)")
     d.add_argument("--run", help="run directory: checks its exports/model.pte (else its newest GGUF)")
     d.add_argument("--artifact", help="a .pte or .gguf file instead of --run")
-    d.add_argument("--context", type=int, help="KV-cache length to budget for (default: the run's device-fit plan's "
-                                               "context, else 2048)")
+    d.add_argument(
+        "--context",
+        type=int,
+        help="KV-cache length to budget for (default: the run's device-fit plan's context, else 2048)",
+    )
 
     r = sub.add_parser("run", help="generate from a .pte (ExecuTorch's LLM runner) or .gguf (llama.cpp) on this host")
     src = r.add_mutually_exclusive_group(required=True)
@@ -183,8 +219,13 @@ def build_parser(config_cls: type[TrainConfig] = TrainConfig) -> argparse.Argume
     r.add_argument("--max-new-tokens", type=int, default=128)
     r.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     tmpl = r.add_mutually_exclusive_group()
-    tmpl.add_argument("--chat", dest="chat", action="store_true", default=None,
-                      help="apply the chat template (default when the artifact has one)")
+    tmpl.add_argument(
+        "--chat",
+        dest="chat",
+        action="store_true",
+        default=None,
+        help="apply the chat template (default when the artifact has one)",
+    )
     tmpl.add_argument("--raw", dest="chat", action="store_false", help="send the prompt as is")
     r.add_argument("--tokenizer", help="tokenizer.json (or its directory) for a .pte, if not beside it")
     r.add_argument("--threads", type=int, help="CPU threads (ExecuTorch threadpool / llama.cpp n_threads)")
@@ -244,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         if why is None:
             raise
         # atomic writes left nothing half-written: freeing space and running the command again is the whole fix
-        print(f"edgeft: error: {why}; nothing was replaced: free some space and run the command again",
-              file=sys.stderr)
+        print(f"edgeft: error: {why}; nothing was replaced: free some space and run the command again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("edgeft: interrupted", file=sys.stderr)
@@ -258,8 +298,16 @@ def _devices(args: argparse.Namespace) -> int:
     from edgeft.devices import profiles
 
     if args.action == "list":
-        rows = [{"name": p.name, "app memory": f"{p.app_memory_gib:g} GiB", "bandwidth": f"{p.bandwidth_gbs:g} GB/s",
-                 "backends": ",".join(p.backends), "description": p.description} for p in profiles.PROFILES.values()]
+        rows = [
+            {
+                "name": p.name,
+                "app memory": f"{p.app_memory_gib:g} GiB",
+                "bandwidth": f"{p.bandwidth_gbs:g} GB/s",
+                "backends": ",".join(p.backends),
+                "description": p.description,
+            }
+            for p in profiles.PROFILES.values()
+        ]
         _print_table(rows, ["name", "app memory", "bandwidth", "backends", "description"])
         return 0
     if not args.device:
@@ -296,8 +344,10 @@ def _devices(args: argparse.Namespace) -> int:
     print(r["verdict"])
     lo, hi = r["decode_tokens_per_s"]
     held = "held by the program" if r["kv_cache_source"] == "program" else "estimated"
-    print(f"artifact {r['artifact_mb']:.1f} MB, KV cache {r['kv_cache_mb']:.1f} MB at {r['context']} tokens ({held}), "
-          f"runtime memory ~{r['runtime_memory_mb']:.0f} MB; expected decode {lo:.0f}-{hi:.0f} tokens/s")
+    print(
+        f"artifact {r['artifact_mb']:.1f} MB, KV cache {r['kv_cache_mb']:.1f} MB at {r['context']} tokens ({held}), "
+        f"runtime memory ~{r['runtime_memory_mb']:.0f} MB; expected decode {lo:.0f}-{hi:.0f} tokens/s"
+    )
     for k in r["known"]:
         print(f"published on {profile.name}: {k['model']} {k['quant']} {k['tokens_per_s']:g} tokens/s ({k['source']})")
     return 0 if r["fits"] else 1
@@ -311,22 +361,37 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    r = run_artifact(args.pte or args.gguf, args.prompt, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, chat=args.chat, tokenizer=args.tokenizer, on_text=show,
-                     verbose=args.verbose, threads=args.threads, runtime="pte" if args.pte else "gguf")
+    r = run_artifact(
+        args.pte or args.gguf,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        chat=args.chat,
+        tokenizer=args.tokenizer,
+        on_text=show,
+        verbose=args.verbose,
+        threads=args.threads,
+        runtime="pte" if args.pte else "gguf",
+    )
     sys.stdout.write("\n")
     sys.stdout.flush()
 
     def num(x: float | None, fmt: str) -> str:
         return "n/a" if x is None else format(x, fmt)
 
-    print(f"prompt {r['prompt_tokens']} tokens{' (chat template)' if r['chat'] else ''}, generated "
-          f"{r['generated_tokens']} tokens ({'end of sequence' if r['stopped'] == 'eos' else 'length limit'}); "
-          f"time to first token {num(r['ttft_s'] and r['ttft_s'] * 1000, '.0f')} ms; prefill "
-          f"{num(r['prefill_tokens_per_s'], '.1f')} tokens/s; decode {num(r['decode_tokens_per_s'], '.1f')} tokens/s "
-          f"({r['timing_source']}, {r['threads']} threads)"
-          + ("; finished by a token loop on the same program: the runner's binding cannot pass a partial UTF-8 "
-             "character" if r.get("engine", "").startswith("TextLLMRunner, then") else ""), file=sys.stderr)
+    print(
+        f"prompt {r['prompt_tokens']} tokens{' (chat template)' if r['chat'] else ''}, generated "
+        f"{r['generated_tokens']} tokens ({'end of sequence' if r['stopped'] == 'eos' else 'length limit'}); "
+        f"time to first token {num(r['ttft_s'] and r['ttft_s'] * 1000, '.0f')} ms; prefill "
+        f"{num(r['prefill_tokens_per_s'], '.1f')} tokens/s; decode {num(r['decode_tokens_per_s'], '.1f')} tokens/s "
+        f"({r['timing_source']}, {r['threads']} threads)"
+        + (
+            "; finished by a token loop on the same program: the runner's binding cannot pass a partial UTF-8 character"
+            if r.get("engine", "").startswith("TextLLMRunner, then")
+            else ""
+        ),
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -357,15 +422,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         report = pipeline.export(args.format, args.run, quant=args.quant, **kw)
         print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2, default=str))
     elif args.command == "eval":
-        from edgeft.devices.evaluate import load_eval_data, render_markdown
-
         from edgeft.devices import regression
+        from edgeft.devices.evaluate import load_eval_data, render_markdown
 
         golden = regression.load_golden(args.check) if args.check else None  # a bad file fails before evaluating
         data = load_eval_data(args.data, args.limit)  # so does bad evaluation data
         report = pipeline.evaluate(
-            args.run, runtimes=args.runtimes, variants=args.compare, limit=args.limit, ppl_tokens=args.ppl_tokens,
-            data=data, require_exports=True,
+            args.run,
+            runtimes=args.runtimes,
+            variants=args.compare,
+            limit=args.limit,
+            ppl_tokens=args.ppl_tokens,
+            data=data,
+            require_exports=True,
         )
         print(render_markdown(report))
         print(f"report: {report['run']}/eval/report.md")

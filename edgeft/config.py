@@ -54,11 +54,25 @@ class Registry:
         return f"Registry({self.ref!r})"
 
 
-def option(default: Any = None, *, help: str = "", key: str | None = None, flag: str | bool | None = None,
-           choices: tuple | Registry | None = None, cli_choices: bool = True, metavar: str | None = None,
-           negatable: str | None = None, consts: dict[str, tuple[Any, str]] | None = None,
-           low: float | None = None, low_open: bool = False, high: float | None = None, high_open: bool = False,
-           note: str = "", resume_free: bool = False, factory: Any = None) -> Any:
+def option(
+    default: Any = None,
+    *,
+    help: str = "",
+    key: str | None = None,
+    flag: str | bool | None = None,
+    choices: tuple | Registry | None = None,
+    cli_choices: bool = True,
+    metavar: str | None = None,
+    negatable: str | None = None,
+    consts: dict[str, tuple[Any, str]] | None = None,
+    low: float | None = None,
+    low_open: bool = False,
+    high: float | None = None,
+    high_open: bool = False,
+    note: str = "",
+    resume_free: bool = False,
+    factory: Any = None,
+) -> Any:
     """A config field with what the CLI, YAML and checks need to know about it.
 
     ``key``: the flat key, if not section prefix + name. ``flag``: the CLI flag, if not ``--`` + key with dashes
@@ -69,9 +83,22 @@ def option(default: Any = None, *, help: str = "", key: str | None = None, flag:
     (``*_open``: exclusive); ``note`` explains the bound in the error. ``resume_free``: may change on ``--resume``
     (it does not change what training computes).
     """
-    meta = dict(help=help, key=key, flag=flag, choices=choices, cli_choices=cli_choices, metavar=metavar,
-                negatable=negatable, consts=consts or {}, low=low, low_open=low_open, high=high,
-                high_open=high_open, note=note, resume_free=resume_free)
+    meta = dict(
+        help=help,
+        key=key,
+        flag=flag,
+        choices=choices,
+        cli_choices=cli_choices,
+        metavar=metavar,
+        negatable=negatable,
+        consts=consts or {},
+        low=low,
+        low_open=low_open,
+        high=high,
+        high_open=high_open,
+        note=note,
+        resume_free=resume_free,
+    )
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -79,8 +106,9 @@ def option(default: Any = None, *, help: str = "", key: str | None = None, flag:
 
 def _bound_error(key: str, value: Any, m: dict) -> str | None:
     lo, hi = m["low"], m["high"]
-    bad = (lo is not None and (value <= lo if m["low_open"] else value < lo)) or \
-        (hi is not None and (value >= hi if m["high_open"] else value > hi))
+    bad = (lo is not None and (value <= lo if m["low_open"] else value < lo)) or (
+        hi is not None and (value >= hi if m["high_open"] else value > hi)
+    )
     if not bad:
         return None
     if hi is not None:
@@ -120,7 +148,7 @@ class Section:
                 continue
             if m.get("choices") is not None and m.get("cli_choices", True):
                 choices = tuple(m["choices"])
-                for item in (v if isinstance(v, list) else [v]):
+                for item in v if isinstance(v, list) else [v]:
                     if item not in choices:
                         raise EdgeftError(f"{key} must be one of {', '.join(map(str, choices))}, not {item!r}")
             if (m.get("low") is not None or m.get("high") is not None) and base_type(types[f.name]) in (int, float):
@@ -136,8 +164,9 @@ class Section:
         if unknown:
             raise EdgeftError(f"unknown {where or cls.NAME} keys: {', '.join(unknown)}")
         types = cls.types()
-        return cls(**{k: _coerce(cls.key(next(f for f in cls.options() if f.name == k)), v, types[k])
-                      for k, v in d.items()})
+        return cls(
+            **{k: _coerce(cls.key(next(f for f in cls.options() if f.name == k)), v, types[k]) for k, v in d.items()}
+        )
 
 
 @lru_cache(maxsize=None)
@@ -176,10 +205,16 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if base is list and not bad:  # YAML lists of names: every item a string
         bad = not all(isinstance(x, str) for x in value)
     if bad:
-        kind = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
-                list: "a list of strings"}[base]
-        raise EdgeftError(f"{key} must be {kind}{' or null' if type(None) in typing.get_args(tp) else ''}, "
-                          f"not {value!r}")
+        kind = {
+            bool: "true or false",
+            int: "a whole number",
+            float: "a number",
+            str: "a string",
+            list: "a list of strings",
+        }[base]
+        raise EdgeftError(
+            f"{key} must be {kind}{' or null' if type(None) in typing.get_args(tp) else ''}, not {value!r}"
+        )
     return value
 
 
@@ -193,12 +228,16 @@ class ModelSettings(Section):
     NAME: ClassVar[str] = "model"
     TITLE: ClassVar[str] = "model"
 
-    name: str = option("smollm2-135m", key="model",
-                       help="built-in name (see `edgeft models`), HF directory, .gguf file or hub id")
-    mode: str | None = option(None, choices=("lora", "full"), flag=False,
-                              consts={"--lora": ("lora", "LoRA adapters (peft)"),
-                                      "--full": ("full", "full fine-tuning")},
-                              help="lora or full; default: the QAT preset's choice, else lora")
+    name: str = option(
+        "smollm2-135m", key="model", help="built-in name (see `edgeft models`), HF directory, .gguf file or hub id"
+    )
+    mode: str | None = option(
+        None,
+        choices=("lora", "full"),
+        flag=False,
+        consts={"--lora": ("lora", "LoRA adapters (peft)"), "--full": ("full", "full fine-tuning")},
+        help="lora or full; default: the QAT preset's choice, else lora",
+    )
     adapter: str | None = option(help="continue training a saved LoRA adapter (PEFT directory or edgeft run)")
     load_in_4bit: bool = option(False, help="QLoRA: NF4 base (bitsandbytes)")
     load_in_8bit: bool = option(False, help="8-bit base (bitsandbytes)")
@@ -222,7 +261,8 @@ class LoraSettings(Section):
     alpha: int = option(32, help="scaling numerator: alpha/r (alpha/sqrt(r) with --rslora)")
     dropout: float = option(0.0, help="adapter dropout", low=0, high=1, high_open=True)
     target_modules: str | list[str] = option(
-        "all-linear", help="all-linear (default), a list, or e.g. all-linear,lm_head,embed_tokens")
+        "all-linear", help="all-linear (default), a list, or e.g. all-linear,lm_head,embed_tokens"
+    )
     bias: str = option("none", choices=("none", "all", "lora_only"), help="which biases train")
     use_rslora: bool = option(False, flag="--rslora", help="rank-stabilised LoRA: scale by alpha/sqrt(r)")
     modules_to_save: list[str] = option(factory=list, help="modules trained in full next to the adapters")
@@ -235,12 +275,17 @@ class DataSettings(Section):
     NAME: ClassVar[str] = "data"
     TITLE: ClassVar[str] = "data"
 
-    path: str = option("builtin:tasks", key="data",
-                       help="builtin:tasks, a .jsonl/.json/.csv/.tsv/.parquet/.txt file, or a hub dataset name")
+    path: str = option(
+        "builtin:tasks",
+        key="data",
+        help="builtin:tasks, a .jsonl/.json/.csv/.tsv/.parquet/.txt file, or a hub dataset name",
+    )
     split: str = option("train", key="data_split", help="split of a hub dataset")
     chat_template: str | None = option(
-        choices=Registry("edgeft.data.templates:TEMPLATES"), cli_choices=False,
-        help="chat template from the registry (see `edgeft templates`); default: the model's own")
+        choices=Registry("edgeft.data.templates:TEMPLATES"),
+        cli_choices=False,
+        help="chat template from the registry (see `edgeft templates`); default: the model's own",
+    )
     system_prompt: str | None = option(help="system prompt for conversations that have none")
     prompt_template: str | None = option(help="merge columns: 'Age {Age}.[[ Fare {Fare}.]]' ([[ ]]: optional)")
     output_column: str | None = option(help="with --prompt-template: the column to learn to answer")
@@ -270,13 +315,16 @@ class EvalSettings(Section):
     TITLE: ClassVar[str] = "evaluation"
     PREFIX: ClassVar[str] = "eval_"
 
-    split: float = option(0.0, low=0, note="a share below 1 or a count",
-                          help="held-out share (<1) or count of examples for eval loss")
+    split: float = option(
+        0.0, low=0, note="a share below 1 or a count", help="held-out share (<1) or count of examples for eval loss"
+    )
     steps: int | None = option(low=1, help="evaluate every N steps (default: 10 times per run)")
-    early_stopping_patience: int | None = option(key="early_stopping_patience", low=1,
-                                                 help="stop after N evaluations without improvement")
-    early_stopping_threshold: float = option(0.0, key="early_stopping_threshold",
-                                             help="minimum eval-loss improvement (default 0)")
+    early_stopping_patience: int | None = option(
+        key="early_stopping_patience", low=1, help="stop after N evaluations without improvement"
+    )
+    early_stopping_threshold: float = option(
+        0.0, key="early_stopping_threshold", help="minimum eval-loss improvement (default 0)"
+    )
     load_best: bool = option(True, key="load_best", help="save the last weights, not the best-eval ones")
 
     def check(self) -> None:
@@ -301,45 +349,76 @@ class QATSettings(Section):
     TITLE: ClassVar[str] = "QAT and its recipe"
     PREFIX: ClassVar[str] = "qat_"
 
-    scheme: str | None = option(key="qat", help="QAT scheme or preset (see `edgeft qat list`), or auto: a "
-                                 "plan fitted to --device")
+    scheme: str | None = option(
+        key="qat", help="QAT scheme or preset (see `edgeft qat list`), or auto: a plan fitted to --device"
+    )
     group_size: int | None = option(low=1, help="int4 weight group size (default: the scheme's)")
     weight_scale: str = option(
-        "absmax", choices=Registry("edgeft.qat.schemes:WEIGHT_SCALES"),
+        "absmax",
+        choices=Registry("edgeft.qat.schemes:WEIGHT_SCALES"),
         help="how int4 weight groups choose their scale: absmax (torchao's, default), mse (least squared error of 13 "
-             "fractions of max|w|, in training and convert; the PTQ baseline uses it too), or learned / learned-mse "
-             "(trained with the weights from absmax / mse scales; --qat-scale-lr)")
-    int8: list[str] = option(factory=list, metavar="NAMES",
-                             help="linears kept at int8 per output channel in an int4 scheme, by name: e.g. "
-                                  "gate_proj,up_proj (the scheme's activations; exported as such to .pte, GGUF Q8_0 "
-                                  "and TorchAO)")
-    ptq: bool = option(True, key="ptq", negatable="skip the no-QAT baseline",
-                       help="with --qat, also train without QAT for the BF16/PTQ comparison (default)")
-    distill: float | None = option(low=0, high=1, note="the KL weight", metavar="W",
-                                   help="with --qat: KL weight of distilling the trained no-QAT twin into the QAT "
-                                        "model, 0-1 (default 1: the QAT model learns to reproduce the float model; "
-                                        "0: labels only)")
-    distill_positions: str = option("all", choices=("all", "targets"),
-                                    help="with --qat-distill: distil every position (all, default) or only the "
-                                         "labelled ones (targets: your data's answers and the --qat-corpus prose)")
-    distill_temperature: float = option(1.0, low=0, low_open=True, metavar="T",
-                                        help="temperature of the KL (default 1)")
-    init: str | None = option(choices=("baseline", "pretrained"),
-                              help="with --qat: start QAT from the twin's fine-tuned weights (baseline, default) or "
-                                   "from the pretrained model")
-    corpus: float | None = option(low=0, high=1, high_open=True, note="a share of the training examples",
-                                  metavar="SHARE",
-                                  help="with --qat: share of the QAT run's training examples drawn from edgeft's "
-                                       "packaged generic prose, so the quantized model follows the float one beyond "
-                                       "your data (default 0.25 when distilling, else 0)")
-    lr: float | None = option(low=0, low_open=True,
-                              help="learning rate of the QAT run (default: --lr, at least 1e-4 when QAT starts from "
-                                   "the twin)")
-    scale_lr: float | None = option(low=0, low_open=True,
-                                    help="learning rate of learned QAT scales, in log space (default 5e-3 with "
-                                         "--qat-weight-scale learned)")
-    max_steps: int | None = option(low=1, help="optimizer steps of the QAT run (default: --max-steps; the no-QAT "
-                                               "twin trains --max-steps)")
+        "fractions of max|w|, in training and convert; the PTQ baseline uses it too), or learned / learned-mse "
+        "(trained with the weights from absmax / mse scales; --qat-scale-lr)",
+    )
+    int8: list[str] = option(
+        factory=list,
+        metavar="NAMES",
+        help="linears kept at int8 per output channel in an int4 scheme, by name: e.g. "
+        "gate_proj,up_proj (the scheme's activations; exported as such to .pte, GGUF Q8_0 "
+        "and TorchAO)",
+    )
+    ptq: bool = option(
+        True,
+        key="ptq",
+        negatable="skip the no-QAT baseline",
+        help="with --qat, also train without QAT for the BF16/PTQ comparison (default)",
+    )
+    distill: float | None = option(
+        low=0,
+        high=1,
+        note="the KL weight",
+        metavar="W",
+        help="with --qat: KL weight of distilling the trained no-QAT twin into the QAT "
+        "model, 0-1 (default 1: the QAT model learns to reproduce the float model; "
+        "0: labels only)",
+    )
+    distill_positions: str = option(
+        "all",
+        choices=("all", "targets"),
+        help="with --qat-distill: distil every position (all, default) or only the "
+        "labelled ones (targets: your data's answers and the --qat-corpus prose)",
+    )
+    distill_temperature: float = option(
+        1.0, low=0, low_open=True, metavar="T", help="temperature of the KL (default 1)"
+    )
+    init: str | None = option(
+        choices=("baseline", "pretrained"),
+        help="with --qat: start QAT from the twin's fine-tuned weights (baseline, default) or "
+        "from the pretrained model",
+    )
+    corpus: float | None = option(
+        low=0,
+        high=1,
+        high_open=True,
+        note="a share of the training examples",
+        metavar="SHARE",
+        help="with --qat: share of the QAT run's training examples drawn from edgeft's "
+        "packaged generic prose, so the quantized model follows the float one beyond "
+        "your data (default 0.25 when distilling, else 0)",
+    )
+    lr: float | None = option(
+        low=0,
+        low_open=True,
+        help="learning rate of the QAT run (default: --lr, at least 1e-4 when QAT starts from the twin)",
+    )
+    scale_lr: float | None = option(
+        low=0,
+        low_open=True,
+        help="learning rate of learned QAT scales, in log space (default 5e-3 with --qat-weight-scale learned)",
+    )
+    max_steps: int | None = option(
+        low=1, help="optimizer steps of the QAT run (default: --max-steps; the no-QAT twin trains --max-steps)"
+    )
 
     @property
     def twin(self) -> bool:
@@ -388,11 +467,14 @@ class QATSettings(Section):
         if self.corpus and not self.scheme:
             raise EdgeftError("--qat-corpus mixes generic prose into a QAT run: it needs --qat")
         if (self.distill or self.init == "baseline") and not self.twin:
-            raise EdgeftError("--qat-distill and --qat-init baseline learn from the float twin: they need --qat and "
-                              "the baseline (drop --no-ptq)")
+            raise EdgeftError(
+                "--qat-distill and --qat-init baseline learn from the float twin: they need --qat and "
+                "the baseline (drop --no-ptq)"
+            )
         if self.scale_lr is not None and not self.weight_scale.startswith("learned"):
-            raise EdgeftError("--qat-scale-lr is the learning rate of learned scales: it needs --qat-weight-scale "
-                              "learned")
+            raise EdgeftError(
+                "--qat-scale-lr is the learning rate of learned scales: it needs --qat-weight-scale learned"
+            )
 
 
 @dataclass
@@ -406,29 +488,41 @@ class FitSettings(Section):
     PREFIX: ClassVar[str] = "fit_"
 
     device: str | None = option(flag=False, help="device profile the plan fits (see `edgeft devices list`)")
-    max_size_mb: float | None = option(flag="--max-size", metavar="MB",
-                                       help="largest .pte / GGUF file allowed, in MB (2^20 bytes)")
-    min_decode: float | None = option(flag="--min-decode", metavar="TOK_S",
-                                      help="decode-speed floor in tokens/s on --device (at the profile's low "
-                                           "bandwidth efficiency)")
-    context: int | None = option(flag="--context", metavar="N",
-                                 help="tokens of context the KV cache is budgeted for (default 2048)")
-    artifact: str | None = option(flag="--fit-artifact", choices=("pte", "gguf", "both"),
-                                  help="which file must fit (default both; GGUF's Q4_0 blocks cannot shrink below "
-                                       "group size 32's)")
+    max_size_mb: float | None = option(
+        flag="--max-size", metavar="MB", help="largest .pte / GGUF file allowed, in MB (2^20 bytes)"
+    )
+    min_decode: float | None = option(
+        flag="--min-decode",
+        metavar="TOK_S",
+        help="decode-speed floor in tokens/s on --device (at the profile's low bandwidth efficiency)",
+    )
+    context: int | None = option(
+        flag="--context", metavar="N", help="tokens of context the KV cache is budgeted for (default 2048)"
+    )
+    artifact: str | None = option(
+        flag="--fit-artifact",
+        choices=("pte", "gguf", "both"),
+        help="which file must fit (default both; GGUF's Q4_0 blocks cannot shrink below group size 32's)",
+    )
 
     def given(self) -> list[str]:
         """The flags of the budget values that were set, in field order."""
-        flags = {"device": "--device PROFILE", "max_size_mb": "--max-size", "min_decode": "--min-decode",
-                 "context": "--context", "artifact": "--fit-artifact"}
+        flags = {
+            "device": "--device PROFILE",
+            "max_size_mb": "--max-size",
+            "min_decode": "--min-decode",
+            "context": "--context",
+            "artifact": "--fit-artifact",
+        }
         return [flags[f.name] for f in self.options() if getattr(self, f.name) is not None]
 
     def budget(self) -> Any:
         """The device-fit budget (``edgeft.qat.plan.Budget``)."""
         from edgeft.qat.plan import DEFAULT_CONTEXT, Budget
 
-        return Budget(self.device, self.max_size_mb, self.min_decode, self.context or DEFAULT_CONTEXT,
-                      self.artifact or "both")
+        return Budget(
+            self.device, self.max_size_mb, self.min_decode, self.context or DEFAULT_CONTEXT, self.artifact or "both"
+        )
 
 
 @dataclass
@@ -442,14 +536,18 @@ class OptimSettings(Section):
     epochs: float | None = option(low=0, low_open=True, help="train this many epochs (sets max-steps)")
     batch_size: int = option(8, low=1, help="examples (packed rows) per micro-batch and process")
     grad_accum: int = option(1, low=1, help="micro-batches per optimizer step")
-    optimizer: str = option("adamw", key="optim", choices=Registry("edgeft.training.optim:OPTIMIZERS"),
-                            help="the optimizer (8-bit and paged ones need bitsandbytes)")
+    optimizer: str = option(
+        "adamw",
+        key="optim",
+        choices=Registry("edgeft.training.optim:OPTIMIZERS"),
+        help="the optimizer (8-bit and paged ones need bitsandbytes)",
+    )
     lr: float | None = option(low=0, low_open=True, help="peak learning rate (default: 2e-4 LoRA, 2e-5 full)")
-    embedding_lr: float | None = option(low=0, low_open=True,
-                                        help="learning rate of embed_tokens/lm_head parameters")
+    embedding_lr: float | None = option(low=0, low_open=True, help="learning rate of embed_tokens/lm_head parameters")
     weight_decay: float = option(0.0, help="AdamW weight decay (matrices only)")
-    schedule: str = option("cosine", choices=Registry("edgeft.training.optim:SCHEDULES"),
-                           help="learning-rate schedule after warmup")
+    schedule: str = option(
+        "cosine", choices=Registry("edgeft.training.optim:SCHEDULES"), help="learning-rate schedule after warmup"
+    )
     warmup_ratio: float = option(0.1, low=0, high=1, high_open=True, help="warmup share of the steps")
     warmup_steps: int | None = option(low=0, help="overrides --warmup-ratio")
     max_grad_norm: float = option(1.0, help="gradient clipping norm")
@@ -464,18 +562,26 @@ class HardwareSettings(Section):
     TITLE: ClassVar[str] = "hardware and distributed"
 
     dtype: str | None = option(choices=("fp32", "bf16"), help="training dtype (default: bf16 on CUDA, fp32 on CPU)")
-    device: str | None = option(help="torch device (default: cuda if available, else cpu), or with --qat "
-                                       "auto a device profile to fit (see `edgeft devices list`)")
-    kernels: str = option("auto", choices=("auto", "on", "off"),
-                          help="edgeft's fused Triton kernels (auto: on the GPU)")
+    device: str | None = option(
+        help="torch device (default: cuda if available, else cpu), or with --qat "
+        "auto a device profile to fit (see `edgeft devices list`)"
+    )
+    kernels: str = option(
+        "auto", choices=("auto", "on", "off"), help="edgeft's fused Triton kernels (auto: on the GPU)"
+    )
     gradient_checkpointing: str = option(
-        "auto", choices=("auto", "off", "plain", "offload"),
+        "auto",
+        choices=("auto", "off", "plain", "offload"),
         help="auto (default): none when the activations fit the GPU, else plain (each layer's input kept on the "
-             "GPU), else offload (kept in pinned host memory); off: never")
+        "GPU), else offload (kept in pinned host memory); off: never",
+    )
     distributed: str = option(
-        "auto", choices=Registry("edgeft.training.fsdp:STRATEGIES"), consts={"--fsdp": ("fsdp", "--distributed fsdp")},
+        "auto",
+        choices=Registry("edgeft.training.fsdp:STRATEGIES"),
+        consts={"--fsdp": ("fsdp", "--distributed fsdp")},
         help="under torchrun: ddp (a replica per GPU), fsdp (FSDP2, sharded: models that do not fit one GPU) or "
-             "auto (fsdp when DDP would not fit; default)")
+        "auto (fsdp when DDP would not fit; default)",
+    )
     threads: int | None = option(low=1, resume_free=True, help="torch CPU threads")
 
 
@@ -487,15 +593,23 @@ class RunSettings(Section):
     TITLE: ClassVar[str] = "run directory, checkpoints and logging"
 
     out: str | None = option(resume_free=True, help="run directory (default runs/<model>-<time>)")
-    resume: bool = option(False, resume_free=True,
-                          help="continue the run in --out from its newest checkpoint (its config.yaml is the default)")
+    resume: bool = option(
+        False,
+        resume_free=True,
+        help="continue the run in --out from its newest checkpoint (its config.yaml is the default)",
+    )
     overwrite: bool = option(False, resume_free=True, help="replace an existing run in --out")
-    save_steps: int = option(0, low=0, note="0: no checkpoints", resume_free=True,
-                             help="checkpoint every N steps and at the end (0: none)")
-    save_total_limit: int | None = option(low=1, resume_free=True,
-                                          help="keep the newest K checkpoints (and the best)")
-    report_to: list[str] = option(factory=list, choices=Registry("edgeft.training.report:REPORTERS"), cli_choices=False,
-                                  resume_free=True, help="tensorboard,wandb")
+    save_steps: int = option(
+        0, low=0, note="0: no checkpoints", resume_free=True, help="checkpoint every N steps and at the end (0: none)"
+    )
+    save_total_limit: int | None = option(low=1, resume_free=True, help="keep the newest K checkpoints (and the best)")
+    report_to: list[str] = option(
+        factory=list,
+        choices=Registry("edgeft.training.report:REPORTERS"),
+        cli_choices=False,
+        resume_free=True,
+        help="tensorboard,wandb",
+    )
     logging_steps: int = option(10, low=1, resume_free=True, help="log-line interval without a progress bar")
     progress: bool = option(True, resume_free=True, help="log lines instead of a progress bar")
 
@@ -518,7 +632,13 @@ class TrainConfig:
     """
 
     SECTIONS: ClassVar[tuple[type[Section], ...]] = (
-        ModelSettings, LoraSettings, DataSettings, EvalSettings, QATSettings, FitSettings, OptimSettings,
+        ModelSettings,
+        LoraSettings,
+        DataSettings,
+        EvalSettings,
+        QATSettings,
+        FitSettings,
+        OptimSettings,
         HardwareSettings,
         RunSettings,
     )
@@ -633,11 +753,15 @@ class TrainConfig:
         if q.max_steps is not None and not q.scheme and q.max_steps != self.optim.max_steps:
             raise EdgeftError("--qat-max-steps sets the QAT run's steps: it needs --qat")
         if (m.load_in_4bit or m.load_in_8bit) and m.mode != "lora":
-            raise EdgeftError("4-/8-bit loading trains LoRA adapters on a frozen quantized base; it cannot do full "
-                              "fine-tuning (drop --full or the QAT preset that asks for it)")
+            raise EdgeftError(
+                "4-/8-bit loading trains LoRA adapters on a frozen quantized base; it cannot do full "
+                "fine-tuning (drop --full or the QAT preset that asks for it)"
+            )
         if (m.load_in_4bit or m.load_in_8bit) and q.scheme:
-            raise EdgeftError("--qat needs a float base: QAT fake-quantizes the merged float weight, which a "
-                              "bitsandbytes-quantized base does not have")
+            raise EdgeftError(
+                "--qat needs a float base: QAT fake-quantizes the merged float weight, which a "
+                "bitsandbytes-quantized base does not have"
+            )
         if m.adapter and m.mode != "lora":
             raise EdgeftError("--adapter continues a LoRA adapter; it needs LoRA mode")
         if self.hardware.distributed == "fsdp":
@@ -666,8 +790,11 @@ def _keys(cls: type[TrainConfig]) -> dict[str, tuple[str, str]]:
 
 def resume_free_keys(cls: type[TrainConfig] = TrainConfig) -> frozenset[str]:
     """Keys that may change when resuming: they do not affect what training computes (``resume_free`` fields)."""
-    return frozenset(k for k, (s, name) in cls.keys().items()
-                     if next(f for f in cls._section(s).options() if f.name == name).metadata.get("resume_free"))
+    return frozenset(
+        k
+        for k, (s, name) in cls.keys().items()
+        if next(f for f in cls._section(s).options() if f.name == name).metadata.get("resume_free")
+    )
 
 
 RESUME_FREE_KEYS = resume_free_keys()

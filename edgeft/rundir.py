@@ -209,8 +209,11 @@ class Variant:
     def has_progress(self) -> bool:
         """Whether this variant holds anything a failed start does not: a logged step, a complete checkpoint or a
         trained model."""
-        return (self.metrics.is_file() and self.metrics.stat().st_size > 0) or self.has_trained_model() or \
-            any(self.checkpoints.glob(f"*/{CHECKPOINT_STATE}"))
+        return (
+            (self.metrics.is_file() and self.metrics.stat().st_size > 0)
+            or self.has_trained_model()
+            or any(self.checkpoints.glob(f"*/{CHECKPOINT_STATE}"))
+        )
 
     def has_converted(self) -> bool:
         return self.scheme.exists()

@@ -27,8 +27,9 @@ def default_gguf_quant(src: str | os.PathLike) -> str:
     return "q4_0" if SCHEMES[plan["scheme"]].weight_dtype == "int4" else "q8_0"
 
 
-def export_dir(fmt: str, src: str | os.PathLike, out_dir: str | os.PathLike, quant: str | None = None,
-               **kwargs: Any) -> dict[str, Any]:
+def export_dir(
+    fmt: str, src: str | os.PathLike, out_dir: str | os.PathLike, quant: str | None = None, **kwargs: Any
+) -> dict[str, Any]:
     """Export one model directory (converted or float HF) into the exports directory ``out_dir``."""
     out = Exports(out_dir)
     if fmt == "pte":

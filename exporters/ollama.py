@@ -63,8 +63,9 @@ class Family:
         head, foot = self.frame(role)
         return head + content + foot
 
-    def render(self, messages: list[dict[str, str]], prefix: str, system: str | None,
-               preamble: str | None = None) -> str:
+    def render(
+        self, messages: list[dict[str, str]], prefix: str, system: str | None, preamble: str | None = None
+    ) -> str:
         """What the Go template renders (Python mirror, used to check the HF template matches the family)."""
         msgs = list(messages)
         if system is not None and (not msgs or msgs[0]["role"] != "system"):
@@ -90,7 +91,7 @@ class Family:
         return out
 
 
-_LAST = '{{- $last := eq (len (slice $.Messages $i)) 1 -}}\n'
+_LAST = "{{- $last := eq (len (slice $.Messages $i)) 1 -}}\n"
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
@@ -100,7 +101,8 @@ FAMILIES: dict[str, Family] = {
             footer="<|im_end|>\n",
             stops=("<|im_end|>", "<|im_start|>"),
             template=(
-                "{prefix}{{ range $i, $_ := .Messages }}\n" + _LAST
+                "{prefix}{{ range $i, $_ := .Messages }}\n"
+                + _LAST
                 + "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
                 + '{{ if and $last (ne .Role "assistant") }}<|im_start|>assistant\n{{ end }}\n'
                 + "{{- end }}"
@@ -112,7 +114,8 @@ FAMILIES: dict[str, Family] = {
             footer="<|eot_id|>",
             stops=("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
             template=(
-                "{prefix}{{ range $i, $_ := .Messages }}\n" + _LAST
+                "{prefix}{{ range $i, $_ := .Messages }}\n"
+                + _LAST
                 + "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>\n"
                 + '{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>\n\n'
                 + "{{ end }}\n{{- end }}"
@@ -123,7 +126,8 @@ FAMILIES: dict[str, Family] = {
                 "{prefix}<|start_header_id|>system<|end_header_id|>\n\n{preamble}"
                 + '{{ if and .Messages (eq (index .Messages 0).Role "system") }}{{ (index .Messages 0).Content }}'
                 + "{{ end }}<|eot_id|>\n"
-                + "{{- range $i, $_ := .Messages }}\n" + _LAST
+                + "{{- range $i, $_ := .Messages }}\n"
+                + _LAST
                 + '{{- if or $i (ne .Role "system") }}'
                 + "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}\n"
                 + '{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>\n\n'
@@ -137,7 +141,8 @@ FAMILIES: dict[str, Family] = {
             stops=("<|im_end|>", "<|im_start|>"),
             think="<think>\n\n</think>\n\n",
             template=(
-                "{prefix}{{ range $i, $_ := .Messages }}\n" + _LAST
+                "{prefix}{{ range $i, $_ := .Messages }}\n"
+                + _LAST
                 + "<|im_start|>{{ .Role }}\n"
                 + '{{ if and $last (eq .Role "assistant") }}<think>\n\n</think>\n\n{{ end }}'
                 + "{{ .Content }}<|im_end|>\n"
@@ -152,7 +157,8 @@ FAMILIES: dict[str, Family] = {
             stops=("<|end|>", "<|endoftext|>", "<|user|>", "<|assistant|>"),
             closing="<|endoftext|>",
             template=(
-                "{prefix}{{ range $i, $_ := .Messages }}\n" + _LAST
+                "{prefix}{{ range $i, $_ := .Messages }}\n"
+                + _LAST
                 + "<|{{ .Role }}|>\n{{ .Content }}<|end|>\n"
                 + '{{ if $last }}{{ if ne .Role "assistant" }}<|assistant|>\n{{ else }}<|endoftext|>{{ end }}'
                 + "{{ end }}\n"
@@ -166,7 +172,8 @@ FAMILIES: dict[str, Family] = {
             stops=("<|end|>", "<|endoftext|>", "<|user|>", "<|assistant|>"),
             closing="<|endoftext|>",
             template=(
-                "{prefix}{{ range $i, $_ := .Messages }}\n" + _LAST
+                "{prefix}{{ range $i, $_ := .Messages }}\n"
+                + _LAST
                 + "<|{{ .Role }}|>{{ .Content }}<|end|>"
                 + '{{ if $last }}{{ if ne .Role "assistant" }}<|assistant|>{{ else }}<|endoftext|>{{ end }}{{ end }}\n'
                 + "{{- end }}"
@@ -180,7 +187,8 @@ FAMILIES: dict[str, Family] = {
             model_role="model",
             fold_system="first",
             template=(
-                '{prefix}{{ $sys := "" }}{{ range $i, $_ := .Messages }}\n' + _LAST
+                '{prefix}{{ $sys := "" }}{{ range $i, $_ := .Messages }}\n'
+                + _LAST
                 + '{{ if eq .Role "system" }}{{ $sys = .Content }}{{ else }}'
                 + '<start_of_turn>{{ if eq .Role "assistant" }}model{{ else }}{{ .Role }}{{ end }}\n'
                 + '{{ if $sys }}{{ $sys }}\n\n{{ $sys = "" }}{{ end }}{{ .Content }}<end_of_turn>\n'
@@ -198,7 +206,8 @@ FAMILIES: dict[str, Family] = {
             # a first system message is held and opens the last message when that is the user's (Ollama's own
             # Mistral templates do the same with $.System); assistant turns end with EOS
             template=(
-                '{prefix}{{ $sys := "" }}{{ $has := false }}{{ range $i, $_ := .Messages }}\n' + _LAST
+                '{prefix}{{ $sys := "" }}{{ $has := false }}{{ range $i, $_ := .Messages }}\n'
+                + _LAST
                 + '{{- if eq .Role "system" }}{{ if eq $i 0 }}{{ $sys = .Content }}{{ $has = true }}{{ end }}'
                 + '{{- else if eq .Role "user" }}[INST]{{ if and $last $has }}{{ $sys }}\n\n{{ end }}{{ .Content }}'
                 + "[/INST]\n"
@@ -229,7 +238,10 @@ PROBES: tuple[tuple[dict[str, str], ...], ...] = (
 # Used when generation_config.json names no sampling settings (Ollama's own defaults are similar).
 DEFAULT_SAMPLING = {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repeat_penalty": 1.1}
 _HF_SAMPLING = {
-    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repeat_penalty"
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "repetition_penalty": "repeat_penalty",
 }
 
 
@@ -247,7 +259,8 @@ class Translation:
         if self.preamble is None:
             return self.family.template.replace("{prefix}", _go_text(self.prefix))
         return self.family.preamble_template.replace("{prefix}", _go_text(self.prefix)).replace(
-            "{preamble}", _go_text(self.preamble))
+            "{preamble}", _go_text(self.preamble)
+        )
 
 
 def _go_text(text: str) -> str:
@@ -275,14 +288,14 @@ def translate(tokenizer: Any) -> Translation:
         sys_header, sys_footer = fam.frame("system")
         if sys_header in head and not fam.fold_system:  # a system turn before the user's message
             start = head.index(sys_header)
-            body = head[start + len(sys_header):]
+            body = head[start + len(sys_header) :]
             if not body.endswith(sys_footer):
                 continue
             head, text = head[:start], body[: len(body) - len(sys_footer)]
             # a fixed opening that a system prompt follows (Llama 3.x), or a default that one replaces (SmolLM2)
             candidates = ([(None, text)] if fam.preamble_template else []) + [(text, None)]
         bos = tokenizer.bos_token
-        prefix = head[len(bos):] if bos and head.startswith(bos) and adds_bos(tokenizer) else head
+        prefix = head[len(bos) :] if bos and head.startswith(bos) and adds_bos(tokenizer) else head
         lead = head[: len(head) - len(prefix)]  # the BOS llama.cpp adds as a token
         for system, preamble in candidates:
             for probe in PROBES:
@@ -334,8 +347,11 @@ def _modelfile(gguf_path: str | os.PathLike, tokenizer: Any, src: str | os.PathL
         f"FROM ./{Path(gguf_path).name}",
     ]
     if tr.preamble is not None:
-        lines.insert(1, "# the system turn opens with the template's own lines, its date rendered at export (as in "
-                        "prompt_format.json)")
+        lines.insert(
+            1,
+            "# the system turn opens with the template's own lines, its date rendered at export (as in "
+            "prompt_format.json)",
+        )
     lines.append(f"TEMPLATE {_quote(tr.template, 'chat template')}")
     if tr.system is not None:
         lines.append(f"SYSTEM {_quote(tr.system, 'default system prompt')}")
@@ -351,8 +367,11 @@ RAW_TEMPLATE = "{{ .Prompt }}"
 def raw_modelfile_text(gguf_path: str | os.PathLike, tokenizer: Any, src: str | os.PathLike) -> str:
     """The Modelfile of a model without a chat template (a base model, e.g. after continued pretraining on raw
     text): plain completion, stopping at EOS, with the model's sampling defaults."""
-    lines = [f"# written by edgeft from {Path(src).name}: no chat template (plain completion)",
-             f"FROM ./{Path(gguf_path).name}", f"TEMPLATE {_quote(RAW_TEMPLATE, 'template')}"]
+    lines = [
+        f"# written by edgeft from {Path(src).name}: no chat template (plain completion)",
+        f"FROM ./{Path(gguf_path).name}",
+        f"TEMPLATE {_quote(RAW_TEMPLATE, 'template')}",
+    ]
     if tokenizer.eos_token:
         lines.append(f"PARAMETER stop {json.dumps(tokenizer.eos_token)}")
     lines += [f"PARAMETER {k} {v:g}" for k, v in _sampling(Path(src)).items()]

@@ -28,7 +28,8 @@ _PROBES = (("Answer tersely.", "What is 2 + 3?"), ("You are terse.\nTwo lines.",
 
 def _render(tokenizer: Any, system: str | None, prompt: str) -> str:
     msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
-        {"role": "user", "content": prompt}]
+        {"role": "user", "content": prompt}
+    ]
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
@@ -38,12 +39,16 @@ def derive(tokenizer: Any) -> dict[str, Any]:
     num_bos = int(adds_bos(tokenizer))
     if not isinstance(getattr(tokenizer, "chat_template", None), str):
         # a base model (continued pretraining on raw text): plain completion, the user's text as it is
-        return {"prompt": PROMPT, "prompt_with_system": None, "num_bos": num_bos,
-                "stop": [t for t in [tokenizer.eos_token] if t]}
+        return {
+            "prompt": PROMPT,
+            "prompt_with_system": None,
+            "num_bos": num_bos,
+            "stop": [t for t in [tokenizer.eos_token] if t],
+        }
     bos = tokenizer.bos_token or ""
 
     def strip_bos(text: str) -> str:
-        return text[len(bos):] if num_bos and bos and text.startswith(bos) else text
+        return text[len(bos) :] if num_bos and bos and text.startswith(bos) else text
 
     plain = strip_bos(_render(tokenizer, None, PROMPT))
     with_system = strip_bos(_render(tokenizer, SYSTEM, PROMPT))

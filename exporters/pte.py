@@ -44,7 +44,6 @@ from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_path
 from edgeft.rundir import PTE_FILES, Exports, is_converted
 
-
 MASK_NAME = "edgeft_executorch"  # attention implementation name whose mask function builds no mask
 VALIDATION_SEQ_LENS = (48, 17, 5)  # held-out token sequences compared by logits
 INCREMENTAL_PREFILL = 5
@@ -70,8 +69,10 @@ def _arch(src: Path) -> tuple[Family, dict[str, Any]]:
     if cfg.get("use_sliding_window"):  # Qwen2/3's optional windows on the upper layers: not validated here yet
         raise EdgeftError(f"pte export: {mt} with sliding-window attention is not supported")
     # custom_sdpa takes an additive mask but no score transform, and attends causally
-    for key, why in (("attn_logit_softcapping", "attention logit softcapping"),
-                     ("use_bidirectional_attention", "bidirectional attention")):
+    for key, why in (
+        ("attn_logit_softcapping", "attention logit softcapping"),
+        ("use_bidirectional_attention", "bidirectional attention"),
+    ):
         if cfg.get(key):
             raise EdgeftError(f"pte export: {mt} with {why} is not supported (ExecuTorch's custom_sdpa has none)")
     return fam, cfg
@@ -105,11 +106,7 @@ def _weight_kind(w: torch.Tensor) -> str:
 
 
 def _is_int8_per_row(w: torch.Tensor) -> bool:
-    return (
-        w.target_dtype == torch.int8
-        and list(w.block_size) == [1, w.shape[1]]
-        and bool((w.zero_point == 0).all())
-    )
+    return w.target_dtype == torch.int8 and list(w.block_size) == [1, w.shape[1]] and bool((w.zero_point == 0).all())
 
 
 # --- reversible rewrites --------------------------------------------------------------------------------
@@ -256,8 +253,10 @@ def _quantize_embedding(model: nn.Module, fmt: str, warn: list[str]) -> None:
     emb.weight = nn.Parameter(dense.clone(), requires_grad=False)
     quantize_(emb, embedding_treatment_config(treatment), filter_fn=lambda m, _: isinstance(m, nn.Embedding))
     emb.weight.requires_grad_(False)
-    warn.append(f"embedding quantized at export to {treatment} ({EMBEDDING_TREATMENTS[treatment]}); validated "
-                "against the converted model with that embedding")
+    warn.append(
+        f"embedding quantized at export to {treatment} ({EMBEDDING_TREATMENTS[treatment]}); validated "
+        "against the converted model with that embedding"
+    )
 
 
 def _is_symmetric_weight_only(w: torch.Tensor) -> bool:
@@ -373,15 +372,29 @@ def _int8_kv_sdpa(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     parameters), and ``llama::custom_quantized_sdpa`` attending over the int8 cache with the query quantized the
     same way. Causal from ``pos``, GQA native, as the float path."""
     qq, qs, qz = _quantize_per_token(q)
-    for t, cache, scales, zps in ((k, attn.et_k_cache, attn.et_k_scales, attn.et_k_zps),
-                                  (v, attn.et_v_cache, attn.et_v_scales, attn.et_v_zps)):
+    for t, cache, scales, zps in (
+        (k, attn.et_k_cache, attn.et_k_scales, attn.et_k_zps),
+        (v, attn.et_v_cache, attn.et_v_scales, attn.et_v_zps),
+    ):
         codes, sc, zp = _quantize_per_token(t)
         torch.ops.llama.update_cache(codes, cache, pos)
         torch.ops.llama.update_cache(sc, scales, pos)
         torch.ops.llama.update_cache(zp, zps, pos)
     return torch.ops.llama.custom_quantized_sdpa(
-        qq, attn.et_k_cache, attn.et_v_cache, pos, None, 0.0, True, attn.scaling,
-        qz, qs, attn.et_k_zps, attn.et_k_scales, attn.et_v_zps, attn.et_v_scales,
+        qq,
+        attn.et_k_cache,
+        attn.et_v_cache,
+        pos,
+        None,
+        0.0,
+        True,
+        attn.scaling,
+        qz,
+        qs,
+        attn.et_k_zps,
+        attn.et_k_scales,
+        attn.et_v_zps,
+        attn.et_v_scales,
     )
 
 
@@ -500,9 +513,10 @@ def _edge_rewrites(
     ``max_seq_len`` (default ``max_context_len``): the longest chunk one call takes, which sizes the
     sliding-window layers' rings (``ring_rows``). ``kv_cache``: ``"fp32"`` or ``"int8"`` (``_int8_kv_sdpa``).
     """
-    from edgeft.devices.executorch_runtime import load_executorch_ops
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
+
+    from edgeft.devices.executorch_runtime import load_executorch_ops
 
     load_executorch_ops()  # registers llama::update_cache / custom_sdpa for tracing
     undo: list[Any] = []
@@ -596,8 +610,7 @@ def _edge_rewrites(
             if attn.et_kv_int8:
                 for kv in "kv":
                     attn.register_buffer(f"et_{kv}_scales", torch.ones(*shape[:3], 1), persistent=False)
-                    attn.register_buffer(f"et_{kv}_zps", torch.zeros(*shape[:3], 1, dtype=torch.int8),
-                                         persistent=False)
+                    attn.register_buffer(f"et_{kv}_zps", torch.zeros(*shape[:3], 1, dtype=torch.int8), persistent=False)
             attn.register_buffer("et_rot", rot, persistent=False)
             attn.register_buffer("et_kpos", torch.arange(rows).unsqueeze(0), persistent=False)
             if rot_dims < head_dim:
@@ -736,9 +749,7 @@ def _partitioner(lean: bool) -> Any:
     return part
 
 
-def _lower(
-    program: nn.Module, max_seq_len: int, metadata: dict[str, Any], dynamic: bool, warn: list[str]
-) -> bytes:
+def _lower(program: nn.Module, max_seq_len: int, metadata: dict[str, Any], dynamic: bool, warn: list[str]) -> bytes:
     """torch.export -> edge -> XNNPACK -> ExecuTorch program bytes."""
     try:
         return _lower_once(program, max_seq_len, metadata, dynamic, lean=True)
@@ -752,9 +763,7 @@ def _lower(
         raise EdgeftError(f"pte export: ExecuTorch could not lower the model: {first}") from None
 
 
-def _lower_once(
-    program: nn.Module, max_seq_len: int, metadata: dict[str, Any], dynamic: bool, lean: bool
-) -> bytes:
+def _lower_once(program: nn.Module, max_seq_len: int, metadata: dict[str, Any], dynamic: bool, lean: bool) -> bytes:
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -809,7 +818,11 @@ def _expected_bytes(model: nn.Module) -> int:
 
 
 def _structure(
-    buf: bytes, embedding: str, grouped_weight_only: bool = False, ring: bool = False, full: bool = True,
+    buf: bytes,
+    embedding: str,
+    grouped_weight_only: bool = False,
+    ring: bool = False,
+    full: bool = True,
     kv_int8: bool = False,
 ) -> dict[str, Any]:
     """Check the serialized program itself: KV-cache ops (``full``: some layer keeps a full-length cache, ``ring``:
@@ -838,8 +851,10 @@ def _structure(
         raise EdgeftError("pte export: grouped weight-only linears without dequantize_per_channel (no integers)")
     allowed = {dq} if grouped_weight_only else set()
     if kv_int8:  # the int8 cache: keys, values and queries quantized per token by ExecuTorch's quantized kernels
-        allowed |= {"quantized_decomposed::choose_qparams_per_token_asymmetric",
-                    "quantized_decomposed::quantize_per_token"}
+        allowed |= {
+            "quantized_decomposed::choose_qparams_per_token_asymmetric",
+            "quantized_decomposed::quantize_per_token",
+        }
     leftover = sorted(o for o in ops if (o.startswith("torchao") or "dequantize" in o) and o not in allowed)
     if leftover:
         raise EdgeftError(f"pte export: quantized ops left outside XNNPACK: {', '.join(leftover)}")
@@ -1050,7 +1065,7 @@ def _runner_check(
         k = next((i for i, (a, b) in enumerate(zip(got, pieces_exp)) if a != b), min(len(got), n))
         raise EdgeftError(
             f"pte validation: ExecuTorch's TextLLMRunner diverges from the program's greedy tokens at step {k} "
-            f"({got[k:k + 1]!r} vs {pieces_exp[k:k + 1]!r})"
+            f"({got[k : k + 1]!r} vs {pieces_exp[k : k + 1]!r})"
         )
     return {"runner_tokens": n, "runner_match": True, "num_bos": int(add_bos)}
 
@@ -1082,7 +1097,8 @@ def _validate(
     try:
         if rt.full_logits != full_logits:
             raise EdgeftError(
-                f"pte validation: the program's {FULL_LOGITS_METHOD} is {rt.full_logits}, export asked for {full_logits}"
+                f"pte validation: the program's {FULL_LOGITS_METHOD} is {rt.full_logits}, "
+                f"export asked for {full_logits}"
             )
         # (program, eager) logits pairs; a last-token program gives each prompt's last row only
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -1179,12 +1195,12 @@ def export(
     if logits not in PTE_FILES:
         raise EdgeftError(f"pte export: logits must be one of {', '.join(PTE_FILES)}, not {logits!r}")
     if logits == "last" and not dynamic_shape:
-        raise EdgeftError("pte export: logits='last' needs a dynamic-shape program (a one-token program has one position)")
+        raise EdgeftError(
+            "pte export: logits='last' needs a dynamic-shape program (a one-token program has one position)"
+        )
     full_logits = logits == "all"
     if embedding not in (None, *EMBEDDING_FORMATS):
-        raise EdgeftError(
-            f"pte export: embedding must be one of {', '.join(EMBEDDING_FORMATS)}, not {embedding!r}"
-        )
+        raise EdgeftError(f"pte export: embedding must be one of {', '.join(EMBEDDING_FORMATS)}, not {embedding!r}")
     if kv_cache not in KV_CACHE_FORMATS:
         raise EdgeftError(f"pte export: kv_cache must be one of {', '.join(KV_CACHE_FORMATS)}, not {kv_cache!r}")
     max_context_len = max_context_len or max_seq_len
@@ -1193,7 +1209,8 @@ def export(
     arch, cfg = _arch(src)
     if max_context_len > int(cfg.get("max_position_embeddings") or max_context_len):
         raise EdgeftError(
-            f"pte export: max_context_len {max_context_len} exceeds the model's {cfg['max_position_embeddings']} positions"
+            f"pte export: max_context_len {max_context_len} exceeds the model's "
+            f"{cfg['max_position_embeddings']} positions"
         )
     if not (src / "tokenizer.json").exists():
         raise EdgeftError(f"pte export: {src} has no tokenizer.json (ExecuTorch's runner needs it)")
@@ -1221,20 +1238,33 @@ def export(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.export / ExecuTorch deprecation chatter
         with _edge_rewrites(
-            model, arch, max_context_len, warn,
-            last_only=not full_logits, max_seq_len=max_seq_len, kv_cache=kv_cache,
+            model,
+            arch,
+            max_context_len,
+            warn,
+            last_only=not full_logits,
+            max_seq_len=max_seq_len,
+            kv_cache=kv_cache,
         ) as program:
             kv_report = _kv_cache_report(model)
             if kv_report["ring_rows"]:
                 metadata[REWIND_METHOD] = max_seq_len  # ring_rows: rewinding stays exact within one chunk
             buf = _lower(program, max_seq_len, metadata, dynamic_shape, warn)
     lower_s = time.perf_counter() - t_lower
-    structure = _structure(buf, emb_fmt, grouped_wo, ring=bool(kv_report["ring_rows"]),
-                           full=kv_report["ring_layers"] < kv_report["layers"], kv_int8=kv_cache == "int8")
+    structure = _structure(
+        buf,
+        emb_fmt,
+        grouped_wo,
+        ring=bool(kv_report["ring_rows"]),
+        full=kv_report["ring_layers"] < kv_report["layers"],
+        kv_int8=kv_cache == "int8",
+    )
     _check_size(len(buf), expected)
     if record and record.get("embeddings") and emb_fmt == "float":
-        warn.append("the scheme's embedding quantization is neither int8 per row nor int4 in groups: embedding "
-                    "exported as float32")
+        warn.append(
+            "the scheme's embedding quantization is neither int8 per row nor int4 in groups: embedding "
+            "exported as float32"
+        )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     dest = Exports(out_dir).pte(logits)
@@ -1244,7 +1274,15 @@ def export(
         os.chmod(tmp_pte, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
         with _staged_tokenizer(src) as tok_dir:
             validation = _validate(
-                tmp_pte, tok_dir, model, tokenizer, quant_act, max_seq_len, warn, full_logits, kv_report["ring_rows"],
+                tmp_pte,
+                tok_dir,
+                model,
+                tokenizer,
+                quant_act,
+                max_seq_len,
+                warn,
+                full_logits,
+                kv_report["ring_rows"],
                 kv_int8=kv_cache == "int8",
             )
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -1272,7 +1310,11 @@ def export(
         "dynamic_shape": dynamic_shape,
         "kv_cache": kv_report,
         "validation": validation,
-        "seconds": {"lower": round(lower_s, 1), "validate": round(val_s, 1), "total": round(time.perf_counter() - t0, 1)},
+        "seconds": {
+            "lower": round(lower_s, 1),
+            "validate": round(val_s, 1),
+            "total": round(time.perf_counter() - t0, 1),
+        },
         "warnings": warn,
     }
 

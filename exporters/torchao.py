@@ -45,7 +45,9 @@ def export(src: str | Path, out_dir: str | Path) -> dict[str, Any]:
             got = again(input_ids=ids).logits
         max_diff = float((got - ref).abs().max())
         if max_diff != 0.0:
-            raise EdgeftError(f"torchao export: reloaded logits differ from the converted model (max |diff| {max_diff:.3g})")
+            raise EdgeftError(
+                f"torchao export: reloaded logits differ from the converted model (max |diff| {max_diff:.3g})"
+            )
         size = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
     return {
         "name": "torchao",

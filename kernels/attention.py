@@ -147,8 +147,18 @@ def document_block_mask(doc: torch.Tensor, mask_mod):
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=_BLOCK, mask_mod=mask_mod)
 
 
-def _flex(q, k, v, packed: PackedBatch, causal: bool, scale: float, window: int | None, softcap: float | None,
-          compiled: bool = True, shapes: str | None = None):
+def _flex(
+    q,
+    k,
+    v,
+    packed: PackedBatch,
+    causal: bool,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    compiled: bool = True,
+    shapes: str | None = None,
+):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     shapes = shapes or (FLEX_SHAPES if compiled else "none")
@@ -178,8 +188,10 @@ def _flex(q, k, v, packed: PackedBatch, causal: bool, scale: float, window: int 
         packed.cache[key] = block_mask
     score_mod = None
     if softcap is not None:
+
         def score_mod(score, b, h, q_idx, kv_idx):
             return softcap * torch.tanh(score / softcap)
+
     fn = _compiled_flex(shapes == "dynamic") if compiled else flex_attention
     qp, kp, vp = (F.pad(t, (0, 0, 0, 0, 0, n - total)) for t in (q, k, v)) if n > total else (q, k, v)
     args = (qp.transpose(0, 1).unsqueeze(0), kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0))
@@ -191,8 +203,11 @@ def _flex(q, k, v, packed: PackedBatch, causal: bool, scale: float, window: int 
             # Seen on torch 2.11 + 2 GPUs (fp32, a 73-token packed batch): inductor failed to lower FlexAttention's
             # backward. The masked SDPA path computes the same attention; only its memory is O(tokens^2).
             _FLEX_FAILED.add((q.dtype, q.device))
-            warnings.warn(f"FlexAttention did not compile ({type(e).__name__}); padding-free attention uses SDPA "
-                          "with a block-diagonal mask for this dtype from now on", stacklevel=2)
+            warnings.warn(
+                f"FlexAttention did not compile ({type(e).__name__}); padding-free attention uses SDPA "
+                "with a block-diagonal mask for this dtype from now on",
+                stacklevel=2,
+            )
             return _sdpa_masked(q, k, v, packed, causal, scale, window, softcap)
     else:
         out = fn(*args, **kwargs)
@@ -210,16 +225,16 @@ def _dense_mask(packed: PackedBatch, causal: bool, window: int | None) -> torch.
     return mask
 
 
-def _sdpa_masked(q, k, v, packed: PackedBatch, causal: bool, scale: float, window: int | None,
-                 softcap: float | None):
+def _sdpa_masked(q, k, v, packed: PackedBatch, causal: bool, scale: float, window: int | None, softcap: float | None):
     mask = _dense_mask(packed, causal, window)
     groups = q.shape[1] // k.shape[1]
     qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # (H, T, D)
     if groups > 1:
         kh, vh = kh.repeat_interleave(groups, 0), vh.repeat_interleave(groups, 0)
     if softcap is None:
-        out = F.scaled_dot_product_attention(qh.unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0), attn_mask=mask,
-                                             scale=scale).squeeze(0)
+        out = F.scaled_dot_product_attention(
+            qh.unsqueeze(0), kh.unsqueeze(0), vh.unsqueeze(0), attn_mask=mask, scale=scale
+        ).squeeze(0)
     else:  # SDPA has no softcap: explicit math
         s = (qh.float() @ kh.float().transpose(1, 2)) * scale
         s = softcap * torch.tanh(s / softcap)
@@ -262,8 +277,19 @@ def varlen_attention(
             kwargs["window_size"] = (window - 1, 0 if causal else window - 1)
         if softcap is not None:
             kwargs["softcap"] = softcap
-        return fn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
-                  dropout_p=0.0, softmax_scale=scale, causal=causal, **kwargs)
+        return fn(
+            q,
+            k,
+            v,
+            packed.cu_seqlens,
+            packed.cu_seqlens,
+            packed.max_seqlen,
+            packed.max_seqlen,
+            dropout_p=0.0,
+            softmax_scale=scale,
+            causal=causal,
+            **kwargs,
+        )
     if backend in ("flex", "flex_eager"):
         return _flex(q, k, v, packed, causal, scale, window, softcap, compiled=backend == "flex")
     if backend == "sdpa":

@@ -62,7 +62,9 @@ class _Offloaded:
         self.prev: weakref.ref | None = None
         self.gpu: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
-        self.cpu = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)  # explicit: default device may be cuda
+        self.cpu = torch.empty(
+            t.shape, dtype=t.dtype, device="cpu", pin_memory=True
+        )  # explicit: default device may be cuda
         stream.wait_stream(torch.cuda.current_stream(t.device))  # the copy reads t only after it is computed
         with torch.cuda.stream(stream):
             self.cpu.copy_(t, non_blocking=True)
@@ -88,8 +90,9 @@ class _Offloaded:
 
 class _LayerCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run: Callable, mode: str, chain: OffloadChain | None, rng: bool, hidden: torch.Tensor,
-                _dummy: torch.Tensor):
+    def forward(
+        ctx, run: Callable, mode: str, chain: OffloadChain | None, rng: bool, hidden: torch.Tensor, _dummy: torch.Tensor
+    ):
         ctx.run = run
         ctx.hidden_requires_grad = hidden.requires_grad
         ctx.rng = None
@@ -121,8 +124,10 @@ class _LayerCheckpoint(torch.autograd.Function):
         else:
             (hidden,) = ctx.saved_tensors
         hidden = hidden.detach().requires_grad_(True)
-        with torch.enable_grad(), torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else [],
-                                                        enabled=ctx.rng is not None):
+        with (
+            torch.enable_grad(),
+            torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else [], enabled=ctx.rng is not None),
+        ):
             if ctx.rng is not None:
                 torch.set_rng_state(ctx.rng[0])
                 if ctx.rng[1] is not None:

@@ -41,8 +41,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _ce_fwd_bwd_kernel(
-        LOGITS, LABELS, LOSS, stride_row, n_cols, ignore_index, softcap,
-        BLOCK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
+        LOGITS,
+        LABELS,
+        LOSS,
+        stride_row,
+        n_cols,
+        ignore_index,
+        softcap,
+        BLOCK: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        WRITE_GRAD: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31 for large chunks x vocab
         base = LOGITS + row * stride_row
@@ -136,9 +144,16 @@ class LMHeadLossFunction(torch.autograd.Function):
             h_c = hid[start:end]
             logits = h_c @ w.t()  # (chunk, vocab) in the activation dtype, fp32 accumulation inside the matmul
             _ce_fwd_bwd_kernel[(end - start,)](
-                logits, lab[start:end], loss_rows[start:end], logits.stride(0), v, ignore_index,
+                logits,
+                lab[start:end],
+                loss_rows[start:end],
+                logits.stride(0),
+                v,
+                ignore_index,
                 float(softcap) if softcap is not None else 1.0,
-                BLOCK=block, HAS_SOFTCAP=softcap is not None, WRITE_GRAD=need_dh or need_dw,
+                BLOCK=block,
+                HAS_SOFTCAP=softcap is not None,
+                WRITE_GRAD=need_dh or need_dw,
                 num_warps=16 if block >= 8192 else 8,
             )
             if need_dh:
@@ -181,7 +196,9 @@ def lm_head_loss(
     divide the sum by the target count of the whole accumulation window.
     """
     if hidden.dim() != 2 or labels.dim() != 1 or hidden.shape[0] != labels.shape[0]:
-        raise ValueError(f"lm_head_loss: expected hidden (N, H) and labels (N,), got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"lm_head_loss: expected hidden (N, H) and labels (N,), got {tuple(hidden.shape)} and {tuple(labels.shape)}"
+        )
     if not use_triton(hidden):
         return lm_head_loss_reference(hidden, weight, labels, softcap, ignore_index)
     return LMHeadLossFunction.apply(hidden, weight, labels, softcap, ignore_index, chunk_rows)

@@ -86,8 +86,9 @@ class WeightQuant:
 
     def int_part(self) -> "WeightQuant":
         """The integer grid of an ``fp8_int4`` spec (applied after its fp8 rows)."""
-        return WeightQuant("int", self.bits, self.group_size, self.divisor, self.eps, self.scale_dtype,
-                           clip_ratios=self.clip_ratios)
+        return WeightQuant(
+            "int", self.bits, self.group_size, self.divisor, self.eps, self.scale_dtype, clip_ratios=self.clip_ratios
+        )
 
 
 # Clip search (``WeightQuant.clip_ratios``, scheme option ``weight_scale="mse"``): the group's scale is
@@ -287,8 +288,16 @@ if HAS_TRITON:
             return grp * GS + within, (within < GS) & (grp < n_groups)
 
     @triton.jit
-    def _tile_index(n_rows, n_cols, n_groups, GS: tl.constexpr, GSP: tl.constexpr, NG: tl.constexpr,
-                    BLOCK_R: tl.constexpr, LONG: tl.constexpr):
+    def _tile_index(
+        n_rows,
+        n_cols,
+        n_groups,
+        GS: tl.constexpr,
+        GSP: tl.constexpr,
+        NG: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        LONG: tl.constexpr,
+    ):
         """This program's tile of a weight, BLOCK_R rows x NG groups: rows, row mask, columns, column mask, mask."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         if LONG:
@@ -298,8 +307,19 @@ if HAS_TRITON:
         return rows, rmask, cols, cmask, rmask[:, None] & cmask[None, :]
 
     @triton.jit
-    def _group_grid(g, amax, eps, divisor, inv_divisor, QMIN: tl.constexpr, QMAX: tl.constexpr, D: tl.constexpr,
-                    S: tl.constexpr, P: tl.constexpr, RECIP: tl.constexpr):
+    def _group_grid(
+        g,
+        amax,
+        eps,
+        divisor,
+        inv_divisor,
+        QMIN: tl.constexpr,
+        QMAX: tl.constexpr,
+        D: tl.constexpr,
+        S: tl.constexpr,
+        P: tl.constexpr,
+        RECIP: tl.constexpr,
+    ):
         """(codes, dequantized, scale) of groups g (BLOCK_R, NG, GSP) on the grid whose largest magnitude is amax."""
         scale = _rnd(_div_scalar(amax, divisor, inv_divisor, RECIP), D)
         scale = _rnd(tl.maximum(scale, eps), D)
@@ -308,8 +328,7 @@ if HAS_TRITON:
         return q, dq, scale
 
     @triton.jit
-    def _on_grid(g, scale, QMIN: tl.constexpr, QMAX: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-                 P: tl.constexpr):
+    def _on_grid(g, scale, QMIN: tl.constexpr, QMAX: tl.constexpr, D: tl.constexpr, S: tl.constexpr, P: tl.constexpr):
         """(codes, dequantized) of groups g (BLOCK_R, NG, GSP) on given scales (BLOCK_R, NG), already of dtype S:
         q = clamp(round(g * (1 / s))), q * s, each step rounded as torch rounds it."""
         inv = _rnd(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale), S)
@@ -330,13 +349,39 @@ if HAS_TRITON:
 
     @triton.jit
     def _weight_kernel(
-        W, A, B, OUT, MERGED, CODES, SCALES, RATIOS,
-        n_rows, n_cols, n_groups, stride_w, lora_scale, eps, divisor, inv_divisor,
-        R: tl.constexpr, GS: tl.constexpr, GSP: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr,
-        QUANT: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-        D: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
-        WRITE_MERGED: tl.constexpr, WRITE_CODES: tl.constexpr, PACK: tl.constexpr, LONG: tl.constexpr,
-        RECIP: tl.constexpr, NR: tl.constexpr,
+        W,
+        A,
+        B,
+        OUT,
+        MERGED,
+        CODES,
+        SCALES,
+        RATIOS,
+        n_rows,
+        n_cols,
+        n_groups,
+        stride_w,
+        lora_scale,
+        eps,
+        divisor,
+        inv_divisor,
+        R: tl.constexpr,
+        GS: tl.constexpr,
+        GSP: tl.constexpr,
+        NG: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        QUANT: tl.constexpr,
+        QMIN: tl.constexpr,
+        QMAX: tl.constexpr,
+        D: tl.constexpr,
+        S: tl.constexpr,
+        P: tl.constexpr,
+        WRITE_MERGED: tl.constexpr,
+        WRITE_CODES: tl.constexpr,
+        PACK: tl.constexpr,
+        LONG: tl.constexpr,
+        RECIP: tl.constexpr,
+        NR: tl.constexpr,
     ):
         """One tile = BLOCK_R rows x NG groups (each GS columns, padded to GSP): merge, quantize, dequantize."""
         rows, rmask, cols, cmask, mask = _tile_index(n_rows, n_cols, n_groups, GS, GSP, NG, BLOCK_R, LONG)
@@ -363,13 +408,17 @@ if HAS_TRITON:
                     dq = tl.where(better[:, :, None], dqr, dq)
                     scale = tl.where(better, sr, scale)
                     best = tl.where(better, err, best)
-            tl.store(OUT + rows[:, None] * n_cols + cols[None, :],
-                     tl.reshape(dq, (BLOCK_R, NG * GSP)).to(OUT.dtype.element_ty), mask=mask)
+            tl.store(
+                OUT + rows[:, None] * n_cols + cols[None, :],
+                tl.reshape(dq, (BLOCK_R, NG * GSP)).to(OUT.dtype.element_ty),
+                mask=mask,
+            )
             if WRITE_CODES:
                 gidx = tl.program_id(1) * NG + tl.arange(0, NG)
                 smask = rmask[:, None] & (gidx < n_groups)[None, :]
-                tl.store(SCALES + rows[:, None] * n_groups + gidx[None, :], scale.to(SCALES.dtype.element_ty),
-                         mask=smask)
+                tl.store(
+                    SCALES + rows[:, None] * n_groups + gidx[None, :], scale.to(SCALES.dtype.element_ty), mask=smask
+                )
                 qi = tl.reshape(q, (BLOCK_R, NG * GSP)).to(tl.int32)
                 if PACK:  # two 4-bit codes a byte, even column in the low nibble (GS == GSP here)
                     lo, hi = tl.split(tl.reshape(qi, (BLOCK_R, NG * GSP // 2, 2)))
@@ -382,9 +431,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _dequant_kernel(
-        CODES, SCALES, OUT, n_rows, n_cols, n_groups,
-        GS: tl.constexpr, GSP: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr,
-        D: tl.constexpr, P: tl.constexpr, PACK: tl.constexpr, LONG: tl.constexpr,
+        CODES,
+        SCALES,
+        OUT,
+        n_rows,
+        n_cols,
+        n_groups,
+        GS: tl.constexpr,
+        GSP: tl.constexpr,
+        NG: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        D: tl.constexpr,
+        P: tl.constexpr,
+        PACK: tl.constexpr,
+        LONG: tl.constexpr,
     ):
         """codes x scales -> the weight the fake quantizer produced (same rounding as _weight_kernel)."""
         rows, rmask, cols, cmask, mask = _tile_index(n_rows, n_cols, n_groups, GS, GSP, NG, BLOCK_R, LONG)
@@ -402,12 +462,27 @@ if HAS_TRITON:
         scale = tl.load(SCALES + rows[:, None] * n_groups + gidx[None, :], mask=smask, other=1.0).to(tl.float32)
         q3 = tl.reshape(q, (BLOCK_R, NG, GSP))
         dq = _rnd(_rnd(q3 * scale[:, :, None], P), D)
-        tl.store(OUT + rows[:, None] * n_cols + cols[None, :],
-                 tl.reshape(dq, (BLOCK_R, NG * GSP)).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(
+            OUT + rows[:, None] * n_cols + cols[None, :],
+            tl.reshape(dq, (BLOCK_R, NG * GSP)).to(OUT.dtype.element_ty),
+            mask=mask,
+        )
 
     @triton.jit
-    def _row_params(mn, mx, eps, lb, ub, inv_d, MODE: tl.constexpr, HAS_LB: tl.constexpr, HAS_UB: tl.constexpr,
-                    D: tl.constexpr, S: tl.constexpr, RECIP: tl.constexpr):
+    def _row_params(
+        mn,
+        mx,
+        eps,
+        lb,
+        ub,
+        inv_d,
+        MODE: tl.constexpr,
+        HAS_LB: tl.constexpr,
+        HAS_UB: tl.constexpr,
+        D: tl.constexpr,
+        S: tl.constexpr,
+        RECIP: tl.constexpr,
+    ):
         """Per-row (scale, reciprocal or unused, zero point) from the row's min and max (max|x| for fp8)."""
         if MODE == 0:  # int8 asymmetric per token
             mn = tl.minimum(mn, 0.0)
@@ -444,10 +519,27 @@ if HAS_TRITON:
 
     @triton.jit
     def _row_kernel(
-        X, OUT, n_rows, n_cols, stride_x, stride_o, eps, lb, ub, inv_d,
-        MODE: tl.constexpr, HAS_LB: tl.constexpr, HAS_UB: tl.constexpr,
-        D: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr, LONG: tl.constexpr, RECIP: tl.constexpr,
+        X,
+        OUT,
+        n_rows,
+        n_cols,
+        stride_x,
+        stride_o,
+        eps,
+        lb,
+        ub,
+        inv_d,
+        MODE: tl.constexpr,
+        HAS_LB: tl.constexpr,
+        HAS_UB: tl.constexpr,
+        D: tl.constexpr,
+        S: tl.constexpr,
+        P: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        SINGLE: tl.constexpr,
+        LONG: tl.constexpr,
+        RECIP: tl.constexpr,
     ):
         """Per-row fake quantization of BLOCK_R rows; SINGLE: the row fits one tile (read once)."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -508,18 +600,46 @@ def _recip32(d: float) -> float:
 
 
 @functools.lru_cache(maxsize=4096)
-def _weight_plan(n_rows: int, n_cols: int, dtype: torch.dtype, spec: WeightQuant | None, rank: int, quant: bool,
-                 write_merged: bool, write_codes: bool, pack: bool, cuda: bool, long: bool, tile: int):
+def _weight_plan(
+    n_rows: int,
+    n_cols: int,
+    dtype: torch.dtype,
+    spec: WeightQuant | None,
+    rank: int,
+    quant: bool,
+    write_merged: bool,
+    write_codes: bool,
+    pack: bool,
+    cuda: bool,
+    long: bool,
+    tile: int,
+):
     gs, gsp, ng, block_r = _weight_geometry(n_cols, spec.group_size if spec is not None else None, tile)
     block_r = min(block_r, next_pow2(n_rows))
     n_groups = n_cols // gs
     d, s, p = _kinds(dtype, spec.scale_dtype if spec is not None else None)
     divisor = spec.scale_divisor() if spec is not None else 1.0
     scalars = (_eps(spec.eps, dtype) if spec is not None else 1.0, divisor, _recip32(divisor))
-    kw = dict(R=rank, GS=gs, GSP=gsp, NG=ng, BLOCK_R=block_r, QUANT=quant,
-              QMIN=spec.qmin if spec is not None else 0, QMAX=spec.qmax if spec is not None else 0,
-              D=d, S=s, P=p, WRITE_MERGED=write_merged, WRITE_CODES=write_codes, PACK=pack, LONG=long, RECIP=cuda,
-              NR=len(_search_ratios(spec)), num_warps=warps_for(block_r * ng * gsp))
+    kw = dict(
+        R=rank,
+        GS=gs,
+        GSP=gsp,
+        NG=ng,
+        BLOCK_R=block_r,
+        QUANT=quant,
+        QMIN=spec.qmin if spec is not None else 0,
+        QMAX=spec.qmax if spec is not None else 0,
+        D=d,
+        S=s,
+        P=p,
+        WRITE_MERGED=write_merged,
+        WRITE_CODES=write_codes,
+        PACK=pack,
+        LONG=long,
+        RECIP=cuda,
+        NR=len(_search_ratios(spec)),
+        num_warps=warps_for(block_r * ng * gsp),
+    )
     if cuda:
         kw["enable_fp_fusion"] = False
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_groups, ng))
@@ -536,8 +656,15 @@ def _ratios_tensor(ratios: tuple[float, ...], device: torch.device) -> torch.Ten
     return torch.tensor(ratios or (1.0,), dtype=torch.float32, device=device)
 
 
-def _weight_launch(w: torch.Tensor, spec: WeightQuant | None, lora: tuple | None, quant: bool,
-                   write_merged: bool, write_codes: bool, pack: bool) -> tuple[torch.Tensor | None, ...]:
+def _weight_launch(
+    w: torch.Tensor,
+    spec: WeightQuant | None,
+    lora: tuple | None,
+    quant: bool,
+    write_merged: bool,
+    write_codes: bool,
+    pack: bool,
+) -> tuple[torch.Tensor | None, ...]:
     n_rows, n_cols = w.shape
     if w.stride(1) != 1:
         w = w.contiguous()
@@ -553,50 +680,110 @@ def _weight_launch(w: torch.Tensor, spec: WeightQuant | None, lora: tuple | None
         a = b = w
         rank, lora_scale = 0, 1.0
     grid, n_groups, (eps, divisor, inv_divisor), kw = _weight_plan(
-        n_rows, n_cols, w.dtype, spec, rank, quant, write_merged, write_codes, pack, w.is_cuda,
-        needs_long_indexing(w), _tile(w))
+        n_rows,
+        n_cols,
+        w.dtype,
+        spec,
+        rank,
+        quant,
+        write_merged,
+        write_codes,
+        pack,
+        w.is_cuda,
+        needs_long_indexing(w),
+        _tile(w),
+    )
     out = torch.empty_like(w) if quant else None
     merged = torch.empty_like(w) if write_merged else None
     codes = scales = None
     if write_codes:
-        codes = torch.empty((n_rows, n_cols // 2 if pack else n_cols),
-                            dtype=torch.uint8 if pack else torch.int8, device=w.device)
+        codes = torch.empty(
+            (n_rows, n_cols // 2 if pack else n_cols), dtype=torch.uint8 if pack else torch.int8, device=w.device
+        )
         scales = torch.empty((n_rows, n_groups), dtype=spec.scale_dtype or w.dtype, device=w.device)
     _weight_kernel[grid](
-        w, a, b, w if out is None else out, w if merged is None else merged, w if codes is None else codes,
-        w if scales is None else scales, _ratios_tensor(_search_ratios(spec), w.device), n_rows, n_cols, n_groups,
-        w.stride(0), float(lora_scale),
-        eps, divisor, inv_divisor, **kw,
+        w,
+        a,
+        b,
+        w if out is None else out,
+        w if merged is None else merged,
+        w if codes is None else codes,
+        w if scales is None else scales,
+        _ratios_tensor(_search_ratios(spec), w.device),
+        n_rows,
+        n_cols,
+        n_groups,
+        w.stride(0),
+        float(lora_scale),
+        eps,
+        divisor,
+        inv_divisor,
+        **kw,
     )
     return out, merged, codes, scales
 
 
 @functools.lru_cache(maxsize=4096)
-def _row_plan(n_rows: int, n_cols: int, dtype: torch.dtype, mode: int, eps: float | None,
-              lb: float | None, ub: float | None, scale_dtype: torch.dtype | None, cuda: bool, long: bool, tile: int):
+def _row_plan(
+    n_rows: int,
+    n_cols: int,
+    dtype: torch.dtype,
+    mode: int,
+    eps: float | None,
+    lb: float | None,
+    ub: float | None,
+    scale_dtype: torch.dtype | None,
+    cuda: bool,
+    long: bool,
+    tile: int,
+):
     d, s, p = _kinds(dtype, scale_dtype)
     single = n_cols <= 8192
     block_c = next_pow2(n_cols) if single else 4096
     block_r = max(1, min(tile // block_c, next_pow2(n_rows)))
-    scalars = (_eps(eps, dtype), lb if lb is not None else 0.0, ub if ub is not None else 0.0,
-               _recip32(255.0 if mode == 0 else FP8_MAX))
-    kw = dict(MODE=mode, HAS_LB=lb is not None, HAS_UB=ub is not None, D=d, S=s, P=p, BLOCK_R=block_r,
-              BLOCK_C=block_c, SINGLE=single, LONG=long, RECIP=cuda, num_warps=warps_for(block_r * block_c))
+    scalars = (
+        _eps(eps, dtype),
+        lb if lb is not None else 0.0,
+        ub if ub is not None else 0.0,
+        _recip32(255.0 if mode == 0 else FP8_MAX),
+    )
+    kw = dict(
+        MODE=mode,
+        HAS_LB=lb is not None,
+        HAS_UB=ub is not None,
+        D=d,
+        S=s,
+        P=p,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        SINGLE=single,
+        LONG=long,
+        RECIP=cuda,
+        num_warps=warps_for(block_r * block_c),
+    )
     if cuda:
         kw["enable_fp_fusion"] = False
     return (triton.cdiv(n_rows, block_r),), scalars, kw
 
 
-def _row_launch(x: torch.Tensor, mode: int, eps: float | None, lb: float | None, ub: float | None,
-                scale_dtype: torch.dtype | None, out: torch.Tensor | None = None) -> torch.Tensor:
+def _row_launch(
+    x: torch.Tensor,
+    mode: int,
+    eps: float | None,
+    lb: float | None,
+    ub: float | None,
+    scale_dtype: torch.dtype | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     n_cols = x.shape[-1]
     x2 = x.reshape(-1, n_cols)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     o2 = torch.empty_like(x2) if out is None else out.view(-1, n_cols)
     n_rows = x2.shape[0]
-    grid, (eps_, lb_, ub_, inv_d), kw = _row_plan(n_rows, n_cols, x.dtype, mode, eps, lb, ub, scale_dtype,
-                                                  x.is_cuda, needs_long_indexing(x2, o2), _tile(x2))
+    grid, (eps_, lb_, ub_, inv_d), kw = _row_plan(
+        n_rows, n_cols, x.dtype, mode, eps, lb, ub, scale_dtype, x.is_cuda, needs_long_indexing(x2, o2), _tile(x2)
+    )
     _row_kernel[grid](x2, o2, n_rows, n_cols, x2.stride(0), o2.stride(0), eps_, lb_, ub_, inv_d, **kw)
     return o2.view(x.shape) if out is None else out
 
@@ -617,7 +804,9 @@ def merged_lora_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale:
 
 
 def fake_quant_weight(
-    w: torch.Tensor, spec: WeightQuant, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    w: torch.Tensor,
+    spec: WeightQuant,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     codes: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """fq(W) or fq(W + s·B·A) for ``lora=(A, B, s)``, without autograd.
@@ -659,26 +848,54 @@ def fake_quant_weight(
 
 
 @functools.lru_cache(maxsize=4096)
-def _dequant_plan(n_rows: int, n_cols: int, group_size: int | None, dtype: torch.dtype, scale_dtype: torch.dtype,
-                  packed: bool, cuda: bool, long: bool, tile: int):
+def _dequant_plan(
+    n_rows: int,
+    n_cols: int,
+    group_size: int | None,
+    dtype: torch.dtype,
+    scale_dtype: torch.dtype,
+    packed: bool,
+    cuda: bool,
+    long: bool,
+    tile: int,
+):
     gs, gsp, ng, block_r = _weight_geometry(n_cols, group_size, tile)
     block_r = min(block_r, next_pow2(n_rows))
     d, _, p = _kinds(dtype, scale_dtype)
-    kw = dict(GS=gs, GSP=gsp, NG=ng, BLOCK_R=block_r, D=d, P=p, PACK=packed, LONG=long,
-              num_warps=warps_for(block_r * ng * gsp))
+    kw = dict(
+        GS=gs,
+        GSP=gsp,
+        NG=ng,
+        BLOCK_R=block_r,
+        D=d,
+        P=p,
+        PACK=packed,
+        LONG=long,
+        num_warps=warps_for(block_r * ng * gsp),
+    )
     if cuda:
         kw["enable_fp_fusion"] = False
     return (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols // gs, ng)), kw
 
 
-def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, packed: bool, dtype: torch.dtype,
-                     group_size: int | None, n_cols: int) -> torch.Tensor:
+def dequantize_codes(
+    codes: torch.Tensor, scales: torch.Tensor, packed: bool, dtype: torch.dtype, group_size: int | None, n_cols: int
+) -> torch.Tensor:
     """The fake-quantized weight back from :func:`fake_quant_weight`'s codes and scales (same bits)."""
     n_rows = codes.shape[0]
     if use_triton(codes):
         out = torch.empty((n_rows, n_cols), dtype=dtype, device=codes.device)
-        grid, kw = _dequant_plan(n_rows, n_cols, group_size, dtype, scales.dtype, packed, codes.is_cuda,
-                                 needs_long_indexing(out), _tile(codes))
+        grid, kw = _dequant_plan(
+            n_rows,
+            n_cols,
+            group_size,
+            dtype,
+            scales.dtype,
+            packed,
+            codes.is_cuda,
+            needs_long_indexing(out),
+            _tile(codes),
+        )
         _dequant_kernel[grid](codes, scales, out, n_rows, n_cols, n_cols // (group_size or n_cols), **kw)
         return out
     if packed:
@@ -789,8 +1006,9 @@ class WeightCache:
     def clear(self) -> None:
         self.key = self.entry = None
 
-    def get(self, w: torch.Tensor, spec: WeightQuant,
-            lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+    def get(
+        self, w: torch.Tensor, spec: WeightQuant, lora: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    ) -> torch.Tensor:
         weights = self.form == "weights"
         if (lora is None and not w.requires_grad) or (not weights and (spec.kind == "fp8" or lora is not None)):
             self.misses += 1

@@ -40,10 +40,28 @@ if HAS_TRITON:
 
     @triton.jit
     def _kl_fwd_bwd_kernel(
-        S, T, LABELS, KLMASK, KL, CE, stride_s, stride_t, n_cols, ignore_index,
-        inv_temp, temp, cap_s, cap_t, kl_weight, ce_weight,
-        BLOCK: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr, HAS_CE: tl.constexpr,
-        NEED_LSE1: tl.constexpr, WRITE_GRAD: tl.constexpr,
+        S,
+        T,
+        LABELS,
+        KLMASK,
+        KL,
+        CE,
+        stride_s,
+        stride_t,
+        n_cols,
+        ignore_index,
+        inv_temp,
+        temp,
+        cap_s,
+        cap_t,
+        kl_weight,
+        ce_weight,
+        BLOCK: tl.constexpr,
+        HAS_CAP_S: tl.constexpr,
+        HAS_CAP_T: tl.constexpr,
+        HAS_CE: tl.constexpr,
+        NEED_LSE1: tl.constexpr,
+        WRITE_GRAD: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31 for large chunks x vocab
         s_base = S + row * stride_s
@@ -139,15 +157,32 @@ class LMHeadKLFunction(torch.autograd.Function):
     """(kl_sum, ce_sum) with the gradient of ``kl_weight·kl_sum + ce_weight·ce_sum`` computed in the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, labels, distill_mask, temperature, softcap,
-                teacher_softcap, kl_weight, ce_weight, ignore_index, chunk_rows):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        distill_mask,
+        temperature,
+        softcap,
+        teacher_softcap,
+        kl_weight,
+        ce_weight,
+        ignore_index,
+        chunk_rows,
+    ):
         n, d = hidden.shape
         v = weight.shape[0]
         need_dh = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1]
         dev = hidden.device
-        kl_mask = (torch.ones(n, dtype=torch.bool, device=dev) if distill_mask is None
-                   else distill_mask.to(device=dev, dtype=torch.bool))
+        kl_mask = (
+            torch.ones(n, dtype=torch.bool, device=dev)
+            if distill_mask is None
+            else distill_mask.to(device=dev, dtype=torch.bool)
+        )
         has_ce = labels is not None
         rows_used = kl_mask | (labels != ignore_index) if has_ce else kl_mask
         # Dropping unused rows needs their count on the host: one sync per call, paid back by the skipped matmuls.
@@ -182,12 +217,29 @@ class LMHeadKLFunction(torch.autograd.Function):
             with torch.no_grad():
                 t = thid[start:end] @ wt.t()
             _kl_fwd_bwd_kernel[(end - start,)](
-                s, t, lab[start:end], klm[start:end], kl_rows[start:end], ce_rows[start:end] if has_ce else kl_rows,
-                s.stride(0), t.stride(0), v, ignore_index, 1.0 / temp, temp,
-                float(softcap) if softcap else 1.0, float(teacher_softcap) if teacher_softcap else 1.0,
-                float(kl_weight), float(ce_weight),
-                BLOCK=block, HAS_CAP_S=bool(softcap), HAS_CAP_T=bool(teacher_softcap), HAS_CE=has_ce,
-                NEED_LSE1=has_ce and temp != 1.0, WRITE_GRAD=write_grad, num_warps=8 if block >= 2048 else 4,
+                s,
+                t,
+                lab[start:end],
+                klm[start:end],
+                kl_rows[start:end],
+                ce_rows[start:end] if has_ce else kl_rows,
+                s.stride(0),
+                t.stride(0),
+                v,
+                ignore_index,
+                1.0 / temp,
+                temp,
+                float(softcap) if softcap else 1.0,
+                float(teacher_softcap) if teacher_softcap else 1.0,
+                float(kl_weight),
+                float(ce_weight),
+                BLOCK=block,
+                HAS_CAP_S=bool(softcap),
+                HAS_CAP_T=bool(teacher_softcap),
+                HAS_CE=has_ce,
+                NEED_LSE1=has_ce and temp != 1.0,
+                WRITE_GRAD=write_grad,
+                num_warps=8 if block >= 2048 else 4,
             )
             del t
             if need_dh:
@@ -221,7 +273,8 @@ class LMHeadKLFunction(torch.autograd.Function):
             raise RuntimeError(
                 f"lm_head_kl_loss: the incoming gradients (kl {gk_h:.6g}, ce {gc_h:.6g}) are not proportional to "
                 f"the mix declared in the forward (kl_weight {a:.6g}, ce_weight {b:.6g}); declare the weights the "
-                "loss is used with")
+                "loss is used with"
+            )
         dh_out = dh * c.to(dh.dtype) if dh is not None else None
         dw_out = (dw * c).to(ctx.w_dtype) if dw is not None else None
         return dh_out, dw_out, *(None,) * 11
@@ -258,11 +311,14 @@ def lm_head_kl_loss(
     interpreter, the materialising reference (any combination allowed).
     """
     if hidden.dim() != 2 or teacher_hidden.dim() != 2 or hidden.shape[0] != teacher_hidden.shape[0]:
-        raise ValueError(f"lm_head_kl_loss: expected hidden (N, D) and teacher_hidden (N, Dt), got "
-                         f"{tuple(hidden.shape)} and {tuple(teacher_hidden.shape)}")
+        raise ValueError(
+            f"lm_head_kl_loss: expected hidden (N, D) and teacher_hidden (N, Dt), got "
+            f"{tuple(hidden.shape)} and {tuple(teacher_hidden.shape)}"
+        )
     if weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(f"lm_head_kl_loss: student and teacher vocabularies differ ({weight.shape[0]} vs "
-                         f"{teacher_weight.shape[0]})")
+        raise ValueError(
+            f"lm_head_kl_loss: student and teacher vocabularies differ ({weight.shape[0]} vs {teacher_weight.shape[0]})"
+        )
     for name, t in (("labels", labels), ("distill_mask", distill_mask)):
         if t is not None and t.shape != (hidden.shape[0],):
             raise ValueError(f"lm_head_kl_loss: {name} must be ({hidden.shape[0]},), got {tuple(t.shape)}")
@@ -272,7 +328,30 @@ def lm_head_kl_loss(
         raise ValueError(f"lm_head_kl_loss: weights must be >= 0 and not both 0 ({kl_weight}, {ce_weight})")
     teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
     if not use_triton(hidden):
-        return lm_head_kl_loss_reference(hidden, weight, teacher_hidden, teacher_weight, labels, distill_mask,
-                                         temperature, softcap, teacher_softcap, ignore_index)
-    return LMHeadKLFunction.apply(hidden, weight, teacher_hidden, teacher_weight, labels, distill_mask, temperature,
-                                  softcap, teacher_softcap, kl_weight, ce_weight, ignore_index, chunk_rows)
+        return lm_head_kl_loss_reference(
+            hidden,
+            weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            distill_mask,
+            temperature,
+            softcap,
+            teacher_softcap,
+            ignore_index,
+        )
+    return LMHeadKLFunction.apply(
+        hidden,
+        weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        distill_mask,
+        temperature,
+        softcap,
+        teacher_softcap,
+        kl_weight,
+        ce_weight,
+        ignore_index,
+        chunk_rows,
+    )

@@ -33,8 +33,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _geglu_fwd_kernel(
-        G, U, H, stride_g, stride_u, stride_h, n_cols,
-        BLOCK: tl.constexpr, APPROX_TANH: tl.constexpr, LONG_INDEXING: tl.constexpr,
+        G,
+        U,
+        H,
+        stride_g,
+        stride_u,
+        stride_h,
+        n_cols,
+        BLOCK: tl.constexpr,
+        APPROX_TANH: tl.constexpr,
+        LONG_INDEXING: tl.constexpr,
     ):
         row = tl.program_id(0)
         if LONG_INDEXING:
@@ -49,9 +57,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _geglu_bwd_kernel(
-        DH, G, U, H_OUT, DG, DU,
-        stride_dh, stride_g, stride_u, stride_ho, stride_dg, stride_du, n_cols,
-        BLOCK: tl.constexpr, STORE_H: tl.constexpr, APPROX_TANH: tl.constexpr, LONG_INDEXING: tl.constexpr,
+        DH,
+        G,
+        U,
+        H_OUT,
+        DG,
+        DU,
+        stride_dh,
+        stride_g,
+        stride_u,
+        stride_ho,
+        stride_dg,
+        stride_du,
+        n_cols,
+        BLOCK: tl.constexpr,
+        STORE_H: tl.constexpr,
+        APPROX_TANH: tl.constexpr,
+        LONG_INDEXING: tl.constexpr,
     ):
         row = tl.program_id(0)
         if LONG_INDEXING:
@@ -95,8 +117,17 @@ def geglu_forward(
     if g.numel():
         grid, block = _launch_grid(*g.shape)
         _geglu_fwd_kernel[grid](
-            g, u, h, g.stride(0), u.stride(0), h.stride(0), g.shape[1],
-            BLOCK=block, APPROX_TANH=_tanh(approximate), LONG_INDEXING=needs_long_indexing(g, u, h), num_warps=4 if block >= 1024 else 2,
+            g,
+            u,
+            h,
+            g.stride(0),
+            u.stride(0),
+            h.stride(0),
+            g.shape[1],
+            BLOCK=block,
+            APPROX_TANH=_tanh(approximate),
+            LONG_INDEXING=needs_long_indexing(g, u, h),
+            num_warps=4 if block >= 1024 else 2,
         )
     return h
 
@@ -113,10 +144,23 @@ def geglu_backward(
     if g.numel():
         grid, block = _launch_grid(*g.shape)
         _geglu_bwd_kernel[grid](
-            dh2, g, u, h_out if h_out is not None else dg, dg, du,
-            dh2.stride(0), g.stride(0), u.stride(0), (h_out if h_out is not None else dg).stride(0),
-            dg.stride(0), du.stride(0), g.shape[1],
-            BLOCK=block, STORE_H=h_out is not None, APPROX_TANH=_tanh(approximate), LONG_INDEXING=needs_long_indexing(dh2, g, u, dg, du),
+            dh2,
+            g,
+            u,
+            h_out if h_out is not None else dg,
+            dg,
+            du,
+            dh2.stride(0),
+            g.stride(0),
+            u.stride(0),
+            (h_out if h_out is not None else dg).stride(0),
+            dg.stride(0),
+            du.stride(0),
+            g.shape[1],
+            BLOCK=block,
+            STORE_H=h_out is not None,
+            APPROX_TANH=_tanh(approximate),
+            LONG_INDEXING=needs_long_indexing(dh2, g, u, dg, du),
             num_warps=4 if block >= 1024 else 2,
         )
     return h_out, dg, du

@@ -23,8 +23,9 @@ from .fake_quant import WeightQuant, _eps, _kinds, _tile, _weight_geometry, int_
 # --- PyTorch references (LSQ in log space; docs/qat.md) -------------------------------------------------------------
 
 
-def learned_scale(init_scale: torch.Tensor, log_scale: torch.Tensor, spec: WeightQuant,
-                  dtype: torch.dtype) -> torch.Tensor:
+def learned_scale(
+    init_scale: torch.Tensor, log_scale: torch.Tensor, spec: WeightQuant, dtype: torch.dtype
+) -> torch.Tensor:
     """Group scales (rows, groups) of a learned scale, as fake quantization uses them and convert writes them:
     ``init_scale * exp(log_scale)`` in fp32, clamped at the grid's eps, in the scale dtype. At ``log_scale == 0``
     this is ``init_scale`` exactly (the untrained model is the PTQ model, bit for bit)."""
@@ -95,8 +96,9 @@ class LearnedScaleFakeQuant(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), d_log, None, None
 
 
-def learned_fake_quant(w: torch.Tensor, log_scale: torch.Tensor, init_scale: torch.Tensor,
-                       spec: WeightQuant) -> torch.Tensor:
+def learned_fake_quant(
+    w: torch.Tensor, log_scale: torch.Tensor, init_scale: torch.Tensor, spec: WeightQuant
+) -> torch.Tensor:
     """fq(w) on the scales ``init_scale * exp(log_scale)``, differentiable in w and log_scale
     (:class:`LearnedScaleFakeQuant`)."""
     if spec.kind != "int":
@@ -114,11 +116,31 @@ if HAS_TRITON:
 
     @triton.jit
     def _learned_kernel(
-        W, A, B, SCALES, OUT, GRAD, DLOG,
-        n_rows, n_cols, n_groups, stride_w, lora_scale,
-        R: tl.constexpr, GS: tl.constexpr, GSP: tl.constexpr, NG: tl.constexpr, BLOCK_R: tl.constexpr,
-        QMIN: tl.constexpr, QMAX: tl.constexpr, D: tl.constexpr, S: tl.constexpr, P: tl.constexpr,
-        BACKWARD: tl.constexpr, WRITE_FQ: tl.constexpr, LONG: tl.constexpr,
+        W,
+        A,
+        B,
+        SCALES,
+        OUT,
+        GRAD,
+        DLOG,
+        n_rows,
+        n_cols,
+        n_groups,
+        stride_w,
+        lora_scale,
+        R: tl.constexpr,
+        GS: tl.constexpr,
+        GSP: tl.constexpr,
+        NG: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        QMIN: tl.constexpr,
+        QMAX: tl.constexpr,
+        D: tl.constexpr,
+        S: tl.constexpr,
+        P: tl.constexpr,
+        BACKWARD: tl.constexpr,
+        WRITE_FQ: tl.constexpr,
+        LONG: tl.constexpr,
     ):
         """One tile = BLOCK_R rows x NG groups: merge, then fq(W) on the given scales (WRITE_FQ) and/or each group's
         d loss / d log_scale = s * sum(grad * dq/ds), dq/ds = q - w/s in the grid, q where it clamps (BACKWARD)."""
@@ -141,25 +163,58 @@ if HAS_TRITON:
             tl.store(DLOG + sidx, d, mask=smask)
         if WRITE_FQ:
             _, dq = _on_grid(g, scale, QMIN, QMAX, D, S, P)
-            tl.store(OUT + rows[:, None] * n_cols + cols[None, :],
-                     tl.reshape(dq, (BLOCK_R, NG * GSP)).to(OUT.dtype.element_ty), mask=mask)
+            tl.store(
+                OUT + rows[:, None] * n_cols + cols[None, :],
+                tl.reshape(dq, (BLOCK_R, NG * GSP)).to(OUT.dtype.element_ty),
+                mask=mask,
+            )
 
 
 @functools.lru_cache(maxsize=4096)
-def _plan(n_rows: int, n_cols: int, dtype: torch.dtype, spec: WeightQuant, rank: int, backward: bool,
-          write_fq: bool, cuda: bool, long: bool, tile: int):
+def _plan(
+    n_rows: int,
+    n_cols: int,
+    dtype: torch.dtype,
+    spec: WeightQuant,
+    rank: int,
+    backward: bool,
+    write_fq: bool,
+    cuda: bool,
+    long: bool,
+    tile: int,
+):
     gs, gsp, ng, block_r = _weight_geometry(n_cols, spec.group_size, tile)
     block_r = min(block_r, next_pow2(n_rows))
     d, s, p = _kinds(dtype, spec.scale_dtype)
-    kw = dict(R=rank, GS=gs, GSP=gsp, NG=ng, BLOCK_R=block_r, QMIN=spec.qmin, QMAX=spec.qmax, D=d, S=s, P=p,
-              BACKWARD=backward, WRITE_FQ=write_fq, LONG=long, num_warps=warps_for(block_r * ng * gsp))
+    kw = dict(
+        R=rank,
+        GS=gs,
+        GSP=gsp,
+        NG=ng,
+        BLOCK_R=block_r,
+        QMIN=spec.qmin,
+        QMAX=spec.qmax,
+        D=d,
+        S=s,
+        P=p,
+        BACKWARD=backward,
+        WRITE_FQ=write_fq,
+        LONG=long,
+        num_warps=warps_for(block_r * ng * gsp),
+    )
     if cuda:
         kw["enable_fp_fusion"] = False  # no multiply-add contraction: the merge rounds as merge_lora_weight
     return (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols // gs, ng)), kw
 
 
-def _launch(w: torch.Tensor, scale: torch.Tensor, spec: WeightQuant, lora: tuple | None,
-            grad: torch.Tensor | None, write_fq: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _launch(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    spec: WeightQuant,
+    lora: tuple | None,
+    grad: torch.Tensor | None,
+    write_fq: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(fq(W) if ``write_fq``, d log_scale if ``grad`` is given): one pass over W (and ``grad``)."""
     n_rows, n_cols = w.shape
     w = w.detach()
@@ -180,17 +235,42 @@ def _launch(w: torch.Tensor, scale: torch.Tensor, spec: WeightQuant, lora: tuple
         d_log = torch.empty(scale.shape, dtype=torch.float32, device=w.device)
     if write_fq:
         out = torch.empty((n_rows, n_cols), dtype=w.dtype, device=w.device)
-    grid, kw = _plan(n_rows, n_cols, w.dtype, spec, rank, backward, write_fq, w.is_cuda,
-                     needs_long_indexing(w, grad) if backward else needs_long_indexing(w), _tile(w))
+    grid, kw = _plan(
+        n_rows,
+        n_cols,
+        w.dtype,
+        spec,
+        rank,
+        backward,
+        write_fq,
+        w.is_cuda,
+        needs_long_indexing(w, grad) if backward else needs_long_indexing(w),
+        _tile(w),
+    )
     _learned_kernel[grid](
-        w, a, b, scale, w if out is None else out, grad if backward else w, scale if d_log is None else d_log,
-        n_rows, n_cols, scale.shape[1], w.stride(0), float(lora_scale), **kw,
+        w,
+        a,
+        b,
+        scale,
+        w if out is None else out,
+        grad if backward else w,
+        scale if d_log is None else d_log,
+        n_rows,
+        n_cols,
+        scale.shape[1],
+        w.stride(0),
+        float(lora_scale),
+        **kw,
     )
     return out, d_log
 
 
-def learned_fake_quant_weight(w: torch.Tensor, scale: torch.Tensor, spec: WeightQuant,
-                              lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+def learned_fake_quant_weight(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    spec: WeightQuant,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> torch.Tensor:
     """fq(W) or fq(W + s·B·A) on given group scales (rows, groups, in the scale dtype), without autograd:
     ``learned_weight_ref`` bit for bit."""
     if use_triton(w):
@@ -199,8 +279,13 @@ def learned_fake_quant_weight(w: torch.Tensor, scale: torch.Tensor, spec: Weight
     return learned_weight_ref(base, scale, spec)
 
 
-def learned_scale_grad(w: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, spec: WeightQuant,
-                       lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+def learned_scale_grad(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    grad: torch.Tensor,
+    spec: WeightQuant,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> torch.Tensor:
     """d loss / d log_scale (rows, groups, fp32) from d loss / d fq(W) (``grad``, (out, in)): the reference's
     ``learned_log_scale_grad`` of W, or of W + s·B·A, on one pass."""
     if use_triton(w):
@@ -209,9 +294,13 @@ def learned_scale_grad(w: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor,
     return learned_log_scale_grad(base, scale, grad, spec)
 
 
-def learned_fake_quant_and_grad(w: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor, spec: WeightQuant,
-                                lora: tuple[torch.Tensor, torch.Tensor, float] | None = None) \
-        -> tuple[torch.Tensor, torch.Tensor]:
+def learned_fake_quant_and_grad(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    grad: torch.Tensor,
+    spec: WeightQuant,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(fq(W), d loss / d log_scale) together, on one pass: what a linear's backward needs when it forms dX from
     the fake-quantized weight and already has the weight gradient."""
     if use_triton(w):
@@ -233,8 +322,9 @@ class ScaleCache:
         self.key: tuple | None = None
         self.value: torch.Tensor | None = None
 
-    def get(self, init_scale: torch.Tensor, log_scale: torch.Tensor, spec: WeightQuant,
-            dtype: torch.dtype) -> torch.Tensor:
+    def get(
+        self, init_scale: torch.Tensor, log_scale: torch.Tensor, spec: WeightQuant, dtype: torch.dtype
+    ) -> torch.Tensor:
         key = (param_state(log_scale), init_scale.data_ptr(), dtype)
         if key != self.key:
             self.value = learned_scale(init_scale, log_scale.detach(), spec, dtype)
@@ -242,8 +332,9 @@ class ScaleCache:
         return self.value
 
 
-def _scale(init_scale: torch.Tensor, log_scale: torch.Tensor, spec: WeightQuant, dtype: torch.dtype,
-           cache: ScaleCache | None) -> torch.Tensor:
+def _scale(
+    init_scale: torch.Tensor, log_scale: torch.Tensor, spec: WeightQuant, dtype: torch.dtype, cache: ScaleCache | None
+) -> torch.Tensor:
     if cache is None:
         return learned_scale(init_scale, log_scale.detach(), spec, dtype)
     return cache.get(init_scale, log_scale, spec, dtype)
@@ -261,8 +352,9 @@ class LearnedWeightFQ:
     __slots__ = ("spec", "init_scale", "log_scale", "cache")
     save = False  # the backward needs the raw (merged) weight for the scale gradient: always rebuild
 
-    def __init__(self, spec: WeightQuant, init_scale: torch.Tensor, log_scale: torch.Tensor,
-                 cache: ScaleCache | None = None) -> None:
+    def __init__(
+        self, spec: WeightQuant, init_scale: torch.Tensor, log_scale: torch.Tensor, cache: ScaleCache | None = None
+    ) -> None:
         self.spec = spec
         self.init_scale = init_scale
         self.log_scale = log_scale
@@ -275,8 +367,13 @@ class LearnedWeightFQ:
         with torch.no_grad():
             return learned_fake_quant_weight(w, self.scale(w.dtype), self.spec, lora)
 
-    def log_scale_grad(self, w: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor, float] | None,
-                       grad: torch.Tensor, with_weight: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def log_scale_grad(
+        self,
+        w: torch.Tensor,
+        lora: tuple[torch.Tensor, torch.Tensor, float] | None,
+        grad: torch.Tensor,
+        with_weight: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """d loss / d log_scale from d loss / d fq(W) (``grad``, (out, in)); with ``with_weight`` the pair
         (fq(W), d log_scale) from the same pass."""
         with torch.no_grad():
@@ -306,8 +403,13 @@ class LearnedScaleFakeQuantFunction(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), d_log, None, None, None
 
 
-def learned_weight_fake_quant(w: torch.Tensor, log_scale: torch.Tensor, init_scale: torch.Tensor,
-                              spec: WeightQuant, cache: ScaleCache | None = None) -> torch.Tensor:
+def learned_weight_fake_quant(
+    w: torch.Tensor,
+    log_scale: torch.Tensor,
+    init_scale: torch.Tensor,
+    spec: WeightQuant,
+    cache: ScaleCache | None = None,
+) -> torch.Tensor:
     """Differentiable fq(w) on learned scales (:class:`LearnedScaleFakeQuantFunction`); ``cache`` keeps the
     scales between calls on the same ``log_scale`` version."""
     if spec.kind != "int":

@@ -49,8 +49,9 @@ class Projection:
     weight_fq: Any = None
 
 
-def _effective_weight(W: torch.Tensor, fq: Any, merged: bool, A: torch.Tensor | None, B: torch.Tensor | None,
-                      s: float, dt: torch.dtype) -> torch.Tensor:
+def _effective_weight(
+    W: torch.Tensor, fq: Any, merged: bool, A: torch.Tensor | None, B: torch.Tensor | None, s: float, dt: torch.dtype
+) -> torch.Tensor:
     """The weight a projection multiplies by, in the activation dtype (see ``Projection.weight_fq``)."""
     if fq is None:
         return _cast(W, dt)
@@ -205,8 +206,9 @@ class LoRALinearFunction(torch.autograd.Function):
         learned = [i for i in range(n) if isinstance(fqs[i], LearnedWeightFQ)]
         log_needs = {i: needs[6 + len(flat) + j] for j, i in enumerate(learned)}
         log_grads: dict[int, torch.Tensor] = {}
-        if ctx.requant is not None and (any(needs[6 + k] for k in range(len(flat)) if k % 4 in (0, 2))
-                                        or any(log_needs.values())):
+        if ctx.requant is not None and (
+            any(needs[6 + k] for k in range(len(flat)) if k % 4 in (0, 2)) or any(log_needs.values())
+        ):
             x = fake_quant_act(x, ctx.requant)  # dW and dA read the fake-quantized input (straight-through)
         xl = x if x_lora is None else x_lora
         grads: list[torch.Tensor | None] = [None] * len(flat)
@@ -468,9 +470,16 @@ class LoRAMLPFunction(torch.autograd.Function):
 
 def _mlp_eligible(ps: list[Projection]) -> bool:
     # learned scales take the composed path: LoRALinearFunction returns their gradient, the fused MLP does not
-    return (all(p.bias is None and p.dropout is None and not p.weight.requires_grad
-                and not isinstance(p.weight_fq, LearnedWeightFQ) for p in ps)
-            and ps[0].act_quant == ps[1].act_quant)
+    return (
+        all(
+            p.bias is None
+            and p.dropout is None
+            and not p.weight.requires_grad
+            and not isinstance(p.weight_fq, LearnedWeightFQ)
+            for p in ps
+        )
+        and ps[0].act_quant == ps[1].act_quant
+    )
 
 
 def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection, act: str) -> torch.Tensor:
@@ -483,9 +492,23 @@ def lora_mlp(x: torch.Tensor, gate: Projection, up: Projection, down: Projection
 
             x2 = act_fake_quant(x2, gate.act_quant)
         out = LoRAMLPFunction.apply(
-            x2, act, gate.scale, up.scale, down.scale, (gate.merged, up.merged, down.merged), down.act_quant,
-            (gate.weight_fq, up.weight_fq, down.weight_fq), gate.weight, gate.lora_A, gate.lora_B, up.weight, up.lora_A, up.lora_B,
-            down.weight, down.lora_A, down.lora_B,
+            x2,
+            act,
+            gate.scale,
+            up.scale,
+            down.scale,
+            (gate.merged, up.merged, down.merged),
+            down.act_quant,
+            (gate.weight_fq, up.weight_fq, down.weight_fq),
+            gate.weight,
+            gate.lora_A,
+            gate.lora_B,
+            up.weight,
+            up.lora_A,
+            up.lora_B,
+            down.weight,
+            down.lora_A,
+            down.lora_B,
         )
         return out.view(*lead, out.shape[-1])
     # Composed path (full fine-tuning, biases, dropout, or no Triton): fused activation, autograd around it.

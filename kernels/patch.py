@@ -149,8 +149,7 @@ class _MLPSpec:
     lora: bool
 
 
-def _project(x: torch.Tensor, modules: list[nn.Module], use_lora: bool, input_kept: bool = False
-             ) -> list[torch.Tensor]:
+def _project(x: torch.Tensor, modules: list[nn.Module], use_lora: bool, input_kept: bool = False) -> list[torch.Tensor]:
     """Outputs of several projections of the same x; eligible ones share one fast LoRA Function call
     (``input_kept``: see ``lora_linear``)."""
     if not use_lora:
@@ -207,9 +206,14 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
         kwargs.pop(key, None)
     if packed is not None and spec.varlen and dropout == 0.0:
         o = varlen_attention(
-            q4.reshape(B * S, n_q, hd), k4.reshape(B * S, n_kv, hd), v4.reshape(B * S, n_kv, hd), packed,
-            causal=getattr(self, "is_causal", True), scale=self.scaling,
-            window=extra.get("sliding_window"), softcap=extra.get("softcap"),
+            q4.reshape(B * S, n_q, hd),
+            k4.reshape(B * S, n_kv, hd),
+            v4.reshape(B * S, n_kv, hd),
+            packed,
+            causal=getattr(self, "is_causal", True),
+            scale=self.scaling,
+            window=extra.get("sliding_window"),
+            softcap=extra.get("softcap"),
         )
     else:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -217,8 +221,15 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
         eager = getattr(sys.modules[type(self).__module__], "eager_attention_forward")
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(cfg._attn_implementation, eager)
         o, _ = interface(
-            self, q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), attention_mask,
-            dropout=dropout, scaling=self.scaling, **extra, **kwargs,
+            self,
+            q4.transpose(1, 2),
+            k4.transpose(1, 2),
+            v4.transpose(1, 2),
+            attention_mask,
+            dropout=dropout,
+            scaling=self.scaling,
+            **extra,
+            **kwargs,
         )
     o = o.reshape(B, S, n_q * hd)
     # the attention keeps o for its backward: o_proj need not save a fake-quantized copy of it too
@@ -292,9 +303,10 @@ def _patch_mlp(rec: _Record, stack: nn.Module, fused_gate_up: bool, hf_act: str,
 def _patch_checkpoint(rec: _Record, stack: nn.Module, mode: str) -> None:
     chain = OffloadChain()
     for i, layer in enumerate(_layers(stack)):
-        rng = any(isinstance(m, nn.Dropout) and m.p > 0 for m in layer.modules()) or (
-            getattr(getattr(layer, "self_attn", None), "attention_dropout", 0.0) or 0.0
-        ) > 0
+        rng = (
+            any(isinstance(m, nn.Dropout) and m.p > 0 for m in layer.modules())
+            or (getattr(getattr(layer, "self_attn", None), "attention_dropout", 0.0) or 0.0) > 0
+        )
         rec.set(layer, "gradient_checkpointing", False)  # ours replaces transformers' own
         rec.set(layer, "_edgeft_ckpt", (mode, chain, rng))
         rec.set(layer, "forward", types.MethodType(_layer_forward, layer))
@@ -336,8 +348,9 @@ def _apply(rec: _Record, hf: nn.Module, flags: dict, spec: KernelSpec) -> None:
     if flags["rms_norm"]:
         _patch_norms(rec, hf, spec.norm_class, _NormSpec(spec.norm_eps_attr, spec.norm_offset))
     if flags["attention"]:
-        attn = _AttnSpec(spec.fused_qkv, spec.qk_norm, spec.window, bool(flags["rope"]), bool(flags["lora"]),
-                         bool(flags["varlen"]))
+        attn = _AttnSpec(
+            spec.fused_qkv, spec.qk_norm, spec.window, bool(flags["rope"]), bool(flags["lora"]), bool(flags["varlen"])
+        )
         _patch_attention(rec, stack, attn)
         if flags["varlen"]:
             _patch_varlen(rec, stack)
@@ -422,8 +435,9 @@ def causal_lm_loss(
     """
     hf = transformers_model(model)
     stack = decoder_stack(hf)
-    out = stack(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                **kwargs)
+    out = stack(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
+    )
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     head = hf.get_output_embeddings()

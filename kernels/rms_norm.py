@@ -22,9 +22,19 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_norm_fwd_kernel(
-        X, Y, W, RSTD,
-        stride_x, stride_y, n_rows, n_cols, eps, w_offset,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LONG_INDEXING: tl.constexpr,
+        X,
+        Y,
+        W,
+        RSTD,
+        stride_x,
+        stride_y,
+        n_rows,
+        n_cols,
+        eps,
+        w_offset,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        LONG_INDEXING: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -43,9 +53,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_norm_bwd_kernel(
-        DY, X, W, RSTD, DX, DW_PARTIAL,
-        stride_dy, stride_x, stride_dx, n_rows, n_cols, w_offset, n_progs,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE_DW: tl.constexpr, LONG_INDEXING: tl.constexpr,
+        DY,
+        X,
+        W,
+        RSTD,
+        DX,
+        DW_PARTIAL,
+        stride_dy,
+        stride_x,
+        stride_dx,
+        n_rows,
+        n_cols,
+        w_offset,
+        n_progs,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        COMPUTE_DW: tl.constexpr,
+        LONG_INDEXING: tl.constexpr,
     ):
         # Persistent programs walk row tiles so the weight-gradient partial sums stay in registers:
         # one fp32 row of partials per program, reduced by torch afterwards.
@@ -110,8 +134,19 @@ class RMSNormFunction(torch.autograd.Function):
         block_m, block_n = _tile(n_cols)
         if n_rows:
             _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
-                x2, y, weight, rstd, x2.stride(0), y.stride(0), n_rows, n_cols, eps, offset,
-                BLOCK_M=block_m, BLOCK_N=block_n, LONG_INDEXING=needs_long_indexing(x2, y),
+                x2,
+                y,
+                weight,
+                rstd,
+                x2.stride(0),
+                y.stride(0),
+                n_rows,
+                n_cols,
+                eps,
+                offset,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                LONG_INDEXING=needs_long_indexing(x2, y),
                 num_warps=warps_for(block_m * block_n),
             )
         ctx.save_for_backward(x2, weight, rstd)
@@ -130,15 +165,27 @@ class RMSNormFunction(torch.autograd.Function):
         compute_dw = ctx.needs_input_grad[1]
         block_m, block_n = _tile(n_cols)
         n_progs = grid_programs(x2, triton.cdiv(n_rows, block_m) if n_rows else 1)
-        dw_partial = (
-            torch.empty((n_progs, n_cols), dtype=torch.float32, device=x2.device) if compute_dw else rstd
-        )
+        dw_partial = torch.empty((n_progs, n_cols), dtype=torch.float32, device=x2.device) if compute_dw else rstd
         if n_rows:
             _rms_norm_bwd_kernel[(n_progs,)](
-                dy2, x2, weight, rstd, dx, dw_partial,
-                dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols, ctx.offset, n_progs,
-                BLOCK_M=block_m, BLOCK_N=block_n, COMPUTE_DW=compute_dw,
-                LONG_INDEXING=needs_long_indexing(x2, dy2, dx), num_warps=warps_for(block_m * block_n),
+                dy2,
+                x2,
+                weight,
+                rstd,
+                dx,
+                dw_partial,
+                dy2.stride(0),
+                x2.stride(0),
+                dx.stride(0),
+                n_rows,
+                n_cols,
+                ctx.offset,
+                n_progs,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                COMPUTE_DW=compute_dw,
+                LONG_INDEXING=needs_long_indexing(x2, dy2, dx),
+                num_warps=warps_for(block_m * block_n),
             )
         elif compute_dw:
             dw_partial.zero_()

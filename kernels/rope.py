@@ -29,8 +29,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _rotate_heads(
-        X, x_row_off, stride_head, n_heads, c, s, half,
-        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        X,
+        x_row_off,
+        stride_head,
+        n_heads,
+        c,
+        s,
+        half,
+        BLOCK_H: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         h = tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
@@ -43,12 +50,31 @@ if HAS_TRITON:
 
     @triton.jit
     def _rope_kernel(
-        Q, K, COS, SIN, POS,
-        stride_q_row, stride_q_head, stride_k_row, stride_k_head,
-        stride_c_b, stride_c_s, stride_s_b, stride_s_s, stride_pos_b, stride_pos_s,
-        seq_len, n_q_heads, n_k_heads, half,
-        HAS_POS: tl.constexpr, BACKWARD: tl.constexpr,
-        BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, LONG_INDEXING: tl.constexpr,
+        Q,
+        K,
+        COS,
+        SIN,
+        POS,
+        stride_q_row,
+        stride_q_head,
+        stride_k_row,
+        stride_k_head,
+        stride_c_b,
+        stride_c_s,
+        stride_s_b,
+        stride_s_s,
+        stride_pos_b,
+        stride_pos_s,
+        seq_len,
+        n_q_heads,
+        n_k_heads,
+        half,
+        HAS_POS: tl.constexpr,
+        BACKWARD: tl.constexpr,
+        BLOCK_HQ: tl.constexpr,
+        BLOCK_HK: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        LONG_INDEXING: tl.constexpr,
     ):
         row = tl.program_id(0)
         if LONG_INDEXING:
@@ -125,11 +151,25 @@ def _launch(q3, k3, qo3, ko3, B, S, cos, sin, position_ids, backward: bool) -> N
     if ko3.data_ptr() != k3.data_ptr():
         ko3.copy_(k3)
     _rope_kernel[(n_rows,)](
-        qo3, ko3, c2, s2, pos if pos is not None else c2,
-        qo3.stride(0), qo3.stride(1), ko3.stride(0), ko3.stride(1), *strides,
-        S, qo3.shape[1], ko3.shape[1], half,
-        HAS_POS=position_ids is not None, BACKWARD=backward,
-        BLOCK_HQ=next_pow2(qo3.shape[1]), BLOCK_HK=next_pow2(ko3.shape[1]), BLOCK_D=next_pow2(half),
+        qo3,
+        ko3,
+        c2,
+        s2,
+        pos if pos is not None else c2,
+        qo3.stride(0),
+        qo3.stride(1),
+        ko3.stride(0),
+        ko3.stride(1),
+        *strides,
+        S,
+        qo3.shape[1],
+        ko3.shape[1],
+        half,
+        HAS_POS=position_ids is not None,
+        BACKWARD=backward,
+        BLOCK_HQ=next_pow2(qo3.shape[1]),
+        BLOCK_HK=next_pow2(ko3.shape[1]),
+        BLOCK_D=next_pow2(half),
         LONG_INDEXING=needs_long_indexing(qo3, ko3),
         num_warps=4 if next_pow2(qo3.shape[1]) * next_pow2(half) >= 2048 else 2,
     )
@@ -144,7 +184,10 @@ class RoPEFunction(torch.autograd.Function):
         if in_place:
             qo, ko = q, k
         else:
-            qo, ko = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(k, memory_format=torch.contiguous_format)
+            qo, ko = (
+                torch.empty_like(q, memory_format=torch.contiguous_format),
+                torch.empty_like(k, memory_format=torch.contiguous_format),
+            )
         _launch(q3, k3, _rows3(qo, head_dim), _rows3(ko, head_dim), B, S, cos, sin, position_ids, backward=False)
         if in_place:
             ctx.mark_dirty(q, k)

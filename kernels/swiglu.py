@@ -21,8 +21,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _swiglu_fwd_kernel(
-        G, U, H, stride_g, stride_u, stride_h, n_cols,
-        BLOCK: tl.constexpr, LONG_INDEXING: tl.constexpr,
+        G,
+        U,
+        H,
+        stride_g,
+        stride_u,
+        stride_h,
+        n_cols,
+        BLOCK: tl.constexpr,
+        LONG_INDEXING: tl.constexpr,
     ):
         row = tl.program_id(0)
         if LONG_INDEXING:
@@ -36,9 +43,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _swiglu_bwd_kernel(
-        DH, G, U, H_OUT, DG, DU,
-        stride_dh, stride_g, stride_u, stride_ho, stride_dg, stride_du, n_cols,
-        BLOCK: tl.constexpr, STORE_H: tl.constexpr, LONG_INDEXING: tl.constexpr,
+        DH,
+        G,
+        U,
+        H_OUT,
+        DG,
+        DU,
+        stride_dh,
+        stride_g,
+        stride_u,
+        stride_ho,
+        stride_dg,
+        stride_du,
+        n_cols,
+        BLOCK: tl.constexpr,
+        STORE_H: tl.constexpr,
+        LONG_INDEXING: tl.constexpr,
     ):
         row = tl.program_id(0)
         if LONG_INDEXING:
@@ -82,8 +102,16 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | Non
     if g.numel():
         grid, block = _launch_grid(*g.shape)
         _swiglu_fwd_kernel[grid](
-            g, u, h, g.stride(0), u.stride(0), h.stride(0), g.shape[1],
-            BLOCK=block, LONG_INDEXING=needs_long_indexing(g, u, h), num_warps=4 if block >= 1024 else 2,
+            g,
+            u,
+            h,
+            g.stride(0),
+            u.stride(0),
+            h.stride(0),
+            g.shape[1],
+            BLOCK=block,
+            LONG_INDEXING=needs_long_indexing(g, u, h),
+            num_warps=4 if block >= 1024 else 2,
         )
     return h
 
@@ -100,10 +128,22 @@ def swiglu_backward(
     if g.numel():
         grid, block = _launch_grid(*g.shape)
         _swiglu_bwd_kernel[grid](
-            dh2, g, u, h_out if h_out is not None else dg, dg, du,
-            dh2.stride(0), g.stride(0), u.stride(0), (h_out if h_out is not None else dg).stride(0),
-            dg.stride(0), du.stride(0), g.shape[1],
-            BLOCK=block, STORE_H=h_out is not None, LONG_INDEXING=needs_long_indexing(dh2, g, u, dg, du),
+            dh2,
+            g,
+            u,
+            h_out if h_out is not None else dg,
+            dg,
+            du,
+            dh2.stride(0),
+            g.stride(0),
+            u.stride(0),
+            (h_out if h_out is not None else dg).stride(0),
+            dg.stride(0),
+            du.stride(0),
+            g.shape[1],
+            BLOCK=block,
+            STORE_H=h_out is not None,
+            LONG_INDEXING=needs_long_indexing(dh2, g, u, dg, du),
             num_warps=4 if block >= 1024 else 2,
         )
     return h_out, dg, du

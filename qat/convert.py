@@ -82,8 +82,11 @@ def quantize(model: nn.Module, plan: QATPlan | str, scales: dict[str, torch.Tens
         own = int8 or not (plan.searched_scales or set(names) & set(scales or ()))
         if own:  # torchao's scales (searched and learned scales are for the 4-bit grid only)
             lin_set = set(names)
-            quantize_(model, plan.linear_config(names[0]),
-                      filter_fn=lambda m, fqn, lin_set=lin_set: type(m) is nn.Linear and fqn in lin_set)
+            quantize_(
+                model,
+                plan.linear_config(names[0]),
+                filter_fn=lambda m, fqn, lin_set=lin_set: type(m) is nn.Linear and fqn in lin_set,
+            )
         else:
             _quantize_with_scales(model, plan, names, scales or {})
     embeddings: list[str] = []
@@ -91,12 +94,19 @@ def quantize(model: nn.Module, plan: QATPlan | str, scales: dict[str, torch.Tens
     if emb_cfg is not None:
         embeddings = [n for n, m in model.named_modules() if type(m) is nn.Embedding]
         quantize_(model, emb_cfg, filter_fn=lambda m, fqn: type(m) is nn.Embedding)
-    return {"plan": plan.to_dict(), "linears": linears, "skipped": skipped, "embeddings": embeddings,
-            "int8_linears": [n for n in linears if plan.is_int8(n)],
-            "learned_scales": sorted(n for n in linears if n in (scales or {}) and not plan.is_int8(n))}
+    return {
+        "plan": plan.to_dict(),
+        "linears": linears,
+        "skipped": skipped,
+        "embeddings": embeddings,
+        "int8_linears": [n for n in linears if plan.is_int8(n)],
+        "learned_scales": sorted(n for n in linears if n in (scales or {}) and not plan.is_int8(n)),
+    }
 
 
-def _quantize_with_scales(model: nn.Module, plan: QATPlan, linears: list[str], learned: dict[str, torch.Tensor]) -> None:
+def _quantize_with_scales(
+    model: nn.Module, plan: QATPlan, linears: list[str], learned: dict[str, torch.Tensor]
+) -> None:
     """The plan's torchao config applied with edgeft's scales: the trained ones (``learned``, by name) or those the
     fake quantizer chooses (``fake_quant.int_weight_ref`` on the same weight: the clip search, or max|w|), passed to
     torchao's own handler as custom scales, so the integers torchao rounds are the ones training saw."""
@@ -117,8 +127,10 @@ def _quantize_with_scales(model: nn.Module, plan: QATPlan, linears: list[str], l
         if name in learned:
             scale = learned[name].to(mod.weight.device)
             if scale.shape != (mod.out_features, mod.in_features // block):
-                raise EdgeftError(f"learned scales of {name} have shape {tuple(scale.shape)}, not "
-                                  f"{(mod.out_features, mod.in_features // block)}")
+                raise EdgeftError(
+                    f"learned scales of {name} have shape {tuple(scale.shape)}, not "
+                    f"{(mod.out_features, mod.in_features // block)}"
+                )
         else:
             _, _, scale = int_weight_ref(mod.weight.detach(), spec, return_codes=True)
         scale = scale.reshape(mod.out_features, mod.in_features // block)
@@ -149,16 +161,18 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if not isinstance(model, PeftModel):
         return model
     from edgeft.kernels.fake_quant import merged_lora_weight
-
     from edgeft.kernels.lora import is_lora_linear
 
     for _, mod in model.named_modules():
         if not is_lora_linear(mod) or mod.merged:
             continue
         active = [a for a in mod.active_adapters if a in mod.lora_A]
-        plain = (len(active) == 1 and not getattr(mod, "fan_in_fan_out", False)
-                 and not getattr(mod, "use_dora", {}).get(active[0], False)
-                 and active[0] not in getattr(mod, "lora_variant", {}))
+        plain = (
+            len(active) == 1
+            and not getattr(mod, "fan_in_fan_out", False)
+            and not getattr(mod, "use_dora", {}).get(active[0], False)
+            and active[0] not in getattr(mod, "lora_variant", {})
+        )
         if not plain or mod.disable_adapters:
             if active and not mod.disable_adapters:
                 mod.merge(adapter_names=active)
@@ -170,8 +184,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model.unload()
 
 
-def convert(model: nn.Module, plan: QATPlan | str | None = None,
-            scales: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def convert(
+    model: nn.Module, plan: QATPlan | str | None = None, scales: dict[str, torch.Tensor] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """Turn a QAT-prepared (or plain trained) model into real quantized tensors.
 
     Returns the converted transformers model (PEFT unwrapped) and the quantization record. Learned scales: a
@@ -280,7 +295,8 @@ def _quantized_outputs_to_float32(model: nn.Module) -> None:
         if isinstance(w, IntxUnpackedToInt8Tensor) and w.dtype != torch.float32:
             zp = w.zero_point if w.zero_point.dtype == torch.int8 else w.zero_point.float()
             mod.weight = nn.Parameter(
-                IntxUnpackedToInt8Tensor(w.qdata, w.scale.float(), zp, w.target_dtype, w.block_size, torch.float32,
-                                         w.activation_quantization),
+                IntxUnpackedToInt8Tensor(
+                    w.qdata, w.scale.float(), zp, w.target_dtype, w.block_size, torch.float32, w.activation_quantization
+                ),
                 requires_grad=False,
             )

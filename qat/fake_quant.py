@@ -39,10 +39,28 @@ from edgeft.kernels.learned_scale import (
 )
 
 __all__ = [
-    "FP8_MAX", "MSE_RATIOS", "ActQuant", "LearnedScaleFakeQuant", "WeightQuant", "act_ref", "act_spec",
-    "fp8_rows_ref", "initial_scale", "int8_asym_ref", "int8_per_token_asym", "int_weight_ref", "intx_per_group_sym",
-    "learned_fake_quant", "learned_log_scale_grad", "learned_scale", "learned_weight_ref", "merge_lora_weight",
-    "specs_from_configs", "ste", "weight_ref", "weight_spec",
+    "FP8_MAX",
+    "MSE_RATIOS",
+    "ActQuant",
+    "LearnedScaleFakeQuant",
+    "WeightQuant",
+    "act_ref",
+    "act_spec",
+    "fp8_rows_ref",
+    "initial_scale",
+    "int8_asym_ref",
+    "int8_per_token_asym",
+    "int_weight_ref",
+    "intx_per_group_sym",
+    "learned_fake_quant",
+    "learned_log_scale_grad",
+    "learned_scale",
+    "learned_weight_ref",
+    "merge_lora_weight",
+    "specs_from_configs",
+    "ste",
+    "weight_ref",
+    "weight_spec",
 ]
 
 
@@ -90,9 +108,14 @@ def act_spec(cfg: Any) -> ActQuant:
     from torchao.quantization.quant_primitives import MappingType, ZeroPointDomain
 
     if isinstance(cfg, IntxFakeQuantizeConfig):
-        ok = (cfg.dtype == torch.int8 and isinstance(cfg.granularity, PerToken)
-              and cfg.mapping_type == MappingType.ASYMMETRIC and cfg.is_dynamic and not cfg.range_learning
-              and cfg.zero_point_domain == ZeroPointDomain.INT)
+        ok = (
+            cfg.dtype == torch.int8
+            and isinstance(cfg.granularity, PerToken)
+            and cfg.mapping_type == MappingType.ASYMMETRIC
+            and cfg.is_dynamic
+            and not cfg.range_learning
+            and cfg.zero_point_domain == ZeroPointDomain.INT
+        )
         if not ok:
             raise ValueError(f"unsupported activation fake-quant config {cfg}: int8 asymmetric per token only")
         return ActQuant("int8_asym", cfg.eps, cfg.scale_precision)

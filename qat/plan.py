@@ -126,8 +126,14 @@ def model_shape(model: Any, tokenizer_dir: str | Path | None = None) -> ModelSha
     seen.add(id(emb))
     rest = [p for p in model.parameters() if id(p) not in seen]
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return ModelShape(tuple(linears), tuple(emb.shape), sum(p.numel() for p in rest), len(rest),
-                      shape_of_config(cfg.to_dict()), gguf_vocab_bytes(tokenizer_dir) if tokenizer_dir else 0)
+    return ModelShape(
+        tuple(linears),
+        tuple(emb.shape),
+        sum(p.numel() for p in rest),
+        len(rest),
+        shape_of_config(cfg.to_dict()),
+        gguf_vocab_bytes(tokenizer_dir) if tokenizer_dir else 0,
+    )
 
 
 def gguf_vocab_bytes(tokenizer_dir: str | Path) -> int:
@@ -141,8 +147,11 @@ def gguf_vocab_bytes(tokenizer_dir: str | Path) -> int:
     model = tj.get("model", {})
     vocab = model.get("vocab") or {}
     tokens = vocab.keys() if isinstance(vocab, dict) else [t[0] for t in vocab]
-    spm = model.get("type") == "Unigram" or model.get("byte_fallback") or "\u2581" in json.dumps(
-        [tj.get("normalizer"), tj.get("pre_tokenizer")])  # as exporters.gguf._is_sentencepiece
+    spm = (
+        model.get("type") == "Unigram"
+        or model.get("byte_fallback")
+        or "\u2581" in json.dumps([tj.get("normalizer"), tj.get("pre_tokenizer")])
+    )  # as exporters.gguf._is_sentencepiece
     total = sum(8 + len(t.encode()) + 4 + (4 if spm else 0) for t in tokens)
     for m in model.get("merges") or []:
         total += 8 + len((m if isinstance(m, str) else " ".join(m)).encode())
@@ -183,11 +192,12 @@ def _linear_format(lin: Linear, group_size: int | None, int8: bool) -> str:
     return f"int4-g{group_size}" if group_size else "int4-row"
 
 
-def artifact_bytes(shape: ModelShape, group_size: int | None, int8: set[str], embedding: str,
-                   artifact: str) -> int:
+def artifact_bytes(shape: ModelShape, group_size: int | None, int8: set[str], embedding: str, artifact: str) -> int:
     """Predicted file size of the plan in ``artifact``."""
-    total = sum(tensor_bytes(_linear_format(lin, group_size, lin.name in int8), lin.rows, lin.cols, artifact)
-                for lin in shape.linears)
+    total = sum(
+        tensor_bytes(_linear_format(lin, group_size, lin.name in int8), lin.rows, lin.cols, artifact)
+        for lin in shape.linears
+    )
     vocab, hidden = shape.embedding
     total += tensor_bytes("emb-" + embedding, vocab, hidden, artifact) + shape.float_params * 4
     if artifact == "pte":
@@ -218,8 +228,12 @@ def size_limit(shape: ModelShape, budget: Budget, kv: str, artifact: str) -> tup
         p = get_profile(budget.device)
         kvb = _kv_bytes(shape, budget.context, kv, artifact)
         activations = 4 * (shape.config["vocab"] + 8 * shape.config["hidden"]) * 2  # as profiles.estimate
-        limits.append((p.app_memory_gib * 2**30 - kvb - activations - RUNTIME_OVERHEAD_BYTES,
-                       f"{p.name}'s {p.app_memory_gib:g} GiB app memory at {budget.context} tokens"))
+        limits.append(
+            (
+                p.app_memory_gib * 2**30 - kvb - activations - RUNTIME_OVERHEAD_BYTES,
+                f"{p.name}'s {p.app_memory_gib:g} GiB app memory at {budget.context} tokens",
+            )
+        )
         if budget.min_decode is not None:
             fixed = shape.config["layers"] * p.layer_overhead_ms / 1e3
             per_token = (1 / budget.min_decode - fixed) * p.bandwidth_gbs * 1e9 * p.efficiency[0]
@@ -262,8 +276,9 @@ class FitPlan:
 
         if self.base != AUTO_BASE:
             raise EdgeftError(f"device-fit plans are built on {AUTO_BASE}, not {self.base!r}")
-        return resolve(AUTO, self.group_size, self.weight_scale, self.int8_modules,
-                       embedding=EMBEDDING_FORMATS[self.embedding][0])
+        return resolve(
+            AUTO, self.group_size, self.weight_scale, self.int8_modules, embedding=EMBEDDING_FORMATS[self.embedding][0]
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -294,14 +309,19 @@ class FitPlan:
     def summary(self) -> list[str]:
         """Lines for the CLI: the budget, the choice, the predictions, then one line per tensor."""
         b = self.budget
-        parts = [f"device {b.device}" if b.device else None,
-                 f"max size {b.max_size_mb:g} MB" if b.max_size_mb else None,
-                 f"min decode {b.min_decode:g} tokens/s" if b.min_decode else None, f"context {b.context}",
-                 f"for the {b.artifact}" if b.artifact != "both" else None]
+        parts = [
+            f"device {b.device}" if b.device else None,
+            f"max size {b.max_size_mb:g} MB" if b.max_size_mb else None,
+            f"min decode {b.min_decode:g} tokens/s" if b.min_decode else None,
+            f"context {b.context}",
+            f"for the {b.artifact}" if b.artifact != "both" else None,
+        ]
         n8 = len(self.int8_modules)
-        lines = [f"device-fit plan ({', '.join(p for p in parts if p)}): {self.base} grids, int4 g{self.group_size} "
-                 f"linears with {n8} at int8, {self.embedding} embeddings, {self.kv_cache} KV cache",
-                 f"why: {self.why}"]
+        lines = [
+            f"device-fit plan ({', '.join(p for p in parts if p)}): {self.base} grids, int4 g{self.group_size} "
+            f"linears with {n8} at int8, {self.embedding} embeddings, {self.kv_cache} KV cache",
+            f"why: {self.why}",
+        ]
         for art in ARTIFACTS:
             p = self.predicted.get(art, {})
             extra = ""
@@ -327,24 +347,35 @@ def load(run: str | Path) -> FitPlan | None:
         raise EdgeftError(f"{path}: not valid JSON ({e})") from None
 
 
-def _candidate(shape: ModelShape, sens: dict[str, float], budget: Budget, gs: int | None, emb: str, kv: str,
-               ) -> dict[str, Any]:
+def _candidate(
+    shape: ModelShape,
+    sens: dict[str, float],
+    budget: Budget,
+    gs: int | None,
+    emb: str,
+    kv: str,
+) -> dict[str, Any]:
     """All-int4 at ``gs``, then the greedy int8 upgrades; fits or not, with the numbers."""
     tg = budget.targets
     limits = {a: size_limit(shape, budget, kv, a) for a in ARTIFACTS}
     sizes = {a: artifact_bytes(shape, gs, set(), emb, a) for a in ARTIFACTS}
-    cand: dict[str, Any] = {"group_size": gs, "embedding": emb, "kv_cache": kv,
-                            "smallest_mb": {a: round(sizes[a] / MB, 3) for a in ARTIFACTS},
-                            "limit_mb": {a: round(limits[a][0] / MB, 3) for a in ARTIFACTS},
-                            "binding": {a: limits[a][1] for a in ARTIFACTS}}
+    cand: dict[str, Any] = {
+        "group_size": gs,
+        "embedding": emb,
+        "kv_cache": kv,
+        "smallest_mb": {a: round(sizes[a] / MB, 3) for a in ARTIFACTS},
+        "limit_mb": {a: round(limits[a][0] / MB, 3) for a in ARTIFACTS},
+        "binding": {a: limits[a][1] for a in ARTIFACTS},
+    }
     if any(sizes[a] > limits[a][0] for a in tg):
         cand.update(fits=False, loss_rise=None, int8=[])
         return cand
 
     def cost(lin: Linear) -> dict[str, int]:
         f4 = _linear_format(lin, gs, False)
-        return {a: tensor_bytes("int8", lin.rows, lin.cols, a) - tensor_bytes(f4, lin.rows, lin.cols, a)
-                for a in ARTIFACTS}
+        return {
+            a: tensor_bytes("int8", lin.rows, lin.cols, a) - tensor_bytes(f4, lin.rows, lin.cols, a) for a in ARTIFACTS
+        }
 
     slack0 = {a: limits[a][0] - sizes[a] for a in ARTIFACTS}
     quantized = [lin for lin in shape.linears if _linear_format(lin, gs, False) != "float"]
@@ -365,14 +396,26 @@ def _candidate(shape: ModelShape, sens: dict[str, float], budget: Budget, gs: in
         else:
             skipped[lin.name] = {a: (c[a], limits[a][0] - sizes[a]) for a in tg}
     rise = sum(sens.get(lin.name, 0.0) for lin in quantized if lin.name not in int8)
-    cand.update(fits=True, loss_rise=rise, int8=int8, order=[lin.name for lin in order], skipped=skipped,
-                sizes=sizes, mb={a: round(sizes[a] / MB, 3) for a in ARTIFACTS})
+    cand.update(
+        fits=True,
+        loss_rise=rise,
+        int8=int8,
+        order=[lin.name for lin in order],
+        skipped=skipped,
+        sizes=sizes,
+        mb={a: round(sizes[a] / MB, 3) for a in ARTIFACTS},
+    )
     return cand
 
 
-def choose(shape: ModelShape, sensitivity: dict[Any, dict[str, float]], budget: Budget,
-           group_sizes: tuple[int | None, ...] | None = None, weight_scale: str = "absmax",
-           calibration: dict[str, Any] | None = None) -> FitPlan:
+def choose(
+    shape: ModelShape,
+    sensitivity: dict[Any, dict[str, float]],
+    budget: Budget,
+    group_sizes: tuple[int | None, ...] | None = None,
+    weight_scale: str = "absmax",
+    calibration: dict[str, Any] | None = None,
+) -> FitPlan:
     """The most accurate plan that fits ``budget`` (module docstring). ``sensitivity``: per group size, each
     linear's loss rise at int4 (``calibrate``); ``group_sizes`` defaults to those it holds."""
     budget.check()
@@ -393,7 +436,8 @@ def choose(shape: ModelShape, sensitivity: dict[Any, dict[str, float]], budget: 
             f"no plan fits the budget: the smallest, int4 g{small['group_size']} linears with {small['embedding']} "
             f"embeddings and an {small['kv_cache']} KV cache, is {small['smallest_mb']['pte']:.1f} MB as .pte and "
             f"{small['smallest_mb']['gguf']:.1f} MB as GGUF, over the {small['limit_mb'][art]:.1f} MB {art} "
-            f"limit set by {small['binding'][art]}")
+            f"limit set by {small['binding'][art]}"
+        )
     best = min(fitting, key=lambda c: (c["loss_rise"], c["sizes"]["pte"]))
     gs, sens = best["group_size"], sensitivity[best["group_size"]]
     rank = {n: i + 1 for i, n in enumerate(best["order"])}
@@ -407,49 +451,93 @@ def choose(shape: ModelShape, sensitivity: dict[Any, dict[str, float]], budget: 
             why = f"its input ({lin.cols}) is not a multiple of the group size {gs}: convert keeps it in float"
         elif fmt == "int8":
             more = b["pte"] - tensor_bytes(_linear_format(lin, gs, False), lin.rows, lin.cols, "pte")
-            why = (f"int4 raises the loss {s:.3g} (rank {rank[lin.name]} of {len(rank)} by rise per byte); int8 "
-                   f"adds {more / MB:.3f} MB (.pte) and still fits")
+            why = (
+                f"int4 raises the loss {s:.3g} (rank {rank[lin.name]} of {len(rank)} by rise per byte); int8 "
+                f"adds {more / MB:.3f} MB (.pte) and still fits"
+            )
         elif s is None or s <= 0:
             why = f"int4 does not raise the loss here ({0.0 if s is None else s:.2g}): no bytes spent on it"
         else:
             skip = best["skipped"][lin.name]
             art = next(a for a in skip if skip[a][0] > skip[a][1])
             need, left = skip[art]
-            why = (f"int4 raises the loss {s:.3g} (rank {rank[lin.name]}); its int8 upgrade (+{need / MB:.3f} MB) "
-                   f"did not fit the room left in the {art} ({max(left, 0) / MB:.3f} MB)")
-        tensors.append({"name": lin.name, "shape": [lin.rows, lin.cols], "format": fmt, "loss_rise": s,
-                        "bytes": b, "why": why})
+            why = (
+                f"int4 raises the loss {s:.3g} (rank {rank[lin.name]}); its int8 upgrade (+{need / MB:.3f} MB) "
+                f"did not fit the room left in the {art} ({max(left, 0) / MB:.3f} MB)"
+            )
+        tensors.append(
+            {"name": lin.name, "shape": [lin.rows, lin.cols], "format": fmt, "loss_rise": s, "bytes": b, "why": why}
+        )
     vocab, hidden = shape.embedding
     alt = "; ".join(f"{e}: {r}" for e, (c, r) in EMBEDDING_FORMATS.items() if c is None)
-    needed = ("no plan with int8 embeddings and an fp32 KV cache fits; its accuracy cost is not measured by the "
-              "calibration, so it is taken only when needed")
-    tensors.append({"name": "embedding", "shape": [vocab, hidden], "format": best["embedding"],
-                    "bytes": {a: tensor_bytes("emb-" + best["embedding"], vocab, hidden, a) for a in ARTIFACTS},
-                    "why": ("int8 per row (.pte embedding_byte, GGUF Q8_0): int4 groups are taken only when needed"
-                            if best["embedding"] == "int8" else f"int4 in groups of 32 (.pte embedding_4bit, GGUF "
-                            f"Q4_0): {needed}") + (f" ({alt})" if alt else "")})
+    needed = (
+        "no plan with int8 embeddings and an fp32 KV cache fits; its accuracy cost is not measured by the "
+        "calibration, so it is taken only when needed"
+    )
+    tensors.append(
+        {
+            "name": "embedding",
+            "shape": [vocab, hidden],
+            "format": best["embedding"],
+            "bytes": {a: tensor_bytes("emb-" + best["embedding"], vocab, hidden, a) for a in ARTIFACTS},
+            "why": (
+                "int8 per row (.pte embedding_byte, GGUF Q8_0): int4 groups are taken only when needed"
+                if best["embedding"] == "int8"
+                else f"int4 in groups of 32 (.pte embedding_4bit, GGUF Q4_0): {needed}"
+            )
+            + (f" ({alt})" if alt else ""),
+        }
+    )
     kv_alt = "; ".join(f"{k}: {r}" for k, (p, r) in KV_FORMATS.items() if p is None)
-    tensors.append({"name": "kv_cache", "shape": [budget.context], "format": best["kv_cache"],
-                    "why": ("fp32 in the .pte, f16 in llama.cpp: int8 is taken only when needed"
-                            if best["kv_cache"] == "fp32" else f"int8 in the .pte (ExecuTorch's quantized KV cache), "
-                            f"f16 in llama.cpp (a runtime option, not in the file): {needed}")
-                    + (f" ({kv_alt})" if kv_alt else "")})
+    tensors.append(
+        {
+            "name": "kv_cache",
+            "shape": [budget.context],
+            "format": best["kv_cache"],
+            "why": (
+                "fp32 in the .pte, f16 in llama.cpp: int8 is taken only when needed"
+                if best["kv_cache"] == "fp32"
+                else f"int8 in the .pte (ExecuTorch's quantized KV cache), "
+                f"f16 in llama.cpp (a runtime option, not in the file): {needed}"
+            )
+            + (f" ({kv_alt})" if kv_alt else ""),
+        }
+    )
     sizes = best["sizes"]
     predicted = {a: predict(shape, budget, sizes[a], best["kv_cache"], a) for a in ARTIFACTS}
     predicted["loss_rise"] = best["loss_rise"]
     others = [c for c in cands if c is not best]
-    why = (f"g{gs} with {len(int8)} of {len(rank) or 0} loss-raising linears at int8 predicts a loss rise of "
-           f"{best['loss_rise']:.4g}, the least of {len(fitting)} fitting candidates"
-           + "".join(f"; g{c['group_size']}: " + (f"{c['loss_rise']:.4g}" if c["fits"] else
-                                                  "does not fit (" + ", ".join(
-                                                      f"{c['smallest_mb'][a]:.2f} MB {a}" for a in budget.targets)
-                                                  + " at its smallest)") for c in others)
-           + "; binding limit: " + ", ".join(f"{best['binding'][a]} ({a})" for a in budget.targets))
+    why = (
+        f"g{gs} with {len(int8)} of {len(rank) or 0} loss-raising linears at int8 predicts a loss rise of "
+        f"{best['loss_rise']:.4g}, the least of {len(fitting)} fitting candidates"
+        + "".join(
+            f"; g{c['group_size']}: "
+            + (
+                f"{c['loss_rise']:.4g}"
+                if c["fits"]
+                else "does not fit ("
+                + ", ".join(f"{c['smallest_mb'][a]:.2f} MB {a}" for a in budget.targets)
+                + " at its smallest)"
+            )
+            for c in others
+        )
+        + "; binding limit: "
+        + ", ".join(f"{best['binding'][a]} ({a})" for a in budget.targets)
+    )
     slim = [{k: v for k, v in c.items() if k not in ("order", "skipped", "sizes")} for c in cands]
-    return FitPlan(budget=budget, group_size=gs, int8_modules=tuple(n for n in (lin.name for lin in shape.linears)
-                                                                      if n in int8),
-                   embedding=best["embedding"], kv_cache=best["kv_cache"], predicted=predicted, tensors=tensors,
-                   candidates=slim, why=why, weight_scale=weight_scale, calibration=calibration or {})
+    return FitPlan(
+        budget=budget,
+        group_size=gs,
+        int8_modules=tuple(n for n in (lin.name for lin in shape.linears) if n in int8),
+        embedding=best["embedding"],
+        kv_cache=best["kv_cache"],
+        predicted=predicted,
+        tensors=tensors,
+        candidates=slim,
+        why=why,
+        weight_scale=weight_scale,
+        calibration=calibration or {},
+    )
 
 
 def check_feasible(shape: ModelShape, budget: Budget, group_sizes: tuple[int | None, ...] | None = None) -> None:
@@ -461,8 +549,9 @@ def check_feasible(shape: ModelShape, budget: Budget, group_sizes: tuple[int | N
     choose(shape, {g: {} for g in sizes}, budget)
 
 
-def calibration_batches(examples: list[dict[str, Any]], pad_id: int, n: int = 32, batch_size: int = 8,
-                        device: str = "cpu") -> list[dict[str, Any]]:
+def calibration_batches(
+    examples: list[dict[str, Any]], pad_id: int, n: int = 32, batch_size: int = 8, device: str = "cpu"
+) -> list[dict[str, Any]]:
     """Padded batches of the first ``n`` training examples (the data's own order after the run's seeded shuffle)."""
     from edgeft.data.batching import collate
 
@@ -471,13 +560,14 @@ def calibration_batches(examples: list[dict[str, Any]], pad_id: int, n: int = 32
     chosen = examples[:n]
     out = []
     for i in range(0, len(chosen), batch_size):
-        b = collate(chosen[i:i + batch_size], pad_id)
+        b = collate(chosen[i : i + batch_size], pad_id)
         out.append({k: v.to(device) for k, v in b.items() if k in ("input_ids", "labels", "attention_mask")})
     return out
 
 
-def calibrate(model: Any, batches: list[dict[str, Any]], weight_scale: str = "absmax",
-              group_sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+def calibrate(
+    model: Any, batches: list[dict[str, Any]], weight_scale: str = "absmax", group_sizes: tuple[int, ...] | None = None
+) -> dict[str, Any]:
     """Per-linear int4 sensitivity of ``model`` (float, left unchanged) on ``batches``, for every candidate group
     size of the base preset's scheme (``sensitivity.linear_sensitivity``)."""
     from .schemes import resolve
@@ -493,13 +583,22 @@ def calibrate(model: Any, batches: list[dict[str, Any]], weight_scale: str = "ab
     return r
 
 
-def plan_for_model(model: Any, batches: list[dict[str, Any]], budget: Budget, tokenizer_dir: str | Path | None,
-                   weight_scale: str = "absmax", group_size: int | None = None) -> FitPlan:
+def plan_for_model(
+    model: Any,
+    batches: list[dict[str, Any]],
+    budget: Budget,
+    tokenizer_dir: str | Path | None,
+    weight_scale: str = "absmax",
+    group_size: int | None = None,
+) -> FitPlan:
     """Calibrate ``model`` on ``batches`` and choose the plan for ``budget`` (``group_size``: fixed, else chosen)."""
     budget.check()
     shape = model_shape(model, tokenizer_dir)
     cal = calibrate(model, batches, weight_scale, (group_size,) if group_size else None)
     sens = cal.pop("sensitivity")
-    info = {**cal, "examples": sum(int(b["input_ids"].shape[0]) for b in batches),
-            "sensitivity": {str(g): v for g, v in sens.items()}}
+    info = {
+        **cal,
+        "examples": sum(int(b["input_ids"].shape[0]) for b in batches),
+        "sensitivity": {str(g): v for g, v in sens.items()},
+    }
     return choose(shape, sens, budget, weight_scale=weight_scale, calibration=info)

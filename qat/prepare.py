@@ -50,8 +50,9 @@ def check_int8_modules(plan: QATPlan, linear_names: list[str]) -> None:
     own = {n.rsplit(".", 1)[-1] for n in linear_names}
     missing = [m for m in plan.int8_modules if not any(module_matches(n, m) for n in linear_names)]
     if missing:
-        raise EdgeftError(f"int8 module {missing[0]!r} names no linear of this model; its linears: "
-                          f"{', '.join(sorted(own))}")
+        raise EdgeftError(
+            f"int8 module {missing[0]!r} names no linear of this model; its linears: {', '.join(sorted(own))}"
+        )
 
 
 def plan_specs(plan: QATPlan, name: str | None = None) -> tuple[ActQuant | None, WeightQuant]:
@@ -176,14 +177,23 @@ class FakeQuantLinear(nn.Linear):
     that applies a head's fake quantizers itself (the fused cross-entropy path) works unchanged.
     """
 
-    def __init__(self, linear: nn.Linear, act: ActQuant | None, weight: WeightQuant, cache: bool | str = True,
-                 learned: bool = False) -> None:
+    def __init__(
+        self,
+        linear: nn.Linear,
+        act: ActQuant | None,
+        weight: WeightQuant,
+        cache: bool | str = True,
+        learned: bool = False,
+    ) -> None:
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         self.weight = linear.weight
         self.bias = linear.bias
         self.activation_fake_quantizer = ActFakeQuantizer(act) if act is not None else None
-        self.weight_fake_quantizer: nn.Module = (LearnedWeightFakeQuantizer(weight, linear.weight)
-                                                 if _learns(weight, learned) else WeightFakeQuantizer(weight, cache))
+        self.weight_fake_quantizer: nn.Module = (
+            LearnedWeightFakeQuantizer(weight, linear.weight)
+            if _learns(weight, learned)
+            else WeightFakeQuantizer(weight, cache)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from edgeft.kernels.lora import lora_linear
@@ -215,21 +225,38 @@ class FakeQuantEmbedding(nn.Embedding):
     def __init__(self, emb: nn.Embedding, spec: WeightQuant) -> None:
         if spec.group_size is not None and emb.embedding_dim % spec.group_size:
             raise EdgeftError(f"embedding dim {emb.embedding_dim} is not a multiple of group {spec.group_size}")
-        super().__init__(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, emb.max_norm, emb.norm_type,
-                         emb.scale_grad_by_freq, emb.sparse, device="meta")
+        super().__init__(
+            emb.num_embeddings,
+            emb.embedding_dim,
+            emb.padding_idx,
+            emb.max_norm,
+            emb.norm_type,
+            emb.scale_grad_by_freq,
+            emb.sparse,
+            device="meta",
+        )
         self.weight = emb.weight
         self.spec = spec
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         from edgeft.kernels.fake_quant import rows_fake_quant
 
-        rows = F.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
-                           self.scale_grad_by_freq, self.sparse)
+        rows = F.embedding(
+            ids, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
         return rows_fake_quant(rows, self.spec)
 
     def to_embedding(self) -> nn.Embedding:
-        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, self.max_norm, self.norm_type,
-                           self.scale_grad_by_freq, self.sparse, device="meta")
+        emb = nn.Embedding(
+            self.num_embeddings,
+            self.embedding_dim,
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+            device="meta",
+        )
         emb.weight = self.weight
         return emb
 
@@ -242,10 +269,17 @@ class MergedFakeQuantLoraLinear(nn.Module):
     kept for :func:`unprepare`.
     """
 
-    def __init__(self, lora: nn.Module, act: ActQuant | None, weight: WeightQuant, cache: bool | str = True,
-                 learned: bool = False) -> None:
+    def __init__(
+        self,
+        lora: nn.Module,
+        act: ActQuant | None,
+        weight: WeightQuant,
+        cache: bool | str = True,
+        learned: bool = False,
+    ) -> None:
         super().__init__()
         from edgeft.kernels.fake_quant import WeightCache
+
         if len(lora.active_adapters) != 1:
             raise EdgeftError("QAT with LoRA needs exactly one active adapter")
         self.adapter = lora.active_adapters[0]
@@ -287,8 +321,17 @@ class MergedFakeQuantLoraLinear(nn.Module):
         active = isinstance(drop, nn.Dropout) and drop.p > 0 and drop.training
         learned = self.weight_fake_quantizer  # learned scales: the Functions also return their gradient
         fq = learned.fused() if learned is not None else WeightFQ(self.weight_spec, self.weight_cache)
-        return Projection(self.base_layer.weight, self.base_layer.bias, a, b, self.scaling,
-                          drop if active else None, merged=True, act_quant=self.act_spec, weight_fq=fq)
+        return Projection(
+            self.base_layer.weight,
+            self.base_layer.bias,
+            a,
+            b,
+            self.scaling,
+            drop if active else None,
+            merged=True,
+            act_quant=self.act_spec,
+            weight_fq=fq,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from edgeft.kernels.lora import lora_linear
@@ -302,8 +345,15 @@ def _set_child(root: nn.Module, fqn: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int | None = None, *,
-            cache: bool | str = True, weight_scale: str = "absmax", int8_modules: tuple[str, ...] = ()) -> list[str]:
+def prepare(
+    model: nn.Module,
+    scheme_or_preset: str | QATPlan,
+    group_size: int | None = None,
+    *,
+    cache: bool | str = True,
+    weight_scale: str = "absmax",
+    int8_modules: tuple[str, ...] = (),
+) -> list[str]:
     """Insert fake quantization in place; returns the names of the modules it replaced.
 
     Linears whose input size the group size does not divide stay in float (listed with a ``skip:`` prefix),
@@ -318,8 +368,11 @@ def prepare(model: nn.Module, scheme_or_preset: str | QATPlan, group_size: int |
     ``"learned-mse"`` (trained parameters, :class:`LearnedWeightFakeQuantizer`; ``schemes.WEIGHT_SCALES``);
     ``int8_modules``: linears (by their own name, e.g. ``"down_proj"``) kept at int8 per output channel.
     """
-    plan = (scheme_or_preset if isinstance(scheme_or_preset, QATPlan)
-            else resolve(scheme_or_preset, group_size, weight_scale, int8_modules))
+    plan = (
+        scheme_or_preset
+        if isinstance(scheme_or_preset, QATPlan)
+        else resolve(scheme_or_preset, group_size, weight_scale, int8_modules)
+    )
     specs = {False: plan_specs(plan), True: plan_specs(plan, plan.int8_modules[0]) if plan.int8_modules else None}
     emb = embedding_spec(plan)
     learned = plan.learned_scales

@@ -224,9 +224,13 @@ class QATPlan:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "QATPlan":
-        return resolve(d["name"], group_size=d.get("group_size"), weight_scale=d.get("weight_scale", "absmax"),
-                       int8_modules=tuple(d.get("int8_modules", ())),
-                       embedding=d.get("embedding") if d["name"] == AUTO else None)
+        return resolve(
+            d["name"],
+            group_size=d.get("group_size"),
+            weight_scale=d.get("weight_scale", "absmax"),
+            int8_modules=tuple(d.get("int8_modules", ())),
+            embedding=d.get("embedding") if d["name"] == AUTO else None,
+        )
 
     @property
     def searched_scales(self) -> bool:
@@ -281,7 +285,7 @@ class QATPlan:
 EMBEDDING_TREATMENTS: dict[str, str] = {
     "int8-per-channel": "int8 symmetric, one fp32 scale per row (.pte: embedding_byte; GGUF: Q8_0)",
     "int4-per-group": "int4 symmetric in groups of 32, fp32 scales (.pte: embedding_4bit, two codes a byte; GGUF: "
-                      "Q4_0 under q4_0)",
+    "Q4_0 under q4_0)",
 }
 EMBEDDING_INT4_GROUP = 32
 
@@ -323,8 +327,13 @@ def module_matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
-def resolve(name: str, group_size: int | None = None, weight_scale: str = "absmax",
-            int8_modules: tuple[str, ...] | list[str] = (), embedding: str | None = None) -> QATPlan:
+def resolve(
+    name: str,
+    group_size: int | None = None,
+    weight_scale: str = "absmax",
+    int8_modules: tuple[str, ...] | list[str] = (),
+    embedding: str | None = None,
+) -> QATPlan:
     """Look up a scheme or preset by name; one clear error for an unknown name, group size, weight scale or a
     scheme that cannot keep ``int8_modules`` at int8. ``embedding``: the device-fit plan's (``auto`` only)
     treatment, in place of the preset's."""
@@ -351,33 +360,58 @@ def resolve(name: str, group_size: int | None = None, weight_scale: str = "absma
         raise EdgeftError(f"scheme {scheme.name}: group size {group_size} not supported (choose from {allowed})")
     if weight_scale not in WEIGHT_SCALES:
         raise EdgeftError(f"unknown weight scale {weight_scale!r}; choose from {', '.join(WEIGHT_SCALES)}")
-    if weight_scale != "absmax" and (scheme.weight_dtype != "int4" or scheme.activation == "fp8-per-row"
-                                     or scheme.scale_dtype is not None):
-        raise EdgeftError(f"scheme {scheme.name}: weight scale {weight_scale!r} needs int4 weights with torchao's "
-                          "scale dtype (int8-int4, int4, phone-deployment)")
+    if weight_scale != "absmax" and (
+        scheme.weight_dtype != "int4" or scheme.activation == "fp8-per-row" or scheme.scale_dtype is not None
+    ):
+        raise EdgeftError(
+            f"scheme {scheme.name}: weight scale {weight_scale!r} needs int4 weights with torchao's "
+            "scale dtype (int8-int4, int4, phone-deployment)"
+        )
     int8_modules = tuple(dict.fromkeys(int8_modules))
-    if int8_modules and (scheme.weight_dtype != "int4" or scheme.activation == "fp8-per-row"
-                         or scheme.scale_dtype is not None):
-        raise EdgeftError(f"scheme {scheme.name}: int8 modules need int4 integer weights with torchao's scale dtype "
-                          "(int8-int4, int4, phone-deployment)")
-    bad = [m for m in int8_modules if not all(p.isidentifier() or p.isdigit() for p in m.split("."))
-           or not m.split(".")[-1].isidentifier()]
+    if int8_modules and (
+        scheme.weight_dtype != "int4" or scheme.activation == "fp8-per-row" or scheme.scale_dtype is not None
+    ):
+        raise EdgeftError(
+            f"scheme {scheme.name}: int8 modules need int4 integer weights with torchao's scale dtype "
+            "(int8-int4, int4, phone-deployment)"
+        )
+    bad = [
+        m
+        for m in int8_modules
+        if not all(p.isidentifier() or p.isdigit() for p in m.split(".")) or not m.split(".")[-1].isidentifier()
+    ]
     if bad:
-        raise EdgeftError(f"int8 modules are linear names such as down_proj (or paths such as "
-                          f"layers.3.mlp.down_proj), not {bad[0]!r}")
-    return QATPlan(name=name, scheme=replace(scheme), group_size=gs, embedding=embedding, full_finetuning=full,
-                   weight_scale=weight_scale, int8_modules=int8_modules)
+        raise EdgeftError(
+            f"int8 modules are linear names such as down_proj (or paths such as layers.3.mlp.down_proj), not {bad[0]!r}"
+        )
+    return QATPlan(
+        name=name,
+        scheme=replace(scheme),
+        group_size=gs,
+        embedding=embedding,
+        full_finetuning=full,
+        weight_scale=weight_scale,
+        int8_modules=int8_modules,
+    )
 
 
 def describe() -> list[dict[str, str]]:
     """One row per scheme and preset for `edgeft qat list`."""
     rows = []
     for s in SCHEMES.values():
-        rows.append({"name": s.name, "kind": "scheme", "description": s.description, "exporters": ",".join(s.exporters)})
+        rows.append(
+            {"name": s.name, "kind": "scheme", "description": s.description, "exporters": ",".join(s.exporters)}
+        )
     for p in PRESETS.values():
         ex = ",".join(SCHEMES[p.scheme].exporters)
         rows.append({"name": p.name, "kind": "preset", "description": p.description, "exporters": ex})
-    rows.append({"name": AUTO, "kind": "plan", "exporters": ",".join(SCHEMES[PRESETS[AUTO_BASE].scheme].exporters),
-                 "description": f"{AUTO_BASE}'s grids with the most sensitive linears at int8, chosen by calibration "
-                                "to fit --device / --max-size / --min-decode at --context (qat_plan.json)"})
+    rows.append(
+        {
+            "name": AUTO,
+            "kind": "plan",
+            "exporters": ",".join(SCHEMES[PRESETS[AUTO_BASE].scheme].exporters),
+            "description": f"{AUTO_BASE}'s grids with the most sensitive linears at int8, chosen by calibration "
+            "to fit --device / --max-size / --min-decode at --context (qat_plan.json)",
+        }
+    )
     return rows

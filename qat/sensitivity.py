@@ -49,8 +49,7 @@ def quantizable_linears(model: nn.Module, plan: Any) -> list[str]:
     """The linears convert quantizes under ``plan`` (those whose input the group size divides, or int8 ones)."""
     from .prepare import _group_ok
 
-    return [n for n, m in model.named_modules()
-            if type(m) is nn.Linear and _group_ok(m.in_features, plan, n)]
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and _group_ok(m.in_features, plan, n)]
 
 
 def apply_variant(model: nn.Module, variant: str, plan: Any) -> list[str]:
@@ -102,8 +101,9 @@ def _loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
         n = int((labels != -100).sum())
         if n == 0:
             continue
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=-100, reduction="sum")
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         total, count = total + float(loss), count + n
     if count == 0:
         raise EdgeftError("calibration: the batches hold no labelled token")
@@ -111,8 +111,13 @@ def _loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
 
 
 @torch.no_grad()
-def linear_sensitivity(model: nn.Module, batches: list[dict[str, torch.Tensor]], plan: Any,
-                       group_sizes: Iterable[int | None], names: list[str] | None = None) -> dict[str, Any]:
+def linear_sensitivity(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    plan: Any,
+    group_sizes: Iterable[int | None],
+    names: list[str] | None = None,
+) -> dict[str, Any]:
     """Per linear and group size: the task loss on ``batches`` with that linear alone on the plan's int4 grid (the
     scheme's activation quantization too) minus the float model's loss.
 

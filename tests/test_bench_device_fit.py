@@ -34,18 +34,33 @@ def test_paired_difference_counts():
 
 
 def test_describe_run_checks_the_budget(tmp_path):
-    shape = fit.ModelShape((fit.Linear("model.layers.0.mlp.down_proj", 256, 512),), (1024, 128), 512, 2,
-                           {"layers": 2, "kv_heads": 2, "head_dim": 32, "vocab": 1024, "hidden": 128})
-    plan = fit.choose(shape, {32: {"model.layers.0.mlp.down_proj": 0.1}},
-                      fit.Budget(device="pixel-8", max_size_mb=0.5, context=256))
+    shape = fit.ModelShape(
+        (fit.Linear("model.layers.0.mlp.down_proj", 256, 512),),
+        (1024, 128),
+        512,
+        2,
+        {"layers": 2, "kv_heads": 2, "head_dim": 32, "vocab": 1024, "hidden": 128},
+    )
+    plan = fit.choose(
+        shape, {32: {"model.layers.0.mlp.down_proj": 0.1}}, fit.Budget(device="pixel-8", max_size_mb=0.5, context=256)
+    )
     run = tmp_path / "r"
     (run / "converted").mkdir(parents=True)
     (run / "exports").mkdir()
-    (run / "converted" / "config.json").write_text(json.dumps(
-        {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 128,
-         "vocab_size": 1024}))
-    (run / "converted" / "scheme.json").write_text(json.dumps(
-        {"plan": plan.qat_plan().to_dict(), "int8_linears": list(plan.int8_modules)}))
+    (run / "converted" / "config.json").write_text(
+        json.dumps(
+            {
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "hidden_size": 128,
+                "vocab_size": 1024,
+            }
+        )
+    )
+    (run / "converted" / "scheme.json").write_text(
+        json.dumps({"plan": plan.qat_plan().to_dict(), "int8_linears": list(plan.int8_modules)})
+    )
     plan.write(run)
     (run / "exports" / "model.pte").write_bytes(b"\0" * int(0.4 * fit.MB))
     (run / "exports" / "model-q4_0.gguf").write_bytes(b"\0" * int(0.6 * fit.MB))  # over the 0.5 MB cap

@@ -16,7 +16,11 @@ _spec.loader.exec_module(A)
 
 def _nested(n: int, bf16: int, ptq: int, qat: int) -> dict[str, list[bool]]:
     """PTQ's right answers within QAT's within BF16's: every question one variant gets right, the better ones do."""
-    return {"bf16": [i < bf16 for i in range(n)], "ptq": [i < ptq for i in range(n)], "qat": [i < qat for i in range(n)]}
+    return {
+        "bf16": [i < bf16 for i in range(n)],
+        "ptq": [i < ptq for i in range(n)],
+        "qat": [i < qat for i in range(n)],
+    }
 
 
 def test_clopper_pearson_against_closed_forms():
@@ -49,9 +53,11 @@ def test_paired_interval_equals_the_exact_bootstrap_distribution_of_a_nested_cas
     n, b, p, q = 200, 34, 7, 25  # the bench's counts: 18 questions only QAT and BF16 get, 9 only BF16
     res = A.intervals(_nested(n, b, p, q), n_boot=40000, seed=1)
     assert res["correct"] == {"bf16": b, "ptq": p, "qat": q} and res["recovery"] == pytest.approx(18 / 27)
-    assert res["discordant"] == {"qat_vs_ptq": {"qat_only": 18, "ptq_only": 0},
-                                 "bf16_vs_ptq": {"bf16_only": 27, "ptq_only": 0},
-                                 "qat_vs_bf16": {"qat_only": 0, "bf16_only": 9}}
+    assert res["discordant"] == {
+        "qat_vs_ptq": {"qat_only": 18, "ptq_only": 0},
+        "bf16_vs_ptq": {"bf16_only": 27, "ptq_only": 0},
+        "qat_vs_bf16": {"qat_only": 0, "bf16_only": 9},
+    }
     # resampling questions draws X (QAT-and-BF16-only) and Y (BF16-only) counts from a multinomial; recovery is
     # X / (X + Y): its quantiles by enumerating the multinomial's probabilities
     px, py = 18 / n, 9 / n
@@ -60,8 +66,15 @@ def test_paired_interval_equals_the_exact_bootstrap_distribution_of_a_nested_cas
         for y in range(0, 80):
             if x + y == 0:
                 continue
-            lp = (math.lgamma(n + 1) - math.lgamma(x + 1) - math.lgamma(y + 1) - math.lgamma(n - x - y + 1)
-                  + x * math.log(px) + y * math.log(py) + (n - x - y) * math.log1p(-px - py))
+            lp = (
+                math.lgamma(n + 1)
+                - math.lgamma(x + 1)
+                - math.lgamma(y + 1)
+                - math.lgamma(n - x - y + 1)
+                + x * math.log(px)
+                + y * math.log(py)
+                + (n - x - y) * math.log1p(-px - py)
+            )
             atoms.append((x / (x + y), math.exp(lp)))
     atoms.sort()
     total = sum(w for _, w in atoms)
@@ -86,10 +99,14 @@ def test_question_intervals_match_rows_by_id_not_by_order():
     for var, correct in data.items():
         order = list(range(50))
         rng.shuffle(order)
-        rows += [{"variant": var, "runtime": "eager", "kind": "exact", "index": i, "id": f"q{i}", "correct": correct[i]}
-                 for i in order]
-        rows += [{"variant": var, "runtime": "eager", "kind": "mc", "index": i, "id": f"m{i}", "correct": i % 2 == 0}
-                 for i in order]
+        rows += [
+            {"variant": var, "runtime": "eager", "kind": "exact", "index": i, "id": f"q{i}", "correct": correct[i]}
+            for i in order
+        ]
+        rows += [
+            {"variant": var, "runtime": "eager", "kind": "mc", "index": i, "id": f"m{i}", "correct": i % 2 == 0}
+            for i in order
+        ]
     got = A.question_intervals(rows, ["eager", "pte"], n_boot=2000)
     assert set(got) == {"eager"}  # no pte rows
     exact = got["eager"]["accuracy"]

@@ -48,8 +48,12 @@ def test_no_runs_directory(capsys, tmp_path, monkeypatch):
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "edgeft", "train", "--model", "tiny-llama", "--qat", "int3"],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeft", "train", "--model", "tiny-llama", "--qat", "int3"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("edgeft: error: unknown QAT scheme")
@@ -73,12 +77,16 @@ def tiny_data(tmp_path):
 @pytest.mark.parametrize(
     "extra,expected",
     [
-        (["--model", "tiny-qwen3", "--chat-template", "llama-3"],
-         "chat template 'llama-3' does not fit the tokenizer of tiny-qwen3: '<|start_header_id|>' is not one of"),
+        (
+            ["--model", "tiny-qwen3", "--chat-template", "llama-3"],
+            "chat template 'llama-3' does not fit the tokenizer of tiny-qwen3: '<|start_header_id|>' is not one of",
+        ),
         (["--chat-template", "llama-2"], "unknown chat template 'llama-2'"),
         (["--max-seq-length", "8"], "every example is longer than max_seq_length=8 tokens"),
-        (["--prompt-template", "Do {instructon}", "--output-column", "output"],
-         "column(s) ['instructon'] not found (columns found: ['instruction', 'output'])"),
+        (
+            ["--prompt-template", "Do {instructon}", "--output-column", "output"],
+            "column(s) ['instructon'] not found (columns found: ['instruction', 'output'])",
+        ),
         (["--report-to", "mlflow"], "unknown --report-to 'mlflow'"),
         (["--qat", "int8-int4", "--load-in-4bit"], "--qat needs a float base"),
         (["--full", "--load-in-4bit"], "cannot do full fine-tuning"),
@@ -103,8 +111,20 @@ def test_existing_run_is_never_clobbered(tiny_data, capsys, tmp_path):
     out.mkdir()
     (out / "config.yaml").write_text("model: tiny-llama\n")
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    argv = ["train", "--model", "tiny-llama", "--data", tiny_data, "--out", str(out), "--no-progress",
-            "--max-steps", "1", "--batch-size", "2"]
+    argv = [
+        "train",
+        "--model",
+        "tiny-llama",
+        "--data",
+        tiny_data,
+        "--out",
+        str(out),
+        "--no-progress",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+    ]
     assert main(argv) == 2
     assert "already holds a run; pass --resume to continue it or --overwrite" in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'

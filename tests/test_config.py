@@ -10,8 +10,17 @@ import pytest
 import yaml
 
 from edgeft.cli import _train_config, build_parser
-from edgeft.config import (OptimSettings, QATSettings, TrainConfig, dump_yaml, from_dict, identity, load_yaml, option,
-                           resolve)
+from edgeft.config import (
+    OptimSettings,
+    QATSettings,
+    TrainConfig,
+    dump_yaml,
+    from_dict,
+    identity,
+    load_yaml,
+    option,
+    resolve,
+)
 from edgeft.errors import EdgeftError
 
 
@@ -39,8 +48,20 @@ def _train_parser(parser):
 
 def test_a_new_field_is_a_flag_a_yaml_key_and_a_flat_key_with_no_other_edit(tmp_path):
     parser = build_parser(_Config)
-    args = parser.parse_args(["train", "--ema-decay", "0.5", "--qat", "int4", "--qat-freeze-after", "3",
-                              "--no-qat-observers", "--max-steps", "4"])
+    args = parser.parse_args(
+        [
+            "train",
+            "--ema-decay",
+            "0.5",
+            "--qat",
+            "int4",
+            "--qat-freeze-after",
+            "3",
+            "--no-qat-observers",
+            "--max-steps",
+            "4",
+        ]
+    )
     cfg = _train_config(args, _Config)
     assert (cfg.optim.ema_decay, cfg.qat.freeze_after, cfg.qat.observers, cfg.optim.max_steps) == (0.5, 3, False, 4)
     assert "--ema-decay" in _train_parser(parser).format_help()
@@ -74,34 +95,147 @@ def test_a_new_field_is_a_flag_a_yaml_key_and_a_flat_key_with_no_other_edit(tmp_
 
 # every flag of `edgeft train` before the config had sections (tests and users call them)
 FLAT_ERA_FLAGS = [
-    "--config", "--model", "--out", "--resume", "--overwrite", "--data", "--data-split", "--chat-template",
-    "--system-prompt", "--prompt-template", "--output-column", "--conversation-extension", "--max-seq-length",
-    "--packing", "--no-padding-free", "--eval-split", "--eval-steps", "--early-stopping-patience",
-    "--early-stopping-threshold", "--no-load-best", "--lora", "--full", "--lora-r", "--lora-alpha", "--lora-dropout",
-    "--lora-bias", "--lora-target-modules", "--lora-modules-to-save", "--rslora", "--adapter", "--load-in-4bit",
-    "--load-in-8bit", "--qat", "--qat-group-size", "--qat-weight-scale", "--qat-int8", "--ptq", "--no-ptq",
-    "--qat-distill", "--qat-distill-positions", "--qat-distill-temperature", "--qat-init", "--qat-corpus", "--dtype",
-    "--device", "--kernels", "--gradient-checkpointing", "--distributed", "--fsdp", "--max-steps", "--epochs",
-    "--batch-size", "--grad-accum", "--optim", "--lr", "--embedding-lr", "--qat-lr", "--qat-scale-lr",
-    "--qat-max-steps", "--weight-decay", "--schedule", "--warmup-ratio", "--warmup-steps", "--max-grad-norm",
-    "--seed", "--threads", "--save-steps", "--save-total-limit", "--report-to", "--logging-steps", "--no-progress",
+    "--config",
+    "--model",
+    "--out",
+    "--resume",
+    "--overwrite",
+    "--data",
+    "--data-split",
+    "--chat-template",
+    "--system-prompt",
+    "--prompt-template",
+    "--output-column",
+    "--conversation-extension",
+    "--max-seq-length",
+    "--packing",
+    "--no-padding-free",
+    "--eval-split",
+    "--eval-steps",
+    "--early-stopping-patience",
+    "--early-stopping-threshold",
+    "--no-load-best",
+    "--lora",
+    "--full",
+    "--lora-r",
+    "--lora-alpha",
+    "--lora-dropout",
+    "--lora-bias",
+    "--lora-target-modules",
+    "--lora-modules-to-save",
+    "--rslora",
+    "--adapter",
+    "--load-in-4bit",
+    "--load-in-8bit",
+    "--qat",
+    "--qat-group-size",
+    "--qat-weight-scale",
+    "--qat-int8",
+    "--ptq",
+    "--no-ptq",
+    "--qat-distill",
+    "--qat-distill-positions",
+    "--qat-distill-temperature",
+    "--qat-init",
+    "--qat-corpus",
+    "--dtype",
+    "--device",
+    "--kernels",
+    "--gradient-checkpointing",
+    "--distributed",
+    "--fsdp",
+    "--max-steps",
+    "--epochs",
+    "--batch-size",
+    "--grad-accum",
+    "--optim",
+    "--lr",
+    "--embedding-lr",
+    "--qat-lr",
+    "--qat-scale-lr",
+    "--qat-max-steps",
+    "--weight-decay",
+    "--schedule",
+    "--warmup-ratio",
+    "--warmup-steps",
+    "--max-grad-norm",
+    "--seed",
+    "--threads",
+    "--save-steps",
+    "--save-total-limit",
+    "--report-to",
+    "--logging-steps",
+    "--no-progress",
 ]
 
 
 def test_every_flat_era_flag_keeps_its_name_and_meaning():
     flags = {s for a in _train_parser(build_parser())._actions for s in a.option_strings}  # noqa: SLF001
     assert set(FLAT_ERA_FLAGS) <= flags, sorted(set(FLAT_ERA_FLAGS) - flags)
-    argv = ["train", "--model", "tiny-llama", "--full", "--no-ptq", "--qat", "int8-int4", "--qat-int8",
-            "gate_proj, up_proj", "--fsdp", "--no-progress", "--no-padding-free", "--no-load-best", "--rslora",
-            "--report-to", "tensorboard", "--lora-target-modules", "all-linear,lm_head", "--optim", "sgd",
-            "--qat-lr", "1e-4", "--eval-split", "0.2", "--data-split", "test"]
+    argv = [
+        "train",
+        "--model",
+        "tiny-llama",
+        "--full",
+        "--no-ptq",
+        "--qat",
+        "int8-int4",
+        "--qat-int8",
+        "gate_proj, up_proj",
+        "--fsdp",
+        "--no-progress",
+        "--no-padding-free",
+        "--no-load-best",
+        "--rslora",
+        "--report-to",
+        "tensorboard",
+        "--lora-target-modules",
+        "all-linear,lm_head",
+        "--optim",
+        "sgd",
+        "--qat-lr",
+        "1e-4",
+        "--eval-split",
+        "0.2",
+        "--data-split",
+        "test",
+    ]
     cfg = _train_config(build_parser().parse_args(argv))
     flat = cfg.to_flat()
-    assert {k: flat[k] for k in ("model", "mode", "ptq", "qat", "qat_int8", "distributed", "progress", "padding_free",
-                                 "load_best", "report_to", "optim", "qat_lr", "eval_split", "data_split")} == {
-        "model": "tiny-llama", "mode": "full", "ptq": False, "qat": "int8-int4", "qat_int8": ["gate_proj", "up_proj"],
-        "distributed": "fsdp", "progress": False, "padding_free": False, "load_best": False,
-        "report_to": ["tensorboard"], "optim": "sgd", "qat_lr": 1e-4, "eval_split": 0.2, "data_split": "test"}
+    assert {
+        k: flat[k]
+        for k in (
+            "model",
+            "mode",
+            "ptq",
+            "qat",
+            "qat_int8",
+            "distributed",
+            "progress",
+            "padding_free",
+            "load_best",
+            "report_to",
+            "optim",
+            "qat_lr",
+            "eval_split",
+            "data_split",
+        )
+    } == {
+        "model": "tiny-llama",
+        "mode": "full",
+        "ptq": False,
+        "qat": "int8-int4",
+        "qat_int8": ["gate_proj", "up_proj"],
+        "distributed": "fsdp",
+        "progress": False,
+        "padding_free": False,
+        "load_best": False,
+        "report_to": ["tensorboard"],
+        "optim": "sgd",
+        "qat_lr": 1e-4,
+        "eval_split": 0.2,
+        "data_split": "test",
+    }
     assert flat["lora"]["use_rslora"] is True and flat["lora"]["target_modules"] == ["all-linear", "lm_head"]
     # flags left out are "not given": the config file's (or the default) value stays
     assert _train_config(build_parser().parse_args(["train"])) == TrainConfig()
@@ -175,8 +309,17 @@ logging_steps: 10
 threads: null
 progress: true
 """
-FLAT_ERA_RESUME_FREE = {"out", "resume", "overwrite", "progress", "threads", "report_to", "logging_steps",
-                        "save_steps", "save_total_limit"}
+FLAT_ERA_RESUME_FREE = {
+    "out",
+    "resume",
+    "overwrite",
+    "progress",
+    "threads",
+    "report_to",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+}
 
 
 def test_a_flat_era_config_loads_and_keeps_its_identity(tmp_path):
@@ -185,7 +328,13 @@ def test_a_flat_era_config_loads_and_keeps_its_identity(tmp_path):
     path.write_text(FLAT_ERA_YAML)
     cfg = load_yaml(path)
     assert (cfg.model.name, cfg.lora.r, cfg.qat.scheme, cfg.qat.int8, cfg.optim.max_steps, cfg.run.save_steps) == (
-        "tiny-llama", 8, "int8-int4", ["down_proj"], 7, 2)
+        "tiny-llama",
+        8,
+        "int8-int4",
+        ["down_proj"],
+        7,
+        2,
+    )
     # the flat form is the old file, key for key, plus the keys added since (the device-fit budget), at None
     added = {"fit_device", "fit_max_size_mb", "fit_min_decode", "fit_context", "fit_artifact"}
     flat = cfg.to_flat()

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from edgeft.cli import main
-from edgeft.data import IGNORE_INDEX, encode_dataset, sequences
+from edgeft.data import encode_dataset, sequences
 from edgeft.models import resolve_model
 
 NOTES = [
@@ -48,8 +48,27 @@ def _data(tmp_path, suffix):
 def test_base_model_without_chat_template_trains_on_raw_text(base_dir, tmp_path, suffix, capsys):
     data, docs = _data(tmp_path, suffix)
     out = tmp_path / "run"
-    rc = main(["train", "--model", str(base_dir), "--data", str(data), "--full", "--max-steps", "3", "--batch-size",
-               "2", "--max-seq-length", "64", "--lr", "1e-3", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            str(base_dir),
+            "--data",
+            str(data),
+            "--full",
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--max-seq-length",
+            "64",
+            "--lr",
+            "1e-3",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
@@ -66,8 +85,28 @@ def test_base_model_without_chat_template_trains_on_raw_text(base_dir, tmp_path,
 def test_base_model_run_exports_and_evaluates(base_dir, tmp_path, capsys):
     data, _ = _data(tmp_path, ".jsonl")
     run = tmp_path / "run"
-    assert main(["train", "--model", str(base_dir), "--data", str(data), "--full", "--max-steps", "2",
-                 "--batch-size", "2", "--max-seq-length", "64", "--out", str(run), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(base_dir),
+                "--data",
+                str(data),
+                "--full",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--max-seq-length",
+                "64",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert main(["export", "gguf", "--run", str(run)]) == 0, capsys.readouterr().err
     ex = run / "exports"
     modelfile = (ex / "Modelfile").read_text().splitlines()
@@ -83,8 +122,9 @@ def test_base_model_run_exports_and_evaluates(base_dir, tmp_path, capsys):
     assert tok.eos_token in fmt["stop"]
     assert not [w for w in manifest_warnings(ex, "pte") or [] if "prompt" in w or "template" in w]
     capsys.readouterr()
-    assert main(["eval", "--run", str(run), "--runtimes", "eager,gguf", "--limit", "3", "--ppl-tokens", "256"]) == 0, \
+    assert main(["eval", "--run", str(run), "--runtimes", "eager,gguf", "--limit", "3", "--ppl-tokens", "256"]) == 0, (
         capsys.readouterr().err
+    )
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["prompt_format"].startswith("plain text")
     assert {(r["variant"], r["runtime"]) for r in report["results"]} == {("bf16", "eager"), ("bf16", "gguf")}
@@ -105,8 +145,11 @@ def test_plain_prompts_for_a_model_without_template(base_dir):
     tok = AutoTokenizer.from_pretrained(base_dir)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 7 * 6?"}]
     ctx = encode_prompt(tok, messages)
-    assert ctx == [tok.bos_token_id] + tok("Be brief.\n\nQuestion: What is 7 * 6?\nAnswer:",
-                                           add_special_tokens=False)["input_ids"]
+    assert (
+        ctx
+        == [tok.bos_token_id]
+        + tok("Be brief.\n\nQuestion: What is 7 * 6?\nAnswer:", add_special_tokens=False)["input_ids"]
+    )
     ctx2, conts = ev.encode_choices(tok, messages, ["42", "48"])
     assert ctx2 == ctx
     for c, cont in zip(["42", "48"], conts):  # the answer line: " choice" and its newline, no EOS
@@ -115,16 +158,26 @@ def test_plain_prompts_for_a_model_without_template(base_dir):
         assert ctx + cont == full
 
 
-@pytest.mark.parametrize("data,expected", [
-    ("builtin:tasks", r"; \d+ of \d+ rows of builtin:tasks are conversations \(chat format; the first, row 1: \[\{"),
-    ("alpaca", r"; 2 of 2 rows of \S+alpaca.jsonl are conversations \(alpaca format; the first, row 1: \[\{"),
-])
+@pytest.mark.parametrize(
+    "data,expected",
+    [
+        (
+            "builtin:tasks",
+            r"; \d+ of \d+ rows of builtin:tasks are conversations \(chat format; the first, row 1: \[\{",
+        ),
+        ("alpaca", r"; 2 of 2 rows of \S+alpaca.jsonl are conversations \(alpaca format; the first, row 1: \[\{"),
+    ],
+)
 def test_conversations_on_a_base_model_are_one_error_naming_the_rows(base_dir, tmp_path, capsys, data, expected):
     import re
 
     path = tmp_path / "alpaca.jsonl"
-    path.write_text(json.dumps({"instruction": "Add 2 and 2.", "output": "4"}) + "\n" +
-                    json.dumps({"instruction": "Add 3 and 3.", "output": "6"}) + "\n")
+    path.write_text(
+        json.dumps({"instruction": "Add 2 and 2.", "output": "4"})
+        + "\n"
+        + json.dumps({"instruction": "Add 3 and 3.", "output": "6"})
+        + "\n"
+    )
     out = tmp_path / "run"
     spec = str(path) if data == "alpaca" else data
     assert main(["train", "--model", str(base_dir), "--data", spec, "--out", str(out), "--no-progress"]) == 2
@@ -139,8 +192,23 @@ def test_conversations_on_a_base_model_are_one_error_naming_the_rows(base_dir, t
 def test_template_named_for_raw_text_that_does_not_fit_says_none_is_needed(base_dir, tmp_path, capsys):
     data, _ = _data(tmp_path, ".txt")
     out = tmp_path / "run"
-    assert main(["train", "--model", str(base_dir), "--data", str(data), "--chat-template", "llama-3", "--out",
-                 str(out), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(base_dir),
+                "--data",
+                str(data),
+                "--chat-template",
+                "llama-3",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "chat template 'llama-3' does not fit the tokenizer" in err[0], err
     assert "the data is raw text, which needs no chat template: omit --chat-template" in err[0]

@@ -27,10 +27,20 @@ def test_builtin_tasks_are_deterministic_and_disjoint():
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_builtin_task_answers_are_exact(split):
     """Re-derive every answer from the question text with independent code."""
-    units = {("kilometers", "meters"): 1000, ("meters", "centimeters"): 100, ("kilograms", "grams"): 1000,
-             ("liters", "milliliters"): 1000, ("hours", "minutes"): 60, ("minutes", "seconds"): 60,
-             ("days", "hours"): 24, ("meters", "millimeters"): 1000, ("grams", "kilograms"): 0.001,
-             ("minutes", "hours"): 1 / 60, ("feet", "inches"): 12, ("yards", "feet"): 3}
+    units = {
+        ("kilometers", "meters"): 1000,
+        ("meters", "centimeters"): 100,
+        ("kilograms", "grams"): 1000,
+        ("liters", "milliliters"): 1000,
+        ("hours", "minutes"): 60,
+        ("minutes", "seconds"): 60,
+        ("days", "hours"): 24,
+        ("meters", "millimeters"): 1000,
+        ("grams", "kilograms"): 0.001,
+        ("minutes", "hours"): 1 / 60,
+        ("feet", "inches"): 12,
+        ("yards", "feet"): 3,
+    }
     for r in tasks.generate(split):
         q, ans = r["question"], r["answer"]
         if m := re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", q):
@@ -68,7 +78,11 @@ def test_alpaca_and_messages_files(tmp_path):
     "name,content,expected",
     [
         ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{oops\n', r"bad\.jsonl:2: not valid JSON"),
-        ("missing.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "x"}\n', r"missing\.jsonl:2: .*'output'"),
+        (
+            "missing.jsonl",
+            '{"instruction": "a", "output": "b"}\n{"instruction": "x"}\n',
+            r"missing\.jsonl:2: .*'output'",
+        ),
         ("empty.jsonl", "\n", r"empty"),
         ("cols.jsonl", '{"question": "a", "answer": "b"}\n', r"columns \['answer', 'question'\]"),
         ("role.jsonl", '{"messages": [{"role": "bot", "content": "x"}]}\n', r"role 'bot'"),
@@ -118,7 +132,9 @@ def test_all_too_long_is_an_error(tokenizer):
 def test_all_masked_dataset_names_the_template_and_a_row(tokenizer):
     """A template that never renders assistant turns leaves nothing to learn: one error with the template's name."""
     tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    )
     conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
     with pytest.raises(EdgeftError, match=r"all labels masked with the 'odd' chat template .*first row: .*hello there"):
         encode_dataset(tokenizer, [conv], max_length=64, template_name="'odd'")

@@ -18,9 +18,18 @@ def test_every_profile_is_consistent():
 def _fake_artifact(tmp_path, size, layers=30, kv_heads=3, head_dim=64, vocab=49152, hidden=576):
     art = tmp_path / "model.pte"
     art.write_bytes(b"\0" * size)
-    (tmp_path / "config.json").write_text(json.dumps({
-        "num_hidden_layers": layers, "num_attention_heads": 9, "num_key_value_heads": kv_heads,
-        "head_dim": head_dim, "vocab_size": vocab, "hidden_size": hidden}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "num_hidden_layers": layers,
+                "num_attention_heads": 9,
+                "num_key_value_heads": kv_heads,
+                "head_dim": head_dim,
+                "vocab_size": vocab,
+                "hidden_size": hidden,
+            }
+        )
+    )
     return art
 
 
@@ -76,16 +85,29 @@ def test_pte_check_uses_the_kv_cache_its_program_holds(tmp_path):
     # edgeft's .pte allocates its cache at export (max_context_len; Gemma3's sliding layers as a shorter ring):
     # the export's manifest.json record is what the device must hold, not the uniform estimate at --context
     art = _fake_artifact(tmp_path, 100 * 2**20)
-    ring = {"context_rows": 4096, "ring_rows": 1023, "ring_layers": 22, "layers": 26,
-            "bytes": 76 * 2**20, "full_length_bytes": 208 * 2**20}
-    (tmp_path / "manifest.json").write_text(json.dumps({
-        "gguf": {"path": str(tmp_path / "model-q4_0.gguf"), "bytes": 1},
-        "pte": {"path": str(art), "bytes": 100 * 2**20, "kv_cache": ring}}))
+    ring = {
+        "context_rows": 4096,
+        "ring_rows": 1023,
+        "ring_layers": 22,
+        "layers": 26,
+        "bytes": 76 * 2**20,
+        "full_length_bytes": 208 * 2**20,
+    }
+    (tmp_path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "gguf": {"path": str(tmp_path / "model-q4_0.gguf"), "bytes": 1},
+                "pte": {"path": str(art), "bytes": 100 * 2**20, "kv_cache": ring},
+            }
+        )
+    )
     r = profiles.check(profiles.get_profile("pixel-8"), art, context=1024)
     assert r["kv_cache_source"] == "program" and r["context"] == 4096
     assert r["kv_cache_mb"] == pytest.approx(76)
     act = 4 * (49152 + 8 * 576) * 2
-    assert r["runtime_memory_mb"] == pytest.approx((100 * 2**20 + 76 * 2**20 + act + profiles.RUNTIME_OVERHEAD_BYTES) / 2**20)
+    assert r["runtime_memory_mb"] == pytest.approx(
+        (100 * 2**20 + 76 * 2**20 + act + profiles.RUNTIME_OVERHEAD_BYTES) / 2**20
+    )
     other = tmp_path / "model-last.pte"  # no record of its own: the estimate
     other.write_bytes(b"\0")
     assert profiles.check(profiles.get_profile("pixel-8"), other, context=1024)["kv_cache_source"] == "estimate"

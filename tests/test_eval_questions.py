@@ -76,8 +76,11 @@ def fake_run(tmp_path, monkeypatch):
     for r in rows:  # the premise: an exact answer survives the tokenizer's round trip
         assert tok.decode(tok(r["answer"], add_special_tokens=False)["input_ids"]).strip() == r["answer"]
     monkeypatch.setattr(ev, "_variant_sources", lambda run: {v: (run.root / v, run.root / v) for v in ev.VARIANTS})
-    monkeypatch.setattr(ev, "load_runtime", lambda kind, path, **kw: AnswerRuntime(tok, rows, mc_items,
-                                                                                      RIGHT[path.name], PICK[path.name]))
+    monkeypatch.setattr(
+        ev,
+        "load_runtime",
+        lambda kind, path, **kw: AnswerRuntime(tok, rows, mc_items, RIGHT[path.name], PICK[path.name]),
+    )
     return run.root, rows
 
 
@@ -113,8 +116,9 @@ def test_questions_file_records_every_question_and_matches_the_report(fake_run):
 
     rec = report["recovery"]["eager"]
     assert rec["accuracy"] == accuracy_recovery({v: [i in RIGHT[v] for i in range(N)] for v in ev.VARIANTS})
-    assert rec["mc_accuracy"] == accuracy_recovery({v: [PICK[v](it["label"]) == it["label"] for it in mc_items]
-                                                    for v in ev.VARIANTS})
+    assert rec["mc_accuracy"] == accuracy_recovery(
+        {v: [PICK[v](it["label"]) == it["label"] for it in mc_items] for v in ev.VARIANTS}
+    )
     assert rec["perplexity"]["reason"] == "ptq_within_noise"  # the fake runtimes' logits are all alike
     chunks = by_variant["bf16"]["ppl_chunks"]
     assert by_variant["bf16"]["perplexity"] == pytest.approx(math.exp(sum(chunks["nll"]) / sum(chunks["tokens"])))

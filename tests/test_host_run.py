@@ -77,8 +77,14 @@ def _chat(tok, message: str) -> str:
 
 
 # the random tiny model answers some of these with plain-text tokens, others with raw bytes (partial characters)
-MESSAGES = ["Tell me a story.", "Hello", "What day comes after Monday?", "Convert 3 km to m.", "What is 7 times 6?",
-            "How are you?"]
+MESSAGES = [
+    "Tell me a story.",
+    "Hello",
+    "What day comes after Monday?",
+    "Convert 3 km to m.",
+    "What is 7 times 6?",
+    "How are you?",
+]
 
 
 def _pick(eager, exported, plain: bool) -> tuple[str, list[int], str]:
@@ -137,8 +143,12 @@ def test_bad_input_is_one_error_line(exported, tmp_path, capsys):
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copyfile(exported, alone / "model.pte")  # no tokenizer.json beside it
-    for path, words in [(missing, "does not exist"), (fake, "not an ExecuTorch program"),
-                        (notpte, "not a .pte file"), (alone / "model.pte", "tokenizer.json")]:
+    for path, words in [
+        (missing, "does not exist"),
+        (fake, "not an ExecuTorch program"),
+        (notpte, "not a .pte file"),
+        (alone / "model.pte", "tokenizer.json"),
+    ]:
         rc = main(["run", "--pte", str(path), "--prompt", "hi"])
         cap = capsys.readouterr()
         lines = cap.err.strip().splitlines()

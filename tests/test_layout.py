@@ -34,7 +34,7 @@ def _package_dirs(root: Path) -> dict[str, Path]:
     dirs = {}
     for pkg in packages:
         top = max((m for m in mapped if pkg == m or pkg.startswith(m + ".")), key=len, default=None)
-        base = root / mapped[top] / Path(*pkg[len(top) + 1:].split(".")) if top else root / Path(*pkg.split("."))
+        base = root / mapped[top] / Path(*pkg[len(top) + 1 :].split(".")) if top else root / Path(*pkg.split("."))
         dirs[pkg] = base
     return dirs
 
@@ -117,8 +117,16 @@ def _under(mod: str, pkgs: tuple[str, ...]) -> bool:
 
 def test_the_graph_sees_the_whole_package():
     g = import_graph()
-    for mod in ("edgeft", "edgeft.pipeline", "edgeft.rundir", "edgeft.kernels.patch", "edgeft.qat.convert",
-                "edgeft.exporters.pte", "edgeft.devices.evaluate", "edgeft.data.templates"):
+    for mod in (
+        "edgeft",
+        "edgeft.pipeline",
+        "edgeft.rundir",
+        "edgeft.kernels.patch",
+        "edgeft.qat.convert",
+        "edgeft.exporters.pte",
+        "edgeft.devices.evaluate",
+        "edgeft.data.templates",
+    ):
         assert mod in g.files, mod
     # a relative import, a function-level import and an import of a package-dir package all count
     assert "edgeft.rundir" in g.edges["edgeft.devices.evaluate"]
@@ -134,21 +142,32 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_no_import_cycles():
     g = import_graph()
     assert g.cycles() == [], "\n".join(
-        " -> ".join(c) + ": " + "; ".join(f"{m} imports {d} ({g.edges[m][d]})" for m in c for d in g.edges[m]
-                                          if d in c) for c in g.cycles())
+        " -> ".join(c) + ": " + "; ".join(f"{m} imports {d} ({g.edges[m][d]})" for m in c for d in g.edges[m] if d in c)
+        for c in g.cycles()
+    )
 
 
 def test_stages_never_import_the_cli_or_the_pipeline():
     g = import_graph()
-    bad = [f"{m} imports {d} ({where})" for m, deps in g.edges.items() if _under(m, STAGES)
-           for d, where in deps.items() if _under(d, TOP)]
+    bad = [
+        f"{m} imports {d} ({where})"
+        for m, deps in g.edges.items()
+        if _under(m, STAGES)
+        for d, where in deps.items()
+        if _under(d, TOP)
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_kernels_import_nothing_of_edgeft():
     g = import_graph()
-    bad = [f"{m} imports {d} ({where})" for m, deps in g.edges.items() if _under(m, ("edgeft.kernels",))
-           for d, where in deps.items() if not _under(d, ("edgeft.kernels",)) and d != "edgeft"]
+    bad = [
+        f"{m} imports {d} ({where})"
+        for m, deps in g.edges.items()
+        if _under(m, ("edgeft.kernels",))
+        for d, where in deps.items()
+        if not _under(d, ("edgeft.kernels",)) and d != "edgeft"
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -159,8 +178,13 @@ def test_rundir_is_a_leaf():
 
 def _python(code: str) -> str:
     """Run ``code`` in a fresh interpreter (nothing of this process's imports carried over); its stdout."""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 

@@ -115,8 +115,11 @@ def test_the_scorer_picks_the_choice_the_runtime_is_made_to_prefer(tiny):
             scores = ev.choice_scores(rt, ctx, conts)
             # by hand: log p = 8 - log(e^8 + V - 1) for a boosted token, -log(e^8 + V - 1) for another token
             # where the target's path boosts one, -log V off that path
-            boosted, beside, flat = 8.0 - math.log(math.exp(8.0) + vocab - 1), -math.log(math.exp(8.0) + vocab - 1), \
-                -math.log(vocab)
+            boosted, beside, flat = (
+                8.0 - math.log(math.exp(8.0) + vocab - 1),
+                -math.log(math.exp(8.0) + vocab - 1),
+                -math.log(vocab),
+            )
             for k, cont in enumerate(conts):
                 shared = 0  # a wrong choice shares the target's boosted tokens up to where they differ
                 while shared < min(len(cont), len(conts[target])) and cont[shared] == conts[target][shared]:
@@ -174,7 +177,9 @@ def test_pte_and_gguf_mc_scores_agree_with_eager(tiny, tmp_path):
             ctx, conts = encoded[0]
             for rows, c in zip(rt.continuation_logits(ctx, conts), conts):
                 full = rt.logits(ctx + c)[len(ctx) - 1 : len(ctx) + len(c) - 1]
-                assert rows.shape == full.shape and float((rows - full).abs().max()) < 1e-3 * float(full.abs().max()), kind
+                assert rows.shape == full.shape and float((rows - full).abs().max()) < 1e-3 * float(full.abs().max()), (
+                    kind
+                )
         finally:
             rt.close()
         for g, e in zip(got, eager):
@@ -194,42 +199,63 @@ def _jsonl(path, rows):
 def test_user_files_replace_the_builtin_set_of_their_kind(tmp_path):
     txt = tmp_path / "held.txt"
     txt.write_text("Some held-out prose about the sea.\n")
-    em = _jsonl(tmp_path / "em.jsonl", [{"prompt": "2+2?", "answer": 4}, {"question": "Capital of France?", "answer": "Paris"}])
-    mc = _jsonl(tmp_path / "mc.jsonl", [
-        {"question": "Sky colour?", "choices": ["green", "blue"], "answer": 1},
-        {"prompt": "Largest planet?", "choices": ["Mars", "Jupiter", "Venus"], "answer": "Jupiter", "system": "Be brief."},
-    ])
+    em = _jsonl(
+        tmp_path / "em.jsonl", [{"prompt": "2+2?", "answer": 4}, {"question": "Capital of France?", "answer": "Paris"}]
+    )
+    mc = _jsonl(
+        tmp_path / "mc.jsonl",
+        [
+            {"question": "Sky colour?", "choices": ["green", "blue"], "answer": 1},
+            {
+                "prompt": "Largest planet?",
+                "choices": ["Mars", "Jupiter", "Venus"],
+                "answer": "Jupiter",
+                "system": "Be brief.",
+            },
+        ],
+    )
     builtin = ev.builtin_eval_data(5)
     assert len(builtin.tasks) == len(builtin.mc) == 5 and builtin.heldout == ev.heldout_text()
     only_mc = ev.load_eval_data([mc], 5)
     assert only_mc.tasks == builtin.tasks and only_mc.heldout == builtin.heldout
     assert [it["label"] for it in only_mc.mc] == [1, 1] and only_mc.sources["mc"] == str(mc)
-    assert only_mc.mc[1]["messages"] == [{"role": "system", "content": "Be brief."},
-                                         {"role": "user", "content": "Largest planet?"}]
+    assert only_mc.mc[1]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Largest planet?"},
+    ]
     d = ev.load_eval_data([txt, em, mc], 5)
     assert d.heldout == "Some held-out prose about the sea."
     assert [(t["question"], t["answer"]) for t in d.tasks] == [("2+2?", "4"), ("Capital of France?", "Paris")]
     assert d.tasks[0]["messages"] == [{"role": "user", "content": "2+2?"}]
     assert d.sources == {"heldout": str(txt), "tasks": str(em), "mc": str(mc)}
     # one file may hold both kinds
-    both = ev.load_eval_data([_jsonl(tmp_path / "both.jsonl", [{"prompt": "a", "answer": "b"},
-                                                              {"prompt": "c", "choices": ["d", "e"], "answer": 0}])])
+    both = ev.load_eval_data(
+        [
+            _jsonl(
+                tmp_path / "both.jsonl",
+                [{"prompt": "a", "answer": "b"}, {"prompt": "c", "choices": ["d", "e"], "answer": 0}],
+            )
+        ]
+    )
     assert len(both.tasks) == len(both.mc) == 1
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("x.csv", "a,b\n", "must be .txt"),
-    ("e.txt", "  \n", "empty held-out text"),
-    ("e.jsonl", "\n", "no task rows"),
-    ("j.jsonl", '{"prompt": "a", "answer": "b"}\n{oops\n', ":2: not valid JSON"),
-    ("p.jsonl", '{"answer": "b"}\n', 'needs a non-empty "prompt"'),
-    ("a.jsonl", '{"prompt": "a"}\n', 'needs an "answer"'),
-    ("c.jsonl", '{"prompt": "a", "choices": ["x"], "answer": 0}\n', "at least 2"),
-    ("i.jsonl", '{"prompt": "a", "choices": ["x", "y"], "answer": 2}\n', "outside the 2 choices"),
-    ("t.jsonl", '{"prompt": "a", "choices": ["x", "y"], "answer": "z"}\n', "index (0-based) or one of the choices"),
-    ("d.jsonl", '{"prompt": "a", "choices": ["x", "x"], "answer": 0}\n', "duplicates"),
-    ("b.jsonl", '{"prompt": "a", "choices": ["x", "y"], "answer": true}\n', "index (0-based)"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("x.csv", "a,b\n", "must be .txt"),
+        ("e.txt", "  \n", "empty held-out text"),
+        ("e.jsonl", "\n", "no task rows"),
+        ("j.jsonl", '{"prompt": "a", "answer": "b"}\n{oops\n', ":2: not valid JSON"),
+        ("p.jsonl", '{"answer": "b"}\n', 'needs a non-empty "prompt"'),
+        ("a.jsonl", '{"prompt": "a"}\n', 'needs an "answer"'),
+        ("c.jsonl", '{"prompt": "a", "choices": ["x"], "answer": 0}\n', "at least 2"),
+        ("i.jsonl", '{"prompt": "a", "choices": ["x", "y"], "answer": 2}\n', "outside the 2 choices"),
+        ("t.jsonl", '{"prompt": "a", "choices": ["x", "y"], "answer": "z"}\n', "index (0-based) or one of the choices"),
+        ("d.jsonl", '{"prompt": "a", "choices": ["x", "x"], "answer": 0}\n', "duplicates"),
+        ("b.jsonl", '{"prompt": "a", "choices": ["x", "y"], "answer": true}\n', "index (0-based)"),
+    ],
+)
 def test_bad_evaluation_data_is_one_error_line(tmp_path, capsys, name, content, message):
     path = tmp_path / name
     path.write_text(content)
@@ -252,13 +278,36 @@ def test_missing_data_file(tmp_path, capsys):
 def test_report_plot_and_golden_carry_mc_accuracy(tmp_path):
     rows = []
     for v, (ppl, acc, mc) in {"bf16": (10.0, 0.6, 0.8), "ptq": (14.0, 0.2, 0.4), "qat": (11.0, 0.5, 0.7)}.items():
-        rows.append({"variant": v, "runtime": "pte", "perplexity": ppl, "accuracy": acc, "mc_accuracy": mc,
-                     "size_mb": 3.0, "tokens_per_s": 50.0})
+        rows.append(
+            {
+                "variant": v,
+                "runtime": "pte",
+                "perplexity": ppl,
+                "accuracy": acc,
+                "mc_accuracy": mc,
+                "size_mb": 3.0,
+                "tokens_per_s": 50.0,
+            }
+        )
     data = ev.builtin_eval_data(4)
-    report = {"model": "m", "mode": "lora", "qat": "int8-int4", "heldout_tokens": 100, "task_examples": 4,
-              "mc_examples": 4, "mc_chance": 0.25, "eval_data": data.sources, "results": rows,
-              "recovery": {"pte": {"perplexity": ev.recovery(10, 14, 11, False), "accuracy": ev.recovery(0.6, 0.2, 0.5, True),
-                                   "mc_accuracy": ev.recovery(0.8, 0.4, 0.7, True)}}}
+    report = {
+        "model": "m",
+        "mode": "lora",
+        "qat": "int8-int4",
+        "heldout_tokens": 100,
+        "task_examples": 4,
+        "mc_examples": 4,
+        "mc_chance": 0.25,
+        "eval_data": data.sources,
+        "results": rows,
+        "recovery": {
+            "pte": {
+                "perplexity": ev.recovery(10, 14, 11, False),
+                "accuracy": ev.recovery(0.6, 0.2, 0.5, True),
+                "mc_accuracy": ev.recovery(0.8, 0.4, 0.7, True),
+            }
+        },
+    }
     assert report["recovery"]["pte"]["mc_accuracy"] == pytest.approx(0.75)
     md = ev.render_markdown(report)
     assert "| multiple choice |" in md and "| 70.0% |" in md and "chance 25%" in md
@@ -273,7 +322,10 @@ def test_report_plot_and_golden_carry_mc_accuracy(tmp_path):
     rows[2]["mc_accuracy"] = 0.5
     assert regression.check(report, golden) == ["qat/pte/mc_accuracy: 0.5 drifted from 0.7 (tolerance ±0.05)"]
     # a report from before multiple choice: no mc rows in its golden, and it still renders
-    old = {**report, "results": [{k: v for k, v in r.items() if k != "mc_accuracy"} for r in rows],
-           "recovery": {"pte": {"perplexity": 0.75, "accuracy": 0.75}}}
+    old = {
+        **report,
+        "results": [{k: v for k, v in r.items() if k != "mc_accuracy"} for r in rows],
+        "recovery": {"pte": {"perplexity": 0.75, "accuracy": 0.75}},
+    }
     assert all(m["metric"] != "mc_accuracy" for m in regression.golden_from_report(old)["metrics"])
     assert "| – |" in ev.render_markdown(old) and "| pte | 75% | 75% | – |" in ev.render_markdown(old)

@@ -165,9 +165,21 @@ def test_lora_dropout_trains_the_merged_weight_plus_adapter_noise():
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
 @pytest.mark.parametrize("mode", ["lora", "full"])
-@pytest.mark.parametrize("scheme", ["int8-int4", "int4", "int8", "phone-deployment", "phone-deployment:mse",
-                                    "int4:mse", "phone-deployment:mse:gate_proj+up_proj", "int4::down_proj",
-                                    "phone-deployment:learned", "int4:learned-mse:down_proj"])
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        "int8-int4",
+        "int4",
+        "int8",
+        "phone-deployment",
+        "phone-deployment:mse",
+        "int4:mse",
+        "phone-deployment:mse:gate_proj+up_proj",
+        "int4::down_proj",
+        "phone-deployment:learned",
+        "int4:learned-mse:down_proj",
+    ],
+)
 def test_converted_forward_equals_fake_quant_forward(tmp_path, name, mode, scheme):
     # ":mse": searched group scales, which convert hands torchao as custom scales; a third part: linears at int8
     scheme, weight_scale, int8 = (scheme.split(":") + ["", ""])[:3]

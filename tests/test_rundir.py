@@ -1,4 +1,5 @@
-"""RunDir: the layout DESIGN.md documents, spelled out here literally as the reference, and the questions asked of it."""
+"""RunDir: the layout DESIGN.md documents, spelled out here literally as the reference, and the questions asked
+of it."""
 
 import json
 import os
@@ -14,22 +15,40 @@ def test_layout_is_the_documented_one(tmp_path):
     run = RunDir(tmp_path / "r")
     r = tmp_path / "r"
     assert (run.config_file, run.metrics, run.loss_plot) == (r / "config.yaml", r / "metrics.jsonl", r / "loss.png")
-    assert (run.model, run.model_info, run.scales) == (r / "model", r / "model/edgeft.json",
-                                                       r / "model/qat_scales.safetensors")
+    assert (run.model, run.model_info, run.scales) == (
+        r / "model",
+        r / "model/edgeft.json",
+        r / "model/qat_scales.safetensors",
+    )
     assert (run.converted, run.scheme, run.merged) == (r / "converted", r / "converted/scheme.json", r / "merged")
     assert (run.checkpoints, run.eval, run.eval_report) == (r / "checkpoints", r / "eval", r / "eval/report.json")
-    assert (run.eval_markdown, run.eval_plot, run.eval_questions) == (r / "eval/report.md", r / "eval/metrics.png",
-                                                                      r / "eval/questions.jsonl")
+    assert (run.eval_markdown, run.eval_plot, run.eval_questions) == (
+        r / "eval/report.md",
+        r / "eval/metrics.png",
+        r / "eval/questions.jsonl",
+    )
     ex = run.exports
     assert (ex.path, ex.pte(), ex.pte("last"), ex.gguf("q4_0")) == (
-        r / "exports", r / "exports/model.pte", r / "exports/model-last.pte", r / "exports/model-q4_0.gguf")
+        r / "exports",
+        r / "exports/model.pte",
+        r / "exports/model-last.pte",
+        r / "exports/model-q4_0.gguf",
+    )
     assert (ex.modelfile, ex.torchao, ex.manifest, ex.float.path) == (
-        r / "exports/Modelfile", r / "exports/torchao", r / "exports/manifest.json", r / "exports/float")
+        r / "exports/Modelfile",
+        r / "exports/torchao",
+        r / "exports/manifest.json",
+        r / "exports/float",
+    )
     base = run.baseline
     assert type(base) is Variant and base.root == r / "baseline"
     assert (base.model, base.converted, base.exports.path, base.checkpoints, base.metrics) == (
-        r / "baseline/model", r / "baseline/converted", r / "baseline/exports", r / "baseline/checkpoints",
-        r / "baseline/metrics.jsonl")
+        r / "baseline/model",
+        r / "baseline/converted",
+        r / "baseline/exports",
+        r / "baseline/checkpoints",
+        r / "baseline/metrics.jsonl",
+    )
     assert not hasattr(base, "baseline") and not hasattr(base, "config_file")  # a twin has no twin, no config
     assert os.fspath(run) == str(r) and os.fspath(ex) == str(r / "exports")
     assert run.variants() == [Variant(r), base]

@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgeft.data import encode_dataset, load_conversations
+from edgeft.data import collate, encode_dataset, load_conversations
 from edgeft.errors import EdgeftError
 from edgeft.models import load_model, resolve_model
-from edgeft.data import collate
 from edgeft.training import Optimization, Reporting, TrainData, backward_window, lm_loss_sum, lr_factor, train_loop
 
 
@@ -28,9 +27,9 @@ def test_loss_sum_matches_reference_cross_entropy(tiny):
     batch = collate(examples[:4], tok.pad_token_id)
     loss_sum, n = lm_loss_sum(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    ref = torch.stack([
-        F.cross_entropy(logits[i, :-1], batch["labels"][i, 1:], ignore_index=-100, reduction="sum") for i in range(4)
-    ]).sum()
+    ref = torch.stack(
+        [F.cross_entropy(logits[i, :-1], batch["labels"][i, 1:], ignore_index=-100, reduction="sum") for i in range(4)]
+    ).sum()
     assert int(n) == int((batch["labels"][:, 1:] != -100).sum())
     torch.testing.assert_close(loss_sum, ref, rtol=1e-5, atol=1e-4)
 
@@ -38,10 +37,12 @@ def test_loss_sum_matches_reference_cross_entropy(tiny):
 def _run(model_dir, tok, examples, batch_size, grad_accum, path):
     torch.manual_seed(0)
     model, _ = load_model(model_dir)
-    train_loop(model, TrainData(examples, tok.pad_token_id),
-               Optimization(max_steps=3, batch_size=batch_size, grad_accum=grad_accum, lr=1e-3, seed=7,
-                            warmup_ratio=0.0),
-               reporting=Reporting(metrics_path=path, progress=False))
+    train_loop(
+        model,
+        TrainData(examples, tok.pad_token_id),
+        Optimization(max_steps=3, batch_size=batch_size, grad_accum=grad_accum, lr=1e-3, seed=7, warmup_ratio=0.0),
+        reporting=Reporting(metrics_path=path, progress=False),
+    )
     return [json.loads(l)["loss"] for l in open(path)], model
 
 
@@ -78,5 +79,9 @@ def test_nan_loss_stops_with_the_step(tiny, tmp_path):
     with torch.no_grad():
         model.model.norm.weight.fill_(math.nan)
     with pytest.raises(EdgeftError, match="step 1"):
-        train_loop(model, TrainData(examples, tok.pad_token_id), Optimization(max_steps=2, batch_size=2, lr=1e-3),
-                   reporting=Reporting(progress=False))
+        train_loop(
+            model,
+            TrainData(examples, tok.pad_token_id),
+            Optimization(max_steps=2, batch_size=2, lr=1e-3),
+            reporting=Reporting(progress=False),
+        )

@@ -16,17 +16,36 @@ from typing import Any
 from edgeft.errors import EdgeftError
 
 from . import facts, tasks
-from .batching import (BATCHING, Batcher, collate, collate_flat, pack, packing_efficiency, padding_efficiency,
-                       sequences)
-from .encode import (IGNORE_INDEX, assistant_spans, conversation_spans, document_ids, encode_conversation,
-                     encode_conversation_examples, encode_dataset, encode_prompt, encode_text, pack_documents)
-from .formats import (Messages, detect_format, looks_like_hub_name, read_rows, records_from_rows, rows_from_dataset,
-                      rows_from_hub, standardize_sharegpt)
+from .batching import BATCHING, Batcher, collate, collate_flat, pack, packing_efficiency, padding_efficiency, sequences
+from .encode import (
+    IGNORE_INDEX,
+    assistant_spans,
+    conversation_spans,
+    document_ids,
+    encode_conversation,
+    encode_conversation_examples,
+    encode_dataset,
+    encode_prompt,
+    encode_text,
+    pack_documents,
+)
+from .formats import (
+    Messages,
+    detect_format,
+    looks_like_hub_name,
+    read_rows,
+    records_from_rows,
+    rows_from_dataset,
+    rows_from_hub,
+    standardize_sharegpt,
+)
 from .merge import extend_conversations, merge_columns
 from .templates import TEMPLATES, apply_template, describe_templates, get_template
 
-BUILTIN_DATASETS = {"builtin:tasks": "arithmetic, calendar and unit-conversion questions with exact answers",
-                    "builtin:facts": "element, country, currency and language code questions (a second task set)"}
+BUILTIN_DATASETS = {
+    "builtin:tasks": "arithmetic, calendar and unit-conversion questions with exact answers",
+    "builtin:facts": "element, country, currency and language code questions (a second task set)",
+}
 _BUILTIN_MODULES = {"builtin:tasks": tasks, "builtin:facts": facts}
 
 
@@ -73,13 +92,16 @@ def load_records(
             raise EdgeftError("conversation_extension applies to conversations, not raw text")
         records = extend_conversations(records, conversation_extension, seed)
     if system_prompt:
-        records = [r if isinstance(r, str) or r[0]["role"] == "system"
-                   else [{"role": "system", "content": system_prompt}, *r] for r in records]
+        records = [
+            r if isinstance(r, str) or r[0]["role"] == "system" else [{"role": "system", "content": system_prompt}, *r]
+            for r in records
+        ]
     return records
 
 
-def conversation_rows(records: list, source: Any, split: str = "train", prompt_template: str | None = None) \
-        -> str | None:
+def conversation_rows(
+    records: list, source: Any, split: str = "train", prompt_template: str | None = None
+) -> str | None:
     """Which rows are conversations (they need a chat template), named for an error message: their count, format
     and first row; None when every row is raw text (which needs no template). Reads the source's format again:
     call it on the error path only."""
@@ -94,8 +116,10 @@ def conversation_rows(records: list, source: Any, split: str = "train", prompt_t
         rows, name = _rows(source, split)
         fmt = detect_format(rows, name)[0]
     first = json.dumps(records[idx[0]], ensure_ascii=False)
-    return (f"{len(idx)} of {len(records)} rows of {name} are conversations ({fmt} format; the first, row "
-            f"{idx[0] + 1}: {first[:100]}{'...' if len(first) > 100 else ''})")
+    return (
+        f"{len(idx)} of {len(records)} rows of {name} are conversations ({fmt} format; the first, row "
+        f"{idx[0] + 1}: {first[:100]}{'...' if len(first) > 100 else ''})"
+    )
 
 
 def load_conversations(spec: str, split: str = "train") -> list[Messages]:
@@ -121,10 +145,37 @@ def split_train_eval(examples: list, eval_split: float, seed: int) -> tuple[list
 
 
 __all__ = [
-    "BATCHING", "BUILTIN_DATASETS", "Batcher", "IGNORE_INDEX", "Messages", "TEMPLATES", "apply_template",
-    "assistant_spans", "collate", "collate_flat", "conversation_rows", "conversation_spans", "describe_templates",
-    "document_ids", "encode_conversation", "encode_conversation_examples", "encode_dataset", "encode_prompt",
-    "encode_text", "extend_conversations", "get_template", "load_conversations", "load_records", "merge_columns",
-    "pack", "pack_documents", "packing_efficiency", "padding_efficiency", "sequences", "split_train_eval",
-    "standardize_sharegpt", "facts", "tasks",
+    "BATCHING",
+    "BUILTIN_DATASETS",
+    "Batcher",
+    "IGNORE_INDEX",
+    "Messages",
+    "TEMPLATES",
+    "apply_template",
+    "assistant_spans",
+    "collate",
+    "collate_flat",
+    "conversation_rows",
+    "conversation_spans",
+    "describe_templates",
+    "document_ids",
+    "encode_conversation",
+    "encode_conversation_examples",
+    "encode_dataset",
+    "encode_prompt",
+    "encode_text",
+    "extend_conversations",
+    "get_template",
+    "load_conversations",
+    "load_records",
+    "merge_columns",
+    "pack",
+    "pack_documents",
+    "packing_efficiency",
+    "padding_efficiency",
+    "sequences",
+    "split_train_eval",
+    "standardize_sharegpt",
+    "facts",
+    "tasks",
 ]

@@ -40,8 +40,10 @@ def sequences(ex: dict[str, list[int]]) -> list[dict[str, list[int]]]:
     if len(starts) == 1:
         return [{"input_ids": ex["input_ids"], "labels": ex["labels"]}]
     bounds = starts + [len(ex["input_ids"])]
-    return [{"input_ids": ex["input_ids"][a:b], "labels": [IGNORE_INDEX, *ex["labels"][a + 1 : b]]}
-            for a, b in zip(bounds, bounds[1:])]
+    return [
+        {"input_ids": ex["input_ids"][a:b], "labels": [IGNORE_INDEX, *ex["labels"][a + 1 : b]]}
+        for a, b in zip(bounds, bounds[1:])
+    ]
 
 
 def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
@@ -127,8 +129,14 @@ def padding_efficiency(lengths: list[int], batch_size: int) -> float:
 class Batcher:
     """Turns training units (examples or packed bins) into micro-batches of the chosen layout."""
 
-    def __init__(self, examples: list[dict[str, list[int]]], batching: str, pad_id: int,
-                 max_seq_length: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        examples: list[dict[str, list[int]]],
+        batching: str,
+        pad_id: int,
+        max_seq_length: int | None = None,
+        seed: int = 0,
+    ) -> None:
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, not {batching!r}")
         self.examples = examples

@@ -40,20 +40,22 @@ def _reply_end(tokenizer: Any, upto: str, upto_gen: str) -> int:
         added = [t for t in tokenizer.get_added_vocab() if len(t) > 1]
         longest = max((len(t) for t in added), default=0)
         for start in range(max(0, c - longest + 1), c):
-            if any(start + len(t) > c and (upto.startswith(t, start) or upto_gen.startswith(t, start))
-                   for t in added):
+            if any(start + len(t) > c and (upto.startswith(t, start) or upto_gen.startswith(t, start)) for t in added):
                 c = start
                 break
     return len(upto[:c].rstrip())
 
 
-def conversation_spans(tokenizer: Any, messages: list[dict[str, str]], template_name: str = "the model's") \
-        -> list[tuple[str, list[tuple[int, int]]]]:
+def conversation_spans(
+    tokenizer: Any, messages: list[dict[str, str]], template_name: str = "the model's"
+) -> list[tuple[str, list[tuple[int, int]]]]:
     """Rendered texts and the character spans of their assistant replies (with end-of-turn tokens): the whole
     conversation, plus one text per reply that the template renders differently once it is history (module doc)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise EdgeftError("the tokenizer has no chat template, which conversations need; pass --chat-template (raw "
-                          "text trains without one)")
+        raise EdgeftError(
+            "the tokenizer has no chat template, which conversations need; pass --chat-template (raw "
+            "text trains without one)"
+        )
     full = _render(tokenizer, messages, add_generation_prompt=False)
     spans: list[tuple[int, int]] = []
     own: list[tuple[str, list[tuple[int, int]]]] = []
@@ -88,11 +90,12 @@ def _reply(tokenizer: Any, upto_messages: list[dict[str, str]], prefix: str) -> 
         return None
     # the reply and its end-of-turn token, not the newline after it nor a conversation's closing text
     end = _reply_end(tokenizer, upto, _render(tokenizer, upto_messages, add_generation_prompt=True))
-    return upto[len(prefix):max(end, len(prefix))]
+    return upto[len(prefix) : max(end, len(prefix))]
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], template_name: str = "the model's") \
-        -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(
+    tokenizer: Any, messages: list[dict[str, str]], template_name: str = "the model's"
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant replies (with end-of-turn tokens); for a
     template that re-renders history (see :func:`conversation_spans`), the spans of the replies it keeps as is."""
     return conversation_spans(tokenizer, messages, template_name)[0]
@@ -118,15 +121,17 @@ def _tokenize(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[l
     return enc["input_ids"], [[tuple(o) for o in offs] for offs in enc["offset_mapping"]]
 
 
-def encode_conversation(tokenizer: Any, messages: list[dict[str, str]],
-                        template_name: str = "the model's") -> dict[str, list[int]]:
+def encode_conversation(
+    tokenizer: Any, messages: list[dict[str, str]], template_name: str = "the model's"
+) -> dict[str, list[int]]:
     """``{"input_ids", "labels"}`` for one conversation; labels are -100 outside assistant replies (for a template
     that re-renders history, the whole conversation's example: :func:`encode_conversation_examples` has them all)."""
     return encode_conversation_examples(tokenizer, messages, template_name)[0]
 
 
-def encode_conversation_examples(tokenizer: Any, messages: list[dict[str, str]],
-                                 template_name: str = "the model's") -> list[dict[str, list[int]]]:
+def encode_conversation_examples(
+    tokenizer: Any, messages: list[dict[str, str]], template_name: str = "the model's"
+) -> list[dict[str, list[int]]]:
     """Every example one conversation trains as (one, unless the template re-renders history: module doc)."""
     rendered = conversation_spans(tokenizer, messages, template_name)
     ids, offs = _tokenize(tokenizer, [t for t, _ in rendered])
@@ -185,8 +190,11 @@ def encode_text(tokenizer: Any, text: str, max_length: int) -> list[dict[str, li
     """One raw-text document alone, as chunks of at most ``max_length`` tokens, every token a target (the last
     chunk may be short: :func:`pack_documents` packs several documents into full rows instead)."""
     ids = document_ids(tokenizer, text)
-    return [{"input_ids": ids[i : i + max_length], "labels": ids[i : i + max_length]}
-            for i in range(0, len(ids), max_length) if len(ids[i : i + max_length]) > 1]
+    return [
+        {"input_ids": ids[i : i + max_length], "labels": ids[i : i + max_length]}
+        for i in range(0, len(ids), max_length)
+        if len(ids[i : i + max_length]) > 1
+    ]
 
 
 def pack_documents(docs: list[list[int]], max_length: int) -> list[dict[str, list[int]]]:
@@ -260,8 +268,12 @@ def encode_dataset(
                 f"every example is longer than max_seq_length={max_length} tokens (the shortest has {shortest}); "
                 "raise --max-seq-length"
             )
-        log.warning("dropped %d of %d conversations longer than max_seq_length=%d tokens",
-                    len(too_long), len(encoded), max_length)
+        log.warning(
+            "dropped %d of %d conversations longer than max_seq_length=%d tokens",
+            len(too_long),
+            len(encoded),
+            max_length,
+        )
     if not out:
         sample = next((records[i] for i, _ in convs), records[0])
         raise EdgeftError(

@@ -33,14 +33,32 @@ NAME = "builtin:facts"
 TEST_PER_FAMILY = 50  # entities per family in the test split: 50 questions of each kind
 MC_SEED = 7311
 SOURCES = {
-    "periodictable": Source("pypi", "periodictable", "2.1.0", "periodictable-2.1.0-py3-none-any.whl",
-                            "e9155d2bf5ac10050abeff2f99096d4f04312c0c8a6bb432e28744367c5064b3", "public domain"),
-    "pycountry": Source("pypi", "pycountry", "26.2.16", "pycountry-26.2.16-py3-none-any.whl",
-                        "115c4baf7cceaa30f59a4694d79483c9167dbce7a9de4d3d571c5f3ea77c305a",
-                        "LGPL-2.1 (ISO data from Debian's iso-codes)"),
+    "periodictable": Source(
+        "pypi",
+        "periodictable",
+        "2.1.0",
+        "periodictable-2.1.0-py3-none-any.whl",
+        "e9155d2bf5ac10050abeff2f99096d4f04312c0c8a6bb432e28744367c5064b3",
+        "public domain",
+    ),
+    "pycountry": Source(
+        "pypi",
+        "pycountry",
+        "26.2.16",
+        "pycountry-26.2.16-py3-none-any.whl",
+        "115c4baf7cceaa30f59a4694d79483c9167dbce7a9de4d3d571c5f3ea77c305a",
+        "LGPL-2.1 (ISO data from Debian's iso-codes)",
+    ),
 }
-KINDS = ("element_symbol", "element_number", "element_name", "country_alpha2", "country_alpha3", "currency_code",
-         "language_code")
+KINDS = (
+    "element_symbol",
+    "element_number",
+    "element_name",
+    "country_alpha2",
+    "country_alpha3",
+    "currency_code",
+    "language_code",
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,24 +67,39 @@ def tables() -> dict[str, list[dict[str, Any]]]:
     ``currencies`` (name, code), ``languages`` (name, code)."""
     with zipfile.ZipFile(fetch(SOURCES["periodictable"])) as zf:
         tree = ast.parse(zf.read("periodictable/core.py").decode("utf-8"))
-    base = next((n.value for n in tree.body if isinstance(n, ast.AnnAssign | ast.Assign)
-                 and any(getattr(t, "id", None) == "element_base"
-                         for t in ([n.target] if isinstance(n, ast.AnnAssign) else n.targets))), None)
+    base = next(
+        (
+            n.value
+            for n in tree.body
+            if isinstance(n, ast.AnnAssign | ast.Assign)
+            and any(
+                getattr(t, "id", None) == "element_base"
+                for t in ([n.target] if isinstance(n, ast.AnnAssign) else n.targets)
+            )
+        ),
+        None,
+    )
     if base is None:
         raise EdgeftError("periodictable/core.py has no element_base table")
-    elements = [{"number": z, "name": v[0], "symbol": v[1]} for z, v in sorted(ast.literal_eval(base).items())
-                if 1 <= z <= 118]
+    elements = [
+        {"number": z, "name": v[0], "symbol": v[1]} for z, v in sorted(ast.literal_eval(base).items()) if 1 <= z <= 118
+    ]
     with zipfile.ZipFile(fetch(SOURCES["pycountry"])) as zf:
+
         def db(name: str, key: str) -> list[dict[str, str]]:
             return json.loads(zf.read(f"pycountry/databases/{name}.json"))[key]
 
-        countries = [{"name": c.get("common_name", c["name"]), "alpha_2": c["alpha_2"], "alpha_3": c["alpha_3"]}
-                     for c in db("iso3166-1", "3166-1")]
+        countries = [
+            {"name": c.get("common_name", c["name"]), "alpha_2": c["alpha_2"], "alpha_3": c["alpha_3"]}
+            for c in db("iso3166-1", "3166-1")
+        ]
         # X.. codes are funds, metals and test codes, not a country's money
-        currencies = [{"name": c["name"], "code": c["alpha_3"]} for c in db("iso4217", "4217")
-                      if not c["alpha_3"].startswith("X")]
-        languages = [{"name": lang["name"], "code": lang["alpha_2"]} for lang in db("iso639-3", "639-3")
-                     if "alpha_2" in lang]
+        currencies = [
+            {"name": c["name"], "code": c["alpha_3"]} for c in db("iso4217", "4217") if not c["alpha_3"].startswith("X")
+        ]
+        languages = [
+            {"name": lang["name"], "code": lang["alpha_2"]} for lang in db("iso639-3", "639-3") if "alpha_2" in lang
+        ]
     return {"elements": elements, "countries": countries, "currencies": currencies, "languages": languages}
 
 
@@ -75,17 +108,30 @@ def _questions(t: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, str, 
     out = []
     for e in t["elements"]:
         key, name = f"element:{e['number']}", e["name"].lower()
-        out += [("element_symbol", key, f"What is the chemical symbol of {name}?", e["symbol"]),
-                ("element_number", key, f"What is the atomic number of {name}?", str(e["number"])),
-                ("element_name", key, f"Which chemical element has the symbol {e['symbol']}?", e["name"])]
+        out += [
+            ("element_symbol", key, f"What is the chemical symbol of {name}?", e["symbol"]),
+            ("element_number", key, f"What is the atomic number of {name}?", str(e["number"])),
+            ("element_name", key, f"Which chemical element has the symbol {e['symbol']}?", e["name"]),
+        ]
     for c in t["countries"]:
         key = f"country:{c['alpha_3']}"
-        out += [("country_alpha2", key, f"What is the ISO 3166-1 alpha-2 code of {c['name']}?", c["alpha_2"]),
-                ("country_alpha3", key, f"What is the ISO 3166-1 alpha-3 code of {c['name']}?", c["alpha_3"])]
-    out += [("currency_code", f"currency:{c['code']}", f"What is the ISO 4217 code of the currency {c['name']}?",
-             c["code"]) for c in t["currencies"]]
-    out += [("language_code", f"language:{lang['code']}",
-             f"What is the ISO 639-1 code of the {lang['name']} language?", lang["code"]) for lang in t["languages"]]
+        out += [
+            ("country_alpha2", key, f"What is the ISO 3166-1 alpha-2 code of {c['name']}?", c["alpha_2"]),
+            ("country_alpha3", key, f"What is the ISO 3166-1 alpha-3 code of {c['name']}?", c["alpha_3"]),
+        ]
+    out += [
+        ("currency_code", f"currency:{c['code']}", f"What is the ISO 4217 code of the currency {c['name']}?", c["code"])
+        for c in t["currencies"]
+    ]
+    out += [
+        (
+            "language_code",
+            f"language:{lang['code']}",
+            f"What is the ISO 639-1 code of the {lang['name']} language?",
+            lang["code"],
+        )
+        for lang in t["languages"]
+    ]
     # a name that two entities share (two ISO 4217 codes are "Bolivar Soberano") has no single answer
     count: dict[str, int] = {}
     for _, _, q, _ in out:
@@ -105,7 +151,9 @@ def _split(split: str) -> tuple[tuple[tuple[str, str], ...], ...]:
         fam = families.setdefault(key.split(":")[0], [])
         if key not in fam:
             fam.append(key)
-    test_keys = {k for keys in families.values() for k in sorted(keys, key=lambda k: _h(f"facts:{k}"))[:TEST_PER_FAMILY]}
+    test_keys = {
+        k for keys in families.values() for k in sorted(keys, key=lambda k: _h(f"facts:{k}"))[:TEST_PER_FAMILY]
+    }
     by_kind: dict[str, list[tuple[str, str]]] = {k: [] for k in KINDS}
     for kind, key, q, a in sorted(qs, key=lambda x: _h(f"facts:{x[2]}")):
         if (key in test_keys) == (split == "test"):
@@ -138,10 +186,12 @@ def _distractor_pool(row: dict[str, str], rng: random.Random) -> list[str]:
         first, rest = near[:4], near[4:]
         rng.shuffle(first)
         return [str(e[field]) for e in first + rest]
-    codes = {"country_alpha2": [c["alpha_2"] for c in t["countries"]],
-             "country_alpha3": [c["alpha_3"] for c in t["countries"]],
-             "currency_code": [c["code"] for c in t["currencies"]],
-             "language_code": [lang["code"] for lang in t["languages"]]}[kind]
+    codes = {
+        "country_alpha2": [c["alpha_2"] for c in t["countries"]],
+        "country_alpha3": [c["alpha_3"] for c in t["countries"]],
+        "currency_code": [c["code"] for c in t["currencies"]],
+        "language_code": [lang["code"] for lang in t["languages"]],
+    }[kind]
     same = sorted(c for c in set(codes) if c != a and c[0] == a[0])
     other = sorted(c for c in set(codes) if c != a and c[0] != a[0])
     rng.shuffle(same)

@@ -92,8 +92,10 @@ def _deb_download(src: Source, dest: Path) -> None:
             return
     mirror = debian_mirror()
     if mirror is None:
-        raise SourceUnavailable(f"could not fetch Debian package {src.spec}: apt-get has no such version and no "
-                                "Debian mirror is configured (set EDGEFT_DEBIAN_MIRROR)")
+        raise SourceUnavailable(
+            f"could not fetch Debian package {src.spec}: apt-get has no such version and no "
+            "Debian mirror is configured (set EDGEFT_DEBIAN_MIRROR)"
+        )
     url = f"{mirror}/{src.pool}"
     try:
         with urllib.request.urlopen(url, timeout=120) as r, open(dest / src.filename, "wb") as out:

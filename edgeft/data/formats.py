@@ -32,8 +32,14 @@ Messages = list[dict[str, str]]
 Record = Messages | str  # a conversation, or a raw-text document
 _ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
-    "chatgpt": "assistant", "model": "assistant", "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "system": "system",
 }
 FILE_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 Row = tuple[str, dict[str, Any]]  # (where: "file:line" or "row i", row)
@@ -96,8 +102,10 @@ def _decode(raw: bytes, path: Path, line: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise EdgeftError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                          "save the file as UTF-8") from None
+        raise EdgeftError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def read_text(path: Path) -> str:
@@ -126,13 +134,18 @@ def _read_csv(path: Path, delimiter: str) -> list[Row]:
         for rec in reader:
             where = f"{path}:{line}"
             if rec and len(rec) != len(header):
-                raise EdgeftError(f"{where}: {len(rec)} fields where the header has {len(header)} (a stray quote or "
-                                  f"delimiter?)")
+                raise EdgeftError(
+                    f"{where}: {len(rec)} fields where the header has {len(header)} (a stray quote or delimiter?)"
+                )
             for cell in rec:
-                if "\n" in cell and any(len(next(csv.reader([part], delimiter=delimiter))) == len(header) > 1
-                                         for part in cell.split("\n")[:-1]):
-                    raise EdgeftError(f"{where}: a quoted field spans lines {line}-{reader.line_num} that look like "
-                                      "rows of their own: is a closing quote missing?")
+                if "\n" in cell and any(
+                    len(next(csv.reader([part], delimiter=delimiter))) == len(header) > 1
+                    for part in cell.split("\n")[:-1]
+                ):
+                    raise EdgeftError(
+                        f"{where}: a quoted field spans lines {line}-{reader.line_num} that look like "
+                        "rows of their own: is a closing quote missing?"
+                    )
             if rec:
                 rows.append((where, dict(zip(header, rec))))
             line = reader.line_num + 1
@@ -152,7 +165,7 @@ def rows_from_dataset(ds: Any, name: str = "dataset") -> list[Row]:
 
 
 def _conversation_kind(rows: list[Row], col: str) -> str:
-    """"messages" (role/content) or "sharegpt" (from/value), from the first message found."""
+    """ "messages" (role/content) or "sharegpt" (from/value), from the first message found."""
     for _, r in rows:
         msgs = _maybe_json(r.get(col))
         if isinstance(msgs, list) and msgs and isinstance(msgs[0], dict):
@@ -208,8 +221,10 @@ def _messages(row: dict[str, Any], col: str, where: str) -> Messages:
     out = []
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise EdgeftError(f"{where}: message {j} needs string 'role' and 'content' (keys found: "
-                              f"{sorted(m) if isinstance(m, dict) else type(m).__name__})")
+            raise EdgeftError(
+                f"{where}: message {j} needs string 'role' and 'content' (keys found: "
+                f"{sorted(m) if isinstance(m, dict) else type(m).__name__})"
+            )
         if m["role"] not in _ROLES:
             raise EdgeftError(f"{where}: message {j} has role {m['role']!r}; expected one of {sorted(_ROLES)}")
         out.append({"role": m["role"], "content": m["content"]})
@@ -224,8 +239,9 @@ def standardize_sharegpt(msgs: Iterable[dict[str, Any]], where: str = "row") -> 
             raise EdgeftError(f"{where}: ShareGPT turn {j} needs string 'from' and 'value'")
         role = SHAREGPT_ROLES.get(m["from"].lower())
         if role is None:
-            raise EdgeftError(f"{where}: ShareGPT turn {j} is from {m['from']!r}; expected one of "
-                              f"{sorted(SHAREGPT_ROLES)}")
+            raise EdgeftError(
+                f"{where}: ShareGPT turn {j} is from {m['from']!r}; expected one of {sorted(SHAREGPT_ROLES)}"
+            )
         out.append({"role": role, "content": m["value"]})
     return out
 
@@ -285,8 +301,9 @@ def rows_from_hub(name: str, split: str) -> list[Row]:
     try:
         import datasets
     except ImportError:
-        raise EdgeftError(f"{name!r} is not a local file; loading hub datasets needs: pip install 'edgeft[data]'") \
-            from None
+        raise EdgeftError(
+            f"{name!r} is not a local file; loading hub datasets needs: pip install 'edgeft[data]'"
+        ) from None
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown name, bad split...

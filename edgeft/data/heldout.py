@@ -31,19 +31,40 @@ NAME = "builtin:mixed-genre"
 GENRE_CHARS = 30_000  # per genre: about 6-7k SmolLM2 tokens, 26k over the four genres
 
 SOURCES = {
-    "literature": Source("deb", "dict-devil", "1.0-13.1", "dict-devil_1.0-13.1_all.deb",
-                         "6a535684def2a1f70cd42da16d12d43f0e9dc3e54e4a329178eebab3170e3154",
-                         "public domain (Bierce, 1911; copyright expired)",
-                         "pool/main/d/dict-devil/dict-devil_1.0-13.1_all.deb"),
-    "reference": Source("deb", "dict-jargon", "4.4.7-3.1", "dict-jargon_4.4.7-3.1_all.deb",
-                        "405f8168d7994ed2cb71407bb95493daec2e9aa66fc0461dafa74a9d6728a8c1",
-                        "public domain (the Jargon File's own notice)",
-                        "pool/main/d/dict-jargon/dict-jargon_4.4.7-3.1_all.deb"),
-    "technical": Source("pypi", "docutils", "0.21.2", "docutils-0.21.2.tar.gz",
-                        "3a6b18732edf182daa3cd12775bbb338cf5691468f91eeeb109deff6ebfa986f",
-                        "public domain (Docutils' public domain dedication, COPYING.txt)"),
-    "dialogue": Source("pypi", "chatterbot-corpus", "1.3.3", "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
-                       "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154", "BSD-3-Clause"),
+    "literature": Source(
+        "deb",
+        "dict-devil",
+        "1.0-13.1",
+        "dict-devil_1.0-13.1_all.deb",
+        "6a535684def2a1f70cd42da16d12d43f0e9dc3e54e4a329178eebab3170e3154",
+        "public domain (Bierce, 1911; copyright expired)",
+        "pool/main/d/dict-devil/dict-devil_1.0-13.1_all.deb",
+    ),
+    "reference": Source(
+        "deb",
+        "dict-jargon",
+        "4.4.7-3.1",
+        "dict-jargon_4.4.7-3.1_all.deb",
+        "405f8168d7994ed2cb71407bb95493daec2e9aa66fc0461dafa74a9d6728a8c1",
+        "public domain (the Jargon File's own notice)",
+        "pool/main/d/dict-jargon/dict-jargon_4.4.7-3.1_all.deb",
+    ),
+    "technical": Source(
+        "pypi",
+        "docutils",
+        "0.21.2",
+        "docutils-0.21.2.tar.gz",
+        "3a6b18732edf182daa3cd12775bbb338cf5691468f91eeeb109deff6ebfa986f",
+        "public domain (Docutils' public domain dedication, COPYING.txt)",
+    ),
+    "dialogue": Source(
+        "pypi",
+        "chatterbot-corpus",
+        "1.3.3",
+        "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+        "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
+        "BSD-3-Clause",
+    ),
 }
 GENRES = tuple(SOURCES)
 # sha256 of each genre's extracted text (UTF-8): the extraction's regression pin
@@ -54,8 +75,14 @@ PINNED = {
     "dialogue": "9557ad3ab866a1c15b8d8a6a6a50428f144a8e8e560b7fa83a8e7ddf2e244fe4",
 }
 
-_DOCUTILS_FILES = ("docs/user/rst/quickstart.txt", "docs/howto/security.txt", "docs/dev/testing.txt",
-                   "docs/user/tools.txt", "docs/howto/i18n.txt", "docs/user/config.txt")
+_DOCUTILS_FILES = (
+    "docs/user/rst/quickstart.txt",
+    "docs/howto/security.txt",
+    "docs/dev/testing.txt",
+    "docs/user/tools.txt",
+    "docs/howto/i18n.txt",
+    "docs/user/config.txt",
+)
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
@@ -76,6 +103,7 @@ def _take(pieces: list[str], budget: int = GENRE_CHARS) -> str:
 
 def _dictd_entries(index: str, data: bytes) -> list[tuple[str, str]]:
     """(headword, entry text) of a dictd database, its ``00-database-*`` header entries left out."""
+
     def num(s: str) -> int:
         v = 0
         for c in s:
@@ -110,8 +138,13 @@ def _rst_paragraphs(text: str) -> list[str]:
     """Prose paragraphs of a reST file: no directives/comments, section underlines or field lists."""
     paras = []
     for block in re.split(r"\n\s*\n", text.replace("\r", "")):
-        lines = [ln for ln in block.splitlines() if not re.fullmatch(r"\s*([=\-~^\"'`#*+:.])\1{2,}\s*", ln)
-                 and not ln.lstrip().startswith(".. ") and ln.strip() != "__"]
+        lines = [
+            ln
+            for ln in block.splitlines()
+            if not re.fullmatch(r"\s*([=\-~^\"'`#*+:.])\1{2,}\s*", ln)
+            and not ln.lstrip().startswith(".. ")
+            and ln.strip() != "__"
+        ]
         if not lines or lines[0].lstrip().startswith(("..", ":")):
             continue
         paras.append("\n".join(ln.rstrip() for ln in lines).strip("\n"))
@@ -135,8 +168,9 @@ def _dialogue(src: Source) -> str:
 
     items = []
     with zipfile.ZipFile(fetch(src)) as zf:
-        names = sorted(n for n in zf.namelist() if n.startswith("chatterbot_corpus/data/english/")
-                       and n.endswith(".yml"))
+        names = sorted(
+            n for n in zf.namelist() if n.startswith("chatterbot_corpus/data/english/") and n.endswith(".yml")
+        )
         for name in names:
             doc = yaml.safe_load(zf.read(name).decode("utf-8")) or {}
             for i, conv in enumerate(doc.get("conversations") or []):
@@ -184,8 +218,12 @@ def load(name: str = NAME) -> HeldoutSet:
             s = SOURCES[g]
             manifest["genres"][g] = {
                 "source": f"{'PyPI' if s.kind == 'pypi' else 'Debian'} {s.package} {s.version} ({s.filename})",
-                "source_sha256": s.sha256, "licence": s.licence, "chars": len(text), "words": len(text.split()),
-                "sha256": digest, "file": f"{g}.txt",
+                "source_sha256": s.sha256,
+                "licence": s.licence,
+                "chars": len(text),
+                "words": len(text.split()),
+                "sha256": digest,
+                "file": f"{g}.txt",
             }
         with atomic_dir(dest) as tmp:
             for g, text in texts.items():

@@ -78,8 +78,7 @@ _LLAMA3 = (
 )
 
 _GEMMA3 = _with_default(
-    "{{- bos_token }}" + _SYSTEM_FIRST +
-    "{%- for m in messages %}"
+    "{{- bos_token }}" + _SYSTEM_FIRST + "{%- for m in messages %}"
     "{%- set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
     "{%- set content = (system + '\\n\\n' + m['content']) if (loop.first and system and m['role'] == 'user') "
     "else m['content'] %}"
@@ -98,8 +97,7 @@ _PHI4 = (
 
 # Mistral's current (tekken) layout: no spaces around [INST]/[/INST]; the system prompt opens the first user turn.
 _MISTRAL = _with_default(
-    "{{- bos_token }}" + _SYSTEM_FIRST +
-    "{%- for m in messages %}"
+    "{{- bos_token }}" + _SYSTEM_FIRST + "{%- for m in messages %}"
     "{%- if m['role'] == 'user' %}"
     "{{- '[INST]' + ((system + '\\n\\n') if (loop.first and system) else '') + m['content'] + '[/INST]' }}"
     "{%- else %}{{- m['content'] + eos_token }}{%- endif %}"
@@ -108,8 +106,7 @@ _MISTRAL = _with_default(
 )
 
 _ALPACA = _with_default(
-    _SYSTEM_FIRST +
-    "{%- if system %}{{- system + '\\n\\n' }}{%- endif %}"
+    _SYSTEM_FIRST + "{%- if system %}{{- system + '\\n\\n' }}{%- endif %}"
     "{%- for m in messages %}"
     "{%- if m['role'] == 'user' %}{{- '### Instruction:\\n' + m['content'] + '\\n\\n' }}"
     "{%- else %}{{- '### Response:\\n' + m['content'] + eos_token + '\\n\\n' }}{%- endif %}"
@@ -119,8 +116,7 @@ _ALPACA = _with_default(
 )
 
 _VICUNA = _with_default(
-    _SYSTEM_FIRST +
-    "{%- if system %}{{- system + ' ' }}{%- endif %}"
+    _SYSTEM_FIRST + "{%- if system %}{{- system + ' ' }}{%- endif %}"
     "{%- for m in messages %}"
     "{%- if m['role'] == 'user' %}{{- 'USER: ' + m['content'] + ' ' }}"
     "{%- else %}{{- 'ASSISTANT: ' + m['content'] + eos_token }}{%- endif %}"
@@ -133,33 +129,80 @@ _VICUNA = _with_default(
 TEMPLATES: dict[str, ChatTemplate] = {
     t.name: t
     for t in [
-        ChatTemplate("chatml", _CHATML, "<|im_end|>", ("<|im_start|>", "<|im_end|>"), None,
-                     "ChatML (<|im_start|>role ... <|im_end|>): SmolLM2, many community models"),
-        ChatTemplate("qwen2.5", _QWEN25, "<|im_end|>", ("<|im_start|>", "<|im_end|>"), None,
-                     "Qwen2.5: ChatML with Qwen's default system prompt"),
-        ChatTemplate("qwen3", _QWEN3, "<|im_end|>", ("<|im_start|>", "<|im_end|>"), None,
-                     "Qwen3 non-thinking: ChatML with an empty <think></think> block in each assistant turn"),
-        ChatTemplate("llama-3", _LLAMA3, "<|eot_id|>",
-                     ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), True,
-                     "Llama 3.x (<|start_header_id|>role<|end_header_id|> ... <|eot_id|>), BOS first"),
-        ChatTemplate("gemma-3", _GEMMA3, "<end_of_turn>", ("<start_of_turn>", "<end_of_turn>"), True,
-                     "Gemma 3 (<start_of_turn>user/model ... <end_of_turn>), system folded into the first turn"),
-        ChatTemplate("phi-4", _PHI4, "<|im_end|>", ("<|im_start|>", "<|im_sep|>", "<|im_end|>"), None,
-                     "Phi-4 (<|im_start|>role<|im_sep|> ... <|im_end|>)"),
-        ChatTemplate("mistral", _MISTRAL, "{eos}", (), True,
-                     "Mistral ([INST]user[/INST]assistant</s>), BOS first, system in the first turn"),
-        ChatTemplate("alpaca", _ALPACA, "{eos}", (), None,
-                     "Alpaca (### Instruction: / ### Response:), plain text, EOS after each response"),
-        ChatTemplate("vicuna", _VICUNA, "{eos}", (), None,
-                     "Vicuna v1.1 (USER: ... ASSISTANT: ...</s>), plain text"),
+        ChatTemplate(
+            "chatml",
+            _CHATML,
+            "<|im_end|>",
+            ("<|im_start|>", "<|im_end|>"),
+            None,
+            "ChatML (<|im_start|>role ... <|im_end|>): SmolLM2, many community models",
+        ),
+        ChatTemplate(
+            "qwen2.5",
+            _QWEN25,
+            "<|im_end|>",
+            ("<|im_start|>", "<|im_end|>"),
+            None,
+            "Qwen2.5: ChatML with Qwen's default system prompt",
+        ),
+        ChatTemplate(
+            "qwen3",
+            _QWEN3,
+            "<|im_end|>",
+            ("<|im_start|>", "<|im_end|>"),
+            None,
+            "Qwen3 non-thinking: ChatML with an empty <think></think> block in each assistant turn",
+        ),
+        ChatTemplate(
+            "llama-3",
+            _LLAMA3,
+            "<|eot_id|>",
+            ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+            True,
+            "Llama 3.x (<|start_header_id|>role<|end_header_id|> ... <|eot_id|>), BOS first",
+        ),
+        ChatTemplate(
+            "gemma-3",
+            _GEMMA3,
+            "<end_of_turn>",
+            ("<start_of_turn>", "<end_of_turn>"),
+            True,
+            "Gemma 3 (<start_of_turn>user/model ... <end_of_turn>), system folded into the first turn",
+        ),
+        ChatTemplate(
+            "phi-4",
+            _PHI4,
+            "<|im_end|>",
+            ("<|im_start|>", "<|im_sep|>", "<|im_end|>"),
+            None,
+            "Phi-4 (<|im_start|>role<|im_sep|> ... <|im_end|>)",
+        ),
+        ChatTemplate(
+            "mistral",
+            _MISTRAL,
+            "{eos}",
+            (),
+            True,
+            "Mistral ([INST]user[/INST]assistant</s>), BOS first, system in the first turn",
+        ),
+        ChatTemplate(
+            "alpaca",
+            _ALPACA,
+            "{eos}",
+            (),
+            None,
+            "Alpaca (### Instruction: / ### Response:), plain text, EOS after each response",
+        ),
+        ChatTemplate("vicuna", _VICUNA, "{eos}", (), None, "Vicuna v1.1 (USER: ... ASSISTANT: ...</s>), plain text"),
     ]
 }
 
 
 def get_template(name: str) -> ChatTemplate:
     if name not in TEMPLATES:
-        raise EdgeftError(f"unknown chat template {name!r}; choose from {', '.join(TEMPLATES)} (or omit it to use "
-                          "the model's own)")
+        raise EdgeftError(
+            f"unknown chat template {name!r}; choose from {', '.join(TEMPLATES)} (or omit it to use the model's own)"
+        )
     return TEMPLATES[name]
 
 
@@ -179,8 +222,9 @@ def adds_bos(tokenizer: Any) -> bool:
     return len(with_sp) > len(without) and with_sp[0] == bos
 
 
-def apply_template(tokenizer: Any, name: str | None, model: str = "the model",
-                   needed_by: str | None = "the data holds conversations") -> dict[str, Any]:
+def apply_template(
+    tokenizer: Any, name: str | None, model: str = "the model", needed_by: str | None = "the data holds conversations"
+) -> dict[str, Any]:
     """Install template ``name`` (None: keep the tokenizer's own) on ``tokenizer``; returns what was chosen.
 
     ``needed_by`` says which rows need a template (conversations, to render and mask: "the data holds
@@ -208,8 +252,9 @@ def apply_template(tokenizer: Any, name: str | None, model: str = "the model",
             )
     stop = tokenizer.eos_token if t.stop == "{eos}" else t.stop
     if stop is None:
-        raise EdgeftError(f"chat template {name!r} ends turns with EOS, but the tokenizer of {model} has no EOS "
-                          f"token{raw}")
+        raise EdgeftError(
+            f"chat template {name!r} ends turns with EOS, but the tokenizer of {model} has no EOS token{raw}"
+        )
     if t.bos and tokenizer.bos_token is None:
         raise EdgeftError(f"chat template {name!r} starts with BOS, but the tokenizer of {model} has no BOS token{raw}")
     bos = t.bos if t.bos is not None else adds_bos(tokenizer)

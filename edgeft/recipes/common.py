@@ -29,6 +29,10 @@ def with_prose(cfg: Any, data: tuple, is_main: bool = True) -> tuple:
     tokenizer, template, train_ex, eval_ex = data
     prose = corpus_examples(tokenizer, cfg.qat.corpus, len(train_ex), seed=cfg.optim.seed)
     if is_main:
-        log.info("QAT data: %d examples + %d chunks of generic prose (--qat-corpus %.2f)", len(train_ex), len(prose),
-                 cfg.qat.corpus)
+        log.info(
+            "QAT data: %d examples + %d chunks of generic prose (--qat-corpus %.2f)",
+            len(train_ex),
+            len(prose),
+            cfg.qat.corpus,
+        )
     return (tokenizer, template, train_ex + prose, eval_ex)

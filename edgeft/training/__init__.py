@@ -13,9 +13,27 @@ from .plots import plot_loss, read_metrics
 from .settings import Checkpointing, Evaluation, Optimization, Placement, Reporting, TrainData
 
 __all__ = [
-    "CheckpointManager", "Checkpointing", "Evaluation", "LossModule", "OPTIMIZERS", "Optimization", "Placement",
-    "Reporting", "Sampler", "TrainData", "backward_window", "build_optimizer", "build_scheduler", "evaluate_loss",
-    "list_checkpoints", "lm_loss_sum", "lr_factor", "param_groups", "plot_loss", "prepare_model", "read_metrics",
-    "save_adapter", "train_loop",
+    "CheckpointManager",
+    "Checkpointing",
+    "Evaluation",
+    "LossModule",
+    "OPTIMIZERS",
+    "Optimization",
+    "Placement",
+    "Reporting",
+    "Sampler",
+    "TrainData",
+    "backward_window",
+    "build_optimizer",
+    "build_scheduler",
+    "evaluate_loss",
+    "list_checkpoints",
+    "lm_loss_sum",
+    "lr_factor",
+    "param_groups",
+    "plot_loss",
+    "prepare_model",
+    "read_metrics",
+    "save_adapter",
+    "train_loop",
 ]
-

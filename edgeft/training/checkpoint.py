@@ -50,8 +50,10 @@ def load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor], where: st
     missing = sorted(expected - set(tensors))
     unknown = sorted(set(tensors) - set(live))
     if missing or unknown:
-        raise EdgeftError(f"{where} does not match this model: missing {missing[:3]}, unexpected {unknown[:3]} "
-                          "(resume with the configuration the run was started with)")
+        raise EdgeftError(
+            f"{where} does not match this model: missing {missing[:3]}, unexpected {unknown[:3]} "
+            "(resume with the configuration the run was started with)"
+        )
     with torch.no_grad():
         for n, t in tensors.items():
             if live[n].shape != t.shape:
@@ -100,14 +102,18 @@ def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any],
-                     defaults: dict[str, Any] | None = None) -> list[str]:
+def fingerprint_diff(
+    saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> list[str]:
     """The differing keys (nested ones as "lora.r"). A key one side lacks counts as its value in ``defaults``
     (flattened the same way): a checkpoint written before the key existed matches a run that leaves it at that."""
     a, b, d = flat_keys(saved), flat_keys(current), defaults or {}
     keys = sorted(set(a) | set(b))
-    return [f"{k}: {a.get(k, d.get(k))!r} -> {b.get(k, d.get(k))!r}" for k in keys
-            if a.get(k, d.get(k)) != b.get(k, d.get(k))]
+    return [
+        f"{k}: {a.get(k, d.get(k))!r} -> {b.get(k, d.get(k))!r}"
+        for k in keys
+        if a.get(k, d.get(k)) != b.get(k, d.get(k))
+    ]
 
 
 def _shallow_check(f: Path) -> None:
@@ -129,8 +135,14 @@ def _shallow_check(f: Path) -> None:
 class CheckpointManager:
     """Writes, rotates and reads ``step-N`` checkpoints of one training variant."""
 
-    def __init__(self, directory: str | os.PathLike, keep: int | None = None, fingerprint: dict | None = None,
-                 save_adapter: Callable[[Path], None] | None = None, defaults: dict | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        keep: int | None = None,
+        fingerprint: dict | None = None,
+        save_adapter: Callable[[Path], None] | None = None,
+        defaults: dict | None = None,
+    ) -> None:
         self.dir = Path(directory)
         self.keep = keep
         self.fingerprint = fingerprint or {}
@@ -151,9 +163,17 @@ class CheckpointManager:
     def path(self, step: int) -> Path:
         return self.dir / f"step-{step}"
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             state: dict[str, Any], rng_states: list[dict[str, Any]], tensors: dict[str, torch.Tensor] | None = None,
-             optimizer_state: dict[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        state: dict[str, Any],
+        rng_states: list[dict[str, Any]],
+        tensors: dict[str, torch.Tensor] | None = None,
+        optimizer_state: dict[str, Any] | None = None,
+    ) -> Path:
         """Write ``step-N``; ``tensors``/``optimizer_state``: gathered ones for a sharded model (FSDP)."""
         from safetensors.torch import save_file
 
@@ -172,8 +192,13 @@ class CheckpointManager:
                     self.save_adapter(tmp / "adapter")
             # each file's size: a truncated file is named on resume before anything is parsed
             sizes = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
-            meta = dict(state, step=step, fingerprint=self.fingerprint,
-                        shapes={n: list(t.shape) for n, t in tensors.items()}, sizes=sizes)
+            meta = dict(
+                state,
+                step=step,
+                fingerprint=self.fingerprint,
+                shapes={n: list(t.shape) for n, t in tensors.items()},
+                sizes=sizes,
+            )
             (tmp / CHECKPOINT_STATE).write_text(json.dumps(meta, indent=2) + "\n")
         self.rotate(state.get("best_step"))
         return dest
@@ -192,12 +217,16 @@ class CheckpointManager:
         """The error for a damaged checkpoint file: it names the file and the checkpoint to fall back on."""
         step = int(_NAME.match(file.parent.name).group(1)) if _NAME.match(file.parent.name) else None
         earlier = [p for s, p in list_checkpoints(self.dir) if step is not None and s < step]
-        offer = (f"remove {file.parent} to resume from {earlier[-1].name}" if earlier else
-                 "it is the only checkpoint: remove it to resume from the start, or train again with --overwrite")
+        offer = (
+            f"remove {file.parent} to resume from {earlier[-1].name}"
+            if earlier
+            else "it is the only checkpoint: remove it to resume from the start, or train again with --overwrite"
+        )
         return EdgeftError(f"checkpoint file {file} is damaged ({why}); {offer}")
 
-    def _read(self, file: Path, reader: Callable[[Path], Any], sizes: dict[str, int] | None = None,
-              key: str | None = None) -> Any:
+    def _read(
+        self, file: Path, reader: Callable[[Path], Any], sizes: dict[str, int] | None = None, key: str | None = None
+    ) -> Any:
         """``reader(file)``, any failure to parse (truncation, garbage) reported as :meth:`_corrupt`; ``sizes``: the
         sizes state.json recorded, by ``key`` (default the file's name)."""
         want = (sizes or {}).get(key or file.name)
@@ -210,8 +239,7 @@ class CheckpointManager:
         except EdgeftError:
             raise
         except Exception as e:  # safetensors, zip, pickle and json each raise their own types
-            raise self._corrupt(file, f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}") \
-                from None
+            raise self._corrupt(file, f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}") from None
 
     def verify_latest(self) -> None:
         """Check the newest checkpoint's files without loading them (recorded sizes, safetensors headers, the zip
@@ -231,8 +259,15 @@ class CheckpointManager:
             raise EdgeftError(f"{path} was written by a different configuration ({'; '.join(diff[:4])})")
         return state
 
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             rank: int = 0, sharded: Any = None) -> dict[str, Any]:
+    def load(
+        self,
+        path: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        rank: int = 0,
+        sharded: Any = None,
+    ) -> dict[str, Any]:
         """Restore model tensors, optimizer, scheduler and this rank's RNG from ``path``; returns its state.
 
         ``sharded``: the model's :class:`~edgeft.training.fsdp.Sharded` (FSDP); rank 0 reads the full tensors and

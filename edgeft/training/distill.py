@@ -97,8 +97,10 @@ def _fused_obstacle(student: nn.Module, teacher: nn.Module) -> str | None:
         sharded_ok = name == "teacher" and _is_fsdp(teacher)
         if not hasattr(inner, "model") or not _plain_head(inner.get_output_embeddings(), sharded_ok):
             return f"the {name}'s LM head is not a plain bias-free Linear"
-    if (transformers_model(student).get_output_embeddings().weight.shape[0]
-            != transformers_model(teacher).get_output_embeddings().weight.shape[0]):
+    if (
+        transformers_model(student).get_output_embeddings().weight.shape[0]
+        != transformers_model(teacher).get_output_embeddings().weight.shape[0]
+    ):
         return "the student's and the teacher's vocabularies differ"
     return None
 
@@ -156,8 +158,9 @@ class Distillation:
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(distill_positions(batch, self.positions).sum())
 
-    def losses(self, model: nn.Module, batch: dict[str, torch.Tensor],
-               counts: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def losses(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], counts: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed cross-entropy over labelled tokens, summed T²·KL over the distilled positions).
 
         ``counts``: the whole window's (N_targets, N_positions) that :meth:`objective` will be called with. The
@@ -174,8 +177,7 @@ class Distillation:
         with torch.no_grad():
             t = self.teacher(**_forward_kwargs(batch)).logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
-        ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                             reduction="sum")
+        ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
         mask = distill_positions(batch, self.positions)
         return ce, kl_sum(t[mask], s[mask], self.temperature)
 
@@ -193,8 +195,9 @@ class Distillation:
         inner = transformers_model(model)
         return bool(getattr(inner, "_edgeft_fused_ce", False)) or inner.get_output_embeddings().weight.is_cuda
 
-    def _fused_losses(self, model: nn.Module, batch: dict[str, torch.Tensor],
-                      counts: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fused_losses(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], counts: tuple[int, int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         from edgeft.kernels.fused_linear_kl import lm_head_kl_loss
         from edgeft.kernels.patch import head_copy_chunk_rows, lm_head_operands
 
@@ -224,10 +227,19 @@ class Distillation:
             self.teacher.unshard()  # its head whole for the kernel (the gradient is computed in the forward)
         try:
             kl, ce = lm_head_kl_loss(
-                h, w, th, t_inner.get_output_embeddings().weight, labels, mask, self.temperature,
+                h,
+                w,
+                th,
+                t_inner.get_output_embeddings().weight,
+                labels,
+                mask,
+                self.temperature,
                 softcap=getattr(inner.config, "final_logit_softcapping", None),
                 teacher_softcap=getattr(t_inner.config, "final_logit_softcapping", None),
-                kl_weight=a, ce_weight=b, chunk_rows=rows)
+                kl_weight=a,
+                ce_weight=b,
+                chunk_rows=rows,
+            )
         finally:
             if sharded:
                 self.teacher.reshard()
@@ -240,6 +252,7 @@ class Distillation:
         if not sharded:
             return t_inner.model(**kw).last_hidden_state
         box: dict[str, torch.Tensor] = {}
+
         def keep(module: nn.Module, args: Any, out: Any) -> None:  # returns None: the output stays as it is
             box["h"] = out.last_hidden_state
 
@@ -258,8 +271,9 @@ class Distillation:
         return out
 
 
-def corpus_examples(tokenizer: Any, share: float, n_examples: int, chunk: int = 128, seed: int = 0) \
-        -> list[dict[str, list[int]]]:
+def corpus_examples(
+    tokenizer: Any, share: float, n_examples: int, chunk: int = 128, seed: int = 0
+) -> list[dict[str, list[int]]]:
     """Chunks of edgeft's packaged generic prose (``assets/corpus.txt``, never the held-out text) to mix into a
     QAT run's training data: ``share`` of the mixed examples, at most every chunk the corpus has.
 

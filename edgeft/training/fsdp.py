@@ -36,11 +36,15 @@ AUTO_FSDP_SHARE = 0.5  # auto: FSDP when the DDP estimate exceeds this share of 
 def check_supported(cfg: Any) -> None:
     """One clear error line for what FSDP2 cannot shard (before any model work)."""
     if cfg.model.load_in_4bit or cfg.model.load_in_8bit:
-        raise EdgeftError("--distributed fsdp cannot shard a bitsandbytes 4-/8-bit base (its packed weights are "
-                          "not plain tensors); use --distributed ddp: a quantized base usually fits one GPU")
+        raise EdgeftError(
+            "--distributed fsdp cannot shard a bitsandbytes 4-/8-bit base (its packed weights are "
+            "not plain tensors); use --distributed ddp: a quantized base usually fits one GPU"
+        )
     if cfg.optim.optimizer in ("adamw_8bit", "paged_adamw", "paged_adamw_8bit"):
-        raise EdgeftError(f"--distributed fsdp cannot use --optim {cfg.optim.optimizer}: bitsandbytes' optimizers "
-                          "do not update sharded (DTensor) parameters; use adamw or sgd")
+        raise EdgeftError(
+            f"--distributed fsdp cannot use --optim {cfg.optim.optimizer}: bitsandbytes' optimizers "
+            "do not update sharded (DTensor) parameters; use adamw or sgd"
+        )
 
 
 def _checkpoint_params(model_dir: Path) -> int | None:
@@ -78,8 +82,14 @@ def choose(cfg: Any, model_dir: Path, world: int, device: str) -> str:
     if want == "fsdp":
         check_supported(cfg)
         return "fsdp"
-    if want == "ddp" or world <= 1 or not device.startswith("cuda") or m.load_in_4bit or m.load_in_8bit \
-            or cfg.optim.optimizer not in ("adamw", "sgd"):  # bitsandbytes: DDP only
+    if (
+        want == "ddp"
+        or world <= 1
+        or not device.startswith("cuda")
+        or m.load_in_4bit
+        or m.load_in_8bit
+        or cfg.optim.optimizer not in ("adamw", "sgd")
+    ):  # bitsandbytes: DDP only
         return "ddp"
     n = _checkpoint_params(model_dir)
     if n is None:
@@ -87,8 +97,12 @@ def choose(cfg: Any, model_dir: Path, world: int, device: str) -> str:
     need = ddp_bytes_estimate(n, cfg)
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
     strategy = "fsdp" if need > AUTO_FSDP_SHARE * total else "ddp"
-    log.info("--distributed auto: %s (%.1f GiB of weights/gradients/optimizer per GPU under DDP, GPU %.0f GiB)",
-             strategy, need / 2**30, total / 2**30)
+    log.info(
+        "--distributed auto: %s (%.1f GiB of weights/gradients/optimizer per GPU under DDP, GPU %.0f GiB)",
+        strategy,
+        need / 2**30,
+        total / 2**30,
+    )
     return strategy
 
 
@@ -114,9 +128,11 @@ def _check_uniform_trained_dtype(model: nn.Module, layers: list[nn.Module]) -> N
     for g in groups:
         dtypes = sorted({str(p.dtype).replace("torch.", "") for p in g})
         if len(dtypes) > 1:
-            raise EdgeftError(f"--distributed fsdp: one shard group would train parameters in {' and '.join(dtypes)} "
-                              "(bf16 modules_to_save next to fp32 LoRA adapters?); FSDP2 needs one dtype per group: "
-                              "use --dtype fp32 or --distributed ddp")
+            raise EdgeftError(
+                f"--distributed fsdp: one shard group would train parameters in {' and '.join(dtypes)} "
+                "(bf16 modules_to_save next to fp32 LoRA adapters?); FSDP2 needs one dtype per group: "
+                "use --dtype fp32 or --distributed ddp"
+            )
 
 
 def _has_meta(module: nn.Module) -> bool:
@@ -153,13 +169,19 @@ def _broadcast_buffers(module: nn.Module, device: str) -> None:
     """Rank 0's non-persistent buffers (rotary ``inv_freq``, ...) into every rank's module, in rank 0's dtype."""
     import torch.distributed as dist
 
-    slots = [(mod, leaf) for _, mod in module.named_modules() for leaf, b in mod._buffers.items()  # noqa: SLF001
-             if b is not None and leaf in mod._non_persistent_buffers_set]  # noqa: SLF001
+    slots = [
+        (mod, leaf)
+        for _, mod in module.named_modules()
+        for leaf, b in mod._buffers.items()  # noqa: SLF001
+        if b is not None and leaf in mod._non_persistent_buffers_set
+    ]  # noqa: SLF001
     box = [[(tuple(mod._buffers[leaf].shape), mod._buffers[leaf].dtype) for mod, leaf in slots]]  # noqa: SLF001
     dist.broadcast_object_list(box, src=0)
     if len(box[0]) != len(slots):
-        raise EdgeftError(f"--distributed fsdp: rank 0's model has {len(box[0])} non-persistent buffers, this "
-                          f"rank's {len(slots)}: the ranks built different models")
+        raise EdgeftError(
+            f"--distributed fsdp: rank 0's model has {len(box[0])} non-persistent buffers, this "
+            f"rank's {len(slots)}: the ranks built different models"
+        )
     rank0 = dist.get_rank() == 0
     for (mod, leaf), (shape, dtype) in zip(slots, box[0]):
         own = mod._buffers[leaf]  # noqa: SLF001
@@ -186,8 +208,9 @@ class Sharded:
         bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
         full = all(p.requires_grad for p in model.parameters())
         # see the module docstring: compute in what one process computes in, reduce in fp32
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if (bf16 and full) else None,
-                                  reduce_dtype=torch.float32 if bf16 else None)
+        mp = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if (bf16 and full) else None, reduce_dtype=torch.float32 if bf16 else None
+        )
         layers = decoder_layers(model)
         _check_uniform_trained_dtype(model, layers)
         full = _host_state(model, rank)
@@ -260,31 +283,39 @@ class Sharded:
             raise EdgeftError(box[0])
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        set_model_state_dict(self.model, tensors if self.rank == 0 else {},
-                             options=self._options(full_state_dict=True, broadcast_from_rank0=True, strict=False))
+        set_model_state_dict(
+            self.model,
+            tensors if self.rank == 0 else {},
+            options=self._options(full_state_dict=True, broadcast_from_rank0=True, strict=False),
+        )
 
     def _check_names(self, tensors: dict[str, torch.Tensor], live: dict[str, Any], where: str) -> None:
         missing = sorted(set(self.trained_names) - set(tensors))
         unknown = sorted(n for n in tensors if n not in live and "fake_quantizer" not in n)
         if missing or unknown:
-            raise EdgeftError(f"{where} does not match this model: missing {missing[:3]}, unexpected {unknown[:3]} "
-                              "(resume with the configuration the run was started with)")
+            raise EdgeftError(
+                f"{where} does not match this model: missing {missing[:3]}, unexpected {unknown[:3]} "
+                "(resume with the configuration the run was started with)"
+            )
 
     # -- optimizer -----------------------------------------------------------------------------------------------
     def optimizer_state(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
         """The optimizer state keyed by parameter name, whole, on the CPU of rank 0 ({} elsewhere)."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self.model, opt, options=self._options(full_state_dict=True,
-                                                                                cpu_offload=True))
+        return get_optimizer_state_dict(self.model, opt, options=self._options(full_state_dict=True, cpu_offload=True))
 
     def load_optimizer(self, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """Load rank 0's whole optimizer state (from :meth:`optimizer_state`; other ranks pass {}): each rank
         keeps the shards of its parameters."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        set_optimizer_state_dict(self.model, opt, state if self.rank == 0 else {},
-                                 options=self._options(full_state_dict=True, broadcast_from_rank0=True))
+        set_optimizer_state_dict(
+            self.model,
+            opt,
+            state if self.rank == 0 else {},
+            options=self._options(full_state_dict=True, broadcast_from_rank0=True),
+        )
 
 
 def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -294,8 +325,9 @@ def full_trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     keep = {n for n, p in model.named_parameters() if p.requires_grad}
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                              ignore_frozen_params=True))
+    sd = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    )
     return {n: t.contiguous() for n, t in sd.items() if n in keep or "fake_quantizer" in n}
 
 

@@ -44,7 +44,6 @@ from .report import Reporter
 from .settings import Checkpointing, Evaluation, Optimization, Placement, Reporting, TrainData
 
 
-
 def _dtype_name(params: list[torch.Tensor]) -> str:
     """The trained tensors' dtypes, e.g. "bf16" or "bf16+fp32" (bf16 modules_to_save beside fp32 LoRA adapters)."""
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -105,9 +104,15 @@ def _targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def backward_window(model: nn.Module, window: list[dict[str, torch.Tensor]], device: str = "cpu",
-                    dist: DistInfo | None = None, ddp: nn.Module | None = None,
-                    distill: Distillation | None = None, stats: dict[str, float] | None = None) -> tuple[float, int]:
+def backward_window(
+    model: nn.Module,
+    window: list[dict[str, torch.Tensor]],
+    device: str = "cpu",
+    dist: DistInfo | None = None,
+    ddp: nn.Module | None = None,
+    distill: Distillation | None = None,
+    stats: dict[str, float] | None = None,
+) -> tuple[float, int]:
     """Accumulate gradients of one optimizer step's micro-batches; returns (mean loss per target token, targets).
 
     Each micro-batch's summed loss is divided by the target count of the *whole* window (all processes) before
@@ -206,8 +211,14 @@ def _metrics_rows(path: Path) -> list[dict]:
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, batcher: Batcher, batch_size: int, device: str = "cpu",
-                  dist: DistInfo | None = None, sharded_root: nn.Module | None = None) -> float:
+def evaluate_loss(
+    model: nn.Module,
+    batcher: Batcher,
+    batch_size: int,
+    device: str = "cpu",
+    dist: DistInfo | None = None,
+    sharded_root: nn.Module | None = None,
+) -> float:
     """Mean loss per target token over every eval unit (sharded over processes).
 
     ``sharded_root``: the FSDP-sharded :class:`LossModule` around ``model``; every rank then runs the same number
@@ -279,23 +290,42 @@ def train_loop(
         sharded = Sharded(root, model, device, rank)  # before the optimizer: it must hold the sharded parameters
         if distill is not None:
             sharded.shard_frozen(distill.teacher)  # no rank holds the whole teacher either
-    opt = build_optimizer(model, opt_s.lr, opt_s.weight_decay, opt_s.optimizer, opt_s.embedding_lr, opt_s.scale_lr,
-                          opt_s.bf16_update, seed=seed)
-    sched = build_scheduler(opt, max_steps, warmup_steps_for(max_steps, opt_s.warmup_ratio, opt_s.warmup_steps),
-                            opt_s.schedule)
+    opt = build_optimizer(
+        model,
+        opt_s.lr,
+        opt_s.weight_decay,
+        opt_s.optimizer,
+        opt_s.embedding_lr,
+        opt_s.scale_lr,
+        opt_s.bf16_update,
+        seed=seed,
+    )
+    sched = build_scheduler(
+        opt, max_steps, warmup_steps_for(max_steps, opt_s.warmup_ratio, opt_s.warmup_steps), opt_s.schedule
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     batcher = Batcher(examples, batching, data.pad_id, data.max_seq_length, seed)
     sampler = Sampler(len(batcher), batch_size * world, seed, drop_last=world > 1)
-    eval_batcher = (Batcher(data.eval_examples, batching, data.pad_id, data.max_seq_length, seed)
-                    if data.eval_examples else None)
+    eval_batcher = (
+        Batcher(data.eval_examples, batching, data.pad_id, data.max_seq_length, seed) if data.eval_examples else None
+    )
     evaluating = eval_batcher is not None and bool(eval_steps)
-    state: dict[str, Any] = {"step": 0, "best_eval": None, "best_step": None, "bad_evals": 0, "stopped": False,
-                             "first_loss": None, "last_loss": None, "tokens": 0}
+    state: dict[str, Any] = {
+        "step": 0,
+        "best_eval": None,
+        "best_step": None,
+        "bad_evals": 0,
+        "stopped": False,
+        "first_loss": None,
+        "last_loss": None,
+        "tokens": 0,
+    }
     best_weights: dict[str, torch.Tensor] | None = None
 
     if checkpoints is not None and is_main:
         checkpoints.clean_partial()
     latest = checkpoints.latest() if (checkpoints is not None and checkpointing.resume) else None
+
     def snapshot() -> dict[str, torch.Tensor]:
         return sharded.local_state() if sharded is not None else trainable_state(model)
 
@@ -309,8 +339,11 @@ def train_loop(
         state.update(checkpoints.load(latest, model, opt, sched, rank, sharded=sharded))
         sampler.load_state_dict(state["sampler"])
         if state["best_step"] is not None and evaluating:
-            best_weights = (snapshot() if state["best_step"] == state["step"]
-                            else checkpoints.load_tensors(state["best_step"], read=sharded is None or is_main))
+            best_weights = (
+                snapshot()
+                if state["best_step"] == state["step"]
+                else checkpoints.load_tensors(state["best_step"], read=sharded is None or is_main)
+            )
             if best_weights is None:
                 raise EdgeftError(f"the best checkpoint step-{state['best_step']} is missing from {checkpoints.dir}")
     start = state["step"]
@@ -324,18 +357,29 @@ def train_loop(
     if dist is not None and sharded is None:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(LossModule(model, distill), device_ids=[torch.device(device).index]
-                                      if device.startswith("cuda") else None)
-    reporter = Reporter(total=max_steps, start=start, desc=reporting.desc, progress=reporting.progress,
-                        logging_steps=reporting.logging_steps, report_to=reporting.report_to,
-                        log_dir=reporting.log_dir, config=reporting.run_config, enabled=is_main)
+        ddp = DistributedDataParallel(
+            LossModule(model, distill), device_ids=[torch.device(device).index] if device.startswith("cuda") else None
+        )
+    reporter = Reporter(
+        total=max_steps,
+        start=start,
+        desc=reporting.desc,
+        progress=reporting.progress,
+        logging_steps=reporting.logging_steps,
+        report_to=reporting.report_to,
+        log_dir=reporting.log_dir,
+        config=reporting.run_config,
+        enabled=is_main,
+    )
     if start:
         reporter.message(f"resumed from {latest} at step {start}")
     elif checkpointing.resume:
         reporter.message("no checkpoint to resume from: training from step 0")
     if batching == "packed":
-        reporter.message(f"packing: {len(examples)} examples in {len(batcher)} rows of {data.max_seq_length} "
-                         f"tokens, {batcher.efficiency:.1%} of tokens valid")
+        reporter.message(
+            f"packing: {len(examples)} examples in {len(batcher)} rows of {data.max_seq_length} "
+            f"tokens, {batcher.efficiency:.1%} of tokens valid"
+        )
 
     def save(step: int) -> None:
         if checkpoints is None:
@@ -363,9 +407,18 @@ def train_loop(
             for _ in range(opt_s.grad_accum):
                 ids = sampler.next()
                 window.append(batcher.collate(ids[rank * batch_size : (rank + 1) * batch_size]))
-            (n_input,) = all_reduce_sum([float(sum(
-                int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in window
-            ))], dist, device)
+            (n_input,) = all_reduce_sum(
+                [
+                    float(
+                        sum(
+                            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                            for b in window
+                        )
+                    )
+                ],
+                dist,
+                device,
+            )
             extra: dict[str, float] = {}
             loss, n_target = backward_window(model, window, device, dist, ddp, distill, extra)
             if not math.isfinite(loss):
@@ -384,8 +437,14 @@ def train_loop(
             state["first_loss"] = loss if state["first_loss"] is None else state["first_loss"]
             state["last_loss"] = loss
             row: dict[str, Any] = {
-                "step": step + 1, "loss": loss, "lr": cur_lr, "grad_norm": grad_norm, "target_tokens": n_target,
-                "tokens_per_s": n_input / dt, "elapsed_s": time.perf_counter() - t_start, **extra,
+                "step": step + 1,
+                "loss": loss,
+                "lr": cur_lr,
+                "grad_norm": grad_norm,
+                "target_tokens": n_target,
+                "tokens_per_s": n_input / dt,
+                "elapsed_s": time.perf_counter() - t_start,
+                **extra,
             }
             improved = False
             if evaluating and ((step + 1) % eval_steps == 0 or step + 1 == max_steps):
@@ -399,9 +458,11 @@ def train_loop(
                     state["bad_evals"] += 1
                     if evaluation.patience and state["bad_evals"] >= evaluation.patience:
                         state["stopped"] = True
-                        reporter.message(f"early stopping at step {step + 1}: eval loss did not improve on "
-                                         f"{state['best_eval']:.4f} (step {state['best_step']}) for "
-                                         f"{state['bad_evals']} evaluations")
+                        reporter.message(
+                            f"early stopping at step {step + 1}: eval loss did not improve on "
+                            f"{state['best_eval']:.4f} (step {state['best_step']}) for "
+                            f"{state['bad_evals']} evaluations"
+                        )
             if metrics_f:
                 metrics_f.write(json.dumps(row) + "\n")
                 metrics_f.flush()
@@ -416,8 +477,7 @@ def train_loop(
         reporter.close()
         if metrics_f:
             metrics_f.close()
-    restored = (evaluating and evaluation.load_best and best_weights is not None
-                and state["best_step"] != state["step"])
+    restored = evaluating and evaluation.load_best and best_weights is not None and state["best_step"] != state["step"]
     if restored:
         restore(best_weights, f"best weights (step {state['best_step']})")
         reporter.message(f"restored the best weights: step {state['best_step']}, eval loss {state['best_eval']:.4f}")

@@ -34,8 +34,9 @@ def _quantization_config(cfg: Any, dtype: torch.dtype):
     except ImportError:
         raise EdgeftError("--load-in-4bit/--load-in-8bit need bitsandbytes: pip install 'edgeft[bnb]'") from None
     if cfg.model.load_in_4bit:
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -98,8 +99,9 @@ def _adapter_dir(path: str) -> Path:
     p = Path(path).expanduser()
     p = RunDir.adapter_of(p) or p  # an edgeft LoRA run: its trained adapter
     if not (p / "adapter_config.json").exists():
-        raise EdgeftError(f"--adapter {path}: no adapter_config.json (expected a PEFT adapter directory or an "
-                          "edgeft LoRA run)")
+        raise EdgeftError(
+            f"--adapter {path}: no adapter_config.json (expected a PEFT adapter directory or an edgeft LoRA run)"
+        )
     return p
 
 
@@ -111,15 +113,25 @@ def apply_lora(cfg: Any, model: nn.Module) -> nn.Module:
         try:
             return PeftModel.from_pretrained(model, str(path), is_trainable=True)
         except (RuntimeError, ValueError, KeyError) as e:
-            raise EdgeftError(f"--adapter {path} does not fit {cfg.model.name}: {str(e).splitlines()[0][:200]}") \
-                from None
+            raise EdgeftError(
+                f"--adapter {path} does not fit {cfg.model.name}: {str(e).splitlines()[0][:200]}"
+            ) from None
     lora = cfg.lora
     targets = target_modules(model, lora.target_modules)
     try:
-        return get_peft_model(model, LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias=lora.bias,
-            use_rslora=lora.use_rslora, modules_to_save=lora.modules_to_save or None, task_type="CAUSAL_LM",
-        ))
+        return get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=targets,
+                bias=lora.bias,
+                use_rslora=lora.use_rslora,
+                modules_to_save=lora.modules_to_save or None,
+                task_type="CAUSAL_LM",
+            ),
+        )
     except ValueError as e:
         raise EdgeftError(f"LoRA: {str(e).splitlines()[0][:240]}") from None
 
@@ -229,9 +241,14 @@ def checkpoint_mode(cfg: Any, model: nn.Module, device: str, kernels: bool) -> s
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         low = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and p.element_size() == 2)
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        # + gradients and AdamW's state, and bf16 weights' fp32 masters (training/precision.py; the pipeline always updates through them)
-        need = params + update_state_bytes(low, cfg.hardware.dtype, "master") \
-            + 3 * (trainable - low) + activation_bytes(cfg, model)
+        # + gradients and AdamW's state, and bf16 weights' fp32 masters (training/precision.py; the pipeline always
+        # updates through them)
+        need = (
+            params
+            + update_state_bytes(low, cfg.hardware.dtype, "master")
+            + 3 * (trainable - low)
+            + activation_bytes(cfg, model)
+        )
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         if need <= 0.7 * free:
             return None
@@ -240,18 +257,22 @@ def checkpoint_mode(cfg: Any, model: nn.Module, device: str, kernels: bool) -> s
         elem = 2 if cfg.hardware.dtype == "bf16" else 4
         # plain keeps each layer's input hidden state, and one layer's activations during its recompute
         tokens = cfg.optim.batch_size * cfg.data.max_seq_length
-        plain = need - act + tokens * c.hidden_size * c.num_hidden_layers * elem \
-            + act // c.num_hidden_layers
+        plain = need - act + tokens * c.hidden_size * c.num_hidden_layers * elem + act // c.num_hidden_layers
         mode = "plain" if plain <= 0.7 * free else "offload"
-        log.info("gradient checkpointing %s: about %.1f GiB needed without it, %.1f GiB free",
-                 mode, need / 2**30, free / 2**30)
+        log.info(
+            "gradient checkpointing %s: about %.1f GiB needed without it, %.1f GiB free",
+            mode,
+            need / 2**30,
+            free / 2**30,
+        )
     if not kernels:
         return "hf"  # transformers' own (on the GPU); offloading needs edgeft's patched layers
     return mode
 
 
-def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str | None = None,
-                  load_device: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def prepare_model(
+    cfg: Any, model_dir: str | Path, qat: bool = True, device: str | None = None, load_device: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """The trainable model for a resolved config: returns (model, what was done, for edgeft.json).
 
     ``device`` is where training runs (it decides ``kernels: auto``); ``load_device`` where the weights are put,
@@ -259,6 +280,7 @@ def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str
     (no weights: LoRA, kernels and QAT only restructure modules), then sharding distributes rank 0's weights.
     """
     from edgeft import qat as qatlib
+
     device = device or cfg.hardware.device
     quantized = cfg.model.load_in_4bit or cfg.model.load_in_8bit
     plan = cfg.qat.plan() if qat else None
@@ -269,10 +291,15 @@ def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = apply_lora(cfg, model)
-        if plan is not None and plan.embedding is not None and any(
-                "embed_tokens" in n and "lora_" in n for n, _ in model.named_parameters()):
-            raise EdgeftError("LoRA on embed_tokens cannot be combined with a QAT plan that quantizes embeddings "
-                              "(the merged embedding is not fake-quantized); use modules_to_save or drop it")
+        if (
+            plan is not None
+            and plan.embedding is not None
+            and any("embed_tokens" in n and "lora_" in n for n, _ in model.named_parameters())
+        ):
+            raise EdgeftError(
+                "LoRA on embed_tokens cannot be combined with a QAT plan that quantizes embeddings "
+                "(the merged embedding is not fake-quantized); use modules_to_save or drop it"
+            )
     else:
         model.requires_grad_(True)
     patched: list[str] = []
@@ -292,10 +319,16 @@ def prepare_model(cfg: Any, model_dir: str | Path, qat: bool = True, device: str
         qatlib.prepare(model, plan, cache=qat_weight_cache(cfg, model, ckpt is not None, sharded, device))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
-    info = {"kernels": patched, "gradient_checkpointing": ckpt, "qat": plan.to_dict() if plan else None, "trainable_parameters": n_train,
-            "parameters": n_all,
-            "quantized_base": "nf4" if cfg.model.load_in_4bit else ("int8" if cfg.model.load_in_8bit else None),
-            "adapter_from": str(_adapter_dir(cfg.model.adapter)) if (cfg.model.adapter and cfg.model.mode == "lora")
-            else None}
+    info = {
+        "kernels": patched,
+        "gradient_checkpointing": ckpt,
+        "qat": plan.to_dict() if plan else None,
+        "trainable_parameters": n_train,
+        "parameters": n_all,
+        "quantized_base": "nf4" if cfg.model.load_in_4bit else ("int8" if cfg.model.load_in_8bit else None),
+        "adapter_from": str(_adapter_dir(cfg.model.adapter))
+        if (cfg.model.adapter and cfg.model.mode == "lora")
+        else None,
+    }
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{n_train:,}", f"{n_all:,}", 100 * n_train / max(1, n_all))
     return model, info

@@ -32,8 +32,9 @@ def is_embedding_param(name: str) -> bool:
     return any(part in name for part in EMBEDDING_NAMES)
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, embedding_lr: float | None = None,
-                 scale_lr: float | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, embedding_lr: float | None = None, scale_lr: float | None = None
+) -> list[dict]:
     """Trainable parameters in up to four groups, (decay | no decay) x (body | embeddings), and learned QAT scales
     in a fifth; empty groups dropped."""
     groups: dict[tuple[bool, bool], list] = {}
@@ -51,23 +52,38 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, embedding_lr:
         groups.setdefault(key, []).append(p)
         names.setdefault(key, []).append(name)
     out = []
-    for (decay, emb) in [(True, False), (False, False), (True, True), (False, True)]:
+    for decay, emb in [(True, False), (False, False), (True, True), (False, True)]:
         if (decay, emb) in groups:
-            out.append({
-                "params": groups[(decay, emb)],
-                "weight_decay": weight_decay if decay else 0.0,
-                "lr": embedding_lr if emb else lr,
-                "names": names[(decay, emb)],
-            })
+            out.append(
+                {
+                    "params": groups[(decay, emb)],
+                    "weight_decay": weight_decay if decay else 0.0,
+                    "lr": embedding_lr if emb else lr,
+                    "names": names[(decay, emb)],
+                }
+            )
     if scales:
-        out.append({"params": scales, "weight_decay": 0.0, "lr": scale_lr if scale_lr is not None else lr,
-                    "names": scale_names})
+        out.append(
+            {
+                "params": scales,
+                "weight_decay": 0.0,
+                "lr": scale_lr if scale_lr is not None else lr,
+                "names": scale_names,
+            }
+        )
     return out
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, optim: str = "adamw",
-                    embedding_lr: float | None = None, scale_lr: float | None = None,
-                    bf16_update: str = "master", seed: int = 0) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    optim: str = "adamw",
+    embedding_lr: float | None = None,
+    scale_lr: float | None = None,
+    bf16_update: str = "master",
+    seed: int = 0,
+) -> torch.optim.Optimizer:
     """The optimizer over the model's trainable parameters (see the module docstring for the groups and
     ``bf16_update``); fp32 parameters only: the plain optimizer whatever ``bf16_update`` says. ``seed`` keys the
     stochastic rounding of bf16 weights from their masters (with the step: nothing to checkpoint)."""
@@ -92,8 +108,14 @@ def precision_record(opt: torch.optim.Optimizer, dtype: str | None = None) -> di
 
     if isinstance(opt, MasterWeights):
         n = sum(1 for g in opt.param_groups for p in g["params"] if p.dtype != torch.float32)
-        return {"dtype": dtype, "bf16_update": "master", "rounding": opt.rounding,
-                "optimizer": type(opt._ensure()).__name__, "master_tensors": n, "master_bytes": opt.master_bytes()}
+        return {
+            "dtype": dtype,
+            "bf16_update": "master",
+            "rounding": opt.rounding,
+            "optimizer": type(opt._ensure()).__name__,
+            "master_tensors": n,
+            "master_bytes": opt.master_bytes(),
+        }
     low = any(p.dtype != torch.float32 for g in opt.param_groups for p in g["params"])
     update = "fp32" if not low else ("stochastic" if getattr(opt, "bf16_stochastic_round", False) else "pure")
     return {"dtype": dtype, "bf16_update": update, "optimizer": type(opt).__name__}
@@ -111,8 +133,11 @@ def _optimizer(groups: list[dict], lr: float, optim: str) -> torch.optim.Optimiz
             import bitsandbytes as bnb
         except ImportError:
             raise EdgeftError(f"--optim {optim} needs bitsandbytes: pip install 'edgeft[bnb]'") from None
-        cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
-               "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[optim]
+        cls = {
+            "adamw_8bit": bnb.optim.AdamW8bit,
+            "paged_adamw": bnb.optim.PagedAdamW,
+            "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        }[optim]
         return cls(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
     raise EdgeftError(f"unknown optimizer {optim!r}; choose from {', '.join(OPTIMIZERS)}")
 

@@ -25,11 +25,18 @@ def plot_loss(curves: dict[str, list[dict]], dest: str | Path, title: str = "tra
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for label, rows in curves.items():
         if rows:
-            line, = ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label, linewidth=1.4)
+            (line,) = ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=label, linewidth=1.4)
             ev = [r for r in rows if "eval_loss" in r]
             if ev:
-                ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o--", color=line.get_color(),
-                        label=f"{label} (eval)", linewidth=1.0, markersize=3)
+                ax.plot(
+                    [r["step"] for r in ev],
+                    [r["eval_loss"] for r in ev],
+                    "o--",
+                    color=line.get_color(),
+                    label=f"{label} (eval)",
+                    linewidth=1.0,
+                    markersize=3,
+                )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean per target token)")
     ax.set_title(title)

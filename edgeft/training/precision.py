@@ -5,8 +5,9 @@
 and the exporters read), the wrapped optimizer updates the masters from the gradients, and each bf16 parameter is
 set to its master rounded stochastically (unbiased: the forward follows the masters in expectation); the run saves
 the last draw (``master-nearest``: rounded to nearest, kept for benchmarks). fp32 parameters (LoRA adapters,
-learned QAT scales) are their own masters; an fp32 run gets the plain optimizer. Checkpoints hold the masters, so a resumed run continues bit-exactly; FSDP2 gathers and scatters them
-with the moments; a checkpoint without masters starts them from its bf16 weights.
+learned QAT scales) are their own masters; an fp32 run gets the plain optimizer. Checkpoints hold the masters, so
+a resumed run continues bit-exactly; FSDP2 gathers and scatters them with the moments; a checkpoint without masters
+starts them from its bf16 weights.
 
 ``build_optimizer(..., bf16_update="pure")`` (API only, for the benchmarks) is the plain optimizer on the bf16
 weights. Why masters, and what was measured: docs/precision.md.
@@ -34,8 +35,16 @@ def _stream_seed(seed: int, step: int, tensor: int, chunk: int, extra: tuple = (
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
-def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int, step: int, tensor: int, offset: int = 0,
-                      total: int | None = None, extra: tuple = ()) -> None:
+def stochastic_round_(
+    dst: torch.Tensor,
+    src: torch.Tensor,
+    seed: int,
+    step: int,
+    tensor: int,
+    offset: int = 0,
+    total: int | None = None,
+    extra: tuple = (),
+) -> None:
     """``dst`` (bf16) = ``src`` (fp32, contiguous) rounded stochastically: up to the next bf16 number with probability
     equal to the fraction of a bf16 step ``src`` lies above the one below, so that the expected ``dst`` is ``src``.
 
@@ -110,8 +119,13 @@ class MasterWeights(torch.optim.Optimizer):
     load) are what the masters start from; ``state`` stays empty until the first step, as torch's optimizers do.
     """
 
-    def __init__(self, groups: list[dict[str, Any]], build: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
-                 rounding: str = "stochastic", seed: int = 0):
+    def __init__(
+        self,
+        groups: list[dict[str, Any]],
+        build: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
+        rounding: str = "stochastic",
+        seed: int = 0,
+    ):
         if rounding not in ("stochastic", "nearest"):
             raise ValueError(f"rounding must be 'stochastic' or 'nearest', not {rounding!r}")
         self._build = build
@@ -134,8 +148,11 @@ class MasterWeights(torch.optim.Optimizer):
             for k, v in ig.items():
                 if k != "params":
                     g.setdefault(k, v)  # the wrapped optimizer's defaults (betas, eps, ...) for state_dict
-        self._pairs = [(p, m) for g, ig in zip(self.param_groups, self.inner.param_groups)
-                       for p, m in zip(g["params"], ig["params"])]
+        self._pairs = [
+            (p, m)
+            for g, ig in zip(self.param_groups, self.inner.param_groups)
+            for p, m in zip(g["params"], ig["params"])
+        ]
         self._index = {id(p): i for i, (p, _) in enumerate(self._pairs)}  # keys each tensor's random streams
         return self.inner
 
@@ -220,8 +237,10 @@ class MasterWeights(torch.optim.Optimizer):
                 state[i] = s
         # hyperparameters from this optimizer's groups: a scheduler has set the next step's lr here, the wrapped
         # optimizer only gets it at that step
-        groups = [dict({k: v for k, v in g.items() if k != "params"}, params=ig["params"])
-                  for g, ig in zip(self.param_groups, inner["param_groups"])]
+        groups = [
+            dict({k: v for k, v in g.items() if k != "params"}, params=ig["params"])
+            for g, ig in zip(self.param_groups, inner["param_groups"])
+        ]
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -232,7 +251,8 @@ class MasterWeights(torch.optim.Optimizer):
         inner = self._ensure()
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups) or any(
-                len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)):
+            len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)
+        ):
             raise ValueError("loaded state dict's parameter groups do not match the optimizer's")
         step = int(groups[0].get(ROUND_STEP_KEY, 0))  # 0: a checkpoint from before the stochastic rounding
         ids = [i for g in groups for i in g["params"]]

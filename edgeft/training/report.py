@@ -32,8 +32,9 @@ def check_report_to(report_to: list[str]) -> None:
             try:
                 import tensorboard  # noqa: F401
             except ImportError:
-                raise EdgeftError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") \
-                    from None
+                raise EdgeftError(
+                    "--report-to tensorboard needs the tensorboard package: pip install tensorboard"
+                ) from None
         if name == "wandb":
             try:
                 import wandb  # noqa: F401
@@ -49,9 +50,19 @@ def _fmt_eta(seconds: float) -> str:
 class Reporter:
     """Progress bar or log lines, plus optional TensorBoard/W&B, for one training variant (rank 0 only)."""
 
-    def __init__(self, *, total: int, start: int, desc: str, progress: bool, logging_steps: int = 10,
-                 report_to: list[str] | tuple = (), log_dir: Path | None = None, config: dict | None = None,
-                 enabled: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        total: int,
+        start: int,
+        desc: str,
+        progress: bool,
+        logging_steps: int = 10,
+        report_to: list[str] | tuple = (),
+        log_dir: Path | None = None,
+        config: dict | None = None,
+        enabled: bool = True,
+    ) -> None:
         self.total, self.start, self.desc = total, start, desc
         self.enabled = enabled
         self.logging_steps = max(1, logging_steps)
@@ -76,8 +87,14 @@ class Reporter:
             id_file = Variant(log_dir).wandb_id
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id + "\n")
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "edgeft"), name=log_dir.name, id=run_id,
-                                    resume="allow", dir=str(log_dir), config=config or {})
+            self.wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "edgeft"),
+                name=log_dir.name,
+                id=run_id,
+                resume="allow",
+                dir=str(log_dir),
+                config=config or {},
+            )
 
     def step(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -93,8 +110,17 @@ class Reporter:
             self.bar.update(1)
         elif step % self.logging_steps == 0 or step == self.total or "eval_loss" in row:
             extra = f" | eval_loss {row['eval_loss']:.4f}" if "eval_loss" in row else ""
-            log.info("%s step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | eta %s%s", self.desc, step, self.total,
-                     row["loss"], row["lr"], row["tokens_per_s"], _fmt_eta(eta), extra)
+            log.info(
+                "%s step %d/%d | loss %.4f | lr %.2e | %.0f tok/s | eta %s%s",
+                self.desc,
+                step,
+                self.total,
+                row["loss"],
+                row["lr"],
+                row["tokens_per_s"],
+                _fmt_eta(eta),
+                extra,
+            )
         scalars = {k: row[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "eval_loss") if k in row}
         if self.tb is not None:
             for k, v in scalars.items():

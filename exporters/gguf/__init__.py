@@ -30,7 +30,19 @@ from .vocab import SPM_SPACE
 from .write import export
 
 __all__ = [
-    "ACT_QUANT_ALLOWANCE", "EXACT_BLOCK", "EXACT_FLOAT_TYPE", "EXACT_TYPES", "GREEDY_TOKENS", "QUANTS",
-    "ROPE_CHECK_TOKENS", "SPM_SPACE", "SPM_TOKENIZER_TEXTS", "VALIDATION_CHAT", "VALIDATION_TEXTS", "QuantSpec",
-    "check_tokenizer", "export", "llama3_rope_factors",
+    "ACT_QUANT_ALLOWANCE",
+    "EXACT_BLOCK",
+    "EXACT_FLOAT_TYPE",
+    "EXACT_TYPES",
+    "GREEDY_TOKENS",
+    "QUANTS",
+    "ROPE_CHECK_TOKENS",
+    "SPM_SPACE",
+    "SPM_TOKENIZER_TEXTS",
+    "VALIDATION_CHAT",
+    "VALIDATION_TEXTS",
+    "QuantSpec",
+    "check_tokenizer",
+    "export",
+    "llama3_rope_factors",
 ]

@@ -37,12 +37,42 @@ QUANTS: dict[str, QuantSpec] = {
         QuantSpec("q4_0", "MOSTLY_Q4_0", "Q4_0", "Q8_0", 0.15, 0.75, 0.80, 0.30, greedy_exact=False),
         # K-quants: llama.cpp picks each tensor's type (Q4_K_M mixes Q4_K/Q6_K; rows not a multiple of 256
         # fall back to Q5_0/Q5_1/Q8_0), so ``weight``/``output`` only describe the main type
-        QuantSpec("q4_k_m", "MOSTLY_Q4_K_M", "Q4_K", "Q6_K", 0.15, 0.75, 0.50, 0.45, greedy_exact=False,
-                  llama_ftype="LLAMA_FTYPE_MOSTLY_Q4_K_M"),
-        QuantSpec("q5_k_m", "MOSTLY_Q5_K_M", "Q5_K", "Q6_K", 0.15, 0.75, 0.45, 0.55, greedy_exact=False,
-                  llama_ftype="LLAMA_FTYPE_MOSTLY_Q5_K_M"),
-        QuantSpec("q6_k", "MOSTLY_Q6_K", "Q6_K", "Q6_K", 0.12, 0.80, 0.25, 0.70, greedy_exact=False,
-                  llama_ftype="LLAMA_FTYPE_MOSTLY_Q6_K"),
+        QuantSpec(
+            "q4_k_m",
+            "MOSTLY_Q4_K_M",
+            "Q4_K",
+            "Q6_K",
+            0.15,
+            0.75,
+            0.50,
+            0.45,
+            greedy_exact=False,
+            llama_ftype="LLAMA_FTYPE_MOSTLY_Q4_K_M",
+        ),
+        QuantSpec(
+            "q5_k_m",
+            "MOSTLY_Q5_K_M",
+            "Q5_K",
+            "Q6_K",
+            0.15,
+            0.75,
+            0.45,
+            0.55,
+            greedy_exact=False,
+            llama_ftype="LLAMA_FTYPE_MOSTLY_Q5_K_M",
+        ),
+        QuantSpec(
+            "q6_k",
+            "MOSTLY_Q6_K",
+            "Q6_K",
+            "Q6_K",
+            0.12,
+            0.80,
+            0.25,
+            0.70,
+            greedy_exact=False,
+            llama_ftype="LLAMA_FTYPE_MOSTLY_Q6_K",
+        ),
     ]
 }
 

@@ -50,9 +50,7 @@ def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _tensor_qtype(
-    gguf_name: str, arr: np.ndarray, qspec: QuantSpec, tied: bool, float_type: str | None = None
-) -> Any:
+def _tensor_qtype(gguf_name: str, arr: np.ndarray, qspec: QuantSpec, tied: bool, float_type: str | None = None) -> Any:
     """The GGML type of one tensor: norms/biases F32; output at ``qspec.output``; misfit rows fall back to F16.
 
     ``float_type`` overrides the type of every 2-D tensor (an exact export's untrained tensors).

@@ -114,8 +114,13 @@ def _spm_tokenizer_checks(tokenizer: Any) -> dict[str, tuple[list[int], bool]]:
 
 
 def _check_tokenization(
-    tokenize: Any, detokenize: Any, stored_template: str | None, tokenizer: Any, vocab_info: dict[str, Any],
-    tok_checks: dict[str, tuple[list[int], bool]], label: str,
+    tokenize: Any,
+    detokenize: Any,
+    stored_template: str | None,
+    tokenizer: Any,
+    vocab_info: dict[str, Any],
+    tok_checks: dict[str, tuple[list[int], bool]],
+    label: str,
 ) -> None:
     """llama.cpp must split each text exactly as the HF tokenizer does, detokenize SentencePiece-style pieces as
     HF decodes them, and hold the chat template intact; raises ``EdgeftError`` in one line otherwise."""
@@ -205,7 +210,7 @@ def check_tokenizer(src: str | os.PathLike) -> dict[str, Any]:
                 size = 32 * len(ids) + 64
                 out = ctypes.create_string_buffer(size)
                 n = llama_cpp.llama_detokenize(vocab, arr, len(ids), out, size, True, False)
-                return out.raw[:max(n, 0)].decode("utf-8", errors="replace")
+                return out.raw[: max(n, 0)].decode("utf-8", errors="replace")
 
             checks = _tokenizer_checks(tokenizer, vocab_info)
             stored_text = None
@@ -238,7 +243,7 @@ def _eager_greedy(model: Any, ids: list[int], n: int) -> list[int]:
     for _ in range(n):
         logits = model(input_ids=torch.tensor([out])).logits[0, -1]
         out.append(int(torch.argmax(logits)))
-    return out[len(ids):]
+    return out[len(ids) :]
 
 
 def _compare(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, int]:
@@ -278,8 +283,15 @@ def _validate(
     # exact comparison (the cache type is a runtime setting, not part of the file).
     with GgufRuntime(path, n_ctx=n_ctx, kv_cache="f32") as rt:
         if check_tokenizer:
-            _check_tokenization(rt.tokenize, lambda ids: _llama_detokenize(rt, ids),
-                                rt.metadata.get("tokenizer.chat_template"), tokenizer, vocab_info, tok_checks, label)
+            _check_tokenization(
+                rt.tokenize,
+                lambda ids: _llama_detokenize(rt, ids),
+                rt.metadata.get("tokenizer.chat_template"),
+                tokenizer,
+                vocab_info,
+                tok_checks,
+                label,
+            )
         with torch.no_grad():
             for ids in seqs:
                 x = torch.tensor([ids])

@@ -61,12 +61,17 @@ def _pre_tokenizer(tj: dict[str, Any]) -> str:
         split = steps[0]
         regex = (split.get("pattern") or {}).get("Regex")
         # the regex's matches kept whole: "Isolated", or "Removed" with invert (GPT-4o's tokenizer.json)
-        kept = split.get("behavior") == "Isolated" and not split.get("invert") or (
-            split.get("behavior") == "Removed" and split.get("invert"))
+        kept = (
+            split.get("behavior") == "Isolated"
+            and not split.get("invert")
+            or (split.get("behavior") == "Removed" and split.get("invert"))
+        )
         if kept and regex in _SPLIT_PRE:
             return _SPLIT_PRE[regex]
-    raise EdgeftError(f"GGUF export: unrecognised tokenizer pre-tokenizer {kinds} (byte-level BPE of GPT-2, "
-                      "SmolLM, Llama 3, Qwen2, Mistral tekken or GPT-4o style are supported)")
+    raise EdgeftError(
+        f"GGUF export: unrecognised tokenizer pre-tokenizer {kinds} (byte-level BPE of GPT-2, "
+        "SmolLM, Llama 3, Qwen2, Mistral tekken or GPT-4o style are supported)"
+    )
 
 
 def _vocab_by_id(tj: dict[str, Any], n_vocab: int) -> tuple[dict[int, str], dict[int, dict[str, Any]]]:
@@ -137,8 +142,8 @@ def _added_bos_eos(tokenizer: Any) -> tuple[bool, bool]:
     tokenizer_config.json says)."""
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
-    add_bos = len(full) > len(plain) and full[0] == tokenizer.bos_token_id and full[1:1 + len(plain)] == plain
-    add_eos = len(full) > len(plain) and full[-1] == tokenizer.eos_token_id and full[-1 - len(plain):-1] == plain
+    add_bos = len(full) > len(plain) and full[0] == tokenizer.bos_token_id and full[1 : 1 + len(plain)] == plain
+    add_eos = len(full) > len(plain) and full[-1] == tokenizer.eos_token_id and full[-1 - len(plain) : -1] == plain
     if len(full) - len(plain) != int(add_bos) + int(add_eos):
         raise EdgeftError("GGUF export: the tokenizer adds special tokens other than BOS/EOS; not supported")
     return add_bos, add_eos
@@ -194,13 +199,13 @@ def _spm_space_prefix(tokenizer: Any) -> bool:
     marker = tokenizer.eos_token or tokenizer.bos_token
     if marker:
         after = pieces(marker + "a")
-        if after.startswith(marker) and after[len(marker):].startswith(SPM_SPACE) != prefix:
+        if after.startswith(marker) and after[len(marker) :].startswith(SPM_SPACE) != prefix:
             raise EdgeftError(
                 "GGUF export: the HF tokenizer adds its \u2581 prefix at the start of a text but not after a special "
                 "token (non-legacy Llama tokenizer, Metaspace prepend_scheme 'first'); llama.cpp's SPM tokenizer "
                 "adds it after every special token; not representable"
-                if prefix else
-                "GGUF export: the HF tokenizer adds a \u2581 prefix after special tokens only; not representable"
+                if prefix
+                else "GGUF export: the HF tokenizer adds a \u2581 prefix after special tokens only; not representable"
             )
     return prefix
 
@@ -215,9 +220,7 @@ def _spm_scores_from_model(path: Path, by_id: dict[int, str], n_vocab: int) -> t
     try:
         from sentencepiece import SentencePieceProcessor
     except ImportError:
-        raise EdgeftError(
-            f"GGUF export: reading {path.name} needs sentencepiece: pip install sentencepiece"
-        ) from None
+        raise EdgeftError(f"GGUF export: reading {path.name} needs sentencepiece: pip install sentencepiece") from None
     try:
         sp = SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as e:
@@ -231,11 +234,15 @@ def _spm_scores_from_model(path: Path, by_id: dict[int, str], n_vocab: int) -> t
             )
         scores[i] = float(sp.get_score(i))
         types[i] = (
-            gguf.TokenType.UNKNOWN if sp.is_unknown(i) else
-            gguf.TokenType.CONTROL if sp.is_control(i) else
-            gguf.TokenType.UNUSED if sp.is_unused(i) else
-            gguf.TokenType.BYTE if sp.is_byte(i) else
-            gguf.TokenType.NORMAL
+            gguf.TokenType.UNKNOWN
+            if sp.is_unknown(i)
+            else gguf.TokenType.CONTROL
+            if sp.is_control(i)
+            else gguf.TokenType.UNUSED
+            if sp.is_unused(i)
+            else gguf.TokenType.BYTE
+            if sp.is_byte(i)
+            else gguf.TokenType.NORMAL
         )
     return scores, types
 
@@ -253,9 +260,7 @@ def _spm_scores_from_merges(model: dict[str, Any], by_id: dict[int, str]) -> dic
     return {i: (-float(rank[t]) if t in rank else floor) for i, t in by_id.items()}
 
 
-def _add_vocab_spm(
-    writer: Any, src: Path, cfg: dict[str, Any], tokenizer: Any, tj: dict[str, Any]
-) -> dict[str, Any]:
+def _add_vocab_spm(writer: Any, src: Path, cfg: dict[str, Any], tokenizer: Any, tj: dict[str, Any]) -> dict[str, Any]:
     """tokenizer.ggml.model = llama: tokens, scores and types for llama.cpp's SPM tokenizer."""
     import gguf
 
@@ -302,8 +307,13 @@ def _add_vocab_spm(
         text = by_id[i]
         # a non-special added run of U+2581 that BPE merges also make (Gemma 3's "▁▁▁") is a piece to llama.cpp
         # too: merged by score and written back as spaces (typed user-defined, llama.cpp would write "▁▁▁")
-        piece = (i in added and not added[i].get("special") and model["vocab"].get(text) == i and text in merged
-                 and SPM_SPACE in text)
+        piece = (
+            i in added
+            and not added[i].get("special")
+            and model["vocab"].get(text) == i
+            and text in merged
+            and SPM_SPACE in text
+        )
         if i in added and not piece:
             # added tokens are matched in the raw text before any SentencePiece processing, in llama.cpp as in HF
             if i == unk_id:
@@ -346,6 +356,11 @@ def _add_vocab_spm(
             special.special_token_ids[kind] = int(tid)
     add_bos, add_eos = _write_special(writer, special, tokenizer)
     return {
-        "model": "llama", "pre": "default", "scores_from": source, "add_bos": add_bos, "add_eos": add_eos,
-        "add_space_prefix": add_space_prefix, "chat_template": special.chat_template,
+        "model": "llama",
+        "pre": "default",
+        "scores_from": source,
+        "add_bos": add_bos,
+        "add_eos": add_eos,
+        "add_space_prefix": add_space_prefix,
+        "chat_template": special.chat_template,
     }

@@ -61,7 +61,15 @@ def export(
     with atomic_path(out_path) as tmp:
         if qspec.llama_ftype is None:
             vocab_info, tensors = _write_file(
-                tmp, model, tokenizer, cfg, arch, qspec, src, skip_permute=_skip_qk_permute, corrupt=_corrupt,
+                tmp,
+                model,
+                tokenizer,
+                cfg,
+                arch,
+                qspec,
+                src,
+                skip_permute=_skip_qk_permute,
+                corrupt=_corrupt,
                 exact=exact,
             )
         else:
@@ -146,8 +154,9 @@ def _write_file(
     rope, warnings = _add_metadata(writer, cfg, arch, qspec, src, model)
     writer.add_name(_gguf_name(src, tokenizer))
     vocab_info = _add_vocab(writer, src, cfg, tokenizer)
-    tensors = _add_tensors(writer, model, cfg, arch, qspec, skip_permute=skip_permute, corrupt=corrupt, exact=exact,
-                           generated=rope.tensors)
+    tensors = _add_tensors(
+        writer, model, cfg, arch, qspec, skip_permute=skip_permute, corrupt=corrupt, exact=exact, generated=rope.tensors
+    )
     tensors.rope, tensors.warnings = rope, warnings
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -212,8 +221,18 @@ def _write_k_quant(
         # the conversion itself is proven at F32 first: llama.cpp's quantizer is trusted, our writer is not
         reference = _reference_model(model, written.reference)
         written.reference.clear()
-        _validate(base, model, reference, tokenizer, QUANTS["f32"], act_quant, vocab_info,
-                  label=f"{path.name} (f32 before {qspec.name})", check_tokenizer=False, rope=written.rope)
+        _validate(
+            base,
+            model,
+            reference,
+            tokenizer,
+            QUANTS["f32"],
+            act_quant,
+            vocab_info,
+            label=f"{path.name} (f32 before {qspec.name})",
+            check_tokenizer=False,
+            rope=written.rope,
+        )
         del reference
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, qspec.llama_ftype)

@@ -4,19 +4,35 @@ import json
 
 import pytest
 
-from edgeft.data import (encode_dataset, encode_text, extend_conversations, load_records, merge_columns,
-                         split_train_eval, standardize_sharegpt)
+from edgeft.data import (
+    encode_dataset,
+    encode_text,
+    extend_conversations,
+    load_records,
+    merge_columns,
+    split_train_eval,
+    standardize_sharegpt,
+)
 from edgeft.data.formats import looks_like_hub_name
 from edgeft.errors import EdgeftError
 
-CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-        {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"},
-        {"role": "assistant", "content": "6"}]
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "3+3?"},
+    {"role": "assistant", "content": "6"},
+]
 
 
 def test_sharegpt_is_standardised_to_messages(tmp_path):
-    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "2+2?"},
-             {"from": "gpt", "value": "4"}, {"from": "human", "value": "3+3?"}, {"from": "gpt", "value": "6"}]
+    turns = [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "2+2?"},
+        {"from": "gpt", "value": "4"},
+        {"from": "human", "value": "3+3?"},
+        {"from": "gpt", "value": "6"},
+    ]
     p = tmp_path / "s.jsonl"
     p.write_text(json.dumps({"conversations": turns}) + "\n")
     assert load_records(str(p)) == [CONV]
@@ -49,8 +65,9 @@ def test_multi_turn_messages_with_system_in_every_file_type(tmp_path):
 def test_datasets_object_and_prompt_completion_and_tsv(tmp_path):
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_list([{"prompt": "Capital of France?", "completion": "Paris"}])
-    assert load_records(ds) == [[{"role": "user", "content": "Capital of France?"},
-                                 {"role": "assistant", "content": "Paris"}]]
+    assert load_records(ds) == [
+        [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris"}]
+    ]
     (tmp_path / "a.tsv").write_text("instruction\tinput\toutput\nAdd\t1 2\t3\n")
     assert load_records(str(tmp_path / "a.tsv"))[0][0]["content"] == "Add\n\n1 2"
 
@@ -95,12 +112,15 @@ def test_column_merge_drops_empty_optional_parts():
     assert merge_columns([("r", {"a": "1", "o": "x"})], "{{literal}} {a}", "o", "t")[0][0]["content"] == "{literal} 1"
 
 
-@pytest.mark.parametrize("template,output,expected", [
-    ("Age {Agee}", "Survived", r"column\(s\) \['Agee'\] not found \(columns found: \['Age', 'Embarked', 'Fare', "),
-    ("Age {Age}", "Survivd", r"\['Survivd'\] not found"),
-    ("Age [[{Age}", "Survived", r"'\[\[' without a matching '\]\]'"),
-    ("no columns", "Survived", r"names no column"),
-])
+@pytest.mark.parametrize(
+    "template,output,expected",
+    [
+        ("Age {Agee}", "Survived", r"column\(s\) \['Agee'\] not found \(columns found: \['Age', 'Embarked', 'Fare', "),
+        ("Age {Age}", "Survivd", r"\['Survivd'\] not found"),
+        ("Age [[{Age}", "Survived", r"'\[\[' without a matching '\]\]'"),
+        ("no columns", "Survived", r"names no column"),
+    ],
+)
 def test_column_merge_errors(template, output, expected):
     rows = [(f"row {i}", r) for i, r in enumerate(TITANIC, 1)]
     with pytest.raises(EdgeftError, match=expected):
@@ -109,20 +129,37 @@ def test_column_merge_errors(template, output, expected):
 
 def test_conversation_extension_merges_seeded_rows(tmp_path):
     p = tmp_path / "t.csv"
-    p.write_text("Embarked,Age,Fare,Survived\n" + "\n".join(
-        f"{r['Embarked']},{r['Age'] or ''},{'' if r['Fare'] != r['Fare'] else r['Fare']},{r['Survived']}"
-        for r in TITANIC) + "\n")
+    p.write_text(
+        "Embarked,Age,Fare,Survived\n"
+        + "\n".join(
+            f"{r['Embarked']},{r['Age'] or ''},{'' if r['Fare'] != r['Fare'] else r['Fare']},{r['Survived']}"
+            for r in TITANIC
+        )
+        + "\n"
+    )
     one = load_records(str(p), prompt_template=TEMPLATE, output_column="Survived")
-    three = load_records(str(p), prompt_template=TEMPLATE, output_column="Survived", conversation_extension=3,
-                         system_prompt="You predict survival.", seed=1)
+    three = load_records(
+        str(p),
+        prompt_template=TEMPLATE,
+        output_column="Survived",
+        conversation_extension=3,
+        system_prompt="You predict survival.",
+        seed=1,
+    )
     assert len(three) == len(one)
     for i, conv in enumerate(three):
         assert conv[0] == {"role": "system", "content": "You predict survival."}
         assert [m["role"] for m in conv[1:]] == ["user", "assistant"] * 3
         assert conv[1:3] == one[i]  # each conversation opens with its own row
         assert all(conv[k : k + 2] in one for k in (3, 5))  # followed by whole other rows
-    assert three == load_records(str(p), prompt_template=TEMPLATE, output_column="Survived",
-                                 conversation_extension=3, system_prompt="You predict survival.", seed=1)
+    assert three == load_records(
+        str(p),
+        prompt_template=TEMPLATE,
+        output_column="Survived",
+        conversation_extension=3,
+        system_prompt="You predict survival.",
+        seed=1,
+    )
     assert extend_conversations(one, 1, 0) == one
 
 

@@ -55,6 +55,7 @@ def test_each_genre_extracts_to_its_pinned_text_and_the_manifest_records_it(tmp_
         assert m["sha256"] == heldout.PINNED[g] == hashlib.sha256(hs.texts[g].encode()).hexdigest()
         assert m["licence"] and m["source_sha256"] == heldout.SOURCES[g].sha256
         assert 3500 <= m["words"] == len(hs.texts[g].split()) and m["chars"] <= heldout.GENRE_CHARS
+
     # not derived from the packaged prose: no 8-word run of the speeches appears in any genre
     def shingles(text):
         w = re.findall(r"[a-z']+", text.lower())

@@ -7,8 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from edgeft.arch import kernel_specs
-from edgeft.data import (IGNORE_INDEX, Batcher, collate, collate_flat, encode_dataset, load_conversations, pack,
-                         pack_documents, sequences)
+from edgeft.data import (
+    IGNORE_INDEX,
+    Batcher,
+    collate,
+    collate_flat,
+    encode_dataset,
+    load_conversations,
+    pack,
+    pack_documents,
+    sequences,
+)
 from edgeft.data.batching import packing_efficiency
 from edgeft.models import load_model, resolve_model
 from edgeft.training import lm_loss_sum
@@ -84,8 +93,10 @@ def test_no_contamination_across_packed_examples(tiny):
     model, _, examples = tiny
     rows = [dict(ex) for ex in examples[:3]]
     base = _token_losses(model, collate_flat(rows))
-    rows[0] = {"input_ids": [t if i == 0 else (t * 7 + 13) % 8000 for i, t in enumerate(rows[0]["input_ids"])],
-               "labels": rows[0]["labels"]}
+    rows[0] = {
+        "input_ids": [t if i == 0 else (t * 7 + 13) % 8000 for i, t in enumerate(rows[0]["input_ids"])],
+        "labels": rows[0]["labels"],
+    }
     changed = _token_losses(model, collate_flat(rows))
     k = len(rows[0]["input_ids"])
     torch.testing.assert_close(changed[k - 1 :], base[k - 1 :], rtol=1e-5, atol=1e-5)

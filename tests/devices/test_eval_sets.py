@@ -36,8 +36,9 @@ def test_eval_reads_facts_and_mixed_genre_and_reports_perplexity_per_genre(tmp_p
     run.config_file.write_text(dump_yaml(TrainConfig(model="tiny-llama", qat="int8-int4")))
     # every variant is the float tiny-llama: the evaluator's path, on a model whose numbers are known here
     monkeypatch.setattr(ev, "_variant_sources", lambda run: {v: (model_dir, model_dir) for v in ev.VARIANTS})
-    report = ev.evaluate_run(run.root, runtimes=["eager"], data=data, ppl_tokens=96, ppl_chunk=64,
-                             max_new_tokens=4, progress=False)
+    report = ev.evaluate_run(
+        run.root, runtimes=["eager"], data=data, ppl_tokens=96, ppl_chunk=64, max_new_tokens=4, progress=False
+    )
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()

@@ -30,8 +30,21 @@ def questions(n: int, groups: list[tuple[int, tuple[int, int, int]]]) -> dict[st
 def check_schema(rec: dict) -> None:
     """One recovery entry of report.json: the keys every consumer reads, with their types, through a JSON round trip."""
     assert json.loads(json.dumps(rec)) == rec
-    assert set(rec) >= {"point", "interval", "resolved", "reason", "values", "ptq_loss", "ptq_loss_interval", "n",
-                        "unit", "level", "resamples", "seed", "undefined_share"}
+    assert set(rec) >= {
+        "point",
+        "interval",
+        "resolved",
+        "reason",
+        "values",
+        "ptq_loss",
+        "ptq_loss_interval",
+        "n",
+        "unit",
+        "level",
+        "resamples",
+        "seed",
+        "undefined_share",
+    }
     assert rec["point"] is None or type(rec["point"]) is float
     assert rec["interval"] is None or (len(rec["interval"]) == 2 and all(type(x) is float for x in rec["interval"]))
     assert type(rec["resolved"]) is bool and rec["resolved"] == (rec["reason"] is None)
@@ -70,8 +83,10 @@ def test_ptq_loses_40_of_200_and_qat_recovers_36():
     assert R.describe(rec) == f"90% (95% CI {100 * lo:.0f}% to {100 * hi:.0f}%)"
     # deterministic: the same seed gives the same interval; another seed a different one
     assert R.accuracy_recovery(questions(200, [(110, (1, 1, 1)), (36, (1, 0, 1)), (4, (1, 0, 0))])) == rec
-    assert R.accuracy_recovery(questions(200, [(110, (1, 1, 1)), (36, (1, 0, 1)), (4, (1, 0, 0))]),
-                               seed=1)["interval"] != rec["interval"]
+    assert (
+        R.accuracy_recovery(questions(200, [(110, (1, 1, 1)), (36, (1, 0, 1)), (4, (1, 0, 0))]), seed=1)["interval"]
+        != rec["interval"]
+    )
 
 
 def test_the_edge_cases_of_the_rule():
@@ -140,8 +155,9 @@ def test_perplexity_resamples_chunks():
     assert rec["resolved"] and rec["interval"][0] < rec["point"] < rec["interval"][1]
     same = R.perplexity_recovery({v: nll["bf16"] for v in R.VARIANTS}, tokens)
     assert same["reason"] == "ptq_within_noise"
-    assert R.describe(same, perplexity=True) == (f"not resolved (PTQ within noise of BF16: BF16 {p['bf16']:.2f}, "
-                                                 f"PTQ {p['bf16']:.2f}, 8 chunks of 2040 tokens)")
+    assert R.describe(same, perplexity=True) == (
+        f"not resolved (PTQ within noise of BF16: BF16 {p['bf16']:.2f}, PTQ {p['bf16']:.2f}, 8 chunks of 2040 tokens)"
+    )
 
 
 class LogitsRuntime:
@@ -169,18 +185,36 @@ def _fabricated(n_mc: int = 30) -> tuple[list[dict], list[dict]]:
     200, QAT recovers 36), multiple choice one question apart on ``n_mc``, perplexity per chunk."""
     exact = questions(200, [(110, (1, 1, 1)), (36, (1, 0, 1)), (4, (1, 0, 0))])
     mc = questions(n_mc, [(20, (1, 1, 1)), (2, (1, 0, 0)), (1, (0, 1, 1)), (2, (1, 1, 0))])
-    nll = {"bf16": [1020.0, 990.0, 1005.0, 1010.0], "ptq": [1120.0, 1100.0, 1090.0, 1130.0],
-           "qat": [1040.0, 1010.0, 1020.0, 1040.0]}
+    nll = {
+        "bf16": [1020.0, 990.0, 1005.0, 1010.0],
+        "ptq": [1120.0, 1100.0, 1090.0, 1130.0],
+        "qat": [1040.0, 1010.0, 1020.0, 1040.0],
+    }
     results, rows = [], []
     for v in R.VARIANTS:
-        results.append({"variant": v, "runtime": "eager", "perplexity": math.exp(sum(nll[v]) / 1020),
-                        "ppl_chunks": {"nll": nll[v], "tokens": [255] * 4}, "accuracy": sum(exact[v]) / 200,
-                        "mc_accuracy": sum(mc[v]) / n_mc, "n_tasks": 200, "n_mc": n_mc, "size_mb": 1.0,
-                        "tokens_per_s": 1.0, "artifact": "x"})
-        rows += [{"variant": v, "runtime": "eager", "kind": "exact", "index": i, "id": f"e{i}", "correct": ok}
-                 for i, ok in enumerate(exact[v])]
-        rows += [{"variant": v, "runtime": "eager", "kind": "mc", "index": i, "id": f"m{i}", "correct": ok}
-                 for i, ok in enumerate(mc[v])]
+        results.append(
+            {
+                "variant": v,
+                "runtime": "eager",
+                "perplexity": math.exp(sum(nll[v]) / 1020),
+                "ppl_chunks": {"nll": nll[v], "tokens": [255] * 4},
+                "accuracy": sum(exact[v]) / 200,
+                "mc_accuracy": sum(mc[v]) / n_mc,
+                "n_tasks": 200,
+                "n_mc": n_mc,
+                "size_mb": 1.0,
+                "tokens_per_s": 1.0,
+                "artifact": "x",
+            }
+        )
+        rows += [
+            {"variant": v, "runtime": "eager", "kind": "exact", "index": i, "id": f"e{i}", "correct": ok}
+            for i, ok in enumerate(exact[v])
+        ]
+        rows += [
+            {"variant": v, "runtime": "eager", "kind": "mc", "index": i, "id": f"m{i}", "correct": ok}
+            for i, ok in enumerate(mc[v])
+        ]
     return results, rows
 
 

@@ -19,9 +19,30 @@ SIZE_MARGIN = 0.01
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fit") / "t"
-    rc = main(["train", "--model", "tiny-llama", "--data", "builtin:tasks", "--qat", "auto", "--device", "pixel-8",
-               "--max-size", "6", "--context", "512", "--max-steps", "2", "--batch-size", "4", "--out", str(out),
-               "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            "tiny-llama",
+            "--data",
+            "builtin:tasks",
+            "--qat",
+            "auto",
+            "--device",
+            "pixel-8",
+            "--max-size",
+            "6",
+            "--context",
+            "512",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     return out
 
@@ -47,7 +68,8 @@ def test_the_plan_is_mixed_and_trained_exactly(run):
     assert main(["convert", "--run", str(run)]) == 0  # a later convert reads the plan from the run too
     for root in (run, run / "baseline"):
         assert sorted(json.loads((root / "converted" / "scheme.json").read_text())["int8_linears"]) == sorted(
-            plan.int8_modules)
+            plan.int8_modules
+        )
 
 
 def test_artifacts_match_the_size_model_and_fit(run, capsys):
@@ -70,13 +92,16 @@ def test_artifacts_match_the_size_model_and_fit(run, capsys):
     assert all(t["name"] in listed for t in plan.tensors)
 
 
-@pytest.mark.parametrize("argv, msg", [
-    (["--qat", "auto", "--device", "android-4gb", "--max-size", "3"], "no plan fits the budget: the smallest"),
-    (["--max-size", "3"], "needs --qat auto"),
-    (["--qat", "auto"], "needs a budget"),
-    (["--qat", "auto", "--device", "pixel-8", "--qat-int8", "down_proj"], "chooses the int8 linears"),
-    (["--qat", "auto", "--max-size", "9", "--min-decode", "20"], "--min-decode needs --device"),
-])
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["--qat", "auto", "--device", "android-4gb", "--max-size", "3"], "no plan fits the budget: the smallest"),
+        (["--max-size", "3"], "needs --qat auto"),
+        (["--qat", "auto"], "needs a budget"),
+        (["--qat", "auto", "--device", "pixel-8", "--qat-int8", "down_proj"], "chooses the int8 linears"),
+        (["--qat", "auto", "--max-size", "9", "--min-decode", "20"], "--min-decode needs --device"),
+    ],
+)
 def test_bad_budgets_fail_before_anything_is_written(tmp_path, capsys, argv, msg):
     out = tmp_path / "r"
     assert main(["train", "--model", "tiny-llama", "--max-steps", "1", "--out", str(out), *argv]) == 2

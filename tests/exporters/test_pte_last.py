@@ -66,7 +66,11 @@ def test_last_program_is_written_beside_and_validated(pair, name):
     with PteRuntime(full["path"]) as a, PteRuntime(last["path"]) as b:
         assert a.full_logits and not b.full_logits
         assert (a.max_seq_len, a.max_context_len, a.vocab_size, a.eos_ids) == (
-            b.max_seq_len, b.max_context_len, b.vocab_size, b.eos_ids)
+            b.max_seq_len,
+            b.max_context_len,
+            b.vocab_size,
+            b.eos_ids,
+        )
         # the raw program output: [1, n, vocab] against [1, 1, vocab]
         ids = torch.tensor([[1, 5, 9, 13]], dtype=torch.long)
         pos = torch.arange(4, dtype=torch.long)

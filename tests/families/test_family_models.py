@@ -34,16 +34,28 @@ TARGETS = {
 }
 # the released configs' distinguishing keys, as transformers writes them back
 KEYS = {
-    "tiny-llama-3.2": {"rope_parameters.rope_type": "llama3", "rope_parameters.factor": 32.0,
-                       "tie_word_embeddings": True, "vocab_size": 128256},
+    "tiny-llama-3.2": {
+        "rope_parameters.rope_type": "llama3",
+        "rope_parameters.factor": 32.0,
+        "tie_word_embeddings": True,
+        "vocab_size": 128256,
+    },
     "tiny-qwen2.5": {"tie_word_embeddings": True, "vocab_size": 151936},
     "tiny-qwen3-0.6b": {"head_dim": 32, "num_attention_heads": 4, "hidden_size": 64, "vocab_size": 151936},
-    "tiny-gemma-3-270m": {"query_pre_attn_scalar": 32, "sliding_window": 32, "vocab_size": 262144,
-                          "rope_parameters.sliding_attention.rope_theta": 10000.0,
-                          "rope_parameters.full_attention.rope_theta": 1000000.0},
+    "tiny-gemma-3-270m": {
+        "query_pre_attn_scalar": 32,
+        "sliding_window": 32,
+        "vocab_size": 262144,
+        "rope_parameters.sliding_attention.rope_theta": 10000.0,
+        "rope_parameters.full_attention.rope_theta": 1000000.0,
+    },
     "tiny-phi-3": {"vocab_size": 32064, "tie_word_embeddings": False, "sliding_window": 2047},
-    "tiny-phi-4-mini": {"partial_rotary_factor": 0.75, "rope_parameters.rope_type": "longrope",
-                        "tie_word_embeddings": True, "vocab_size": 200064},
+    "tiny-phi-4-mini": {
+        "partial_rotary_factor": 0.75,
+        "rope_parameters.rope_type": "longrope",
+        "tie_word_embeddings": True,
+        "vocab_size": 200064,
+    },
     "tiny-mistral-nemo": {"head_dim": 32, "num_attention_heads": 4, "hidden_size": 64, "vocab_size": 131072},
 }
 
@@ -92,17 +104,26 @@ def test_prompt_format_fills_to_the_hf_rendering(name):
     fmt = derive(tok)
     for system, prompt in (("", "Name two colours."), ("Reply in French.", "Good morning, how are you?")):
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        want = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
-                   add_special_tokens=False)["input_ids"]
+        want = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), add_special_tokens=False)[
+            "input_ids"
+        ]
         # what ExecuTorch's runner encodes: num_bos BOS tokens, then the filled format with special tokens parsed
-        got = [tok.bos_token_id] * fmt["num_bos"] + tok(fill(fmt, prompt, system), add_special_tokens=False)["input_ids"]
+        got = [tok.bos_token_id] * fmt["num_bos"] + tok(fill(fmt, prompt, system), add_special_tokens=False)[
+            "input_ids"
+        ]
         assert got == want
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_gguf_tokenizer_tokenizes_as_hf_on_llama_cpp(name):
     report = gguf.check_tokenizer(family_dir(name))
-    want_pre = {"tiny-llama-3.2": "llama-bpe", "tiny-qwen2.5": "qwen2", "tiny-qwen3-0.6b": "qwen2",
-                "tiny-gemma-3-270m": "default", "tiny-phi-3": "default", "tiny-phi-4-mini": "gpt-4o",
-                "tiny-mistral-nemo": "tekken"}[name]
+    want_pre = {
+        "tiny-llama-3.2": "llama-bpe",
+        "tiny-qwen2.5": "qwen2",
+        "tiny-qwen3-0.6b": "qwen2",
+        "tiny-gemma-3-270m": "default",
+        "tiny-phi-3": "default",
+        "tiny-phi-4-mini": "gpt-4o",
+        "tiny-mistral-nemo": "tekken",
+    }[name]
     assert report["pre"] == want_pre and report["strings"] >= 3

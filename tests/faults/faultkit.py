@@ -14,8 +14,19 @@ from edgeft.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 # tiny-llama, one thread, no progress bar: every training command of the suite costs a second or two
-TRAIN = ["train", "--model", "tiny-llama", "--lora", "--batch-size", "2", "--max-seq-length", "128", "--threads", "1",
-         "--no-progress"]
+TRAIN = [
+    "train",
+    "--model",
+    "tiny-llama",
+    "--lora",
+    "--batch-size",
+    "2",
+    "--max-seq-length",
+    "128",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
 def snapshot(*roots: str | os.PathLike) -> dict[str, str]:
@@ -53,8 +64,13 @@ def assert_one_error(argv: list[str], capsys, expected: str | list[str], code: i
 
 
 def env(**extra: str) -> dict[str, str]:
-    e = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    e = {
+        **os.environ,
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
     e.setdefault("EDGEFT_CACHE", str(REPO / ".cache" / "edgeft"))
     e.update(extra)
     return e
@@ -65,8 +81,15 @@ def popen(argv: list[str], cwd: str | os.PathLike, stderr: Path | None = None, *
     a file to write it to (watchable while it runs), else a pipe."""
     err = open(stderr, "w") if stderr is not None else subprocess.PIPE
     try:
-        return subprocess.Popen([sys.executable, "-m", "edgeft", *argv], cwd=cwd, env=env(), stdout=subprocess.DEVNULL,
-                                stderr=err, text=True, **kw)
+        return subprocess.Popen(
+            [sys.executable, "-m", "edgeft", *argv],
+            cwd=cwd,
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            text=True,
+            **kw,
+        )
     finally:
         if stderr is not None:
             err.close()

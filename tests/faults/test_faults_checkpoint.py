@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from faultkit import TRAIN, assert_one_error, rows, run_cli, snapshot
+from faultkit import assert_one_error, rows, run_cli, snapshot
 
 
 @pytest.fixture
@@ -39,16 +39,21 @@ def test_damaged_checkpoint_names_the_file_and_the_previous_one(case, killed, ca
     name, damage = DAMAGE[case]
     f = killed / "checkpoints" / "step-2" / name
     f.write_bytes(damage(f.read_bytes()))
-    assert_one_error([*_resume(killed), "--data", str(data_file)], capsys,
-                     [f"checkpoint file {f} is damaged", f"remove {f.parent} to resume from step-1"], keep=[killed])
+    assert_one_error(
+        [*_resume(killed), "--data", str(data_file)],
+        capsys,
+        [f"checkpoint file {f} is damaged", f"remove {f.parent} to resume from step-1"],
+        keep=[killed],
+    )
 
 
 def test_only_checkpoint_damaged(killed, capsys, data_file):
     shutil.rmtree(killed / "checkpoints" / "step-1")
     f = killed / "checkpoints" / "step-2" / "trainable.safetensors"
     f.write_bytes(f.read_bytes()[:100])
-    assert_one_error([*_resume(killed), "--data", str(data_file)], capsys,
-                     [str(f), "it is the only checkpoint"], keep=[killed])
+    assert_one_error(
+        [*_resume(killed), "--data", str(data_file)], capsys, [str(f), "it is the only checkpoint"], keep=[killed]
+    )
 
 
 def test_following_the_advice_resumes_and_reproduces_the_losses(killed, capsys, data_file):
@@ -72,13 +77,18 @@ def test_resume_with_changed_data_is_refused(killed, capsys, data_file, tmp_path
     cfg.write_text(cfg.read_text().replace(str(data_file), str(changed)))  # the run trained on this path
     text = data_file.read_text().splitlines()
     changed.write_text("\n".join(text[1:] + text[:1]) + "\n")  # the same rows, reordered
-    assert_one_error([*_resume(killed), "--data", str(changed)], capsys,
-                     "the data differs from what", keep=[killed, changed])
+    assert_one_error(
+        [*_resume(killed), "--data", str(changed)], capsys, "the data differs from what", keep=[killed, changed]
+    )
 
 
 def test_resume_with_changed_config_is_refused(killed, capsys, data_file):
-    assert_one_error([*_resume(killed), "--data", str(data_file), "--lr", "0.5"], capsys,
-                     "different config (lr: 0.0002 -> 0.5)", keep=[killed])
+    assert_one_error(
+        [*_resume(killed), "--data", str(data_file), "--lr", "0.5"],
+        capsys,
+        "different config (lr: 0.0002 -> 0.5)",
+        keep=[killed],
+    )
 
 
 def test_resume_of_a_finished_run_changes_nothing(run_copy, capsys, data_file):

@@ -26,8 +26,12 @@ def test_bad_yaml_is_one_line(case, tmp_path, capsys, monkeypatch, data_file):
     monkeypatch.chdir(tmp_path)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(text)
-    assert_one_error([*TRAIN, "--config", str(cfg), "--data", str(data_file), "--out", str(tmp_path / "run")],
-                     capsys, expected, keep=[cfg, data_file])
+    assert_one_error(
+        [*TRAIN, "--config", str(cfg), "--data", str(data_file), "--out", str(tmp_path / "run")],
+        capsys,
+        expected,
+        keep=[cfg, data_file],
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -57,8 +61,9 @@ FLAG_CASES = {
 def test_bad_flag_is_one_line_naming_it(case, tmp_path, capsys, monkeypatch, data_file):
     extra, expected = FLAG_CASES[case]
     monkeypatch.chdir(tmp_path)
-    line = assert_one_error([*TRAIN, "--data", str(data_file), "--out", str(tmp_path / "run"), *extra], capsys,
-                            expected, keep=[data_file])
+    line = assert_one_error(
+        [*TRAIN, "--data", str(data_file), "--out", str(tmp_path / "run"), *extra], capsys, expected, keep=[data_file]
+    )
     if case == "lr-negative":  # named as the flag the user gave, not the QAT learning rate it defaults
         assert "qat_lr" not in line
     assert not (tmp_path / "run").exists()

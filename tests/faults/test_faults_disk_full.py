@@ -32,8 +32,9 @@ def test_disk_full_during_export(exported_copy):
 
 def test_disk_full_during_overwrite(run_copy, data_file):
     before = snapshot(run_copy)
-    rc, err = _run_full([*TRAIN, "--data", str(data_file), "--max-steps", "1", "--out", str(run_copy), "--overwrite"],
-                        run_copy.parent)
+    rc, err = _run_full(
+        [*TRAIN, "--data", str(data_file), "--max-steps", "1", "--out", str(run_copy), "--overwrite"], run_copy.parent
+    )
     assert rc == 2, err
     # the steps' info lines came first: the error is the last line, the only one, no traceback
     assert err[-1].startswith("edgeft: error: ") and "File too large" in err[-1], err

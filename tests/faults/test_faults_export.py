@@ -26,8 +26,12 @@ DAMAGE = {
 def test_damaged_converted_model_on_export(fmt, damage, exported_copy, capsys):
     f = exported_copy / "converted" / "model.safetensors"
     DAMAGE[damage](f)
-    assert_one_error(["export", fmt, "--run", str(exported_copy)], capsys,
-                     [f"{f} is damaged", "edgeft convert"], keep=[exported_copy])
+    assert_one_error(
+        ["export", fmt, "--run", str(exported_copy)],
+        capsys,
+        [f"{f} is damaged", "edgeft convert"],
+        keep=[exported_copy],
+    )
 
 
 EXPORT_FLAGS = {
@@ -51,8 +55,7 @@ def test_export_of_a_run_that_did_not_finish(run_copy, capsys):
 
 
 def test_export_of_a_directory_that_is_no_run(tmp_path, capsys):
-    assert_one_error(["export", "pte", "--run", str(tmp_path)], capsys, "not an edgeft run directory",
-                     keep=[tmp_path])
+    assert_one_error(["export", "pte", "--run", str(tmp_path)], capsys, "not an edgeft run directory", keep=[tmp_path])
 
 
 def test_gguf_quant_help_lists_every_type(capsys):
@@ -90,8 +93,9 @@ def test_bad_eval_is_one_line_and_writes_nothing(case, trained, capsys):
 def test_eval_of_a_damaged_converted_model(run_copy, capsys):
     f = run_copy / "converted" / "model.safetensors"
     _truncate(f)
-    assert_one_error(["eval", "--run", str(run_copy), "--runtimes", "eager"], capsys, f"{f} is damaged",
-                     keep=[run_copy])
+    assert_one_error(
+        ["eval", "--run", str(run_copy), "--runtimes", "eager"], capsys, f"{f} is damaged", keep=[run_copy]
+    )
 
 
 def test_eval_of_no_run(tmp_path, capsys, monkeypatch):
@@ -103,9 +107,12 @@ def test_eval_removes_what_a_killed_writer_left(run_copy, capsys):
     """Debris of dead processes (pid above Linux's default pid_max) goes; a live writer's file stays."""
     import os
 
-    dead = 2 ** 22 + 4321
-    planted = [run_copy / "eval" / f".report.json.tmp-{dead}-x", run_copy / "exports" / f".model.pte.tmp-{dead}-y",
-               run_copy / "baseline" / "exports" / "float" / f".model-f16.gguf.tmp-{dead}-z"]
+    dead = 2**22 + 4321
+    planted = [
+        run_copy / "eval" / f".report.json.tmp-{dead}-x",
+        run_copy / "exports" / f".model.pte.tmp-{dead}-y",
+        run_copy / "baseline" / "exports" / "float" / f".model-f16.gguf.tmp-{dead}-z",
+    ]
     live = run_copy / "exports" / f".model-q8_0.gguf.tmp-{os.getpid()}-w"
     for p in [*planted, live]:
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -37,8 +37,21 @@ def _kill_when(proc, ready, delay: float, timeout: float = 240.0) -> bool:
 def test_kill_during_overwrite_keeps_the_old_run(point, run_copy, data_file, capsys):
     rng = random.Random(SEED * 10 + point)
     before = snapshot(run_copy)
-    proc = popen([*TRAIN, "--data", str(data_file), "--max-steps", "3", "--save-steps", "1", "--out", str(run_copy),
-                  "--overwrite"], cwd=run_copy.parent)
+    proc = popen(
+        [
+            *TRAIN,
+            "--data",
+            str(data_file),
+            "--max-steps",
+            "3",
+            "--save-steps",
+            "1",
+            "--out",
+            str(run_copy),
+            "--overwrite",
+        ],
+        cwd=run_copy.parent,
+    )
     siblings = lambda: [p for p in run_copy.parent.iterdir() if p.name.startswith(".run.tmp-")]  # noqa: E731
     # a seeded point: after 0-2 of the 3 steps (0: while the model loads), then up to 0.3 s more
     steps = rng.randint(0, 2)
@@ -56,8 +69,9 @@ def test_kill_during_overwrite_keeps_the_old_run(point, run_copy, data_file, cap
     else:
         assert proc.returncode == 0, proc.stderr.read()
     # the next train into the run removes the dead process's sibling (and here replaces the run)
-    rc, err = run_cli([*TRAIN, "--data", str(data_file), "--max-steps", "1", "--out", str(run_copy), "--overwrite"],
-                      capsys)
+    rc, err = run_cli(
+        [*TRAIN, "--data", str(data_file), "--max-steps", "1", "--out", str(run_copy), "--overwrite"], capsys
+    )
     assert rc == 0, err
     assert not siblings() and not debris(run_copy)
 
@@ -66,8 +80,9 @@ def test_kill_mid_training_then_resume_reproduces_the_losses(trained, data_file,
     """Killed at a seeded point of a fresh run (the shared run's settings), --resume ends where it would have."""
     rng = random.Random(SEED)
     run = tmp_path / "run"
-    proc = popen([*TRAIN, "--data", str(data_file), "--max-steps", "2", "--save-steps", "1", "--out", str(run)],
-                 cwd=tmp_path)
+    proc = popen(
+        [*TRAIN, "--data", str(data_file), "--max-steps", "2", "--save-steps", "1", "--out", str(run)], cwd=tmp_path
+    )
     metrics = run / "metrics.jsonl"
     killed = _kill_when(proc, lambda: metrics.exists() and metrics.stat().st_size > 0, rng.uniform(0.0, 0.3))
     if killed:

@@ -25,8 +25,15 @@ def tiny_gguf(exported):
 
 def _damaged(kind: str, good, dest):
     raw = good.read_bytes()
-    dest.write_bytes({"random": bytes(range(256)) * 64, "truncated-header": raw[:40], "empty": b"",
-                      "truncated-data": raw[: len(raw) - 4096], "bad-magic": b"GGUX" + raw[4:]}[kind])
+    dest.write_bytes(
+        {
+            "random": bytes(range(256)) * 64,
+            "truncated-header": raw[:40],
+            "empty": b"",
+            "truncated-data": raw[: len(raw) - 4096],
+            "bad-magic": b"GGUX" + raw[4:],
+        }[kind]
+    )
     return dest
 
 
@@ -35,8 +42,12 @@ def test_damaged_gguf_model_is_one_line(kind, tiny_gguf, tmp_path, capsys, monke
     monkeypatch.chdir(tmp_path)
     bad = _damaged(kind, tiny_gguf, tmp_path / f"{kind}.gguf")
     expected = "GGUF file"  # "not a valid GGUF file (...)" or "truncated GGUF file (...)"
-    assert_one_error([*TRAIN, "--model", str(bad), "--data", str(data_file), "--out", str(tmp_path / "run")], capsys,
-                     [str(bad), expected], keep=[bad])
+    assert_one_error(
+        [*TRAIN, "--model", str(bad), "--data", str(data_file), "--out", str(tmp_path / "run")],
+        capsys,
+        [str(bad), expected],
+        keep=[bad],
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -55,8 +66,12 @@ def test_remote_code_model_is_refused(where, tiny_dir, tmp_path, capsys, monkeyp
     cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     (model / where).write_text(json.dumps(cfg))
     (model / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
-    assert_one_error([*TRAIN, "--model", str(model), "--data", str(data_file), "--out", str(tmp_path / "run")], capsys,
-                     [where, "remote code (auto_map: AutoModelForCausalLM)"], keep=[model])
+    assert_one_error(
+        [*TRAIN, "--model", str(model), "--data", str(data_file), "--out", str(tmp_path / "run")],
+        capsys,
+        [where, "remote code (auto_map: AutoModelForCausalLM)"],
+        keep=[model],
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -67,11 +82,18 @@ def test_model_that_is_not_one(case, tiny_dir, tmp_path, capsys, monkeypatch, da
     model.mkdir()
     if case == "config-not-json":
         (model / "config.json").write_text('{"model_type": "llama",')
-    expected = {"no-config": "has no config.json", "config-not-json": "config.json: not valid JSON",
-                "unknown-name": "unknown model 'no-such-model'"}[case]
+    expected = {
+        "no-config": "has no config.json",
+        "config-not-json": "config.json: not valid JSON",
+        "unknown-name": "unknown model 'no-such-model'",
+    }[case]
     name = "no-such-model" if case == "unknown-name" else str(model)
-    assert_one_error([*TRAIN, "--model", name, "--data", str(data_file), "--out", str(tmp_path / "run")], capsys,
-                     expected, keep=[model])
+    assert_one_error(
+        [*TRAIN, "--model", name, "--data", str(data_file), "--out", str(tmp_path / "run")],
+        capsys,
+        expected,
+        keep=[model],
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -89,8 +111,12 @@ def test_failure_loading_the_model_leaves_no_run(case, tmp_path, capsys, monkeyp
     extra, expected = LOAD_CASES[case]
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
-    assert_one_error([*TRAIN, "--data", str(data_file), "--max-steps", "1", "--out", str(out), *extra], capsys,
-                     expected, keep=[data_file])
+    assert_one_error(
+        [*TRAIN, "--data", str(data_file), "--max-steps", "1", "--out", str(out), *extra],
+        capsys,
+        expected,
+        keep=[data_file],
+    )
     assert not out.exists() and not list(tmp_path.glob(".run.*"))
 
 
@@ -99,8 +125,10 @@ def test_real_process_shows_the_error_alone(tmp_path, data_file):
     error loading it is the only line."""
     from faultkit import popen
 
-    proc = popen([*TRAIN, "--data", str(data_file), "--out", str(tmp_path / "run"), "--lora-target-modules",
-                  "foo_proj"], cwd=tmp_path)
+    proc = popen(
+        [*TRAIN, "--data", str(data_file), "--out", str(tmp_path / "run"), "--lora-target-modules", "foo_proj"],
+        cwd=tmp_path,
+    )
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 2
     assert err.strip().splitlines() == [err.strip()] and err.startswith("edgeft: error: LoRA: Target modules"), err

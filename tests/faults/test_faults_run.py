@@ -18,16 +18,22 @@ FAILING = {  # each fails after the run directory was prepared, while the model 
 @pytest.mark.parametrize("case", list(FAILING))
 def test_failed_overwrite_keeps_the_old_run(case, run_copy, capsys, data_file):
     before = snapshot(run_copy)
-    assert_one_error([*TRAIN, "--data", str(data_file), "--max-steps", "1", "--out", str(run_copy), "--overwrite",
-                      *FAILING[case]], capsys, FAILING[case][-1], keep=[run_copy, data_file])
+    assert_one_error(
+        [*TRAIN, "--data", str(data_file), "--max-steps", "1", "--out", str(run_copy), "--overwrite", *FAILING[case]],
+        capsys,
+        FAILING[case][-1],
+        keep=[run_copy, data_file],
+    )
     assert snapshot(run_copy) == before
     assert not [p for p in run_copy.parent.iterdir() if p.name.startswith(".run.")]  # no temporary sibling left
 
 
 def test_overwrite_replaces_the_run_only_when_done(run_copy, capsys, data_file):
     old = (run_copy / "metrics.jsonl").read_text()
-    rc, err = run_cli([*TRAIN, "--data", str(data_file), "--max-steps", "1", "--lr", "1e-3", "--out", str(run_copy),
-                       "--overwrite"], capsys)
+    rc, err = run_cli(
+        [*TRAIN, "--data", str(data_file), "--max-steps", "1", "--lr", "1e-3", "--out", str(run_copy), "--overwrite"],
+        capsys,
+    )
     assert rc == 0, err
     new = (run_copy / "metrics.jsonl").read_text()
     assert new != old and len(new.splitlines()) == 1
@@ -39,8 +45,12 @@ def test_overwrite_replaces_the_run_only_when_done(run_copy, capsys, data_file):
 
 
 def test_existing_run_is_refused_without_a_flag(run_copy, capsys, data_file):
-    assert_one_error([*TRAIN, "--data", str(data_file), "--max-steps", "1", "--out", str(run_copy)], capsys,
-                     "already holds a run; pass --resume to continue it or --overwrite", keep=[run_copy])
+    assert_one_error(
+        [*TRAIN, "--data", str(data_file), "--max-steps", "1", "--out", str(run_copy)],
+        capsys,
+        "already holds a run; pass --resume to continue it or --overwrite",
+        keep=[run_copy],
+    )
 
 
 def test_debris_of_a_failed_start_does_not_block_a_retry(tmp_path, capsys, data_file):
@@ -55,21 +65,26 @@ def test_debris_of_a_failed_start_does_not_block_a_retry(tmp_path, capsys, data_
 
 def test_stale_overwrite_sibling_is_removed(run_copy, capsys, data_file):
     """The hidden directory of a killed --overwrite (its process gone) goes with the next train into the run."""
-    stale = run_copy.parent / f".run.tmp-{2 ** 22 + 12345}-abc"  # above Linux's default pid_max: never alive
+    stale = run_copy.parent / f".run.tmp-{2**22 + 12345}-abc"  # above Linux's default pid_max: never alive
     (stale / "checkpoints").mkdir(parents=True)
     (stale / "config.yaml").write_text("model: tiny-llama\n")
     live = run_copy.parent / f".run.tmp-{os.getpid()}-live"  # a live writer's (this process): kept
     live.mkdir()
-    assert_one_error([*TRAIN, "--data", str(data_file), "--max-steps", "1", "--out", str(run_copy)], capsys,
-                     "already holds a run", keep=[run_copy])
+    assert_one_error(
+        [*TRAIN, "--data", str(data_file), "--max-steps", "1", "--out", str(run_copy)],
+        capsys,
+        "already holds a run",
+        keep=[run_copy],
+    )
     assert not stale.exists() and live.exists()
 
 
 def test_out_is_a_file(tmp_path, capsys, data_file):
     f = tmp_path / "notes.txt"
     f.write_text("mine")
-    assert_one_error([*TRAIN, "--data", str(data_file), "--out", str(f)], capsys, "is a file, not a directory",
-                     keep=[f])
+    assert_one_error(
+        [*TRAIN, "--data", str(data_file), "--out", str(f)], capsys, "is a file, not a directory", keep=[f]
+    )
 
 
 def test_out_is_someone_elses_directory(tmp_path, capsys, data_file):
@@ -77,8 +92,12 @@ def test_out_is_someone_elses_directory(tmp_path, capsys, data_file):
     d.mkdir()
     (d / "cat.jpg").write_bytes(b"\xff\xd8 meow")
     for extra in ([], ["--overwrite"]):  # --overwrite replaces runs, never other directories
-        assert_one_error([*TRAIN, "--data", str(data_file), "--out", str(d), *extra], capsys,
-                         "holds files but no edgeft run", keep=[d])
+        assert_one_error(
+            [*TRAIN, "--data", str(data_file), "--out", str(d), *extra],
+            capsys,
+            "holds files but no edgeft run",
+            keep=[d],
+        )
 
 
 def test_resume_of_nothing(tmp_path, capsys):

@@ -64,7 +64,7 @@ def test_flex_padded_to_its_bucket_equals_the_reference_on_cpu():
     q, k, v = torch.randn(32, 4, 16), torch.randn(32, 2, 16), torch.randn(32, 2, 16)
     for window, softcap in ((None, None), (3, None), (None, 2.0)):
         ref = varlen_attention_reference(q, k, v, pb, window=window, softcap=softcap)
-        out = _flex(q, k, v, pb, True, 16 ** -0.5, window, softcap, compiled=False, shapes="pow2")
+        out = _flex(q, k, v, pb, True, 16**-0.5, window, softcap, compiled=False, shapes="pow2")
         assert out.shape == q.shape
         assert_close(out, ref, torch.float32, 5)
         assert ("flex_mask", True, window, q.device, 128) in pb.cache
@@ -119,8 +119,10 @@ def test_document_block_mask_equals_create_block_mask(docs):
     assert torch.equal(ours.to_dense(), ref.to_dense())
     for a, b in ((ours.kv_num_blocks, ref.kv_num_blocks), (ours.full_kv_num_blocks, ref.full_kv_num_blocks)):
         assert torch.equal(a, b)
-    for num, a, b in ((ours.kv_num_blocks, ours.kv_indices, ref.kv_indices),
-                      (ours.full_kv_num_blocks, ours.full_kv_indices, ref.full_kv_indices)):
+    for num, a, b in (
+        (ours.kv_num_blocks, ours.kv_indices, ref.kv_indices),
+        (ours.full_kv_num_blocks, ours.full_kv_indices, ref.full_kv_indices),
+    ):
         for r in range(num.shape[-1]):
             c = int(num[0, 0, r])
             assert sorted(a[0, 0, r, :c].tolist()) == sorted(b[0, 0, r, :c].tolist())

@@ -53,8 +53,22 @@ def _reference(h, w, ht, wt, labels, mask, temp, cap, kl_w, ce_w):
 def test_fused_kl_matches_reference(case, temp, cap, w, train_head):
     n, d, dt, v, chunk = case
     h, wgt, ht, wt, labels, mask = _inputs(n, d, dt, v, train_head=train_head)
-    kl, ce, grads = _run(lm_head_kl_loss, h, wgt, ht, wt, labels, mask, temp, cap, w, 1 - w,
-                         kl_weight=w, ce_weight=1 - w, chunk_rows=chunk)
+    kl, ce, grads = _run(
+        lm_head_kl_loss,
+        h,
+        wgt,
+        ht,
+        wt,
+        labels,
+        mask,
+        temp,
+        cap,
+        w,
+        1 - w,
+        kl_weight=w,
+        ce_weight=1 - w,
+        chunk_rows=chunk,
+    )
     kl64, ce64, grads64 = _reference(h, wgt, ht, wt, labels, mask, temp, cap, w, 1 - w)
     assert kl.dtype == ce.dtype == torch.float32 and kl.dim() == ce.dim() == 0
     assert_close(kl, kl64, torch.float32)
@@ -67,8 +81,9 @@ def test_fused_kl_matches_reference(case, temp, cap, w, train_head):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_activations(dtype):
     h, w, ht, wt, labels, mask = _inputs(33, 32, 16, 2000, dtype)
-    kl, ce, grads = _run(lm_head_kl_loss, h, w, ht, wt, labels, mask, 2.0, None, 0.5, 0.5,
-                         kl_weight=0.5, ce_weight=0.5, chunk_rows=8)
+    kl, ce, grads = _run(
+        lm_head_kl_loss, h, w, ht, wt, labels, mask, 2.0, None, 0.5, 0.5, kl_weight=0.5, ce_weight=0.5, chunk_rows=8
+    )
     kl64, ce64, grads64 = _reference(h, w, ht, wt, labels, mask, 2.0, None, 0.5, 0.5)
     assert_close(kl, kl64, dtype)
     assert_close(ce, ce64, dtype)
@@ -105,8 +120,9 @@ def test_window_of_micro_batches_normalises_exactly():
     n_pos, n_t = int(mask.sum()), int((labels != -100).sum())
     a, b = wd / n_pos, (1 - wd) / n_t
     for part in (slice(0, 11), slice(11, 30)):
-        kl, ce = lm_head_kl_loss(h[part], w, ht[part], wt, labels[part], mask[part], 2.0, kl_weight=a, ce_weight=b,
-                                 chunk_rows=4)
+        kl, ce = lm_head_kl_loss(
+            h[part], w, ht[part], wt, labels[part], mask[part], 2.0, kl_weight=a, ce_weight=b, chunk_rows=4
+        )
         (kl * a + ce * b).backward()
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     kl64, ce64 = lm_head_kl_loss_reference(h64, w64, ht.double(), wt.double(), labels, mask, 2.0)
@@ -124,8 +140,9 @@ def test_no_labels_no_mask_and_nothing_to_do():
     for g, g64 in zip(grads, grads64):
         assert_close(g, g64, torch.float32)
     # no row distilled or labelled: zero losses, zero gradients
-    kl, ce = lm_head_kl_loss(h, w, ht, wt, torch.full((9,), -100), torch.zeros(9, dtype=torch.bool), 1.0,
-                             kl_weight=1.0, ce_weight=1.0)
+    kl, ce = lm_head_kl_loss(
+        h, w, ht, wt, torch.full((9,), -100), torch.zeros(9, dtype=torch.bool), 1.0, kl_weight=1.0, ce_weight=1.0
+    )
     (kl + ce).backward()
     assert kl.item() == ce.item() == 0.0
     assert torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
@@ -158,8 +175,9 @@ def test_undeclared_mix_raises_instead_of_a_wrong_gradient():
 def test_large_logit_spread_stays_finite():
     """Peaked distributions (logits ~ +-60): the online log-sum-exp and p·(log p - log q) stay finite and exact."""
     h, w, ht, wt, labels, mask = _inputs(8, 16, 16, 900, spread=60.0)
-    kl, ce, grads = _run(lm_head_kl_loss, h, w, ht, wt, labels, mask, 1.0, None, 0.5, 0.5,
-                         kl_weight=0.5, ce_weight=0.5, chunk_rows=3)
+    kl, ce, grads = _run(
+        lm_head_kl_loss, h, w, ht, wt, labels, mask, 1.0, None, 0.5, 0.5, kl_weight=0.5, ce_weight=0.5, chunk_rows=3
+    )
     kl64, ce64, grads64 = _reference(h, w, ht, wt, labels, mask, 1.0, None, 0.5, 0.5)
     assert rel_err(kl, kl64) < TOL[torch.float32] * 5
     for g, g64 in zip(grads, grads64):

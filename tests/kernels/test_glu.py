@@ -2,6 +2,7 @@ import importlib
 
 import pytest
 import torch
+
 from edgeft.kernels._common import needs_long_indexing
 from edgeft.kernels.geglu import geglu, geglu_reference
 from edgeft.kernels.swiglu import swiglu, swiglu_backward, swiglu_forward, swiglu_reference

@@ -34,8 +34,7 @@ def _case(dtype, spec, rows=37, cols=96, seed=0, lora=False):
     scale = R.learned_scale(init, t, spec, dtype)
     ad = None
     if lora:
-        ad = ((torch.randn(4, cols) * 0.1).to(dtype), (torch.randn(rows, 4) * 0.1).to(dtype),
-              2.0)
+        ad = ((torch.randn(4, cols) * 0.1).to(dtype), (torch.randn(rows, 4) * 0.1).to(dtype), 2.0)
     grad = torch.randn(rows, cols)
     return w, scale, ad, grad
 

@@ -29,8 +29,12 @@ def _f64(p: Projection) -> Projection:
 
 
 def _grads(ps):
-    return [getattr(p, n) for p in ps for n in ("weight", "bias", "lora_A", "lora_B")
-            if getattr(p, n) is not None and getattr(p, n).requires_grad]
+    return [
+        getattr(p, n)
+        for p in ps
+        for n in ("weight", "bias", "lora_A", "lora_B")
+        if getattr(p, n) is not None and getattr(p, n).requires_grad
+    ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -38,8 +42,11 @@ def _grads(ps):
 @pytest.mark.parametrize("M", [1, 13])
 def test_qkv_style_projections_share_x(dtype, train_base, M):
     H = 24
-    ps = [_proj(16, H, dtype, bias=True, train_base=train_base), _proj(8, H, dtype, lora=False, train_base=train_base),
-          _proj(8, H, dtype, train_base=train_base)]
+    ps = [
+        _proj(16, H, dtype, bias=True, train_base=train_base),
+        _proj(8, H, dtype, lora=False, train_base=train_base),
+        _proj(8, H, dtype, train_base=train_base),
+    ]
     x = torch.randn(M, H, dtype=dtype, requires_grad=True)
     gs = [torch.randn(M, p.weight.shape[0]) for p in ps]
     outs = lora_linear(x, ps)
@@ -83,8 +90,11 @@ def test_fused_mlp_is_used_for_frozen_base_and_composed_for_full_finetuning(monk
     x = torch.randn(3, 16, requires_grad=True)
     lora_mlp(x, _proj(32, 16, torch.float32), _proj(32, 16, torch.float32), _proj(16, 32, torch.float32), "silu")
     assert calls == [1]
-    full = [_proj(32, 16, torch.float32, lora=False, train_base=True), _proj(32, 16, torch.float32, lora=False,
-            train_base=True), _proj(16, 32, torch.float32, lora=False, train_base=True)]
+    full = [
+        _proj(32, 16, torch.float32, lora=False, train_base=True),
+        _proj(32, 16, torch.float32, lora=False, train_base=True),
+        _proj(16, 32, torch.float32, lora=False, train_base=True),
+    ]
     lora_mlp(x, *full, "silu").sum().backward()
     assert calls == [1] and full[0].weight.grad is not None
 

@@ -10,9 +10,9 @@ from torch import nn
 import edgeft.kernels as K
 from edgeft.arch import FAMILIES, kernel_specs
 
-KERNELS = kernel_specs()
-
 from .conftest import ON_CUDA, rel_err
+
+KERNELS = kernel_specs()
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -21,21 +21,33 @@ SEGMENTS = [(0, 0, 5), (0, 5, 9), (0, 9, 12), (1, 0, 12)]
 
 
 # RoPE and shape variants of the real families, each against its own unpatched model
-LONGROPE = dict(rope_type="longrope", short_factor=[1.0, 1.3, 1.7, 2.2, 2.8, 3.5],
-                long_factor=[1.5, 2.5, 3.5, 5.0, 7.0, 9.0])
+LONGROPE = dict(
+    rope_type="longrope", short_factor=[1.0, 1.3, 1.7, 2.2, 2.8, 3.5], long_factor=[1.5, 2.5, 3.5, 5.0, 7.0, 9.0]
+)
 VARIANTS = {
     # Phi-4-mini: partial rotary (3/4 of each head) and LongRoPE, here with the short factors (rows within the
     # original context) ...
     "phi3-partial-longrope": ("phi3", dict(partial_rotary_factor=0.75, rope_scaling=LONGROPE)),
     # ... and the long ones (original context 8 < the 12-token rows). Not packed: HF picks the factors by the
     # batch's largest position, so a packed row's short examples get the long ones, unlike the same examples alone
-    "phi3-partial-longrope-long": ("phi3", dict(partial_rotary_factor=0.75, original_max_position_embeddings=8,
-                                                rope_scaling=LONGROPE)),
+    "phi3-partial-longrope-long": (
+        "phi3",
+        dict(partial_rotary_factor=0.75, original_max_position_embeddings=8, rope_scaling=LONGROPE),
+    ),
     # Llama 3.2: rope_type llama3 rescales the low frequencies
-    "llama-llama3-rope": ("llama", dict(
-        rope_theta=500000.0,
-        rope_scaling=dict(rope_type="llama3", factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
-                          original_max_position_embeddings=8))),
+    "llama-llama3-rope": (
+        "llama",
+        dict(
+            rope_theta=500000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=32.0,
+                high_freq_factor=4.0,
+                low_freq_factor=1.0,
+                original_max_position_embeddings=8,
+            ),
+        ),
+    ),
     # Mistral NeMo: head_dim (32 here) is not hidden / heads (16)
     "mistral-head-dim": ("mistral", dict(head_dim=32)),
 }
@@ -44,12 +56,26 @@ VARIANTS = {
 def tiny_config(model_type: str, **extra):
     from transformers import AutoConfig
 
-    kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, vocab_size=300, max_position_embeddings=128,
-              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=300,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     if model_type == "gemma3_text":  # sliding + full layers, (1 + w) norms, q/k norms, logit softcap, GeGLU-tanh
-        kw.update(query_pre_attn_scalar=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-                  final_logit_softcapping=30.0)
+        kw.update(
+            query_pre_attn_scalar=16,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            final_logit_softcapping=30.0,
+        )
     if model_type == "phi3":  # fused qkv and gate_up projections
         kw.pop("head_dim")
     if model_type == "mistral":
@@ -197,8 +223,9 @@ def test_builtin_tiny_model_bf16(monkeypatch, tmp_path):
     # the repository's own tiny model, in bf16 with LoRA: patched loss within bf16 tolerance of stock
     import os
 
-    from edgeft.models import load_model, resolve_model
     from peft import LoraConfig, get_peft_model
+
+    from edgeft.models import load_model, resolve_model
 
     monkeypatch.setenv("EDGEFT_CACHE", os.environ.get("EDGEFT_CACHE", str(tmp_path)))
     model, _ = load_model(resolve_model("tiny-llama"), dtype=torch.bfloat16)

@@ -22,9 +22,19 @@ def tiny_model(model_type: str, lora: bool, **kw) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    args = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, vocab_size=300, max_position_embeddings=128, bos_token_id=1,
-                eos_token_id=2, pad_token_id=0)
+    args = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=300,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     cfg = AutoConfig.for_model(model_type, **{**args, **kw})
     cfg._attn_implementation = "sdpa"
     m = AutoModelForCausalLM.from_config(cfg).float()

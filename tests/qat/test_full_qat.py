@@ -54,7 +54,7 @@ def test_gradient_accumulation_with_the_cache_equals_no_cache(tied):
 
 @pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
 def test_weight_cache_forms_train_identically(patched):
-    """"weights" keeps fq(W) for the step (no rebuild in the backward), "codes" dequantizes per use, "off"
+    """ "weights" keeps fq(W) for the step (no rebuild in the backward), "codes" dequantizes per use, "off"
     re-quantizes per use: the same bits, so the same gradients and updates, with each form's count of quantizations."""
     base = tiny_model("qwen3", lora=False, tie_word_embeddings=True).requires_grad_(True)
     models = {form: copy.deepcopy(base) for form in ("weights", "codes", "off")}
@@ -116,8 +116,9 @@ def _torchao_prepare(model, name):
     plan = qat.resolve(name)
     quantize_(model, plan.qat_prepare_config(), filter_fn=lambda m, fqn: type(m) is nn.Linear)
     if plan.embedding_config() is not None:
-        quantize_(model, QATConfig(plan.embedding_config(), step="prepare"),
-                  filter_fn=lambda m, fqn: type(m) is nn.Embedding)
+        quantize_(
+            model, QATConfig(plan.embedding_config(), step="prepare"), filter_fn=lambda m, fqn: type(m) is nn.Embedding
+        )
 
 
 @pytest.mark.parametrize("scheme", ["phone-deployment", "int4", "int8"])
@@ -152,15 +153,20 @@ class RefEmbedding(nn.Module):
         self.weight, self.spec = m.weight, m.spec
 
     def forward(self, ids):
-        return R.ste(lambda t: R.weight_ref(t.reshape(-1, t.shape[-1]), self.spec).reshape(t.shape),
-                     F.embedding(ids, self.weight))
+        return R.ste(
+            lambda t: R.weight_ref(t.reshape(-1, t.shape[-1]), self.spec).reshape(t.shape),
+            F.embedding(ids, self.weight),
+        )
 
 
 def _reference(prepared):
     ref = copy.deepcopy(prepared)
     for name, mod in list(ref.named_modules()):
-        new = RefLinear(mod) if isinstance(mod, FakeQuantLinear) else (
-            RefEmbedding(mod) if isinstance(mod, FakeQuantEmbedding) else None)
+        new = (
+            RefLinear(mod)
+            if isinstance(mod, FakeQuantLinear)
+            else (RefEmbedding(mod) if isinstance(mod, FakeQuantEmbedding) else None)
+        )
         if new is not None:
             parent, _, child = name.rpartition(".")
             setattr(ref.get_submodule(parent) if parent else ref, child, new)
@@ -253,8 +259,16 @@ def test_a_large_head_copy_never_shrinks_the_loss_chunks_below_half():
     from edgeft.kernels.patch import head_copy_chunk_rows, lm_head_operands
 
     for cache, trained in (("codes", True), ("weights", False), ("weights", True)):
-        m = tiny_model("qwen3", lora=False, vocab_size=4096, hidden_size=4096, intermediate_size=64,
-                       num_hidden_layers=1, num_attention_heads=2, head_dim=32).requires_grad_(trained)
+        m = tiny_model(
+            "qwen3",
+            lora=False,
+            vocab_size=4096,
+            hidden_size=4096,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            head_dim=32,
+        ).requires_grad_(trained)
         qat.prepare(m, "int8-int4", cache=cache)
         h = torch.randn(4096, 4096)
         _, w = lm_head_operands(m.lm_head, h)

@@ -44,8 +44,12 @@ def test_patched_qat_on_fused_projections_equals_stock(lora, order):
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        m = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj",
-                                                                             "down_proj"], lora_dropout=0.0))
+        m = get_peft_model(
+            m,
+            LoraConfig(
+                r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], lora_dropout=0.0
+            ),
+        )
         for n, p in m.named_parameters():
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.1)

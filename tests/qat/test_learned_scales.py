@@ -123,8 +123,9 @@ def test_lora_learned_scales_send_gradients_to_adapters_and_scales():
     a_ref = a_.detach().clone().requires_grad_(True)
     b_ref = b_.detach().clone().requires_grad_(True)
     t_ref = fq.log_scale.detach().clone().requires_grad_(True)
-    merged = layer.merged_weight().double() + layer.scaling * (b_ref.double() @ a_ref.double()
-                                                               - (b_ref.double() @ a_ref.double()).detach())
+    merged = layer.merged_weight().double() + layer.scaling * (
+        b_ref.double() @ a_ref.double() - (b_ref.double() @ a_ref.double()).detach()
+    )
     ref = F.linear(x.double(), lsq_reference(merged, t_ref, fq.init_scale, 32))
     ref.backward(g.double())
     torch.testing.assert_close(a_.grad.double(), a_ref.grad.double(), rtol=1e-4, atol=1e-6)
@@ -174,17 +175,29 @@ def test_scales_get_their_own_optimizer_group():
 
 
 def test_a_learned_scale_run_saves_its_scales_and_converts_on_them(tmp_path):
-    import edgeft
     from safetensors.torch import load_file
 
+    import edgeft
     from edgeft.config import TrainConfig, resolve
     from edgeft.pipeline import convert
 
     with pytest.raises(EdgeftError, match="needs --qat-weight-scale learned"):
         resolve(TrainConfig(model="tiny-llama", qat="int4", qat_scale_lr=1e-3))
-    cfg = TrainConfig(model="tiny-llama", data="builtin:tasks", mode="full", qat="int8-int4",
-                      qat_weight_scale="learned", qat_scale_lr=5e-2, ptq=False, max_steps=3, batch_size=2, lr=1e-3,
-                      out=str(tmp_path / "r"), progress=False, threads=1)
+    cfg = TrainConfig(
+        model="tiny-llama",
+        data="builtin:tasks",
+        mode="full",
+        qat="int8-int4",
+        qat_weight_scale="learned",
+        qat_scale_lr=5e-2,
+        ptq=False,
+        max_steps=3,
+        batch_size=2,
+        lr=1e-3,
+        out=str(tmp_path / "r"),
+        progress=False,
+        threads=1,
+    )
     run = edgeft.train(cfg)
     saved = load_file(str(run / "model" / "qat_scales.safetensors"))
     info = json.loads((run / "model" / "edgeft.json").read_text())
@@ -263,8 +276,9 @@ def test_fused_linear_function_matches_the_autograd_learned_quantizer(bias):
         if t is not None:
             t.grad = None
     spec, q = layer.activation_fake_quantizer.spec, layer.weight_fake_quantizer
-    ref = F.linear(act_fake_quant(x, spec), learned_fake_quant(layer.weight, q.log_scale, q.init_scale, q.spec),
-                   layer.bias)
+    ref = F.linear(
+        act_fake_quant(x, spec), learned_fake_quant(layer.weight, q.log_scale, q.init_scale, q.spec), layer.bias
+    )
     ref.backward(g)
     want = {"x": x.grad, "w": layer.weight.grad, "t": layer.weight_fake_quantizer.log_scale.grad}
     if bias:

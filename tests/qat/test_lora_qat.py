@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from qat_helpers import FLIP_GRAD, FLIP_LOSS, assert_close, rel_err, tiny_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -16,8 +17,6 @@ from edgeft.arch import kernel_specs
 from edgeft.kernels.fake_quant import fake_quant_weight
 from edgeft.kernels.lora import Projection, lora_linear, lora_mlp
 from edgeft.qat import fake_quant as R
-
-from qat_helpers import FLIP_GRAD, FLIP_LOSS, assert_close, rel_err, tiny_model
 
 KERNELS = kernel_specs()
 
@@ -79,15 +78,19 @@ def test_merged_function_matches_autograd_reference(dtype, bias):
     bs = [torch.randn(o).to(dtype) if bias else None for o in outs]
     As = [(torch.randn(4, H) * 0.1).requires_grad_() for _ in outs]
     Bs = [(torch.randn(o, 4) * 0.1).requires_grad_() for o in outs]
-    projs = [Projection(fake_quant_weight(w, W4, lora=(a, b, 2.0)), bb, a, b, 2.0, merged=True, act_quant=ACT)
-             for w, bb, a, b in zip(ws, bs, As, Bs)]
+    projs = [
+        Projection(fake_quant_weight(w, W4, lora=(a, b, 2.0)), bb, a, b, 2.0, merged=True, act_quant=ACT)
+        for w, bb, a, b in zip(ws, bs, As, Bs)
+    ]
     ys = lora_linear(x, projs)
     gs = [torch.randn_like(y) for y in ys]
     torch.autograd.backward(ys, gs)
     x64 = x.detach().double().requires_grad_()
     ps64 = [(a.detach().double().requires_grad_(), b.detach().double().requires_grad_()) for a, b in zip(As, Bs)]
-    refs = [ref_merged(x64, w.double(), None if bb is None else bb.double(), a, b, 2.0, values=(x.detach(), w, a0, b0))
-            for w, bb, (a, b), a0, b0 in zip(ws, bs, ps64, As, Bs)]
+    refs = [
+        ref_merged(x64, w.double(), None if bb is None else bb.double(), a, b, 2.0, values=(x.detach(), w, a0, b0))
+        for w, bb, (a, b), a0, b0 in zip(ws, bs, ps64, As, Bs)
+    ]
     torch.autograd.backward(refs, [g.double() for g in gs])
     for y, r in zip(ys, refs):
         assert_close(y, r, dtype)
@@ -105,8 +108,10 @@ def test_fused_mlp_with_merged_adapters_and_quantized_h(dtype):
     ws = [(torch.randn(*s) * 0.1).to(dtype) for s in shapes]
     As = [(torch.randn(4, s[1]) * 0.1).requires_grad_() for s in shapes]
     Bs = [(torch.randn(s[0], 4) * 0.1).requires_grad_() for s in shapes]
-    projs = [Projection(fake_quant_weight(w, W4, lora=(a, b, 2.0)), None, a, b, 2.0, merged=True, act_quant=ACT)
-             for w, a, b in zip(ws, As, Bs)]
+    projs = [
+        Projection(fake_quant_weight(w, W4, lora=(a, b, 2.0)), None, a, b, 2.0, merged=True, act_quant=ACT)
+        for w, a, b in zip(ws, As, Bs)
+    ]
     y = lora_mlp(x, *projs, "silu")
     g = torch.randn_like(y)
     y.backward(g)
@@ -182,8 +187,10 @@ def test_patched_and_prepared_in_either_order_equal_the_reference(model_type, or
     for name, model, patched in (("edgeft", m, True), ("unpatched", unpatched, False), ("reference", ref, False)):
         loss = _lora_loss(model, ids, patched)
         loss.backward()
-        losses[name] = (loss.item(), {n.replace(".m.", "."): p.grad for n, p in model.named_parameters()
-                                      if p.grad is not None})
+        losses[name] = (
+            loss.item(),
+            {n.replace(".m.", "."): p.grad for n, p in model.named_parameters() if p.grad is not None},
+        )
     ref_loss, ref_grads = losses["reference"]
     # the kernels within the int8-flip floor (qat_helpers); the unpatched model runs the reference's own order
     for name, loss_tol, grad_tol in (("edgeft", FLIP_LOSS, FLIP_GRAD), ("unpatched", 1e-5, 1e-4)):
@@ -235,8 +242,10 @@ def test_kept_merged_weights_train_like_rebuilt_ones(patched):
             opt.zero_grad()
         assert grads[0].keys() == grads[1].keys() and all(torch.equal(g, grads[1][n]) for n, g in grads[0].items())
         # the frozen head is re-quantized per micro-batch (keeping it would hold a copy all run)
-        assert fake_quant_cache_stats(kept) == {"misses": (n_lora + micro) * (step + 1),
-                                                "hits": n_lora * (micro - 1) * (step + 1)}
+        assert fake_quant_cache_stats(kept) == {
+            "misses": (n_lora + micro) * (step + 1),
+            "hits": n_lora * (micro - 1) * (step + 1),
+        }
 
 
 def test_dropout_gradients_follow_the_stated_rule():
@@ -276,10 +285,10 @@ def test_dropout_gradients_follow_the_stated_rule():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_convert_writes_the_integers_training_used(dtype):
-    from edgeft.models import load_model, resolve_model
+    from peft import LoraConfig, get_peft_model
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
-    from peft import LoraConfig, get_peft_model
+    from edgeft.models import load_model, resolve_model
 
     torch.manual_seed(0)
     model, _ = load_model(resolve_model("tiny-qwen3"), dtype=dtype)
@@ -292,8 +301,9 @@ def test_convert_writes_the_integers_training_used(dtype):
     for name, mod in model.named_modules():
         if isinstance(mod, qat.MergedFakeQuantLoraLinear):
             a, b = mod._adapters()
-            _, codes, scales, packed = fake_quant_weight(mod.base_layer.weight, mod.weight_spec,
-                                                         lora=(a, b, mod.scaling), codes=True)
+            _, codes, scales, packed = fake_quant_weight(
+                mod.base_layer.weight, mod.weight_spec, lora=(a, b, mod.scaling), codes=True
+            )
             used[name.removeprefix("base_model.model.")] = (codes, scales, packed)
     converted, record = qat.convert(model)
     assert used and set(used) <= set(record["linears"])

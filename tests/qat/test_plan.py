@@ -27,8 +27,10 @@ def _shape(n: int = 6, rows: int = 256, cols: int = 512) -> fit.ModelShape:
     return fit.ModelShape(lins, (1024, 128), 512, 4, cfg, vocab_bytes=20_000)
 
 
-SENS = {32: dict(zip([f"model.layers.{i}.mlp.down_proj" for i in range(6)], [0.5, 0.02, 0.3, 0.01, 0.2, -0.01])),
-        128: dict(zip([f"model.layers.{i}.mlp.down_proj" for i in range(6)], [0.6, 0.03, 0.35, 0.02, 0.25, 0.0]))}
+SENS = {
+    32: dict(zip([f"model.layers.{i}.mlp.down_proj" for i in range(6)], [0.5, 0.02, 0.3, 0.01, 0.2, -0.01])),
+    128: dict(zip([f"model.layers.{i}.mlp.down_proj" for i in range(6)], [0.6, 0.03, 0.35, 0.02, 0.25, 0.0])),
+}
 
 
 def _exhaustive(shape, sens, limit_bytes):
@@ -67,8 +69,7 @@ def test_known_answer_top_sensitivities_get_int8():
     shape = _shape()
     g32 = {32: SENS[32]}
     base = max(fit.artifact_bytes(shape, 32, set(), "int8", a) for a in fit.ARTIFACTS)
-    step = max(fit.tensor_bytes("int8", 256, 512, a) - fit.tensor_bytes("int4-g32", 256, 512, a)
-               for a in fit.ARTIFACTS)
+    step = max(fit.tensor_bytes("int8", 256, 512, a) - fit.tensor_bytes("int4-g32", 256, 512, a) for a in fit.ARTIFACTS)
     plan = fit.choose(shape, g32, fit.Budget(max_size_mb=(base + 2 * step + 10) / MB))
     assert set(plan.int8_modules) == {"model.layers.0.mlp.down_proj", "model.layers.2.mlp.down_proj"}
     formats = {t["name"]: t["format"] for t in plan.tensors}
@@ -121,16 +122,27 @@ def test_impossible_budget_names_the_smallest_plan():
     assert re.search(r"is ([\d.]+) MB as \.pte", msg).group(1) == f"{smallest / MB:.1f}"
 
 
-@pytest.mark.parametrize("bad", [fit.Budget(), fit.Budget(max_size_mb=-1), fit.Budget(min_decode=3, max_size_mb=9),
-                                 fit.Budget(device="nokia-3310")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        fit.Budget(),
+        fit.Budget(max_size_mb=-1),
+        fit.Budget(min_decode=3, max_size_mb=9),
+        fit.Budget(device="nokia-3310"),
+    ],
+)
 def test_unreadable_budgets_are_refused(bad):
     with pytest.raises(EdgeftError):
         fit.choose(_shape(), SENS, bad)
 
 
 def test_plan_file_round_trip(tmp_path):
-    plan = fit.choose(_shape(), SENS, fit.Budget(device="pixel-8", max_size_mb=0.8, context=512),
-                      calibration={"float_loss": 1.25, "sensitivity": {"32": SENS[32]}})
+    plan = fit.choose(
+        _shape(),
+        SENS,
+        fit.Budget(device="pixel-8", max_size_mb=0.8, context=512),
+        calibration={"float_loss": 1.25, "sensitivity": {"32": SENS[32]}},
+    )
     path = plan.write(tmp_path)
     assert path.name == "qat_plan.json" and not list(tmp_path.glob("*.tmp*"))
     back = fit.load(tmp_path)
@@ -210,7 +222,8 @@ def test_calibration_is_the_loss_rise_of_one_int4_linear():
 
 
 def test_device_flag_names_a_profile_or_a_torch_device():
-    from edgeft.config import TrainConfig, fit_budget, resolve as resolve_cfg
+    from edgeft.config import TrainConfig, fit_budget
+    from edgeft.config import resolve as resolve_cfg
 
     cfg = resolve_cfg(TrainConfig(model="tiny-llama", qat="auto", device="pixel-8", fit_context=1024))
     assert cfg.fit.device == "pixel-8" and cfg.hardware.device in ("cpu", "cuda") and cfg.model.mode == "full"

@@ -82,8 +82,11 @@ def test_no_fake_quantized_weight_is_saved_and_gradients_are_unchanged(lora, pat
     for mod in ref.modules():
         if hasattr(mod, "edgeft_projection"):
             mod.edgeft_projection = _saving(mod.edgeft_projection)
-    (K.causal_lm_loss(ref, ids, ids)[0] / K.causal_lm_loss(ref, ids, ids)[1] if patched
-     else ref(input_ids=ids, labels=ids).loss).backward()
+    (
+        K.causal_lm_loss(ref, ids, ids)[0] / K.causal_lm_loss(ref, ids, ids)[1]
+        if patched
+        else ref(input_ids=ids, labels=ids).loss
+    ).backward()
     for n, g in grads.items():
         r = dict(ref.named_parameters())[n].grad
         assert rel_err(g, r) < 1e-5, (n, rel_err(g, r))

@@ -44,10 +44,13 @@ def test_default_qat_recipe_trains_the_twin_then_qat_from_it_on_data_and_prose(d
 def test_finetune_plans(data):
     assert _plan(TrainConfig(model="tiny-llama"), data) == ("finetune", [(RunDir("r"), False, None, 9)])
     assert _plan(TrainConfig(model="tiny-llama", qat="int8-int4", ptq=False), data) == (
-        "finetune", [(RunDir("r"), True, None, 9)])
+        "finetune",
+        [(RunDir("r"), True, None, 9)],
+    )
     # a baseline that the QAT run learns nothing from trains after it, on the data alone
-    name, calls = _plan(TrainConfig(model="tiny-llama", qat="int8-int4", qat_distill=0.0, qat_init="pretrained",
-                                    qat_corpus=0.25), data)
+    name, calls = _plan(
+        TrainConfig(model="tiny-llama", qat="int8-int4", qat_distill=0.0, qat_init="pretrained", qat_corpus=0.25), data
+    )
     assert name == "finetune"
     assert calls == [(RunDir("r"), True, None, 12), (Variant("r/baseline"), False, None, 9)]
     # starting from the twin without distilling is still the twin plan

@@ -57,9 +57,13 @@ _fully_shard = tfsdp.fully_shard
 
 def _probe_fully_shard(module, *args, **kwargs):
     whole = [p for p in module.parameters() if not p.is_meta and not isinstance(p, DTensor)]
-    REC["fully_shard"].append({"module": type(module).__name__,
-                               "whole_bytes": sum(p.numel() * p.element_size() for p in whole),
-                               "largest": max((p.numel() for p in whole), default=0)})
+    REC["fully_shard"].append(
+        {
+            "module": type(module).__name__,
+            "whole_bytes": sum(p.numel() * p.element_size() for p in whole),
+            "largest": max((p.numel() for p in whole), default=0),
+        }
+    )
     return _fully_shard(module, *args, **kwargs)
 
 
@@ -70,13 +74,18 @@ _load_from_rank0 = getattr(efsdp, "load_from_rank0", None)  # absent before rank
 
 def _probe_load(module, full, device):
     _load_from_rank0(module, full, device)
-    bufs = {f"{mn}.{leaf}": b.detach().cpu().float().tolist() for mn, m in module.named_modules()
-            for leaf, b in m._buffers.items() if b is not None and leaf in m._non_persistent_buffers_set}
+    bufs = {
+        f"{mn}.{leaf}": b.detach().cpu().float().tolist()
+        for mn, m in module.named_modules()
+        for leaf, b in m._buffers.items()
+        if b is not None and leaf in m._non_persistent_buffers_set
+    }
     meta = any(t.is_meta for t in [*module.parameters(), *module.buffers()])
     local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in module.parameters())
     total = sum(p.numel() for p in module.parameters())
-    REC["loaded"].append({"module": type(module).__name__, "buffers": bufs, "meta": meta, "local_params": local,
-                          "params": total})
+    REC["loaded"].append(
+        {"module": type(module).__name__, "buffers": bufs, "meta": meta, "local_params": local, "params": total}
+    )
 
 
 if _load_from_rank0 is not None:

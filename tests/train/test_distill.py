@@ -40,6 +40,7 @@ def _student_and_perturbed_teacher(model_dir):
 
 def _kl_by_hand(t_row: list[float], s_row: list[float], temp: float) -> float:
     """KL(p || q) of one row with p = softmax(t/T), q = softmax(s/T), in plain Python floats, times T²."""
+
     def softmax(xs):
         m = max(xs)
         e = [math.exp((x - m) / temp) for x in xs]
@@ -136,12 +137,14 @@ def test_targets_distil_the_answers_and_every_prose_token_at_a_temperature(tiny,
     n_answer = sum(lab != -100 for lab in examples[0]["labels"][1:])
     assert 0 < n_answer < len(examples[0]["input_ids"]) - 1  # the prompt is not distilled ...
     assert int(mask.sum()) == n_answer + len(prose[0]["input_ids"]) - 1 + sum(
-        lab != -100 for lab in examples[1]["labels"][1:])  # ... every prose position is
+        lab != -100 for lab in examples[1]["labels"][1:]
+    )  # ... every prose position is
 
     student, teacher = _student_and_perturbed_teacher(model_dir)
     assert resolve(TrainConfig(model="tiny-llama", qat="int8-int4")).qat.distill_positions == "all"
-    cfg = resolve(TrainConfig(model="tiny-llama", qat="int8-int4", qat_distill_positions="targets",
-                              qat_distill_temperature=2.0))
+    cfg = resolve(
+        TrainConfig(model="tiny-llama", qat="int8-int4", qat_distill_positions="targets", qat_distill_temperature=2.0)
+    )
     monkeypatch.setattr(pipeline, "load_trained", lambda root: (teacher, None))
     d = pipeline._distillation(cfg, model_dir, "cpu")
     assert (d.positions, d.temperature, d.weight) == ("targets", 2.0, 1.0)
@@ -155,8 +158,9 @@ def test_targets_distil_the_answers_and_every_prose_token_at_a_temperature(tiny,
         torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
     from edgeft.cli import _train_config, build_parser
 
-    args = build_parser().parse_args(["train", "--qat", "int8-int4", "--qat-distill-positions", "targets",
-                                      "--qat-distill-temperature", "2"])
+    args = build_parser().parse_args(
+        ["train", "--qat", "int8-int4", "--qat-distill-positions", "targets", "--qat-distill-temperature", "2"]
+    )
     assert (_train_config(args).qat.distill_positions, _train_config(args).qat.distill_temperature) == ("targets", 2.0)
     with pytest.raises(EdgeftError, match="qat_distill_positions"):
         resolve(TrainConfig(model="tiny-llama", qat="int8-int4", qat_distill_positions="answers"))
@@ -205,8 +209,17 @@ def test_pipeline_starts_qat_from_the_twin_and_distils(tmp_path, mode):
     from edgeft.training.checkpoint import trainable_state  # noqa: F401  (import check only)
 
     out = tmp_path / "r"
-    cfg = TrainConfig(model="tiny-llama", data="builtin:tasks", mode=mode, qat="int8-int4", max_steps=2,
-                      batch_size=2, lr=1e-3, out=str(out), progress=False)
+    cfg = TrainConfig(
+        model="tiny-llama",
+        data="builtin:tasks",
+        mode=mode,
+        qat="int8-int4",
+        max_steps=2,
+        batch_size=2,
+        lr=1e-3,
+        out=str(out),
+        progress=False,
+    )
     run = edgeft.train(cfg)
     info = json.loads((run / "model" / "edgeft.json").read_text())
     assert info["init_from"] == str(run / "baseline") and info["distilled_from"] == str(run / "baseline")
@@ -260,8 +273,9 @@ def test_student_logits_through_the_fused_head_equal_the_model_logits(tiny, qat)
         got = student_logits(model, batch)
         # the head alone, on the patched backbone's own hidden states: the prepared head module's forward (its
         # activation and weight fake quantizers) in the same order, so fp32-exact
-        hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                             use_cache=False).last_hidden_state[:, :-1]
+        hidden = model.model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).last_hidden_state[:, :-1]
         torch.testing.assert_close(got, model.lm_head(hidden).float(), rtol=1e-5, atol=1e-5)
     if qat is None:
         torch.testing.assert_close(got, ref.float(), rtol=1e-4, atol=1e-4)
@@ -285,16 +299,56 @@ def test_two_cpu_processes_distil_as_one(tmp_path):
     from edgeft.data import tasks
 
     data = tmp_path / "tasks.jsonl"
-    data.write_text("".join(json.dumps({"messages": tasks.to_messages(r)}) + "\n" for r in tasks.generate("train")[:32]))
+    data.write_text(
+        "".join(json.dumps({"messages": tasks.to_messages(r)}) + "\n" for r in tasks.generate("train")[:32])
+    )
     # weight-only int4: no int8 activation rounding to amplify the twins' last-bit differences between the runs
-    args = ["train", "--model", "tiny-llama", "--data", str(data), "--lora", "--qat", "int4", "--qat-corpus",
-            "0", "--max-steps", "2", "--grad-accum", "2", "--lr", "1e-3", "--no-progress", "--threads", "1",
-            "--device", "cpu"]
+    args = [
+        "train",
+        "--model",
+        "tiny-llama",
+        "--data",
+        str(data),
+        "--lora",
+        "--qat",
+        "int4",
+        "--qat-corpus",
+        "0",
+        "--max-steps",
+        "2",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-3",
+        "--no-progress",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*args, "--batch-size", "4", "--out", str(one)]) == 0
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "edgeft", *args, "--batch-size", "2", "--out", str(two)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "edgeft",
+            *args,
+            "--batch-size",
+            "2",
+            "--out",
+            str(two),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = [json.loads(l) for l in (one / "metrics.jsonl").read_text().splitlines()]
     b = [json.loads(l) for l in (two / "metrics.jsonl").read_text().splitlines()]

@@ -17,8 +17,22 @@ from edgeft.cli import main
 from edgeft.data import tasks
 from edgeft.errors import EdgeftError
 
-BASE = ["train", "--model", "tiny-llama", "--max-steps", "4", "--grad-accum", "2", "--lr", "1e-3", "--no-progress",
-        "--threads", "1", "--device", "cpu"]
+BASE = [
+    "train",
+    "--model",
+    "tiny-llama",
+    "--max-steps",
+    "4",
+    "--grad-accum",
+    "2",
+    "--lr",
+    "1e-3",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 def _rows(path):
@@ -27,7 +41,9 @@ def _rows(path):
 
 def _data(tmp_path):
     data = tmp_path / "tasks.jsonl"
-    data.write_text("".join(json.dumps({"messages": tasks.to_messages(r)}) + "\n" for r in tasks.generate("train")[:64]))
+    data.write_text(
+        "".join(json.dumps({"messages": tasks.to_messages(r)}) + "\n" for r in tasks.generate("train")[:64])
+    )
     return data
 
 
@@ -42,7 +58,11 @@ def _torchrun(tmp_path, args, env=None, loads=1):
     env = dict(os.environ if env is None else env, EDGEFT_PROBE_DIR=str(probe))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(PROBE), *args],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_loading(probe, loads)
@@ -93,8 +113,14 @@ def _compare(tmp_path, extra, rel, wtol, env=None, grad_rel=None, loads=1, drift
     if env is None:
         assert main([*args, "--batch-size", "4", "--out", str(one)]) == 0
     else:
-        p = subprocess.run([sys.executable, "-m", "edgeft", *args, "--batch-size", "4", "--out", str(one)],
-                           capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
+        p = subprocess.run(
+            [sys.executable, "-m", "edgeft", *args, "--batch-size", "4", "--out", str(one)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=600,
+            env=env,
+        )
         assert p.returncode == 0, p.stderr[-3000:]
         (tmp_path / "one.stderr").write_text(p.stderr)
     proc, _ = _torchrun(tmp_path, [*args, "--batch-size", "2", "--out", str(two), "--fsdp"], env, loads)
@@ -151,21 +177,41 @@ def test_fsdp_with_qat_and_kernels_equals_one_process(tmp_path):
     # Noise floor (one process, batch 4 x 2, 2 x 4, 8 x 1, ATEN_CPU_CAPABILITY=default): losses 5.8e-4, gradient
     # norms 1.4e-3 apart (docs/testing.md); bounds ~3.5x that
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    _compare(tmp_path, ["--qat", "phone-deployment", "--no-ptq", "--kernels", "on"], rel=2e-3, wtol=5e-2, env=env,
-             grad_rel=5e-3)
+    _compare(
+        tmp_path,
+        ["--qat", "phone-deployment", "--no-ptq", "--kernels", "on"],
+        rel=2e-3,
+        wtol=5e-2,
+        env=env,
+        grad_rel=5e-3,
+    )
     info = json.loads((tmp_path / "two" / "model" / "edgeft.json").read_text())
     assert info["qat"] and info["kernels"]
 
 
 def test_fsdp_resume_continues_as_if_never_interrupted(tmp_path):
-    args = [*BASE, "--data", str(_data(tmp_path)), "--lora", "--batch-size", "2", "--save-steps", "2",
-            "--eval-split", "5", "--eval-steps", "2", "--fsdp"]
+    args = [
+        *BASE,
+        "--data",
+        str(_data(tmp_path)),
+        "--lora",
+        "--batch-size",
+        "2",
+        "--save-steps",
+        "2",
+        "--eval-split",
+        "5",
+        "--eval-steps",
+        "2",
+        "--fsdp",
+    ]
     ref, run = tmp_path / "ref", tmp_path / "run"
     _torchrun(tmp_path, [*args, "--out", str(ref)])
     ckpt = ref / "checkpoints" / "step-2"
     assert (ckpt / "adapter" / "adapter_model.safetensors").exists()
     assert set(torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]) == set(
-        load_file(str(ckpt / "trainable.safetensors")))  # keyed by parameter name, every trained tensor
+        load_file(str(ckpt / "trainable.safetensors"))
+    )  # keyed by parameter name, every trained tensor
     # "killed" after the step-2 checkpoint: the run as it was then (metrics of steps 3-4 are dropped on resume)
     shutil.copytree(ref, run, ignore=shutil.ignore_patterns("step-4", "model", "converted", "loss.png"))
     proc, probe = _torchrun(tmp_path, ["train", "--out", str(run), "--resume", "--no-progress", "--threads", "1"])
@@ -200,8 +246,9 @@ def test_strategy_choice():
     from edgeft.models import resolve_model
     from edgeft.training import fsdp
 
-    cfg = TrainConfig(distributed="auto", load_in_4bit=False, load_in_8bit=False, optim="adamw", dtype="bf16",
-                      mode="full")
+    cfg = TrainConfig(
+        distributed="auto", load_in_4bit=False, load_in_8bit=False, optim="adamw", dtype="bf16", mode="full"
+    )
     md = resolve_model("tiny-llama")
     n = fsdp._checkpoint_params(md)
     assert n is not None and n > 0
@@ -224,7 +271,10 @@ def test_fsdp_qat_distilled_from_its_twin_equals_one_process(tmp_path):
     b = _rows(tmp_path / "two" / "metrics.jsonl")
     assert all(r["distill_kl"] > 0 for r in a + b)
     assert [r["distill_kl"] for r in b] == pytest.approx([r["distill_kl"] for r in a], rel=QAT_DISTILL_KL)
-    ta, tb = _rows(tmp_path / "one" / "baseline" / "metrics.jsonl"), _rows(tmp_path / "two" / "baseline" / "metrics.jsonl")
+    ta, tb = (
+        _rows(tmp_path / "one" / "baseline" / "metrics.jsonl"),
+        _rows(tmp_path / "two" / "baseline" / "metrics.jsonl"),
+    )
     assert [r["loss"] for r in tb] == pytest.approx([r["loss"] for r in ta], rel=1e-5)  # the twins agree first
 
 
@@ -233,8 +283,9 @@ def test_fsdp_fused_distillation_from_a_sharded_teacher_equals_one_process(tmp_p
     # PyTorch reference here, no Triton interpreter) although the teacher is sharded: its root is gathered for the
     # kernel. Same tolerances as the materialised test above.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    a, _ = _compare(tmp_path, ["--lora", "--qat", "int8-int4", "--kernels", "on"], wtol=5e-2, env=env, loads=3,
-                    **QAT_DISTILL)
+    a, _ = _compare(
+        tmp_path, ["--lora", "--qat", "int8-int4", "--kernels", "on"], wtol=5e-2, env=env, loads=3, **QAT_DISTILL
+    )
     b = _rows(tmp_path / "two" / "metrics.jsonl")
     assert all(r["distill_kl"] > 0 for r in a + b)
     assert [r["distill_kl"] for r in b] == pytest.approx([r["distill_kl"] for r in a], rel=QAT_DISTILL_KL)
@@ -248,8 +299,13 @@ def test_fsdp_bf16_full_finetuning_with_fp32_masters_equals_one_process_and_resu
     # reduces them in fp32, so AdamW's +-lr first steps differ on a few tiny gradients (as in the bf16 LoRA test);
     # the bf16 weights are their masters rounded stochastically with the same random bits in both (measured: 0.14%
     # of them one bf16 step apart after 4 steps), and the gradient norm, a bf16 number, may land one bf16 step apart
-    a, _ = _compare(tmp_path, ["--full", "--dtype", "bf16", "--lr", "1e-5", "--save-steps", "2"], rel=1e-3,
-                    wtol=2e-3, grad_rel=2**-7)
+    a, _ = _compare(
+        tmp_path,
+        ["--full", "--dtype", "bf16", "--lr", "1e-5", "--save-steps", "2"],
+        rel=1e-3,
+        wtol=2e-3,
+        grad_rel=2**-7,
+    )
     one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     differ = sum(int((one[k] != two[k]).sum()) for k in one) / sum(t.numel() for t in one.values())
     assert differ < 0.01, differ  # shards drawing their own random bits: ~40% (4 steps of 1e-5 at |w| ~ 0.02)

@@ -21,9 +21,20 @@ def test_lora_with_kernels_matches_without(tmp_path, qat):
     losses = {}
     for kernels in ("on", "off"):
         # with the kernels, also through edgeft's per-layer checkpointing (recompute in the backward)
-        cfg = TrainConfig(model="tiny-qwen3", mode="lora", qat=qat, ptq=False, max_steps=4, batch_size=4, lr=5e-3,
-                          warmup_ratio=0.0, kernels=kernels, out=str(tmp_path / kernels), progress=False,
-                          gradient_checkpointing="plain" if kernels == "on" else "off")
+        cfg = TrainConfig(
+            model="tiny-qwen3",
+            mode="lora",
+            qat=qat,
+            ptq=False,
+            max_steps=4,
+            batch_size=4,
+            lr=5e-3,
+            warmup_ratio=0.0,
+            kernels=kernels,
+            out=str(tmp_path / kernels),
+            progress=False,
+            gradient_checkpointing="plain" if kernels == "on" else "off",
+        )
         run = pipeline.train(cfg)
         info = json.loads((run / "model" / "edgeft.json").read_text())
         if kernels == "on":
@@ -41,9 +52,19 @@ def test_transformers_checkpointing_without_kernels_learns_the_same(tmp_path, mo
 
     losses = {}
     for ckpt in ("plain", "off"):
-        cfg = TrainConfig(model="tiny-llama", mode=mode, ptq=False, max_steps=3, batch_size=4, lr=5e-3,
-                          warmup_ratio=0.0, kernels="off", gradient_checkpointing=ckpt,
-                          out=str(tmp_path / f"{mode}-{ckpt}"), progress=False)
+        cfg = TrainConfig(
+            model="tiny-llama",
+            mode=mode,
+            ptq=False,
+            max_steps=3,
+            batch_size=4,
+            lr=5e-3,
+            warmup_ratio=0.0,
+            kernels="off",
+            gradient_checkpointing=ckpt,
+            out=str(tmp_path / f"{mode}-{ckpt}"),
+            progress=False,
+        )
         run = pipeline.train(cfg)
         info = json.loads((run / "model" / "edgeft.json").read_text())
         assert info["gradient_checkpointing"] == ("hf" if ckpt == "plain" else None)
@@ -57,8 +78,16 @@ def test_auto_checkpoints_only_when_the_activations_do_not_fit(monkeypatch):
 
     from edgeft.training.model import activation_bytes, checkpoint_mode
 
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+        )
+    )
     cfg = TrainConfig(model="tiny-llama", batch_size=4, max_seq_length=512, dtype="bf16")
     # by hand: 1.25 * (6*64 + 4*64 + 3*32 + 3*128) elements * 2048 tokens * 2 layers * 2 bytes
     assert activation_bytes(cfg, model) == int(1.25 * (6 * 64 + 4 * 64 + 3 * 32 + 3 * 128) * 2048 * 2 * 2)
@@ -87,8 +116,16 @@ def test_qat_keeps_quantized_weights_only_where_the_copy_is_small():
 
     from edgeft.training.model import activation_bytes, qat_weight_cache
 
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+        )
+    )
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     copy = sum(m.weight.numel() * 2 for m in model.modules() if type(m) is torch.nn.Linear)  # the head included
     for seq, expect in ((512, "weights"), (8, "codes")):

@@ -1,7 +1,6 @@
 """A real `python -m edgeft train` killed with SIGKILL mid-run resumes as if it had never been interrupted."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,9 +12,31 @@ from safetensors.torch import load_file
 from edgeft.cli import main
 from edgeft.data import tasks
 
-ARGS = ["train", "--model", "tiny-llama", "--lora", "--max-steps", "10", "--batch-size",
-        "8", "--grad-accum", "2", "--lr", "1e-3", "--save-steps", "2", "--save-total-limit", "2", "--eval-split", "16",
-        "--eval-steps", "3", "--threads", "1", "--no-progress"]
+ARGS = [
+    "train",
+    "--model",
+    "tiny-llama",
+    "--lora",
+    "--max-steps",
+    "10",
+    "--batch-size",
+    "8",
+    "--grad-accum",
+    "2",
+    "--lr",
+    "1e-3",
+    "--save-steps",
+    "2",
+    "--save-total-limit",
+    "2",
+    "--eval-split",
+    "16",
+    "--eval-steps",
+    "3",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
 def _rows(path):
@@ -24,12 +45,18 @@ def _rows(path):
 
 def test_sigkill_then_resume_matches_a_run_never_killed(tmp_path, capsys):
     ref, run, data = tmp_path / "ref", tmp_path / "run", tmp_path / "tasks.jsonl"
-    data.write_text("".join(json.dumps({"messages": tasks.to_messages(r)}) + "\n" for r in tasks.generate("train")[:300]))
+    data.write_text(
+        "".join(json.dumps({"messages": tasks.to_messages(r)}) + "\n" for r in tasks.generate("train")[:300])
+    )
     args = [*ARGS, "--data", str(data)]
     assert main([*args, "--out", str(ref)]) == 0
 
-    proc = subprocess.Popen([sys.executable, "-m", "edgeft", *args, "--out", str(run)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeft", *args, "--out", str(run)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

@@ -16,12 +16,26 @@ import torch
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                       reason=f"needs two CUDA GPUs (found {torch.cuda.device_count() if torch.cuda.is_available() else 0})"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+        reason=f"needs two CUDA GPUs (found {torch.cuda.device_count() if torch.cuda.is_available() else 0})",
+    ),
 ]
 
-BASE = ["train", "--model", "tiny-llama", "--max-steps", "4", "--grad-accum", "2", "--lr", "1e-3", "--no-progress",
-        "--device", "cuda"]
+BASE = [
+    "train",
+    "--model",
+    "tiny-llama",
+    "--max-steps",
+    "4",
+    "--grad-accum",
+    "2",
+    "--lr",
+    "1e-3",
+    "--no-progress",
+    "--device",
+    "cuda",
+]
 
 
 def _rows(path):
@@ -33,7 +47,9 @@ def data(tmp_path_factory):
     from edgeft.data import tasks
 
     path = tmp_path_factory.mktemp("data") / "tasks.jsonl"
-    path.write_text("".join(json.dumps({"messages": tasks.to_messages(r)}) + "\n" for r in tasks.generate("train")[:64]))
+    path.write_text(
+        "".join(json.dumps({"messages": tasks.to_messages(r)}) + "\n" for r in tasks.generate("train")[:64])
+    )
     return path
 
 
@@ -44,8 +60,17 @@ def _edgeft(cwd, args, nproc):
 
         assert main(args) == 0
         return None
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
-           "edgeft", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "edgeft",
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -74,8 +99,9 @@ def test_ddp_and_fsdp2_lora_with_kernels_equal_one_gpu(tmp_path, data):
     wa = _weights(one)
     for strategy in ("ddp", "fsdp"):
         run = tmp_path / strategy
-        proc = _edgeft(tmp_path, [*args, "--batch-size", "2", "--out", str(run), "--distributed", strategy,
-                                  "--save-steps", "2"], 2)
+        proc = _edgeft(
+            tmp_path, [*args, "--batch-size", "2", "--out", str(run), "--distributed", strategy, "--save-steps", "2"], 2
+        )
         assert proc.stdout.count("run: ") == 1  # only rank 0 reports
         assert f"2 processes, {'FSDP2' if strategy == 'fsdp' else 'DDP'}" in proc.stderr
         _same(one, run, rel=1e-4)

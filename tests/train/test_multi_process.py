@@ -19,15 +19,49 @@ def _rows(path):
 
 def _compare(tmp_path, device_args, rel):
     data = tmp_path / "tasks.jsonl"
-    data.write_text("".join(json.dumps({"messages": tasks.to_messages(r)}) + "\n" for r in tasks.generate("train")[:64]))
-    args = ["train", "--model", "tiny-llama", "--data", str(data), "--lora", "--max-steps", "4", "--grad-accum", "2",
-            "--lr", "1e-3", "--no-progress", "--threads", "1", *device_args]
+    data.write_text(
+        "".join(json.dumps({"messages": tasks.to_messages(r)}) + "\n" for r in tasks.generate("train")[:64])
+    )
+    args = [
+        "train",
+        "--model",
+        "tiny-llama",
+        "--data",
+        str(data),
+        "--lora",
+        "--max-steps",
+        "4",
+        "--grad-accum",
+        "2",
+        "--lr",
+        "1e-3",
+        "--no-progress",
+        "--threads",
+        "1",
+        *device_args,
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([*args, "--batch-size", "4", "--out", str(one)]) == 0
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "edgeft",
-         *args, "--batch-size", "2", "--out", str(two)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "edgeft",
+            *args,
+            "--batch-size",
+            "2",
+            "--out",
+            str(two),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run: ") == 1  # only rank 0 reports

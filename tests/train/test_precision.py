@@ -11,10 +11,18 @@ from edgeft.config import LoraSettings, TrainConfig, resolve
 from edgeft.data import encode_dataset, load_conversations
 from edgeft.errors import EdgeftError
 from edgeft.models import load_model, resolve_model
-from edgeft.training import (CheckpointManager, Checkpointing, Optimization, Reporting, TrainData, list_checkpoints,
-                             prepare_model, train_loop)
+from edgeft.training import (
+    Checkpointing,
+    CheckpointManager,
+    Optimization,
+    Reporting,
+    TrainData,
+    list_checkpoints,
+    precision,
+    prepare_model,
+    train_loop,
+)
 from edgeft.training.optim import build_optimizer, build_scheduler, precision_record
-from edgeft.training import precision
 from edgeft.training.precision import MasterWeights, stochastic_round_
 
 BF16_EPS = torch.finfo(torch.bfloat16).eps  # 2^-7: the spacing of bf16 numbers in [1, 2)
@@ -55,10 +63,16 @@ def _trajectories(update: str, optim: str, lr: float, steps: int = 20):
     return w0, ref.weight.detach(), low.weight.detach().float(), travelled, opt
 
 
-@pytest.mark.parametrize("optim,lr,steps,update", [("adamw", 1e-3, 20, "master"), ("sgd", 2.5e-2, 40, "master"),
-                                                   ("adamw", 1e-3, 20, "master-nearest"),
-                                                   ("adamw_8bit", 1e-3, 20, "master"),
-                                                   ("paged_adamw", 1e-3, 20, "master")])
+@pytest.mark.parametrize(
+    "optim,lr,steps,update",
+    [
+        ("adamw", 1e-3, 20, "master"),
+        ("sgd", 2.5e-2, 40, "master"),
+        ("adamw", 1e-3, 20, "master-nearest"),
+        ("adamw_8bit", 1e-3, 20, "master"),
+        ("paged_adamw", 1e-3, 20, "master"),
+    ],
+)
 def test_updates_below_half_a_bf16_step_are_not_lost(optim, lr, steps, update):
     if optim not in ("adamw", "sgd"):
         pytest.importorskip("bitsandbytes")  # behind the masters it updates fp32 tensors (8-bit state from 4096)
@@ -220,12 +234,26 @@ def _train(cfg, data, update="master", metrics_path=None, checkpointing=Checkpoi
     torch.manual_seed(cfg.optim.seed)
     model, _ = prepare_model(cfg, model_dir)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    args = dict(max_steps=4, batch_size=4, grad_accum=1, lr=cfg.optim.lr, seed=3, warmup_ratio=0.0,
-                schedule="constant", bf16_update=update, scale_lr=cfg.qat.scale_lr)
+    args = dict(
+        max_steps=4,
+        batch_size=4,
+        grad_accum=1,
+        lr=cfg.optim.lr,
+        seed=3,
+        warmup_ratio=0.0,
+        schedule="constant",
+        bf16_update=update,
+        scale_lr=cfg.qat.scale_lr,
+    )
     args.update(opt)
-    summary = train_loop(model, TrainData(examples, tok.pad_token_id), Optimization(**args),
-                         checkpointing=checkpointing, reporting=Reporting(metrics_path=metrics_path, progress=False),
-                         on_log=on_log)
+    summary = train_loop(
+        model,
+        TrainData(examples, tok.pad_token_id),
+        Optimization(**args),
+        checkpointing=checkpointing,
+        reporting=Reporting(metrics_path=metrics_path, progress=False),
+        on_log=on_log,
+    )
     return model, start, summary
 
 
@@ -316,13 +344,13 @@ def test_bf16_resume_continues_bit_exactly(data, tmp_path):
 
     ckpt = CheckpointManager(tmp_path / "ck")
     with pytest.raises(_Crash):
-        _train(cfg, data, metrics_path=tmp_path / "run.jsonl", checkpointing=Checkpointing(ckpt, 2), on_log=crash,
-               **kw)
+        _train(cfg, data, metrics_path=tmp_path / "run.jsonl", checkpointing=Checkpointing(ckpt, 2), on_log=crash, **kw)
     assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [2]
     saved = torch.load(tmp_path / "ck" / "step-2" / "optimizer.pt", weights_only=True)
     assert all(s["master"].dtype == torch.float32 for s in saved["state"].values())
-    resumed, _, summary = _train(cfg, data, metrics_path=tmp_path / "run.jsonl",
-                                 checkpointing=Checkpointing(ckpt, 2, resume=True), **kw)
+    resumed, _, summary = _train(
+        cfg, data, metrics_path=tmp_path / "run.jsonl", checkpointing=Checkpointing(ckpt, 2, resume=True), **kw
+    )
     assert summary["resumed_from"] == 2
     import json
 
@@ -341,8 +369,32 @@ def test_the_run_records_its_update(data, tmp_path):
     from edgeft.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", "--model", "tiny-llama", "--full", "--dtype", "bf16", "--max-steps", "1", "--batch-size", "2",
-                 "--no-progress", "--threads", "1", "--device", "cpu", "--kernels", "off", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "tiny-llama",
+                "--full",
+                "--dtype",
+                "bf16",
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "2",
+                "--no-progress",
+                "--threads",
+                "1",
+                "--device",
+                "cpu",
+                "--kernels",
+                "off",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rec = json.loads((out / "model" / "edgeft.json").read_text())["precision"]
     assert rec["bf16_update"] == "master" and rec["optimizer"] == "AdamW" and rec["weights"] == "bf16"
     got = load_file(str(out / "model" / "model.safetensors"))

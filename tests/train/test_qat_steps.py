@@ -51,8 +51,20 @@ def test_qat_run_trains_its_own_steps_and_an_old_run_resumes(tmp_path):
     import edgeft
 
     out = tmp_path / "r"
-    cfg = TrainConfig(model="tiny-llama", data="builtin:tasks", mode="lora", qat="int8-int4", max_steps=2,
-                      qat_max_steps=3, batch_size=2, lr=1e-3, out=str(out), progress=False, save_steps=1, threads=1)
+    cfg = TrainConfig(
+        model="tiny-llama",
+        data="builtin:tasks",
+        mode="lora",
+        qat="int8-int4",
+        max_steps=2,
+        qat_max_steps=3,
+        batch_size=2,
+        lr=1e-3,
+        out=str(out),
+        progress=False,
+        save_steps=1,
+        threads=1,
+    )
     run = edgeft.train(cfg)
     assert _steps(run / "baseline" / "metrics.jsonl") == [1, 2]
     assert _steps(run / "metrics.jsonl") == [1, 2, 3]

@@ -21,19 +21,55 @@ def titanic(tmp_path_factory):
     d = tmp_path_factory.mktemp("titanic")
     lines = ["Embarked,Age,Fare,Survived"]
     for i in range(40):
-        lines.append(f"{'SCQ'[i % 3] if i % 5 else ''},{20 + i if i % 4 else ''},{7 + i % 9}.25,{'yes' if i % 2 else 'no'}")
+        lines.append(
+            f"{'SCQ'[i % 3] if i % 5 else ''},{20 + i if i % 4 else ''},{7 + i % 9}.25,{'yes' if i % 2 else 'no'}"
+        )
     (d / "titanic.csv").write_text("\n".join(lines) + "\n")
     return d / "titanic.csv"
 
 
 def test_template_eval_early_stopping_and_merge(titanic, tmp_path):
     run = tmp_path / "run"
-    argv = ["train", "--model", "tiny-llama", "--data", str(titanic), "--lora", "--chat-template", "alpaca",
-            "--prompt-template", "[[Embarked at {Embarked}.]][[ Age {Age}.]] Fare {Fare}. Survived?",
-            "--output-column", "Survived", "--conversation-extension", "2", "--system-prompt", "Answer yes or no.",
-            "--eval-split", "0.2", "--eval-steps", "1", "--early-stopping-patience", "1",
-            "--early-stopping-threshold", "100", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3",
-            "--packing", "--max-seq-length", "256", "--out", str(run), "--no-progress", "--threads", "1"]
+    argv = [
+        "train",
+        "--model",
+        "tiny-llama",
+        "--data",
+        str(titanic),
+        "--lora",
+        "--chat-template",
+        "alpaca",
+        "--prompt-template",
+        "[[Embarked at {Embarked}.]][[ Age {Age}.]] Fare {Fare}. Survived?",
+        "--output-column",
+        "Survived",
+        "--conversation-extension",
+        "2",
+        "--system-prompt",
+        "Answer yes or no.",
+        "--eval-split",
+        "0.2",
+        "--eval-steps",
+        "1",
+        "--early-stopping-patience",
+        "1",
+        "--early-stopping-threshold",
+        "100",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--packing",
+        "--max-seq-length",
+        "256",
+        "--out",
+        str(run),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     assert main(argv) == 0
     rows = _rows(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]  # patience 1 with an unbeatable threshold: stop after the 2nd eval
@@ -51,7 +87,8 @@ def test_template_eval_early_stopping_and_merge(titanic, tmp_path):
         tok = AutoTokenizer.from_pretrained(d)
         assert "### Response:" in tok.chat_template, d
         assert tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True).endswith(
-            "### Instruction:\nAge 20. Fare 7.25. Survived?\n\n### Response:\n")
+            "### Instruction:\nAge 20. Fare 7.25. Survived?\n\n### Response:\n"
+        )
         assert tok.eos_token == "<|im_end|>"
 
 
@@ -59,8 +96,30 @@ def test_raw_text_continued_pretraining_run(tmp_path):
     text = tmp_path / "book.txt"
     text.write_text(("It was a bright cold day in April, and the clocks were striking thirteen. " * 30 + "\n") * 3)
     run = tmp_path / "cpt"
-    assert main(["train", "--model", "tiny-qwen3", "--data", str(text), "--full", "--max-seq-length", "64",
-                 "--max-steps", "2", "--batch-size", "2", "--out", str(run), "--no-progress", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "tiny-qwen3",
+                "--data",
+                str(text),
+                "--full",
+                "--max-seq-length",
+                "64",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--out",
+                str(run),
+                "--no-progress",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     rows = _rows(run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     # the document packed into full 64-token rows, each continuing the last (its first token repeated as context):

@@ -42,8 +42,18 @@ def _cfg(**kw):
 OPT = Optimization(max_steps=5, batch_size=4, grad_accum=2, lr=2e-3, seed=3, warmup_ratio=0.0)
 
 
-def _loop(model, tok, examples, opt=OPT, *, held=None, batching="padding_free", max_seq_length=None,
-          metrics_path=None, **objects):
+def _loop(
+    model,
+    tok,
+    examples,
+    opt=OPT,
+    *,
+    held=None,
+    batching="padding_free",
+    max_seq_length=None,
+    metrics_path=None,
+    **objects,
+):
     objects.setdefault("reporting", Reporting(metrics_path=metrics_path, progress=False))
     return train_loop(model, TrainData(examples, tok.pad_token_id, held, batching, max_seq_length), opt, **objects)
 
@@ -78,12 +88,25 @@ def test_resume_is_exact(data, tmp_path, mode, qat):
 
     ckpt = CheckpointManager(tmp_path / "ck", fingerprint={"mode": mode})
     with pytest.raises(_Crash):
-        _loop(fresh(), tok, examples, opt, metrics_path=tmp_path / "run.jsonl", checkpointing=Checkpointing(ckpt, 1),
-              on_log=crash)
+        _loop(
+            fresh(),
+            tok,
+            examples,
+            opt,
+            metrics_path=tmp_path / "run.jsonl",
+            checkpointing=Checkpointing(ckpt, 1),
+            on_log=crash,
+        )
     assert [s for s, _ in list_checkpoints(tmp_path / "ck")] == [1]
     resumed = fresh()
-    summary = _loop(resumed, tok, examples, opt, metrics_path=tmp_path / "run.jsonl",
-                    checkpointing=Checkpointing(ckpt, 1, resume=True))
+    summary = _loop(
+        resumed,
+        tok,
+        examples,
+        opt,
+        metrics_path=tmp_path / "run.jsonl",
+        checkpointing=Checkpointing(ckpt, 1, resume=True),
+    )
     assert summary["resumed_from"] == 1
     ref, got = _rows(tmp_path / "ref.jsonl"), _rows(tmp_path / "run.jsonl")
     assert [r["step"] for r in got] == [1, 2, 3]
@@ -125,9 +148,17 @@ def test_eval_early_stopping_keeps_and_restores_the_best(data, tmp_path):
         snapshots[row["step"]] = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     # a threshold no later evaluation can beat: the first evaluation stays the best, patience 2 stops at step 3
-    s = _loop(model, tok, examples, replace(OPT, max_steps=20), held=held,
-              evaluation=Evaluation(steps=1, patience=2, threshold=100.0), checkpointing=Checkpointing(ckpt, 1),
-              metrics_path=tmp_path / "m.jsonl", on_log=snap)
+    s = _loop(
+        model,
+        tok,
+        examples,
+        replace(OPT, max_steps=20),
+        held=held,
+        evaluation=Evaluation(steps=1, patience=2, threshold=100.0),
+        checkpointing=Checkpointing(ckpt, 1),
+        metrics_path=tmp_path / "m.jsonl",
+        on_log=snap,
+    )
     rows = _rows(tmp_path / "m.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and all("eval_loss" in r for r in rows)
     assert s["stopped_early"] and s["best_step"] == 1 and s["best_eval_loss"] == rows[0]["eval_loss"]
@@ -183,8 +214,15 @@ def test_padded_and_padding_free_train_identically_and_packing_runs(data, tmp_pa
     for layout in ("padded", "padding_free", "packed"):
         torch.manual_seed(0)
         model, _ = load_model(model_dir)
-        s = _loop(model, tok, examples, replace(OPT, max_steps=3), batching=layout, max_seq_length=128,
-                  metrics_path=tmp_path / f"{layout}.jsonl")
+        s = _loop(
+            model,
+            tok,
+            examples,
+            replace(OPT, max_steps=3),
+            batching=layout,
+            max_seq_length=128,
+            metrics_path=tmp_path / f"{layout}.jsonl",
+        )
         curves[layout] = [r["loss"] for r in _rows(tmp_path / f"{layout}.jsonl")]
         if layout == "packed":
             assert 0.5 < s["packing_efficiency"] <= 1.0
@@ -282,9 +320,17 @@ def test_tensorboard_logs_the_curve(data, tmp_path):
 
     model_dir, tok, examples, held = data
     model, _ = load_model(model_dir)
-    _loop(model, tok, examples, replace(OPT, max_steps=3), held=held[:4], evaluation=Evaluation(steps=3),
-          reporting=Reporting(metrics_path=tmp_path / "m.jsonl", progress=False, report_to=["tensorboard"],
-                              log_dir=tmp_path))
+    _loop(
+        model,
+        tok,
+        examples,
+        replace(OPT, max_steps=3),
+        held=held[:4],
+        evaluation=Evaluation(steps=3),
+        reporting=Reporting(
+            metrics_path=tmp_path / "m.jsonl", progress=False, report_to=["tensorboard"], log_dir=tmp_path
+        ),
+    )
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     loss = [e.value for e in acc.Scalars("train/loss")]
