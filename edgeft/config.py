@@ -129,7 +129,12 @@ class Section:
 
     @classmethod
     def options(cls) -> list[dataclasses.Field]:
-        return list(dataclasses.fields(cls))
+        """The section's options (internal fields, such as :attr:`QATSettings.sources`, are not options)."""
+        return [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options by field name (the YAML form of the section)."""
+        return {f.name: _copy(getattr(self, f.name)) for f in self.options()}
 
     @classmethod
     def key(cls, f: dataclasses.Field) -> str:
@@ -167,6 +172,10 @@ class Section:
         return cls(
             **{k: _coerce(cls.key(next(f for f in cls.options() if f.name == k)), v, types[k]) for k, v in d.items()}
         )
+
+
+def _copy(v: Any) -> Any:
+    return json.loads(json.dumps(v)) if isinstance(v, (list, dict)) else v
 
 
 @lru_cache(maxsize=None)
@@ -341,23 +350,42 @@ class QATSettings(Section):
 
     With a scheme and ``ptq`` (the default) the float twin is trained first; the QAT run then starts from its weights
     (``init``), learns to reproduce it (``distill``) on the data mixed with generic prose (``corpus``), at a
-    learning rate floored so weights cross quantization steps (``lr``), for ``max_steps``. The ``None`` defaults are
-    the recipe's, filled by :meth:`resolved`.
+    learning rate floored so weights cross quantization steps (``lr``), for ``max_steps`` (or ``steps_ratio`` times
+    the fine-tuning steps). The ``None`` defaults are the recipe's, filled by :meth:`resolved`: a value given (flag,
+    YAML, Python) wins over the preset's recipe (``qat.schemes.Preset.recipe``), which wins over the generic
+    default; :attr:`sources` records which one each :attr:`RECIPE` value came from.
     """
 
     NAME: ClassVar[str] = "qat"
     TITLE: ClassVar[str] = "QAT and its recipe"
     PREFIX: ClassVar[str] = "qat_"
+    # the recipe's settings: what a preset may choose (Preset.recipe) and :attr:`sources` reports
+    RECIPE: ClassVar[tuple[str, ...]] = (
+        "weight_scale",
+        "scale_lr",
+        "distill",
+        "init",
+        "corpus",
+        "corpus_source",
+        "gen_tokens",
+        "gen_temperature",
+        "lr",
+        "steps_ratio",
+        "max_steps",
+    )
+    WEIGHT_SCALE: ClassVar[str] = "absmax"  # the generic default
+    GEN_TOKENS: ClassVar[int] = 96  # a generation's new tokens at most: with its prompt about a prose chunk's 128
+    GEN_TEMPERATURE: ClassVar[float] = 1.0  # sample the twin's own distribution (0: greedy)
 
     scheme: str | None = option(
         key="qat", help="QAT scheme or preset (see `edgeft qat list`), or auto: a plan fitted to --device"
     )
     group_size: int | None = option(low=1, help="int4 weight group size (default: the scheme's)")
-    weight_scale: str = option(
-        "absmax",
+    weight_scale: str | None = option(
         choices=Registry("edgeft.qat.schemes:WEIGHT_SCALES"),
-        help="how int4 weight groups choose their scale: absmax (torchao's, default), mse (least squared error of 13 "
-        "fractions of max|w|, in training and convert; the PTQ baseline uses it too), or learned / learned-mse "
+        help="how int4 weight groups choose their scale: absmax (torchao's; default unless the preset chooses), "
+        "mse (least squared error of 13 fractions of max|w|, in training and convert; the PTQ baseline uses it "
+        "too), or learned / learned-mse "
         "(trained with the weights from absmax / mse scales; --qat-scale-lr)",
     )
     int8: list[str] = option(
@@ -403,8 +431,21 @@ class QATSettings(Section):
         note="a share of the training examples",
         metavar="SHARE",
         help="with --qat: share of the QAT run's training examples drawn from edgeft's "
-        "packaged generic prose, so the quantized model follows the float one beyond "
-        "your data (default 0.25 when distilling, else 0)",
+        "packaged generic prose (or the twin's generations: --qat-corpus-source), so the quantized model follows "
+        "the float one beyond your data (default 0.25 when distilling, else 0)",
+    )
+    corpus_source: str | None = option(
+        choices=("prose", "generations", "mixed"),
+        help="what the --qat-corpus examples are: chunks of the packaged prose (default), the trained twin's own "
+        "generations (continuations of prompts from your data and the prose openings, sampled once after the twin "
+        "trains and saved in the run), or half of each (mixed)",
+    )
+    gen_tokens: int | None = option(low=1, metavar="N", help="new tokens of each twin generation at most (default 96)")
+    gen_temperature: float | None = option(
+        low=0,
+        metavar="T",
+        help="sampling temperature of the twin's generations, seeded by --seed (default 1: the twin's own "
+        "distribution; 0: greedy)",
     )
     lr: float | None = option(
         low=0,
@@ -417,8 +458,20 @@ class QATSettings(Section):
         help="learning rate of learned QAT scales, in log space (default 5e-3 with --qat-weight-scale learned)",
     )
     max_steps: int | None = option(
-        low=1, help="optimizer steps of the QAT run (default: --max-steps; the no-QAT twin trains --max-steps)"
+        low=1,
+        help="optimizer steps of the QAT run (default: --qat-steps-ratio x --max-steps; the no-QAT twin trains "
+        "--max-steps)",
     )
+    steps_ratio: float | None = option(
+        low=0,
+        low_open=True,
+        metavar="R",
+        help="QAT steps as a multiple of the fine-tuning steps: the QAT run trains ceil(R x --max-steps) (default: "
+        "the preset's, else 1); with --qat-max-steps both must agree",
+    )
+    # where each RECIPE value came from ("flag": given by a flag, YAML or Python; "preset:<name>"; "default"), filled
+    # by resolved() and the pipeline's step count; not an option (no flag, no YAML key, not compared)
+    sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False, metadata={"internal": True})
 
     @property
     def twin(self) -> bool:
@@ -436,25 +489,78 @@ class QATSettings(Section):
             return None
         from edgeft.qat import resolve as resolve_qat
 
-        return resolve_qat(self.scheme, self.group_size, self.weight_scale, tuple(self.int8))
+        weight_scale = self.weight_scale or self.preset_recipe()[1].get("weight_scale", self.WEIGHT_SCALE)
+        return resolve_qat(self.scheme, self.group_size, weight_scale, tuple(self.int8))
+
+    def preset_recipe(self) -> tuple[str | None, dict[str, Any]]:
+        """The preset named by ``scheme`` and its recipe (``qat.schemes.Preset.recipe``); (None, {}) for a scheme."""
+        from edgeft.qat.schemes import preset_recipe
+
+        return preset_recipe(self.scheme)
 
     def resolved(self, lr: float) -> QATSettings:
-        """The recipe's defaults for what is unset, given the run's learning rate ``lr``: with the twin, distil from
-        it (weight 1), start from its weights, mix in 25% prose, at a learning rate of at least 1e-4; without it,
-        labels only from the pretrained model at ``lr``; learned scales at 5e-3. (``max_steps`` is filled once
-        epochs are known: the recipe's run length.)"""
-        q = dataclasses.replace(self)
-        if q.distill is None:
-            q.distill = 1.0 if q.twin else 0.0
-        if q.init is None:
-            q.init = "baseline" if q.twin else "pretrained"
-        if q.corpus is None:
-            q.corpus = 0.25 if q.distill > 0 else 0.0
-        if q.lr is None:
-            q.lr = max(lr, QAT_FROM_TWIN_MIN_LR) if (q.scheme and q.init == "baseline") else lr
-        if q.scale_lr is None and q.weight_scale.startswith("learned"):
-            q.scale_lr = LEARNED_SCALE_LR
+        """The recipe's values for what is unset, given the run's learning rate ``lr``: the preset's recipe first,
+        then the generic defaults: with the twin, distil from it (weight 1), start from its weights, mix in 25%
+        prose, at a learning rate of at least 1e-4; without it, labels only from the pretrained model at ``lr``;
+        absmax scales (learned ones at lr 5e-3); the twin's generations of at most 96 tokens at temperature 1.
+        ``sources`` records where each came from. (``max_steps`` is filled once epochs are known, by
+        :meth:`resolve_steps`.)"""
+        q = dataclasses.replace(self, sources={})
+        preset, recipe = q.preset_recipe()
+        unknown = sorted(set(recipe) - set(self.RECIPE) | ({"max_steps"} & set(recipe)))  # steps: as a ratio
+        if unknown:  # a registry entry's typo: fail loudly, never silently ignore it
+            raise EdgeftError(f"preset {preset}: its recipe names unknown settings {', '.join(unknown)}")
+        for name in self.RECIPE:
+            if getattr(q, name) is not None:
+                q.sources[name] = "flag"
+            elif name in recipe and not (name == "steps_ratio" and q.max_steps is not None):  # a flag's steps win
+                setattr(q, name, recipe[name])
+                q.sources[name] = f"preset:{preset}"
+
+        def default(name: str, value: Any) -> None:
+            if getattr(q, name) is None and value is not None:
+                setattr(q, name, value)
+                q.sources[name] = "default"
+
+        default("weight_scale", self.WEIGHT_SCALE)
+        default("distill", 1.0 if q.twin else 0.0)
+        default("init", "baseline" if q.twin else "pretrained")
+        default("corpus", 0.25 if q.distill > 0 else 0.0)
+        default("corpus_source", "prose")
+        if q.generates:
+            default("gen_tokens", self.GEN_TOKENS)
+            default("gen_temperature", self.GEN_TEMPERATURE)
+        default("lr", max(lr, QAT_FROM_TWIN_MIN_LR) if (q.scheme and q.init == "baseline") else lr)
+        if q.weight_scale.startswith("learned"):
+            default("scale_lr", LEARNED_SCALE_LR)
         return q
+
+    def resolve_steps(self, max_steps: int) -> QATSettings:
+        """``max_steps`` of the QAT run once the fine-tuning steps ``max_steps`` are known (after epochs): given,
+        else ``ceil(steps_ratio x max_steps)``, else ``max_steps``. Given both, they must agree (a resolved
+        ``config.yaml`` holds both); one error line when they do not."""
+        import math
+
+        q = dataclasses.replace(self, sources=dict(self.sources))
+        by_ratio = math.ceil(q.steps_ratio * max_steps - 1e-9) if q.steps_ratio is not None else None
+        if q.max_steps is None:
+            q.max_steps = by_ratio if by_ratio is not None else max_steps
+            q.sources["max_steps"] = q.sources.get("steps_ratio", "flag") if by_ratio is not None else "default"
+        elif by_ratio is not None and by_ratio != q.max_steps:
+            raise EdgeftError(
+                f"--qat-max-steps {q.max_steps} and --qat-steps-ratio {q.steps_ratio:g} (= {by_ratio} QAT steps of "
+                f"--max-steps {max_steps}) disagree: give one of them"
+            )
+        return q
+
+    @property
+    def generates(self) -> bool:
+        """The QAT run's extra examples include the twin's own generations (``corpus_source``)."""
+        return bool(self.scheme and self.corpus and self.corpus_source in ("generations", "mixed"))
+
+    def preset_choices(self) -> dict[str, Any]:
+        """The recipe values that came from the preset (after :meth:`resolved`), by field name."""
+        return {k: getattr(self, k) for k, v in self.sources.items() if v.startswith("preset:")}
 
     def check(self) -> None:
         if self.int8 and self.scheme is None:
@@ -471,9 +577,20 @@ class QATSettings(Section):
                 "--qat-distill and --qat-init baseline learn from the float twin: they need --qat and "
                 "the baseline (drop --no-ptq)"
             )
-        if self.scale_lr is not None and not self.weight_scale.startswith("learned"):
+        if self.scale_lr is not None and not (self.weight_scale or "").startswith("learned"):
             raise EdgeftError(
                 "--qat-scale-lr is the learning rate of learned scales: it needs --qat-weight-scale learned"
+            )
+        if self.corpus_source in ("generations", "mixed") and self.corpus and not self.from_twin:
+            raise EdgeftError(
+                f"--qat-corpus-source {self.corpus_source} samples the trained float twin: it needs the twin recipe "
+                "(--qat with the baseline, distilling from it or starting at it)"
+            )
+        given = [f"--qat-gen-{n}" for n in ("tokens", "temperature") if getattr(self, f"gen_{n}") is not None]
+        if given and self.corpus_source is not None and not self.generates:
+            raise EdgeftError(
+                f"{given[0]} shapes the twin's generations: it needs --qat-corpus-source generations or mixed "
+                "and a positive --qat-corpus"
             )
 
 
@@ -709,7 +826,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The nested form (``config.yaml``): ``{section: {field: value}}``."""
-        return {cls.NAME: dataclasses.asdict(getattr(self, cls.NAME)) for cls in self.SECTIONS}
+        return {cls.NAME: getattr(self, cls.NAME).to_dict() for cls in self.SECTIONS}
 
     def to_flat(self) -> dict[str, Any]:
         """The flat form of configs before sections (keys as :meth:`keys`; ``lora`` nested as it was then)."""
@@ -752,6 +869,8 @@ class TrainConfig:
         m, q = self.model, self.qat
         if q.max_steps is not None and not q.scheme and q.max_steps != self.optim.max_steps:
             raise EdgeftError("--qat-max-steps sets the QAT run's steps: it needs --qat")
+        if q.steps_ratio is not None and not q.scheme:
+            raise EdgeftError("--qat-steps-ratio sets the QAT run's steps: it needs --qat")
         if (m.load_in_4bit or m.load_in_8bit) and m.mode != "lora":
             raise EdgeftError(
                 "4-/8-bit loading trains LoRA adapters on a frozen quantized base; it cannot do full "
@@ -805,18 +924,28 @@ def identity(cfg: TrainConfig) -> dict[str, Any]:
     the same. Flat (the keys before sections), so checkpoints of older runs compare equal.
 
     ``qat_max_steps`` appears only when it differs from ``max_steps``: a run saved before the key existed (or with
-    it unset) trained its QAT run for ``max_steps``, so its config and checkpoints still match."""
+    it unset) trained its QAT run for ``max_steps``, so its config and checkpoints still match. Likewise the keys
+    added with preset schedules appear only when they change what is trained: ``qat_steps_ratio`` never (the QAT
+    run's length is ``qat_max_steps``; the ratio only derives it), ``qat_corpus_source`` unless prose (what every
+    run before it mixed in), ``qat_gen_*`` when set."""
     free = resume_free_keys(type(cfg))
     out = {k: v for k, v in cfg.to_flat().items() if k not in free}
     if out.get("qat_max_steps") in (None, out.get("max_steps")):
         out.pop("qat_max_steps", None)
+    out.pop("qat_steps_ratio", None)
+    if out.get("qat_corpus_source") in (None, "prose"):
+        out.pop("qat_corpus_source", None)
+    for k in ("qat_gen_tokens", "qat_gen_temperature"):
+        if out.get(k) is None:
+            out.pop(k, None)
     return out
 
 
 def identity_defaults() -> dict[str, Any]:
     """Every identity key's default, flattened like :func:`flat_keys` ("lora.r") and in its JSON form: a checkpoint
     written before a key existed lacks it, and matches a current run that leaves the key at this value."""
-    return json.loads(json.dumps(flat_keys(identity(TrainConfig()))))
+    # the weight scale defaults to None ("the preset's, else absmax"); runs before the key trained absmax
+    return json.loads(json.dumps(flat_keys(identity(TrainConfig(qat_weight_scale=QATSettings.WEIGHT_SCALE)))))
 
 
 def config_diff(saved: TrainConfig, current: TrainConfig) -> list[str]:

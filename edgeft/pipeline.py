@@ -142,11 +142,29 @@ def _finalize_steps(cfg: TrainConfig, train_ex: list, world: int) -> TrainConfig
         units = len(Batcher(train_ex, cfg.data.batching, 0, cfg.data.max_seq_length, cfg.optim.seed))
         per_epoch = units // (cfg.optim.batch_size * world) if world > 1 else math.ceil(units / cfg.optim.batch_size)
         cfg.optim.max_steps = max(1, math.ceil(cfg.optim.epochs * per_epoch / cfg.optim.grad_accum))
-    if cfg.qat.max_steps is None:  # after epochs: the QAT run trains as long as the twin unless told otherwise
-        cfg.qat.max_steps = cfg.optim.max_steps
+    # after epochs: the QAT run trains --qat-max-steps, else the ratio (flag or preset) of the twin's, else as long
+    cfg.qat = cfg.qat.resolve_steps(cfg.optim.max_steps)
     if cfg.eval.split > 0 and cfg.eval.steps is None:
         cfg.eval.steps = max(1, math.ceil(cfg.optim.max_steps / 10))
     return cfg
+
+
+def _recipe_line(cfg: TrainConfig) -> str | None:
+    """One line naming the recipe values the QAT preset chose (and those of its recipe a flag overrode); None when
+    the preset chose nothing."""
+    q = cfg.qat
+    preset, recipe = q.preset_recipe()
+    chosen = q.preset_choices()
+    if not recipe or not (chosen or any(q.sources.get(k) == "flag" for k in recipe)):
+        return None
+    parts = [f"{k} {getattr(q, k)!s}" for k in q.RECIPE if k in chosen and k != "max_steps"]
+    if "max_steps" in chosen:
+        parts.append(f"max_steps {q.max_steps} ({q.steps_ratio:g} x {cfg.optim.max_steps})")
+    given = [k for k in recipe if q.sources.get(k) == "flag"]
+    if "steps_ratio" in recipe and "steps_ratio" not in q.sources:  # --qat-max-steps set the steps instead
+        given.append("max_steps")
+    line = f"QAT recipe of preset {preset}: {', '.join(parts) if parts else 'nothing'}"
+    return line + (f"; given instead: {', '.join(given)}" if given else "")
 
 
 def _describe_dataset(dataset: Any) -> str:
@@ -309,6 +327,9 @@ def _train_into(
         if not work.data_file.exists():
             write_json(work.data_file, data_print)
         notes.append(("run directory: %s", run.root))
+        recipe_line = _recipe_line(cfg)
+        if recipe_line:
+            notes.append(("%s", recipe_line))
         lengths = [len(ex["input_ids"]) for ex in train_ex]
         notes.append(
             (

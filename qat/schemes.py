@@ -99,7 +99,9 @@ class Scheme:
 
 @dataclass(frozen=True)
 class Preset:
-    """A named deployment target: a scheme plus embedding treatment and training mode."""
+    """A named deployment target: a scheme plus embedding treatment and training mode, and optionally the recipe
+    that trains it (``recipe``: values of ``edgeft.config.QATSettings`` fields named in its ``RECIPE``, e.g.
+    ``{"weight_scale": "learned", "steps_ratio": 3.0}``), filled where the user set nothing (a flag wins)."""
 
     name: str
     description: str
@@ -107,6 +109,7 @@ class Preset:
     embedding: str | None = None  # None | "int8-per-channel"
     full_finetuning: bool | None = None  # None: keep the user's choice
     extra: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -186,6 +189,15 @@ PRESETS: dict[str, Preset] = {
             scheme="int8-int4",
             embedding="int8-per-channel",
             full_finetuning=True,
+        ),
+        Preset(
+            "phone-deployment-learned",
+            "experimental: phone-deployment trained with learned int4 scales for 3x the fine-tuning steps (the "
+            "opt-in recipe of docs/accuracy.md; not yet the default)",
+            scheme="int8-int4",
+            embedding="int8-per-channel",
+            full_finetuning=True,
+            recipe={"weight_scale": "learned", "steps_ratio": 3.0},
         ),
         Preset(
             "gguf-q4_0",
@@ -393,6 +405,13 @@ def resolve(
         weight_scale=weight_scale,
         int8_modules=int8_modules,
     )
+
+
+def preset_recipe(name: str | None) -> tuple[str | None, dict[str, Any]]:
+    """The preset whose recipe a scheme-or-preset name carries, and that recipe: (None, {}) for a scheme or no
+    name; ``auto`` trains with its base preset's."""
+    p = PRESETS.get(AUTO_BASE if name == AUTO else name or "")
+    return (p.name, dict(p.recipe)) if p is not None else (None, {})
 
 
 def describe() -> list[dict[str, str]]:

@@ -335,18 +335,22 @@ def test_a_flat_era_config_loads_and_keeps_its_identity(tmp_path):
         7,
         2,
     )
-    # the flat form is the old file, key for key, plus the keys added since (the device-fit budget), at None
+    # the flat form is the old file, key for key, plus the keys added since (the device-fit budget, the preset
+    # schedule and the twin's generations), at None
     added = {"fit_device", "fit_max_size_mb", "fit_min_decode", "fit_context", "fit_artifact"}
+    schedule = {"qat_steps_ratio", "qat_corpus_source", "qat_gen_tokens", "qat_gen_temperature"}
     flat = cfg.to_flat()
-    assert set(flat) - set(old) == added and all(flat[k] is None for k in added)
-    assert {k: v for k, v in flat.items() if k not in added} == old
+    assert set(flat) - set(old) == added | schedule and all(flat[k] is None for k in added | schedule)
+    assert {k: v for k, v in flat.items() if k not in added | schedule} == old
     # the identity --resume and the checkpoints compare: the old dict minus the resume-free keys (qat_max_steps
-    # only when it differs from max_steps), plus the added keys at their defaults
+    # only when it differs from max_steps), plus the device-fit keys at their defaults; the schedule's keys are
+    # absent while they change nothing (no ratio in it, prose as before, no generations)
     want = {k: v for k, v in old.items() if k not in FLAT_ERA_RESUME_FREE and k != "qat_max_steps"}
     want |= {k: None for k in added}
     assert identity(resolve(cfg)) == want
     assert identity(from_dict(yaml.safe_load(dump_yaml(cfg)))) == want  # the nested file it is rewritten as
-    assert resolve(cfg) == cfg  # it was written resolved: resolving changes nothing
+    # it was written resolved: resolving changes nothing but the corpus source the run had (prose)
+    assert resolve(cfg) == cfg.replace(qat_corpus_source="prose")
     with pytest.raises(EdgeftError, match="unknown config keys: qat_bits"):
         from_dict({**old, "qat_bits": 4})
 
