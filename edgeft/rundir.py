@@ -4,6 +4,7 @@
 runs/<name>/                 RunDir
   config.yaml, data.json     the resolved config, a hash of its examples   metrics.jsonl, loss.png   the loss log
   qat_plan.json              --qat auto: the device-fit plan (each tensor's format and why)
+  twin_generations.json      --qat-corpus-source generations/mixed: the twin's generations the QAT run mixes in
   model/                     trained adapter or full weights, edgeft.json (what was trained), qat_scales.safetensors
   converted/                 what the phone runs (torchao tensors, or float) and scheme.json (its quantization record)
   merged/                    a LoRA run's float model merged once for the exporters (made on demand)
@@ -37,6 +38,7 @@ SCALES_FILE = "qat_scales.safetensors"  # in model/: learned QAT group scales (q
 SCHEME_FILE = "scheme.json"  # in a converted model directory: its quantization record (qat.convert)
 MANIFEST_FILE = "manifest.json"  # in exports/: one record per export, by name
 MODELFILE = "Modelfile"
+GENERATIONS_FILE = "twin_generations.json"  # at a run's root: the twin's generations the QAT run trains on
 PLAN_FILE = "qat_plan.json"  # at a run's root: the device-fit plan of --qat auto (qat/plan.py)
 CHECKPOINT_STATE = "state.json"  # written last into checkpoints/<step>/: the checkpoint is complete
 QUESTIONS_FILE = "questions.jsonl"  # in eval/: each question's result per variant and runtime
@@ -245,6 +247,12 @@ class RunDir(Variant):
     def qat_plan(self) -> Path:
         """``--qat auto``: the device-fit plan the run chose (qat/plan.py)."""
         return self.root / PLAN_FILE
+
+    @property
+    def generations(self) -> Path:
+        """``--qat-corpus-source generations/mixed``: the trained twin's generations the QAT run mixes in (made once
+        after the twin trains; a resumed run reads them)."""
+        return self.root / GENERATIONS_FILE
 
     @property
     def data_file(self) -> Path:

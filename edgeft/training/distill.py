@@ -295,3 +295,82 @@ def corpus_examples(
     random.Random(seed).shuffle(chunks)
     want = round(n_examples * share / (1.0 - share))
     return chunks[:want]
+
+
+def corpus_count(n_examples: int, share: float) -> int:
+    """How many extra examples make ``share`` of a QAT run's ``n_examples`` + extra (:func:`corpus_examples`)."""
+    return round(n_examples * share / (1.0 - share)) if share > 0 else 0
+
+
+PROMPT_TOKENS = 64  # a prompt from the training data: its last tokens before the first labelled one, at most
+OPENING_TOKENS = 16  # a prose opening (or a raw-text example's) as a prompt
+
+
+def generation_prompts(tokenizer: Any, train_ex: list[dict[str, list[int]]], n: int, seed: int = 0) -> list[list[int]]:
+    """``n`` prompts for the twin's generations, alternately from the training examples (the tokens before an
+    example's first target, i.e. the conversation up to the answer, at most :data:`PROMPT_TOKENS`; a raw-text
+    example's first :data:`OPENING_TOKENS`) and from the packaged prose (a chunk's opening), each list shuffled
+    with ``seed``; cycled when ``n`` exceeds them."""
+    import random
+
+    data = []
+    for ex in train_ex:
+        first = next((i for i, t in enumerate(ex["labels"]) if t != IGNORE_INDEX), len(ex["labels"]))
+        ids = ex["input_ids"][max(0, first - PROMPT_TOKENS) : first] if first >= 2 else ex["input_ids"][:OPENING_TOKENS]
+        if ids:
+            data.append(list(ids))
+    prose = [c["input_ids"][:OPENING_TOKENS] for c in corpus_examples(tokenizer, 0.5, 10**9, seed=seed)]
+    rng = random.Random(seed)
+    rng.shuffle(data)
+    rng.shuffle(prose)
+    pool = [p for pair in zip(data, prose) for p in pair] + data[len(prose) :] + prose[len(data) :]
+    if not pool:
+        raise EdgeftError("no prompts for the twin's generations: the training data and the prose are empty")
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+@torch.no_grad()
+def generate_continuations(
+    model: nn.Module,
+    prompts: list[list[int]],
+    pad_id: int,
+    eos_id: int | None,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> list[dict[str, list[int]]]:
+    """The model's continuations of ``prompts`` as training examples (prompt, then at most ``max_new_tokens`` new
+    tokens up to and including EOS; the new tokens are the targets). Batched (left-padded), sampled at
+    ``temperature`` (0: greedy) from a generator seeded by ``seed`` and the batch's index, so the result depends on
+    the seed, not on the global random state (left untouched)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[dict[str, list[int]]] = []
+    try:
+        for b in range(0, len(prompts), batch_size):
+            batch = prompts[b : b + batch_size]
+            width = max(map(len, batch))
+            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            # the twin's own distribution: no top-k/top-p, no repetition penalty from the model's generation_config
+            kw: dict[str, Any] = {"do_sample": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+            if temperature > 0:
+                kw |= {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0, "min_p": None}
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed * 1_000_003 + b)
+                gen = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad_id,
+                    eos_token_id=eos_id,
+                    **kw,
+                )
+            for p, row in zip(batch, gen[:, width:].tolist()):
+                new = row[: row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row
+                out.append({"input_ids": p + new, "labels": [IGNORE_INDEX] * len(p) + new})
+    finally:
+        model.train(was_training)
+    return out
