@@ -376,3 +376,80 @@ def test_sections_check_themselves():
     assert a.optim.max_steps == 60 and b.optim.max_steps == 3 and a.qat is not b.qat
     with pytest.raises(TypeError):
         dataclasses.replace(a, max_steps=3)  # not a dataclass: a flat key would silently reset its section
+
+
+def _steps(cfg: TrainConfig) -> TrainConfig:
+    from edgeft.pipeline import _finalize_steps
+
+    return _finalize_steps(resolve(cfg), [], 1)
+
+
+def test_a_preset_schedule_fills_what_is_unset_and_sources_say_from_where():
+    learned = "preset:phone-deployment-learned"
+    cfg = _steps(TrainConfig(model="tiny-llama", qat="phone-deployment-learned", max_steps=7))
+    q = cfg.qat
+    assert (q.weight_scale, q.scale_lr, q.steps_ratio, q.max_steps) == ("learned", 5e-3, 3.0, 21)
+    assert {k: q.sources[k] for k in ("weight_scale", "steps_ratio", "max_steps", "scale_lr", "lr", "distill")} == {
+        "weight_scale": learned,
+        "steps_ratio": learned,
+        "max_steps": learned,
+        "scale_lr": "default",
+        "lr": "default",
+        "distill": "default",
+    }
+    assert cfg.qat.plan().learned_scales and cfg.model.mode == "full"
+    # a flag wins, even one equal to the generic default, and is told from it
+    cfg = _steps(
+        TrainConfig(model="tiny-llama", qat="phone-deployment-learned", max_steps=7, qat_weight_scale="absmax")
+    )
+    assert (cfg.qat.weight_scale, cfg.qat.sources["weight_scale"], cfg.qat.scale_lr) == ("absmax", "flag", None)
+    # --qat-max-steps (absolute) wins over the preset's ratio; --qat-steps-ratio over the preset's
+    cfg = _steps(TrainConfig(model="tiny-llama", qat="phone-deployment-learned", max_steps=7, qat_max_steps=9))
+    assert (cfg.qat.max_steps, cfg.qat.steps_ratio, cfg.qat.sources["max_steps"]) == (9, None, "flag")
+    cfg = _steps(TrainConfig(model="tiny-llama", qat="phone-deployment-learned", max_steps=7, qat_steps_ratio=1.5))
+    assert (cfg.qat.max_steps, cfg.qat.sources["max_steps"]) == (11, "flag")  # ceil(10.5)
+    # phone-deployment keeps today's recipe: nothing from the preset, the QAT run as long as the twin
+    cfg = _steps(TrainConfig(model="tiny-llama", qat="phone-deployment", max_steps=7))
+    assert (cfg.qat.weight_scale, cfg.qat.max_steps, cfg.qat.steps_ratio) == ("absmax", 7, None)
+    assert set(cfg.qat.sources.values()) == {"default"} and cfg.qat.preset_choices() == {}
+
+
+def test_steps_ratio_and_max_steps_agree_or_fail_in_one_line(tmp_path, capsys):
+    from edgeft import cli
+
+    with pytest.raises(EdgeftError, match="--qat-max-steps 9 and --qat-steps-ratio 2 .*disagree: give one"):
+        _steps(TrainConfig(model="tiny-llama", qat="int4", max_steps=7, qat_max_steps=9, qat_steps_ratio=2.0))
+    assert _steps(TrainConfig(qat="int4", max_steps=7, qat_max_steps=14, qat_steps_ratio=2.0)).qat.max_steps == 14
+    with pytest.raises(EdgeftError, match="--qat-steps-ratio sets the QAT run's steps: it needs --qat"):
+        resolve(TrainConfig(qat_steps_ratio=2.0))
+    with pytest.raises(EdgeftError, match="--qat-corpus-source generations samples the trained float twin"):
+        resolve(TrainConfig(qat="int4", ptq=False, qat_corpus=0.25, qat_corpus_source="generations"))
+    with pytest.raises(EdgeftError, match="--qat-gen-tokens shapes the twin's generations"):
+        resolve(TrainConfig(qat="int4", qat_gen_tokens=8))
+    out = tmp_path / "r"
+    args = ["train", "--model", "tiny-llama", "--qat", "int4", "--max-steps", "7", "--qat-max-steps", "9"]
+    assert cli.main([*args, "--qat-steps-ratio", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disagree" in err[0] and not out.exists()
+
+
+def test_a_preset_schedule_run_resumes_with_the_same_identity():
+    """config.yaml holds the resolved values (the ratio and the steps it gave): reloaded, every value is given,
+    the preset changes nothing, and the identity --resume compares is the same."""
+    cfg = _steps(
+        TrainConfig(model="tiny-llama", qat="phone-deployment-learned", max_steps=7, qat_corpus_source="mixed")
+    )
+    again = from_dict(yaml.safe_load(dump_yaml(cfg)))
+    assert identity(resolve(again)) == identity(cfg) == identity(_steps(again))
+    assert set(_steps(again).qat.sources.values()) == {"flag"}
+    assert "qat_steps_ratio" not in identity(cfg) and identity(cfg)["qat_max_steps"] == 21
+    assert identity(cfg)["qat_corpus_source"] == "mixed" and identity(cfg)["qat_gen_tokens"] == 96
+
+
+def test_every_preset_recipe_names_recipe_settings_that_check():
+    from edgeft.qat.schemes import PRESETS
+
+    for name, p in PRESETS.items():
+        assert set(p.recipe) <= set(QATSettings.RECIPE) - {"max_steps"}, name
+        cfg = _steps(TrainConfig(model="tiny-llama", qat=name))  # checks every section
+        assert {k for k, v in cfg.qat.sources.items() if v == f"preset:{name}" and k != "max_steps"} == set(p.recipe)
