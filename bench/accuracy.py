@@ -63,6 +63,9 @@ RECIPES = {  # TrainConfig overrides
     "learned-lr2": {"qat_weight_scale": "learned", "qat_scale_lr": 2e-2},
     "learned-lr1": {"qat_weight_scale": "learned", "qat_scale_lr": 1e-2},
     "learned-lr025": {"qat_weight_scale": "learned", "qat_scale_lr": 2.5e-3},
+    # learned scales distilling on the twin's own samples instead of (or beside) the packaged prose (issue 15)
+    "learned-gen": {"qat_weight_scale": "learned", "qat_corpus_source": "generations"},
+    "learned-mixed": {"qat_weight_scale": "learned", "qat_corpus_source": "mixed"},
     # device-fit plans (--qat auto, docs/device-fit.md), compared with the uniform run by bench/device_fit.py: a .pte
     # cap just under uniform phone-deployment's 99.6 MB, and android-4gb at 4k context with a 13.2 tokens/s floor (the
     # floor binds at a 99.7 MB .pte, where uniform just fits)
@@ -81,6 +84,9 @@ RECIPE_KEYS = (
     "qat_weight_scale",
     "qat_int8",
     "qat_scale_lr",
+    "qat_steps_ratio",
+    "qat_corpus_source",
+    "qat_gen_tokens",
     "qat",
     "fit_device",
     "fit_max_size_mb",
