@@ -371,6 +371,7 @@ class QATSettings(Section):
         "gen_temperature",
         "lr",
         "steps_ratio",
+        "min_steps",
         "max_steps",
     )
     WEIGHT_SCALE: ClassVar[str] = "absmax"  # the generic default
@@ -469,6 +470,13 @@ class QATSettings(Section):
         help="QAT steps as a multiple of the fine-tuning steps: the QAT run trains ceil(R x --max-steps) (default: "
         "the preset's, else 1); with --qat-max-steps both must agree",
     )
+    min_steps: int | None = option(
+        low=1,
+        metavar="N",
+        help="the QAT run trains at least N optimizer steps when its steps come from the ratio (default: the "
+        "preset's floor, else none): learned scales need a number of steps to move from their max|w| start, "
+        "however short the fine-tune",
+    )
     # where each RECIPE value came from ("flag": given by a flag, YAML or Python; "preset:<name>"; "default"), filled
     # by resolved() and the pipeline's step count; not an option (no flag, no YAML key, not compared)
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False, metadata={"internal": True})
@@ -513,7 +521,13 @@ class QATSettings(Section):
         for name in self.RECIPE:
             if getattr(q, name) is not None:
                 q.sources[name] = "flag"
-            elif name in recipe and not (name == "steps_ratio" and q.max_steps is not None):  # a flag's steps win
+            elif name in recipe and not (
+                (name == "steps_ratio" and q.max_steps is not None)  # a flag's steps win
+                # the preset's floor belongs to its ratio: given steps or a given ratio are taken as they are
+                or (name == "min_steps" and (self.max_steps is not None or self.steps_ratio is not None))
+                # a schedule relative to the twin: without one the QAT run is the fine-tune (--max-steps)
+                or (name in ("steps_ratio", "min_steps") and not q.twin)
+            ):
                 setattr(q, name, recipe[name])
                 q.sources[name] = f"preset:{preset}"
 
@@ -537,20 +551,29 @@ class QATSettings(Section):
 
     def resolve_steps(self, max_steps: int) -> QATSettings:
         """``max_steps`` of the QAT run once the fine-tuning steps ``max_steps`` are known (after epochs): given,
-        else ``ceil(steps_ratio x max_steps)``, else ``max_steps``. Given both, they must agree (a resolved
-        ``config.yaml`` holds both); one error line when they do not."""
+        else ``ceil(steps_ratio x max_steps)`` (or ``max_steps`` without a ratio), raised to ``min_steps``. Given
+        both steps and a ratio, they must agree (a resolved ``config.yaml`` holds both); given steps must reach
+        ``min_steps``; one error line when they do not."""
         import math
 
         q = dataclasses.replace(self, sources=dict(self.sources))
         by_ratio = math.ceil(q.steps_ratio * max_steps - 1e-9) if q.steps_ratio is not None else None
+        base = by_ratio if by_ratio is not None else max_steps
+        derived = max(base, q.min_steps or 0)
         if q.max_steps is None:
-            q.max_steps = by_ratio if by_ratio is not None else max_steps
-            q.sources["max_steps"] = q.sources.get("steps_ratio", "flag") if by_ratio is not None else "default"
-        elif by_ratio is not None and by_ratio != q.max_steps:
+            q.max_steps = derived
+            if derived > base:
+                q.sources["max_steps"] = q.sources.get("min_steps", "flag")
+            else:
+                q.sources["max_steps"] = q.sources.get("steps_ratio", "flag") if by_ratio is not None else "default"
+        elif by_ratio is not None and derived != q.max_steps:
+            floor = f", at least --qat-min-steps {q.min_steps}" if q.min_steps else ""
             raise EdgeftError(
-                f"--qat-max-steps {q.max_steps} and --qat-steps-ratio {q.steps_ratio:g} (= {by_ratio} QAT steps of "
-                f"--max-steps {max_steps}) disagree: give one of them"
+                f"--qat-max-steps {q.max_steps} and --qat-steps-ratio {q.steps_ratio:g} (= {derived} QAT steps of "
+                f"--max-steps {max_steps}{floor}) disagree: give one of them"
             )
+        elif q.min_steps and q.max_steps < q.min_steps:
+            raise EdgeftError(f"--qat-max-steps {q.max_steps} is below --qat-min-steps {q.min_steps}: give one of them")
         return q
 
     @property
@@ -925,14 +948,15 @@ def identity(cfg: TrainConfig) -> dict[str, Any]:
 
     ``qat_max_steps`` appears only when it differs from ``max_steps``: a run saved before the key existed (or with
     it unset) trained its QAT run for ``max_steps``, so its config and checkpoints still match. Likewise the keys
-    added with preset schedules appear only when they change what is trained: ``qat_steps_ratio`` never (the QAT
-    run's length is ``qat_max_steps``; the ratio only derives it), ``qat_corpus_source`` unless prose (what every
-    run before it mixed in), ``qat_gen_*`` when set."""
+    added with preset schedules appear only when they change what is trained: ``qat_steps_ratio`` and
+    ``qat_min_steps`` never (the QAT run's length is ``qat_max_steps``; they only derive it), ``qat_corpus_source``
+    unless prose (what every run before it mixed in), ``qat_gen_*`` when set."""
     free = resume_free_keys(type(cfg))
     out = {k: v for k, v in cfg.to_flat().items() if k not in free}
     if out.get("qat_max_steps") in (None, out.get("max_steps")):
         out.pop("qat_max_steps", None)
     out.pop("qat_steps_ratio", None)
+    out.pop("qat_min_steps", None)  # like the ratio, it only derives qat_max_steps
     if out.get("qat_corpus_source") in (None, "prose"):
         out.pop("qat_corpus_source", None)
     for k in ("qat_gen_tokens", "qat_gen_temperature"):

@@ -159,7 +159,8 @@ def _recipe_line(cfg: TrainConfig) -> str | None:
         return None
     parts = [f"{k} {getattr(q, k)!s}" for k in q.RECIPE if k in chosen and k != "max_steps"]
     if "max_steps" in chosen:
-        parts.append(f"max_steps {q.max_steps} ({q.steps_ratio:g} x {cfg.optim.max_steps})")
+        floor = f", at least {q.min_steps}" if q.min_steps else ""
+        parts.append(f"max_steps {q.max_steps} ({q.steps_ratio:g} x {cfg.optim.max_steps}{floor})")
     given = [k for k in recipe if q.sources.get(k) == "flag"]
     if "steps_ratio" in recipe and "steps_ratio" not in q.sources:  # --qat-max-steps set the steps instead
         given.append("max_steps")

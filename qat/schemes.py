@@ -185,10 +185,15 @@ PRESETS: dict[str, Preset] = {
     for p in [
         Preset(
             "phone-deployment",
-            "int8-int4 linears + int8 per-channel embeddings, full fine-tuning: ExecuTorch on Android/iOS",
+            "int8-int4 linears + int8 per-channel embeddings, full fine-tuning: ExecuTorch on Android/iOS; "
+            "trained with learned int4 scales for half the fine-tuning steps, at least 180 (docs/accuracy.md)",
             scheme="int8-int4",
             embedding="int8-per-channel",
             full_finetuning=True,
+            # measured on the accuracy benchmark (bench/results/accuracy-*-learned*): learned scales need about
+            # 180 steps from their max|w| start whatever the fine-tune's length; half the fine-tuning steps keeps a
+            # long run's QAT stage under the twin's wall time at the learned step's GPU speed (docs/performance.md)
+            recipe={"weight_scale": "learned", "steps_ratio": 0.5, "min_steps": 180},
         ),
         Preset(
             "phone-deployment-learned",

@@ -338,7 +338,7 @@ def test_a_flat_era_config_loads_and_keeps_its_identity(tmp_path):
     # the flat form is the old file, key for key, plus the keys added since (the device-fit budget, the preset
     # schedule and the twin's generations), at None
     added = {"fit_device", "fit_max_size_mb", "fit_min_decode", "fit_context", "fit_artifact"}
-    schedule = {"qat_steps_ratio", "qat_corpus_source", "qat_gen_tokens", "qat_gen_temperature"}
+    schedule = {"qat_steps_ratio", "qat_min_steps", "qat_corpus_source", "qat_gen_tokens", "qat_gen_temperature"}
     flat = cfg.to_flat()
     assert set(flat) - set(old) == added | schedule and all(flat[k] is None for k in added | schedule)
     assert {k: v for k, v in flat.items() if k not in added | schedule} == old
@@ -408,8 +408,21 @@ def test_a_preset_schedule_fills_what_is_unset_and_sources_say_from_where():
     assert (cfg.qat.max_steps, cfg.qat.steps_ratio, cfg.qat.sources["max_steps"]) == (9, None, "flag")
     cfg = _steps(TrainConfig(model="tiny-llama", qat="phone-deployment-learned", max_steps=7, qat_steps_ratio=1.5))
     assert (cfg.qat.max_steps, cfg.qat.sources["max_steps"]) == (11, "flag")  # ceil(10.5)
-    # phone-deployment keeps today's recipe: nothing from the preset, the QAT run as long as the twin
+    # phone-deployment's recipe: learned scales, half the fine-tuning steps, at least 180
     cfg = _steps(TrainConfig(model="tiny-llama", qat="phone-deployment", max_steps=7))
+    assert (cfg.qat.weight_scale, cfg.qat.max_steps, cfg.qat.steps_ratio) == ("learned", 180, 0.5)
+    assert cfg.qat.sources["max_steps"] == "preset:phone-deployment"
+    assert _steps(TrainConfig(model="tiny-llama", qat="phone-deployment", max_steps=1000)).qat.max_steps == 500
+    # without the twin the QAT run is the fine-tune: the preset's schedule does not lengthen it
+    cfg = _steps(TrainConfig(model="tiny-llama", qat="phone-deployment", ptq=False, max_steps=7))
+    assert (cfg.qat.weight_scale, cfg.qat.max_steps, cfg.qat.steps_ratio, cfg.qat.min_steps) == (
+        "learned",
+        7,
+        None,
+        None,
+    )
+    # a scheme carries no recipe: the generic defaults, the QAT run as long as the twin
+    cfg = _steps(TrainConfig(model="tiny-llama", qat="int8-int4", max_steps=7))
     assert (cfg.qat.weight_scale, cfg.qat.max_steps, cfg.qat.steps_ratio) == ("absmax", 7, None)
     assert set(cfg.qat.sources.values()) == {"default"} and cfg.qat.preset_choices() == {}
 
@@ -431,6 +444,35 @@ def test_steps_ratio_and_max_steps_agree_or_fail_in_one_line(tmp_path, capsys):
     assert cli.main([*args, "--qat-steps-ratio", "2", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "disagree" in err[0] and not out.exists()
+
+
+def test_a_preset_floor_raises_short_qat_runs_and_only_its_own_ratio(monkeypatch):
+    """A preset's ``min_steps`` floors the steps its ratio gives (learned scales need steps however short the
+    fine-tune); given steps or a given ratio are taken as they are; given steps below a given floor fail."""
+    from dataclasses import replace
+
+    from edgeft.qat import schemes
+
+    base = schemes.PRESETS["phone-deployment-learned"]
+    floored = replace(base, name="floored", recipe={"weight_scale": "learned", "steps_ratio": 0.5, "min_steps": 12})
+    monkeypatch.setitem(schemes.PRESETS, "floored", floored)
+    q = _steps(TrainConfig(model="tiny-llama", qat="floored", max_steps=7)).qat
+    assert (q.max_steps, q.min_steps, q.sources["max_steps"]) == (12, 12, "preset:floored")  # ceil(3.5) < 12
+    q = _steps(TrainConfig(model="tiny-llama", qat="floored", max_steps=40)).qat
+    assert (q.max_steps, q.sources["max_steps"]) == (20, "preset:floored")  # the ratio above the floor
+    q = _steps(TrainConfig(model="tiny-llama", qat="floored", max_steps=7, qat_steps_ratio=1.0)).qat
+    assert (q.max_steps, q.min_steps) == (7, None)  # a given ratio drops the preset's floor
+    q = _steps(TrainConfig(model="tiny-llama", qat="floored", max_steps=7, qat_max_steps=5)).qat
+    assert (q.max_steps, q.min_steps) == (5, None)
+    q = _steps(TrainConfig(model="tiny-llama", qat="int4", max_steps=7, qat_min_steps=9)).qat
+    assert (q.max_steps, q.sources["max_steps"]) == (9, "flag")
+    with pytest.raises(EdgeftError, match="--qat-max-steps 5 is below --qat-min-steps 9"):
+        _steps(TrainConfig(model="tiny-llama", qat="int4", max_steps=7, qat_max_steps=5, qat_min_steps=9))
+    # resolved and reloaded (config.yaml on --resume): the same steps, no disagreement, the same identity
+    cfg = _steps(TrainConfig(model="tiny-llama", qat="floored", max_steps=7))
+    again = from_dict(yaml.safe_load(dump_yaml(cfg)))
+    assert _steps(again).qat.max_steps == 12 and identity(_steps(again)) == identity(cfg)
+    assert "qat_min_steps" not in identity(cfg)
 
 
 def test_a_preset_schedule_run_resumes_with_the_same_identity():
