@@ -85,6 +85,7 @@ RECIPE_KEYS = (
     "qat_int8",
     "qat_scale_lr",
     "qat_steps_ratio",
+    "qat_min_steps",
     "qat_corpus_source",
     "qat_gen_tokens",
     "qat",

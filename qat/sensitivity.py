@@ -110,6 +110,91 @@ def _loss(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
     return total / count
 
 
+class _Replay:
+    """The float model's hidden states entering each decoder layer (and the final norm), captured once per batch, so
+    that one linear's loss rise runs only the layers from its own onward, and the head only on the labelled
+    positions: the same loss as a whole forward, at about half the layers' cost and a fraction of the head's.
+
+    :meth:`build` returns None where the model is not a decoder stack of ``layers`` + ``norm`` + output embedding
+    (the caller then runs whole forwards)."""
+
+    def __init__(self, model: nn.Module, stack: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.model, self.layers, self.norm = model, stack.layers, stack.norm
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.calls: list[list[tuple[tuple, dict]]] = []  # per batch, per layer: its (args, kwargs); then norm's input
+        self.targets: list[tuple[torch.Tensor, torch.Tensor]] = []  # per batch: (positions mask, labels there)
+        for b in batches:
+            seen: list[tuple[tuple, dict]] = []
+
+            def keep(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+                seen.append((args, dict(kwargs)))
+
+            hooks = [m.register_forward_pre_hook(keep, with_kwargs=True) for m in (*self.layers, self.norm)]
+            try:
+                model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask"), use_cache=False)
+            finally:
+                for h in hooks:
+                    h.remove()
+            if len(seen) != len(self.layers) + 1:
+                raise _NoReplay
+            labels = b["labels"][:, 1:]
+            mask = labels != -100
+            self.calls.append(seen)
+            self.targets.append((mask, labels[mask]))
+
+    @classmethod
+    def build(cls, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> "_Replay | None":
+        from edgeft.kernels.patch import decoder_stack
+
+        try:
+            stack = decoder_stack(model)
+        except Exception:  # noqa: BLE001 - not a stack we know: whole forwards instead
+            return None
+        if not all(hasattr(stack, a) for a in ("layers", "norm")) or model.get_output_embeddings() is None:
+            return None
+        try:
+            return cls(model, stack, batches)
+        except _NoReplay:
+            return None
+
+    def start(self, name: str) -> int:
+        """The index of the first layer a change to ``name`` affects (the number of layers: only the head)."""
+        for i, layer in enumerate(self.layers):
+            if any(m is layer for _, m in self._parents(name)):
+                return i
+        return len(self.layers)
+
+    def _parents(self, name: str) -> Iterable[tuple[str, nn.Module]]:
+        parts = name.split(".")
+        for k in range(1, len(parts)):
+            yield ".".join(parts[:k]), self.model.get_submodule(".".join(parts[:k]))
+
+    def loss(self, start: int) -> float:
+        """Token-weighted mean cross-entropy of the labelled positions, layers ``start`` onward run again."""
+        total, count = 0.0, 0
+        for calls, (mask, labels) in zip(self.calls, self.targets):
+            args, kwargs = calls[start]
+            h = args[0] if args else kwargs["hidden_states"]
+            for i in range(start, len(self.layers)):
+                a, kw = calls[i]
+                kw = {k: v for k, v in kw.items() if k != "hidden_states"}
+                out = self.layers[i](h, *a[1:], **kw)
+                h = out[0] if isinstance(out, tuple) else out
+            h = self.norm(h)[:, :-1][mask]  # the positions whose next token is labelled
+            logits = self.model.get_output_embeddings()(h).float()  # looked up: the head may be the one swapped
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            total += float(F.cross_entropy(logits, labels, reduction="sum"))
+            count += int(labels.numel())
+        if count == 0:
+            raise EdgeftError("calibration: the batches hold no labelled token")
+        return total / count
+
+
+class _NoReplay(Exception):
+    """The decoder stack did not call its layers and norm once each per forward."""
+
+
 @torch.no_grad()
 def linear_sensitivity(
     model: nn.Module,
@@ -117,9 +202,14 @@ def linear_sensitivity(
     plan: Any,
     group_sizes: Iterable[int | None],
     names: list[str] | None = None,
+    fast: bool = True,
 ) -> dict[str, Any]:
     """Per linear and group size: the task loss on ``batches`` with that linear alone on the plan's int4 grid (the
     scheme's activation quantization too) minus the float model's loss.
+
+    ``fast`` (default): the float hidden states entering each layer are captured once and each linear's loss runs
+    only the layers from its own onward and the head on the labelled positions (:class:`_Replay`; the same losses
+    as whole forwards up to float rounding, tests/qat/test_sensitivity_replay.py); False runs whole forwards.
 
     ``model`` is float (it is left as it was); ``plan`` gives the grid (its ``int8_modules`` are ignored: each
     linear is measured at int4). Returns ``{"float_loss", "tokens", "sensitivity": {group_size: {linear: rise}}}``.
@@ -130,7 +220,9 @@ def linear_sensitivity(
     from .prepare import plan_specs
 
     model.eval()
-    base = _loss(model, batches)
+    replay = _Replay.build(model, batches) if fast else None
+    n_layers = len(replay.layers) if replay is not None else 0
+    base = replay.loss(n_layers) if replay is not None else _loss(model, batches)
     tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     out: dict[Any, dict[str, float]] = {}
     for gs in group_sizes:
@@ -144,7 +236,7 @@ def linear_sensitivity(
                 continue  # stays float under this group size (convert skips it)
             _set(model, name, Quantized(weight_ref(m.weight.detach(), wspec), m.bias, act))
             try:
-                rises[name] = _loss(model, batches) - base
+                rises[name] = (replay.loss(replay.start(name)) if replay is not None else _loss(model, batches)) - base
             finally:
                 _set(model, name, m)
         out[gs] = rises
