@@ -32,17 +32,17 @@ import argparse
 import datetime as dt
 import json
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
-from edgeft.rundir import RunDir, read_scheme
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import device, result_path, versions  # noqa: E402
+
+from edgeft.rundir import RunDir, read_scheme  # noqa: E402
+
 TARGETS = {"perplexity": 0.70, "accuracy": 0.90, "top1": 0.99, "rel_err": 2e-2}
 RECIPES = {  # TrainConfig overrides
     "default": {},  # edgeft's defaults: QAT starts from the twin's weights and distils from it
@@ -95,41 +95,6 @@ RECIPE_KEYS = (
     "fit_context",
     "fit_artifact",
 )
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "torchao", "transformers", "executorch", "llama_cpp_python", "gguf", "edgeft"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    try:
-        out["edgeft_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return out
-
-
-def _device() -> dict[str, object]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 # --- agreement of each artifact with its converted model -------------------------------------------------------
@@ -581,8 +546,8 @@ def main() -> int:
     out = {
         "bench": "accuracy",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device(),
-        "versions": _versions(),
+        "device": device(),
+        "versions": versions(),
         "recipe": args.recipe,
         "qat_max_steps": resolved.qat.max_steps or resolved.optim.max_steps,  # the twin's: config's max_steps
         "config": resolved.to_dict(),
@@ -604,14 +569,7 @@ def main() -> int:
         "twin": args.twin,
         "baselines_from_twin": bool(args.twin),
     }
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dest = (
-        ROOT
-        / "bench"
-        / "results"
-        / (f"accuracy-{dt.date.today():%Y%m%d}-{device}" + (f"-{args.tag}" if args.tag else "") + ".json")
-    )
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest = result_path("accuracy", args.tag)
     dest.write_text(json.dumps(out, indent=2) + "\n")
 
     print(

@@ -26,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from accuracy import _device, _versions  # noqa: E402
+from _common import device, result_path, versions  # noqa: E402
 
 
 def qat_correct(run: Path, runtime: str, kind: str = "exact") -> dict[str, bool]:
@@ -126,9 +126,8 @@ def main() -> int:
         rows.append(info)
 
     now = dt.datetime.now(dt.timezone.utc)
-    dev = _device()
-    name = f"device-fit-{now:%Y%m%d}-{'gpu' if dev['cuda'] else 'cpu'}{'-' + args.tag if args.tag else ''}.json"
-    out = ROOT / "results" / name
+    dev = device()
+    out = result_path("device-fit", args.tag)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(
         json.dumps(
@@ -136,7 +135,7 @@ def main() -> int:
                 "bench": "device_fit",
                 "date": now.isoformat(timespec="seconds"),
                 "device": dev,
-                "versions": _versions(),
+                "versions": versions(),
                 "uniform": str(uniform),
                 "rows": rows,
             },

@@ -32,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import MODELS, TARGETS, _config, _device, _reinit, _versions  # noqa: E402
+from _common import device, versions  # noqa: E402
+from train_throughput import MODELS, TARGETS, _config, _reinit  # noqa: E402
 from train_throughput import _launch as _launch_script  # noqa: E402
 
 SCHEME = {"lora": "int8-int4", "full": "phone-deployment"}
@@ -248,8 +249,8 @@ def main() -> None:
     )
     report: dict = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device(),
-        "versions": _versions(),
+        "device": device(),
+        "versions": versions(),
         "settings": {
             "model": args.model,
             "batch": args.batch,

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from accuracy import _device, _versions  # noqa: E402
+from _common import device, result_path, versions  # noqa: E402
 
 
 def main() -> int:
@@ -50,8 +50,8 @@ def main() -> int:
     out = {
         "bench": "genre_recovery",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device(),
-        "versions": _versions(),
+        "device": device(),
+        "versions": versions(),
         "run": str(run),
         "config": cfg.to_dict(),
         "genre_tokens": report.get("heldout_genre_tokens"),
@@ -62,9 +62,7 @@ def main() -> int:
         "recovery_by_genre": report.get("recovery_by_genre"),
         "recovery": {rt: v.get("perplexity") for rt, v in report["recovery"].items()},
     }
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = f"genre_recovery-{dt.date.today():%Y%m%d}-{device}" + (f"-{args.tag}" if args.tag else "") + ".json"
-    dest = ROOT / "results" / name
+    dest = result_path("genre_recovery", args.tag)
     dest.write_text(json.dumps(out, indent=2) + "\n")
 
     genres = list(out["genre_tokens"])

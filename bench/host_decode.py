@@ -34,17 +34,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from edgeft.rundir import RunDir
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _common import device, result_path, slug, versions  # noqa: E402
+
+from edgeft.rundir import RunDir  # noqa: E402
+
 PROMPT = (
     "The history of the old harbour town begins in the twelfth century, when fishermen from the northern coast "
     "settled on the sheltered bay. Over the next three hundred years"
@@ -313,36 +315,6 @@ def _build_run() -> Path:
     return out
 
 
-def _cpu() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
-    fl = set(flags.group(1).split()) if flags else set()
-    return {
-        "cpu": model.group(1).strip() if model else platform.processor() or platform.machine(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "simd": sorted(
-            f
-            for f in fl
-            if f in {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8"}
-        ),
-        "machine": platform.machine(),
-    }
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    v = {"python": platform.python_version()}
-    for name in ("torch", "executorch", "llama_cpp_python", "transformers", "edgeft"):
-        try:
-            v[name] = version(name)
-        except PackageNotFoundError:
-            v[name] = None
-    return v
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -413,14 +385,12 @@ def main() -> None:
                     **r,
                 }
             )
-    date = time.strftime("%Y%m%d")
-    cpu = _cpu()
-    slug = re.sub(r"[^a-z0-9]+", "-", cpu["cpu"].lower()).strip("-")[:24]
+    cpu = device()
     result = {
         "bench": "host_decode",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "device": cpu,
-        "versions": _versions(),
+        "versions": versions(),
         "load_average": {
             "before": [round(x, 2) for x in load_before],
             "after": [round(x, 2) for x in os.getloadavg()],
@@ -438,8 +408,7 @@ def main() -> None:
         },
         "rows": rows,
     }
-    out = HERE / "results" / f"host_decode-{date}-{slug}{('-' + args.tag) if args.tag else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path("host_decode", args.tag, slug(cpu["cpu"]))
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"results: {out.relative_to(HERE.parent)}")
     print(

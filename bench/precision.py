@@ -35,7 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import train_throughput as tt  # noqa: E402 - the same models, weights, batches, versions and process launcher
+import train_throughput as tt  # noqa: E402 - the same models, weights, batches and process launcher
+from _common import device, versions  # noqa: E402
 
 ROOT = tt.ROOT
 IMPLS = (
@@ -196,8 +197,8 @@ def main() -> None:
     report: dict = {
         "bench": "precision",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": tt._device(),
-        "versions": tt._versions(),
+        "device": device(),
+        "versions": versions(),
         "settings": {k: getattr(args, k) for k in ("batch", "seq", "steps", "warmup", "lr", "checkpoint")}
         | {"optimizer": "AdamW(fused) unless the impl says otherwise", "watched": WATCH},
     }

@@ -28,19 +28,19 @@ import argparse
 import datetime as dt
 import json
 import math
-import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from dataclasses import replace
-from importlib import metadata
 from pathlib import Path
 
-from edgeft.rundir import RunDir
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import device, result_path, versions  # noqa: E402
+
+from edgeft.rundir import RunDir  # noqa: E402
+
 # TrainConfig overrides per variant; "-sN" suffix: seed N
 VARIANTS = {
     "fp32": {"dtype": "fp32"},
@@ -66,41 +66,6 @@ def variant_overrides(name: str) -> dict:
     if seed:
         out["seed"] = int(seed)
     return out
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "torchao", "transformers", "peft", "edgeft"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    try:
-        out["edgeft_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return out
-
-
-def _device() -> dict[str, object]:
-    import torch
-
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
-    }
 
 
 def one_step_changes(model_dir: Path, lrs=(2e-5, 1e-4), seed: int = 0) -> dict[str, float]:
@@ -345,8 +310,8 @@ def main() -> int:
     out: dict = {
         "bench": "precision_quality",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device(),
-        "versions": _versions(),
+        "device": device(),
+        "versions": versions(),
         "settings": {
             "model": args.model,
             "max_steps": args.max_steps,
@@ -368,12 +333,7 @@ def main() -> int:
         for r in merged["results"]:
             name = renames.get(r["variant"], r["variant"])
             results[name] = dict(r, variant=name, from_file=Path(path).name, versions=merged["versions"])
-    dest = (
-        ROOT
-        / "bench"
-        / "results"
-        / (f"precision_quality-{dt.date.today():%Y%m%d}-cpu" + (f"-{args.tag}" if args.tag else "") + ".json")
-    )
+    dest = result_path("precision_quality", args.tag, "cpu")
     for name in [v for v in args.variants.split(",") if v]:
         results[name] = run_variant(name, runs, args, log)
         comps = write(out, results, dest)  # after every variant: a later one may not finish

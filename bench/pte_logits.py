@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 WARMUP = 3  # rounds before timing: the first calls of a program allocate and page in its weights
 sys.path.insert(0, str(HERE))
 
-from host_decode import _cpu, _versions  # noqa: E402  (same host and version record as the decode bench)
+from _common import device, result_path, slug, versions  # noqa: E402
 
 
 def _planned_bytes(path: Path) -> int:
@@ -131,11 +131,11 @@ def main() -> None:
     print(f"decode: all {decode['all_ms_per_token']} ms/token, last {decode['last_ms_per_token']} ms/token")
     for m, e in exports.items():
         print(f"{m}: {e['bytes'] / 2**20:.1f} MiB file, {e['planned_bytes'] / 2**20:.1f} MiB planned activations")
-    cpu = _cpu()
+    cpu = device()
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "host": cpu,
-        "versions": _versions(),
+        "versions": versions(),
         "source": str(src),
         "threads": pool,
         "load_average": [round(x, 2) for x in os.getloadavg()],  # other jobs on the host: read the spread with it
@@ -146,8 +146,7 @@ def main() -> None:
         "prefill": rows,
         "decode": decode,
     }
-    tag = "".join(c if c.isalnum() else "-" for c in cpu["cpu"].lower()).strip("-")[:40]
-    dest = HERE / "results" / f"pte_logits-{time.strftime('%Y%m%d')}-{tag}{('-' + args.tag) if args.tag else ''}.json"
+    dest = result_path("pte_logits", args.tag, slug(cpu["cpu"], 40))
     dest.write_text(json.dumps(result, indent=2) + "\n")
     print(f"results: {dest}")
 

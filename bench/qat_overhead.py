@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import sys
 import time
@@ -43,7 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import MODELS, TARGETS, _config, _device, _one_step, _reinit, timed_steps  # noqa: E402
+from _common import device, versions  # noqa: E402
+from train_throughput import MODELS, TARGETS, _config, _one_step, _reinit, timed_steps  # noqa: E402
 from train_throughput import _launch as _launch_script  # noqa: E402
 from train_throughput import _profile as _profile_step  # noqa: E402
 
@@ -568,18 +568,6 @@ def _learned_kernel_check() -> list[dict]:
 # --- orchestration -----------------------------------------------------------------------------------------------
 
 
-def _versions() -> dict:
-    import torch
-
-    v = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "transformers", "peft", "torchao"):
-        try:
-            v[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            v[mod] = f"unavailable ({type(e).__name__})"
-    return v
-
-
 def _launch(spec: dict, timeout: int) -> dict:
     return _launch_script(spec, timeout, script=__file__)
 
@@ -706,8 +694,8 @@ def main() -> None:
     )
     report: dict = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device(),
-        "versions": _versions(),
+        "device": device(),
+        "versions": versions(),
         "settings": {
             "model": args.model,
             "batch": args.batch,

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from accuracy import _device, _versions  # noqa: E402
+from _common import device, result_path, versions  # noqa: E402
 
 # the variants live in the library: the device-fit planner (edgeft.qat.plan) measures with the same code
 from edgeft.qat.sensitivity import apply_variant, untie_head  # noqa: E402
@@ -78,9 +78,8 @@ def main() -> int:
         print(f"{variant:40s} {sum(ok):4d}/{len(ok)}", flush=True)
 
     now = dt.datetime.now(dt.timezone.utc)
-    dev = _device()
-    name = f"sensitivity-{now:%Y%m%d}-{'cpu' if not dev['cuda'] else 'gpu'}{'-' + args.tag if args.tag else ''}.json"
-    out = ROOT / "results" / name
+    dev = device()
+    out = result_path("sensitivity", args.tag)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(
         json.dumps(
@@ -88,7 +87,7 @@ def main() -> int:
                 "bench": "sensitivity",
                 "date": now.isoformat(timespec="seconds"),
                 "device": dev,
-                "versions": _versions(),
+                "versions": versions(),
                 "model": args.model,
                 "plan": plan.to_dict(),
                 "limit": args.limit,

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from accuracy import _device, _versions  # noqa: E402
+from _common import device, result_path, versions  # noqa: E402
 
 
 def main() -> int:
@@ -75,9 +75,8 @@ def main() -> int:
             f"{art}: predicted {predicted:,} written {report['bytes']:,} ({100 * rows[-1]['error']:+.2f}%)", flush=True
         )
     now = dt.datetime.now(dt.timezone.utc)
-    dev = _device()
-    name = f"size-model-{now:%Y%m%d}-{'gpu' if dev['cuda'] else 'cpu'}{'-' + args.tag if args.tag else ''}.json"
-    path = ROOT / "results" / name
+    dev = device()
+    path = result_path("size-model", args.tag)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(
         json.dumps(
@@ -85,7 +84,7 @@ def main() -> int:
                 "bench": "size_model",
                 "date": now.isoformat(timespec="seconds"),
                 "device": dev,
-                "versions": _versions(),
+                "versions": versions(),
                 "model": args.model,
                 "group_size": args.group_size,
                 "int8": list(int8),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import device, versions  # noqa: E402
 
 MODELS = {
     # shapes of the public checkpoints; weights are random
@@ -424,37 +426,6 @@ def run_attention_backends() -> list[dict]:
 # --- orchestration ---------------------------------------------------------------------------------------------
 
 
-def _versions() -> dict:
-    import torch
-
-    v = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "transformers", "peft", "liger_kernel", "flash_attn"):
-        try:
-            v[mod] = __import__(mod).__version__
-        except Exception:
-            try:
-                from importlib.metadata import version
-
-                v[mod] = version(mod.replace("_", "-"))
-            except Exception:
-                v[mod] = None
-    return v
-
-
-def _device() -> dict:
-    import torch
-
-    if not torch.cuda.is_available():
-        return {"name": "cpu (smoke test only)"}
-    p = torch.cuda.get_device_properties(0)
-    return {
-        "name": p.name,
-        "memory_gib": round(p.total_memory / 2**30, 1),
-        "sms": p.multi_processor_count,
-        "cuda": torch.version.cuda,
-    }
-
-
 def _launch(spec: dict, timeout: int, script: str = __file__) -> dict:
     """Run ``script --worker SPEC`` in its own process (clean CUDA state and peak counters); its RESULT line."""
     cmd = [sys.executable, script, "--worker", json.dumps(spec)]
@@ -533,8 +504,8 @@ def main() -> None:
     profiles = set(filter(None, args.profile.split(",")))
     report: dict = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device(),
-        "versions": _versions(),
+        "device": device(),
+        "versions": versions(),
         "settings": {
             "seq": args.seq,
             "steps": args.steps,

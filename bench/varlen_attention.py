@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_throughput import _device, _versions  # noqa: E402
+from _common import device, versions  # noqa: E402
 
 MODES = ("none", "pow2", "dynamic", "sdpa")
 
@@ -184,8 +184,8 @@ def main() -> None:
     date = dt.datetime.now(dt.timezone.utc)
     doc = {
         "date": date.isoformat(timespec="seconds"),
-        "device": _device(),
-        "versions": _versions(),
+        "device": device(),
+        "versions": versions(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
         "batch_tokens": [sum(b) for b in batches],
         "results": results,
