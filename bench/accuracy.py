@@ -336,7 +336,10 @@ def reuse_twin(cfg, twin: Path, run: Path) -> None:
     run.mkdir(parents=True)
     src, dst = RunDir(twin).baseline, RunDir(run).baseline
     shutil.copytree(src.root, dst.root, ignore=shutil.ignore_patterns(src.exports.path.name, src.checkpoints.name))
-    RunDir(run).config_file.write_text(dump_yaml(mine.replace(resume=False, overwrite=False)))
+    mine = mine.replace(resume=False, overwrite=False)
+    # the QAT steps as the pipeline resolves them (a preset's ratio or floor): the resumed run compares its identity
+    mine.qat = mine.qat.resolve_steps(mine.optim.max_steps)
+    RunDir(run).config_file.write_text(dump_yaml(mine))
 
 
 def twin_ptq_differs(cfg, twin: Path, run: Path | None = None) -> bool:
