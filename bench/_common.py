@@ -128,3 +128,13 @@ def result_path(bench: str, tag: str = "", device: str | None = None) -> Path:
         device = "gpu" if torch.cuda.is_available() else "cpu"
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / (f"{bench}-{dt.date.today():%Y%m%d}-{device}" + (f"-{tag}" if tag else "") + ".json")
+
+
+def header(bench: str) -> dict[str, object]:
+    """The start of a result's JSON: the bench's name, the UTC date, :func:`device` and :func:`versions`."""
+    return {
+        "bench": bench,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device(),
+        "versions": versions(),
+    }

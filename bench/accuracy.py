@@ -29,7 +29,6 @@ resampling the questions (the same resampled set for BF16, PTQ and QAT), with th
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import device, result_path, versions  # noqa: E402
+from _common import header, result_path  # noqa: E402
 
 from edgeft.rundir import RunDir, read_scheme  # noqa: E402
 
@@ -547,10 +546,7 @@ def main() -> int:
     info = RunDir(run).info() if RunDir(run).has_trained_model() else {}
     base_info = RunDir(run).baseline.info() if RunDir(run).baseline.has_trained_model() else {}
     out = {
-        "bench": "accuracy",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device(),
-        "versions": versions(),
+        **header("accuracy"),
         "recipe": args.recipe,
         "qat_max_steps": resolved.qat.max_steps or resolved.optim.max_steps,  # the twin's: config's max_steps
         "config": resolved.to_dict(),

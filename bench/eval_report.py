@@ -14,14 +14,13 @@ recovery lines.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import device, result_path, versions  # noqa: E402
+from _common import header, result_path  # noqa: E402
 
 
 def main() -> int:
@@ -41,10 +40,7 @@ def main() -> int:
     info = run.info() if run.has_trained_model() else {}
     base = run.baseline.info() if run.baseline.has_trained_model() else {}
     out = {
-        "bench": "eval_report",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device(),
-        "versions": versions(),
+        **header("eval_report"),
         "run": args.run,
         "config": load_yaml(run.config_file).to_dict(),
         "train_seconds": {

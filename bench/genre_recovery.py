@@ -14,7 +14,6 @@ Writes ``bench/results/genre_recovery-<date>-<device>[-tag].json`` and prints a 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from _common import device, result_path, versions  # noqa: E402
+from _common import header, result_path  # noqa: E402
 
 
 def main() -> int:
@@ -48,10 +47,7 @@ def main() -> int:
     report = evaluate_run(run, runtimes=runtimes, data=data, progress=False)
     cfg = load_yaml(RunDir(run).config_file)
     out = {
-        "bench": "genre_recovery",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device(),
-        "versions": versions(),
+        **header("genre_recovery"),
         "run": str(run),
         "config": cfg.to_dict(),
         "genre_tokens": report.get("heldout_genre_tokens"),

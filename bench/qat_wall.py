@@ -15,7 +15,6 @@ Writes ``bench/results/qat_wall-<date>-<device>[-tag].json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import device, result_path, versions  # noqa: E402
+from _common import header, result_path  # noqa: E402
 from train_throughput import MODELS, _config, _reinit  # noqa: E402
 
 
@@ -115,10 +114,7 @@ def main() -> int:
     qat = train(model, work / "qat", ["--qat", args.qat, *extra], args)
     ratio = qat["wall_s"] / ft["wall_s"]
     out = {
-        "bench": "qat_wall",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device(),
-        "versions": versions(),
+        **header("qat_wall"),
         "settings": {k: v for k, v in vars(args).items() if k != "work"},
         "fine_tune": ft,
         "qat_run": qat,
