@@ -19,9 +19,10 @@ Runs, each in its own process (clean peak-memory counters, no cross-talk), on a 
 edgeft is driven directly (``edgeft.kernels.patch`` + ``edgeft.qat.prepare`` + ``causal_lm_loss``) as in
 train_throughput.py. ``--check`` first compares every fake-quant kernel (absmax and mse scales) with its PyTorch
 reference on the GPU (bit for bit, bf16/fp16/fp32, bench shapes), the merged LoRA Function's gradients with an fp64
-autograd reference, and the fp8 schemes' convert with their fake quantization (``--check mse``: only the mse weight
-kernel, with kernel timings against absmax). Prints a table and writes JSON with date, device and versions; each
-row records its ``weight_scale``.
+autograd reference, the fp8 schemes' convert with their fake quantization, and the learned scales' model-level bank
+with ``learned_scale`` (``--check mse``: only the mse weight kernel, with kernel timings against absmax; ``--check
+learned``: the learned-scale kernels, convert and bank). Prints a table and writes JSON with date, device and
+versions; each row records its ``weight_scale``.
 
     python bench/qat_overhead.py --check          # everything (about 4 minutes on an H200)
     python bench/qat_overhead.py --modes lora --impls edgeft,edgeft_qat --steps 3
@@ -326,6 +327,7 @@ def run_check(subset: str = "all") -> list[dict]:
     out += _fp8_convert_check()
     out += _learned_convert_check()
     out += _learned_kernel_check()
+    out += _scale_bank_check()
     out += _launch_costs()
     return out
 
@@ -565,6 +567,82 @@ def _learned_kernel_check() -> list[dict]:
     return res
 
 
+def _scale_bank_check(device: str = "cuda") -> list[dict]:
+    """The model-level bank of learned scales (``kernels.learned_scale.ScaleBank``: one foreach pass refreshes
+    every quantizer's scales) on CUDA equals ``learned_scale`` (what convert writes) bit for bit: the bench model's
+    197 scale shapes in bf16, plus fp32/fp16 weights and specs with their own eps and scale dtype in the same bank,
+    log-scales that clamp at eps or overflow, before and after a fused AdamW step that moves a subset of them. And
+    one refresh of the 197 timed against 197 calls of ``learned_scale`` (the launches a step used to pay)."""
+    import torch
+
+    from edgeft.kernels import learned_scale as L
+    from edgeft.qat import fake_quant as R
+
+    torch.manual_seed(4)
+    g32 = R.WeightQuant("int", 4, 32)
+    shapes = [(2048, 32), (1024, 32), (1024, 32), (1024, 64), (3072, 32), (3072, 32), (1024, 96)] * 28
+    cases = [(shape, g32, torch.bfloat16) for shape in shapes + [(151936, 32)]]
+    cases += [
+        ((512, 24), spec, dtype)
+        for spec in (R.WeightQuant("int", 4, 32, scale_dtype=torch.float32), R.WeightQuant("int", 4, None))
+        for dtype in (torch.float32, torch.float16)
+    ]
+    cases.append(((512, 24), R.WeightQuant("int", 4, 32, eps=258 * 2.0**-24, scale_dtype=torch.float16), torch.float16))
+    bank = L.ScaleBank()
+    pairs = []
+    for shape, spec, dtype in cases:
+        init = torch.rand(shape, device=device) * 0.01 + 1e-4
+        log = torch.nn.Parameter(torch.randn(shape, device=device) * 0.3)
+        with torch.no_grad():
+            log.view(-1)[:2] = torch.tensor([-120.0, 95.0])  # clamped at eps; inf
+        bank.entry().track(init, log, spec, dtype)
+        pairs.append((init, log, spec, dtype))
+
+    def mismatches() -> int:
+        bad = 0
+        for e, (init, log, spec, dtype) in zip(bank.entries, pairs):
+            got, ref = e.get(init, log, spec, dtype), R.learned_scale(init, log.detach(), spec, dtype)
+            bad += int(got.dtype != ref.dtype or not torch.equal(got, ref))
+        return bad
+
+    res = [dict(check=f"scale bank == learned_scale, {len(pairs)} quantizers", mismatches=mismatches())]
+    opt = torch.optim.AdamW([log for i, (_, log, _, _) in enumerate(pairs) if i % 3], lr=0.05, fused=device == "cuda")
+    for i, (_, log, _, _) in enumerate(pairs):
+        log.grad = torch.randn_like(log) if i % 3 else None
+    opt.step()
+    before = bank.refreshes
+    res.append(
+        dict(
+            check=f"scale bank == learned_scale after a{' fused' if device == 'cuda' else 'n'} AdamW step on 2/3",
+            mismatches=mismatches(),
+            refreshes=bank.refreshes - before,
+        )
+    )
+    for r in res:
+        r["ok"] = r["mismatches"] == 0 and r.get("refreshes", 1) == 1
+    if device != "cuda":
+        return res
+    from triton.testing import do_bench
+
+    timed = L.ScaleBank()
+    for init, log, spec, dtype in pairs[:197]:
+        timed.entry().track(init, log, spec, dtype)
+
+    def refresh():
+        for e in timed.entries:
+            e.key = None  # as after an optimizer step
+        timed.refresh()
+
+    def per_quantizer():
+        for init, log, spec, dtype in pairs[:197]:
+            R.learned_scale(init, log.detach(), spec, dtype)
+
+    for label, fn in (("bank refresh", refresh), ("learned_scale per quantizer", per_quantizer)):
+        ms = do_bench(fn, warmup=5, rep=50, return_mode="median")
+        res.append(dict(check=f"time learned scales of 197 quantizers: {label}", ms=ms, ok=True))
+    return res
+
+
 # --- orchestration -----------------------------------------------------------------------------------------------
 
 
@@ -726,7 +804,9 @@ def main() -> None:
     if args.check:
         try:
             report["check"] = (
-                _learned_convert_check() + _learned_kernel_check() if args.check == "learned" else run_check(args.check)
+                _learned_convert_check() + _learned_kernel_check() + _scale_bank_check()
+                if args.check == "learned"
+                else run_check(args.check)
             )
         except Exception as e:  # keep the timings even if a check crashes
             report["check"] = [dict(check="crashed", ok=False, error=f"{type(e).__name__}: {e}"[:500])]

@@ -8,7 +8,8 @@ autograd Function ``LearnedScaleFakeQuant`` (straight-through for the weight, LS
 Kernels: :class:`LearnedWeightFQ` (the quantizer the fused linear Functions of ``kernels/lora.py`` take) and
 :class:`LearnedScaleFakeQuantFunction` (the LM-head loss's), each one pass over the weight: the forward equals
 ``learned_weight_ref`` bit for bit, the scale gradient equals the reference to fp32 rounding (another summation
-order). Why by hand and the math: docs/qat.md.
+order). :class:`ScaleBank` computes the scales of all of a model's quantizers together, once per optimizer step
+(:class:`ScaleCache` is one quantizer's entry). Why by hand and the math: docs/qat.md.
 """
 
 from __future__ import annotations
@@ -309,26 +310,103 @@ def learned_fake_quant_and_grad(
     return learned_weight_ref(base, scale, spec), learned_log_scale_grad(base, scale, grad, spec)
 
 
-class ScaleCache:
-    """One learned quantizer's scales, computed once per state of its ``log_scale``: a step uses them in the
-    forward, again in the checkpointed recomputation and in the backward, and each computation is four small
-    kernel launches (exp, multiply, clamp, cast) that a host-bound step pays for. Keyed on
-    :func:`~edgeft.kernels._common.param_state` like the other caches: the version counter alone misses fused
-    AdamW's update."""
+class ScaleBank:
+    """The learned scales of every quantizer of one model, refreshed together.
 
-    __slots__ = ("key", "value")
+    A step uses each quantizer's scales in the forward, again in the checkpointed recomputation and in the
+    backward; each computation is four small kernel launches (exp, multiply, clamp, cast), and a model has one
+    quantizer per linear (197 on Qwen3-0.6B), which a host-bound step pays for in launches. The bank keeps one
+    :class:`ScaleCache` entry per quantizer; when any entry is asked for while stale, every stale entry is
+    recomputed at once with PyTorch's multi-tensor ``torch._foreach_*`` ops, one set of launches per
+    (device, eps, scale dtype) group, so a step refreshes once. The values are :func:`learned_scale`'s bit for bit
+    (the same fp32 ops per element), which is what convert writes. An entry whose tensors have no storage at the
+    time (FSDP2 frees each layer's gathered parameters after use) waits for its own request."""
+
+    __slots__ = ("entries", "refreshes")
 
     def __init__(self) -> None:
+        self.entries: list[ScaleCache] = []
+        self.refreshes = 0  # foreach passes so far (tests and benchmarks read it)
+
+    def entry(self) -> ScaleCache:
+        """A new entry of this bank (one quantizer's scales)."""
+        return ScaleCache(self)
+
+    def refresh(self) -> None:
+        """Recompute every stale entry (its tensors' state moved since it was computed) in one foreach pass."""
+        groups: dict[tuple, list[tuple[ScaleCache, tuple]]] = {}
+        for e in self.entries:
+            if e.src is None:
+                continue
+            key = e.state()
+            # storage freed (FSDP2 frees a layer's gathered parameters between its uses): nothing to read; the
+            # entry's own request, with its tensors gathered again, computes it
+            if key != e.key and _readable(e.src[1], key[0][2]) and _readable(e.src[0], key[1]):
+                init, log, spec, dtype = e.src
+                groups.setdefault((log.device, _eps(spec.eps, dtype), spec.scale_dtype or dtype), []).append((e, key))
+        if not groups:
+            return
+        with torch.no_grad():
+            for (_, eps, out_dtype), items in groups.items():
+                values = _foreach_learned_scales(
+                    [e.src[0] for e, _ in items], [e.src[1] for e, _ in items], eps, out_dtype
+                )
+                for (e, key), v in zip(items, values):
+                    e.key, e.value = key, v
+        self.refreshes += 1
+
+
+def _readable(t: torch.Tensor, data_ptr: int) -> bool:
+    return data_ptr != 0 or t.numel() == 0
+
+
+def _foreach_learned_scales(
+    inits: list[torch.Tensor], logs: list[torch.Tensor], eps: float, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """:func:`learned_scale` of many (init_scale, log_scale) pairs sharing eps and scale dtype, a few multi-tensor
+    launches in all: the same fp32 exp, multiply (commutative, so exp * init == init * exp), clamp at eps and
+    cast per element, hence the same bits."""
+    f32 = torch.float32
+    s = torch._foreach_exp([t.detach().to(f32) for t in logs])
+    torch._foreach_mul_(s, [t.to(f32) for t in inits])
+    torch._foreach_clamp_min_(s, eps)
+    if dtype == f32:
+        return s
+    out = [torch.empty_like(t, dtype=dtype) for t in s]
+    torch._foreach_copy_(out, s)
+    return out
+
+
+class ScaleCache:
+    """One learned quantizer's scales: an entry of a :class:`ScaleBank` (its own bank of one if none is given),
+    computed once per state of its ``log_scale``. Keyed on :func:`~edgeft.kernels._common.param_state` like the
+    other caches (the version counter alone misses fused AdamW's update), on ``init_scale``'s storage and on the
+    dtype asked for, so a moved or cast model is never served old values."""
+
+    __slots__ = ("bank", "src", "key", "value")
+
+    def __init__(self, bank: ScaleBank | None = None) -> None:
+        self.bank = bank if bank is not None else ScaleBank()
+        self.bank.entries.append(self)
+        self.src: tuple | None = None  # (init_scale, log_scale, spec, dtype) as last asked for
         self.key: tuple | None = None
         self.value: torch.Tensor | None = None
+
+    def track(self, init_scale: torch.Tensor, log_scale: torch.Tensor, spec: WeightQuant, dtype: torch.dtype) -> None:
+        """Name the tensors and dtype before the first use, so the bank's first refresh computes this entry too."""
+        self.src = (init_scale, log_scale, spec, dtype)
+
+    def state(self) -> tuple:
+        init, log, _, dtype = self.src
+        return (param_state(log), init.data_ptr(), dtype)
 
     def get(
         self, init_scale: torch.Tensor, log_scale: torch.Tensor, spec: WeightQuant, dtype: torch.dtype
     ) -> torch.Tensor:
-        key = (param_state(log_scale), init_scale.data_ptr(), dtype)
-        if key != self.key:
-            self.value = learned_scale(init_scale, log_scale.detach(), spec, dtype)
-            self.key = key
+        """``learned_scale(init_scale, log_scale, spec, dtype)``, from the bank (refreshed first if stale)."""
+        self.src = (init_scale, log_scale, spec, dtype)
+        if self.state() != self.key:
+            self.bank.refresh()
         return self.value
 
 

@@ -138,18 +138,21 @@ class LearnedWeightFakeQuantizer(nn.Module):
     custom scales (:func:`learned_scales`). A resumed run rebuilds ``init_scale`` from the same starting weights.
     Linear layers hand it to the fused linear Functions (:meth:`fused`), which rebuild fq(W) in the backward and
     return the scales' gradient with the others; ``forward`` (an autograd Function) serves the LM-head loss. Both
-    run the kernels of ``kernels/learned_scale.py``; there is no weight cache: the scales change every step."""
+    run the kernels of ``kernels/learned_scale.py``; there is no weight cache: the scales change every step.
+    ``bank`` (``kernels.learned_scale.ScaleBank``, one per model from :func:`prepare`) computes the scales of all
+    the model's quantizers together, once per optimizer step; a quantizer built alone gets a bank of its own."""
 
-    def __init__(self, spec: WeightQuant, weight: torch.Tensor) -> None:
+    def __init__(self, spec: WeightQuant, weight: torch.Tensor, bank: Any = None) -> None:
         super().__init__()
+        from edgeft.kernels.learned_scale import ScaleCache
+
         self.spec = spec
         init = initial_scale(weight, spec)
         # not in the state dict: checkpoints hold the trainable tensors only, prepare rebuilds this
         self.register_buffer("init_scale", init, persistent=False)
         self.log_scale = nn.Parameter(torch.zeros_like(init))
-        from edgeft.kernels.learned_scale import ScaleCache
-
-        self.scales = ScaleCache()  # one computation of the scales per optimizer step
+        self.scales = ScaleCache(bank)  # its entry in the model's bank
+        self.scales.track(self.init_scale, self.log_scale, spec, weight.dtype)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         from edgeft.kernels.learned_scale import learned_weight_fake_quant
@@ -184,13 +187,14 @@ class FakeQuantLinear(nn.Linear):
         weight: WeightQuant,
         cache: bool | str = True,
         learned: bool = False,
+        bank: Any = None,
     ) -> None:
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         self.weight = linear.weight
         self.bias = linear.bias
         self.activation_fake_quantizer = ActFakeQuantizer(act) if act is not None else None
         self.weight_fake_quantizer: nn.Module = (
-            LearnedWeightFakeQuantizer(weight, linear.weight)
+            LearnedWeightFakeQuantizer(weight, linear.weight, bank)
             if _learns(weight, learned)
             else WeightFakeQuantizer(weight, cache)
         )
@@ -276,6 +280,7 @@ class MergedFakeQuantLoraLinear(nn.Module):
         weight: WeightQuant,
         cache: bool | str = True,
         learned: bool = False,
+        bank: Any = None,
     ) -> None:
         super().__init__()
         from edgeft.kernels.fake_quant import WeightCache
@@ -298,7 +303,7 @@ class MergedFakeQuantLoraLinear(nn.Module):
         self.weight_cache = WeightCache("weights") if _cache_form(cache) == "weights" else None
         self.weight_fake_quantizer = None
         if _learns(weight, learned):
-            self.weight_fake_quantizer = LearnedWeightFakeQuantizer(weight, self.merged_weight())
+            self.weight_fake_quantizer = LearnedWeightFakeQuantizer(weight, self.merged_weight(), bank)
         object.__setattr__(self, "_peft_module", lora)
 
     def _adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,6 +381,11 @@ def prepare(
     specs = {False: plan_specs(plan), True: plan_specs(plan, plan.int8_modules[0]) if plan.int8_modules else None}
     emb = embedding_spec(plan)
     learned = plan.learned_scales
+    bank = None
+    if learned:  # one bank for the model: all its learned scales in one refresh per step
+        from edgeft.kernels.learned_scale import ScaleBank
+
+        bank = ScaleBank()
     replaced: list[str] = []
 
     # LoRA layers first: their base_layer must not also get a fake quantizer of its own.
@@ -391,7 +401,7 @@ def prepare(
         if not _group_ok(mod.base_layer.in_features, plan, name):
             replaced.append(f"skip:{name}")
             continue
-        _set_child(model, name, MergedFakeQuantLoraLinear(mod, *specs[plan.is_int8(name)], cache, learned))
+        _set_child(model, name, MergedFakeQuantLoraLinear(mod, *specs[plan.is_int8(name)], cache, learned, bank))
         replaced.append(name)
 
     for name, m in list(model.named_modules()):
@@ -399,7 +409,7 @@ def prepare(
             if not _group_ok(m.in_features, plan, name):
                 replaced.append(f"skip:{name}")
                 continue
-            _set_child(model, name, FakeQuantLinear(m, *specs[plan.is_int8(name)], cache, learned))
+            _set_child(model, name, FakeQuantLinear(m, *specs[plan.is_int8(name)], cache, learned, bank))
             replaced.append(name)
         elif type(m) is nn.Embedding and emb is not None and not inside_lora(name):
             _set_child(model, name, FakeQuantEmbedding(m, emb))

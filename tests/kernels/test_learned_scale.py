@@ -130,3 +130,114 @@ def test_scale_cache_recomputes_after_an_optimizer_step(fused):
     assert again is not first and torch.equal(again, R.learned_scale(init, log.detach(), spec, w.dtype))
     assert not torch.equal(again, first)
     assert cache.get(init, log, spec, torch.bfloat16).dtype == R.learned_scale(init, log, spec, torch.bfloat16).dtype
+
+
+def _bank_pairs(dtype, seed=8):
+    """(init_scale, log_scale parameter, spec) for each spec and a few shapes, log-scales large enough that some
+    groups clamp at eps (exp underflows) or overflow to inf."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, spec in enumerate(SPECS.values()):
+        for rows, cols in ((37, 96), (5, 96 * (i + 1))):
+            w = (torch.randn(rows, cols, generator=g) * 0.05).to(dtype)
+            init = R.initial_scale(w, spec)
+            t = torch.randn(init.shape, generator=g) * 0.4
+            t.view(-1)[:2] = torch.tensor([-120.0, 95.0])  # clamped at eps; inf
+            out.append((init, torch.nn.Parameter(t), spec))
+    return out
+
+
+def _assert_bank_is_reference(bank, pairs, dtype):
+    for e, (init, log, spec) in zip(bank.entries, pairs):
+        got = e.get(init, log, spec, dtype)
+        ref = R.learned_scale(init, log.detach(), spec, dtype)
+        assert got.dtype == ref.dtype and torch.equal(got, ref), spec
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_bank_equals_learned_scale_bit_for_bit_through_optimizer_steps(dtype):
+    """The bank's foreach pass gives every entry ``learned_scale``'s bits (what convert writes), for every spec
+    (eps, scale dtype) in one bank, and again after AdamW steps that move only the log-scales that train."""
+    pairs = _bank_pairs(dtype)
+    bank = L.ScaleBank()
+    for init, log, spec in pairs:
+        bank.entry().track(init, log, spec, dtype)
+    _assert_bank_is_reference(bank, pairs, dtype)
+    assert bank.refreshes == 1  # the first request computed them all
+    first = [e.value for e in bank.entries]
+    for i, (_, log, _) in enumerate(pairs):
+        log.requires_grad_(i % 3 != 0)  # a frozen subset
+    opt = torch.optim.AdamW([p for _, p, _ in pairs if p.requires_grad], lr=0.05, fused=False)
+    for step in range(2):
+        for i, (_, log, _) in enumerate(pairs):
+            # only some get a gradient on the first step: AdamW leaves the others alone
+            log.grad = torch.randn_like(log) if log.requires_grad and (step or i % 2) else None
+        opt.step()
+        _assert_bank_is_reference(bank, pairs, dtype)
+        assert bank.refreshes == 2 + step  # one pass per step, whichever entry asks first
+    moved = [not torch.equal(e.value, v) for e, v in zip(bank.entries, first)]
+    assert any(moved) and not all(moved)
+
+
+def test_scale_bank_refreshes_only_stale_entries_once_per_state():
+    """Requests within a step hit the bank; an entry whose tensors change (an in-place edit, a new init_scale
+    storage, another dtype) is recomputed on its own next request, and the untouched entries keep their values."""
+    pairs = _bank_pairs(torch.float32)[:4]
+    bank = L.ScaleBank()
+    entries = [bank.entry() for _ in pairs]
+    untracked = bank.entry()  # never asked for: the bank skips it
+    for e, (init, log, spec) in zip(entries, pairs):
+        e.get(init, log, spec, torch.float32)
+    assert bank.refreshes == 4 and untracked.value is None  # nothing tracked ahead: one pass per first request
+    values = [e.value for e in entries]
+    for e, (init, log, spec) in zip(entries[::-1], pairs[::-1]):
+        assert e.get(init, log, spec, torch.float32) is values[entries.index(e)]
+    assert bank.refreshes == 4
+    init0, log0, spec0 = pairs[0]
+    with torch.no_grad():
+        log0.mul_(0.5)  # moves the version counter
+    got = entries[0].get(init0, log0, spec0, torch.float32)
+    assert torch.equal(got, R.learned_scale(init0, log0.detach(), spec0, torch.float32))
+    assert all(e.value is v for e, v in zip(entries[1:], values[1:]))
+    init1, log1, spec1 = pairs[1]
+    init1 = init1.clone()  # as after model.to(): a new buffer
+    assert entries[1].get(init1, log1, spec1, torch.float32) is not values[1]
+    half = entries[2].get(pairs[2][0], pairs[2][1], pairs[2][2], torch.float16)
+    assert torch.equal(half, R.learned_scale(pairs[2][0], pairs[2][1].detach(), pairs[2][2], torch.float16))
+    assert bank.refreshes == 7 and entries[3].value is values[3]
+
+
+def test_foreach_scales_equal_the_unary_ops():
+    """The multi-tensor ops the bank uses give the same bits as the unary ops ``learned_scale`` runs."""
+    g = torch.Generator().manual_seed(9)
+    inits = [torch.rand(n, 3, generator=g) * 0.02 for n in (1, 7, 64)]
+    logs = [torch.randn(t.shape, generator=g) * 30 for t in inits]  # underflow and overflow included
+    for dtype in DTYPES:
+        eps = torch.finfo(dtype).smallest_normal
+        got = L._foreach_learned_scales(inits, logs, eps, dtype)
+        want = [(i * torch.exp(t)).clamp(min=eps).to(dtype) for i, t in zip(inits, logs)]
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_scale_bank_skips_entries_whose_storage_is_freed():
+    """FSDP2 frees a layer's gathered parameters between its uses: the bank must not read them (that is garbage
+    or a crash) while another entry refreshes, and computes them on their own request once they are back."""
+    pairs = _bank_pairs(torch.float32)[:2]
+    bank = L.ScaleBank()
+    for init, log, spec in pairs:
+        bank.entry().track(init, log, spec, torch.float32)
+    _assert_bank_is_reference(bank, pairs, torch.float32)
+    (init0, log0, spec0), (init1, log1, spec1) = pairs
+    kept = log1.detach().clone()
+    old1 = bank.entries[1].value
+    log1.untyped_storage().resize_(0)  # as FSDP2's reshard
+    with torch.no_grad():
+        log0.add_(0.25)
+    assert torch.equal(
+        bank.entries[0].get(init0, log0, spec0, torch.float32), R.learned_scale(init0, log0, spec0, torch.float32)
+    )
+    assert bank.entries[1].value is old1  # not recomputed from freed memory
+    log1.untyped_storage().resize_(kept.numel() * 4)  # gathered again
+    with torch.no_grad():
+        log1.copy_(kept * 0.5)
+    _assert_bank_is_reference(bank, pairs, torch.float32)

@@ -302,12 +302,40 @@ def test_quantizer_follows_its_scales_through_optimizer_steps():
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     layer = m.model.layers[0].self_attn.q_proj
     q = layer.weight_fake_quantizer
+    quantizers = [mod for mod in m.modules() if isinstance(mod, LearnedWeightFakeQuantizer)]
+    bank = q.scales.bank  # prepare's one bank for the model
+    assert len(quantizers) > 1 and bank.entries == [fq.scales for fq in quantizers]
+    before = bank.refreshes
     for _ in range(2):
         s, n = K.causal_lm_loss(m, ids, ids)
         (s / n).backward()
+        # one refresh for all quantizers per optimizer step, whoever asks first (forward, recompute, backward, the
+        # checks below)
+        assert bank.refreshes == before + 1
+        for fq in quantizers:  # what the step used is what convert writes
+            assert torch.equal(fq.scales.value, fq.scale(layer.weight.dtype))
         opt.step()
         opt.zero_grad()
+        before = bank.refreshes
         want = learned_fake_quant(layer.weight, q.log_scale, q.init_scale, q.spec)
         assert torch.equal(q(layer.weight), want)
         assert torch.equal(q.scale(layer.weight.dtype), q.fused().scale(layer.weight.dtype))
     assert q.log_scale.abs().max() > 0  # the scales did move
+
+
+def test_a_quantizer_alone_has_a_bank_of_its_own_and_copies_get_their_own():
+    """Outside prepare (tests, sensitivity code) a quantizer works on its own bank; a deep copy of a prepared model
+    gets one bank for its own quantizers, apart from the original's."""
+    import copy
+
+    w = _weights()
+    q = LearnedWeightFakeQuantizer(SPEC, w)
+    assert q.scales.bank.entries == [q.scales]
+    with torch.no_grad():
+        q.log_scale.normal_(0, 0.3)
+    assert torch.equal(q(w), learned_fake_quant(w, q.log_scale, q.init_scale, SPEC))
+    m = tiny_model("llama", lora=False)
+    qat.prepare(m, "int8-int4", weight_scale="learned")
+    twin = copy.deepcopy(m)
+    (a, b) = ([mod.scales for mod in x.modules() if isinstance(mod, LearnedWeightFakeQuantizer)] for x in (m, twin))
+    assert a[0].bank is not b[0].bank and b[0].bank.entries == b and a[0].bank.entries == a
