@@ -94,6 +94,12 @@ def train(model: Path, out: Path, extra: list[str], args: argparse.Namespace) ->
     return row
 
 
+def _save(dest: Path, out: dict) -> None:
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.replace(dest)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen3-0.6b", choices=sorted(MODELS))
@@ -102,7 +108,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-seq-length", type=int, default=2048)
     ap.add_argument("--work", default="/tmp/qat_wall", help="model and run directories")
-    ap.add_argument("--extra", default="", help="more `edgeft train` flags for both runs, space-separated")
+    ap.add_argument(
+        "--extra", default="", help="more `edgeft train` flags for both runs, space-separated (--extra=--full)"
+    )
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
@@ -110,19 +118,16 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     model = build_model(args.model, work / f"model-{args.model}")
     extra = args.extra.split()
+    dest = result_path("qat_wall", args.tag)
+    out = {**header("qat_wall"), "settings": {k: v for k, v in vars(args).items() if k != "work"}, "target": 2.0}
     ft = train(model, work / "ft", extra, args)
+    out["fine_tune"] = ft
+    _save(dest, out)  # a run cut off in the QAT run still keeps the fine-tune's wall
+    print(f"fine-tune: {ft['wall_s']:.1f} s wall, {ft['train_s']:.1f} s training", flush=True)
     qat = train(model, work / "qat", ["--qat", args.qat, *extra], args)
     ratio = qat["wall_s"] / ft["wall_s"]
-    out = {
-        **header("qat_wall"),
-        "settings": {k: v for k, v in vars(args).items() if k != "work"},
-        "fine_tune": ft,
-        "qat_run": qat,
-        "wall_ratio": ratio,
-        "target": 2.0,
-    }
-    dest = result_path("qat_wall", args.tag)
-    dest.write_text(json.dumps(out, indent=2) + "\n")
+    out.update(qat_run=qat, wall_ratio=ratio)
+    _save(dest, out)
     print(f"\n{args.model}, builtin:tasks packed {args.batch_size} x {args.max_seq_length}, {args.max_steps} steps")
     print("| run | wall s | train s (twin / QAT) | QAT steps |")
     print("|---|---|---|---|")
