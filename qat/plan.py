@@ -594,8 +594,8 @@ def calibration_key(
     key (input ids, labels, attention mask, whatever the dicts hold) with dtype, shape and bytes, in order;
     ``weight_scale``, the group sizes, the base preset's full scheme and plan; :data:`CALIBRATION_VERSION`.
 
-    Not in the key: the versions of torch, transformers and torchao (a change of their float rounding moves the
-    loss rises far less than they differ between linears; bump the version when the method changes), the device's
+    Not in the key: the versions of torch, transformers and torchao (a new release may round the losses
+    differently: an entry keeps the old rounding until the cache is cleared or the version bumped), the device's
     model (two GPUs of one kind share entries), the thread count, the budget (the choice, :func:`choose`, is made
     afresh from the cached sensitivities every run) and where the model was loaded from.
     """
