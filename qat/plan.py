@@ -3,6 +3,7 @@
 Guarantees:
 - calibration (:func:`calibrate`) measures, on the model QAT starts from and the run's training examples, each
   linear's task-loss rise on the int4 grid at every candidate group size (``sensitivity.linear_sensitivity``);
+  its result is cached by content (:func:`calibration_key`), so another budget for one fine-tune reuses it;
 - the size model (:func:`tensor_bytes`, :func:`artifact_bytes`) is per artifact, from the formats the exporters
   write; runtime memory and decode speed are ``devices.profiles.estimate``, the function ``devices check`` runs;
 - the chooser (:func:`choose`) returns, among candidates (group size x embedding x KV-cache format) whose all-int4
@@ -20,7 +21,9 @@ The method, its approximations and measured size-model errors: docs/device-fit.m
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeft.errors import EdgeftError
+
+log = logging.getLogger("edgeft")
 
 BASE_PRESET = "phone-deployment"  # schemes.AUTO_BASE: 8da4w linears + int8 embeddings, the fast .pte route
 MB = 2**20  # as `edgeft devices check` prints
@@ -565,22 +570,139 @@ def calibration_batches(
     return out
 
 
+# bump when linear_sensitivity's method or calibrate's result changes: entries cached by the old code then miss
+CALIBRATION_VERSION = 1
+
+
+def _hash_tensor(h: Any, name: str, t: Any) -> None:
+    import torch
+
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes as stored: bf16 (which numpy lacks) included
+
+
+def calibration_key(
+    model: Any, batches: list[dict[str, Any]], weight_scale: str, group_sizes: tuple[int | None, ...]
+) -> str:
+    """The sha256 digest that names a calibration's result in the cache (:func:`calibrate`).
+
+    In the key: every parameter and buffer of ``model`` by name (tied ones under each name), with its dtype, shape
+    and bytes (non-persistent buffers such as RoPE's ``inv_freq`` too); the model's class, its config without
+    ``_name_or_path`` and ``transformers_version`` (the same weights from another directory hit) and its attention
+    implementation; the device kind it runs on (``cpu``/``cuda``: a different rounding); every batch's tensors by
+    key (input ids, labels, attention mask, whatever the dicts hold) with dtype, shape and bytes, in order;
+    ``weight_scale``, the group sizes, the base preset's full scheme and plan; :data:`CALIBRATION_VERSION`.
+
+    Not in the key: the versions of torch, transformers and torchao (a new release may round the losses
+    differently: an entry keeps the old rounding until the cache is cleared or the version bumped), the device's
+    model (two GPUs of one kind share entries), the thread count, the budget (the choice, :func:`choose`, is made
+    afresh from the cached sensitivities every run) and where the model was loaded from.
+    """
+    from .schemes import resolve
+
+    base = resolve(BASE_PRESET, weight_scale=weight_scale)
+    cfg = model.config.to_dict()
+    for k in ("_name_or_path", "transformers_version"):
+        cfg.pop(k, None)
+    first = next(iter(model.parameters()), None)
+    meta = {
+        "version": CALIBRATION_VERSION,
+        "class": type(model).__name__,
+        "config": cfg,
+        "attn": getattr(model.config, "_attn_implementation", None),
+        "device": first.device.type if first is not None else None,
+        "scheme": asdict(base.scheme),
+        "plan": base.to_dict(),
+        "weight_scale": weight_scale,
+        "group_sizes": list(group_sizes),
+    }
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
+    for name, t in model.named_parameters(remove_duplicate=False):
+        _hash_tensor(h, "param:" + name, t)
+    for name, t in model.named_buffers(remove_duplicate=False):
+        _hash_tensor(h, "buffer:" + name, t)
+    h.update(f"batches:{len(batches)}\n".encode())
+    for i, b in enumerate(batches):
+        for k in sorted(b):
+            v = b[k]
+            if hasattr(v, "detach"):
+                _hash_tensor(h, f"batch{i}:{k}", v)
+            else:
+                h.update(f"batch{i}:{k}={json.dumps(v, sort_keys=True, default=str)}\n".encode())
+    return h.hexdigest()
+
+
+def _cache_path(digest: str) -> Path:
+    from edgeft.fsutil import cache_dir
+
+    return cache_dir() / "calibration" / f"{digest}.json"
+
+
+def _cache_read(path: Path, digest: str, sizes: tuple[int | None, ...]) -> dict[str, Any] | None:
+    """The cached result, or None when absent or unusable (a corrupt entry is recomputed, never an error)."""
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        if d["digest"] != digest or d["version"] != CALIBRATION_VERSION:
+            raise ValueError("digest or version differs")
+        r = d["result"]
+        sens = {g: {str(n): float(x) for n, x in rises.items()} for g, rises in r["sensitivity"]}
+        if list(sens) != list(sizes) or list(r["group_sizes"]) != list(sizes):
+            raise ValueError("group sizes differ")
+        return {
+            "float_loss": float(r["float_loss"]),
+            "tokens": int(r["tokens"]),
+            "sensitivity": sens,
+            "seconds": float(r["seconds"]),
+            "group_sizes": list(sizes),
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.warning("calibration cache entry %s is unusable (%s): calibrating again", path, e)
+        return None
+
+
+def _cache_write(path: Path, digest: str, r: dict[str, Any]) -> None:
+    from edgeft.fsutil import remove_stale, write_json
+
+    result = {k: v for k, v in r.items() if k != "sensitivity"}
+    result["sensitivity"] = [[g, rises] for g, rises in r["sensitivity"].items()]  # keeps int (or None) sizes
+    try:
+        remove_stale(path.parent)  # a killed writer's temporary files
+        write_json(path, {"version": CALIBRATION_VERSION, "digest": digest, "result": result})
+    except OSError as e:  # a read-only or full cache costs the next run the calibration, not this run its plan
+        log.warning("could not cache the calibration in %s (%s)", path, e)
+
+
 def calibrate(
     model: Any, batches: list[dict[str, Any]], weight_scale: str = "absmax", group_sizes: tuple[int, ...] | None = None
 ) -> dict[str, Any]:
-    """Per-linear int4 sensitivity of ``model`` (float, left unchanged) on ``batches``, for every candidate group
-    size of the base preset's scheme (``sensitivity.linear_sensitivity``)."""
+    """Per-linear int4 sensitivity of ``model`` (float, left unchanged but for an untied head) on ``batches``, for
+    every candidate group size of the base preset's scheme (``sensitivity.linear_sensitivity``).
+
+    The result is cached under ``edgeft.fsutil.cache_dir()/calibration/<digest>.json`` (:func:`calibration_key`
+    says what the digest covers), so a second plan of one fine-tune (another device or budget) reuses it:
+    ``cache`` says ``computed`` or ``reused``, ``digest`` names the entry and ``seconds`` stays the computation's.
+    """
     from .schemes import resolve
     from .sensitivity import linear_sensitivity, untie_head
 
     base = resolve(BASE_PRESET, weight_scale=weight_scale)
     sizes = group_sizes or tuple(dict.fromkeys((base.scheme.group_size, *base.scheme.group_sizes)))
+    digest = calibration_key(model, batches, weight_scale, sizes)
+    path = _cache_path(digest)
     untie_head(model)  # convert unties a head whose embedding is quantized; measure the head on its own weight
+    r = _cache_read(path, digest, sizes)
+    if r is not None:
+        log.info("calibration reused from %s (computed in %.0f s)", path, r["seconds"])
+        return {**r, "cache": "reused", "digest": digest}
     t0 = time.perf_counter()
     r = linear_sensitivity(model, batches, base, sizes)
     r["seconds"] = round(time.perf_counter() - t0, 1)
     r["group_sizes"] = list(sizes)
-    return r
+    _cache_write(path, digest, r)
+    return {**r, "cache": "computed", "digest": digest}
 
 
 def plan_for_model(
