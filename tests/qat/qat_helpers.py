@@ -17,11 +17,11 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 FLIP_LOSS, FLIP_GRAD = 1e-4, 5e-2
 
 
-def tiny_model(model_type: str, lora: bool, **kw) -> nn.Module:
+def tiny_model(model_type: str, lora: bool, seed: int = 0, **kw) -> nn.Module:
     """A 2-layer random model of a supported family (group-32 friendly sizes), optionally with LoRA (B != 0)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     args = dict(
         hidden_size=64,
         intermediate_size=96,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from qat_helpers import tiny_model
 
 from edgeft.qat import plan as fit
 from edgeft.qat import sensitivity
@@ -20,20 +21,8 @@ SIZES = (32, 64)
 
 
 def _model(seed: int = 0, tie: bool = True):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    # group-64 friendly sizes: SIZES holds 64
+    return tiny_model("llama", False, seed, intermediate_size=128, vocab_size=128, tie_word_embeddings=tie).eval()
 
 
 def _batches() -> list[dict[str, torch.Tensor]]:
