@@ -15,7 +15,6 @@ Writes ``bench/results/qat_wall-<date>-<device>[-tag].json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -94,12 +93,6 @@ def train(model: Path, out: Path, extra: list[str], args: argparse.Namespace) ->
     return row
 
 
-def _save(dest: Path, out: dict) -> None:
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(dest)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen3-0.6b", choices=sorted(MODELS))
@@ -114,6 +107,8 @@ def main() -> int:
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
+    from edgeft.fsutil import write_json
+
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = build_model(args.model, work / f"model-{args.model}")
@@ -122,12 +117,12 @@ def main() -> int:
     out = {**header("qat_wall"), "settings": {k: v for k, v in vars(args).items() if k != "work"}, "target": 2.0}
     ft = train(model, work / "ft", extra, args)
     out["fine_tune"] = ft
-    _save(dest, out)  # a run cut off in the QAT run still keeps the fine-tune's wall
+    write_json(dest, out)  # a run cut off in the QAT run still keeps the fine-tune's wall
     print(f"fine-tune: {ft['wall_s']:.1f} s wall, {ft['train_s']:.1f} s training", flush=True)
     qat = train(model, work / "qat", ["--qat", args.qat, *extra], args)
     ratio = qat["wall_s"] / ft["wall_s"]
     out.update(qat_run=qat, wall_ratio=ratio)
-    _save(dest, out)
+    write_json(dest, out)
     print(f"\n{args.model}, builtin:tasks packed {args.batch_size} x {args.max_seq_length}, {args.max_steps} steps")
     print("| run | wall s | train s (twin / QAT) | QAT steps |")
     print("|---|---|---|---|")
