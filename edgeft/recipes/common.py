@@ -41,12 +41,16 @@ def with_prose(
     follows the float one beyond the user's data (training/distill.py)."""
     if not (cfg.qat.scheme and cfg.qat.corpus):
         return data
-    from edgeft.training.distill import corpus_examples
+    from edgeft.training.distill import CORPUS_CHUNK, corpus_examples
 
     tokenizer, template, train_ex, eval_ex = data
     n_prose, n_gen = corpus_split(cfg, len(train_ex))
-    prose = corpus_examples(tokenizer, cfg.qat.corpus, len(train_ex), seed=cfg.optim.seed)[:n_prose]
+    # no mixed-in example may be longer than a training row (packing's bins hold max_seq_length tokens)
+    cap = cfg.data.max_seq_length
+    chunk = min(CORPUS_CHUNK, cap)
+    prose = corpus_examples(tokenizer, cfg.qat.corpus, len(train_ex), chunk=chunk, seed=cfg.optim.seed)[:n_prose]
     gens = twin_generations(cfg, run, twin, tokenizer, train_ex, n_gen, is_main) if n_gen else []
+    gens = [{k: v[:cap] for k, v in g.items()} for g in gens]
     if is_main:
         log.info(
             "QAT data: %d examples + %d chunks of generic prose + %d twin generations (--qat-corpus %.2f, %s)",

@@ -271,8 +271,11 @@ class Distillation:
         return out
 
 
+CORPUS_CHUNK = 128  # tokens per chunk of the packaged prose (fewer when the run's rows are shorter)
+
+
 def corpus_examples(
-    tokenizer: Any, share: float, n_examples: int, chunk: int = 128, seed: int = 0
+    tokenizer: Any, share: float, n_examples: int, chunk: int = CORPUS_CHUNK, seed: int = 0
 ) -> list[dict[str, list[int]]]:
     """Chunks of edgeft's packaged generic prose (``assets/corpus.txt``, never the held-out text) to mix into a
     QAT run's training data: ``share`` of the mixed examples, at most every chunk the corpus has.

@@ -55,3 +55,17 @@ def test_finetune_plans(data):
     assert calls == [(RunDir("r"), True, None, 12), (Variant("r/baseline"), False, None, 9)]
     # starting from the twin without distilling is still the twin plan
     assert _plan(TrainConfig(model="tiny-llama", qat="int8-int4", qat_distill=0.0), data)[0] == "twin_qat"
+
+
+def test_prose_fits_short_rows_so_packing_accepts_it(data):
+    """--max-seq-length below the prose's 128-token chunks: the mixed-in prose follows the rows' length (packing
+    raised "example longer than the bin" before)."""
+    from edgeft.data.batching import Batcher
+    from edgeft.recipes.common import with_prose
+
+    cfg = resolve(TrainConfig(model="tiny-llama", qat="int8-int4", max_seq_length=48, packing=True))
+    mixed = with_prose(cfg, data)[2]
+    prose = mixed[len(data[2]) :]
+    assert prose, "the default QAT run mixes prose in"
+    assert max(len(ex["input_ids"]) for ex in prose) == 48
+    assert len(Batcher(mixed, "packed", 0, 48)) >= 1
