@@ -368,11 +368,11 @@ def reconvert_baseline(cfg, run: Path) -> None:
 
 
 def saved_rows(
-    run: Path, variants: tuple[str, ...], runtimes: list[str], limit: int
+    run: Path, variants: tuple[str, ...], runtimes: list[str], limit: int, device: str = "cpu"
 ) -> tuple[list[dict], list[dict]] | None:
     """``variants``' rows of ``run``'s eval/report.json and their per-question results (eval/questions.jsonl) when
-    they cover ``runtimes`` on ``limit`` questions (the same files give the same numbers), else None: an evaluation
-    from before per-question results is done again."""
+    they cover ``runtimes`` on ``limit`` questions with the eager runtime on ``device`` (the same files give the same
+    numbers), else None: an evaluation from before per-question results is done again."""
     from edgeft.devices.evaluate import read_questions
 
     path = RunDir(run).eval_report
@@ -381,6 +381,8 @@ def saved_rows(
     rep = json.loads(path.read_text())
     rows = [r for r in rep["results"] if r["variant"] in variants and r["runtime"] in runtimes]
     if rep.get("task_examples") != limit or len(rows) != len(variants) * len(runtimes):
+        return None
+    if "eager" in runtimes and rep.get("eager_device", "cpu") != device:  # another device rounds differently
         return None
     questions = [q for q in read_questions(run) or [] if q["variant"] in variants and q["runtime"] in runtimes]
     if len(questions) != sum(r["n_tasks"] + r.get("n_mc", 0) for r in rows):
@@ -416,6 +418,9 @@ def main() -> int:
         "under another seed needs its own twin (the seed also draws the train/eval split)",
     )
     ap.add_argument("--no-agreement", action="store_true", help="skip the artifact-vs-converted comparison")
+    ap.add_argument(
+        "--eval-device", default="cpu", help="torch device of the eager evaluation (default cpu; cuda on a GPU machine)"
+    )
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument(
         "--twin",
@@ -482,7 +487,11 @@ def main() -> int:
         if own_ptq and edgeft.qat.QATPlan.from_dict(ptq_plan) != run_qat_plan(RunDir(run), cfg):
             reconvert_baseline(cfg, run)  # baseline/ is still the twin's copy: PTQ under the recipe's plan
         mine_variants = ("ptq", "qat") if own_ptq else ("qat",)
-        mine = saved_rows(run, mine_variants, runtimes, args.limit) if (args.no_train and args.reuse_eval) else None
+        mine = (
+            saved_rows(run, mine_variants, runtimes, args.limit, args.eval_device)
+            if (args.no_train and args.reuse_eval)
+            else None
+        )
         if mine:
             print(f"QAT results reused from {run}/eval/report.json", flush=True)
             report = {
@@ -493,10 +502,17 @@ def main() -> int:
             questions = mine[1]
         else:
             report = edgeft.evaluate(
-                run, runtimes=runtimes, variants=list(mine_variants), limit=args.limit, progress=False
+                run,
+                runtimes=runtimes,
+                variants=list(mine_variants),
+                limit=args.limit,
+                progress=False,
+                device=args.eval_device,
             )
             questions = read_questions(run) or []
-        reused = saved_rows(Path(args.twin), ("bf16",) if own_ptq else ("bf16", "ptq"), runtimes, args.limit)
+        reused = saved_rows(
+            Path(args.twin), ("bf16",) if own_ptq else ("bf16", "ptq"), runtimes, args.limit, args.eval_device
+        )
         if reused:
             print(
                 f"{'BF16' if own_ptq else 'BF16 and PTQ'} results reused from {args.twin}/eval/report.json", flush=True
@@ -504,9 +520,16 @@ def main() -> int:
         else:
             print(f"evaluating BF16 and PTQ on {args.twin} (reused by later --twin runs)", flush=True)
             edgeft.evaluate(
-                Path(args.twin), runtimes=runtimes, variants=["bf16", "ptq"], limit=args.limit, progress=False
+                Path(args.twin),
+                runtimes=runtimes,
+                variants=["bf16", "ptq"],
+                limit=args.limit,
+                progress=False,
+                device=args.eval_device,
             )
-            reused = saved_rows(Path(args.twin), ("bf16",) if own_ptq else ("bf16", "ptq"), runtimes, args.limit)
+            reused = saved_rows(
+                Path(args.twin), ("bf16",) if own_ptq else ("bf16", "ptq"), runtimes, args.limit, args.eval_device
+            )
         report["results"] = reused[0] + report["results"]
         questions = reused[1] + questions
         report["recovery"] = recovery_table(report["results"], questions)  # what `edgeft eval` reports
@@ -514,7 +537,7 @@ def main() -> int:
     else:
         from edgeft.devices.evaluate import read_questions
 
-        report = edgeft.evaluate(run, runtimes=runtimes, limit=args.limit, progress=False)
+        report = edgeft.evaluate(run, runtimes=runtimes, limit=args.limit, progress=False, device=args.eval_device)
         questions = read_questions(run) or []
     timings["eval_s"] = time.perf_counter() - t1
     ci = question_intervals(questions, runtimes)

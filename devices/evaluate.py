@@ -402,6 +402,7 @@ def evaluate_run(
     progress: bool = True,
     data: EvalData | list[str | Path] | tuple[str | Path, ...] | None = None,
     require_exports: bool = False,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Evaluate every variant on every runtime; writes eval/report.{md,json}, eval/questions.jsonl (each question's
     result per variant and runtime, :data:`QUESTIONS_FILE`) and eval/metrics.png.
@@ -411,11 +412,15 @@ def evaluate_run(
     baseline's artifacts, which no command exports, are always made here).
 
     ``data``: the user's evaluation files (see :func:`load_eval_data`) or an :class:`EvalData`; default built-in.
+    ``device``: where the eager runtime runs (default the CPU, the host as the .pte and GGUF runtimes run it;
+    ``cuda`` on a GPU machine answers in a fraction of the time, with its own rounding: compare variants within one
+    device). The report records it.
     """
     from transformers import AutoTokenizer
 
     from edgeft.data import encode_prompt
 
+    device = eval_device(device)
     if not isinstance(data, EvalData):
         data = load_eval_data(data, limit)
     for r in runtimes:
@@ -485,9 +490,10 @@ def evaluate_run(
             if bar is not None:
                 bar.set_postfix_str(f"{variant}/{kind}")
             artifact = None if kind == "eager" else _artifact(kind, src, art_dir, max_seq_len)
-            rt = load_runtime(
-                kind, artifact or src, **({"n_ctx": longest} if kind == "gguf" and longest > 1024 else {})
-            )
+            opts = {"device": device} if kind == "eager" else {}
+            if kind == "gguf" and longest > 1024:
+                opts["n_ctx"] = longest
+            rt = load_runtime(kind, artifact or src, **opts)
             try:
                 t0 = time.perf_counter()
                 ppl_chunks = chunk_nll(rt, chunks)  # per chunk, so the report can resample chunks
@@ -535,6 +541,7 @@ def evaluate_run(
         run, results, ppl_tokens=sum(len(c) - 1 for c in chunks), limit=len(rows), data=data, questions=per_question
     )
     report["prompt_format"] = "chat template" if has_chat_template(tokenizer) else PLAIN_FORMAT
+    report["eager_device"] = device
     if genre_chunks:
         report["heldout_genre_tokens"] = {g: sum(len(c) - 1 for c in cs) for g, cs in genre_chunks.items()}
         report["recovery_by_genre"] = genre_recovery(results)
@@ -552,6 +559,20 @@ def evaluate_run(
     write_text(run.eval_markdown, render_markdown(report))
     _plot(report, run.eval_plot)
     return report
+
+
+def eval_device(device: str | None) -> str:
+    """The eager runtime's torch device, checked before any model loads (one clear error for a missing GPU)."""
+    device = str(device or "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise EdgeftError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EdgeftError(f"--device {device}: this machine has no CUDA GPU that torch can use")
+    if dev.type not in ("cpu", "cuda"):
+        raise EdgeftError(f"--device {device}: the evaluator runs on cpu or cuda")
+    return device
 
 
 def question_id(item: dict[str, Any]) -> str:

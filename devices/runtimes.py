@@ -164,15 +164,23 @@ def _converted_runtime(path: Path) -> EagerRuntime:
 
 
 def load_runtime(kind: str, path: str | os.PathLike, **kwargs: Any) -> Runtime:
-    """Open an artifact on its runtime: ``eager`` (HF or converted dir), ``pte`` (.pte file), ``gguf`` (.gguf file)."""
+    """Open an artifact on its runtime: ``eager`` (HF or converted dir; ``device=`` a torch device, default the
+    CPU), ``pte`` (.pte file), ``gguf`` (.gguf file)."""
     path = Path(path)
     if kind == "eager":
         from edgeft.models import load_model
 
+        device = kwargs.pop("device", None) or "cpu"
+        if kwargs:
+            raise TypeError(f"eager runtime: unexpected options {sorted(kwargs)}")
         if is_converted(path):
-            return _converted_runtime(path)
-        model, _ = load_model(path)
-        return EagerRuntime(model)
+            rt = _converted_runtime(path)
+        else:
+            model, _ = load_model(path)
+            rt = EagerRuntime(model)
+        if str(device) != "cpu":  # loaded (and checked) on the CPU, then moved: same weights, faster on a GPU
+            rt.model.to(device)
+        return rt
     if kind == "pte":
         from .executorch_runtime import PteRuntime
 

@@ -199,6 +199,13 @@ def build_parser(config_cls: type[TrainConfig] = TrainConfig) -> argparse.Argume
         "--check", metavar="GOLDEN.json", help="fail (exit 1, one line per metric) on drift from golden numbers"
     )
     v.add_argument("--write-golden", metavar="PATH", help="write this evaluation as a golden file")
+    v.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of the eager runtime (default cpu, the host as .pte and GGUF run; cuda: faster on a GPU "
+        "machine, its own rounding, so compare variants within one device)",
+    )
+    v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (for logs and CI)")
 
     d = sub.add_parser("devices", help="device profiles; will an artifact fit and how fast will it decode")
     d.add_argument("action", choices=["list", "check"])
@@ -423,8 +430,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2, default=str))
     elif args.command == "eval":
         from edgeft.devices import regression
-        from edgeft.devices.evaluate import load_eval_data, render_markdown
+        from edgeft.devices.evaluate import eval_device, load_eval_data, render_markdown
 
+        eval_device(args.device)  # a missing GPU fails before anything loads
         golden = regression.load_golden(args.check) if args.check else None  # a bad file fails before evaluating
         data = load_eval_data(args.data, args.limit)  # so does bad evaluation data
         report = pipeline.evaluate(
@@ -435,6 +443,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             ppl_tokens=args.ppl_tokens,
             data=data,
             require_exports=True,
+            progress=args.progress,
+            device=args.device,
         )
         print(render_markdown(report))
         print(f"report: {report['run']}/eval/report.md")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from edgeft.cli import main
 
@@ -24,6 +25,8 @@ def bad_jsonl(tmp_path):
         (["train", "--model", "tiny-llama", "--qat", "int3"], "unknown QAT scheme 'int3'"),
         (["export", "pte", "--run", "/no/such/run"], "not an edgeft run directory"),
         (["eval", "--run", "/no/such/run"], "not an edgeft run directory"),
+        (["eval", "--run", "/no/such/run", "--device", "tpu:x"], "is not a torch device"),
+        (["eval", "--run", "/no/such/run", "--device", "mps"], "the evaluator runs on cpu or cuda"),
     ],
 )
 def test_errors_are_one_line(argv, expected, capsys, tmp_path, monkeypatch):
@@ -31,6 +34,14 @@ def test_errors_are_one_line(argv, expected, capsys, tmp_path, monkeypatch):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("edgeft: error: ") and expected in err[0], err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_eval_on_a_missing_gpu_is_one_line_before_any_work(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--run", "/no/such/run", "--device", "cuda"]) == 2  # the device is checked first
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["edgeft: error: --device cuda: this machine has no CUDA GPU that torch can use"]
 
 
 def test_bad_row_names_the_line(bad_jsonl, capsys, tmp_path, monkeypatch):

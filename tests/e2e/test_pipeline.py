@@ -97,6 +97,7 @@ def test_eval_compares_bf16_ptq_qat_on_every_runtime(run, capsys):
     out = capsys.readouterr().out
     assert "QAT recovered" in out or "n/a" in out
     report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["eager_device"] == "cpu"  # the default: the host, as .pte and GGUF run
     # every runtime's recoveries carry their paired interval's verdict
     assert set(report["recovery"]) == {"eager", "pte", "gguf"}
     for rec in report["recovery"].values():
@@ -139,11 +140,14 @@ def test_drift_from_golden_fails_one_line_per_metric(run, capsys):
                 "eager,pte",
                 "--check",
                 str(drifted),
+                "--no-progress",
             ]
         )
         == 1
     )
-    err = capsys.readouterr().err.strip().splitlines()
+    err = capsys.readouterr().err
+    assert "eval:" not in err  # --no-progress: no progress bar in a CI log
+    err = err.strip().splitlines()
     drift = [l for l in err if l.startswith("edgeft: drift: ")]
     # the moved pte metrics drift; gguf rows are missing because that runtime was not evaluated
     assert sum("/pte/perplexity" in l and "drifted" in l for l in drift) == len(moved) == 3
