@@ -465,7 +465,7 @@ def main() -> int:
     if not args.no_train:
         print(
             f"training {args.model} ({args.recipe} recipe, {args.max_steps} steps, QAT "
-            f"{cfg.qat.max_steps or args.max_steps}) into {run}",
+            f"{cfg.qat.max_steps or 'per the preset'}) into {run}",
             flush=True,
         )
         if args.twin:
