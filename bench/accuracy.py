@@ -272,6 +272,9 @@ def intervals(
     gap = k["bf16"] - k["ptq"]
     return {
         "n": n,
+        # each question's correctness per variant (question order as given), so that repeats of a recipe under
+        # other seeds can be pooled from the results files alone (bench/seed_pool.py)
+        "answers": {name: "".join("1" if c else "0" for c in x) for name, x in v.items()},
         "level": level,
         "bootstrap_samples": n_boot,
         "seed": seed,

@@ -107,6 +107,34 @@ def accuracy_recovery(
     return _summary(dict(zip(VARIANTS, m.mean(0))), samples, True, n, "questions", n_boot, seed, level)
 
 
+def pooled_accuracy_recovery(
+    groups: Sequence[Mapping[str, Sequence[bool]]],
+    *,
+    n_boot: int = RESAMPLES,
+    seed: int = SEED,
+    level: float = LEVEL,
+) -> dict[str, Any]:
+    """Recovery of an accuracy pooled over independent repeats (training seeds), each a :func:`accuracy_recovery`
+    input: the point from the pooled counts, the interval from a stratified paired bootstrap (each repeat's questions
+    resampled within that repeat, the same draw for its three variants), so the interval is that of the pooled
+    ratio and no resample moves questions between repeats. Keys as :func:`accuracy_recovery`'s, plus ``groups``."""
+    mats = [np.stack([np.asarray(g[v], dtype=np.float64) for v in VARIANTS], axis=1) for g in groups]
+    if not mats or any(not m.shape[0] for m in mats):
+        raise ValueError("every group needs questions")
+    m = np.concatenate(mats)  # [sum n, 3]
+    offsets = np.cumsum([0] + [x.shape[0] for x in mats[:-1]])
+    sizes = [x.shape[0] for x in mats]
+    rng = np.random.default_rng(seed)
+    out = []
+    for start in range(0, n_boot, _BLOCK):
+        b = min(_BLOCK, n_boot - start)
+        idx = np.concatenate([off + rng.integers(0, n, size=(b, n)) for off, n in zip(offsets, sizes)], axis=1)
+        out.append(m[idx].mean(1))
+    samples = np.concatenate(out)
+    res = _summary(dict(zip(VARIANTS, m.mean(0))), samples, True, m.shape[0], "questions", n_boot, seed, level)
+    return {**res, "groups": len(mats)}
+
+
 def perplexity_recovery(
     nll: Mapping[str, Sequence[float]],
     tokens: Sequence[int],
