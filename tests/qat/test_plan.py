@@ -215,7 +215,10 @@ def test_calibration_is_the_loss_rise_of_one_int4_linear():
             parent, _, child = name.rpartition(".")
             setattr(ref_model.get_submodule(parent), child, Ref())
             rise = float(ref_model(input_ids=ids, labels=labels).loss) - base
-            assert r["sensitivity"][32][name] == pytest.approx(rise, rel=1e-3, abs=1e-6)
+            # HF's losses are fp32 (~9 here): the reference rise carries each loss's rounding, about one ulp of
+            # the loss apiece (1.5e-6 measured on an AVX-512 EPYC, 1.6 ulp): 4 ulp of the loss, 1% of the rise
+            ulp = torch.finfo(torch.float32).eps * base
+            assert r["sensitivity"][32][name] == pytest.approx(rise, rel=1e-3, abs=4 * ulp)
     assert r["tokens"] == int((labels[:, 1:] != -100).sum())
     # the model is left as it was
     assert type(model.model.layers[2].mlp.down_proj) is nn.Linear
