@@ -220,7 +220,11 @@ def describe(rec: dict[str, Any] | float | None, perplexity: bool = False) -> st
     if not isinstance(rec, dict):
         return "n/a (PTQ did not degrade)" if rec is None else f"{100 * rec:.0f}%"
     v = rec["values"]
-    n = f"{rec['n']} {rec['unit']}" + (f" of {rec['tokens']} tokens" if rec.get("tokens") else "") if "n" in rec else ""
+    n = (
+        f"{rec['n']} {rec['unit']}" + (f", {rec['tokens']} tokens in all" if rec.get("tokens") else "")
+        if "n" in rec
+        else ""
+    )
     both = f"BF16 {_value(v['bf16'], perplexity)}, PTQ {_value(v['ptq'], perplexity)}"
     reason = rec["reason"]
     if reason == "ptq_did_not_degrade":
