@@ -156,7 +156,8 @@ def test_perplexity_resamples_chunks():
     same = R.perplexity_recovery({v: nll["bf16"] for v in R.VARIANTS}, tokens)
     assert same["reason"] == "ptq_within_noise"
     assert R.describe(same, perplexity=True) == (
-        f"not resolved (PTQ within noise of BF16: BF16 {p['bf16']:.2f}, PTQ {p['bf16']:.2f}, 8 chunks, 2040 tokens in all)"
+        f"not resolved (PTQ within noise of BF16: BF16 {p['bf16']:.2f}, PTQ {p['bf16']:.2f}, "
+        "8 chunks, 2040 tokens in all)"
     )
 
 
