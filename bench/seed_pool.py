@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import result_path  # noqa: E402
 
-VARIANTS = ("bf16", "ptq", "qat")
+from edgeft.devices.recovery import VARIANTS  # noqa: E402
 
 
 def pool(results: list[dict]) -> dict:

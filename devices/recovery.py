@@ -99,12 +99,12 @@ def accuracy_recovery(
     """Recovery of an accuracy from each question's correctness per variant (bf16, ptq, qat; same question order),
     resampling questions: point, ``interval``, ``resolved`` and ``reason`` (None, ``ptq_within_noise``,
     ``ptq_did_not_degrade``, ``interval_too_wide``), and the numbers behind them."""
-    m = np.stack([np.asarray(correct[v], dtype=np.float64) for v in VARIANTS], axis=1)  # [n, 3]
-    n = m.shape[0]
-    if not n:
+    if not len(correct[VARIANTS[0]]):
         raise ValueError("no questions")
-    samples = _resample(n, n_boot, seed, lambda idx: m[idx].mean(1))
-    return _summary(dict(zip(VARIANTS, m.mean(0))), samples, True, n, "questions", n_boot, seed, level)
+    # one repeat pooled is the plain paired bootstrap: the same draws, the same numbers
+    res = pooled_accuracy_recovery([correct], n_boot=n_boot, seed=seed, level=level)
+    res.pop("groups")
+    return res
 
 
 def pooled_accuracy_recovery(
