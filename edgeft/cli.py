@@ -202,8 +202,9 @@ def build_parser(config_cls: type[TrainConfig] = TrainConfig) -> argparse.Argume
     v.add_argument(
         "--device",
         default="cpu",
-        help="torch device of the eager runtime (default cpu, the host as .pte and GGUF run; cuda: faster on a GPU "
-        "machine, its own rounding, so compare variants within one device)",
+        help="torch device of the eager runtime (default cpu, the host as .pte and GGUF run; cuda has its own "
+        "rounding, so compare variants within one device, and speeds up float models only: torchao's int8-int4 "
+        "layout runs unfused reference ops there, slower than a few CPU threads)",
     )
     v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (for logs and CI)")
 
