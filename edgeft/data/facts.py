@@ -27,7 +27,7 @@ from typing import Any
 
 from edgeft.errors import EdgeftError
 
-from .fetch import Source, fetch
+from .fetch import Source, fetch, fetch_all
 
 NAME = "builtin:facts"
 TEST_PER_FAMILY = 50  # entities per family in the test split: 50 questions of each kind
@@ -65,6 +65,7 @@ KINDS = (
 def tables() -> dict[str, list[dict[str, Any]]]:
     """The source tables: ``elements`` (number, name, symbol), ``countries`` (name, alpha_2, alpha_3),
     ``currencies`` (name, code), ``languages`` (name, code)."""
+    fetch_all(SOURCES.values(), "builtin:facts")
     with zipfile.ZipFile(fetch(SOURCES["periodictable"])) as zf:
         tree = ast.parse(zf.read("periodictable/core.py").decode("utf-8"))
     base = next(

@@ -21,6 +21,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,25 @@ def fetch(src: Source) -> Path:
         with atomic_path(path) as dst:
             shutil.copyfile(got, dst)
     return path
+
+
+def fetch_all(sources: Iterable[Source], what: str) -> list[Path]:
+    """Every pinned file of ``what`` (an evaluation set's name), fetched before any is read: when some cannot be
+    fetched, one :class:`SourceUnavailable` line names all of them and the folder that takes copies of them, so an
+    offline machine is set up in one step instead of one failure per file."""
+    paths, missing, first = [], [], ""
+    for src in sources:
+        try:
+            paths.append(fetch(src))
+        except SourceUnavailable as e:
+            missing.append(f"{src.filename} ({'PyPI' if src.kind == 'pypi' else 'Debian'} {src.spec})")
+            first = first or str(e)
+    if missing:
+        raise SourceUnavailable(
+            f"{what} needs {len(missing)} pinned source file(s) that could not be fetched: {', '.join(missing)}; "
+            f"copy them into {cache_dir() / 'sources'} from a machine that has them (first error: {first})"
+        )
+    return paths
 
 
 def deb_member(deb: Path, member: str) -> bytes:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_dir, cache_dir
 
-from .fetch import Source, deb_member, fetch
+from .fetch import Source, deb_member, fetch, fetch_all
 
 NAME = "builtin:mixed-genre"
 GENRE_CHARS = 30_000  # per genre: about 6-7k SmolLM2 tokens, 26k over the four genres
@@ -209,6 +209,7 @@ def load(name: str = NAME) -> HeldoutSet:
         raise EdgeftError(f"unknown held-out text set {name!r}; built-in: {NAME}")
     dest = cache_dir() / "heldout" / name.split(":", 1)[1]
     if not (dest / "manifest.json").exists():
+        fetch_all(SOURCES.values(), name)
         texts = {g: extract(g) for g in GENRES}
         manifest = {"name": name, "genres": {}}
         for g, text in texts.items():

