@@ -21,6 +21,7 @@ resampling the questions (the same resampled set for BF16, PTQ and QAT), with th
     python bench/accuracy.py                          # ~30 min on 2 CPU cores (train ~10, eval+exports ~15)
     python bench/accuracy.py --recipe labels --tag labels   # QAT on labels from the pretrained model (old recipe)
     python bench/accuracy.py --run runs/acc --no-train      # evaluate an existing run again
+    python bench/accuracy.py --run runs/acc --no-eval       # train only (then --no-train evaluates)
     python bench/accuracy.py --twin runs/acc --run runs/acc-t --recipe targets --tag targets --runtimes eager \
         --limit 200 --no-agreement    # another QAT recipe on runs/acc's twin: trains only the QAT run
     python bench/accuracy.py --twin runs/acc --run runs/acc-s --qat-max-steps 180 ...   # QAT 3x the twin's steps
@@ -87,6 +88,7 @@ RECIPE_KEYS = (
     "qat_min_steps",
     "qat_corpus_source",
     "qat_gen_tokens",
+    "qat_gen_temperature",
     "qat",
     "fit_device",
     "fit_max_size_mb",
@@ -400,6 +402,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="runs/bench-accuracy", help="run directory (default runs/bench-accuracy)")
     ap.add_argument("--no-train", action="store_true", help="evaluate the existing --run")
+    ap.add_argument(
+        "--no-eval",
+        action="store_true",
+        help="train (and convert) only; a later --no-train evaluates (on a GPU machine: train on the GPU in one "
+        "call, evaluate on its CPU in the next)",
+    )
     ap.add_argument("--recipe", choices=sorted(RECIPES), default="default", help="QAT recipe (see RECIPES)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--qat", default="phone-deployment")
@@ -437,6 +445,8 @@ def main() -> int:
         help="with --no-train --twin: reuse --run's own QAT eval/report.json rows instead of evaluating again",
     )
     args = ap.parse_args()
+    if args.no_train and args.no_eval:
+        ap.error("--no-train and --no-eval leave nothing to do")
 
     import torch
 
@@ -476,6 +486,9 @@ def main() -> int:
             cfg = cfg.replace(resume=True, overwrite=False)  # the twin is complete: QAT run only
         edgeft.train(cfg)
         timings["train_s"] = time.perf_counter() - t0
+    if args.no_eval:
+        print(f"trained {run} in {timings.get('train_s', 0):.0f} s; evaluate it with --no-train", flush=True)
+        return 0
     t1 = time.perf_counter()
     runtimes = [x for x in args.runtimes.split(",") if x]
     reused = None
@@ -595,7 +608,9 @@ def main() -> int:
         "baselines_from_twin": bool(args.twin),
     }
     dest = result_path("accuracy", args.tag)
-    dest.write_text(json.dumps(out, indent=2) + "\n")
+    tmp = dest.with_suffix(".json.tmp")  # a killed run leaves no half-written results file
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.replace(dest)
 
     print(
         f"\n{args.model} {args.qat}, recipe {args.recipe}, QAT {out['qat_max_steps']} steps (twin "

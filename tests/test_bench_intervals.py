@@ -116,3 +116,18 @@ def test_question_intervals_match_rows_by_id_not_by_order():
     assert got["eager"]["mc_accuracy"]["recovery_ci_paired"] is None
     with pytest.raises(ValueError):
         A.intervals({"bf16": [True], "ptq": [True, False], "qat": [False]})
+
+
+def test_every_qat_and_fit_setting_is_a_recipe_key():
+    """--twin copies a twin whose config differs from the recipe's only in RECIPE_KEYS: a QAT or fit setting
+    missing there (learned-mixed's qat_gen_temperature once) refuses every twin for that recipe."""
+    from edgeft import TrainConfig
+    from edgeft.config import flat_keys
+
+    keys = [k for k in flat_keys(TrainConfig(model="tiny-llama").to_dict()) if k.split(".")[0] in ("qat", "fit")]
+    assert keys, "the config has no qat./fit. section"
+    flat = {"qat" if k == "qat.scheme" else k.replace(".", "_") for k in keys}
+    flat -= {"qat_group_size", "qat_ptq"}  # they change the twin's own PTQ (baseline/converted): a twin must match
+    assert flat <= set(A.RECIPE_KEYS), sorted(flat - set(A.RECIPE_KEYS))
+    for name, recipe in A.RECIPES.items():
+        assert set(recipe) <= set(A.RECIPE_KEYS), name
