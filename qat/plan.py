@@ -512,20 +512,27 @@ def choose(
     predicted = {a: predict(shape, budget, sizes[a], best["kv_cache"], a) for a in ARTIFACTS}
     predicted["loss_rise"] = best["loss_rise"]
     others = [c for c in cands if c is not best]
-    why = (
-        f"g{gs} with {len(int8)} of {len(rank) or 0} loss-raising linears at int8 predicts a loss rise of "
-        f"{best['loss_rise']:.4g}, the least of {len(fitting)} fitting candidates"
-        + "".join(
-            f"; g{c['group_size']}: "
-            + (
-                f"{c['loss_rise']:.4g}"
-                if c["fits"]
-                else "does not fit ("
+
+    def label(c: dict[str, Any]) -> str:  # group size alone repeats: the embedding and KV formats tell them apart
+        return f"g{c['group_size']} {c['embedding']} embeddings {c['kv_cache']} KV"
+
+    def verdict(c: dict[str, Any]) -> str:
+        if not c["fits"]:
+            return (
+                "does not fit ("
                 + ", ".join(f"{c['smallest_mb'][a]:.2f} MB {a}" for a in budget.targets)
                 + " at its smallest)"
             )
-            for c in others
-        )
+        unmeasured = [f"{v} {k.replace('_', ' ')}" for k, v in UNMEASURED.items() if c[k] == v]
+        if c not in fitting:  # fits, but on a format whose loss the calibration does not measure
+            what = " and ".join(unmeasured)
+            return f"fits at {c['loss_rise']:.4g} not counting its {what} (unmeasured: taken only when needed)"
+        return f"{c['loss_rise']:.4g}"
+
+    why = (
+        f"{label(best)} with {len(int8)} of {len(rank) or 0} loss-raising linears at int8 predicts a loss rise of "
+        f"{best['loss_rise']:.4g}, the least of {len(fitting)} fitting candidates"
+        + "".join(f"; {label(c)}: {verdict(c)}" for c in others)
         + "; binding limit: "
         + ", ".join(f"{best['binding'][a]} ({a})" for a in budget.targets)
     )

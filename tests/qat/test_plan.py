@@ -256,3 +256,20 @@ def test_unmeasured_formats_only_when_needed():
     ctx = 4096
     assert fit._kv_bytes(shape, ctx, "int8", "pte") == 2 * 2 * 2 * ctx * (32 + 5)
     assert fit._kv_bytes(shape, ctx, "int8", "gguf") == fit._kv_bytes(shape, ctx, "fp32", "gguf")
+
+
+def test_why_names_every_candidate_once_and_why_a_fitting_one_lost():
+    """The plan's ``why`` tells the candidates apart (group size, embedding and KV formats: the group size alone
+    repeats) and says of a candidate that fits on an unmeasured format that it was set aside for that, not that
+    it lost on loss rise (its rise leaves the format's own loss out, so it can be the lower number)."""
+    shape = _shape()
+    int8_emb = max(fit.artifact_bytes(shape, 128, set(), "int8", a) for a in fit.ARTIFACTS)
+    # room for the int8-embedding plan with few int8 linears, and for the int4-embedding one with more
+    plan = fit.choose(shape, SENS, fit.Budget(max_size_mb=(int8_emb + 20_000) / MB))
+    assert (plan.embedding, plan.kv_cache) == ("int8", "fp32")
+    parts = plan.why.split("; ")
+    labels = [p.split(":")[0] for p in parts[1:-1]]
+    assert parts[0].startswith("g128 int8 embeddings fp32 KV with ")
+    assert len(labels) == len(set(labels)) == len(plan.candidates) - 1, plan.why
+    int4 = next(p for p in parts if p.startswith("g128 int4 embeddings fp32 KV:"))
+    assert "fits at" in int4 and "not counting its int4 embedding" in int4 and "taken only when needed" in int4
