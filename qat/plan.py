@@ -2,8 +2,9 @@
 
 Guarantees:
 - calibration (:func:`calibrate`) measures, on the model QAT starts from and the run's training examples, each
-  linear's task-loss rise on the int4 grid at every candidate group size (``sensitivity.linear_sensitivity``);
-  its result is cached by content (:func:`calibration_key`), so another budget for one fine-tune reuses it;
+  linear's task-loss rise on the int4 grid at every candidate group size (``sensitivity.linear_sensitivity``)
+  and the embedding's at each of its formats (``sensitivity.embedding_sensitivity``); its result is cached by
+  content (:func:`calibration_key`), so another budget for one fine-tune reuses it;
 - the size model (:func:`tensor_bytes`, :func:`artifact_bytes`) is per artifact, from the formats the exporters
   write; runtime memory and decode speed are ``devices.profiles.estimate``, the function ``devices check`` runs;
 - the chooser (:func:`choose`) returns, among candidates (group size x embedding x KV-cache format) whose all-int4
@@ -13,8 +14,9 @@ Guarantees:
 - the plan is ``qat_plan.json`` in the run (:meth:`FitPlan.write`, :func:`load`: every tensor's format, bytes and
   why), and :meth:`FitPlan.qat_plan` trains exactly it (phone-deployment's grids, the chosen group size, the
   chosen linears at int8 by module path), which prepare, convert and both exporters carry;
-- 4-bit embeddings and an int8 KV cache (``.pte``), whose accuracy cost the calibration does not measure, are
-  chosen only when no plan without them fits (``UNMEASURED``).
+- a candidate's predicted rise counts its embedding format's measured rise; an int8 KV cache (``.pte``), whose
+  accuracy cost the calibration does not measure, is chosen only when no plan without it fits (``UNMEASURED``;
+  so are 4-bit embeddings when :func:`choose` is given no embedding rises).
 
 The method, its approximations and measured size-model errors: docs/device-fit.md.
 """
@@ -58,7 +60,8 @@ KV_FORMATS: dict[str, tuple[tuple[float, float] | None, str | None]] = {
     "fp32": ((4, 2), None),  # ExecuTorch's cache is fp32; llama.cpp's default is f16
     "int8": ((1, 2), None),  # ExecuTorch's quantized KV cache (exporters/pte.py _int8_kv_sdpa)
 }
-# formats whose accuracy cost the calibration does not measure: a plan takes them only when none without them fits
+# formats whose accuracy cost is not measured: a plan takes them only when none without them fits (the embedding's
+# are measured by calibrate and passed to choose, which then drops it from this list)
 UNMEASURED = {"embedding": "int4", "kv_cache": "int8"}
 
 
@@ -420,9 +423,12 @@ def choose(
     group_sizes: tuple[int | None, ...] | None = None,
     weight_scale: str = "absmax",
     calibration: dict[str, Any] | None = None,
+    embedding_sensitivity: dict[str, float] | None = None,
 ) -> FitPlan:
     """The most accurate plan that fits ``budget`` (module docstring). ``sensitivity``: per group size, each
-    linear's loss rise at int4 (``calibrate``); ``group_sizes`` defaults to those it holds."""
+    linear's loss rise at int4 (``calibrate``); ``group_sizes`` defaults to those it holds.
+    ``embedding_sensitivity``: the loss rise of each embedding format (``calibrate``'s ``embedding``); a candidate's
+    rise then counts its embedding's, and a measured format is no longer taken only when needed."""
     budget.check()
     group_sizes = tuple(group_sizes or sensitivity)
     missing = [g for g in group_sizes if g not in sensitivity]
@@ -431,8 +437,14 @@ def choose(
     embs = [e for e, (cfg, _) in EMBEDDING_FORMATS.items() if cfg is not None]
     kvs = [k for k, (per, _) in KV_FORMATS.items() if per is not None]
     cands = [_candidate(shape, sensitivity[g], budget, g, e, k) for g in group_sizes for e in embs for k in kvs]
+    emb_sens = embedding_sensitivity or {}
+    for c in cands:
+        if c["fits"] and c["embedding"] in emb_sens:
+            c["embedding_rise"] = emb_sens[c["embedding"]]
+            c["loss_rise"] += c["embedding_rise"]
+    unmeasured = {k: v for k, v in UNMEASURED.items() if not (k == "embedding" and v in emb_sens)}
     fitting = [c for c in cands if c["fits"]]
-    measured = [c for c in fitting if not any(c[k] == v for k, v in UNMEASURED.items())]
+    measured = [c for c in fitting if not any(c[k] == v for k, v in unmeasured.items())]
     fitting = measured or fitting
     if not fitting:
         small = min(cands, key=lambda c: max(c["smallest_mb"][a] - c["limit_mb"][a] for a in budget.targets))
@@ -479,18 +491,25 @@ def choose(
         "no plan with int8 embeddings and an fp32 KV cache fits; its accuracy cost is not measured by the "
         "calibration, so it is taken only when needed"
     )
+    what = {
+        "int8": "int8 per row (.pte embedding_byte, GGUF Q8_0)",
+        "int4": "int4 in groups of 32 (.pte embedding_4bit, GGUF Q4_0)",
+    }[best["embedding"]]
+    if best["embedding"] in emb_sens:  # measured: the plan's total rise decided it
+        rises = ", ".join(f"{e} {r:.3g}" for e, r in emb_sens.items())
+        emb_why = f"{what}: its loss rise ({rises}) is counted in the plan's, which is the least that fits"
+    elif best["embedding"] == "int8":
+        emb_why = f"{what}: int4 groups are taken only when needed"
+    else:
+        emb_why = f"{what}: {needed}"
     tensors.append(
         {
             "name": "embedding",
             "shape": [vocab, hidden],
             "format": best["embedding"],
+            "loss_rise": emb_sens.get(best["embedding"]),
             "bytes": {a: tensor_bytes("emb-" + best["embedding"], vocab, hidden, a) for a in ARTIFACTS},
-            "why": (
-                "int8 per row (.pte embedding_byte, GGUF Q8_0): int4 groups are taken only when needed"
-                if best["embedding"] == "int8"
-                else f"int4 in groups of 32 (.pte embedding_4bit, GGUF Q4_0): {needed}"
-            )
-            + (f" ({alt})" if alt else ""),
+            "why": emb_why + (f" ({alt})" if alt else ""),
         }
     )
     kv_alt = "; ".join(f"{k}: {r}" for k, (p, r) in KV_FORMATS.items() if p is None)
@@ -523,9 +542,9 @@ def choose(
                 + ", ".join(f"{c['smallest_mb'][a]:.2f} MB {a}" for a in budget.targets)
                 + " at its smallest)"
             )
-        unmeasured = [f"{v} {k.replace('_', ' ')}" for k, v in UNMEASURED.items() if c[k] == v]
+        which = [f"{v} {k.replace('_', ' ')}" for k, v in unmeasured.items() if c[k] == v]
         if c not in fitting:  # fits, but on a format whose loss the calibration does not measure
-            what = " and ".join(unmeasured)
+            what = " and ".join(which)
             return f"fits at {c['loss_rise']:.4g} not counting its {what} (unmeasured: taken only when needed)"
         return f"{c['loss_rise']:.4g}"
 
@@ -658,13 +677,16 @@ def _cache_read(path: Path, digest: str, sizes: tuple[int | None, ...]) -> dict[
         sens = {g: {str(n): float(x) for n, x in rises.items()} for g, rises in r["sensitivity"]}
         if list(sens) != list(sizes) or list(r["group_sizes"]) != list(sizes):
             raise ValueError("group sizes differ")
-        return {
+        out = {
             "float_loss": float(r["float_loss"]),
             "tokens": int(r["tokens"]),
             "sensitivity": sens,
             "seconds": float(r["seconds"]),
             "group_sizes": list(sizes),
         }
+        if "embedding" in r:  # entries written before embeddings were measured lack it (calibrate adds it)
+            out["embedding"] = {str(k): float(v) for k, v in r["embedding"].items()}
+        return out
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         log.warning("calibration cache entry %s is unusable (%s): calibrating again", path, e)
         return None
@@ -703,13 +725,25 @@ def calibrate(
     r = _cache_read(path, digest, sizes)
     if r is not None:
         log.info("calibration reused from %s (computed in %.0f s)", path, r["seconds"])
+        if "embedding" not in r:  # an entry from before embeddings were measured: one forward per format
+            r["embedding"] = _embedding_rises(model, batches, base, r["float_loss"])
+            _cache_write(path, digest, r)
         return {**r, "cache": "reused", "digest": digest}
     t0 = time.perf_counter()
     r = linear_sensitivity(model, batches, base, sizes)
+    r["embedding"] = _embedding_rises(model, batches, base, r["float_loss"])
     r["seconds"] = round(time.perf_counter() - t0, 1)
     r["group_sizes"] = list(sizes)
     _cache_write(path, digest, r)
     return {**r, "cache": "computed", "digest": digest}
+
+
+def _embedding_rises(model: Any, batches: list[dict[str, Any]], base: Any, float_loss: float) -> dict[str, float]:
+    """The loss rise of each available embedding format (:data:`EMBEDDING_FORMATS`), for :func:`choose`."""
+    from .sensitivity import embedding_sensitivity
+
+    formats = {e: t for e, (t, _) in EMBEDDING_FORMATS.items() if t is not None}
+    return embedding_sensitivity(model, batches, base, formats, float_loss)
 
 
 def plan_for_model(
@@ -730,4 +764,6 @@ def plan_for_model(
         "examples": sum(int(b["input_ids"].shape[0]) for b in batches),
         "sensitivity": {str(g): v for g, v in sens.items()},
     }
-    return choose(shape, sens, budget, weight_scale=weight_scale, calibration=info)
+    return choose(
+        shape, sens, budget, weight_scale=weight_scale, calibration=info, embedding_sensitivity=cal.get("embedding")
+    )

@@ -196,6 +196,32 @@ class _NoReplay(Exception):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def embedding_sensitivity(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], plan: Any, treatments: dict[str, str], float_loss: float
+) -> dict[str, float]:
+    """Per embedding format (``treatments``: format -> the plan's embedding treatment, e.g. ``int4`` ->
+    ``int4-per-group``): the task loss on ``batches`` with the input embedding on that grid (the one convert writes)
+    and everything else float, minus ``float_loss``. ``model``'s head must not share the embedding's weight
+    (:func:`untie_head`): the head is measured with the linears. ``model`` is left as it was."""
+    from dataclasses import replace
+
+    from .fake_quant import weight_ref
+    from .prepare import embedding_spec
+
+    emb = model.get_input_embeddings()
+    w0 = emb.weight.detach().clone()
+    out: dict[str, float] = {}
+    try:
+        for fmt, treatment in treatments.items():
+            spec = embedding_spec(replace(plan, embedding=treatment))
+            emb.weight.copy_(weight_ref(w0, spec).to(w0.dtype))
+            out[fmt] = _loss(model, batches) - float_loss
+    finally:
+        emb.weight.copy_(w0)
+    return out
+
+
 def linear_sensitivity(
     model: nn.Module,
     batches: list[dict[str, torch.Tensor]],

@@ -273,3 +273,59 @@ def test_why_names_every_candidate_once_and_why_a_fitting_one_lost():
     assert len(labels) == len(set(labels)) == len(plan.candidates) - 1, plan.why
     int4 = next(p for p in parts if p.startswith("g128 int4 embeddings fp32 KV:"))
     assert "fits at" in int4 and "not counting its int4 embedding" in int4 and "taken only when needed" in int4
+
+
+def test_embedding_calibration_is_the_loss_rise_of_the_converted_embedding():
+    """embedding_sensitivity against HF's own loss with the embedding as convert writes it (torchao's weight-only
+    config, dequantized): int8 per row and int4 in groups of 32, the head untied and left float."""
+    from torchao.quantization import quantize_
+
+    from edgeft.qat.schemes import embedding_treatment_config
+    from edgeft.qat.sensitivity import embedding_sensitivity, untie_head
+
+    model, _ = _tiny()
+    untie_head(model)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 8192, (2, 20), generator=g)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    batches = [{"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}]
+    w0 = model.get_input_embeddings().weight.detach().clone()
+    with torch.no_grad():
+        base = float(model(input_ids=ids, labels=labels).loss)
+    treatments = {"int8": "int8-per-channel", "int4": "int4-per-group"}
+    got = embedding_sensitivity(model, batches, resolve("auto", 32), treatments, base)
+    assert torch.equal(model.get_input_embeddings().weight, w0)  # left as it was
+    ulp = torch.finfo(torch.float32).eps * base
+    for fmt, treatment in treatments.items():
+        e = nn.Embedding.from_pretrained(w0.clone())
+        quantize_(e, embedding_treatment_config(treatment), filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+        ref, _ = _tiny()
+        untie_head(ref)
+        with torch.no_grad():
+            ref.get_input_embeddings().weight.copy_(e.weight.dequantize())
+            rise = float(ref(input_ids=ids, labels=labels).loss) - base
+        # both losses are fp32 (~9): 4 ulp of the loss, as the linears' test above
+        assert got[fmt] == pytest.approx(rise, rel=1e-3, abs=4 * ulp), fmt
+    assert got["int4"] > got["int8"]  # the coarser grid costs more on this model
+
+
+def test_measured_embedding_rises_decide_the_embedding_format():
+    """Given the embedding's measured rises, int4 embeddings are chosen when they give the least total rise (the
+    bytes they free buy int8 linears), int8 when int4 costs more than those upgrades save; without them, int4 only
+    when needed (test_unmeasured_formats_only_when_needed)."""
+    shape = _shape()
+    int8_emb = max(fit.artifact_bytes(shape, 128, set(), "int8", a) for a in fit.ARTIFACTS)
+    budget = fit.Budget(max_size_mb=(int8_emb + 20_000) / MB)  # int8 embeddings fit, with few int8 linears
+    assert fit.choose(shape, SENS, budget).embedding == "int8"
+    cheap = fit.choose(shape, SENS, budget, embedding_sensitivity={"int8": 0.0, "int4": 1e-9})
+    assert cheap.embedding == "int4" and len(cheap.int8_modules) > len(fit.choose(shape, SENS, budget).int8_modules)
+    emb = next(t for t in cheap.tensors if t["name"] == "embedding")
+    assert emb["loss_rise"] == 1e-9 and "counted in the plan's" in emb["why"]
+    assert cheap.predicted["loss_rise"] == pytest.approx(
+        sum(SENS[128].get(lin.name, 0.0) for lin in shape.linears if lin.name not in cheap.int8_modules) + 1e-9
+    )
+    costly = fit.choose(shape, SENS, budget, embedding_sensitivity={"int8": 0.0, "int4": 10.0})
+    assert costly.embedding == "int8"
+    int4 = next(p for p in costly.why.split("; ") if p.startswith("g128 int4 embeddings fp32 KV: "))
+    assert float(int4.split(": ")[1]) > costly.predicted["loss_rise"]  # lost on its measured rise, not set aside

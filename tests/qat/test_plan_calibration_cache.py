@@ -154,3 +154,25 @@ def test_no_partial_file(cache, monkeypatch):
     assert len(names) == 2 and all(n.endswith(".json") and not n.startswith(".") for n in names)
     for p in cache.iterdir():
         assert json.loads(p.read_text())["digest"] == p.stem
+
+
+def test_an_entry_from_before_embeddings_were_measured_gains_them(cache, monkeypatch):
+    """A cached calibration without the embedding's rises (written before they were measured) keeps its linears
+    (no linear measured again) and gets the embedding's rises added, the same as a fresh calibration's."""
+    batches = _batches()
+    first = fit.calibrate(_model(), batches, group_sizes=SIZES)
+    assert set(first["embedding"]) == {"int8", "int4"}
+    path = cache / (first["digest"] + ".json")
+    entry = json.loads(path.read_text())
+    del entry["result"]["embedding"]
+    path.write_text(json.dumps(entry))
+
+    def fail(*a, **kw):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(sensitivity, "linear_sensitivity", fail)
+    again = fit.calibrate(_model(), batches, group_sizes=SIZES)
+    assert again["cache"] == "reused" and again["sensitivity"] == first["sensitivity"]
+    assert again["embedding"] == pytest.approx(first["embedding"], abs=1e-6)
+    assert "embedding" in json.loads(path.read_text())["result"]  # written back: the next run reads it
+    assert fit.calibrate(_model(), batches, group_sizes=SIZES)["embedding"] == again["embedding"]
