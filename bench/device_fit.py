@@ -69,8 +69,10 @@ def paired_difference(
     }
 
 
-def describe_run(run: Path, device: str | None) -> dict[str, Any]:
-    """Plan, artifact sizes and fit of one run's QAT exports."""
+def describe_run(run: Path, budget: Any = None) -> dict[str, Any]:
+    """Plan, artifact sizes and fit of one run's QAT exports, against ``budget`` (a ``qat.plan.Budget``; default the
+    run's own plan's: the uniform run is judged by the auto run's budget). An artifact the budget does not target
+    (``--fit-artifact``) is sized and estimated but always "fits"."""
     from edgeft.devices import profiles
     from edgeft.qat import plan as fit
 
@@ -82,8 +84,8 @@ def describe_run(run: Path, device: str | None) -> dict[str, Any]:
         "group_size": rec["plan"]["group_size"],
         "int8_linears": len(rec.get("int8_linears", [])),
     }
-    budget = plan.budget if plan else None
-    dev = device or (budget.device if budget else None)
+    budget = budget or (plan.budget if plan else None)
+    dev = budget.device if budget else None
     context = budget.context if budget else 2048
     for art, path in (("pte", run / "exports" / "model.pte"), ("gguf", run / "exports" / "model-q4_0.gguf")):
         if not path.exists():
@@ -97,7 +99,8 @@ def describe_run(run: Path, device: str | None) -> dict[str, Any]:
             row.update(runtime_memory_mb=r["runtime_memory_mb"], decode_tokens_per_s=r["decode_tokens_per_s"])
             slow = bool(budget and budget.min_decode and r["decode_tokens_per_s"][0] < budget.min_decode)
             ok = ok and r["fits"] and not slow
-        row["fits"] = ok
+        row["fits"] = ok or (budget is not None and art not in budget.targets)
+        row["budgeted"] = budget is None or art in budget.targets
         out[art] = row
     out["budget"] = {
         "device": dev,
@@ -115,12 +118,14 @@ def main() -> int:
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
+    from edgeft.qat import plan as fit
+
     uniform = Path(args.uniform)
     runtimes = [r for r in args.runtimes.split(",") if r]
     rows = []
     for run in map(Path, args.auto):
-        info = describe_run(run, None)
-        ref = describe_run(uniform, info["budget"]["device"])
+        info = describe_run(run)
+        ref = describe_run(uniform, fit.load(run).budget)  # the uniform run against the auto run's budget
         info["uniform"] = ref
         info["vs_uniform"] = {rt: paired_difference(qat_correct(run, rt), qat_correct(uniform, rt)) for rt in runtimes}
         rows.append(info)
@@ -167,7 +172,9 @@ def main() -> int:
 
         def size(x: dict[str, Any], art: str) -> str:
             a = x.get(art)
-            return f"{a['mb']:.1f} ({'yes' if a['fits'] else 'no'})" if a else "-"
+            if not a:
+                return "-"
+            return f"{a['mb']:.1f} ({('yes' if a['fits'] else 'no') if a['budgeted'] else 'not budgeted'})"
 
         print(
             f"| {r['run']} | {budget} | g{r['group_size']}, {r['int8_linears']} int8 | {size(r, 'pte')} vs uniform "

@@ -64,7 +64,15 @@ def test_describe_run_checks_the_budget(tmp_path):
     plan.write(run)
     (run / "exports" / "model.pte").write_bytes(b"\0" * int(0.4 * fit.MB))
     (run / "exports" / "model-q4_0.gguf").write_bytes(b"\0" * int(0.6 * fit.MB))  # over the 0.5 MB cap
-    info = D.describe_run(run, None)
+    info = D.describe_run(run)
     assert info["plan"] == "auto" and info["budget"]["device"] == "pixel-8" and info["budget"]["context"] == 256
     assert info["pte"]["fits"] and not info["gguf"]["fits"]
+    # another run (the uniform one) judged by this run's budget: over the cap is "no"; an artifact the budget does
+    # not target (--fit-artifact pte) fits whatever its size
+    (run / "qat_plan.json").unlink()
+    assert D.describe_run(run)["gguf"]["fits"]  # no plan, no budget
+    judged = D.describe_run(run, plan.budget)
+    assert judged["budget"]["max_size_mb"] == 0.5 and judged["pte"]["fits"] and not judged["gguf"]["fits"]
+    pte_only = D.describe_run(run, fit.Budget(max_size_mb=0.5, artifact="pte"))
+    assert pte_only["gguf"]["fits"] and not pte_only["gguf"]["budgeted"] and pte_only["pte"]["budgeted"]
     assert info["pte"]["predicted_mb"] == pytest.approx(plan.predicted["pte"]["bytes"] / fit.MB)
