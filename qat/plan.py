@@ -14,9 +14,8 @@ Guarantees:
 - the plan is ``qat_plan.json`` in the run (:meth:`FitPlan.write`, :func:`load`: every tensor's format, bytes and
   why), and :meth:`FitPlan.qat_plan` trains exactly it (phone-deployment's grids, the chosen group size, the
   chosen linears at int8 by module path), which prepare, convert and both exporters carry;
-- a candidate's predicted rise counts its embedding format's measured rise; an int8 KV cache (``.pte``), whose
-  accuracy cost the calibration does not measure, is chosen only when no plan without it fits (``UNMEASURED``;
-  so are 4-bit embeddings when :func:`choose` is given no embedding rises).
+- a plan's predicted rise counts its embedding's; an int8 KV cache (``.pte``, cost not measured) is chosen only
+  when no plan without it fits (``UNMEASURED``; 4-bit embeddings too when :func:`choose` gets no embedding rises).
 
 The method, its approximations and measured size-model errors: docs/device-fit.md.
 """
