@@ -14,8 +14,8 @@ Guarantees:
 - the plan is ``qat_plan.json`` in the run (:meth:`FitPlan.write`, :func:`load`: every tensor's format, bytes and
   why), and :meth:`FitPlan.qat_plan` trains exactly it (phone-deployment's grids, the chosen group size, the
   chosen linears at int8 by module path), which prepare, convert and both exporters carry;
-- a plan's predicted rise counts its embedding's; an int8 KV cache (``.pte``, cost not measured) is chosen only
-  when no plan without it fits (``UNMEASURED``; 4-bit embeddings too when :func:`choose` gets no embedding rises).
+- 4-bit embeddings and an int8 KV cache (``.pte``) are chosen only when no plan without them fits (``UNMEASURED``;
+  :func:`choose` counts measured embedding rises when given them: :func:`plan_for_model` does not yet, see there).
 
 The method, its approximations and measured size-model errors: docs/device-fit.md.
 """
@@ -763,6 +763,7 @@ def plan_for_model(
         "examples": sum(int(b["input_ids"].shape[0]) for b in batches),
         "sensitivity": {str(g): v for g, v in sens.items()},
     }
-    return choose(
-        shape, sens, budget, weight_scale=weight_scale, calibration=info, embedding_sensitivity=cal.get("embedding")
-    )
+    # the embedding's rises are measured and recorded, not yet counted: the QAT run trains the preset's int8
+    # embedding whatever the plan says (pipeline._train_variant builds its plan from the config, which has no
+    # embedding key), so a plan choosing int4 embeddings would be exported 14 MB over its size (SmolLM2)
+    return choose(shape, sens, budget, weight_scale=weight_scale, calibration=info)
