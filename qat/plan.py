@@ -59,8 +59,8 @@ KV_FORMATS: dict[str, tuple[tuple[float, float] | None, str | None]] = {
     "fp32": ((4, 2), None),  # ExecuTorch's cache is fp32; llama.cpp's default is f16
     "int8": ((1, 2), None),  # ExecuTorch's quantized KV cache (exporters/pte.py _int8_kv_sdpa)
 }
-# formats whose accuracy cost is not measured: a plan takes them only when none without them fits (the embedding's
-# are measured by calibrate and passed to choose, which then drops it from this list)
+# formats a plan takes only when none without them fits; choose drops the embedding from this list when it is given
+# the embedding's measured rises (calibrate measures them; plan_for_model does not pass them yet)
 UNMEASURED = {"embedding": "int4", "kv_cache": "int8"}
 
 
