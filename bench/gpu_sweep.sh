@@ -10,11 +10,11 @@
 # so a call cut at its time limit is continued by the next. Train on the GPU, evaluate on the CPU: the int8-int4
 # eager model on CUDA is slower than on 5 CPU threads (docs/accuracy.md). Runs, logs and a copy of each results file
 # live under runs/sweep/ (ignored paths survive between calls on a warm machine; untracked files do not).
-# Settings (environment): SEEDS ("42 1 2"), RECIPES ("name:args;..."), P (parallel jobs, default 6),
-# EVAL_THREADS (torch threads per evaluation, default 2), LIMIT (questions, default 200).
+# Settings (environment): SEEDS ("42 1 2"), RECIPES ("name:args;...", empty: the default runs only), P (parallel
+# jobs, default 6), EVAL_THREADS (torch threads per evaluation, default 2), LIMIT (questions, default 200).
 set -u
 SEEDS=${SEEDS:-"42 1 2"}
-RECIPES=${RECIPES:-"s360:--qat-max-steps 360;lr3:--recipe lr3;slr1:--recipe learned-lr1;mixed:--recipe learned-mixed"}
+RECIPES=${RECIPES-"s360:--qat-max-steps 360;lr3:--recipe lr3;slr1:--recipe learned-lr1;mixed:--recipe learned-mixed"}
 P=${P:-6}
 export EVAL_THREADS=${EVAL_THREADS:-2} LIMIT=${LIMIT:-200} OMP_NUM_THREADS=${EVAL_THREADS:-2}
 W=runs/sweep
@@ -51,12 +51,12 @@ case "${1:-}" in
     python3 -c "from edgeft.models import resolve_model; resolve_model('smollm2-135m')" || exit 1  # once, not racing
     for s in $SEEDS; do step train "def-s$s" --seed "$s" & done
     wait
-    jobs_for | xargs -P "$P" -L 1 bash -c 'step train "$@"' _
+    jobs_for | xargs -r -P "$P" -L 1 bash -c 'step train "$@"' _
     ;;
   eval)
     for s in $SEEDS; do step eval "def-s$s" --seed "$s" & done
     wait
-    jobs_for | xargs -P "$P" -L 1 bash -c 'step eval "$@"' _
+    jobs_for | xargs -r -P "$P" -L 1 bash -c 'step eval "$@"' _
     ;;
   *)
     echo "usage: bash bench/gpu_sweep.sh train|eval" >&2
