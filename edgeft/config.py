@@ -480,6 +480,9 @@ class QATSettings(Section):
     # where each RECIPE value came from ("flag": given by a flag, YAML or Python; "preset:<name>"; "default"), filled
     # by resolved() and the pipeline's step count; not an option (no flag, no YAML key, not compared)
     sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False, metadata={"internal": True})
+    # --qat auto: the chosen plan's embedding treatment (pipeline.apply_fit_plan, from qat_plan.json, which records it;
+    # the config keeps the request), so that QAT trains and convert writes the plan's embedding, not the preset's
+    fit_embedding: str | None = field(default=None, compare=False, repr=False, metadata={"internal": True})
 
     @property
     def twin(self) -> bool:
@@ -498,7 +501,7 @@ class QATSettings(Section):
         from edgeft.qat import resolve as resolve_qat
 
         weight_scale = self.weight_scale or self.preset_recipe()[1].get("weight_scale", self.WEIGHT_SCALE)
-        return resolve_qat(self.scheme, self.group_size, weight_scale, tuple(self.int8))
+        return resolve_qat(self.scheme, self.group_size, weight_scale, tuple(self.int8), embedding=self.fit_embedding)
 
     def preset_recipe(self) -> tuple[str | None, dict[str, Any]]:
         """The preset named by ``scheme`` and its recipe (``qat.schemes.Preset.recipe``); (None, {}) for a scheme."""

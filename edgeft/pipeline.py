@@ -8,6 +8,7 @@ The CLI and the Python API both call these functions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -384,9 +385,11 @@ def _train_into(
 
 
 def apply_fit_plan(cfg: TrainConfig, plan: Any) -> TrainConfig:
-    """The config that trains a device-fit plan: ``--qat auto`` with the plan's group size and int8 linears (in
-    memory; config.yaml keeps the request, qat_plan.json the plan)."""
-    return cfg.replace(qat_group_size=plan.group_size, qat_int8=list(plan.int8_modules))
+    """The config that trains a device-fit plan: ``--qat auto`` with the plan's group size, int8 linears and
+    embedding treatment (in memory; config.yaml keeps the request, qat_plan.json the plan)."""
+    new = cfg.replace(qat_group_size=plan.group_size, qat_int8=list(plan.int8_modules))
+    new.qat = dataclasses.replace(new.qat, fit_embedding=plan.qat_plan().embedding)
+    return new
 
 
 def _fit_plan(

@@ -14,8 +14,8 @@ Guarantees:
 - the plan is ``qat_plan.json`` in the run (:meth:`FitPlan.write`, :func:`load`: every tensor's format, bytes and
   why), and :meth:`FitPlan.qat_plan` trains exactly it (phone-deployment's grids, the chosen group size, the
   chosen linears at int8 by module path), which prepare, convert and both exporters carry;
-- 4-bit embeddings and an int8 KV cache (``.pte``) are chosen only when no plan without them fits (``UNMEASURED``;
-  :func:`choose` counts measured embedding rises when given them: :func:`plan_for_model` does not yet, see there).
+- The embedding's formats are measured too (their loss rise counts in a candidate's); an int8 KV cache (``.pte``),
+  unmeasured, is chosen only when no plan without it fits (``UNMEASURED``).
 
 The method, its approximations and measured size-model errors: docs/device-fit.md.
 """
@@ -60,7 +60,7 @@ KV_FORMATS: dict[str, tuple[tuple[float, float] | None, str | None]] = {
     "int8": ((1, 2), None),  # ExecuTorch's quantized KV cache (exporters/pte.py _int8_kv_sdpa)
 }
 # formats a plan takes only when none without them fits; choose drops the embedding from this list when it is given
-# the embedding's measured rises (calibrate measures them; plan_for_model does not pass them yet)
+# the embedding's measured rises (calibrate measures them, plan_for_model passes them)
 UNMEASURED = {"embedding": "int4", "kv_cache": "int8"}
 
 
@@ -763,7 +763,6 @@ def plan_for_model(
         "examples": sum(int(b["input_ids"].shape[0]) for b in batches),
         "sensitivity": {str(g): v for g, v in sens.items()},
     }
-    # the embedding's rises are measured and recorded, not yet counted: the QAT run trains the preset's int8
-    # embedding whatever the plan says (pipeline._train_variant builds its plan from the config, which has no
-    # embedding key), so a plan choosing int4 embeddings would be exported 14 MB over its size (SmolLM2)
-    return choose(shape, sens, budget, weight_scale=weight_scale, calibration=info)
+    return choose(
+        shape, sens, budget, weight_scale=weight_scale, calibration=info, embedding_sensitivity=cal["embedding"]
+    )

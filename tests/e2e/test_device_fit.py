@@ -94,6 +94,34 @@ def test_artifacts_match_the_size_model_and_fit(run, capsys):
     assert all(t["name"] in listed for t in plan.tensors)
 
 
+def test_a_plan_with_int4_embeddings_trains_converts_and_exports_them(tmp_path, capsys):
+    """4.6 MB fits no plan with int8 embeddings (4.70 MB .pte and 5.22 MB GGUF at their smallest) and all with int4
+    ones (3.92-4.16 and 4.22 MB): QAT, PTQ, both artifacts and the size must all be the plan's int4 embedding (they
+    once trained and shipped the preset's int8 one, 10 MB over a SmolLM2 plan's cap)."""
+    out = tmp_path / "e4"
+    argv = ["train", "--model", "tiny-llama", "--data", "builtin:tasks", "--qat", "auto", "--device", "pixel-8"]
+    argv += ["--max-size", "4.6"]
+    argv += ["--max-steps", "2", "--qat-max-steps", "2", "--batch-size", "4", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    plan = fit.load(out)
+    assert plan.embedding == "int4" and plan.qat_plan().embedding == "int4-per-group"
+    trained = json.loads((out / "model" / "edgeft.json").read_text())["qat"]
+    assert trained["embedding"] == "int4-per-group"
+    for root in (out, out / "baseline"):
+        rec = json.loads((root / "converted" / "scheme.json").read_text())
+        assert rec["plan"]["embedding"] == "int4-per-group" and rec["embeddings"]
+    assert main(["export", "gguf", "--run", str(out)]) == 0
+    assert main(["export", "pte", "--run", str(out)]) == 0
+    manifest = json.loads((out / "exports" / "manifest.json").read_text())
+    assert "embedding_4bit" in manifest["pte"]["embedding"]
+    for art, path in (("pte", out / "exports" / "model.pte"), ("gguf", out / "exports" / "model-q4_0.gguf")):
+        real, predicted = path.stat().st_size, plan.predicted[art]["bytes"]
+        assert abs(real - predicted) <= SIZE_MARGIN * real and real <= 4.6 * fit.MB, (art, real, predicted)
+    capsys.readouterr()
+    assert main(["devices", "check", "--device", "pixel-8", "--run", str(out)]) == 0
+    assert "fits on pixel-8" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv, msg",
     [
