@@ -8,13 +8,13 @@ Guarantees:
 - the size model (:func:`tensor_bytes`, :func:`artifact_bytes`) is per artifact, from the formats the exporters
   write; runtime memory and decode speed are ``devices.profiles.estimate``, the function ``devices check`` runs;
 - the chooser (:func:`choose`) returns, among candidates (group size x embedding x KV-cache format) whose all-int4
-  form fits the budget, the one with the least predicted loss rise after greedy int8 upgrades (largest rise per
-  extra byte first, while the budgeted artifacts fit); nothing fits: one ``EdgeftError`` naming the smallest plan
-  and its size;
+  form fits the budget, at the finest group size that fits, the one with the least predicted loss rise after greedy
+  int8 upgrades (largest rise per extra byte first, while the budgeted artifacts fit); nothing fits: one
+  ``EdgeftError`` naming the smallest plan and its size;
 - the plan is ``qat_plan.json`` in the run (:meth:`FitPlan.write`, :func:`load`: every tensor's format, bytes and
   why), and :meth:`FitPlan.qat_plan` trains exactly it (phone-deployment's grids, the chosen group size, the
   chosen linears at int8 by module path), which prepare, convert and both exporters carry;
-- The embedding's formats are measured too (their loss rise counts in a candidate's); an int8 KV cache (``.pte``),
+- the embedding's formats are measured too (their loss rise counts in a candidate's); an int8 KV cache (``.pte``),
   unmeasured, is chosen only when no plan without it fits (``UNMEASURED``).
 
 The method, its approximations and measured size-model errors: docs/device-fit.md.
@@ -454,7 +454,14 @@ def choose(
             f"{small['smallest_mb']['gguf']:.1f} MB as GGUF, over the {small['limit_mb'][art]:.1f} MB {art} "
             f"limit set by {small['binding'][art]}"
         )
-    best = min(fitting, key=lambda c: (c["loss_rise"], c["sizes"]["pte"]))
+    # the finest group size that fits first, then the least predicted rise: the calibration's rises are PTQ's, and
+    # learned-scale QAT recovers fine groups more than they say (SmolLM2: two g64 plans predicted 0.16 below uniform
+    # g32 trained to a higher perplexity; docs/device-fit.md)
+    finest = min(_coarseness(c["group_size"]) for c in fitting)
+    best = min(
+        (c for c in fitting if _coarseness(c["group_size"]) == finest),
+        key=lambda c: (c["loss_rise"], c["sizes"]["pte"]),
+    )
     gs, sens = best["group_size"], sensitivity[best["group_size"]]
     rank = {n: i + 1 for i, n in enumerate(best["order"])}
     int8 = set(best["int8"])
@@ -545,11 +552,14 @@ def choose(
         if c not in fitting:  # fits, but on a format whose loss the calibration does not measure
             what = " and ".join(which)
             return f"fits at {c['loss_rise']:.4g} not counting its {what} (unmeasured: taken only when needed)"
+        if _coarseness(c["group_size"]) > finest:
+            return f"fits at {c['loss_rise']:.4g}, set aside: g{best['group_size']} fits, and finer groups come first"
         return f"{c['loss_rise']:.4g}"
 
     why = (
         f"{label(best)} with {len(int8)} of {len(rank) or 0} loss-raising linears at int8 predicts a loss rise of "
-        f"{best['loss_rise']:.4g}, the least of {len(fitting)} fitting candidates"
+        f"{best['loss_rise']:.4g}, the least of the fitting candidates at the finest group size that fits "
+        "(QAT recovers finer groups more than the calibration's PTQ rises say)"
         + "".join(f"; {label(c)}: {verdict(c)}" for c in others)
         + "; binding limit: "
         + ", ".join(f"{best['binding'][a]} ({a})" for a in budget.targets)
@@ -568,6 +578,11 @@ def choose(
         weight_scale=weight_scale,
         calibration=calibration or {},
     )
+
+
+def _coarseness(group_size: int | None) -> float:
+    """Orders group sizes finest first (None: one group per row, the coarsest)."""
+    return float("inf") if group_size is None else float(group_size)
 
 
 def check_feasible(shape: ModelShape, budget: Budget, group_sizes: tuple[int | None, ...] | None = None) -> None:

@@ -34,10 +34,13 @@ SENS = {
 
 
 def _exhaustive(shape, sens, limit_bytes):
-    """The least total int4 loss rise over every group size and int8 subset whose .pte and GGUF fit the cap."""
+    """The least total int4 loss rise over every int8 subset whose .pte and GGUF fit the cap, at the finest group size
+    where any fits."""
     best = None
     names = [lin.name for lin in shape.linears]
     for gs, s in sens.items():
+        if best is not None and best[1] < gs:  # the finest group size that fits comes first
+            break
         for k in range(len(names) + 1):
             for sub in itertools.combinations(names, k):
                 if any(fit.artifact_bytes(shape, gs, set(sub), "int8", a) > limit_bytes for a in fit.ARTIFACTS):
@@ -63,6 +66,21 @@ def test_chooser_is_the_exhaustive_optimum(extra_upgrades):
     assert plan.predicted["loss_rise"] == pytest.approx(ref[0][0])
     for a in fit.ARTIFACTS:
         assert plan.predicted[a]["bytes"] <= cap
+
+
+def test_the_finest_fitting_group_size_wins_over_a_lower_predicted_rise():
+    """The calibration's rises are PTQ's; QAT recovers fine groups more (docs/device-fit.md): g32 is taken while it
+    fits even where g128 with more int8 upgrades predicts less."""
+    shape = _shape()
+    low128 = {32: SENS[32], 128: {n: r / 10 for n, r in SENS[128].items()}}
+    cap = max(fit.artifact_bytes(shape, 32, set(), "int8", a) for a in fit.ARTIFACTS) + 1000
+    plan = fit.choose(shape, low128, fit.Budget(max_size_mb=cap / MB))
+    assert plan.group_size == 32
+    g128 = [c for c in plan.candidates if c["group_size"] == 128 and c["fits"] and c["kv_cache"] == "fp32"]
+    assert g128 and min(c["loss_rise"] for c in g128) < plan.predicted["loss_rise"]
+    assert "set aside: g32 fits" in plan.why
+    small = max(fit.artifact_bytes(shape, 128, set(), "int8", a) for a in fit.ARTIFACTS) + 1000  # g32 cannot fit
+    assert fit.choose(shape, low128, fit.Budget(max_size_mb=small / MB)).group_size == 128
 
 
 def test_known_answer_top_sensitivities_get_int8():
@@ -314,18 +332,18 @@ def test_measured_embedding_rises_decide_the_embedding_format():
     """Given the embedding's measured rises, int4 embeddings are chosen when they give the least total rise (the
     bytes they free buy int8 linears), int8 when int4 costs more than those upgrades save; without them, int4 only
     when needed (test_unmeasured_formats_only_when_needed)."""
-    shape = _shape()
+    shape, sens = _shape(), {128: SENS[128]}  # one group size: the embedding decides alone
     int8_emb = max(fit.artifact_bytes(shape, 128, set(), "int8", a) for a in fit.ARTIFACTS)
     budget = fit.Budget(max_size_mb=(int8_emb + 20_000) / MB)  # int8 embeddings fit, with few int8 linears
-    assert fit.choose(shape, SENS, budget).embedding == "int8"
-    cheap = fit.choose(shape, SENS, budget, embedding_sensitivity={"int8": 0.0, "int4": 1e-9})
-    assert cheap.embedding == "int4" and len(cheap.int8_modules) > len(fit.choose(shape, SENS, budget).int8_modules)
+    assert fit.choose(shape, sens, budget).embedding == "int8"
+    cheap = fit.choose(shape, sens, budget, embedding_sensitivity={"int8": 0.0, "int4": 1e-9})
+    assert cheap.embedding == "int4" and len(cheap.int8_modules) > len(fit.choose(shape, sens, budget).int8_modules)
     emb = next(t for t in cheap.tensors if t["name"] == "embedding")
     assert emb["loss_rise"] == 1e-9 and "counted in the plan's" in emb["why"]
     assert cheap.predicted["loss_rise"] == pytest.approx(
         sum(SENS[128].get(lin.name, 0.0) for lin in shape.linears if lin.name not in cheap.int8_modules) + 1e-9
     )
-    costly = fit.choose(shape, SENS, budget, embedding_sensitivity={"int8": 0.0, "int4": 10.0})
+    costly = fit.choose(shape, sens, budget, embedding_sensitivity={"int8": 0.0, "int4": 10.0})
     assert costly.embedding == "int8"
     int4 = next(p for p in costly.why.split("; ") if p.startswith("g128 int4 embeddings fp32 KV: "))
     assert float(int4.split(": ")[1]) > costly.predicted["loss_rise"]  # lost on its measured rise, not set aside
