@@ -10,6 +10,7 @@ counts). The uniform run is the reference the issue names: ``phone-deployment`` 
     python bench/accuracy.py --twin runs/acc --run runs/fit-a4 --recipe fit-android-4gb-4k --tag fit-a4
     python bench/accuracy.py --twin runs/acc --run runs/fit-80 --recipe fit-80mb --tag fit-80
     python bench/device_fit.py --uniform runs/acc --auto runs/fit-a4 runs/fit-80
+    python bench/device_fit.py ... --heldout eval-mixed/report.json   # + perplexity on text never used (below)
 
 Writes ``bench/results/device-fit-<date>-<device>[-tag].json``.
 """
@@ -69,6 +70,29 @@ def paired_difference(
     }
 
 
+def perplexity_ratio(a: dict[str, Any], b: dict[str, Any], n_boot: int = 20000, seed: int = 0) -> dict[str, Any]:
+    """Perplexity of ``a`` over that of ``b`` on the same held-out chunks (an evaluation's ``ppl_chunks``: summed
+    nll and tokens per chunk), with a 95% bootstrap interval resampling chunks (the same resample for both)."""
+    import numpy as np
+
+    if list(a["tokens"]) != list(b["tokens"]):
+        raise ValueError("the two evaluations did not read the same held-out chunks")
+    na, nb, t = (np.asarray(x, dtype=np.float64) for x in (a["nll"], b["nll"], a["tokens"]))
+    idx = np.random.default_rng(seed).integers(0, len(t), size=(n_boot, len(t)))
+    r = np.exp((na[idx].sum(1) - nb[idx].sum(1)) / t[idx].sum(1))
+    lo, hi = np.quantile(r, [0.025, 0.975])
+    return {"ratio": float(np.exp((na.sum() - nb.sum()) / t.sum())), "ci": [float(lo), float(hi)], "chunks": len(t)}
+
+
+def heldout_rows(run: Path, report: str) -> dict[str, dict[str, Any]]:
+    """The QAT rows of ``run``/``report`` (an ``edgeft eval`` report.json kept aside, e.g. on builtin:mixed-genre),
+    by runtime."""
+    path = run / report
+    if not path.exists():
+        raise SystemExit(f"{path}: no such evaluation (copy eval/ aside after `edgeft eval --data ...`)")
+    return {r["runtime"]: r for r in json.loads(path.read_text())["results"] if r["variant"] == "qat"}
+
+
 def describe_run(run: Path, budget: Any = None) -> dict[str, Any]:
     """Plan, artifact sizes and fit of one run's QAT exports, against ``budget`` (a ``qat.plan.Budget``; default the
     run's own plan's: the uniform run is judged by the auto run's budget). An artifact the budget does not target
@@ -116,6 +140,11 @@ def main() -> int:
     ap.add_argument("--auto", nargs="+", required=True, help="--qat auto runs (evaluated)")
     ap.add_argument("--runtimes", default="pte,gguf")
     ap.add_argument("--tag", default="")
+    ap.add_argument(
+        "--heldout",
+        help="an evaluation report inside every run (e.g. eval-mixed/report.json, written by `edgeft eval --data "
+        "builtin:mixed-genre` and copied aside): adds each auto run's perplexity over the uniform run's there",
+    )
     args = ap.parse_args()
 
     from edgeft.qat import plan as fit
@@ -128,6 +157,21 @@ def main() -> int:
         ref = describe_run(uniform, fit.load(run).budget)  # the uniform run against the auto run's budget
         info["uniform"] = ref
         info["vs_uniform"] = {rt: paired_difference(qat_correct(run, rt), qat_correct(uniform, rt)) for rt in runtimes}
+        if args.heldout:
+            mine, ref_rows = heldout_rows(run, args.heldout), heldout_rows(uniform, args.heldout)
+            info["heldout"] = {
+                "report": args.heldout,
+                **{
+                    rt: {
+                        "perplexity": mine[rt]["perplexity"],
+                        "uniform": ref_rows[rt]["perplexity"],
+                        "by_genre": mine[rt].get("perplexity_by_genre"),
+                        "uniform_by_genre": ref_rows[rt].get("perplexity_by_genre"),
+                        "vs_uniform": perplexity_ratio(mine[rt]["ppl_chunks"], ref_rows[rt]["ppl_chunks"]),
+                    }
+                    for rt in runtimes
+                },
+            }
         rows.append(info)
 
     now = dt.datetime.now(dt.timezone.utc)
@@ -182,6 +226,14 @@ def main() -> int:
             + " | ".join(cells)
             + " |"
         )
+    for r in rows:
+        for rt in runtimes if "heldout" in r else ():
+            h = r["heldout"][rt]
+            v = h["vs_uniform"]
+            print(
+                f"{r['run']} {rt}: held-out perplexity {h['perplexity']:.2f} vs uniform {h['uniform']:.2f}, ratio "
+                f"{v['ratio']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] over {v['chunks']} chunks"
+            )
     print(f"\nwrote {out}")
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -76,3 +77,18 @@ def test_describe_run_checks_the_budget(tmp_path):
     pte_only = D.describe_run(run, fit.Budget(max_size_mb=0.5, artifact="pte"))
     assert pte_only["gguf"]["fits"] and not pte_only["gguf"]["budgeted"] and pte_only["pte"]["budgeted"]
     assert info["pte"]["predicted_mb"] == pytest.approx(plan.predicted["pte"]["bytes"] / fit.MB)
+
+
+def test_perplexity_ratio_is_the_pooled_ratio_with_a_chunk_interval():
+    tokens = [255] * 8
+    b = {"nll": [500.0 + 10 * i for i in range(8)], "tokens": tokens}
+    a = {"nll": [x - 255 * math.log(1.1) for x in b["nll"]], "tokens": tokens}  # every chunk 1.1x less perplexed
+    r = D.perplexity_ratio(a, b, n_boot=2000)
+    assert r["ratio"] == pytest.approx(1 / 1.1) and r["ci"] == pytest.approx([1 / 1.1, 1 / 1.1]) and r["chunks"] == 8
+    same = D.perplexity_ratio(b, b, n_boot=2000)
+    assert same["ratio"] == pytest.approx(1.0)
+    noisy = {"nll": [x + (25 if i % 2 else -25) for i, x in enumerate(b["nll"])], "tokens": tokens}
+    r = D.perplexity_ratio(noisy, b, n_boot=2000)
+    assert r["ci"][0] < r["ratio"] < r["ci"][1] and r["ratio"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same held-out chunks"):
+        D.perplexity_ratio({"nll": [1.0], "tokens": [3]}, b)
