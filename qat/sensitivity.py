@@ -196,7 +196,6 @@ class _NoReplay(Exception):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def embedding_sensitivity(
     model: nn.Module, batches: list[dict[str, torch.Tensor]], plan: Any, treatments: dict[str, str], float_loss: float
 ) -> dict[str, float]:
@@ -222,6 +221,7 @@ def embedding_sensitivity(
     return out
 
 
+@torch.no_grad()
 def linear_sensitivity(
     model: nn.Module,
     batches: list[dict[str, torch.Tensor]],
